@@ -1,0 +1,139 @@
+"""Command line entry points (click). Thin: parse, build settings, call one function.
+
+Exit codes: 0 ok; 1 a check failed; 2 usage error (click's own).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from relay import settings as settings_mod
+from relay.errors import ConfigError
+
+PathArg = click.Path(path_type=Path)
+
+
+def _settings(config: Path | None) -> settings_mod.Settings:
+    path = settings_mod.find_config(config)
+    try:
+        return settings_mod.load(path)
+    except ConfigError as exc:
+        raise click.ClickException(f"{path} cannot be used:\n{exc}") from exc
+
+
+@click.group()
+@click.version_option(package_name="relay")
+def main() -> None:
+    """relay: store-and-forward SMTP relay sending Moodle re-engagement mail through SES."""
+
+
+@main.command()
+@click.option("--config", type=PathArg, help="relay.yaml (default: $RELAY_CONFIG, ./relay.yaml, "
+              "/etc/relay/relay.yaml)")  # fmt: skip
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
+def serve(config: Path | None, log_format: str) -> None:
+    """Run the service: accept mail, spool it, deliver it."""
+    from relay import service
+
+    sys.exit(service.run(_settings(config), log_format=log_format))
+
+
+@main.command("check-rules")
+@click.option("--rules", "rules_path", type=PathArg,
+              help="rules file (default: ./rules.yaml, else the shipped defaults)")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per message per line")
+@click.argument("paths", nargs=-1, required=True, type=PathArg)
+def check_rules(rules_path: Path | None, as_json: bool, paths: tuple[Path, ...]) -> None:
+    """Classify .eml files, directories (recursive) or - (stdin); sends nothing."""
+    from relay import checkrules
+
+    sys.exit(checkrules.run(rules_path, paths, as_json=as_json))
+
+
+@main.command("check-config")
+@click.option("--config", type=PathArg)
+def check_config(config: Path | None) -> None:
+    """Validate relay.yaml and the rules it names; print every problem with file:line."""
+    from relay import rules
+
+    path = settings_mod.find_config(config)
+    problems: list[str] = []
+    try:
+        loaded = settings_mod.load(path)
+    except ConfigError as exc:
+        problems.extend(str(p) for p in exc.problems)
+    else:
+        problems.extend(settings_mod.check_listen_env(loaded))
+        try:
+            rules.load(loaded.rules)
+        except ConfigError as exc:
+            problems.extend(str(p) for p in exc.problems)
+    for problem in problems:
+        click.echo(problem, err=True)
+    if problems:
+        sys.exit(1)
+    click.echo(f"{path}: ok")
+
+
+@main.group()
+@click.option("--config", type=PathArg)
+@click.pass_context
+def queue(ctx: click.Context, config: Path | None) -> None:
+    """Inspect and act on the spool (works while the service runs)."""
+    ctx.obj = _settings(config)
+
+
+@queue.command("list")
+@click.option("--state", help="only this state (queued, inflight, deferred, sent, failed)")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def queue_list(obj: settings_mod.Settings, state: str | None, as_json: bool) -> None:
+    """List messages in the spool."""
+    from relay import queue as queue_mod
+
+    sys.exit(queue_mod.list_messages(obj.spool, state=state, as_json=as_json))
+
+
+@queue.command("show")
+@click.argument("queue_id")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def queue_show(obj: settings_mod.Settings, queue_id: str, as_json: bool) -> None:
+    """Show one message: envelope, headers, state and full history."""
+    from relay import queue as queue_mod
+
+    sys.exit(queue_mod.show(obj.spool, queue_id, as_json=as_json))
+
+
+@queue.command("retry")
+@click.argument("queue_ids", nargs=-1)
+@click.option("--all-failed", is_flag=True, help="every dead letter")
+@click.pass_obj
+def queue_retry(obj: settings_mod.Settings, queue_ids: tuple[str, ...], all_failed: bool) -> None:
+    """Queue deferred or failed messages for delivery now."""
+    from relay import queue as queue_mod
+
+    sys.exit(queue_mod.retry(obj.spool, queue_ids, all_failed=all_failed))
+
+
+@queue.command("delete")
+@click.argument("queue_ids", nargs=-1, required=True)
+@click.pass_obj
+def queue_delete(obj: settings_mod.Settings, queue_ids: tuple[str, ...]) -> None:
+    """Delete messages from the spool (they will not be delivered)."""
+    from relay import queue as queue_mod
+
+    sys.exit(queue_mod.delete(obj.spool, queue_ids))
+
+
+@queue.command("stats")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def queue_stats(obj: settings_mod.Settings, as_json: bool) -> None:
+    """Counts by state, bytes held, age of the oldest queued message."""
+    from relay import queue as queue_mod
+
+    sys.exit(queue_mod.stats(obj.spool, as_json=as_json))

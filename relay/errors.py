@@ -1,0 +1,68 @@
+"""The one exception tree of relay.
+
+    RelayError
+    ├── ConfigError (ValueError)        a settings or rules file is wrong; carries every Problem
+    ├── SpoolError (OSError)            the spool could not commit or read; the client gets 451
+    └── DeliveryError                   a send did not succeed
+        ├── TemporaryFailure            try again later (4xx, timeouts, throttling, 5xx from SES)
+        └── PermanentFailure            this message will not go this way (5xx, MessageRejected)
+            └── AccountFailure          the SES account cannot send for now (opens the circuit)
+
+Messages say what failed, for which message or file, and why; the cause is chained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+class RelayError(Exception):
+    """Root of every error relay raises on purpose."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Problem:
+    """One thing wrong in a configuration file, located precisely enough to fix it."""
+
+    file: str
+    line: int | None
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line is not None else self.file
+        key = f" {self.key}:" if self.key else ""
+        return f"{where}:{key} {self.message}"
+
+
+class ConfigError(RelayError, ValueError):
+    """A settings or rules file cannot be used; `problems` lists every reason."""
+
+    def __init__(self, problems: Iterable[Problem]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class SpoolError(RelayError, OSError):
+    """The spool could not commit or read; nothing was half-written."""
+
+
+class DeliveryError(RelayError):
+    """A send did not succeed. `reply` is what the far side said, for the record."""
+
+    def __init__(self, message: str, *, reply: str = "") -> None:
+        super().__init__(message)
+        self.reply = reply or message
+
+
+class TemporaryFailure(DeliveryError):
+    """Try again later: the far side or the path to it is unavailable for now."""
+
+
+class PermanentFailure(DeliveryError):
+    """This message will not be accepted this way; retrying the same way is pointless."""
+
+
+class AccountFailure(PermanentFailure):
+    """The SES account cannot send at all for now (paused, quota spent, credentials)."""

@@ -1,0 +1,50 @@
+"""The message value that travels the data path: queue id, envelope, raw bytes.
+
+`raw` is exactly what the client sent after DATA (dot-unstuffed, CRLF line
+ends); relay never rewrites it. `message` is a parsed view, built lazily and
+only when a rule or a log line needs a header or the body.
+"""
+
+from __future__ import annotations
+
+import email.policy
+from dataclasses import dataclass
+from email.message import EmailMessage
+from email.parser import BytesParser
+from functools import cached_property
+
+_PARSER = BytesParser(policy=email.policy.default)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Mail:
+    """One accepted message. `sender` is "" for the null sender `<>`."""
+
+    id: str
+    sender: str
+    recipients: tuple[str, ...]
+    raw: bytes
+    received_at: float = 0.0
+    attempts: int = 0
+    peer: str = ""
+    trace: bytes = b""  # the Received: line written at receive time, CRLF-terminated
+
+    def wire_bytes(self) -> bytes:
+        """What goes out: our one Received: line on top of the bytes as received."""
+        return self.trace + self.raw
+
+    @cached_property
+    def message(self) -> EmailMessage:
+        """The parsed message; parsing never raises (defects are recorded on it)."""
+        parsed = _PARSER.parsebytes(self.raw)
+        assert isinstance(parsed, EmailMessage)
+        return parsed
+
+    @property
+    def message_id(self) -> str:
+        """The Message-ID header as written, or "" when absent or unreadable."""
+        try:
+            value = self.message.get("Message-ID", "")
+        except (ValueError, TypeError, IndexError, AttributeError):
+            return ""
+        return str(value).strip()

@@ -1,0 +1,367 @@
+"""relay.yaml -> frozen settings objects, validated, every problem with file:line:key.
+
+`load(path)` is the only entry point; it raises `ConfigError` listing every
+problem at once. Relative paths (rules, spool, users file, TLS files) are taken
+relative to the directory of relay.yaml, so a config directory can be moved as
+a whole.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from relay import yamlfile
+from relay.errors import ConfigError
+
+_Rel = Callable[["yamlfile.Node"], Path | None]
+
+DEFAULT_PATHS = (Path("relay.yaml"), Path("/etc/relay/relay.yaml"))
+
+
+class Mode(StrEnum):
+    LIVE = "live"
+    SHADOW = "shadow"
+
+
+class Security(StrEnum):
+    NONE = "none"
+    STARTTLS = "starttls"
+    TLS = "tls"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    max_message_size: int = 10 * 1024 * 1024
+    max_recipients: int = 50
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Auth:
+    users_file: Path
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Tls:
+    cert: Path
+    key: Path
+    implicit: bool = False  # True: TLS from the first byte (Moodle's smtpsecure=ssl)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Upstream:
+    host: str
+    port: int = 25
+    security: Security = Security.NONE
+    username: str | None = None
+    password_env: str | None = None
+    password_file: Path | None = None
+    timeout: float = 30.0
+    verify_tls: bool = True
+
+    def password(self) -> str | None:
+        """The upstream password from its env var or file; never stored in settings."""
+        if self.password_env:
+            return os.environ.get(self.password_env)
+        if self.password_file:
+            return self.password_file.read_text(encoding="utf-8").strip()
+        return None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ses:
+    enabled: bool = True
+    region: str = "us-east-1"
+    endpoint_url: str | None = None
+    configuration_set: str | None = None
+    max_send_rate: float | None = None  # None: auto, 90% of GetSendQuota MaxSendRate
+    fallback_after: float = 300.0
+    timeout: float = 10.0
+    circuit_cooldown: float = 300.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Retry:
+    schedule: tuple[float, ...] = (60.0, 300.0, 900.0, 1800.0, 3600.0)
+    max_age: float = 432000.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    source: Path
+    listen: HostPort
+    spool: Path
+    rules: Path
+    upstream: Upstream
+    mode: Mode = Mode.LIVE
+    hostname: str = ""
+    limits: Limits = Limits()
+    auth: Auth | None = None
+    tls: Tls | None = None
+    allow_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    ses: Ses = Ses()
+    retry: Retry = Retry()
+    metrics: HostPort | None = None
+    deliverers: int = 4
+    retention: float = 7 * 86400.0  # seconds delivered rows keep their metadata
+
+
+def find_config(explicit: Path | None) -> Path:
+    """--config, else $RELAY_CONFIG, else ./relay.yaml, else /etc/relay/relay.yaml."""
+    if explicit is not None:
+        return explicit
+    env = os.environ.get("RELAY_CONFIG")
+    if env:
+        return Path(env)
+    for candidate in DEFAULT_PATHS:
+        if candidate.exists():
+            return candidate
+    return DEFAULT_PATHS[0]
+
+
+def load(path: Path) -> Settings:
+    """Read relay.yaml at `path`; raise ConfigError naming every problem."""
+    doc, root = yamlfile.load(path)
+    settings = _read(root, path) if root is not None else None
+    doc.raise_if_any()
+    assert settings is not None
+    return settings
+
+
+_TOP = {
+    "listen", "spool", "rules", "mode", "hostname", "limits", "auth", "tls", "allow_networks",
+    "upstream", "ses", "retry", "metrics", "deliverers", "retention",
+}  # fmt: skip
+
+
+def _read(root: yamlfile.Node, path: Path) -> Settings | None:
+    base = path.parent
+    top = root.mapping(_TOP, required=("upstream",))
+    if top is None:
+        return None
+
+    def rel(node: yamlfile.Node) -> Path | None:
+        value = node.as_str()
+        return None if value is None else (base / value)
+
+    listen = _host_port(top["listen"]) if "listen" in top else HostPort(host="127.0.0.1", port=2525)
+    spool = rel(top["spool"]) if "spool" in top else base / "spool"
+    rules = rel(top["rules"]) if "rules" in top else base / "rules.yaml"
+    mode = top["mode"].as_choice([m.value for m in Mode]) if "mode" in top else "live"
+    hostname = top["hostname"].as_str() if "hostname" in top else socket.gethostname()
+    limits = _limits(top["limits"]) if "limits" in top else Limits()
+    auth = _auth(top["auth"], rel) if "auth" in top and not top["auth"].is_null() else None
+    tls = _tls(top["tls"], rel) if "tls" in top and not top["tls"].is_null() else None
+    networks = _networks(top["allow_networks"]) if "allow_networks" in top else ()
+    upstream = _upstream(top["upstream"], rel)
+    ses = _ses(top["ses"]) if "ses" in top else Ses()
+    retry = _retry(top["retry"]) if "retry" in top else Retry()
+    metrics: HostPort | None = None
+    if "metrics" in top and not top["metrics"].is_null():
+        metrics = _host_port(top["metrics"])
+    deliverers = top["deliverers"].as_int(minimum=1) if "deliverers" in top else 4
+    retention = top["retention"].as_number(minimum=0) if "retention" in top else 7 * 86400.0
+
+    if listen is not None and not listen.is_loopback and (auth is None or tls is None):
+        top["listen"].problem(
+            f"{listen} is not a loopback address: it needs both 'auth' and 'tls' "
+            "(relay is never an open relay); use 127.0.0.1 or configure auth and tls"
+        )
+    if auth is not None and tls is None and listen is not None and not listen.is_loopback:
+        top["auth"].problem("auth on a non-loopback listen needs 'tls' (passwords in clear)")
+
+    values = (listen, spool, rules, mode, hostname, limits, networks, upstream, ses, retry)
+    if any(v is None for v in values) or deliverers is None or retention is None:
+        return None
+    assert listen and spool and rules and mode and hostname and limits and upstream and ses
+    assert retry is not None and networks is not None
+    return Settings(
+        source=path, listen=listen, spool=spool, rules=rules, mode=Mode(mode), hostname=hostname,
+        limits=limits, auth=auth, tls=tls, allow_networks=networks, upstream=upstream, ses=ses,
+        retry=retry, metrics=metrics, deliverers=deliverers, retention=float(retention),
+    )  # fmt: skip
+
+
+def _host_port(node: yamlfile.Node) -> HostPort | None:
+    value = node.scalar()
+    text = str(value) if isinstance(value, str | int) else None
+    if text is None or ":" not in text:
+        node.problem("expected host:port, e.g. 127.0.0.1:2525")
+        return None
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        node.problem(f"expected host:port with a port 0-65535, got {text!r}")
+        return None
+    return HostPort(host=host, port=int(port))
+
+
+def _limits(node: yamlfile.Node) -> Limits | None:
+    m = node.mapping({"max_message_size", "max_recipients"})
+    if m is None:
+        return None
+    size = m["max_message_size"].as_int(minimum=1024) if "max_message_size" in m else 10485760
+    rcpts = m["max_recipients"].as_int(minimum=1) if "max_recipients" in m else 50
+    if size is None or rcpts is None:
+        return None
+    return Limits(max_message_size=size, max_recipients=rcpts)
+
+
+def _auth(node: yamlfile.Node, rel: _Rel) -> Auth | None:
+    m = node.mapping({"users_file"}, required=("users_file",))
+    users = rel(m["users_file"]) if m and "users_file" in m else None
+    return Auth(users_file=users) if users is not None else None
+
+
+def _tls(node: yamlfile.Node, rel: _Rel) -> Tls | None:
+    m = node.mapping({"cert", "key", "implicit"}, required=("cert", "key"))
+    if m is None or "cert" not in m or "key" not in m:
+        return None
+    cert, key = rel(m["cert"]), rel(m["key"])
+    implicit = m["implicit"].as_bool() if "implicit" in m else False
+    if cert is None or key is None or implicit is None:
+        return None
+    return Tls(cert=cert, key=key, implicit=implicit)
+
+
+def _networks(
+    node: yamlfile.Node,
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None:
+    items = node.sequence()
+    if items is None:
+        return None
+    networks = []
+    for item in items:
+        text = item.as_str()
+        if text is None:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            item.problem(f"{text!r} is not a network in CIDR form, e.g. 10.0.0.0/8")
+    return tuple(networks) if len(networks) == len(items) else None
+
+
+_UPSTREAM = {
+    "host", "port", "security", "username", "password_env", "password_file", "timeout",
+    "verify_tls",
+}  # fmt: skip
+
+
+def _upstream(node: yamlfile.Node, rel: _Rel) -> Upstream | None:
+    m = node.mapping(_UPSTREAM, required=("host",))
+    if m is None or "host" not in m:
+        return None
+    host = m["host"].as_str()
+    security = m["security"].as_choice([s.value for s in Security]) if "security" in m else "none"
+    default_port = {"none": 25, "starttls": 587, "tls": 465}.get(security or "none", 25)
+    port = m["port"].as_int(minimum=1) if "port" in m else default_port
+    username = m["username"].as_str() if "username" in m else None
+    password_env = m["password_env"].as_str() if "password_env" in m else None
+    password_file = rel(m["password_file"]) if "password_file" in m else None
+    timeout = m["timeout"].as_number(minimum=0.1) if "timeout" in m else 30.0
+    verify = m["verify_tls"].as_bool() if "verify_tls" in m else True
+    if "username" in m and not ("password_env" in m or "password_file" in m):
+        m["username"].problem("a username needs 'password_env' or 'password_file'")
+    if host is None or security is None or port is None or timeout is None or verify is None:
+        return None
+    return Upstream(
+        host=host, port=port, security=Security(security), username=username,
+        password_env=password_env, password_file=password_file, timeout=float(timeout),
+        verify_tls=verify,
+    )  # fmt: skip
+
+
+_SES = {
+    "enabled", "region", "endpoint_url", "configuration_set", "max_send_rate", "fallback_after",
+    "timeout", "circuit_cooldown",
+}  # fmt: skip
+
+
+def _ses(node: yamlfile.Node) -> Ses | None:
+    m = node.mapping(_SES)
+    if m is None:
+        return None
+    enabled = m["enabled"].as_bool() if "enabled" in m else True
+    region = m["region"].as_str() if "region" in m else "us-east-1"
+    endpoint = None
+    if "endpoint_url" in m and not m["endpoint_url"].is_null():
+        endpoint = m["endpoint_url"].as_str()
+    config_set = None
+    if "configuration_set" in m and not m["configuration_set"].is_null():
+        config_set = m["configuration_set"].as_str()
+    rate: float | None = None
+    ok = True
+    if "max_send_rate" in m and m["max_send_rate"].scalar() != "auto":
+        rate = m["max_send_rate"].as_number(minimum=0.01)
+        ok = rate is not None
+    fallback = m["fallback_after"].as_number(minimum=0) if "fallback_after" in m else 300.0
+    timeout = m["timeout"].as_number(minimum=0.1) if "timeout" in m else 10.0
+    cooldown = m["circuit_cooldown"].as_number(minimum=1) if "circuit_cooldown" in m else 300.0
+    if None in (enabled, region, fallback, timeout, cooldown) or not ok:
+        return None
+    assert enabled is not None and region and fallback is not None and timeout and cooldown
+    return Ses(
+        enabled=enabled, region=region, endpoint_url=endpoint, configuration_set=config_set,
+        max_send_rate=rate, fallback_after=float(fallback), timeout=float(timeout),
+        circuit_cooldown=float(cooldown),
+    )  # fmt: skip
+
+
+def _retry(node: yamlfile.Node) -> Retry | None:
+    m = node.mapping({"schedule", "max_age"})
+    if m is None:
+        return None
+    schedule: tuple[float, ...] | None = Retry().schedule
+    if "schedule" in m:
+        items = m["schedule"].sequence()
+        values = [i.as_number(minimum=1) for i in items] if items is not None else None
+        if not values or any(v is None for v in values):
+            if values == []:
+                m["schedule"].problem("needs at least one delay in seconds")
+            schedule = None
+        else:
+            schedule = tuple(float(v) for v in values if v is not None)
+    max_age = m["max_age"].as_number(minimum=1) if "max_age" in m else Retry().max_age
+    if schedule is None or max_age is None:
+        return None
+    return Retry(schedule=schedule, max_age=float(max_age))
+
+
+def check_listen_env(settings: Settings) -> list[str]:
+    """Problems that only show at run time (files that must exist); empty when fine."""
+    problems = []
+    for label, file in (
+        ("auth.users_file", settings.auth.users_file if settings.auth else None),
+        ("tls.cert", settings.tls.cert if settings.tls else None),
+        ("tls.key", settings.tls.key if settings.tls else None),
+    ):
+        if file is not None and not file.is_file():
+            problems.append(f"{settings.source}: {label}: {file} does not exist")
+    return problems
+
+
+__all__ = ["ConfigError", "Settings", "find_config", "load"]

@@ -1,0 +1,186 @@
+"""Read YAML while keeping line numbers, so every problem names file, line and key.
+
+Both `relay.yaml` (settings) and `rules.yaml` (rules) are read through `load()`,
+which returns a `Node` tree. Each accessor (`mapping`, `sequence`, `as_str`, ...)
+returns the value or, when the value is wrong, records a `Problem` on the
+shared `Doc` and returns None, so one pass reports every problem at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from relay.errors import ConfigError, Problem
+
+_TYPE_NAMES = {
+    "tag:yaml.org,2002:str": "a string",
+    "tag:yaml.org,2002:int": "an integer",
+    "tag:yaml.org,2002:float": "a number",
+    "tag:yaml.org,2002:bool": "true/false",
+    "tag:yaml.org,2002:null": "null",
+    "tag:yaml.org,2002:map": "a mapping",
+    "tag:yaml.org,2002:seq": "a list",
+}
+
+
+class Doc:
+    """One YAML file being read, and the problems found in it so far."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.problems: list[Problem] = []
+
+    def problem(self, line: int | None, key: str, message: str) -> None:
+        self.problems.append(Problem(file=self.name, line=line, key=key, message=message))
+
+    def raise_if_any(self) -> None:
+        if self.problems:
+            raise ConfigError(self.problems)
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """A YAML node with its place: the document, the dotted key path and the line."""
+
+    doc: Doc
+    key: str
+    node: yaml.Node
+
+    @property
+    def line(self) -> int:
+        return self.node.start_mark.line + 1
+
+    def problem(self, message: str) -> None:
+        self.doc.problem(self.line, self.key, message)
+
+    def kind(self) -> str:
+        return _TYPE_NAMES.get(self.node.tag, self.node.tag)
+
+    def child(self, key: str, node: yaml.Node) -> Node:
+        path = f"{self.key}.{key}" if self.key else key
+        return Node(self.doc, path, node)
+
+    def is_null(self) -> bool:
+        return self.node.tag == "tag:yaml.org,2002:null"
+
+    def mapping(
+        self, allowed: Collection[str] | None = None, required: Collection[str] = ()
+    ) -> dict[str, Node] | None:
+        """The mapping's entries; unknown, duplicate and missing keys are problems."""
+        if not isinstance(self.node, yaml.MappingNode):
+            self.problem(f"expected a mapping, got {self.kind()}")
+            return None
+        entries: dict[str, Node] = {}
+        for key_node, value_node in self.node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                Node(self.doc, self.key, key_node).problem("keys must be plain names")
+                continue
+            name = str(key_node.value)
+            child = self.child(name, value_node)
+            if name in entries:
+                Node(self.doc, child.key, key_node).problem("duplicate key")
+            elif allowed is not None and name not in allowed:
+                valid = ", ".join(sorted(allowed))
+                Node(self.doc, child.key, key_node).problem(f"unknown key (valid: {valid})")
+            else:
+                entries[name] = child
+        for name in required:
+            if name not in entries:
+                self.problem(f"missing required key {name!r}")
+        return entries
+
+    def sequence(self) -> list[Node] | None:
+        if not isinstance(self.node, yaml.SequenceNode):
+            self.problem(f"expected a list, got {self.kind()}")
+            return None
+        return [Node(self.doc, f"{self.key}[{i}]", item) for i, item in enumerate(self.node.value)]
+
+    def scalar(self) -> object:
+        """The node's plain Python value, or None (with a problem) for a mapping or list."""
+        if not isinstance(self.node, yaml.ScalarNode):
+            self.problem(f"expected a single value, got {self.kind()}")
+            return None
+        loader = yaml.SafeLoader("")
+        try:
+            return loader.construct_object(self.node, deep=True)
+        except yaml.YAMLError as exc:
+            self.problem(f"unreadable value: {exc}")
+            return None
+        finally:
+            loader.dispose()
+
+    def as_str(self, *, allow_empty: bool = False) -> str | None:
+        value = self.scalar() if isinstance(self.node, yaml.ScalarNode) else None
+        if not isinstance(self.node, yaml.ScalarNode) or not isinstance(value, str):
+            self.problem(f"expected a string, got {self.kind()}")
+            return None
+        if not allow_empty and not value.strip():
+            self.problem("must not be empty")
+            return None
+        return value
+
+    def as_bool(self) -> bool | None:
+        value = self.scalar() if isinstance(self.node, yaml.ScalarNode) else None
+        if not isinstance(value, bool):
+            self.problem(f"expected true or false, got {self.kind()}")
+            return None
+        return value
+
+    def as_number(self, *, minimum: float | None = None, integer: bool = False) -> float | None:
+        value = self.scalar() if isinstance(self.node, yaml.ScalarNode) else None
+        wanted = "an integer" if integer else "a number"
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.problem(f"expected {wanted}, got {self.kind()}")
+            return None
+        if integer and not isinstance(value, int):
+            self.problem(f"expected {wanted}, got {value!r}")
+            return None
+        if minimum is not None and value < minimum:
+            self.problem(f"must be at least {minimum:g}, got {value!r}")
+            return None
+        return value
+
+    def as_int(self, *, minimum: int | None = None) -> int | None:
+        value = self.as_number(minimum=minimum, integer=True)
+        return None if value is None else int(value)
+
+    def as_choice(self, choices: Collection[str]) -> str | None:
+        value = self.as_str()
+        if value is not None and value not in choices:
+            self.problem(f"{value!r} is not one of: {', '.join(choices)}")
+            return None
+        return value
+
+
+def parse(text: str, name: str) -> tuple[Doc, Node | None]:
+    """Compose `text`; a syntax error becomes a problem with its line, and the root is None."""
+    doc = Doc(name)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else None
+        doc.problem(line, "", f"YAML syntax error: {exc.problem or exc}")
+        return doc, None
+    except yaml.YAMLError as exc:
+        doc.problem(None, "", f"YAML error: {exc}")
+        return doc, None
+    if root is None:
+        doc.problem(1, "", "the file is empty")
+        return doc, None
+    return doc, Node(doc, "", root)
+
+
+def load(path: Path) -> tuple[Doc, Node | None]:
+    """Read and compose the file at `path`; an unreadable file is a problem, not a crash."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        doc = Doc(str(path))
+        doc.problem(None, "", f"cannot read the file: {exc}")
+        return doc, None
+    return parse(text, str(path))
