@@ -5,6 +5,7 @@
     ├── SpoolError (OSError)            the spool could not commit or read; the client gets 451
     └── DeliveryError                   a send did not succeed
         ├── TemporaryFailure            try again later (4xx, timeouts, throttling, 5xx from SES)
+        │   └── Throttled               SES "Maximum sending rate exceeded": slow the pace
         └── PermanentFailure            this message will not go this way (5xx, MessageRejected)
             └── AccountFailure          the SES account cannot send for now (opens the circuit)
 
@@ -58,6 +59,10 @@ class DeliveryError(RelayError):
 
 class TemporaryFailure(DeliveryError):
     """Try again later: the far side or the path to it is unavailable for now."""
+
+
+class Throttled(TemporaryFailure):
+    """SES refused for the sending rate ("Maximum sending rate exceeded"): slow down, retry."""
 
 
 class PermanentFailure(DeliveryError):

@@ -1,0 +1,120 @@
+"""Prometheus metrics and the /metrics, /healthz, /readyz endpoints.
+
+Every stage counts into the metric objects below; `serve_http()` exposes them
+on `metrics:` (loopback by default). The HTTP server runs on the event loop, so
+an answer from /healthz also proves the loop is responsive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+log = logging.getLogger("relay.metrics")
+
+REGISTRY = CollectorRegistry()
+ProcessCollector(registry=REGISTRY)
+
+RECEIVED = Counter(
+    "relay_received_messages", "Messages accepted (250) and committed", registry=REGISTRY
+)
+REJECTED = Counter(
+    "relay_rejected_transactions", "SMTP transactions refused, by reason", ["reason"],
+    registry=REGISTRY,
+)  # fmt: skip
+CLASSIFIED = Counter(
+    "relay_classified_messages", "Messages classified, by rule and route", ["rule", "route"],
+    registry=REGISTRY,
+)  # fmt: skip
+DELIVERIES = Counter(
+    "relay_deliveries", "Delivery attempts by route and outcome (sent, deferred, failed)",
+    ["route", "outcome"], registry=REGISTRY,
+)  # fmt: skip
+FALLBACKS = Counter(
+    "relay_fallbacks", "SES-routed messages sent upstream instead, by reason", ["reason"],
+    registry=REGISTRY,
+)  # fmt: skip
+SES_LATENCY = Histogram(
+    "relay_ses_request_seconds", "SendRawEmail latency", registry=REGISTRY,
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)  # fmt: skip
+SES_THROTTLES = Counter("relay_ses_throttles", "SES Throttling replies", registry=REGISTRY)
+CIRCUIT_OPEN = Gauge(
+    "relay_ses_circuit_open", "1 while the SES circuit is open (account-wide failure)",
+    registry=REGISTRY,
+)  # fmt: skip
+CIRCUIT_OPENINGS = Counter(
+    "relay_ses_circuit_openings", "Times the SES circuit opened: alert on this", ["reason"],
+    registry=REGISTRY,
+)  # fmt: skip
+PACE = Gauge("relay_ses_pace_rate", "Current SES pace, recipients/s", registry=REGISTRY)
+PACE_CEILING = Gauge(
+    "relay_ses_pace_ceiling", "SES pace ceiling (configured or 90% of quota), recipients/s",
+    registry=REGISTRY,
+)  # fmt: skip
+QUOTA_RATE = Gauge("relay_ses_quota_max_send_rate", "SES MaxSendRate", registry=REGISTRY)
+QUOTA_24H = Gauge("relay_ses_quota_max_24h", "SES Max24HourSend", registry=REGISTRY)
+SENT_24H = Gauge("relay_ses_sent_last_24h", "SES SentLast24Hours", registry=REGISTRY)
+QUEUE_DEPTH = Gauge("relay_queue_messages", "Messages in the spool by state", ["state"],
+                    registry=REGISTRY)  # fmt: skip
+OLDEST_AGE = Gauge(
+    "relay_queue_oldest_age_seconds", "Age of the oldest queued or deferred message",
+    registry=REGISTRY,
+)  # fmt: skip
+RULES_RELOADS = Counter(
+    "relay_rules_reloads", "Rules reloads by result (ok, error)", ["result"], registry=REGISTRY
+)
+
+Check = Callable[[], Awaitable[bool]]
+
+
+async def serve_http(host: str, port: int, *, ready: Check) -> asyncio.Server:
+    """Start the metrics endpoint; /readyz answers 503 while `ready()` is False."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readline(), 5)
+            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = request.decode("latin-1").split()
+            path = parts[1].split("?")[0] if len(parts) >= 2 else ""
+            status, ctype, body = await _route(path, ready)
+            head = (
+                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            )
+            writer.write(head.encode() + body)
+            await writer.drain()
+        except (TimeoutError, ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, host, port)
+
+
+async def _route(path: str, ready: Check) -> tuple[str, str, bytes]:
+    text = "text/plain; charset=utf-8"
+    if path == "/metrics":
+        return "200 OK", CONTENT_TYPE_LATEST, generate_latest(REGISTRY)
+    if path == "/healthz":
+        return "200 OK", text, b"ok\n"
+    if path == "/readyz":
+        try:
+            ok = await asyncio.wait_for(ready(), 5)
+        except Exception as exc:  # a readiness probe reports, it never crashes the server
+            log.warning("event=readyz_error error=%r", exc)
+            ok = False
+        return ("200 OK", text, b"ready\n") if ok else ("503 Service Unavailable", text, b"no\n")
+    return "404 Not Found", text, b"not found\n"
