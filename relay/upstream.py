@@ -1,0 +1,187 @@
+"""Upstream route of the deliver stage: SMTP to the site's original host via aiosmtplib.
+
+One connection per message: connect (implicit TLS or STARTTLS as configured,
+never opportunistic), optional AUTH, MAIL FROM the envelope sender (`<>` too),
+RCPT TO each recipient, DATA `mail.wire_bytes()`, QUIT. Per-recipient replies
+come back in an `UpstreamResult`; whole-transaction failures raise:
+
+    TemporaryFailure   connection refused/reset/timeout, TLS or AUTH failure, 4xx at
+                       MAIL or DATA, 4xx to every RCPT
+    PermanentFailure   5xx at MAIL or DATA, 5xx to every RCPT, an address SMTP cannot carry
+
+AUTH failures are temporary on purpose: a wrong password is the relay's
+problem, not the message's, so the mail waits for the fix instead of failing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+from dataclasses import dataclass
+
+import aiosmtplib
+
+from relay import settings as _settings
+from relay.errors import DeliveryError, PermanentFailure, TemporaryFailure
+from relay.mail import Mail
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpstreamResult:
+    """What the host said: recipients taken, refused for now (4xx), refused for good (5xx).
+
+    `accepted` is empty only when RCPT replies were a 4xx/5xx mix (uniform
+    refusals raise); then DATA was not sent.
+    """
+
+    accepted: tuple[str, ...]
+    temporary: tuple[tuple[str, str], ...] = ()  # (recipient, reply)
+    permanent: tuple[tuple[str, str], ...] = ()
+    reply: str = ""  # the DATA reply, or why DATA was not sent
+
+
+class UpstreamClient:
+    """Sends mail to the original host exactly as received, envelope unchanged."""
+
+    def __init__(self, settings: _settings.Upstream, *, hostname: str) -> None:
+        self._settings = settings
+        self._hostname = hostname  # our EHLO name
+        self._tls: ssl.SSLContext | None = None
+        if settings.security is not _settings.Security.NONE:
+            self._tls = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+            if not settings.verify_tls:
+                self._tls.check_hostname = False
+                self._tls.verify_mode = ssl.CERT_NONE
+
+    @property
+    def target(self) -> str:
+        return f"{self._settings.host}:{self._settings.port}"
+
+    async def send(self, mail: Mail) -> UpstreamResult:
+        """Deliver `mail`; see the module docstring for what raises and what returns."""
+        s = self._settings
+        smtp = aiosmtplib.SMTP(
+            hostname=s.host,
+            port=s.port,
+            local_hostname=self._hostname,
+            timeout=s.timeout,
+            use_tls=s.security is _settings.Security.TLS,
+            start_tls=False,
+            tls_context=self._tls,
+        )
+        try:
+            return await self._transaction(smtp, mail)
+        finally:
+            smtp.close()
+
+    async def _transaction(self, smtp: aiosmtplib.SMTP, mail: Mail) -> UpstreamResult:
+        await self._open(smtp, mail)
+        where = f"upstream {self.target}"
+        data = mail.wire_bytes()
+        options, encoding = [], "ascii"
+        if not all(a.isascii() for a in (mail.sender, *mail.recipients)):
+            if not smtp.supports_extension("smtputf8"):
+                reason = "SMTPUTF8 not offered"
+                raise PermanentFailure(
+                    f"{where}: {mail.id} has UTF-8 addresses, {reason}", reply=reason
+                )
+            options, encoding = ["SMTPUTF8"], "utf-8"
+        if not data.isascii() and smtp.supports_extension("8bitmime"):
+            options.append("BODY=8BITMIME")
+
+        accepted: list[str] = []
+        temporary: list[tuple[str, str]] = []
+        permanent: list[tuple[str, str]] = []
+        try:
+            await smtp.mail(mail.sender, options=options, encoding=encoding)
+            for rcpt in mail.recipients:
+                try:
+                    await smtp.rcpt(rcpt, encoding=encoding)
+                    accepted.append(rcpt)
+                except aiosmtplib.SMTPRecipientRefused as exc:
+                    refusal = (rcpt, _reply(exc))
+                    (temporary if exc.code < 500 else permanent).append(refusal)
+            if accepted:
+                response = await smtp.data(data)
+                reply = f"{response.code} {_oneline(response.message)}"
+        except aiosmtplib.SMTPResponseException as exc:
+            phase = "DATA" if isinstance(exc, aiosmtplib.SMTPDataError) else "MAIL FROM"
+            message = f"{where} refused {mail.id} at {phase}: {_reply(exc)}"
+            raise _by_code(exc.code, message, reply=_reply(exc)) from exc
+        except ValueError as exc:  # an address with characters SMTP cannot carry
+            message = f"{where}: {mail.id} has an address SMTP cannot carry: {exc}"
+            raise PermanentFailure(message, reply=str(exc)) from exc
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            message = f"{where} lost {mail.id} mid-transaction: {exc!r}"
+            raise TemporaryFailure(message, reply=repr(exc)) from exc
+
+        if not accepted:
+            _raise_if_uniform(where, mail, temporary, permanent)
+            replies = "; ".join(f"{r}: {reply}" for r, reply in (*temporary, *permanent))
+            reply = f"no recipient accepted, DATA not sent: {replies}"
+        with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+            await smtp.quit()  # the outcome is already known; a failed goodbye changes nothing
+        return UpstreamResult(
+            accepted=tuple(accepted),
+            temporary=tuple(temporary),
+            permanent=tuple(permanent),
+            reply=reply,
+        )
+
+    async def _open(self, smtp: aiosmtplib.SMTP, mail: Mail) -> None:
+        """Connect, STARTTLS and AUTH as configured; any failure here is temporary."""
+        s = self._settings
+        where = f"upstream {self.target}"
+        try:
+            await smtp.connect()
+            if s.security is _settings.Security.STARTTLS:
+                await smtp.starttls()
+            if s.username:
+                password = s.password()
+                if password is None:
+                    reason = f"no password for {s.username} (password_env/password_file unset)"
+                    raise TemporaryFailure(
+                        f"{where} unusable for {mail.id}: {reason}", reply=reason
+                    )
+                await smtp.login(s.username, password)
+        except aiosmtplib.SMTPException as exc:
+            message = f"{where} unusable for {mail.id}: {_reply(exc)}"
+            raise TemporaryFailure(message, reply=_reply(exc)) from exc
+        except OSError as exc:
+            message = f"{where} unreachable for {mail.id}: {exc!r}"
+            raise TemporaryFailure(message, reply=repr(exc)) from exc
+
+
+def _raise_if_uniform(
+    where: str,
+    mail: Mail,
+    temporary: list[tuple[str, str]],
+    permanent: list[tuple[str, str]],
+) -> None:
+    """Every recipient refused alike is a whole-transaction failure."""
+    replies = "; ".join(f"{r}: {reply}" for r, reply in (*temporary, *permanent))
+    if not permanent:
+        message = f"{where} refused every recipient of {mail.id} for now: {replies}"
+        raise TemporaryFailure(message, reply=temporary[0][1])
+    if not temporary:
+        message = f"{where} refused every recipient of {mail.id}: {replies}"
+        raise PermanentFailure(message, reply=permanent[0][1])
+
+
+def _by_code(code: int, message: str, *, reply: str) -> DeliveryError:
+    if 500 <= code < 600:
+        return PermanentFailure(message, reply=reply)
+    return TemporaryFailure(message, reply=reply)
+
+
+def _reply(exc: aiosmtplib.SMTPException) -> str:
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return f"{exc.code} {_oneline(exc.message)}"
+    return _oneline(exc.message)
+
+
+def _oneline(text: str) -> str:
+    return " / ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+__all__ = ["UpstreamClient", "UpstreamResult"]
