@@ -1,0 +1,185 @@
+"""A decoded, text-only view of one message, for the rules in `relay.rules`.
+
+Built once per classification from `Mail.message` (parsed once per Mail) and
+lazy: the body is decoded only when a rule asks for it. Nothing here raises on
+bad input: broken MIME, unknown charsets, bad base64 and 8-bit garbage decode
+to what can be read, with U+FFFD for the rest.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+import html
+import quopri
+import re
+from email.message import EmailMessage
+from functools import cached_property
+from html.parser import HTMLParser
+
+from relay.mail import Mail
+
+_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([QqBb])\?([^?\s]*)\?=")
+_BETWEEN_WORDS = re.compile(r"(\?=)[ \t\r\n]+(?==\?)")
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
+_HTML_BREAKS = frozenset(
+    {"br", "p", "div", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6", "table", "blockquote"}
+)
+
+
+def _charset_decode(data: bytes, charset: str | None) -> str:
+    """`data` as text in `charset` (unknown or missing: UTF-8), unreadable bytes replaced."""
+    name = (charset or "utf-8").strip().strip('"').lower() or "utf-8"
+    if name in ("us-ascii", "ascii"):
+        name = "utf-8"  # 8-bit bytes labelled ASCII are almost always UTF-8 in practice
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        name = "utf-8"
+    try:
+        return data.decode(name, errors="replace")
+    except Exception:  # a codec may still refuse odd input
+        return data.decode("utf-8", errors="replace")
+
+
+def _decode_word(match: re.Match[str]) -> str:
+    charset, encoding, text = match.group(1), match.group(2).upper(), match.group(3)
+    charset = charset.split("*", 1)[0]  # RFC 2231 language suffix
+    try:
+        if encoding == "B":
+            data = base64.b64decode(text + "=" * (-len(text) % 4))
+        else:
+            data = quopri.decodestring(text.replace("_", " ").encode("ascii"), header=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        return match.group(0)
+    return _charset_decode(data, charset)
+
+
+def decode_header(value: str) -> str:
+    """An unfolded header value with its RFC 2047 encoded words decoded."""
+    unfolded = _FOLD.sub("", value)
+    joined = _BETWEEN_WORDS.sub(r"\1", unfolded)  # whitespace between encoded words is dropped
+    text = _ENCODED_WORD.sub(_decode_word, joined)
+    # Undecodable raw 8-bit bytes come through the parser as surrogates.
+    return text.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
+
+
+class _TextExtractor(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.chunks: list[str] = []
+        self._skip = 0
+
+    def handle_starttag(self, tag: str, attrs: object) -> None:
+        if tag in ("script", "style"):
+            self._skip += 1
+        elif tag in _HTML_BREAKS:
+            self.chunks.append("\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("script", "style"):
+            self._skip = max(0, self._skip - 1)
+        elif tag in _HTML_BREAKS:
+            self.chunks.append("\n")
+
+    def handle_data(self, data: str) -> None:
+        if not self._skip:
+            self.chunks.append(data)
+
+
+def html_to_text(markup: str) -> str:
+    """The visible text of `markup`: no tags, comments, scripts or styles; entities unescaped."""
+    parser = _TextExtractor()
+    try:
+        parser.feed(markup)
+        parser.close()
+    except Exception:  # HTMLParser is lenient, but never let markup stop classification
+        return html.unescape(re.sub(r"<[^>]*>", " ", markup))
+    return "".join(parser.chunks)
+
+
+class MailView:
+    """What rules look at: decoded headers, envelope and body texts of one Mail."""
+
+    def __init__(self, mail: Mail) -> None:
+        self.mail = mail
+
+    @cached_property
+    def _message(self) -> EmailMessage | None:
+        try:
+            return self.mail.message
+        except Exception:  # the parser records defects, but be sure: no message, no match
+            return None
+
+    @cached_property
+    def headers(self) -> dict[str, tuple[str, ...]]:
+        """Every header's decoded values, by lower-case name, in order of appearance."""
+        found: dict[str, list[str]] = {}
+        message = self._message
+        if message is None:
+            return {}
+        try:
+            items = list(message.raw_items())
+        except Exception:
+            return {}
+        for name, value in items:
+            try:
+                found.setdefault(str(name).strip().lower(), []).append(decode_header(str(value)))
+            except Exception:
+                continue
+        return {name: tuple(values) for name, values in found.items()}
+
+    def header(self, name: str) -> tuple[str, ...]:
+        return self.headers.get(name.lower(), ())
+
+    @property
+    def subject(self) -> str:
+        """The first Subject, decoded; "" when there is none."""
+        values = self.header("subject")
+        return values[0] if values else ""
+
+    @cached_property
+    def _leaves(self) -> tuple[tuple[str, str], ...]:
+        """(content type, decoded text or "") for every non-multipart part."""
+        message = self._message
+        if message is None:
+            return ()
+        leaves: list[tuple[str, str]] = []
+        try:
+            parts = list(message.walk())
+        except Exception:
+            return ()
+        for part in parts:
+            try:
+                if part.is_multipart():
+                    continue
+                ctype = part.get_content_type()
+                text = ""
+                if ctype in ("text/plain", "text/html") and (
+                    part.get_content_disposition() != "attachment"
+                ):
+                    payload = part.get_payload(decode=True)
+                    if isinstance(payload, bytes):
+                        text = _charset_decode(payload, part.get_content_charset())
+                leaves.append((ctype, text))
+            except Exception:
+                leaves.append(("application/octet-stream", ""))
+        return tuple(leaves)
+
+    @property
+    def part_count(self) -> int:
+        """How many body parts (non-multipart leaves) the message has."""
+        return len(self._leaves)
+
+    @cached_property
+    def body_texts(self) -> tuple[str, ...]:
+        """Texts a `body` rule searches: each text part, and each HTML part also as plain text."""
+        texts: list[str] = []
+        for ctype, text in self._leaves:
+            if not text:
+                continue
+            texts.append(text)
+            if ctype == "text/html":
+                texts.append(html_to_text(text))
+        return tuple(texts)
