@@ -1,0 +1,116 @@
+"""Password hashes for `auth.users_file` and checking SMTP AUTH credentials against them.
+
+The users file has one `user:hash` line per user (`#` comments and blank lines
+allowed). The hash format is scrypt with its parameters spelled out:
+
+    $scrypt$n=16384,r=8,p=1$<salt, base64>$<key, base64>
+
+(base64 without padding). `hash_password()` makes one; `relay hash-password`
+prints it. Plain-text passwords in the file are refused, never compared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 16384, 8, 1
+_KEY_LEN = 32
+_MAXMEM = 64 * 1024 * 1024
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii").rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+
+
+def hash_password(password: str, *, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> str:
+    """A `$scrypt$n=..,r=..,p=..$salt$key` line for `password`, with a fresh random salt."""
+    salt = secrets.token_bytes(16)
+    key = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, maxmem=_MAXMEM,
+                         dklen=_KEY_LEN)  # fmt: skip
+    return f"$scrypt$n={n},r={r},p={p}${_b64(salt)}${_b64(key)}"
+
+
+def verify_password(password: bytes, encoded: str) -> bool:
+    """True when `password` matches `encoded`; False for a wrong password or unknown format."""
+    try:
+        _, scheme, params, salt, key = encoded.split("$")
+        if scheme != "scrypt":
+            return False
+        values = dict(item.split("=", 1) for item in params.split(","))
+        n, r, p = int(values["n"]), int(values["r"]), int(values["p"])
+        expected = _unb64(key)
+        actual = hashlib.scrypt(password, salt=_unb64(salt), n=n, r=r, p=p, maxmem=_MAXMEM,
+                                dklen=len(expected))  # fmt: skip
+    except (ValueError, KeyError):
+        return False
+    return hmac.compare_digest(expected, actual)
+
+
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    stamp: tuple[int, int]
+    hashes: dict[str, str]
+
+
+class Users:
+    """The users file, re-read when it changes; verifies without blocking the event loop.
+
+    A successful check is remembered (as an HMAC of the password under a
+    per-process key, never the password) so that Moodle, which logs in on every
+    connection, pays for scrypt once per process, not once per mail.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._loaded: _Loaded | None = None
+        self._key = secrets.token_bytes(32)
+        self._good: set[tuple[str, bytes]] = set()
+
+    def _hashes(self) -> dict[str, str]:
+        st = os.stat(self.path)
+        stamp = (st.st_mtime_ns, st.st_size)
+        if self._loaded is None or self._loaded.stamp != stamp:
+            self._loaded = _Loaded(stamp, parse_users(self.path.read_text(encoding="utf-8")))
+            self._good.clear()
+        return self._loaded.hashes
+
+    async def verify(self, user: bytes, password: bytes) -> bool:
+        """True when `user` exists and `password` is theirs."""
+        try:
+            name = user.decode("utf-8")
+            encoded = self._hashes().get(name)
+        except (OSError, UnicodeDecodeError):
+            return False
+        if encoded is None:
+            return False
+        token = (name, hmac.digest(self._key, password, "sha256"))
+        if token in self._good:
+            return True
+        if await asyncio.to_thread(verify_password, password, encoded):
+            self._good.add(token)
+            return True
+        return False
+
+
+def parse_users(text: str) -> dict[str, str]:
+    """`user:hash` lines -> {user: hash}; lines whose hash is not `$scrypt$` are ignored."""
+    users = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or ":" not in line:
+            continue
+        user, _, encoded = line.partition(":")
+        if encoded.startswith("$scrypt$"):
+            users[user.strip()] = encoded.strip()
+    return users

@@ -1,0 +1,229 @@
+"""`relay queue list/show/retry/delete/stats`: the spool seen from another process.
+
+Works while the service runs: the same SQLite file in WAL mode, short
+transactions, a busy timeout. Human tables by default (like `mailq`); `--json`
+gives one JSON object per message per line (list) or one object (show, stats).
+`list` leaves out delivered (`sent`) rows unless `--state sent` asks for them.
+
+Exit codes: 0 ok; 1 a message was not found or could not be acted on, or there
+is no spool; 2 a bad argument.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import click
+
+from relay.errors import SpoolError
+from relay.spool import State, open_existing, state_counts
+
+_COLUMNS = (
+    "id", "state", "sender", "recipients", "size", "message_id", "peer", "received_at", "due_at",
+    "claimed_at", "attempts", "rule", "route", "ses_message_id", "reply", "fallback_reason",
+    "updated_at",
+)  # fmt: skip
+_FIELDS = ", ".join(_COLUMNS)
+_SELECT = f"SELECT {_FIELDS} FROM messages"
+
+
+def _record(row: sqlite3.Row) -> dict[str, Any]:
+    record = {name: row[name] for name in _COLUMNS}
+    record["recipients"] = json.loads(record["recipients"])
+    return record
+
+
+def _when(stamp: float | None) -> str:
+    return "-" if stamp is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp))
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _open(spool_dir: Path) -> sqlite3.Connection | None:
+    try:
+        return open_existing(spool_dir)
+    except SpoolError as exc:
+        click.echo(f"relay queue: {exc}", err=True)
+        return None
+
+
+def list_messages(spool_dir: Path, *, state: str | None, as_json: bool) -> int:
+    """List messages (not `sent` ones unless asked), oldest first."""
+    if state is not None and state not in {s.value for s in State}:
+        click.echo(f"relay queue list: unknown state {state!r}; one of "
+                   f"{', '.join(s.value for s in State)}", err=True)  # fmt: skip
+        return 2
+    conn = _open(spool_dir)
+    if conn is None:
+        return 1
+    with closing(conn):
+        where, args = ("state = ?", (state,)) if state else ("state != 'sent'", ())
+        rows = [_record(r) for r in conn.execute(f"{_SELECT} WHERE {where} ORDER BY id", args)]
+    if as_json:
+        for record in rows:
+            click.echo(json.dumps(record))
+        return 0
+    click.echo(f"{'ID':<12}  {'STATE':<8}  {'SIZE':>8}  {'ARRIVED':<19}  {'TRIES':>5}  "
+               "SENDER -> RECIPIENTS")  # fmt: skip
+    for r in rows:
+        click.echo(
+            f"{r['id']:<12}  {r['state']:<8}  {r['size']:>8}  {_when(r['received_at'])}  "
+            f"{r['attempts']:>5}  {r['sender'] or '<>'} -> {', '.join(r['recipients'])}"
+        )
+        if r["state"] in (State.DEFERRED, State.FAILED) and r["reply"]:
+            click.echo(f"{'':14}({r['reply']})")
+    click.echo(f"-- {len(rows)} message{'s' if len(rows) != 1 else ''}")
+    return 0
+
+
+def show(spool_dir: Path, queue_id: str, *, as_json: bool) -> int:
+    """One message: every stored field, its headers and its full history."""
+    conn = _open(spool_dir)
+    if conn is None:
+        return 1
+    with closing(conn):
+        row = conn.execute(
+            f"SELECT {_FIELDS}, trace, body FROM messages WHERE id = ?", (queue_id,)
+        ).fetchone()
+        events = conn.execute(
+            "SELECT at, event, detail FROM events WHERE queue_id = ? ORDER BY at, rowid",
+            (queue_id,),
+        ).fetchall()
+    if row is None:
+        click.echo(f"relay queue show: no message {queue_id}", err=True)
+        return 1
+    record = _record(row)
+    record["trace"] = bytes(row["trace"]).decode("ascii", "replace")
+    body = row["body"]
+    record["headers"] = None if body is None else _headers(bytes(body))
+    record["events"] = [{"at": e["at"], "event": e["event"], "detail": e["detail"]}
+                        for e in events]  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(record))
+        return 0
+    for name in _COLUMNS:
+        value = record[name]
+        if name.endswith("_at") and value is not None:
+            value = f"{_when(value)} ({value:.3f})"
+        elif name == "recipients":
+            value = ", ".join(value)
+        click.echo(f"{name + ':':<17}{'-' if value is None else value}")
+    click.echo("trace:\n  " + record["trace"].rstrip().replace("\r\n", "\n  "))
+    if record["headers"] is None:
+        click.echo("headers: (body dropped after delivery)")
+    else:
+        click.echo("headers:\n  " + record["headers"].rstrip().replace("\r\n", "\n  "))
+    click.echo("history:")
+    for e in record["events"]:
+        click.echo(f"  {_when(e['at'])}  {e['event']:<10} {e['detail']}")
+    return 0
+
+
+def _headers(body: bytes) -> str:
+    end = body.find(b"\r\n\r\n")
+    return body[: end + 2 if end >= 0 else len(body)].decode("utf-8", "replace")
+
+
+def _act(spool_dir: Path, ids: Iterable[str], action: str) -> int:
+    conn = _open(spool_dir)
+    if conn is None:
+        return 1
+    ok = True
+    with closing(conn):
+        for queue_id in ids:
+            message = _act_one(conn, queue_id, action)
+            ok = ok and message.endswith(("queued for delivery", "deleted"))
+            click.echo(f"{queue_id}: {message}", err=not ok)
+    return 0 if ok else 1
+
+
+def _act_one(conn: sqlite3.Connection, queue_id: str, action: str) -> str:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        row = conn.execute("SELECT state FROM messages WHERE id = ?", (queue_id,)).fetchone()
+        state = None if row is None else row["state"]
+        if state is None:
+            message = "no such message"
+        elif state == State.INFLIGHT:
+            message = "being delivered right now; try again in a moment"
+        elif action == "delete":
+            conn.execute("DELETE FROM messages WHERE id = ?", (queue_id,))
+            conn.execute("DELETE FROM events WHERE queue_id = ?", (queue_id,))
+            message = "deleted"
+        elif state in (State.FAILED, State.DEFERRED, State.QUEUED):
+            now = time.time()
+            conn.execute(
+                "UPDATE messages SET state = 'queued', due_at = ?1, updated_at = ?1 WHERE id = ?2",
+                (now, queue_id),
+            )
+            conn.execute(
+                "INSERT INTO events (queue_id, at, event, detail) VALUES (?, ?, 'retry', ?)",
+                (queue_id, now, f"relay queue retry (was {state})"),
+            )
+            message = "queued for delivery"
+        else:
+            message = f"is {state}; nothing to retry"
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return message
+
+
+def retry(spool_dir: Path, ids: Sequence[str], *, all_failed: bool) -> int:
+    """Deferred or failed messages -> queued, due now; an event records it."""
+    if not ids and not all_failed:
+        click.echo("relay queue retry: give queue ids or --all-failed", err=True)
+        return 2
+    chosen = list(ids)
+    if all_failed:
+        conn = _open(spool_dir)
+        if conn is None:
+            return 1
+        with closing(conn):
+            chosen += [r[0] for r in conn.execute("SELECT id FROM messages WHERE state = 'failed'")]
+        if not chosen:
+            click.echo("no failed messages")
+            return 0
+    return _act(spool_dir, dict.fromkeys(chosen), "retry")
+
+
+def delete(spool_dir: Path, ids: Sequence[str]) -> int:
+    """Remove messages and their history; they will not be delivered."""
+    return _act(spool_dir, ids, "delete")
+
+
+def stats(spool_dir: Path, *, as_json: bool) -> int:
+    """Counts by state, bytes of bodies held, age of the oldest message waiting."""
+    conn = _open(spool_dir)
+    if conn is None:
+        return 1
+    with closing(conn):
+        counts = state_counts(conn)
+        held, oldest = conn.execute(
+            "SELECT coalesce(sum(size), 0), min(CASE WHEN state IN ('queued', 'deferred',"
+            " 'inflight') THEN received_at END) FROM messages WHERE body IS NOT NULL"
+        ).fetchone()
+    age = None if oldest is None else max(0.0, time.time() - oldest)
+    result = {"counts": counts, "total": sum(counts.values()), "bytes": held,
+              "oldest_queued_age": age}  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(result))
+        return 0
+    for state, count in counts.items():
+        click.echo(f"{state:<9}{count:>9}")
+    click.echo(f"{'total':<9}{result['total']:>9}")
+    click.echo(f"bytes held: {held}")
+    click.echo(f"oldest waiting: {'-' if age is None else _age(age)}")
+    return 0

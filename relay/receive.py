@@ -1,0 +1,361 @@
+"""The SMTP front door (aiosmtpd): limits, auth, address checks, `spool.add()`, replies.
+
+    Moodle --SMTP--> Session (aiosmtpd SMTP) --hooks--> Handler --add--> Spool --250 queued as ID
+
+The reply to DATA is 250 only after the spool committed the message. Every
+refusal is one of the named replies below; a handler bug becomes
+`INTERNAL_ERROR`, never aiosmtpd's generic 500.
+
+Choices worth knowing:
+- 8BITMIME is advertised and 8-bit data is accepted with or without
+  BODY=8BITMIME: PHPMailer sends 8bit bodies either way, and refusing would
+  lose the mail (Moodle never retries). The bytes are stored as received.
+- SMTPUTF8 is not offered; addresses must be ASCII (RFC 5321 syntax, checked
+  with email-validator). Intranet domains (`moodle.local`) are accepted.
+- Bare LF: aiosmtpd 1.4.6 ends DATA only at CRLF.CRLF, so `\\n.\\r\\n` and
+  `\\r\\n.\\n` stay inside the one message ("SMTP smuggling" cannot split it);
+  such bytes are stored as received (aiosmtplib re-normalises them on the way out).
+- Lines longer than 998 octets are refused (RFC 5321 4.5.3.1.6); PHPMailer
+  re-encodes bodies with longer lines, so Moodle never sends them.
+- TCP: Moodle's PHPMailer writes DATA line by line with Nagle on; a delayed ACK
+  here would cost it ~40 ms per mail. `Session` turns on TCP_NODELAY and
+  re-arms TCP_QUICKACK after every read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import email.utils
+import ipaddress
+import logging
+import re
+import socket
+import time
+from base64 import b64decode
+from collections.abc import Callable
+from typing import Any, AnyStr
+
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, _Missing
+from aiosmtpd.smtp import Session as SmtpSession
+from email_validator import EmailNotValidError, validate_email
+
+from relay import logs, metrics
+from relay.errors import SpoolError
+from relay.passwords import Users
+from relay.settings import Settings
+from relay.spool import Spool
+
+log = logging.getLogger("relay.receive")
+
+QUEUED = "250 2.0.0 Ok: queued as {queue_id}"
+SENDER_OK = "250 2.1.0 Ok"
+RECIPIENT_OK = "250 2.1.5 Ok"
+AUTH_OK = "235 2.7.0 Authentication successful"
+SPOOL_UNAVAILABLE = "451 4.3.0 Cannot queue the message now, try again later"
+INTERNAL_ERROR = "451 4.3.0 Internal error, try again later"
+SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
+TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
+BAD_SENDER = "501 5.1.7 Bad sender address syntax: {reason}"
+BAD_RECIPIENT = "501 5.1.3 Bad recipient address syntax: {reason}"
+AUTH_REQUIRED = "530 5.7.0 Authentication required"
+AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
+AUTH_BAD_BASE64 = "501 5.5.2 Cannot decode base64"
+AUTH_BAD_PLAIN = "501 5.5.2 Cannot split AUTH PLAIN value"
+NETWORK_REFUSED = "554 5.7.1 Access denied for {peer}"
+TOO_BIG_AT_MAIL = "552 5.3.4 Message size exceeds fixed maximum message size"
+TOO_BIG_AT_DATA = "552 5.3.4 Message size exceeds fixed maximum message size"
+LINE_TOO_LONG = "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6: at most 998 octets)"
+COMMAND_TOO_LONG = "500 5.5.2 Command line too long"
+NOT_ASCII = "500 5.5.2 Non-ASCII command (SMTPUTF8 is not offered)"
+
+# aiosmtpd's own replies -> ours with enhanced status codes (RFC 3463).
+_REWRITE = {
+    "552 Error: message size exceeds fixed maximum message size": TOO_BIG_AT_MAIL,
+    "552 Error: Too much mail data": TOO_BIG_AT_DATA,
+    "500 Line too long (see RFC5321 4.5.3.1.6)": LINE_TOO_LONG,
+    "500 Command line too long": COMMAND_TOO_LONG,
+    "500 Error: strict ASCII mode": NOT_ASCII,
+}
+
+_VALIDATE = {"check_deliverability": False, "allow_smtputf8": False, "allow_quoted_local": True,
+             "allow_domain_literal": True, "globally_deliverable": False}  # fmt: skip
+_SPECIAL_USE = re.compile(r"(?i)^[a-z0-9.-]+\.(local|localhost|internal|lan|home\.arpa|test)$")
+_MESSAGE_ID = re.compile(rb"^message-id[ \t]*:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.I | re.M)
+_UNSAFE = re.compile(r"[^!-~]|[()\\]")
+
+
+def address_problem(address: str) -> str | None:
+    """Why `address` is not a valid ASCII mailbox for the envelope; None when it is."""
+    try:
+        validate_email(address, **_VALIDATE)  # type: ignore[arg-type]
+        return None
+    except EmailNotValidError as exc:
+        problem = str(exc)
+    local, _, domain = address.rpartition("@")
+    if local and _SPECIAL_USE.match(domain):  # intranet names email-validator refuses
+        try:
+            validate_email(f"{local}@example.org", **_VALIDATE)  # type: ignore[arg-type]
+            return None
+        except EmailNotValidError as exc:
+            problem = str(exc)
+    return problem
+
+
+def extract_message_id(raw: bytes) -> str:
+    """The Message-ID header value from the header block only; "" when absent."""
+    end = raw.find(b"\r\n\r\n")
+    match = _MESSAGE_ID.search(raw if end < 0 else raw[: end + 2])
+    if match is None:
+        return ""
+    return " ".join(match.group(1).decode("ascii", "replace").split())[:998]
+
+
+class Handler:
+    """aiosmtpd hooks: one instance per listener, shared by all sessions."""
+
+    def __init__(
+        self, *, spool: Spool, settings: Settings, users: Users | None = None,
+        implicit_tls: bool = False,
+    ) -> None:  # fmt: skip
+        self.spool = spool
+        self.hostname = settings.hostname
+        self.max_recipients = settings.limits.max_recipients
+        self.users = users
+        self.implicit_tls = implicit_tls
+
+    async def handle_EHLO(
+        self, server: SMTP, session: SmtpSession, envelope: Envelope, hostname: str,
+        responses: list[str],
+    ) -> list[str]:  # fmt: skip
+        session.host_name = hostname
+        if self.users is None:  # no AUTH to offer (aiosmtpd would offer its always-fail one)
+            return [line for line in responses if not line.startswith("250-AUTH")]
+        return responses
+
+    async def handle_MAIL(
+        self, server: SMTP, session: SmtpSession, envelope: Envelope, address: str,
+        options: list[str],
+    ) -> str:  # fmt: skip
+        if self.users is not None and not session.authenticated:
+            metrics.REJECTED.labels("auth_required").inc()
+            return AUTH_REQUIRED
+        if address != "<>":
+            problem = address_problem(address)
+            if problem is not None:
+                metrics.REJECTED.labels("bad_sender").inc()
+                return BAD_SENDER.format(reason=problem)
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return SENDER_OK
+
+    async def handle_RCPT(
+        self, server: SMTP, session: SmtpSession, envelope: Envelope, address: str,
+        options: list[str],
+    ) -> str:  # fmt: skip
+        if len(envelope.rcpt_tos) >= self.max_recipients:
+            metrics.REJECTED.labels("too_many_recipients").inc()
+            return TOO_MANY_RECIPIENTS
+        problem = address_problem(address)
+        if problem is not None:
+            metrics.REJECTED.labels("bad_recipient").inc()
+            return BAD_RECIPIENT.format(reason=problem)
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return RECIPIENT_OK
+
+    async def handle_DATA(self, server: SMTP, session: SmtpSession, envelope: Envelope) -> str:
+        raw = envelope.original_content or b""
+        sender = "" if envelope.mail_from == "<>" else (envelope.mail_from or "")
+        peer = _peer_ip(session)
+        queue_id = self.spool.new_id()
+        message_id = extract_message_id(raw)
+        try:
+            await self.spool.add(
+                queue_id=queue_id, sender=sender, recipients=envelope.rcpt_tos, raw=raw,
+                peer=peer, trace=self._trace(session, peer, queue_id), message_id=message_id,
+            )  # fmt: skip
+        except SpoolError as exc:
+            metrics.REJECTED.labels("spool").inc()
+            logs.event(log, "spool_error", level=logging.ERROR, peer=peer, sender=sender,
+                       size=len(raw), error=str(exc))  # fmt: skip
+            return SPOOL_UNAVAILABLE
+        metrics.RECEIVED.inc()
+        logs.event(log, "accepted", id=queue_id, peer=peer, sender=sender,
+                   recipients=",".join(envelope.rcpt_tos), size=len(raw),
+                   message_id=message_id)  # fmt: skip
+        return QUEUED.format(queue_id=queue_id)
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("event=session_error error=%r", error, exc_info=error)
+        return INTERNAL_ERROR
+
+    def _trace(self, session: SmtpSession, peer: str, queue_id: str) -> bytes:
+        proto = "ESMTP" if session.extended_smtp else "SMTP"
+        if self.implicit_tls or session.ssl is not None:
+            proto += "S"
+        if session.authenticated:
+            proto += "A"
+        helo = _UNSAFE.sub("?", session.host_name or "unknown")[:255]
+        date = email.utils.formatdate(time.time(), localtime=True)
+        return (f"Received: from {helo} ({peer})\r\n\tby {self.hostname} (relay) with {proto}"
+                f" id {queue_id};\r\n\t{date}\r\n").encode("ascii", "replace")  # fmt: skip
+
+    # AUTH PLAIN / LOGIN replace aiosmtpd's built-ins: the scrypt check runs on a
+    # thread (never blocking the loop) and the password is never kept on the session.
+    async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        blob = await (server.challenge_auth("") if len(args) == 1 else _b64(server, args[1]))
+        if not isinstance(blob, bytes):
+            return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\0")
+        if len(parts) != 3:
+            await server.push(AUTH_BAD_PLAIN)
+            return AuthResult(success=False, handled=True)
+        return await self._check(server, parts[1], parts[2])
+
+    async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        challenge = SMTP.AuthLoginUsernameChallenge
+        user = await (server.challenge_auth(challenge) if len(args) == 1 else _b64(server, args[1]))
+        if not isinstance(user, bytes):
+            return AuthResult(success=False, handled=True)
+        password = await server.challenge_auth(SMTP.AuthLoginPasswordChallenge)
+        if not isinstance(password, bytes):
+            return AuthResult(success=False, handled=True)
+        return await self._check(server, user, password)
+
+    async def _check(self, server: SMTP, user: bytes, password: bytes) -> AuthResult:
+        name = user.decode("utf-8", "replace")
+        if self.users is not None and await self.users.verify(user, password):
+            return AuthResult(success=True, auth_data=name, message=AUTH_OK)
+        metrics.REJECTED.labels("auth_failed").inc()
+        peer = _peer_ip(server.session) if server.session else "?"
+        logs.event(log, "auth_failed", level=logging.WARNING, user=name, peer=peer)
+        return AuthResult(success=False, handled=False, message=AUTH_FAILED)
+
+
+async def _b64(server: SMTP, text: str) -> bytes | _Missing:
+    try:
+        return b64decode(text.encode(), validate=True)
+    except (binascii.Error, ValueError):
+        await server.push(AUTH_BAD_BASE64)
+        return MISSING
+
+
+def _peer_ip(session: SmtpSession) -> str:
+    peer = session.peer
+    return str(peer[0]) if isinstance(peer, tuple) else str(peer)
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Session(SMTP):
+    """aiosmtpd's SMTP protocol with fast ACKs, network checks and replies we name.
+
+    `registry` (the listener's set of open sessions) lets the service close idle
+    sessions at shutdown and wait for the ones in a transaction.
+    """
+
+    def __init__(
+        self, handler: Handler, *, registry: set[Session], allow: tuple[Network, ...] = (),
+        **kwargs: Any,
+    ) -> None:  # fmt: skip
+        super().__init__(handler, **kwargs)
+        self.registry = registry
+        self.allow = allow
+        self._sock: socket.socket | None = None
+        self._refused = False
+        self._shut = False
+
+    def connection_made(self, transport: Any) -> None:
+        if self._sock is None:  # first call: the TCP connection (again after STARTTLS)
+            sock = transport.get_extra_info("socket")
+            self._sock = sock
+            _fast_acks(sock, nodelay=True)
+            peer = transport.get_extra_info("peername")
+            if self.allow and not _allowed(peer, self.allow):
+                self._refused = True
+                metrics.REJECTED.labels("network").inc()
+                logs.event(log, "refused", level=logging.WARNING, peer=str(peer and peer[0]))
+                transport.write(f"{NETWORK_REFUSED.format(peer=peer[0])}\r\n".encode())
+                transport.close()
+                return
+            self.registry.add(self)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        self.registry.discard(self)
+        super().connection_lost(error)
+
+    def data_received(self, data: bytes) -> None:
+        _fast_acks(self._sock)  # Linux leaves quick-ack mode on its own; re-arm per read
+        super().data_received(data)
+
+    async def push(self, status: AnyStr) -> None:
+        if isinstance(status, str):
+            await super().push(_REWRITE.get(status, status))
+        else:
+            await super().push(status)
+
+    @property
+    def busy(self) -> bool:
+        """In a mail transaction (MAIL given, DATA not yet answered)."""
+        return bool(self.envelope is not None and self.envelope.mail_from)
+
+    def shut(self) -> None:
+        """Tell the client we are going away, and close."""
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not self._shut:
+            self._shut = True
+            transport.write(f"{SHUTTING_DOWN}\r\n".encode())
+            transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection now (shutdown deadline passed)."""
+        if isinstance(self.transport, asyncio.WriteTransport):
+            self.transport.abort()
+
+
+def _fast_acks(sock: Any, *, nodelay: bool = False) -> None:
+    if sock is None:
+        return
+    try:
+        if nodelay:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+    except (OSError, AttributeError):  # not TCP, or not Linux
+        pass
+
+
+def _allowed(peer: Any, allow: tuple[Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(peer[0])
+    except (TypeError, ValueError, IndexError):
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in allow)
+
+
+def session_factory(
+    handler: Handler, settings: Settings, registry: set[Session], *, tls_context: Any = None,
+) -> Callable[[], Session]:  # fmt: skip
+    """The protocol factory for `loop.create_server()`.
+
+    `tls_context` enables STARTTLS (pass None with implicit TLS: the listener
+    wraps the socket instead). AUTH needs TLS first when STARTTLS is offered.
+    """
+
+    def make() -> Session:
+        return Session(
+            handler, registry=registry, allow=settings.allow_networks,
+            hostname=settings.hostname, ident="relay",
+            data_size_limit=settings.limits.max_message_size, enable_SMTPUTF8=False,
+            decode_data=False, tls_context=tls_context, require_starttls=False,
+            auth_required=False, auth_require_tls=tls_context is not None, timeout=300,
+            command_call_limit=None,
+        )  # fmt: skip
+
+    return make

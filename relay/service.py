@@ -1,0 +1,215 @@
+"""The service lifecycle: open the spool, listen, run background tasks, stop cleanly.
+
+    run() -> serve(): Spool.open -> listener (receive.Session) -> background tasks
+            SIGTERM/SIGINT set `stop` -> close listener -> idle sessions get 421,
+            sessions in a transaction finish (deadline) -> tasks stop (deadline) -> spool closed
+
+Background work (the delivery loop, metrics, purge) plugs in as `Task`
+factories: `serve(settings, tasks=[...])`; each gets a `Context` and must
+return when `ctx.stop` is set. `DEFAULT_TASKS` is the list `run()` uses.
+
+When the listen port is 0 the kernel picks one; the bound address is logged as
+`listening on HOST:PORT` and, if $RELAY_PORT_FILE is set, written to that file
+(the port number alone), which is how the tests find a subprocess's port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import ssl
+import sys
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from contextlib import AsyncExitStack, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from relay import logs, sdnotify
+from relay.errors import RelayError, SpoolError
+from relay.passwords import Users
+from relay.receive import Handler, Session, session_factory
+from relay.settings import Settings, check_listen_env
+from relay.spool import Spool
+
+log = logging.getLogger("relay.service")
+
+SESSION_DRAIN = 30.0  # seconds sessions in a transaction get to finish at stop
+TASK_DRAIN = 30.0  # seconds background tasks get to return after stop is set
+PORT_FILE_ENV = "RELAY_PORT_FILE"
+
+
+@dataclass(slots=True, kw_only=True)
+class Context:
+    """What a background task gets: the settings, the open spool, the stop signal."""
+
+    settings: Settings
+    spool: Spool
+    stop: asyncio.Event
+    sessions: set[Session] = field(default_factory=set)
+
+
+Task = Callable[[Context], Coroutine[Any, Any, None]]
+
+
+async def purge_sent(ctx: Context) -> None:
+    """Drop delivered rows past `retention`, hourly."""
+    while not ctx.stop.is_set():
+        try:
+            purged = await ctx.spool.purge(ctx.settings.retention)
+            if purged:
+                logs.event(log, "purged", count=purged)
+        except SpoolError as exc:
+            logs.event(log, "purge_failed", level=logging.WARNING, error=str(exc))
+        with suppress(TimeoutError):
+            await asyncio.wait_for(ctx.stop.wait(), 3600)
+
+
+# The delivery loop (relay.deliver), metrics endpoint and watchdog plug in here.
+DEFAULT_TASKS: list[Task] = [purge_sent]
+
+
+class StartError(RelayError):
+    """The service cannot start (unsafe listen address, missing file, port in use)."""
+
+
+def run(settings: Settings, *, log_format: str = "text") -> int:
+    """Entry point of `relay serve`: 0 after a clean stop, 1 when it could not start."""
+    logs.setup(log_format)
+    try:
+        asyncio.run(serve(settings))
+    except (StartError, SpoolError) as exc:
+        log.error("event=start_failed error=%s", exc)
+        print(f"relay: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def check_safe(settings: Settings) -> None:
+    """Refuse an open relay: a non-loopback listen needs auth and TLS (defence in depth)."""
+    if not settings.listen.is_loopback and (settings.auth is None or settings.tls is None):
+        raise StartError(
+            f"listen {settings.listen} is not a loopback address and auth and tls are not both "
+            "configured: relay would be an open relay; listen on 127.0.0.1 or configure both"
+        )
+    problems = check_listen_env(settings)
+    if problems:
+        raise StartError("; ".join(problems))
+
+
+def _tls_context(settings: Settings) -> ssl.SSLContext | None:
+    if settings.tls is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(settings.tls.cert, settings.tls.key)
+    except (OSError, ssl.SSLError) as exc:
+        tls = settings.tls
+        raise StartError(f"tls: cannot load {tls.cert} / {tls.key}: {exc}") from exc
+    return context
+
+
+async def serve(
+    settings: Settings, *, tasks: Sequence[Task] | None = None,
+    stop: asyncio.Event | None = None, ready: Callable[[str, int], None] | None = None,
+) -> None:  # fmt: skip
+    """Run until `stop` is set (by SIGTERM/SIGINT when not given); every wait has a deadline.
+
+    `ready(host, port)` is called once the listener accepts connections.
+    """
+    check_safe(settings)
+    tls = _tls_context(settings)
+    loop = asyncio.get_running_loop()
+    stop = stop or asyncio.Event()
+    async with AsyncExitStack() as stack:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(signum, stop.set)
+                stack.callback(loop.remove_signal_handler, signum)
+            except (NotImplementedError, RuntimeError):  # not the main thread
+                pass
+        spool = await Spool.open(settings.spool)
+        stack.push_async_callback(spool.close)
+        ctx = Context(settings=settings, spool=spool, stop=stop)
+        implicit = settings.tls is not None and settings.tls.implicit
+        handler = Handler(
+            spool=spool, settings=settings, implicit_tls=implicit,
+            users=Users(settings.auth.users_file) if settings.auth else None,
+        )  # fmt: skip
+        # Tasks start before the listener so that, unwinding in reverse, the listener
+        # closes first, then the tasks drain, then the spool closes.
+        running: list[asyncio.Task[None]] = [
+            asyncio.create_task(task(ctx), name=getattr(task, "__name__", "task"))
+            for task in (DEFAULT_TASKS if tasks is None else tasks)
+        ]
+        stack.push_async_callback(_stop_tasks, running)
+        factory = session_factory(
+            handler, settings, ctx.sessions, tls_context=None if implicit else tls
+        )
+        try:
+            server = await loop.create_server(
+                factory, settings.listen.host, settings.listen.port,
+                ssl=tls if implicit else None, reuse_address=True,
+            )  # fmt: skip
+        except OSError as exc:
+            raise StartError(f"cannot listen on {settings.listen}: {exc}") from exc
+        stack.push_async_callback(_close_listener, server, ctx.sessions)
+        host, port = server.sockets[0].getsockname()[:2]
+        log.info("listening on %s:%d", host, port)
+        _write_port_file(port)
+        if ready is not None:
+            ready(host, port)
+        sdnotify.notify("READY=1")
+        await _wait_stop(stop, running)
+        sdnotify.notify("STOPPING=1")
+        logs.event(log, "stopping", sessions=len(ctx.sessions))
+
+
+async def _wait_stop(stop: asyncio.Event, running: list[asyncio.Task[None]]) -> None:
+    waiter = asyncio.create_task(stop.wait())
+    try:
+        while not stop.is_set():
+            await asyncio.wait([waiter, *running], return_when=asyncio.FIRST_COMPLETED)
+            for task in [t for t in running if t.done()]:
+                running.remove(task)
+                if not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+                log.warning("event=task_ended task=%s", task.get_name())
+    finally:
+        waiter.cancel()
+
+
+async def _stop_tasks(running: list[asyncio.Task[None]]) -> None:
+    if not running:
+        return
+    _, pending = await asyncio.wait(running, timeout=TASK_DRAIN)
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending, timeout=5)
+
+
+async def _close_listener(server: asyncio.Server, sessions: set[Session]) -> None:
+    """New connections refused; idle sessions 421; transactions get SESSION_DRAIN seconds."""
+    server.close()
+    deadline = time.monotonic() + SESSION_DRAIN
+    while sessions and time.monotonic() < deadline:
+        for session in list(sessions):
+            if not session.busy:
+                session.shut()
+        await asyncio.sleep(0.05)
+    for session in list(sessions):
+        logs.event(log, "session_aborted", level=logging.WARNING, reason="shutdown deadline")
+        session.abort()
+    await asyncio.wait_for(server.wait_closed(), 5)
+
+
+def _write_port_file(port: int) -> None:
+    path = os.environ.get(PORT_FILE_ENV)
+    if path:
+        tmp = Path(f"{path}.tmp")
+        tmp.write_text(f"{port}\n", encoding="ascii")
+        tmp.replace(path)
