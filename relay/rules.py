@@ -126,9 +126,9 @@ def _ruleset(doc: yamlfile.Doc, root: yamlfile.Node | None) -> RuleSet | None:
     return RuleSet(source=doc.name, default=default, rules=tuple(rules))
 
 
-def _str(node: yamlfile.Node) -> str | None:
+def _str(node: yamlfile.Node, *, allow_empty: bool = False) -> str | None:
     try:
-        return node.as_str()
+        return node.as_str(allow_empty=allow_empty)
     except ValueError as exc:  # e.g. an impossible date the YAML loader trips over
         node.problem(f"unreadable value: {exc}")
         return None
@@ -197,13 +197,13 @@ def _ses(node: yamlfile.Node) -> tuple[str | None, tuple[tuple[str, str], ...] |
 
 
 def _regex(node: yamlfile.Node) -> re.Pattern[str] | None:
-    pattern = _str(node)
+    pattern = _str(node, allow_empty=True)  # '' matches anything: "the header exists"
     if pattern is None:
         return None
     try:
         return re.compile(pattern)
     except (re.error, OverflowError, RecursionError) as exc:
-        node.problem(f"invalid regular expression {pattern!r}: {exc}")
+        node.problem(f"invalid regular expression '{pattern}': {exc}")
         return None
 
 

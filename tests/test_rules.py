@@ -1,0 +1,315 @@
+"""The rule language of DESIGN 3.3: conditions, combinators, order, default, SES settings."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from relay import rules
+from relay.rules import Decision, Route
+from tests.rulesupport import ORIGIN, mail, message, ruleset
+
+
+def one_rule(match: str) -> rules.RuleSet:
+    """A rule set whose only rule `hit` (route ses) has the given `match:` flow mapping."""
+    return ruleset(f"""
+        default: upstream
+        rules:
+          - name: hit
+            route: ses
+            match: {match}
+        """)
+
+
+def hit(match: str, raw: bytes | str, **envelope: object) -> bool:
+    """Whether a one-rule set with this match sends `raw` through the rule."""
+    return one_rule(match).classify(mail(raw, **envelope)).rule == "hit"  # type: ignore[arg-type]
+
+
+PLAIN = message(
+    "To: Anna Schmidt <anna@example.org>",
+    "Subject: We miss you",
+    f"X-Moodle-Originating-Script: {ORIGIN}",
+)
+
+CONDITIONS = [
+    ("header-matches", "{header: {X-Moodle-Originating-Script: 'reengagement/lib'}}", PLAIN, True),
+    ("header-name-any-case", "{header: {x-moodle-originating-script: '564$'}}", PLAIN, True),
+    ("header-value-differs", "{header: {X-Moodle-Originating-Script: 'mod/forum'}}", PLAIN, False),
+    ("header-missing", "{header: {List-Id: ''}}", PLAIN, False),
+    ("header-empty-regex-exists", "{header: {Subject: ''}}", PLAIN, True),
+    ("header-all-keys", "{header: {Subject: miss, To: 'Anna'}}", PLAIN, True),
+    ("header-one-key-fails", "{header: {Subject: miss, To: 'Ben'}}", PLAIN, False),
+    ("absent-holds", "{absent: [List-Id, Precedence]}", PLAIN, True),
+    ("absent-fails", "{absent: [List-Id, subject]}", PLAIN, False),
+    ("subject", "{subject: '^We miss'}", PLAIN, True),
+    ("subject-no", "{subject: 'forum'}", PLAIN, False),
+    ("body", "{body: 'Hello'}", PLAIN, True),
+    ("body-no", "{body: 'Goodbye'}", PLAIN, False),
+    ("sender", "{sender: '^noreply@'}", PLAIN, True),
+    ("sender-no", "{sender: '^mdl\\+'}", PLAIN, False),
+    ("recipient", "{recipient: '@example\\.org$'}", PLAIN, True),
+    ("recipient-no", "{recipient: '@example\\.com$'}", PLAIN, False),
+    ("multipart-false", "{multipart: false}", PLAIN, True),
+    ("multipart-true", "{multipart: true}", PLAIN, False),
+    ("not", "{not: {header: {List-Id: ''}}}", PLAIN, True),
+    ("not-fails", "{not: {subject: miss}}", PLAIN, False),
+    ("all", "{all: [{subject: miss}, {body: Hello}]}", PLAIN, True),
+    ("all-one-fails", "{all: [{subject: miss}, {body: Bye}]}", PLAIN, False),
+    ("any", "{any: [{subject: nope}, {body: Hello}]}", PLAIN, True),
+    ("any-none", "{any: [{subject: nope}, {body: Bye}]}", PLAIN, False),
+    ("mapping-means-all", "{subject: miss, body: Hello, multipart: false}", PLAIN, True),
+    ("mapping-one-fails", "{subject: miss, body: Hello, multipart: true}", PLAIN, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("match", "raw", "expected"), [c[1:] for c in CONDITIONS], ids=[c[0] for c in CONDITIONS]
+)
+def test_condition(match: str, raw: str, expected: bool) -> None:
+    """Each condition holds exactly when DESIGN 3.3 says."""
+    assert expected == hit(match, raw)
+
+
+def test_recipient_matches_any_of_several() -> None:
+    """`recipient` holds when any one RCPT TO matches."""
+    assert hit("{recipient: '^b@'}", PLAIN, recipients=("a@x.org", "b@x.org"))
+
+
+def test_sender_null() -> None:
+    """The null sender is the empty string."""
+    assert hit("{sender: '^$'}", PLAIN, sender="")
+
+
+def test_header_any_of_repeated_values() -> None:
+    """A repeated header matches when any of its values does."""
+    raw = message("Received: from a", "Received: from b", "Subject: x")
+    assert hit("{header: {Received: 'from b'}}", raw)
+
+
+def test_header_rfc2047_and_folding() -> None:
+    """Header values are unfolded and RFC 2047 decoded before matching."""
+    raw = message(
+        "To: =?UTF-8?B?Wm/DqyBNw7xsbGVy?= <zoe@example.org>",
+        "Subject: =?UTF-8?Q?Wir_vermissen_Sie_im_Kurs_=E2=80=9EEinf=C3=BChrung?=",
+        " =?UTF-8?Q?_in_die_Biologie=E2=80=9C?=",
+        "X-Moodle-Originating-Script: https://moodle.example.org =>",
+        " web01:mod/reengagement/lib.php:565",
+    )
+    assert hit("{header: {To: '^Zoë Müller <'}}", raw)
+    assert hit("{subject: '„Einführung in die Biologie“$'}", raw)
+    assert hit("{header: {X-Moodle-Originating-Script: '=> web01:mod/reengagement/'}}", raw)
+
+
+def test_subject_entities_stay_as_sent() -> None:
+    """Moodle's subjects may carry HTML entities; they are matched as written."""
+    raw = message("Subject: Don&#039;t forget: Biology &amp; Chemistry")
+    assert hit("{subject: 'Biology &amp; Chemistry'}", raw)
+
+
+def test_empty_and_missing_subject() -> None:
+    """A missing or empty Subject is matched as the empty string."""
+    assert hit("{subject: '^$'}", message("Subject: "))
+    assert hit("{subject: '^$'}", message("To: a@b.org"))
+
+
+def _multipart(text_part: str, html_part: str, cte: str = "quoted-printable") -> str:
+    return "\n".join(
+        [
+            "Subject: x",
+            "MIME-Version: 1.0",
+            'Content-Type: multipart/alternative; boundary="b1_x"',
+            "",
+            "--b1_x",
+            "Content-Type: text/plain; charset=UTF-8",
+            f"Content-Transfer-Encoding: {cte}",
+            "",
+            text_part,
+            "--b1_x",
+            "Content-Type: text/html; charset=UTF-8",
+            f"Content-Transfer-Encoding: {cte}",
+            "",
+            html_part,
+            "--b1_x--",
+            "",
+        ]
+    )
+
+
+BODIES = [
+    ("qp-soft-break", _multipart("Kurs seit z=\nwei Wochen", "<p>x</p>"), "zwei Wochen"),
+    ("qp-utf8", _multipart("Gr=C3=BC=C3=9Fe", "<p>x</p>"), "Grüße"),
+    (
+        "base64-utf8",
+        _multipart(
+            base64.b64encode("Здравствуйте".encode()).decode(), "PHA+eDwvcD4=", cte="base64"
+        ),
+        "Здравствуйте",
+    ),
+    ("html-entities-unescaped", _multipart("x", "<p>Biology &amp; Chemistry</p>"), "Biology & Ch"),
+    ("html-tags-stripped", _multipart("x", "<p>Dear <b>Anna</b>,</p>"), "Dear Anna,"),
+    ("html-raw-comment", _multipart("x", "<p>a</p><!-- [[relay:reengagement]] -->"), "relay:reeng"),
+]
+
+
+@pytest.mark.parametrize(("raw", "needle"), [b[1:] for b in BODIES], ids=[b[0] for b in BODIES])
+def test_body_decoding(raw: str, needle: str) -> None:
+    """`body` searches the decoded text: QP, base64, charsets, and HTML as visible text."""
+    assert hit(f"{{body: '{needle}'}}", raw)
+
+
+def test_body_latin1_bytes() -> None:
+    """A declared 8-bit charset is honoured."""
+    raw = b"Subject: x\r\nContent-Type: text/plain; charset=iso-8859-1\r\n\r\nGr\xfc\xdfe\r\n"
+    assert hit("{body: 'Grüße'}", raw)
+
+
+def test_body_ignores_attachments_and_other_types() -> None:
+    """Attachments and non-text parts are not searched."""
+    raw = "\n".join(
+        [
+            "Subject: x",
+            'Content-Type: multipart/mixed; boundary="m"',
+            "",
+            "--m",
+            "Content-Type: text/plain",
+            "",
+            "visible",
+            "--m",
+            "Content-Type: text/plain",
+            "Content-Disposition: attachment; filename=a.txt",
+            "",
+            "attached",
+            "--m",
+            "Content-Type: application/json",
+            "",
+            '{"secret": "json"}',
+            "--m--",
+        ]
+    )
+    assert (
+        hit("{body: visible}", raw),
+        hit("{body: attached}", raw),
+        hit("{body: json}", raw),
+    ) == (True, False, False)
+
+
+def test_multipart_counts_body_parts() -> None:
+    """multipart/alternative with text and HTML has more than one body part."""
+    assert hit("{multipart: true}", _multipart("a", "<p>b</p>"))
+
+
+def test_first_match_wins_and_default() -> None:
+    """Rules are tried in order; unmatched mail takes `default` with no rule and no reasons."""
+    rs = ruleset("""
+        default: ses
+        rules:
+          - name: first
+            route: upstream
+            match: {subject: miss}
+          - name: second
+            route: ses
+            match: {subject: We}
+        """)
+    assert rs.classify(mail(PLAIN)).rule == "first"
+    expected = Decision(rule=None, route=Route.SES, reasons=())
+    assert expected == rs.classify(mail(message("Subject: other")))
+
+
+def test_default_route_defaults_to_upstream() -> None:
+    """Without `default:`, unmatched mail goes upstream."""
+    rs = ruleset("rules: []")
+    assert rs.classify(mail(PLAIN)).route == Route.UPSTREAM
+
+
+def test_decision_carries_ses_settings_and_reasons() -> None:
+    """A matching rule's configuration set, tags and the conditions that held are reported."""
+    rs = ruleset("""
+        rules:
+          - name: reengagement-student
+            route: ses
+            ses:
+              configuration_set: moodle-reminders
+              tags: {category: reengagement, site: moodle_1}
+            match:
+              all:
+                - header: {X-Moodle-Originating-Script: 'mod/reengagement/lib\\.php:\\d+$'}
+                - not: {header: {List-Id: ''}}
+                - any: [{subject: nope}, {sender: noreply}]
+        """)
+    expected = Decision(
+        rule="reengagement-student",
+        route=Route.SES,
+        reasons=(
+            "header X-Moodle-Originating-Script matches 'mod/reengagement/lib\\.php:\\d+$'",
+            "not (header List-Id matches '')",
+            "sender matches 'noreply'",
+        ),
+        configuration_set="moodle-reminders",
+        tags=(("category", "reengagement"), ("site", "moodle_1")),
+    )
+    assert expected == rs.classify(mail(PLAIN))
+
+
+def test_reasons_of_absent_and_multipart() -> None:
+    """`absent` and `multipart` explain themselves too."""
+    rs = one_rule("{absent: [List-Id, Precedence], multipart: false}")
+    assert rs.classify(mail(PLAIN)).reasons == ("no List-Id, Precedence header", "not multipart")
+
+
+def test_ruleset_records_its_source() -> None:
+    """The rule set names the file it came from (for logs and check-rules)."""
+    assert str(rules.DEFAULT_RULES) == rules.load(rules.DEFAULT_RULES).source
+
+
+ORIGINS = [
+    ("relative", "web01:mod/reengagement/lib.php:546", True),
+    ("line-547", "web01:mod/reengagement/lib.php:547", True),
+    ("line-564", "web01:mod/reengagement/lib.php:564", True),
+    ("line-565-trailing-space", "web01:mod/reengagement/lib.php:565 ", True),
+    ("dirroot-prefix", "web01:/srv/moodle/mod/reengagement/lib.php:9", True),
+    ("no-hostname", ":mod/reengagement/lib.php:1200", True),
+    ("windows-path", "WIN:C:\\moodle\\mod\\reengagement\\lib.php:5", True),
+    ("forum-lib", "web01:mod/forum/lib.php:546", False),
+    ("moodlelib", "web01:lib/moodlelib.php:6353", False),
+    ("other-plugin-file", "web01:mod/reengagement/locallib.php:5", False),
+    ("lookalike-dir", "web01:mod/reengagementx/lib.php:546", False),
+    ("backup-file", "web01:mod/reengagement/lib.php.orig:546", False),
+    ("local-prefix-name", "web01:local/xmod/reengagement/lib.php:1", False),
+    (
+        "path-in-wwwroot",
+        "https://m.example.org/mod/reengagement/lib.php => web01:index.php:3",
+        False,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [o[1:] for o in ORIGINS], ids=[o[0] for o in ORIGINS]
+)
+def test_shipped_origin_regex(value: str, expected: bool) -> None:
+    """The shipped header regex accepts every way Moodle names mod/reengagement/lib.php, only it."""
+    shipped = rules.load(rules.DEFAULT_RULES)
+    if "=>" not in value:
+        value = f"https://moodle.example.org => {value}"
+    raw = message("To: Anna <anna@example.org>", f"X-Moodle-Originating-Script: {value}")
+    decision = shipped.classify(mail(raw))
+    assert expected == (decision.rule == "reengagement-student")
+
+
+CC_TO = [
+    ("quoted-self", '"tutor@example.org" <tutor@example.org>', "reengagement-cc"),
+    ("unquoted-self", "tutor@example.org <tutor@example.org>", "reengagement-cc"),
+    ("named", "Tutor Name <tutor@example.org>", "reengagement-student"),
+    ("other-address", '"a@example.org" <b@example.org>', "reengagement-student"),
+    ("bare-address", "tutor@example.org", "reengagement-student"),
+]
+
+
+@pytest.mark.parametrize(("to", "expected"), [c[1:] for c in CC_TO], ids=[c[0] for c in CC_TO])
+def test_shipped_cc_rule(to: str, expected: str) -> None:
+    """Only a To whose display name is its own address makes a re-engagement mail the CC copy."""
+    shipped = rules.load(rules.DEFAULT_RULES)
+    raw = message(f"To: {to}", f"X-Moodle-Originating-Script: {ORIGIN}")
+    assert expected == shipped.classify(mail(raw)).rule
