@@ -218,8 +218,8 @@ def failure(exc: BaseException, what: str) -> DeliveryError:
     name = type(exc).__name__
     if isinstance(exc, NoCredentialsError | PartialCredentialsError | CredentialRetrievalError):
         return AccountFailure(f"SES credentials unusable for {what}: {exc}", reply=name)
-    network = (ConnectionError, HTTPClientError, ResponseParserError, aiohttp.ClientError)
-    if isinstance(exc, network | TimeoutError | OSError):
+    network = (ConnectionError, HTTPClientError, ResponseParserError, aiohttp.ClientError, OSError)
+    if isinstance(exc, network):  # OSError covers TimeoutError
         reply = f"{name}: {exc}" if str(exc) else name
         return TemporaryFailure(f"SES unreachable for {what}: {reply}", reply=reply)
     if isinstance(exc, BotoCoreError):

@@ -1,0 +1,334 @@
+"""A small fake of the SES v1 Query API, for the faults and rates moto cannot produce.
+
+It answers SendRawEmail and GetSendQuota (plus GetAccountSendingEnabled,
+GetIdentityVerificationAttributes and DescribeConfigurationSet for doctor) on
+127.0.0.1, port 0 by default, from a thread, so async tests and other processes
+can both use it. It never checks signatures. Behaviours, all changeable while it runs:
+
+- `error`: every SendRawEmail answers this (`Fault`: SES error XML, a non-XML
+  body, or a dropped connection); `fail_next(...)` queues one-shot faults first;
+- `latency`: seconds before each answer;
+- `rate_limit`: recipients allowed in any 1-second window (sliding, counted at
+  arrival); beyond it "Throttling: Maximum sending rate exceeded." (a lone call
+  larger than the limit passes when the window is empty, as a message with more
+  recipients than the rate must still be sendable);
+- `daily_quota`: recipients per 24 hours, beyond it "Daily message quota exceeded.".
+
+Every accepted message is recorded in `sent` (source, destinations, raw bytes,
+tags, configuration set); `calls` and `throttles` count. Standalone:
+
+    python -m tests.fakeses --port 0 --rate-limit 20 --latency 0.02
+
+prints its URL on the first line; GET /fake-ses/stats returns the counters as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import json
+import signal
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar, Self
+from urllib.parse import parse_qs
+from xml.sax.saxutils import escape
+
+NS = "http://ses.amazonaws.com/doc/2010-12-01/"
+RATE_EXCEEDED = "Maximum sending rate exceeded."
+DAILY_EXCEEDED = "Daily message quota exceeded."
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Fault:
+    """One scripted failure: SES error XML, or `body` sent as is, or `drop` the connection."""
+
+    code: str = "InternalFailure"
+    message: str = ""
+    status: int = 400
+    type: str = "Sender"
+    body: str | None = None
+    drop: bool = False
+
+
+HTTP_500 = Fault(status=500, body="<html><body>500 Internal Server Error</body></html>")
+DROP = Fault(drop=True)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Sent:
+    """One message the fake accepted."""
+
+    message_id: str
+    source: str
+    destinations: tuple[str, ...]
+    raw: bytes
+    tags: tuple[tuple[str, str], ...]
+    configuration_set: str | None
+    at: float
+
+
+@dataclass(kw_only=True)
+class FakeSes:
+    """The fake's state and behaviours; `start()` serves it, `stop()` ends it."""
+
+    rate_limit: float | None = None
+    daily_quota: float | None = None
+    latency: float = 0.0
+    max_send_rate: float = 14.0  # what GetSendQuota reports when there is no rate_limit
+    error: Fault | None = None
+    verified: set[str] = field(default_factory=set)
+    configuration_sets: set[str] = field(default_factory=set)
+    sending_enabled: bool = True
+    sent: list[Sent] = field(default_factory=list)
+    calls: int = 0
+    throttles: int = 0
+    host: str = "127.0.0.1"
+    port: int = 0
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queued: collections.deque[Fault] = collections.deque()
+        self._window: collections.deque[tuple[float, int]] = collections.deque()
+        self._day: collections.deque[tuple[float, int]] = collections.deque()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # lifecycle
+
+    def start(self) -> Self:
+        server = ThreadingHTTPServer((self.host, self.port), _Handler)
+        server.daemon_threads = True
+        server.fake = self  # type: ignore[attr-defined]
+        self._server = server
+        self.port = server.server_address[1]
+        self._thread = threading.Thread(
+            target=server.serve_forever, args=(0.05,), name="fakeses", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def fail_next(self, *faults: Fault) -> None:
+        """Answer the next SendRawEmail calls with `faults`, in order, then behave as before."""
+        with self._lock:
+            self._queued.extend(faults)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            recipients = sum(len(s.destinations) for s in self.sent)
+            return {
+                "calls": self.calls,
+                "accepted": len(self.sent),
+                "recipients": recipients,
+                "throttles": self.throttles,
+                "first": self.sent[0].at if self.sent else None,
+                "last": self.sent[-1].at if self.sent else None,
+            }
+
+    # SES actions: each returns (status, body) or a Fault
+
+    def send_raw_email(self, form: dict[str, str]) -> tuple[int, str] | Fault:
+        destinations = _members(form, "Destinations.member.")
+        tags = tuple(
+            (form[f"Tags.member.{i}.Name"], form.get(f"Tags.member.{i}.Value", ""))
+            for i in range(1, 51)
+            if f"Tags.member.{i}.Name" in form
+        )
+        now = time.monotonic()
+        with self._lock:
+            self.calls += 1
+            fault = self._queued.popleft() if self._queued else self.error
+            if fault is not None:
+                return fault
+            n = len(destinations)
+            if self.daily_quota is not None:
+                while self._day and self._day[0][0] <= now - 86400:
+                    self._day.popleft()
+                if sum(k for _, k in self._day) + n > self.daily_quota:
+                    return Fault(code="Throttling", message=DAILY_EXCEEDED)
+            if self.rate_limit is not None:
+                while self._window and self._window[0][0] <= now - 1.0:
+                    self._window.popleft()
+                in_window = sum(k for _, k in self._window)
+                if in_window and in_window + n > self.rate_limit:
+                    self.throttles += 1
+                    return Fault(code="Throttling", message=RATE_EXCEEDED)
+                self._window.append((now, n))
+            self._day.append((now, n))
+            message_id = f"{uuid.uuid4().hex}-000000"
+            self.sent.append(
+                Sent(
+                    message_id=message_id,
+                    source=form.get("Source", ""),
+                    destinations=destinations,
+                    raw=base64.b64decode(form.get("RawMessage.Data", "")),
+                    tags=tags,
+                    configuration_set=form.get("ConfigurationSetName"),
+                    at=now,
+                )
+            )
+        return 200, _result("SendRawEmail", f"<MessageId>{message_id}</MessageId>")
+
+    def get_send_quota(self, form: dict[str, str]) -> tuple[int, str]:
+        with self._lock:
+            sent = sum(len(s.destinations) for s in self.sent)
+        max_24h = -1.0 if self.daily_quota is None else self.daily_quota
+        rate = self.rate_limit if self.rate_limit is not None else self.max_send_rate
+        return 200, _result(
+            "GetSendQuota",
+            f"<Max24HourSend>{max_24h}</Max24HourSend><MaxSendRate>{rate}</MaxSendRate>"
+            f"<SentLast24Hours>{float(sent)}</SentLast24Hours>",
+        )
+
+    def get_account_sending_enabled(self, form: dict[str, str]) -> tuple[int, str]:
+        enabled = "true" if self.sending_enabled else "false"
+        return 200, _result("GetAccountSendingEnabled", f"<Enabled>{enabled}</Enabled>")
+
+    def get_identity_verification_attributes(self, form: dict[str, str]) -> tuple[int, str]:
+        entries = "".join(
+            f"<entry><key>{escape(i)}</key><value><VerificationStatus>"
+            f"{'Success' if i in self.verified else 'NotStarted'}"
+            "</VerificationStatus></value></entry>"
+            for i in _members(form, "Identities.member.")
+        )
+        body = f"<VerificationAttributes>{entries}</VerificationAttributes>"
+        return 200, _result("GetIdentityVerificationAttributes", body)
+
+    def describe_configuration_set(self, form: dict[str, str]) -> tuple[int, str] | Fault:
+        name = form.get("ConfigurationSetName", "")
+        if name not in self.configuration_sets:
+            message = f"Configuration set <{name}> does not exist."
+            return Fault(code="ConfigurationSetDoesNotExist", message=message)
+        body = f"<ConfigurationSet><Name>{escape(name)}</Name></ConfigurationSet>"
+        return 200, _result("DescribeConfigurationSet", body)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as aiobotocore's pool expects
+    timeout = 30
+    actions: ClassVar[dict[str, str]] = {
+        "SendRawEmail": "send_raw_email",
+        "GetSendQuota": "get_send_quota",
+        "GetAccountSendingEnabled": "get_account_sending_enabled",
+        "GetIdentityVerificationAttributes": "get_identity_verification_attributes",
+        "DescribeConfigurationSet": "describe_configuration_set",
+    }
+
+    def setup(self) -> None:
+        super().setup()
+        # headers and body are two writes; without NODELAY the body waits for a delayed ACK
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        fake: FakeSes = self.server.fake  # type: ignore[attr-defined]
+        if self.path == "/fake-ses/stats":
+            self._answer(200, json.dumps(fake.stats()), "application/json")
+        else:
+            self._answer(404, "not found", "text/plain")
+
+    def do_POST(self) -> None:
+        fake: FakeSes = self.server.fake  # type: ignore[attr-defined]
+        length = int(self.headers.get("Content-Length", "0"))
+        form = {k: v[0] for k, v in parse_qs(self.rfile.read(length).decode()).items()}
+        method = self.actions.get(form.get("Action", ""))
+        if method is None:
+            outcome: tuple[int, str] | Fault = Fault(
+                code="InvalidAction", message=f"unknown action {form.get('Action')!r}"
+            )
+        else:
+            outcome = getattr(fake, method)(form)
+        if fake.latency:
+            time.sleep(fake.latency)
+        if isinstance(outcome, Fault):
+            if outcome.drop:
+                self.close_connection = True
+                self.connection.close()
+                return
+            body = outcome.body
+            if body is None:
+                body = (
+                    f'<ErrorResponse xmlns="{NS}"><Error><Type>{outcome.type}</Type>'
+                    f"<Code>{escape(outcome.code)}</Code>"
+                    f"<Message>{escape(outcome.message)}</Message></Error>"
+                    f"<RequestId>{uuid.uuid4()}</RequestId></ErrorResponse>"
+                )
+            self._answer(outcome.status, body, "text/xml")
+        else:
+            self._answer(*outcome, "text/xml")
+
+    def _answer(self, status: int, body: str, content_type: str) -> None:
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("x-amzn-RequestId", str(uuid.uuid4()))
+        try:
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client gave up waiting (a timeout test)
+
+
+def _members(form: dict[str, str], prefix: str) -> tuple[str, ...]:
+    keys = sorted((int(k[len(prefix) :]), k) for k in form if k.startswith(prefix))
+    return tuple(form[k] for _, k in keys)
+
+
+def _result(action: str, inner: str) -> str:
+    return (
+        f'<{action}Response xmlns="{NS}"><{action}Result>{inner}</{action}Result>'
+        f"<ResponseMetadata><RequestId>{uuid.uuid4()}</RequestId></ResponseMetadata>"
+        f"</{action}Response>"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--rate-limit", type=float, default=None, help="recipients/s")
+    parser.add_argument("--daily-quota", type=float, default=None, help="recipients/24h")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds per answer")
+    args = parser.parse_args()
+    fake = FakeSes(
+        host=args.host,
+        port=args.port,
+        rate_limit=args.rate_limit,
+        daily_quota=args.daily_quota,
+        latency=args.latency,
+    ).start()
+    print(fake.url, flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    fake.stop()
+    print(json.dumps(fake.stats()), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+"""relay.ses against a moto server (happy path) and the fake SES (faults), over real HTTP."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from botocore.exceptions import ClientError
+
+from relay.errors import AccountFailure, PermanentFailure, TemporaryFailure
+from relay.settings import Ses
+from relay.ses import MAX_DESTINATIONS, MAX_MESSAGE_SIZE, Quota, SesClient, Throttled, tag_safe
+from tests.fakeses import DROP, HTTP_500, FakeSes, Fault
+from tests.sesfixtures import (  # noqa: F401
+    REGION,
+    aws_env,
+    fake_ses,
+    make_mail,
+    moto_raw_messages,
+    moto_server,
+)
+
+pytestmark = pytest.mark.usefixtures("aws_env")
+
+
+@pytest.fixture
+async def ses(fake_ses: FakeSes) -> AsyncIterator[SesClient]:  # noqa: F811
+    """An SesClient pointed at the fake SES."""
+    settings = Ses(region=REGION, endpoint_url=fake_ses.url, timeout=2.0)
+    async with await SesClient.open(settings) as client:
+        yield client
+
+
+async def test_send_through_moto_stores_envelope_and_bytes(moto_server: str) -> None:  # noqa: F811
+    """Source, Destinations and the bytes (trace line + raw, unchanged) reach SES as given."""
+    mail = make_mail(id="Q-moto", recipients=("ada@example.net", "cc@example.org"))
+    settings = Ses(region=REGION, endpoint_url=moto_server)
+    async with await SesClient.open(settings) as client:
+        message_id = await client.send(mail, configuration_set=None, tags=[("rule", "r")])
+
+    stored = [m for m in moto_raw_messages(moto_server) if m["id"] == message_id]
+    assert 1 == len(stored)
+    assert mail.sender == stored[0]["source"]
+    # moto appends the To/Cc header addresses after the envelope recipients
+    assert list(mail.recipients) == stored[0]["destinations"][: len(mail.recipients)]
+    assert mail.wire_bytes().decode() == stored[0]["raw_data"]
+
+
+async def test_quota_from_moto(moto_server: str) -> None:  # noqa: F811
+    """GetSendQuota comes back as a Quota of floats (moto's fixed 200/day, 1/s)."""
+    async with await SesClient.open(Ses(region=REGION, endpoint_url=moto_server)) as client:
+        quota = await client.quota()
+    assert (200.0, 1.0) == (quota.max_24h, quota.max_send_rate)
+    assert isinstance(quota.sent_last_24h, float)
+
+
+async def test_unverified_sender_rejected_by_moto(moto_server: str) -> None:  # noqa: F811
+    """moto's MessageRejected for an unverified Source is permanent for the message."""
+    mail = make_mail(sender="someone@unverified.example")
+    async with await SesClient.open(Ses(region=REGION, endpoint_url=moto_server)) as client:
+        with pytest.raises(PermanentFailure) as caught:
+            await client.send(mail, configuration_set=None, tags=())
+    assert type(caught.value) is PermanentFailure
+    assert caught.value.reply.startswith("MessageRejected: ")
+
+
+async def test_tags_and_configuration_set_reach_ses(ses: SesClient, fake_ses: FakeSes) -> None:  # noqa: F811
+    """The rule tag, extra tags and the configuration set are sent with the message."""
+    mail = make_mail()
+    tags = [("rule", "reengagement-cc"), ("category", "reminder")]
+    message_id = await ses.send(mail, configuration_set="moodle-reminders", tags=tags)
+
+    [sent] = fake_ses.sent
+    assert message_id == sent.message_id
+    assert (mail.sender, mail.recipients) == (sent.source, sent.destinations)
+    assert mail.wire_bytes() == sent.raw
+    assert tuple(tags) == sent.tags
+    assert "moodle-reminders" == sent.configuration_set
+
+
+async def test_configuration_set_defaults_to_settings(fake_ses: FakeSes) -> None:  # noqa: F811
+    """With no per-rule configuration set, the one in settings is used; no tags means none sent."""
+    settings = Ses(region=REGION, endpoint_url=fake_ses.url, configuration_set="site-default")
+    async with await SesClient.open(settings) as client:
+        await client.send(make_mail(), configuration_set=None, tags=())
+    assert ("site-default", ()) == (fake_ses.sent[0].configuration_set, fake_ses.sent[0].tags)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("reengagement-cc", "reengagement-cc"), ("a b/c.d", "a_b_c_d"), ("", "_"), ("é", "_")],
+    ids=["safe", "spaces-and-punctuation", "empty", "non-ascii"],
+)
+def test_tag_safe(text: str, expected: str) -> None:
+    """Tag names and values are reduced to what SES accepts instead of failing every send."""
+    assert expected == tag_safe(text)
+
+
+async def test_quota_from_fake(fake_ses: FakeSes, ses: SesClient) -> None:  # noqa: F811
+    """GetSendQuota maps Max24HourSend, MaxSendRate and SentLast24Hours."""
+    fake_ses.rate_limit, fake_ses.daily_quota = 20.0, 50000.0
+    await ses.send(make_mail(recipients=("a@example.net", "b@example.net")), configuration_set=None)
+    assert Quota(max_24h=50000.0, max_send_rate=20.0, sent_last_24h=2.0) == await ses.quota()
+
+
+ERRORS = [
+    # (code, message, HTTP status, expected class)
+    ("Throttling", "Maximum sending rate exceeded.", 400, Throttled),
+    ("Throttling", "Daily message quota exceeded.", 400, AccountFailure),
+    ("Throttling", "Rate exceeded", 400, Throttled),
+    ("ServiceUnavailable", "Service is unavailable.", 503, TemporaryFailure),
+    ("InternalFailure", "An internal error occurred.", 500, TemporaryFailure),
+    ("SomethingNew", "A future 5xx code.", 502, TemporaryFailure),
+    ("MessageRejected", "Email address is not verified.", 400, PermanentFailure),
+    ("InvalidParameterValue", "Missing final '@domain'", 400, PermanentFailure),
+    ("AccountSendingPausedException", "Sending paused for this account.", 400, AccountFailure),
+    ("ConfigurationSetDoesNotExist", "Configuration set <x> does not exist.", 400, AccountFailure),
+    ("ConfigurationSetSendingPausedException", "Paused.", 400, AccountFailure),
+    ("MailFromDomainNotVerifiedException", "MAIL FROM not verified.", 400, AccountFailure),
+    ("InvalidClientTokenId", "The security token is invalid.", 403, AccountFailure),
+    ("SignatureDoesNotMatch", "The signature does not match.", 403, AccountFailure),
+    ("AccessDenied", "User is not authorized to perform ses:SendRawEmail", 403, AccountFailure),
+    ("UnrecognizedClientException", "The security token is invalid.", 400, AccountFailure),
+    ("ExpiredToken", "The security token has expired.", 403, AccountFailure),
+]
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "status", "expected"),
+    ERRORS,
+    ids=[f"{c}-{m.split()[0]}" if c == "Throttling" else c for c, m, _, _ in ERRORS],
+)
+async def test_error_mapping(
+    ses: SesClient,
+    fake_ses: FakeSes,  # noqa: F811
+    code: str,
+    message: str,
+    status: int,
+    expected: type[Exception],
+) -> None:
+    """Each SES error code becomes the delivery error DESIGN 3.4 names, reply 'Code: message'."""
+    fake_ses.error = Fault(code=code, message=message, status=status)
+    mail = make_mail(id="Q-err")
+    with pytest.raises((TemporaryFailure, PermanentFailure)) as caught:
+        await ses.send(mail, configuration_set=None, tags=())
+    assert expected is type(caught.value)
+    assert f"{code}: {message}" == caught.value.reply
+    assert "Q-err" in str(caught.value)
+    assert isinstance(caught.value.__cause__, ClientError)
+
+
+@pytest.mark.parametrize("fault", [HTTP_500, DROP], ids=["html-500", "connection-dropped"])
+async def test_broken_responses_are_temporary(
+    ses: SesClient,
+    fake_ses: FakeSes,  # noqa: F811
+    fault: Fault,
+) -> None:
+    """A 500 with a non-XML body, or a dropped connection, is worth retrying."""
+    fake_ses.fail_next(fault)
+    with pytest.raises(TemporaryFailure) as caught:
+        await ses.send(make_mail(), configuration_set=None, tags=())
+    assert TemporaryFailure is type(caught.value)
+    assert caught.value.__cause__ is not None
+
+
+async def test_one_shot_fault_then_success(ses: SesClient, fake_ses: FakeSes) -> None:  # noqa: F811
+    """The client survives a throttle and the next call on the same pool goes through."""
+    fake_ses.fail_next(Fault(code="Throttling", message="Maximum sending rate exceeded."))
+    with pytest.raises(Throttled):
+        await ses.send(make_mail(), configuration_set=None, tags=())
+    await ses.send(make_mail(), configuration_set=None, tags=())
+    assert (2, 1) == (fake_ses.calls, len(fake_ses.sent))
+
+
+async def test_timeout_is_temporary(fake_ses: FakeSes) -> None:  # noqa: F811
+    """An answer slower than settings.timeout is a TemporaryFailure, raised on time."""
+    fake_ses.latency = 2.0
+    settings = Ses(region=REGION, endpoint_url=fake_ses.url, timeout=0.3)
+    async with await SesClient.open(settings) as client:
+        started = time.monotonic()
+        with pytest.raises(TemporaryFailure) as caught:
+            await client.send(make_mail(), configuration_set=None, tags=())
+        elapsed = time.monotonic() - started
+    assert TemporaryFailure is type(caught.value)
+    assert elapsed < 1.5
+    fake_ses.latency = 0.0
+
+
+async def test_connection_refused_is_temporary() -> None:
+    """Nothing listening at the endpoint is a TemporaryFailure."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = Ses(region=REGION, endpoint_url=f"http://127.0.0.1:{port}", timeout=1.0)
+    async with await SesClient.open(settings) as client:
+        with pytest.raises(TemporaryFailure) as caught:
+            await client.send(make_mail(), configuration_set=None, tags=())
+    assert TemporaryFailure is type(caught.value)
+    assert "EndpointConnectionError" in caught.value.reply
+
+
+async def test_missing_credentials_are_account_wide(
+    fake_ses: FakeSes,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No credentials anywhere in the chain opens the circuit rather than retrying forever."""
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    async with await SesClient.open(Ses(region=REGION, endpoint_url=fake_ses.url)) as client:
+        with pytest.raises(AccountFailure) as caught:
+            await client.send(make_mail(), configuration_set=None, tags=())
+    assert "NoCredentialsError" == caught.value.reply
+    assert 0 == fake_ses.calls
+
+
+PREFLIGHT = [
+    ({"sender": ""}, "null sender"),
+    ({"recipients": ()}, "no recipients"),
+    (
+        {"recipients": tuple(f"r{i}@example.net" for i in range(MAX_DESTINATIONS + 1))},
+        "51 recipients",
+    ),
+    ({"raw": b"Subject: big\r\n\r\n" + b"x" * MAX_MESSAGE_SIZE}, "over the SES limit"),
+]
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"), PREFLIGHT, ids=["null-sender", "no-recipients", "51-rcpts", "size"]
+)
+async def test_refused_before_calling(
+    ses: SesClient,
+    fake_ses: FakeSes,  # noqa: F811
+    changes: dict[str, object],
+    reason: str,
+) -> None:
+    """Mail SES cannot take is a PermanentFailure without a call, so it goes upstream at once."""
+    with pytest.raises(PermanentFailure) as caught:
+        await ses.send(make_mail(**changes), configuration_set=None, tags=())
+    assert PermanentFailure is type(caught.value)
+    assert reason in caught.value.reply
+    assert 0 == fake_ses.calls
+
+
+async def test_exactly_fifty_recipients_go_in_one_call(ses: SesClient, fake_ses: FakeSes) -> None:  # noqa: F811
+    """MAX_DESTINATIONS recipients are still one SendRawEmail."""
+    recipients = tuple(f"r{i}@example.net" for i in range(MAX_DESTINATIONS))
+    await ses.send(make_mail(recipients=recipients), configuration_set=None, tags=())
+    assert recipients == fake_ses.sent[0].destinations
+
+
+async def test_doctor_checks(ses: SesClient, fake_ses: FakeSes) -> None:  # noqa: F811
+    """Sending enabled, sender identity (address or domain) and configuration set checks."""
+    fake_ses.verified = {"moodle.example.org"}
+    fake_ses.configuration_sets = {"moodle-reminders"}
+    assert await ses.sending_enabled()
+    assert await ses.sender_verified("noreply@moodle.example.org")
+    assert not await ses.sender_verified("noreply@other.example.org")
+    assert "NotStarted" == await ses.identity_status("other.example.org")
+    assert await ses.configuration_set_exists("moodle-reminders")
+    assert not await ses.configuration_set_exists("missing")
+    fake_ses.sending_enabled = False
+    assert not await ses.sending_enabled()
