@@ -1,5 +1,8 @@
 """relay.ses against a moto server (happy path) and the fake SES (faults), over real HTTP."""
 
+# STYLE.md asserts read `expected == actual`; ruff's SIM300 calls that Yoda.
+# ruff: noqa: SIM300
+
 from __future__ import annotations
 
 import socket
@@ -10,8 +13,8 @@ import pytest
 from botocore.exceptions import ClientError
 
 from relay.errors import AccountFailure, PermanentFailure, TemporaryFailure
-from relay.settings import Ses
 from relay.ses import MAX_DESTINATIONS, MAX_MESSAGE_SIZE, Quota, SesClient, Throttled, tag_safe
+from relay.settings import Ses
 from tests.fakeses import DROP, HTTP_500, FakeSes, Fault
 from tests.sesfixtures import (  # noqa: F401
     REGION,

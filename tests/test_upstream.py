@@ -1,0 +1,352 @@
+"""relay.upstream against an aiosmtpd capture server on port 0 (plain, STARTTLS, implicit TLS)."""
+
+# STYLE.md asserts read `expected == actual`; ruff's SIM300 calls that Yoda.
+# ruff: noqa: SIM300
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import socket
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from relay.errors import PermanentFailure, TemporaryFailure
+from relay.settings import Security, Upstream
+from relay.upstream import UpstreamClient, UpstreamResult
+from tests.sesfixtures import make_mail
+
+
+@dataclass
+class Captured:
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    content: bytes
+    tls: bool
+    login: bytes | None
+
+
+@dataclass
+class Capture:
+    """aiosmtpd handler that records messages and answers as scripted."""
+
+    mail_reply: str | None = None
+    data_reply: str | None = None
+    rcpt_replies: dict[str, str] = field(default_factory=dict)
+    messages: list[Captured] = field(default_factory=list)
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if self.mail_reply:
+            return self.mail_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if address in self.rcpt_replies:
+            return self.rcpt_replies[address]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.data_reply:
+            return self.data_reply
+        login = session.auth_data.login if isinstance(session.auth_data, LoginPassword) else None
+        content = envelope.original_content or b""
+        self.messages.append(
+            Captured(
+                mail_from=envelope.mail_from or "",
+                rcpt_tos=tuple(envelope.rcpt_tos),
+                content=content,
+                tls=server.transport.get_extra_info("ssl_object") is not None,
+                login=login,
+            )
+        )
+        return "250 2.0.0 Ok: queued as CAPTURED"
+
+
+StartCapture = Callable[..., Awaitable[tuple[Capture, int]]]
+
+
+@pytest.fixture(scope="module")
+def server_tls(tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
+    """A server TLS context with a fresh self-signed certificate for 127.0.0.1."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "capture")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    directory = tmp_path_factory.mktemp("tls")
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+def _authenticate(
+    server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+) -> AuthResult:
+    ok = isinstance(data, LoginPassword) and (data.login, data.password) == (b"moodle", b"s3cret")
+    return AuthResult(success=ok, handled=False, auth_data=data if ok else None)
+
+
+@pytest.fixture
+async def start_capture(server_tls: ssl.SSLContext) -> AsyncIterator[StartCapture]:
+    """Start capture servers on port 0: `await start_capture(tls="starttls", auth=True)`."""
+    loop = asyncio.get_running_loop()
+    servers: list[asyncio.Server] = []
+
+    async def start(*, tls: str = "none", auth: bool = False) -> tuple[Capture, int]:
+        handler = Capture()
+
+        def factory() -> SMTP:
+            return SMTP(
+                handler,
+                hostname="capture",
+                tls_context=server_tls if tls == "starttls" else None,
+                require_starttls=tls == "starttls",
+                authenticator=_authenticate if auth else None,
+                auth_required=auth,
+                auth_require_tls=tls != "none",
+                loop=loop,
+            )
+
+        ssl_context = server_tls if tls == "tls" else None
+        server = await loop.create_server(factory, "127.0.0.1", 0, ssl=ssl_context)
+        servers.append(server)
+        return handler, server.sockets[0].getsockname()[1]
+
+    yield start
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+def _client(port: int, **changes: Any) -> UpstreamClient:
+    fields: dict[str, Any] = {"host": "127.0.0.1", "port": port, "timeout": 5.0}
+    fields.update(changes)
+    return UpstreamClient(Upstream(**fields), hostname="relay.test")
+
+
+@pytest.mark.parametrize(
+    ("security", "verify"),
+    [(Security.NONE, True), (Security.STARTTLS, False), (Security.TLS, False)],
+    ids=["none", "starttls", "implicit-tls"],
+)
+async def test_delivers_bytes_and_envelope_unchanged(
+    start_capture: StartCapture, security: Security, verify: bool
+) -> None:
+    """The host gets MAIL FROM, every RCPT TO and wire_bytes() exactly, over the chosen security."""
+    capture, port = await start_capture(tls=security.value)
+    mail = make_mail(recipients=("ada@example.net", "bob@example.net"))
+
+    result = await _client(port, security=security, verify_tls=verify).send(mail)
+
+    expected = UpstreamResult(accepted=mail.recipients, reply="250 2.0.0 Ok: queued as CAPTURED")
+    assert expected == result
+    [captured] = capture.messages
+    assert (mail.sender, mail.recipients) == (captured.mail_from, captured.rcpt_tos)
+    assert mail.wire_bytes() == captured.content
+    assert (security is not Security.NONE) == captured.tls
+
+
+async def test_null_sender(start_capture: StartCapture) -> None:
+    """A bounce (MAIL FROM:<>) goes upstream with the null sender intact."""
+    capture, port = await start_capture()
+    await _client(port).send(make_mail(sender=""))
+    assert "<>" == capture.messages[0].mail_from
+
+
+async def test_auth_over_starttls(
+    start_capture: StartCapture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AUTH with the password from its env var, after STARTTLS."""
+    monkeypatch.setenv("UPSTREAM_PASSWORD", "s3cret")
+    capture, port = await start_capture(tls="starttls", auth=True)
+    client = _client(
+        port, security=Security.STARTTLS, verify_tls=False, username="moodle",
+        password_env="UPSTREAM_PASSWORD",
+    )  # fmt: skip
+    await client.send(make_mail())
+    assert b"moodle" == capture.messages[0].login
+
+
+@pytest.mark.parametrize("password", ["wrong", None], ids=["wrong-password", "password-env-unset"])
+async def test_auth_problems_are_temporary(
+    start_capture: StartCapture, monkeypatch: pytest.MonkeyPatch, password: str | None
+) -> None:
+    """A bad or missing password defers the mail (the relay's problem, not the message's)."""
+    if password is None:
+        monkeypatch.delenv("UPSTREAM_PASSWORD", raising=False)
+    else:
+        monkeypatch.setenv("UPSTREAM_PASSWORD", password)
+    capture, port = await start_capture(tls="starttls", auth=True)
+    client = _client(
+        port, security=Security.STARTTLS, verify_tls=False, username="moodle",
+        password_env="UPSTREAM_PASSWORD",
+    )  # fmt: skip
+    with pytest.raises(TemporaryFailure) as caught:
+        await client.send(make_mail())
+    assert TemporaryFailure is type(caught.value)
+    assert [] == capture.messages
+
+
+async def test_per_recipient_replies(start_capture: StartCapture) -> None:
+    """2xx, 4xx and 5xx recipients come back apart; only the accepted ones get the message."""
+    capture, port = await start_capture()
+    capture.rcpt_replies = {
+        "later@example.net": "450 4.2.1 Mailbox busy",
+        "gone@example.net": "550 5.1.1 No such user",
+    }
+    mail = make_mail(recipients=("ada@example.net", "later@example.net", "gone@example.net"))
+
+    result = await _client(port).send(mail)
+
+    expected = UpstreamResult(
+        accepted=("ada@example.net",),
+        temporary=(("later@example.net", "450 4.2.1 Mailbox busy"),),
+        permanent=(("gone@example.net", "550 5.1.1 No such user"),),
+        reply="250 2.0.0 Ok: queued as CAPTURED",
+    )
+    assert expected == result
+    assert ("ada@example.net",) == capture.messages[0].rcpt_tos
+
+
+async def test_mixed_refusals_without_acceptance(start_capture: StartCapture) -> None:
+    """4xx and 5xx refusals with nothing accepted return a result; DATA is not sent."""
+    capture, port = await start_capture()
+    capture.rcpt_replies = {
+        "later@example.net": "450 4.2.1 Mailbox busy",
+        "gone@example.net": "550 5.1.1 No such user",
+    }
+    mail = make_mail(recipients=("later@example.net", "gone@example.net"))
+
+    result = await _client(port).send(mail)
+
+    assert () == result.accepted
+    assert (("later@example.net", "450 4.2.1 Mailbox busy"),) == result.temporary
+    assert (("gone@example.net", "550 5.1.1 No such user"),) == result.permanent
+    assert [] == capture.messages
+
+
+TRANSACTION_FAILURES = [
+    ("rcpt", "450 4.2.1 Mailbox busy", TemporaryFailure),
+    ("rcpt", "550 5.1.1 No such user", PermanentFailure),
+    ("mail", "451 4.3.0 Try again later", TemporaryFailure),
+    ("mail", "553 5.7.1 Sender rejected", PermanentFailure),
+    ("data", "452 4.3.1 Insufficient storage", TemporaryFailure),
+    ("data", "554 5.6.0 Message rejected", PermanentFailure),
+]
+
+
+@pytest.mark.parametrize(
+    ("stage", "reply", "expected"),
+    TRANSACTION_FAILURES,
+    ids=[f"{stage}-{reply[:3]}" for stage, reply, _ in TRANSACTION_FAILURES],
+)
+async def test_whole_transaction_failures(
+    start_capture: StartCapture, stage: str, reply: str, expected: type[Exception]
+) -> None:
+    """4xx at MAIL/DATA or to every RCPT is temporary; 5xx there is permanent."""
+    capture, port = await start_capture()
+    mail = make_mail(recipients=("ada@example.net", "bob@example.net"))
+    if stage == "rcpt":
+        capture.rcpt_replies = dict.fromkeys(mail.recipients, reply)
+    else:
+        setattr(capture, f"{stage}_reply", reply)
+
+    with pytest.raises((TemporaryFailure, PermanentFailure)) as caught:
+        await _client(port).send(mail)
+
+    assert expected is type(caught.value)
+    assert reply == caught.value.reply
+    assert mail.id in str(caught.value)
+
+
+async def test_connection_refused_is_temporary() -> None:
+    """Nothing listening is a TemporaryFailure."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(TemporaryFailure) as caught:
+        await _client(port).send(make_mail())
+    assert TemporaryFailure is type(caught.value)
+
+
+async def test_silent_server_times_out() -> None:
+    """A host that accepts the connection but never greets is a TemporaryFailure on time."""
+    connections: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(TemporaryFailure):
+            await _client(port, timeout=0.3).send(make_mail())
+        assert loop.time() - started < 2.0
+    finally:
+        for writer in connections:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    "security", [Security.STARTTLS, Security.TLS], ids=["starttls", "implicit-tls"]
+)
+async def test_certificate_verified_by_default(
+    start_capture: StartCapture, security: Security
+) -> None:
+    """verify_tls (the default) refuses a self-signed certificate: temporary, nothing sent."""
+    capture, port = await start_capture(tls=security.value)
+    with pytest.raises(TemporaryFailure) as caught:
+        await _client(port, security=security).send(make_mail())
+    assert "CERTIFICATE_VERIFY_FAILED" in str(caught.value)
+    assert [] == capture.messages
+
+
+async def test_starttls_required_but_not_offered(start_capture: StartCapture) -> None:
+    """security: starttls never falls back to plain text."""
+    capture, port = await start_capture(tls="none")
+    with pytest.raises(TemporaryFailure) as caught:
+        await _client(port, security=Security.STARTTLS).send(make_mail())
+    assert "STARTTLS" in caught.value.reply
+    assert [] == capture.messages
