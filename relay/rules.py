@@ -83,20 +83,20 @@ class RuleSet:
 
 def load(path: Path) -> RuleSet:
     """Read and check the rules file at `path`; ConfigError lists every problem."""
-    doc, root = yamlfile.load(path)
-    return _build(doc, root)
+    return _build(str(path), lambda: yamlfile.load(path))
 
 
 def parse(text: str, name: str) -> RuleSet:
     """Check rules given as YAML `text`; `name` stands for the file in problems."""
-    doc, root = yamlfile.parse(text, name)
-    return _build(doc, root)
+    return _build(name, lambda: yamlfile.parse(text, name))
 
 
-def _build(doc: yamlfile.Doc, root: yamlfile.Node | None) -> RuleSet:
+def _build(name: str, read: Callable[[], tuple[yamlfile.Doc, yamlfile.Node | None]]) -> RuleSet:
     try:
+        doc, root = read()
         ruleset = _ruleset(doc, root)
-    except RecursionError:
+    except RecursionError:  # PyYAML and the condition parser both recurse per nesting level
+        doc = yamlfile.Doc(name)
         doc.problem(None, "", "the rules are nested too deeply")
         ruleset = None
     doc.raise_if_any()

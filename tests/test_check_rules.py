@@ -1,0 +1,227 @@
+"""`relay check-rules`: inputs (files, directories, stdin), broken input, table and JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from relay import rules
+from relay.cli import main
+from tests.rulesupport import CORPUS
+
+CC = CORPUS / "reengagement" / "cc-564.eml"
+STUDENT = CORPUS / "reengagement" / "student-html-564.eml"
+FORUM = CORPUS / "lookalike" / "forum-post.eml"
+
+
+def check_rules(*args: str, stdin: bytes | None = None) -> Result:
+    """Run `relay check-rules ARGS` in-process."""
+    return CliRunner().invoke(main, ["check-rules", *args], input=stdin)
+
+
+def json_lines(result: Result) -> list[dict[str, object]]:
+    """The JSON objects check-rules --json printed, one per line."""
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+@pytest.fixture(autouse=True)
+def _no_local_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run in an empty directory, so no ./rules.yaml is picked up unless a test writes one."""
+    monkeypatch.chdir(tmp_path)
+
+
+def test_json_one_object_per_message() -> None:
+    """--json prints source, rule, route and the full reasons, one line per message."""
+    result = check_rules("--json", str(CC), str(FORUM))
+    expected = [
+        {
+            "source": str(CC),
+            "rule": "reengagement-cc",
+            "route": "ses",
+            "reasons": [
+                "header X-Moodle-Originating-Script matches "
+                "'(?:^|[\\s:/\\\\])mod[/\\\\]reengagement[/\\\\]lib\\.php:\\s*\\d+\\s*$'",
+                'header To matches \'^\\s*"?([^"<>\\s]+@[^"<>\\s]+)"?\\s*<\\1>\\s*$\'',
+            ],
+        },
+        {"source": str(FORUM), "rule": None, "route": "upstream", "reasons": []},
+    ]
+    assert (0, expected) == (result.exit_code, json_lines(result))
+
+
+def test_table_and_summary() -> None:
+    """The default output is an aligned table, reasons without their regexes, and a summary."""
+    result = check_rules(str(CC), str(STUDENT), str(FORUM))
+    header, *rows, summary = result.stdout.splitlines()
+    rule, route, reasons = (header.index(name) for name in ("RULE", "ROUTE", "REASONS"))
+    expected = [
+        [str(CC), "reengagement-cc", "ses", "header X-Moodle-Originating-Script, header To"],
+        [str(STUDENT), "reengagement-student", "ses", "header X-Moodle-Originating-Script"],
+        [str(FORUM), "-", "upstream", "(default route)"],
+    ]
+    cells = [
+        [row[:rule].strip(), row[rule:route].strip(), row[route:reasons].strip(), row[reasons:]]
+        for row in rows
+    ]
+    assert expected == cells
+    expected_summary = f"3 messages: 2 ses, 1 upstream, 0 unreadable (rules: {rules.DEFAULT_RULES})"
+    assert (0, expected_summary) == (result.exit_code, summary)
+
+
+def test_directory_recursive_sorted(tmp_path: Path) -> None:
+    """A directory is searched recursively for *.eml, in sorted order; other files are skipped."""
+    (tmp_path / "b" / "deep").mkdir(parents=True)
+    (tmp_path / "b" / "deep" / "z.eml").write_bytes(CC.read_bytes())
+    (tmp_path / "a.eml").write_bytes(FORUM.read_bytes())
+    (tmp_path / "b" / "notes.txt").write_text("not mail")
+    (tmp_path / "b" / "c.EML").write_bytes(STUDENT.read_bytes())
+    result = check_rules("--json", str(tmp_path))
+    expected = [
+        (str(tmp_path / "a.eml"), "upstream"),
+        (str(tmp_path / "b" / "c.EML"), "ses"),
+        (str(tmp_path / "b" / "deep" / "z.eml"), "ses"),
+    ]
+    assert expected == [(line["source"], line["route"]) for line in json_lines(result)]
+
+
+def test_stdin() -> None:
+    """`-` reads one message from standard input."""
+    result = check_rules("--json", "-", stdin=CC.read_bytes())
+    expected = [("-", "reengagement-cc", "ses")]
+    assert expected == [(d["source"], d["rule"], d["route"]) for d in json_lines(result)]
+
+
+def test_broken_inputs_do_not_stop_the_others(tmp_path: Path) -> None:
+    """Unreadable files, empty directories and garbage are reported; the rest is classified."""
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    garbage = tmp_path / "garbage.eml"
+    garbage.write_bytes(bytes(range(256)) * 4)
+    blank = tmp_path / "blank.eml"
+    blank.write_bytes(b"\r\n\r\n")
+    text = tmp_path / "notmail.eml"
+    text.write_bytes(b"just some words\nwithout any header\n")
+    missing = tmp_path / "missing.eml"
+    args = [str(missing), str(empty_dir), str(garbage), str(CC), str(blank), str(text)]
+    result = check_rules("--json", *args)
+    expected = [
+        {"source": str(missing), "error": "cannot read: No such file or directory"},
+        {"source": str(empty_dir), "error": "no .eml files in this directory"},
+        {"source": str(garbage), "error": "binary data, not an email message"},
+        {"source": str(CC), "route": "ses"},
+        {"source": str(blank), "error": "empty"},
+        {
+            "source": str(text),
+            "error": "not an email message: it does not start with a header line",
+        },
+    ]
+    actual = [
+        {k: v for k, v in line.items() if k in ("source", "error", "route")}
+        for line in json_lines(result)
+    ]
+    assert (1, expected) == (result.exit_code, actual)
+
+
+def test_broken_input_in_table_mode_goes_to_stderr(tmp_path: Path) -> None:
+    """Without --json, a broken input is one stderr line and counts as unreadable."""
+    missing = tmp_path / "missing.eml"
+    result = check_rules(str(missing), str(CC))
+    expected = (1, [f"{missing}: cannot read: No such file or directory"])
+    assert expected == (result.exit_code, result.stderr.splitlines())
+    assert "2 messages: 1 ses, 0 upstream, 1 unreadable" in result.stdout
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_permissions(tmp_path: Path) -> None:
+    """A file without read permission is reported, not a crash."""
+    locked = tmp_path / "locked.eml"
+    locked.write_bytes(CC.read_bytes())
+    locked.chmod(0)
+    result = check_rules("--json", str(locked))
+    expected = [{"source": str(locked), "error": "cannot read: Permission denied"}]
+    assert (1, expected) == (result.exit_code, json_lines(result))
+
+
+def test_mbox_from_line_and_8bit_garbage_body(tmp_path: Path) -> None:
+    """An mbox "From " line is skipped; 8-bit garbage in a body still classifies."""
+    saved = tmp_path / "saved.eml"
+    saved.write_bytes(
+        b"From noreply@moodle.example.org Tue Mar  4 09:05:02 2025\n" + CC.read_bytes()
+    )
+    odd = tmp_path / "odd.eml"
+    odd.write_bytes(
+        b"Subject: \xff\xfe\r\nContent-Type: text/plain; charset=x-nope\r\n\r\n\xc3\x28\r\n"
+    )
+    result = check_rules("--json", str(saved), str(odd))
+    expected = [("reengagement-cc", "ses"), (None, "upstream")]
+    assert (0, expected) == (
+        result.exit_code,
+        [(d["rule"], d["route"]) for d in json_lines(result)],
+    )
+
+
+def test_rules_option_and_local_rules_file(tmp_path: Path) -> None:
+    """--rules wins; else ./rules.yaml; else the shipped defaults."""
+    (tmp_path / "rules.yaml").write_text(
+        "rules:\n  - name: local\n    route: ses\n    match: {subject: '.'}\n"
+    )
+    other = tmp_path / "other.yaml"
+    other.write_text("default: ses\nrules: []\n")
+    local = json_lines(check_rules("--json", str(FORUM)))
+    chosen = json_lines(check_rules("--json", "--rules", str(other), str(FORUM)))
+    expected = [("local", "ses"), (None, "ses")]
+    assert expected == [
+        (local[0]["rule"], local[0]["route"]),
+        (chosen[0]["rule"], chosen[0]["route"]),
+    ]
+
+
+def test_envelope_from_headers(tmp_path: Path) -> None:
+    """A saved mail's envelope: Return-Path (else From) and the To/Cc addresses."""
+    rules_file = tmp_path / "env.yaml"
+    rules_file.write_text(
+        "rules:\n"
+        "  - name: bounce\n    route: ses\n    match: {sender: '^mdl\\+x@bounces\\.'}\n"
+        "  - name: from\n    route: ses\n    match: {sender: '^noreply@moodle\\.example\\.org$'}\n"
+        "  - name: cc\n    route: ses\n    match: {recipient: '^c@example\\.org$'}\n"
+    )
+    with_return_path = tmp_path / "rp.eml"
+    with_return_path.write_bytes(b"Return-Path: <mdl+x@bounces.example.org>\r\n" + CC.read_bytes())
+    cc_only = tmp_path / "cc.eml"
+    cc_only.write_bytes(
+        b"From: x@example.org\r\nTo: a@example.org\r\nCc: B <c@example.org>\r\n\r\nx\r\n"
+    )
+    result = check_rules(
+        "--json", "--rules", str(rules_file), str(with_return_path), str(CC), str(cc_only)
+    )
+    expected = ["bounce", "from", "cc"]
+    assert expected == [line["rule"] for line in json_lines(result)]
+
+
+def test_bad_rules_file_exits_1(tmp_path: Path) -> None:
+    """A rules file that cannot be used prints its problems and classifies nothing."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules:\n  - name: a\n    route: nowhere\n    match: {subject: '('}\n")
+    result = check_rules("--rules", str(bad), str(CC))
+    expected = (
+        1,
+        "",
+        [
+            f"{bad}:3: rules[0].route: 'nowhere' is not one of: ses, upstream",
+            f"{bad}:4: rules[0].match.subject: invalid regular expression '(': "
+            "missing ), unterminated subpattern at position 0",
+        ],
+    )
+    assert expected == (result.exit_code, result.stdout, result.stderr.splitlines())
+
+
+def test_missing_rules_file(tmp_path: Path) -> None:
+    """--rules naming a missing file is a problem naming it, exit 1."""
+    missing = tmp_path / "none.yaml"
+    result = check_rules("--rules", str(missing), str(CC))
+    expected = (1, f"{missing}: cannot read the file")
+    assert expected == (result.exit_code, result.stderr[: len(expected[1])])
