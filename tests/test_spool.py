@@ -1,0 +1,202 @@
+"""The spool: states, group commit, reclaim after a crash, failed commits that store nothing."""
+
+# STYLE.md asserts read `expected == actual`; ruff's SIM300 calls that Yoda.
+# ruff: noqa: SIM300
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from relay.errors import SpoolError
+from relay.spool import DB_NAME, Spool, State, new_id
+
+TRACE = b"Received: from test (127.0.0.1)\r\n\tby relay.test (relay) with ESMTP id X;\r\n\tnow\r\n"
+
+
+def mail_bytes(n: int, size: int = 200) -> bytes:
+    head = f"Message-ID: <{n}@moodle.test>\r\nSubject: mail {n}\r\n\r\n".encode()
+    return head + (b"x" * max(0, size - len(head) - 2)) + b"\r\n"
+
+
+async def add(spool: Spool, n: int, size: int = 200) -> str:
+    return await spool.add(
+        sender="noreply@moodle.test", recipients=[f"user{n}@example.org"], raw=mail_bytes(n, size),
+        peer="127.0.0.1", trace=TRACE, message_id=f"<{n}@moodle.test>",
+    )  # fmt: skip
+
+
+def rows(directory: Path) -> dict[str, dict[str, object]]:
+    """The messages table read directly, as another process would."""
+    conn = sqlite3.connect(directory / DB_NAME)
+    conn.row_factory = sqlite3.Row
+    try:
+        return {r["id"]: dict(r) for r in conn.execute("SELECT * FROM messages")}
+    finally:
+        conn.close()
+
+
+def events(directory: Path, queue_id: str) -> list[str]:
+    conn = sqlite3.connect(directory / DB_NAME)
+    try:
+        sql = "SELECT event FROM events WHERE queue_id = ? ORDER BY at, rowid"
+        return [r[0] for r in conn.execute(sql, (queue_id,))]
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
+    """An open spool in tmp_path/spool, closed at teardown."""
+    opened = await Spool.open(tmp_path / "spool")
+    yield opened
+    await opened.close()
+
+
+async def test_add_then_claim_returns_the_message_as_stored(spool: Spool, tmp_path: Path) -> None:
+    """A claimed message carries the exact bytes, the trace line and attempt 1."""
+    qid = await add(spool, 1)
+    claimed = await spool.claim(10)
+    assert [qid] == [m.id for m in claimed]
+    mail = claimed[0]
+    assert (mail_bytes(1), TRACE, 1) == (mail.raw, mail.trace, mail.attempts)
+    assert ("noreply@moodle.test", ("user1@example.org",)) == (mail.sender, mail.recipients)
+    assert TRACE + mail_bytes(1) == mail.wire_bytes()
+    assert State.INFLIGHT == rows(tmp_path / "spool")[qid]["state"]
+    assert [] == await spool.claim(10)
+
+
+async def test_directory_and_database_are_private(tmp_path: Path) -> None:
+    """The spool directory is created 0700 and the database file is 0600."""
+    opened = await Spool.open(tmp_path / "new" / "spool")
+    await opened.close()
+    assert (0o700, 0o600) == (
+        (tmp_path / "new" / "spool").stat().st_mode & 0o777,
+        (tmp_path / "new" / "spool" / DB_NAME).stat().st_mode & 0o777,
+    )
+
+
+@pytest.mark.parametrize(
+    ("outcome", "state", "body_kept"),
+    [("sent", State.SENT, False), ("defer", State.DEFERRED, True), ("fail", State.FAILED, True)],
+    ids=["sent-drops-body", "defer-keeps-body", "fail-keeps-body"],
+)
+async def test_outcomes_are_recorded_on_the_row(
+    spool: Spool, tmp_path: Path, outcome: str, state: State, body_kept: bool
+) -> None:
+    """sent/defer/fail set the state, rule, route, reply; only `sent` drops the body."""
+    qid = await add(spool, 1)
+    await spool.claim(1)
+    common = {"rule": "reengagement-cc", "route": "ses", "reply": "the reply"}
+    if outcome == "sent":
+        await spool.sent(qid, ses_message_id="ses-1", **common)
+    elif outcome == "defer":
+        await spool.defer(qid, due_at=time.time() + 60, recipients=["a@b.example"], **common)
+    else:
+        await spool.fail(qid, fallback_reason="rejected", **common)
+    row = rows(tmp_path / "spool")[qid]
+    assert (state, "reengagement-cc", "ses", "the reply") == (
+        row["state"], row["rule"], row["route"], row["reply"],
+    )  # fmt: skip
+    assert body_kept == (row["body"] is not None)
+    assert ["received", state.value] == events(tmp_path / "spool", qid)
+
+
+async def test_deferred_message_is_claimed_only_when_due(spool: Spool) -> None:
+    """defer(due_at) hides the message until due_at; its remaining recipients are kept."""
+    qid = await add(spool, 1)
+    await spool.claim(1)
+    await spool.defer(qid, due_at=time.time() + 0.3, rule=None, route="upstream", reply="451",
+                      recipients=["left@example.org"])  # fmt: skip
+    assert [] == await spool.claim(1)
+    await asyncio.sleep(0.35)
+    claimed = await spool.claim(1)
+    assert [(qid, ("left@example.org",), 2)] == [(m.id, m.recipients, m.attempts) for m in claimed]
+
+
+async def test_concurrent_adds_share_commits(spool: Spool) -> None:
+    """50 concurrent adds (as from 50 SMTP sessions) take far fewer than 50 commits."""
+    before = spool.commits
+    ids = await asyncio.gather(*(add(spool, n) for n in range(50)))
+    commits = spool.commits - before
+    assert 50 == len(set(ids))
+    assert commits <= 10, f"{commits} commits for 50 adds"
+
+
+async def test_add_sets_wakeup(spool: Spool) -> None:
+    """The delivery loop learns of new mail from `wakeup`, without polling."""
+    spool.wakeup.clear()
+    await add(spool, 1)
+    assert spool.wakeup.is_set()
+
+
+async def test_inflight_messages_are_reclaimed_at_open(tmp_path: Path) -> None:
+    """A message claimed when the service died is queued again at the next open."""
+    first = await Spool.open(tmp_path / "spool")
+    qid = await add(first, 1)
+    await first.claim(1)
+    await first.close()
+    second = await Spool.open(tmp_path / "spool")
+    try:
+        assert [qid] == [m.id for m in await second.claim(1)]
+    finally:
+        await second.close()
+    assert ["received", "reclaimed"] == events(tmp_path / "spool", qid)
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [{"max_pages": 1}, {"read_only": True}],
+    ids=["disk-full-page-limit", "read-only"],
+)
+async def test_failed_commit_leaves_nothing_and_recovers(
+    spool: Spool, tmp_path: Path, fault: dict[str, object]
+) -> None:
+    """A commit that cannot happen raises SpoolError, stores nothing, and the next add
+    after the cause is gone works (same writer thread, same connection)."""
+    kept = await add(spool, 1)
+    await spool.set_limits(**fault)  # type: ignore[arg-type]
+    with pytest.raises(SpoolError):
+        await add(spool, 2, size=200_000)  # more than any free page can hold
+    assert [kept] == list(rows(tmp_path / "spool"))
+    await spool.set_limits()
+    recovered = await add(spool, 3, size=200_000)
+    assert {kept, recovered} == set(rows(tmp_path / "spool"))
+
+
+async def test_one_failing_call_does_not_fail_its_batch(spool: Spool, tmp_path: Path) -> None:
+    """A call that fails inside a group commit is retried alone; the others commit."""
+    taken = new_id()
+    await spool.add(sender="", recipients=["a@b.example"], raw=b"x\r\n", peer="p", trace=b"",
+                    message_id="", queue_id=taken)  # fmt: skip
+    duplicate = spool.add(sender="", recipients=["a@b.example"], raw=b"y\r\n", peer="p",
+                          trace=b"", message_id="", queue_id=taken)  # fmt: skip
+    results = await asyncio.gather(
+        *(add(spool, n) for n in range(10)), duplicate, return_exceptions=True
+    )
+    assert [SpoolError] == [type(r) for r in results if isinstance(r, BaseException)]
+    assert 11 == len(rows(tmp_path / "spool"))
+
+
+async def test_purge_drops_old_sent_rows_only(spool: Spool, tmp_path: Path) -> None:
+    """purge(age) deletes sent rows older than `age` seconds, never queued or failed ones."""
+    sent, failed, queued = [await add(spool, n) for n in range(3)]
+    await spool.claim(2)
+    await spool.sent(sent, rule=None, route="upstream", reply="250 ok")
+    await spool.fail(failed, rule=None, route="upstream", reply="550 no")
+    assert 0 == await spool.purge(3600)
+    assert 1 == await spool.purge(0)
+    assert {failed, queued} == set(rows(tmp_path / "spool"))
+    assert [] == events(tmp_path / "spool", sent)
+
+
+def test_ids_are_unique_and_sort_by_time() -> None:
+    """Queue ids: 12 Crockford base32 characters, strictly increasing within a process."""
+    ids = [new_id() for _ in range(10_000)]
+    assert ids == sorted(set(ids))
+    assert {12} == {len(i) for i in ids}
