@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -78,3 +81,19 @@ def test_cli_json_over_the_corpus(monkeypatch: pytest.MonkeyPatch) -> None:
     expected = {e.name: (e.rule, e.route) for e in EXPECTED}
     assert expected == actual
     assert all(set(line) == {"source", "rule", "route", "reasons"} for line in lines)
+
+
+def test_cli_subprocess_over_the_corpus(tmp_path: Path) -> None:
+    """The same through a real process: exit 0 and one JSON line per corpus message."""
+    command = [sys.executable, "-c", "from relay.cli import main; main()"]
+    done = subprocess.run(
+        [*command, "check-rules", "--json", str(CORPUS)],
+        cwd=tmp_path,  # no ./rules.yaml here
+        capture_output=True,
+        check=False,
+        timeout=60,
+    )
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    actual = {Path(line["source"]).relative_to(CORPUS).as_posix(): line["route"] for line in lines}
+    expected = {e.name: e.route for e in EXPECTED}
+    assert (0, b"", expected) == (done.returncode, done.stderr, actual)
