@@ -129,7 +129,15 @@ def _ruleset(doc: yamlfile.Doc, root: yamlfile.Node | None) -> RuleSet | None:
 def _str(node: yamlfile.Node, *, allow_empty: bool = False) -> str | None:
     try:
         return node.as_str(allow_empty=allow_empty)
-    except ValueError as exc:  # e.g. an impossible date the YAML loader trips over
+    except ValueError as exc:  # an impossible date (2020-99-99) trips the YAML constructor
+        node.problem(f"unreadable value: {exc}")
+        return None
+
+
+def _bool(node: yamlfile.Node) -> bool | None:
+    try:
+        return node.as_bool()
+    except ValueError as exc:  # as in _str
         node.problem(f"unreadable value: {exc}")
         return None
 
@@ -162,7 +170,7 @@ def _rule(node: yamlfile.Node, seen: dict[str, int]) -> Rule | None:
     route = _route(entries["route"]) if "route" in entries else None
     match = _condition(entries["match"]) if "match" in entries else None
     if "description" in entries:
-        entries["description"].as_str(allow_empty=True)
+        _str(entries["description"], allow_empty=True)
     config_set, tags = _ses(entries["ses"]) if "ses" in entries else (None, ())
     if name is None or route is None or match is None or tags is None:
         return None
@@ -257,7 +265,7 @@ def _combined(node: yamlfile.Node, kind: type[c.AllOf] | type[c.AnyOf]) -> c.Con
 
 
 def _multipart(node: yamlfile.Node) -> c.Condition | None:
-    value = node.as_bool()
+    value = _bool(node)
     return None if value is None else c.Multipart(value)
 
 

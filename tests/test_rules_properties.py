@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -157,9 +158,25 @@ def test_loader_structures(text: str) -> None:
     check_loader(text)
 
 
-def test_loader_impossible_date() -> None:
-    """A scalar YAML resolves as an impossible date is a problem, not a ValueError."""
-    check_loader("rules:\n  - name: 2020-99-99\n    route: ses\n    match: {subject: a}\n")
+@pytest.mark.parametrize(
+    ("name", "route", "match", "line"),
+    [
+        ("2020-99-99", "ses", "{subject: a}", 2),
+        ("a", "2020-99-99", "{subject: a}", 3),
+        ("a", "ses", "{multipart: 2020-99-99}", 4),
+        ("a", "ses", "{body: 2020-99-99}", 4),
+        ("a", "ses", "{absent: [2020-99-99]}", 4),
+    ],
+    ids=["name", "route", "multipart", "regex", "absent"],
+)
+def test_loader_impossible_date(name: str, route: str, match: str, line: int) -> None:
+    """A scalar YAML resolves as an impossible date is a problem at its line, not a ValueError."""
+    text = f"rules:\n  - name: {name}\n    route: {route}\n    match: {match}\n"
+    with pytest.raises(ConfigError) as caught:
+        rules.parse(text, "dates.yaml")
+    expected = [(line, "unreadable value: month must be in 1..12")]
+    actual = [(p.line, p.message) for p in caught.value.problems]
+    assert expected == actual
 
 
 def test_loader_deep_nesting() -> None:
