@@ -1,0 +1,155 @@
+"""`relay serve` as a child process with a temp relay.yaml, spool and rules file.
+
+The bench picks the listen port (bind 0, close, reuse) and waits for the 220
+greeting. Delivery goes to `upstream_port` (an smtp-sink, or a closed port to
+keep mail queued) and, with `ses`, SES-routed mail to a fake SES endpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import tools
+
+RULES_UPSTREAM = "default: upstream\nrules: []\n"
+RULES_SES = """\
+default: upstream
+rules:
+  - name: bench-all
+    route: ses
+    match: {sender: '.'}
+"""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SesTarget:
+    endpoint_url: str
+    max_send_rate: float
+    fallback_after: float = 3600.0
+
+
+def relay_argv() -> list[str]:
+    """The `relay` console script of this interpreter's environment, else `python -c`."""
+    script = Path(sys.executable).with_name("relay")
+    if script.is_file() and os.access(script, os.X_OK):
+        return [str(script)]
+    found = shutil.which("relay")
+    if found:
+        return [found]
+    return [sys.executable, "-c", "import sys; from relay.cli import main; sys.exit(main())"]
+
+
+def available() -> str | None:
+    """None when `relay serve` can run here, else why not (its modules have not landed)."""
+    try:
+        import relay.service  # noqa: F401
+    except ImportError as exc:
+        return f"relay serve not available yet ({exc})"
+    return None
+
+
+def delivers(workdir: Path, timeout: float = 8.0) -> str | None:
+    """None when `relay serve` delivers a mail to its upstream, else why not (probe)."""
+    from bench import loads, sink
+
+    with (
+        sink.Sink(workdir, name="sink-probe") as probe_sink,
+        Relay(workdir, name="relay-probe", upstream_port=probe_sink.port) as relay,
+    ):
+        loads.sequential(relay.port, count=1, size=512)
+        if probe_sink.wait_for(1, timeout) is None:
+            return f"relay serve accepted a probe mail but did not deliver it within {timeout:g} s"
+    return None
+
+
+class Relay:
+    """One `relay serve` with its own directory under `workdir`."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        name: str = "relay",
+        upstream_port: int,
+        ses: SesTarget | None = None,
+        retry_schedule: tuple[float, ...] = (60.0,),
+        deliverers: int | None = None,
+    ) -> None:
+        self.name = name
+        self.dir = workdir / name
+        self.port = tools.free_port()
+        self.upstream_port = upstream_port
+        self.ses = ses
+        self.retry_schedule = retry_schedule
+        self.deliverers = deliverers
+        self.proc: tools.Proc | None = None
+        self.peak_rss_kib: int | None = None
+
+    def write_config(self) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        rules = self.dir / "rules.yaml"
+        rules.write_text(RULES_SES if self.ses else RULES_UPSTREAM)
+        schedule = ", ".join(f"{s:g}" for s in self.retry_schedule)
+        lines = [
+            f"listen: {tools.HOST}:{self.port}",
+            "spool: spool",
+            "rules: rules.yaml",
+            "hostname: relay.bench.invalid",
+            "metrics: null",
+            f"upstream: {{host: {tools.HOST}, port: {self.upstream_port}, security: none,"
+            " timeout: 10}",
+            f"retry: {{schedule: [{schedule}], max_age: 86400}}",
+        ]
+        if self.deliverers:
+            lines.append(f"deliverers: {self.deliverers}")
+        if self.ses:
+            lines.append(
+                f"ses: {{enabled: true, region: us-east-1, endpoint_url: '{self.ses.endpoint_url}',"
+                f" max_send_rate: {self.ses.max_send_rate:g},"
+                f" fallback_after: {self.ses.fallback_after:g}}}"
+            )
+        else:
+            lines.append("ses: {enabled: false}")
+        config = self.dir / "relay.yaml"
+        config.write_text("\n".join(lines) + "\n")
+        return config
+
+    def start(self, timeout: float = 30) -> Relay:
+        config = self.write_config()
+        env = dict(os.environ)
+        # Dummy credentials for the fake SES; no shared files, no botocore retries of its own.
+        env.update(
+            AWS_ACCESS_KEY_ID="bench",
+            AWS_SECRET_ACCESS_KEY="bench",
+            AWS_DEFAULT_REGION="us-east-1",
+            AWS_CONFIG_FILE=os.devnull,
+            AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+        )
+        for name in ("AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS", "AWS_PROFILE", "RELAY_CONFIG"):
+            env.pop(name, None)
+        argv = [*relay_argv(), "serve", "--config", str(config)]
+        self.proc = tools.Proc(self.name, argv, self.dir / "relay.log", env=env, cwd=self.dir)
+        tools.wait_banner(self.port, timeout, self.proc)
+        return self
+
+    def rss_peak(self) -> int | None:
+        return tools.peak_rss_kib(self.proc.pid) if self.proc else None
+
+    def rss_now(self) -> int | None:
+        return tools.rss_kib(self.proc.pid) if self.proc else None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.peak_rss_kib = self.rss_peak() or self.peak_rss_kib
+            self.proc.stop(timeout=30)
+            self.proc = None
+
+    def __enter__(self) -> Relay:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,288 @@
+"""The relay-vs-Postfix sections that need only SMTP: Moodle's path, accept rate
+with end to end, sequential latency, and the backlog (host down, then back).
+
+Each function takes the running servers, measures, and adds rows to the report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import loads, postfix, relayproc, sink, tools
+from bench.report import Report
+
+MOODLE_GOAL_MS = 5.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Params:
+    php_mails: int
+    accept_mails: int
+    accept_sessions: int
+    accept_size: int
+    seq_count: int
+    seq_size: int
+    backlog_mails: int
+    backlog_size: int
+    ses_mails: int
+    ses_multi_mails: int
+    pacing_mails: int
+    timeout: float  # deadline of one load run or one wait, seconds
+
+
+FULL = Params(
+    php_mails=300, accept_mails=2000, accept_sessions=20, accept_size=20480, seq_count=500,
+    seq_size=4096, backlog_mails=100_000, backlog_size=2048, ses_mails=1000,
+    ses_multi_mails=1800, pacing_mails=1000, timeout=900,
+)  # fmt: skip
+QUICK = Params(
+    php_mails=30, accept_mails=200, accept_sessions=20, accept_size=20480, seq_count=50,
+    seq_size=4096, backlog_mails=2000, backlog_size=2048, ses_mails=100,
+    ses_multi_mails=180, pacing_mails=60, timeout=60,
+)  # fmt: skip
+
+
+@dataclass(slots=True, kw_only=True)
+class Servers:
+    """What the SMTP sections measure against; relay is None until `relay serve` exists."""
+
+    workdir: Path
+    reference_sink: sink.Sink
+    postfix: postfix.Postfix
+    postfix_sink: sink.Sink
+    relay: relayproc.Relay | None
+    relay_sink: sink.Sink | None
+    no_delivery: str | None = None  # why relay serve does not deliver (yet), None when it does
+
+
+@contextlib.contextmanager
+def servers(
+    workdir: Path, report: Report, *, with_relay: bool, no_delivery: str | None
+) -> Iterator[Servers]:
+    """smtp-sink (reference), Postfix -> its sink, relay serve -> its sink; all stopped after."""
+    with contextlib.ExitStack() as stack:
+        report.progress("starting smtp-sinks and a private Postfix instance")
+        ref = stack.enter_context(sink.Sink(workdir, name="sink-reference"))
+        pf_sink = stack.enter_context(sink.Sink(workdir, name="sink-postfix"))
+        pf = stack.enter_context(postfix.Postfix(workdir, pf_sink.port))
+        report.progress(f"postfix smtpd on :{pf.port}, relayhost smtp-sink :{pf_sink.port}")
+        relay = relay_sink = None
+        if with_relay:
+            relay_sink = stack.enter_context(sink.Sink(workdir, name="sink-relay"))
+            relay = stack.enter_context(relayproc.Relay(workdir, upstream_port=relay_sink.port))
+            report.progress(f"relay serve on :{relay.port}, upstream smtp-sink :{relay_sink.port}")
+        yield Servers(
+            workdir=workdir, reference_sink=ref, postfix=pf, postfix_sink=pf_sink,
+            relay=relay, relay_sink=relay_sink, no_delivery=no_delivery,
+        )  # fmt: skip
+
+
+def moodle_path(srv: Servers, p: Params, report: Report) -> None:
+    """PHPMailer, one connection per mail, into relay, smtp-sink and Postfix smtpd."""
+    targets = {"smtp-sink": srv.reference_sink.port, "postfix": srv.postfix.port}
+    if srv.relay is not None:
+        targets["relay"] = srv.relay.port
+    stats: dict[str, dict[str, float]] = {}
+    for name, port in targets.items():
+        report.progress(f"PHPMailer: {p.php_mails} mails into {name}")
+        result = loads.phpmailer(port, count=p.php_mails, timeout=p.timeout)
+        ms = [float(x) for x in result["ms"]]  # type: ignore[attr-defined]
+        stats[name] = loads.summary(ms) | {"failed": float(result["failed"])}  # type: ignore[arg-type]
+        report.details.setdefault("phpmailer", {})[name] = stats[name] | {
+            "phpmailer_version": result.get("phpmailer")
+        }
+    relay = stats.get("relay", {})
+    pf = stats["postfix"]
+    sink_note = (
+        f"into smtp-sink (which delays its ACKs): mean {stats['smtp-sink']['mean_ms']:.1f} ms, "
+        f"median {stats['smtp-sink']['median_ms']:.1f} ms"
+    )
+    report.add(
+        section="moodle", metric="PHPMailer ms per mail, mean (Moodle cron)", unit="ms",
+        relay=relay.get("mean_ms"), postfix=pf["mean_ms"], goal=MOODLE_GOAL_MS, op="<=",
+        note=f"{p.php_mails} mails, one connection each; postfix = its smtpd; {sink_note}",
+    )  # fmt: skip
+    report.add(
+        section="moodle", metric="PHPMailer ms per mail, p99", unit="ms",
+        relay=relay.get("p99_ms"), postfix=pf["p99_ms"],
+    )  # fmt: skip
+    failed = relay.get("failed", 0) + pf["failed"]
+    if failed:
+        report.add(
+            section="moodle", metric="PHPMailer failed sends", unit="mails",
+            relay=relay.get("failed"), postfix=pf["failed"], goal=0, op="<=",
+        )  # fmt: skip
+
+
+def _inject_and_drain(
+    port: int, sink_: sink.Sink, p: Params, report: Report, name: str, *, delivers: bool = True
+) -> tuple[float, float | None]:
+    """smtp-source at `port`; (accepted mails/s, seconds until the sink has them all)."""
+    base = sink_.count()
+    argv = loads.smtp_source_argv(
+        port, messages=p.accept_mails, sessions=p.accept_sessions, size=p.accept_size
+    )
+    start = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=p.timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise TimeoutError(f"smtp-source into {name} did not finish in {p.timeout:.0f} s") from None
+    accepted = time.monotonic() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"smtp-source into {name} exited {proc.returncode}: {err[-400:]}")
+    left = max(1.0, p.timeout - accepted)
+    drained = sink_.wait_for(base + p.accept_mails, left, stall=30) if delivers else None
+    e2e = None if drained is None else accepted + drained
+    report.progress(
+        f"{name}: {p.accept_mails / accepted:.0f} accepted/s, end to end "
+        + (f"{e2e:.2f} s" if e2e is not None else f"incomplete ({sink_.count() - base} arrived)")
+    )
+    return p.accept_mails / accepted, e2e
+
+
+def accept_and_e2e(srv: Servers, p: Params, report: Report) -> None:
+    """20 KB mails, 20 concurrent connections; accepted/s and time until the sink has all."""
+    results = {}
+    for name in ("postfix", "relay"):
+        if name == "relay" and (srv.relay is None or srv.relay_sink is None):
+            continue
+        port, sink_ = (
+            (srv.postfix.port, srv.postfix_sink)
+            if name == "postfix"
+            else (srv.relay.port, srv.relay_sink)  # type: ignore[union-attr]
+        )
+        report.progress(
+            f"smtp-source: {p.accept_mails} x {p.accept_size} B, {p.accept_sessions} sessions"
+            f" into {name} (delivery to smtp-sink running)"
+        )
+        delivers = name == "postfix" or srv.no_delivery is None
+        results[name] = _inject_and_drain(port, sink_, p, report, name, delivers=delivers)
+    relay = results.get("relay", (None, None))
+    note = (
+        f"{p.accept_mails} mails of {p.accept_size} B over {p.accept_sessions} connections, one "
+        "connection per mail (smtp-source); delivery to an smtp-sink runs meanwhile and competes "
+        "for CPU, as in production"
+    )
+    report.add(
+        section="accept", metric="accepted mails/s, 20 KB, 20 connections", unit="mails/s",
+        relay=relay[0], postfix=results["postfix"][0], note=note,
+    )  # fmt: skip
+    report.add(
+        section="e2e", metric=f"end to end upstream, {p.accept_mails} mails until sink has all",
+        unit="s", relay=relay[1], postfix=results["postfix"][1],
+        note="from the first connection until smtp-sink counted every mail"
+        + (f"; relay: {srv.no_delivery}" if srv.no_delivery and srv.relay else ""),
+    )  # fmt: skip
+
+
+def sequential(srv: Servers, p: Params, report: Report) -> None:
+    """One connection at a time, TCP_NODELAY client: the server's own time per transaction."""
+    stats = {}
+    targets = {"postfix": srv.postfix.port}
+    if srv.relay is not None:
+        targets["relay"] = srv.relay.port
+    for name, port in targets.items():
+        report.progress(f"sequential: {p.seq_count} transactions of {p.seq_size} B into {name}")
+        stats[name] = loads.summary(loads.sequential(port, count=p.seq_count, size=p.seq_size))
+        report.details.setdefault("sequential", {})[name] = stats[name]
+    relay = stats.get("relay", {})
+    for key, label in (("median_ms", "median"), ("p99_ms", "p99")):
+        report.add(
+            section="sequential", metric=f"ms per transaction, sequential, {label}", unit="ms",
+            relay=relay.get(key), postfix=stats["postfix"][key],
+            note=(
+                f"{p.seq_count} x {p.seq_size} B, connect..QUIT, own client with TCP_NODELAY"
+                if label == "median" else ""
+            ),
+        )  # fmt: skip
+
+
+def _inject(port: int, p: Params, name: str, report: Report) -> float:
+    report.progress(f"backlog: {p.backlog_mails} x {p.backlog_size} B into {name} (host down)")
+    done = loads.smtp_source(
+        port, messages=p.backlog_mails, sessions=p.accept_sessions, size=p.backlog_size,
+        timeout=p.timeout,
+    )  # fmt: skip
+    report.progress(f"backlog: {name} accepted {done['per_second']:.0f} mails/s")
+    return done["per_second"]
+
+
+def _postfix_rss_kib(pf: postfix.Postfix) -> int | None:
+    """Current RSS of Postfix's master and all its children, summed."""
+    master = pf.master_pid()
+    if master is None:
+        return None
+    pids = [master]
+    for status in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = status.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == master:
+                pids.append(int(status.parent.name))
+    sizes = [tools.rss_kib(pid) for pid in pids]
+    return sum(s for s in sizes if s)
+
+
+def backlog(
+    workdir: Path, p: Params, report: Report, *, with_relay: bool, no_delivery: str | None
+) -> None:
+    """N mails queued with the original host down; peak RSS; drain time when it is back."""
+    down_port = tools.free_port()
+    results: dict[str, dict[str, float | None]] = {}
+    if with_relay:
+        retry = 5.0
+        with relayproc.Relay(
+            workdir, name="relay-backlog", upstream_port=down_port, retry_schedule=(retry,)
+        ) as relay:
+            rate = _inject(relay.port, p, "relay", report)
+            rss_queued = relay.rss_peak()
+            drain = None
+            if no_delivery is None:
+                with sink.Sink(workdir, down_port, name="sink-backlog-relay") as back:
+                    report.progress("backlog: original host is back, relay draining")
+                    drain = back.wait_for(p.backlog_mails, p.timeout, stall=60)
+            results["relay"] = {
+                "accept_per_s": rate, "peak_rss_mib": (relay.rss_peak() or 0) / 1024,
+                "rss_queued_mib": (rss_queued or 0) / 1024, "drain_s": drain,
+            }  # fmt: skip
+    pf_down = tools.free_port()
+    with postfix.Postfix(workdir / "backlog", pf_down) as pf:
+        rate = _inject(pf.port, p, "postfix", report)
+        rss = _postfix_rss_kib(pf)
+        with sink.Sink(workdir, pf_down, name="sink-backlog-postfix") as back:
+            report.progress("backlog: original host is back, postfix flush, draining")
+            start = time.monotonic()
+            pf.flush()
+            waited = back.wait_for(p.backlog_mails, p.timeout)
+            drain = None if waited is None else time.monotonic() - start
+        results["postfix"] = {
+            "accept_per_s": rate, "rss_sum_mib": (rss or 0) / 1024, "drain_s": drain,
+        }  # fmt: skip
+    report.details["backlog"] = results
+    relay = results.get("relay", {})
+    n = p.backlog_mails
+    report.add(
+        section="backlog", metric=f"peak RSS of relay serve, {n} mails queued", unit="MiB",
+        relay=relay.get("peak_rss_mib"), postfix=results["postfix"]["rss_sum_mib"],
+        note="relay: VmHWM of the relay serve process; postfix: sum of current RSS of master "
+        "and its children after the injection (different architecture, for scale only)",
+    )  # fmt: skip
+    report.add(
+        section="backlog", metric=f"drain {n} queued mails after the host is back", unit="s",
+        relay=relay.get("drain_s"), postfix=results["postfix"]["drain_s"],
+        note="relay: retry schedule [5 s], so up to 5 s of it is waiting for the retry; postfix: "
+        "`postfix flush` when the sink is back"
+        + (f"; relay: {no_delivery}" if no_delivery and with_relay else ""),
+    )  # fmt: skip
+    report.add(
+        section="backlog", metric=f"accepted mails/s, {p.backlog_size} B, host down",
+        unit="mails/s",
+        relay=relay.get("accept_per_s"), postfix=results["postfix"]["accept_per_s"],
+    )  # fmt: skip

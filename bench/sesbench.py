@@ -1,0 +1,232 @@
+"""SES route against the fake SES (tests/fakeses.py): pacing and a shared quota.
+
+Every scenario starts its own fake (`python -m tests.fakeses`), one smtp-sink as
+the original host (mail that falls back lands there) and one or more
+`relay serve` whose rules send everything to SES. The fake's
+`/fake-ses/stats` is polled while the queue drains, so rates come from the
+receiving side: recipients the fake accepted per second, throttle replies per
+call, and nothing lost (accepted by SES + fallen back >= injected).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import loads, relayproc, sink, tools
+from bench.report import Report
+from bench.sections import Params
+
+REPO = Path(__file__).resolve().parent.parent
+STALL = 20.0  # seconds without progress before a scenario gives up
+
+
+def unavailable() -> str | None:
+    """None when the SES scenarios can run, else why not."""
+    if not (REPO / "tests" / "fakeses.py").is_file():
+        return "tests/fakeses.py has not landed"
+    missing = relayproc.available()
+    if missing:
+        return missing
+    for module in ("relay.deliver", "relay.pace", "relay.ses"):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} has not landed"
+    return None
+
+
+class FakeSes:
+    """`python -m tests.fakeses` on a loopback port the bench picked."""
+
+    def __init__(self, workdir: Path, name: str, *, rate_limit: float, latency: float) -> None:
+        self.port = tools.free_port()
+        self.url = f"http://{tools.HOST}:{self.port}"
+        argv = [
+            sys.executable, "-m", "tests.fakeses", "--host", tools.HOST, "--port", str(self.port),
+            "--rate-limit", f"{rate_limit:g}", "--latency", f"{latency:g}",
+        ]  # fmt: skip
+        self.proc = tools.Proc(name, argv, workdir / f"{name}.log", cwd=REPO)
+        try:
+            tools.wait_port(self.port, 15, self.proc)
+        except BaseException:
+            self.proc.stop()
+            raise
+
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"{self.url}/fake-ses/stats", timeout=5) as answer:
+            result: dict[str, Any] = json.load(answer)
+            return result
+
+    def stop(self) -> None:
+        self.proc.stop(timeout=10)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Scenario:
+    name: str
+    title: str
+    rate_limit: float  # the fake's recipients/s
+    relays: tuple[float | None, ...]  # max_send_rate of each relay; None = auto
+    mails: int
+    latency: float = 0.02
+
+
+def _settled_rate(timeline: list[tuple[float, int]]) -> float | None:
+    """Accepted/s over the second half of the time SES was accepting."""
+    moving = [(t, n) for t, n in timeline if n > 0]
+    if len(moving) < 3:
+        return None
+    t0, t1 = moving[0][0], moving[-1][0]
+    half = [(t, n) for t, n in moving if t >= (t0 + t1) / 2]
+    if len(half) < 2 or half[-1][0] <= half[0][0]:
+        return None
+    return (half[-1][1] - half[0][1]) / (half[-1][0] - half[0][0])
+
+
+def run_scenario(workdir: Path, sc: Scenario, p: Params, report: Report) -> dict[str, Any]:
+    """Inject `sc.mails` split over the relays; wait until SES + fallback have them all."""
+    base = workdir / sc.name
+    base.mkdir()
+    expected = sc.mails / (0.9 * sc.rate_limit)
+    deadline = min(p.timeout, 3 * expected + 60)
+    with contextlib.ExitStack() as stack:
+        fake = FakeSes(base, "fakeses", rate_limit=sc.rate_limit, latency=sc.latency)
+        stack.callback(fake.stop)
+        fallback = stack.enter_context(sink.Sink(base, name="sink-fallback"))
+        relays = []
+        for i, rate in enumerate(sc.relays):
+            target = relayproc.SesTarget(endpoint_url=fake.url, max_send_rate=rate)
+            relay = relayproc.Relay(base, name=f"relay{i}", upstream_port=fallback.port, ses=target)
+            relays.append(stack.enter_context(relay))
+        rates = ", ".join("auto" if r is None else f"{r:g}" for r in sc.relays)
+        report.progress(
+            f"ses {sc.name}: {sc.mails} mails, {len(relays)} relay(s) max_send_rate {rates}, "
+            f"fake limit {sc.rate_limit:g} rcpt/s, latency {sc.latency * 1000:.0f} ms"
+        )
+        share = sc.mails // len(relays)
+        total = share * len(relays)
+        sources = [
+            subprocess.Popen(
+                loads.smtp_source_argv(r.port, messages=share, sessions=5, size=2048),
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            )
+            for r in relays
+        ]  # fmt: skip
+        start = time.monotonic()
+        timeline: list[tuple[float, int]] = []
+        last_progress, last_seen = start, -1
+        stats: dict[str, Any] = {}
+        try:
+            while time.monotonic() - start < deadline:
+                stats = fake.stats()
+                seen = stats["accepted"] + fallback.count()
+                now = time.monotonic()
+                timeline.append((now - start, stats["accepted"]))
+                if seen >= total:
+                    break
+                if seen != last_seen:
+                    last_progress, last_seen = now, seen
+                elif now - last_progress > STALL:
+                    break
+                time.sleep(0.25)
+        finally:
+            for proc in sources:
+                try:
+                    _, err = proc.communicate(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.communicate()
+                    err = "timed out"
+                if proc.returncode:
+                    raise RuntimeError(f"smtp-source into relay failed: {err[-300:]}")
+        elapsed = time.monotonic() - start
+        fell_back = fallback.count()
+    accepted = stats.get("accepted", 0)
+    span = (stats["last"] - stats["first"]) if stats.get("first") is not None else 0.0
+    rate = (stats["recipients"] - 1) / span if span > 0 else None
+    settled = _settled_rate(timeline)
+    result = {
+        "injected": total, "accepted_by_ses": accepted, "fell_back_upstream": fell_back,
+        "lost": max(0, total - accepted - fell_back), "calls": stats.get("calls", 0),
+        "throttles": stats.get("throttles", 0), "rate": rate, "settled_rate": settled,
+        "share_of_limit": None if rate is None else rate / sc.rate_limit,
+        "settled_share": None if settled is None else settled / sc.rate_limit,
+        "throttle_share": stats.get("throttles", 0) / max(1, stats.get("calls", 0)),
+        "seconds": elapsed, "complete": accepted + fell_back >= total,
+    }  # fmt: skip
+    report.progress(
+        f"ses {sc.name}: {accepted}/{total} via SES, {fell_back} fell back, "
+        f"rate {rate or 0:.1f}/s ({100 * (result['share_of_limit'] or 0):.0f}% of limit), "
+        f"{result['throttles']} throttles in {result['calls']} calls"
+    )
+    return result
+
+
+def _pct(value: float | None) -> float | None:
+    return None if value is None else 100 * value
+
+
+def run(workdir: Path, p: Params, report: Report) -> None:
+    """The four SES scenarios of issue 6; rows with goals where the issue sets them."""
+    scenarios = {
+        "auto100": Scenario(
+            name="auto100", title="1 relay, max_send_rate auto, fake limit 100 rcpt/s",
+            rate_limit=100, relays=(None,), mails=p.ses_mails,
+        ),
+        "shared60": Scenario(
+            name="shared60", title="3 relays x max_send_rate 60, one quota of 60 rcpt/s",
+            rate_limit=60, relays=(60, 60, 60), mails=p.ses_multi_mails,
+        ),
+        "exact20": Scenario(
+            name="exact20", title="max_send_rate 20 vs limit 20",
+            rate_limit=20, relays=(20,), mails=p.pacing_mails,
+        ),
+        "over50": Scenario(
+            name="over50", title="max_send_rate 50 vs limit 20",
+            rate_limit=20, relays=(50,), mails=p.pacing_mails,
+        ),
+    }  # fmt: skip
+    results = {name: run_scenario(workdir, sc, p, report) for name, sc in scenarios.items()}
+    report.details["ses"] = results
+    incomplete = [n for n, r in results.items() if not r["complete"]]
+    if incomplete:
+        report.sections["ses"] = f"partial: not every mail reached SES or upstream in {incomplete}"
+    a, s, e, o = (results[n] for n in ("auto100", "shared60", "exact20", "over50"))
+    rows = [
+        dict(metric=f"SES {scenarios['auto100'].title}: rate", unit="% of limit",
+             relay=_pct(a["share_of_limit"]),
+             note=f"{a['injected']} mails, 20 ms latency; auto = 90% of GetSendQuota"),
+        dict(metric="SES 1 relay auto vs 100/s: throttle replies", unit="replies",
+             relay=a["throttles"]),
+        dict(metric=f"SES {scenarios['shared60'].title}: aggregate rate", unit="% of limit",
+             relay=_pct(s["share_of_limit"]), goal=90, op=">=",
+             note=f"{s['injected']} mails split over the three relays"),
+        dict(metric="SES 3 relays sharing 60/s: throttles", unit="% of calls",
+             relay=_pct(s["throttle_share"]), goal=2, op="<"),
+        dict(metric=f"SES {scenarios['exact20'].title}: rate", unit="% of limit",
+             relay=_pct(e["share_of_limit"]), goal=95, op=">=",
+             note=f"{e['injected']} mails"),
+        dict(metric="SES max_send_rate 20 vs limit 20: throttles", unit="replies",
+             relay=e["throttles"], goal=0, op="<="),
+        dict(metric=f"SES {scenarios['over50'].title}: settled rate (2nd half)",
+             unit="% of limit", relay=_pct(o["settled_share"]),
+             note=f"{o['injected']} mails; overall {_fmt_pct(o['share_of_limit'])} of limit"),
+        dict(metric="SES max_send_rate 50 vs limit 20: throttles", unit="% of calls",
+             relay=_pct(o["throttle_share"])),
+        dict(metric="SES all scenarios: mails lost", unit="mails",
+             relay=sum(r["lost"] for r in results.values()), goal=0, op="<=",
+             note="lost = injected - accepted by SES - fallen back to the original host"),
+    ]  # fmt: skip
+    for row in rows:
+        report.add(section="ses", **row)  # type: ignore[arg-type]
+
+
+def _fmt_pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
