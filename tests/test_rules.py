@@ -8,7 +8,7 @@ import pytest
 
 from relay import rules
 from relay.rules import Decision, Route
-from tests.rulesupport import ORIGIN, mail, message, ruleset
+from tests.rulesupport import NOREPLY, ORIGIN, mail, message, ruleset
 
 
 def one_rule(match: str) -> rules.RuleSet:
@@ -22,9 +22,16 @@ def one_rule(match: str) -> rules.RuleSet:
         """)
 
 
-def hit(match: str, raw: bytes | str, **envelope: object) -> bool:
+def hit(
+    match: str,
+    raw: bytes | str,
+    *,
+    sender: str = NOREPLY,
+    recipients: tuple[str, ...] = ("anna@example.org",),
+) -> bool:
     """Whether a one-rule set with this match sends `raw` through the rule."""
-    return one_rule(match).classify(mail(raw, **envelope)).rule == "hit"  # type: ignore[arg-type]
+    decision = one_rule(match).classify(mail(raw, sender=sender, recipients=recipients))
+    return decision.rule == "hit"
 
 
 PLAIN = message(
