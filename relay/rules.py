@@ -21,6 +21,7 @@ from relay.mail import Mail
 from relay.mimeview import MailView
 
 DEFAULT_RULES = Path(__file__).parent / "data" / "rules.yaml"
+RULE_TAG = "rule"  # the SES tag the deliver loop sets to the rule name
 
 # SES MessageTag names and values, and configuration set names, allow only these.
 _SES_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")
@@ -193,6 +194,9 @@ def _ses(node: yamlfile.Node) -> tuple[str | None, tuple[tuple[str, str], ...] |
     tag_entries = entries["tags"].mapping() if "tags" in entries else {}
     for tag_name, value_node in (tag_entries or {}).items():
         value = _str(value_node)
+        if tag_name == RULE_TAG:
+            value_node.problem(f"tag name {RULE_TAG!r} is reserved: relay sets it to the rule name")
+            ok = False
         for what, text in (("tag name", tag_name), ("tag value", value)):
             if text is not None and not _SES_TOKEN.fullmatch(text):
                 value_node.problem(f"{what} {text!r} must be 1-256 of {_SES_CHARS}")

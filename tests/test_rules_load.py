@@ -271,6 +271,12 @@ SES_VALUES = [
         6,
     ),
     (
+        "reserved-tag-name",
+        "rules:\n  - name: a\n    route: ses\n    ses:\n      tags:\n        rule: b\n"
+        "    match: {subject: a}\n",
+        6,
+    ),
+    (
         "unknown-ses-key",
         "rules:\n  - name: a\n    route: ses\n    ses:\n      configuration: x\n"
         "    match: {subject: a}\n",
