@@ -141,14 +141,23 @@ class Postfix:
         tools.wait_banner(self.port, 30)
         return self
 
-    def queue_size(self) -> int:
-        """Messages in incoming/active/deferred (files under those queue dirs)."""
+    def queue_size(self, queues: tuple[str, ...] = ("incoming", "active", "deferred")) -> int:
+        """Messages in those queues (files under their queue dirs)."""
         total = 0
-        for name in ("maildrop", "incoming", "active", "deferred", "hold"):
+        for name in queues:
             folder = self.queue / name
             if folder.is_dir():
                 total += sum(len(files) for _, _, files in os.walk(folder))
         return total
+
+    def wait_settled(self, timeout: float) -> bool:
+        """Wait until nothing is in incoming/active (all attempted: delivered or deferred)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.queue_size(("incoming", "active")) == 0:
+                return True
+            time.sleep(0.2)
+        return False
 
     def flush(self) -> None:
         """Ask the queue manager to retry deferred mail now (`postqueue -f` equivalent)."""

@@ -215,8 +215,9 @@ def _inject(port: int, p: Params, name: str, report: Report) -> float:
     return done["per_second"]
 
 
-def _postfix_rss_kib(pf: postfix.Postfix) -> int | None:
-    """Current RSS of Postfix's master and all its children, summed."""
+def _postfix_pss_kib(pf: postfix.Postfix) -> int | None:
+    """Proportional set size of Postfix's master and all its children, summed
+    (PSS, so the shared libraries are counted once, not once per process)."""
     master = pf.master_pid()
     if master is None:
         return None
@@ -226,7 +227,7 @@ def _postfix_rss_kib(pf: postfix.Postfix) -> int | None:
             fields = status.read_text().rsplit(")", 1)[1].split()
             if int(fields[1]) == master:
                 pids.append(int(status.parent.name))
-    sizes = [tools.rss_kib(pid) for pid in pids]
+    sizes = [tools.pss_kib(pid) for pid in pids]
     return sum(s for s in sizes if s)
 
 
@@ -255,7 +256,9 @@ def backlog(
     pf_down = tools.free_port()
     with postfix.Postfix(workdir / "backlog", pf_down) as pf:
         rate = _inject(pf.port, p, "postfix", report)
-        rss = _postfix_rss_kib(pf)
+        rss = _postfix_pss_kib(pf)
+        settled = pf.wait_settled(min(120.0, p.timeout))
+        report.progress(f"backlog: postfix {'deferred all' if settled else 'still busy'}")
         with sink.Sink(workdir, pf_down, name="sink-backlog-postfix") as back:
             report.progress("backlog: original host is back, postfix flush, draining")
             start = time.monotonic()
@@ -263,15 +266,15 @@ def backlog(
             waited = back.wait_for(p.backlog_mails, p.timeout)
             drain = None if waited is None else time.monotonic() - start
         results["postfix"] = {
-            "accept_per_s": rate, "rss_sum_mib": (rss or 0) / 1024, "drain_s": drain,
+            "accept_per_s": rate, "pss_sum_mib": (rss or 0) / 1024, "drain_s": drain,
         }  # fmt: skip
     report.details["backlog"] = results
     relay = results.get("relay", {})
     n = p.backlog_mails
     report.add(
         section="backlog", metric=f"peak RSS of relay serve, {n} mails queued", unit="MiB",
-        relay=relay.get("peak_rss_mib"), postfix=results["postfix"]["rss_sum_mib"],
-        note="relay: VmHWM of the relay serve process; postfix: sum of current RSS of master "
+        relay=relay.get("peak_rss_mib"), postfix=results["postfix"]["pss_sum_mib"],
+        note="relay: VmHWM of the relay serve process; postfix: sum of the PSS of master "
         "and its children after the injection (different architecture, for scale only)",
     )  # fmt: skip
     report.add(
