@@ -107,15 +107,26 @@ class Node:
         loader = yaml.SafeLoader("")
         try:
             return loader.construct_object(self.node, deep=True)
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, ValueError, OverflowError) as exc:  # e.g. a date like 2020-99-99
             self.problem(f"unreadable value: {exc}")
             return None
         finally:
             loader.dispose()
 
+    def _plain(self) -> tuple[bool, object]:
+        """(True, value) for a readable scalar; (False, None) once a problem is recorded."""
+        if not isinstance(self.node, yaml.ScalarNode):
+            self.problem(f"expected a single value, got {self.kind()}")
+            return False, None
+        before = len(self.doc.problems)
+        value = self.scalar()
+        return len(self.doc.problems) == before, value
+
     def as_str(self, *, allow_empty: bool = False) -> str | None:
-        value = self.scalar() if isinstance(self.node, yaml.ScalarNode) else None
-        if not isinstance(self.node, yaml.ScalarNode) or not isinstance(value, str):
+        ok, value = self._plain()
+        if not ok:
+            return None
+        if not isinstance(value, str):
             self.problem(f"expected a string, got {self.kind()}")
             return None
         if not allow_empty and not value.strip():
@@ -124,14 +135,18 @@ class Node:
         return value
 
     def as_bool(self) -> bool | None:
-        value = self.scalar() if isinstance(self.node, yaml.ScalarNode) else None
+        ok, value = self._plain()
+        if not ok:
+            return None
         if not isinstance(value, bool):
             self.problem(f"expected true or false, got {self.kind()}")
             return None
         return value
 
     def as_number(self, *, minimum: float | None = None, integer: bool = False) -> float | None:
-        value = self.scalar() if isinstance(self.node, yaml.ScalarNode) else None
+        ok, value = self._plain()
+        if not ok:
+            return None
         wanted = "an integer" if integer else "a number"
         if isinstance(value, bool) or not isinstance(value, int | float):
             self.problem(f"expected {wanted}, got {self.kind()}")
@@ -162,9 +177,14 @@ def parse(text: str, name: str) -> tuple[Doc, Node | None]:
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
+        # An unclosed quote is reported at the end of the file; its context says where it began.
+        mark = exc.context_mark or exc.problem_mark
         line = mark.line + 1 if mark is not None else None
-        doc.problem(line, "", f"YAML syntax error: {exc.problem or exc}")
+        what = f"{exc.problem} ({exc.context})" if exc.context else exc.problem
+        doc.problem(line, "", f"YAML syntax error: {what or exc}")
+        return doc, None
+    except RecursionError:
+        doc.problem(None, "", "YAML nested too deeply")
         return doc, None
     except yaml.YAMLError as exc:
         doc.problem(None, "", f"YAML error: {exc}")

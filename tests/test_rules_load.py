@@ -214,7 +214,7 @@ def test_nested_problems_all_reported() -> None:
 
 
 def test_yaml_syntax_error_has_its_line() -> None:
-    """A YAML syntax error is one problem at the line where the parser stopped."""
+    """A YAML syntax error is one problem at the line where the broken construct began."""
     found = problems("""
         rules:
           - name: a
@@ -222,8 +222,14 @@ def test_yaml_syntax_error_has_its_line() -> None:
             match: {subject: 'unclosed}
           - name: b
         """)
-    # PyYAML reports where it gave up: the end of the file, for an unclosed quote.
-    expected = [(6, "", "YAML syntax error: found unexpected end of stream")]
+    # PyYAML gives up at the end of the file; its context mark points at the opening quote.
+    expected = [
+        (
+            4,
+            "",
+            "YAML syntax error: found unexpected end of stream (while scanning a quoted scalar)",
+        )
+    ]
     assert expected == found
 
 
