@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -133,17 +132,6 @@ def test_broken_input_in_table_mode_goes_to_stderr(tmp_path: Path) -> None:
     expected = (1, [f"{missing}: cannot read: No such file or directory"])
     assert expected == (result.exit_code, result.stderr.splitlines())
     assert "2 messages: 1 ses, 0 upstream, 1 unreadable" in result.stdout
-
-
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
-def test_unreadable_permissions(tmp_path: Path) -> None:
-    """A file without read permission is reported, not a crash."""
-    locked = tmp_path / "locked.eml"
-    locked.write_bytes(CC.read_bytes())
-    locked.chmod(0)
-    result = check_rules("--json", str(locked))
-    expected = [{"source": str(locked), "error": "cannot read: Permission denied"}]
-    assert (1, expected) == (result.exit_code, json_lines(result))
 
 
 def test_mbox_from_line_and_8bit_garbage_body(tmp_path: Path) -> None:
