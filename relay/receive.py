@@ -293,11 +293,23 @@ class Session(SMTP):
         _fast_acks(self._sock)  # Linux leaves quick-ack mode on its own; re-arm per read
         super().data_received(data)
 
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # aiosmtpd's parser raises on some malformed input (e.g. "<a@[192.0.2.1>"),
+        # which would surface as INTERNAL_ERROR; it is a malformed address.
+        try:
+            return super()._getaddr(arg)
+        except (AttributeError, IndexError, TypeError, ValueError):
+            return None, None
+
     async def push(self, status: AnyStr) -> None:
         if isinstance(status, str):
             await super().push(_REWRITE.get(status, status))
         else:
             await super().push(status)
+
+    @property
+    def peer_ip(self) -> str:
+        return _peer_ip(self.session) if self.session is not None else "?"
 
     @property
     def busy(self) -> bool:

@@ -115,10 +115,12 @@ def _tls_context(settings: Settings) -> ssl.SSLContext | None:
 async def serve(
     settings: Settings, *, tasks: Sequence[Task] | None = None,
     stop: asyncio.Event | None = None, ready: Callable[[str, int], None] | None = None,
+    drain: float = SESSION_DRAIN,
 ) -> None:  # fmt: skip
     """Run until `stop` is set (by SIGTERM/SIGINT when not given); every wait has a deadline.
 
-    `ready(host, port)` is called once the listener accepts connections.
+    `ready(host, port)` is called once the listener accepts connections; `drain`
+    is how long sessions in a transaction get to finish at stop.
     """
     check_safe(settings)
     tls = _tls_context(settings)
@@ -156,7 +158,7 @@ async def serve(
             )  # fmt: skip
         except OSError as exc:
             raise StartError(f"cannot listen on {settings.listen}: {exc}") from exc
-        stack.push_async_callback(_close_listener, server, ctx.sessions)
+        stack.push_async_callback(_close_listener, server, ctx.sessions, drain)
         host, port = server.sockets[0].getsockname()[:2]
         log.info("listening on %s:%d", host, port)
         _write_port_file(port)
@@ -177,7 +179,8 @@ async def _wait_stop(stop: asyncio.Event, running: list[asyncio.Task[None]]) -> 
                 running.remove(task)
                 if not task.cancelled() and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
-                log.warning("event=task_ended task=%s", task.get_name())
+                if not stop.is_set():
+                    log.warning("event=task_ended task=%s", task.get_name())
     finally:
         waiter.cancel()
 
@@ -192,17 +195,18 @@ async def _stop_tasks(running: list[asyncio.Task[None]]) -> None:
         await asyncio.wait(pending, timeout=5)
 
 
-async def _close_listener(server: asyncio.Server, sessions: set[Session]) -> None:
-    """New connections refused; idle sessions 421; transactions get SESSION_DRAIN seconds."""
+async def _close_listener(server: asyncio.Server, sessions: set[Session], drain: float) -> None:
+    """New connections refused; idle sessions 421; transactions get `drain` seconds."""
     server.close()
-    deadline = time.monotonic() + SESSION_DRAIN
+    deadline = time.monotonic() + drain
     while sessions and time.monotonic() < deadline:
         for session in list(sessions):
             if not session.busy:
                 session.shut()
         await asyncio.sleep(0.05)
     for session in list(sessions):
-        logs.event(log, "session_aborted", level=logging.WARNING, reason="shutdown deadline")
+        logs.event(log, "session_aborted", level=logging.WARNING, peer=session.peer_ip,
+                   reason="in a transaction at the shutdown deadline")  # fmt: skip
         session.abort()
     await asyncio.wait_for(server.wait_closed(), 5)
 

@@ -87,7 +87,7 @@ async def start_relay(
 
         task = asyncio.create_task(service.serve(
             settings, tasks=[capture, *(tasks or [])], stop=stop,
-            ready=lambda _host, port: bound.append(port),
+            ready=lambda _host, port: bound.append(port), drain=2.0,
         ))  # fmt: skip
         ctx = await asyncio.wait_for(got, 10)
         while not bound:

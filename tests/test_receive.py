@@ -1,0 +1,399 @@
+"""The SMTP front door on a real socket: limits, bad input, auth, TLS, spool failures, replies.
+
+Every bad-input case ends with a normal mail going through the same server, and
+checks that nothing half was spooled.
+"""
+
+# STYLE.md asserts read `expected == actual`; ruff's SIM300 calls that Yoda.
+# ruff: noqa: SIM300
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import re
+import sqlite3
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import pytest
+
+from relay.passwords import hash_password
+from relay.receive import address_problem, extract_message_id
+from relay.spool import DB_NAME
+from tests.conftest import Running, TlsFiles
+
+Start = Callable[..., Awaitable[Running]]
+LIMIT = 8192  # max_message_size for these tests
+MAIL = b"Message-ID: <1@moodle.test>\r\nSubject: hello\r\n\r\nHello.\r\n"
+
+
+class Wire:
+    """A raw SMTP client: send exact bytes, read whole (multi-line) replies."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> tuple[Wire, str]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=2**20)
+        wire = cls(reader, writer)
+        return wire, await wire.reply()
+
+    async def reply(self) -> str:
+        lines = []
+        while True:
+            line = await asyncio.wait_for(self.reader.readline(), 10)
+            if not line:
+                lines.append("(closed)")
+                break
+            lines.append(line.decode("ascii", "replace").rstrip("\r\n"))
+            if line[3:4] != b"-":
+                break
+        return "\n".join(lines)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def cmd(self, line: str | bytes) -> str:
+        await self.send((line.encode() if isinstance(line, str) else line) + b"\r\n")
+        return await self.reply()
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await self.writer.wait_closed()
+
+
+def stored(running: Running) -> list[tuple[str, bytes, str]]:
+    """(sender, body, recipients JSON) of every row, read as another process would."""
+    conn = sqlite3.connect(running.settings.spool / DB_NAME)
+    try:
+        sql = "SELECT sender, body, recipients FROM messages ORDER BY id"
+        return [(r[0], bytes(r[1]), r[2]) for r in conn.execute(sql)]
+    finally:
+        conn.close()
+
+
+async def send_normal(running: Running) -> str:
+    """A well-formed mail through aiosmtplib; returns the 250 reply text."""
+    errors, reply = await aiosmtplib.send(
+        MAIL, sender="noreply@moodle.test", recipients=["student@example.org"],
+        hostname="127.0.0.1", port=running.port, timeout=10,
+    )  # fmt: skip
+    assert {} == errors
+    return reply
+
+
+@pytest.fixture
+async def relay(start_relay: Start) -> Running:
+    """The service in-process, loopback, no auth, max_message_size=LIMIT, max_recipients=50."""
+    return await start_relay(limits={"max_message_size": LIMIT, "max_recipients": 50})
+
+
+async def test_accepted_mail_is_spooled_with_queue_id_and_trace(relay: Running) -> None:
+    """250 names the queue id; the row holds the exact bytes and a Received: line for it."""
+    wire, greeting = await Wire.open(relay.port)
+    assert greeting.startswith("220 relay.test")
+    assert (await wire.cmd("EHLO client.example")).startswith("250-relay.test")
+    assert "250 2.1.0 Ok" == await wire.cmd("MAIL FROM:<noreply@moodle.test>")
+    assert "250 2.1.5 Ok" == await wire.cmd("RCPT TO:<student@example.org>")
+    assert (await wire.cmd("DATA")).startswith("354")
+    reply = await wire.cmd(MAIL + b".")
+    await wire.close()
+    match = re.fullmatch(r"250 2\.0\.0 Ok: queued as ([0-9A-Z]{12})", reply)
+    assert match is not None, reply
+    [mail] = await relay.ctx.spool.claim(1)
+    assert (match.group(1), MAIL) == (mail.id, mail.raw)
+    trace = mail.trace.decode()
+    date = r"\w{3}, \d+ \w{3} \d{4} [\d:]{8} [+-]\d{4}"
+    pattern = (r"Received: from client\.example \(127\.0\.0\.1\)\r\n\tby relay\.test \(relay\)"
+               rf" with ESMTP id {mail.id};\r\n\t{date}\r\n")  # fmt: skip
+    assert re.fullmatch(pattern, trace), trace
+
+
+async def test_ehlo_offers_size_8bitmime_and_no_smtputf8_or_auth(relay: Running) -> None:
+    """EHLO: SIZE = max_message_size, 8BITMIME; no SMTPUTF8, no AUTH without auth config."""
+    wire, _ = await Wire.open(relay.port)
+    lines = (await wire.cmd("EHLO client.example")).splitlines()
+    await wire.close()
+    keywords = {line[4:].split()[0] for line in lines[1:]}
+    assert {"SIZE", "8BITMIME", "HELP"} == keywords
+    assert f"250-SIZE {LIMIT}" in lines
+
+
+BIG = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * (LIMIT // 1000 + 1)
+LONG_HEADER = b"X-Long: " + b"a" * 1_000_000 + b"\r\n\r\nbody\r\n"
+STEPS: list[tuple[str, list[tuple[bytes, str]]]] = [
+    ("size-at-mail", [(b"MAIL FROM:<a@b.example> SIZE=99999999", "552 5.3.4")]),
+    ("size-at-data", [(b"MAIL FROM:<a@b.example>", "250"), (b"RCPT TO:<c@d.example>", "250"),
+                      (b"DATA", "354"), (BIG + b".", "552 5.3.4")]),
+    ("1mb-header-line", [(b"MAIL FROM:<a@b.example>", "250"), (b"RCPT TO:<c@d.example>", "250"),
+                         (b"DATA", "354"), (LONG_HEADER + b".", "500 5.5.2")]),
+    ("command-too-long", [(b"MAIL FROM:<" + b"a" * 3000 + b"@b.example>", "500 5.5.2")]),
+    ("non-ascii-command", [("MAIL FROM:<ü@b.example>".encode(), "500 5.5.2")]),
+    ("sender-no-at", [(b"MAIL FROM:<postmaster>", "501 5.1.7")]),
+    ("sender-bad-domain", [(b"MAIL FROM:<a@-bad.example>", "501 5.1.7")]),
+    ("sender-double-dot", [(b"MAIL FROM:<a..b@c.example>", "501 5.1.7")]),
+    ("sender-unparsable", [(b"MAIL FROM:<a@b@c.example>", "553 5.1.3")]),
+    ("sender-broken-literal", [(b"MAIL FROM:<a@[192.0.2.1>", "553 5.1.3")]),  # crashes aiosmtpd
+    ("recipient-broken-literal", [(b"MAIL FROM:<a@b.example>", "250"),
+                                  (b"RCPT TO:<a@[192.0.2.1>", "553 5.1.3")]),
+    ("recipient-empty-domain", [(b"MAIL FROM:<a@b.example>", "250"),
+                                (b"RCPT TO:<user@>", "553 5.1.3")]),
+    ("recipient-space", [(b"MAIL FROM:<a@b.example>", "250"),
+                         (b"RCPT TO:<a@b_c.example>", "501 5.1.3")]),
+    ("rcpt-before-mail", [(b"RCPT TO:<c@d.example>", "503")]),
+    ("data-before-rcpt", [(b"MAIL FROM:<a@b.example>", "250"), (b"DATA", "503")]),
+    ("bogus-mail-param", [(b"MAIL FROM:<a@b.example> FOO=BAR", "555")]),
+    ("smtputf8-param", [(b"MAIL FROM:<a@b.example> SMTPUTF8", "501")]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("steps", [s for _, s in STEPS], ids=[i for i, _ in STEPS])
+async def test_bad_input_gets_its_reply_and_nothing_is_spooled(
+    relay: Running, steps: list[tuple[bytes, str]]
+) -> None:
+    """Each bad command gets its defined reply; no row; the next normal mail is accepted."""
+    wire, _ = await Wire.open(relay.port)
+    await wire.cmd("EHLO client.example")
+    for data, expected in steps:
+        reply = await wire.cmd(data)
+        assert expected == reply[: len(expected)], reply
+    await wire.close()
+    assert [] == stored(relay)
+    assert "queued as" in await send_normal(relay)
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["<>", "a@b.example", "<noreply@moodle.local>", "<user+tag@[192.0.2.1]>", '<"a b"@c.example>'],
+    ids=["null-sender", "no-brackets", "intranet-domain", "domain-literal", "quoted-local"],
+)
+async def test_unusual_valid_senders_are_accepted(relay: Running, address: str) -> None:
+    """Null sender, bare address, intranet and literal domains: accepted, not lost."""
+    wire, _ = await Wire.open(relay.port)
+    await wire.cmd("EHLO client.example")
+    assert "250 2.1.0 Ok" == await wire.cmd(f"MAIL FROM:{address}")
+    await wire.close()
+
+
+async def test_recipients_beyond_the_limit_get_452(relay: Running) -> None:
+    """1,000 RCPTs: 50 accepted, 950 get 452 4.5.3; the mail goes to the first 50."""
+    wire, _ = await Wire.open(relay.port)
+    await wire.cmd("EHLO client.example")
+    await wire.cmd("MAIL FROM:<noreply@moodle.test>")
+    await wire.send(b"".join(b"RCPT TO:<u%d@example.org>\r\n" % n for n in range(1000)))
+    replies = [await wire.reply() for _ in range(1000)]
+    assert (["250 2.1.5 Ok"] * 50, ["452 4.5.3 Too many recipients"] * 950) == (
+        replies[:50], replies[50:],
+    )  # fmt: skip
+    await wire.cmd("DATA")
+    assert (await wire.cmd(MAIL + b".")).startswith("250 2.0.0")
+    await wire.close()
+    [(_, _, recipients)] = stored(relay)
+    assert [f"u{n}@example.org" for n in range(50)] == json.loads(recipients)
+
+
+SMUGGLE = b"MAIL FROM:<evil@x.example>\r\nRCPT TO:<victim@y.example>\r\nDATA\r\nsmuggled\r\n"
+
+
+@pytest.mark.parametrize(
+    "separator",
+    [b"\n.\r\n", b"\r\n.\n", b"\n.\n", b"\r.\r\n"],
+    ids=["lf-dot-crlf", "crlf-dot-lf", "lf-dot-lf", "cr-dot-crlf"],
+)
+async def test_bare_lf_dot_does_not_end_data(relay: Running, separator: bytes) -> None:
+    """SMTP smuggling: a bare-LF end-of-data look-alike stays inside the one message."""
+    wire, _ = await Wire.open(relay.port)
+    await wire.cmd("EHLO client.example")
+    await wire.cmd("MAIL FROM:<noreply@moodle.test>")
+    await wire.cmd("RCPT TO:<student@example.org>")
+    await wire.cmd("DATA")
+    reply = await wire.cmd(b"Subject: s\r\n\r\nfirst" + separator + SMUGGLE + b".")
+    assert reply.startswith("250 2.0.0"), reply
+    assert "221 Bye" == await wire.cmd("QUIT")  # no second reply was queued before it
+    await wire.close()
+    [(sender, body, _)] = stored(relay)
+    assert "noreply@moodle.test" == sender
+    assert b"smuggled" in body and b"evil@x.example" in body
+
+
+async def test_8bit_data_without_8bitmime_is_stored_byte_for_byte(relay: Running) -> None:
+    """8-bit bytes (UTF-8 and not) without BODY=8BITMIME: accepted, stored unchanged."""
+    body = "Subject: Grüße\r\n\r\nÄÖÜ – ".encode() + bytes(range(128, 256)) + b"\r\n"
+    wire, _ = await Wire.open(relay.port)
+    await wire.cmd("EHLO client.example")
+    await wire.cmd("MAIL FROM:<noreply@moodle.test>")
+    await wire.cmd("RCPT TO:<student@example.org>")
+    await wire.cmd("DATA")
+    assert (await wire.cmd(body + b".")).startswith("250 2.0.0")
+    await wire.close()
+    assert [body] == [b for _, b, _ in stored(relay)]
+
+
+async def test_dot_stuffing_is_undone(relay: Running) -> None:
+    """A line starting with '..' on the wire is stored with one dot."""
+    wire, _ = await Wire.open(relay.port)
+    await wire.cmd("EHLO client.example")
+    await wire.cmd("MAIL FROM:<noreply@moodle.test>")
+    await wire.cmd("RCPT TO:<student@example.org>")
+    await wire.cmd("DATA")
+    await wire.cmd(b"Subject: d\r\n\r\n..leading dot\r\n.")
+    await wire.close()
+    assert [b"Subject: d\r\n\r\n.leading dot\r\n"] == [b for _, b, _ in stored(relay)]
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [random.Random(1).randbytes(4096), b"\x00\xff" * 600 + b"\r\n", b"\r\n" * 50],
+    ids=["random-bytes", "nul-ff", "empty-lines"],
+)
+async def test_binary_garbage_is_refused_and_the_server_keeps_serving(
+    relay: Running, garbage: bytes
+) -> None:
+    """Garbage instead of commands: error replies or a close, never a crash or a row."""
+    wire, _ = await Wire.open(relay.port)
+    await wire.send(garbage + b"\r\nQUIT\r\n")
+    replies = []
+    while not replies or replies[-1][:3] not in ("221", "(cl"):
+        replies.append(await wire.reply())
+    await wire.close()
+    assert set() == {r[:3] for r in replies} - {"500", "502", "221", "(cl"}
+    assert [] == stored(relay)
+    assert "queued as" in await send_normal(relay)
+
+
+async def test_client_gone_mid_data_leaves_nothing(relay: Running) -> None:
+    """A client that disconnects in the middle of DATA: no row, server fine."""
+    wire, _ = await Wire.open(relay.port)
+    await wire.cmd("EHLO client.example")
+    await wire.cmd("MAIL FROM:<noreply@moodle.test>")
+    await wire.cmd("RCPT TO:<student@example.org>")
+    await wire.cmd("DATA")
+    await wire.send(b"Subject: cut\r\n\r\nhalf a mess")
+    wire.writer.transport.abort()
+    await asyncio.sleep(0.1)
+    assert [] == stored(relay)
+    assert "queued as" in await send_normal(relay)
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [{"max_pages": 1}, {"read_only": True}],
+    ids=["disk-full", "read-only"],
+)
+async def test_spool_failure_gives_451_and_recovers(relay: Running, fault: dict[str, Any]) -> None:
+    """Spool cannot commit: 451 4.3.0, nothing stored; the same server accepts once fixed."""
+    await relay.ctx.spool.set_limits(**fault)
+    body = b"Subject: big\r\n\r\n" + (b"z" * 900 + b"\r\n") * 8
+    with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+        await aiosmtplib.send(body, sender="a@b.example", recipients=["c@d.example"],
+                              hostname="127.0.0.1", port=relay.port, timeout=10)  # fmt: skip
+    assert (451, "4.3.0 Cannot queue the message now, try again later") == (
+        refused.value.code, refused.value.message,
+    )  # fmt: skip
+    assert [] == stored(relay)
+    await relay.ctx.spool.set_limits()
+    assert "queued as" in await send_normal(relay)
+    assert 1 == len(stored(relay))
+
+
+async def test_peer_outside_allow_networks_is_refused_at_connect(start_relay: Start) -> None:
+    """allow_networks without the client's address: 554 5.7.1 instead of a greeting."""
+    running = await start_relay(allow_networks=["10.0.0.0/8"])
+    wire, greeting = await Wire.open(running.port)
+    await wire.close()
+    assert "554 5.7.1 Access denied for 127.0.0.1" == greeting
+    allowed = await start_relay(allow_networks=["10.0.0.0/8", "127.0.0.0/8"])
+    assert "queued as" in await send_normal(allowed)
+
+
+@pytest.fixture
+async def secured(start_relay: Start, tls_files: TlsFiles, tmp_path: Path) -> Running:
+    """Loopback listener with STARTTLS and AUTH (user moodle / password s3cret)."""
+    users = tmp_path / "users"
+    users.write_text(f"# relay users\nmoodle:{hash_password('s3cret', n=1024)}\n")
+    return await start_relay(
+        auth={"users_file": str(users)},
+        tls={"cert": str(tls_files.cert), "key": str(tls_files.key)},
+    )
+
+
+async def test_auth_is_refused_before_starttls(secured: Running) -> None:
+    """Before STARTTLS: no AUTH offered, AUTH refused (538), MAIL refused (530)."""
+    wire, _ = await Wire.open(secured.port)
+    ehlo = await wire.cmd("EHLO client.example")
+    auth = await wire.cmd("AUTH PLAIN AG1vb2RsZQBzM2NyZXQ=")
+    mail = await wire.cmd("MAIL FROM:<noreply@moodle.test>")
+    await wire.close()
+    assert ("250-STARTTLS" in ehlo, "AUTH" in ehlo) == (True, False)
+    assert "538 5.7.11" == auth[:10]
+    assert "530 5.7.0 Authentication required" == mail
+
+
+@pytest.mark.parametrize("mechanism", ["auth_plain", "auth_login"], ids=["PLAIN", "LOGIN"])
+async def test_auth_after_starttls(secured: Running, mechanism: str) -> None:
+    """After STARTTLS: a wrong password gets 535 5.7.8, the right one 235 and mail is ESMTPSA."""
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=secured.port, start_tls=True,
+                             validate_certs=False, timeout=10)  # fmt: skip
+    async with client:
+        await client.ehlo()
+        with pytest.raises(aiosmtplib.SMTPAuthenticationError) as wrong:
+            await getattr(client, mechanism)("moodle", "wrong")
+        assert (535, "5.7.8 Authentication credentials invalid") == (
+            wrong.value.code, wrong.value.message,
+        )  # fmt: skip
+        assert 235 == (await getattr(client, mechanism)("moodle", "s3cret")).code
+        await client.sendmail("noreply@moodle.test", ["student@example.org"], MAIL)
+    [mail] = await secured.ctx.spool.claim(1)
+    assert b" with ESMTPSA id " in mail.trace
+
+
+async def test_implicit_tls_with_auth(
+    start_relay: Start, tls_files: TlsFiles, tmp_path: Path
+) -> None:
+    """tls.implicit: TLS from the first byte (Moodle's smtpsecure=ssl); AUTH works at once."""
+    users = tmp_path / "users"
+    users.write_text(f"moodle:{hash_password('s3cret', n=1024)}\n")
+    running = await start_relay(
+        auth={"users_file": str(users)},
+        tls={"cert": str(tls_files.cert), "key": str(tls_files.key), "implicit": True},
+    )
+    await aiosmtplib.send(MAIL, sender="noreply@moodle.test", recipients=["s@example.org"],
+                          hostname="127.0.0.1", port=running.port, use_tls=True,
+                          validate_certs=False, username="moodle", password="s3cret",
+                          timeout=10)  # fmt: skip
+    [mail] = await running.ctx.spool.claim(1)
+    assert b" with ESMTPSA id " in mail.trace
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"Subject: x\r\nMessage-ID: <a.b@moodle.test>\r\n\r\nbody", "<a.b@moodle.test>"),
+        (b"message-id:\r\n <folded@moodle.test>\r\n\r\n", "<folded@moodle.test>"),
+        (b"Subject: x\r\n\r\nMessage-ID: <in-body@x>\r\n", ""),
+        (b"Subject: no id\r\n\r\n", ""),
+    ],
+    ids=["plain", "folded-lowercase", "only-in-body", "absent"],
+)
+def test_message_id_is_read_from_the_header_block_only(raw: bytes, expected: str) -> None:
+    """The log line's Message-ID comes from the headers, cheaply, never from the body."""
+    assert expected == extract_message_id(raw)
+
+
+@pytest.mark.parametrize(
+    ("address", "valid"),
+    [("a@b.example", True), ("x@moodle.local", True), ("a@localhost", False),
+     ("a b@c.example", False), ("a@b", True), ("@b.example", False)],
+    ids=["normal", "intranet", "localhost-no-dot", "space", "dotless-domain", "no-local"],
+)  # fmt: skip
+def test_address_syntax(address: str, valid: bool) -> None:
+    """email-validator syntax, lenient on intranet names (mail must not be lost)."""
+    assert valid == (address_problem(address) is None)
