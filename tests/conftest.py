@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +116,7 @@ class RelayProcess:
 
     config: Path
     log_path: Path
+    args: list[str] = field(default_factory=list)  # extra `relay serve` options
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
 
@@ -124,7 +125,7 @@ class RelayProcess:
         env = {**os.environ, "RELAY_PORT_FILE": str(port_file), "PYTHONUNBUFFERED": "1"}
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [*RELAY, "serve", "--config", str(self.config)], env=env, stdout=log,
+                [*RELAY, "serve", "--config", str(self.config), *self.args], env=env, stdout=log,
                 stderr=subprocess.STDOUT,
             )  # fmt: skip
         deadline = time.monotonic() + timeout
