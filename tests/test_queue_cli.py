@@ -1,0 +1,196 @@
+"""`relay queue list/show/retry/delete/stats` on a spool with a message in every state."""
+
+# STYLE.md asserts read `expected == actual`; ruff's SIM300 calls that Yoda.
+# ruff: noqa: SIM300
+
+from __future__ import annotations
+
+import json
+import smtplib
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from relay.cli import main
+from relay.spool import Spool
+from tests.conftest import ConfigWriter, RelayProcess, relay_cli
+
+TRACE = b"Received: from moodle.test (127.0.0.1)\r\n\tby relay.test (relay) with ESMTP id X;\r\n"
+
+
+def body(n: int) -> bytes:
+    return f"Message-ID: <{n}@moodle.test>\r\nSubject: mail {n}\r\n\r\nbody {n}\r\n".encode()
+
+
+@pytest.fixture
+async def spooled(write_config: ConfigWriter) -> tuple[Path, dict[str, str]]:
+    """A config and its spool holding one message per state; returns (config, {state: id})."""
+    config = write_config()
+    spool = await Spool.open(config.parent / "spool")
+    ids = [
+        await spool.add(sender="noreply@moodle.test", recipients=[f"u{n}@example.org"],
+                        raw=body(n), peer="127.0.0.1", trace=TRACE, message_id=f"<{n}@moodle.test>")
+        for n in range(5)
+    ]  # fmt: skip
+    sent, deferred, failed, inflight, queued = ids
+    await spool.claim(4)
+    await spool.sent(sent, rule="reengagement-cc", route="ses", reply="SES accepted",
+                     ses_message_id="0100-ses")  # fmt: skip
+    await spool.defer(deferred, due_at=time.time() + 600, rule=None, route="upstream",
+                      reply="451 4.3.0 try later")  # fmt: skip
+    await spool.fail(failed, rule=None, route="upstream", reply="550 5.1.1 no such user")
+    await spool.close()
+    states = {"sent": sent, "deferred": deferred, "failed": failed, "inflight": inflight,
+              "queued": queued}  # fmt: skip
+    return config, states
+
+
+def queue(config: Path, *args: str) -> Result:
+    """`relay queue --config CONFIG ARGS...` through click, in-process."""
+    return CliRunner().invoke(main, ["queue", "--config", str(config), *args])
+
+
+def test_list_json_shows_every_message_but_sent(spooled: tuple[Path, dict[str, str]]) -> None:
+    """list --json: one object per line, oldest first, delivered rows left out."""
+    config, ids = spooled
+    result = queue(config, "list", "--json")
+    assert 0 == result.exit_code, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    expected = [(ids[s], s) for s in ("deferred", "failed", "inflight", "queued")]
+    assert expected == [(r["id"], r["state"]) for r in records]
+    assert ["u1@example.org"] == records[0]["recipients"]
+    assert "451 4.3.0 try later" == records[0]["reply"]
+
+
+@pytest.mark.parametrize("state", ["sent", "failed", "queued"])
+def test_list_state_filter(spooled: tuple[Path, dict[str, str]], state: str) -> None:
+    """list --state S lists exactly the messages in state S (sent included on request)."""
+    config, ids = spooled
+    result = queue(config, "list", "--state", state, "--json")
+    assert [ids[state]] == [json.loads(line)["id"] for line in result.stdout.splitlines()]
+
+
+def test_list_human_table(spooled: tuple[Path, dict[str, str]]) -> None:
+    """Default output: a mailq-like table with a header, one row each, the reply of
+    deferred/failed messages, and a count."""
+    config, ids = spooled
+    lines = queue(config, "list").stdout.splitlines()
+    assert lines[0].split() == ["ID", "STATE", "SIZE", "ARRIVED", "TRIES", "SENDER", "->",
+                                "RECIPIENTS"]  # fmt: skip
+    assert "-- 4 messages" == lines[-1]
+    row = next(line for line in lines if line.startswith(ids["failed"]))
+    assert "noreply@moodle.test -> u2@example.org" in row
+    assert "(550 5.1.1 no such user)" in lines[lines.index(row) + 1]
+
+
+def test_list_unknown_state_is_a_usage_error(spooled: tuple[Path, dict[str, str]]) -> None:
+    """--state with a name that is not a state: exit 2 and the valid names."""
+    config, _ = spooled
+    result = queue(config, "list", "--state", "bounced")
+    assert 2 == result.exit_code
+    assert "queued, inflight, deferred, sent, failed" in result.stderr
+
+
+def test_show_json_has_fields_headers_and_history(spooled: tuple[Path, dict[str, str]]) -> None:
+    """show --json: stored fields, the trace, the headers and every event in order."""
+    config, ids = spooled
+    record = json.loads(queue(config, "show", ids["failed"], "--json").stdout)
+    assert ("failed", "upstream", "550 5.1.1 no such user", 1) == (
+        record["state"], record["route"], record["reply"], record["attempts"],
+    )  # fmt: skip
+    assert "Message-ID: <2@moodle.test>\r\nSubject: mail 2\r\n" == record["headers"]
+    assert TRACE.decode() == record["trace"]
+    assert ["received", "failed"] == [e["event"] for e in record["events"]]
+
+
+def test_show_sent_message_keeps_metadata_not_body(spooled: tuple[Path, dict[str, str]]) -> None:
+    """A delivered message still answers "where did it go?": route, rule, SES id; no body."""
+    config, ids = spooled
+    record = json.loads(queue(config, "show", ids["sent"], "--json").stdout)
+    assert ("sent", "ses", "reengagement-cc", "0100-ses", None) == (
+        record["state"], record["route"], record["rule"], record["ses_message_id"],
+        record["headers"],
+    )  # fmt: skip
+    text = queue(config, "show", ids["sent"]).stdout
+    assert "history:" in text and "ses_message_id=0100-ses" in text
+
+
+def test_show_unknown_id(spooled: tuple[Path, dict[str, str]]) -> None:
+    """show of an id not in the spool: exit 1 and a message saying so."""
+    config, _ = spooled
+    result = queue(config, "show", "0000000000ZZ")
+    assert (1, "relay queue show: no message 0000000000ZZ\n") == (result.exit_code, result.stderr)
+
+
+@pytest.mark.parametrize(
+    ("state", "exit_code", "after"),
+    [("failed", 0, "queued"), ("deferred", 0, "queued"), ("sent", 1, "sent"),
+     ("inflight", 1, "inflight")],
+    ids=["failed", "deferred", "sent-refused", "inflight-refused"],
+)  # fmt: skip
+def test_retry(
+    spooled: tuple[Path, dict[str, str]], state: str, exit_code: int, after: str
+) -> None:
+    """retry: failed/deferred -> queued (due now, event recorded); others left alone, exit 1."""
+    config, ids = spooled
+    result = queue(config, "retry", ids[state])
+    assert exit_code == result.exit_code, result.output
+    record = json.loads(queue(config, "show", ids[state], "--json").stdout)
+    assert after == record["state"]
+    if exit_code == 0:
+        assert "retry" == record["events"][-1]["event"]
+        assert record["due_at"] <= time.time()
+
+
+def test_retry_all_failed(spooled: tuple[Path, dict[str, str]]) -> None:
+    """--all-failed queues every dead letter again."""
+    config, ids = spooled
+    assert 0 == queue(config, "retry", "--all-failed").exit_code
+    assert "" == queue(config, "list", "--state", "failed", "--json").stdout
+    record = json.loads(queue(config, "show", ids["failed"], "--json").stdout)
+    assert ("queued", "retry") == (record["state"], record["events"][-1]["event"])
+
+
+def test_delete(spooled: tuple[Path, dict[str, str]]) -> None:
+    """delete removes the message and its history; an inflight one is refused."""
+    config, ids = spooled
+    result = queue(config, "delete", ids["queued"], ids["inflight"])
+    assert 1 == result.exit_code
+    assert f"{ids['queued']}: deleted\n" == result.stdout
+    assert 1 == queue(config, "show", ids["queued"]).exit_code
+    assert 0 == queue(config, "show", ids["inflight"]).exit_code
+
+
+def test_stats_json(spooled: tuple[Path, dict[str, str]]) -> None:
+    """stats --json: counts by state, bytes of bodies held, oldest waiting age."""
+    config, _ = spooled
+    stats = json.loads(queue(config, "stats", "--json").stdout)
+    assert {"queued": 1, "inflight": 1, "deferred": 1, "sent": 1, "failed": 1} == stats["counts"]
+    assert (5, sum(len(body(n)) for n in (1, 2, 3, 4))) == (stats["total"], stats["bytes"])
+    assert 0 <= stats["oldest_queued_age"] < 60
+
+
+def test_no_spool_yet(write_config: ConfigWriter) -> None:
+    """Before the service ever ran: exit 1 with a message naming the missing file."""
+    result = queue(write_config(), "stats")
+    assert 1 == result.exit_code
+    assert "no spool at" in result.stderr
+
+
+def test_queue_commands_work_while_the_service_runs(
+    write_config: ConfigWriter, relay_process: Callable[[Path], RelayProcess]
+) -> None:
+    """A separate `relay queue` process reads and changes the spool of a running service."""
+    config = write_config()
+    relay = relay_process(config).start()
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+        client.sendmail("noreply@moodle.test", ["a@example.org"], body(1))
+    listed = relay_cli("queue", "--config", str(config), "list", "--json")
+    [record] = [json.loads(line) for line in listed.stdout.splitlines()]
+    deleted = relay_cli("queue", "--config", str(config), "delete", record["id"])
+    stats = relay_cli("queue", "--config", str(config), "stats", "--json")
+    assert (0, 0) == (deleted.returncode, json.loads(stats.stdout)["total"])
+    assert 0 == relay.stop()
