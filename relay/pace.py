@@ -2,15 +2,17 @@
 
 SES counts recipients, not calls, against a per-second rate and a 24-hour quota.
 `Pace` spaces grants evenly (no burst: a grant of n recipients holds the next one
-back by n / rate), so no 1-second window ever sees more than the rate, even
-right after an idle spell; several relays sharing one account each pace their
-own share. It runs a few percent under its target (HEADROOM) because SES's
-window and our clock never agree to the millisecond: a limiter exactly at the
-quota still gets throttled.
+back by n / rate, even right after an idle spell) and also never books more than
+the rate into any window of WINDOW + JITTER seconds, so mixed message sizes
+cannot pile up inside one of SES's 1-second windows either. It spaces grants a
+few percent under its target (HEADROOM) because SES's window and our clock
+never agree to the millisecond: a limiter exactly at the quota still gets
+throttled.
 
-On a rate throttle the target drops multiplicatively, once per window; each
-success lets it climb back additively toward the ceiling (AIMD, so relays
-sharing an account converge on fair shares instead of oscillating).
+On a rate throttle the target drops multiplicatively, once per window, and
+never above what SES accepted in the last second; each success lets it climb
+back additively toward the ceiling (AIMD, so relays sharing an account converge
+on fair shares instead of oscillating).
 
 The clock and the sleep are injected, so tests run on virtual time.
 """
@@ -18,12 +20,16 @@ The clock and the sleep are injected, so tests run on virtual time.
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 import time
 from collections.abc import Awaitable, Callable
 
-HEADROOM = 0.97  # pace at 97% of the target rate
-DECREASE = 0.8  # on a throttle: rate *= DECREASE
+HEADROOM = 0.97  # space grants at 97% of the target rate
+WINDOW = 1.0  # seconds: SES counts recipients per second
+JITTER = 0.025  # seconds of disagreement between our clock and SES's window we absorb
+DECREASE = 0.85  # on a throttle: rate *= DECREASE, or down to what SES just accepted
+MAX_DECREASE = 0.5  # but never cut more than this at once
 HOLD = 1.0  # seconds after a cut in which further throttles are the same event (SES's window)
 INCREASE = 0.01  # per second of steady success: rate += INCREASE * ceiling
 MIN_INCREASE = 0.05  # recipients/s per second, so tiny ceilings still recover
@@ -48,6 +54,10 @@ class Pace:
         self._rate = float(rate)
         now = clock()
         self._next = now  # earliest start of the next grant
+        self._granted: collections.deque[tuple[float, int]] = collections.deque()
+        self._granted_sum = 0
+        self._accepted: collections.deque[tuple[float, int]] = collections.deque()
+        self._accepted_sum = 0
         self._last_cut = -math.inf
         self._last_success = now
         self._max_24h = math.inf
@@ -74,6 +84,20 @@ class Pace:
         """Book a grant for `recipients`; return how many seconds to wait before sending."""
         now = self._clock()
         start = max(now, self._next)
+        span = WINDOW + JITTER
+        granted = self._granted
+        while granted and granted[0][0] <= start - span:
+            self._granted_sum -= granted.popleft()[1]
+        # Over the rate within the span: wait until enough earlier grants leave it. A lone
+        # grant larger than the rate still goes when the span is empty.
+        total = self._granted_sum
+        for at, n in granted:
+            if total == 0 or total + recipients <= self._rate:
+                break
+            total -= n
+            start = max(start, at + span)
+        granted.append((start, recipients))
+        self._granted_sum += recipients
         self._next = start + max(recipients, 0) / (self._rate * HEADROOM)
         return start - now
 
@@ -89,17 +113,27 @@ class Pace:
         if now - self._last_cut < HOLD:
             return  # the same overshoot, reported by the other sends in flight
         self._last_cut = now
-        self._rate = max(self._rate * DECREASE, self._ceiling * FLOOR)
+        accepted = self._accepted_since(now - WINDOW)
+        cut = max(min(self._rate * DECREASE, float(accepted)), self._rate * MAX_DECREASE)
+        self._rate = max(cut, self._ceiling * FLOOR)
 
-    def succeeded(self) -> None:
-        """A send went through: climb additively, in proportion to the time sending went well."""
+    def succeeded(self, recipients: int = 1) -> None:
+        """SES took `recipients`: climb additively, in proportion to the time sending went well."""
         now = self._clock()
+        self._accepted_since(now - WINDOW)
+        self._accepted.append((now, recipients))
+        self._accepted_sum += recipients
         elapsed = min(now - self._last_success, 1.0)
         self._last_success = now
         if now - self._last_cut < HOLD:
             return  # successes inside the throttled window prove nothing yet
         step = max(INCREASE * self._ceiling, MIN_INCREASE)
         self._rate = min(self._rate + step * elapsed, self._ceiling)
+
+    def _accepted_since(self, since: float) -> int:
+        while self._accepted and self._accepted[0][0] <= since:
+            self._accepted_sum -= self._accepted.popleft()[1]
+        return self._accepted_sum
 
     def set_budget(self, max_24h: float, sent_last_24h: float) -> None:
         """From GetSendQuota: the daily maximum (-1 or inf: none) and what SES has counted."""

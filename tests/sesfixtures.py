@@ -14,6 +14,7 @@ from typing import Any
 
 import boto3
 import pytest
+from aiobotocore.session import AioSession, get_session
 from moto.server import ThreadedMotoServer
 
 from relay.mail import Mail
@@ -90,6 +91,16 @@ def moto_raw_messages(url: str) -> list[dict[str, Any]]:
         data = json.load(response)
     messages: list[dict[str, Any]] = data["ses"]["RawMessage"]
     return messages
+
+
+@pytest.fixture(scope="session")
+def aio_session() -> AioSession:
+    """One aiobotocore session for the test run: it caches the SES service model.
+
+    It also caches credentials once resolved; a test about the credential chain
+    needs its own session.
+    """
+    return get_session()
 
 
 @pytest.fixture

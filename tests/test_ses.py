@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
+from aiobotocore.session import AioSession
 from botocore.exceptions import ClientError
 
 from relay.errors import AccountFailure, PermanentFailure, TemporaryFailure
@@ -18,6 +19,7 @@ from relay.settings import Ses
 from tests.fakeses import DROP, HTTP_500, FakeSes, Fault
 from tests.sesfixtures import (  # noqa: F401
     REGION,
+    aio_session,
     aws_env,
     fake_ses,
     make_mail,
@@ -29,18 +31,21 @@ pytestmark = pytest.mark.usefixtures("aws_env")
 
 
 @pytest.fixture
-async def ses(fake_ses: FakeSes) -> AsyncIterator[SesClient]:  # noqa: F811
+async def ses(fake_ses: FakeSes, aio_session: AioSession) -> AsyncIterator[SesClient]:  # noqa: F811
     """An SesClient pointed at the fake SES."""
     settings = Ses(region=REGION, endpoint_url=fake_ses.url, timeout=2.0)
-    async with await SesClient.open(settings) as client:
+    async with await SesClient.open(settings, session=aio_session) as client:
         yield client
 
 
-async def test_send_through_moto_stores_envelope_and_bytes(moto_server: str) -> None:  # noqa: F811
+async def test_send_through_moto_stores_envelope_and_bytes(
+    moto_server: str,  # noqa: F811
+    aio_session: AioSession,  # noqa: F811
+) -> None:
     """Source, Destinations and the bytes (trace line + raw, unchanged) reach SES as given."""
     mail = make_mail(id="Q-moto", recipients=("ada@example.net", "cc@example.org"))
     settings = Ses(region=REGION, endpoint_url=moto_server)
-    async with await SesClient.open(settings) as client:
+    async with await SesClient.open(settings, session=aio_session) as client:
         message_id = await client.send(mail, configuration_set=None, tags=[("rule", "r")])
 
     stored = [m for m in moto_raw_messages(moto_server) if m["id"] == message_id]
