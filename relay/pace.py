@@ -89,10 +89,11 @@ class Pace:
         while granted and granted[0][0] <= start - span:
             self._granted_sum -= granted.popleft()[1]
         # Over the rate within the span: wait until enough earlier grants leave it. A lone
-        # grant larger than the rate still goes when the span is empty.
-        total = self._granted_sum
+        # grant larger than the rate still goes when the span is empty. SES rates are whole
+        # recipients; a fractional target must not round a 12.6/s account down to 12.
+        total, limit = self._granted_sum, math.ceil(self._rate)
         for at, n in granted:
-            if total == 0 or total + recipients <= self._rate:
+            if total == 0 or total + recipients <= limit:
                 break
             total -= n
             start = max(start, at + span)

@@ -26,12 +26,12 @@ from aiobotocore.session import AioSession, get_session
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
-    ConnectionError,
     CredentialRetrievalError,
     HTTPClientError,
     NoCredentialsError,
     PartialCredentialsError,
 )
+from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.parsers import ResponseParserError
 
 from relay import settings as _settings
@@ -68,6 +68,9 @@ ACCOUNT_CODES = frozenset({
 })  # fmt: skip
 TEMPORARY_CODES = frozenset({"ServiceUnavailable", "InternalFailure", "InternalError"})
 
+# What a send may raise besides our own errors; OSError covers TimeoutError.
+_ERRORS = (BotoCoreError, ClientError, ResponseParserError, aiohttp.ClientError, OSError)
+_NETWORK = (BotoConnectionError, HTTPClientError, ResponseParserError, aiohttp.ClientError, OSError)
 _TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
@@ -102,7 +105,8 @@ class SesClient:
 
     @classmethod
     async def open(cls, settings: _settings.Ses, *, session: AioSession | None = None) -> Self:
-        """Create the client (no network traffic yet: credentials resolve on first call)."""
+        """Create the client. No network traffic yet: credentials and the first connection
+        come with the first call, so call `quota()` at start-up before pacing sends."""
         config = AioConfig(
             retries={"total_max_attempts": 1},
             connect_timeout=min(CONNECT_TIMEOUT, settings.timeout),
@@ -204,9 +208,7 @@ class SesClient:
         try:
             async with asyncio.timeout(self._deadline):
                 response: dict[str, Any] = await getattr(self._client, method)(**params)
-        except (BotoCoreError, ClientError, ResponseParserError, aiohttp.ClientError) as exc:
-            raise failure(exc, what) from exc
-        except (TimeoutError, OSError) as exc:
+        except _ERRORS as exc:
             raise failure(exc, what) from exc
         return response
 
@@ -218,8 +220,7 @@ def failure(exc: BaseException, what: str) -> DeliveryError:
     name = type(exc).__name__
     if isinstance(exc, NoCredentialsError | PartialCredentialsError | CredentialRetrievalError):
         return AccountFailure(f"SES credentials unusable for {what}: {exc}", reply=name)
-    network = (ConnectionError, HTTPClientError, ResponseParserError, aiohttp.ClientError, OSError)
-    if isinstance(exc, network):  # OSError covers TimeoutError
+    if isinstance(exc, _NETWORK):
         reply = f"{name}: {exc}" if str(exc) else name
         return TemporaryFailure(f"SES unreachable for {what}: {reply}", reply=reply)
     if isinstance(exc, BotoCoreError):
