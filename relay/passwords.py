@@ -15,10 +15,13 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger("relay.passwords")
 
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 16384, 8, 1
 _KEY_LEN = 32
@@ -104,13 +107,16 @@ class Users:
 
 
 def parse_users(text: str) -> dict[str, str]:
-    """`user:hash` lines -> {user: hash}; lines whose hash is not `$scrypt$` are ignored."""
+    """`user:hash` lines -> {user: hash}; other lines are skipped with a warning."""
     users = {}
-    for line in text.splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
-        if not line or line.startswith("#") or ":" not in line:
+        if not line or line.startswith("#"):
             continue
         user, _, encoded = line.partition(":")
-        if encoded.startswith("$scrypt$"):
+        if user.strip() and encoded.strip().startswith("$scrypt$"):
             users[user.strip()] = encoded.strip()
+        else:  # never log the line itself: it may hold a plain-text password
+            log.warning("event=users_line_ignored line=%d reason=%r", number,
+                        "not user:$scrypt$... (relay hash-password makes one)")  # fmt: skip
     return users

@@ -20,7 +20,6 @@ import logging
 import os
 import signal
 import ssl
-import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack, suppress
@@ -82,8 +81,7 @@ def run(settings: Settings, *, log_format: str = "text") -> int:
     try:
         asyncio.run(serve(settings))
     except (StartError, SpoolError) as exc:
-        log.error("event=start_failed error=%s", exc)
-        print(f"relay: cannot start: {exc}", file=sys.stderr)
+        log.error("cannot start: %s", exc)
         return 1
     return 0
 

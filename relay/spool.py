@@ -227,6 +227,7 @@ class Spool:
         self.path = writer.path
         self.wakeup = asyncio.Event()  # set after each committed add: new mail to deliver
         self.new_id = new_id
+        self._closed = False
 
     @classmethod
     async def open(cls, directory: Path) -> Spool:
@@ -255,11 +256,14 @@ class Spool:
 
     async def close(self) -> None:
         """Finish queued calls, then close the database."""
+        if self._closed:
+            return
+        self._closed = True
         self._writer.jobs.put(None)
         await asyncio.to_thread(self._writer.join, 30)
 
     async def _call(self, op: Op[T]) -> T:
-        if not self._writer.is_alive():
+        if self._closed or not self._writer.is_alive():
             raise SpoolError(f"spool {self.path} is closed")
         return await asyncio.wrap_future(self._writer.submit(op))
 
@@ -394,6 +398,8 @@ class Spool:
             for name, value in pragmas.items():
                 conn.execute(f"PRAGMA {name} = {value}")
 
+        if self._closed:
+            raise SpoolError(f"spool {self.path} is closed")
         await asyncio.wrap_future(self._writer.submit(op, transaction=False))
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import aiosmtplib
 import pytest
 
-from relay.passwords import hash_password
+from relay.passwords import hash_password, parse_users, verify_password
 from relay.receive import address_problem, extract_message_id
 from relay.spool import DB_NAME
 from tests.conftest import Running, TlsFiles
@@ -397,3 +397,24 @@ def test_message_id_is_read_from_the_header_block_only(raw: bytes, expected: str
 def test_address_syntax(address: str, valid: bool) -> None:
     """email-validator syntax, lenient on intranet names (mail must not be lost)."""
     assert valid == (address_problem(address) is None)
+
+
+@pytest.mark.parametrize(
+    ("password", "encoded_for", "expected"),
+    [("s3cret", "s3cret", True), ("wrong", "s3cret", False), ("", "", True)],
+    ids=["right", "wrong", "empty"],
+)
+def test_password_hash_round_trip(password: str, encoded_for: str, expected: bool) -> None:
+    """hash_password() makes `$scrypt$n=..,r=..,p=..$salt$key`; verify_password() checks it."""
+    encoded = hash_password(encoded_for, n=1024)
+    assert re.fullmatch(r"\$scrypt\$n=1024,r=8,p=1\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+", encoded)
+    assert expected == verify_password(password.encode(), encoded)
+
+
+def test_users_file_skips_plain_text_and_unknown_lines(caplog: pytest.LogCaptureFixture) -> None:
+    """Only `user:$scrypt$...` lines count; a plain-text password line is skipped, not logged."""
+    good = hash_password("pw", n=1024)
+    users = parse_users(f"# comment\n\nmoodle:{good}\nother:plaintextpw\n")
+    assert {"moodle": good} == users
+    assert "plaintextpw" not in caplog.text
+    assert "line=4" in caplog.text

@@ -101,7 +101,7 @@ def test_phpmailer_200_mails_are_spooled_byte_identical(
     # A regression guard, not the benchmark: delayed ACKs would cost ~40 ms per mail.
     median = statistics.median(r["seconds"] for r in results)
     print(f"PHPMailer keepalive={keepalive}: median {median * 1000:.1f} ms per mail")
-    assert median < 0.02
+    assert median < 0.025
     assert 0 == relay.stop()
 
 
