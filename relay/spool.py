@@ -375,9 +375,12 @@ class Spool:
             cutoff = time.time() - older_than
             ids = "SELECT id FROM messages WHERE state = 'sent' AND updated_at < ?"
             conn.execute(f"DELETE FROM events WHERE queue_id IN ({ids})", (cutoff,))
-            return conn.execute(
+            count = conn.execute(
                 "DELETE FROM messages WHERE state = 'sent' AND updated_at < ?", (cutoff,)
             ).rowcount
+            # Each fetched row is one freed page: fetch all to give them back to the disk.
+            conn.execute("PRAGMA incremental_vacuum").fetchall()
+            return count
 
         return await self._call(op)
 
@@ -424,14 +427,19 @@ def _reclaim(conn: sqlite3.Connection) -> int:
 
 def _prepare(directory: Path) -> None:
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    conn = connect(directory / DB_NAME)
+    path = directory / DB_NAME
+    conn = sqlite3.connect(path, isolation_level=None)
     try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
-            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes effect on a new file
+            # Before the first table and before WAL, or it does not take effect.
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             conn.executescript(_SCHEMA)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("PRAGMA journal_mode = WAL")
     finally:
         conn.close()
+    os.chmod(path, 0o600)
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -440,7 +448,6 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = FULL")
-    os.chmod(path, 0o600)
     return conn
 
 
