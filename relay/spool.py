@@ -375,14 +375,18 @@ class Spool:
             cutoff = time.time() - older_than
             ids = "SELECT id FROM messages WHERE state = 'sent' AND updated_at < ?"
             conn.execute(f"DELETE FROM events WHERE queue_id IN ({ids})", (cutoff,))
-            count = conn.execute(
+            return conn.execute(
                 "DELETE FROM messages WHERE state = 'sent' AND updated_at < ?", (cutoff,)
             ).rowcount
-            # Each fetched row is one freed page: fetch all to give them back to the disk.
-            conn.execute("PRAGMA incremental_vacuum").fetchall()
-            return count
 
-        return await self._call(op)
+        def vacuum(conn: sqlite3.Connection) -> None:
+            # Give free pages (dropped bodies, purged rows) back to the disk. executescript
+            # steps the PRAGMA to the end; execute() would free one page only.
+            conn.executescript("PRAGMA incremental_vacuum;")
+
+        count = await self._call(op)
+        await asyncio.wrap_future(self._writer.submit(vacuum, transaction=False))
+        return count
 
     async def counts(self) -> dict[str, int]:
         """Messages by state (every state present, zero when none): for metrics."""
