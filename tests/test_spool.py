@@ -195,6 +195,20 @@ async def test_purge_drops_old_sent_rows_only(spool: Spool, tmp_path: Path) -> N
     assert [] == events(tmp_path / "spool", sent)
 
 
+async def test_dropped_bodies_give_their_pages_back(spool: Spool, tmp_path: Path) -> None:
+    """After delivery and purge, the space of big bodies is returned (auto_vacuum=INCREMENTAL)."""
+    ids = [await add(spool, n, size=100_000) for n in range(10)]
+    await spool.claim(10)
+    for qid in ids:
+        await spool.sent(qid, rule=None, route="upstream", reply="250 ok")
+    await spool.purge(0)
+    conn = sqlite3.connect(tmp_path / "spool" / DB_NAME)
+    try:
+        assert 0 == conn.execute("PRAGMA freelist_count").fetchone()[0]
+    finally:
+        conn.close()
+
+
 def test_ids_are_unique_and_sort_by_time() -> None:
     """Queue ids: 12 Crockford base32 characters, strictly increasing within a process."""
     ids = [new_id() for _ in range(10_000)]
