@@ -10,9 +10,10 @@ never agree to the millisecond: a limiter exactly at the quota still gets
 throttled.
 
 On a rate throttle the target drops multiplicatively, once per window, and
-never above what SES accepted in the last second; each success lets it climb
-back additively toward the ceiling (AIMD, so relays sharing an account converge
-on fair shares instead of oscillating).
+never above what SES accepted in the last second. Successes bring it back
+quickly toward the rate before the cut (a stray throttle from clock jitter costs
+little), then additively past it toward the ceiling (AIMD, so relays sharing an
+account converge on fair shares instead of oscillating).
 
 The clock and the sleep are injected, so tests run on virtual time.
 """
@@ -34,6 +35,7 @@ HOLD = 1.0  # seconds after a cut in which further throttles are the same event 
 INCREASE = 0.01  # per second of steady success: rate += INCREASE * ceiling
 MIN_INCREASE = 0.05  # recipients/s per second, so tiny ceilings still recover
 FLOOR = 0.05  # the rate never drops below FLOOR * ceiling
+RECOVER = 4.0  # seconds: time constant of the climb back toward the rate before the last cut
 
 
 class Pace:
@@ -59,6 +61,7 @@ class Pace:
         self._accepted: collections.deque[tuple[float, int]] = collections.deque()
         self._accepted_sum = 0
         self._last_cut = -math.inf
+        self._peak = 0.0  # the rate before the last cut
         self._last_success = now
         self._max_24h = math.inf
         self._sent_24h = 0.0
@@ -114,6 +117,7 @@ class Pace:
         if now - self._last_cut < HOLD:
             return  # the same overshoot, reported by the other sends in flight
         self._last_cut = now
+        self._peak = self._rate
         accepted = self._accepted_since(now - WINDOW)
         cut = max(min(self._rate * DECREASE, float(accepted)), self._rate * MAX_DECREASE)
         self._rate = max(cut, self._ceiling * FLOOR)
@@ -128,7 +132,9 @@ class Pace:
         self._last_success = now
         if now - self._last_cut < HOLD:
             return  # successes inside the throttled window prove nothing yet
-        step = max(INCREASE * self._ceiling, MIN_INCREASE)
+        # Quickly back toward the rate that last worked (one stray throttle costs little),
+        # then additively past it, probing for more.
+        step = max(INCREASE * self._ceiling, MIN_INCREASE, (self._peak - self._rate) / RECOVER)
         self._rate = min(self._rate + step * elapsed, self._ceiling)
 
     def _accepted_since(self, since: float) -> int:

@@ -1,7 +1,6 @@
 """relay.pace on virtual time: spacing, no bursts, AIMD on throttling, the daily budget."""
 
 # STYLE.md asserts read `expected == actual`; ruff's SIM300 calls that Yoda.
-# ruff: noqa: SIM300
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ import math
 
 import pytest
 
-from relay.pace import DECREASE, FLOOR, HEADROOM, HOLD, INCREASE, Pace
+from relay.pace import DECREASE, FLOOR, HEADROOM, HOLD, INCREASE, RECOVER, Pace
 
 
 class Clock:
@@ -127,24 +126,43 @@ def test_rate_has_a_floor(clock: Clock) -> None:
     assert 20.0 * FLOOR == pytest.approx(pace.rate)
 
 
-def test_success_climbs_additively_to_the_ceiling(clock: Clock) -> None:
-    """After a cut, each second of successes adds a fixed step; never beyond the ceiling."""
+def test_success_returns_quickly_toward_the_rate_before_the_cut(clock: Clock) -> None:
+    """After a cut, each second of success closes a quarter of the gap to the old rate."""
     pace = Pace(50.0, clock=clock)
     pace.throttled()
-    cut = pace.rate
+    assert 25.0 == pace.rate
     clock.now += 0.5
     pace.succeeded()
-    assert cut == pace.rate  # still inside the throttled window
+    assert 25.0 == pace.rate  # still inside the throttled window
     rates = []
-    for _ in range(4):
+    for _ in range(3):
         clock.now += 1.0
         pace.succeeded()
-        rates.append(pace.rate - cut)
+        rates.append(pace.rate)
+    gap = 25.0
+    expected = [50 - gap * (1 - 1 / RECOVER) ** k for k in (1, 2, 3)]
+    assert expected == pytest.approx(rates)
+
+
+def test_success_climbs_additively_past_it(clock: Clock) -> None:
+    """Past the old rate, each second of success adds a fixed step, never beyond the ceiling."""
+    pace = Pace(20.0, clock=clock)
+    pace.throttled()  # 20 -> 10, the old rate is 20
+    for _ in range(60):
+        clock.now += 1.0
+        pace.succeeded()
+    pace.set_ceiling(50.0)
+    start = pace.rate
+    rates = []
+    for _ in range(3):
+        clock.now += 1.0
+        pace.succeeded()
+        rates.append(pace.rate - start)
     step = INCREASE * 50.0
-    assert [step, 2 * step, 3 * step, 4 * step] == pytest.approx(rates)
+    assert [step, 2 * step, 3 * step] == pytest.approx(rates)
     clock.now += 60
     pace.succeeded()  # an idle minute counts as one second, not sixty
-    assert cut + 5 * step == pytest.approx(pace.rate)
+    assert start + 4 * step == pytest.approx(pace.rate)
     for _ in range(100):
         clock.now += 1.0
         pace.succeeded()
