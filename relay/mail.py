@@ -27,6 +27,7 @@ class Mail:
     received_at: float = 0.0
     attempts: int = 0
     peer: str = ""
+    message_id: str = ""  # as stored at receive time, for log lines (no parse needed)
     trace: bytes = b""  # the Received: line written at receive time, CRLF-terminated
 
     def wire_bytes(self) -> bytes:
@@ -39,12 +40,3 @@ class Mail:
         parsed = _PARSER.parsebytes(self.raw)
         assert isinstance(parsed, EmailMessage)
         return parsed
-
-    @property
-    def message_id(self) -> str:
-        """The Message-ID header as written, or "" when absent or unreadable."""
-        try:
-            value = self.message.get("Message-ID", "")
-        except (ValueError, TypeError, IndexError, AttributeError):
-            return ""
-        return str(value).strip()

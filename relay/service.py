@@ -4,9 +4,9 @@
             SIGTERM/SIGINT set `stop` -> close listener -> idle sessions get 421,
             sessions in a transaction finish (deadline) -> tasks stop (deadline) -> spool closed
 
-Background work (the delivery loop, metrics, purge) plugs in as `Task`
-factories: `serve(settings, tasks=[...])`; each gets a `Context` and must
-return when `ctx.stop` is set. `DEFAULT_TASKS` is the list `run()` uses.
+Background work (relay.tasks: delivery, metrics, watchdog, reload, purge)
+plugs in as `Task` factories: `serve(settings, tasks=[...])`; each gets a
+`Context` and must return when `ctx.stop` is set. SIGHUP sets `ctx.reload`.
 
 When the listen port is 0 the kernel picks one; the bound address is logged as
 `listening on HOST:PORT` and, if $RELAY_PORT_FILE is set, written to that file
@@ -21,54 +21,23 @@ import os
 import signal
 import ssl
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack, suppress
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from relay import logs, sdnotify
-from relay.errors import RelayError, SpoolError
+from relay import logs, rules, sdnotify, tasks
+from relay.errors import ConfigError, RelayError, SpoolError
 from relay.passwords import Users
 from relay.receive import Handler, Session, session_factory
 from relay.settings import Settings, check_listen_env
 from relay.spool import Spool
+from relay.tasks import Context, Task
 
 log = logging.getLogger("relay.service")
 
 SESSION_DRAIN = 30.0  # seconds sessions in a transaction get to finish at stop
 TASK_DRAIN = 30.0  # seconds background tasks get to return after stop is set
 PORT_FILE_ENV = "RELAY_PORT_FILE"
-
-
-@dataclass(slots=True, kw_only=True)
-class Context:
-    """What a background task gets: the settings, the open spool, the stop signal."""
-
-    settings: Settings
-    spool: Spool
-    stop: asyncio.Event
-    sessions: set[Session] = field(default_factory=set)
-
-
-Task = Callable[[Context], Coroutine[Any, Any, None]]
-
-
-async def purge_sent(ctx: Context) -> None:
-    """Drop delivered rows past `retention`, hourly."""
-    while not ctx.stop.is_set():
-        try:
-            purged = await ctx.spool.purge(ctx.settings.retention)
-            if purged:
-                logs.event(log, "purged", count=purged)
-        except SpoolError as exc:
-            logs.event(log, "purge_failed", level=logging.WARNING, error=str(exc))
-        with suppress(TimeoutError):
-            await asyncio.wait_for(ctx.stop.wait(), 3600)
-
-
-# The delivery loop (relay.deliver), metrics endpoint and watchdog plug in here.
-DEFAULT_TASKS: list[Task] = [purge_sent]
 
 
 class StartError(RelayError):
@@ -111,17 +80,21 @@ def _tls_context(settings: Settings) -> ssl.SSLContext | None:
 
 
 async def serve(
-    settings: Settings, *, tasks: Sequence[Task] | None = None,
-    stop: asyncio.Event | None = None, ready: Callable[[str, int], None] | None = None,
+    settings: Settings, *, background: Sequence[Task] | None = None,
+    stop: asyncio.Event | None = None, ready: Callable[[Context], None] | None = None,
     drain: float = SESSION_DRAIN,
 ) -> None:  # fmt: skip
     """Run until `stop` is set (by SIGTERM/SIGINT when not given); every wait has a deadline.
 
-    `ready(host, port)` is called once the listener accepts connections; `drain`
+    `ready(ctx)` is called once the listener accepts connections; `drain`
     is how long sessions in a transaction get to finish at stop.
     """
     check_safe(settings)
     tls = _tls_context(settings)
+    try:
+        ruleset = rules.load(settings.rules)
+    except ConfigError as exc:
+        raise StartError(f"rules cannot be used:\n{exc}") from exc
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     async with AsyncExitStack() as stack:
@@ -133,7 +106,10 @@ async def serve(
                 pass
         spool = await Spool.open(settings.spool)
         stack.push_async_callback(spool.close)
-        ctx = Context(settings=settings, spool=spool, stop=stop)
+        ctx = Context(settings=settings, rules=ruleset, spool=spool, stop=stop)
+        with suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, ctx.reload.set)
+            stack.callback(loop.remove_signal_handler, signal.SIGHUP)
         implicit = settings.tls is not None and settings.tls.implicit
         handler = Handler(
             spool=spool, settings=settings, implicit_tls=implicit,
@@ -143,7 +119,7 @@ async def serve(
         # closes first, then the tasks drain, then the spool closes.
         running: list[asyncio.Task[None]] = [
             asyncio.create_task(task(ctx), name=getattr(task, "__name__", "task"))
-            for task in (DEFAULT_TASKS if tasks is None else tasks)
+            for task in (tasks.DEFAULT_TASKS if background is None else background)
         ]
         stack.push_async_callback(_stop_tasks, running)
         factory = session_factory(
@@ -158,12 +134,14 @@ async def serve(
             raise StartError(f"cannot listen on {settings.listen}: {exc}") from exc
         stack.push_async_callback(_close_listener, server, ctx.sessions, drain)
         host, port = server.sockets[0].getsockname()[:2]
+        ctx.listening, ctx.port = True, port
         log.info("listening on %s:%d", host, port)
         _write_port_file(port)
         if ready is not None:
-            ready(host, port)
+            ready(ctx)
         sdnotify.notify("READY=1")
         await _wait_stop(stop, running)
+        ctx.listening = False
         sdnotify.notify("STOPPING=1")
         logs.event(log, "stopping", sessions=len(ctx.sessions))
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from relay import yamlfile
 from relay.errors import ConfigError
+from relay.rules import DEFAULT_RULES
 
 _Rel = Callable[["yamlfile.Node"], Path | None]
 
@@ -169,7 +170,8 @@ def _read(root: yamlfile.Node, path: Path) -> Settings | None:
 
     listen = _host_port(top["listen"]) if "listen" in top else HostPort(host="127.0.0.1", port=2525)
     spool = rel(top["spool"]) if "spool" in top else base / "spool"
-    rules = rel(top["rules"]) if "rules" in top else base / "rules.yaml"
+    # No `rules:` key: the shipped Moodle defaults (relay/data/rules.yaml).
+    rules = rel(top["rules"]) if "rules" in top else DEFAULT_RULES
     mode = top["mode"].as_choice([m.value for m in Mode]) if "mode" in top else "live"
     hostname = top["hostname"].as_str() if "hostname" in top else socket.gethostname()
     limits = _limits(top["limits"]) if "limits" in top else Limits()

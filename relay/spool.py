@@ -303,12 +303,14 @@ class Spool:
                 " attempts = attempts + 1 WHERE id IN (SELECT id FROM messages"
                 " WHERE state IN ('queued', 'deferred') AND due_at <= ?1"
                 " ORDER BY due_at, id LIMIT ?2)"
-                " RETURNING id, sender, recipients, body, received_at, attempts, peer, trace",
+                " RETURNING id, sender, recipients, body, received_at, attempts, peer, trace,"
+                " message_id",
                 (now, limit),
             ).fetchall()
             mails = [
                 Mail(id=r[0], sender=r[1], recipients=tuple(json.loads(r[2])), raw=bytes(r[3]),
-                     received_at=r[4], attempts=r[5], peer=r[6], trace=bytes(r[7]))
+                     received_at=r[4], attempts=r[5], peer=r[6], trace=bytes(r[7]),
+                     message_id=r[8] or "")
                 for r in rows
             ]  # fmt: skip
             return sorted(mails, key=lambda m: m.id)
@@ -391,6 +393,31 @@ class Spool:
     async def counts(self) -> dict[str, int]:
         """Messages by state (every state present, zero when none): for metrics."""
         return await self._call(lambda conn: state_counts(conn))
+
+    async def oldest_age(self) -> float:
+        """Seconds since the oldest queued, deferred or in-flight message arrived (0: none)."""
+
+        def op(conn: sqlite3.Connection) -> float:
+            row = conn.execute(
+                "SELECT min(received_at) FROM messages"
+                " WHERE state IN ('queued', 'deferred', 'inflight')"
+            ).fetchone()
+            return max(0.0, time.time() - row[0]) if row and row[0] is not None else 0.0
+
+        return await self._call(op)
+
+    async def writable(self) -> bool:
+        """Can the spool commit right now? A real write, for /readyz."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("CREATE TABLE IF NOT EXISTS probe (k INTEGER PRIMARY KEY, at REAL)")
+            conn.execute("INSERT OR REPLACE INTO probe VALUES (1, ?)", (time.time(),))
+
+        try:
+            await self._call(op)
+        except SpoolError:
+            return False
+        return True
 
     async def set_limits(self, *, max_pages: int | None = None, read_only: bool = False) -> None:
         """Cap the database at `max_pages` pages (as a full disk would) or refuse writes.

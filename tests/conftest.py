@@ -31,6 +31,7 @@ import yaml
 
 from relay import service
 from relay import settings as settings_mod
+from relay.tasks import DEFAULT_TASKS
 
 # `python -c` rather than the `relay` script: works in any venv without PATH set-up.
 RELAY = [sys.executable, "-c", "import sys; from relay.cli import main; sys.exit(main())"]
@@ -75,7 +76,10 @@ async def start_relay(
     """`await start_relay(**config_overrides)`; stopped (SIGTERM path) at teardown."""
     running: list[Running] = []
 
-    async def start(*, tasks: list[service.Task] | None = None, **overrides: Any) -> Running:
+    async def start(
+        *, tasks: list[service.Task] | None = None, deliver: bool = False, **overrides: Any
+    ) -> Running:
+        """`deliver=True` runs the service's own background tasks (delivery, metrics, ...)."""
         settings = settings_mod.load(write_config(f"relay{len(running)}.yaml", **overrides))
         stop = asyncio.Event()
         got: asyncio.Future[service.Context] = asyncio.get_running_loop().create_future()
@@ -85,9 +89,10 @@ async def start_relay(
             got.set_result(ctx)
             await ctx.stop.wait()
 
+        background = [capture, *(tasks or []), *(DEFAULT_TASKS if deliver else [])]
         task = asyncio.create_task(service.serve(
-            settings, tasks=[capture, *(tasks or [])], stop=stop,
-            ready=lambda _host, port: bound.append(port), drain=2.0,
+            settings, background=background, stop=stop,
+            ready=lambda ctx: bound.append(ctx.port), drain=2.0,
         ))  # fmt: skip
         ctx = await asyncio.wait_for(got, 10)
         while not bound:

@@ -1,7 +1,6 @@
 """`relay queue list/show/retry/delete/stats` on a spool with a message in every state."""
 
 # STYLE.md asserts read `expected == actual`; ruff's SIM300 calls that Yoda.
-# ruff: noqa: SIM300
 
 from __future__ import annotations
 

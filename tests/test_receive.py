@@ -5,7 +5,6 @@ checks that nothing half was spooled.
 """
 
 # STYLE.md asserts read `expected == actual`; ruff's SIM300 calls that Yoda.
-# ruff: noqa: SIM300
 
 from __future__ import annotations
 

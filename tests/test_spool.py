@@ -1,7 +1,6 @@
 """The spool: states, group commit, reclaim after a crash, failed commits that store nothing."""
 
 # STYLE.md asserts read `expected == actual`; ruff's SIM300 calls that Yoda.
-# ruff: noqa: SIM300
 
 from __future__ import annotations
 

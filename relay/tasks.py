@@ -1,0 +1,205 @@
+"""The service's background tasks: delivery, SES quota, metrics, watchdog, reload, purge.
+
+Each task is `async def task(ctx: Context) -> None` and returns when `ctx.stop`
+is set; `service.serve()` starts them after the spool opens and stops them
+after the listener closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from contextlib import AsyncExitStack, suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+from relay import logs, metrics, rules, sdnotify
+from relay import settings as settings_mod
+from relay.circuit import Circuit, CircuitState
+from relay.deliver import Deliverer
+from relay.errors import ConfigError, DeliveryError, SpoolError
+from relay.pace import Pace
+from relay.receive import Session
+from relay.rules import RuleSet
+from relay.ses import SesClient
+from relay.settings import Settings
+from relay.spool import Spool
+from relay.upstream import UpstreamClient
+
+log = logging.getLogger("relay.service")
+
+DELIVERY_DRAIN = 30.0  # seconds in-flight sends get to finish at stop
+QUOTA_REFRESH = 300.0  # seconds between GetSendQuota calls
+GAUGE_REFRESH = 5.0  # seconds between queue-depth updates
+PURGE_EVERY = 3600.0
+UNKNOWN_QUOTA_RATE = 1.0  # recipients/s until GetSendQuota answers (the SES sandbox rate)
+
+
+@dataclass(slots=True, kw_only=True)
+class Context:
+    """What a background task gets: settings, rules, the open spool, the stop signal."""
+
+    settings: Settings
+    rules: RuleSet
+    spool: Spool
+    stop: asyncio.Event
+    reload: asyncio.Event = field(default_factory=asyncio.Event)
+    sessions: set[Session] = field(default_factory=set)
+    listening: bool = False
+    port: int = 0  # the SMTP listener's bound port (useful with listen port 0)
+    metrics_port: int | None = None
+    on_reload: list[Callable[[Settings, RuleSet], None]] = field(default_factory=list)
+
+
+Task = Callable[[Context], Coroutine[Any, Any, None]]
+
+
+async def _sleep(ctx: Context, seconds: float) -> None:
+    """Sleep `seconds` or until stop, whichever comes first."""
+    with suppress(TimeoutError):
+        await asyncio.wait_for(ctx.stop.wait(), seconds)
+
+
+async def purge_sent(ctx: Context) -> None:
+    """Drop delivered rows past `retention`, hourly."""
+    while not ctx.stop.is_set():
+        try:
+            purged = await ctx.spool.purge(ctx.settings.retention)
+            if purged:
+                logs.event(log, "purged", count=purged)
+        except SpoolError as exc:
+            logs.event(log, "purge_failed", level=logging.WARNING, error=str(exc))
+        await _sleep(ctx, PURGE_EVERY)
+
+
+async def delivery(ctx: Context) -> None:
+    """Build the senders and run the delivery loop until stop; then drain in-flight sends."""
+    settings = ctx.settings
+    async with AsyncExitStack() as stack:
+        ses: SesClient | None = None
+        pace: Pace | None = None
+        if settings.ses.enabled:  # also in shadow mode: quota metrics, and reload to live
+            ses = await SesClient.open(settings.ses)
+            stack.push_async_callback(ses.close)
+            pace = Pace(settings.ses.max_send_rate or UNKNOWN_QUOTA_RATE)
+        circuit = Circuit(settings.ses.circuit_cooldown)
+        deliverer = Deliverer(
+            settings=settings, spool=ctx.spool, rules=ctx.rules,
+            upstream=UpstreamClient(settings.upstream, hostname=settings.hostname),
+            ses=ses, pace=pace, circuit=circuit, wakeup=ctx.spool.wakeup,
+        )  # fmt: skip
+
+        def reloaded(new_settings: Settings, new_rules: RuleSet) -> None:
+            deliverer.rules = new_rules
+            deliverer.settings = new_settings
+
+        ctx.on_reload.append(reloaded)
+        quota = None
+        if ses is not None and pace is not None:
+            quota = asyncio.create_task(_quota_loop(ctx, ses, pace, circuit), name="ses-quota")
+        try:
+            await deliverer.run(ctx.stop)
+        finally:
+            if quota is not None:
+                quota.cancel()
+            left = await deliverer.drain(DELIVERY_DRAIN)
+            logs.event(log, "delivery_stopped", still_inflight=left)
+
+
+async def _quota_loop(ctx: Context, ses: SesClient, pace: Pace, circuit: Circuit) -> None:
+    """GetSendQuota at start and every QUOTA_REFRESH: ceiling (auto) and daily budget."""
+    configured = ctx.settings.ses.max_send_rate
+    while not ctx.stop.is_set():
+        try:
+            quota = await ses.quota()
+        except DeliveryError as exc:
+            logs.event(log, "ses_quota_failed", level=logging.WARNING, error=exc.reply)
+        else:
+            ceiling = configured or max(quota.max_send_rate * 0.9, 0.1)
+            pace.set_ceiling(ceiling)
+            pace.set_budget(quota.max_24h, quota.sent_last_24h)
+            metrics.QUOTA_RATE.set(quota.max_send_rate)
+            metrics.QUOTA_24H.set(quota.max_24h)
+            metrics.SENT_24H.set(quota.sent_last_24h)
+            metrics.PACE_CEILING.set(ceiling)
+            logs.event(log, "ses_quota", max_send_rate=quota.max_send_rate,
+                       max_24h=quota.max_24h, sent_last_24h=quota.sent_last_24h,
+                       pace_ceiling=ceiling)  # fmt: skip
+        metrics.CIRCUIT_OPEN.set(0 if circuit.state is CircuitState.CLOSED else 1)
+        await _sleep(ctx, QUOTA_REFRESH)
+
+
+async def observe(ctx: Context) -> None:
+    """Serve /metrics, /healthz, /readyz (when configured) and keep the queue gauges fresh."""
+    server = None
+    if ctx.settings.metrics is not None:
+
+        async def ready() -> bool:
+            return ctx.listening and not ctx.stop.is_set() and await ctx.spool.writable()
+
+        where = ctx.settings.metrics
+        server = await metrics.serve_http(where.host, where.port, ready=ready)
+        ctx.metrics_port = server.sockets[0].getsockname()[1]
+        logs.event(log, "metrics_listening", address=f"{where.host}:{ctx.metrics_port}")
+    try:
+        while not ctx.stop.is_set():
+            try:
+                for state, count in (await ctx.spool.counts()).items():
+                    metrics.QUEUE_DEPTH.labels(state).set(count)
+                metrics.OLDEST_AGE.set(await ctx.spool.oldest_age())
+            except SpoolError as exc:
+                logs.event(log, "gauges_failed", level=logging.WARNING, error=str(exc))
+            await _sleep(ctx, GAUGE_REFRESH)
+    finally:
+        if server is not None:
+            server.close()
+            with suppress(TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), 5)
+
+
+async def watchdog(ctx: Context) -> None:
+    """WATCHDOG=1 to systemd at half of WatchdogSec, while the loop runs."""
+    interval = sdnotify.watchdog_interval()
+    while interval is not None and not ctx.stop.is_set():
+        sdnotify.notify("WATCHDOG=1")
+        await _sleep(ctx, interval)
+
+
+async def reload_on_signal(ctx: Context) -> None:
+    """SIGHUP: re-read relay.yaml and its rules; an invalid file keeps the old ones."""
+    while not ctx.stop.is_set():
+        waiter = asyncio.ensure_future(ctx.reload.wait())
+        stopper = asyncio.ensure_future(ctx.stop.wait())
+        await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        stopper.cancel()
+        if ctx.stop.is_set():
+            return
+        ctx.reload.clear()
+        reload(ctx)
+
+
+def reload(ctx: Context) -> bool:
+    """Apply a new relay.yaml + rules.yaml, or keep the old and log every problem."""
+    try:
+        new_settings = settings_mod.load(ctx.settings.source)
+        new_rules = rules.load(new_settings.rules)
+    except ConfigError as exc:
+        metrics.RULES_RELOADS.labels("error").inc()
+        logs.event(log, "reload_failed", level=logging.ERROR, keeping="previous rules",
+                   problems=" | ".join(str(p) for p in exc.problems))  # fmt: skip
+        return False
+    fixed = ("listen", "spool", "auth", "tls", "metrics", "allow_networks", "limits")
+    changed = [name for name in fixed if getattr(new_settings, name) != getattr(ctx.settings, name)]
+    if changed:
+        logs.event(log, "reload_needs_restart", level=logging.WARNING, keys=",".join(changed))
+    ctx.settings, ctx.rules = new_settings, new_rules
+    for callback in ctx.on_reload:
+        callback(new_settings, new_rules)
+    metrics.RULES_RELOADS.labels("ok").inc()
+    logs.event(log, "reloaded", rules=str(new_settings.rules), count=len(new_rules.rules))
+    return True
+
+
+DEFAULT_TASKS: list[Task] = [delivery, observe, watchdog, reload_on_signal, purge_sent]
