@@ -1,7 +1,5 @@
 """relay.pace on virtual time: spacing, no bursts, AIMD on throttling, the daily budget."""
 
-# STYLE.md asserts read `expected == actual`; ruff's SIM300 calls that Yoda.
-
 from __future__ import annotations
 
 import collections

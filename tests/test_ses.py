@@ -1,8 +1,5 @@
 """relay.ses against a moto server (happy path) and the fake SES (faults), over real HTTP."""
 
-# STYLE.md asserts read `expected == actual`; ruff's SIM300 calls that Yoda.
-# ruff: noqa: SIM300
-
 from __future__ import annotations
 
 import socket

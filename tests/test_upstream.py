@@ -1,8 +1,5 @@
 """relay.upstream against an aiosmtpd capture server on port 0 (plain, STARTTLS, implicit TLS)."""
 
-# STYLE.md asserts read `expected == actual`; ruff's SIM300 calls that Yoda.
-# ruff: noqa: SIM300
-
 from __future__ import annotations
 
 import asyncio
