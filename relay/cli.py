@@ -137,3 +137,21 @@ def queue_stats(obj: settings_mod.Settings, as_json: bool) -> None:
     from relay import queue as queue_mod
 
     sys.exit(queue_mod.stats(obj.spool, as_json=as_json))
+
+
+@main.command()
+@click.option("--keep-running", is_flag=True, help="stay up after the samples, for your own mail")
+def demo(keep_running: bool) -> None:
+    """Zero-setup run: relay + local SES emulator + local capture server, sample Moodle mails."""
+    from relay import demo as demo_mod
+
+    sys.exit(demo_mod.run(keep_running=keep_running))
+
+
+@main.command("hash-password")
+def hash_password() -> None:
+    """Print a password hash for an `auth.users_file` line (user:hash)."""
+    from relay import passwords
+
+    password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    click.echo(passwords.hash_password(password))

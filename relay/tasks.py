@@ -161,7 +161,10 @@ async def observe(ctx: Context) -> None:
 async def watchdog(ctx: Context) -> None:
     """WATCHDOG=1 to systemd at half of WatchdogSec, while the loop runs."""
     interval = sdnotify.watchdog_interval()
-    while interval is not None and not ctx.stop.is_set():
+    if interval is None:  # not asked for: idle until stop, like every task
+        await ctx.stop.wait()
+        return
+    while not ctx.stop.is_set():
         sdnotify.notify("WATCHDOG=1")
         await _sleep(ctx, interval)
 

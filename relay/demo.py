@@ -1,0 +1,167 @@
+"""`relay demo`: the whole data path on one machine, with nothing configured.
+
+Starts a local SES emulator (moto in server mode) and a local capture server as
+the site's "original host", runs relay between them on a free loopback port
+with the shipped rules, sends the sample Moodle mails over SMTP, waits until
+each one is delivered, and prints where it went.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sqlite3
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import click
+import yaml
+from aiobotocore.session import get_session
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from relay import samples, service
+from relay import settings as settings_mod
+from relay.spool import open_existing
+from relay.tasks import Context
+
+REGION = "us-east-1"
+DEADLINE = 30.0  # seconds for all sample mails to be delivered
+
+
+class Capture:
+    """The stand-in "original host": an aiosmtpd handler that keeps every envelope."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[str, list[str], bytes]] = []
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        content = envelope.content if isinstance(envelope.content, bytes) else b""
+        self.received.append((envelope.mail_from or "", list(envelope.rcpt_tos), content))
+        return "250 2.0.0 Ok: captured"
+
+
+@contextlib.contextmanager
+def _moto() -> Iterator[str]:
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError as exc:  # moto is the `demo` extra
+        raise click.ClickException(
+            "relay demo needs the SES emulator: pip install 'relay[demo]' (moto[server])"
+        ) from exc
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+def _demo_environment(home: Path) -> None:
+    """Dummy AWS credentials for the emulator; nothing from the real account or config."""
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS"):
+        os.environ.pop(name, None)
+    os.environ.update({
+        "AWS_ACCESS_KEY_ID": "AKIADEMODEMODEMODEMO", "AWS_SECRET_ACCESS_KEY": "demo-not-a-secret",
+        "AWS_CONFIG_FILE": str(home / "no-aws-config"), "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_SHARED_CREDENTIALS_FILE": str(home / "no-aws-credentials"),
+    })  # fmt: skip
+
+
+def run(*, keep_running: bool = False) -> int:
+    with tempfile.TemporaryDirectory(prefix="relay-demo-") as tmp, _moto() as ses_url:
+        _demo_environment(Path(tmp))
+        return asyncio.run(_demo(Path(tmp), ses_url, keep_running=keep_running))
+
+
+async def _demo(home: Path, ses_url: str, *, keep_running: bool) -> int:
+    loop = asyncio.get_running_loop()
+    async with get_session().create_client("ses", region_name=REGION, endpoint_url=ses_url) as c:
+        await c.verify_domain_identity(Domain=samples.SITE)  # SES sends only from verified ones
+    capture = Capture()
+    sink = await loop.create_server(lambda: SMTP(capture, hostname="original-host"), "127.0.0.1", 0)
+    sink_port = sink.sockets[0].getsockname()[1]
+    config = home / "relay.yaml"
+    config.write_text(yaml.safe_dump({
+        "listen": "127.0.0.1:0", "spool": "spool", "hostname": "relay.demo", "metrics": None,
+        "upstream": {"host": "127.0.0.1", "port": sink_port, "security": "none"},
+        "ses": {"region": REGION, "endpoint_url": ses_url, "max_send_rate": 10},
+    }))  # fmt: skip
+    settings = settings_mod.load(config)
+    stop = asyncio.Event()
+    started: asyncio.Future[Context] = loop.create_future()
+    task = asyncio.create_task(service.serve(settings, stop=stop, ready=started.set_result))
+    try:
+        ctx = await asyncio.wait_for(started, 10)
+        click.echo(f"relay listening on 127.0.0.1:{ctx.port}; SES emulator at {ses_url}; "
+                   f"original host (capture) at 127.0.0.1:{sink_port}\n")  # fmt: skip
+        ids = []
+        for sample in samples.samples():
+            _, reply = await aiosmtplib.send(
+                sample.raw, sender=sample.sender, recipients=[sample.recipient],
+                hostname="127.0.0.1", port=ctx.port, local_hostname="moodle.example.org",
+            )  # fmt: skip
+            ids.append(reply.rsplit(" ", 1)[-1])
+        rows = await _wait_delivered(settings.spool, ids)
+        _print_table(rows, capture)
+        if keep_running:
+            click.echo(f"\nrelay keeps running. Point an SMTP client at 127.0.0.1:{ctx.port}, e.g."
+                       f"\n  swaks --server 127.0.0.1:{ctx.port} --to someone@example.org"
+                       "\nCtrl-C stops it.")  # fmt: skip
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return 0
+        done = all(r["state"] == "sent" for r in rows)
+        return 0 if done else 1
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 40)
+        sink.close()
+
+
+async def _wait_delivered(spool: Path, ids: list[str]) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        conn = open_existing(spool)
+        try:
+            rows = [_row(conn, queue_id) for queue_id in ids]
+        finally:
+            conn.close()
+        if all(r["state"] in ("sent", "failed") for r in rows) or time.monotonic() > deadline:
+            return rows
+        await asyncio.sleep(0.1)
+
+
+def _row(conn: sqlite3.Connection, queue_id: str) -> dict[str, Any]:
+    row = conn.execute(
+        "SELECT id, state, rule, route, ses_message_id, reply, fallback_reason"
+        " FROM messages WHERE id = ?", (queue_id,),
+    ).fetchone()  # fmt: skip
+    return dict(row)
+
+
+def _print_table(rows: list[dict[str, Any]], capture: Capture) -> None:
+    header = ("mail", "queue id", "rule", "route", "arrived at", "SES MessageId")
+    lines = [header]
+    for sample, row in zip(samples.samples(), rows, strict=True):
+        if row["state"] != "sent":
+            where = f"not delivered ({row['state']}: {row['reply']})"
+        elif row["route"] == "ses":
+            where = "SES (emulator)"
+        else:
+            got = any(sample.recipient in rcpts and sample.raw in data
+                      for _, rcpts, data in capture.received)  # fmt: skip
+            where = "original host" if got else "original host (NOT seen by capture!)"
+        lines.append((sample.label, row["id"], row["rule"] or "(default)", row["route"] or "-",
+                      where, row["ses_message_id"] or "-"))  # fmt: skip
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    for line in lines:
+        cells = (str(cell).ljust(width) for cell, width in zip(line, widths, strict=True))
+        click.echo("  ".join(cells).rstrip())
