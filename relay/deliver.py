@@ -54,9 +54,11 @@ class UpstreamSender(Protocol):
 
 
 class Pacer(Protocol):
+    @property
+    def rate(self) -> float: ...
     async def acquire(self, recipients: int) -> None: ...
     def throttled(self) -> None: ...
-    def succeeded(self) -> None: ...
+    def succeeded(self, recipients: int = 1) -> None: ...
     def budget_left(self, recipients: int) -> bool: ...
     def spend(self, recipients: int) -> None: ...
 
@@ -212,6 +214,7 @@ class Deliverer:
             if isinstance(exc, Throttled) and self.pace is not None:
                 metrics.SES_THROTTLES.inc()
                 self.pace.throttled()
+                metrics.PACE.set(self.pace.rate)
             age = time.time() - mail.received_at
             if age >= self.settings.ses.fallback_after:
                 return Fallback(
@@ -231,8 +234,9 @@ class Deliverer:
             metrics.SES_LATENCY.observe(time.monotonic() - started)
         self._ses_reached()
         if self.pace is not None:
-            self.pace.succeeded()
+            self.pace.succeeded(len(mail.recipients))
             self.pace.spend(len(mail.recipients))
+            metrics.PACE.set(self.pace.rate)
         await self.spool.sent(
             mail.id, rule=decision.rule, route=Route.SES.value, reply="SES accepted",
             ses_message_id=message_id,

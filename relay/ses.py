@@ -35,7 +35,13 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.parsers import ResponseParserError
 
 from relay import settings as _settings
-from relay.errors import AccountFailure, DeliveryError, PermanentFailure, TemporaryFailure
+from relay.errors import (
+    AccountFailure,
+    DeliveryError,
+    PermanentFailure,
+    TemporaryFailure,
+    Throttled,
+)
 from relay.mail import Mail
 
 MAX_DESTINATIONS = 50  # SES v1: at most 50 recipients per message
@@ -72,10 +78,6 @@ TEMPORARY_CODES = frozenset({"ServiceUnavailable", "InternalFailure", "InternalE
 _ERRORS = (BotoCoreError, ClientError, ResponseParserError, aiohttp.ClientError, OSError)
 _NETWORK = (BotoConnectionError, HTTPClientError, ResponseParserError, aiohttp.ClientError, OSError)
 _TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
-
-
-class Throttled(TemporaryFailure):
-    """SES refused for now because we exceeded the maximum sending rate; pace down."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -97,6 +97,9 @@ async def delivery(ctx: Context) -> None:
         ctx.on_reload.append(reloaded)
         quota = None
         if ses is not None and pace is not None:
+            # The first GetSendQuota also warms up credentials and the HTTPS connection, so
+            # the first paced sends are not late (and then bunched into one SES window).
+            await _refresh_quota(ctx, ses, pace)
             quota = asyncio.create_task(_quota_loop(ctx, ses, pace, circuit), name="ses-quota")
         try:
             await deliverer.run(ctx.stop)
@@ -109,25 +112,28 @@ async def delivery(ctx: Context) -> None:
 
 async def _quota_loop(ctx: Context, ses: SesClient, pace: Pace, circuit: Circuit) -> None:
     """GetSendQuota at start and every QUOTA_REFRESH: ceiling (auto) and daily budget."""
-    configured = ctx.settings.ses.max_send_rate
     while not ctx.stop.is_set():
-        try:
-            quota = await ses.quota()
-        except DeliveryError as exc:
-            logs.event(log, "ses_quota_failed", level=logging.WARNING, error=exc.reply)
-        else:
-            ceiling = configured or max(quota.max_send_rate * 0.9, 0.1)
-            pace.set_ceiling(ceiling)
-            pace.set_budget(quota.max_24h, quota.sent_last_24h)
-            metrics.QUOTA_RATE.set(quota.max_send_rate)
-            metrics.QUOTA_24H.set(quota.max_24h)
-            metrics.SENT_24H.set(quota.sent_last_24h)
-            metrics.PACE_CEILING.set(ceiling)
-            logs.event(log, "ses_quota", max_send_rate=quota.max_send_rate,
-                       max_24h=quota.max_24h, sent_last_24h=quota.sent_last_24h,
-                       pace_ceiling=ceiling)  # fmt: skip
-        metrics.CIRCUIT_OPEN.set(0 if circuit.state is CircuitState.CLOSED else 1)
         await _sleep(ctx, QUOTA_REFRESH)
+        await _refresh_quota(ctx, ses, pace)
+        metrics.CIRCUIT_OPEN.set(0 if circuit.state is CircuitState.CLOSED else 1)
+
+
+async def _refresh_quota(ctx: Context, ses: SesClient, pace: Pace) -> None:
+    """GetSendQuota -> pace ceiling (`max_send_rate: auto`: 90% of MaxSendRate) and budget."""
+    try:
+        quota = await ses.quota()
+    except DeliveryError as exc:
+        logs.event(log, "ses_quota_failed", level=logging.WARNING, error=exc.reply)
+        return
+    ceiling = ctx.settings.ses.max_send_rate or max(quota.max_send_rate * 0.9, 0.1)
+    pace.set_ceiling(ceiling)
+    pace.set_budget(quota.max_24h, quota.sent_last_24h)
+    metrics.QUOTA_RATE.set(quota.max_send_rate)
+    metrics.QUOTA_24H.set(quota.max_24h)
+    metrics.SENT_24H.set(quota.sent_last_24h)
+    metrics.PACE_CEILING.set(ceiling)
+    logs.event(log, "ses_quota", max_send_rate=quota.max_send_rate, max_24h=quota.max_24h,
+               sent_last_24h=quota.sent_last_24h, pace_ceiling=ceiling)  # fmt: skip
 
 
 async def observe(ctx: Context) -> None:
