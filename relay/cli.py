@@ -155,3 +155,17 @@ def hash_password() -> None:
 
     password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
     click.echo(passwords.hash_password(password))
+
+
+@main.command()
+@click.option("--config", type=PathArg)
+@click.option("--sender", "senders", multiple=True,
+              help="sender address or domain to check in SES and DNS (repeatable; default: "
+                   "the senders of mail in the spool)")  # fmt: skip
+@click.option("--nameserver", help="DNS server to ask (default: the system resolver)")
+def doctor(config: Path | None, senders: tuple[str, ...], nameserver: str | None) -> None:
+    """Live checks: config, spool, original host, SES account and identities, DNS."""
+    from relay import doctor as doctor_mod
+
+    sys.exit(doctor_mod.run(settings_mod.find_config(config), senders=senders,
+                            nameserver=nameserver))  # fmt: skip
