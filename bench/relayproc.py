@@ -7,8 +7,10 @@ keep mail queued) and, with `ses`, SES-routed mail to a fake SES endpoint.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,7 @@ rules:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SesTarget:
     endpoint_url: str
-    max_send_rate: float
+    max_send_rate: float | None  # None: auto (90% of GetSendQuota's MaxSendRate)
     fallback_after: float = 3600.0
 
 
@@ -107,9 +109,10 @@ class Relay:
         if self.deliverers:
             lines.append(f"deliverers: {self.deliverers}")
         if self.ses:
+            rate = self.ses.max_send_rate
             lines.append(
                 f"ses: {{enabled: true, region: us-east-1, endpoint_url: '{self.ses.endpoint_url}',"
-                f" max_send_rate: {self.ses.max_send_rate:g},"
+                f" max_send_rate: {'auto' if rate is None else f'{rate:g}'},"
                 f" fallback_after: {self.ses.fallback_after:g}}}"
             )
         else:
@@ -135,6 +138,17 @@ class Relay:
         self.proc = tools.Proc(self.name, argv, self.dir / "relay.log", env=env, cwd=self.dir)
         tools.wait_banner(self.port, timeout, self.proc)
         return self
+
+    def queue_stats(self) -> dict[str, int]:
+        """`relay queue stats --json` counts by state (queued, inflight, deferred, sent, failed)."""
+        done = subprocess.run(
+            [*relay_argv(), "queue", "--config", str(self.dir / "relay.yaml"), "stats", "--json"],
+            capture_output=True, text=True, timeout=60, cwd=self.dir,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"relay queue stats failed: {done.stderr.strip()[-300:]}")
+        counts: dict[str, int] = json.loads(done.stdout)["counts"]
+        return counts
 
     def rss_peak(self) -> int | None:
         return tools.peak_rss_kib(self.proc.pid) if self.proc else None

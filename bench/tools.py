@@ -131,7 +131,8 @@ class Proc:
         return self.popen.pid
 
     def tail(self, chars: int = 2000) -> str:
-        self._logfile.flush()
+        if not self._logfile.closed:
+            self._logfile.flush()
         try:
             return self.log.read_text(errors="replace")[-chars:]
         except OSError:
