@@ -108,27 +108,23 @@ class Deliverer:
         self.circuit = circuit
         self.wakeup = wakeup
         self._tasks: set[asyncio.Task[None]] = set()
-        self._slots = asyncio.Semaphore(settings.deliverers)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Claim and deliver until `stop` is set; then let in-flight sends finish."""
+        """Claim and deliver until `stop` is set; `drain()` then lets in-flight sends finish."""
         while not stop.is_set():
-            await self._slots.acquire()
-            self._slots.release()
-            free = self._free_slots()
-            batch = await self.spool.claim(free) if free else []
+            free = self.settings.deliverers - len(self._tasks)
+            if free <= 0:
+                # Done callbacks run in order: _tasks.discard has run when wait() returns.
+                await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
+                continue
+            self.wakeup.clear()  # before claiming, so a commit during the claim is not missed
+            batch = await self.spool.claim(free)
             for mail in batch:
-                await self._slots.acquire()
                 task = asyncio.create_task(self._guarded(mail), name=f"deliver-{mail.id}")
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-            if batch and len(batch) == free:
-                continue
-            self.wakeup.clear()
-            waiters = [asyncio.ensure_future(e.wait()) for e in (self.wakeup, stop)]
-            await asyncio.wait(waiters, timeout=IDLE_POLL, return_when=asyncio.FIRST_COMPLETED)
-            for waiter in waiters:
-                waiter.cancel()
+            if len(batch) < free:
+                await _first(self.wakeup, stop, seconds=IDLE_POLL)
 
     async def drain(self, deadline: float) -> int:
         """Wait for in-flight deliveries up to `deadline` seconds; return how many were left.
@@ -142,9 +138,6 @@ class Deliverer:
                 task.cancel()
         return len(pending)
 
-    def _free_slots(self) -> int:
-        return max(0, self.settings.deliverers - len(self._tasks))
-
     async def _guarded(self, mail: Mail) -> None:
         try:
             await self.deliver(mail)
@@ -153,8 +146,6 @@ class Deliverer:
         except Exception as exc:  # never lose a message to a bug: defer it, keep the loop
             log.exception("event=deliver_bug id=%s", mail.id)
             await self._defer_or_fail(mail, None, Route.UPSTREAM, f"internal error: {exc!r}", None)
-        finally:
-            self._slots.release()
 
     async def deliver(self, mail: Mail) -> None:
         """One attempt for one claimed message; records the outcome on its row."""
@@ -319,6 +310,16 @@ class Deliverer:
         metrics.DELIVERIES.labels(route.value, "deferred").inc()
         log.info("event=deferred id=%s route=%s retry_in=%.0fs reply=%r",
                  mail.id, route, delay, reply)  # fmt: skip
+
+
+async def _first(*events: asyncio.Event, seconds: float) -> None:
+    """Return when any of `events` is set, or after `seconds`."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 def _summary(result: UpstreamResultLike) -> str:
