@@ -42,7 +42,9 @@ class Circuit:
         return False
 
     def succeeded(self) -> None:
-        if self.state is not CircuitState.CLOSED:
+        """SES took a call. Only the probe's success closes the circuit: a send that was
+        already in flight when the circuit opened proves nothing about the account now."""
+        if self.state is CircuitState.PROBING:
             log.warning("event=circuit_closed after=%r", self.reason)
             self.state = CircuitState.CLOSED
             self.reason = ""

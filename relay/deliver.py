@@ -239,7 +239,7 @@ class Deliverer:
 
     def _ses_reached(self) -> None:
         self.circuit.succeeded()
-        metrics.CIRCUIT_OPEN.set(0)
+        metrics.CIRCUIT_OPEN.set(0 if self.circuit.state is CircuitState.CLOSED else 1)
 
     async def _upstream(self, mail: Mail, decision: Decision, fallback: Fallback | None) -> None:
         reason = fallback.detail if fallback else None

@@ -1,0 +1,346 @@
+"""The deliver tests' "original host": an aiosmtpd capture server on 127.0.0.1, port 0.
+
+`CaptureServer` runs on its own thread and event loop, so sync tests, async tests
+and a `relay serve` subprocess can all deliver to it while the test blocks. It
+records every envelope with the bytes exactly as received, answers scripted
+4xx/5xx replies, and can be stopped and started again on the same port (the
+original host down for a while):
+
+    with CaptureServer() as capture:
+        capture.data_reply = "451 4.3.0 try later"   # every DATA, until set to None
+        capture.refuse_rcpt("b@example.org", "550 5.1.1 no such user", times=1)
+        capture.stop(); capture.start()              # same port
+        capture.wait_for(3)                          # three messages, or AssertionError
+
+Standalone, for a process that needs one (prints the port, then one JSON line per message):
+
+    python -m tests.capture --port 0
+
+Also here, shared by the deliver tests: the `capture` fixture, sending a mail over
+SMTP and getting its queue id (`send`, `asend`), and reading spool rows (`rows`,
+`wait_rows`, `await_rows`) as `relay queue` does, from outside the service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import re
+import signal
+import smtplib
+import sys
+import threading
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from contextlib import closing
+from dataclasses import dataclass, field
+from email.parser import BytesHeaderParser
+from pathlib import Path
+from typing import Any, Self
+
+import aiosmtplib
+import pytest
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from relay.spool import open_existing
+
+HOSTNAME = "capture"
+ACCEPTED = "250 2.0.0 Ok: captured"
+_TRACE_ID = re.compile(rb"^Received: [^\r\n]*\r\n\tby \S+ \(relay\) with \S+ id (\w+);")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Captured:
+    """One message the capture server accepted."""
+
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    content: bytes  # as received after DATA: relay's Received: line, then the original bytes
+    at: float  # time.time() when DATA was accepted
+
+    @property
+    def queue_id(self) -> str | None:
+        """The relay queue id named in the top Received: line relay prepends."""
+        found = _TRACE_ID.match(self.content)
+        return found.group(1).decode() if found else None
+
+    @property
+    def message_id(self) -> str:
+        return str(BytesHeaderParser().parsebytes(self.content).get("Message-ID", "")).strip()
+
+
+@dataclass
+class _Refusal:
+    reply: str
+    times: int | None  # None: every time
+
+
+@dataclass
+class CaptureServer:
+    """An SMTP server that keeps what it gets; `port` stays the same across stop/start."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    mail_reply: str | None = None  # answer MAIL FROM with this instead of 250
+    data_reply: str | None = None  # answer DATA with this (nothing recorded) instead of 250
+    on_message: Callable[[Captured], None] | None = None
+    data_attempts: int = 0  # DATA commands seen, refused ones included
+    _messages: list[Captured] = field(default_factory=list, init=False, repr=False)
+    _refusals: dict[str, _Refusal] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="capture", daemon=True)
+        self._thread.start()
+        self._server: asyncio.Server | None = None
+        self._protocols: list[SMTP] = []
+
+    # lifecycle
+
+    def start(self) -> Self:
+        """Listen (again) on `port`; port 0 picks a free one the first time."""
+        self._call(self._start())
+        return self
+
+    def stop(self) -> None:
+        """Stop listening and drop open connections: connects are refused until `start()`."""
+        self._call(self._stop())
+
+    def close(self) -> None:
+        """Stop and end the thread."""
+        self.stop()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    # what the tests script and read
+
+    def refuse_rcpt(self, address: str, reply: str, *, times: int | None = None) -> None:
+        """Answer RCPT TO `address` with `reply` (`times` times, or always)."""
+        with self._lock:
+            self._refusals[address] = _Refusal(reply, times)
+
+    @property
+    def messages(self) -> list[Captured]:
+        with self._lock:
+            return list(self._messages)
+
+    def wait_for(self, count: int, *, timeout: float = 20.0) -> list[Captured]:
+        """Messages once at least `count` arrived; AssertionError after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = self.messages
+            if len(got) >= count:
+                return got
+            time.sleep(0.02)
+        raise AssertionError(f"capture got {len(self.messages)} messages, expected {count}")
+
+    # aiosmtpd handler hooks (run on the capture thread)
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if self.mail_reply:
+            return self.mail_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        with self._lock:
+            refusal = self._refusals.get(address)
+            if refusal is not None and refusal.times is not None:
+                refusal.times -= 1
+                if refusal.times <= 0:
+                    del self._refusals[address]
+        if refusal is not None:
+            return refusal.reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        with self._lock:
+            self.data_attempts += 1
+        if self.data_reply:
+            return self.data_reply
+        captured = Captured(
+            mail_from=envelope.mail_from or "",
+            rcpt_tos=tuple(envelope.rcpt_tos),
+            content=envelope.original_content or b"",
+            at=time.time(),
+        )
+        with self._lock:
+            self._messages.append(captured)
+        if self.on_message is not None:
+            self.on_message(captured)
+        return ACCEPTED
+
+    # internals
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
+
+    def _protocol(self) -> SMTP:
+        smtp = SMTP(self, hostname=HOSTNAME)
+        self._protocols = [p for p in self._protocols if p.transport is not None]
+        self._protocols.append(smtp)
+        return smtp
+
+    async def _start(self) -> None:
+        if self._server is not None:
+            return
+        self._server = await self._loop.create_server(
+            self._protocol, self.host, self.port, reuse_address=True
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        for protocol in self._protocols:
+            if protocol.transport is not None:
+                protocol.transport.close()
+        self._protocols.clear()
+        await self._server.wait_closed()
+        self._server = None
+
+
+@pytest.fixture
+def capture() -> Iterator[CaptureServer]:
+    """A running capture server for one test (the relay's `upstream`)."""
+    with CaptureServer() as server:
+        yield server
+
+
+# Sending into the relay and reading its spool
+
+DONE = frozenset({"sent", "failed"})
+_QUEUED_AS = re.compile(r"queued as (\w+)")
+
+
+def queue_id_of(reply: str) -> str:
+    """The queue id from relay's "250 2.0.0 Ok: queued as ID"."""
+    found = _QUEUED_AS.search(reply)
+    assert found, f"not a queued reply: {reply!r}"
+    return found.group(1)
+
+
+def send(port: int, sender: str, recipients: Sequence[str], raw: bytes) -> str:
+    """One SMTP transaction with smtplib (blocking); returns the queue id of the 250."""
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="moodle.test", timeout=10) as client:
+        client.mail(sender)
+        for rcpt in recipients:
+            code, reply = client.rcpt(rcpt)
+            assert 250 == code, reply
+        code, reply = client.data(raw)
+    assert 250 == code, reply
+    return queue_id_of(reply.decode())
+
+
+async def asend(port: int, sender: str, recipients: Sequence[str], raw: bytes) -> str:
+    """One SMTP transaction with aiosmtplib (for tests whose loop runs the relay)."""
+    _, reply = await aiosmtplib.send(
+        raw, sender=sender, recipients=list(recipients), hostname="127.0.0.1", port=port,
+        local_hostname="moodle.test", timeout=10,
+    )  # fmt: skip
+    return queue_id_of(reply)
+
+
+def rows(spool: Path) -> dict[str, dict[str, Any]]:
+    """Every spool row by queue id (body left out), with its events as (event, detail)."""
+    with closing(open_existing(spool)) as conn:
+        found = {r["id"]: {**r, "events": []} for r in conn.execute("SELECT * FROM messages")}
+        for queue_id, event, detail in conn.execute(
+            "SELECT queue_id, event, detail FROM events ORDER BY at, rowid"
+        ):
+            if queue_id in found:
+                found[queue_id]["events"].append((event, detail))
+    for row in found.values():
+        del row["body"]
+        row["recipients"] = tuple(json.loads(row["recipients"]))
+        row["trace"] = bytes(row["trace"])
+    return found
+
+
+def _settled(
+    spool: Path, ids: Iterable[str], states: Collection[str]
+) -> dict[str, dict[str, Any]] | None:
+    found = rows(spool)
+    chosen = {queue_id: found.get(queue_id) for queue_id in ids}
+    if all(row is not None and row["state"] in states for row in chosen.values()):
+        return {k: v for k, v in chosen.items() if v is not None}
+    return None
+
+
+def _timeout(spool: Path, ids: Iterable[str], states: Collection[str]) -> AssertionError:
+    found = rows(spool)
+    late = {q: (found[q]["state"], found[q]["reply"]) if q in found else None for q in ids}
+    return AssertionError(f"rows not {sorted(states)} in time: {late}")
+
+
+def wait_rows(
+    spool: Path, ids: Iterable[str], states: Collection[str] = DONE, *, timeout: float = 20.0
+) -> dict[str, dict[str, Any]]:
+    """The rows of `ids` once all are in one of `states`; AssertionError at the deadline."""
+    ids = list(ids)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = _settled(spool, ids, states)
+        if done is not None:
+            return done
+        time.sleep(0.05)
+    raise _timeout(spool, ids, states)
+
+
+async def await_rows(
+    spool: Path, ids: Iterable[str], states: Collection[str] = DONE, *, within: float = 20.0
+) -> dict[str, dict[str, Any]]:
+    """`wait_rows` for a test whose event loop runs the relay (`within` seconds)."""
+    ids = list(ids)
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        done = _settled(spool, ids, states)
+        if done is not None:
+            return done
+        await asyncio.sleep(0.05)
+    raise _timeout(spool, ids, states)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="aiosmtpd capture server for relay tests")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+
+    def emit(msg: Captured) -> None:
+        line = {"mail_from": msg.mail_from, "rcpt_tos": list(msg.rcpt_tos), "at": msg.at,
+                "content": base64.b64encode(msg.content).decode()}  # fmt: skip
+        sys.stdout.write(json.dumps(line) + "\n")
+        sys.stdout.flush()
+
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    with CaptureServer(host=args.host, port=args.port, on_message=emit) as capture:
+        print(capture.port, flush=True)
+        done.wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,395 @@
+"""Delivery when things fail: SES faults fall back to the original host, the circuit
+opens once and probes after its cooldown, and the original host's own faults defer,
+dead-letter, expire and are retried (DESIGN 3.4).
+
+The service runs in the test's event loop (`start_relay(deliver=True)`), SES is the
+fake SES of tests/fakeses.py (moto cannot fail on demand), the original host is a
+capture server. Mails are corpus mails with their Moodle envelopes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from relay.metrics import REGISTRY
+from tests.capture import (  # noqa: F401
+    Captured,
+    CaptureServer,
+    asend,
+    await_rows,
+    capture,
+    rows,
+)
+from tests.conftest import Running, relay_cli
+from tests.fakeses import DAILY_EXCEEDED, HTTP_500, FakeSes, Fault
+from tests.rulesupport import Expected, expectations
+from tests.sesfixtures import REGION, aws_env, fake_ses  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("aws_env")
+
+Start = Callable[..., Awaitable[Running]]
+CORPUS = {e.name: e for e in expectations()}
+RAW = {name: e.path.read_bytes() for name, e in CORPUS.items()}
+# Three re-engagement mails (SES route) and one look-alike that always goes upstream.
+SES_MAILS = ("reengagement/student-text-564.eml", "reengagement/cc-546.eml",
+             "reengagement/student-html-546.eml")  # fmt: skip
+CONTROL = "lookalike/forum-post.eml"
+FALLBACK_AFTER = 1.0
+PAUSED = Fault(code="AccountSendingPausedException", message="Sending is paused for this account.")
+
+
+def config(host: CaptureServer, ses_url: str, **ses: Any) -> dict[str, Any]:
+    """relay.yaml overrides: upstream = the capture server `host`, SES at `ses_url`, short
+    timers."""
+    return {
+        "upstream": {"host": "127.0.0.1", "port": host.port, "timeout": 5},
+        "ses": {"region": REGION, "endpoint_url": ses_url, "max_send_rate": 100,
+                "fallback_after": FALLBACK_AFTER, "circuit_cooldown": 30, "timeout": 2, **ses},
+        "retry": {"schedule": [1], "max_age": 60},
+    }  # fmt: skip
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def send_corpus(port: int, *names: str) -> dict[str, Expected]:
+    """Send corpus mails with their envelopes; {queue id: expectation}."""
+    sent = {}
+    for name in names:
+        e = CORPUS[name]
+        sent[await asend(port, e.sender, e.recipients, RAW[name])] = e
+    return sent
+
+
+def openings() -> float:
+    """relay_ses_circuit_openings_total summed over its reason labels."""
+    return sum(
+        sample.value
+        for metric in REGISTRY.collect()
+        if metric.name == "relay_ses_circuit_openings"
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    )
+
+
+def log_lines(caplog: pytest.LogCaptureFixture, event: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if f"event={event}" in r.getMessage()]
+
+
+def copies(host: CaptureServer) -> dict[str, list[Captured]]:
+    """What the original host got, by the queue id in relay's Received: line."""
+    by_id: dict[str, list[Captured]] = {}
+    for message in host.messages:
+        by_id.setdefault(message.queue_id or "?", []).append(message)
+    return by_id
+
+
+def assert_at_original_host_once(
+    host: CaptureServer, sent: dict[str, Expected], found: dict[str, dict[str, Any]]
+) -> None:
+    """Each mail reached the original host once: envelope unchanged, trace + bytes as sent."""
+    got = copies(host)
+    expected = {q: [(e.sender, e.recipients, found[q]["trace"] + RAW[e.name])]
+                for q, e in sent.items()}  # fmt: skip
+    actual = {q: [(m.mail_from, m.rcpt_tos, m.content) for m in got.get(q, [])] for q in sent}
+    assert expected == actual
+
+
+@dataclass(frozen=True)
+class SesFault:
+    """One row of the fault table: what SES does and what relay must make of it."""
+
+    fault: Fault | None  # None: nothing listens at the SES endpoint
+    kind: str  # temporary | permanent | account
+    reason: str  # in the row's fallback_reason
+
+
+FAULTS = {
+    "unreachable": SesFault(None, "temporary", "EndpointConnectionError"),
+    "http-500": SesFault(HTTP_500, "temporary", "SES failing for"),
+    "message-rejected": SesFault(
+        Fault(code="MessageRejected", message="Email address is not verified."), "permanent",
+        "SES refused the message: MessageRejected: Email address is not verified.",
+    ),
+    "account-paused": SesFault(
+        PAUSED, "account", "SES account-wide failure: AccountSendingPausedException"
+    ),
+    "daily-quota": SesFault(
+        Fault(code="Throttling", message=DAILY_EXCEEDED), "account",
+        f"SES account-wide failure: Throttling: {DAILY_EXCEEDED}",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", FAULTS.values(), ids=FAULTS.keys())
+async def test_ses_fault_sends_mail_to_original_host(
+    start_relay: Start,
+    capture: CaptureServer,  # noqa: F811
+    fake_ses: FakeSes,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+    case: SesFault,
+) -> None:
+    """Every SES-routed mail SES fails reaches the original host exactly once, bytes intact:
+    temporary faults only after `fallback_after` (a second attempt), permanent and
+    account-wide ones at once; account-wide ones open the circuit once (one log line, one
+    count of the alert metric), however many mails fail; the reason is on the row."""
+    caplog.set_level(logging.INFO, logger="relay")
+    fake_ses.error, fake_ses.latency = case.fault, 0.2  # sends overlap: several fail at once
+    url = fake_ses.url if case.fault else f"http://127.0.0.1:{closed_port()}"
+    before = openings()
+    relay = await start_relay(deliver=True, **config(capture, url))
+    sent = await send_corpus(relay.port, *SES_MAILS, CONTROL)
+    found = await await_rows(relay.settings.spool, sent, {"sent"})
+
+    assert_at_original_host_once(capture, sent, found)
+    ses_ids = [q for q, e in sent.items() if e.route == "ses"]
+    [control] = [q for q, e in sent.items() if e.route == "upstream"]
+    assert {q: (sent[q].rule, "upstream") for q in sent} == {
+        q: (found[q]["rule"], found[q]["route"]) for q in sent
+    }
+    assert (None, 1) == (found[control]["fallback_reason"], found[control]["attempts"])
+    reasons = [found[q]["fallback_reason"] for q in ses_ids]
+    if case.kind == "account":  # the first fails at SES; later ones may find the circuit open
+        assert case.reason in reasons[0]
+        assert [] == [r for r in reasons if case.reason not in r and "circuit open" not in r]
+    else:
+        assert [True] * 3 == [case.reason in r for r in reasons], reasons
+    waited = {q: copies(capture)[q][0].at - found[q]["received_at"] for q in ses_ids}
+    if case.kind == "temporary":
+        assert [True] * 3 == [found[q]["attempts"] >= 2 for q in ses_ids]
+        assert [True] * 3 == [w >= FALLBACK_AFTER for w in waited.values()], waited
+    else:
+        assert [1, 1, 1] == [found[q]["attempts"] for q in ses_ids]
+        assert [] == [e for q in ses_ids for e, _ in found[q]["events"] if e == "deferred"]
+    opened = 1 if case.kind == "account" else 0
+    assert (opened, opened) == (openings() - before, len(log_lines(caplog, "circuit_open")))
+    print(f"{case.kind} {case.reason!r}: sent 4 (250 x4), original host got 4, SES calls "
+          f"{fake_ses.calls}, attempts {[found[q]['attempts'] for q in ses_ids]}, fell back "
+          f"after {', '.join(f'{w:.1f}s' for w in waited.values())}, circuit openings "
+          f"{opened}, lost 0, duplicates 0")  # fmt: skip
+
+
+async def test_circuit_probes_once_after_cooldown_then_ses_again(
+    start_relay: Start,
+    capture: CaptureServer,  # noqa: F811
+    fake_ses: FakeSes,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Sending paused: the first mail opens the circuit; during the cooldown SES sees no
+    call; after it exactly one probe (the other mails of that moment go upstream); the probe
+    fails and the circuit stays open without a second alert; once SES is healthy, the next
+    probe succeeds, the circuit closes and re-engagement mail goes to SES again."""
+    caplog.set_level(logging.INFO, logger="relay")
+    cooldown = 2.0
+    fake_ses.error = PAUSED
+    before = openings()
+    relay = await start_relay(deliver=True, **config(capture, fake_ses.url,
+                                                     circuit_cooldown=cooldown))  # fmt: skip
+    spool = relay.settings.spool
+    student, cc, html = SES_MAILS
+
+    first = await send_corpus(relay.port, student)  # opens the circuit
+    await await_rows(spool, first, {"sent"})
+    during = await send_corpus(relay.port, cc, html, student)  # within the cooldown
+    found = await await_rows(spool, during, {"sent"})
+    assert (1, [True] * 3) == (
+        fake_ses.calls,
+        ["SES circuit open" in found[q]["fallback_reason"] for q in during],
+    )
+
+    await asyncio.sleep(cooldown + 0.2)
+    fake_ses.latency = 0.3  # the probe is still in flight while the others are classified
+    at_once = [CORPUS[name] for name in (student, cc, html)]
+    probing = await asyncio.gather(
+        *(asend(relay.port, e.sender, e.recipients, RAW[e.name]) for e in at_once)
+    )
+    found = await await_rows(spool, probing, {"sent"})
+    assert (2, "upstream") == (fake_ses.calls, {found[q]["route"] for q in probing}.pop())
+    assert (1, 1) == (openings() - before, len(log_lines(caplog, "circuit_open")))
+    assert 1 == len(log_lines(caplog, "circuit_probe"))
+
+    fake_ses.error, fake_ses.latency = None, 0.0
+    await asyncio.sleep(cooldown + 0.2)
+    after: dict[str, Expected] = {}
+    for name in (student, cc, html):  # one by one: the first is the probe, then closed
+        sent = await send_corpus(relay.port, name)
+        found = await await_rows(spool, sent, {"sent"})
+        after |= sent
+    found = rows(spool)
+    assert (["ses"] * 3, 3) == ([found[q]["route"] for q in after], len(fake_ses.sent))
+    assert [found[q]["ses_message_id"] for q in after] == [s.message_id for s in fake_ses.sent]
+    assert (1, 1, 1) == (openings() - before, len(log_lines(caplog, "circuit_open")),
+                         len(log_lines(caplog, "circuit_closed")))  # fmt: skip
+    print(f"circuit: 1 opening, SES calls during cooldown 0, probes {fake_ses.calls - 1 - 3} "
+          f"failed + 1 ok, then {len(fake_ses.sent)} mails to SES; original host got "
+          f"{len(capture.messages)}, lost 0")  # fmt: skip
+
+
+class SlowFirstSes(FakeSes):
+    """The first SendRawEmail succeeds but answers late; from then on sending is paused."""
+
+    def send_raw_email(self, form: dict[str, str]) -> tuple[int, str] | Fault:
+        outcome = super().send_raw_email(form)
+        if not isinstance(outcome, Fault) and len(self.sent) == 1:
+            self.error = PAUSED
+            time.sleep(1.0)
+        return outcome
+
+
+async def test_success_in_flight_when_circuit_opened_does_not_close_it(
+    start_relay: Start,
+    capture: CaptureServer,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A send that was already in flight when another one opened the circuit (the daily
+    quota ran out between them) succeeds afterwards: that is not a probe, the circuit stays
+    open for its cooldown, so the next mail goes upstream and there is no second alert."""
+    caplog.set_level(logging.INFO, logger="relay")
+    before = openings()
+    with SlowFirstSes() as fake:
+        relay = await start_relay(deliver=True, **config(capture, fake.url))
+        spool = relay.settings.spool
+        slow = await send_corpus(relay.port, SES_MAILS[0])
+        for _ in range(500):  # until its SendRawEmail is in flight
+            if fake.calls:
+                break
+            await asyncio.sleep(0.01)
+        opener = await send_corpus(relay.port, SES_MAILS[1])  # paused: opens the circuit
+        found = await await_rows(spool, [*slow, *opener], {"sent"})
+        later = await send_corpus(relay.port, SES_MAILS[2])
+        found |= await await_rows(spool, later, {"sent"})
+    routes = {name: found[q]["route"] for q, name in
+              [*((q, "slow") for q in slow), *((q, "opener") for q in opener),
+               *((q, "later") for q in later)]}  # fmt: skip
+    assert {"slow": "ses", "opener": "upstream", "later": "upstream"} == routes
+    [later_id] = later
+    assert "SES circuit open" in found[later_id]["fallback_reason"]
+    assert (2, 1, 1) == (fake.calls, openings() - before, len(log_lines(caplog, "circuit_open")))
+    print(
+        f"straddling success: SES calls {fake.calls}, circuit openings 1, later mail went "
+        f"upstream ({found[later_id]['fallback_reason']!r})"
+    )
+
+
+# The original host's own faults
+
+
+async def test_original_host_down_defers_then_delivers(
+    start_relay: Start,
+    capture: CaptureServer,  # noqa: F811
+    fake_ses: FakeSes,  # noqa: F811
+) -> None:
+    """Original host down: upstream mail is deferred with the connection error on the row;
+    when the host is back (same port) it is delivered once, on the retry schedule."""
+    capture.stop()
+    relay = await start_relay(deliver=True, **config(capture, fake_ses.url))
+    spool = relay.settings.spool
+    sent = await send_corpus(relay.port, CONTROL, "lookalike/password-reset.eml")
+    deferred = await await_rows(spool, sent, {"deferred"})
+    replies = {q: row["reply"] for q, row in deferred.items()}
+    assert [] == [r for r in replies.values() if "Connect" not in r and "refused" not in r]
+    capture.start()
+    found = await await_rows(spool, sent, {"sent"})
+    assert_at_original_host_once(capture, sent, found)
+    assert [True, True] == [row["attempts"] >= 2 for row in found.values()]
+    print(
+        f"host down: 2 sent, 2 deferred ({next(iter(replies.values()))!r}), host back: "
+        f"2 delivered, attempts {[r['attempts'] for r in found.values()]}, lost 0, dup 0"
+    )
+
+
+async def test_5xx_dead_letter_then_queue_retry_delivers(
+    start_relay: Start,
+    capture: CaptureServer,  # noqa: F811
+    fake_ses: FakeSes,  # noqa: F811
+) -> None:
+    """A 5xx at DATA makes a dead letter (failed, reply kept, body kept); `relay queue retry
+    ID` queues it again and it is delivered once the host accepts."""
+    capture.data_reply = "554 5.7.1 Message refused by policy"
+    relay = await start_relay(deliver=True, **config(capture, fake_ses.url))
+    spool = relay.settings.spool
+    sent = await send_corpus(relay.port, CONTROL)
+    [queue_id] = sent
+    failed = await await_rows(spool, sent, {"failed"})
+    assert ("failed", "554 5.7.1 Message refused by policy", 0) == (
+        failed[queue_id]["state"],
+        failed[queue_id]["reply"],
+        len(capture.messages),
+    )
+    capture.data_reply = None
+    config_file = relay.settings.source
+    retried = await asyncio.to_thread(relay_cli, "queue", "--config", str(config_file),
+                                      "retry", queue_id)  # fmt: skip
+    assert (0, f"{queue_id}: queued for delivery") == (retried.returncode, retried.stdout.strip())
+    found = await await_rows(spool, sent, {"sent"})
+    assert_at_original_host_once(capture, sent, found)
+    assert ["failed", "retry", "sent"] == [
+        e for e, _ in found[queue_id]["events"] if e in ("failed", "retry", "sent")
+    ]
+    print(
+        f"5xx: 1 sent, dead letter ({failed[queue_id]['reply']!r}), relay queue retry, "
+        f"delivered once; DATA attempts at host {capture.data_attempts}"
+    )
+
+
+async def test_max_age_expiry_fails_the_message(
+    start_relay: Start,
+    capture: CaptureServer,  # noqa: F811
+    fake_ses: FakeSes,  # noqa: F811
+) -> None:
+    """Original host down past `retry.max_age`: the message becomes a dead letter saying so."""
+    capture.stop()
+    overrides = config(capture, fake_ses.url) | {"retry": {"schedule": [1], "max_age": 2}}
+    relay = await start_relay(deliver=True, **overrides)
+    sent = await send_corpus(relay.port, CONTROL)
+    [queue_id] = sent
+    found = await await_rows(relay.settings.spool, sent, {"failed"})
+    reply = found[queue_id]["reply"]
+    assert (True, True) == ("(retry.max_age)" in reply, found[queue_id]["attempts"] >= 2), reply
+    print(f"max_age 2s: failed after {found[queue_id]['attempts']} attempts: {reply[:60]!r}")
+
+
+@pytest.mark.parametrize(
+    ("refusal", "times", "attempts"),
+    [("550 5.1.1 No such user", None, 1), ("451 4.2.1 Mailbox busy, try later", 1, 2)],
+    ids=["5xx-one-recipient", "4xx-one-recipient"],
+)
+async def test_partial_upstream_result_sends_each_recipient_once(
+    start_relay: Start,
+    capture: CaptureServer,  # noqa: F811
+    fake_ses: FakeSes,  # noqa: F811
+    refusal: str,
+    times: int | None,
+    attempts: int,
+) -> None:
+    """One recipient refused, one accepted: a `partial` event is recorded and the accepted
+    recipient gets the mail once; a 4xx refusal is retried for that recipient alone."""
+    capture.refuse_rcpt("b@example.org", refusal, times=times)
+    relay = await start_relay(deliver=True, **config(capture, fake_ses.url))
+    raw = RAW[CONTROL]
+    queue_id = await asend(relay.port, CORPUS[CONTROL].sender, ["a@example.org", "b@example.org"],
+                           raw)  # fmt: skip
+    found = await await_rows(relay.settings.spool, [queue_id], {"sent"})
+    row = found[queue_id]
+    got = [(m.rcpt_tos, m.content) for m in capture.messages]
+    expected_rcpts = [("a@example.org",)] + ([("b@example.org",)] if times else [])
+    assert [(r, row["trace"] + raw) for r in expected_rcpts] == got
+    partial = [detail for event, detail in row["events"] if event == "partial"]
+    assert (1, attempts) == (len(partial), row["attempts"])
+    assert refusal in partial[0]
+    print(
+        f"partial ({refusal[:3]}): copies {[m.rcpt_tos for m in capture.messages]}, "
+        f"partial event {partial[0]!r}, attempts {row['attempts']}"
+    )
