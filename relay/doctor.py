@@ -1,0 +1,350 @@
+"""`relay doctor`: live checks of everything the relay depends on, one line per check.
+
+    ok    config    relay.yaml and rules.yaml load (3 rules)
+    FAIL  upstream  127.0.0.1:2526: connection refused
+
+Checks, in order: config and rules load (stop there if not); spool writable;
+original host (EHLO, STARTTLS, AUTH as configured; no mail sent); SES account
+(credentials via GetSendQuota, quota, sending enabled), sender identities,
+configuration sets; DNS of the sender domains (SPF includes amazonses.com, Easy
+DKIM CNAMEs, DMARC). `warn` marks what could not be asked; it does not fail the
+run. Exit 1 when any line is FAIL. Credentials are never printed: every line is
+scrubbed of the AWS keys and the upstream password.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+import ssl
+import tempfile
+import time
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosmtplib
+import click
+import dns.asyncresolver
+import dns.exception
+import dns.resolver
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+
+from relay import rules
+from relay import ses as ses_mod
+from relay import settings as settings_mod
+from relay.errors import ConfigError, DeliveryError
+from relay.rules import RuleSet
+from relay.settings import Security, Settings
+from relay.spool import DB_NAME, state_counts
+
+OK, WARN, FAIL = "ok", "warn", "FAIL"
+DNS_TIMEOUT = 2.0  # seconds per lookup
+SMTP_TIMEOUT = 10.0  # seconds per SMTP step, at most
+SENDER_WINDOW = 7 * 86400.0  # spool rows this recent name the senders to check
+MAX_DETAIL = 300  # characters of a detail shown; an HTML error page is not useful
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+Dkim = dict[str, tuple[list[str], str]]  # domain -> (Easy DKIM tokens, SES DKIM status)
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class Report:
+    """Prints check lines, scrubbed of secrets; remembers whether any failed."""
+
+    secrets: tuple[str, ...] = ()
+    failed: bool = False
+
+    def line(self, status: str, check: str, detail: str) -> None:
+        detail = " ".join(detail.split())  # SES and SMTP replies may span lines
+        text = f"{status:<6}{check:<10}{detail[:MAX_DETAIL]}"
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        click.echo(text)
+        self.failed = self.failed or status == FAIL
+
+    def check(self, good: bool, check: str, ok_text: str, fail_text: str) -> None:
+        self.line(OK if good else FAIL, check, ok_text if good else fail_text)
+
+    async def ask(self, check: str, what: str, call: Awaitable[T]) -> T | None:
+        """Await one SES call; on failure a FAIL line with SES's reply and None."""
+        try:
+            return await call
+        except DeliveryError as exc:
+            self.line(FAIL, check, f"{what}: {exc.reply}")
+            return None
+
+
+class _Lookup(Exception):
+    """A check without a usable answer; the message names the record. `status`: FAIL/WARN."""
+
+    def __init__(self, message: str, status: str = FAIL) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def run(config_path: Path, *, senders: Sequence[str], nameserver: str | None) -> int:
+    """Entry point of `relay doctor`: 0 when nothing failed, 1 otherwise."""
+    return asyncio.run(_run(config_path, tuple(senders), nameserver))
+
+
+async def _run(config_path: Path, senders: tuple[str, ...], nameserver: str | None) -> int:
+    report = Report()
+    try:
+        settings = settings_mod.load(config_path)
+        ruleset = rules.load(settings.rules)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            report.line(FAIL, "config", str(problem))
+        return 1
+    report.secrets = _secrets(settings)
+    problems = settings_mod.check_listen_env(settings)
+    for text in problems:
+        report.line(FAIL, "config", text)
+    if not problems:
+        names = f"{config_path.name} and {settings.rules.name}"
+        count = len(ruleset.rules)
+        report.line(OK, "config", f"{names} load ({count} rule{'s' * (count != 1)})")
+    seen = await asyncio.to_thread(_spool, report, settings.spool)
+    await _upstream(report, settings)
+    if not settings.ses.enabled:
+        report.line(OK, "ses", "disabled (ses.enabled: false); SES and DNS checks skipped")
+        return int(report.failed)
+    senders = senders or seen
+    if not senders:
+        report.line(WARN, "identity", "no senders known: pass --sender")
+    domains = list(dict.fromkeys(s.rpartition("@")[2].lower() for s in senders))
+    dkim = await _ses(report, settings, ruleset, senders, domains)
+    await _dns(report, domains, dkim, nameserver)
+    return int(report.failed)
+
+
+def _secrets(settings: Settings) -> tuple[str, ...]:
+    values = [os.environ.get(name, "") for name in SECRET_ENV]
+    with contextlib.suppress(OSError):
+        values.append(settings.upstream.password() or "")
+    return tuple(v for v in values if len(v) >= 4)
+
+
+def _spool(report: Report, directory: Path) -> tuple[str, ...]:
+    """A temp-file write in the spool directory, a read-only look at the database.
+
+    Returns the envelope senders of the last SENDER_WINDOW: those routed to SES, else all.
+    """
+    target = directory
+    while not target.exists() and target != target.parent:
+        target = target.parent  # the service creates missing directories at start
+    try:
+        with tempfile.NamedTemporaryFile(dir=target, prefix=".doctor-") as probe:
+            probe.write(b"relay doctor write test\n")
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as exc:
+        report.line(FAIL, "spool", f"{target}: cannot write: {exc.strerror or exc}")
+        return ()
+    db = directory / DB_NAME
+    if not db.is_file():
+        report.line(OK, "spool", f"{directory}: writable; no database yet (made at first start)")
+        return ()
+    sql = ("SELECT sender, max(route = 'ses') FROM messages WHERE received_at >= ?"
+           " AND sender != '' GROUP BY sender ORDER BY sender")  # fmt: skip
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as c:
+            counts = state_counts(c)
+            rows = c.execute(sql, (time.time() - SENDER_WINDOW,)).fetchall()
+    except sqlite3.Error as exc:
+        report.line(FAIL, "spool", f"{db}: cannot read: {exc}")
+        return ()
+    summary = ", ".join(f"{counts[s]} {s}" for s in ("queued", "deferred", "failed"))
+    report.line(OK, "spool", f"{db}: writable and readable; {summary}")
+    return tuple(s for s, ses in rows if ses) or tuple(s for s, _ in rows)
+
+
+async def _upstream(report: Report, settings: Settings) -> None:
+    """EHLO, then STARTTLS and AUTH as configured; QUIT without sending."""
+    s = settings.upstream
+    context = ssl.create_default_context()
+    if not s.verify_tls:
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    smtp = aiosmtplib.SMTP(
+        hostname=s.host, port=s.port, local_hostname=settings.hostname, start_tls=False,
+        timeout=min(s.timeout, SMTP_TIMEOUT), use_tls=s.security is Security.TLS,
+        tls_context=context,
+    )  # fmt: skip
+    step, done = "", ["TLS" if s.security is Security.TLS else "EHLO"]
+    try:
+        await smtp.connect()
+        step = "EHLO failed: "
+        await smtp.ehlo()
+        if s.security is Security.STARTTLS:
+            step = "STARTTLS failed: "
+            await smtp.starttls()
+            done.append("STARTTLS")
+        if s.username:
+            step = "AUTH failed: "
+            password = s.password()
+            if password is None:
+                raise aiosmtplib.SMTPException("password_env/password_file gives no password")
+            await smtp.login(s.username, password)
+            done.append(f"AUTH as {s.username}")
+        await smtp.quit()
+    except (aiosmtplib.SMTPException, OSError) as exc:
+        if isinstance(exc.__cause__ or exc, ConnectionRefusedError):
+            why = "connection refused"
+        elif isinstance(exc, aiosmtplib.SMTPResponseException):
+            why = f"{exc.code} {' '.join(exc.message.split())}"
+        else:
+            why = str(exc) or type(exc).__name__
+        report.line(FAIL, "upstream", f"{s.host}:{s.port}: {step}{why}")
+        return
+    finally:
+        smtp.close()
+    report.line(OK, "upstream", f"{s.host}:{s.port}: {', '.join(done)} ok (no mail sent)")
+
+
+async def _ses(
+    report: Report, settings: Settings, ruleset: RuleSet, senders: Sequence[str],
+    domains: list[str],
+) -> Dkim | str:  # fmt: skip
+    """Account, identities and configuration sets; returns DKIM tokens, or why not."""
+    region = settings.ses.region
+    try:
+        client = await ses_mod.SesClient.open(settings.ses)
+    except Exception as exc:  # a bad region or endpoint URL: say so, do not crash the doctor
+        report.line(FAIL, "ses", f"cannot create an SES client for {region}: {exc}")
+        return "no SES client"
+    async with client:
+        quota = await report.ask("ses", f"credentials or endpoint unusable (GetSendQuota in "
+                                 f"{region})", client.quota())  # fmt: skip
+        if quota is None:
+            return "SES unusable"
+        daily = "unlimited" if quota.max_24h < 0 else f"{quota.max_24h:g}"
+        usage = (f"credentials valid ({region}); max send rate {quota.max_send_rate:g}/s; "
+                 f"sent {quota.sent_last_24h:g} of {daily} in the last 24 h")  # fmt: skip
+        spent = 0 <= quota.max_24h <= quota.sent_last_24h
+        report.check(not spent, "ses", usage, f"{usage}: daily quota spent")
+        try:
+            enabled = await client.sending_enabled()
+        except DeliveryError as exc:  # relay never needs this call to send: a warning only
+            report.line(
+                WARN, "ses", f"sending state unknown: GetAccountSendingEnabled: {exc.reply}"
+            )
+        else:
+            report.check(enabled, "ses", "sending enabled", "sending paused for the account")
+        for sender in senders:
+            verified = await report.ask("identity", sender, client.sender_verified(sender))
+            if verified is not None:
+                report.check(verified, "identity", f"{sender}: verified in SES",
+                             f"{sender}: not verified in SES (nor its domain)")  # fmt: skip
+        names = [settings.ses.configuration_set, *(r.configuration_set for r in ruleset.rules)]
+        for name in dict.fromkeys(n for n in names if n):
+            exists = await report.ask("configset", name, client.configuration_set_exists(name))
+            if exists is not None:
+                report.check(exists, "configset", f"{name}: exists",
+                             f"{name}: does not exist in {region}")  # fmt: skip
+    return await _dkim_tokens(settings.ses, domains)
+
+
+async def _dkim_tokens(ses: settings_mod.Ses, domains: list[str]) -> Dkim | str:
+    """GetIdentityDkimAttributes, which SesClient does not offer: tokens per domain."""
+    if not domains:
+        return {}
+    config = AioConfig(retries={"total_max_attempts": 1}, read_timeout=ses.timeout,
+                       connect_timeout=min(ses_mod.CONNECT_TIMEOUT, ses.timeout))  # fmt: skip
+    session = get_session()
+    creator = session.create_client("ses", region_name=ses.region, endpoint_url=ses.endpoint_url,
+                                    config=config)  # fmt: skip
+    try:
+        async with creator as client, asyncio.timeout(ses.timeout + 5):
+            r: dict[str, Any] = await client.get_identity_dkim_attributes(Identities=domains)
+    except Exception as exc:  # mapped like every SES error; an emulator may lack the call
+        return f"GetIdentityDkimAttributes: {ses_mod.failure(exc, 'DKIM attributes').reply}"
+    found = r.get("DkimAttributes", {})
+    return {d: (list(a.get("DkimTokens", [])), str(a.get("DkimVerificationStatus")))
+            for d, a in found.items()}  # fmt: skip
+
+
+def _resolver(nameserver: str | None) -> dns.asyncresolver.Resolver:
+    """The system resolver, or `nameserver` given as IP, IP:PORT or [IPv6]:PORT."""
+    if nameserver is None:
+        resolver = dns.asyncresolver.Resolver()
+    else:
+        host, port = nameserver, "53"
+        if nameserver.startswith("["):
+            host, _, port = nameserver[1:].partition("]")
+            port = port.lstrip(":") or "53"
+        elif nameserver.count(":") == 1:
+            host, port = nameserver.split(":")
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        resolver.nameservers, resolver.port = [host], int(port)
+    resolver.timeout = resolver.lifetime = DNS_TIMEOUT
+    return resolver
+
+
+async def _lookup(resolver: dns.asyncresolver.Resolver, name: str, rdtype: str) -> list[str]:
+    try:
+        answer = await resolver.resolve(name, rdtype)
+    except dns.resolver.NXDOMAIN as exc:
+        raise _Lookup(f"{name} {rdtype}: does not exist (NXDOMAIN)") from exc
+    except dns.resolver.NoAnswer as exc:
+        raise _Lookup(f"{name} {rdtype}: no {rdtype} record") from exc
+    except dns.exception.Timeout as exc:
+        raise _Lookup(f"{name} {rdtype}: no answer within {DNS_TIMEOUT:g} s") from exc
+    except dns.exception.DNSException as exc:
+        raise _Lookup(f"{name} {rdtype}: lookup failed: {exc}") from exc
+    if rdtype == "TXT":
+        return [b"".join(r.strings).decode(errors="replace") for r in answer]
+    return [r.to_text().rstrip(".").lower() for r in answer]
+
+
+async def _dns(
+    report: Report, domains: list[str], dkim: Dkim | str, nameserver: str | None
+) -> None:
+    """SPF includes amazonses.com, Easy DKIM CNAMEs point to SES, a DMARC record exists."""
+    try:
+        resolver = _resolver(nameserver)
+    except (ValueError, dns.exception.DNSException) as exc:
+        report.line(FAIL, "dns", f"cannot use nameserver {nameserver or '(system)'}: {exc}")
+        return
+
+    async def spf(domain: str) -> str:
+        found = [
+            t for t in await _lookup(resolver, domain, "TXT") if t.lower().startswith("v=spf1")
+        ]
+        if len(found) != 1:
+            raise _Lookup(f"{domain} TXT: {len(found)} SPF records (v=spf1), need exactly one")
+        if "include:amazonses.com" not in found[0].lower().split():
+            raise _Lookup(f"{domain} TXT: SPF does not include:amazonses.com: {found[0]}")
+        return f"{domain}: {found[0]}"
+
+    async def easy_dkim(domain: str) -> str:
+        if isinstance(dkim, str):
+            raise _Lookup(f"{domain}: Easy DKIM tokens unknown ({dkim}); not checked", WARN)
+        tokens, status = dkim.get(domain, ([], ""))
+        if not tokens:
+            raise _Lookup(f"{domain}: Easy DKIM is not set up in SES (no DKIM tokens)")
+        for token in tokens:
+            name, want = f"{token}._domainkey.{domain}", f"{token}.dkim.amazonses.com"
+            got = await _lookup(resolver, name, "CNAME")
+            if got != [want]:
+                raise _Lookup(f"{name} CNAME: {', '.join(got)}, expected {want}")
+        return f"{domain}: {len(tokens)} CNAMEs to SES Easy DKIM (SES status {status})"
+
+    async def dmarc(domain: str) -> str:
+        name = f"_dmarc.{domain}"
+        found = [t for t in await _lookup(resolver, name, "TXT") if t.startswith("v=DMARC1")]
+        if not found:
+            raise _Lookup(f"{name} TXT: no v=DMARC1 record")
+        return f"{domain}: {found[0]}"
+
+    for domain in domains:
+        for check, probe in (("spf", spf), ("dkim", easy_dkim), ("dmarc", dmarc)):
+            try:
+                report.line(OK, check, await probe(domain))
+            except _Lookup as exc:
+                report.line(exc.status, check, str(exc))
