@@ -18,6 +18,7 @@ import dataclasses
 import os
 import platform
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         help="run only these sections (repeatable)",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so every child process and the temp dir are cleaned up.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     params = sections.QUICK if args.quick else sections.FULL
     only = set(args.only or ("moodle", "accept", "sequential", "ses", "backlog"))
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -62,6 +64,7 @@ class Postfix:
         self.smtpd_max = smtpd_max
         self.maillog = self.root / "maillog"
         self.started = False
+        self._master: int | None = None
 
     def _write_config(self) -> None:
         for folder in (self.config, self.queue, self.data):
@@ -138,7 +141,12 @@ class Postfix:
         if done.returncode != 0:
             raise RuntimeError(f"postfix start failed: {done.stdout}{done.stderr}")
         self.started = True
-        tools.wait_banner(self.port, 30)
+        self._master = self.master_pid()
+        try:
+            tools.wait_banner(self.port, 30)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def queue_size(self, queues: tuple[str, ...] = ("incoming", "active", "deferred")) -> int:
@@ -164,23 +172,43 @@ class Postfix:
         self._postfix("flush", timeout=30)
 
     def master_pid(self) -> int | None:
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, IndexError):
             return int((self.queue / "pid" / "master.pid").read_text().split()[0])
         return None
 
+    def _ours_alive(self, pid: int) -> bool:
+        """True while `pid` is a live (not zombie) process of this instance's config."""
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            return False
+        return state != "Z" and f"MAIL_CONFIG={self.config}".encode() in environ
+
+    def _wait_gone(self, pid: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self._ours_alive(pid):
+                return True
+            time.sleep(0.1)
+        return False
+
     def stop(self) -> None:
+        """`postfix stop`; then `postfix abort`; then SIGKILL to this instance's master."""
         if not self.started:
             return
-        self._postfix("stop", timeout=60)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            pid = self.master_pid()
-            if pid is None or not Path(f"/proc/{pid}").exists():
-                break
-            time.sleep(0.1)
-        else:
-            self._postfix("abort", timeout=30)
         self.started = False
+        pid = self._master or self.master_pid()
+        done = self._postfix("stop", timeout=60)
+        if pid is None or self._wait_gone(pid, 20):
+            return
+        print(f"bench: postfix stop left master {pid}: {done.stdout}{done.stderr}", file=sys.stderr)
+        self._postfix("abort", timeout=30)
+        if self._wait_gone(pid, 10):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)  # checked above: this instance's master
+        self._wait_gone(pid, 10)
 
     def __enter__(self) -> Postfix:
         return self.start()
