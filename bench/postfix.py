@@ -139,7 +139,10 @@ class Postfix:
         self._write_config()
         done = self._postfix("start")
         if done.returncode != 0:
-            raise RuntimeError(f"postfix start failed: {done.stdout}{done.stderr}")
+            raise RuntimeError(
+                f"postfix -c {self.config} start failed: {done.stdout}{done.stderr} (postfix "
+                "prints its reason only to a terminal or syslog: run it under `script -qc`)"
+            )
         self.started = True
         self._master = self.master_pid()
         try:
