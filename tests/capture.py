@@ -51,6 +51,12 @@ ACCEPTED = "250 2.0.0 Ok: captured"
 _TRACE_ID = re.compile(rb"^Received: [^\r\n]*\r\n\tby \S+ \(relay\) with \S+ id (\w+);")
 
 
+def trace_queue_id(content: bytes) -> str | None:
+    """The relay queue id named in the Received: line relay puts on top of `content`."""
+    found = _TRACE_ID.match(content)
+    return found.group(1).decode() if found else None
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Captured:
     """One message the capture server accepted."""
@@ -62,9 +68,7 @@ class Captured:
 
     @property
     def queue_id(self) -> str | None:
-        """The relay queue id named in the top Received: line relay prepends."""
-        found = _TRACE_ID.match(self.content)
-        return found.group(1).decode() if found else None
+        return trace_queue_id(self.content)
 
     @property
     def message_id(self) -> str:
@@ -244,7 +248,9 @@ def queue_id_of(reply: str) -> str:
 def send(port: int, sender: str, recipients: Sequence[str], raw: bytes) -> str:
     """One SMTP transaction with smtplib (blocking); returns the queue id of the 250."""
     with smtplib.SMTP("127.0.0.1", port, local_hostname="moodle.test", timeout=10) as client:
-        client.mail(sender)
+        client.ehlo()
+        code, reply = client.mail(sender)
+        assert 250 == code, reply
         for rcpt in recipients:
             code, reply = client.rcpt(rcpt)
             assert 250 == code, reply

@@ -1,0 +1,109 @@
+"""Restart in the middle of delivery (DESIGN 3.4, at least once).
+
+`relay serve` delivers to a slow fake SES (0.2 s per call, so sends are in flight)
+and to the capture server; it is SIGKILLed mid-delivery and started again on the
+same spool. Every 250'd mail must end delivered (or dead-lettered), and the only
+duplicates allowed are the messages that were in flight at the kill: at most
+`deliverers` of them.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.capture import (  # noqa: F401
+    DONE,
+    CaptureServer,
+    capture,
+    rows,
+    send,
+    trace_queue_id,
+    wait_rows,
+)
+from tests.conftest import ConfigWriter, RelayProcess
+from tests.fakeses import FakeSes
+from tests.sesfixtures import REGION, aws_env, fake_ses  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("aws_env")
+
+DELIVERERS = 4
+MAILS = 100
+ORIGIN = "https://moodle.example.org => web01:mod/reengagement/lib.php:564"
+
+
+def moodle_mail(n: int) -> tuple[str, bytes, str]:
+    """Mail n: (recipient, bytes, expected route); two in three are re-engagement mail."""
+    ses = n % 3 != 2
+    rcpt = f"student{n}@students.example.org"
+    script = f"X-Moodle-Originating-Script: {ORIGIN}\r\n" if ses else ""
+    raw = (
+        f"Date: Tue, 4 Mar 2025 09:05:02 +0000\r\nTo: \"Student {n}\" <{rcpt}>\r\n"
+        f"From: \"Moodle Support (via Example Moodle)\" <noreply@moodle.example.org>\r\n"
+        f"Subject: {'We miss you' if ses else 'New forum post'} ({n})\r\n"
+        f"Message-ID: <67c6e0{n:08x}.{n:08d}@moodle.example.org>\r\n"
+        f"X-Mailer: PHPMailer 6.9.1 (https://github.com/PHPMailer/PHPMailer)\r\n{script}"
+        f"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=UTF-8\r\n\r\n"
+        f"Dear student {n},\r\n.come back\r\n"
+    ).encode()  # fmt: skip
+    return rcpt, raw, "ses" if ses else "upstream"
+
+
+def test_sigkill_mid_delivery_then_restart_delivers_each_mail_at_least_once(
+    write_config: ConfigWriter,
+    relay_process: Callable[[Path], RelayProcess],
+    capture: CaptureServer,  # noqa: F811
+    fake_ses: FakeSes,  # noqa: F811
+) -> None:
+    """100 mails (2/3 to SES, 1/3 upstream), SIGKILL while SES sends are in flight, restart:
+    every 250'd mail reaches its destination; the mails delivered twice are among those
+    the spool still had in flight at the kill, and those are at most `deliverers`."""
+    fake_ses.latency = 0.2
+    config = write_config(
+        deliverers=DELIVERERS,
+        upstream={"host": "127.0.0.1", "port": capture.port, "timeout": 10},
+        ses={"region": REGION, "endpoint_url": fake_ses.url, "max_send_rate": 100,
+             "fallback_after": 300, "timeout": 10},
+        retry={"schedule": [1], "max_age": 600},
+    )  # fmt: skip
+    spool = config.parent / "spool"
+    relay = relay_process(config).start()
+    acked: dict[str, str] = {}  # queue id -> expected route
+    for n in range(MAILS):
+        rcpt, raw, route = moodle_mail(n)
+        acked[send(relay.port, "noreply@moodle.example.org", [rcpt], raw)] = route
+
+    deadline = time.monotonic() + 30
+    while len(fake_ses.sent) + len(capture.messages) < 30 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert -signal.SIGKILL == relay.stop(signal.SIGKILL)
+    at_kill = rows(spool)
+    inflight = {q for q, row in at_kill.items() if row["state"] == "inflight"}
+    pending = [q for q, row in at_kill.items() if row["state"] not in DONE]
+    delivered_before = len(fake_ses.sent) + len(capture.messages)
+    assert pending, "the kill came after the last delivery: nothing was tested"
+
+    restarted = relay_process(config).start()
+    final = wait_rows(spool, acked, DONE, timeout=45)
+    assert 0 == restarted.stop()
+    assert {q: ("sent", route) for q, route in acked.items()} == {
+        q: (row["state"], row["route"]) for q, row in final.items()
+    }
+    copies = Counter(
+        [trace_queue_id(s.raw) for s in fake_ses.sent] + [m.queue_id for m in capture.messages]
+    )
+    lost = sorted(set(acked) - set(copies))
+    duplicated = {q for q, count in copies.items() if count > 1}
+    duplicates = sum(copies.values()) - len(copies)
+    print(f"restart: sent {MAILS}, 250s {len(acked)}, delivered before the kill "
+          f"{delivered_before}, in flight at the kill {len(inflight)}, pending {len(pending)}; "
+          f"finally SES {len(fake_ses.sent)}, original host {len(capture.messages)}, "
+          f"duplicates {duplicates}, lost {len(lost)}")  # fmt: skip
+    assert ([], set()) == (lost, set(copies) - set(acked))
+    assert set() == duplicated - inflight
+    assert duplicates <= len(inflight) <= DELIVERERS
