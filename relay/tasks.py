@@ -83,6 +83,11 @@ async def delivery(ctx: Context) -> None:
             ses = await SesClient.open(settings.ses)
             stack.push_async_callback(ses.close)
             pace = Pace(settings.ses.max_send_rate or UNKNOWN_QUOTA_RATE)
+            # The first GetSendQuota sets the ceiling (auto) and also warms up credentials
+            # and the HTTPS connection, so the first paced sends are not late and bunched.
+            if await _refresh_quota(ctx, ses, pace) and not settings.ses.max_send_rate:
+                pace = Pace(pace.ceiling)  # start at the quota, not at the provisional rate
+                await _refresh_quota(ctx, ses, pace)
         circuit = Circuit(settings.ses.circuit_cooldown)
         deliverer = Deliverer(
             settings=settings, spool=ctx.spool, rules=ctx.rules,
@@ -97,9 +102,6 @@ async def delivery(ctx: Context) -> None:
         ctx.on_reload.append(reloaded)
         quota = None
         if ses is not None and pace is not None:
-            # The first GetSendQuota also warms up credentials and the HTTPS connection, so
-            # the first paced sends are not late (and then bunched into one SES window).
-            await _refresh_quota(ctx, ses, pace)
             quota = asyncio.create_task(_quota_loop(ctx, ses, pace, circuit), name="ses-quota")
         try:
             await deliverer.run(ctx.stop)
@@ -118,13 +120,13 @@ async def _quota_loop(ctx: Context, ses: SesClient, pace: Pace, circuit: Circuit
         metrics.CIRCUIT_OPEN.set(0 if circuit.state is CircuitState.CLOSED else 1)
 
 
-async def _refresh_quota(ctx: Context, ses: SesClient, pace: Pace) -> None:
+async def _refresh_quota(ctx: Context, ses: SesClient, pace: Pace) -> bool:
     """GetSendQuota -> pace ceiling (`max_send_rate: auto`: 90% of MaxSendRate) and budget."""
     try:
         quota = await ses.quota()
     except DeliveryError as exc:
         logs.event(log, "ses_quota_failed", level=logging.WARNING, error=exc.reply)
-        return
+        return False
     ceiling = ctx.settings.ses.max_send_rate or max(quota.max_send_rate * 0.9, 0.1)
     pace.set_ceiling(ceiling)
     pace.set_budget(quota.max_24h, quota.sent_last_24h)
@@ -134,6 +136,7 @@ async def _refresh_quota(ctx: Context, ses: SesClient, pace: Pace) -> None:
     metrics.PACE_CEILING.set(ceiling)
     logs.event(log, "ses_quota", max_send_rate=quota.max_send_rate, max_24h=quota.max_24h,
                sent_last_24h=quota.sent_last_24h, pace_ceiling=ceiling)  # fmt: skip
+    return True
 
 
 async def observe(ctx: Context) -> None:
