@@ -186,6 +186,7 @@ class Deliverer:
         rule = decision.rule or "default"
         tags = (("rule", rule), *decision.tags)
         config_set = decision.configuration_set or self.settings.ses.configuration_set
+        probe = self.circuit.state is CircuitState.PROBING  # allow() just let this one through
         if self.pace is not None:
             await self.pace.acquire(len(mail.recipients))
         started = time.monotonic()
@@ -221,6 +222,10 @@ class Deliverer:
             log.info("event=deferred id=%s route=ses retry_in=%.0fs reply=%r",
                      mail.id, delay, exc.reply)  # fmt: skip
             return None
+        except BaseException:
+            if probe:  # no verdict (a bug, or cancelled): the next mail probes, not never
+                self.circuit.probe_aborted()
+            raise
         finally:
             metrics.SES_LATENCY.observe(time.monotonic() - started)
         self._ses_reached()

@@ -393,3 +393,39 @@ async def test_partial_upstream_result_sends_each_recipient_once(
         f"partial ({refusal[:3]}): copies {[m.rcpt_tos for m in capture.messages]}, "
         f"partial event {partial[0]!r}, attempts {row['attempts']}"
     )
+
+
+NO_MESSAGE_ID = Fault(
+    status=200,
+    body='<SendRawEmailResponse xmlns="http://ses.amazonaws.com/doc/2010-12-01/">'
+    "<SendRawEmailResult/></SendRawEmailResponse>",
+)
+
+
+async def test_probe_that_ends_in_a_bug_lets_the_next_mail_probe(
+    start_relay: Start,
+    capture: CaptureServer,  # noqa: F811
+    fake_ses: FakeSes,  # noqa: F811
+) -> None:
+    """The probe after the cooldown ends without a verdict (SES answers 200 without a
+    MessageId: a bug path, the mail is deferred): the circuit must not stay half-open for
+    good; the next try probes again and, SES healthy, the mail goes to SES."""
+    cooldown = 1.0
+    fake_ses.error = PAUSED
+    relay = await start_relay(deliver=True, **config(capture, fake_ses.url,
+                                                     circuit_cooldown=cooldown))  # fmt: skip
+    spool = relay.settings.spool
+    await await_rows(spool, await send_corpus(relay.port, SES_MAILS[0]), {"sent"})  # opens
+    await asyncio.sleep(cooldown + 0.2)
+    fake_ses.error = None
+    fake_ses.fail_next(NO_MESSAGE_ID)
+    probe = await send_corpus(relay.port, SES_MAILS[1])
+    [queue_id] = probe
+    found = await await_rows(spool, probe, {"sent"})
+    events = [e for e, _ in found[queue_id]["events"]]
+    assert ("ses", 1, 2) == (found[queue_id]["route"], len(fake_ses.sent), fake_ses.calls - 1)
+    assert ["received", "deferred", "sent"] == [e for e in events if e != "fallback"]
+    print(
+        f"probe bug: deferred ({found[queue_id]['events'][1][1][:60]!r}...), next try "
+        f"probed again, sent to SES ({found[queue_id]['ses_message_id']})"
+    )
