@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import binascii
 import email.utils
+import functools
 import ipaddress
 import logging
 import re
@@ -85,6 +86,7 @@ _MESSAGE_ID = re.compile(rb"^message-id[ \t]*:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.I
 _UNSAFE = re.compile(r"[^!-~]|[()\\]")
 
 
+@functools.lru_cache(maxsize=8192)  # Moodle sends from one noreply address, over and over
 def address_problem(address: str) -> str | None:
     """Why `address` is not a valid ASCII mailbox for the envelope; None when it is."""
     try:
