@@ -1,5 +1,6 @@
 # relay in a container: docker build -t relay . && docker run -v relay-spool:/var/lib/relay \
-#   -v ./relay.yaml:/etc/relay/relay.yaml:ro -p 127.0.0.1:2525:2525 relay
+#   -v ./relay.yaml:/etc/relay/relay.yaml:ro -p 127.0.0.1:2525:2525 --stop-timeout 45 relay
+# (--stop-timeout: relay drains in-flight sends for up to 30 s; Docker's default is 10 s.)
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -20,8 +21,12 @@ RUN pip install -c constraints.txt . \
 VOLUME ["/var/lib/relay"]
 USER relay
 WORKDIR /var/lib/relay
-# In a container the listener must bind beyond loopback, so relay.yaml needs auth + tls
-# (relay refuses to be an open relay); mount it at /etc/relay/relay.yaml.
+# Mount relay.yaml at /etc/relay/relay.yaml. In a container it needs:
+#   listen: 0.0.0.0:2525 with auth + tls  (beyond loopback; relay refuses to be an open relay)
+#   spool: /var/lib/relay                 (the volume; the default, beside relay.yaml, is
+#                                          read-only /etc/relay)
+#   metrics: 0.0.0.0:9325                 (the HEALTHCHECK asks /healthz there; with no
+#                                          `metrics:` key the container is reported unhealthy)
 EXPOSE 2525 9325
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \

@@ -1,0 +1,396 @@
+"""Operating relay: systemd notify + watchdog, SIGHUP reload, SIGTERM under load, metrics and
+the Grafana dashboard, `relay demo`. Real processes, real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import smtplib
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from relay import samples
+from tests.capture import CaptureServer, asend, await_rows, capture, rows, send, wait_rows
+from tests.conftest import RELAY, ConfigWriter, RelayProcess, relay_cli
+from tests.sesfixtures import REGION, aws_env, moto_server
+
+__all__ = ["aws_env", "capture", "moto_server"]  # fixtures, used by name
+
+Process = Callable[[Path], RelayProcess]
+DASHBOARD = Path(__file__).parent.parent / "contrib" / "grafana" / "relay.json"
+
+
+def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
+    """Poll `predicate` until it returns something truthy; AssertionError naming `what`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    """GET http://127.0.0.1:PORT/PATH -> (status, body); 4xx/5xx are answers, not errors."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def mail(subject: str, n: int = 0) -> bytes:
+    """A small Moodle-like mail."""
+    return (
+        f"Date: Mon, 2 Mar 2026 10:00:00 +0000\r\nTo: ada@example.net\r\n"
+        f"From: noreply@moodle.test\r\nSubject: {subject}\r\n"
+        f"Message-ID: <{time.monotonic_ns()}.{n}@moodle.test>\r\n\r\nHello {n}\r\n"
+    ).encode()
+
+
+# a. systemd notify protocol
+
+
+def test_ready_after_listen_watchdog_and_stopping(write_config: ConfigWriter) -> None:
+    """Under NOTIFY_SOCKET, `relay serve` says READY=1 only once the SMTP port accepts (a
+    connect made the moment READY arrives gets the 220 greeting), pings WATCHDOG=1 at half
+    of WATCHDOG_USEC, and says STOPPING=1 on SIGTERM, then exits 0."""
+    with tempfile.TemporaryDirectory(prefix="rn") as short:  # AF_UNIX paths max 107 bytes
+        path = os.path.join(short, "notify")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(path)
+        sock.settimeout(15)
+        config = write_config()
+        port_file = config.parent / "port"
+        env = {**os.environ, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000",
+               "RELAY_PORT_FILE": str(port_file)}  # fmt: skip
+        env.pop("WATCHDOG_PID", None)
+        log = config.parent / "serve.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen([*RELAY, "serve", "--config", str(config)], env=env,
+                                    stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        try:
+            got: list[tuple[float, str]] = []
+            while not any(m == "READY=1" for _, m in got):
+                got.append((time.monotonic(), sock.recv(4096).decode()))
+            # READY arrived: the listener must take a connection now, with no retry.
+            port = int(port_file.read_text())
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as smtp:
+                greeting = smtp.recv(512).decode()
+            assert greeting.startswith("220 "), greeting
+            ready_at = got[-1][0]
+            while time.monotonic() - ready_at < 1.0:
+                got.append((time.monotonic(), sock.recv(4096).decode()))
+            pings = [t for t, m in got if m == "WATCHDOG=1" and t >= ready_at]
+            proc.send_signal(signal.SIGTERM)
+            while got[-1][1] != "STOPPING=1":
+                got.append((time.monotonic(), sock.recv(4096).decode()))
+            code = proc.wait(40)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            sock.close()
+    messages = [m for _, m in got]
+    assert {"READY=1", "WATCHDOG=1", "STOPPING=1"} == set(messages), messages
+    assert 1 == messages.count("READY=1")
+    # every 0.1 s for one second: allow for scheduling, but not for "never" or "once"
+    assert 5 <= len(pings) <= 15, pings
+    assert 0 == code, log.read_text()
+
+
+# b. SIGHUP reload
+
+
+RULES = """\
+default: upstream
+rules:
+  - name: {name}
+    route: upstream
+    match:
+      subject: '^hello'
+"""
+BROKEN = """\
+default: upstream
+rules:
+  - name: broken
+    route: upstream
+    match:
+      subject: '(unclosed'
+"""
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace `path` in one rename, as an editor or config management would."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def metrics_port(process: RelayProcess) -> int:
+    """The metrics port a `relay serve` process logged (`event=metrics_listening`)."""
+    found = wait_until(lambda: re.search(r"event=metrics_listening address=\S+:(\d+)",
+                                         process.log()), "event=metrics_listening")  # fmt: skip
+    return int(found.group(1))
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """/metrics as {(sample name, labels): value}."""
+    status, text = http_get(port, "/metrics")
+    assert 200 == status
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_sighup_broken_rules_keep_old_then_fixed_rules_apply(
+    write_config: ConfigWriter, relay_process: Process, capture: CaptureServer, tmp_path: Path
+) -> None:
+    """SIGHUP with a broken rules file keeps the old rules (the next mail is still classified
+    by them) and logs `event=reload_failed` with file:line; after the fix, SIGHUP makes the
+    new rules apply to the next mail. Reload counters show one error and one ok."""
+    rules_file = tmp_path / "rules.yaml"
+    write_atomically(rules_file, RULES.format(name="old-rule"))
+    config = write_config(rules="rules.yaml", ses={"enabled": False}, metrics="127.0.0.1:0",
+                          upstream={"host": "127.0.0.1", "port": capture.port})  # fmt: skip
+    relay = relay_process(config).start()
+    assert relay.proc is not None
+    port = metrics_port(relay)
+    spool = tmp_path / "spool"
+
+    def deliver_one(n: int) -> dict[str, Any]:
+        qid = send(relay.port, "noreply@moodle.test", ["ada@example.net"], mail("hello", n))
+        return wait_rows(spool, [qid])[qid]
+
+    assert "old-rule" == deliver_one(1)["rule"]
+
+    write_atomically(rules_file, BROKEN)
+    relay.proc.send_signal(signal.SIGHUP)
+    failed = wait_until(lambda: re.search(r".*event=reload_failed.*", relay.log()),
+                        "event=reload_failed")  # fmt: skip
+    assert f"{rules_file}:6:" in failed.group(0), failed.group(0)
+    qid = deliver_one(2)["id"]
+    shown = relay_cli("queue", "--config", str(config), "show", "--json", qid)
+    assert 0 == shown.returncode, shown.stderr
+    assert ("old-rule", "upstream", "sent") == tuple(
+        json.loads(shown.stdout)[k] for k in ("rule", "route", "state")
+    )
+
+    write_atomically(rules_file, RULES.format(name="new-rule"))
+    relay.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "event=reloaded" in relay.log(), "event=reloaded")
+    assert "new-rule" == deliver_one(3)["rule"]
+
+    reloads = {dict(k[1])["result"]: v for k, v in scrape(port).items()
+               if k[0] == "relay_rules_reloads_total"}  # fmt: skip
+    assert {"error": 1.0, "ok": 1.0} == reloads
+    assert 0 == relay.stop()
+
+
+# c. SIGTERM under load
+
+
+@dataclass
+class Client:
+    """Sends mail until the relay goes away; keeps the queue id of every 250."""
+
+    port: int
+    keepalive: bool
+    name: str
+    accepted: list[str] = field(default_factory=list)
+    ended_by: str = ""
+
+    def run(self, stop: threading.Event) -> None:
+        n = 0
+        smtp: smtplib.SMTP | None = None
+        try:
+            while not stop.is_set():
+                if smtp is None:
+                    smtp = smtplib.SMTP("127.0.0.1", self.port, local_hostname="moodle.test",
+                                        timeout=40)  # fmt: skip
+                    smtp.ehlo()
+                n += 1
+                smtp.mail("noreply@moodle.test")
+                smtp.rcpt(f"{self.name}-{n}@example.net")
+                code, reply = smtp.data(mail(f"load {self.name}", n))
+                if code != 250:
+                    raise smtplib.SMTPDataError(code, reply)
+                self.accepted.append(reply.decode().rsplit(" ", 1)[-1])
+                if not self.keepalive:
+                    smtp.quit()
+                    smtp = None
+        except (smtplib.SMTPException, OSError) as exc:
+            self.ended_by = repr(exc)
+        finally:
+            if smtp is not None:
+                smtp.close()
+
+
+def test_sigterm_under_load_loses_nothing(
+    write_config: ConfigWriter, relay_process: Process, capture: CaptureServer, tmp_path: Path
+) -> None:
+    """Six clients (half reusing their connection, like smtpmaxbulk) send without pause while
+    the relay delivers; SIGTERM: exit 0 well within the deadline, every 250'd mail is in the
+    spool, each one marked sent was delivered, and after a restart all of them are."""
+    config = write_config(ses={"enabled": False},
+                          upstream={"host": "127.0.0.1", "port": capture.port})  # fmt: skip
+    relay = relay_process(config).start()
+    stop = threading.Event()
+    clients = [Client(relay.port, keepalive=i % 2 == 1, name=f"c{i}") for i in range(6)]
+    threads = [threading.Thread(target=c.run, args=(stop,)) for c in clients]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: sum(len(c.accepted) for c in clients) >= 200, "200 mails accepted")
+    started = time.monotonic()
+    code = relay.stop(signal.SIGTERM, timeout=60)
+    took = time.monotonic() - started
+    stop.set()
+    for thread in threads:
+        thread.join(30)
+    accepted = [qid for c in clients for qid in c.accepted]
+    print(f"SIGTERM -> exit {code} in {took:.2f} s; {len(accepted)} mails accepted; "
+          f"{len(capture.messages)} delivered before the stop")  # fmt: skip
+    assert 0 == code, relay.log()
+    assert took < 35, took
+    assert all(c.ended_by for c in clients), [c.ended_by for c in clients]
+    assert 200 <= len(accepted)
+
+    spooled = rows(tmp_path / "spool")
+    assert [] == [qid for qid in accepted if qid not in spooled]
+    delivered = {m.queue_id for m in capture.messages}
+    marked_sent = {qid for qid in accepted if spooled[qid]["state"] == "sent"}
+    assert set() == marked_sent - delivered
+
+    relay_process(config).start()  # the rest goes out after a restart
+    wait_rows(tmp_path / "spool", accepted, {"sent"}, timeout=60)
+    assert set() == set(accepted) - {m.queue_id for m in capture.messages}
+
+
+# d. metrics, health, readiness, dashboard
+
+
+def dashboard_metrics() -> set[str]:
+    """Every relay_* metric name the Grafana dashboard queries (as exposed: _total, _bucket)."""
+    board = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    names: set[str] = set()
+
+    def walk(panels: list[dict[str, Any]]) -> None:
+        for panel in panels:
+            for target in panel.get("targets", []):
+                names.update(re.findall(r"\brelay_\w+", target.get("expr", "")))
+            walk(panel.get("panels", []))
+
+    walk(board.get("panels", []))
+    return names
+
+
+def exposed_names(text: str) -> set[str]:
+    """Names a scrape exposes: sample names, and names declared by # HELP (a labelled
+    counter with no observation yet has no sample, but Prometheus knows the name)."""
+    found = set(re.findall(r"^# HELP (\w+)", text, re.M))
+    found.update(re.findall(r"^([a-zA-Z_:][\w:]*)(?:\{| )", text, re.M))
+    return found
+
+
+async def test_metrics_move_with_traffic_health_readiness_and_dashboard(
+    aws_env: None, moto_server: str, start_relay: Any, capture: CaptureServer
+) -> None:
+    """With traffic to both routes, the received, classified and delivery counters move by
+    exactly what was sent; /healthz is 200; /readyz is 200, 503 while the spool cannot
+    commit, 200 again after; every metric the Grafana dashboard queries is in the scrape."""
+    running = await start_relay(
+        deliver=True, metrics="127.0.0.1:0",
+        upstream={"host": "127.0.0.1", "port": capture.port},
+        ses={"region": REGION, "endpoint_url": moto_server, "max_send_rate": 50},
+    )  # fmt: skip
+    for _ in range(500):  # the metrics task binds its port right after the service starts
+        if running.ctx.metrics_port is not None:
+            break
+        await asyncio.sleep(0.02)
+    port = running.ctx.metrics_port
+    assert port is not None
+
+    async def get(path: str) -> tuple[int, str]:  # off the loop: it serves the answer
+        return await asyncio.to_thread(http_get, port, path)
+
+    async def read() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        return await asyncio.to_thread(scrape, port)
+
+    before = await read()
+    ids = [await asend(running.port, s.sender, [s.recipient], s.raw) for s in samples.samples()]
+    done = await await_rows(running.ctx.spool.path.parent, ids)
+    assert {"sent"} == {row["state"] for row in done.values()}
+    after = await read()
+
+    def moved(name: str, **labels: str) -> float:
+        key = (name, frozenset(labels.items()))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    expected = {
+        "received": 4.0, "ses sent": 2.0, "upstream sent": 2.0, "student": 1.0, "cc": 1.0,
+        "default": 2.0,
+    }  # fmt: skip
+    actual = {
+        "received": moved("relay_received_messages_total"),
+        "ses sent": moved("relay_deliveries_total", route="ses", outcome="sent"),
+        "upstream sent": moved("relay_deliveries_total", route="upstream", outcome="sent"),
+        "student": moved("relay_classified_messages_total", rule="reengagement-student",
+                         route="ses"),
+        "cc": moved("relay_classified_messages_total", rule="reengagement-cc", route="ses"),
+        "default": moved("relay_classified_messages_total", rule="(default)", route="upstream"),
+    }  # fmt: skip
+    assert expected == actual
+
+    assert (200, "ok\n") == await get("/healthz")
+    assert (200, "ready\n") == await get("/readyz")
+    await running.ctx.spool.set_limits(read_only=True)
+    try:
+        assert 503 == (await get("/readyz"))[0]
+        assert 200 == (await get("/healthz"))[0]  # alive, just not ready
+    finally:
+        await running.ctx.spool.set_limits(read_only=False)
+    assert (200, "ready\n") == await get("/readyz")
+
+    queried = dashboard_metrics()
+    assert 15 <= len(queried), queried  # the parser found the dashboard's queries
+    _, text = await get("/metrics")
+    assert set() == queried - exposed_names(text)
+
+
+# e. relay demo
+
+
+def test_demo_runs_and_shows_where_each_mail_went() -> None:
+    """`relay demo` exits 0 within 20 s and shows each sample's route: re-engagement
+    (student, CC) via SES with an SES MessageId, forum post and password reset upstream."""
+    started = time.monotonic()
+    done = relay_cli("demo", timeout=60)
+    took = time.monotonic() - started
+    print(done.stdout, f"({took:.1f} s)")
+    assert 0 == done.returncode, done.stdout + done.stderr
+    assert took < 20, took
+    table = {line[:25].strip(): line.split() for line in done.stdout.splitlines()}
+    found = {}
+    for label, route in (("re-engagement (student)", "ses"), ("re-engagement (CC copy)", "ses"),
+                         ("forum post", "upstream"), ("password reset", "upstream")):  # fmt: skip
+        words = table[label]
+        found[label] = (route in words, words[-1] != "-" if route == "ses" else words[-1] == "-")
+    assert dict.fromkeys(found, (True, True)) == found, done.stdout
+    assert "original host (NOT seen" not in done.stdout
