@@ -6,8 +6,8 @@
 Checks, in order: config and rules load (stop there if not); spool writable;
 original host (EHLO, STARTTLS, AUTH as configured; no mail sent); SES account
 (credentials via GetSendQuota, quota, sending enabled), sender identities,
-configuration sets; DNS of the sender domains (SPF includes amazonses.com, Easy
-DKIM CNAMEs, DMARC). `warn` marks what could not be asked; it does not fail the
+configuration sets; DNS of the sender domains (relay.dnscheck: SPF includes
+amazonses.com, Easy DKIM CNAMEs, DMARC). `warn` marks what could not be asked; it does not fail the
 run. Exit 1 when any line is FAIL. Credentials are never printed: every line is
 scrubbed of the AWS keys and the upstream password.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import sqlite3
 import ssl
@@ -24,17 +25,13 @@ import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import aiosmtplib
 import click
-import dns.asyncresolver
 import dns.exception
-import dns.resolver
-from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
 
-from relay import rules
+from relay import dnscheck, rules
 from relay import ses as ses_mod
 from relay import settings as settings_mod
 from relay.errors import ConfigError, DeliveryError
@@ -43,13 +40,11 @@ from relay.settings import Security, Settings
 from relay.spool import DB_NAME, state_counts
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
-DNS_TIMEOUT = 2.0  # seconds per lookup
 SMTP_TIMEOUT = 10.0  # seconds per SMTP step, at most
 SENDER_WINDOW = 7 * 86400.0  # spool rows this recent name the senders to check
 MAX_DETAIL = 300  # characters of a detail shown; an HTML error page is not useful
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
-Dkim = dict[str, tuple[list[str], str]]  # domain -> (Easy DKIM tokens, SES DKIM status)
 T = TypeVar("T")
 
 
@@ -78,14 +73,6 @@ class Report:
         except DeliveryError as exc:
             self.line(FAIL, check, f"{what}: {exc.reply}")
             return None
-
-
-class _Lookup(Exception):
-    """A check without a usable answer; the message names the record. `status`: FAIL/WARN."""
-
-    def __init__(self, message: str, status: str = FAIL) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def run(config_path: Path, *, senders: Sequence[str], nameserver: str | None) -> int:
@@ -210,7 +197,7 @@ async def _upstream(report: Report, settings: Settings) -> None:
 async def _ses(
     report: Report, settings: Settings, ruleset: RuleSet, senders: Sequence[str],
     domains: list[str],
-) -> Dkim | str:  # fmt: skip
+) -> dnscheck.Dkim | str:  # fmt: skip
     """Account, identities and configuration sets; returns DKIM tokens, or why not."""
     region = settings.ses.region
     try:
@@ -247,104 +234,22 @@ async def _ses(
             if exists is not None:
                 report.check(exists, "configset", f"{name}: exists",
                              f"{name}: does not exist in {region}")  # fmt: skip
-    return await _dkim_tokens(settings.ses, domains)
+    return await dnscheck.dkim_tokens(settings.ses, domains)
 
 
-async def _dkim_tokens(ses: settings_mod.Ses, domains: list[str]) -> Dkim | str:
-    """GetIdentityDkimAttributes, which SesClient does not offer: tokens per domain."""
-    if not domains:
-        return {}
-    config = AioConfig(retries={"total_max_attempts": 1}, read_timeout=ses.timeout,
-                       connect_timeout=min(ses_mod.CONNECT_TIMEOUT, ses.timeout))  # fmt: skip
-    session = get_session()
-    creator = session.create_client("ses", region_name=ses.region, endpoint_url=ses.endpoint_url,
-                                    config=config)  # fmt: skip
-    try:
-        async with creator as client, asyncio.timeout(ses.timeout + 5):
-            r: dict[str, Any] = await client.get_identity_dkim_attributes(Identities=domains)
-    except Exception as exc:  # mapped like every SES error; an emulator may lack the call
-        return f"GetIdentityDkimAttributes: {ses_mod.failure(exc, 'DKIM attributes').reply}"
-    found = r.get("DkimAttributes", {})
-    return {d: (list(a.get("DkimTokens", [])), str(a.get("DkimVerificationStatus")))
-            for d, a in found.items()}  # fmt: skip
-
-
-def _resolver(nameserver: str | None) -> dns.asyncresolver.Resolver:
-    """The system resolver, or `nameserver` given as IP, IP:PORT or [IPv6]:PORT."""
-    if nameserver is None:
-        resolver = dns.asyncresolver.Resolver()
-    else:
-        host, port = nameserver, "53"
-        if nameserver.startswith("["):
-            host, _, port = nameserver[1:].partition("]")
-            port = port.lstrip(":") or "53"
-        elif nameserver.count(":") == 1:
-            host, port = nameserver.split(":")
-        resolver = dns.asyncresolver.Resolver(configure=False)
-        resolver.nameservers, resolver.port = [host], int(port)
-    resolver.timeout = resolver.lifetime = DNS_TIMEOUT
-    return resolver
-
-
-async def _lookup(resolver: dns.asyncresolver.Resolver, name: str, rdtype: str) -> list[str]:
-    try:
-        answer = await resolver.resolve(name, rdtype)
-    except dns.resolver.NXDOMAIN as exc:
-        raise _Lookup(f"{name} {rdtype}: does not exist (NXDOMAIN)") from exc
-    except dns.resolver.NoAnswer as exc:
-        raise _Lookup(f"{name} {rdtype}: no {rdtype} record") from exc
-    except dns.exception.Timeout as exc:
-        raise _Lookup(f"{name} {rdtype}: no answer within {DNS_TIMEOUT:g} s") from exc
-    except dns.exception.DNSException as exc:
-        raise _Lookup(f"{name} {rdtype}: lookup failed: {exc}") from exc
-    if rdtype == "TXT":
-        return [b"".join(r.strings).decode(errors="replace") for r in answer]
-    return [r.to_text().rstrip(".").lower() for r in answer]
-
-
-async def _dns(
-    report: Report, domains: list[str], dkim: Dkim | str, nameserver: str | None
-) -> None:
+async def _dns(report: Report, domains: list[str], dkim: dnscheck.Dkim | str,
+               nameserver: str | None) -> None:  # fmt: skip
     """SPF includes amazonses.com, Easy DKIM CNAMEs point to SES, a DMARC record exists."""
     try:
-        resolver = _resolver(nameserver)
+        resolver = dnscheck.resolver(nameserver)
     except (ValueError, dns.exception.DNSException) as exc:
         report.line(FAIL, "dns", f"cannot use nameserver {nameserver or '(system)'}: {exc}")
         return
-
-    async def spf(domain: str) -> str:
-        found = [
-            t for t in await _lookup(resolver, domain, "TXT") if t.lower().startswith("v=spf1")
-        ]
-        if len(found) != 1:
-            raise _Lookup(f"{domain} TXT: {len(found)} SPF records (v=spf1), need exactly one")
-        if "include:amazonses.com" not in found[0].lower().split():
-            raise _Lookup(f"{domain} TXT: SPF does not include:amazonses.com: {found[0]}")
-        return f"{domain}: {found[0]}"
-
-    async def easy_dkim(domain: str) -> str:
-        if isinstance(dkim, str):
-            raise _Lookup(f"{domain}: Easy DKIM tokens unknown ({dkim}); not checked", WARN)
-        tokens, status = dkim.get(domain, ([], ""))
-        if not tokens:
-            raise _Lookup(f"{domain}: Easy DKIM is not set up in SES (no DKIM tokens)")
-        for token in tokens:
-            name, want = f"{token}._domainkey.{domain}", f"{token}.dkim.amazonses.com"
-            got = await _lookup(resolver, name, "CNAME")
-            if got != [want]:
-                raise _Lookup(f"{name} CNAME: {', '.join(got)}, expected {want}")
-        return f"{domain}: {len(tokens)} CNAMEs to SES Easy DKIM (SES status {status})"
-
-    async def dmarc(domain: str) -> str:
-        name = f"_dmarc.{domain}"
-        found = [t for t in await _lookup(resolver, name, "TXT") if t.startswith("v=DMARC1")]
-        if not found:
-            raise _Lookup(f"{name} TXT: no v=DMARC1 record")
-        return f"{domain}: {found[0]}"
-
+    probes = (("spf", dnscheck.spf), ("dkim", functools.partial(dnscheck.easy_dkim, dkim=dkim)),
+              ("dmarc", dnscheck.dmarc))  # fmt: skip
     for domain in domains:
-        for check, probe in (("spf", spf), ("dkim", easy_dkim), ("dmarc", dmarc)):
+        for check, probe in probes:
             try:
-                report.line(OK, check, await probe(domain))
-            except _Lookup as exc:
-                report.line(exc.status, check, str(exc))
+                report.line(OK, check, await probe(resolver, domain))
+            except dnscheck.RecordProblem as exc:
+                report.line(WARN if exc.warning else FAIL, check, str(exc))
