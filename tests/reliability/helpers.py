@@ -1,0 +1,215 @@
+"""Shared pieces of the reliability scenarios.
+
+- `MailFactory`: Moodle mails from tests/corpus (re-engagement -> SES, look-alikes ->
+  upstream), each with a fresh Message-ID, so every delivery can be matched to its mail.
+- `Senders`: client threads that keep sending distinct mails over SMTP and record
+  which were 250'd (a refused or broken transaction is simply not counted: Moodle
+  never retries, and the next mail is a different one).
+- `Tally`: what reached SES and the original host, by Message-ID; `summary()` prints
+  the line every scenario ends with and returns the numbers for the asserts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import random
+import re
+import smtplib
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from relay.receive import extract_message_id
+from tests.capture import CaptureServer, queue_id_of
+from tests.fakeses import FakeSes
+from tests.rulesupport import expectations
+
+SEED_ENV = "RELAY_TEST_SEED"
+_MESSAGE_ID = re.compile(rb"(?im)^Message-ID:[^\r\n]*\r\n")
+
+
+def seeded(name: str) -> random.Random:
+    """A Random seeded from $RELAY_TEST_SEED or the clock; the seed is printed to rerun."""
+    seed = int(os.environ.get(SEED_ENV) or time.time_ns() % 1_000_000_007)
+    print(f"{name}: seed {seed} (rerun with {SEED_ENV}={seed})")
+    return random.Random(seed)
+
+
+def free_port() -> int:
+    """A port free right now, so a restarted `relay serve` listens where clients expect it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Outgoing:
+    """One mail a client sends, and where it must end up."""
+
+    message_id: str
+    sender: str
+    recipients: tuple[str, ...]
+    raw: bytes
+    route: str  # "ses" or "upstream", from tests/corpus/expected.yaml
+
+
+class MailFactory:
+    """Distinct Moodle mails, cycling over the re-engagement and look-alike corpus."""
+
+    def __init__(self, tag: str) -> None:
+        chosen = [e for e in expectations() if not e.name.startswith("marker/")]
+        self._corpus = [(e, e.path.read_bytes()) for e in chosen]
+        self._tag = tag
+        self._counter = itertools.count()
+        self._lock = threading.Lock()
+
+    def __call__(self) -> Outgoing:
+        with self._lock:
+            n = next(self._counter)
+        expected, raw = self._corpus[n % len(self._corpus)]
+        message_id = f"<{self._tag}.{n:06d}@moodle.example.org>"
+        header = f"Message-ID: {message_id}\r\n".encode()
+        fresh, count = _MESSAGE_ID.subn(lambda _: header, raw, count=1)
+        assert 1 == count, f"{expected.name} has no Message-ID header"
+        return Outgoing(message_id=message_id, sender=expected.sender,
+                        recipients=expected.recipients, raw=fresh,
+                        route=expected.route)  # fmt: skip
+
+
+def try_send(port: int, mail: Outgoing, *, timeout: float = 10.0) -> str | None:
+    """One SMTP transaction; the queue id when DATA got 250, else None (refused, reset, 4xx)."""
+    client = smtplib.SMTP(local_hostname="moodle.test", timeout=timeout)
+    try:
+        client.connect("127.0.0.1", port)
+        client.ehlo()
+        code, _ = client.mail(mail.sender)
+        for rcpt in mail.recipients:
+            if code == 250:
+                code, _ = client.rcpt(rcpt)
+        if code != 250:
+            return None
+        code, reply = client.data(mail.raw)
+        if code != 250:
+            return None
+    except (OSError, smtplib.SMTPException):
+        return None
+    finally:
+        # The mail is queued (or not) by now; a lost QUIT reply changes nothing.
+        with contextlib.suppress(OSError, smtplib.SMTPException):
+            client.quit()
+        client.close()
+    return queue_id_of(reply.decode())
+
+
+@dataclass
+class Senders:
+    """`threads` clients sending `factory()` mails to `port` until `stop()`, `pause` apart."""
+
+    port: int
+    factory: MailFactory
+    threads: int = 3
+    pause: float = 0.05
+    attempted: int = 0
+    acked: dict[str, tuple[str, Outgoing]] = field(default_factory=dict)  # msgid -> (qid, mail)
+    refused: list[str] = field(default_factory=list)  # Message-IDs without a 250
+    slowest: float = 0.0  # seconds, slowest 250'd transaction
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._workers = [
+            threading.Thread(target=self._run, name=f"sender-{i}", daemon=True)
+            for i in range(self.threads)
+        ]
+
+    def start(self) -> Senders:
+        for worker in self._workers:
+            worker.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for worker in self._workers:
+            worker.join(30)
+        assert not any(w.is_alive() for w in self._workers), "a sender thread hung"
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            mail = self.factory()
+            started = time.monotonic()
+            queue_id = try_send(self.port, mail)
+            took = time.monotonic() - started
+            with self._lock:
+                self.attempted += 1
+                if queue_id is None:
+                    self.refused.append(mail.message_id)
+                else:
+                    self.acked[mail.message_id] = (queue_id, mail)
+                    self.slowest = max(self.slowest, took)
+            self._stop.wait(self.pause if queue_id else 0.05)
+
+    def queue_ids(self) -> dict[str, str]:
+        """queue id -> expected route, of every 250'd mail."""
+        with self._lock:
+            return {qid: mail.route for qid, mail in self.acked.values()}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Tally:
+    """Deliveries by route: Message-ID -> how many copies arrived there."""
+
+    ses: Counter[str]
+    upstream: Counter[str]
+
+    @classmethod
+    def of(cls, fake: FakeSes, capture: CaptureServer) -> Tally:
+        return cls(ses=Counter(extract_message_id(s.raw) for s in list(fake.sent)),
+                   upstream=Counter(m.message_id for m in capture.messages))  # fmt: skip
+
+    def copies(self) -> Counter[str]:
+        return self.ses + self.upstream
+
+
+def summary(
+    name: str, senders: Senders, tally: Tally, *, failed: Iterable[str] = (),
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Print the scenario's summary line; return its numbers.
+
+    `lost`: 250'd mails neither delivered anywhere nor dead-lettered (`failed`:
+    Message-IDs in state failed); `duplicates`: copies beyond the first.
+    """
+    copies = tally.copies()
+    acked = set(senders.acked)
+    dead = set(failed)
+    numbers: dict[str, Any] = {
+        "mails sent": senders.attempted,
+        "250s": len(acked),
+        "delivered ses": sum(1 for m in acked if tally.ses[m]),
+        "delivered upstream": sum(1 for m in acked if tally.upstream[m]),
+        "dead letters": len(dead & acked),
+        "duplicates": sum(n - 1 for m, n in copies.items() if m in acked and n > 1),
+        "lost": len(acked - set(copies) - dead),
+        "unacked but delivered": len(set(copies) - acked),
+        **(extra or {}),
+    }
+    print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in numbers.items()))
+    return numbers
+
+
+def poll(predicate: Any, *, timeout: float, step: float = 0.05, what: str = "condition") -> Any:
+    """`predicate()` once truthy; AssertionError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not reached within {timeout}s")
+        time.sleep(step)
