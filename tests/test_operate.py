@@ -4,6 +4,7 @@ the Grafana dashboard, `relay demo`. Real processes, real sockets."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay import samples
@@ -112,6 +114,36 @@ def test_ready_after_listen_watchdog_and_stopping(write_config: ConfigWriter) ->
     # every 0.1 s for one second: allow for scheduling, but not for "never" or "once"
     assert 5 <= len(pings) <= 15, pings
     assert 0 == code, log.read_text()
+
+
+@pytest.mark.xfail(strict=True, raises=subprocess.TimeoutExpired, reason=(
+    "service.serve starts the background tasks before the listener and does not set `stop` "
+    "when create_server fails: unwinding waits TASK_DRAIN (30 s) for tasks that never return"
+))  # fmt: skip
+def test_no_ready_when_the_port_is_taken(write_config: ConfigWriter) -> None:
+    """When the listen port is already in use, `relay serve` exits 1 promptly without READY=1,
+    so systemd reports a failed start (and restarts it) instead of waiting."""
+    with (
+        tempfile.TemporaryDirectory(prefix="rn") as short,
+        socket.socket() as taken,
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock,
+    ):
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        path = os.path.join(short, "notify")
+        sock.bind(path)
+        config = write_config(listen=f"127.0.0.1:{taken.getsockname()[1]}")
+        env = {**os.environ, "NOTIFY_SOCKET": path}
+        done = subprocess.run([*RELAY, "serve", "--config", str(config)], env=env,
+                              capture_output=True, text=True, timeout=8, check=False)  # fmt: skip
+        sock.setblocking(False)
+        got = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                got.append(sock.recv(4096).decode())
+    assert 1 == done.returncode, done.stderr
+    assert "READY=1" not in got, got
+    assert "cannot listen on" in done.stderr
 
 
 # b. SIGHUP reload
