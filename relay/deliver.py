@@ -194,7 +194,8 @@ class Deliverer:
             message_id = await self.ses.send(mail, configuration_set=config_set, tags=tags)
         except AccountFailure as exc:
             if self.circuit.failed(str(exc)):
-                metrics.CIRCUIT_OPENINGS.labels(type(exc.__cause__).__name__ or "error").inc()
+                code = exc.reply.split(":", 1)[0].strip() or type(exc).__name__
+                metrics.CIRCUIT_OPENINGS.labels(code[:64]).inc()
             metrics.CIRCUIT_OPEN.set(1)
             return Fallback(reason="account", detail=f"SES account-wide failure: {exc.reply}")
         except PermanentFailure as exc:

@@ -162,7 +162,11 @@ class SesClient:
         if tags:
             params["Tags"] = [{"Name": tag_safe(n), "Value": tag_safe(v)} for n, v in tags]
         response = await self._call("send_raw_email", f"message {mail.id}", **params)
-        return str(response["MessageId"])
+        message_id = response.get("MessageId")
+        if not message_id:  # SES answered 200 but said nothing usable: try again later
+            raise TemporaryFailure(f"SES accepted {mail.id} without a MessageId",
+                                   reply="SendRawEmail response without MessageId")  # fmt: skip
+        return str(message_id)
 
     async def quota(self) -> Quota:
         """GetSendQuota: the daily budget, the rate ceiling and what was spent."""

@@ -31,6 +31,7 @@ log = logging.getLogger("relay.service")
 
 DELIVERY_DRAIN = 30.0  # seconds in-flight sends get to finish at stop
 QUOTA_REFRESH = 300.0  # seconds between GetSendQuota calls
+QUOTA_WARMUP = 5.0  # seconds delivery waits at start for the first GetSendQuota
 GAUGE_REFRESH = 5.0  # seconds between queue-depth updates
 PURGE_EVERY = 3600.0
 UNKNOWN_QUOTA_RATE = 1.0  # recipients/s until GetSendQuota answers (the SES sandbox rate)
@@ -85,7 +86,13 @@ async def delivery(ctx: Context) -> None:
             pace = Pace(settings.ses.max_send_rate or UNKNOWN_QUOTA_RATE)
             # The first GetSendQuota sets the ceiling (auto) and also warms up credentials
             # and the HTTPS connection, so the first paced sends are not late and bunched.
-            if await _refresh_quota(ctx, ses, pace) and not settings.ses.max_send_rate:
+            # Bounded: an SES endpoint that does not answer must not hold up upstream mail.
+            try:
+                known = await asyncio.wait_for(_refresh_quota(ctx, ses, pace), QUOTA_WARMUP)
+            except TimeoutError:
+                known = False
+                logs.event(log, "ses_quota_slow", level=logging.WARNING, waited=QUOTA_WARMUP)
+            if known and not settings.ses.max_send_rate:
                 pace = Pace(pace.ceiling)  # start at the quota, not at the provisional rate
                 await _refresh_quota(ctx, ses, pace)
         circuit = Circuit(settings.ses.circuit_cooldown)
