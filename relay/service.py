@@ -122,6 +122,7 @@ async def serve(
             for task in (tasks.DEFAULT_TASKS if background is None else background)
         ]
         stack.push_async_callback(_stop_tasks, running)
+        stack.callback(stop.set)  # runs first when unwinding: a failed start stops the tasks
         factory = session_factory(
             handler, settings, ctx.sessions, tls_context=None if implicit else tls
         )
