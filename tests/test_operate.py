@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay import samples
@@ -116,10 +115,6 @@ def test_ready_after_listen_watchdog_and_stopping(write_config: ConfigWriter) ->
     assert 0 == code, log.read_text()
 
 
-@pytest.mark.xfail(strict=True, raises=subprocess.TimeoutExpired, reason=(
-    "service.serve starts the background tasks before the listener and does not set `stop` "
-    "when create_server fails: unwinding waits TASK_DRAIN (30 s) for tasks that never return"
-))  # fmt: skip
 def test_no_ready_when_the_port_is_taken(write_config: ConfigWriter) -> None:
     """When the listen port is already in use, `relay serve` exits 1 promptly without READY=1,
     so systemd reports a failed start (and restarts it) instead of waiting."""
