@@ -62,10 +62,13 @@ class Outgoing:
 class MailFactory:
     """Distinct Moodle mails, cycling over the re-engagement and look-alike corpus."""
 
-    def __init__(self, tag: str) -> None:
+    def __init__(self, tag: str, *, pad: int = 0) -> None:
+        """`pad`: bytes of filler lines appended to each body (bigger mails fill a disk)."""
         chosen = [e for e in expectations() if not e.name.startswith("marker/")]
         self._corpus = [(e, e.path.read_bytes()) for e in chosen]
         self._tag = tag
+        line = b"x" * 76 + b"\r\n"
+        self._pad = line * (pad // len(line))
         self._counter = itertools.count()
         self._lock = threading.Lock()
 
@@ -77,34 +80,44 @@ class MailFactory:
         header = f"Message-ID: {message_id}\r\n".encode()
         fresh, count = _MESSAGE_ID.subn(lambda _: header, raw, count=1)
         assert 1 == count, f"{expected.name} has no Message-ID header"
+        fresh += self._pad
         return Outgoing(message_id=message_id, sender=expected.sender,
                         recipients=expected.recipients, raw=fresh,
                         route=expected.route)  # fmt: skip
 
 
-def try_send(port: int, mail: Outgoing, *, timeout: float = 10.0) -> str | None:
-    """One SMTP transaction; the queue id when DATA got 250, else None (refused, reset, 4xx)."""
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """How one transaction ended: `code` 0 when the connection failed or broke."""
+
+    code: int
+    text: str
+
+    @property
+    def queue_id(self) -> str | None:
+        return queue_id_of(self.text) if self.code == 250 else None
+
+
+def try_send(port: int, mail: Outgoing, *, timeout: float = 10.0) -> Reply:
+    """One SMTP transaction; the reply to DATA, or the refusal that ended it earlier."""
     client = smtplib.SMTP(local_hostname="moodle.test", timeout=timeout)
     try:
         client.connect("127.0.0.1", port)
         client.ehlo()
-        code, _ = client.mail(mail.sender)
+        code, text = client.mail(mail.sender)
         for rcpt in mail.recipients:
             if code == 250:
-                code, _ = client.rcpt(rcpt)
-        if code != 250:
-            return None
-        code, reply = client.data(mail.raw)
-        if code != 250:
-            return None
-    except (OSError, smtplib.SMTPException):
-        return None
+                code, text = client.rcpt(rcpt)
+        if code == 250:
+            code, text = client.data(mail.raw)
+    except (OSError, smtplib.SMTPException) as exc:
+        return Reply(0, repr(exc))
     finally:
         # The mail is queued (or not) by now; a lost QUIT reply changes nothing.
         with contextlib.suppress(OSError, smtplib.SMTPException):
             client.quit()
         client.close()
-    return queue_id_of(reply.decode())
+    return Reply(code, f"{code} {text.decode(errors='replace')}")
 
 
 @dataclass
@@ -118,13 +131,15 @@ class Senders:
     attempted: int = 0
     acked: dict[str, tuple[str, Outgoing]] = field(default_factory=dict)  # msgid -> (qid, mail)
     refused: list[str] = field(default_factory=list)  # Message-IDs without a 250
+    replies: list[list[Reply]] = field(default_factory=list)  # per thread, in order
     slowest: float = 0.0  # seconds, slowest 250'd transaction
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self.replies = [[] for _ in range(self.threads)]
         self._workers = [
-            threading.Thread(target=self._run, name=f"sender-{i}", daemon=True)
+            threading.Thread(target=self._run, args=(i,), name=f"sender-{i}", daemon=True)
             for i in range(self.threads)
         ]
 
@@ -139,13 +154,15 @@ class Senders:
             worker.join(30)
         assert not any(w.is_alive() for w in self._workers), "a sender thread hung"
 
-    def _run(self) -> None:
+    def _run(self, index: int) -> None:
         while not self._stop.is_set():
             mail = self.factory()
             started = time.monotonic()
-            queue_id = try_send(self.port, mail)
+            reply = try_send(self.port, mail)
             took = time.monotonic() - started
+            queue_id = reply.queue_id
             with self._lock:
+                self.replies[index].append(reply)
                 self.attempted += 1
                 if queue_id is None:
                     self.refused.append(mail.message_id)
@@ -153,6 +170,11 @@ class Senders:
                     self.acked[mail.message_id] = (queue_id, mail)
                     self.slowest = max(self.slowest, took)
             self._stop.wait(self.pause if queue_id else 0.05)
+
+    def seen(self) -> list[list[Reply]]:
+        """A copy of each client's replies so far, in order."""
+        with self._lock:
+            return [list(replies) for replies in self.replies]
 
     def queue_ids(self) -> dict[str, str]:
         """queue id -> expected route, of every 250'd mail."""

@@ -1,0 +1,236 @@
+"""Disk full (DESIGN 3.4: "If the spool cannot commit (disk full ...): 451 4.3.0").
+
+A real small file system: the spool lives on a 6 MB tmpfs (`mount -t tmpfs`,
+needs root, as in CI). Clients keep sending 16 KB mails; a ballast file then
+takes every free block; while the disk is full the clients get 451 4.3.0, and
+once the ballast is deleted the same clients get 250 again.
+
+- `test_disk_full_while_receiving...`: the receive path alone (the service in
+  this process, its delivery task held back until space returned): nothing 250'd
+  is lost and no refused transaction leaves a row behind.
+- `test_disk_full_while_delivering...`: `relay serve` with delivery running
+  through the full spell. xfail: relay/deliver.py lets a SpoolError from
+  `claim()` end the delivery task (the service exits 1) and one from recording an
+  outcome leave the row `inflight` until a restart (see the reliability report).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay import tasks
+from relay.receive import SPOOL_UNAVAILABLE
+from relay.spool import open_existing
+from tests.capture import DONE, CaptureServer, await_rows, wait_rows
+from tests.conftest import ConfigWriter, RelayProcess, Running
+from tests.fakeses import FakeSes
+from tests.reliability.helpers import MailFactory, Senders, Tally, poll, summary
+from tests.sesfixtures import REGION
+
+pytestmark = pytest.mark.usefixtures("aws_env")
+
+CLIENTS = 3
+PAD = 16384  # bytes of filler per mail: the disk fills in a few dozen mails
+FULL_FOR = 1.5  # seconds the disk stays full once every client has been refused
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 6 MB tmpfs mounted for this test (root only); lazily unmounted afterwards."""
+    assert 0 == os.geteuid(), "the disk-full scenarios mount a tmpfs: run them as root (CI does)"
+    mountpoint = tmp_path / "fs"
+    mountpoint.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mountpoint)],
+                   check=True, capture_output=True)  # fmt: skip
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False, capture_output=True)
+
+
+def fill(directory: Path) -> Path:
+    """Write a ballast file in `directory` until the file system has no block left."""
+    ballast = directory / "ballast"
+    for size in (65536, 512):  # big chunks, then the last partial one
+        with ballast.open("ab", buffering=0) as out, contextlib.suppress(OSError):
+            while True:
+                out.write(b"\0" * size)
+    return ballast
+
+
+def config_for(capture: CaptureServer, fake_ses: FakeSes, spool: Path) -> dict[str, Any]:
+    """relay.yaml settings: spool on the tmpfs, SES = the fake, upstream = capture."""
+    return {
+        "spool": str(spool),
+        "upstream": {"host": "127.0.0.1", "port": capture.port, "timeout": 5},
+        "ses": {"region": REGION, "endpoint_url": fake_ses.url, "max_send_rate": 500,
+                "timeout": 5},
+        "retry": {"schedule": [1], "max_age": 600},
+    }  # fmt: skip
+
+
+def refused_by_all(senders: Senders) -> int:
+    """How many 451 4.3.0 refusals once every client has had one; 0 before."""
+    per_client = [sum(1 for r in replies if r.text == SPOOL_UNAVAILABLE)
+                  for replies in senders.seen()]  # fmt: skip
+    return sum(per_client) if all(per_client) else 0
+
+
+def accepted_again(senders: Senders, marks: list[int]) -> bool:
+    """Every client has had a 250 since `marks` (its reply count when space returned)."""
+    seen = senders.seen()
+    return all(any(r.code == 250 for r in replies[mark:])
+               for replies, mark in zip(seen, marks, strict=True))  # fmt: skip
+
+
+def spool_contents(spool: Path) -> tuple[str, dict[str, tuple[int, int]]]:
+    """SQLite's integrity check, and per row: (body kept or sent, "received" events)."""
+    with closing(open_existing(spool)) as conn:
+        integrity = conn.execute("PRAGMA integrity_check").fetchone()[0]
+        stored = {row[0]: (row[1], row[2]) for row in conn.execute(
+            "SELECT m.id, m.body IS NOT NULL OR m.state = 'sent',"
+            " (SELECT count(*) FROM events e WHERE e.queue_id = m.id AND e.event = 'received')"
+            " FROM messages m")}  # fmt: skip
+    return integrity, stored
+
+
+def report(
+    name: str, senders: Senders, tally: Tally, filled_at: int, refusals: int
+) -> dict[str, Any]:
+    codes = Counter(r.text[:9] if r.code else "no reply" for rs in senders.seen() for r in rs)
+    return summary(name, senders, tally, extra={
+        "250s before the fill": filled_at, "451s once all refused": refusals,
+        "replies": dict(codes),
+    })  # fmt: skip
+
+
+async def apoll(predicate: Callable[[], Any], *, within: float, what: str) -> Any:
+    """`predicate()` once truthy, polling without blocking the relay in this loop."""
+    deadline = time.monotonic() + within
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not reached within {within}s")
+        await asyncio.sleep(0.05)
+    return value
+
+
+async def test_disk_full_while_receiving_gives_451_then_the_same_clients_succeed(
+    tmpfs: Path, start_relay: Callable[..., Awaitable[Running]], capture: CaptureServer,
+    fake_ses: FakeSes,
+) -> None:  # fmt: skip
+    """Spool on a tmpfs that a ballast file fills while clients send: they get "451 4.3.0"
+    (no other refusal, no hang), then 250 again once the ballast goes; afterwards every
+    250'd mail is delivered and the spool holds exactly the 250'd mails, each with its body
+    and its "received" event, and passes SQLite's integrity check."""
+    spool = tmpfs / "spool"
+    space_back = asyncio.Event()
+
+    async def delivery_after_space_returns(ctx: tasks.Context) -> None:
+        await asyncio.wait([asyncio.ensure_future(e.wait()) for e in (space_back, ctx.stop)],
+                           return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        if not ctx.stop.is_set():
+            await tasks.delivery(ctx)
+
+    running = await start_relay(tasks=[delivery_after_space_returns],
+                                **config_for(capture, fake_ses, spool))  # fmt: skip
+    senders = Senders(running.port, MailFactory("fullrx", pad=PAD), threads=CLIENTS, pause=0.02)
+    senders.start()
+    try:
+        await apoll(lambda: len(senders.acked) >= 20, within=10, what="20 mails before the fill")
+        ballast = await asyncio.to_thread(fill, tmpfs)
+        filled_at = len(senders.acked)
+        refusals = await apoll(
+            lambda: refused_by_all(senders),
+            within=20,
+            what="every client refused with 451 4.3.0 while the disk is full",
+        )
+        await asyncio.sleep(FULL_FOR)
+        marks = [len(replies) for replies in senders.seen()]
+        ballast.unlink()
+        await apoll(
+            lambda: accepted_again(senders, marks),
+            within=20,
+            what="every client accepted again after space returned",
+        )
+        await asyncio.sleep(0.3)
+    finally:
+        await asyncio.to_thread(senders.stop)
+    space_back.set()
+    final = await await_rows(spool, senders.queue_ids(), DONE, within=30)
+    integrity, stored = spool_contents(spool)
+
+    numbers = report("disk full (receiving)", senders, Tally.of(fake_ses, capture), filled_at,
+                     refusals)  # fmt: skip
+    assert {SPOOL_UNAVAILABLE} == {r.text for rs in senders.seen() for r in rs if r.code != 250}
+    assert "ok" == integrity
+    assert {q: "sent" for q in final} == {q: row["state"] for q, row in final.items()}
+    assert {q: (1, 1) for q in senders.queue_ids()} == stored
+    assert (0, 0) == (numbers["lost"], numbers["duplicates"])
+
+
+@pytest.mark.xfail(reason="relay/deliver.py: a SpoolError from claim() ends relay serve; one "
+                          "from recording an outcome leaves the row inflight until a restart",
+                   strict=False)  # fmt: skip
+def test_disk_full_while_delivering_gives_451_then_delivers_everything(
+    tmpfs: Path, write_config: ConfigWriter, relay_process: Callable[[Path], RelayProcess],
+    capture: CaptureServer, fake_ses: FakeSes,
+) -> None:  # fmt: skip
+    """`relay serve` keeps receiving and delivering while its disk fills up and frees
+    again: clients get 451 4.3.0 then 250; the service stays up throughout and every
+    250'd mail ends sent (no restart needed), with no half rows in the spool."""
+    spool = tmpfs / "spool"
+    fake_ses.latency = 0.05  # SES sends in flight when the disk fills
+    relay = relay_process(write_config(**config_for(capture, fake_ses, spool))).start()
+
+    def alive(predicate: Callable[[], Any]) -> Callable[[], Any]:
+        def check() -> Any:
+            assert relay.proc is not None
+            if relay.proc.poll() is not None:
+                tail = "\n".join(relay.log().splitlines()[-5:])
+                raise AssertionError(f"relay serve exited {relay.proc.returncode}:\n{tail}")
+            return predicate()
+
+        return check
+
+    senders = Senders(relay.port, MailFactory("fulltx", pad=PAD), threads=CLIENTS, pause=0.02)
+    senders.start()
+    try:
+        poll(alive(lambda: len(senders.acked) >= 20), timeout=10, what="20 mails before the fill")
+        ballast = fill(tmpfs)
+        filled_at = len(senders.acked)
+        refusals = poll(
+            alive(lambda: refused_by_all(senders)), timeout=20, what="451 for every client"
+        )
+        time.sleep(FULL_FOR)
+        marks = [len(replies) for replies in senders.seen()]
+        ballast.unlink()
+        poll(
+            alive(lambda: accepted_again(senders, marks)),
+            timeout=20,
+            what="250 again for every client",
+        )
+        time.sleep(0.3)
+    finally:
+        senders.stop()
+    final = wait_rows(spool, senders.queue_ids(), DONE, timeout=20)
+    assert 0 == relay.stop()
+    integrity, stored = spool_contents(spool)
+
+    numbers = report("disk full (delivering)", senders, Tally.of(fake_ses, capture), filled_at,
+                     refusals)  # fmt: skip
+    assert {SPOOL_UNAVAILABLE} == {r.text for rs in senders.seen() for r in rs if r.code != 250}
+    assert "ok" == integrity
+    assert {q: "sent" for q in final} == {q: row["state"] for q, row in final.items()}
+    assert {q: (1, 1) for q in senders.queue_ids()} == stored
+    assert 0 == numbers["lost"]
