@@ -125,6 +125,7 @@ class Handler:
         self.max_recipients = settings.limits.max_recipients
         self.users = users
         self.implicit_tls = implicit_tls
+        self.stopping = False  # set at shutdown: no new transaction starts (421)
 
     async def handle_EHLO(
         self, server: SMTP, session: SmtpSession, envelope: Envelope, hostname: str,
@@ -139,6 +140,8 @@ class Handler:
         self, server: SMTP, session: SmtpSession, envelope: Envelope, address: str,
         options: list[str],
     ) -> str:  # fmt: skip
+        if self.stopping:  # a reused connection must not start a transaction after SIGTERM
+            return SHUTTING_DOWN
         if self.users is not None and not session.authenticated:
             metrics.REJECTED.labels("auth_required").inc()
             return AUTH_REQUIRED

@@ -142,6 +142,7 @@ async def serve(
             ready(ctx)
         sdnotify.notify("READY=1")
         await _wait_stop(stop, running)
+        handler.stopping = True
         ctx.listening = False
         sdnotify.notify("STOPPING=1")
         logs.event(log, "stopping", sessions=len(ctx.sessions))

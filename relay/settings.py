@@ -54,6 +54,9 @@ class HostPort:
             return False
 
 
+DEFAULT_METRICS = HostPort(host="127.0.0.1", port=9325)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Limits:
     max_message_size: int = 10 * 1024 * 1024
@@ -181,9 +184,9 @@ def _read(root: yamlfile.Node, path: Path) -> Settings | None:
     upstream = _upstream(top["upstream"], rel)
     ses = _ses(top["ses"]) if "ses" in top else Ses()
     retry = _retry(top["retry"]) if "retry" in top else Retry()
-    metrics: HostPort | None = None
-    if "metrics" in top and not top["metrics"].is_null():
-        metrics = _host_port(top["metrics"])
+    metrics: HostPort | None = DEFAULT_METRICS  # `metrics: null` turns it off
+    if "metrics" in top:
+        metrics = None if top["metrics"].is_null() else _host_port(top["metrics"])
     deliverers = top["deliverers"].as_int(minimum=1) if "deliverers" in top else 4
     retention = top["retention"].as_number(minimum=0) if "retention" in top else 7 * 86400.0
 

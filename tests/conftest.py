@@ -49,6 +49,7 @@ def write_config(tmp_path: Path) -> ConfigWriter:
             "spool": "spool",
             "hostname": "relay.test",
             "upstream": {"host": "127.0.0.1", "port": 9},
+            "metrics": None,  # the default 127.0.0.1:9325 would collide between tests
         }
         config.update(overrides)
         path = tmp_path / name
