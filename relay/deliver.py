@@ -15,13 +15,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 from relay import metrics
 from relay.circuit import Circuit, CircuitState
-from relay.errors import AccountFailure, PermanentFailure, TemporaryFailure, Throttled
+from relay.errors import (
+    AccountFailure,
+    PermanentFailure,
+    SpoolError,
+    TemporaryFailure,
+    Throttled,
+)
 from relay.mail import Mail
 from relay.rules import Decision, Route, RuleSet
 from relay.settings import Mode, Settings
@@ -30,6 +36,7 @@ log = logging.getLogger("relay.deliver")
 
 SES_BACKOFF_MAX = 60.0  # seconds between SES retries of one message before fallback_after
 IDLE_POLL = 1.0  # seconds; deferred mail becomes due without a wake-up
+RECORD_BACKOFF_MAX = 30.0  # seconds between tries to record an outcome on a full spool
 
 
 class SesSender(Protocol):
@@ -118,7 +125,12 @@ class Deliverer:
                 await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
                 continue
             self.wakeup.clear()  # before claiming, so a commit during the claim is not missed
-            batch = await self.spool.claim(free)
+            try:
+                batch = await self.spool.claim(free)
+            except SpoolError as exc:  # disk full, I/O error: keep the loop, try again later
+                log.warning("event=claim_failed error=%r", str(exc))
+                await _first(stop, seconds=IDLE_POLL)
+                continue
             for mail in batch:
                 task = asyncio.create_task(self._guarded(mail), name=f"deliver-{mail.id}")
                 self._tasks.add(task)
@@ -137,6 +149,25 @@ class Deliverer:
             for task in pending:
                 task.cancel()
         return len(pending)
+
+    async def _record(self, write: Callable[..., Awaitable[None]], *args: Any, **kw: Any) -> None:
+        """Write an outcome to the spool, retrying while it cannot commit (disk full).
+
+        A send that succeeded must not be mistaken for a failed one because the
+        bookkeeping failed: the write is retried until it commits. If the process
+        stops first, the row stays `inflight` and is delivered again after restart
+        (at least once).
+        """
+        delay = 0.5
+        while True:
+            try:
+                await write(*args, **kw)
+                return
+            except SpoolError as exc:
+                log.warning("event=record_failed id=%s retry_in=%.1fs error=%r",
+                            args[0] if args else "?", delay, str(exc))  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECORD_BACKOFF_MAX)
 
     async def _guarded(self, mail: Mail) -> None:
         try:
@@ -215,7 +246,7 @@ class Deliverer:
                     detail=f"SES failing for {age:.0f}s (fallback_after): {exc.reply}",
                 )
             delay = 1.0 if isinstance(exc, Throttled) else min(2.0**mail.attempts, SES_BACKOFF_MAX)
-            await self.spool.defer(
+            await self._record(self.spool.defer,
                 mail.id, due_at=time.time() + delay, rule=decision.rule, route=Route.SES.value,
                 reply=exc.reply,
             )  # fmt: skip
@@ -234,7 +265,7 @@ class Deliverer:
             self.pace.succeeded(len(mail.recipients))
             self.pace.spend(len(mail.recipients))
             metrics.PACE.set(self.pace.rate)
-        await self.spool.sent(
+        await self._record(self.spool.sent,
             mail.id, rule=decision.rule, route=Route.SES.value, reply="SES accepted",
             ses_message_id=message_id,
         )  # fmt: skip
@@ -250,7 +281,7 @@ class Deliverer:
     async def _upstream(self, mail: Mail, decision: Decision, fallback: Fallback | None) -> None:
         reason = fallback.detail if fallback else None
         if fallback is not None:
-            await self.spool.event(mail.id, "fallback", fallback.detail)
+            await self._record(self.spool.event, mail.id, "fallback", fallback.detail)
         try:
             result = await self.upstream.send(mail)
         except PermanentFailure as exc:
@@ -263,7 +294,7 @@ class Deliverer:
             remaining = [rcpt for rcpt, _ in result.temporary]
             replies = "; ".join(f"{r}: {reply}" for r, reply in result.temporary)
             if result.accepted or result.permanent:
-                await self.spool.event(mail.id, "partial", _summary(result))
+                await self._record(self.spool.event, mail.id, "partial", _summary(result))
             await self._defer_or_fail(
                 replace(mail, recipients=tuple(remaining)), decision, Route.UPSTREAM, replies,
                 reason,
@@ -273,8 +304,8 @@ class Deliverer:
             await self._fail(mail, decision, _summary(result), reason)
             return
         if result.permanent:
-            await self.spool.event(mail.id, "partial", _summary(result))
-        await self.spool.sent(
+            await self._record(self.spool.event, mail.id, "partial", _summary(result))
+        await self._record(self.spool.sent,
             mail.id, rule=decision.rule, route=Route.UPSTREAM.value, reply=result.reply,
             fallback_reason=reason,
         )  # fmt: skip
@@ -284,7 +315,7 @@ class Deliverer:
                  f" fallback={reason!r}" if reason else "")  # fmt: skip
 
     async def _fail(self, mail: Mail, decision: Decision, reply: str, reason: str | None) -> None:
-        await self.spool.fail(
+        await self._record(self.spool.fail,
             mail.id, rule=decision.rule, route=Route.UPSTREAM.value, reply=reply,
             fallback_reason=reason,
         )  # fmt: skip
@@ -299,7 +330,7 @@ class Deliverer:
         age = time.time() - mail.received_at
         retry = self.settings.retry
         if age >= retry.max_age:
-            await self.spool.fail(
+            await self._record(self.spool.fail,
                 mail.id, rule=rule, route=route.value,
                 reply=f"gave up after {age:.0f}s (retry.max_age): {reply}", fallback_reason=reason,
             )  # fmt: skip
@@ -309,7 +340,7 @@ class Deliverer:
             )
             return
         delay = retry.schedule[min(max(mail.attempts, 1), len(retry.schedule)) - 1]
-        await self.spool.defer(
+        await self._record(self.spool.defer,
             mail.id, due_at=time.time() + delay, rule=rule, route=route.value, reply=reply,
             fallback_reason=reason, recipients=mail.recipients,
         )  # fmt: skip

@@ -50,7 +50,7 @@ def run(settings: Settings, *, log_format: str = "text") -> int:
     try:
         asyncio.run(serve(settings))
     except (StartError, SpoolError) as exc:
-        log.error("cannot start: %s", exc)
+        log.error("relay serve stopped: %s", exc)
         return 1
     return 0
 

@@ -9,9 +9,8 @@ once the ballast is deleted the same clients get 250 again.
   this process, its delivery task held back until space returned): nothing 250'd
   is lost and no refused transaction leaves a row behind.
 - `test_disk_full_while_delivering...`: `relay serve` with delivery running
-  through the full spell. xfail: relay/deliver.py lets a SpoolError from
-  `claim()` end the delivery task (the service exits 1) and one from recording an
-  outcome leave the row `inflight` until a restart (see the reliability report).
+  through the full spell: a claim that cannot commit is retried, an outcome that
+  cannot be recorded is retried until it commits.
 """
 
 from __future__ import annotations
@@ -179,9 +178,6 @@ async def test_disk_full_while_receiving_gives_451_then_the_same_clients_succeed
     assert (0, 0) == (numbers["lost"], numbers["duplicates"])
 
 
-@pytest.mark.xfail(reason="relay/deliver.py: a SpoolError from claim() ends relay serve; one "
-                          "from recording an outcome leaves the row inflight until a restart",
-                   strict=False)  # fmt: skip
 def test_disk_full_while_delivering_gives_451_then_delivers_everything(
     tmpfs: Path, write_config: ConfigWriter, relay_process: Callable[[Path], RelayProcess],
     capture: CaptureServer, fake_ses: FakeSes,
