@@ -1,13 +1,32 @@
-"""relay.pace on virtual time: spacing, no bursts, AIMD on throttling, the daily budget."""
+"""relay.pace on virtual time: spacing, no bursts, AIMD on throttling, the daily budget, and
+simulated relays sharing one SES account (a sliding 1-second window, as tests/fakeses.py)."""
 
 from __future__ import annotations
 
 import collections
+import heapq
+import itertools
 import math
+import random
+import sys
+from collections.abc import Coroutine, Generator
+from dataclasses import dataclass, field
 
 import pytest
 
-from relay.pace import DECREASE, FLOOR, HEADROOM, HOLD, INCREASE, RECOVER, Pace
+from relay.pace import (
+    DECREASE,
+    FLOOR,
+    HEADROOM,
+    HOLD,
+    INCREASE,
+    JITTER,
+    KEEP,
+    MIN_INCREASE,
+    PROBE,
+    WINDOW,
+    Pace,
+)
 
 
 class Clock:
@@ -108,11 +127,19 @@ def test_cut_to_what_ses_accepted(clock: Clock) -> None:
     assert 22.0 == pace.rate
 
 
-def test_cut_is_at_most_half(clock: Clock) -> None:
-    """Even when SES took little, one throttle at most halves the rate."""
-    pace = Pace(40.0, clock=clock)
+def test_cut_reaches_a_third_share_in_one_step(clock: Clock) -> None:
+    """Three relays starting at the full quota: each cuts to its third at the first throttle."""
+    pace = Pace(60.0, clock=clock)
+    _accept(pace, clock, 20, over=0.33)
     pace.throttled()
     assert 20.0 == pace.rate
+
+
+def test_cut_keeps_a_quarter(clock: Clock) -> None:
+    """Even when SES took nothing from this relay, one throttle keeps KEEP of the rate."""
+    pace = Pace(40.0, clock=clock)
+    pace.throttled()
+    assert 40.0 * KEEP == pace.rate
 
 
 def test_rate_has_a_floor(clock: Clock) -> None:
@@ -124,46 +151,61 @@ def test_rate_has_a_floor(clock: Clock) -> None:
     assert 20.0 * FLOOR == pytest.approx(pace.rate)
 
 
-def test_success_returns_quickly_toward_the_rate_before_the_cut(clock: Clock) -> None:
-    """After a cut, each second of success closes a quarter of the gap to the old rate."""
+def test_after_a_burst_the_window_drains(clock: Clock) -> None:
+    """60 grants in a third of a second, then a throttle: the next waits until they left SES's
+    window (one WINDOW + JITTER after the first), not just one step at the new rate."""
+    pace = Pace(60.0, clock=clock)
+    first = clock.now
+    for _ in range(20):
+        clock.now += pace.reserve(1)
+        pace.succeeded()
+    pace.throttled()
+    assert 20.0 == pace.rate
+    assert pytest.approx(first + WINDOW + JITTER) == clock.now + pace.reserve(1)
+
+
+async def test_a_cut_rebooks_grants_waiting_at_the_old_rate(clock: Clock) -> None:
+    """A send already waiting for its grant when the rate is cut waits again, at the new rate."""
+    pace = Pace(20.0, clock=clock)
+    for _ in range(20):  # a second at full rate: the window is full of our own grants
+        clock.now += pace.reserve(1)
+        pace.succeeded()
+
+    async def sleep(seconds: float) -> None:
+        clock.slept.append(seconds)
+        if len(clock.slept) == 1:
+            pace.throttled()  # reported by another send while this one waits
+        clock.now += seconds
+
+    pace._sleep = sleep
+    await pace.acquire(1)
+    assert 2 == len(clock.slept)
+    assert pace.rate == pytest.approx(20.0 * DECREASE)
+
+
+def test_climb_is_slow_after_a_cut_and_doubles_every_probe(clock: Clock) -> None:
+    """No climb inside the throttled window; then INCREASE * ceiling per second, doubled for
+    every PROBE seconds without a cut; an idle spell counts as one second."""
     pace = Pace(50.0, clock=clock)
     pace.throttled()
-    assert 25.0 == pace.rate
+    cut = pace.rate
     clock.now += 0.5
     pace.succeeded()
-    assert 25.0 == pace.rate  # still inside the throttled window
+    assert cut == pace.rate  # still inside the throttled window
     rates = []
-    for _ in range(3):
+    for _ in range(2 * int(PROBE)):
         clock.now += 1.0
         pace.succeeded()
         rates.append(pace.rate)
-    gap = 25.0
-    expected = [50 - gap * (1 - 1 / RECOVER) ** k for k in (1, 2, 3)]
+    base = max(INCREASE * 50.0, MIN_INCREASE)
+    expected, rate = [], cut
+    for s in range(2, 2 * int(PROBE) + 2):
+        rate += base * 2 ** ((s - 0.5) / PROBE)
+        expected.append(rate)
     assert expected == pytest.approx(rates)
-
-
-def test_success_climbs_additively_past_it(clock: Clock) -> None:
-    """Past the old rate, each second of success adds a fixed step, never beyond the ceiling."""
-    pace = Pace(20.0, clock=clock)
-    pace.throttled()  # 20 -> 10, the old rate is 20
-    for _ in range(60):
-        clock.now += 1.0
-        pace.succeeded()
-    pace.set_ceiling(50.0)
-    start = pace.rate
-    rates = []
-    for _ in range(3):
-        clock.now += 1.0
-        pace.succeeded()
-        rates.append(pace.rate - start)
-    step = INCREASE * 50.0
-    assert [step, 2 * step, 3 * step] == pytest.approx(rates)
-    clock.now += 60
-    pace.succeeded()  # an idle minute counts as one second, not sixty
-    assert start + 4 * step == pytest.approx(pace.rate)
-    for _ in range(100):
-        clock.now += 1.0
-        pace.succeeded()
+    assert rates[-1] - cut < 0.01 * 50.0  # after a cut, a few seconds of success add little
+    clock.now += 600
+    pace.succeeded()  # a calm of ten minutes: the next step reaches the ceiling
     assert 50.0 == pace.rate
 
 
@@ -192,40 +234,130 @@ def test_daily_budget(clock: Clock) -> None:
     assert pace.budget_left(1)
 
 
-def simulate(ceiling: float, limit: float, seconds: float) -> tuple[int, int, float]:
-    """Send one recipient at a time through Pace into a sliding-window limiter (virtual time).
+class Sleep:
+    """What the simulated sends await: resumed by `Sim` after `seconds` of virtual time."""
 
-    Returns (sent, throttled, rate over the last half).
-    """
-    clock = Clock()
-    start = clock.now
-    pace = Pace(ceiling, clock=clock)
-    window: collections.deque[float] = collections.deque()
-    sent, throttled, late = 0, 0, 0
-    while clock.now - start < seconds:
-        clock.now += pace.reserve(1)
-        while window and window[0] <= clock.now - 1.0:
-            window.popleft()
-        if len(window) + 1 > limit:
-            throttled += 1
-            pace.throttled()
-            continue
-        window.append(clock.now)
-        sent += 1
-        late += clock.now - start >= seconds / 2
-        pace.succeeded()
-    return sent, throttled, late / (seconds / 2)
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __await__(self) -> Generator[Sleep]:
+        yield self
 
 
-def test_aimd_settles_under_a_lower_limit() -> None:
-    """With the ceiling at 50/s and SES at 20/s, the pace settles near 20 with few throttles."""
-    sent, throttled, settled = simulate(ceiling=50.0, limit=20.0, seconds=120.0)
-    assert 17.0 <= settled <= 20.0
-    assert throttled <= 0.015 * sent
+@dataclass(kw_only=True)
+class Sim:
+    """Relays (a Pace and `deliverers` senders each, a backlog of `mails`) against one SES
+    account that allows `limit` recipients in any sliding 1-second window, counted at arrival
+    (as tests/fakeses.py does). Latency is split evenly each way with seeded jitter, and a
+    throttled mail goes back to its relay's backlog."""
+
+    ceilings: tuple[float, ...]
+    limit: float
+    mails: tuple[int, ...] | None = None  # per relay; None: an endless backlog
+    deliverers: int = 4
+    latency: float = 0.020
+    jitter: float = 0.010
+    seed: int = 1
+    now: float = 1000.0
+    calls: int = 0
+    throttles: int = 0
+    accepted: list[tuple[float, int]] = field(default_factory=list)  # (when, relay)
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+        self._order = itertools.count()  # FIFO among events at the same instant
+        self._heap: list[tuple[float, int, Coroutine[Sleep, None, None]]] = []
+        self._window: collections.deque[float] = collections.deque()
+        self.paces = [Pace(c, clock=lambda: self.now, sleep=Sleep) for c in self.ceilings]
+        self._left = list(self.mails or [sys.maxsize] * len(self.ceilings))
+        for relay in range(len(self.ceilings)):
+            for _ in range(self.deliverers):
+                self._push(self.now, self._deliverer(relay))
+        self.start = self.now
+
+    def _push(self, at: float, coro: Coroutine[Sleep, None, None]) -> None:
+        heapq.heappush(self._heap, (at, next(self._order), coro))
+
+    def _half_latency(self) -> float:
+        return self.latency / 2 + self._rng.random() * self.jitter
+
+    async def _deliverer(self, relay: int) -> None:
+        pace = self.paces[relay]
+        while self._left[relay] > 0:
+            self._left[relay] -= 1
+            await pace.acquire(1)
+            await Sleep(self._half_latency())
+            while self._window and self._window[0] <= self.now - 1.0:
+                self._window.popleft()
+            self.calls += 1
+            ok = len(self._window) + 1 <= self.limit
+            if ok:
+                self._window.append(self.now)
+                self.accepted.append((self.now, relay))
+            else:
+                self.throttles += 1
+            await Sleep(self._half_latency())
+            if ok:
+                pace.succeeded(1)
+            else:
+                pace.throttled()
+                self._left[relay] += 1
+
+    def run(self, seconds: float) -> Sim:
+        until = self.start + seconds
+        while self._heap and self._heap[0][0] < until:
+            at, _, coro = heapq.heappop(self._heap)
+            self.now = at
+            try:
+                request = coro.send(None)
+            except StopIteration:
+                continue
+            self._push(at + max(request.seconds, 0.0), coro)
+        return self
+
+    def rate(self, since: float = 0.0, until: float | None = None) -> float:
+        """Recipients SES accepted per second between `since` and `until` (from the start)."""
+        end = self.now - self.start if until is None else until
+        n = sum(since <= at - self.start < end for at, _ in self.accepted)
+        return n / (end - since)
 
 
 def test_ceiling_at_the_limit_is_never_throttled() -> None:
-    """With the ceiling equal to the SES limit, HEADROOM keeps every window under it."""
-    _, throttled, settled = simulate(ceiling=20.0, limit=20.0, seconds=60.0)
-    assert 0 == throttled
-    assert settled >= 19.0
+    """One relay with its ceiling equal to the SES limit: HEADROOM and the window rule keep every
+    window under it, at 97% of the limit."""
+    sim = Sim(ceilings=(20.0,), limit=20.0).run(60.0)
+    assert 0 == sim.throttles
+    assert sim.rate() >= 0.95 * 20.0
+
+
+def test_settles_under_a_lower_limit() -> None:
+    """Ceiling 50/s, SES at 20/s: one cut at the start goes to about 20, then a throttle about
+    every half minute."""
+    sim = Sim(ceilings=(50.0,), limit=20.0).run(300.0)
+    assert 0.85 * 20.0 <= sim.rate(since=150.0) <= 20.0
+    assert sim.throttles <= 0.005 * sim.calls
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_three_relays_share_one_quota(seed: int) -> None:
+    """Three relays, each with the whole quota as ceiling, no coordinator: together at least 90%
+    of the quota, fewer than 2% of calls throttled, each relay with a real share."""
+    sim = Sim(ceilings=(60.0, 60.0, 60.0), limit=60.0, seed=seed).run(300.0)
+    assert sim.rate() >= 0.90 * 60.0
+    assert sim.throttles < 0.02 * sim.calls
+    shares = collections.Counter(relay for _, relay in sim.accepted)
+    assert min(shares.values()) >= 0.5 * len(sim.accepted) / 3
+
+
+def test_three_relays_start_with_one_event() -> None:
+    """All three start at 3x the quota: a handful of throttles, then a fair third each."""
+    sim = Sim(ceilings=(60.0, 60.0, 60.0), limit=60.0).run(5.0)
+    assert sim.throttles <= 3 * 3
+    assert [pytest.approx(20.0, abs=1.5)] * 3 == [pace.rate for pace in sim.paces]
+
+
+def test_capacity_left_by_idle_relays_is_taken_back() -> None:
+    """Two relays run out of mail; the third grows into the whole quota within a minute."""
+    sim = Sim(ceilings=(60.0, 60.0, 60.0), limit=60.0, mails=(300, 300, 10**6)).run(90.0)
+    assert sim.rate(since=70.0) >= 0.9 * 60.0
+    assert sim.throttles < 0.02 * sim.calls
