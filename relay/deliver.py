@@ -1,9 +1,8 @@
 """The delivery loop: claim due messages, classify, send, fall back, record.
 
-    spool.claim() -> rules.classify() -> route ses?  -> pace -> SES SendRawEmail
-                                            |  failure: temporary -> retry SES until
-                                            |  fallback_after; permanent / account-wide
-                                            v  (circuit) -> upstream at once
+    spool.claim() -> rules.classify() -> route ses? -> sesroute.SesRoute.attempt():
+                                            |   Sent / Retry (SES again later) / Fallback
+                                            v
                                           upstream -> sent / deferred / failed (dead letter)
 
 Every outcome is recorded on the message's spool row. Nothing here raises into
@@ -16,33 +15,24 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Protocol
 
 from relay import metrics
-from relay.circuit import Circuit, CircuitState
 from relay.errors import (
-    AccountFailure,
     PermanentFailure,
     SpoolError,
     TemporaryFailure,
-    Throttled,
 )
 from relay.mail import Mail
 from relay.rules import Decision, Route, RuleSet
-from relay.settings import Mode, Settings
+from relay.sesroute import Fallback, Retry, Sent, SesRoute
+from relay.settings import Settings
 
 log = logging.getLogger("relay.deliver")
 
-SES_BACKOFF_MAX = 60.0  # seconds between SES retries of one message before fallback_after
 IDLE_POLL = 1.0  # seconds; deferred mail becomes due without a wake-up
 RECORD_BACKOFF_MAX = 30.0  # seconds between tries to record an outcome on a full spool
-
-
-class SesSender(Protocol):
-    async def send(
-        self, mail: Mail, *, configuration_set: str | None, tags: Sequence[tuple[str, str]]
-    ) -> str: ...
 
 
 class UpstreamResultLike(Protocol):
@@ -60,16 +50,6 @@ class UpstreamSender(Protocol):
     async def send(self, mail: Mail) -> UpstreamResultLike: ...
 
 
-class Pacer(Protocol):
-    @property
-    def rate(self) -> float: ...
-    async def acquire(self, recipients: int) -> None: ...
-    def throttled(self) -> None: ...
-    def succeeded(self, recipients: int = 1) -> None: ...
-    def budget_left(self, recipients: int) -> bool: ...
-    def spend(self, recipients: int) -> None: ...
-
-
 class Store(Protocol):
     async def claim(self, limit: int) -> list[Mail]: ...
     async def sent(self, queue_id: str, *, rule: str | None, route: str, reply: str,
@@ -83,14 +63,6 @@ class Store(Protocol):
     async def event(self, queue_id: str, event: str, detail: str) -> None: ...
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Fallback:
-    """Why an SES-routed message goes upstream; `reason` is a short metric label."""
-
-    reason: str
-    detail: str
-
-
 class Deliverer:
     """Runs delivery tasks until told to stop; `rules` may be swapped at any time (reload)."""
 
@@ -101,18 +73,14 @@ class Deliverer:
         spool: Store,
         rules: RuleSet,
         upstream: UpstreamSender,
-        ses: SesSender | None,
-        pace: Pacer | None,
-        circuit: Circuit,
+        ses_route: SesRoute,
         wakeup: asyncio.Event,
     ) -> None:
         self.settings = settings
         self.spool = spool
         self.rules = rules
         self.upstream = upstream
-        self.ses = ses
-        self.pace = pace
-        self.circuit = circuit
+        self.ses_route = ses_route
         self.wakeup = wakeup
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -184,99 +152,28 @@ class Deliverer:
         metrics.CLASSIFIED.labels(decision.rule or "(default)", decision.route.value).inc()
         fallback: Fallback | None = None
         if decision.route is Route.SES:
-            blocked = self._ses_blocked(mail)
-            if blocked is None:
-                fallback = await self._try_ses(mail, decision)
-                if fallback is None:
-                    return  # sent, or deferred for another SES try
-            else:
-                fallback = blocked
+            verdict = await self.ses_route.attempt(mail, decision, self.settings)
+            if isinstance(verdict, Sent):
+                await self._record(self.spool.sent,
+                    mail.id, rule=decision.rule, route=Route.SES.value, reply="SES accepted",
+                    ses_message_id=verdict.message_id,
+                )  # fmt: skip
+                metrics.DELIVERIES.labels("ses", "sent").inc()
+                log.info("event=sent id=%s message_id=%s rule=%s route=ses ses_id=%s",
+                         mail.id, mail.message_id, decision.rule, verdict.message_id)  # fmt: skip
+                return
+            if isinstance(verdict, Retry):
+                await self._record(self.spool.defer,
+                    mail.id, due_at=time.time() + verdict.delay, rule=decision.rule,
+                    route=Route.SES.value, reply=verdict.reply,
+                )  # fmt: skip
+                metrics.DELIVERIES.labels("ses", "deferred").inc()
+                log.info("event=deferred id=%s route=ses retry_in=%.0fs reply=%r",
+                         mail.id, verdict.delay, verdict.reply)  # fmt: skip
+                return
+            fallback = verdict
             metrics.FALLBACKS.labels(fallback.reason).inc()
         await self._upstream(mail, decision, fallback)
-
-    def _ses_blocked(self, mail: Mail) -> Fallback | None:
-        if self.settings.mode is Mode.SHADOW:
-            return Fallback(
-                reason="shadow", detail="shadow mode: classified for SES, sent upstream"
-            )
-        if self.ses is None or not self.settings.ses.enabled:
-            return Fallback(reason="disabled", detail="ses.enabled is false")
-        if not mail.sender:
-            return Fallback(reason="null_sender", detail="SES cannot send with a null sender <>")
-        if self.pace is not None and not self.pace.budget_left(len(mail.recipients)):
-            return Fallback(reason="daily_quota", detail="SES daily sending quota spent")
-        if not self.circuit.allow():
-            return Fallback(
-                reason="circuit_open", detail=f"SES circuit open: {self.circuit.reason}"
-            )
-        return None
-
-    async def _try_ses(self, mail: Mail, decision: Decision) -> Fallback | None:
-        """Send through SES; None when the message is settled (sent or deferred for SES)."""
-        assert self.ses is not None
-        rule = decision.rule or "default"
-        tags = (("rule", rule), *decision.tags)
-        config_set = decision.configuration_set or self.settings.ses.configuration_set
-        probe = self.circuit.state is CircuitState.PROBING  # allow() just let this one through
-        if self.pace is not None:
-            await self.pace.acquire(len(mail.recipients))
-        started = time.monotonic()
-        try:
-            message_id = await self.ses.send(mail, configuration_set=config_set, tags=tags)
-        except AccountFailure as exc:
-            if self.circuit.failed(str(exc)):
-                code = exc.reply.split(":", 1)[0].strip() or type(exc).__name__
-                metrics.CIRCUIT_OPENINGS.labels(code[:64]).inc()
-            metrics.CIRCUIT_OPEN.set(1)
-            return Fallback(reason="account", detail=f"SES account-wide failure: {exc.reply}")
-        except PermanentFailure as exc:
-            self._ses_reached()
-            return Fallback(reason="rejected", detail=f"SES refused the message: {exc.reply}")
-        except TemporaryFailure as exc:
-            if self.circuit.state is CircuitState.PROBING:
-                self.circuit.failed(f"probe failed: {exc.reply}")
-            if isinstance(exc, Throttled) and self.pace is not None:
-                metrics.SES_THROTTLES.inc()
-                self.pace.throttled()
-                metrics.PACE.set(self.pace.rate)
-            age = time.time() - mail.received_at
-            if age >= self.settings.ses.fallback_after:
-                return Fallback(
-                    reason="temporary",
-                    detail=f"SES failing for {age:.0f}s (fallback_after): {exc.reply}",
-                )
-            delay = 1.0 if isinstance(exc, Throttled) else min(2.0**mail.attempts, SES_BACKOFF_MAX)
-            await self._record(self.spool.defer,
-                mail.id, due_at=time.time() + delay, rule=decision.rule, route=Route.SES.value,
-                reply=exc.reply,
-            )  # fmt: skip
-            metrics.DELIVERIES.labels("ses", "deferred").inc()
-            log.info("event=deferred id=%s route=ses retry_in=%.0fs reply=%r",
-                     mail.id, delay, exc.reply)  # fmt: skip
-            return None
-        except BaseException:
-            if probe:  # no verdict (a bug, or cancelled): the next mail probes, not never
-                self.circuit.probe_aborted()
-            raise
-        finally:
-            metrics.SES_LATENCY.observe(time.monotonic() - started)
-        self._ses_reached()
-        if self.pace is not None:
-            self.pace.succeeded(len(mail.recipients))
-            self.pace.spend(len(mail.recipients))
-            metrics.PACE.set(self.pace.rate)
-        await self._record(self.spool.sent,
-            mail.id, rule=decision.rule, route=Route.SES.value, reply="SES accepted",
-            ses_message_id=message_id,
-        )  # fmt: skip
-        metrics.DELIVERIES.labels("ses", "sent").inc()
-        log.info("event=sent id=%s message_id=%s rule=%s route=ses ses_id=%s",
-                 mail.id, mail.message_id, decision.rule, message_id)  # fmt: skip
-        return None
-
-    def _ses_reached(self) -> None:
-        self.circuit.succeeded()
-        metrics.CIRCUIT_OPEN.set(0 if self.circuit.state is CircuitState.CLOSED else 1)
 
     async def _upstream(self, mail: Mail, decision: Decision, fallback: Fallback | None) -> None:
         reason = fallback.detail if fallback else None

@@ -23,6 +23,7 @@ from relay.pace import Pace
 from relay.receive import Session
 from relay.rules import RuleSet
 from relay.ses import SesClient
+from relay.sesroute import SesRoute
 from relay.settings import Settings
 from relay.spool import Spool
 from relay.upstream import UpstreamClient
@@ -99,7 +100,7 @@ async def delivery(ctx: Context) -> None:
         deliverer = Deliverer(
             settings=settings, spool=ctx.spool, rules=ctx.rules,
             upstream=UpstreamClient(settings.upstream, hostname=settings.hostname),
-            ses=ses, pace=pace, circuit=circuit, wakeup=ctx.spool.wakeup,
+            ses_route=SesRoute(ses=ses, pace=pace, circuit=circuit), wakeup=ctx.spool.wakeup,
         )  # fmt: skip
 
         def reloaded(new_settings: Settings, new_rules: RuleSet) -> None:

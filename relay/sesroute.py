@@ -1,0 +1,152 @@
+"""The SES leg of delivery: may this message try SES, and what became of the try.
+
+`deliver.Deliverer` asks `SesRoute.attempt(mail, decision, settings)` and gets
+one verdict to record:
+
+    Sent(message_id)        SES accepted it
+    Retry(delay, reply)     temporary SES failure, younger than `fallback_after`
+    Fallback(reason, ...)   go upstream: blocked (shadow, disabled, null sender, daily
+                            budget, open circuit), refused, account-wide, or too old
+
+Pacing, the circuit breaker and the SES metrics live here; the spool is not touched.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from relay import metrics
+from relay.circuit import Circuit, CircuitState
+from relay.errors import AccountFailure, PermanentFailure, TemporaryFailure, Throttled
+from relay.mail import Mail
+from relay.rules import RULE_TAG, Decision
+from relay.settings import Mode, Settings
+
+SES_BACKOFF_MAX = 60.0  # seconds between SES retries of one message before fallback_after
+THROTTLE_RETRY = 1.0  # seconds: SES counts per second, so the next window is free again
+
+
+class SesSender(Protocol):
+    async def send(
+        self, mail: Mail, *, configuration_set: str | None, tags: Sequence[tuple[str, str]]
+    ) -> str: ...
+
+
+class Pacer(Protocol):
+    @property
+    def rate(self) -> float: ...
+    async def acquire(self, recipients: int) -> None: ...
+    def throttled(self) -> None: ...
+    def succeeded(self, recipients: int = 1) -> None: ...
+    def budget_left(self, recipients: int) -> bool: ...
+    def spend(self, recipients: int) -> None: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Sent:
+    message_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Retry:
+    delay: float
+    reply: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Fallback:
+    """Why an SES-routed message goes upstream; `reason` is a short metric label."""
+
+    reason: str
+    detail: str
+
+
+Verdict = Sent | Retry | Fallback
+
+
+class SesRoute:
+    def __init__(self, *, ses: SesSender | None, pace: Pacer | None, circuit: Circuit) -> None:
+        self.ses = ses
+        self.pace = pace
+        self.circuit = circuit
+
+    def blocked(self, mail: Mail, settings: Settings) -> Fallback | None:
+        """Why this message may not try SES now, or None when it may."""
+        if settings.mode is Mode.SHADOW:
+            return Fallback(
+                reason="shadow", detail="shadow mode: classified for SES, sent upstream"
+            )
+        if self.ses is None or not settings.ses.enabled:
+            return Fallback(reason="disabled", detail="ses.enabled is false")
+        if not mail.sender:
+            return Fallback(reason="null_sender", detail="SES cannot send with a null sender <>")
+        if self.pace is not None and not self.pace.budget_left(len(mail.recipients)):
+            return Fallback(reason="daily_quota", detail="SES daily sending quota spent")
+        if not self.circuit.allow():  # last: while open, it lets exactly one probe through
+            return Fallback(
+                reason="circuit_open", detail=f"SES circuit open: {self.circuit.reason}"
+            )
+        return None
+
+    async def attempt(self, mail: Mail, decision: Decision, settings: Settings) -> Verdict:
+        """Try SES once (paced) and say what to record."""
+        blocked = self.blocked(mail, settings)
+        if blocked is not None:
+            return blocked
+        assert self.ses is not None
+        tags = ((RULE_TAG, decision.rule or "default"), *decision.tags)
+        config_set = decision.configuration_set or settings.ses.configuration_set
+        probe = self.circuit.state is CircuitState.PROBING  # allow() just let this one through
+        if self.pace is not None:
+            await self.pace.acquire(len(mail.recipients))
+        started = time.monotonic()
+        try:
+            message_id = await self.ses.send(mail, configuration_set=config_set, tags=tags)
+        except AccountFailure as exc:
+            if self.circuit.failed(str(exc)):
+                code = exc.reply.split(":", 1)[0].strip() or type(exc).__name__
+                metrics.CIRCUIT_OPENINGS.labels(code[:64]).inc()
+            metrics.CIRCUIT_OPEN.set(1)
+            return Fallback(reason="account", detail=f"SES account-wide failure: {exc.reply}")
+        except PermanentFailure as exc:
+            self._reached()
+            return Fallback(reason="rejected", detail=f"SES refused the message: {exc.reply}")
+        except TemporaryFailure as exc:
+            return self._temporary(mail, exc, settings)
+        except BaseException:
+            if probe:  # no verdict (a bug, or cancelled): the next mail probes, not never
+                self.circuit.probe_aborted()
+            raise
+        finally:
+            metrics.SES_LATENCY.observe(time.monotonic() - started)
+        self._reached()
+        if self.pace is not None:
+            self.pace.succeeded(len(mail.recipients))
+            self.pace.spend(len(mail.recipients))
+            metrics.PACE.set(self.pace.rate)
+        return Sent(message_id=message_id)
+
+    def _temporary(self, mail: Mail, exc: TemporaryFailure, settings: Settings) -> Verdict:
+        if self.circuit.state is CircuitState.PROBING:
+            self.circuit.failed(f"probe failed: {exc.reply}")
+        throttled = isinstance(exc, Throttled)
+        if throttled and self.pace is not None:
+            metrics.SES_THROTTLES.inc()
+            self.pace.throttled()
+            metrics.PACE.set(self.pace.rate)
+        age = time.time() - mail.received_at
+        if age >= settings.ses.fallback_after:
+            return Fallback(
+                reason="temporary",
+                detail=f"SES failing for {age:.0f}s (fallback_after): {exc.reply}",
+            )
+        delay = THROTTLE_RETRY if throttled else min(2.0**mail.attempts, SES_BACKOFF_MAX)
+        return Retry(delay=delay, reply=exc.reply)
+
+    def _reached(self) -> None:
+        """SES answered about the message itself: the account works (closes a probe)."""
+        self.circuit.succeeded()
+        metrics.CIRCUIT_OPEN.set(0 if self.circuit.state is CircuitState.CLOSED else 1)
