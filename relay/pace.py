@@ -29,17 +29,21 @@ sliding 1-second window with 20 ms latency; the bench measures it for real):
   relay has a call or two rejected, cuts straight to the share SES gave it
   (together: the limit), and waits up to a second for the burst to leave SES's
   window;
-- later, a congestion event is one relay's call arriving at a full window:
-  about one throttle (1.03 simulated), and that relay's cut of 15% ends it.
-  The next one comes when the slow climb has made up the cut: about 25 s
-  alone (2.3 events/min, 0.2% of calls), about every 7 s for three relays on
-  one quota (9 events/min, 0.3% of calls, 95% of the quota). Retries of
-  throttled mail add no load: every send, retry or not, waits for a grant.
+- later, a congestion event is one relay's call arriving at a full window, a
+  little over the limit: about one throttle (1.03 simulated), and that relay's
+  cut of 7% ends it. The next one comes when the slow climb has made up the
+  cut: about every 22 s alone (2.7 events/min, 0.25% of calls, 94% of the
+  limit), about every 6 s for three relays on one quota (10 events/min, 0.3%
+  of calls, 96.6% of the quota). A large overshoot is one event too: the cut
+  goes down to what SES accepted. Retries of throttled mail add no load:
+  every send, retry or not, waits for a grant.
 
-Fairness between relays on one quota comes from the start (each cuts to what
-it got) and from which relay a later event hits (random, in proportion to its
-calls); the doubling probe lets a relay that was cut a while ago, or whose
-peers went idle, catch up.
+The cut is small because which relay a later event hits is random (in
+proportion to its calls): a deep cut of one random relay would leave the
+shares unequal for a long time, and the relay left with the smallest share
+finishes its queue last, alone. Fairness comes from the start (each relay
+cuts to what it got) and from the doubling probe, which lets a relay that was
+cut a while ago, or whose peers went idle, catch up.
 
 The clock and the sleep are injected, so tests run on virtual time.
 """
@@ -55,7 +59,7 @@ from collections.abc import Awaitable, Callable
 HEADROOM = 0.97  # space grants at 97% of the target rate
 WINDOW = 1.0  # seconds: SES counts recipients per second
 JITTER = 0.025  # seconds of disagreement between our clock and SES's window we absorb
-DECREASE = 0.85  # on a throttle: rate *= DECREASE, or down to what SES just accepted
+DECREASE = 0.93  # on a throttle: rate *= DECREASE, or down to what SES just accepted
 KEEP = 0.25  # but one cut keeps at least this share of the rate (a fair share of 4 relays)
 HOLD = WINDOW  # seconds after a cut in which further throttles are the same event
 INCREASE = 0.0001  # per second of success right after a cut: rate += INCREASE * ceiling

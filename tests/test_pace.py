@@ -331,8 +331,8 @@ def test_ceiling_at_the_limit_is_never_throttled() -> None:
 
 
 def test_settles_under_a_lower_limit() -> None:
-    """Ceiling 50/s, SES at 20/s: one cut at the start goes to about 20, then a throttle about
-    every half minute."""
+    """Ceiling 50/s, SES at 20/s: one cut at the start goes to about 20, then a throttle every
+    twenty-odd seconds."""
     sim = Sim(ceilings=(50.0,), limit=20.0).run(300.0)
     assert 0.85 * 20.0 <= sim.rate(since=150.0) <= 20.0
     assert sim.throttles <= 0.005 * sim.calls
