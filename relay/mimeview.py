@@ -11,10 +11,12 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
+import email.policy
 import html
 import quopri
 import re
 from email.message import EmailMessage
+from email.parser import BytesParser
 from functools import cached_property
 from html.parser import HTMLParser
 
@@ -99,6 +101,11 @@ def html_to_text(markup: str) -> str:
     return "".join(parser.chunks)
 
 
+# Header rules (the shipped defaults) need only the header block: parse the MIME tree
+# only when a body or multipart condition asks for it.
+_HEAD_PARSER = BytesParser(policy=email.policy.default)
+
+
 class MailView:
     """What rules look at: decoded headers, envelope and body texts of one Mail."""
 
@@ -113,10 +120,18 @@ class MailView:
             return None
 
     @cached_property
+    def _head(self) -> EmailMessage | None:
+        try:
+            head = _HEAD_PARSER.parsebytes(self.mail.raw, headersonly=True)
+        except Exception:  # no header block, no match
+            return None
+        return head if isinstance(head, EmailMessage) else None
+
+    @cached_property
     def headers(self) -> dict[str, tuple[str, ...]]:
         """Every header's decoded values, by lower-case name, in order of appearance."""
         found: dict[str, list[str]] = {}
-        message = self._message
+        message = self._head
         if message is None:
             return {}
         try:
