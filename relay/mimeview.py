@@ -121,8 +121,10 @@ class MailView:
 
     @cached_property
     def _head(self) -> EmailMessage | None:
+        raw = self.mail.raw
+        end = min((i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0), default=-1)
         try:
-            head = _HEAD_PARSER.parsebytes(self.mail.raw, headersonly=True)
+            head = _HEAD_PARSER.parsebytes(raw if end < 0 else raw[: end + 2], headersonly=True)
         except Exception:  # no header block, no match
             return None
         return head if isinstance(head, EmailMessage) else None
