@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from enum import StrEnum
 
+from relay import logs
+
 log = logging.getLogger("relay.circuit")
 
 
@@ -37,7 +39,7 @@ class Circuit:
             return True
         if self.state is CircuitState.OPEN and self._clock() - self._opened_at >= self.cooldown:
             self.state = CircuitState.PROBING
-            log.info("event=circuit_probe reason=%r", self.reason)
+            logs.event(log, "circuit_probe", reason=self.reason)
             return True
         return False
 
@@ -45,7 +47,7 @@ class Circuit:
         """SES took a call. Only the probe's success closes the circuit: a send that was
         already in flight when the circuit opened proves nothing about the account now."""
         if self.state is CircuitState.PROBING:
-            log.warning("event=circuit_closed after=%r", self.reason)
+            logs.event(log, "circuit_closed", level=logging.WARNING, after=self.reason)
             self.state = CircuitState.CLOSED
             self.reason = ""
 
@@ -56,11 +58,8 @@ class Circuit:
         self.reason = reason
         self._opened_at = self._clock()
         if was_closed:
-            log.error(
-                "event=circuit_open cooldown=%gs reason=%r: SES-routed mail goes upstream",
-                self.cooldown,
-                reason,
-            )
+            logs.event(log, "circuit_open", level=logging.ERROR, cooldown=self.cooldown,
+                       reason=reason, effect="SES-routed mail goes upstream")  # fmt: skip
         return was_closed
 
     def probe_aborted(self) -> None:

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
-from relay import metrics
+from relay import logs, metrics
 from relay.errors import (
     PermanentFailure,
     SpoolError,
@@ -96,7 +96,7 @@ class Deliverer:
             try:
                 batch = await self.spool.claim(free)
             except SpoolError as exc:  # disk full, I/O error: keep the loop, try again later
-                log.warning("event=claim_failed error=%r", str(exc))
+                logs.event(log, "claim_failed", level=logging.WARNING, error=str(exc))
                 await _first(stop, seconds=IDLE_POLL)
                 continue
             for mail in batch:
@@ -132,8 +132,8 @@ class Deliverer:
                 await write(*args, **kw)
                 return
             except SpoolError as exc:
-                log.warning("event=record_failed id=%s retry_in=%.1fs error=%r",
-                            args[0] if args else "?", delay, str(exc))  # fmt: skip
+                logs.event(log, "record_failed", level=logging.WARNING,
+                           id=args[0] if args else "?", retry_in=delay, error=str(exc))  # fmt: skip
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECORD_BACKOFF_MAX)
 
@@ -150,6 +150,8 @@ class Deliverer:
         """One attempt for one claimed message; records the outcome on its row."""
         decision = self.rules.classify(mail)
         metrics.CLASSIFIED.labels(decision.rule or "(default)", decision.route.value).inc()
+        logs.event(log, "classified", id=mail.id, message_id=mail.message_id, rule=decision.rule,
+                   route=decision.route.value, reasons="; ".join(decision.reasons))  # fmt: skip
         fallback: Fallback | None = None
         if decision.route is Route.SES:
             verdict = await self.ses_route.attempt(mail, decision, self.settings)
@@ -158,21 +160,21 @@ class Deliverer:
                     mail.id, rule=decision.rule, route=Route.SES.value, reply="SES accepted",
                     ses_message_id=verdict.message_id,
                 )  # fmt: skip
-                metrics.DELIVERIES.labels("ses", "sent").inc()
-                log.info("event=sent id=%s message_id=%s rule=%s route=ses ses_id=%s",
-                         mail.id, mail.message_id, decision.rule, verdict.message_id)  # fmt: skip
+                _outcome("sent", mail, decision, Route.SES, ses_id=verdict.message_id)
                 return
             if isinstance(verdict, Retry):
                 await self._record(self.spool.defer,
                     mail.id, due_at=time.time() + verdict.delay, rule=decision.rule,
                     route=Route.SES.value, reply=verdict.reply,
                 )  # fmt: skip
-                metrics.DELIVERIES.labels("ses", "deferred").inc()
-                log.info("event=deferred id=%s route=ses retry_in=%.0fs reply=%r",
-                         mail.id, verdict.delay, verdict.reply)  # fmt: skip
+                _outcome("deferred", mail, decision, Route.SES, retry_in=round(verdict.delay, 1),
+                         reply=verdict.reply)  # fmt: skip
                 return
             fallback = verdict
             metrics.FALLBACKS.labels(fallback.reason).inc()
+            logs.event(log, "fallback", id=mail.id, message_id=mail.message_id,
+                       rule=decision.rule, reason=fallback.reason,
+                       detail=fallback.detail)  # fmt: skip
         await self._upstream(mail, decision, fallback)
 
     async def _upstream(self, mail: Mail, decision: Decision, fallback: Fallback | None) -> None:
@@ -206,19 +208,15 @@ class Deliverer:
             mail.id, rule=decision.rule, route=Route.UPSTREAM.value, reply=result.reply,
             fallback_reason=reason,
         )  # fmt: skip
-        metrics.DELIVERIES.labels("upstream", "sent").inc()
-        log.info("event=sent id=%s message_id=%s rule=%s route=upstream reply=%r%s",
-                 mail.id, mail.message_id, decision.rule, result.reply,
-                 f" fallback={reason!r}" if reason else "")  # fmt: skip
+        _outcome("sent", mail, decision, Route.UPSTREAM, reply=result.reply,
+                 **({"fallback": reason} if reason else {}))  # fmt: skip
 
     async def _fail(self, mail: Mail, decision: Decision, reply: str, reason: str | None) -> None:
         await self._record(self.spool.fail,
             mail.id, rule=decision.rule, route=Route.UPSTREAM.value, reply=reply,
             fallback_reason=reason,
         )  # fmt: skip
-        metrics.DELIVERIES.labels("upstream", "failed").inc()
-        log.warning("event=failed id=%s message_id=%s rule=%s route=upstream reply=%r",
-                    mail.id, mail.message_id, decision.rule, reply)  # fmt: skip
+        _outcome("failed", mail, decision, Route.UPSTREAM, reply=reply)
 
     async def _defer_or_fail(
         self, mail: Mail, decision: Decision | None, route: Route, reply: str, reason: str | None
@@ -231,19 +229,24 @@ class Deliverer:
                 mail.id, rule=rule, route=route.value,
                 reply=f"gave up after {age:.0f}s (retry.max_age): {reply}", fallback_reason=reason,
             )  # fmt: skip
-            metrics.DELIVERIES.labels(route.value, "failed").inc()
-            log.warning(
-                "event=failed id=%s route=%s reason=max_age reply=%r", mail.id, route, reply
-            )
+            _outcome("failed", mail, decision, route, reason="max_age", reply=reply)
             return
         delay = retry.schedule[min(max(mail.attempts, 1), len(retry.schedule)) - 1]
         await self._record(self.spool.defer,
             mail.id, due_at=time.time() + delay, rule=rule, route=route.value, reply=reply,
             fallback_reason=reason, recipients=mail.recipients,
         )  # fmt: skip
-        metrics.DELIVERIES.labels(route.value, "deferred").inc()
-        log.info("event=deferred id=%s route=%s retry_in=%.0fs reply=%r",
-                 mail.id, route, delay, reply)  # fmt: skip
+        _outcome("deferred", mail, decision, route, retry_in=delay, reply=reply)
+
+
+def _outcome(
+    outcome: str, mail: Mail, decision: Decision | None, route: Route, **fields: object
+) -> None:
+    """Count and log one delivery outcome: one line with id, Message-ID, rule, route."""
+    metrics.DELIVERIES.labels(route.value, outcome).inc()
+    level = logging.WARNING if outcome == "failed" else logging.INFO
+    logs.event(log, outcome, level=level, id=mail.id, message_id=mail.message_id,
+               rule=decision.rule if decision else None, route=route.value, **fields)  # fmt: skip
 
 
 async def _first(*events: asyncio.Event, seconds: float) -> None:
