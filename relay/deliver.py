@@ -19,11 +19,7 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 from relay import logs, metrics
-from relay.errors import (
-    PermanentFailure,
-    SpoolError,
-    TemporaryFailure,
-)
+from relay.errors import HostUnreachable, PermanentFailure, SpoolError, TemporaryFailure
 from relay.mail import Mail
 from relay.rules import Decision, Route, RuleSet
 from relay.sesroute import Fallback, Retry, Sent, SesRoute
@@ -32,6 +28,9 @@ from relay.settings import Settings
 log = logging.getLogger("relay.deliver")
 
 IDLE_POLL = 1.0  # seconds; deferred mail becomes due without a wake-up
+# After a failed connection to the original host, mail is deferred without trying for
+# this long: a backlog against a dead host must not cost one connection per message.
+UPSTREAM_DOWN_FOR = 5.0
 RECORD_BACKOFF_MAX = 30.0  # seconds between tries to record an outcome on a full spool
 
 
@@ -83,6 +82,8 @@ class Deliverer:
         self.ses_route = ses_route
         self.wakeup = wakeup
         self._tasks: set[asyncio.Task[None]] = set()
+        self._upstream_down_until = 0.0  # monotonic; no connection attempts before it
+        self._down_reply = ""
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and deliver until `stop` is set; `drain()` then lets in-flight sends finish."""
@@ -181,12 +182,19 @@ class Deliverer:
         reason = fallback.detail if fallback else None
         if fallback is not None:
             await self._record(self.spool.event, mail.id, "fallback", fallback.detail)
+        if time.monotonic() < self._upstream_down_until:  # like Postfix's dead-host cache
+            reply = f"not tried, the original host was unreachable moments ago: {self._down_reply}"
+            await self._defer_or_fail(mail, decision, Route.UPSTREAM, reply, reason)
+            return
         try:
             result = await self.upstream.send(mail)
         except PermanentFailure as exc:
             await self._fail(mail, decision, exc.reply, reason)
             return
         except TemporaryFailure as exc:
+            if isinstance(exc, HostUnreachable):
+                self._upstream_down_until = time.monotonic() + UPSTREAM_DOWN_FOR
+                self._down_reply = exc.reply
             await self._defer_or_fail(mail, decision, Route.UPSTREAM, exc.reply, reason)
             return
         if result.temporary:

@@ -5,7 +5,8 @@
     ├── SpoolError (OSError)            the spool could not commit or read; the client gets 451
     └── DeliveryError                   a send did not succeed
         ├── TemporaryFailure            try again later (4xx, timeouts, throttling, 5xx from SES)
-        │   └── Throttled               SES "Maximum sending rate exceeded": slow the pace
+        │   ├── Throttled               SES "Maximum sending rate exceeded": slow the pace
+        │   └── HostUnreachable         the original host refused or timed out the connection
         └── PermanentFailure            this message will not go this way (5xx, MessageRejected)
             └── AccountFailure          the SES account cannot send for now (opens the circuit)
 
@@ -63,6 +64,10 @@ class TemporaryFailure(DeliveryError):
 
 class Throttled(TemporaryFailure):
     """SES refused for the sending rate ("Maximum sending rate exceeded"): slow down, retry."""
+
+
+class HostUnreachable(TemporaryFailure):
+    """The original host could not be reached at all (refused, timed out, busy greeting)."""
 
 
 class PermanentFailure(DeliveryError):

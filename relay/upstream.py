@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import aiosmtplib
 
 from relay import settings as _settings
-from relay.errors import DeliveryError, PermanentFailure, TemporaryFailure
+from relay.errors import DeliveryError, HostUnreachable, PermanentFailure, TemporaryFailure
 from relay.mail import Mail
 
 
@@ -133,7 +133,12 @@ class UpstreamClient:
         s = self._settings
         where = f"upstream {self.target}"
         try:
-            await smtp.connect()
+            try:
+                await smtp.connect()
+            except (aiosmtplib.SMTPConnectError, OSError) as exc:
+                reply = _reply(exc) if isinstance(exc, aiosmtplib.SMTPException) else repr(exc)
+                raise HostUnreachable(f"{where} unreachable for {mail.id}: {reply}",
+                                      reply=reply) from exc  # fmt: skip
             if s.security is _settings.Security.STARTTLS:
                 await smtp.starttls()
             if s.username:

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from relay.errors import PermanentFailure, TemporaryFailure
+from relay.errors import HostUnreachable, PermanentFailure, TemporaryFailure
 from relay.settings import Security, Upstream
 from relay.upstream import UpstreamClient, UpstreamResult
 from tests.sesfixtures import make_mail
@@ -295,13 +295,13 @@ async def test_whole_transaction_failures(
 
 
 async def test_connection_refused_is_temporary() -> None:
-    """Nothing listening is a TemporaryFailure."""
+    """Nothing listening is HostUnreachable, a TemporaryFailure (the loop stops trying a while)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     with pytest.raises(TemporaryFailure) as caught:
         await _client(port).send(make_mail())
-    assert TemporaryFailure is type(caught.value)
+    assert HostUnreachable is type(caught.value)
 
 
 async def test_silent_server_times_out() -> None:
