@@ -127,6 +127,7 @@ class Spool:
             rows = conn.execute(
                 "UPDATE messages SET state = 'inflight', claimed_at = ?1, updated_at = ?1,"
                 " attempts = attempts + 1 WHERE id IN (SELECT id FROM messages"
+                " INDEXED BY messages_ready"  # the planner would sort the whole queue instead
                 " WHERE state IN ('queued', 'deferred') AND due_at <= ?1"
                 " ORDER BY due_at, id LIMIT ?2)"
                 " RETURNING id, sender, recipients, body, received_at, attempts, peer, trace,"
