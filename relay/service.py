@@ -1,6 +1,6 @@
 """The service lifecycle: open the spool, listen, run background tasks, stop cleanly.
 
-    run() -> serve(): Spool.open -> listener (receive.Session) -> background tasks
+    run() -> serve(): Spool.open -> listener (session.Session) -> background tasks
             SIGTERM/SIGINT set `stop` -> close listener -> idle sessions get 421,
             sessions in a transaction finish (deadline) -> tasks stop (deadline) -> spool closed
 
@@ -28,7 +28,8 @@ from pathlib import Path
 from relay import logs, rules, sdnotify, tasks
 from relay.errors import ConfigError, RelayError, SpoolError
 from relay.passwords import Users
-from relay.receive import Handler, Session, session_factory
+from relay.receive import Handler
+from relay.session import Session, session_factory
 from relay.settings import Settings, check_listen_env
 from relay.spool import Spool
 from relay.tasks import Context, Task

@@ -20,10 +20,10 @@ from relay.circuit import Circuit, CircuitState
 from relay.deliver import Deliverer
 from relay.errors import ConfigError, DeliveryError, SpoolError
 from relay.pace import Pace
-from relay.receive import Session
 from relay.rules import RuleSet
 from relay.ses import SesClient
 from relay.sesroute import SesRoute
+from relay.session import Session
 from relay.settings import Settings
 from relay.spool import Spool
 from relay.upstream import UpstreamClient
