@@ -16,6 +16,12 @@ from functools import cached_property
 _PARSER = BytesParser(policy=email.policy.default)
 
 
+def header_block(raw: bytes) -> bytes:
+    """The header lines of `raw`, up to (not including) the first empty line."""
+    ends = [i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0]
+    return raw[: min(ends) + 2] if ends else raw
+
+
 @dataclass(frozen=True, kw_only=True)
 class Mail:
     """One accepted message. `sender` is "" for the null sender `<>`."""

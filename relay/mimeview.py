@@ -20,7 +20,7 @@ from email.parser import BytesParser
 from functools import cached_property
 from html.parser import HTMLParser
 
-from relay.mail import Mail
+from relay.mail import Mail, header_block
 
 _ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([QqBb])\?([^?\s]*)\?=")
 _BETWEEN_WORDS = re.compile(r"(\?=)[ \t\r\n]+(?==\?)")
@@ -121,10 +121,8 @@ class MailView:
 
     @cached_property
     def _head(self) -> EmailMessage | None:
-        raw = self.mail.raw
-        end = min((i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0), default=-1)
         try:
-            head = _HEAD_PARSER.parsebytes(raw if end < 0 else raw[: end + 2], headersonly=True)
+            head = _HEAD_PARSER.parsebytes(header_block(self.mail.raw), headersonly=True)
         except Exception:  # no header block, no match
             return None
         return head if isinstance(head, EmailMessage) else None

@@ -37,6 +37,7 @@ from email_validator import EmailNotValidError, validate_email
 
 from relay import logs, metrics
 from relay.errors import SpoolError
+from relay.mail import header_block
 from relay.passwords import Users
 from relay.settings import Settings
 from relay.spool import Spool
@@ -100,8 +101,7 @@ def address_problem(address: str) -> str | None:
 
 def extract_message_id(raw: bytes) -> str:
     """The Message-ID header value from the header block only; "" when absent."""
-    end = raw.find(b"\r\n\r\n")
-    match = _MESSAGE_ID.search(raw if end < 0 else raw[: end + 2])
+    match = _MESSAGE_ID.search(header_block(raw))
     if match is None:
         return ""
     return " ".join(match.group(1).decode("ascii", "replace").split())[:998]
