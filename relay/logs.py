@@ -9,6 +9,11 @@ JSON formatter can emit them as JSON keys:
     text: 2026-01-02T03:04:05.678Z INFO relay.receive event=accepted id=... peer=127.0.0.1 ...
     json: {"ts": "...", "level": "INFO", "logger": "relay.receive", "event": "accepted", ...}
 
+Lines are formatted and written by a thread of their own (`QueueListener`):
+a slow stderr (journald, a full pipe) never holds up an SMTP reply. Records
+carry no caller, thread or process details: no formatter prints them, and
+collecting them is a good part of a log call's cost.
+
 Passwords never reach a log line: relay does not log them, and aiosmtpd's own
 per-command logger (`mail.log`, which would print AUTH PLAIN blobs at INFO) is
 held at WARNING.
@@ -16,8 +21,11 @@ held at WARNING.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import logging.handlers
+import queue
 import sys
 import time
 from typing import Any
@@ -68,14 +76,49 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, ensure_ascii=False)
 
 
+class _Handoff(logging.handlers.QueueHandler):
+    """Queues the record as it is; the writer thread formats it (QueueHandler's own
+    `prepare` would format here, on the event loop)."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
+
+
+_listener: logging.handlers.QueueListener | None = None
+
+
+def _stop_writer() -> None:
+    """Write out what is queued and stop the writer thread (at exit, or on a new setup);
+    lines logged after that are written directly."""
+    global _listener
+    if _listener is None:
+        return
+    _listener.stop()
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, _Handoff):
+            root.removeHandler(handler)
+            root.addHandler(_listener.handlers[0])
+    _listener = None
+
+
 def setup(log_format: str, *, level: int = logging.INFO) -> None:
     """Send every log line to stderr as `text` or `json`; replaces earlier setup."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    global _listener
+    _stop_writer()
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    _listener = logging.handlers.QueueListener(records, stream)
+    _listener.start()
+    atexit.unregister(_stop_writer)
+    atexit.register(_stop_writer)
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging._srcfile = None  # no caller lookup per record (see the logging HOWTO, "Optimization")
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
-    root.addHandler(handler)
+    root.addHandler(_Handoff(records))
     root.setLevel(level)
     # aiosmtpd logs every command line (AUTH blobs included) at INFO: keep it quiet.
     logging.getLogger("mail.log").setLevel(logging.WARNING)

@@ -1,0 +1,61 @@
+"""Log lines: formats, written at exit, and a stalled stderr never blocks the caller."""
+
+from __future__ import annotations
+
+import json
+import select
+import subprocess
+import sys
+
+SCRIPT = """
+import logging, sys
+from relay import logs
+logs.setup(sys.argv[1])
+log = logging.getLogger("relay.test")
+for i in range(int(sys.argv[2])):
+    logs.event(log, "accepted", id=f"q{i}", peer="127.0.0.1", sender="a b", pad="x" * 1000)
+print("logged", flush=True)
+"""
+
+
+def _run(fmt: str, count: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", SCRIPT, fmt, str(count)],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+
+
+def test_text_lines_are_all_written_by_exit() -> None:
+    done = _run("text", 500)
+    lines = done.stderr.splitlines()
+    assert len(lines) == 500
+    assert ' INFO relay.test event=accepted id=q0 peer=127.0.0.1 sender="a b" pad=' in lines[0]
+    assert "id=q499 " in lines[-1]
+
+
+def test_json_lines_carry_the_fields() -> None:
+    done = _run("json", 3)
+    first = json.loads(done.stderr.splitlines()[0])
+    assert first["event"] == "accepted"
+    assert first["id"] == "q0"
+    assert first["sender"] == "a b"
+    assert first["level"] == "INFO"
+
+
+def test_a_stalled_stderr_does_not_block_logging() -> None:
+    # 2,000 lines of 1 KB are 30 times a pipe's buffer; nobody reads stderr until the
+    # script says it has logged them all. A handler writing on the caller's thread
+    # would block on the full pipe and never print "logged".
+    with subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, "text", "2000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    ) as proc:  # fmt: skip
+        assert proc.stdout is not None and proc.stderr is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 20)
+        if not ready:
+            proc.kill()
+        assert ready, "logging blocked on the unread stderr"
+        assert proc.stdout.readline().strip() == "logged"
+        err = proc.stderr.read()
+        assert proc.wait(timeout=30) == 0
+    assert len(err.splitlines()) == 2000
