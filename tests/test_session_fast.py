@@ -1,0 +1,316 @@
+"""Session's fast paths against aiosmtpd 1.4.6 itself, on real sockets where it matters.
+
+- DATA read a chunk at a time: the relay (`start_relay`) and aiosmtpd's own `SMTP`
+  (relay's Handler on a recording spool, the arguments relay used to pass) get the
+  same bytes in the same pieces and must give the same replies (aiosmtpd's own ones
+  as relay names them) and store the same bytes.
+- A client gone mid-DATA: nothing reaches the spool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from aiosmtpd.smtp import SMTP
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from relay.receive import AIOSMTPD_REPLIES, Handler
+from relay.session import Body
+from relay.spool import DB_NAME
+from tests.conftest import Running
+
+Start = Callable[..., Awaitable[Running]]
+LIMIT = 4096  # max_message_size of the pair: small, so 552 is easy to reach
+LINE = SMTP.line_length_limit  # 1001: the longest DATA line aiosmtpd takes, CRLF included
+END = b"\r\n.\r\n"
+PROLOGUE = [b"EHLO client.example", b"MAIL FROM:<noreply@moodle.test>", b"RCPT TO:<a@example.org>"]
+_QUEUED = re.compile(r"queued as (\w+)")
+
+
+@dataclass
+class Recorder:
+    """The reference server's spool: keeps each mail's bytes by queue id."""
+
+    raw: dict[str, bytes] = field(default_factory=dict)
+
+    def new_id(self) -> str:
+        return f"REF{len(self.raw) + 1}"
+
+    async def add(self, *, queue_id: str, raw: bytes, **_: Any) -> str:
+        self.raw[queue_id] = raw
+        return queue_id
+
+
+@dataclass
+class Pair:
+    """The relay and aiosmtpd's own SMTP with relay's Handler, same limits."""
+
+    relay: Running
+    reference_port: int
+    recorder: Recorder
+
+    async def both(self, pieces: list[bytes]) -> tuple[Talk, Talk]:
+        relay = await talk(self.relay.port, pieces)
+        reference = await talk(self.reference_port, pieces)
+        relay.bodies = [self.stored(qid) for qid in relay.queued]
+        reference.bodies = [self.recorder.raw[qid] for qid in reference.queued]
+        reference.replies = [AIOSMTPD_REPLIES.get(r, r) for r in reference.replies]
+        return relay, reference
+
+    def stored(self, queue_id: str) -> bytes:
+        conn = sqlite3.connect(self.relay.settings.spool / DB_NAME)
+        try:
+            [(body,)] = conn.execute("SELECT body FROM messages WHERE id = ?", (queue_id,))
+            return bytes(body)
+        finally:
+            conn.close()
+
+
+@dataclass
+class Talk:
+    """One conversation: reply lines (queue ids replaced by "ID"), ids, stored bodies."""
+
+    replies: list[str]
+    queued: list[str]
+    bodies: list[bytes] = field(default_factory=list)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Talk) and (self.replies, self.bodies) == (
+            other.replies,
+            other.bodies,
+        )
+
+
+async def talk(port: int, pieces: list[bytes]) -> Talk:
+    """EHLO, MAIL, RCPT, DATA one by one; then `pieces` as separate TCP writes; replies
+    until the server closes (or goes quiet for 5 s)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    received = b""
+    try:
+        for command in [b"", *PROLOGUE, b"DATA"]:
+            if command:
+                writer.write(command + b"\r\n")
+            while not re.search(rb"(^|\n)\d{3} [^\n]*\r\n$", received):
+                received += await asyncio.wait_for(reader.read(65536), 5)
+        for piece in pieces:
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.002)  # lets the server read this piece on its own
+        while chunk := await asyncio.wait_for(reader.read(65536), 5):
+            received += chunk
+    except TimeoutError:
+        received += b"(quiet)\r\n"
+    finally:
+        writer.close()
+    replies = received.decode("ascii", "replace").split("\r\n")[:-1]
+    queued = [m.group(1) for r in replies if (m := _QUEUED.search(r))]
+    return Talk([_QUEUED.sub("queued as ID", r) for r in replies], queued)
+
+
+@pytest.fixture
+async def make_pair(start_relay: Start) -> AsyncIterator[Callable[[int], Awaitable[Pair]]]:
+    """`await make_pair(limit)`: the relay and the reference with max_message_size=limit."""
+    servers: list[asyncio.Server] = []
+
+    async def make(limit: int) -> Pair:
+        running = await start_relay(limits={"max_message_size": limit})
+        recorder = Recorder()
+        handler = Handler(spool=recorder, settings=running.settings)  # type: ignore[arg-type]
+
+        def reference() -> SMTP:
+            return SMTP(
+                handler, hostname=running.settings.hostname, ident="relay",
+                data_size_limit=limit, enable_SMTPUTF8=False, decode_data=False,
+                tls_context=None, require_starttls=False, auth_required=False,
+                auth_require_tls=False, timeout=300, command_call_limit=None,
+            )  # fmt: skip
+
+        server = await asyncio.get_running_loop().create_server(reference, "127.0.0.1", 0)
+        servers.append(server)
+        return Pair(running, server.sockets[0].getsockname()[1], recorder)
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+@pytest.fixture
+async def pair(make_pair: Callable[[int], Awaitable[Pair]]) -> Pair:
+    return await make_pair(LIMIT)
+
+
+def line(size: int, fill: bytes = b"x") -> bytes:
+    """A DATA line of `size` bytes, CRLF included."""
+    return fill * (size - 2) + b"\r\n"
+
+
+def sized(size: int, last: bytes = b"") -> bytes:
+    """Whole lines of 100 bytes (then `last`) that add up to `size` bytes."""
+    head = size - len(last)
+    return line(100) * (head // 100) + (line(head % 100 + 100) if head % 100 else b"") + last
+
+
+TAILS = [b"QUIT\r\n", b"RSET\r\nQUIT\r\n", b"MAIL FROM:<x@example.org>\r\nNOOP\r\nQUIT\r\n"]
+
+CASES = {
+    # end of data
+    "lone-dot-first": [b".\r\nQUIT\r\n"],
+    "empty-line-then-end": [b"\r\n.\r\nQUIT\r\n"],
+    "dot-stuffing": [b"..a\r\n..\r\n...\r\n. b\r\n.x\r\n" + END[2:] + TAILS[1]],
+    "stuffed-first-line": [b"..\r\nb" + END + TAILS[0]],
+    "bare-lf-look-alikes": [b"a\n.\r\nb\r\n.\nc\n.\n\r.\r\nd\r\n.\r" + END + TAILS[0]],
+    "cr-runs": [b"\r\r\n.\r\r\n\r\n\r" + END + TAILS[0]],
+    "dot-at-end-of-line": [b"a.\r\n.a.\r\n." + END + TAILS[0]],
+    "pipelined-after-end": [b"hello" + END + TAILS[2]],
+    # pieces
+    "split-inside-end": [b"a\r\n", b".", b"\r", b"\n", b"QUIT\r\n"],
+    "split-before-dot": [b"a\r", b"\n", b".\r\nRSET\r\n", b"QUIT\r\n"],
+    "split-after-cr-dot": [b"a\r\n.\r", b"\nQUIT\r\n"],
+    "split-lone-dot-first": [b".", b"\r", b"\nQUIT\r\n"],
+    "byte-by-byte": [bytes([b]) for b in b"..x\r\n.y\r\n.\r\nQUIT\r\n"],
+    # line length, around aiosmtpd's limit (1001 with CRLF; its reader's limit is the text)
+    "line-at-limit": [line(LINE) + END[2:] + TAILS[0]],
+    "line-one-over": [line(LINE + 1) + END[2:] + TAILS[0]],
+    "line-two-over": [line(LINE + 2) + END[2:] + TAILS[0]],
+    "line-three-over": [line(LINE + 3) + END[2:] + TAILS[0]],
+    "stuffed-line-at-limit": [b"." + line(LINE - 1) + END[2:] + TAILS[0]],
+    "long-line-in-pieces": [b"x" * 700, b"x" * 302, b"x" * 3 + b"\r", b"\n.\r\nQUIT\r\n"],
+    "long-line-then-end-in-it": [b"x" * 2000 + b".\r\n" + b"y" + END + TAILS[0]],
+    "long-line-ending-cr-split": [b"x" * 1002 + b"\r", b"\n" + END[2:] + TAILS[0]],
+    "long-line-then-more-mail": [line(LINE + 5) + b"next\r\n" + END[2:] + TAILS[2]],
+    # size, around the limit (raw bytes: CRLFs and stuffing dots count)
+    "size-at-limit": [sized(LIMIT) + END[2:] + TAILS[0]],
+    "size-one-over": [sized(LIMIT + 1) + END[2:] + TAILS[0]],
+    "size-at-limit-stuffed": [sized(LIMIT, b".." + line(98)) + END[2:] + TAILS[0]],
+    "size-far-over-in-pieces": [line(1000) * 6, line(1000) * 6, b"x" + END + TAILS[1]],
+    # which refusal wins when one line meets both limits (or one after the other)
+    "over-size-on-a-1002-line": [sized(LIMIT - 500) + line(LINE + 1) + END[2:] + TAILS[0]],
+    "over-size-on-a-1003-line": [sized(LIMIT - 500) + line(LINE + 2) + END[2:] + TAILS[0]],
+    "over-size-on-a-1004-line": [sized(LIMIT - 500) + line(LINE + 3) + END[2:] + TAILS[0]],
+    "over-size-on-a-1003-line-cut-at-cr": [  # the reader holds 1002 bytes of a 1003 line
+        sized(LIMIT - 500) + b"x" * LINE + b"\r",
+        b"\n" + END[2:] + TAILS[0],
+    ],
+    "over-size-on-a-long-line": [sized(LIMIT - 100) + line(3000) + END[2:] + TAILS[0]],
+    "long-line-then-over-size": [line(2000) + sized(LIMIT) + END[2:] + TAILS[0]],
+    "over-size-then-long-line": [sized(LIMIT + 50) + line(2000) + END[2:] + TAILS[0]],
+    "long-unfinished-line-over-size": [sized(LIMIT - 10), b"x" * 1500, b"\r\n.\r\nQUIT\r\n"],
+}
+
+
+@pytest.mark.parametrize("pieces", list(CASES.values()), ids=list(CASES))
+async def test_data_edge_cases_match_aiosmtpd(pair: Pair, pieces: list[bytes]) -> None:
+    """Hand-picked DATA streams: the relay's replies and stored bytes are aiosmtpd's."""
+    relay, reference = await pair.both(pieces)
+    assert reference == relay
+    assert "221 Bye" == relay.replies[-1]
+
+
+async def test_a_body_bigger_than_a_chunk_matches_aiosmtpd(
+    make_pair: Callable[[int], Awaitable[Pair]],
+) -> None:
+    """300 KB of mail (several 64 KB reads), stuffed dots across read boundaries: the same
+    reply and the same bytes stored; then the same body one byte over the limit: 552."""
+    body = b"".join(b"." * (i % 3) + line(97 + i % 900) for i in range(560))
+    pair = await make_pair(len(body))
+    relay, reference = await pair.both([body[:70_000], body[70_000:] + END[2:] + TAILS[1]])
+    assert reference == relay
+    assert 1 == len(relay.bodies)
+    relay, reference = await pair.both([body + b"x" + END + TAILS[0]])
+    assert reference == relay
+    assert [] == relay.bodies
+
+
+_VOCABULARY = st.sampled_from([
+    b"", b".", b"..", b"...", b". x", b".\n", b"\n.", b"\n.\n", b"\r", b"\n", b"\r.", b".\r",
+    b"Subject: x", b"x" * (LINE - 2), b"x" * (LINE - 1), b"x" * LINE, b"x" * (LINE + 1),
+    b"." + b"x" * (LINE - 3), b"y" * 300,
+])  # fmt: skip
+_streams = st.one_of(
+    st.lists(st.one_of(_VOCABULARY, st.binary(max_size=60)), max_size=12).map(b"\r\n".join),
+    st.binary(max_size=300),
+    st.integers(LIMIT - 4, LIMIT + 4).map(sized),
+)
+
+
+@st.composite
+def data_pieces(draw: st.DrawFn) -> list[bytes]:
+    """A DATA stream (which may end early on its own), the end line, a tail, cut in pieces."""
+    body = draw(_streams)
+    stream = body + (END if body else END[2:]) + draw(st.sampled_from(TAILS))
+    cuts = sorted(set(draw(st.lists(st.integers(1, len(stream) - 1), max_size=5))))
+    return [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+
+
+@settings(
+    max_examples=60, deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)  # fmt: skip
+@given(pieces=data_pieces())
+async def test_any_data_stream_matches_aiosmtpd(pair: Pair, pieces: list[bytes]) -> None:
+    """Generated DATA streams in generated pieces: same replies, same stored bytes."""
+    relay, reference = await pair.both(pieces)
+    assert reference == relay
+
+
+@settings(max_examples=500, deadline=None)
+@given(stream=_streams, cuts=st.lists(st.integers(0, 400), max_size=8), size=st.sampled_from(
+    [0, 50, 1000, LIMIT]))  # fmt: skip
+def test_body_is_the_same_however_the_stream_is_cut(
+    stream: bytes, cuts: list[int], size: int
+) -> None:
+    """Body.feed gives the same verdict, content and leftover for any cutting of a stream."""
+    stream += END + b"NOOP\r\n"
+
+    def run(pieces: list[bytes]) -> tuple[str | None, bytes | None, bytes]:
+        body = Body(size_limit=size, line_limit=LINE)
+        for i, piece in enumerate(pieces):
+            rest = body.feed(piece)
+            if rest is not None:
+                content = body.content() if body.verdict is None else None
+                return body.verdict, content, rest + b"".join(pieces[i + 1 :])
+        raise AssertionError("no end of data found")
+
+    points = sorted({c for c in cuts if c < len(stream)})
+    pieces = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
+    assert run([stream]) == run([p for p in pieces if p])
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [b"Subject: cut\r\n\r\nhalf a mess", b"Subject: cut\r\n\r\nalmost\r\n.\r", b"x" * 3000],
+    ids=["mid-line", "inside-the-end-line", "inside-a-long-line"],
+)
+@pytest.mark.parametrize("how", ["reset", "fin"])
+async def test_client_gone_mid_data_spools_nothing(pair: Pair, cut: bytes, how: str) -> None:
+    """A client that goes away (RST or FIN) before the end of data: no row, no handler
+    call, and the next client is served."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", pair.relay.port)
+    for command in [*PROLOGUE, b"DATA"]:
+        writer.write(command + b"\r\n")
+    writer.write(cut)
+    await writer.drain()
+    while b"354 " not in await asyncio.wait_for(reader.read(65536), 5):
+        pass
+    await asyncio.sleep(0.05)
+    if how == "reset":
+        writer.transport.abort()
+    else:
+        writer.close()
+    await asyncio.sleep(0.1)
+    conn = sqlite3.connect(pair.relay.settings.spool / DB_NAME)
+    try:
+        assert [] == conn.execute("SELECT id FROM messages").fetchall()
+    finally:
+        conn.close()
+    after = await talk(pair.relay.port, [b"fine" + END + TAILS[0]])
+    assert 1 == len(after.queued)
