@@ -7,18 +7,27 @@ would cost it ~40 ms per mail, so a Session turns on TCP_NODELAY and re-arms
 TCP_QUICKACK after every read. It also refuses peers outside `allow_networks`,
 rewrites aiosmtpd's own replies to ones with enhanced status codes, and lets the
 service close idle sessions at shutdown.
+
+Two of aiosmtpd 1.4.6's hot spots are replaced by code that behaves the same
+(tests/test_session_fast.py holds them to aiosmtpd's own): DATA is read a chunk at
+a time (`Body`), not a line at a time; a new session reuses the introspection of
+the first one (`_discover`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import ipaddress
 import logging
 import socket
+import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, AnyStr
+from warnings import warn
 
-from aiosmtpd.smtp import MISSING, SMTP, syntax
+from aiosmtpd.smtp import MISSING, SMTP, _AuthMechAttr, login_always_fail, syntax
 
 from relay import logs, metrics
 from relay.receive import AIOSMTPD_REPLIES, NETWORK_REFUSED, SHUTTING_DOWN, Handler, peer_ip_of
@@ -32,6 +41,18 @@ CHUNK = 65536  # DATA is read this much at a time, not a line at a time
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+# What aiosmtpd's SMTP.__init__ sets alike in every relay session: ident "relay", bytes
+# (decode_data=False), no SMTPUTF8, 300 s timeout, no PROXY, no command call limit,
+# AUTH never required and (without relay's users) its built-in always-fail callback.
+_SMTP_FIXED: dict[str, Any] = {
+    "__ident__": "relay", "enable_SMTPUTF8": False, "_decode_data": False,
+    "_timeout_duration": 300, "_timeout_handle": None, "_tls_handshake_okay": True,
+    "_tls_protocol": None, "_original_transport": None, "session": None, "envelope": None,
+    "transport": None, "_handler_coroutine": None, "_proxy_timeout": None,
+    "_auth_callback": login_always_fail, "_authenticator": None, "_auth_required": False,
+    "_enforce_call_limit": False,
+}  # fmt: skip
+
 
 class Session(SMTP):
     """aiosmtpd's SMTP protocol with fast ACKs, network checks and replies we name.
@@ -42,9 +63,34 @@ class Session(SMTP):
 
     def __init__(
         self, handler: Handler, *, registry: set[Session], allow: tuple[Network, ...] = (),
-        **kwargs: Any,
+        hostname: str, data_size_limit: int, tls_context: ssl.SSLContext | None = None,
     ) -> None:  # fmt: skip
-        super().__init__(handler, **kwargs)
+        # aiosmtpd 1.4.6's SMTP.__init__ as it runs for relay's arguments (relay's server
+        # TLS contexts draw none of its warnings), but with its introspection
+        # (inspect.getmembers, dir, signature: ~100 µs a connection) done once per pair of
+        # classes by `_discover`. tests/test_session_fast.py compares it with aiosmtpd's own.
+        vars(self).update(_SMTP_FIXED)
+        self.loop = asyncio.get_running_loop()  # make_loop()'s answer in a protocol factory
+        asyncio.StreamReaderProtocol.__init__(
+            self, asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected, loop=self.loop,
+        )  # fmt: skip
+        self.event_handler = handler
+        self.data_size_limit = data_size_limit
+        self.command_size_limits.clear()  # a class attribute: every new session resets it
+        self.hostname = hostname or socket.getfqdn()
+        self.tls_context = tls_context
+        self.require_starttls = tls_context and False  # aiosmtpd: "... and require_starttls"
+        self._auth_require_tls = tls_context is not None  # AUTH after STARTTLS when offered
+        found = _discover(self, handler)
+        self._auth_methods = {
+            mechanism: _AuthMechAttr(getattr(self if builtin else handler, name), builtin)
+            for mechanism, (name, builtin) in found.auth.items()
+        }
+        _SMTP_LOG.info(found.auth_line)
+        self._handle_hooks = {hook: getattr(handler, name) for hook, name in found.hooks}
+        self._ehlo_hook_ver = found.ehlo
+        self._smtp_methods = {command: getattr(self, name) for command, name in found.commands}
         self.registry = registry
         self.allow = allow
         self._sock: socket.socket | None = None
@@ -239,6 +285,50 @@ def _unread(reader: asyncio.StreamReader, data: bytes) -> None:
         reader._buffer[:0] = data  # type: ignore[attr-defined]
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Found:
+    """What aiosmtpd's SMTP.__init__ finds by introspection, by attribute name."""
+
+    auth: dict[str, tuple[str, bool]]  # mechanism -> (method name, aiosmtpd's own method)
+    auth_line: str  # the "Available AUTH mechanisms" log line
+    hooks: tuple[tuple[str, str], ...]  # ("DATA", "handle_DATA"), ...
+    ehlo: str | None  # which handle_EHLO signature: None, "old" or "new"
+    commands: tuple[tuple[str, str], ...]  # ("DATA", "smtp_DATA"), ...
+
+
+_FOUND: dict[tuple[type, type], _Found] = {}
+
+
+def _discover(session: Session, handler: object) -> _Found:
+    """aiosmtpd 1.4.6's introspection of the session and the handler, once per pair of
+    classes (relay's hooks and AUTH mechanisms are methods, the same for every instance)."""
+    key = (type(session), type(handler))
+    if key in _FOUND:
+        return _FOUND[key]
+    auth: dict[str, tuple[str, bool]] = {}
+    for obj in (session, handler):  # the handler's mechanisms replace aiosmtpd's
+        for name, method in inspect.getmembers(obj):
+            if name.startswith("auth_"):
+                default = name.replace("auth_", "").replace("__", "-")
+                auth[getattr(method, "__auth_mechanism_name__", default)] = (name, obj is session)
+    hooks = tuple((m.replace("handle_", ""), m) for m in dir(handler) if m.startswith("handle_"))
+    ehlo = None
+    if hasattr(handler, "handle_EHLO"):
+        ehlo = {4: "old", 5: "new"}.get(len(inspect.signature(handler.handle_EHLO).parameters))
+        if ehlo is None:
+            raise RuntimeError("Unsupported EHLO Hook")
+        if ehlo == "old":
+            warn("Use the 5-argument handle_EHLO() hook instead of the 4-argument one",
+                 DeprecationWarning, stacklevel=2)  # fmt: skip
+    mechanisms = (m + "(builtin)" if builtin else m for m, (_, builtin) in sorted(auth.items()))
+    _FOUND[key] = _Found(
+        auth=auth, auth_line="Available AUTH mechanisms: " + " ".join(mechanisms), hooks=hooks,
+        ehlo=ehlo,
+        commands=tuple((m.replace("smtp_", ""), m) for m in dir(session) if m.startswith("smtp_")),
+    )  # fmt: skip
+    return _FOUND[key]
+
+
 def _fast_acks(sock: Any, *, nodelay: bool = False) -> None:
     if sock is None:
         return
@@ -272,11 +362,8 @@ def session_factory(
     def make() -> Session:
         return Session(
             handler, registry=registry, allow=settings.allow_networks,
-            hostname=settings.hostname, ident="relay",
-            data_size_limit=settings.limits.max_message_size, enable_SMTPUTF8=False,
-            decode_data=False, tls_context=tls_context, require_starttls=False,
-            auth_required=False, auth_require_tls=tls_context is not None, timeout=300,
-            command_call_limit=None,
+            hostname=settings.hostname, data_size_limit=settings.limits.max_message_size,
+            tls_context=tls_context,
         )  # fmt: skip
 
     return make

@@ -5,25 +5,31 @@
   same bytes in the same pieces and must give the same replies (aiosmtpd's own ones
   as relay names them) and store the same bytes.
 - A client gone mid-DATA: nothing reaches the spool.
+- Construction: a Session's state is what aiosmtpd's own __init__ makes of the
+  arguments relay used to pass, without introspecting every connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import re
 import socket
 import sqlite3
+import ssl
+import types
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, AuthResult
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay.receive import AIOSMTPD_REPLIES, Handler
-from relay.session import Body
+from relay.session import Body, Session, session_factory
 from relay.spool import DB_NAME
 from tests.conftest import Running
 
@@ -314,3 +320,76 @@ async def test_client_gone_mid_data_spools_nothing(pair: Pair, cut: bytes, how: 
         conn.close()
     after = await talk(pair.relay.port, [b"fine" + END + TAILS[0]])
     assert 1 == len(after.queued)
+
+
+class HandlerWithMore(Handler):
+    """Another handler class: one more hook and one more AUTH mechanism."""
+
+    async def handle_NOOP(self, server: SMTP, session: Any, envelope: Any, arg: str) -> str:
+        return "250 noop"
+
+    async def auth_X__TOKEN(self, server: SMTP, args: list[str]) -> AuthResult:
+        return AuthResult(success=False)
+
+
+def shape(value: Any, session: SMTP, handler: Handler) -> Any:
+    """`value` with what is new in every instance (bound methods, reader, futures)
+    replaced by what it is."""
+    if isinstance(value, types.MethodType):
+        owner = {id(session): "session", id(handler): "handler"}.get(id(value.__self__))
+        return ("method", value.__func__, owner or value.__self__)
+    if isinstance(value, dict):
+        return {k: shape(v, session, handler) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return (type(value), *(shape(v, session, handler) for v in value))
+    if isinstance(value, weakref.ref):
+        return ("weakref", shape(value(), session, handler))
+    if isinstance(value, asyncio.StreamReader):
+        return ("reader", value._limit, value._loop, bytes(value._buffer))
+    if isinstance(value, asyncio.Future):
+        return ("future", value.get_loop(), value.done())
+    return value
+
+
+@pytest.mark.parametrize("handler_class", [Handler, HandlerWithMore])
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "starttls"])
+async def test_session_state_is_what_aiosmtpd_init_makes(
+    start_relay: Start, handler_class: type[Handler], tls: bool
+) -> None:
+    """Every attribute of a new Session equals what aiosmtpd's SMTP.__init__ sets for
+    the arguments relay passed it (per-instance objects compared by kind)."""
+    running = await start_relay()
+    handler = handler_class(spool=Recorder(), settings=running.settings)  # type: ignore[arg-type]
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH) if tls else None
+    registry: set[Session] = set()
+    SMTP.command_size_limits["MAIL"] += 26  # an EHLO of an earlier session: on the class
+    fast = session_factory(handler, running.settings, registry, tls_context=context)()
+    assert {} == dict(fast.command_size_limits)
+    reference = Session.__new__(Session)
+    SMTP.__init__(
+        reference, handler, hostname=running.settings.hostname, ident="relay",
+        data_size_limit=running.settings.limits.max_message_size, enable_SMTPUTF8=False,
+        decode_data=False, tls_context=context, require_starttls=False, auth_required=False,
+        auth_require_tls=context is not None, timeout=300, command_call_limit=None,
+    )  # fmt: skip
+    reference.registry, reference.allow = registry, running.settings.allow_networks
+    reference._sock, reference._refused, reference._shut = None, False, False
+    assert shape(vars(reference), reference, handler) == shape(vars(fast), fast, handler)
+    assert ("X-TOKEN" in fast._auth_methods) == (handler_class is HandlerWithMore)
+
+
+async def test_a_new_session_does_not_introspect(
+    start_relay: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the first Session for a handler class, no inspect.getmembers/signature."""
+    running = await start_relay()
+    make = session_factory(Handler(spool=Recorder(), settings=running.settings), running.settings,
+                           set())  # type: ignore[arg-type]  # fmt: skip
+    make()
+
+    def introspect(*_: Any) -> None:
+        raise AssertionError("introspection for a new session")
+
+    monkeypatch.setattr(inspect, "getmembers", introspect)
+    monkeypatch.setattr(inspect, "signature", introspect)
+    assert "DATA" in make()._handle_hooks
