@@ -8,10 +8,11 @@ TCP_QUICKACK after every read. It also refuses peers outside `allow_networks`,
 rewrites aiosmtpd's own replies to ones with enhanced status codes, and lets the
 service close idle sessions at shutdown.
 
-Two of aiosmtpd 1.4.6's hot spots are replaced by code that behaves the same
+Three of aiosmtpd 1.4.6's hot spots are replaced by code that behaves the same
 (tests/test_session_fast.py holds them to aiosmtpd's own): DATA is read a chunk at
 a time (`Body`), not a line at a time; a new session reuses the introspection of
-the first one (`_discover`).
+the first one (`_discover`); plain `<local@domain>` addresses skip the RFC 5322
+parser (`PLAIN_ADDRESS`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import asyncio
 import inspect
 import ipaddress
 import logging
+import re
 import socket
 import ssl
 from collections.abc import Callable
@@ -165,6 +167,9 @@ class Session(SMTP):
         await self.push("250 OK" if status is MISSING else status)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        plain = PLAIN_ADDRESS.fullmatch(arg)
+        if plain is not None and not self.local_part_limit:  # the parser's answer, 10x faster
+            return plain["address"], plain["rest"] or ""
         # aiosmtpd's parser raises on some malformed input (e.g. "<a@[192.0.2.1>"),
         # which would surface as INTERNAL_ERROR; it is a malformed address.
         try:
@@ -200,6 +205,16 @@ class Session(SMTP):
         if isinstance(self.transport, asyncio.WriteTransport):
             self.transport.abort()
 
+
+# `<local@domain>` with a dot-atom local part (not "=?", which the parser would take
+# for an RFC 2047 encoded word) and a host name; then nothing, or one space and
+# parameters (the parser eats whitespace and comments after ">": those go to it).
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+PLAIN_ADDRESS = re.compile(
+    rf"<(?P<address>(?!=\?){_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>"
+    r"(?: (?![\s(])(?P<rest>.*))?",  # \s: what str.lstrip() takes, as the parser does
+    re.DOTALL,
+)
 
 TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"  # aiosmtpd's replies; `push`
 TOO_MUCH = "552 Error: Too much mail data"  # rewrites them to ours

@@ -7,6 +7,7 @@
 - A client gone mid-DATA: nothing reaches the spool.
 - Construction: a Session's state is what aiosmtpd's own __init__ makes of the
   arguments relay used to pass, without introspecting every connection.
+- `_getaddr`: the fast path for plain `<local@domain>` answers as aiosmtpd's parser.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay.receive import AIOSMTPD_REPLIES, Handler
-from relay.session import Body, Session, session_factory
+from relay.session import PLAIN_ADDRESS, Body, Session, session_factory
 from relay.spool import DB_NAME
 from tests.conftest import Running
 
@@ -393,3 +394,53 @@ async def test_a_new_session_does_not_introspect(
     monkeypatch.setattr(inspect, "getmembers", introspect)
     monkeypatch.setattr(inspect, "signature", introspect)
     assert "DATA" in make()._handle_hooks
+
+
+PLAIN = [
+    "<noreply@moodle.example.org>", "<noreply@moodle.example.org> SIZE=20480 BODY=8BITMIME",
+    "<mdl+AAAA.b_c@bounces.example.org>", "<x@moodle.local> ", "<a!#$%&'*+/=?^_`{|}~-@b-c.d>",
+]  # fmt: skip
+NOT_PLAIN = [
+    "<>", "<> SIZE=1", "noreply@moodle.example.org", " <a@b.org>", "<a@b.org>  SIZE=1",
+    "<a@b.org> (comment) SIZE=1", "<a@b.org>\tSIZE=1", "<a@b.org>SIZE=1", "<a@b.org> \x1cX",
+    "<=?utf-8?q?a?=@b.org>", '<"quoted"@b.org>', "<a@[192.0.2.1]>", "<@route:a@b.org>",
+    "<a..b@c.org>", "<.a@b.org>", "<a.@b.org>", "<a@b..org>", "<a@b.org.>", "<a b@c.org>",
+    "<a@b.org", "<a(c)@b.org>", "<a@b.org (c)>", "<ü@b.org>", "<a@b@c.org>", "",
+]  # fmt: skip
+_address_text = st.text(st.sampled_from('aZ09.-_+=?@<>()[]"\\ ,:;\t\x1c!~'), max_size=24)
+
+
+@pytest.fixture(scope="module")
+def bare_session() -> Session:
+    """A Session not connected to anything, for `_getaddr` (which needs no connection)."""
+    session = Session.__new__(Session)
+    session.local_part_limit = 0
+    return session
+
+
+def parsed(session: Session, arg: str) -> tuple[str | None, str | None]:
+    """What aiosmtpd's parser makes of `arg`, behind Session's guard for its crashes."""
+    try:
+        return SMTP._getaddr(session, arg)
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return None, None
+
+
+@pytest.mark.parametrize("arg", PLAIN + NOT_PLAIN)
+def test_getaddr_answers_as_aiosmtpd(bare_session: Session, arg: str) -> None:
+    """Plain and not-so-plain MAIL/RCPT arguments: the same (address, rest); the fast
+    path is taken exactly for the plain ones."""
+    assert (arg in PLAIN) == (PLAIN_ADDRESS.fullmatch(arg) is not None)
+    assert parsed(bare_session, arg) == bare_session._getaddr(arg)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(arg=st.one_of(
+    st.emails().map(lambda a: f"<{a}>"),
+    st.builds(lambda a, t: f"<{a}>{t}", st.emails(), _address_text),
+    st.builds(lambda a, b, t: f"<{a}@{b}>{t}", _address_text, _address_text, _address_text),
+    _address_text,
+))  # fmt: skip
+def test_any_address_gets_aiosmtpd_answer(bare_session: Session, arg: str) -> None:
+    """Generated MAIL/RCPT arguments: `_getaddr` answers as aiosmtpd's parser."""
+    assert parsed(bare_session, arg) == bare_session._getaddr(arg)
