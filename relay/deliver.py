@@ -47,6 +47,7 @@ class UpstreamResultLike(Protocol):
 
 class UpstreamSender(Protocol):
     async def send(self, mail: Mail) -> UpstreamResultLike: ...
+    async def close(self) -> None: ...
 
 
 class Store(Protocol):
@@ -108,7 +109,8 @@ class Deliverer:
                 await _first(self.wakeup, stop, seconds=IDLE_POLL)
 
     async def drain(self, deadline: float) -> int:
-        """Wait for in-flight deliveries up to `deadline` seconds; return how many were left.
+        """Wait for in-flight deliveries up to `deadline` seconds, then QUIT the upstream
+        connections kept open between mails; return how many deliveries were left.
 
         Messages still in flight stay `inflight` on disk and are reclaimed at the next start.
         """
@@ -117,6 +119,7 @@ class Deliverer:
             _, pending = await asyncio.wait(pending, timeout=deadline)
             for task in pending:
                 task.cancel()
+        await self.upstream.close()
         return len(pending)
 
     async def _record(self, write: Callable[..., Awaitable[None]], *args: Any, **kw: Any) -> None:

@@ -1,9 +1,9 @@
 """Upstream route of the deliver stage: SMTP to the site's original host via aiosmtplib.
 
-One connection per message: connect (implicit TLS or STARTTLS as configured,
-never opportunistic), optional AUTH, MAIL FROM the envelope sender (`<>` too),
-RCPT TO each recipient, DATA `mail.wire_bytes()`, QUIT. Per-recipient replies
-come back in an `UpstreamResult`; whole-transaction failures raise:
+Connect (implicit TLS or STARTTLS as configured, never opportunistic),
+optional AUTH, MAIL FROM the envelope sender (`<>` too), RCPT TO each recipient,
+DATA `mail.wire_bytes()`. Per-recipient replies come back in an
+`UpstreamResult`; whole-transaction failures raise:
 
     TemporaryFailure   connection refused/reset/timeout, TLS or AUTH failure, 4xx at
                        MAIL or DATA, 4xx to every RCPT
@@ -11,12 +11,21 @@ come back in an `UpstreamResult`; whole-transaction failures raise:
 
 AUTH failures are temporary on purpose: a wrong password is the relay's
 problem, not the message's, so the mail waits for the fix instead of failing.
+
+Connections are reused, as Postfix's smtp client does: after a completed DATA
+the connection waits up to REUSE_IDLE seconds for the next mail (no new TCP,
+TLS, EHLO and AUTH per message), and is closed with QUIT after REUSE_LIMIT
+mails, REUSE_FOR seconds, or any error. If the host closed an idle connection,
+the next MAIL FROM fails before anything of that mail was sent, and the mail
+goes out on a fresh connection instead.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ssl
+import time
 from dataclasses import dataclass
 
 import aiosmtplib
@@ -24,6 +33,10 @@ import aiosmtplib
 from relay import settings as _settings
 from relay.errors import DeliveryError, HostUnreachable, PermanentFailure, TemporaryFailure
 from relay.mail import Mail
+
+REUSE_IDLE = 2.0  # seconds an idle connection waits for the next mail (Postfix: 2 s)
+REUSE_LIMIT = 100  # mails per connection, then QUIT
+REUSE_FOR = 300.0  # seconds a connection is used at most (Postfix: 300 s)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -40,12 +53,26 @@ class UpstreamResult:
     reply: str = ""  # the DATA reply, or why DATA was not sent
 
 
+@dataclass(slots=True)
+class _Connection:
+    smtp: aiosmtplib.SMTP
+    opened: float  # time.monotonic()
+    used: int = 0  # mails sent on it
+    idle_since: float = 0.0
+
+
+class _Stale(Exception):
+    """A reused connection was closed by the host while idle; nothing of the mail was sent."""
+
+
 class UpstreamClient:
     """Sends mail to the original host exactly as received, envelope unchanged."""
 
     def __init__(self, settings: _settings.Upstream, *, hostname: str) -> None:
         self._settings = settings
         self._hostname = hostname  # our EHLO name
+        self._idle: list[_Connection] = []  # open, between mails; the newest last
+        self._closing: set[asyncio.Task[None]] = set()
         self._tls: ssl.SSLContext | None = None
         if settings.security is not _settings.Security.NONE:
             self._tls = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
@@ -59,6 +86,12 @@ class UpstreamClient:
 
     async def send(self, mail: Mail) -> UpstreamResult:
         """Deliver `mail`; see the module docstring for what raises and what returns."""
+        conn = self._take()
+        if conn is not None:
+            try:
+                return await self._send_on(conn, mail, reused=True)
+            except _Stale:
+                pass  # the host let it go while idle: a fresh connection below
         s = self._settings
         smtp = aiosmtplib.SMTP(
             hostname=s.host,
@@ -69,13 +102,76 @@ class UpstreamClient:
             start_tls=False,
             tls_context=self._tls,
         )
+        conn = _Connection(smtp, opened=time.monotonic())
         try:
-            return await self._transaction(smtp, mail)
-        finally:
+            await self._open(smtp, mail)
+        except BaseException:
             smtp.close()
+            raise
+        return await self._send_on(conn, mail, reused=False)
 
-    async def _transaction(self, smtp: aiosmtplib.SMTP, mail: Mail) -> UpstreamResult:
-        await self._open(smtp, mail)
+    async def close(self) -> None:
+        """QUIT every idle connection (at stop)."""
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            self._retire(conn)
+        if self._closing:
+            await asyncio.wait(self._closing, timeout=self._settings.timeout)
+
+    async def _send_on(self, conn: _Connection, mail: Mail, *, reused: bool) -> UpstreamResult:
+        """One transaction on `conn`; afterwards it is kept for the next mail or closed."""
+        try:
+            result = await self._transaction(conn.smtp, mail, reused=reused)
+        except BaseException:
+            conn.smtp.close()
+            raise
+        conn.used += 1
+        if result.accepted:  # DATA completed: the session is ready for the next MAIL
+            self._release(conn)
+        else:
+            self._retire(conn)
+        return result
+
+    def _take(self) -> _Connection | None:
+        now = time.monotonic()
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.smtp.is_connected and now - conn.idle_since < REUSE_IDLE:
+                return conn
+            self._retire(conn)
+        return None
+
+    def _release(self, conn: _Connection) -> None:
+        now = time.monotonic()
+        if conn.used >= REUSE_LIMIT or now - conn.opened >= REUSE_FOR:
+            self._retire(conn)
+            return
+        conn.idle_since = now
+        self._idle.append(conn)
+        asyncio.get_running_loop().call_later(REUSE_IDLE, self._expire)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for conn in [c for c in self._idle if now - c.idle_since >= REUSE_IDLE]:
+            self._idle.remove(conn)
+            self._retire(conn)
+
+    def _retire(self, conn: _Connection) -> None:
+        """QUIT in the background; the outcome of every mail on it is already known."""
+
+        async def quit_() -> None:
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+                if conn.smtp.is_connected:
+                    await conn.smtp.quit()
+            conn.smtp.close()
+
+        task = asyncio.get_running_loop().create_task(quit_())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _transaction(
+        self, smtp: aiosmtplib.SMTP, mail: Mail, *, reused: bool
+    ) -> UpstreamResult:
         where = f"upstream {self.target}"
         data = mail.wire_bytes()
         options, encoding = [], "ascii"
@@ -93,7 +189,16 @@ class UpstreamClient:
         temporary: list[tuple[str, str]] = []
         permanent: list[tuple[str, str]] = []
         try:
-            await smtp.mail(mail.sender, options=options, encoding=encoding)
+            try:
+                await smtp.mail(mail.sender, options=options, encoding=encoding)
+            except (aiosmtplib.SMTPServerDisconnected, OSError) as exc:
+                if reused:
+                    raise _Stale() from exc
+                raise
+            except aiosmtplib.SMTPResponseException as exc:
+                if reused and exc.code == 421:  # closing this idle session (RFC 5321 3.8)
+                    raise _Stale() from exc
+                raise
             for rcpt in mail.recipients:
                 try:
                     await smtp.rcpt(rcpt, encoding=encoding)
@@ -119,8 +224,6 @@ class UpstreamClient:
             _raise_if_uniform(where, mail, temporary, permanent)
             replies = "; ".join(f"{r}: {reply}" for r, reply in (*temporary, *permanent))
             reply = f"no recipient accepted, DATA not sent: {replies}"
-        with contextlib.suppress(aiosmtplib.SMTPException, OSError):
-            await smtp.quit()  # the outcome is already known; a failed goodbye changes nothing
         return UpstreamResult(
             accepted=tuple(accepted),
             temporary=tuple(temporary),

@@ -201,7 +201,9 @@ class CaptureServer:
 
     def _protocol(self) -> SMTP:
         smtp = SMTP(self, hostname=HOSTNAME)
-        self._protocols = [p for p in self._protocols if p.transport is not None]
+        # Keep the open sessions and the ones not connected yet (connection_made comes
+        # later, so a burst of connects must not drop each other from the list).
+        self._protocols = [p for p in self._protocols if p.session is None or p.transport]
         self._protocols.append(smtp)
         return smtp
 
@@ -220,6 +222,13 @@ class CaptureServer:
         for protocol in self._protocols:
             if protocol.transport is not None:
                 protocol.transport.close()
+        # close() takes effect on a later turn of the loop: wait until every session ended
+        # (connections the relay keeps open between mails, too).
+        for _ in range(100):
+            if all(p.transport is None for p in self._protocols):
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # let the sessions' cancelled tasks finish
         self._protocols.clear()
         await self._server.wait_closed()
         self._server = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
+from relay import upstream
 from relay.errors import HostUnreachable, PermanentFailure, TemporaryFailure
 from relay.settings import Security, Upstream
 from relay.upstream import UpstreamClient, UpstreamResult
@@ -36,6 +38,7 @@ class Capture:
     data_reply: str | None = None
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     messages: list[Captured] = field(default_factory=list)
+    sessions: list[SMTP] = field(default_factory=list)  # one per connection, in order
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -99,7 +102,7 @@ async def start_capture(server_tls: ssl.SSLContext) -> AsyncIterator[StartCaptur
         handler = Capture()
 
         def factory() -> SMTP:
-            return SMTP(
+            session = SMTP(
                 handler,
                 hostname="capture",
                 tls_context=server_tls if tls == "starttls" else None,
@@ -109,6 +112,8 @@ async def start_capture(server_tls: ssl.SSLContext) -> AsyncIterator[StartCaptur
                 auth_require_tls=tls != "none",
                 loop=loop,
             )
+            handler.sessions.append(session)
+            return session
 
         ssl_context = server_tls if tls == "tls" else None
         server = await loop.create_server(factory, "127.0.0.1", 0, ssl=ssl_context)
@@ -315,3 +320,123 @@ async def test_starttls_required_but_not_offered(start_capture: StartCapture) ->
         await _client(port, security=Security.STARTTLS).send(make_mail())
     assert "STARTTLS" in caught.value.reply
     assert [] == capture.messages
+
+
+async def test_connection_is_reused_between_mails(start_capture: StartCapture) -> None:
+    """Three mails in a row go over one connection, each delivered in full."""
+    capture, port = await start_capture()
+    client = _client(port)
+    mails = [make_mail(recipients=(f"r{i}@example.net",)) for i in range(3)]
+    try:
+        for mail in mails:
+            assert (await client.send(mail)).accepted == mail.recipients
+    finally:
+        await client.close()
+    assert len(capture.sessions) == 1
+    assert [m.rcpt_tos for m in capture.messages] == [m.recipients for m in mails]
+    assert [m.content for m in capture.messages] == [m.wire_bytes() for m in mails]
+
+
+async def test_reuse_keeps_tls_and_auth(start_capture: StartCapture) -> None:
+    capture, port = await start_capture(tls="starttls", auth=True)
+    client = _client(
+        port, security=Security.STARTTLS, verify_tls=False, username="moodle",
+        password_env="RELAY_TEST_UPSTREAM_PASSWORD",
+    )  # fmt: skip
+    os.environ["RELAY_TEST_UPSTREAM_PASSWORD"] = "s3cret"
+    try:
+        for _ in range(2):
+            await client.send(make_mail())
+    finally:
+        await client.close()
+        del os.environ["RELAY_TEST_UPSTREAM_PASSWORD"]
+    assert len(capture.sessions) == 1
+    assert [(m.tls, m.login) for m in capture.messages] == [(True, b"moodle")] * 2
+
+
+@pytest.mark.parametrize("how", ["closed", "421"])
+async def test_host_dropping_an_idle_connection_costs_nothing(
+    start_capture: StartCapture, how: str
+) -> None:
+    """The host closes (or 421s) the idle connection: the next mail goes on a fresh one."""
+    capture, port = await start_capture()
+    client = _client(port)
+    try:
+        await client.send(make_mail())
+        if how == "closed":
+            capture.sessions[0].transport.close()  # type: ignore[union-attr]
+            await asyncio.sleep(0.05)
+        else:
+            capture.mail_reply = "421 4.4.2 idle too long, closing"
+            first = capture.sessions[0]
+            original = first.event_handler
+
+            class Closing:  # only the first (idle) session says 421; the next is normal
+                def __getattr__(self, name: str) -> Any:
+                    return getattr(original, name)
+
+                async def handle_MAIL(self, server: SMTP, *args: Any) -> str:
+                    capture.mail_reply = None
+                    return "421 4.4.2 idle too long, closing"
+
+            first._handle_hooks["MAIL"] = Closing().handle_MAIL
+        result = await client.send(make_mail(recipients=("second@example.net",)))
+    finally:
+        await client.close()
+    assert result.accepted == ("second@example.net",)
+    assert len(capture.sessions) == 2
+    assert [m.rcpt_tos[0] for m in capture.messages][-1] == "second@example.net"
+
+
+async def test_idle_connections_are_closed_after_a_while(
+    start_capture: StartCapture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(upstream, "REUSE_IDLE", 0.1)
+    capture, port = await start_capture()
+    client = _client(port)
+    try:
+        await client.send(make_mail())
+        await asyncio.sleep(0.4)
+        assert capture.sessions[0].transport is None  # QUIT was sent, the session ended
+        await client.send(make_mail())
+    finally:
+        await client.close()
+    assert len(capture.sessions) == 2
+
+
+async def test_a_connection_carries_at_most_reuse_limit_mails(
+    start_capture: StartCapture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(upstream, "REUSE_LIMIT", 2)
+    capture, port = await start_capture()
+    client = _client(port)
+    try:
+        for _ in range(5):
+            await client.send(make_mail())
+    finally:
+        await client.close()
+    assert len(capture.sessions) == 3
+    assert len(capture.messages) == 5
+
+
+async def test_a_failed_transaction_is_not_reused(start_capture: StartCapture) -> None:
+    capture, port = await start_capture()
+    client = _client(port)
+    try:
+        capture.data_reply = "451 4.3.0 try later"
+        with pytest.raises(TemporaryFailure):
+            await client.send(make_mail())
+        capture.data_reply = None
+        await client.send(make_mail())
+    finally:
+        await client.close()
+    assert len(capture.sessions) == 2
+
+
+async def test_close_quits_idle_connections(start_capture: StartCapture) -> None:
+    capture, port = await start_capture()
+    client = _client(port)
+    await client.send(make_mail())
+    await client.close()
+    await asyncio.sleep(0.05)
+    assert capture.sessions[0].transport is None
