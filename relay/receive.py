@@ -196,7 +196,7 @@ class Handler:
         if session.authenticated:
             proto += "A"
         helo = _UNSAFE.sub("?", session.host_name or "unknown")[:255]
-        date = email.utils.formatdate(time.time(), localtime=True)
+        date = _date(int(time.time()))
         return (f"Received: from {helo} ({peer})\r\n\tby {self.hostname} (relay) with {proto}"
                 f" id {queue_id};\r\n\t{date}\r\n").encode("ascii", "replace")  # fmt: skip
 
@@ -230,6 +230,12 @@ class Handler:
         peer = peer_ip_of(server.session) if server.session else "?"
         logs.event(log, "auth_failed", level=logging.WARNING, user=name, peer=peer)
         return AuthResult(success=False, handled=False, message=AUTH_FAILED)
+
+
+@functools.lru_cache(maxsize=2)
+def _date(second: int) -> str:
+    """RFC 5322 date of `second`, local time: one formatting per second, not per mail."""
+    return email.utils.formatdate(second, localtime=True)
 
 
 async def _b64(server: SMTP, text: str) -> bytes | _Missing:
