@@ -3,13 +3,24 @@
 Every stage counts into the metric objects below; `serve_http()` exposes them
 on `metrics:` (loopback by default). The HTTP server runs on the event loop, so
 an answer from /healthz also proves the loop is responsive.
+
+Two processes, one scrape. In `relay serve` delivery runs in a child process
+(relay.worker), which counts into its own copy of these objects. The two sides
+own disjoint metric families: `DELIVERY_FAMILIES` are the child's, the rest the
+receiving (main) process's. On a scrape the main process renders its own
+families and appends the child's text, which it asks for over a socketpair
+(relay.supervisor; if the child does not answer within a second or two, its
+families are simply absent from that scrape). So every family name appears
+once, and counters stay plain in-memory counters: no shared files, no
+multiprocess mode, and a restarted child starts its counters at zero like any
+restarted exporter. With delivery in-process (tests) one registry holds all.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -20,6 +31,8 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 log = logging.getLogger("relay.metrics")
 
@@ -76,11 +89,64 @@ RULES_RELOADS = Counter(
     "relay_rules_reloads", "Rules reloads by result (ok, error)", ["result"], registry=REGISTRY
 )
 
+DELIVERY_UP = Gauge(
+    "relay_delivery_process_up", "1 while relay serve's delivery process runs",
+    registry=REGISTRY,
+)  # fmt: skip
+DELIVERY_RESTARTS = Counter(
+    "relay_delivery_process_restarts", "Times the delivery process died and was started again",
+    registry=REGISTRY,
+)  # fmt: skip
+
+# Counted where delivery runs: in `relay serve`, the delivery process.
+DELIVERY_FAMILIES = frozenset(
+    family.name
+    for metric in (
+        CLASSIFIED, DELIVERIES, FALLBACKS, SES_LATENCY, SES_THROTTLES, CIRCUIT_OPEN,
+        CIRCUIT_OPENINGS, PACE, PACE_CEILING, QUOTA_RATE, QUOTA_24H, SENT_24H, RULES_RELOADS,
+    )
+    for family in metric.describe()
+)  # fmt: skip
+
 Check = Callable[[], Awaitable[bool]]
+Scrape = Callable[[], Awaitable[bytes | None]]
 
 
-async def serve_http(host: str, port: int, *, ready: Check) -> asyncio.Server:
-    """Start the metrics endpoint; /readyz answers 503 while `ready()` is False."""
+class _Families(Collector):
+    """REGISTRY seen through a filter on metric family names."""
+
+    def __init__(self, keep: Callable[[str], bool]) -> None:
+        self._keep = keep
+
+    def collect(self) -> Iterable[Metric]:
+        return [metric for metric in REGISTRY.collect() if self._keep(metric.name)]
+
+
+async def exposition(delivery: Scrape | None = None) -> bytes:
+    """The text /metrics serves.
+
+    Without `delivery`, all this process counted (delivery in-process). With it
+    (`relay serve`): this process's own families, then what `delivery()` fetched
+    from the delivery process (None: no answer, its families are left out).
+    """
+    if delivery is None:
+        return generate_latest(REGISTRY)
+    own = generate_latest(_Families(lambda name: name not in DELIVERY_FAMILIES))
+    return own + (await delivery() or b"")
+
+
+def delivery_exposition() -> bytes:
+    """The delivery process's answer to a scrape: its own families only."""
+    return generate_latest(_Families(DELIVERY_FAMILIES.__contains__))
+
+
+async def serve_http(
+    host: str, port: int, *, ready: Check, text: Callable[[], Awaitable[bytes]] = exposition
+) -> asyncio.Server:
+    """Start the metrics endpoint; /readyz answers 503 while `ready()` is False.
+
+    `text()` renders /metrics (see `exposition`).
+    """
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -89,7 +155,7 @@ async def serve_http(host: str, port: int, *, ready: Check) -> asyncio.Server:
                 pass
             parts = request.decode("latin-1").split()
             path = parts[1].split("?")[0] if len(parts) >= 2 else ""
-            status, ctype, body = await _route(path, ready)
+            status, ctype, body = await _route(path, ready, text)
             head = (
                 f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
@@ -104,10 +170,12 @@ async def serve_http(host: str, port: int, *, ready: Check) -> asyncio.Server:
     return await asyncio.start_server(handle, host, port)
 
 
-async def _route(path: str, ready: Check) -> tuple[str, str, bytes]:
+async def _route(
+    path: str, ready: Check, render: Callable[[], Awaitable[bytes]]
+) -> tuple[str, str, bytes]:
     text = "text/plain; charset=utf-8"
     if path == "/metrics":
-        return "200 OK", CONTENT_TYPE_LATEST, generate_latest(REGISTRY)
+        return "200 OK", CONTENT_TYPE_LATEST, await render()
     if path == "/healthz":
         return "200 OK", text, b"ok\n"
     if path == "/readyz":
