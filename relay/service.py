@@ -4,9 +4,12 @@
             SIGTERM/SIGINT set `stop` -> close listener -> idle sessions get 421,
             sessions in a transaction finish (deadline) -> tasks stop (deadline) -> spool closed
 
-Background work (relay.tasks: delivery, metrics, watchdog, reload, purge)
-plugs in as `Task` factories: `serve(settings, tasks=[...])`; each gets a
+Background work (relay.tasks: the delivery process, metrics, watchdog, reload)
+plugs in as `Task` factories: `serve(settings, background=[...])`; each gets a
 `Context` and must return when `ctx.stop` is set. SIGHUP sets `ctx.reload`.
+By default (`relay serve`) delivery runs in a child process (relay.supervisor,
+relay.worker), which gets SIGTERM as soon as `stop` is set and drains its sends
+while the sessions here drain; `tasks.IN_PROCESS_TASKS` keeps it on this loop.
 
 When the listen port is 0 the kernel picks one; the bound address is logged as
 `listening on HOST:PORT` and, if $RELAY_PORT_FILE is set, written to that file
@@ -37,7 +40,6 @@ from relay.tasks import Context, Task
 log = logging.getLogger("relay.service")
 
 SESSION_DRAIN = 30.0  # seconds sessions in a transaction get to finish at stop
-TASK_DRAIN = 30.0  # seconds background tasks get to return after stop is set
 PORT_FILE_ENV = "RELAY_PORT_FILE"
 
 
@@ -49,7 +51,7 @@ def run(settings: Settings, *, log_format: str = "text") -> int:
     """Entry point of `relay serve`: 0 after a clean stop, 1 when it could not start."""
     logs.setup(log_format)
     try:
-        asyncio.run(serve(settings))
+        asyncio.run(serve(settings, log_format=log_format))
     except (StartError, SpoolError) as exc:
         log.error("relay serve stopped: %s", exc)
         return 1
@@ -83,12 +85,13 @@ def _tls_context(settings: Settings) -> ssl.SSLContext | None:
 async def serve(
     settings: Settings, *, background: Sequence[Task] | None = None,
     stop: asyncio.Event | None = None, ready: Callable[[Context], None] | None = None,
-    drain: float = SESSION_DRAIN,
+    drain: float = SESSION_DRAIN, log_format: str = "text",
 ) -> None:  # fmt: skip
     """Run until `stop` is set (by SIGTERM/SIGINT when not given); every wait has a deadline.
 
-    `ready(ctx)` is called once the listener accepts connections; `drain`
-    is how long sessions in a transaction get to finish at stop.
+    `background` defaults to `tasks.DEFAULT_TASKS`. `ready(ctx)` is called once the
+    listener accepts connections; `drain` is how long sessions in a transaction get
+    to finish at stop; `log_format` is passed on to the delivery process.
     """
     check_safe(settings)
     tls = _tls_context(settings)
@@ -107,7 +110,8 @@ async def serve(
                 pass
         spool = await Spool.open(settings.spool)
         stack.push_async_callback(spool.close)
-        ctx = Context(settings=settings, rules=ruleset, spool=spool, stop=stop)
+        ctx = Context(settings=settings, rules=ruleset, spool=spool, stop=stop,
+                      log_format=log_format)  # fmt: skip
         with suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, ctx.reload.set)
             stack.callback(loop.remove_signal_handler, signal.SIGHUP)
@@ -118,11 +122,8 @@ async def serve(
         )  # fmt: skip
         # Tasks start before the listener so that, unwinding in reverse, the listener
         # closes first, then the tasks drain, then the spool closes.
-        running: list[asyncio.Task[None]] = [
-            asyncio.create_task(task(ctx), name=getattr(task, "__name__", "task"))
-            for task in (tasks.DEFAULT_TASKS if background is None else background)
-        ]
-        stack.push_async_callback(_stop_tasks, running)
+        running = tasks.start(ctx, tasks.DEFAULT_TASKS if background is None else background)
+        stack.push_async_callback(tasks.stop_all, running)
         stack.callback(stop.set)  # runs first when unwinding: a failed start stops the tasks
         factory = session_factory(
             handler, settings, ctx.sessions, tls_context=None if implicit else tls
@@ -142,36 +143,11 @@ async def serve(
         if ready is not None:
             ready(ctx)
         sdnotify.notify("READY=1")
-        await _wait_stop(stop, running)
+        await tasks.wait_stop(stop, running)
         handler.stopping = True
         ctx.listening = False
         sdnotify.notify("STOPPING=1")
         logs.event(log, "stopping", sessions=len(ctx.sessions))
-
-
-async def _wait_stop(stop: asyncio.Event, running: list[asyncio.Task[None]]) -> None:
-    waiter = asyncio.create_task(stop.wait())
-    try:
-        while not stop.is_set():
-            await asyncio.wait([waiter, *running], return_when=asyncio.FIRST_COMPLETED)
-            for task in [t for t in running if t.done()]:
-                running.remove(task)
-                if not task.cancelled() and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
-                if not stop.is_set():
-                    log.warning("event=task_ended task=%s", task.get_name())
-    finally:
-        waiter.cancel()
-
-
-async def _stop_tasks(running: list[asyncio.Task[None]]) -> None:
-    if not running:
-        return
-    _, pending = await asyncio.wait(running, timeout=TASK_DRAIN)
-    for task in pending:
-        task.cancel()
-    if pending:
-        await asyncio.wait(pending, timeout=5)
 
 
 async def _close_listener(server: asyncio.Server, sessions: set[Session], drain: float) -> None:

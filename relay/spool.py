@@ -1,4 +1,4 @@
-"""The durable queue: one SQLite database (WAL, synchronous=FULL) in `settings.spool`.
+"""The durable queue: one SQLite database (WAL) in `settings.spool`.
 
 receive -> `Spool.add()` (committed and fsynced before the 250) -> deliver loop
 `claim()` -> `sent()` / `defer()` / `fail()`. States, litequeue-style:
@@ -6,7 +6,13 @@ receive -> `Spool.add()` (committed and fsynced before the 250) -> deliver loop
     queued --claim--> inflight --sent--> sent (body dropped, metadata kept until purge)
       ^                  |  \\--defer--> deferred (due_at) --claim--> inflight ...
       |                  |   \\-fail---> failed (dead letter, body kept; `relay queue retry`)
-      +---- reclaim at open (a crash left it inflight) ----+
+      +-- reclaim() when delivery starts (a crash left it inflight) --+
+
+Two processes share the file in `relay serve`: the receiving one adds with
+synchronous=FULL (a 250 means fsynced); the delivery process (relay.worker) opens
+it with `full_sync=False` (synchronous=NORMAL): a claim or an outcome lost to a
+power cut means one delivery again (at least once), never a lost mail. WAL lets
+both write; the busy timeout covers their turns.
 
 The SQLite machinery (schema, writer thread with group commit, helpers for
 `relay queue`) is in `relay.spooldb`.
@@ -56,24 +62,37 @@ class Spool:
         self._closed = False
 
     @classmethod
-    async def open(cls, directory: Path) -> Spool:
-        """Open (creating) the spool; messages a crash left inflight go back to queued."""
+    async def open(cls, directory: Path, *, full_sync: bool = True) -> Spool:
+        """Open (creating) the spool.
+
+        `full_sync=False` commits with synchronous=NORMAL: durable at the next
+        checkpoint or FULL commit rather than at once. Only for the delivery side,
+        whose writes may be lost to a power cut (then a mail goes out twice);
+        `add()` must stay FULL.
+        """
         try:
             await asyncio.to_thread(_prepare, directory)
         except (OSError, sqlite3.Error) as exc:
             raise SpoolError(f"cannot open spool in {directory}: {exc}") from exc
         writer = _Writer(directory / DB_NAME)
+        if not full_sync:
+            writer.pragmas["synchronous"] = 1  # NORMAL; kept across reconnects
         writer.start()
-        spool = cls(writer)
-        try:
-            reclaimed = await spool._call(_reclaim)
-        except BaseException:
-            await spool.close()
-            raise
+        return cls(writer)
+
+    async def reclaim(self) -> int:
+        """Messages left inflight by a delivery that died go back to queued; returns how many.
+
+        Only the spool's one delivery loop calls this, before its first claim: in
+        `relay serve` the delivery process once it holds the spool's delivery lock,
+        so a restarted service never takes back mail an old delivery process is
+        still sending.
+        """
+        reclaimed = await self._call(_reclaim)
         if reclaimed:
             log.warning("event=reclaimed count=%d (inflight at the last stop)", reclaimed)
-            spool.wakeup.set()
-        return spool
+            self.wakeup.set()
+        return reclaimed
 
     @property
     def commits(self) -> int:

@@ -3,13 +3,18 @@
 Each task is `async def task(ctx: Context) -> None` and returns when `ctx.stop`
 is set; `service.serve()` starts them after the spool opens and stops them
 after the listener closed.
+
+Two task lists: `DEFAULT_TASKS` is what `relay serve` runs, with delivery in a
+child process (`relay.supervisor.delivery_process` starts `relay.worker`, which
+runs `delivery` and `purge_sent` there); `IN_PROCESS_TASKS` runs delivery on the
+service's own event loop, for tests that want one process and one registry.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,11 +31,13 @@ from relay.sesroute import SesRoute
 from relay.session import Session
 from relay.settings import Settings
 from relay.spool import Spool
+from relay.supervisor import delivery_process
 from relay.upstream import UpstreamClient
 
 log = logging.getLogger("relay.service")
 
 DELIVERY_DRAIN = 30.0  # seconds in-flight sends get to finish at stop
+TASK_DRAIN = 40.0  # seconds tasks get to return after stop (the delivery process: drain + exit)
 QUOTA_REFRESH = 300.0  # seconds between GetSendQuota calls
 QUOTA_WARMUP = 5.0  # seconds delivery waits at start for the first GetSendQuota
 GAUGE_REFRESH = 5.0  # seconds between queue-depth updates
@@ -52,9 +59,46 @@ class Context:
     port: int = 0  # the SMTP listener's bound port (useful with listen port 0)
     metrics_port: int | None = None
     on_reload: list[Callable[[Settings, RuleSet], None]] = field(default_factory=list)
+    on_reload_signal: list[Callable[[], None]] = field(default_factory=list)  # every SIGHUP
+    log_format: str = "text"  # `relay serve --log-format`, for the delivery process
+    drain: float = DELIVERY_DRAIN  # seconds in-flight sends get at stop
+    delivery_metrics: metrics.Scrape | None = None  # set while a delivery process runs
 
 
 Task = Callable[[Context], Coroutine[Any, Any, None]]
+
+
+def start(ctx: Context, tasks: Sequence[Task]) -> list[asyncio.Task[None]]:
+    return [
+        asyncio.create_task(task(ctx), name=getattr(task, "__name__", "task")) for task in tasks
+    ]
+
+
+async def wait_stop(stop: asyncio.Event, running: list[asyncio.Task[None]]) -> None:
+    """Until `stop` is set; a task that raised ends the wait with its exception."""
+    waiter = asyncio.create_task(stop.wait())
+    try:
+        while not stop.is_set():
+            await asyncio.wait([waiter, *running], return_when=asyncio.FIRST_COMPLETED)
+            for task in [t for t in running if t.done()]:
+                running.remove(task)
+                if not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+                if not stop.is_set():
+                    log.warning("event=task_ended task=%s", task.get_name())
+    finally:
+        waiter.cancel()
+
+
+async def stop_all(running: list[asyncio.Task[None]]) -> None:
+    """Give the tasks (told to stop) TASK_DRAIN seconds to return, then cancel them."""
+    if not running:
+        return
+    _, pending = await asyncio.wait(running, timeout=TASK_DRAIN)
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending, timeout=5)
 
 
 async def _sleep(ctx: Context, seconds: float) -> None:
@@ -76,7 +120,12 @@ async def purge_sent(ctx: Context) -> None:
 
 
 async def delivery(ctx: Context) -> None:
-    """Build the senders and run the delivery loop until stop; then drain in-flight sends."""
+    """Build the senders and run the delivery loop until stop; then drain in-flight sends.
+
+    It first takes back what an earlier delivery left inflight: it must be the
+    spool's only delivery loop (in `relay serve`, relay.worker holds the lock).
+    """
+    await ctx.spool.reclaim()
     settings = ctx.settings
     async with AsyncExitStack() as stack:
         ses: SesClient | None = None
@@ -116,7 +165,7 @@ async def delivery(ctx: Context) -> None:
         finally:
             if quota is not None:
                 quota.cancel()
-            left = await deliverer.drain(DELIVERY_DRAIN)
+            left = await deliverer.drain(ctx.drain)
             logs.event(log, "delivery_stopped", still_inflight=left)
 
 
@@ -156,7 +205,10 @@ async def observe(ctx: Context) -> None:
             return ctx.listening and not ctx.stop.is_set() and await ctx.spool.writable()
 
         where = ctx.settings.metrics
-        server = await metrics.serve_http(where.host, where.port, ready=ready)
+        server = await metrics.serve_http(
+            where.host, where.port, ready=ready,
+            text=lambda: metrics.exposition(ctx.delivery_metrics),
+        )  # fmt: skip
         ctx.metrics_port = server.sockets[0].getsockname()[1]
         logs.event(log, "metrics_listening", address=f"{where.host}:{ctx.metrics_port}")
     try:
@@ -197,6 +249,8 @@ async def reload_on_signal(ctx: Context) -> None:
         if ctx.stop.is_set():
             return
         ctx.reload.clear()
+        for forward in ctx.on_reload_signal:  # the delivery process reloads on its own
+            forward()
         reload(ctx)
 
 
@@ -222,4 +276,5 @@ def reload(ctx: Context) -> bool:
     return True
 
 
-DEFAULT_TASKS: list[Task] = [delivery, observe, watchdog, reload_on_signal, purge_sent]
+DEFAULT_TASKS: list[Task] = [delivery_process, observe, watchdog, reload_on_signal]
+IN_PROCESS_TASKS: list[Task] = [delivery, observe, watchdog, reload_on_signal, purge_sent]

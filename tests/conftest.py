@@ -13,6 +13,7 @@ a self-signed certificate.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
 import os
@@ -31,7 +32,7 @@ import yaml
 
 from relay import service
 from relay import settings as settings_mod
-from relay.tasks import DEFAULT_TASKS
+from relay.tasks import IN_PROCESS_TASKS
 
 # `python -c` rather than the `relay` script: works in any venv without PATH set-up.
 RELAY = [sys.executable, "-c", "import sys; from relay.cli import main; sys.exit(main())"]
@@ -80,7 +81,7 @@ async def start_relay(
     async def start(
         *, tasks: list[service.Task] | None = None, deliver: bool = False, **overrides: Any
     ) -> Running:
-        """`deliver=True` runs the service's own background tasks (delivery, metrics, ...)."""
+        """`deliver=True` runs `tasks.IN_PROCESS_TASKS`: delivery, metrics, ... on this loop."""
         settings = settings_mod.load(write_config(f"relay{len(running)}.yaml", **overrides))
         stop = asyncio.Event()
         got: asyncio.Future[service.Context] = asyncio.get_running_loop().create_future()
@@ -90,7 +91,7 @@ async def start_relay(
             got.set_result(ctx)
             await ctx.stop.wait()
 
-        background = [capture, *(tasks or []), *(DEFAULT_TASKS if deliver else [])]
+        background = [capture, *(tasks or []), *(IN_PROCESS_TASKS if deliver else [])]
         task = asyncio.create_task(service.serve(
             settings, background=background, stop=stop,
             ready=lambda ctx: bound.append(ctx.port), drain=2.0,
@@ -130,9 +131,10 @@ class RelayProcess:
         port_file = self.config.parent / f"port.{time.monotonic_ns()}"
         env = {**os.environ, "RELAY_PORT_FILE": str(port_file), "PYTHONUNBUFFERED": "1"}
         with self.log_path.open("ab") as log:
+            # Its own process group, shared with its delivery process: teardown kills both.
             self.proc = subprocess.Popen(
                 [*RELAY, "serve", "--config", str(self.config), *self.args], env=env, stdout=log,
-                stderr=subprocess.STDOUT,
+                stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -158,7 +160,8 @@ class RelayProcess:
 
 @pytest.fixture
 def relay_process(tmp_path: Path) -> Iterator[Callable[[Path], RelayProcess]]:
-    """`relay_process(config).start()`; every process still running is killed at teardown."""
+    """`relay_process(config).start()`; every process still running is killed at teardown,
+    delivery processes included (one left by a SIGKILLed `relay serve` too)."""
     started: list[RelayProcess] = []
 
     def make(config: Path) -> RelayProcess:
@@ -168,8 +171,9 @@ def relay_process(tmp_path: Path) -> Iterator[Callable[[Path], RelayProcess]]:
 
     yield make
     for process in started:
-        if process.proc is not None and process.proc.poll() is None:
-            process.proc.kill()
+        if process.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.proc.pid, signal.SIGKILL)
             process.proc.wait(10)
 
 

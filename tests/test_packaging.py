@@ -53,12 +53,13 @@ def test_systemd_unit_verifies_clean(tmp_path: Path) -> None:
 
 
 def test_systemd_unit_settings() -> None:
-    """The unit is Type=notify with a watchdog, stops with SIGTERM and waits longer than
-    relay's own 30 s drain, reloads with SIGHUP, runs as its own user with its state dir."""
+    """The unit is Type=notify with a watchdog, stops with SIGTERM to the main process only
+    (which stops its delivery process) and waits longer than relay's own 30 s drain, reloads
+    with SIGHUP, runs as its own user with its state dir."""
     lines = [line.strip() for line in UNIT.read_text(encoding="utf-8").splitlines()]
     settings = dict(line.split("=", 1) for line in lines if "=" in line and line[0] != "#")
     expected = {
-        "Type": "notify", "NotifyAccess": "main", "KillSignal": "SIGTERM",
+        "Type": "notify", "NotifyAccess": "main", "KillSignal": "SIGTERM", "KillMode": "mixed",
         "ExecReload": "/bin/kill -HUP $MAINPID", "User": "relay", "StateDirectory": "relay",
         "ConfigurationDirectory": "relay", "NoNewPrivileges": "yes", "ProtectSystem": "strict",
     }  # fmt: skip

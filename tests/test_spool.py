@@ -134,18 +134,42 @@ async def test_add_sets_wakeup(spool: Spool) -> None:
     assert spool.wakeup.is_set()
 
 
-async def test_inflight_messages_are_reclaimed_at_open(tmp_path: Path) -> None:
-    """A message claimed when the service died is queued again at the next open."""
+async def test_inflight_messages_are_reclaimed_by_the_next_delivery_not_by_open(
+    tmp_path: Path,
+) -> None:
+    """A message claimed when delivery died stays inflight across a plain open (an old
+    delivery process may still be sending it) and is queued again by `reclaim()`."""
     first = await Spool.open(tmp_path / "spool")
     qid = await add(first, 1)
     await first.claim(1)
     await first.close()
-    second = await Spool.open(tmp_path / "spool")
+    second = await Spool.open(tmp_path / "spool", full_sync=False)
     try:
+        assert ([], State.INFLIGHT) == (
+            await second.claim(1),
+            rows(tmp_path / "spool")[qid]["state"],
+        )
+        assert 1 == await second.reclaim()
         assert [qid] == [m.id for m in await second.claim(1)]
     finally:
         await second.close()
     assert ["received", "reclaimed"] == events(tmp_path / "spool", qid)
+
+
+@pytest.mark.parametrize(
+    ("full_sync", "expected"), [(True, 2), (False, 1)], ids=["receive-FULL", "delivery-NORMAL"]
+)
+async def test_adds_commit_full_the_delivery_connection_normal(
+    tmp_path: Path, full_sync: bool, expected: int
+) -> None:
+    """A 250 needs synchronous=FULL (2); the delivery process opens with full_sync=False,
+    NORMAL (1): a lost claim or outcome only means a second delivery."""
+    opened = await Spool.open(tmp_path / "spool", full_sync=full_sync)
+    try:
+        actual = await opened._call(lambda conn: conn.execute("PRAGMA synchronous").fetchone()[0])
+    finally:
+        await opened.close()
+    assert expected == actual
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,220 @@
+"""`relay serve`'s side of the delivery process: start it, wake it, scrape it, restart it, stop it.
+
+    DEFAULT_TASKS -> delivery_process(ctx):
+      start `python -m relay.worker --config FILE --wake-fd R --metrics-fd S ...`
+      spool.wakeup (a committed add) -> one byte down the wake pipe (dropped when full)
+      /metrics -> b"SEQ" on the metrics socketpair -> b"SEQ\\n" + the child's exposition
+      SIGHUP here -> SIGHUP to the child: both reload relay.yaml and the rules (the
+        child's are the ones that classify; an invalid file keeps the old ones in each)
+      the child exits on its own -> event=delivery_process_died, started again after 1 s,
+        2 s, ... 30 s (back to 1 s after a minute of running)
+      ctx.stop -> SIGTERM, the child drains its sends; SIGKILL after drain + STOP_GRACE
+
+The receiving side (this process) keeps the listener, the spool's adds and
+/metrics; delivery gets its own core and its own SQLite connection. The child
+exits when the wake pipe reaches EOF, that is when this process is gone, however
+it died; a lock in the spool directory keeps a second one from delivering
+meanwhile (relay.worker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from relay import logs, metrics
+
+if TYPE_CHECKING:  # relay.tasks imports this module for DEFAULT_TASKS
+    from relay.tasks import Context
+
+log = logging.getLogger("relay.supervisor")
+
+RESTART_FIRST = 1.0  # seconds before starting a delivery process that died
+RESTART_MAX = 30.0
+STABLE_AFTER = 60.0  # a child that ran this long gets RESTART_FIRST again
+STOP_GRACE = 5.0  # seconds beyond the child's drain before SIGKILL
+SCRAPE_TIMEOUT = 2.0
+SCRAPE_MAX = 1 << 20  # one reply is one SOCK_SEQPACKET message
+# systemd's notify socket is for the main process (NotifyAccess=main); the port file is ours.
+_NOT_INHERITED = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "RELAY_PORT_FILE")
+
+
+class Child:
+    """One run of the delivery process and this side's ends of its wake pipe and socket."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, wake: int, channel: socket.socket):
+        self.proc = proc
+        self.pid = proc.pid
+        self._wake = wake
+        self._channel = channel
+        self._scraping = asyncio.Lock()
+        self._seq = 0
+
+    @classmethod
+    async def start(cls, ctx: Context) -> Child:
+        wake_read, wake_write = os.pipe()  # not inheritable: only the child gets wake_read
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            os.set_blocking(wake_write, False)
+            ours.setblocking(False)
+            argv = [
+                sys.executable, "-m", "relay.worker", "--config", str(ctx.settings.source),
+                "--wake-fd", str(wake_read), "--metrics-fd", str(theirs.fileno()),
+                "--log-format", ctx.log_format,
+                "--log-level", str(logging.getLogger().getEffectiveLevel()),
+            ]  # fmt: skip
+            env = {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED}
+            with _sighup_blocked():
+                proc = await asyncio.create_subprocess_exec(
+                    *argv, env=env, stdin=asyncio.subprocess.DEVNULL,
+                    pass_fds=(wake_read, theirs.fileno()),
+                )  # fmt: skip
+        except BaseException:
+            os.close(wake_write)
+            ours.close()
+            raise
+        finally:
+            os.close(wake_read)
+            theirs.close()
+        return cls(proc, wake_write, ours)
+
+    def wake(self) -> None:
+        """New mail. A full pipe means the child has not read the last bytes: it is awake."""
+        with contextlib.suppress(BlockingIOError, BrokenPipeError):
+            os.write(self._wake, b"w")
+
+    def signal(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signum)
+
+    async def scrape(self) -> bytes | None:
+        """The child's metrics text, or None when it does not answer in SCRAPE_TIMEOUT."""
+        loop = asyncio.get_running_loop()
+        async with self._scraping:
+            self._seq += 1
+            tag = str(self._seq).encode()
+            try:
+                async with asyncio.timeout(SCRAPE_TIMEOUT):
+                    await loop.sock_sendall(self._channel, tag)
+                    while reply := await loop.sock_recv(self._channel, SCRAPE_MAX):
+                        seq, _, text = reply.partition(b"\n")
+                        if seq == tag:  # not a late answer to a scrape that timed out
+                            return text
+            except (TimeoutError, OSError) as exc:
+                logs.event(log, "delivery_metrics_missing", level=logging.WARNING,
+                           pid=self.pid, error=repr(exc))  # fmt: skip
+        return None
+
+    async def stop(self, drain: float) -> int:
+        """SIGTERM; SIGKILL if it has not exited after `drain` + STOP_GRACE seconds."""
+        self.signal(signal.SIGTERM)
+        try:
+            return await asyncio.wait_for(asyncio.shield(self.proc.wait()), drain + STOP_GRACE)
+        except TimeoutError:
+            logs.event(log, "delivery_process_killed", level=logging.WARNING, pid=self.pid,
+                       waited=drain + STOP_GRACE)  # fmt: skip
+            self.signal(signal.SIGKILL)
+            return await self.proc.wait()
+
+    def close(self) -> None:
+        os.close(self._wake)
+        self._channel.close()
+
+
+@contextlib.contextmanager
+def _sighup_blocked() -> Iterator[None]:
+    """SIGHUP blocked while the child is forked: it inherits the mask and unblocks once
+    its handler is in place. (The default action would end a child still starting up.)"""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class Supervisor:
+    """Keeps one delivery process running while the service runs."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.child: Child | None = None
+
+    async def scrape(self) -> bytes | None:
+        return await self.child.scrape() if self.child is not None else None
+
+    def forward_sighup(self) -> None:
+        if self.child is not None:
+            self.child.signal(signal.SIGHUP)
+
+    async def run(self) -> None:
+        delay = RESTART_FIRST
+        while not self.ctx.stop.is_set():
+            started = time.monotonic()
+            try:
+                code = await self._run_once()
+            except OSError as exc:  # fork/exec failed: out of memory, pids, fds
+                code = None
+                logs.event(log, "delivery_process_start_failed", level=logging.ERROR,
+                           error=str(exc), restart_in=delay)  # fmt: skip
+            if self.ctx.stop.is_set():
+                return
+            if time.monotonic() - started > STABLE_AFTER:
+                delay = RESTART_FIRST
+            if code is not None:
+                metrics.DELIVERY_RESTARTS.inc()
+                logs.event(log, "delivery_process_died", level=logging.ERROR, returncode=code,
+                           restart_in=delay)  # fmt: skip
+            await _sleep(self.ctx.stop, delay)
+            delay = min(delay * 2, RESTART_MAX)
+
+    async def _run_once(self) -> int | None:
+        """Start a child and watch it: its exit code if it ended on its own, else None."""
+        child = self.child = await Child.start(self.ctx)
+        metrics.DELIVERY_UP.set(1)
+        logs.event(log, "delivery_process_started", pid=child.pid)
+        forward = asyncio.create_task(self._forward_wakeups(child))
+        exited = asyncio.ensure_future(child.proc.wait())
+        stopped = asyncio.ensure_future(self.ctx.stop.wait())
+        try:
+            await asyncio.wait([exited, stopped], return_when=asyncio.FIRST_COMPLETED)
+            if exited.done():
+                return exited.result()
+            code = await child.stop(self.ctx.drain)
+            logs.event(log, "delivery_process_stopped", pid=child.pid, returncode=code)
+            return None
+        finally:
+            forward.cancel()
+            stopped.cancel()
+            if child.proc.returncode is None:  # cancelled: never leave a delivery behind
+                child.signal(signal.SIGKILL)
+            self.child = None
+            metrics.DELIVERY_UP.set(0)
+            child.close()
+
+    async def _forward_wakeups(self, child: Child) -> None:
+        wakeup = self.ctx.spool.wakeup
+        while True:
+            await wakeup.wait()
+            wakeup.clear()
+            child.wake()
+
+
+async def _sleep(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+async def delivery_process(ctx: Context) -> None:
+    """Run delivery in a child process (relay.worker) until stop; then stop it, bounded."""
+    supervisor = Supervisor(ctx)
+    ctx.delivery_metrics = supervisor.scrape
+    ctx.on_reload_signal.append(supervisor.forward_sighup)
+    await supervisor.run()

@@ -1,0 +1,170 @@
+"""The delivery process: `python -m relay.worker`, started and watched by `relay serve`.
+
+    lock SPOOL/delivery.lock (flock; waits while an older delivery process holds it)
+      -> spool.reclaim() -> tasks.delivery + tasks.purge_sent, reload on SIGHUP
+    wake pipe (--wake-fd): a byte = new mail (spool.wakeup); EOF = relay serve is gone:
+      stop, in-flight sends get PARENT_GONE_DRAIN seconds, the rest is reclaimed later
+    metrics socket (--metrics-fd): b"SEQ" -> b"SEQ\\n" + this process's delivery metrics
+    SIGTERM: stop, in-flight sends get DELIVERY_DRAIN seconds. SIGINT is ignored: a
+      Ctrl-C reaches relay serve too, which stops this process when it is ready to.
+
+Only the lock holder reclaims and claims, so a restarted `relay serve` cannot
+take back mail that an old delivery process is still sending. The spool is
+opened with synchronous=NORMAL (relay.spool): delivery's commits may be lost to
+a power cut, which only means a mail goes out again. Deferred mail coming due
+and mail queued by `relay queue retry` are found by the delivery loop's own poll.
+
+Exit 0 after a stop; 1 when it cannot run (relay.yaml or rules unusable, spool
+unusable, a task failed): relay serve logs it and starts it again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from relay import logs, metrics, rules, tasks
+from relay import settings as settings_mod
+from relay.errors import ConfigError, SpoolError
+from relay.rules import RuleSet
+from relay.settings import Settings
+from relay.spool import Spool
+
+log = logging.getLogger("relay.worker")
+
+LOCK_NAME = "delivery.lock"
+LOCK_POLL = 0.2  # seconds between tries while another delivery process holds the lock
+PARENT_GONE_DRAIN = 5.0  # seconds in-flight sends get when relay serve died
+TASKS: list[tasks.Task] = [tasks.delivery, tasks.purge_sent, tasks.reload_on_signal]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m relay.worker", description="relay's delivery process, run by relay serve"
+    )
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--wake-fd", type=int, required=True)
+    parser.add_argument("--metrics-fd", type=int)
+    parser.add_argument("--log-format", choices=["text", "json"], default="text")
+    parser.add_argument("--log-level", type=int, default=logging.INFO)
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logs.setup(args.log_format, level=args.log_level)
+    try:
+        settings = settings_mod.load(args.config)
+        ruleset = rules.load(settings.rules)
+    except ConfigError as exc:
+        logs.event(log, "delivery_config_error", level=logging.ERROR,
+                   problems=" | ".join(str(p) for p in exc.problems))  # fmt: skip
+        return 1
+    try:
+        return asyncio.run(_run(settings, ruleset, args.wake_fd, args.metrics_fd))
+    except SpoolError as exc:
+        logs.event(log, "delivery_spool_error", level=logging.ERROR, error=str(exc))
+        return 1
+
+
+async def _run(settings: Settings, ruleset: RuleSet, wake_fd: int, metrics_fd: int | None) -> int:
+    loop = asyncio.get_running_loop()
+    spool = await Spool.open(settings.spool, full_sync=False)
+    ctx = tasks.Context(settings=settings, rules=ruleset, spool=spool, stop=asyncio.Event())
+    lock: int | None = None
+    answering: asyncio.Task[None] | None = None
+    try:
+        loop.add_signal_handler(signal.SIGTERM, ctx.stop.set)
+        loop.add_signal_handler(signal.SIGHUP, ctx.reload.set)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # blocked by the supervisor
+        _watch_parent(ctx, wake_fd)
+        if metrics_fd is not None:
+            answering = asyncio.create_task(_answer_scrapes(socket.socket(fileno=metrics_fd)))
+        lock = await _lock(settings.spool / LOCK_NAME, ctx.stop)
+        if lock is None:
+            return 0
+        logs.event(log, "delivery_started", pid=os.getpid(), lock=str(settings.spool / LOCK_NAME))
+        return await _deliver(ctx)
+    finally:
+        if answering is not None:
+            answering.cancel()
+        await spool.close()
+        if lock is not None:
+            os.close(lock)  # after the spool closed: nothing of ours is written any more
+
+
+async def _deliver(ctx: tasks.Context) -> int:
+    running = tasks.start(ctx, TASKS)
+    try:
+        await tasks.wait_stop(ctx.stop, running)
+    except Exception:
+        log.exception("event=delivery_task_failed")
+        return 1
+    finally:
+        ctx.stop.set()
+        await tasks.stop_all(running)
+    return 0
+
+
+async def _lock(path: Path, stop: asyncio.Event) -> int | None:
+    """The delivery lock, held (its fd), or None when told to stop while waiting for it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    waiting = False
+    while not stop.is_set():
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if not waiting:
+                logs.event(log, "delivery_lock_busy", level=logging.WARNING, lock=str(path),
+                           reason="another delivery process holds it; waiting")  # fmt: skip
+                waiting = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), LOCK_POLL)
+    os.close(fd)
+    return None
+
+
+def _watch_parent(ctx: tasks.Context, fd: int) -> None:
+    """Bytes on the wake pipe wake the delivery loop; EOF (relay serve gone) stops it."""
+    loop = asyncio.get_running_loop()
+    os.set_blocking(fd, False)
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            ctx.spool.wakeup.set()
+            return
+        loop.remove_reader(fd)
+        os.close(fd)
+        logs.event(log, "parent_gone", level=logging.WARNING, drain=PARENT_GONE_DRAIN)
+        ctx.drain = min(ctx.drain, PARENT_GONE_DRAIN)
+        ctx.stop.set()
+
+    loop.add_reader(fd, readable)
+
+
+async def _answer_scrapes(channel: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    channel.setblocking(False)
+    with channel:
+        while request := await loop.sock_recv(channel, 64):
+            try:
+                await loop.sock_sendall(channel, request + b"\n" + metrics.delivery_exposition())
+            except OSError as exc:  # e.g. EMSGSIZE: the scrape goes without our part
+                logs.event(log, "metrics_reply_failed", level=logging.WARNING, error=str(exc))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

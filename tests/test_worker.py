@@ -1,0 +1,283 @@
+"""Delivery in its own process: `relay serve` runs `relay.worker` as a child and watches it.
+
+Real processes throughout: `relay serve` (the `relay_process` fixture, in its own
+process group), the capture server as the original host, a fake SES where a send
+must take a while. The child's pid comes from the parent's
+`event=delivery_process_started pid=N` line.
+"""
+
+# STYLE.md asserts read `expected == actual`; ruff's SIM300 calls that Yoda.
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import re
+import signal
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from relay.spool import Spool, new_id
+from relay.worker import LOCK_NAME
+from tests.capture import CaptureServer, capture, rows, send, trace_queue_id, wait_rows
+from tests.conftest import ConfigWriter, RelayProcess
+from tests.fakeses import FakeSes
+from tests.sesfixtures import REGION, aws_env, fake_ses
+from tests.test_operate import RULES, http_get, metrics_port, wait_until, write_atomically
+
+__all__ = ["aws_env", "capture", "fake_ses"]  # fixtures, used by name
+
+Process = Callable[[Path], RelayProcess]
+SENDER = "noreply@moodle.test"
+
+
+def mail(n: int, subject: str = "hello") -> bytes:
+    return (
+        f"To: ada@example.net\r\nFrom: {SENDER}\r\nSubject: {subject} {n}\r\n"
+        f"Message-ID: <{n}.{time.monotonic_ns()}@moodle.test>\r\n\r\nbody {n}\r\n"
+    ).encode()
+
+
+def upstream_config(write_config: ConfigWriter, capture: CaptureServer, **more: Any) -> Path:
+    return write_config(ses={"enabled": False},
+                        upstream={"host": "127.0.0.1", "port": capture.port}, **more)  # fmt: skip
+
+
+def child_pids(relay: RelayProcess) -> list[int]:
+    """Delivery processes `relay serve` started, in order (from its log)."""
+    return [
+        int(pid) for pid in re.findall(r"event=delivery_process_started pid=(\d+)", relay.log())
+    ]
+
+
+def child_of(relay: RelayProcess, number: int = 1) -> int:
+    """The pid of the `number`-th delivery process, once it has been started."""
+    pids = wait_until(lambda: len(child_pids(relay)) >= number and child_pids(relay),
+                      f"delivery process {number}")  # fmt: skip
+    return int(pids[number - 1])
+
+
+def stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a process, None once it is gone (reaped)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return None
+    return fields[0], int(fields[1])
+
+
+def exited(pid: int) -> bool:
+    """Gone, or a zombie nobody has reaped yet (an orphan's new parent may be slow)."""
+    found = stat(pid)
+    return found is None or found[0] == "Z"
+
+
+def scrape(port: int) -> tuple[str, dict[tuple[str, frozenset[tuple[str, str]]], float]]:
+    status, text = http_get(port, "/metrics")
+    assert 200 == status
+    samples = {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    return text, samples
+
+
+def test_mail_is_delivered_by_a_child_process(
+    write_config: ConfigWriter, relay_process: Process, capture: CaptureServer
+) -> None:
+    """`relay serve` starts one delivery process (its child, another pid), which takes the
+    spool's delivery lock and delivers what the parent accepted to the original host."""
+    relay = relay_process(upstream_config(write_config, capture)).start()
+    assert relay.proc is not None
+    child = child_of(relay)
+    qid = send(relay.port, SENDER, ["ada@example.net"], mail(1))
+    wait_rows(relay.config.parent / "spool", [qid], {"sent"})
+    assert [qid] == [m.queue_id for m in capture.messages]
+    assert (True, relay.proc.pid) == (child != relay.proc.pid, stat(child)[1])  # type: ignore[index]
+    assert f"event=delivery_started pid={child} " in relay.log()
+    assert 0 == relay.stop()
+
+
+def test_new_mail_wakes_the_delivery_process_at_once(
+    write_config: ConfigWriter, relay_process: Process, capture: CaptureServer
+) -> None:
+    """Mail sent one at a time (each after the last was delivered, the loop idle) goes out
+    within a fraction of the delivery loop's 1 s poll: the wake pipe, not the poll, starts it."""
+    relay = relay_process(upstream_config(write_config, capture)).start()
+    spool = relay.config.parent / "spool"
+    wait_until(lambda: "event=delivery_started" in relay.log(), "event=delivery_started")
+    latencies = []
+    for n in range(7):
+        time.sleep(0.15)
+        started = time.monotonic()
+        send(relay.port, SENDER, ["ada@example.net"], mail(n))
+        capture.wait_for(n + 1)
+        latencies.append(time.monotonic() - started)
+    print(f"250 to delivered, ms: {[round(s * 1000) for s in latencies]}")
+    assert statistics.median(latencies) < 0.25, latencies
+    assert {"sent"} == {row["state"] for row in rows(spool).values()}
+    assert 0 == relay.stop()
+
+
+def test_parent_sigkill_makes_the_delivery_process_exit(
+    write_config: ConfigWriter, relay_process: Process, capture: CaptureServer
+) -> None:
+    """SIGKILL of `relay serve`: its delivery process sees EOF on the wake pipe, logs
+    `event=parent_gone` and exits within seconds; a new `relay serve` then delivers."""
+    config = upstream_config(write_config, capture)
+    relay = relay_process(config).start()
+    child = child_of(relay)
+    wait_until(lambda: "event=delivery_started" in relay.log(), "event=delivery_started")
+    killed_at = time.monotonic()
+    assert -signal.SIGKILL == relay.stop(signal.SIGKILL)
+    wait_until(lambda: exited(child), f"delivery process {child} to exit", timeout=5)
+    print(f"delivery process exited {time.monotonic() - killed_at:.2f} s after the kill")
+    assert "event=parent_gone" in relay.log()
+
+    again = relay_process(config).start()
+    qid = send(again.port, SENDER, ["ada@example.net"], mail(1))
+    wait_rows(config.parent / "spool", [qid], {"sent"})
+    assert 0 == again.stop()
+
+
+def test_child_sigkill_is_logged_and_a_new_child_delivers(
+    write_config: ConfigWriter, relay_process: Process, capture: CaptureServer
+) -> None:
+    """SIGKILL of the delivery process: `relay serve` logs `event=delivery_process_died`,
+    keeps accepting, starts a new delivery process, and the mail accepted meanwhile is
+    delivered. /metrics counts the restart and shows the new process up."""
+    config = upstream_config(write_config, capture, metrics="127.0.0.1:0")
+    relay = relay_process(config).start()
+    first = child_of(relay)
+    os.kill(first, signal.SIGKILL)
+    qid = send(relay.port, SENDER, ["ada@example.net"], mail(1))  # while there is no child
+    died = wait_until(lambda: re.search(r".*event=delivery_process_died.*", relay.log()),
+                      "event=delivery_process_died")  # fmt: skip
+    assert "ERROR" in died.group(0) and "returncode=-9" in died.group(0), died.group(0)
+    second = child_of(relay, 2)
+    wait_rows(config.parent / "spool", [qid], {"sent"})
+    assert first != second
+    _, samples = scrape(metrics_port(relay))
+    assert (1.0, 1.0) == (samples[("relay_delivery_process_restarts_total", frozenset())],
+                          samples[("relay_delivery_process_up", frozenset())])  # fmt: skip
+    assert 0 == relay.stop()
+
+
+@pytest.mark.usefixtures("aws_env")
+def test_sigterm_drains_the_send_in_flight_and_both_exit_0(
+    write_config: ConfigWriter, relay_process: Process, fake_ses: FakeSes, tmp_path: Path
+) -> None:
+    """SIGTERM while a send to SES takes 1.5 s: `relay serve` stops its delivery process,
+    which finishes that send (the row ends `sent`, not `inflight`) and exits 0; then
+    `relay serve` exits 0."""
+    (tmp_path / "rules.yaml").write_text("default: ses\nrules: []\n")
+    config = write_config(rules="rules.yaml", ses={
+        "region": REGION, "endpoint_url": fake_ses.url, "max_send_rate": 10, "timeout": 10,
+    })  # fmt: skip
+    relay = relay_process(config).start()
+    child = child_of(relay)
+    wait_until(lambda: "event=delivery_started" in relay.log(), "event=delivery_started")
+    fake_ses.latency = 1.5
+    qid = send(relay.port, SENDER, ["ada@example.net"], mail(1))
+    wait_rows(config.parent / "spool", [qid], {"inflight"})
+    assert 0 == relay.stop(signal.SIGTERM, timeout=30)
+    assert "sent" == rows(config.parent / "spool")[qid]["state"]
+    assert [qid] == [trace_queue_id(s.raw) for s in fake_ses.sent]
+    assert f"event=delivery_process_stopped pid={child} returncode=0" in relay.log()
+    assert exited(child)
+
+
+def test_sighup_reaches_the_delivery_process(
+    write_config: ConfigWriter, relay_process: Process, capture: CaptureServer, tmp_path: Path
+) -> None:
+    """Rules are applied where mail is classified, in the delivery process: after a rules
+    change and SIGHUP to `relay serve`, new mail is classified by the new rules."""
+    rules_file = tmp_path / "rules.yaml"
+    write_atomically(rules_file, RULES.format(name="before"))
+    config = upstream_config(write_config, capture, rules="rules.yaml")
+    relay = relay_process(config).start()
+    assert relay.proc is not None
+    spool = config.parent / "spool"
+    qid = send(relay.port, SENDER, ["ada@example.net"], mail(1))
+    assert "before" == wait_rows(spool, [qid])[qid]["rule"]
+
+    write_atomically(rules_file, RULES.format(name="after"))
+    relay.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: 2 == relay.log().count("event=reloaded"), "both processes reloaded")
+    qid = send(relay.port, SENDER, ["ada@example.net"], mail(2))
+    assert "after" == wait_rows(spool, [qid])[qid]["rule"]
+    assert 1 == len(child_pids(relay)), "the delivery process was restarted, not reloaded"
+    assert 0 == relay.stop()
+
+
+def test_metrics_show_the_delivery_process_counters_once(
+    write_config: ConfigWriter, relay_process: Process, capture: CaptureServer
+) -> None:
+    """/metrics of `relay serve` has the parent's counters (received) and the delivery
+    process's (deliveries, classified) for the same mail, and every metric family once."""
+    config = upstream_config(write_config, capture, metrics="127.0.0.1:0")
+    relay = relay_process(config).start()
+    port = metrics_port(relay)
+    qid = send(relay.port, SENDER, ["ada@example.net"], mail(1))
+    wait_rows(config.parent / "spool", [qid], {"sent"})
+    text, samples = scrape(port)
+    expected = {"received": 1.0, "delivered": 1.0, "classified": 1.0, "up": 1.0}
+    actual = {
+        "received": samples[("relay_received_messages_total", frozenset())],
+        "delivered": samples[("relay_deliveries_total",
+                              frozenset({("route", "upstream"), ("outcome", "sent")}))],
+        "classified": samples[("relay_classified_messages_total",
+                               frozenset({("rule", "(default)"), ("route", "upstream")}))],
+        "up": samples[("relay_delivery_process_up", frozenset())],
+    }  # fmt: skip
+    assert expected == actual
+    declared = re.findall(r"^# TYPE (\S+)", text, re.M)
+    assert [] == sorted({name for name in declared if declared.count(name) > 1})
+    assert {"process_cpu_seconds_total", "relay_ses_throttles_total"} <= {n for n, _ in samples}
+    assert 0 == relay.stop()
+
+
+async def leave_inflight(spool: Path) -> str:
+    """A spool with one message claimed by a delivery that then died."""
+    opened = await Spool.open(spool)
+    qid = new_id()
+    trace = f"Received: from moodle.test\r\n\tby relay.test (relay) with ESMTP id {qid}; now\r\n"
+    try:
+        await opened.add(sender=SENDER, recipients=["ada@example.net"], raw=mail(1),
+                         peer="127.0.0.1", trace=trace.encode(), message_id="<1@moodle.test>",
+                         queue_id=qid)  # fmt: skip
+        await opened.claim(1)
+    finally:
+        await opened.close()
+    return qid
+
+
+def test_delivery_waits_for_the_lock_before_reclaiming(
+    write_config: ConfigWriter, relay_process: Process, capture: CaptureServer
+) -> None:
+    """While another process holds the spool's delivery lock (an old delivery process
+    still sending), the new one neither reclaims its in-flight mail nor delivers: the row
+    stays `inflight`, new mail stays queued. Once the lock is free both go out."""
+    config = upstream_config(write_config, capture)
+    spool = config.parent / "spool"
+    inflight = asyncio.run(leave_inflight(spool))
+    with open(spool / LOCK_NAME, "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        relay = relay_process(config).start()
+        fresh = send(relay.port, SENDER, ["ada@example.net"], mail(2))
+        wait_until(lambda: "event=delivery_lock_busy" in relay.log(), "event=delivery_lock_busy")
+        time.sleep(1.5)  # more than the delivery loop's poll
+        held = rows(spool)
+        assert ("inflight", "queued", []) == (held[inflight]["state"], held[fresh]["state"],
+                                              capture.messages)  # fmt: skip
+    wait_rows(spool, [inflight, fresh], {"sent"})
+    assert {inflight, fresh} == {m.queue_id for m in capture.messages}
+    assert 0 == relay.stop()
