@@ -18,13 +18,14 @@ parser (`PLAIN_ADDRESS`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import ipaddress
 import logging
 import re
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, AnyStr
 from warnings import warn
@@ -34,6 +35,7 @@ from aiosmtpd.smtp import MISSING, SMTP, _AuthMechAttr, login_always_fail, synta
 from relay import logs, metrics
 from relay.receive import AIOSMTPD_REPLIES, NETWORK_REFUSED, SHUTTING_DOWN, Handler, peer_ip_of
 from relay.settings import Settings
+from relay.smtpdata import Body, unread
 
 log = logging.getLogger("relay.receive")
 _SMTP_LOG = logging.getLogger("mail.log")  # aiosmtpd's logger, for the lines it would log
@@ -98,6 +100,7 @@ class Session(SMTP):
         self._sock: socket.socket | None = None
         self._refused = False
         self._shut = False
+        self._held: list[str] = []  # leading lines of a multi-line reply (see `push`)
 
     def connection_made(self, transport: Any) -> None:
         if self._sock is None:  # first call: the TCP connection (again after STARTTLS)
@@ -146,17 +149,18 @@ class Session(SMTP):
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         body = Body(size_limit=self.data_size_limit, line_limit=self.line_length_limit)
         rest: bytes | None = None
-        while rest is None:
-            try:
-                chunk = await self._reader.read(CHUNK)
-            except asyncio.CancelledError:  # connection lost: eof_received cancels us
-                _SMTP_LOG.info("Connection lost during DATA")
-                self._writer.close()
-                raise
-            if not chunk:  # unreachable, as for aiosmtpd: EOF cancels first; its readuntil
-                raise asyncio.IncompleteReadError(b"", None)  # would raise this
-            rest = body.feed(chunk)
-        _unread(self._reader, rest)
+        with _roomy(self._reader):
+            while rest is None:
+                try:
+                    chunk = await self._reader.read(CHUNK)
+                except asyncio.CancelledError:  # connection lost: eof_received cancels us
+                    _SMTP_LOG.info("Connection lost during DATA")
+                    self._writer.close()
+                    raise
+                if not chunk:  # unreachable, as for aiosmtpd: EOF cancels first; its
+                    raise asyncio.IncompleteReadError(b"", None)  # readuntil would raise this
+                rest = body.feed(chunk)
+        unread(self._reader, rest)
         if body.verdict is not None:
             await self.push(body.verdict)
             self._set_post_data_state()  # type: ignore[no-untyped-call]
@@ -178,10 +182,18 @@ class Session(SMTP):
             return None, None
 
     async def push(self, status: AnyStr) -> None:
+        """Send a reply line, with our wording for aiosmtpd's own. The lines of a
+        multi-line reply (EHLO's "250-...") go out together with its last line:
+        one write, one packet, instead of one each."""
         if isinstance(status, str):
-            await super().push(AIOSMTPD_REPLIES.get(status, status))
-        else:
-            await super().push(status)
+            status = AIOSMTPD_REPLIES.get(status, status)
+            if status[3:4] == "-":
+                self._held.append(status)
+                return
+            if self._held:
+                status = "\r\n".join([*self._held, status])
+                self._held.clear()
+        await super().push(status)
 
     @property
     def peer_ip(self) -> str:
@@ -215,89 +227,6 @@ PLAIN_ADDRESS = re.compile(
     r"(?: (?![\s(])(?P<rest>.*))?",  # \s: what str.lstrip() takes, as the parser does
     re.DOTALL,
 )
-
-TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"  # aiosmtpd's replies; `push`
-TOO_MUCH = "552 Error: Too much mail data"  # rewrites them to ours
-
-
-class Body:
-    """One DATA body fed in chunks, judged as aiosmtpd 1.4.6 judges it line by line.
-
-    Lines end at CRLF only; the body ends at the first line that is exactly
-    ".\\r\\n" (so bare-LF look-alikes stay inside). aiosmtpd refuses the body
-    (`verdict`) at the first line that is too long or takes the byte count
-    (raw, with CRLF and stuffing dots) past `size_limit`; a line whose text
-    exceeds `line_limit` (the StreamReader limit: LimitOverrunError) is refused
-    before it is counted, a shorter one only after. Once refused, only the
-    last 4 bytes are kept, to find the end; before, at most `size_limit` plus
-    one line plus one chunk.
-    """
-
-    def __init__(self, *, size_limit: int | None, line_limit: int) -> None:
-        self.size_limit = size_limit or 0  # aiosmtpd: None or 0 is no limit
-        self.line_limit = line_limit
-        self.verdict: str | None = None
-        self._raw = bytearray()  # from the 354 on (until refused: then the last 4 bytes)
-        self._judged = 0  # _raw[:_judged] are whole lines within both limits
-
-    def feed(self, chunk: bytes) -> bytes | None:
-        """Take the next chunk; once the end-of-data line is in, the bytes after it."""
-        raw = self._raw
-        start = max(len(raw) - 4, 0)  # an end marker can straddle the last chunk
-        raw += chunk
-        if self.verdict is None and raw.startswith(b".\r\n"):
-            end = 0
-        else:
-            end = raw.find(b"\r\n.\r\n", start)
-            end += 2 if end >= 0 else 0
-        if end < 0:
-            if self.verdict is None:
-                last = raw.rfind(b"\r\n", self._judged)
-                self._judge(last + 2 if last >= 0 else self._judged)
-                if self.verdict is None and len(raw) - self._judged >= self.line_limit + 2:
-                    self.verdict = TOO_LONG  # an unfinished line already past the reader's limit
-            if self.verdict is not None:
-                del raw[:-4]
-            return None
-        rest = bytes(raw[end + 3 :])
-        if self.verdict is None:
-            self._judge(end)
-        del raw[end:]
-        return rest
-
-    def content(self) -> bytes:
-        """The body without its end line, the first dot of each line removed (RFC 5321 4.5.2)."""
-        text = bytes(self._raw.replace(b"\r\n.", b"\r\n"))
-        return text[1:] if text.startswith(b".") else text
-
-    def _judge(self, stop: int) -> None:
-        """Judge the whole lines _raw[_judged:stop]."""
-        lines = self._raw[self._judged : stop].split(b"\r\n")[:-1]
-        longest = max(map(len, lines), default=0) + 2
-        if longest <= self.line_limit and not (self.size_limit and stop > self.size_limit):
-            self._judged = stop
-            return
-        count = self._judged  # the raw byte count aiosmtpd keeps
-        for line in lines:  # which limit a line meets first decides the reply
-            count += len(line) + 2
-            if len(line) > self.line_limit:
-                self.verdict = TOO_LONG
-            elif self.size_limit and count > self.size_limit:
-                self.verdict = TOO_MUCH
-            elif len(line) + 2 > self.line_limit:
-                self.verdict = TOO_LONG
-            if self.verdict is not None:
-                return
-
-
-def _unread(reader: asyncio.StreamReader, data: bytes) -> None:
-    """Put `data` back in front of what `reader` holds, for aiosmtpd's command loop.
-
-    StreamReader has no unread(); its buffer is a private bytearray (aiosmtpd
-    itself clears it at STARTTLS). The only place relay touches it.
-    """
-    if data:
-        reader._buffer[:0] = data  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -342,6 +271,23 @@ def _discover(session: Session, handler: object) -> _Found:
         commands=tuple((m.replace("smtp_", ""), m) for m in dir(session) if m.startswith("smtp_")),
     )  # fmt: skip
     return _FOUND[key]
+
+
+@contextlib.contextmanager
+def _roomy(reader: asyncio.StreamReader) -> Iterator[None]:
+    """Let `reader` hold a whole chunk during DATA.
+
+    Its limit (aiosmtpd's 1001-byte line limit) also makes it pause and resume
+    the transport whenever it holds over twice that: two epoll changes per
+    read of a large mail. `Body` applies the line limit itself; the command
+    loop gets the limit back. Private, like `smtpdata.unread`.
+    """
+    limit = reader._limit  # type: ignore[attr-defined]
+    reader._limit = max(limit, CHUNK)  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        reader._limit = limit  # type: ignore[attr-defined]
 
 
 def _fast_acks(sock: Any, *, nodelay: bool = False) -> None:

@@ -22,15 +22,17 @@ import types
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
+import aiosmtpd.smtp
 import pytest
 from aiosmtpd.smtp import SMTP, AuthResult
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay.receive import AIOSMTPD_REPLIES, Handler
-from relay.session import PLAIN_ADDRESS, Body, Session, session_factory
+from relay.session import PLAIN_ADDRESS, Session, session_factory
+from relay.smtpdata import Body
 from relay.spool import DB_NAME
 from tests.conftest import Running
 
@@ -375,6 +377,7 @@ async def test_session_state_is_what_aiosmtpd_init_makes(
     )  # fmt: skip
     reference.registry, reference.allow = registry, running.settings.allow_networks
     reference._sock, reference._refused, reference._shut = None, False, False
+    reference._held = []
     assert shape(vars(reference), reference, handler) == shape(vars(fast), fast, handler)
     assert ("X-TOKEN" in fast._auth_methods) == (handler_class is HandlerWithMore)
 
@@ -444,3 +447,30 @@ def test_getaddr_answers_as_aiosmtpd(bare_session: Session, arg: str) -> None:
 def test_any_address_gets_aiosmtpd_answer(bare_session: Session, arg: str) -> None:
     """Generated MAIL/RCPT arguments: `_getaddr` answers as aiosmtpd's parser."""
     assert parsed(bare_session, arg) == bare_session._getaddr(arg)
+
+
+async def test_a_multi_line_reply_goes_out_in_one_write(start_relay: Start) -> None:
+    """EHLO's "250-..." lines are held and written with the last line: one write, one
+    packet on the wire. Single-line replies and aiosmtpd's rewritten ones pass as before."""
+    running = await start_relay()
+    session = session_factory(Handler(spool=Recorder(), settings=running.settings),
+                              running.settings, set())()  # type: ignore[arg-type]  # fmt: skip
+
+    class Writer:
+        writes: ClassVar[list[bytes]] = []
+
+        def write(self, data: bytes) -> None:
+            self.writes.append(data)
+
+        async def drain(self) -> None:
+            pass
+
+    session._writer = Writer()  # type: ignore[assignment]
+    session.session = aiosmtpd.smtp.Session(asyncio.get_running_loop())
+    for line in ("250-relay.test", "250-SIZE 1000", "250 HELP"):
+        await session.push(line)
+    await session.push("552 Error: Too much mail data")
+    assert Writer.writes == [
+        b"250-relay.test\r\n250-SIZE 1000\r\n250 HELP\r\n",
+        AIOSMTPD_REPLIES["552 Error: Too much mail data"].encode() + b"\r\n",
+    ]
