@@ -159,24 +159,24 @@ class Supervisor:
         while not self.ctx.stop.is_set():
             started = time.monotonic()
             try:
-                code = await self._run_once()
+                died = await self._run_once()
             except OSError as exc:  # fork/exec failed: out of memory, pids, fds
-                code = None
+                died = None
                 logs.event(log, "delivery_process_start_failed", level=logging.ERROR,
                            error=str(exc), restart_in=delay)  # fmt: skip
             if self.ctx.stop.is_set():
                 return
             if time.monotonic() - started > STABLE_AFTER:
                 delay = RESTART_FIRST
-            if code is not None:
+            if died is not None:
                 metrics.DELIVERY_RESTARTS.inc()
-                logs.event(log, "delivery_process_died", level=logging.ERROR, returncode=code,
-                           restart_in=delay)  # fmt: skip
+                logs.event(log, "delivery_process_died", level=logging.ERROR, pid=died[0],
+                           returncode=died[1], restart_in=delay)  # fmt: skip
             await _sleep(self.ctx.stop, delay)
             delay = min(delay * 2, RESTART_MAX)
 
-    async def _run_once(self) -> int | None:
-        """Start a child and watch it: its exit code if it ended on its own, else None."""
+    async def _run_once(self) -> tuple[int, int] | None:
+        """Start a child and watch it: (pid, exit code) if it ended on its own, else None."""
         child = self.child = await Child.start(self.ctx)
         metrics.DELIVERY_UP.set(1)
         logs.event(log, "delivery_process_started", pid=child.pid)
@@ -186,13 +186,13 @@ class Supervisor:
         try:
             await asyncio.wait([exited, stopped], return_when=asyncio.FIRST_COMPLETED)
             if exited.done():
-                return exited.result()
+                return child.pid, exited.result()
             code = await child.stop(self.ctx.drain)
             logs.event(log, "delivery_process_stopped", pid=child.pid, returncode=code)
             return None
         finally:
-            forward.cancel()
-            stopped.cancel()
+            for waiter in (forward, exited, stopped):
+                waiter.cancel()
             if child.proc.returncode is None:  # cancelled: never leave a delivery behind
                 child.signal(signal.SIGKILL)
             self.child = None
