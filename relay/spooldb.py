@@ -9,12 +9,21 @@ All SQLite work of the service runs on one writer thread. Concurrent calls are
 batched into one transaction, so many SMTP sessions share one COMMIT and one
 fsync (group commit). A failed commit is rolled back as a whole, each call of
 the batch is retried alone, and the callers that still fail get `SpoolError`.
+
+Two processes write the spool: `relay serve` adds, its delivery process
+(relay.worker) claims and records outcomes. SQLite's busy handler would make
+the one that finds the database locked sleep 1, 2, 5, 10 ms and more before it
+looks again, a stall no 250 reply can afford. So each writer thread takes its
+turn on an flock of `write.lock` around every transaction: the kernel queues
+the two and wakes the waiting one the moment the other commits. `relay queue`
+does not take the lock; busy_timeout covers it.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import fcntl
 import logging
 import os
 import queue
@@ -22,7 +31,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -33,6 +42,7 @@ from relay.errors import SpoolError
 log = logging.getLogger("relay.spool")
 
 DB_NAME = "spool.sqlite3"
+WRITE_LOCK = "write.lock"  # in the spool directory: whose turn it is to write (see above)
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 5000
 MAX_BATCH = 512  # calls per group commit
@@ -126,6 +136,7 @@ class _Writer(threading.Thread):
         self.commits = 0
         self.pragmas: dict[str, int] = {}  # re-applied on reopen (max_page_count, query_only)
         self._conn: sqlite3.Connection | None = None
+        self._turn_fd: int | None = None  # write.lock, opened on first use
 
     def submit(self, op: Op[T], *, transaction: bool = True) -> concurrent.futures.Future[T]:
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
@@ -154,12 +165,15 @@ class _Writer(threading.Thread):
             # A caller that gave up (client gone) before we started is skipped.
             self._run([job for job in batch if job.future.set_running_or_notify_cancel()])
         self._close()
+        if self._turn_fd is not None:
+            os.close(self._turn_fd)
 
     def _alone(self, job: _Job[Any]) -> None:
         if not job.future.set_running_or_notify_cancel():
             return
         try:
-            job.future.set_result(job.op(self._connection()))
+            with self._turn():
+                job.future.set_result(job.op(self._connection()))
         except Exception as exc:
             job.future.set_exception(SpoolError(f"spool {self.path}: {exc}"))
 
@@ -179,6 +193,31 @@ class _Writer(threading.Thread):
             job.future.set_result(result)
 
     def _transaction(self, ops: list[Op[Any]]) -> list[Any]:
+        with self._turn():
+            return self._transaction_now(ops)
+
+    @contextlib.contextmanager
+    def _turn(self) -> Iterator[None]:
+        """Hold write.lock (shared with the other relay process) for one transaction.
+
+        Without the lock file (a read-only spool directory, say) SQLite's own
+        locking and busy_timeout still keep the database consistent, only slower.
+        """
+        if self._turn_fd is None:
+            with contextlib.suppress(OSError):
+                self._turn_fd = os.open(
+                    self.path.parent / WRITE_LOCK, os.O_RDWR | os.O_CREAT, 0o600
+                )
+        if self._turn_fd is None:
+            yield
+            return
+        fcntl.flock(self._turn_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._turn_fd, fcntl.LOCK_UN)
+
+    def _transaction_now(self, ops: list[Op[Any]]) -> list[Any]:
         try:
             conn = self._connection()
             conn.execute("BEGIN IMMEDIATE")

@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -14,6 +16,7 @@ import pytest
 
 from relay.errors import SpoolError
 from relay.spool import DB_NAME, Spool, State, new_id
+from relay.spooldb import WRITE_LOCK
 
 TRACE = b"Received: from test (127.0.0.1)\r\n\tby relay.test (relay) with ESMTP id X;\r\n\tnow\r\n"
 
@@ -237,3 +240,24 @@ def test_ids_are_unique_and_sort_by_time() -> None:
     ids = [new_id() for _ in range(10_000)]
     assert ids == sorted(set(ids))
     assert {12} == {len(i) for i in ids}
+
+
+async def test_every_write_holds_the_spool_write_lock(spool: Spool, tmp_path: Path) -> None:
+    """Transactions take write.lock, so the other relay process waits in the kernel (woken
+    at once) instead of sleeping in SQLite's busy handler; the lock is free between them."""
+    lock = os.open(tmp_path / "spool" / WRITE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+
+        def taken(conn: sqlite3.Connection) -> bool:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            return False
+
+        assert await spool._call(taken)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again after the commit
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    finally:
+        os.close(lock)
