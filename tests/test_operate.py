@@ -24,7 +24,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay import samples
+from relay import samples, tasks
 from tests.capture import CaptureServer, asend, await_rows, capture, rows, send, wait_rows
 from tests.conftest import RELAY, ConfigWriter, RelayProcess, relay_cli
 from tests.sesfixtures import REGION, aws_env, moto_server
@@ -422,3 +422,21 @@ def test_demo_runs_and_shows_where_each_mail_went() -> None:
         found[label] = (route in words, words[-1] != "-" if route == "ses" else words[-1] == "-")
     assert dict.fromkeys(found, (True, True)) == found, done.stdout
     assert "original host (NOT seen" not in done.stdout
+
+
+async def test_reload_moves_delivery_to_a_new_upstream_host(
+    start_relay: Callable[..., Any], write_config: ConfigWriter
+) -> None:
+    """An `upstream` change in relay.yaml applies at SIGHUP: the next mail goes to the new
+    host (kept-open connections to the old one are closed), none is lost or doubled."""
+
+    with CaptureServer() as old, CaptureServer() as new:
+        relay = await start_relay(deliver=True, upstream={"host": "127.0.0.1", "port": old.port})
+        first = await asend(relay.port, "a@example.org", ["x@example.net"], mail("before"))
+        await await_rows(relay.settings.spool, [first], {"sent"})
+        write_config("relay0.yaml", upstream={"host": "127.0.0.1", "port": new.port})
+        assert tasks.reload(relay.ctx)
+        second = await asend(relay.port, "a@example.org", ["x@example.net"], mail("after"))
+        await await_rows(relay.settings.spool, [second], {"sent"})
+        assert [m.queue_id for m in old.messages] == [first]
+        assert [m.queue_id for m in new.messages] == [second]
