@@ -9,6 +9,8 @@
       the child exits on its own -> event=delivery_process_died, started again after 1 s,
         2 s, ... 30 s (back to 1 s after a minute of running)
       ctx.stop -> SIGTERM, the child drains its sends; SIGKILL after drain + STOP_GRACE
+      every LIVENESS_EVERY s a scrape doubles as a ping: LIVENESS_MISSES unanswered in a
+        row (its event loop is stuck) -> event=delivery_process_hung, SIGKILL, restart
 
 The receiving side (this process) keeps the listener, the spool's adds and
 /metrics; delivery gets its own core and its own SQLite connection. The child
@@ -42,6 +44,8 @@ RESTART_MAX = 30.0
 STABLE_AFTER = 60.0  # a child that ran this long gets RESTART_FIRST again
 STOP_GRACE = 5.0  # seconds beyond the child's drain before SIGKILL
 SCRAPE_TIMEOUT = 2.0
+LIVENESS_EVERY = 10.0  # seconds between pings of the child's event loop
+LIVENESS_MISSES = 3  # unanswered pings in a row before the child is killed and restarted
 SCRAPE_MAX = 1 << 20  # one reply is one SOCK_SEQPACKET message
 # systemd's notify socket is for the main process (NotifyAccess=main); the port file is ours.
 _NOT_INHERITED = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "RELAY_PORT_FILE")
@@ -181,6 +185,7 @@ class Supervisor:
         metrics.DELIVERY_UP.set(1)
         logs.event(log, "delivery_process_started", pid=child.pid)
         forward = asyncio.create_task(self._forward_wakeups(child))
+        watch = asyncio.create_task(_watch_liveness(child))
         exited = asyncio.ensure_future(child.proc.wait())
         stopped = asyncio.ensure_future(self.ctx.stop.wait())
         try:
@@ -191,7 +196,7 @@ class Supervisor:
             logs.event(log, "delivery_process_stopped", pid=child.pid, returncode=code)
             return None
         finally:
-            for waiter in (forward, exited, stopped):
+            for waiter in (forward, watch, exited, stopped):
                 waiter.cancel()
             if child.proc.returncode is None:  # cancelled: never leave a delivery behind
                 child.signal(signal.SIGKILL)
@@ -205,6 +210,18 @@ class Supervisor:
             await wakeup.wait()
             wakeup.clear()
             child.wake()
+
+
+async def _watch_liveness(child: Child) -> None:
+    """Kill a child whose event loop stopped answering (a hang is not a crash: without
+    this, mail would be accepted and never delivered); `run` then starts a new one."""
+    misses = 0
+    while misses < LIVENESS_MISSES:
+        await asyncio.sleep(LIVENESS_EVERY)
+        misses = 0 if await child.scrape() is not None else misses + 1
+    logs.event(log, "delivery_process_hung", level=logging.ERROR, pid=child.pid,
+               unanswered=misses, every=LIVENESS_EVERY)  # fmt: skip
+    child.signal(signal.SIGKILL)
 
 
 async def _sleep(stop: asyncio.Event, seconds: float) -> None:

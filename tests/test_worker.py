@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import logging
 import os
 import re
 import signal
@@ -24,6 +25,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from relay import supervisor, tasks
 from relay.spool import Spool, new_id
 from relay.worker import LOCK_NAME
 from tests.capture import CaptureServer, capture, rows, send, trace_queue_id, wait_rows
@@ -281,3 +283,38 @@ def test_delivery_waits_for_the_lock_before_reclaiming(
     wait_rows(spool, [inflight, fresh], {"sent"})
     assert {inflight, fresh} == {m.queue_id for m in capture.messages}
     assert 0 == relay.stop()
+
+
+async def test_a_hung_delivery_process_is_killed_and_replaced(
+    start_relay: Callable[..., Any], capture: CaptureServer, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """A delivery process whose event loop stops answering (here: SIGSTOP) is not a crash,
+    yet it delivers nothing: after LIVENESS_MISSES unanswered pings it is killed, logged as
+    `event=delivery_process_hung`, and a new one delivers the mail accepted meanwhile."""
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(supervisor, "LIVENESS_EVERY", 0.3)
+    monkeypatch.setattr(supervisor, "SCRAPE_TIMEOUT", 0.2)
+    relay = await start_relay(
+        tasks=[tasks.delivery_process], upstream={"host": "127.0.0.1", "port": capture.port}
+    )
+
+    def logged(event: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if f"event={event} " in r.getMessage()]
+
+    def started() -> list[int]:
+        return [
+            int(re.findall(r"pid=(\d+)", line)[0]) for line in logged("delivery_process_started")
+        ]
+
+    loop = asyncio.get_running_loop()
+    first = (await loop.run_in_executor(None, wait_until, started, "a delivery process"))[0]
+    os.kill(first, signal.SIGSTOP)
+    qid = await loop.run_in_executor(None, send, relay.port, SENDER, ["ada@example.net"], mail(1))
+    await loop.run_in_executor(None, wait_rows, relay.settings.spool, [qid], {"sent"})
+    assert exited(first)
+    assert len(started()) == 2
+    hung = [
+        r.getMessage() for r in caplog.records if "event=delivery_process_hung" in r.getMessage()
+    ]
+    assert len(hung) == 1 and f"pid={first}" in hung[0]
