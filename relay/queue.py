@@ -94,8 +94,9 @@ def show(spool_dir: Path, queue_id: str, *, as_json: bool) -> int:
         return 1
     with closing(conn):
         row = conn.execute(
-            f"SELECT {_FIELDS}, trace, body FROM messages WHERE id = ?", (queue_id,)
-        ).fetchone()
+            f"SELECT {_FIELDS}, trace, body FROM messages LEFT JOIN bodies USING (id)"
+            " WHERE id = ?", (queue_id,),
+        ).fetchone()  # fmt: skip
         events = conn.execute(
             "SELECT at, event, detail FROM events WHERE queue_id = ? ORDER BY at, rowid",
             (queue_id,),
@@ -159,6 +160,7 @@ def _act_one(conn: sqlite3.Connection, queue_id: str, action: str) -> str:
             message = "being delivered right now; try again in a moment"
         elif action == "delete":
             conn.execute("DELETE FROM messages WHERE id = ?", (queue_id,))
+            conn.execute("DELETE FROM bodies WHERE id = ?", (queue_id,))
             conn.execute("DELETE FROM events WHERE queue_id = ?", (queue_id,))
             message = "deleted"
         elif state in (State.FAILED, State.DEFERRED, State.QUEUED):
@@ -213,7 +215,7 @@ def stats(spool_dir: Path, *, as_json: bool) -> int:
         counts = state_counts(conn)
         held, oldest = conn.execute(
             "SELECT coalesce(sum(size), 0), min(CASE WHEN state IN ('queued', 'deferred',"
-            " 'inflight') THEN received_at END) FROM messages WHERE body IS NOT NULL"
+            " 'inflight') THEN received_at END) FROM messages JOIN bodies USING (id)"
         ).fetchone()
     age = None if oldest is None else max(0.0, time.time() - oldest)
     result = {"counts": counts, "total": sum(counts.values()), "bytes": held,

@@ -3,7 +3,7 @@
 receive -> `Spool.add()` (committed and fsynced before the 250) -> deliver loop
 `claim()` -> `sent()` / `defer()` / `fail()`. States, litequeue-style:
 
-    queued --claim--> inflight --sent--> sent (body dropped, metadata kept until purge)
+    queued --claim--> inflight --sent--> sent (body deleted, metadata kept until purge)
       ^                  |  \\--defer--> deferred (due_at) --claim--> inflight ...
       |                  |   \\-fail---> failed (dead letter, body kept; `relay queue retry`)
       +-- reclaim() when delivery starts (a crash left it inflight) --+
@@ -14,6 +14,8 @@ it with `full_sync=False` (synchronous=NORMAL): a claim or an outcome lost to a
 power cut means one delivery again (at least once), never a lost mail. WAL lets
 both write; the busy timeout covers their turns.
 
+Bodies live in a table of their own (`bodies`), written once by `add()` and
+deleted by `sent()`, so a state change rewrites a small row, not the mail.
 The SQLite machinery (schema, writer thread with group commit, helpers for
 `relay queue`) is in `relay.spooldb`.
 """
@@ -51,6 +53,13 @@ log = logging.getLogger("relay.spool")
 __all__ = ["DB_NAME", "Spool", "State", "connect", "new_id", "open_existing", "state_counts"]
 
 
+def _bodies(conn: sqlite3.Connection, ids: list[str]) -> dict[str, bytes]:
+    """The bodies of `ids`, by id."""
+    marks = ", ".join("?" * len(ids))
+    sql = f"SELECT id, body FROM bodies WHERE id IN ({marks})"
+    return {queue_id: bytes(body) for queue_id, body in conn.execute(sql, ids)}
+
+
 class Spool:
     """The service's handle on the spool. Create with `await Spool.open(directory)`."""
 
@@ -72,6 +81,8 @@ class Spool:
         """
         try:
             await asyncio.to_thread(_prepare, directory)
+        except SpoolError:
+            raise  # says which file and why already (a schema newer than this code)
         except (OSError, sqlite3.Error) as exc:
             raise SpoolError(f"cannot open spool in {directory}: {exc}") from exc
         writer = _Writer(directory / DB_NAME)
@@ -127,10 +138,11 @@ class Spool:
             now = time.time()
             conn.execute(
                 "INSERT INTO messages (id, state, sender, recipients, size, message_id, peer,"
-                " received_at, due_at, updated_at, trace, body)"
-                " VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (qid, sender, rcpts, len(raw), message_id, peer, now, now, now, trace, raw),
+                " received_at, due_at, updated_at, trace)"
+                " VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (qid, sender, rcpts, len(raw), message_id, peer, now, now, now, trace),
             )
+            conn.execute("INSERT INTO bodies (id, body) VALUES (?, ?)", (qid, raw))
             _event(conn, qid, "received", f"from {peer}, {len(raw)} bytes", now)
             return qid
 
@@ -149,14 +161,15 @@ class Spool:
                 " INDEXED BY messages_ready"  # the planner would sort the whole queue instead
                 " WHERE state IN ('queued', 'deferred') AND due_at <= ?1"
                 " ORDER BY due_at, id LIMIT ?2)"
-                " RETURNING id, sender, recipients, body, received_at, attempts, peer, trace,"
+                " RETURNING id, sender, recipients, received_at, attempts, peer, trace,"
                 " message_id",
                 (now, limit),
             ).fetchall()
+            bodies = _bodies(conn, [r[0] for r in rows])
             mails = [
-                Mail(id=r[0], sender=r[1], recipients=tuple(json.loads(r[2])), raw=bytes(r[3]),
-                     received_at=r[4], attempts=r[5], peer=r[6], trace=bytes(r[7]),
-                     message_id=r[8] or "")
+                Mail(id=r[0], sender=r[1], recipients=tuple(json.loads(r[2])), raw=bodies[r[0]],
+                     received_at=r[3], attempts=r[4], peer=r[5], trace=bytes(r[6]),
+                     message_id=r[7] or "")
                 for r in rows
             ]  # fmt: skip
             return sorted(mails, key=lambda m: m.id)
@@ -167,13 +180,13 @@ class Spool:
         self, queue_id: str, *, rule: str | None, route: str, reply: str,
         ses_message_id: str | None = None, fallback_reason: str | None = None,
     ) -> None:  # fmt: skip
-        """Delivered: keep the metadata, drop the body."""
+        """Delivered: keep the metadata, delete the body."""
         detail = f"route={route} rule={rule} reply={reply}"
         if ses_message_id:
             detail += f" ses_message_id={ses_message_id}"
         await self._finish(queue_id, State.SENT, detail, rule=rule, route=route, reply=reply,
                            ses_message_id=ses_message_id, fallback_reason=fallback_reason,
-                           body=None)  # fmt: skip
+                           drop_body=True)  # fmt: skip
 
     async def defer(
         self, queue_id: str, *, due_at: float, rule: str | None, route: str, reply: str,
@@ -195,7 +208,10 @@ class Spool:
         await self._finish(queue_id, State.FAILED, f"route={route} reply={reply}", rule=rule,
                            route=route, reply=reply, fallback_reason=fallback_reason)  # fmt: skip
 
-    async def _finish(self, queue_id: str, state: State, detail: str, **fields: Any) -> None:
+    async def _finish(
+        self, queue_id: str, state: State, detail: str, *, drop_body: bool = False,
+        **fields: Any,
+    ) -> None:  # fmt: skip
         columns = ", ".join(f"{name} = ?" for name in fields)
 
         def op(conn: sqlite3.Connection) -> None:
@@ -206,6 +222,8 @@ class Spool:
             )
             if cursor.rowcount:
                 _event(conn, queue_id, state.value, detail, now)
+                if drop_body:
+                    conn.execute("DELETE FROM bodies WHERE id = ?", (queue_id,))
             else:
                 log.warning("event=spool_missing id=%s state=%s (deleted meanwhile?)",
                             queue_id, state)  # fmt: skip
@@ -223,6 +241,7 @@ class Spool:
             cutoff = time.time() - older_than
             ids = "SELECT id FROM messages WHERE state = 'sent' AND updated_at < ?"
             conn.execute(f"DELETE FROM events WHERE queue_id IN ({ids})", (cutoff,))
+            conn.execute(f"DELETE FROM bodies WHERE id IN ({ids})", (cutoff,))  # none: sent() did
             return conn.execute(
                 "DELETE FROM messages WHERE state = 'sent' AND updated_at < ?", (cutoff,)
             ).rowcount

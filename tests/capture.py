@@ -287,7 +287,6 @@ def rows(spool: Path) -> dict[str, dict[str, Any]]:
             if queue_id in found:
                 found[queue_id]["events"].append((event, detail))
     for row in found.values():
-        del row["body"]
         row["recipients"] = tuple(json.loads(row["recipients"]))
         row["trace"] = bytes(row["trace"])
     return found

@@ -258,7 +258,7 @@ def stored(server: Server, queue_ids: list[str]) -> dict[str, bytes]:
     with closing(open_existing(server.settings.spool)) as conn:
         marks = ",".join("?" * len(queue_ids))
         return {row[0]: bytes(row[1]) for row in conn.execute(
-            f"SELECT id, body FROM messages WHERE id IN ({marks})", queue_ids)}  # fmt: skip
+            f"SELECT id, body FROM bodies WHERE id IN ({marks})", queue_ids)}  # fmt: skip
 
 
 def unstuffed(stream: bytes) -> bytes:

@@ -154,13 +154,15 @@ def test_retry_all_failed(spooled: tuple[Path, dict[str, str]]) -> None:
 
 
 def test_delete(spooled: tuple[Path, dict[str, str]]) -> None:
-    """delete removes the message and its history; an inflight one is refused."""
+    """delete removes the message, its body and its history; an inflight one is refused."""
     config, ids = spooled
     result = queue(config, "delete", ids["queued"], ids["inflight"])
     assert 1 == result.exit_code
     assert f"{ids['queued']}: deleted\n" == result.stdout
     assert 1 == queue(config, "show", ids["queued"]).exit_code
     assert 0 == queue(config, "show", ids["inflight"]).exit_code
+    stats = json.loads(queue(config, "stats", "--json").stdout)
+    assert sum(len(body(n)) for n in (1, 2, 3)) == stats["bytes"]
 
 
 def test_stats_json(spooled: tuple[Path, dict[str, str]]) -> None:

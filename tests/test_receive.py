@@ -73,7 +73,7 @@ def stored(running: Running) -> list[tuple[str, bytes, str]]:
     """(sender, body, recipients JSON) of every row, read as another process would."""
     conn = sqlite3.connect(running.settings.spool / DB_NAME)
     try:
-        sql = "SELECT sender, body, recipients FROM messages ORDER BY id"
+        sql = "SELECT sender, body, recipients FROM messages JOIN bodies USING (id) ORDER BY id"
         return [(r[0], bytes(r[1]), r[2]) for r in conn.execute(sql)]
     finally:
         conn.close()

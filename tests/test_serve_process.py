@@ -37,7 +37,7 @@ def spooled(spool: Path) -> dict[str, tuple[str, bytes | None, int, str]]:
     """{id: (state, body, size, message_id)} read as another process would."""
     conn = sqlite3.connect(spool / DB_NAME)
     try:
-        sql = "SELECT id, state, body, size, message_id FROM messages"
+        sql = "SELECT id, state, body, size, message_id FROM messages LEFT JOIN bodies USING (id)"
         return {r[0]: (r[1], r[2] and bytes(r[2]), r[3], r[4]) for r in conn.execute(sql)}
     finally:
         conn.close()

@@ -77,7 +77,7 @@ class Pair:
     def stored(self, queue_id: str) -> bytes:
         conn = sqlite3.connect(self.relay.settings.spool / DB_NAME)
         try:
-            [(body,)] = conn.execute("SELECT body FROM messages WHERE id = ?", (queue_id,))
+            [(body,)] = conn.execute("SELECT body FROM bodies WHERE id = ?", (queue_id,))
             return bytes(body)
         finally:
             conn.close()

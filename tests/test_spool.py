@@ -1,4 +1,5 @@
-"""The spool: states, group commit, reclaim after a crash, failed commits that store nothing."""
+"""The spool: states, group commit, reclaim after a crash, failed commits that store nothing,
+schema upgrades."""
 
 # STYLE.md asserts read `expected == actual`; ruff's SIM300 calls that Yoda.
 
@@ -16,7 +17,7 @@ import pytest
 
 from relay.errors import SpoolError
 from relay.spool import DB_NAME, Spool, State, new_id
-from relay.spooldb import WRITE_LOCK
+from relay.spooldb import SCHEMA_VERSION, WRITE_LOCK
 
 TRACE = b"Received: from test (127.0.0.1)\r\n\tby relay.test (relay) with ESMTP id X;\r\n\tnow\r\n"
 
@@ -39,6 +40,15 @@ def rows(directory: Path) -> dict[str, dict[str, object]]:
     conn.row_factory = sqlite3.Row
     try:
         return {r["id"]: dict(r) for r in conn.execute("SELECT * FROM messages")}
+    finally:
+        conn.close()
+
+
+def bodies(directory: Path) -> dict[str, bytes]:
+    """The bodies table read directly: {queue id: body}."""
+    conn = sqlite3.connect(directory / DB_NAME)
+    try:
+        return {r[0]: bytes(r[1]) for r in conn.execute("SELECT id, body FROM bodies")}
     finally:
         conn.close()
 
@@ -105,7 +115,7 @@ async def test_outcomes_are_recorded_on_the_row(
     assert (state, "reengagement-cc", "ses", "the reply") == (
         row["state"], row["rule"], row["route"], row["reply"],
     )  # fmt: skip
-    assert body_kept == (row["body"] is not None)
+    assert body_kept == (qid in bodies(tmp_path / "spool"))
     assert ["received", state.value] == events(tmp_path / "spool", qid)
 
 
@@ -189,10 +199,10 @@ async def test_failed_commit_leaves_nothing_and_recovers(
     await spool.set_limits(**fault)  # type: ignore[arg-type]
     with pytest.raises(SpoolError):
         await add(spool, 2, size=200_000)  # more than any free page can hold
-    assert [kept] == list(rows(tmp_path / "spool"))
+    assert ([kept], [kept]) == (list(rows(tmp_path / "spool")), list(bodies(tmp_path / "spool")))
     await spool.set_limits()
     recovered = await add(spool, 3, size=200_000)
-    assert {kept, recovered} == set(rows(tmp_path / "spool"))
+    assert {kept, recovered} == set(rows(tmp_path / "spool")) == set(bodies(tmp_path / "spool"))
 
 
 async def test_one_failing_call_does_not_fail_its_batch(spool: Spool, tmp_path: Path) -> None:
@@ -217,7 +227,7 @@ async def test_purge_drops_old_sent_rows_only(spool: Spool, tmp_path: Path) -> N
     await spool.fail(failed, rule=None, route="upstream", reply="550 no")
     assert 0 == await spool.purge(3600)
     assert 1 == await spool.purge(0)
-    assert {failed, queued} == set(rows(tmp_path / "spool"))
+    assert {failed, queued} == set(rows(tmp_path / "spool")) == set(bodies(tmp_path / "spool"))
     assert [] == events(tmp_path / "spool", sent)
 
 
@@ -261,3 +271,108 @@ async def test_every_write_holds_the_spool_write_lock(spool: Spool, tmp_path: Pa
         fcntl.flock(lock, fcntl.LOCK_UN)
     finally:
         os.close(lock)
+
+
+# The schema of version 1 (bodies inline in messages), as relay wrote it: a fixture.
+SCHEMA_V1 = """
+CREATE TABLE messages (
+    id TEXT PRIMARY KEY NOT NULL,
+    state TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    recipients TEXT NOT NULL,           -- JSON list: the recipients still to deliver to
+    size INTEGER NOT NULL,              -- len(body) as received
+    message_id TEXT NOT NULL DEFAULT '',
+    peer TEXT NOT NULL DEFAULT '',
+    received_at REAL NOT NULL,
+    due_at REAL NOT NULL,
+    claimed_at REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    rule TEXT,
+    route TEXT,
+    ses_message_id TEXT,
+    reply TEXT,
+    fallback_reason TEXT,
+    updated_at REAL NOT NULL,
+    trace BLOB NOT NULL,                -- our Received: line, CRLF-terminated
+    body BLOB                           -- bytes as received; NULL once sent
+);
+CREATE INDEX messages_due ON messages (state, due_at);
+CREATE TABLE events (
+    queue_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    event TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX events_queue_id ON events (queue_id, at);
+CREATE INDEX messages_ready ON messages (due_at, id) WHERE state IN ('queued', 'deferred');
+"""
+
+
+def make_spool(directory: Path, version: int, rows: dict[str, tuple[str, bytes | None]]) -> None:
+    """A spool file as relay of schema 1 left it, with {id: (state, body)} rows, labelled
+    `version`."""
+    directory.mkdir(parents=True)
+    conn = sqlite3.connect(directory / DB_NAME, isolation_level=None)
+    try:
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        conn.executescript(SCHEMA_V1)
+        conn.execute(f"PRAGMA user_version = {version}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        past = time.time() - 60
+        for n, (qid, (state, body)) in enumerate(rows.items()):
+            conn.execute(
+                "INSERT INTO messages (id, state, sender, recipients, size, message_id,"
+                " received_at, due_at, updated_at, trace, body)"
+                " VALUES (?, ?, 'noreply@moodle.test', ?, ?, ?, ?, ?, ?, ?, ?)",
+                (qid, state, f'["user{n}@example.org"]', len(body or b""), f"<{n}@moodle.test>",
+                 past, past, past, TRACE, body),
+            )  # fmt: skip
+            conn.execute("INSERT INTO events (queue_id, at, event) VALUES (?, ?, 'received')",
+                         (qid, past))  # fmt: skip
+    finally:
+        conn.close()
+
+
+async def test_a_version_1_spool_is_upgraded_and_every_body_kept(tmp_path: Path) -> None:
+    """Opening a spool of schema 1 (bodies inline) moves each body to `bodies` byte for
+    byte, drops the old column and sets version 2; waiting mail is claimable as before."""
+    binary = bytes(range(256)) * 80 + b"\r\n"  # every byte value, past one page
+    kept = {"0000000000Q1": ("queued", mail_bytes(1, 30_000)),
+            "0000000000D2": ("deferred", binary),
+            "0000000000F3": ("failed", mail_bytes(3))}  # fmt: skip
+    make_spool(tmp_path / "spool", 1, {**kept, "0000000000S4": ("sent", None)})
+    spool = await Spool.open(tmp_path / "spool")
+    try:
+        claimed = await spool.claim(10)
+    finally:
+        await spool.close()
+    assert {qid: body for qid, (_, body) in kept.items()} == bodies(tmp_path / "spool")
+    assert {"0000000000Q1": kept["0000000000Q1"][1], "0000000000D2": binary} == {
+        m.id: m.raw for m in claimed
+    }
+    found = rows(tmp_path / "spool")
+    assert ["0000000000D2", "0000000000F3", "0000000000Q1", "0000000000S4"] == sorted(found)
+    assert "body" not in found["0000000000S4"]
+    assert ["received"] == events(tmp_path / "spool", "0000000000S4")
+    conn = sqlite3.connect(tmp_path / "spool" / DB_NAME)
+    try:
+        assert (SCHEMA_VERSION, "ok") == (
+            conn.execute("PRAGMA user_version").fetchone()[0],
+            conn.execute("PRAGMA integrity_check").fetchone()[0],
+        )
+    finally:
+        conn.close()
+
+
+async def test_a_spool_from_a_newer_relay_is_refused(tmp_path: Path) -> None:
+    """A schema version this code does not know: SpoolError naming the file and both
+    versions, and the file is left as it was."""
+    make_spool(tmp_path / "spool", SCHEMA_VERSION + 1, {"0000000000Q1": ("queued", b"x\r\n")})
+    with pytest.raises(SpoolError) as raised:
+        await Spool.open(tmp_path / "spool")
+    path = tmp_path / "spool" / DB_NAME
+    assert (
+        f"spool {path} has schema version {SCHEMA_VERSION + 1}; this relay knows versions up"
+        f" to {SCHEMA_VERSION}: run the newer relay that wrote it"
+    ) == str(raised.value)
+    assert "body" in rows(tmp_path / "spool")["0000000000Q1"]

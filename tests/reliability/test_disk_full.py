@@ -98,7 +98,7 @@ def spool_contents(spool: Path) -> tuple[str, dict[str, tuple[int, int]]]:
     with closing(open_existing(spool)) as conn:
         integrity = conn.execute("PRAGMA integrity_check").fetchone()[0]
         stored = {row[0]: (row[1], row[2]) for row in conn.execute(
-            "SELECT m.id, m.body IS NOT NULL OR m.state = 'sent',"
+            "SELECT m.id, m.id IN (SELECT id FROM bodies) OR m.state = 'sent',"
             " (SELECT count(*) FROM events e WHERE e.queue_id = m.id AND e.event = 'received')"
             " FROM messages m")}  # fmt: skip
     return integrity, stored
