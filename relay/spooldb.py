@@ -357,15 +357,32 @@ def connect(path: Path) -> sqlite3.Connection:
 
 
 def open_existing(directory: Path) -> sqlite3.Connection:
-    """For `relay queue`: the spool of a (possibly running) service; SpoolError if absent."""
+    """For `relay queue`: the spool of a (possibly running) service.
+
+    SpoolError if it is absent or its schema is not this relay's version.
+    """
     path = directory / DB_NAME
     if not path.is_file():
         raise SpoolError(f"no spool at {path} (has the service ever started?)")
     try:
         conn = connect(path)
-        conn.row_factory = sqlite3.Row
     except sqlite3.Error as exc:
         raise SpoolError(f"cannot open spool {path}: {exc}") from exc
+    try:
+        conn.row_factory = sqlite3.Row
+        version = _schema_version(conn, path)
+        if version < SCHEMA_VERSION:
+            # Upgrading here could pull the tables from under an older service still running.
+            raise SpoolError(
+                f"spool {path} has schema version {version}, older than this relay's"
+                f" {SCHEMA_VERSION}: start the service (relay serve) once to upgrade it"
+            )
+    except sqlite3.Error as exc:
+        conn.close()
+        raise SpoolError(f"cannot open spool {path}: {exc}") from exc
+    except SpoolError:
+        conn.close()
+        raise
     return conn
 
 

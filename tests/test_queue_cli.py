@@ -14,8 +14,10 @@ import pytest
 from click.testing import CliRunner, Result
 
 from relay.cli import main
-from relay.spool import Spool
+from relay.spool import DB_NAME, Spool
+from relay.spooldb import SCHEMA_VERSION
 from tests.conftest import ConfigWriter, RelayProcess, relay_cli
+from tests.test_spool import make_spool
 
 TRACE = b"Received: from moodle.test (127.0.0.1)\r\n\tby relay.test (relay) with ESMTP id X;\r\n"
 
@@ -172,6 +174,27 @@ def test_stats_json(spooled: tuple[Path, dict[str, str]]) -> None:
     assert {"queued": 1, "inflight": 1, "deferred": 1, "sent": 1, "failed": 1} == stats["counts"]
     assert (5, sum(len(body(n)) for n in (1, 2, 3, 4))) == (stats["total"], stats["bytes"])
     assert 0 <= stats["oldest_queued_age"] < 60
+
+
+@pytest.mark.parametrize(
+    ("version", "why"),
+    [(1, f"schema version 1, older than this relay's {SCHEMA_VERSION}: start the service"
+         " (relay serve) once to upgrade it"),
+     (SCHEMA_VERSION + 1, f"schema version {SCHEMA_VERSION + 1}; this relay knows versions"
+                          f" up to {SCHEMA_VERSION}: run the newer relay that wrote it")],
+    ids=["older-left-to-the-service", "newer-refused"],
+)  # fmt: skip
+def test_spool_of_another_schema_version(
+    write_config: ConfigWriter, version: int, why: str
+) -> None:
+    """`relay queue` only works on a spool of its own schema: an older one is upgraded by
+    the service (an old one may still be running on it), a newer one is refused."""
+    config = write_config()
+    make_spool(config.parent / "spool", version, {"0000000000Q1": ("queued", body(1))})
+    result = queue(config, "stats")
+    assert (1, f"relay queue: spool {config.parent / 'spool' / DB_NAME} has {why}\n") == (
+        result.exit_code, result.stderr,
+    )  # fmt: skip
 
 
 def test_no_spool_yet(write_config: ConfigWriter) -> None:
