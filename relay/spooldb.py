@@ -14,9 +14,9 @@ Two processes write the spool: `relay serve` adds, its delivery process
 (relay.worker) claims and records outcomes. SQLite's busy handler would make
 the one that finds the database locked sleep 1, 2, 5, 10 ms and more before it
 looks again, a stall no 250 reply can afford. So each writer thread takes its
-turn on an flock of `write.lock` around every transaction: the kernel queues
-the two and wakes the waiting one the moment the other commits. `relay queue`
-does not take the lock; busy_timeout covers it.
+turn on an flock of `write.lock` around every transaction, looking for it every
+0.1 to 1 ms, and gives up (SpoolBusy: a 451 for the client) after TURN_TIMEOUT.
+`relay queue` does not take the lock; busy_timeout covers it.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ DB_NAME = "spool.sqlite3"
 WRITE_LOCK = "write.lock"  # in the spool directory: whose turn it is to write (see above)
 SCHEMA_VERSION = 2  # 2: bodies in their own table
 BUSY_TIMEOUT_MS = 5000
+TURN_TIMEOUT = BUSY_TIMEOUT_MS / 1000  # seconds to wait for write.lock, then SpoolBusy
 MAX_BATCH = 512  # calls per group commit
 # Errors after which the connection itself is suspect: reopen it for the next batch.
 _REOPEN_CODES = {10, 11, 14, 26}  # SQLITE_IOERR, CORRUPT, CANTOPEN, NOTADB
@@ -212,8 +213,9 @@ class _Writer(threading.Thread):
         try:
             results = self._transaction([job.op for job in batch])
         except Exception as exc:
-            if len(batch) == 1:
-                batch[0].future.set_exception(exc)
+            if len(batch) == 1 or isinstance(exc, SpoolBusy):  # no turn: none would get one
+                for job in batch:
+                    job.future.set_exception(exc)
                 return
             for job in batch:  # one bad call must not fail the others
                 self._run([job])
@@ -240,7 +242,7 @@ class _Writer(threading.Thread):
         if self._turn_fd is None:
             yield
             return
-        fcntl.flock(self._turn_fd, fcntl.LOCK_EX)
+        _wait_turn(self._turn_fd, self.path)
         try:
             yield
         finally:
@@ -282,6 +284,32 @@ class _Writer(threading.Thread):
             with contextlib.suppress(sqlite3.Error):
                 self._conn.close()
             self._conn = None
+
+
+class SpoolBusy(SpoolError):
+    """The other relay process held the write lock for TURN_TIMEOUT (stopped, or stuck)."""
+
+
+def _wait_turn(fd: int, path: Path) -> None:
+    """Take write.lock, polling every 0.1 to 1 ms; SpoolBusy after TURN_TIMEOUT.
+
+    Not a blocking flock: a process stopped while it holds the lock would hold up
+    every add for good, where a client must get its 451 in bounded time.
+    """
+    deadline = time.monotonic() + TURN_TIMEOUT
+    pause = 0.0001
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise SpoolBusy(
+                    f"spool {path}: the other relay process held {WRITE_LOCK} for "
+                    f"{TURN_TIMEOUT:g} s"
+                ) from None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.001)
 
 
 def _event(conn: sqlite3.Connection, queue_id: str, event: str, detail: str, at: float) -> None:

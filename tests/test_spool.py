@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from relay import spooldb
 from relay.errors import SpoolError
 from relay.spool import DB_NAME, Spool, State, new_id
 from relay.spooldb import SCHEMA_VERSION, WRITE_LOCK
@@ -376,3 +377,28 @@ async def test_a_spool_from_a_newer_relay_is_refused(tmp_path: Path) -> None:
         f" to {SCHEMA_VERSION}: run the newer relay that wrote it"
     ) == str(raised.value)
     assert "body" in rows(tmp_path / "spool")["0000000000Q1"]
+
+
+async def test_a_write_lock_held_too_long_fails_the_batch_not_the_spool(
+    spool: Spool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other process stopped while holding write.lock (SIGSTOP, a hang): adds fail with
+    SpoolError after TURN_TIMEOUT (the client gets its 451), never hang; once the lock is
+    free again, adds commit."""
+
+    async def add() -> str:
+        return await spool.add(sender="a@example.org", recipients=["b@example.org"],
+                               raw=b"x", peer="127.0.0.1", trace=b"", message_id="")  # fmt: skip
+
+    monkeypatch.setattr(spooldb, "TURN_TIMEOUT", 0.3)
+    lock = os.open(tmp_path / "spool" / WRITE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        adds = asyncio.gather(*(add() for _ in range(3)), return_exceptions=True)
+        results = await asyncio.wait_for(adds, 5)
+        assert all(isinstance(r, SpoolError) and WRITE_LOCK in str(r) for r in results), results
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    finally:
+        os.close(lock)
+    qid = await add()
+    assert [qid] == [m.id for m in await spool.claim(10)]
