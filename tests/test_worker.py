@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay import supervisor, tasks
+from relay import supervisor, tasks, worker
 from relay.spool import Spool, new_id
 from relay.worker import LOCK_NAME
 from tests.capture import CaptureServer, capture, rows, send, trace_queue_id, wait_rows
@@ -105,7 +105,12 @@ def test_mail_is_delivered_by_a_child_process(
     assert [qid] == [m.queue_id for m in capture.messages]
     assert (True, relay.proc.pid) == (child != relay.proc.pid, stat(child)[1])  # type: ignore[index]
     assert f"event=delivery_started pid={child} " in relay.log()
+    assert min(nice(relay.proc.pid) + worker.NICE, 19) == nice(child)  # receiving goes first
     assert 0 == relay.stop()
+
+
+def nice(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
 
 
 def test_new_mail_wakes_the_delivery_process_at_once(
