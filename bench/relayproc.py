@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,7 +138,20 @@ class Relay:
         argv = [*relay_argv(), "serve", "--config", str(config)]
         self.proc = tools.Proc(self.name, argv, self.dir / "relay.log", env=env, cwd=self.dir)
         tools.wait_banner(self.port, timeout, self.proc)
+        # Measure delivery, not its start: the delivery process is up, holds the spool's
+        # lock and (with SES) has its quota, as a relay that has been running for a while.
+        ready = ["event=delivery_started "] + (["event=ses_quota"] if self.ses else [])
+        self.wait_log(ready, timeout)
         return self
+
+    def wait_log(self, needles: list[str], timeout: float) -> None:
+        """Wait until every one of `needles` is in relay.log."""
+        deadline = time.monotonic() + timeout
+        log = self.dir / "relay.log"
+        while not all(n in log.read_text(errors="replace") for n in needles):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: no {needles} in {log} within {timeout:g} s")
+            time.sleep(0.05)
 
     def queue_stats(self) -> dict[str, int]:
         """`relay queue stats --json` counts by state (queued, inflight, deferred, sent, failed)."""
