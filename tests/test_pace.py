@@ -254,6 +254,7 @@ class Sim:
     ceilings: tuple[float, ...]
     limit: float
     mails: tuple[int, ...] | None = None  # per relay; None: an endless backlog
+    starts: tuple[float, ...] | None = None  # per relay: seconds until its first send
     deliverers: int = 4
     latency: float = 0.020
     jitter: float = 0.010
@@ -270,9 +271,10 @@ class Sim:
         self._window: collections.deque[float] = collections.deque()
         self.paces = [Pace(c, clock=lambda: self.now, sleep=Sleep) for c in self.ceilings]
         self._left = list(self.mails or [sys.maxsize] * len(self.ceilings))
+        starts = self.starts or (0.0,) * len(self.ceilings)
         for relay in range(len(self.ceilings)):
             for _ in range(self.deliverers):
-                self._push(self.now, self._deliverer(relay))
+                self._push(self.now + starts[relay], self._deliverer(relay))
         self.start = self.now
 
     def _push(self, at: float, coro: Coroutine[Sleep, None, None]) -> None:
@@ -361,3 +363,15 @@ def test_capacity_left_by_idle_relays_is_taken_back() -> None:
     sim = Sim(ceilings=(60.0, 60.0, 60.0), limit=60.0, mails=(300, 300, 10**6)).run(90.0)
     assert sim.rate(since=70.0) >= 0.9 * 60.0
     assert sim.throttles < 0.02 * sim.calls
+
+
+@pytest.mark.xfail(strict=True, reason="known: the late relay is cut to KEEP and climbs too slowly")
+@pytest.mark.parametrize("late", [0.3, 0.6, 0.9])
+def test_a_relay_that_starts_late_still_gets_a_fair_share(late: float) -> None:
+    """One of three relays starts `late` seconds after the others and meets a full window.
+    Today its first cut goes to what SES took from it in that second, often a quarter of
+    its rate (KEEP), and the slow climb leaves it with the smallest share for the rest of
+    the run: the bench's "3 relays sharing a 60/s quota" at 67-76% instead of 90%+."""
+    sim = Sim(ceilings=(60.0, 60.0, 60.0), limit=60.0, starts=(0.0, 0.0, late)).run(30.0)
+    shares = collections.Counter(relay for at, relay in sim.accepted if at - sim.start >= 5.0)
+    assert min(shares.values()) >= 0.75 * max(shares.values()), shares
