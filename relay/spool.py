@@ -34,12 +34,10 @@ from typing import Any
 from relay.errors import SpoolError
 from relay.mail import Mail
 from relay.spooldb import (
-    DB_NAME,
     Op,
     State,
     T,
     _event,
-    _prepare,
     _reclaim,
     _Writer,
     connect,
@@ -47,6 +45,7 @@ from relay.spooldb import (
     open_existing,
     state_counts,
 )
+from relay.spoolschema import DB_NAME, prepare
 
 log = logging.getLogger("relay.spool")
 
@@ -80,7 +79,7 @@ class Spool:
         `add()` must stay FULL.
         """
         try:
-            await asyncio.to_thread(_prepare, directory)
+            await asyncio.to_thread(prepare, directory)
         except SpoolError:
             raise  # says which file and why already (a schema newer than this code)
         except (OSError, sqlite3.Error) as exc:

@@ -18,7 +18,8 @@ import pytest
 from relay import spooldb
 from relay.errors import SpoolError
 from relay.spool import DB_NAME, Spool, State, new_id
-from relay.spooldb import SCHEMA_VERSION, WRITE_LOCK
+from relay.spooldb import WRITE_LOCK
+from relay.spoolschema import SCHEMA_VERSION
 
 TRACE = b"Received: from test (127.0.0.1)\r\n\tby relay.test (relay) with ESMTP id X;\r\n\tnow\r\n"
 

@@ -1,0 +1,133 @@
+"""The spool's schema: its tables, their version, and the upgrades from older ones.
+
+    relay serve / relay.worker -> Spool.open -> prepare(): new file -> version 2;
+      version 1 (bodies in messages.body) -> 2 in one transaction; newer -> SpoolError
+    relay queue -> spooldb.open_existing() -> schema_version(): refuses other versions
+
+`user_version` holds the version. Every upgrade runs in one transaction, under
+SQLite's write lock, so a spool is at one version or the next, never between.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+from relay.errors import SpoolError
+
+DB_NAME = "spool.sqlite3"
+SCHEMA_VERSION = 2  # 2: bodies in their own table
+BUSY_TIMEOUT_MS = 5000
+
+# The body is written once, by add(), in a table of its own: a state change (claim,
+# sent, defer, fail) rewrites the whole messages row, and with a 20 KB body inline
+# that meant 20 KB more in the WAL each time. sent() deletes it; failed keep theirs.
+_BODIES = """CREATE TABLE IF NOT EXISTS bodies (
+    id TEXT PRIMARY KEY NOT NULL,       -- messages.id
+    body BLOB NOT NULL                  -- bytes as received
+)"""
+_MESSAGES = """CREATE TABLE IF NOT EXISTS {table} (
+    id TEXT PRIMARY KEY NOT NULL,
+    state TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    recipients TEXT NOT NULL,           -- JSON list: the recipients still to deliver to
+    size INTEGER NOT NULL,              -- len(body) as received
+    message_id TEXT NOT NULL DEFAULT '',
+    peer TEXT NOT NULL DEFAULT '',
+    received_at REAL NOT NULL,
+    due_at REAL NOT NULL,
+    claimed_at REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    rule TEXT,
+    route TEXT,
+    ses_message_id TEXT,
+    reply TEXT,
+    fallback_reason TEXT,
+    updated_at REAL NOT NULL,
+    trace BLOB NOT NULL                 -- our Received: line, CRLF-terminated
+)"""
+_MESSAGES_DUE = "CREATE INDEX IF NOT EXISTS messages_due ON messages (state, due_at)"
+# What claim() scans: only waiting rows, already in due order, so claiming stays
+# cheap with 100,000 deferred messages (no sort of the whole queue per claim).
+# Also made at every open: spools of version 1 were created without it.
+_MESSAGES_READY = """CREATE INDEX IF NOT EXISTS messages_ready ON messages (due_at, id)
+    WHERE state IN ('queued', 'deferred')"""
+_SCHEMA = (
+    _MESSAGES.format(table="messages"),
+    _MESSAGES_DUE,
+    _MESSAGES_READY,
+    _BODIES,
+    """CREATE TABLE IF NOT EXISTS events (
+    queue_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    event TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT ''
+)""",
+    "CREATE INDEX IF NOT EXISTS events_queue_id ON events (queue_id, at)",
+)
+_V2_COLUMNS = (
+    "id, state, sender, recipients, size, message_id, peer, received_at, due_at, claimed_at,"
+    " attempts, rule, route, ses_message_id, reply, fallback_reason, updated_at, trace"
+)
+# From each older version straight to SCHEMA_VERSION (0: a new file).
+_UPGRADES = {
+    0: _SCHEMA,
+    1: (  # bodies were messages.body, NULL once sent
+        _BODIES,
+        "INSERT INTO bodies (id, body) SELECT id, body FROM messages WHERE body IS NOT NULL",
+        # A new table rather than DROP COLUMN, which fails on version 1's CREATE TABLE text
+        # (the comment after its last column's comma swallows the closing parenthesis).
+        _MESSAGES.format(table="messages_v2"),
+        f"INSERT INTO messages_v2 ({_V2_COLUMNS}) SELECT {_V2_COLUMNS} FROM messages",
+        "DROP TABLE messages",  # and its indexes
+        "ALTER TABLE messages_v2 RENAME TO messages",
+        _MESSAGES_DUE,
+        _MESSAGES_READY,
+    ),
+}
+
+
+def prepare(directory: Path) -> None:
+    """Create or upgrade the spool in `directory` (mode 0700, file 0600), in WAL mode."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = directory / DB_NAME
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        if schema_version(conn, path) == 0:
+            # Before the first table and before WAL, or it does not take effect.
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        if schema_version(conn, path) < SCHEMA_VERSION:
+            upgrade(conn, path)
+        conn.execute(_MESSAGES_READY)
+        conn.execute("PRAGMA journal_mode = WAL")
+    finally:
+        conn.close()
+    os.chmod(path, 0o600)
+
+
+def schema_version(conn: sqlite3.Connection, path: Path) -> int:
+    """The spool's schema version; SpoolError if a newer relay wrote it."""
+    version: int = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise SpoolError(
+            f"spool {path} has schema version {version}; this relay knows versions up to"
+            f" {SCHEMA_VERSION}: run the newer relay that wrote it"
+        )
+    return version
+
+
+def upgrade(conn: sqlite3.Connection, path: Path) -> None:
+    """Bring the schema to SCHEMA_VERSION in one transaction: all of it or nothing."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        # Read again under the write lock: the other relay process may have just done it.
+        for statement in _UPGRADES.get(schema_version(conn, path), ()):
+            conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
