@@ -173,6 +173,7 @@ class Handler:
             await self.spool.add(
                 queue_id=queue_id, sender=sender, recipients=envelope.rcpt_tos, raw=raw,
                 peer=peer, trace=self._trace(session, peer, queue_id), message_id=message_id,
+                alone=len(getattr(server, "registry", ())) == 1,  # relay's Session: see spool
             )  # fmt: skip
         except SpoolError as exc:
             metrics.REJECTED.labels("spool").inc()

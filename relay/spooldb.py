@@ -45,6 +45,7 @@ log = logging.getLogger("relay.spool")
 
 WRITE_LOCK = "write.lock"  # in the spool directory: whose turn it is to write (see above)
 TURN_TIMEOUT = BUSY_TIMEOUT_MS / 1000  # seconds to wait for write.lock, then SpoolBusy
+TRY_NOW_WAIT = 0.002  # seconds try_now() waits for write.lock on the event loop
 MAX_BATCH = 512  # calls per group commit
 # Errors after which the connection itself is suspect: reopen it for the next batch.
 _REOPEN_CODES = {10, 11, 14, 26}  # SQLITE_IOERR, CORRUPT, CANTOPEN, NOTADB
@@ -99,6 +100,7 @@ class _Writer(threading.Thread):
         self.pragmas: dict[str, int] = {}  # re-applied on reopen (max_page_count, query_only)
         self._conn: sqlite3.Connection | None = None
         self._turn_fd: int | None = None  # write.lock, opened on first use
+        self._using = threading.RLock()  # the connection: this thread, or a caller of try_now()
 
     def submit(self, op: Op[T], *, transaction: bool = True) -> concurrent.futures.Future[T]:
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
@@ -126,20 +128,53 @@ class _Writer(threading.Thread):
                     batch.append(job)
             # A caller that gave up (client gone) before we started is skipped.
             self._run([job for job in batch if job.future.set_running_or_notify_cancel()])
-        self._close()
-        if self._turn_fd is not None:
-            os.close(self._turn_fd)
+        with self._using:
+            self._close()
+            if self._turn_fd is not None:
+                os.close(self._turn_fd)
+                self._turn_fd = None
+
+    def try_now(self, op: Op[T]) -> tuple[bool, T | None]:
+        """Run `op` as a transaction on the calling thread if nothing has to be waited for
+        (no queued job, the connection free, the other process not writing):
+        (True, result), or (False, None) and the caller submits it instead.
+
+        For a lone SMTP session this saves two thread hand-offs per 250 (about 0.2 ms);
+        the event loop is held for the commit (and up to TRY_NOW_WAIT for the other
+        process's turn), so it is not for concurrent sessions, which share commits
+        through the queue. SpoolError as from a queued call.
+        """
+        if not self.jobs.empty() or not self._using.acquire(blocking=False):
+            return False, None
+        try:
+            fd = self._turn_file()
+            if fd is not None:
+                try:
+                    _wait_turn(fd, self.path, TRY_NOW_WAIT)
+                except SpoolBusy:
+                    return False, None
+            try:
+                return True, self._transaction_now([op])[0]
+            finally:
+                if fd is not None:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            self._using.release()
 
     def _alone(self, job: _Job[Any]) -> None:
         if not job.future.set_running_or_notify_cancel():
             return
         try:
-            with self._turn():
+            with self._using, self._turn():
                 job.future.set_result(job.op(self._connection()))
         except Exception as exc:
             job.future.set_exception(SpoolError(f"spool {self.path}: {exc}"))
 
     def _run(self, batch: list[_Job[Any]]) -> None:
+        with self._using:
+            self._run_batch(batch)
+
+    def _run_batch(self, batch: list[_Job[Any]]) -> None:
         if not batch:
             return
         try:
@@ -150,7 +185,7 @@ class _Writer(threading.Thread):
                     job.future.set_exception(exc)
                 return
             for job in batch:  # one bad call must not fail the others
-                self._run([job])
+                self._run_batch([job])
             return
         for job, result in zip(batch, results, strict=True):
             job.future.set_result(result)
@@ -166,19 +201,23 @@ class _Writer(threading.Thread):
         Without the lock file (a read-only spool directory, say) SQLite's own
         locking and busy_timeout still keep the database consistent, only slower.
         """
+        fd = self._turn_file()
+        if fd is None:
+            yield
+            return
+        _wait_turn(fd, self.path)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _turn_file(self) -> int | None:
         if self._turn_fd is None:
             with contextlib.suppress(OSError):
                 self._turn_fd = os.open(
                     self.path.parent / WRITE_LOCK, os.O_RDWR | os.O_CREAT, 0o600
                 )
-        if self._turn_fd is None:
-            yield
-            return
-        _wait_turn(self._turn_fd, self.path)
-        try:
-            yield
-        finally:
-            fcntl.flock(self._turn_fd, fcntl.LOCK_UN)
+        return self._turn_fd
 
     def _transaction_now(self, ops: list[Op[Any]]) -> list[Any]:
         try:
@@ -222,7 +261,7 @@ class SpoolBusy(SpoolError):
     """The other relay process held the write lock for TURN_TIMEOUT (stopped, or stuck)."""
 
 
-def _wait_turn(fd: int, path: Path) -> None:
+def _wait_turn(fd: int, path: Path, timeout: float | None = None) -> None:
     """Take write.lock, looking every 50 µs for 10 ms (the other process's
     transactions take a fraction of a millisecond), then every 1 ms; SpoolBusy
     after TURN_TIMEOUT.
@@ -237,10 +276,10 @@ def _wait_turn(fd: int, path: Path) -> None:
             return
         except BlockingIOError:
             waited = time.monotonic() - start
-            if waited >= TURN_TIMEOUT:
+            limit = TURN_TIMEOUT if timeout is None else timeout
+            if waited >= limit:
                 raise SpoolBusy(
-                    f"spool {path}: the other relay process held {WRITE_LOCK} for "
-                    f"{TURN_TIMEOUT:g} s"
+                    f"spool {path}: the other relay process held {WRITE_LOCK} for {limit:g} s"
                 ) from None
             time.sleep(0.00005 if waited < 0.01 else 0.001)
 

@@ -9,6 +9,7 @@ import asyncio
 import fcntl
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -402,4 +403,31 @@ async def test_a_write_lock_held_too_long_fails_the_batch_not_the_spool(
     finally:
         os.close(lock)
     qid = await add()
+    assert [qid] == [m.id for m in await spool.claim(10)]
+
+
+async def test_a_lone_session_commits_on_its_own_thread_unless_it_would_wait(
+    spool: Spool, tmp_path: Path
+) -> None:
+    """try_now() runs a transaction on the caller's thread (no hand-off to the writer) when
+    nothing has to be waited for; while the other process holds write.lock it declines,
+    and add(alone=True) then goes through the writer thread, which waits its turn."""
+
+    def where(conn: sqlite3.Connection) -> str:
+        return threading.current_thread().name
+
+    assert (True, threading.current_thread().name) == spool._writer.try_now(where)
+    lock = os.open(tmp_path / "spool" / WRITE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert (False, None) == spool._writer.try_now(where)
+        add = spool.add(sender="a@example.org", recipients=["b@example.org"], raw=b"x",
+                        peer="127.0.0.1", trace=b"", message_id="", alone=True)  # fmt: skip
+        adding = asyncio.ensure_future(add)
+        await asyncio.sleep(0.05)
+        assert not adding.done()  # waiting for its turn, on the writer thread
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        qid = await asyncio.wait_for(adding, 5)
+    finally:
+        os.close(lock)
     assert [qid] == [m.id for m in await spool.claim(10)]
