@@ -162,11 +162,11 @@ def accept_and_e2e(srv: Servers, p: Params, report: Report) -> None:
     for name in ("postfix", "relay"):
         if name == "relay" and (srv.relay is None or srv.relay_sink is None):
             continue
-        port, sink_ = (
-            (srv.postfix.port, srv.postfix_sink)
-            if name == "postfix"
-            else (srv.relay.port, srv.relay_sink)  # type: ignore[union-attr]
-        )
+        if name == "postfix":
+            port, sink_ = srv.postfix.port, srv.postfix_sink
+        else:
+            assert srv.relay is not None and srv.relay_sink is not None
+            port, sink_ = srv.relay.port, srv.relay_sink
         report.progress(
             f"smtp-source: {p.accept_mails} x {p.accept_size} B, {p.accept_sessions} sessions"
             f" into {name} (delivery to smtp-sink running)"
@@ -290,23 +290,23 @@ def backlog(
             report.progress("backlog: original host is back, postfix flush, draining")
             start = time.monotonic()
             pf.flush()
-            waited = back.wait_for(p.backlog_mails, p.wait, stall=60)
-            drain = None if waited is None else time.monotonic() - start
+            done = back.wait_for(p.backlog_mails, p.wait, stall=60)
+            pf_drain = None if done is None else time.monotonic() - start
         results["postfix"] = {
-            "accept_per_s": rate, "pss_sum_mib": (rss or 0) / 1024, "drain_s": drain,
+            "accept_per_s": rate, "pss_sum_mib": (rss or 0) / 1024, "drain_s": pf_drain,
         }  # fmt: skip
     report.details["backlog"] = results
-    relay = results.get("relay", {})
+    row = results.get("relay", {})
     n = p.backlog_mails
     report.add(
         section="backlog", metric=f"peak RSS of relay serve, {n} mails queued", unit="MiB",
-        relay=relay.get("peak_rss_mib"), postfix=results["postfix"]["pss_sum_mib"],
+        relay=row.get("peak_rss_mib"), postfix=results["postfix"]["pss_sum_mib"],
         note="relay: VmHWM of the relay serve process; postfix: sum of the PSS of master "
         "and its children after the injection (different architecture, for scale only)",
     )  # fmt: skip
     report.add(
         section="backlog", metric=f"drain {n} queued mails after the host is back", unit="s",
-        relay=relay.get("drain_s"), postfix=results["postfix"]["drain_s"],
+        relay=row.get("drain_s"), postfix=results["postfix"]["drain_s"],
         note="relay: retry schedule [5 s], so up to 5 s of it is waiting for the retry; postfix: "
         "`postfix flush` when the sink is back"
         + (f"; relay: {no_delivery}" if no_delivery and with_relay else "")
@@ -315,5 +315,5 @@ def backlog(
     report.add(
         section="backlog", metric=f"accepted mails/s, {p.backlog_size} B, host down",
         unit="mails/s",
-        relay=relay.get("accept_per_s"), postfix=results["postfix"]["accept_per_s"],
+        relay=row.get("accept_per_s"), postfix=results["postfix"]["accept_per_s"],
     )  # fmt: skip

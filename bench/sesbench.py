@@ -241,7 +241,7 @@ def run(workdir: Path, p: Params, report: Report) -> None:
              relay=sum(r["fell_back_upstream"] + r["failed"] for r in results.values())),
     ]  # fmt: skip
     for row in rows:
-        report.add(section="ses", **row)  # type: ignore[arg-type]
+        report.add(section="ses", **row)
 
 
 def _fmt_pct(value: float | None) -> str:
