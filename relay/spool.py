@@ -12,7 +12,7 @@ Two processes share the file in `relay serve`: the receiving one adds with
 synchronous=FULL (a 250 means fsynced); the delivery process (relay.worker) opens
 it with `full_sync=False` (synchronous=NORMAL): a claim or an outcome lost to a
 power cut means one delivery again (at least once), never a lost mail. WAL lets
-both write; they take turns on an flock (`relay.spooldb`, write.lock).
+both write; they take turns on an flock (`relay.spoollock`).
 
 Bodies live in a table of their own (`bodies`), written once by `add()` and
 deleted by `sent()`, so a state change rewrites a small row, not the mail.

@@ -6,46 +6,41 @@ machinery under it, plus `connect()` / `open_existing()` / `state_counts()` for
 `relay queue`, which works on the same file from another process while the
 service runs (WAL lets readers and a second writer in; busy_timeout covers the rest).
 
-All SQLite work of the service runs on one writer thread. Concurrent calls are
+The SQLite work of a process runs on one writer thread. Concurrent calls are
 batched into one transaction, so many SMTP sessions share one COMMIT and one
 fsync (group commit). A failed commit is rolled back as a whole, each call of
 the batch is retried alone, and the callers that still fail get `SpoolError`.
+A call that can start at once with nothing queued may run on its caller's
+thread instead (`try_now`: a lone SMTP session, the delivery process).
 
-Two processes write the spool: `relay serve` adds, its delivery process
-(relay.worker) claims and records outcomes. SQLite's busy handler would make
-the one that finds the database locked sleep 1, 2, 5, 10 ms and more before it
-looks again, a stall no 250 reply can afford. So each writer thread takes its
-turn on an flock of `write.lock` around every transaction, looking for it every
-50 µs, and gives up (SpoolBusy: a 451 for the client) after TURN_TIMEOUT.
-`relay queue` does not take the lock; busy_timeout covers it.
+Two processes write the spool (`relay serve` adds, its delivery process
+claims and records outcomes); they take turns around every transaction on
+`relay.spoollock`.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import fcntl
 import logging
-import os
 import queue
 import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from relay.errors import SpoolError
+from relay.spoollock import SpoolBusy, Turn
 from relay.spoolschema import BUSY_TIMEOUT_MS, DB_NAME, SCHEMA_VERSION, schema_version
 
 log = logging.getLogger("relay.spool")
 
-WRITE_LOCK = "write.lock"  # in the spool directory: whose turn it is to write (see above)
-TURN_TIMEOUT = BUSY_TIMEOUT_MS / 1000  # seconds to wait for write.lock, then SpoolBusy
-TRY_NOW_WAIT = 0.002  # seconds try_now() waits for write.lock on the event loop
+TRY_NOW_WAIT = 0.002  # seconds try_now() waits for the write turn on the event loop
 MAX_BATCH = 512  # calls per group commit
 # Errors after which the connection itself is suspect: reopen it for the next batch.
 _REOPEN_CODES = {10, 11, 14, 26}  # SQLITE_IOERR, CORRUPT, CANTOPEN, NOTADB
@@ -99,7 +94,7 @@ class _Writer(threading.Thread):
         self.commits = 0
         self.pragmas: dict[str, int] = {}  # re-applied on reopen (max_page_count, query_only)
         self._conn: sqlite3.Connection | None = None
-        self._turn_fd: int | None = None  # write.lock, opened on first use
+        self._turn = Turn(path.parent)
         self._using = threading.RLock()  # the connection: this thread, or a caller of try_now()
 
     def submit(self, op: Op[T], *, transaction: bool = True) -> concurrent.futures.Future[T]:
@@ -130,9 +125,7 @@ class _Writer(threading.Thread):
             self._run([job for job in batch if job.future.set_running_or_notify_cancel()])
         with self._using:
             self._close()
-            if self._turn_fd is not None:
-                os.close(self._turn_fd)
-                self._turn_fd = None
+            self._turn.close()
 
     def try_now(self, op: Op[T]) -> tuple[bool, T | None]:
         """Run `op` as a transaction on the calling thread if nothing has to be waited for
@@ -147,17 +140,11 @@ class _Writer(threading.Thread):
         if not self.jobs.empty() or not self._using.acquire(blocking=False):
             return False, None
         try:
-            fd = self._turn_file()
-            if fd is not None:
-                try:
-                    _wait_turn(fd, self.path, TRY_NOW_WAIT)
-                except SpoolBusy:
-                    return False, None
             try:
-                return True, self._transaction_now([op])[0]
-            finally:
-                if fd is not None:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
+                with self._turn.held(TRY_NOW_WAIT):
+                    return True, self._transaction_now([op])[0]
+            except SpoolBusy:  # from held(): the other process is writing
+                return False, None
         finally:
             self._using.release()
 
@@ -165,7 +152,7 @@ class _Writer(threading.Thread):
         if not job.future.set_running_or_notify_cancel():
             return
         try:
-            with self._using, self._turn():
+            with self._using, self._turn.held():
                 job.future.set_result(job.op(self._connection()))
         except Exception as exc:
             job.future.set_exception(SpoolError(f"spool {self.path}: {exc}"))
@@ -191,33 +178,8 @@ class _Writer(threading.Thread):
             job.future.set_result(result)
 
     def _transaction(self, ops: list[Op[Any]]) -> list[Any]:
-        with self._turn():
+        with self._turn.held():
             return self._transaction_now(ops)
-
-    @contextlib.contextmanager
-    def _turn(self) -> Iterator[None]:
-        """Hold write.lock (shared with the other relay process) for one transaction.
-
-        Without the lock file (a read-only spool directory, say) SQLite's own
-        locking and busy_timeout still keep the database consistent, only slower.
-        """
-        fd = self._turn_file()
-        if fd is None:
-            yield
-            return
-        _wait_turn(fd, self.path)
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-
-    def _turn_file(self) -> int | None:
-        if self._turn_fd is None:
-            with contextlib.suppress(OSError):
-                self._turn_fd = os.open(
-                    self.path.parent / WRITE_LOCK, os.O_RDWR | os.O_CREAT, 0o600
-                )
-        return self._turn_fd
 
     def _transaction_now(self, ops: list[Op[Any]]) -> list[Any]:
         try:
@@ -255,33 +217,6 @@ class _Writer(threading.Thread):
             with contextlib.suppress(sqlite3.Error):
                 self._conn.close()
             self._conn = None
-
-
-class SpoolBusy(SpoolError):
-    """The other relay process held the write lock for TURN_TIMEOUT (stopped, or stuck)."""
-
-
-def _wait_turn(fd: int, path: Path, timeout: float | None = None) -> None:
-    """Take write.lock, looking every 50 µs for 10 ms (the other process's
-    transactions take a fraction of a millisecond), then every 1 ms; SpoolBusy
-    after TURN_TIMEOUT.
-
-    Not a blocking flock: a process stopped while it holds the lock would hold up
-    every add for good, where a client must get its 451 in bounded time.
-    """
-    start = time.monotonic()
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            waited = time.monotonic() - start
-            limit = TURN_TIMEOUT if timeout is None else timeout
-            if waited >= limit:
-                raise SpoolBusy(
-                    f"spool {path}: the other relay process held {WRITE_LOCK} for {limit:g} s"
-                ) from None
-            time.sleep(0.00005 if waited < 0.01 else 0.001)
 
 
 def _event(conn: sqlite3.Connection, queue_id: str, event: str, detail: str, at: float) -> None:

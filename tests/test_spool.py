@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from relay import spooldb
+from relay import spoollock
 from relay.errors import SpoolError
 from relay.spool import DB_NAME, Spool, State, new_id
-from relay.spooldb import WRITE_LOCK
+from relay.spoollock import WRITE_LOCK
 from relay.spoolschema import SCHEMA_VERSION
 
 TRACE = b"Received: from test (127.0.0.1)\r\n\tby relay.test (relay) with ESMTP id X;\r\n\tnow\r\n"
@@ -392,7 +392,7 @@ async def test_a_write_lock_held_too_long_fails_the_batch_not_the_spool(
         return await spool.add(sender="a@example.org", recipients=["b@example.org"],
                                raw=b"x", peer="127.0.0.1", trace=b"", message_id="")  # fmt: skip
 
-    monkeypatch.setattr(spooldb, "TURN_TIMEOUT", 0.3)
+    monkeypatch.setattr(spoollock, "TURN_TIMEOUT", 0.3)
     lock = os.open(tmp_path / "spool" / WRITE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)

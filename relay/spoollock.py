@@ -1,0 +1,84 @@
+"""Whose turn it is to write the spool: an flock of `write.lock` in its directory.
+
+    relay serve (adds) --Turn.held()--> BEGIN ... COMMIT <--Turn.held()-- relay.worker
+                                                                   (claims, outcomes)
+
+Two processes write the spool. SQLite's busy handler would make the one that
+finds the database locked sleep 1, 2, 5, 10 ms and more before it looks
+again, a stall no 250 reply can afford. So each writer takes its turn on this
+lock around every transaction, looking for it every 50 µs, and gives up
+(SpoolBusy: a 451 for the client) after TURN_TIMEOUT. Not a blocking flock: a
+process stopped while it holds the lock would hold up every add for good.
+`relay queue` does not take the lock; SQLite's busy_timeout covers it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from relay.errors import SpoolError
+from relay.spoolschema import BUSY_TIMEOUT_MS
+
+WRITE_LOCK = "write.lock"
+TURN_TIMEOUT = BUSY_TIMEOUT_MS / 1000  # seconds to wait for the turn, then SpoolBusy
+
+
+class SpoolBusy(SpoolError):
+    """The other relay process held the write lock for too long (stopped, or stuck)."""
+
+
+class Turn:
+    """The write lock of one spool directory, for one writer (not thread-safe)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / WRITE_LOCK
+        self._fd: int | None = None  # opened on first use
+
+    @contextlib.contextmanager
+    def held(self, timeout: float | None = None) -> Iterator[None]:
+        """Hold the lock for one transaction; SpoolBusy after `timeout` (TURN_TIMEOUT).
+
+        Without the lock file (a read-only spool directory, say) SQLite's own
+        locking and busy_timeout still keep the database consistent, only slower.
+        """
+        fd = self._file()
+        if fd is None:
+            yield
+            return
+        self._wait(fd, TURN_TIMEOUT if timeout is None else timeout)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _file(self) -> int | None:
+        if self._fd is None:
+            with contextlib.suppress(OSError):
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        return self._fd
+
+    def _wait(self, fd: int, limit: float) -> None:
+        """Look every 50 µs for 10 ms (the other side's transactions take a fraction
+        of a millisecond), then every 1 ms, up to `limit` seconds."""
+        start = time.monotonic()
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                waited = time.monotonic() - start
+                if waited >= limit:
+                    raise SpoolBusy(
+                        f"spool: the other relay process held {self.path} for {limit:g} s"
+                    ) from None
+                time.sleep(0.00005 if waited < 0.01 else 0.001)
