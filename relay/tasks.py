@@ -157,13 +157,12 @@ async def delivery(ctx: Context) -> None:
             deliverer.rules = new_rules
             deliverer.settings = new_settings
             if (new_settings.upstream, new_settings.hostname) != (old.upstream, old.hostname):
-                # Mail in flight finishes on the old connections; the next goes to the new host.
-                closing = deliverer.upstream
+                # Mail in flight finishes on the old client; its connections close when idle
+                # (upstream.REUSE_IDLE) or, at the latest, when delivery stops.
+                stack.push_async_callback(deliverer.upstream.close)
                 deliverer.upstream = UpstreamClient(
                     new_settings.upstream, hostname=new_settings.hostname
                 )
-                _retired.add(task := asyncio.create_task(closing.close()))
-                task.add_done_callback(_retired.discard)
 
         ctx.on_reload.append(reloaded)
         quota = None
@@ -176,9 +175,6 @@ async def delivery(ctx: Context) -> None:
                 quota.cancel()
             left = await deliverer.drain(ctx.drain)
             logs.event(log, "delivery_stopped", still_inflight=left)
-
-
-_retired: set[asyncio.Task[None]] = set()  # old upstream clients QUITting after a reload
 
 
 async def _quota_loop(ctx: Context, ses: SesClient, pace: Pace, circuit: Circuit) -> None:
