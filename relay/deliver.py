@@ -99,14 +99,14 @@ class Deliverer:
                 batch = await self.spool.claim(free)
             except SpoolError as exc:  # disk full, I/O error: keep the loop, try again later
                 logs.event(log, "claim_failed", level=logging.WARNING, error=str(exc))
-                await _first(stop, seconds=IDLE_POLL)
+                await wait_any(stop, seconds=IDLE_POLL)
                 continue
             for mail in batch:
                 task = asyncio.create_task(self._guarded(mail), name=f"deliver-{mail.id}")
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             if len(batch) < free:
-                await _first(self.wakeup, stop, seconds=IDLE_POLL)
+                await wait_any(self.wakeup, stop, seconds=IDLE_POLL)
 
     async def drain(self, deadline: float) -> int:
         """Wait for in-flight deliveries up to `deadline` seconds, then QUIT the upstream
@@ -260,8 +260,9 @@ def _outcome(
                rule=decision.rule if decision else None, route=route.value, **fields)  # fmt: skip
 
 
-async def _first(*events: asyncio.Event, seconds: float) -> None:
-    """Return when any of `events` is set, or after `seconds`."""
+async def wait_any(*events: asyncio.Event, seconds: float) -> None:
+    """Return when any of `events` is set, or after `seconds` (the sleep that a stop cuts
+    short, for every loop of the service)."""
     waiters = [asyncio.ensure_future(event.wait()) for event in events]
     try:
         await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)

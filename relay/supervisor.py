@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from relay import logs, metrics
+from relay.deliver import wait_any
 
 if TYPE_CHECKING:  # relay.tasks imports this module for DEFAULT_TASKS
     from relay.tasks import Context
@@ -176,7 +177,7 @@ class Supervisor:
                 metrics.DELIVERY_RESTARTS.inc()
                 logs.event(log, "delivery_process_died", level=logging.ERROR, pid=died[0],
                            returncode=died[1], restart_in=delay)  # fmt: skip
-            await _sleep(self.ctx.stop, delay)
+            await wait_any(self.ctx.stop, seconds=delay)
             delay = min(delay * 2, RESTART_MAX)
 
     async def _run_once(self) -> tuple[int, int] | None:
@@ -222,11 +223,6 @@ async def _watch_liveness(child: Child) -> None:
     logs.event(log, "delivery_process_hung", level=logging.ERROR, pid=child.pid,
                unanswered=misses, every=LIVENESS_EVERY)  # fmt: skip
     child.signal(signal.SIGKILL)
-
-
-async def _sleep(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
 
 
 async def delivery_process(ctx: Context) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 from relay import logs, metrics, rules, sdnotify
 from relay import settings as settings_mod
 from relay.circuit import Circuit, CircuitState
-from relay.deliver import Deliverer
+from relay.deliver import Deliverer, wait_any
 from relay.errors import ConfigError, DeliveryError, SpoolError
 from relay.pace import Pace
 from relay.rules import RuleSet
@@ -101,12 +101,6 @@ async def stop_all(running: list[asyncio.Task[None]]) -> None:
         await asyncio.wait(pending, timeout=5)
 
 
-async def _sleep(ctx: Context, seconds: float) -> None:
-    """Sleep `seconds` or until stop, whichever comes first."""
-    with suppress(TimeoutError):
-        await asyncio.wait_for(ctx.stop.wait(), seconds)
-
-
 async def purge_sent(ctx: Context) -> None:
     """Drop delivered rows past `retention`, hourly."""
     while not ctx.stop.is_set():
@@ -116,7 +110,7 @@ async def purge_sent(ctx: Context) -> None:
                 logs.event(log, "purged", count=purged)
         except SpoolError as exc:
             logs.event(log, "purge_failed", level=logging.WARNING, error=str(exc))
-        await _sleep(ctx, PURGE_EVERY)
+        await wait_any(ctx.stop, seconds=PURGE_EVERY)
 
 
 async def delivery(ctx: Context) -> None:
@@ -180,7 +174,7 @@ async def delivery(ctx: Context) -> None:
 async def _quota_loop(ctx: Context, ses: SesClient, pace: Pace, circuit: Circuit) -> None:
     """GetSendQuota at start and every QUOTA_REFRESH: ceiling (auto) and daily budget."""
     while not ctx.stop.is_set():
-        await _sleep(ctx, QUOTA_REFRESH)
+        await wait_any(ctx.stop, seconds=QUOTA_REFRESH)
         await _refresh_quota(ctx, ses, pace)
         metrics.CIRCUIT_OPEN.set(0 if circuit.state is CircuitState.CLOSED else 1)
 
@@ -227,7 +221,7 @@ async def observe(ctx: Context) -> None:
                 metrics.OLDEST_AGE.set(await ctx.spool.oldest_age())
             except SpoolError as exc:
                 logs.event(log, "gauges_failed", level=logging.WARNING, error=str(exc))
-            await _sleep(ctx, GAUGE_REFRESH)
+            await wait_any(ctx.stop, seconds=GAUGE_REFRESH)
     finally:
         if server is not None:
             server.close()
@@ -243,7 +237,7 @@ async def watchdog(ctx: Context) -> None:
         return
     while not ctx.stop.is_set():
         sdnotify.notify("WATCHDOG=1")
-        await _sleep(ctx, interval)
+        await wait_any(ctx.stop, seconds=interval)
 
 
 async def reload_on_signal(ctx: Context) -> None:

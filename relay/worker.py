@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import fcntl
 import logging
 import os
@@ -39,6 +38,7 @@ from pathlib import Path
 
 from relay import logs, metrics, rules, tasks
 from relay import settings as settings_mod
+from relay.deliver import wait_any
 from relay.errors import ConfigError, SpoolError
 from relay.rules import RuleSet
 from relay.settings import Settings
@@ -132,8 +132,7 @@ async def _lock(path: Path, stop: asyncio.Event) -> int | None:
                 logs.event(log, "delivery_lock_busy", level=logging.WARNING, lock=str(path),
                            reason="another delivery process holds it; waiting")  # fmt: skip
                 waiting = True
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), LOCK_POLL)
+        await wait_any(stop, seconds=LOCK_POLL)
     os.close(fd)
     return None
 
