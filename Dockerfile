@@ -1,7 +1,7 @@
 # relay in a container: docker build -t relay . && docker run -v relay-spool:/var/lib/relay \
 #   -v ./relay.yaml:/etc/relay/relay.yaml:ro -p 127.0.0.1:2525:2525 --stop-timeout 45 relay
 # (--stop-timeout: relay drains in-flight sends for up to 30 s; Docker's default is 10 s.)
-# relay serve is PID 1 and starts one delivery process (python -m relay.worker); it stops,
+# relay serve is PID 1 and starts one delivery process (python -m relay.deliver.process); it stops,
 # restarts and reaps that child itself, so no init (--init) is needed.
 FROM python:3.11-slim
 

@@ -36,7 +36,7 @@ def unavailable() -> str | None:
     missing = relayproc.available()
     if missing:
         return missing
-    for module in ("relay.deliver", "relay.pace", "relay.ses"):
+    for module in ("relay.deliver", "relay.deliver.ses.pace", "relay.deliver.ses.client"):
         if importlib.util.find_spec(module) is None:
             return f"{module} has not landed"
     return None

@@ -48,7 +48,7 @@ def serve(config: Path | None, log_format: str) -> None:
 @click.argument("paths", nargs=-1, required=True, type=PathArg)
 def check_rules(rules_path: Path | None, as_json: bool, paths: tuple[Path, ...]) -> None:
     """Classify .eml files, directories (recursive) or - (stdin); sends nothing."""
-    from relay import checkrules
+    from relay.ops import checkrules
 
     sys.exit(checkrules.run(rules_path, paths, as_json=as_json))
 
@@ -92,7 +92,7 @@ def queue(ctx: click.Context, config: Path | None) -> None:
 @click.pass_obj
 def queue_list(obj: settings_mod.Settings, state: str | None, as_json: bool) -> None:
     """List messages in the spool."""
-    from relay import queue as queue_mod
+    from relay.ops import queueadmin as queue_mod
 
     sys.exit(queue_mod.list_messages(obj.spool, state=state, as_json=as_json))
 
@@ -103,7 +103,7 @@ def queue_list(obj: settings_mod.Settings, state: str | None, as_json: bool) -> 
 @click.pass_obj
 def queue_show(obj: settings_mod.Settings, queue_id: str, as_json: bool) -> None:
     """Show one message: envelope, headers, state and full history."""
-    from relay import queue as queue_mod
+    from relay.ops import queueadmin as queue_mod
 
     sys.exit(queue_mod.show(obj.spool, queue_id, as_json=as_json))
 
@@ -114,7 +114,7 @@ def queue_show(obj: settings_mod.Settings, queue_id: str, as_json: bool) -> None
 @click.pass_obj
 def queue_retry(obj: settings_mod.Settings, queue_ids: tuple[str, ...], all_failed: bool) -> None:
     """Queue deferred or failed messages for delivery now."""
-    from relay import queue as queue_mod
+    from relay.ops import queueadmin as queue_mod
 
     sys.exit(queue_mod.retry(obj.spool, queue_ids, all_failed=all_failed))
 
@@ -124,7 +124,7 @@ def queue_retry(obj: settings_mod.Settings, queue_ids: tuple[str, ...], all_fail
 @click.pass_obj
 def queue_delete(obj: settings_mod.Settings, queue_ids: tuple[str, ...]) -> None:
     """Delete messages from the spool (they will not be delivered)."""
-    from relay import queue as queue_mod
+    from relay.ops import queueadmin as queue_mod
 
     sys.exit(queue_mod.delete(obj.spool, queue_ids))
 
@@ -134,7 +134,7 @@ def queue_delete(obj: settings_mod.Settings, queue_ids: tuple[str, ...]) -> None
 @click.pass_obj
 def queue_stats(obj: settings_mod.Settings, as_json: bool) -> None:
     """Counts by state, bytes held, age of the oldest queued message."""
-    from relay import queue as queue_mod
+    from relay.ops import queueadmin as queue_mod
 
     sys.exit(queue_mod.stats(obj.spool, as_json=as_json))
 
@@ -143,7 +143,7 @@ def queue_stats(obj: settings_mod.Settings, as_json: bool) -> None:
 @click.option("--keep-running", is_flag=True, help="stay up after the samples, for your own mail")
 def demo(keep_running: bool) -> None:
     """Zero-setup run: relay + local SES emulator + local capture server, sample Moodle mails."""
-    from relay import demo as demo_mod
+    from relay.ops import demo as demo_mod
 
     sys.exit(demo_mod.run(keep_running=keep_running))
 
@@ -151,7 +151,7 @@ def demo(keep_running: bool) -> None:
 @main.command("hash-password")
 def hash_password() -> None:
     """Print a password hash for an `auth.users_file` line (user:hash)."""
-    from relay import passwords
+    from relay.receive import passwords
 
     password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
     click.echo(passwords.hash_password(password))
@@ -165,7 +165,7 @@ def hash_password() -> None:
 @click.option("--nameserver", help="DNS server to ask (default: the system resolver)")
 def doctor(config: Path | None, senders: tuple[str, ...], nameserver: str | None) -> None:
     """Live checks: config, spool, original host, SES account and identities, DNS."""
-    from relay import doctor as doctor_mod
+    from relay.ops import doctor as doctor_mod
 
     sys.exit(doctor_mod.run(settings_mod.find_config(config), senders=senders,
                             nameserver=nameserver))  # fmt: skip

@@ -5,11 +5,11 @@ on `metrics:` (loopback by default). The HTTP server runs on the event loop, so
 an answer from /healthz also proves the loop is responsive.
 
 Two processes, one scrape. In `relay serve` delivery runs in a child process
-(relay.worker), which counts into its own copy of these objects. The two sides
+(relay.deliver.process), which counts into its own copy of these objects. The two sides
 own disjoint metric families: `DELIVERY_FAMILIES` are the child's, the rest the
 receiving (main) process's. On a scrape the main process renders its own
 families and appends the child's text, which it asks for over a socketpair
-(relay.supervisor; if the child does not answer within a second or two, its
+(relay.deliver.supervisor; if the child does not answer within a second or two, its
 families are simply absent from that scrape). So every family name appears
 once, and counters stay plain in-memory counters: no shared files, no
 multiprocess mode, and a restarted child starts its counters at zero like any

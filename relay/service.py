@@ -4,12 +4,13 @@
             SIGTERM/SIGINT set `stop` -> close listener -> idle sessions get 421,
             sessions in a transaction finish (deadline) -> tasks stop (deadline) -> spool closed
 
-Background work (relay.tasks: the delivery process, metrics, watchdog, reload)
-plugs in as `Task` factories: `serve(settings, background=[...])`; each gets a
+Background work (the delivery process, metrics, watchdog, reload) plugs in as
+`relay.runtime` tasks: `serve(settings, background=[...])`; each gets a
 `Context` and must return when `ctx.stop` is set. SIGHUP sets `ctx.reload`.
-By default (`relay serve`) delivery runs in a child process (relay.supervisor,
-relay.worker), which gets SIGTERM as soon as `stop` is set and drains its sends
-while the sessions here drain; `tasks.IN_PROCESS_TASKS` keeps it on this loop.
+By default (`relay serve`, DEFAULT_TASKS) delivery runs in the delivery process
+(relay.deliver.supervisor starts relay.deliver.process), which gets SIGTERM as
+soon as `stop` is set and drains its sends while the sessions here drain;
+IN_PROCESS_TASKS keeps delivery on this loop, for tests.
 
 When the listen port is 0 the kernel picks one; the bound address is logged as
 `listening on HOST:PORT` and, if $RELAY_PORT_FILE is set, written to that file
@@ -28,19 +29,22 @@ from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack, suppress
 from pathlib import Path
 
-from relay import logs, rules, sdnotify, tasks
+from relay import logs, metrics, rules, runtime, sdnotify
+from relay.deliver.supervisor import delivery_process
+from relay.deliver.task import delivery, purge_sent
 from relay.errors import ConfigError, RelayError, SpoolError
-from relay.passwords import Users
-from relay.receive import Handler
-from relay.session import Session, session_factory
+from relay.receive.handler import Handler
+from relay.receive.passwords import Users
+from relay.receive.session import Session, session_factory
+from relay.runtime import Context, Task, wait_any
 from relay.settings import Settings, check_listen_env
 from relay.spool import Spool
-from relay.tasks import Context, Task
 
 log = logging.getLogger("relay.service")
 
 SESSION_DRAIN = 30.0  # seconds sessions in a transaction get to finish at stop
 PORT_FILE_ENV = "RELAY_PORT_FILE"
+GAUGE_REFRESH = 5.0  # seconds between queue-depth updates
 
 
 class StartError(RelayError):
@@ -89,7 +93,7 @@ async def serve(
 ) -> None:  # fmt: skip
     """Run until `stop` is set (by SIGTERM/SIGINT when not given); every wait has a deadline.
 
-    `background` defaults to `tasks.DEFAULT_TASKS`. `ready(ctx)` is called once the
+    `background` defaults to `DEFAULT_TASKS`. `ready(ctx)` is called once the
     listener accepts connections; `drain` is how long sessions in a transaction get
     to finish at stop; `log_format` is passed on to the delivery process.
     """
@@ -122,8 +126,8 @@ async def serve(
         )  # fmt: skip
         # Tasks start before the listener so that, unwinding in reverse, the listener
         # closes first, then the tasks drain, then the spool closes.
-        running = tasks.start(ctx, tasks.DEFAULT_TASKS if background is None else background)
-        stack.push_async_callback(tasks.stop_all, running)
+        running = runtime.start(ctx, DEFAULT_TASKS if background is None else background)
+        stack.push_async_callback(runtime.stop_all, running)
         stack.callback(stop.set)  # runs first when unwinding: a failed start stops the tasks
         factory = session_factory(
             handler, settings, ctx.sessions, tls_context=None if implicit else tls
@@ -143,7 +147,7 @@ async def serve(
         if ready is not None:
             ready(ctx)
         sdnotify.notify("READY=1")
-        await tasks.wait_stop(stop, running)
+        await runtime.wait_stop(stop, running)
         handler.stopping = True
         ctx.listening = False
         sdnotify.notify("STOPPING=1")
@@ -172,3 +176,49 @@ def _write_port_file(port: int) -> None:
         tmp = Path(f"{path}.tmp")
         tmp.write_text(f"{port}\n", encoding="ascii")
         tmp.replace(path)
+
+
+async def observe(ctx: Context) -> None:
+    """Serve /metrics, /healthz, /readyz (when configured) and keep the queue gauges fresh."""
+    server = None
+    if ctx.settings.metrics is not None:
+
+        async def ready() -> bool:
+            return ctx.listening and not ctx.stop.is_set() and await ctx.spool.writable()
+
+        where = ctx.settings.metrics
+        server = await metrics.serve_http(
+            where.host, where.port, ready=ready,
+            text=lambda: metrics.exposition(ctx.delivery_metrics),
+        )  # fmt: skip
+        ctx.metrics_port = server.sockets[0].getsockname()[1]
+        logs.event(log, "metrics_listening", address=f"{where.host}:{ctx.metrics_port}")
+    try:
+        while not ctx.stop.is_set():
+            try:
+                for state, count in (await ctx.spool.counts()).items():
+                    metrics.QUEUE_DEPTH.labels(state).set(count)
+                metrics.OLDEST_AGE.set(await ctx.spool.oldest_age())
+            except SpoolError as exc:
+                logs.event(log, "gauges_failed", level=logging.WARNING, error=str(exc))
+            await wait_any(ctx.stop, seconds=GAUGE_REFRESH)
+    finally:
+        if server is not None:
+            server.close()
+            with suppress(TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), 5)
+
+
+async def watchdog(ctx: Context) -> None:
+    """WATCHDOG=1 to systemd at half of WatchdogSec, while the loop runs."""
+    interval = sdnotify.watchdog_interval()
+    if interval is None:  # not asked for: idle until stop, like every task
+        await ctx.stop.wait()
+        return
+    while not ctx.stop.is_set():
+        sdnotify.notify("WATCHDOG=1")
+        await wait_any(ctx.stop, seconds=interval)
+
+
+DEFAULT_TASKS: list[Task] = [delivery_process, observe, watchdog, runtime.reload_on_signal]
+IN_PROCESS_TASKS: list[Task] = [delivery, observe, watchdog, runtime.reload_on_signal, purge_sent]

@@ -32,7 +32,7 @@ import yaml
 
 from relay import service
 from relay import settings as settings_mod
-from relay.tasks import IN_PROCESS_TASKS
+from relay.service import IN_PROCESS_TASKS
 
 # `python -c` rather than the `relay` script: works in any venv without PATH set-up.
 RELAY = [sys.executable, "-c", "import sys; from relay.cli import main; sys.exit(main())"]
@@ -81,7 +81,7 @@ async def start_relay(
     async def start(
         *, tasks: list[service.Task] | None = None, deliver: bool = False, **overrides: Any
     ) -> Running:
-        """`deliver=True` runs `tasks.IN_PROCESS_TASKS`: delivery, metrics, ... on this loop."""
+        """`deliver=True` runs `service.IN_PROCESS_TASKS`: delivery, metrics, ... on this loop."""
         settings = settings_mod.load(write_config(f"relay{len(running)}.yaml", **overrides))
         stop = asyncio.Event()
         got: asyncio.Future[service.Context] = asyncio.get_running_loop().create_future()

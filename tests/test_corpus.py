@@ -20,7 +20,7 @@ IDS = [e.name for e in EXPECTED]
 
 @pytest.fixture(scope="module")
 def shipped() -> rules.RuleSet:
-    """The rules shipped in relay/data/rules.yaml."""
+    """The rules shipped in relay/rules/rules.yaml."""
     return rules.load(rules.DEFAULT_RULES)
 
 

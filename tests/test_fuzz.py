@@ -36,8 +36,8 @@ from hypothesis import strategies as st
 
 from relay import service
 from relay import settings as settings_mod
-from relay.passwords import hash_password
-from relay.receive import INTERNAL_ERROR
+from relay.receive.handler import INTERNAL_ERROR
+from relay.receive.passwords import hash_password
 from relay.spool import open_existing
 
 BOUNDED = settings(

@@ -24,7 +24,8 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay import samples, tasks
+from relay import runtime
+from relay.ops import samples
 from tests.capture import CaptureServer, asend, await_rows, capture, rows, send, wait_rows
 from tests.conftest import RELAY, ConfigWriter, RelayProcess, relay_cli
 from tests.sesfixtures import REGION, aws_env, moto_server
@@ -435,7 +436,7 @@ async def test_reload_moves_delivery_to_a_new_upstream_host(
         first = await asend(relay.port, "a@example.org", ["x@example.net"], mail("before"))
         await await_rows(relay.settings.spool, [first], {"sent"})
         write_config("relay0.yaml", upstream={"host": "127.0.0.1", "port": new.port})
-        assert tasks.reload(relay.ctx)
+        assert runtime.reload(relay.ctx)
         second = await asend(relay.port, "a@example.org", ["x@example.net"], mail("after"))
         await await_rows(relay.settings.spool, [second], {"sent"})
         assert [m.queue_id for m in old.messages] == [first]

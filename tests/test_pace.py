@@ -1,5 +1,6 @@
-"""relay.pace on virtual time: spacing, no bursts, AIMD on throttling, the daily budget, and
-simulated relays sharing one SES account (a sliding 1-second window, as tests/fakeses.py)."""
+"""relay.deliver.ses.pace on virtual time: spacing, no bursts, AIMD on throttling, the daily
+budget, and simulated relays sharing one SES account (a sliding 1-second window, as
+tests/fakeses.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from relay.pace import (
+from relay.deliver.ses.pace import (
     DECREASE,
     FLOOR,
     HEADROOM,

@@ -127,7 +127,7 @@ def container_config(write_config: ConfigWriter, tmp_path: Path, tls: TlsFiles) 
     return write_config(
         listen="0.0.0.0:0", auth={"users_file": str(users)},
         tls={"cert": str(tls.cert), "key": str(tls.key)}, metrics="127.0.0.1:0",
-        rules=str(ROOT / "relay" / "data" / "rules.yaml"), ses={"enabled": False},
+        rules=str(ROOT / "relay" / "rules" / "rules.yaml"), ses={"enabled": False},
     )  # fmt: skip
 
 

@@ -15,7 +15,7 @@ from click.testing import CliRunner, Result
 
 from relay.cli import main
 from relay.spool import DB_NAME, Spool
-from relay.spoolschema import SCHEMA_VERSION
+from relay.spool.schema import SCHEMA_VERSION
 from tests.conftest import ConfigWriter, RelayProcess, relay_cli
 from tests.test_spool import make_spool
 

@@ -21,8 +21,8 @@ from typing import Any
 import aiosmtplib
 import pytest
 
-from relay.passwords import hash_password, parse_users, verify_password
-from relay.receive import address_problem, extract_message_id
+from relay.receive.handler import address_problem, extract_message_id
+from relay.receive.passwords import hash_password, parse_users, verify_password
 from relay.spool import DB_NAME
 from tests.conftest import Running, TlsFiles
 

@@ -23,7 +23,7 @@ import pytest
 
 from relay import service
 from relay import settings as settings_mod
-from relay.passwords import hash_password
+from relay.receive.passwords import hash_password
 from relay.settings import HostPort
 from relay.spool import DB_NAME
 from tests.conftest import ConfigWriter, RelayProcess, TlsFiles, relay_cli

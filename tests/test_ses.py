@@ -1,4 +1,5 @@
-"""relay.ses against a moto server (happy path) and the fake SES (faults), over real HTTP."""
+"""relay.deliver.ses.client against a moto server (happy path) and the fake SES (faults),
+over real HTTP."""
 
 from __future__ import annotations
 
@@ -10,8 +11,15 @@ import pytest
 from aiobotocore.session import AioSession
 from botocore.exceptions import ClientError
 
+from relay.deliver.ses.client import (
+    MAX_DESTINATIONS,
+    MAX_MESSAGE_SIZE,
+    Quota,
+    SesClient,
+    Throttled,
+    tag_safe,
+)
 from relay.errors import AccountFailure, PermanentFailure, TemporaryFailure
-from relay.ses import MAX_DESTINATIONS, MAX_MESSAGE_SIZE, Quota, SesClient, Throttled, tag_safe
 from relay.settings import Ses
 from tests.fakeses import DROP, HTTP_500, FakeSes, Fault
 from tests.sesfixtures import (  # noqa: F401

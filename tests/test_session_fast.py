@@ -30,9 +30,9 @@ from aiosmtpd.smtp import SMTP, AuthResult
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay.receive import AIOSMTPD_REPLIES, Handler
-from relay.session import PLAIN_ADDRESS, Session, session_factory
-from relay.smtpdata import Body
+from relay.receive.data import Body
+from relay.receive.handler import AIOSMTPD_REPLIES, Handler
+from relay.receive.session import PLAIN_ADDRESS, Session, session_factory
 from relay.spool import DB_NAME
 from tests.conftest import Running
 

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from relay import spoollock
 from relay.errors import SpoolError
 from relay.spool import DB_NAME, Spool, State, new_id
-from relay.spoollock import WRITE_LOCK
-from relay.spoolschema import SCHEMA_VERSION
+from relay.spool import lock as spoollock
+from relay.spool.lock import WRITE_LOCK
+from relay.spool.schema import SCHEMA_VERSION
 
 TRACE = b"Received: from test (127.0.0.1)\r\n\tby relay.test (relay) with ESMTP id X;\r\n\tnow\r\n"
 

@@ -1,4 +1,5 @@
-"""relay.upstream against an aiosmtpd capture server on port 0 (plain, STARTTLS, implicit TLS)."""
+"""relay.deliver.upstream against an aiosmtpd capture server on port 0 (plain, STARTTLS,
+implicit TLS)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from typing import Any
 import pytest
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from relay import upstream
+from relay.deliver import upstream
+from relay.deliver.upstream import UpstreamClient, UpstreamResult
 from relay.errors import HostUnreachable, PermanentFailure, TemporaryFailure
 from relay.settings import Security, Upstream
-from relay.upstream import UpstreamClient, UpstreamResult
 from tests.conftest import TlsFiles
 from tests.sesfixtures import make_mail
 

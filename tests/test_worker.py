@@ -1,4 +1,5 @@
-"""Delivery in its own process: `relay serve` runs `relay.worker` as a child and watches it.
+"""Delivery in its own process: `relay serve` runs the delivery process
+(`relay.deliver.process`) as a child and watches it.
 
 Real processes throughout: `relay serve` (the `relay_process` fixture, in its own
 process group), the capture server as the original host, a fake SES where a send
@@ -25,9 +26,9 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay import supervisor, tasks, worker
+from relay.deliver import process, supervisor
+from relay.deliver.process import LOCK_NAME
 from relay.spool import Spool, new_id
-from relay.worker import LOCK_NAME
 from tests.capture import CaptureServer, capture, rows, send, trace_queue_id, wait_rows
 from tests.conftest import ConfigWriter, RelayProcess
 from tests.fakeses import FakeSes
@@ -105,7 +106,7 @@ def test_mail_is_delivered_by_a_child_process(
     assert [qid] == [m.queue_id for m in capture.messages]
     assert (True, relay.proc.pid) == (child != relay.proc.pid, stat(child)[1])  # type: ignore[index]
     assert f"event=delivery_started pid={child} " in relay.log()
-    assert min(nice(relay.proc.pid) + worker.NICE, 19) == nice(child)  # receiving goes first
+    assert min(nice(relay.proc.pid) + process.NICE, 19) == nice(child)  # receiving goes first
     assert 0 == relay.stop()
 
 
@@ -301,7 +302,7 @@ async def test_a_hung_delivery_process_is_killed_and_replaced(
     monkeypatch.setattr(supervisor, "LIVENESS_EVERY", 0.3)
     monkeypatch.setattr(supervisor, "SCRAPE_TIMEOUT", 0.2)
     relay = await start_relay(
-        tasks=[tasks.delivery_process], upstream={"host": "127.0.0.1", "port": capture.port}
+        tasks=[supervisor.delivery_process], upstream={"host": "127.0.0.1", "port": capture.port}
     )
 
     def logged(event: str) -> list[str]:

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from relay.receive import extract_message_id
+from relay.receive.handler import extract_message_id
 from tests.capture import CaptureServer, queue_id_of
 from tests.fakeses import FakeSes
 from tests.rulesupport import expectations

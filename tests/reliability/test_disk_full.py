@@ -28,8 +28,9 @@ from typing import Any
 
 import pytest
 
-from relay import tasks
-from relay.receive import SPOOL_UNAVAILABLE
+from relay.deliver import task
+from relay.receive.handler import SPOOL_UNAVAILABLE
+from relay.runtime import Context
 from relay.spool import open_existing
 from tests.capture import DONE, CaptureServer, await_rows, wait_rows
 from tests.conftest import ConfigWriter, RelayProcess, Running
@@ -135,11 +136,11 @@ async def test_disk_full_while_receiving_gives_451_then_the_same_clients_succeed
     spool = tmpfs / "spool"
     space_back = asyncio.Event()
 
-    async def delivery_after_space_returns(ctx: tasks.Context) -> None:
+    async def delivery_after_space_returns(ctx: Context) -> None:
         await asyncio.wait([asyncio.ensure_future(e.wait()) for e in (space_back, ctx.stop)],
                            return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
         if not ctx.stop.is_set():
-            await tasks.delivery(ctx)
+            await task.delivery(ctx)
 
     running = await start_relay(tasks=[delivery_after_space_returns],
                                 **config_for(capture, fake_ses, spool))  # fmt: skip

@@ -21,7 +21,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-log = logging.getLogger("relay.passwords")
+log = logging.getLogger("relay.receive")
 
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 16384, 8, 1
 _KEY_LEN = 32

@@ -1,7 +1,7 @@
 """`relay serve`'s side of the delivery process: start it, wake it, scrape it, restart it, stop it.
 
     DEFAULT_TASKS -> delivery_process(ctx):
-      start `python -m relay.worker --config FILE --wake-fd R --metrics-fd S ...`
+      start `python -m relay.deliver.process --config FILE --wake-fd R --metrics-fd S ...`
       spool.wakeup (a committed add) -> one byte down the wake pipe (dropped when full)
       /metrics -> b"SEQ" on the metrics socketpair -> b"SEQ\\n" + the child's exposition
       SIGHUP here -> SIGHUP to the child: both reload relay.yaml and the rules (the
@@ -16,7 +16,7 @@ The receiving side (this process) keeps the listener, the spool's adds and
 /metrics; delivery gets its own core and its own SQLite connection. The child
 exits when the wake pipe reaches EOF, that is when this process is gone, however
 it died; a lock in the spool directory keeps a second one from delivering
-meanwhile (relay.worker).
+meanwhile (relay.deliver.process).
 """
 
 from __future__ import annotations
@@ -30,15 +30,11 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from relay import logs, metrics
-from relay.deliver import wait_any
+from relay.runtime import Context, wait_any
 
-if TYPE_CHECKING:  # relay.tasks imports this module for DEFAULT_TASKS
-    from relay.tasks import Context
-
-log = logging.getLogger("relay.supervisor")
+log = logging.getLogger("relay.delivery_process")
 
 RESTART_FIRST = 1.0  # seconds before starting a delivery process that died
 RESTART_MAX = 30.0
@@ -71,7 +67,7 @@ class Child:
             os.set_blocking(wake_write, False)
             ours.setblocking(False)
             argv = [
-                sys.executable, "-m", "relay.worker", "--config", str(ctx.settings.source),
+                sys.executable, "-m", "relay.deliver.process", "--config", str(ctx.settings.source),
                 "--wake-fd", str(wake_read), "--metrics-fd", str(theirs.fileno()),
                 "--log-format", ctx.log_format,
                 "--log-level", str(logging.getLogger().getEffectiveLevel()),
@@ -226,7 +222,7 @@ async def _watch_liveness(child: Child) -> None:
 
 
 async def delivery_process(ctx: Context) -> None:
-    """Run delivery in a child process (relay.worker) until stop; then stop it, bounded."""
+    """Run the delivery process until stop; then stop it, bounded."""
     supervisor = Supervisor(ctx)
     ctx.delivery_metrics = supervisor.scrape
     ctx.on_reload_signal.append(supervisor.forward_sighup)

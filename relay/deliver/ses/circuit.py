@@ -16,7 +16,7 @@ from enum import StrEnum
 
 from relay import logs
 
-log = logging.getLogger("relay.circuit")
+log = logging.getLogger("relay.deliver")
 
 
 class CircuitState(StrEnum):

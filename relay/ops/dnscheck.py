@@ -20,8 +20,8 @@ import dns.resolver
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
-from relay import ses as ses_mod
 from relay import settings as settings_mod
+from relay.deliver.ses import client as ses_mod
 
 DNS_TIMEOUT = 2.0  # seconds per lookup
 

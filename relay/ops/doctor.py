@@ -6,7 +6,7 @@
 Checks, in order: config and rules load (stop there if not); spool writable;
 original host (EHLO, STARTTLS, AUTH as configured; no mail sent); SES account
 (credentials via GetSendQuota, quota, sending enabled), sender identities,
-configuration sets; DNS of the sender domains (relay.dnscheck: SPF includes
+configuration sets; DNS of the sender domains (relay.ops.dnscheck: SPF includes
 amazonses.com, Easy DKIM CNAMEs, DMARC). `warn` marks what could not be asked; it does not fail the
 run. Exit 1 when any line is FAIL. Credentials are never printed: every line is
 scrubbed of the AWS keys and the upstream password.
@@ -31,10 +31,11 @@ import aiosmtplib
 import click
 import dns.exception
 
-from relay import dnscheck, rules
-from relay import ses as ses_mod
+from relay import rules
 from relay import settings as settings_mod
+from relay.deliver.ses import client as ses_mod
 from relay.errors import ConfigError, DeliveryError
+from relay.ops import dnscheck
 from relay.rules import RuleSet
 from relay.settings import Security, Settings
 from relay.spool import DB_NAME, state_counts

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from relay import conditions as c
 from relay import yamlfile
 from relay.errors import ConfigError
 from relay.mail import Mail
-from relay.mimeview import MailView
+from relay.rules import conditions as c
+from relay.rules.mimeview import MailView
 
-DEFAULT_RULES = Path(__file__).parent / "data" / "rules.yaml"
+DEFAULT_RULES = Path(__file__).parent / "rules.yaml"  # the same file as rules.yaml at the top
 RULE_TAG = "rule"  # the SES tag the deliver loop sets to the rule name
 
 # SES MessageTag names and values, and configuration set names, allow only these.

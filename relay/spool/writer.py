@@ -1,21 +1,14 @@
-"""The spool's SQLite layer: states, queue ids, and the one writer thread
-(the schema and its upgrades are `relay.spoolschema`).
+"""The spool's one writer thread: every SQLite write of a process, with group commit.
 
-`relay.spool.Spool` is the async API the service uses; everything here is the
-machinery under it, plus `connect()` / `open_existing()` / `state_counts()` for
-`relay queue`, which works on the same file from another process while the
-service runs (WAL lets readers and a second writer in; busy_timeout covers the rest).
+Concurrent calls are batched into one transaction, so many SMTP sessions share
+one COMMIT and one fsync (group commit). A failed commit is rolled back as a
+whole, each call of the batch is retried alone, and the callers that still fail
+get `SpoolError`. A call that can start at once with nothing queued may run on
+its caller's thread instead (`try_now`: a lone SMTP session, the delivery process).
 
-The SQLite work of a process runs on one writer thread. Concurrent calls are
-batched into one transaction, so many SMTP sessions share one COMMIT and one
-fsync (group commit). A failed commit is rolled back as a whole, each call of
-the batch is retried alone, and the callers that still fail get `SpoolError`.
-A call that can start at once with nothing queued may run on its caller's
-thread instead (`try_now`: a lone SMTP session, the delivery process).
-
-Two processes write the spool (`relay serve` adds, its delivery process
-claims and records outcomes); they take turns around every transaction on
-`relay.spoollock`.
+Two processes write the spool (`relay serve` adds, its delivery process claims
+and records outcomes); they take turns around every transaction on the write
+lock (`relay.spool.lock`).
 """
 
 from __future__ import annotations
@@ -24,19 +17,16 @@ import concurrent.futures
 import contextlib
 import logging
 import queue
-import secrets
 import sqlite3
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from relay.errors import SpoolError
-from relay.spoollock import SpoolBusy, Turn
-from relay.spoolschema import BUSY_TIMEOUT_MS, DB_NAME, SCHEMA_VERSION, schema_version
+from relay.spool.lock import SpoolBusy, Turn
+from relay.spool.schema import connect
 
 log = logging.getLogger("relay.spool")
 
@@ -49,48 +39,20 @@ T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], T]
 
 
-class State(StrEnum):
-    QUEUED = "queued"
-    INFLIGHT = "inflight"
-    DEFERRED = "deferred"
-    SENT = "sent"
-    FAILED = "failed"
-
-
-_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford base32: sorts like the number
-
-
-class IdMaker:
-    """12-char ids: 42 bits of milliseconds + 18 bits sequence, monotonic within a process."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._last = 0
-
-    def __call__(self) -> str:
-        with self._lock:
-            fresh = (time.time_ns() // 1_000_000) << 18 | secrets.randbits(16)
-            self._last = value = max(fresh, self._last + 1)
-        return "".join(_ALPHABET[(value >> shift) & 31] for shift in range(55, -1, -5))
-
-
-new_id = IdMaker()
-
-
 @dataclass(slots=True)
-class _Job(Generic[T]):
+class Job(Generic[T]):
     op: Op[T]
     future: concurrent.futures.Future[T]
     transaction: bool = True  # False: run alone, outside BEGIN (PRAGMAs)
 
 
-class _Writer(threading.Thread):
+class Writer(threading.Thread):
     """The one thread that touches the service's SQLite connection."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(name="relay-spool", daemon=True)
         self.path = path
-        self.jobs: queue.SimpleQueue[_Job[Any] | None] = queue.SimpleQueue()
+        self.jobs: queue.SimpleQueue[Job[Any] | None] = queue.SimpleQueue()
         self.commits = 0
         self.pragmas: dict[str, int] = {}  # re-applied on reopen (max_page_count, query_only)
         self._conn: sqlite3.Connection | None = None
@@ -99,11 +61,11 @@ class _Writer(threading.Thread):
 
     def submit(self, op: Op[T], *, transaction: bool = True) -> concurrent.futures.Future[T]:
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self.jobs.put(_Job(op, future, transaction))
+        self.jobs.put(Job(op, future, transaction))
         return future
 
     def run(self) -> None:
-        carry: list[_Job[Any] | None] = []  # a job read ahead that cannot join the batch
+        carry: list[Job[Any] | None] = []  # a job read ahead that cannot join the batch
         while True:
             first = carry.pop() if carry else self.jobs.get()
             if first is None:
@@ -148,7 +110,7 @@ class _Writer(threading.Thread):
         finally:
             self._using.release()
 
-    def _alone(self, job: _Job[Any]) -> None:
+    def _alone(self, job: Job[Any]) -> None:
         if not job.future.set_running_or_notify_cancel():
             return
         try:
@@ -157,11 +119,11 @@ class _Writer(threading.Thread):
         except Exception as exc:
             job.future.set_exception(SpoolError(f"spool {self.path}: {exc}"))
 
-    def _run(self, batch: list[_Job[Any]]) -> None:
+    def _run(self, batch: list[Job[Any]]) -> None:
         with self._using:
             self._run_batch(batch)
 
-    def _run_batch(self, batch: list[_Job[Any]]) -> None:
+    def _run_batch(self, batch: list[Job[Any]]) -> None:
         if not batch:
             return
         try:
@@ -217,68 +179,3 @@ class _Writer(threading.Thread):
             with contextlib.suppress(sqlite3.Error):
                 self._conn.close()
             self._conn = None
-
-
-def _event(conn: sqlite3.Connection, queue_id: str, event: str, detail: str, at: float) -> None:
-    conn.execute(
-        "INSERT INTO events (queue_id, at, event, detail) VALUES (?, ?, ?, ?)",
-        (queue_id, at, event, detail),
-    )
-
-
-def _reclaim(conn: sqlite3.Connection) -> int:
-    now = time.time()
-    ids = [r[0] for r in conn.execute("SELECT id FROM messages WHERE state = 'inflight'")]
-    for qid in ids:
-        conn.execute(
-            "UPDATE messages SET state = 'queued', due_at = ?1, updated_at = ?1 WHERE id = ?2",
-            (now, qid),
-        )
-        _event(conn, qid, "reclaimed", "was inflight when the service stopped", now)
-    return len(ids)
-
-
-def connect(path: Path) -> sqlite3.Connection:
-    """A connection with the spool's settings: WAL, synchronous=FULL, busy timeout."""
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = FULL")
-    return conn
-
-
-def open_existing(directory: Path) -> sqlite3.Connection:
-    """For `relay queue`: the spool of a (possibly running) service.
-
-    SpoolError if it is absent or its schema is not this relay's version.
-    """
-    path = directory / DB_NAME
-    if not path.is_file():
-        raise SpoolError(f"no spool at {path} (has the service ever started?)")
-    try:
-        conn = connect(path)
-    except sqlite3.Error as exc:
-        raise SpoolError(f"cannot open spool {path}: {exc}") from exc
-    try:
-        conn.row_factory = sqlite3.Row
-        version = schema_version(conn, path)
-        if version < SCHEMA_VERSION:
-            # Upgrading here could pull the tables from under an older service still running.
-            raise SpoolError(
-                f"spool {path} has schema version {version}, older than this relay's"
-                f" {SCHEMA_VERSION}: start the service (relay serve) once to upgrade it"
-            )
-    except sqlite3.Error as exc:
-        conn.close()
-        raise SpoolError(f"cannot open spool {path}: {exc}") from exc
-    except SpoolError:
-        conn.close()
-        raise
-    return conn
-
-
-def state_counts(conn: sqlite3.Connection) -> dict[str, int]:
-    counts = dict.fromkeys((s.value for s in State), 0)
-    for state, count in conn.execute("SELECT state, count(*) FROM messages GROUP BY state"):
-        counts[state] = count
-    return counts

@@ -1,7 +1,7 @@
-"""The delivery process: `python -m relay.worker`, started and watched by `relay serve`.
+"""The delivery process: `python -m relay.deliver.process`, started and watched by `relay serve`.
 
     lock SPOOL/delivery.lock (flock; waits while an older delivery process holds it)
-      -> spool.reclaim() -> tasks.delivery + tasks.purge_sent, reload on SIGHUP
+      -> spool.reclaim() -> task.delivery + task.purge_sent, reload on SIGHUP
     wake pipe (--wake-fd): a byte = new mail (spool.wakeup); EOF = relay serve is gone:
       stop, in-flight sends get PARENT_GONE_DRAIN seconds, the rest is reclaimed later
     metrics socket (--metrics-fd): b"SEQ" -> b"SEQ\\n" + this process's delivery metrics
@@ -9,9 +9,8 @@
       Ctrl-C reaches relay serve too, which stops this process when it is ready to.
 
 It runs at nice 19 (NICE): when both want the same core, receiving, which
-Moodle's cron waits on, goes first; delivery catches up when the burst is over.
-On 2 cores this took a sequential SMTP transaction from 1.9 to 1.5 ms and did not
-slow end-to-end delivery (bench/).
+Moodle's cron waits on, goes first; delivery catches up when the burst is over
+(measured in bench/README.md).
 
 Only the lock holder reclaims and claims, so a restarted `relay serve` cannot
 take back mail that an old delivery process is still sending. The spool is
@@ -36,26 +35,28 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from relay import logs, metrics, rules, tasks
+from relay import logs, metrics, rules, runtime
 from relay import settings as settings_mod
-from relay.deliver import wait_any
+from relay.deliver import task
 from relay.errors import ConfigError, SpoolError
 from relay.rules import RuleSet
+from relay.runtime import Context, wait_any
 from relay.settings import Settings
 from relay.spool import Spool
 
-log = logging.getLogger("relay.worker")
+log = logging.getLogger("relay.delivery_process")
 
 LOCK_NAME = "delivery.lock"
 LOCK_POLL = 0.2  # seconds between tries while another delivery process holds the lock
 PARENT_GONE_DRAIN = 5.0  # seconds in-flight sends get when relay serve died
 NICE = 19  # added to relay serve's nice value (see above)
-TASKS: list[tasks.Task] = [tasks.delivery, tasks.purge_sent, tasks.reload_on_signal]
+TASKS: list[runtime.Task] = [task.delivery, task.purge_sent, runtime.reload_on_signal]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m relay.worker", description="relay's delivery process, run by relay serve"
+        prog="python -m relay.deliver.process",
+        description="relay's delivery process, run by relay serve",
     )
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--wake-fd", type=int, required=True)
@@ -83,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _run(settings: Settings, ruleset: RuleSet, wake_fd: int, metrics_fd: int | None) -> int:
     loop = asyncio.get_running_loop()
     spool = await Spool.open(settings.spool, full_sync=False)
-    ctx = tasks.Context(settings=settings, rules=ruleset, spool=spool, stop=asyncio.Event())
+    ctx = Context(settings=settings, rules=ruleset, spool=spool, stop=asyncio.Event())
     lock: int | None = None
     answering: asyncio.Task[None] | None = None
     try:
@@ -106,16 +107,16 @@ async def _run(settings: Settings, ruleset: RuleSet, wake_fd: int, metrics_fd: i
             os.close(lock)  # after the spool closed: nothing of ours is written any more
 
 
-async def _deliver(ctx: tasks.Context) -> int:
-    running = tasks.start(ctx, TASKS)
+async def _deliver(ctx: Context) -> int:
+    running = runtime.start(ctx, TASKS)
     try:
-        await tasks.wait_stop(ctx.stop, running)
+        await runtime.wait_stop(ctx.stop, running)
     except Exception:
         log.exception("event=delivery_task_failed")
         return 1
     finally:
         ctx.stop.set()
-        await tasks.stop_all(running)
+        await runtime.stop_all(running)
     return 0
 
 
@@ -137,7 +138,7 @@ async def _lock(path: Path, stop: asyncio.Event) -> int | None:
     return None
 
 
-def _watch_parent(ctx: tasks.Context, fd: int) -> None:
+def _watch_parent(ctx: Context, fd: int) -> None:
     """Bytes on the wake pipe wake the delivery loop; EOF (relay serve gone) stops it."""
     loop = asyncio.get_running_loop()
     os.set_blocking(fd, False)

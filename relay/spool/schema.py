@@ -1,8 +1,12 @@
-"""The spool's schema: its tables, their version, and the upgrades from older ones.
+"""The spool's file: its tables, their version, the upgrades from older ones, and
+how a connection to it is opened.
 
-    relay serve / relay.worker -> Spool.open -> prepare(): new file -> version 2;
+    relay serve / the delivery process -> Spool.open -> prepare(): new file -> version 2;
       version 1 (bodies in messages.body) -> 2 in one transaction; newer -> SpoolError
-    relay queue -> spooldb.open_existing() -> schema_version(): refuses other versions
+    relay queue -> open_existing() -> schema_version(): refuses other versions
+
+`relay queue` works on the same file from another process while the service
+runs (WAL lets readers and a second writer in; busy_timeout covers the rest).
 
 `user_version` holds the version. Every upgrade runs in one transaction, under
 SQLite's write lock, so a spool is at one version or the next, never between.
@@ -131,3 +135,42 @@ def upgrade(conn: sqlite3.Connection, path: Path) -> None:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection with the spool's settings: WAL, synchronous=FULL, busy timeout."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    return conn
+
+
+def open_existing(directory: Path) -> sqlite3.Connection:
+    """For `relay queue`: the spool of a (possibly running) service.
+
+    SpoolError if it is absent or its schema is not this relay's version.
+    """
+    path = directory / DB_NAME
+    if not path.is_file():
+        raise SpoolError(f"no spool at {path} (has the service ever started?)")
+    try:
+        conn = connect(path)
+    except sqlite3.Error as exc:
+        raise SpoolError(f"cannot open spool {path}: {exc}") from exc
+    try:
+        conn.row_factory = sqlite3.Row
+        version = schema_version(conn, path)
+        if version < SCHEMA_VERSION:
+            # Upgrading here could pull the tables from under an older service still running.
+            raise SpoolError(
+                f"spool {path} has schema version {version}, older than this relay's"
+                f" {SCHEMA_VERSION}: start the service (relay serve) once to upgrade it"
+            )
+    except sqlite3.Error as exc:
+        conn.close()
+        raise SpoolError(f"cannot open spool {path}: {exc}") from exc
+    except SpoolError:
+        conn.close()
+        raise
+    return conn

@@ -18,7 +18,7 @@ Choices worth knowing:
 - Lines longer than 998 octets are refused (RFC 5321 4.5.3.1.6); PHPMailer
   re-encodes bodies with longer lines, so Moodle never sends them.
 - TCP: the connection itself (fast ACKs for Moodle's PHPMailer, allowed
-  networks, reply rewriting, shutdown) is `relay.session.Session`.
+  networks, reply rewriting, shutdown) is `relay.receive.session.Session`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from email_validator import EmailNotValidError, validate_email
 from relay import logs, metrics
 from relay.errors import SpoolError
 from relay.mail import header_block
-from relay.passwords import Users
+from relay.receive.passwords import Users
 from relay.settings import Settings
 from relay.spool import Spool
 

@@ -1,6 +1,6 @@
 """Whose turn it is to write the spool: an flock of `write.lock` in its directory.
 
-    relay serve (adds) --Turn.held()--> BEGIN ... COMMIT <--Turn.held()-- relay.worker
+    relay serve (adds) --Turn.held()--> BEGIN ... COMMIT <--Turn.held()-- the delivery process
                                                                    (claims, outcomes)
 
 Two processes write the spool. SQLite's busy handler would make the one that
@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from relay.errors import SpoolError
-from relay.spoolschema import BUSY_TIMEOUT_MS
+from relay.spool.schema import BUSY_TIMEOUT_MS
 
 WRITE_LOCK = "write.lock"
 TURN_TIMEOUT = BUSY_TIMEOUT_MS / 1000  # seconds to wait for the turn, then SpoolBusy

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from relay import metrics
-from relay.circuit import Circuit, CircuitState
+from relay.deliver.ses.circuit import Circuit, CircuitState
 from relay.errors import AccountFailure, PermanentFailure, TemporaryFailure, Throttled
 from relay.mail import Mail
 from relay.rules import RULE_TAG, Decision

@@ -25,10 +25,11 @@ import yaml
 from aiobotocore.session import get_session
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from relay import samples, service
+from relay import service
 from relay import settings as settings_mod
+from relay.ops import samples
+from relay.runtime import Context
 from relay.spool import open_existing
-from relay.tasks import Context
 
 REGION = "us-east-1"
 DEADLINE = 30.0  # seconds for all sample mails to be delivered

@@ -9,15 +9,15 @@ receive -> `Spool.add()` (committed and fsynced before the 250) -> deliver loop
       +-- reclaim() when delivery starts (a crash left it inflight) --+
 
 Two processes share the file in `relay serve`: the receiving one adds with
-synchronous=FULL (a 250 means fsynced); the delivery process (relay.worker) opens
+synchronous=FULL (a 250 means fsynced); the delivery process opens
 it with `full_sync=False` (synchronous=NORMAL): a claim or an outcome lost to a
 power cut means one delivery again (at least once), never a lost mail. WAL lets
-both write; they take turns on an flock (`relay.spoollock`).
+both write; they take turns on an flock (`relay.spool.lock`).
 
 Bodies live in a table of their own (`bodies`), written once by `add()` and
 deleted by `sent()`, so a state change rewrites a small row, not the mail.
-The SQLite machinery (schema, writer thread with group commit, helpers for
-`relay queue`) is in `relay.spooldb`.
+The SQLite machinery is beside this module: the file and its schema (`schema`),
+the writer thread with group commit (`writer`), rows and their events (`rows`).
 """
 
 from __future__ import annotations
@@ -33,23 +33,11 @@ from typing import Any, cast
 
 from relay.errors import SpoolError
 from relay.mail import Mail
-from relay.spooldb import (
-    Op,
-    State,
-    T,
-    _event,
-    _reclaim,
-    _Writer,
-    connect,
-    new_id,
-    open_existing,
-    state_counts,
-)
-from relay.spoolschema import DB_NAME, prepare
+from relay.spool.rows import State, add_event, new_id, reclaim_inflight, state_counts
+from relay.spool.schema import DB_NAME, prepare
+from relay.spool.writer import Op, T, Writer
 
 log = logging.getLogger("relay.spool")
-
-__all__ = ["DB_NAME", "Spool", "State", "connect", "new_id", "open_existing", "state_counts"]
 
 
 def _bodies(conn: sqlite3.Connection, ids: list[str]) -> dict[str, bytes]:
@@ -62,7 +50,7 @@ def _bodies(conn: sqlite3.Connection, ids: list[str]) -> dict[str, bytes]:
 class Spool:
     """The service's handle on the spool. Create with `await Spool.open(directory)`."""
 
-    def __init__(self, writer: _Writer, *, writes_now: bool = False) -> None:
+    def __init__(self, writer: Writer, *, writes_now: bool = False) -> None:
         self._writer = writer
         self.path = writer.path
         self.wakeup = asyncio.Event()  # set after each committed add: new mail to deliver
@@ -78,7 +66,7 @@ class Spool:
         checkpoint or FULL commit rather than at once. Only for the delivery side,
         whose writes may be lost to a power cut (then a mail goes out twice);
         `add()` must stay FULL. That side also commits on its own event loop when
-        it can do so at once (`_Writer.try_now`): nothing waits on the delivery
+        it can do so at once (`Writer.try_now`): nothing waits on the delivery
         loop for a fraction of a millisecond, and two thread hand-offs a write
         less are CPU the receiving side gets.
         """
@@ -88,7 +76,7 @@ class Spool:
             raise  # says which file and why already (a schema newer than this code)
         except (OSError, sqlite3.Error) as exc:
             raise SpoolError(f"cannot open spool in {directory}: {exc}") from exc
-        writer = _Writer(directory / DB_NAME)
+        writer = Writer(directory / DB_NAME)
         if not full_sync:
             writer.pragmas["synchronous"] = 1  # NORMAL; kept across reconnects
         writer.start()
@@ -102,7 +90,7 @@ class Spool:
         so a restarted service never takes back mail an old delivery process is
         still sending.
         """
-        reclaimed = await self._call(_reclaim)
+        reclaimed = await self._call(reclaim_inflight)
         if reclaimed:
             log.warning("event=reclaimed count=%d (inflight at the last stop)", reclaimed)
             self.wakeup.set()
@@ -139,7 +127,7 @@ class Spool:
         """Store one message; returns its queue id once committed and fsynced.
 
         `alone`: the caller is the only SMTP session, so nothing waits on the event
-        loop: commit right here when that needs no waiting (`_Writer.try_now`), not
+        loop: commit right here when that needs no waiting (`Writer.try_now`), not
         through the writer thread. Raises SpoolError (disk full, read-only, I/O error,
         locked); then nothing is stored.
         """
@@ -155,7 +143,7 @@ class Spool:
                 (qid, sender, rcpts, len(raw), message_id, peer, now, now, now, trace),
             )
             conn.execute("INSERT INTO bodies (id, body) VALUES (?, ?)", (qid, raw))
-            _event(conn, qid, "received", f"from {peer}, {len(raw)} bytes", now)
+            add_event(conn, qid, "received", f"from {peer}, {len(raw)} bytes", now)
             return qid
 
         result = await self._call(op, now=alone)
@@ -233,7 +221,7 @@ class Spool:
                 (state.value, now, *fields.values(), queue_id),
             )
             if cursor.rowcount:
-                _event(conn, queue_id, state.value, detail, now)
+                add_event(conn, queue_id, state.value, detail, now)
                 if drop_body:
                     conn.execute("DELETE FROM bodies WHERE id = ?", (queue_id,))
             else:
@@ -244,7 +232,7 @@ class Spool:
 
     async def event(self, queue_id: str, event: str, detail: str) -> None:
         """Add a line to the message's history (`relay queue show`)."""
-        await self._call(lambda conn: _event(conn, queue_id, event, detail, time.time()))
+        await self._call(lambda conn: add_event(conn, queue_id, event, detail, time.time()))
 
     async def purge(self, older_than: float) -> int:
         """Delete sent rows whose outcome is older than `older_than` seconds; return count."""

@@ -1,6 +1,6 @@
 """The delivery loop: claim due messages, classify, send, fall back, record.
 
-    spool.claim() -> rules.classify() -> route ses? -> sesroute.SesRoute.attempt():
+    spool.claim() -> rules.classify() -> route ses? -> ses.SesRoute.attempt():
                                             |   Sent / Retry (SES again later) / Fallback
                                             v
                                           upstream -> sent / deferred / failed (dead letter)
@@ -19,10 +19,11 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 from relay import logs, metrics
+from relay.deliver.ses.route import Fallback, Retry, Sent, SesRoute
 from relay.errors import HostUnreachable, PermanentFailure, SpoolError, TemporaryFailure
 from relay.mail import Mail
 from relay.rules import Decision, Route, RuleSet
-from relay.sesroute import Fallback, Retry, Sent, SesRoute
+from relay.runtime import wait_any
 from relay.settings import Settings
 
 log = logging.getLogger("relay.deliver")
@@ -258,17 +259,6 @@ def _outcome(
     level = logging.WARNING if outcome == "failed" else logging.INFO
     logs.event(log, outcome, level=level, id=mail.id, message_id=mail.message_id,
                rule=decision.rule if decision else None, route=route.value, **fields)  # fmt: skip
-
-
-async def wait_any(*events: asyncio.Event, seconds: float) -> None:
-    """Return when any of `events` is set, or after `seconds` (the sleep that a stop cuts
-    short, for every loop of the service)."""
-    waiters = [asyncio.ensure_future(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
 
 
 def _summary(result: UpstreamResultLike) -> str:

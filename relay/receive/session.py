@@ -33,9 +33,15 @@ from warnings import warn
 from aiosmtpd.smtp import MISSING, SMTP, _AuthMechAttr, login_always_fail, syntax
 
 from relay import logs, metrics
-from relay.receive import AIOSMTPD_REPLIES, NETWORK_REFUSED, SHUTTING_DOWN, Handler, peer_ip_of
+from relay.receive.data import Body, unread
+from relay.receive.handler import (
+    AIOSMTPD_REPLIES,
+    NETWORK_REFUSED,
+    SHUTTING_DOWN,
+    Handler,
+    peer_ip_of,
+)
 from relay.settings import Settings
-from relay.smtpdata import Body, unread
 
 log = logging.getLogger("relay.receive")
 _SMTP_LOG = logging.getLogger("mail.log")  # aiosmtpd's logger, for the lines it would log
@@ -280,7 +286,7 @@ def _roomy(reader: asyncio.StreamReader) -> Iterator[None]:
     Its limit (aiosmtpd's 1001-byte line limit) also makes it pause and resume
     the transport whenever it holds over twice that: two epoll changes per
     read of a large mail. `Body` applies the line limit itself; the command
-    loop gets the limit back. Private, like `smtpdata.unread`.
+    loop gets the limit back. Private, like `data.unread`.
     """
     limit = reader._limit  # type: ignore[attr-defined]
     reader._limit = max(limit, CHUNK)  # type: ignore[attr-defined]

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Protocol
 
-from relay.mimeview import MailView
+from relay.rules.mimeview import MailView
 
 Reasons = tuple[str, ...]
 

@@ -1,0 +1,18 @@
+"""deliver: the last stage of the data path, from the spool to SES or the original host.
+
+    spool.claim() -> rules classify -> ses route? -> SES (paced; circuit) --fails--+
+                                                                                   v
+                                       upstream (the site's original SMTP host) <--+
+                  -> outcome recorded on the spool row: sent / deferred / failed
+
+`loop` is the delivery loop (Deliverer), `ses/` the SES leg (client, route,
+pace, circuit), `upstream` the SMTP client for the original host, `task` wires
+them up. In `relay serve` all of it runs in the delivery process (`process`,
+`python -m relay.deliver.process`), which `supervisor` starts, watches and restarts.
+"""
+
+from relay.deliver.loop import Deliverer
+from relay.deliver.ses import SesClient, SesRoute
+from relay.deliver.upstream import UpstreamClient
+
+__all__ = ["Deliverer", "SesClient", "SesRoute", "UpstreamClient"]

@@ -1,0 +1,12 @@
+"""rules: the stage between spool and deliver that picks each mail's route.
+
+    rules.yaml --load()--> RuleSet --classify(mail)--> Decision(rule, route, reasons)
+
+`ruleset` reads rules.yaml (every problem with file:line) and classifies,
+`conditions` are the match conditions, `mimeview` the decoded view of a mail
+they look at. `DEFAULT_RULES` is the shipped rules.yaml (Moodle's re-engagement mail).
+"""
+
+from relay.rules.ruleset import DEFAULT_RULES, RULE_TAG, Decision, Route, Rule, RuleSet, load, parse
+
+__all__ = ["DEFAULT_RULES", "RULE_TAG", "Decision", "Route", "Rule", "RuleSet", "load", "parse"]

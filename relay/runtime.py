@@ -1,0 +1,133 @@
+"""The task runner both processes share: a `Context`, tasks that run until stop, reload.
+
+A task is `async def task(ctx: Context) -> None` and returns when `ctx.stop` is
+set. `relay serve` (relay.service) and the delivery process (relay.deliver.process)
+each build a Context, `start()` their tasks, `wait_stop()` and `stop_all()`.
+SIGHUP sets `ctx.reload`; `reload_on_signal` applies the new relay.yaml and rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from relay import logs, metrics, rules
+from relay import settings as settings_mod
+from relay.errors import ConfigError
+from relay.receive.session import Session
+from relay.rules import RuleSet
+from relay.settings import Settings
+from relay.spool import Spool
+
+log = logging.getLogger("relay.service")
+
+DELIVERY_DRAIN = 30.0  # seconds in-flight sends get to finish at stop
+TASK_DRAIN = 40.0  # seconds tasks get to return after stop (the delivery process: drain + exit)
+
+
+@dataclass(slots=True, kw_only=True)
+class Context:
+    """What a background task gets: settings, rules, the open spool, the stop signal."""
+
+    settings: Settings
+    rules: RuleSet
+    spool: Spool
+    stop: asyncio.Event
+    reload: asyncio.Event = field(default_factory=asyncio.Event)
+    sessions: set[Session] = field(default_factory=set)
+    listening: bool = False
+    port: int = 0  # the SMTP listener's bound port (useful with listen port 0)
+    metrics_port: int | None = None
+    on_reload: list[Callable[[Settings, RuleSet], None]] = field(default_factory=list)
+    on_reload_signal: list[Callable[[], None]] = field(default_factory=list)  # every SIGHUP
+    log_format: str = "text"  # `relay serve --log-format`, for the delivery process
+    drain: float = DELIVERY_DRAIN  # seconds in-flight sends get at stop
+    delivery_metrics: metrics.Scrape | None = None  # set while a delivery process runs
+
+
+Task = Callable[[Context], Coroutine[Any, Any, None]]
+
+
+def start(ctx: Context, tasks: Sequence[Task]) -> list[asyncio.Task[None]]:
+    return [
+        asyncio.create_task(task(ctx), name=getattr(task, "__name__", "task")) for task in tasks
+    ]
+
+
+async def wait_stop(stop: asyncio.Event, running: list[asyncio.Task[None]]) -> None:
+    """Until `stop` is set; a task that raised ends the wait with its exception."""
+    waiter = asyncio.create_task(stop.wait())
+    try:
+        while not stop.is_set():
+            await asyncio.wait([waiter, *running], return_when=asyncio.FIRST_COMPLETED)
+            for task in [t for t in running if t.done()]:
+                running.remove(task)
+                if not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+                if not stop.is_set():
+                    log.warning("event=task_ended task=%s", task.get_name())
+    finally:
+        waiter.cancel()
+
+
+async def stop_all(running: list[asyncio.Task[None]]) -> None:
+    """Give the tasks (told to stop) TASK_DRAIN seconds to return, then cancel them."""
+    if not running:
+        return
+    _, pending = await asyncio.wait(running, timeout=TASK_DRAIN)
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending, timeout=5)
+
+
+async def wait_any(*events: asyncio.Event, seconds: float) -> None:
+    """Return when any of `events` is set, or after `seconds` (the sleep that a stop cuts
+    short, for every loop of the service)."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+async def reload_on_signal(ctx: Context) -> None:
+    """SIGHUP: re-read relay.yaml and its rules; an invalid file keeps the old ones."""
+    while not ctx.stop.is_set():
+        waiter = asyncio.ensure_future(ctx.reload.wait())
+        stopper = asyncio.ensure_future(ctx.stop.wait())
+        await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        stopper.cancel()
+        if ctx.stop.is_set():
+            return
+        ctx.reload.clear()
+        for forward in ctx.on_reload_signal:  # the delivery process reloads on its own
+            forward()
+        reload(ctx)
+
+
+def reload(ctx: Context) -> bool:
+    """Apply a new relay.yaml + rules.yaml, or keep the old and log every problem."""
+    try:
+        new_settings = settings_mod.load(ctx.settings.source)
+        new_rules = rules.load(new_settings.rules)
+    except ConfigError as exc:
+        metrics.RULES_RELOADS.labels("error").inc()
+        logs.event(log, "reload_failed", level=logging.ERROR, keeping="previous rules",
+                   problems=" | ".join(str(p) for p in exc.problems))  # fmt: skip
+        return False
+    fixed = ("listen", "spool", "auth", "tls", "metrics", "allow_networks", "limits")
+    changed = [name for name in fixed if getattr(new_settings, name) != getattr(ctx.settings, name)]
+    if changed:
+        logs.event(log, "reload_needs_restart", level=logging.WARNING, keys=",".join(changed))
+    ctx.settings, ctx.rules = new_settings, new_rules
+    for callback in ctx.on_reload:
+        callback(new_settings, new_rules)
+    metrics.RULES_RELOADS.labels("ok").inc()
+    logs.event(log, "reloaded", rules=str(new_settings.rules), count=len(new_rules.rules))
+    return True

@@ -1,0 +1,64 @@
+"""What a spool row is: its states, its queue id, and the events of its history
+(the state machine is drawn in `relay.spool.store`)."""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+import threading
+import time
+from enum import StrEnum
+
+
+class State(StrEnum):
+    QUEUED = "queued"
+    INFLIGHT = "inflight"
+    DEFERRED = "deferred"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford base32: sorts like the number
+
+
+class IdMaker:
+    """12-char ids: 42 bits of milliseconds + 18 bits sequence, monotonic within a process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last = 0
+
+    def __call__(self) -> str:
+        with self._lock:
+            fresh = (time.time_ns() // 1_000_000) << 18 | secrets.randbits(16)
+            self._last = value = max(fresh, self._last + 1)
+        return "".join(_ALPHABET[(value >> shift) & 31] for shift in range(55, -1, -5))
+
+
+new_id = IdMaker()
+
+
+def add_event(conn: sqlite3.Connection, queue_id: str, event: str, detail: str, at: float) -> None:
+    conn.execute(
+        "INSERT INTO events (queue_id, at, event, detail) VALUES (?, ?, ?, ?)",
+        (queue_id, at, event, detail),
+    )
+
+
+def reclaim_inflight(conn: sqlite3.Connection) -> int:
+    now = time.time()
+    ids = [r[0] for r in conn.execute("SELECT id FROM messages WHERE state = 'inflight'")]
+    for qid in ids:
+        conn.execute(
+            "UPDATE messages SET state = 'queued', due_at = ?1, updated_at = ?1 WHERE id = ?2",
+            (now, qid),
+        )
+        add_event(conn, qid, "reclaimed", "was inflight when the service stopped", now)
+    return len(ids)
+
+
+def state_counts(conn: sqlite3.Connection) -> dict[str, int]:
+    counts = dict.fromkeys((s.value for s in State), 0)
+    for state, count in conn.execute("SELECT state, count(*) FROM messages GROUP BY state"):
+        counts[state] = count
+    return counts
