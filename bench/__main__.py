@@ -60,9 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the numbers to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, configs)")
     parser.add_argument(
-        "--only", action="append", choices=("moodle", "accept", "sequential", "ses", "backlog"),
+        "--only",
+        action="append",
+        choices=("moodle", "accept", "sequential", "ses", "backlog"),
         help="run only these sections (repeatable)",
-    )  # fmt: skip
+    )
     args = parser.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so every child process and the temp dir are cleaned up.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -124,12 +126,16 @@ def main(argv: list[str] | None = None) -> int:
                 _run(report, "ses", lambda: sesbench.run(workdir, params, report))
         if "backlog" in only:
             _run(
-                report, "backlog",
+                report,
+                "backlog",
                 lambda: sections.backlog(
-                    workdir, params, report, with_relay=relay_missing is None,
+                    workdir,
+                    params,
+                    report,
+                    with_relay=relay_missing is None,
                     no_delivery=no_delivery,
                 ),
-            )  # fmt: skip
+            )
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

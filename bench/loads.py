@@ -38,10 +38,20 @@ def smtp_source_argv(port: int, *, messages: int, sessions: int, size: int) -> l
     """smtp-source: one connection per message (no -d), `sessions` in parallel."""
     return [
         tools.tool("smtp-source"),
-        "-l", str(size), "-m", str(messages), "-s", str(sessions),
-        "-f", FROM, "-t", TO, "-M", "bench.invalid",
+        "-l",
+        str(size),
+        "-m",
+        str(messages),
+        "-s",
+        str(sessions),
+        "-f",
+        FROM,
+        "-t",
+        TO,
+        "-M",
+        "bench.invalid",
         f"{tools.HOST}:{port}",
-    ]  # fmt: skip
+    ]
 
 
 def smtp_source(

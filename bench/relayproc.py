@@ -157,8 +157,11 @@ class Relay:
         """`relay queue stats --json` counts by state (queued, inflight, deferred, sent, failed)."""
         done = subprocess.run(
             [*relay_argv(), "queue", "--config", str(self.dir / "relay.yaml"), "stats", "--json"],
-            capture_output=True, text=True, timeout=60, cwd=self.dir,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=self.dir,
+        )
         if done.returncode != 0:
             raise RuntimeError(f"relay queue stats failed: {done.stderr.strip()[-300:]}")
         counts: dict[str, int] = json.loads(done.stdout)["counts"]

@@ -62,10 +62,16 @@ class Report:
         for row in self.rows:
             goal = f"{row.op} {_num(row.goal)} {row.unit}".strip() if row.goal is not None else ""
             met = {True: "yes", False: "NO", None: ""}[row.met]
-            lines.append((
-                f"{row.metric} [{row.unit}]", _num(row.relay), _num(row.postfix),
-                _num(row.ratio, ratio=True), goal, met,
-            ))  # fmt: skip
+            lines.append(
+                (
+                    f"{row.metric} [{row.unit}]",
+                    _num(row.relay),
+                    _num(row.postfix),
+                    _num(row.ratio, ratio=True),
+                    goal,
+                    met,
+                )
+            )
         widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
         out = []
         for n, line in enumerate(lines):

@@ -37,15 +37,35 @@ class Params:
 
 
 FULL = Params(
-    php_mails=300, accept_mails=2000, accept_sessions=20, accept_size=20480, seq_count=500,
-    seq_size=4096, backlog_mails=100_000, backlog_size=2048, ses_mails=1000,
-    ses_multi_mails=1800, pacing_mails=1000, timeout=900, wait=900,
-)  # fmt: skip
+    php_mails=300,
+    accept_mails=2000,
+    accept_sessions=20,
+    accept_size=20480,
+    seq_count=500,
+    seq_size=4096,
+    backlog_mails=100_000,
+    backlog_size=2048,
+    ses_mails=1000,
+    ses_multi_mails=1800,
+    pacing_mails=1000,
+    timeout=900,
+    wait=900,
+)
 QUICK = Params(
-    php_mails=30, accept_mails=200, accept_sessions=20, accept_size=20480, seq_count=50,
-    seq_size=4096, backlog_mails=2000, backlog_size=2048, ses_mails=100,
-    ses_multi_mails=180, pacing_mails=60, timeout=60, wait=15,
-)  # fmt: skip
+    php_mails=30,
+    accept_mails=200,
+    accept_sessions=20,
+    accept_size=20480,
+    seq_count=50,
+    seq_size=4096,
+    backlog_mails=2000,
+    backlog_size=2048,
+    ses_mails=100,
+    ses_multi_mails=180,
+    pacing_mails=60,
+    timeout=60,
+    wait=15,
+)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -78,9 +98,14 @@ def servers(
             relay = stack.enter_context(relayproc.Relay(workdir, upstream_port=relay_sink.port))
             report.progress(f"relay serve on :{relay.port}, upstream smtp-sink :{relay_sink.port}")
         yield Servers(
-            workdir=workdir, reference_sink=ref, postfix=pf, postfix_sink=pf_sink,
-            relay=relay, relay_sink=relay_sink, no_delivery=no_delivery,
-        )  # fmt: skip
+            workdir=workdir,
+            reference_sink=ref,
+            postfix=pf,
+            postfix_sink=pf_sink,
+            relay=relay,
+            relay_sink=relay_sink,
+            no_delivery=no_delivery,
+        )
 
 
 def moodle_path(srv: Servers, p: Params, report: Report) -> None:
@@ -104,20 +129,33 @@ def moodle_path(srv: Servers, p: Params, report: Report) -> None:
         f"median {stats['smtp-sink']['median_ms']:.1f} ms"
     )
     report.add(
-        section="moodle", metric="PHPMailer ms per mail, mean (Moodle cron)", unit="ms",
-        relay=relay.get("mean_ms"), postfix=pf["mean_ms"], goal=MOODLE_GOAL_MS, op="<=",
+        section="moodle",
+        metric="PHPMailer ms per mail, mean (Moodle cron)",
+        unit="ms",
+        relay=relay.get("mean_ms"),
+        postfix=pf["mean_ms"],
+        goal=MOODLE_GOAL_MS,
+        op="<=",
         note=f"{p.php_mails} mails, one connection each; postfix = its smtpd; {sink_note}",
-    )  # fmt: skip
+    )
     report.add(
-        section="moodle", metric="PHPMailer ms per mail, p99", unit="ms",
-        relay=relay.get("p99_ms"), postfix=pf["p99_ms"],
-    )  # fmt: skip
+        section="moodle",
+        metric="PHPMailer ms per mail, p99",
+        unit="ms",
+        relay=relay.get("p99_ms"),
+        postfix=pf["p99_ms"],
+    )
     failed = relay.get("failed", 0) + pf["failed"]
     if failed:
         report.add(
-            section="moodle", metric="PHPMailer failed sends", unit="mails",
-            relay=relay.get("failed"), postfix=pf["failed"], goal=0, op="<=",
-        )  # fmt: skip
+            section="moodle",
+            metric="PHPMailer failed sends",
+            unit="mails",
+            relay=relay.get("failed"),
+            postfix=pf["failed"],
+            goal=0,
+            op="<=",
+        )
 
 
 def _inject_and_drain(
@@ -182,12 +220,19 @@ def accept_and_e2e(srv: Servers, p: Params, report: Report) -> None:
     if srv.no_delivery and srv.relay:
         note += f"; relay: no delivery running ({srv.no_delivery})"
     report.add(
-        section="accept", metric="accepted mails/s, 20 KB, 20 connections", unit="mails/s",
-        relay=relay[0], postfix=results["postfix"][0], note=note,
-    )  # fmt: skip
+        section="accept",
+        metric="accepted mails/s, 20 KB, 20 connections",
+        unit="mails/s",
+        relay=relay[0],
+        postfix=results["postfix"][0],
+        note=note,
+    )
     report.add(
-        section="e2e", metric=f"end to end upstream, {p.accept_mails} mails until sink has all",
-        unit="s", relay=relay[1], postfix=results["postfix"][1],
+        section="e2e",
+        metric=f"end to end upstream, {p.accept_mails} mails until sink has all",
+        unit="s",
+        relay=relay[1],
+        postfix=results["postfix"][1],
         note="; ".join(
             text
             for text in (
@@ -198,7 +243,7 @@ def accept_and_e2e(srv: Servers, p: Params, report: Report) -> None:
             )
             if text
         ),
-    )  # fmt: skip
+    )
 
 
 def sequential(srv: Servers, p: Params, report: Report) -> None:
@@ -214,21 +259,28 @@ def sequential(srv: Servers, p: Params, report: Report) -> None:
     relay = stats.get("relay", {})
     for key, label in (("median_ms", "median"), ("p99_ms", "p99")):
         report.add(
-            section="sequential", metric=f"ms per transaction, sequential, {label}", unit="ms",
-            relay=relay.get(key), postfix=stats["postfix"][key],
+            section="sequential",
+            metric=f"ms per transaction, sequential, {label}",
+            unit="ms",
+            relay=relay.get(key),
+            postfix=stats["postfix"][key],
             note=(
                 f"{p.seq_count} x {p.seq_size} B, connect..QUIT, own client with TCP_NODELAY"
-                if label == "median" else ""
+                if label == "median"
+                else ""
             ),
-        )  # fmt: skip
+        )
 
 
 def _inject(port: int, p: Params, name: str, report: Report) -> float:
     report.progress(f"backlog: {p.backlog_mails} x {p.backlog_size} B into {name} (host down)")
     done = loads.smtp_source(
-        port, messages=p.backlog_mails, sessions=p.accept_sessions, size=p.backlog_size,
+        port,
+        messages=p.backlog_mails,
+        sessions=p.accept_sessions,
+        size=p.backlog_size,
         timeout=p.timeout,
-    )  # fmt: skip
+    )
     report.progress(f"backlog: {name} accepted {done['per_second']:.0f} mails/s")
     return done["per_second"]
 
@@ -277,9 +329,11 @@ def backlog(
                         )
                         report.progress(f"backlog: {drain_note}")
             results["relay"] = {
-                "accept_per_s": rate, "peak_rss_mib": (relay.rss_peak() or 0) / 1024,
-                "rss_queued_mib": (rss_queued or 0) / 1024, "drain_s": drain,
-            }  # fmt: skip
+                "accept_per_s": rate,
+                "peak_rss_mib": (relay.rss_peak() or 0) / 1024,
+                "rss_queued_mib": (rss_queued or 0) / 1024,
+                "drain_s": drain,
+            }
     pf_down = tools.free_port()
     with postfix.Postfix(workdir / "backlog", pf_down) as pf:
         rate = _inject(pf.port, p, "postfix", report)
@@ -293,27 +347,37 @@ def backlog(
             done = back.wait_for(p.backlog_mails, p.wait, stall=60)
             pf_drain = None if done is None else time.monotonic() - start
         results["postfix"] = {
-            "accept_per_s": rate, "pss_sum_mib": (rss or 0) / 1024, "drain_s": pf_drain,
-        }  # fmt: skip
+            "accept_per_s": rate,
+            "pss_sum_mib": (rss or 0) / 1024,
+            "drain_s": pf_drain,
+        }
     report.details["backlog"] = results
     row = results.get("relay", {})
     n = p.backlog_mails
     report.add(
-        section="backlog", metric=f"peak RSS of relay serve, {n} mails queued", unit="MiB",
-        relay=row.get("peak_rss_mib"), postfix=results["postfix"]["pss_sum_mib"],
+        section="backlog",
+        metric=f"peak RSS of relay serve, {n} mails queued",
+        unit="MiB",
+        relay=row.get("peak_rss_mib"),
+        postfix=results["postfix"]["pss_sum_mib"],
         note="relay: VmHWM of the relay serve process; postfix: sum of the PSS of master "
         "and its children after the injection (different architecture, for scale only)",
-    )  # fmt: skip
+    )
     report.add(
-        section="backlog", metric=f"drain {n} queued mails after the host is back", unit="s",
-        relay=row.get("drain_s"), postfix=results["postfix"]["drain_s"],
+        section="backlog",
+        metric=f"drain {n} queued mails after the host is back",
+        unit="s",
+        relay=row.get("drain_s"),
+        postfix=results["postfix"]["drain_s"],
         note="relay: retry schedule [5 s], so up to 5 s of it is waiting for the retry; postfix: "
         "`postfix flush` when the sink is back"
         + (f"; relay: {no_delivery}" if no_delivery and with_relay else "")
         + (f"; {drain_note}" if with_relay and drain_note else ""),
-    )  # fmt: skip
+    )
     report.add(
-        section="backlog", metric=f"accepted mails/s, {p.backlog_size} B, host down",
+        section="backlog",
+        metric=f"accepted mails/s, {p.backlog_size} B, host down",
         unit="mails/s",
-        relay=row.get("accept_per_s"), postfix=results["postfix"]["accept_per_s"],
-    )  # fmt: skip
+        relay=row.get("accept_per_s"),
+        postfix=results["postfix"]["accept_per_s"],
+    )

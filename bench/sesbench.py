@@ -49,9 +49,18 @@ class FakeSes:
         self.port = tools.free_port()
         self.url = f"http://{tools.HOST}:{self.port}"
         argv = [
-            sys.executable, "-m", "tests.fakeses", "--host", tools.HOST, "--port", str(self.port),
-            "--rate-limit", f"{rate_limit:g}", "--latency", f"{latency:g}",
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "tests.fakeses",
+            "--host",
+            tools.HOST,
+            "--port",
+            str(self.port),
+            "--rate-limit",
+            f"{rate_limit:g}",
+            "--latency",
+            f"{latency:g}",
+        ]
         self.proc = tools.Proc(name, argv, workdir / f"{name}.log", cwd=REPO)
         try:
             tools.wait_port(self.port, 15, self.proc)
@@ -115,10 +124,12 @@ def run_scenario(workdir: Path, sc: Scenario, p: Params, report: Report) -> dict
         sources = [
             subprocess.Popen(
                 loads.smtp_source_argv(r.port, messages=share, sessions=5, size=2048),
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
             )
             for r in relays
-        ]  # fmt: skip
+        ]
         start = time.monotonic()
         timeline: list[tuple[float, int]] = []
         last_progress, last_seen = start, -1
@@ -161,16 +172,22 @@ def run_scenario(workdir: Path, sc: Scenario, p: Params, report: Report) -> dict
     rate = (stats["recipients"] - 1) / span if span > 0 else None
     settled = _settled_rate(timeline)
     result = {
-        "injected": total, "accepted_by_ses": accepted, "fell_back_upstream": fell_back,
-        "still_queued": pending, "failed": failed,
+        "injected": total,
+        "accepted_by_ses": accepted,
+        "fell_back_upstream": fell_back,
+        "still_queued": pending,
+        "failed": failed,
         "lost": max(0, total - accepted - fell_back - pending - failed),
         "calls": stats.get("calls", 0),
-        "throttles": stats.get("throttles", 0), "rate": rate, "settled_rate": settled,
+        "throttles": stats.get("throttles", 0),
+        "rate": rate,
+        "settled_rate": settled,
         "share_of_limit": None if rate is None else rate / sc.rate_limit,
         "settled_share": None if settled is None else settled / sc.rate_limit,
         "throttle_share": stats.get("throttles", 0) / max(1, stats.get("calls", 0)),
-        "seconds": elapsed, "complete": accepted + fell_back >= total,
-    }  # fmt: skip
+        "seconds": elapsed,
+        "complete": accepted + fell_back >= total,
+    }
     report.progress(
         f"ses {sc.name}: {accepted}/{total} via SES, {fell_back} fell back, "
         f"rate {rate or 0:.1f}/s ({100 * (result['share_of_limit'] or 0):.0f}% of limit), "
@@ -188,22 +205,34 @@ def run(workdir: Path, p: Params, report: Report) -> None:
     """The four SES scenarios of issue 6; rows with goals where the issue sets them."""
     scenarios = {
         "auto100": Scenario(
-            name="auto100", title="1 relay, max_send_rate auto, fake limit 100 rcpt/s",
-            rate_limit=100, relays=(None,), mails=p.ses_mails,
+            name="auto100",
+            title="1 relay, max_send_rate auto, fake limit 100 rcpt/s",
+            rate_limit=100,
+            relays=(None,),
+            mails=p.ses_mails,
         ),
         "shared60": Scenario(
-            name="shared60", title="3 relays x max_send_rate 60, one quota of 60 rcpt/s",
-            rate_limit=60, relays=(60, 60, 60), mails=p.ses_multi_mails,
+            name="shared60",
+            title="3 relays x max_send_rate 60, one quota of 60 rcpt/s",
+            rate_limit=60,
+            relays=(60, 60, 60),
+            mails=p.ses_multi_mails,
         ),
         "exact20": Scenario(
-            name="exact20", title="max_send_rate 20 vs limit 20",
-            rate_limit=20, relays=(20,), mails=p.pacing_mails,
+            name="exact20",
+            title="max_send_rate 20 vs limit 20",
+            rate_limit=20,
+            relays=(20,),
+            mails=p.pacing_mails,
         ),
         "over50": Scenario(
-            name="over50", title="max_send_rate 50 vs limit 20",
-            rate_limit=20, relays=(50,), mails=p.pacing_mails,
+            name="over50",
+            title="max_send_rate 50 vs limit 20",
+            rate_limit=20,
+            relays=(50,),
+            mails=p.pacing_mails,
         ),
-    }  # fmt: skip
+    }
     results = {name: run_scenario(workdir, sc, p, report) for name, sc in scenarios.items()}
     report.details["ses"] = results
     incomplete = {n: r["still_queued"] for n, r in results.items() if not r["complete"]}
@@ -213,33 +242,73 @@ def run(workdir: Path, p: Params, report: Report) -> None:
         )
     a, s, e, o = (results[n] for n in ("auto100", "shared60", "exact20", "over50"))
     rows = [
-        dict(metric=f"SES {scenarios['auto100'].title}: rate", unit="% of limit",
-             relay=_pct(a["share_of_limit"]),
-             note=f"{a['injected']} mails, 20 ms latency; auto = 90% of GetSendQuota"),
-        dict(metric="SES 1 relay auto vs 100/s: throttle replies", unit="replies",
-             relay=a["throttles"]),
-        dict(metric=f"SES {scenarios['shared60'].title}: aggregate rate", unit="% of limit",
-             relay=_pct(s["share_of_limit"]), goal=90, op=">=",
-             note=f"{s['injected']} mails split over the three relays"),
-        dict(metric="SES 3 relays sharing 60/s: throttles", unit="% of calls",
-             relay=_pct(s["throttle_share"]), goal=2, op="<"),
-        dict(metric=f"SES {scenarios['exact20'].title}: rate", unit="% of limit",
-             relay=_pct(e["share_of_limit"]), goal=95, op=">=",
-             note=f"{e['injected']} mails"),
-        dict(metric="SES max_send_rate 20 vs limit 20: throttles", unit="replies",
-             relay=e["throttles"], goal=0, op="<="),
-        dict(metric=f"SES {scenarios['over50'].title}: settled rate (2nd half)",
-             unit="% of limit", relay=_pct(o["settled_share"]),
-             note=f"{o['injected']} mails; overall {_fmt_pct(o['share_of_limit'])} of limit"),
-        dict(metric="SES max_send_rate 50 vs limit 20: throttles", unit="% of calls",
-             relay=_pct(o["throttle_share"])),
-        dict(metric="SES all scenarios: mails lost", unit="mails",
-             relay=sum(r["lost"] for r in results.values()), goal=0, op="<=",
-             note="lost = injected - accepted by SES - fallen back upstream - still in the spool "
-             "(queued/inflight/deferred, per `relay queue stats`) - failed"),
-        dict(metric="SES all scenarios: fell back upstream or failed", unit="mails",
-             relay=sum(r["fell_back_upstream"] + r["failed"] for r in results.values())),
-    ]  # fmt: skip
+        dict(
+            metric=f"SES {scenarios['auto100'].title}: rate",
+            unit="% of limit",
+            relay=_pct(a["share_of_limit"]),
+            note=f"{a['injected']} mails, 20 ms latency; auto = 90% of GetSendQuota",
+        ),
+        dict(
+            metric="SES 1 relay auto vs 100/s: throttle replies",
+            unit="replies",
+            relay=a["throttles"],
+        ),
+        dict(
+            metric=f"SES {scenarios['shared60'].title}: aggregate rate",
+            unit="% of limit",
+            relay=_pct(s["share_of_limit"]),
+            goal=90,
+            op=">=",
+            note=f"{s['injected']} mails split over the three relays",
+        ),
+        dict(
+            metric="SES 3 relays sharing 60/s: throttles",
+            unit="% of calls",
+            relay=_pct(s["throttle_share"]),
+            goal=2,
+            op="<",
+        ),
+        dict(
+            metric=f"SES {scenarios['exact20'].title}: rate",
+            unit="% of limit",
+            relay=_pct(e["share_of_limit"]),
+            goal=95,
+            op=">=",
+            note=f"{e['injected']} mails",
+        ),
+        dict(
+            metric="SES max_send_rate 20 vs limit 20: throttles",
+            unit="replies",
+            relay=e["throttles"],
+            goal=0,
+            op="<=",
+        ),
+        dict(
+            metric=f"SES {scenarios['over50'].title}: settled rate (2nd half)",
+            unit="% of limit",
+            relay=_pct(o["settled_share"]),
+            note=f"{o['injected']} mails; overall {_fmt_pct(o['share_of_limit'])} of limit",
+        ),
+        dict(
+            metric="SES max_send_rate 50 vs limit 20: throttles",
+            unit="% of calls",
+            relay=_pct(o["throttle_share"]),
+        ),
+        dict(
+            metric="SES all scenarios: mails lost",
+            unit="mails",
+            relay=sum(r["lost"] for r in results.values()),
+            goal=0,
+            op="<=",
+            note="lost = injected - accepted by SES - fallen back upstream - still in the spool "
+            "(queued/inflight/deferred, per `relay queue stats`) - failed",
+        ),
+        dict(
+            metric="SES all scenarios: fell back upstream or failed",
+            unit="mails",
+            relay=sum(r["fell_back_upstream"] + r["failed"] for r in results.values()),
+        ),
+    ]
     for row in rows:
         report.add(section="ses", **row)
 

@@ -31,8 +31,11 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--config", type=PathArg, help="relay.yaml (default: $RELAY_CONFIG, ./relay.yaml, "
-              "/etc/relay/relay.yaml)")  # fmt: skip
+@click.option(
+    "--config",
+    type=PathArg,
+    help="relay.yaml (default: $RELAY_CONFIG, ./relay.yaml, /etc/relay/relay.yaml)",
+)
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
 def serve(config: Path | None, log_format: str) -> None:
     """Run the service: accept mail, spool it, deliver it."""
@@ -42,8 +45,12 @@ def serve(config: Path | None, log_format: str) -> None:
 
 
 @main.command("check-rules")
-@click.option("--rules", "rules_path", type=PathArg,
-              help="rules file (default: ./rules.yaml, else the shipped defaults)")  # fmt: skip
+@click.option(
+    "--rules",
+    "rules_path",
+    type=PathArg,
+    help="rules file (default: ./rules.yaml, else the shipped defaults)",
+)
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per message per line")
 @click.argument("paths", nargs=-1, required=True, type=PathArg)
 def check_rules(rules_path: Path | None, as_json: bool, paths: tuple[Path, ...]) -> None:
@@ -159,13 +166,18 @@ def hash_password() -> None:
 
 @main.command()
 @click.option("--config", type=PathArg)
-@click.option("--sender", "senders", multiple=True,
-              help="sender address or domain to check in SES and DNS (repeatable; default: "
-                   "the senders of mail in the spool)")  # fmt: skip
+@click.option(
+    "--sender",
+    "senders",
+    multiple=True,
+    help="sender address or domain to check in SES and DNS (repeatable; default: "
+    "the senders of mail in the spool)",
+)
 @click.option("--nameserver", help="DNS server to ask (default: the system resolver)")
 def doctor(config: Path | None, senders: tuple[str, ...], nameserver: str | None) -> None:
     """Live checks: config, spool, original host, SES account and identities, DNS."""
     from relay.ops import doctor as doctor_mod
 
-    sys.exit(doctor_mod.run(settings_mod.find_config(config), senders=senders,
-                            nameserver=nameserver))  # fmt: skip
+    sys.exit(
+        doctor_mod.run(settings_mod.find_config(config), senders=senders, nameserver=nameserver)
+    )

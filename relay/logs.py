@@ -64,8 +64,10 @@ class TextFormatter(logging.Formatter):
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "ts": _timestamp(record), "level": record.levelname, "logger": record.name,
-        }  # fmt: skip
+            "ts": _timestamp(record),
+            "level": record.levelname,
+            "logger": record.name,
+        }
         fields = getattr(record, _FIELDS, None)
         if isinstance(fields, dict):
             out.update(fields)

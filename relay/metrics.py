@@ -43,70 +43,99 @@ RECEIVED = Counter(
     "relay_received_messages", "Messages accepted (250) and committed", registry=REGISTRY
 )
 REJECTED = Counter(
-    "relay_rejected_transactions", "SMTP transactions refused, by reason", ["reason"],
+    "relay_rejected_transactions",
+    "SMTP transactions refused, by reason",
+    ["reason"],
     registry=REGISTRY,
-)  # fmt: skip
+)
 CLASSIFIED = Counter(
-    "relay_classified_messages", "Messages classified, by rule and route", ["rule", "route"],
+    "relay_classified_messages",
+    "Messages classified, by rule and route",
+    ["rule", "route"],
     registry=REGISTRY,
-)  # fmt: skip
+)
 DELIVERIES = Counter(
-    "relay_deliveries", "Delivery attempts by route and outcome (sent, deferred, failed)",
-    ["route", "outcome"], registry=REGISTRY,
-)  # fmt: skip
-FALLBACKS = Counter(
-    "relay_fallbacks", "SES-routed messages sent upstream instead, by reason", ["reason"],
+    "relay_deliveries",
+    "Delivery attempts by route and outcome (sent, deferred, failed)",
+    ["route", "outcome"],
     registry=REGISTRY,
-)  # fmt: skip
+)
+FALLBACKS = Counter(
+    "relay_fallbacks",
+    "SES-routed messages sent upstream instead, by reason",
+    ["reason"],
+    registry=REGISTRY,
+)
 SES_LATENCY = Histogram(
-    "relay_ses_request_seconds", "SendRawEmail latency", registry=REGISTRY,
+    "relay_ses_request_seconds",
+    "SendRawEmail latency",
+    registry=REGISTRY,
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-)  # fmt: skip
+)
 SES_THROTTLES = Counter("relay_ses_throttles", "SES Throttling replies", registry=REGISTRY)
 CIRCUIT_OPEN = Gauge(
-    "relay_ses_circuit_open", "1 while the SES circuit is open (account-wide failure)",
+    "relay_ses_circuit_open",
+    "1 while the SES circuit is open (account-wide failure)",
     registry=REGISTRY,
-)  # fmt: skip
+)
 CIRCUIT_OPENINGS = Counter(
-    "relay_ses_circuit_openings", "Times the SES circuit opened: alert on this", ["reason"],
+    "relay_ses_circuit_openings",
+    "Times the SES circuit opened: alert on this",
+    ["reason"],
     registry=REGISTRY,
-)  # fmt: skip
+)
 PACE = Gauge("relay_ses_pace_rate", "Current SES pace, recipients/s", registry=REGISTRY)
 PACE_CEILING = Gauge(
-    "relay_ses_pace_ceiling", "SES pace ceiling (configured or 90% of quota), recipients/s",
+    "relay_ses_pace_ceiling",
+    "SES pace ceiling (configured or 90% of quota), recipients/s",
     registry=REGISTRY,
-)  # fmt: skip
+)
 QUOTA_RATE = Gauge("relay_ses_quota_max_send_rate", "SES MaxSendRate", registry=REGISTRY)
 QUOTA_24H = Gauge("relay_ses_quota_max_24h", "SES Max24HourSend", registry=REGISTRY)
 SENT_24H = Gauge("relay_ses_sent_last_24h", "SES SentLast24Hours", registry=REGISTRY)
-QUEUE_DEPTH = Gauge("relay_queue_messages", "Messages in the spool by state", ["state"],
-                    registry=REGISTRY)  # fmt: skip
+QUEUE_DEPTH = Gauge(
+    "relay_queue_messages", "Messages in the spool by state", ["state"], registry=REGISTRY
+)
 OLDEST_AGE = Gauge(
-    "relay_queue_oldest_age_seconds", "Age of the oldest queued or deferred message",
+    "relay_queue_oldest_age_seconds",
+    "Age of the oldest queued or deferred message",
     registry=REGISTRY,
-)  # fmt: skip
+)
 RULES_RELOADS = Counter(
     "relay_rules_reloads", "Rules reloads by result (ok, error)", ["result"], registry=REGISTRY
 )
 
 DELIVERY_UP = Gauge(
-    "relay_delivery_process_up", "1 while relay serve's delivery process runs",
+    "relay_delivery_process_up",
+    "1 while relay serve's delivery process runs",
     registry=REGISTRY,
-)  # fmt: skip
+)
 DELIVERY_RESTARTS = Counter(
-    "relay_delivery_process_restarts", "Times the delivery process died and was started again",
+    "relay_delivery_process_restarts",
+    "Times the delivery process died and was started again",
     registry=REGISTRY,
-)  # fmt: skip
+)
 
 # Counted where delivery runs: in `relay serve`, the delivery process.
 DELIVERY_FAMILIES = frozenset(
     family.name
     for metric in (
-        CLASSIFIED, DELIVERIES, FALLBACKS, SES_LATENCY, SES_THROTTLES, CIRCUIT_OPEN,
-        CIRCUIT_OPENINGS, PACE, PACE_CEILING, QUOTA_RATE, QUOTA_24H, SENT_24H, RULES_RELOADS,
+        CLASSIFIED,
+        DELIVERIES,
+        FALLBACKS,
+        SES_LATENCY,
+        SES_THROTTLES,
+        CIRCUIT_OPEN,
+        CIRCUIT_OPENINGS,
+        PACE,
+        PACE_CEILING,
+        QUOTA_RATE,
+        QUOTA_24H,
+        SENT_24H,
+        RULES_RELOADS,
     )
     for family in metric.describe()
-)  # fmt: skip
+)
 
 Check = Callable[[], Awaitable[bool]]
 Scrape = Callable[[], Awaitable[bytes | None]]

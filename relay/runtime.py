@@ -118,8 +118,13 @@ def reload(ctx: Context) -> bool:
         new_rules = rules.load(new_settings.rules)
     except ConfigError as exc:
         metrics.RULES_RELOADS.labels("error").inc()
-        logs.event(log, "reload_failed", level=logging.ERROR, keeping="previous rules",
-                   problems=" | ".join(str(p) for p in exc.problems))  # fmt: skip
+        logs.event(
+            log,
+            "reload_failed",
+            level=logging.ERROR,
+            keeping="previous rules",
+            problems=" | ".join(str(p) for p in exc.problems),
+        )
         return False
     fixed = ("listen", "spool", "auth", "tls", "metrics", "allow_networks", "limits")
     changed = [name for name in fixed if getattr(new_settings, name) != getattr(ctx.settings, name)]

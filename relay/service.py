@@ -87,10 +87,14 @@ def _tls_context(settings: Settings) -> ssl.SSLContext | None:
 
 
 async def serve(
-    settings: Settings, *, background: Sequence[Task] | None = None,
-    stop: asyncio.Event | None = None, ready: Callable[[Context], None] | None = None,
-    drain: float = SESSION_DRAIN, log_format: str = "text",
-) -> None:  # fmt: skip
+    settings: Settings,
+    *,
+    background: Sequence[Task] | None = None,
+    stop: asyncio.Event | None = None,
+    ready: Callable[[Context], None] | None = None,
+    drain: float = SESSION_DRAIN,
+    log_format: str = "text",
+) -> None:
     """Run until `stop` is set (by SIGTERM/SIGINT when not given); every wait has a deadline.
 
     `background` defaults to `DEFAULT_TASKS`. `ready(ctx)` is called once the
@@ -114,16 +118,19 @@ async def serve(
                 pass
         spool = await Spool.open(settings.spool)
         stack.push_async_callback(spool.close)
-        ctx = Context(settings=settings, rules=ruleset, spool=spool, stop=stop,
-                      log_format=log_format)  # fmt: skip
+        ctx = Context(
+            settings=settings, rules=ruleset, spool=spool, stop=stop, log_format=log_format
+        )
         with suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, ctx.reload.set)
             stack.callback(loop.remove_signal_handler, signal.SIGHUP)
         implicit = settings.tls is not None and settings.tls.implicit
         handler = Handler(
-            spool=spool, settings=settings, implicit_tls=implicit,
+            spool=spool,
+            settings=settings,
+            implicit_tls=implicit,
             users=Users(settings.auth.users_file) if settings.auth else None,
-        )  # fmt: skip
+        )
         # Tasks start before the listener so that, unwinding in reverse, the listener
         # closes first, then the tasks drain, then the spool closes.
         running = runtime.start(ctx, DEFAULT_TASKS if background is None else background)
@@ -134,9 +141,12 @@ async def serve(
         )
         try:
             server = await loop.create_server(
-                factory, settings.listen.host, settings.listen.port,
-                ssl=tls if implicit else None, reuse_address=True,
-            )  # fmt: skip
+                factory,
+                settings.listen.host,
+                settings.listen.port,
+                ssl=tls if implicit else None,
+                reuse_address=True,
+            )
         except OSError as exc:
             raise StartError(f"cannot listen on {settings.listen}: {exc}") from exc
         stack.push_async_callback(_close_listener, server, ctx.sessions, drain)
@@ -164,8 +174,13 @@ async def _close_listener(server: asyncio.Server, sessions: set[Session], drain:
                 session.shut()
         await asyncio.sleep(0.05)
     for session in list(sessions):
-        logs.event(log, "session_aborted", level=logging.WARNING, peer=session.peer_ip,
-                   reason="in a transaction at the shutdown deadline")  # fmt: skip
+        logs.event(
+            log,
+            "session_aborted",
+            level=logging.WARNING,
+            peer=session.peer_ip,
+            reason="in a transaction at the shutdown deadline",
+        )
         session.abort()
     await asyncio.wait_for(server.wait_closed(), 5)
 
@@ -188,9 +203,11 @@ async def observe(ctx: Context) -> None:
 
         where = ctx.settings.metrics
         server = await metrics.serve_http(
-            where.host, where.port, ready=ready,
+            where.host,
+            where.port,
+            ready=ready,
             text=lambda: metrics.exposition(ctx.delivery_metrics),
-        )  # fmt: skip
+        )
         ctx.metrics_port = server.sockets[0].getsockname()[1]
         logs.event(log, "metrics_listening", address=f"{where.host}:{ctx.metrics_port}")
     try:

@@ -156,9 +156,22 @@ def load(path: Path) -> Settings:
 
 
 _TOP = {
-    "listen", "spool", "rules", "mode", "hostname", "limits", "auth", "tls", "allow_networks",
-    "upstream", "ses", "retry", "metrics", "deliverers", "retention",
-}  # fmt: skip
+    "listen",
+    "spool",
+    "rules",
+    "mode",
+    "hostname",
+    "limits",
+    "auth",
+    "tls",
+    "allow_networks",
+    "upstream",
+    "ses",
+    "retry",
+    "metrics",
+    "deliverers",
+    "retention",
+}
 
 
 def _read(root: yamlfile.Node, path: Path) -> Settings | None:
@@ -204,10 +217,23 @@ def _read(root: yamlfile.Node, path: Path) -> Settings | None:
     assert listen and spool and rules and mode and hostname and limits and upstream and ses
     assert retry is not None and networks is not None
     return Settings(
-        source=path, listen=listen, spool=spool, rules=rules, mode=Mode(mode), hostname=hostname,
-        limits=limits, auth=auth, tls=tls, allow_networks=networks, upstream=upstream, ses=ses,
-        retry=retry, metrics=metrics, deliverers=deliverers, retention=float(retention),
-    )  # fmt: skip
+        source=path,
+        listen=listen,
+        spool=spool,
+        rules=rules,
+        mode=Mode(mode),
+        hostname=hostname,
+        limits=limits,
+        auth=auth,
+        tls=tls,
+        allow_networks=networks,
+        upstream=upstream,
+        ses=ses,
+        retry=retry,
+        metrics=metrics,
+        deliverers=deliverers,
+        retention=float(retention),
+    )
 
 
 def _host_port(node: yamlfile.Node) -> HostPort | None:
@@ -271,9 +297,15 @@ def _networks(
 
 
 _UPSTREAM = {
-    "host", "port", "security", "username", "password_env", "password_file", "timeout",
+    "host",
+    "port",
+    "security",
+    "username",
+    "password_env",
+    "password_file",
+    "timeout",
     "verify_tls",
-}  # fmt: skip
+}
 
 
 def _upstream(node: yamlfile.Node, rel: _Rel) -> Upstream | None:
@@ -294,16 +326,27 @@ def _upstream(node: yamlfile.Node, rel: _Rel) -> Upstream | None:
     if host is None or security is None or port is None or timeout is None or verify is None:
         return None
     return Upstream(
-        host=host, port=port, security=Security(security), username=username,
-        password_env=password_env, password_file=password_file, timeout=float(timeout),
+        host=host,
+        port=port,
+        security=Security(security),
+        username=username,
+        password_env=password_env,
+        password_file=password_file,
+        timeout=float(timeout),
         verify_tls=verify,
-    )  # fmt: skip
+    )
 
 
 _SES = {
-    "enabled", "region", "endpoint_url", "configuration_set", "max_send_rate", "fallback_after",
-    "timeout", "circuit_cooldown",
-}  # fmt: skip
+    "enabled",
+    "region",
+    "endpoint_url",
+    "configuration_set",
+    "max_send_rate",
+    "fallback_after",
+    "timeout",
+    "circuit_cooldown",
+}
 
 
 def _ses(node: yamlfile.Node) -> Ses | None:
@@ -330,10 +373,15 @@ def _ses(node: yamlfile.Node) -> Ses | None:
         return None
     assert enabled is not None and region and fallback is not None and timeout and cooldown
     return Ses(
-        enabled=enabled, region=region, endpoint_url=endpoint, configuration_set=config_set,
-        max_send_rate=rate, fallback_after=float(fallback), timeout=float(timeout),
+        enabled=enabled,
+        region=region,
+        endpoint_url=endpoint,
+        configuration_set=config_set,
+        max_send_rate=rate,
+        fallback_after=float(fallback),
+        timeout=float(timeout),
         circuit_cooldown=float(cooldown),
-    )  # fmt: skip
+    )
 
 
 def _retry(node: yamlfile.Node) -> Retry | None:

@@ -271,9 +271,14 @@ def send(port: int, sender: str, recipients: Sequence[str], raw: bytes) -> str:
 async def asend(port: int, sender: str, recipients: Sequence[str], raw: bytes) -> str:
     """One SMTP transaction with aiosmtplib (for tests whose loop runs the relay)."""
     _, reply = await aiosmtplib.send(
-        raw, sender=sender, recipients=list(recipients), hostname="127.0.0.1", port=port,
-        local_hostname="moodle.test", timeout=10,
-    )  # fmt: skip
+        raw,
+        sender=sender,
+        recipients=list(recipients),
+        hostname="127.0.0.1",
+        port=port,
+        local_hostname="moodle.test",
+        timeout=10,
+    )
     return queue_id_of(reply)
 
 
@@ -343,8 +348,12 @@ def main() -> None:
     args = parser.parse_args()
 
     def emit(msg: Captured) -> None:
-        line = {"mail_from": msg.mail_from, "rcpt_tos": list(msg.rcpt_tos), "at": msg.at,
-                "content": base64.b64encode(msg.content).decode()}  # fmt: skip
+        line = {
+            "mail_from": msg.mail_from,
+            "rcpt_tos": list(msg.rcpt_tos),
+            "at": msg.at,
+            "content": base64.b64encode(msg.content).decode(),
+        }
         sys.stdout.write(json.dumps(line) + "\n")
         sys.stdout.flush()
 

@@ -92,10 +92,15 @@ async def start_relay(
             await ctx.stop.wait()
 
         background = [capture, *(tasks or []), *(IN_PROCESS_TASKS if deliver else [])]
-        task = asyncio.create_task(service.serve(
-            settings, background=background, stop=stop,
-            ready=lambda ctx: bound.append(ctx.port), drain=2.0,
-        ))  # fmt: skip
+        task = asyncio.create_task(
+            service.serve(
+                settings,
+                background=background,
+                stop=stop,
+                ready=lambda ctx: bound.append(ctx.port),
+                drain=2.0,
+            )
+        )
         ctx = await asyncio.wait_for(got, 10)
         while not bound:
             if task.done():
@@ -133,9 +138,12 @@ class RelayProcess:
         with self.log_path.open("ab") as log:
             # Its own process group, shared with its delivery process: teardown kills both.
             self.proc = subprocess.Popen(
-                [*RELAY, "serve", "--config", str(self.config), *self.args], env=env, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
+                [*RELAY, "serve", "--config", str(self.config), *self.args],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -195,20 +203,32 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay.test")])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("relay.test"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-        ]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.DNSName("relay.test"),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                ]
+            ),
+            critical=False,
+        )
         .sign(key, hashes.SHA256())
-    )  # fmt: skip
+    )
     directory = tmp_path_factory.mktemp("tls")
     files = TlsFiles(cert=directory / "cert.pem", key=directory / "key.pem")
     files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    files.key.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ))  # fmt: skip
+    files.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     return files

@@ -57,8 +57,15 @@ def make_mail(**changes: Any) -> Mail:
 @pytest.fixture
 def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Dummy credentials; no retry settings, config files or instance metadata from the host."""
-    for name in ("AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS", "AWS_PROFILE", "AWS_SESSION_TOKEN",
-                 "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SES"):  # fmt: skip
+    for name in (
+        "AWS_RETRY_MODE",
+        "AWS_MAX_ATTEMPTS",
+        "AWS_PROFILE",
+        "AWS_SESSION_TOKEN",
+        "AWS_DEFAULT_REGION",
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_SES",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
@@ -75,9 +82,12 @@ def moto_server() -> Iterator[str]:
     host, port = server.get_host_and_port()
     url = f"http://{host}:{port}"
     client = boto3.client(
-        "ses", region_name=REGION, endpoint_url=url,
-        aws_access_key_id="AKIATESTTESTTESTTEST", aws_secret_access_key="test",
-    )  # fmt: skip
+        "ses",
+        region_name=REGION,
+        endpoint_url=url,
+        aws_access_key_id="AKIATESTTESTTESTTEST",
+        aws_secret_access_key="test",
+    )
     client.verify_domain_identity(Domain=VERIFIED_DOMAIN)
     try:
         yield url

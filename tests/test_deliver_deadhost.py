@@ -33,14 +33,20 @@ async def test_busy_host_is_not_hammered(start_relay: Start) -> None:
     port = host.sockets[0].getsockname()[1]
     try:
         relay = await start_relay(
-            deliver=True, deliverers=4, ses={"enabled": False},
+            deliver=True,
+            deliverers=4,
+            ses={"enabled": False},
             upstream={"host": "127.0.0.1", "port": port, "timeout": 5},
-        )  # fmt: skip
+        )
         ids = [
-            await asend(relay.port, "noreply@moodle.test", ["a@example.org"],
-                        RAW.replace(b"{n}", str(n).encode()))
+            await asend(
+                relay.port,
+                "noreply@moodle.test",
+                ["a@example.org"],
+                RAW.replace(b"{n}", str(n).encode()),
+            )
             for n in range(20)
-        ]  # fmt: skip
+        ]
         found = await await_rows(relay.settings.spool, ids, {"deferred"})
     finally:
         host.close()

@@ -54,9 +54,12 @@ server.stop()
 def moto_process() -> Iterator[str]:
     """moto's SES in a process of its own; yields its URL. Stopped by closing its stdin."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", MOTO], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
+        [sys.executable, "-c", MOTO],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     assert proc.stdout is not None and proc.stdin is not None
     try:
         port = int(proc.stdout.readline())
@@ -93,17 +96,24 @@ def phpmailer_batch() -> list[dict[str, Any]]:
     for n in range(8):
         kind = ("student", "student-html", "cc", "forum")[n % 4]
         to = f"tutor{n}@example.org" if kind == "cc" else f"student{n}@students.example.org"
-        mails.append({
-            "from": NOREPLY, "from_name": "Moodle Support (via Example Moodle)",
-            "to": to, "to_name": to if kind == "cc" else f"Student Number {n}",
-            "subject": f"We miss you in BIO10{n} &amp; friends" if kind != "forum"
-            else f"BIO10{n}: new forum post",
-            "body": f"Dear student {n},\n.a line starting with a dot\nCome back.\n",
-            "html": f'<div class="text_to_html">Hi {n}</div>' if kind == "student-html" else None,
-            "message_id": f"<67c6d0{n:08x}.{n:08d}@moodle.example.org>",
-            "headers": [] if kind == "forum" else [["X-Moodle-Originating-Script", ORIGIN]],
-            "rule": {"cc": "reengagement-cc", "forum": None}.get(kind, "reengagement-student"),
-        })  # fmt: skip
+        mails.append(
+            {
+                "from": NOREPLY,
+                "from_name": "Moodle Support (via Example Moodle)",
+                "to": to,
+                "to_name": to if kind == "cc" else f"Student Number {n}",
+                "subject": f"We miss you in BIO10{n} &amp; friends"
+                if kind != "forum"
+                else f"BIO10{n}: new forum post",
+                "body": f"Dear student {n},\n.a line starting with a dot\nCome back.\n",
+                "html": f'<div class="text_to_html">Hi {n}</div>'
+                if kind == "student-html"
+                else None,
+                "message_id": f"<67c6d0{n:08x}.{n:08d}@moodle.example.org>",
+                "headers": [] if kind == "forum" else [["X-Moodle-Originating-Script", ORIGIN]],
+                "rule": {"cc": "reengagement-cc", "forum": None}.get(kind, "reengagement-student"),
+            }
+        )
     return mails
 
 
@@ -131,10 +141,15 @@ def test_moodle_mails_reach_ses_and_original_host_intact(
         ses.verify_domain_identity(Domain=domain)
     config = write_config(
         upstream={"host": "127.0.0.1", "port": capture.port, "timeout": 10},
-        ses={"region": REGION, "endpoint_url": moto_process, "max_send_rate": 50,
-             "fallback_after": 60, "timeout": 10},
+        ses={
+            "region": REGION,
+            "endpoint_url": moto_process,
+            "max_send_rate": 50,
+            "fallback_after": 60,
+            "timeout": 10,
+        },
         retry={"schedule": [1], "max_age": 600},
-    )  # fmt: skip
+    )
     relay = relay_process(config).start()
 
     # queue id -> (sender, recipients, bytes sent, expected rule, expected route)
@@ -144,10 +159,21 @@ def test_moodle_mails_reach_ses_and_original_host_intact(
         sent[queue_id] = (e.sender, e.recipients, RAW[e.name], e.rule, e.route)
     assert PHPMAILER.is_file(), "Debian's libphp-phpmailer is needed"
     batch = phpmailer_batch()
-    job = {"host": "127.0.0.1", "port": relay.port, "user": None, "keepalive": False,
-           "mails": batch}  # fmt: skip
-    run = subprocess.run(["php", str(CLIENT)], input=json.dumps(job), capture_output=True,
-                         text=True, timeout=60, check=False)  # fmt: skip
+    job = {
+        "host": "127.0.0.1",
+        "port": relay.port,
+        "user": None,
+        "keepalive": False,
+        "mails": batch,
+    }
+    run = subprocess.run(
+        ["php", str(CLIENT)],
+        input=json.dumps(job),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert 0 == run.returncode, run.stderr
     results = [json.loads(line) for line in run.stdout.splitlines()]
     assert [(True, None)] * len(batch) == [(r["ok"], r["error"]) for r in results]
@@ -162,8 +188,11 @@ def test_moodle_mails_reach_ses_and_original_host_intact(
     assert 0 == listed.returncode, listed.stderr
     records = {r["id"]: r for r in map(json.loads, listed.stdout.splitlines())}
     traces = {q: row["trace"] for q, row in done.items()}
-    assert [] == [q for q, t in traces.items() if not t.startswith(b"Received: ")
-                  or t.count(b"\r\n") != 1 + t.count(b"\r\n\t")]  # fmt: skip
+    assert [] == [
+        q
+        for q, t in traces.items()
+        if not t.startswith(b"Received: ") or t.count(b"\r\n") != 1 + t.count(b"\r\n\t")
+    ]
 
     expected_rows = {q: (s[3], s[4]) for q, s in sent.items()}
     assert expected_rows == {q: (records[q]["rule"], records[q]["route"]) for q in sent}
@@ -212,13 +241,17 @@ def test_moodle_mails_reach_ses_and_original_host_intact(
         shown = relay_cli("queue", "--config", str(config), "show", queue_id, "--json")
         record = json.loads(shown.stdout)
         assert (records[queue_id]["ses_message_id"], records[queue_id]["reply"], "sent") == (
-            record["ses_message_id"], record["reply"], record["events"][-1]["event"]
-        )  # fmt: skip
+            record["ses_message_id"],
+            record["reply"],
+            record["events"][-1]["event"],
+        )
     assert 0 == relay.stop()
-    print(f"e2e: sent {len(sent)} (42 corpus + {len(batch)} PHPMailer), 250s {len(sent)}, "
-          f"delivered: SES {len(at_ses)}, original host {len(capture.messages)}; "
-          f"duplicates {sum(delivered.values()) - len(delivered)}, "
-          f"lost {len(message_ids - delivered)}")  # fmt: skip
+    print(
+        f"e2e: sent {len(sent)} (42 corpus + {len(batch)} PHPMailer), 250s {len(sent)}, "
+        f"delivered: SES {len(at_ses)}, original host {len(capture.messages)}; "
+        f"duplicates {sum(delivered.values()) - len(delivered)}, "
+        f"lost {len(message_ids - delivered)}"
+    )
 
 
 MODES = {
@@ -240,15 +273,17 @@ async def test_shadow_and_kill_switch_send_everything_upstream(
     reach the original host once, intact; every row still records the rule it matched, and
     the SES-routed ones say why they went upstream."""
     relay = await start_relay(
-        deliver=True, **top,
+        deliver=True,
+        **top,
         upstream={"host": "127.0.0.1", "port": capture.port, "timeout": 5},
         ses={"region": REGION, "endpoint_url": fake_ses.url, "max_send_rate": 100, **ses},
-    )  # fmt: skip
+    )
     sent = {await asend(relay.port, e.sender, e.recipients, RAW[e.name]): e for e in CORPUS}
     found = await await_rows(relay.settings.spool, sent, {"sent"})
     assert (0, 0) == (fake_ses.calls, len(fake_ses.sent))
-    expected = {q: (e.rule, "upstream", reason if e.route == "ses" else None)
-                for q, e in sent.items()}  # fmt: skip
+    expected = {
+        q: (e.rule, "upstream", reason if e.route == "ses" else None) for q, e in sent.items()
+    }
     assert expected == {q: (r["rule"], r["route"], r["fallback_reason"]) for q, r in found.items()}
     at_host = sorted(
         (m.queue_id or "", m.mail_from, m.rcpt_tos, m.content) for m in capture.messages

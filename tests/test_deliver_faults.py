@@ -39,8 +39,11 @@ Start = Callable[..., Awaitable[Running]]
 CORPUS = {e.name: e for e in expectations()}
 RAW = {name: e.path.read_bytes() for name, e in CORPUS.items()}
 # Three re-engagement mails (SES route) and one look-alike that always goes upstream.
-SES_MAILS = ("reengagement/student-text-564.eml", "reengagement/cc-546.eml",
-             "reengagement/student-html-546.eml")  # fmt: skip
+SES_MAILS = (
+    "reengagement/student-text-564.eml",
+    "reengagement/cc-546.eml",
+    "reengagement/student-html-546.eml",
+)
 CONTROL = "lookalike/forum-post.eml"
 FALLBACK_AFTER = 1.0
 PAUSED = Fault(code="AccountSendingPausedException", message="Sending is paused for this account.")
@@ -51,10 +54,17 @@ def config(host: CaptureServer, ses_url: str, **ses: Any) -> dict[str, Any]:
     timers."""
     return {
         "upstream": {"host": "127.0.0.1", "port": host.port, "timeout": 5},
-        "ses": {"region": REGION, "endpoint_url": ses_url, "max_send_rate": 100,
-                "fallback_after": FALLBACK_AFTER, "circuit_cooldown": 30, "timeout": 2, **ses},
+        "ses": {
+            "region": REGION,
+            "endpoint_url": ses_url,
+            "max_send_rate": 100,
+            "fallback_after": FALLBACK_AFTER,
+            "circuit_cooldown": 30,
+            "timeout": 2,
+            **ses,
+        },
         "retry": {"schedule": [1], "max_age": 60},
-    }  # fmt: skip
+    }
 
 
 def closed_port() -> int:
@@ -101,8 +111,9 @@ def assert_at_original_host_once(
 ) -> None:
     """Each mail reached the original host once: envelope unchanged, trace + bytes as sent."""
     got = copies(host)
-    expected = {q: [(e.sender, e.recipients, found[q]["trace"] + RAW[e.name])]
-                for q, e in sent.items()}  # fmt: skip
+    expected = {
+        q: [(e.sender, e.recipients, found[q]["trace"] + RAW[e.name])] for q, e in sent.items()
+    }
     actual = {q: [(m.mail_from, m.rcpt_tos, m.content) for m in got.get(q, [])] for q in sent}
     assert expected == actual
 
@@ -120,17 +131,19 @@ FAULTS = {
     "unreachable": SesFault(None, "temporary", "EndpointConnectionError"),
     "http-500": SesFault(HTTP_500, "temporary", "SES failing for"),
     "message-rejected": SesFault(
-        Fault(code="MessageRejected", message="Email address is not verified."), "permanent",
+        Fault(code="MessageRejected", message="Email address is not verified."),
+        "permanent",
         "SES refused the message: MessageRejected: Email address is not verified.",
     ),
     "account-paused": SesFault(
         PAUSED, "account", "SES account-wide failure: AccountSendingPausedException"
     ),
     "daily-quota": SesFault(
-        Fault(code="Throttling", message=DAILY_EXCEEDED), "account",
+        Fault(code="Throttling", message=DAILY_EXCEEDED),
+        "account",
         f"SES account-wide failure: Throttling: {DAILY_EXCEEDED}",
     ),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", FAULTS.values(), ids=FAULTS.keys())
@@ -175,10 +188,12 @@ async def test_ses_fault_sends_mail_to_original_host(
         assert [] == [e for q in ses_ids for e, _ in found[q]["events"] if e == "deferred"]
     opened = 1 if case.kind == "account" else 0
     assert (opened, opened) == (openings() - before, len(log_lines(caplog, "circuit_open")))
-    print(f"{case.kind} {case.reason!r}: sent 4 (250 x4), original host got 4, SES calls "
-          f"{fake_ses.calls}, attempts {[found[q]['attempts'] for q in ses_ids]}, fell back "
-          f"after {', '.join(f'{w:.1f}s' for w in waited.values())}, circuit openings "
-          f"{opened}, lost 0, duplicates 0")  # fmt: skip
+    print(
+        f"{case.kind} {case.reason!r}: sent 4 (250 x4), original host got 4, SES calls "
+        f"{fake_ses.calls}, attempts {[found[q]['attempts'] for q in ses_ids]}, fell back "
+        f"after {', '.join(f'{w:.1f}s' for w in waited.values())}, circuit openings "
+        f"{opened}, lost 0, duplicates 0"
+    )
 
 
 async def test_circuit_probes_once_after_cooldown_then_ses_again(
@@ -195,8 +210,9 @@ async def test_circuit_probes_once_after_cooldown_then_ses_again(
     cooldown = 2.0
     fake_ses.error = PAUSED
     before = openings()
-    relay = await start_relay(deliver=True, **config(capture, fake_ses.url,
-                                                     circuit_cooldown=cooldown))  # fmt: skip
+    relay = await start_relay(
+        deliver=True, **config(capture, fake_ses.url, circuit_cooldown=cooldown)
+    )
     spool = relay.settings.spool
     student, cc, html = SES_MAILS
 
@@ -230,11 +246,16 @@ async def test_circuit_probes_once_after_cooldown_then_ses_again(
     found = rows(spool)
     assert (["ses"] * 3, 3) == ([found[q]["route"] for q in after], len(fake_ses.sent))
     assert [found[q]["ses_message_id"] for q in after] == [s.message_id for s in fake_ses.sent]
-    assert (1, 1, 1) == (openings() - before, len(log_lines(caplog, "circuit_open")),
-                         len(log_lines(caplog, "circuit_closed")))  # fmt: skip
-    print(f"circuit: 1 opening, SES calls during cooldown 0, probes {fake_ses.calls - 1 - 3} "
-          f"failed + 1 ok, then {len(fake_ses.sent)} mails to SES; original host got "
-          f"{len(capture.messages)}, lost 0")  # fmt: skip
+    assert (1, 1, 1) == (
+        openings() - before,
+        len(log_lines(caplog, "circuit_open")),
+        len(log_lines(caplog, "circuit_closed")),
+    )
+    print(
+        f"circuit: 1 opening, SES calls during cooldown 0, probes {fake_ses.calls - 1 - 3} "
+        f"failed + 1 ok, then {len(fake_ses.sent)} mails to SES; original host got "
+        f"{len(capture.messages)}, lost 0"
+    )
 
 
 class SlowFirstSes(FakeSes):
@@ -270,9 +291,14 @@ async def test_success_in_flight_when_circuit_opened_does_not_close_it(
         found = await await_rows(spool, [*slow, *opener], {"sent"})
         later = await send_corpus(relay.port, SES_MAILS[2])
         found |= await await_rows(spool, later, {"sent"})
-    routes = {name: found[q]["route"] for q, name in
-              [*((q, "slow") for q in slow), *((q, "opener") for q in opener),
-               *((q, "later") for q in later)]}  # fmt: skip
+    routes = {
+        name: found[q]["route"]
+        for q, name in [
+            *((q, "slow") for q in slow),
+            *((q, "opener") for q in opener),
+            *((q, "later") for q in later),
+        ]
+    }
     assert {"slow": "ses", "opener": "upstream", "later": "upstream"} == routes
     [later_id] = later
     assert "SES circuit open" in found[later_id]["fallback_reason"]
@@ -330,8 +356,9 @@ async def test_5xx_dead_letter_then_queue_retry_delivers(
     )
     capture.data_reply = None
     config_file = relay.settings.source
-    retried = await asyncio.to_thread(relay_cli, "queue", "--config", str(config_file),
-                                      "retry", queue_id)  # fmt: skip
+    retried = await asyncio.to_thread(
+        relay_cli, "queue", "--config", str(config_file), "retry", queue_id
+    )
     assert (0, f"{queue_id}: queued for delivery") == (retried.returncode, retried.stdout.strip())
     found = await await_rows(spool, sent, {"sent"})
     assert_at_original_host_once(capture, sent, found)
@@ -379,8 +406,9 @@ async def test_partial_upstream_result_sends_each_recipient_once(
     capture.refuse_rcpt("b@example.org", refusal, times=times)
     relay = await start_relay(deliver=True, **config(capture, fake_ses.url))
     raw = RAW[CONTROL]
-    queue_id = await asend(relay.port, CORPUS[CONTROL].sender, ["a@example.org", "b@example.org"],
-                           raw)  # fmt: skip
+    queue_id = await asend(
+        relay.port, CORPUS[CONTROL].sender, ["a@example.org", "b@example.org"], raw
+    )
     found = await await_rows(relay.settings.spool, [queue_id], {"sent"})
     row = found[queue_id]
     got = [(m.rcpt_tos, m.content) for m in capture.messages]
@@ -412,8 +440,9 @@ async def test_probe_that_ends_in_a_bug_lets_the_next_mail_probe(
     good; the next try probes again and, SES healthy, the mail goes to SES."""
     cooldown = 1.0
     fake_ses.error = PAUSED
-    relay = await start_relay(deliver=True, **config(capture, fake_ses.url,
-                                                     circuit_cooldown=cooldown))  # fmt: skip
+    relay = await start_relay(
+        deliver=True, **config(capture, fake_ses.url, circuit_cooldown=cooldown)
+    )
     spool = relay.settings.spool
     await await_rows(spool, await send_corpus(relay.port, SES_MAILS[0]), {"sent"})  # opens
     await asyncio.sleep(cooldown + 0.2)

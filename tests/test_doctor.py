@@ -54,16 +54,22 @@ class AuthHost:
         self._thread.start()
 
         def protocol() -> SMTP:
-            return SMTP(self, hostname="upstream.test", tls_context=context,
-                        require_starttls=True, auth_require_tls=True,
-                        authenticator=self._authenticate)  # fmt: skip
+            return SMTP(
+                self,
+                hostname="upstream.test",
+                tls_context=context,
+                require_starttls=True,
+                auth_require_tls=True,
+                authenticator=self._authenticate,
+            )
 
         start = self._loop.create_server(protocol, "127.0.0.1", 0)
         self._server = asyncio.run_coroutine_threadsafe(start, self._loop).result(10)
         self.port: int = self._server.sockets[0].getsockname()[1]
 
-    def _authenticate(self, server: Any, session: Any, envelope: Any, mechanism: str,
-                      auth_data: Any) -> AuthResult:  # fmt: skip
+    def _authenticate(
+        self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
+    ) -> AuthResult:
         assert isinstance(auth_data, LoginPassword)
         self.logins.append((auth_data.login, auth_data.password))
         return AuthResult(success=auth_data.password == PASSWORD.encode())
@@ -108,16 +114,23 @@ def ses_ready(aws_env: None, moto_server: str) -> dict[str, Any]:
     return {"url": moto_server, "tokens": tokens, "records": records}
 
 
-def doctor_config(write_config: ConfigWriter, tmp_path: Path, ses_url: str, upstream_port: int,
-                  **overrides: Any) -> Path:  # fmt: skip
+def doctor_config(
+    write_config: ConfigWriter, tmp_path: Path, ses_url: str, upstream_port: int, **overrides: Any
+) -> Path:
     """relay.yaml: upstream = the STARTTLS+AUTH host, SES = `ses_url`, rules with a config set."""
     (tmp_path / "rules.yaml").write_text(RULES, encoding="utf-8")
     config: dict[str, Any] = {
         "rules": "rules.yaml",
-        "upstream": {"host": "127.0.0.1", "port": upstream_port, "security": "starttls",
-                     "verify_tls": False, "username": "moodle", "password_env": "DOCTOR_PW"},
+        "upstream": {
+            "host": "127.0.0.1",
+            "port": upstream_port,
+            "security": "starttls",
+            "verify_tls": False,
+            "username": "moodle",
+            "password_env": "DOCTOR_PW",
+        },
         "ses": {"region": REGION, "endpoint_url": ses_url, "configuration_set": CONFIG_SETS[0]},
-    }  # fmt: skip
+    }
     config.update(overrides)
     return write_config(**config)
 
@@ -129,8 +142,14 @@ def seed_spool(directory: Path, mails: list[tuple[str, str | None]]) -> None:
         spool = await spool_mod.Spool.open(directory)
         try:
             for sender, route in mails:
-                qid = await spool.add(sender=sender, recipients=["ada@example.net"], raw=b"x\r\n",
-                                      peer="127.0.0.1", trace=b"", message_id="<m@x>")  # fmt: skip
+                qid = await spool.add(
+                    sender=sender,
+                    recipients=["ada@example.net"],
+                    raw=b"x\r\n",
+                    peer="127.0.0.1",
+                    trace=b"",
+                    message_id="<m@x>",
+                )
                 if route is not None:
                     await spool.sent(qid, rule="r", route=route, reply="250 ok")
         finally:
@@ -142,8 +161,9 @@ def seed_spool(directory: Path, mails: list[tuple[str, str | None]]) -> None:
 def run_doctor(config: Path, *args: str, **env: str) -> tuple[int, list[str], float]:
     """`relay doctor --config CONFIG ARGS`: exit code, stdout lines, seconds taken."""
     started = time.monotonic()
-    done = relay_cli("doctor", "--config", str(config), *args, env={**os.environ, **env},
-                     timeout=60)  # fmt: skip
+    done = relay_cli(
+        "doctor", "--config", str(config), *args, env={**os.environ, **env}, timeout=60
+    )
     assert "Traceback" not in done.stderr, done.stderr
     return done.returncode, done.stdout.splitlines(), time.monotonic() - started
 
@@ -169,15 +189,27 @@ def test_doctor_all_good(
     checks = [(line[:6].strip(), line[6:16].strip()) for line in lines]
     # moto does not implement GetAccountSendingEnabled (HTTP 500): doctor says it cannot tell.
     gap = "warn  ses       sending state unknown: GetAccountSendingEnabled: ResponseParserError"
-    expected = [("ok", "config"), ("ok", "spool"), ("ok", "upstream"), ("ok", "ses"),
-                ("warn", "ses"), ("ok", "identity"), ("ok", "configset"), ("ok", "configset"),
-                ("ok", "spf"), ("ok", "dkim"), ("ok", "dmarc")]  # fmt: skip
+    expected = [
+        ("ok", "config"),
+        ("ok", "spool"),
+        ("ok", "upstream"),
+        ("ok", "ses"),
+        ("warn", "ses"),
+        ("ok", "identity"),
+        ("ok", "configset"),
+        ("ok", "configset"),
+        ("ok", "spf"),
+        ("ok", "dkim"),
+        ("ok", "dmarc"),
+    ]
     assert expected == checks, "\n".join(lines)
     assert lines[4].startswith(gap), lines[4]
     assert 0 == code
     assert f"ok    identity  {SENDER}: verified in SES" == lines[5]
-    assert f"ok    upstream  127.0.0.1:{auth_host.port}: EHLO, STARTTLS, AUTH as moodle ok " \
-           "(no mail sent)" == lines[2]  # fmt: skip
+    assert (
+        f"ok    upstream  127.0.0.1:{auth_host.port}: EHLO, STARTTLS, AUTH as moodle ok "
+        "(no mail sent)" == lines[2]
+    )
     assert f"ok    dkim      {DOMAIN}: 3 CNAMEs to SES Easy DKIM (SES status Success)" == lines[9]
     assert "max send rate 1/s; sent 0 of 200 in the last 24 h" in lines[3]
     assert [(b"moodle", PASSWORD.encode())] == auth_host.logins
@@ -192,16 +224,32 @@ def test_doctor_names_each_problem(
     """Upstream port closed, a sender not verified in SES, a configuration set SES lacks, no
     DMARC record, a wrong DKIM CNAME: exit 1 and one FAIL line naming each, the rest ok."""
     port = closed_port()
-    config = doctor_config(write_config, tmp_path, ses_ready["url"], port,
-                           ses={"region": REGION, "endpoint_url": ses_ready["url"],
-                                "configuration_set": "no-such-set"})  # fmt: skip
+    config = doctor_config(
+        write_config,
+        tmp_path,
+        ses_ready["url"],
+        port,
+        ses={
+            "region": REGION,
+            "endpoint_url": ses_ready["url"],
+            "configuration_set": "no-such-set",
+        },
+    )
     records = dict(ses_ready["records"])
     del records[(f"_dmarc.{DOMAIN}", "TXT")]
     token = ses_ready["tokens"][1]
     records[(f"{token}._domainkey.{DOMAIN}", "CNAME")] = ["elsewhere.example.com."]
     with FakeDns(records) as dns:
-        code, lines, took = run_doctor(config, "--nameserver", dns.address, "--sender", SENDER,
-                                       "--sender", UNVERIFIED, DOCTOR_PW=PASSWORD)  # fmt: skip
+        code, lines, took = run_doctor(
+            config,
+            "--nameserver",
+            dns.address,
+            "--sender",
+            SENDER,
+            "--sender",
+            UNVERIFIED,
+            DOCTOR_PW=PASSWORD,
+        )
     print("\n".join(lines), f"\n({took:.1f} s)")
     failed = [line for line in lines if line.startswith("FAIL")]
     expected = [
@@ -229,8 +277,12 @@ def test_doctor_paused_account_and_dns_timeout(
     naming the record within the 2 s DNS timeout, not a hang."""
     silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # takes queries, never answers
     silent.bind(("127.0.0.1", 0))
-    with FakeSes(verified={DOMAIN}, configuration_sets=set(CONFIG_SETS),
-                 sending_enabled=False) as fake, silent:  # fmt: skip
+    with (
+        FakeSes(
+            verified={DOMAIN}, configuration_sets=set(CONFIG_SETS), sending_enabled=False
+        ) as fake,
+        silent,
+    ):
         config = doctor_config(write_config, tmp_path, fake.url, closed_port())
         address = f"127.0.0.1:{silent.getsockname()[1]}"
         code, lines, took = run_doctor(config, "--nameserver", address, "--sender", DOMAIN)
@@ -268,8 +320,9 @@ def test_doctor_without_senders_and_ses_disabled(
     """No spool yet and SES switched off: spool directory writable, SES and DNS skipped, exit 0
     when the upstream host answers EHLO (plain SMTP here)."""
     with CaptureServer() as capture:
-        config = write_config(upstream={"host": "127.0.0.1", "port": capture.port},
-                              ses={"enabled": False})  # fmt: skip
+        config = write_config(
+            upstream={"host": "127.0.0.1", "port": capture.port}, ses={"enabled": False}
+        )
         code, lines, _ = run_doctor(config)
     expected = [
         "ok    config    relay.yaml and rules.yaml load (2 rules)",

@@ -41,9 +41,10 @@ from relay.receive.passwords import hash_password
 from relay.spool import open_existing
 
 BOUNDED = settings(
-    max_examples=200, deadline=None,
+    max_examples=200,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)  # fmt: skip
+)
 MAX_SIZE = 2048  # relay.yaml limits.max_message_size: small, so 552 is reached
 MAX_RCPTS = 3
 USER, PASSWORD = "moodle", "fuzz-secret"
@@ -88,8 +89,9 @@ class Server:
                 self.port = ctx.port
                 self._ready.set()
 
-            await service.serve(self.settings, background=[], stop=self._stop, ready=ready,
-                                drain=1.0)  # fmt: skip
+            await service.serve(
+                self.settings, background=[], stop=self._stop, ready=ready, drain=1.0
+            )
 
         try:
             self._loop.run_until_complete(main())
@@ -118,10 +120,13 @@ class Server:
 
 def make_server(directory: Path, *, auth: bool) -> Server:
     config: dict[str, object] = {
-        "listen": "127.0.0.1:0", "spool": "spool", "hostname": "relay.test", "metrics": None,
+        "listen": "127.0.0.1:0",
+        "spool": "spool",
+        "hostname": "relay.test",
+        "metrics": None,
         "upstream": {"host": "127.0.0.1", "port": 9},
         "limits": {"max_message_size": MAX_SIZE, "max_recipients": MAX_RCPTS},
-    }  # fmt: skip
+    }
     if auth:
         users = directory / "users"
         users.write_text(f"{USER}:{hash_password(PASSWORD, n=16)}\n", encoding="utf-8")
@@ -145,8 +150,9 @@ def server(
 # Strategies
 
 _PRINTABLE = st.characters(min_codepoint=0x20, max_codepoint=0x7E)
-_ANY_TEXT = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\r\n"),
-                    max_size=40)  # fmt: skip
+_ANY_TEXT = st.text(
+    st.characters(blacklist_categories=["Cs"], blacklist_characters="\r\n"), max_size=40
+)
 VALID = st.sampled_from(
     [
         "noreply@moodle.example.org",
@@ -157,23 +163,59 @@ VALID = st.sampled_from(
     ]
 )
 addresses = st.one_of(
-    VALID, VALID, VALID,
-    st.sampled_from([
-        "noreply@moodle.example.org", "ada@students.example.org", "x@moodle.local",
-        "<>", "", "a@[192.0.2.1", "a@[192.0.2.1]", "@a,@b:c@d.org", '"quoted local"@example.org',
-        "user@-bad-.org", "a" * 70 + "@example.org", "user@" + "d" * 300 + ".org", "ü@example.org",
-        "a@b@c", "<<a@b.org>>", "a@b.org> SIZE=1", "(comment)a@b.org", "a\\@b@c.org",
-    ]),
+    VALID,
+    VALID,
+    VALID,
+    st.sampled_from(
+        [
+            "noreply@moodle.example.org",
+            "ada@students.example.org",
+            "x@moodle.local",
+            "<>",
+            "",
+            "a@[192.0.2.1",
+            "a@[192.0.2.1]",
+            "@a,@b:c@d.org",
+            '"quoted local"@example.org',
+            "user@-bad-.org",
+            "a" * 70 + "@example.org",
+            "user@" + "d" * 300 + ".org",
+            "ü@example.org",
+            "a@b@c",
+            "<<a@b.org>>",
+            "a@b.org> SIZE=1",
+            "(comment)a@b.org",
+            "a\\@b@c.org",
+        ]
+    ),
     st.emails().map(str),
     st.text(_PRINTABLE, max_size=40),
     _ANY_TEXT,
-)  # fmt: skip
-mail_options = st.lists(st.one_of(
-    st.sampled_from(["SIZE=100", f"SIZE={MAX_SIZE * 10}", "SIZE=-1", "SIZE=x", "SIZE=",
-                     "BODY=8BITMIME", "BODY=7BIT", "BODY=BINARYMIME", "SMTPUTF8", "AUTH=<>",
-                     "RET=HDRS", "ENVID=x", "NOTIFY=NEVER", "FOO"]),
-    st.text(_PRINTABLE, max_size=20),
-), max_size=3).map(" ".join)  # fmt: skip
+)
+mail_options = st.lists(
+    st.one_of(
+        st.sampled_from(
+            [
+                "SIZE=100",
+                f"SIZE={MAX_SIZE * 10}",
+                "SIZE=-1",
+                "SIZE=x",
+                "SIZE=",
+                "BODY=8BITMIME",
+                "BODY=7BIT",
+                "BODY=BINARYMIME",
+                "SMTPUTF8",
+                "AUTH=<>",
+                "RET=HDRS",
+                "ENVID=x",
+                "NOTIFY=NEVER",
+                "FOO",
+            ]
+        ),
+        st.text(_PRINTABLE, max_size=20),
+    ),
+    max_size=3,
+).map(" ".join)
 
 
 def b64(text: bytes) -> str:
@@ -187,28 +229,76 @@ auth_lines = st.one_of(
     st.just("AUTH LOGIN\r\n" + b64(USER.encode()) + "\r\n" + b64(b"wrong")),
     st.binary(max_size=40).map(lambda b: f"AUTH PLAIN {b64(b)}"),
     st.text(_PRINTABLE, max_size=30).map(lambda t: f"AUTH PLAIN {t}"),
-    st.sampled_from(["AUTH PLAIN", "AUTH LOGIN", "AUTH CRAM-MD5", "AUTH", "AUTH PLAIN =",
-                     "AUTH LOGIN =", "AUTH PLAIN AAAA\r\n*"]),
-)  # fmt: skip
+    st.sampled_from(
+        [
+            "AUTH PLAIN",
+            "AUTH LOGIN",
+            "AUTH CRAM-MD5",
+            "AUTH",
+            "AUTH PLAIN =",
+            "AUTH LOGIN =",
+            "AUTH PLAIN AAAA\r\n*",
+        ]
+    ),
+)
 commands = st.one_of(
-    st.builds(lambda v, a: f"{v} {a}".rstrip(),
-              st.sampled_from(["EHLO", "HELO", "NOOP", "RSET", "VRFY", "EXPN", "HELP", "QUIT",
-                               "STARTTLS", "DATA", "BDAT", "ETRN", "MAIL", "RCPT", "mail from:",
-                               "rcpt to:", "xclient", "ehlo"]),
-              st.one_of(st.just(""), st.text(_PRINTABLE, max_size=30), _ANY_TEXT)),
+    st.builds(
+        lambda v, a: f"{v} {a}".rstrip(),
+        st.sampled_from(
+            [
+                "EHLO",
+                "HELO",
+                "NOOP",
+                "RSET",
+                "VRFY",
+                "EXPN",
+                "HELP",
+                "QUIT",
+                "STARTTLS",
+                "DATA",
+                "BDAT",
+                "ETRN",
+                "MAIL",
+                "RCPT",
+                "mail from:",
+                "rcpt to:",
+                "xclient",
+                "ehlo",
+            ]
+        ),
+        st.one_of(st.just(""), st.text(_PRINTABLE, max_size=30), _ANY_TEXT),
+    ),
     st.builds(lambda a, o: f"MAIL FROM:<{a}> {o}".rstrip(), addresses, mail_options),
     st.builds(lambda a, o: f"RCPT TO:<{a}> {o}".rstrip(), addresses, mail_options),
     st.builds(lambda a: f"MAIL FROM:{a}", addresses),
     auth_lines,
-).map(lambda line: line.encode("utf-8", "surrogateescape") + b"\r\n")  # fmt: skip
+).map(lambda line: line.encode("utf-8", "surrogateescape") + b"\r\n")
 raw_lines = st.binary(max_size=120)  # anything at all: NUL, bare LF/CR, 8-bit, CRLF inside
 data_bodies = st.one_of(
     st.binary(max_size=MAX_SIZE + 200),
-    st.lists(st.one_of(st.binary(max_size=80), st.sampled_from([
-        b".", b"..", b". ", b".\n", b"\n.\n", b"\r.\r", b"X" * 1000, b"\xff\xfe", b"\0",
-        b"Message-ID: <fuzz@example.org>", b"Subject: =?utf-8?B?w7w=?=", b"",
-    ])), max_size=40).map(b"\r\n".join),
-)  # fmt: skip
+    st.lists(
+        st.one_of(
+            st.binary(max_size=80),
+            st.sampled_from(
+                [
+                    b".",
+                    b"..",
+                    b". ",
+                    b".\n",
+                    b"\n.\n",
+                    b"\r.\r",
+                    b"X" * 1000,
+                    b"\xff\xfe",
+                    b"\0",
+                    b"Message-ID: <fuzz@example.org>",
+                    b"Subject: =?utf-8?B?w7w=?=",
+                    b"",
+                ]
+            ),
+        ),
+        max_size=40,
+    ).map(b"\r\n".join),
+)
 
 
 @st.composite
@@ -257,8 +347,10 @@ def stored(server: Server, queue_ids: list[str]) -> dict[str, bytes]:
     """Bodies of `queue_ids` in the spool."""
     with closing(open_existing(server.settings.spool)) as conn:
         marks = ",".join("?" * len(queue_ids))
-        return {row[0]: bytes(row[1]) for row in conn.execute(
-            f"SELECT id, body FROM bodies WHERE id IN ({marks})", queue_ids)}  # fmt: skip
+        return {
+            row[0]: bytes(row[1])
+            for row in conn.execute(f"SELECT id, body FROM bodies WHERE id IN ({marks})", queue_ids)
+        }
 
 
 def unstuffed(stream: bytes) -> bytes:
@@ -302,9 +394,11 @@ def test_a_normal_mail_goes_through_after_the_fuzz(server: Server) -> None:
     queued = _QUEUED.match(texts[-1])
     errors = [r.getMessage() for r in server.errors.records]
     kind = "auth" if server.settings.auth else "open"
-    print(f"fuzz ({kind}): {server.examples} conversations, replies by code "
-          f"{dict(sorted(server.replies.items()))}, {len(errors)} errors logged; after the fuzz "
-          f"a normal mail got {texts[-1]!r}")  # fmt: skip
+    print(
+        f"fuzz ({kind}): {server.examples} conversations, replies by code "
+        f"{dict(sorted(server.replies.items()))}, {len(errors)} errors logged; after the fuzz "
+        f"a normal mail got {texts[-1]!r}"
+    )
     assert [] == errors
     assert queued is not None, texts
     assert {queued.group(1): raw} == stored(server, [queued.group(1)])

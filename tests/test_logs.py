@@ -21,8 +21,11 @@ print("logged", flush=True)
 def _run(fmt: str, count: int) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", SCRIPT, fmt, str(count)],
-        capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
 
 
 def test_text_lines_are_all_written_by_exit() -> None:
@@ -48,8 +51,10 @@ def test_a_stalled_stderr_does_not_block_logging() -> None:
     # would block on the full pipe and never print "logged".
     with subprocess.Popen(
         [sys.executable, "-c", SCRIPT, "text", "2000"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    ) as proc:  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
         assert proc.stdout is not None and proc.stderr is not None
         ready, _, _ = select.select([proc.stdout], [], [], 20)
         if not ready:

@@ -79,13 +79,21 @@ def test_ready_after_listen_watchdog_and_stopping(write_config: ConfigWriter) ->
         sock.settimeout(15)
         config = write_config()
         port_file = config.parent / "port"
-        env = {**os.environ, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000",
-               "RELAY_PORT_FILE": str(port_file)}  # fmt: skip
+        env = {
+            **os.environ,
+            "NOTIFY_SOCKET": path,
+            "WATCHDOG_USEC": "200000",
+            "RELAY_PORT_FILE": str(port_file),
+        }
         env.pop("WATCHDOG_PID", None)
         log = config.parent / "serve.log"
         with log.open("wb") as out:
-            proc = subprocess.Popen([*RELAY, "serve", "--config", str(config)], env=env,
-                                    stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+            proc = subprocess.Popen(
+                [*RELAY, "serve", "--config", str(config)],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         try:
             got: list[tuple[float, str]] = []
             while not any(m == "READY=1" for _, m in got):
@@ -130,8 +138,14 @@ def test_no_ready_when_the_port_is_taken(write_config: ConfigWriter) -> None:
         sock.bind(path)
         config = write_config(listen=f"127.0.0.1:{taken.getsockname()[1]}")
         env = {**os.environ, "NOTIFY_SOCKET": path}
-        done = subprocess.run([*RELAY, "serve", "--config", str(config)], env=env,
-                              capture_output=True, text=True, timeout=8, check=False)  # fmt: skip
+        done = subprocess.run(
+            [*RELAY, "serve", "--config", str(config)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=8,
+            check=False,
+        )
         sock.setblocking(False)
         got = []
         with contextlib.suppress(BlockingIOError):
@@ -172,8 +186,10 @@ def write_atomically(path: Path, text: str) -> None:
 
 def metrics_port(process: RelayProcess) -> int:
     """The metrics port a `relay serve` process logged (`event=metrics_listening`)."""
-    found = wait_until(lambda: re.search(r"event=metrics_listening address=\S+:(\d+)",
-                                         process.log()), "event=metrics_listening")  # fmt: skip
+    found = wait_until(
+        lambda: re.search(r"event=metrics_listening address=\S+:(\d+)", process.log()),
+        "event=metrics_listening",
+    )
     return int(found.group(1))
 
 
@@ -196,8 +212,12 @@ def test_sighup_broken_rules_keep_old_then_fixed_rules_apply(
     new rules apply to the next mail. Reload counters show one error and one ok."""
     rules_file = tmp_path / "rules.yaml"
     write_atomically(rules_file, RULES.format(name="old-rule"))
-    config = write_config(rules="rules.yaml", ses={"enabled": False}, metrics="127.0.0.1:0",
-                          upstream={"host": "127.0.0.1", "port": capture.port})  # fmt: skip
+    config = write_config(
+        rules="rules.yaml",
+        ses={"enabled": False},
+        metrics="127.0.0.1:0",
+        upstream={"host": "127.0.0.1", "port": capture.port},
+    )
     relay = relay_process(config).start()
     assert relay.proc is not None
     port = metrics_port(relay)
@@ -212,8 +232,14 @@ def test_sighup_broken_rules_keep_old_then_fixed_rules_apply(
     # Both processes reload (relay serve and its delivery process, which classifies).
     write_atomically(rules_file, BROKEN)
     relay.proc.send_signal(signal.SIGHUP)
-    failed = wait_until(lambda: (lines := re.findall(r".*event=reload_failed.*", relay.log()))
-                        and len(lines) == 2 and lines, "event=reload_failed twice")  # fmt: skip
+    failed = wait_until(
+        lambda: (
+            (lines := re.findall(r".*event=reload_failed.*", relay.log()))
+            and len(lines) == 2
+            and lines
+        ),
+        "event=reload_failed twice",
+    )
     assert [True, True] == [f"{rules_file}:6:" in line for line in failed], failed
     qid = deliver_one(2)["id"]
     shown = relay_cli("queue", "--config", str(config), "show", "--json", qid)
@@ -227,8 +253,11 @@ def test_sighup_broken_rules_keep_old_then_fixed_rules_apply(
     wait_until(lambda: 2 == relay.log().count("event=reloaded"), "event=reloaded twice")
     assert "new-rule" == deliver_one(3)["rule"]
 
-    reloads = {dict(k[1])["result"]: v for k, v in scrape(port).items()
-               if k[0] == "relay_rules_reloads_total"}  # fmt: skip
+    reloads = {
+        dict(k[1])["result"]: v
+        for k, v in scrape(port).items()
+        if k[0] == "relay_rules_reloads_total"
+    }
     assert {"error": 1.0, "ok": 1.0} == reloads
     assert 0 == relay.stop()
 
@@ -252,8 +281,9 @@ class Client:
         try:
             while not stop.is_set():
                 if smtp is None:
-                    smtp = smtplib.SMTP("127.0.0.1", self.port, local_hostname="moodle.test",
-                                        timeout=40)  # fmt: skip
+                    smtp = smtplib.SMTP(
+                        "127.0.0.1", self.port, local_hostname="moodle.test", timeout=40
+                    )
                     smtp.ehlo()
                 n += 1
                 smtp.mail("noreply@moodle.test")
@@ -278,8 +308,9 @@ def test_sigterm_under_load_loses_nothing(
     """Six clients (half reusing their connection, like smtpmaxbulk) send without pause while
     the relay delivers; SIGTERM: exit 0 well within the deadline, every 250'd mail is in the
     spool, each one marked sent was delivered, and after a restart all of them are."""
-    config = write_config(ses={"enabled": False},
-                          upstream={"host": "127.0.0.1", "port": capture.port})  # fmt: skip
+    config = write_config(
+        ses={"enabled": False}, upstream={"host": "127.0.0.1", "port": capture.port}
+    )
     relay = relay_process(config).start()
     stop = threading.Event()
     clients = [Client(relay.port, keepalive=i % 2 == 1, name=f"c{i}") for i in range(6)]
@@ -294,8 +325,10 @@ def test_sigterm_under_load_loses_nothing(
     for thread in threads:
         thread.join(30)
     accepted = [qid for c in clients for qid in c.accepted]
-    print(f"SIGTERM -> exit {code} in {took:.2f} s; {len(accepted)} mails accepted; "
-          f"{len(capture.messages)} delivered before the stop")  # fmt: skip
+    print(
+        f"SIGTERM -> exit {code} in {took:.2f} s; {len(accepted)} mails accepted; "
+        f"{len(capture.messages)} delivered before the stop"
+    )
     assert 0 == code, relay.log()
     assert took < 35, took
     assert all(c.ended_by for c in clients), [c.ended_by for c in clients]
@@ -345,10 +378,11 @@ async def test_metrics_move_with_traffic_health_readiness_and_dashboard(
     exactly what was sent; /healthz is 200; /readyz is 200, 503 while the spool cannot
     commit, 200 again after; every metric the Grafana dashboard queries is in the scrape."""
     running = await start_relay(
-        deliver=True, metrics="127.0.0.1:0",
+        deliver=True,
+        metrics="127.0.0.1:0",
         upstream={"host": "127.0.0.1", "port": capture.port},
         ses={"region": REGION, "endpoint_url": moto_server, "max_send_rate": 50},
-    )  # fmt: skip
+    )
     for _ in range(500):  # the metrics task binds its port right after the service starts
         if running.ctx.metrics_port is not None:
             break
@@ -373,18 +407,23 @@ async def test_metrics_move_with_traffic_health_readiness_and_dashboard(
         return after.get(key, 0.0) - before.get(key, 0.0)
 
     expected = {
-        "received": 4.0, "ses sent": 2.0, "upstream sent": 2.0, "student": 1.0, "cc": 1.0,
+        "received": 4.0,
+        "ses sent": 2.0,
+        "upstream sent": 2.0,
+        "student": 1.0,
+        "cc": 1.0,
         "default": 2.0,
-    }  # fmt: skip
+    }
     actual = {
         "received": moved("relay_received_messages_total"),
         "ses sent": moved("relay_deliveries_total", route="ses", outcome="sent"),
         "upstream sent": moved("relay_deliveries_total", route="upstream", outcome="sent"),
-        "student": moved("relay_classified_messages_total", rule="reengagement-student",
-                         route="ses"),
+        "student": moved(
+            "relay_classified_messages_total", rule="reengagement-student", route="ses"
+        ),
         "cc": moved("relay_classified_messages_total", rule="reengagement-cc", route="ses"),
         "default": moved("relay_classified_messages_total", rule="(default)", route="upstream"),
-    }  # fmt: skip
+    }
     assert expected == actual
 
     assert (200, "ok\n") == await get("/healthz")
@@ -417,8 +456,12 @@ def test_demo_runs_and_shows_where_each_mail_went() -> None:
     assert took < 20, took
     table = {line[:25].strip(): line.split() for line in done.stdout.splitlines()}
     found = {}
-    for label, route in (("re-engagement (student)", "ses"), ("re-engagement (CC copy)", "ses"),
-                         ("forum post", "upstream"), ("password reset", "upstream")):  # fmt: skip
+    for label, route in (
+        ("re-engagement (student)", "ses"),
+        ("re-engagement (CC copy)", "ses"),
+        ("forum post", "upstream"),
+        ("password reset", "upstream"),
+    ):
         words = table[label]
         found[label] = (route in words, words[-1] != "-" if route == "ses" else words[-1] == "-")
     assert dict.fromkeys(found, (True, True)) == found, done.stdout

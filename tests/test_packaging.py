@@ -22,7 +22,10 @@ DOCKERFILE = ROOT / "Dockerfile"
 # Only what `pip install .` brings may be imported at run time: the dev and demo extras
 # (and what they pull in) are made unimportable here, as in the container image.
 EXTRAS = ("moto", "boto3", "pytest", "hypothesis", "cryptography", "flask", "werkzeug", "_pytest")
-PLAIN = [sys.executable, "-c", f"""\
+PLAIN = [
+    sys.executable,
+    "-c",
+    f"""\
 import sys
 class Plain:
     def find_spec(self, name, path=None, target=None):
@@ -31,7 +34,8 @@ class Plain:
 sys.meta_path.insert(0, Plain())
 from relay.cli import main
 sys.exit(main())
-"""]  # fmt: skip
+""",
+]
 
 
 def test_systemd_unit_verifies_clean(tmp_path: Path) -> None:
@@ -45,8 +49,9 @@ def test_systemd_unit_verifies_clean(tmp_path: Path) -> None:
     assert "ExecStart=/opt/relay/bin/relay serve" in text
     unit = tmp_path / "relay.service"
     unit.write_text(text.replace("/opt/relay/bin/relay", str(relay)), encoding="utf-8")
-    done = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True,
-                          timeout=60, check=False)  # fmt: skip
+    done = subprocess.run(
+        [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False
+    )
     about_unit = [line for line in (done.stdout + done.stderr).splitlines() if "relay" in line]
     assert [] == about_unit
     assert 0 == done.returncode, done.stderr
@@ -59,10 +64,17 @@ def test_systemd_unit_settings() -> None:
     lines = [line.strip() for line in UNIT.read_text(encoding="utf-8").splitlines()]
     settings = dict(line.split("=", 1) for line in lines if "=" in line and line[0] != "#")
     expected = {
-        "Type": "notify", "NotifyAccess": "main", "KillSignal": "SIGTERM", "KillMode": "mixed",
-        "ExecReload": "/bin/kill -HUP $MAINPID", "User": "relay", "StateDirectory": "relay",
-        "ConfigurationDirectory": "relay", "NoNewPrivileges": "yes", "ProtectSystem": "strict",
-    }  # fmt: skip
+        "Type": "notify",
+        "NotifyAccess": "main",
+        "KillSignal": "SIGTERM",
+        "KillMode": "mixed",
+        "ExecReload": "/bin/kill -HUP $MAINPID",
+        "User": "relay",
+        "StateDirectory": "relay",
+        "ConfigurationDirectory": "relay",
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+    }
     assert expected == {k: settings.get(k) for k in expected}
     assert int(settings["TimeoutStopSec"]) > 30
     assert int(settings["WatchdogSec"]) >= 10
@@ -115,8 +127,9 @@ def test_dockerfile_instructions() -> None:
 
 
 def plain_relay(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*PLAIN, *args], capture_output=True, text=True, timeout=60,
-                          check=False, **kwargs)  # type: ignore[call-overload]  # fmt: skip
+    return subprocess.run(
+        [*PLAIN, *args], capture_output=True, text=True, timeout=60, check=False, **kwargs
+    )  # type: ignore[call-overload]
 
 
 def container_config(write_config: ConfigWriter, tmp_path: Path, tls: TlsFiles) -> Path:
@@ -125,10 +138,13 @@ def container_config(write_config: ConfigWriter, tmp_path: Path, tls: TlsFiles) 
     users = tmp_path / "users"
     users.write_text("")
     return write_config(
-        listen="0.0.0.0:0", auth={"users_file": str(users)},
-        tls={"cert": str(tls.cert), "key": str(tls.key)}, metrics="127.0.0.1:0",
-        rules=str(ROOT / "relay" / "rules" / "rules.yaml"), ses={"enabled": False},
-    )  # fmt: skip
+        listen="0.0.0.0:0",
+        auth={"users_file": str(users)},
+        tls={"cert": str(tls.cert), "key": str(tls.key)},
+        metrics="127.0.0.1:0",
+        rules=str(ROOT / "relay" / "rules" / "rules.yaml"),
+        ses={"enabled": False},
+    )
 
 
 def test_container_commands_work_without_dev_extras(
@@ -147,8 +163,12 @@ def test_container_commands_work_without_dev_extras(
 
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([*PLAIN, "serve", "--config", str(config)], stdout=out,
-                                stderr=subprocess.STDOUT, env={**os.environ})  # fmt: skip
+        proc = subprocess.Popen(
+            [*PLAIN, "serve", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ},
+        )
     try:
         deadline = time.monotonic() + 15
         found = None

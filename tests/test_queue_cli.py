@@ -32,20 +32,33 @@ async def spooled(write_config: ConfigWriter) -> tuple[Path, dict[str, str]]:
     config = write_config()
     spool = await Spool.open(config.parent / "spool")
     ids = [
-        await spool.add(sender="noreply@moodle.test", recipients=[f"u{n}@example.org"],
-                        raw=body(n), peer="127.0.0.1", trace=TRACE, message_id=f"<{n}@moodle.test>")
+        await spool.add(
+            sender="noreply@moodle.test",
+            recipients=[f"u{n}@example.org"],
+            raw=body(n),
+            peer="127.0.0.1",
+            trace=TRACE,
+            message_id=f"<{n}@moodle.test>",
+        )
         for n in range(5)
-    ]  # fmt: skip
+    ]
     sent, deferred, failed, inflight, queued = ids
     await spool.claim(4)
-    await spool.sent(sent, rule="reengagement-cc", route="ses", reply="SES accepted",
-                     ses_message_id="0100-ses")  # fmt: skip
-    await spool.defer(deferred, due_at=time.time() + 600, rule=None, route="upstream",
-                      reply="451 4.3.0 try later")  # fmt: skip
+    await spool.sent(
+        sent, rule="reengagement-cc", route="ses", reply="SES accepted", ses_message_id="0100-ses"
+    )
+    await spool.defer(
+        deferred, due_at=time.time() + 600, rule=None, route="upstream", reply="451 4.3.0 try later"
+    )
     await spool.fail(failed, rule=None, route="upstream", reply="550 5.1.1 no such user")
     await spool.close()
-    states = {"sent": sent, "deferred": deferred, "failed": failed, "inflight": inflight,
-              "queued": queued}  # fmt: skip
+    states = {
+        "sent": sent,
+        "deferred": deferred,
+        "failed": failed,
+        "inflight": inflight,
+        "queued": queued,
+    }
     return config, states
 
 
@@ -79,8 +92,16 @@ def test_list_human_table(spooled: tuple[Path, dict[str, str]]) -> None:
     deferred/failed messages, and a count."""
     config, ids = spooled
     lines = queue(config, "list").stdout.splitlines()
-    assert lines[0].split() == ["ID", "STATE", "SIZE", "ARRIVED", "TRIES", "SENDER", "->",
-                                "RECIPIENTS"]  # fmt: skip
+    assert lines[0].split() == [
+        "ID",
+        "STATE",
+        "SIZE",
+        "ARRIVED",
+        "TRIES",
+        "SENDER",
+        "->",
+        "RECIPIENTS",
+    ]
     assert "-- 4 messages" == lines[-1]
     row = next(line for line in lines if line.startswith(ids["failed"]))
     assert "noreply@moodle.test -> u2@example.org" in row
@@ -100,8 +121,11 @@ def test_show_json_has_fields_headers_and_history(spooled: tuple[Path, dict[str,
     config, ids = spooled
     record = json.loads(queue(config, "show", ids["failed"], "--json").stdout)
     assert ("failed", "upstream", "550 5.1.1 no such user", 1) == (
-        record["state"], record["route"], record["reply"], record["attempts"],
-    )  # fmt: skip
+        record["state"],
+        record["route"],
+        record["reply"],
+        record["attempts"],
+    )
     assert "Message-ID: <2@moodle.test>\r\nSubject: mail 2\r\n" == record["headers"]
     assert TRACE.decode() == record["trace"]
     assert ["received", "failed"] == [e["event"] for e in record["events"]]
@@ -112,9 +136,12 @@ def test_show_sent_message_keeps_metadata_not_body(spooled: tuple[Path, dict[str
     config, ids = spooled
     record = json.loads(queue(config, "show", ids["sent"], "--json").stdout)
     assert ("sent", "ses", "reengagement-cc", "0100-ses", None) == (
-        record["state"], record["route"], record["rule"], record["ses_message_id"],
+        record["state"],
+        record["route"],
+        record["rule"],
+        record["ses_message_id"],
         record["headers"],
-    )  # fmt: skip
+    )
     text = queue(config, "show", ids["sent"]).stdout
     assert "history:" in text and "ses_message_id=0100-ses" in text
 
@@ -128,10 +155,14 @@ def test_show_unknown_id(spooled: tuple[Path, dict[str, str]]) -> None:
 
 @pytest.mark.parametrize(
     ("state", "exit_code", "after"),
-    [("failed", 0, "queued"), ("deferred", 0, "queued"), ("sent", 1, "sent"),
-     ("inflight", 1, "inflight")],
+    [
+        ("failed", 0, "queued"),
+        ("deferred", 0, "queued"),
+        ("sent", 1, "sent"),
+        ("inflight", 1, "inflight"),
+    ],
     ids=["failed", "deferred", "sent-refused", "inflight-refused"],
-)  # fmt: skip
+)
 def test_retry(
     spooled: tuple[Path, dict[str, str]], state: str, exit_code: int, after: str
 ) -> None:
@@ -178,12 +209,20 @@ def test_stats_json(spooled: tuple[Path, dict[str, str]]) -> None:
 
 @pytest.mark.parametrize(
     ("version", "why"),
-    [(1, f"schema version 1, older than this relay's {SCHEMA_VERSION}: start the service"
-         " (relay serve) once to upgrade it"),
-     (SCHEMA_VERSION + 1, f"schema version {SCHEMA_VERSION + 1}; this relay knows versions"
-                          f" up to {SCHEMA_VERSION}: run the newer relay that wrote it")],
+    [
+        (
+            1,
+            f"schema version 1, older than this relay's {SCHEMA_VERSION}: start the service"
+            " (relay serve) once to upgrade it",
+        ),
+        (
+            SCHEMA_VERSION + 1,
+            f"schema version {SCHEMA_VERSION + 1}; this relay knows versions"
+            f" up to {SCHEMA_VERSION}: run the newer relay that wrote it",
+        ),
+    ],
     ids=["older-left-to-the-service", "newer-refused"],
-)  # fmt: skip
+)
 def test_spool_of_another_schema_version(
     write_config: ConfigWriter, version: int, why: str
 ) -> None:
@@ -193,8 +232,9 @@ def test_spool_of_another_schema_version(
     make_spool(config.parent / "spool", version, {"0000000000Q1": ("queued", body(1))})
     result = queue(config, "stats")
     assert (1, f"relay queue: spool {config.parent / 'spool' / DB_NAME} has {why}\n") == (
-        result.exit_code, result.stderr,
-    )  # fmt: skip
+        result.exit_code,
+        result.stderr,
+    )
 
 
 def test_no_spool_yet(write_config: ConfigWriter) -> None:

@@ -82,9 +82,13 @@ def stored(running: Running) -> list[tuple[str, bytes, str]]:
 async def send_normal(running: Running) -> str:
     """A well-formed mail through aiosmtplib; returns the 250 reply text."""
     errors, reply = await aiosmtplib.send(
-        MAIL, sender="noreply@moodle.test", recipients=["student@example.org"],
-        hostname="127.0.0.1", port=running.port, timeout=10,
-    )  # fmt: skip
+        MAIL,
+        sender="noreply@moodle.test",
+        recipients=["student@example.org"],
+        hostname="127.0.0.1",
+        port=running.port,
+        timeout=10,
+    )
     assert {} == errors
     return reply
 
@@ -111,8 +115,10 @@ async def test_accepted_mail_is_spooled_with_queue_id_and_trace(relay: Running) 
     assert (match.group(1), MAIL) == (mail.id, mail.raw)
     trace = mail.trace.decode()
     date = r"\w{3}, \d+ \w{3} \d{4} [\d:]{8} [+-]\d{4}"
-    pattern = (r"Received: from client\.example \(127\.0\.0\.1\)\r\n\tby relay\.test \(relay\)"
-               rf" with ESMTP id {mail.id};\r\n\t{date}\r\n")  # fmt: skip
+    pattern = (
+        r"Received: from client\.example \(127\.0\.0\.1\)\r\n\tby relay\.test \(relay\)"
+        rf" with ESMTP id {mail.id};\r\n\t{date}\r\n"
+    )
     assert re.fullmatch(pattern, trace), trace
 
 
@@ -130,10 +136,24 @@ BIG = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * (LIMIT // 1000 + 1)
 LONG_HEADER = b"X-Long: " + b"a" * 1_000_000 + b"\r\n\r\nbody\r\n"
 STEPS: list[tuple[str, list[tuple[bytes, str]]]] = [
     ("size-at-mail", [(b"MAIL FROM:<a@b.example> SIZE=99999999", "552 5.3.4")]),
-    ("size-at-data", [(b"MAIL FROM:<a@b.example>", "250"), (b"RCPT TO:<c@d.example>", "250"),
-                      (b"DATA", "354"), (BIG + b".", "552 5.3.4")]),
-    ("1mb-header-line", [(b"MAIL FROM:<a@b.example>", "250"), (b"RCPT TO:<c@d.example>", "250"),
-                         (b"DATA", "354"), (LONG_HEADER + b".", "500 5.5.2")]),
+    (
+        "size-at-data",
+        [
+            (b"MAIL FROM:<a@b.example>", "250"),
+            (b"RCPT TO:<c@d.example>", "250"),
+            (b"DATA", "354"),
+            (BIG + b".", "552 5.3.4"),
+        ],
+    ),
+    (
+        "1mb-header-line",
+        [
+            (b"MAIL FROM:<a@b.example>", "250"),
+            (b"RCPT TO:<c@d.example>", "250"),
+            (b"DATA", "354"),
+            (LONG_HEADER + b".", "500 5.5.2"),
+        ],
+    ),
     ("command-too-long", [(b"MAIL FROM:<" + b"a" * 3000 + b"@b.example>", "500 5.5.2")]),
     ("non-ascii-command", [("MAIL FROM:<ü@b.example>".encode(), "500 5.5.2")]),
     ("sender-no-at", [(b"MAIL FROM:<postmaster>", "501 5.1.7")]),
@@ -141,17 +161,23 @@ STEPS: list[tuple[str, list[tuple[bytes, str]]]] = [
     ("sender-double-dot", [(b"MAIL FROM:<a..b@c.example>", "501 5.1.7")]),
     ("sender-unparsable", [(b"MAIL FROM:<a@b@c.example>", "553 5.1.3")]),
     ("sender-broken-literal", [(b"MAIL FROM:<a@[192.0.2.1>", "553 5.1.3")]),  # crashes aiosmtpd
-    ("recipient-broken-literal", [(b"MAIL FROM:<a@b.example>", "250"),
-                                  (b"RCPT TO:<a@[192.0.2.1>", "553 5.1.3")]),
-    ("recipient-empty-domain", [(b"MAIL FROM:<a@b.example>", "250"),
-                                (b"RCPT TO:<user@>", "553 5.1.3")]),
-    ("recipient-space", [(b"MAIL FROM:<a@b.example>", "250"),
-                         (b"RCPT TO:<a@b_c.example>", "501 5.1.3")]),
+    (
+        "recipient-broken-literal",
+        [(b"MAIL FROM:<a@b.example>", "250"), (b"RCPT TO:<a@[192.0.2.1>", "553 5.1.3")],
+    ),
+    (
+        "recipient-empty-domain",
+        [(b"MAIL FROM:<a@b.example>", "250"), (b"RCPT TO:<user@>", "553 5.1.3")],
+    ),
+    (
+        "recipient-space",
+        [(b"MAIL FROM:<a@b.example>", "250"), (b"RCPT TO:<a@b_c.example>", "501 5.1.3")],
+    ),
     ("rcpt-before-mail", [(b"RCPT TO:<c@d.example>", "503")]),
     ("data-before-rcpt", [(b"MAIL FROM:<a@b.example>", "250"), (b"DATA", "503")]),
     ("bogus-mail-param", [(b"MAIL FROM:<a@b.example> FOO=BAR", "555")]),
     ("smtputf8-param", [(b"MAIL FROM:<a@b.example> SMTPUTF8", "501")]),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("steps", [s for _, s in STEPS], ids=[i for i, _ in STEPS])
@@ -190,8 +216,9 @@ async def test_recipients_beyond_the_limit_get_452(relay: Running) -> None:
     await wire.send(b"".join(b"RCPT TO:<u%d@example.org>\r\n" % n for n in range(1000)))
     replies = [await wire.reply() for _ in range(1000)]
     assert (["250 2.1.5 Ok"] * 50, ["452 4.5.3 Too many recipients"] * 950) == (
-        replies[:50], replies[50:],
-    )  # fmt: skip
+        replies[:50],
+        replies[50:],
+    )
     await wire.cmd("DATA")
     assert (await wire.cmd(MAIL + b".")).startswith("250 2.0.0")
     await wire.close()
@@ -292,11 +319,18 @@ async def test_spool_failure_gives_451_and_recovers(relay: Running, fault: dict[
     await relay.ctx.spool.set_limits(**fault)
     body = b"Subject: big\r\n\r\n" + (b"z" * 900 + b"\r\n") * 8
     with pytest.raises(aiosmtplib.SMTPDataError) as refused:
-        await aiosmtplib.send(body, sender="a@b.example", recipients=["c@d.example"],
-                              hostname="127.0.0.1", port=relay.port, timeout=10)  # fmt: skip
+        await aiosmtplib.send(
+            body,
+            sender="a@b.example",
+            recipients=["c@d.example"],
+            hostname="127.0.0.1",
+            port=relay.port,
+            timeout=10,
+        )
     assert (451, "4.3.0 Cannot queue the message now, try again later") == (
-        refused.value.code, refused.value.message,
-    )  # fmt: skip
+        refused.value.code,
+        refused.value.message,
+    )
     assert [] == stored(relay)
     await relay.ctx.spool.set_limits()
     assert "queued as" in await send_normal(relay)
@@ -339,15 +373,17 @@ async def test_auth_is_refused_before_starttls(secured: Running) -> None:
 @pytest.mark.parametrize("mechanism", ["auth_plain", "auth_login"], ids=["PLAIN", "LOGIN"])
 async def test_auth_after_starttls(secured: Running, mechanism: str) -> None:
     """After STARTTLS: a wrong password gets 535 5.7.8, the right one 235 and mail is ESMTPSA."""
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=secured.port, start_tls=True,
-                             validate_certs=False, timeout=10)  # fmt: skip
+    client = aiosmtplib.SMTP(
+        hostname="127.0.0.1", port=secured.port, start_tls=True, validate_certs=False, timeout=10
+    )
     async with client:
         await client.ehlo()
         with pytest.raises(aiosmtplib.SMTPAuthenticationError) as wrong:
             await getattr(client, mechanism)("moodle", "wrong")
         assert (535, "5.7.8 Authentication credentials invalid") == (
-            wrong.value.code, wrong.value.message,
-        )  # fmt: skip
+            wrong.value.code,
+            wrong.value.message,
+        )
         assert 235 == (await getattr(client, mechanism)("moodle", "s3cret")).code
         await client.sendmail("noreply@moodle.test", ["student@example.org"], MAIL)
     [mail] = await secured.ctx.spool.claim(1)
@@ -364,10 +400,18 @@ async def test_implicit_tls_with_auth(
         auth={"users_file": str(users)},
         tls={"cert": str(tls_files.cert), "key": str(tls_files.key), "implicit": True},
     )
-    await aiosmtplib.send(MAIL, sender="noreply@moodle.test", recipients=["s@example.org"],
-                          hostname="127.0.0.1", port=running.port, use_tls=True,
-                          validate_certs=False, username="moodle", password="s3cret",
-                          timeout=10)  # fmt: skip
+    await aiosmtplib.send(
+        MAIL,
+        sender="noreply@moodle.test",
+        recipients=["s@example.org"],
+        hostname="127.0.0.1",
+        port=running.port,
+        use_tls=True,
+        validate_certs=False,
+        username="moodle",
+        password="s3cret",
+        timeout=10,
+    )
     [mail] = await running.ctx.spool.claim(1)
     assert b" with ESMTPSA id " in mail.trace
 
@@ -389,10 +433,16 @@ def test_message_id_is_read_from_the_header_block_only(raw: bytes, expected: str
 
 @pytest.mark.parametrize(
     ("address", "valid"),
-    [("a@b.example", True), ("x@moodle.local", True), ("a@localhost", False),
-     ("a b@c.example", False), ("a@b", True), ("@b.example", False)],
+    [
+        ("a@b.example", True),
+        ("x@moodle.local", True),
+        ("a@localhost", False),
+        ("a b@c.example", False),
+        ("a@b", True),
+        ("@b.example", False),
+    ],
     ids=["normal", "intranet", "localhost-no-dot", "space", "dotless-domain", "no-local"],
-)  # fmt: skip
+)
 def test_address_syntax(address: str, valid: bool) -> None:
     """email-validator syntax, lenient on intranet names (mail must not be lost)."""
     assert valid == (address_problem(address) is None)

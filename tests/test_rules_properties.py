@@ -36,9 +36,18 @@ rules:
 SHIPPED = rules.load(rules.DEFAULT_RULES)
 
 header_names = st.sampled_from(
-    ["Subject", "To", "From", "Content-Type", "Content-Transfer-Encoding", "List-Id",
-     "X-Moodle-Originating-Script", "MIME-Version", "Content-Disposition"]
-)  # fmt: skip
+    [
+        "Subject",
+        "To",
+        "From",
+        "Content-Type",
+        "Content-Transfer-Encoding",
+        "List-Id",
+        "X-Moodle-Originating-Script",
+        "MIME-Version",
+        "Content-Disposition",
+    ]
+)
 header_values = st.one_of(
     st.text(max_size=60),
     st.sampled_from(
@@ -123,15 +132,38 @@ def test_loader_any_text(text: str) -> None:
 
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False),
     st.sampled_from(["ses", "upstream", "(", "a+", "", "x" * 300, "2020-99-99", "?P<", "[[x]]"]),
     st.text(max_size=12),
-)  # fmt: skip
+)
 keys = st.sampled_from(
-    ["name", "route", "match", "ses", "description", "header", "absent", "sender", "recipient",
-     "subject", "body", "multipart", "all", "any", "not", "tags", "configuration_set", "To",
-     "default", "rules", "bogus"]
-)  # fmt: skip
+    [
+        "name",
+        "route",
+        "match",
+        "ses",
+        "description",
+        "header",
+        "absent",
+        "sender",
+        "recipient",
+        "subject",
+        "body",
+        "multipart",
+        "all",
+        "any",
+        "not",
+        "tags",
+        "configuration_set",
+        "To",
+        "default",
+        "rules",
+        "bogus",
+    ]
+)
 trees = st.recursive(
     scalars,
     lambda children: st.one_of(

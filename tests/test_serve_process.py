@@ -57,15 +57,21 @@ def moodle_mails(count: int) -> list[dict[str, object]]:
     for n in range(count):
         cc = n % 3 == 2
         to = f"manager{n}@example.org" if cc else f"student{n}@example.org"
-        mails.append({
-            "from": "noreply@moodle.test", "from_name": "Moodle Support (via Moodle Test)",
-            "to": to, "to_name": to if cc else f"Stüdent Nümber {n}",
-            "subject": f"Course réminder {n} &amp; more",
-            "body": f"Dear student {n},\n.a line starting with a dot\nÄÖÜ ß – €\n\n{'x' * n}\n",
-            "html": None if cc or n % 2 else f'<div class="text_to_html">Hi {n} <b>ÄÖÜ</b></div>',
-            "message_id": f"<{n:013x}.{n:08d}@moodle.test>",
-            "headers": [["X-Moodle-Originating-Script", origin]],
-        })  # fmt: skip
+        mails.append(
+            {
+                "from": "noreply@moodle.test",
+                "from_name": "Moodle Support (via Moodle Test)",
+                "to": to,
+                "to_name": to if cc else f"Stüdent Nümber {n}",
+                "subject": f"Course réminder {n} &amp; more",
+                "body": f"Dear student {n},\n.a line starting with a dot\nÄÖÜ ß – €\n\n{'x' * n}\n",
+                "html": None
+                if cc or n % 2
+                else f'<div class="text_to_html">Hi {n} <b>ÄÖÜ</b></div>',
+                "message_id": f"<{n:013x}.{n:08d}@moodle.test>",
+                "headers": [["X-Moodle-Originating-Script", origin]],
+            }
+        )
     return mails
 
 
@@ -78,10 +84,22 @@ def test_phpmailer_200_mails_are_spooled_byte_identical(
     users.write_text(f"moodle:{hash_password('moodle-pw')}\n")
     config = write_config(auth={"users_file": str(users)})
     relay = relay_process(config).start()
-    job = {"host": "127.0.0.1", "port": relay.port, "user": "moodle", "pass": "moodle-pw",
-           "keepalive": keepalive, "mails": moodle_mails(200)}  # fmt: skip
-    run = subprocess.run(["php", str(CLIENT)], input=json.dumps(job), capture_output=True,
-                         text=True, timeout=120, check=False)  # fmt: skip
+    job = {
+        "host": "127.0.0.1",
+        "port": relay.port,
+        "user": "moodle",
+        "pass": "moodle-pw",
+        "keepalive": keepalive,
+        "mails": moodle_mails(200),
+    }
+    run = subprocess.run(
+        ["php", str(CLIENT)],
+        input=json.dumps(job),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert 0 == run.returncode, run.stderr
     results = [json.loads(line) for line in run.stdout.splitlines()]
     assert [(True, None)] * 200 == [(r["ok"], r["error"]) for r in results]
@@ -90,8 +108,10 @@ def test_phpmailer_200_mails_are_spooled_byte_identical(
     # queued or already deferred by a first delivery attempt.
     stats = relay_cli("queue", "--config", str(config), "stats", "--json")
     counts = json.loads(stats.stdout)["counts"]
-    assert (200, 0) == (counts["queued"] + counts["deferred"] + counts["inflight"],
-                        counts["sent"] + counts["failed"]), stats.stderr  # fmt: skip
+    assert (200, 0) == (
+        counts["queued"] + counts["deferred"] + counts["inflight"],
+        counts["sent"] + counts["failed"],
+    ), stats.stderr
     rows = spooled(config.parent / "spool")
     expected = {r["queue_id"]: phpmailer_wire(base64.b64decode(r["mime"])) for r in results}
     assert expected == {qid: body for qid, (_, body, _, _) in rows.items()}
@@ -160,8 +180,11 @@ def test_sigkill_while_clients_send_loses_nothing_acked(
     attempted = {mid: body for s in senders for mid, body in s.attempted.items()}
     assert len(acked) >= 60
     assert acked == {qid: rows[qid][1] for qid in acked if qid in rows}, "a 250'd mail was lost"
-    assert [] == [qid for qid, (_, body, size, mid) in rows.items()
-                  if body is None or len(body) != size or attempted.get(mid) != body]  # fmt: skip
+    assert [] == [
+        qid
+        for qid, (_, body, size, mid) in rows.items()
+        if body is None or len(body) != size or attempted.get(mid) != body
+    ]
     assert 0 == restarted.stop()
 
 
@@ -182,8 +205,12 @@ def test_non_loopback_listen_without_auth_and_tls_refuses_to_start(
     if tls:
         overrides["tls"] = {"cert": str(tls_files.cert), "key": str(tls_files.key)}
     config = write_config(**overrides)
-    result = relay_cli("serve", "--config", str(config),
-                       env={**os.environ, "RELAY_PORT_FILE": str(tmp_path / "port")})  # fmt: skip
+    result = relay_cli(
+        "serve",
+        "--config",
+        str(config),
+        env={**os.environ, "RELAY_PORT_FILE": str(tmp_path / "port")},
+    )
     assert (1, False) == (result.returncode, (tmp_path / "port").exists())
     assert "not a loopback address" in result.stderr and "open relay" in result.stderr
 
@@ -230,8 +257,12 @@ def test_json_log_has_one_line_per_accepted_message(
     assert 0 == relay.stop()
     lines = [json.loads(line) for line in relay.log().splitlines()]
     [accepted] = [line for line in lines if line.get("event") == "accepted"]
-    assert {"peer": "127.0.0.1", "sender": "noreply@moodle.test", "size": len(body),
-            "recipients": "a@example.org,b@example.org", "message_id": "<j.1@moodle.test>",
-            "level": "INFO", "logger": "relay.receive"} == {
-        k: v for k, v in accepted.items() if k not in ("ts", "event", "id")
-    }  # fmt: skip
+    assert {
+        "peer": "127.0.0.1",
+        "sender": "noreply@moodle.test",
+        "size": len(body),
+        "recipients": "a@example.org,b@example.org",
+        "message_id": "<j.1@moodle.test>",
+        "level": "INFO",
+        "logger": "relay.receive",
+    } == {k: v for k, v in accepted.items() if k not in ("ts", "event", "id")}

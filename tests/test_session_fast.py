@@ -137,11 +137,19 @@ async def make_pair(start_relay: Start) -> AsyncIterator[Callable[[int], Awaitab
 
         def reference() -> SMTP:
             return SMTP(
-                handler, hostname=running.settings.hostname, ident="relay",
-                data_size_limit=limit, enable_SMTPUTF8=False, decode_data=False,
-                tls_context=None, require_starttls=False, auth_required=False,
-                auth_require_tls=False, timeout=300, command_call_limit=None,
-            )  # fmt: skip
+                handler,
+                hostname=running.settings.hostname,
+                ident="relay",
+                data_size_limit=limit,
+                enable_SMTPUTF8=False,
+                decode_data=False,
+                tls_context=None,
+                require_starttls=False,
+                auth_required=False,
+                auth_require_tls=False,
+                timeout=300,
+                command_call_limit=None,
+            )
 
         server = await asyncio.get_running_loop().create_server(reference, "127.0.0.1", 0)
         servers.append(server)
@@ -239,11 +247,29 @@ async def test_a_body_bigger_than_a_chunk_matches_aiosmtpd(
     assert [] == relay.bodies
 
 
-_VOCABULARY = st.sampled_from([
-    b"", b".", b"..", b"...", b". x", b".\n", b"\n.", b"\n.\n", b"\r", b"\n", b"\r.", b".\r",
-    b"Subject: x", b"x" * (LINE - 2), b"x" * (LINE - 1), b"x" * LINE, b"x" * (LINE + 1),
-    b"." + b"x" * (LINE - 3), b"y" * 300,
-])  # fmt: skip
+_VOCABULARY = st.sampled_from(
+    [
+        b"",
+        b".",
+        b"..",
+        b"...",
+        b". x",
+        b".\n",
+        b"\n.",
+        b"\n.\n",
+        b"\r",
+        b"\n",
+        b"\r.",
+        b".\r",
+        b"Subject: x",
+        b"x" * (LINE - 2),
+        b"x" * (LINE - 1),
+        b"x" * LINE,
+        b"x" * (LINE + 1),
+        b"." + b"x" * (LINE - 3),
+        b"y" * 300,
+    ]
+)
 _streams = st.one_of(
     st.lists(st.one_of(_VOCABULARY, st.binary(max_size=60)), max_size=12).map(b"\r\n".join),
     st.binary(max_size=300),
@@ -261,9 +287,10 @@ def data_pieces(draw: st.DrawFn) -> list[bytes]:
 
 
 @settings(
-    max_examples=60, deadline=None,
+    max_examples=60,
+    deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)  # fmt: skip
+)
 @given(pieces=data_pieces())
 async def test_any_data_stream_matches_aiosmtpd(pair: Pair, pieces: list[bytes]) -> None:
     """Generated DATA streams in generated pieces: same replies, same stored bytes."""
@@ -272,8 +299,11 @@ async def test_any_data_stream_matches_aiosmtpd(pair: Pair, pieces: list[bytes])
 
 
 @settings(max_examples=500, deadline=None)
-@given(stream=_streams, cuts=st.lists(st.integers(0, 400), max_size=8), size=st.sampled_from(
-    [0, 50, 1000, LIMIT]))  # fmt: skip
+@given(
+    stream=_streams,
+    cuts=st.lists(st.integers(0, 400), max_size=8),
+    size=st.sampled_from([0, 50, 1000, LIMIT]),
+)
 def test_body_is_the_same_however_the_stream_is_cut(
     stream: bytes, cuts: list[int], size: int
 ) -> None:
@@ -370,11 +400,20 @@ async def test_session_state_is_what_aiosmtpd_init_makes(
     assert {} == dict(fast.command_size_limits)
     reference = Session.__new__(Session)
     SMTP.__init__(
-        reference, handler, hostname=running.settings.hostname, ident="relay",
-        data_size_limit=running.settings.limits.max_message_size, enable_SMTPUTF8=False,
-        decode_data=False, tls_context=context, require_starttls=False, auth_required=False,
-        auth_require_tls=context is not None, timeout=300, command_call_limit=None,
-    )  # fmt: skip
+        reference,
+        handler,
+        hostname=running.settings.hostname,
+        ident="relay",
+        data_size_limit=running.settings.limits.max_message_size,
+        enable_SMTPUTF8=False,
+        decode_data=False,
+        tls_context=context,
+        require_starttls=False,
+        auth_required=False,
+        auth_require_tls=context is not None,
+        timeout=300,
+        command_call_limit=None,
+    )
     reference.registry, reference.allow = registry, running.settings.allow_networks
     reference._sock, reference._refused, reference._shut = None, False, False
     reference._held = []
@@ -387,8 +426,9 @@ async def test_a_new_session_does_not_introspect(
 ) -> None:
     """After the first Session for a handler class, no inspect.getmembers/signature."""
     running = await start_relay()
-    make = session_factory(Handler(spool=Recorder(), settings=running.settings), running.settings,
-                           set())  # type: ignore[arg-type]  # fmt: skip
+    make = session_factory(
+        Handler(spool=Recorder(), settings=running.settings), running.settings, set()
+    )  # type: ignore[arg-type]
     make()
 
     def introspect(*_: Any) -> None:
@@ -400,16 +440,39 @@ async def test_a_new_session_does_not_introspect(
 
 
 PLAIN = [
-    "<noreply@moodle.example.org>", "<noreply@moodle.example.org> SIZE=20480 BODY=8BITMIME",
-    "<mdl+AAAA.b_c@bounces.example.org>", "<x@moodle.local> ", "<a!#$%&'*+/=?^_`{|}~-@b-c.d>",
-]  # fmt: skip
+    "<noreply@moodle.example.org>",
+    "<noreply@moodle.example.org> SIZE=20480 BODY=8BITMIME",
+    "<mdl+AAAA.b_c@bounces.example.org>",
+    "<x@moodle.local> ",
+    "<a!#$%&'*+/=?^_`{|}~-@b-c.d>",
+]
 NOT_PLAIN = [
-    "<>", "<> SIZE=1", "noreply@moodle.example.org", " <a@b.org>", "<a@b.org>  SIZE=1",
-    "<a@b.org> (comment) SIZE=1", "<a@b.org>\tSIZE=1", "<a@b.org>SIZE=1", "<a@b.org> \x1cX",
-    "<=?utf-8?q?a?=@b.org>", '<"quoted"@b.org>', "<a@[192.0.2.1]>", "<@route:a@b.org>",
-    "<a..b@c.org>", "<.a@b.org>", "<a.@b.org>", "<a@b..org>", "<a@b.org.>", "<a b@c.org>",
-    "<a@b.org", "<a(c)@b.org>", "<a@b.org (c)>", "<ü@b.org>", "<a@b@c.org>", "",
-]  # fmt: skip
+    "<>",
+    "<> SIZE=1",
+    "noreply@moodle.example.org",
+    " <a@b.org>",
+    "<a@b.org>  SIZE=1",
+    "<a@b.org> (comment) SIZE=1",
+    "<a@b.org>\tSIZE=1",
+    "<a@b.org>SIZE=1",
+    "<a@b.org> \x1cX",
+    "<=?utf-8?q?a?=@b.org>",
+    '<"quoted"@b.org>',
+    "<a@[192.0.2.1]>",
+    "<@route:a@b.org>",
+    "<a..b@c.org>",
+    "<.a@b.org>",
+    "<a.@b.org>",
+    "<a@b..org>",
+    "<a@b.org.>",
+    "<a b@c.org>",
+    "<a@b.org",
+    "<a(c)@b.org>",
+    "<a@b.org (c)>",
+    "<ü@b.org>",
+    "<a@b@c.org>",
+    "",
+]
 _address_text = st.text(st.sampled_from('aZ09.-_+=?@<>()[]"\\ ,:;\t\x1c!~'), max_size=24)
 
 
@@ -438,12 +501,14 @@ def test_getaddr_answers_as_aiosmtpd(bare_session: Session, arg: str) -> None:
 
 
 @settings(max_examples=1500, deadline=None)
-@given(arg=st.one_of(
-    st.emails().map(lambda a: f"<{a}>"),
-    st.builds(lambda a, t: f"<{a}>{t}", st.emails(), _address_text),
-    st.builds(lambda a, b, t: f"<{a}@{b}>{t}", _address_text, _address_text, _address_text),
-    _address_text,
-))  # fmt: skip
+@given(
+    arg=st.one_of(
+        st.emails().map(lambda a: f"<{a}>"),
+        st.builds(lambda a, t: f"<{a}>{t}", st.emails(), _address_text),
+        st.builds(lambda a, b, t: f"<{a}@{b}>{t}", _address_text, _address_text, _address_text),
+        _address_text,
+    )
+)
 def test_any_address_gets_aiosmtpd_answer(bare_session: Session, arg: str) -> None:
     """Generated MAIL/RCPT arguments: `_getaddr` answers as aiosmtpd's parser."""
     assert parsed(bare_session, arg) == bare_session._getaddr(arg)
@@ -453,8 +518,9 @@ async def test_a_multi_line_reply_goes_out_in_one_write(start_relay: Start) -> N
     """EHLO's "250-..." lines are held and written with the last line: one write, one
     packet on the wire. Single-line replies and aiosmtpd's rewritten ones pass as before."""
     running = await start_relay()
-    session = session_factory(Handler(spool=Recorder(), settings=running.settings),
-                              running.settings, set())()  # type: ignore[arg-type]  # fmt: skip
+    session = session_factory(
+        Handler(spool=Recorder(), settings=running.settings), running.settings, set()
+    )()  # type: ignore[arg-type]
 
     class Writer:
         writes: ClassVar[list[bytes]] = []

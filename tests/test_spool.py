@@ -32,9 +32,13 @@ def mail_bytes(n: int, size: int = 200) -> bytes:
 
 async def add(spool: Spool, n: int, size: int = 200) -> str:
     return await spool.add(
-        sender="noreply@moodle.test", recipients=[f"user{n}@example.org"], raw=mail_bytes(n, size),
-        peer="127.0.0.1", trace=TRACE, message_id=f"<{n}@moodle.test>",
-    )  # fmt: skip
+        sender="noreply@moodle.test",
+        recipients=[f"user{n}@example.org"],
+        raw=mail_bytes(n, size),
+        peer="127.0.0.1",
+        trace=TRACE,
+        message_id=f"<{n}@moodle.test>",
+    )
 
 
 def rows(directory: Path) -> dict[str, dict[str, object]]:
@@ -116,8 +120,11 @@ async def test_outcomes_are_recorded_on_the_row(
         await spool.fail(qid, fallback_reason="rejected", **common)
     row = rows(tmp_path / "spool")[qid]
     assert (state, "reengagement-cc", "ses", "the reply") == (
-        row["state"], row["rule"], row["route"], row["reply"],
-    )  # fmt: skip
+        row["state"],
+        row["rule"],
+        row["route"],
+        row["reply"],
+    )
     assert body_kept == (qid in bodies(tmp_path / "spool"))
     assert ["received", state.value] == events(tmp_path / "spool", qid)
 
@@ -126,8 +133,14 @@ async def test_deferred_message_is_claimed_only_when_due(spool: Spool) -> None:
     """defer(due_at) hides the message until due_at; its remaining recipients are kept."""
     qid = await add(spool, 1)
     await spool.claim(1)
-    await spool.defer(qid, due_at=time.time() + 0.3, rule=None, route="upstream", reply="451",
-                      recipients=["left@example.org"])  # fmt: skip
+    await spool.defer(
+        qid,
+        due_at=time.time() + 0.3,
+        rule=None,
+        route="upstream",
+        reply="451",
+        recipients=["left@example.org"],
+    )
     assert [] == await spool.claim(1)
     await asyncio.sleep(0.35)
     claimed = await spool.claim(1)
@@ -211,10 +224,24 @@ async def test_failed_commit_leaves_nothing_and_recovers(
 async def test_one_failing_call_does_not_fail_its_batch(spool: Spool, tmp_path: Path) -> None:
     """A call that fails inside a group commit is retried alone; the others commit."""
     taken = new_id()
-    await spool.add(sender="", recipients=["a@b.example"], raw=b"x\r\n", peer="p", trace=b"",
-                    message_id="", queue_id=taken)  # fmt: skip
-    duplicate = spool.add(sender="", recipients=["a@b.example"], raw=b"y\r\n", peer="p",
-                          trace=b"", message_id="", queue_id=taken)  # fmt: skip
+    await spool.add(
+        sender="",
+        recipients=["a@b.example"],
+        raw=b"x\r\n",
+        peer="p",
+        trace=b"",
+        message_id="",
+        queue_id=taken,
+    )
+    duplicate = spool.add(
+        sender="",
+        recipients=["a@b.example"],
+        raw=b"y\r\n",
+        peer="p",
+        trace=b"",
+        message_id="",
+        queue_id=taken,
+    )
     results = await asyncio.gather(
         *(add(spool, n) for n in range(10)), duplicate, return_exceptions=True
     )
@@ -327,11 +354,22 @@ def make_spool(directory: Path, version: int, rows: dict[str, tuple[str, bytes |
                 "INSERT INTO messages (id, state, sender, recipients, size, message_id,"
                 " received_at, due_at, updated_at, trace, body)"
                 " VALUES (?, ?, 'noreply@moodle.test', ?, ?, ?, ?, ?, ?, ?, ?)",
-                (qid, state, f'["user{n}@example.org"]', len(body or b""), f"<{n}@moodle.test>",
-                 past, past, past, TRACE, body),
-            )  # fmt: skip
-            conn.execute("INSERT INTO events (queue_id, at, event) VALUES (?, ?, 'received')",
-                         (qid, past))  # fmt: skip
+                (
+                    qid,
+                    state,
+                    f'["user{n}@example.org"]',
+                    len(body or b""),
+                    f"<{n}@moodle.test>",
+                    past,
+                    past,
+                    past,
+                    TRACE,
+                    body,
+                ),
+            )
+            conn.execute(
+                "INSERT INTO events (queue_id, at, event) VALUES (?, ?, 'received')", (qid, past)
+            )
     finally:
         conn.close()
 
@@ -340,9 +378,11 @@ async def test_a_version_1_spool_is_upgraded_and_every_body_kept(tmp_path: Path)
     """Opening a spool of schema 1 (bodies inline) moves each body to `bodies` byte for
     byte, drops the old column and sets version 2; waiting mail is claimable as before."""
     binary = bytes(range(256)) * 80 + b"\r\n"  # every byte value, past one page
-    kept = {"0000000000Q1": ("queued", mail_bytes(1, 30_000)),
-            "0000000000D2": ("deferred", binary),
-            "0000000000F3": ("failed", mail_bytes(3))}  # fmt: skip
+    kept = {
+        "0000000000Q1": ("queued", mail_bytes(1, 30_000)),
+        "0000000000D2": ("deferred", binary),
+        "0000000000F3": ("failed", mail_bytes(3)),
+    }
     make_spool(tmp_path / "spool", 1, {**kept, "0000000000S4": ("sent", None)})
     spool = await Spool.open(tmp_path / "spool")
     try:
@@ -389,8 +429,14 @@ async def test_a_write_lock_held_too_long_fails_the_batch_not_the_spool(
     free again, adds commit."""
 
     async def add() -> str:
-        return await spool.add(sender="a@example.org", recipients=["b@example.org"],
-                               raw=b"x", peer="127.0.0.1", trace=b"", message_id="")  # fmt: skip
+        return await spool.add(
+            sender="a@example.org",
+            recipients=["b@example.org"],
+            raw=b"x",
+            peer="127.0.0.1",
+            trace=b"",
+            message_id="",
+        )
 
     monkeypatch.setattr(spoollock, "TURN_TIMEOUT", 0.3)
     lock = os.open(tmp_path / "spool" / WRITE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
@@ -421,8 +467,15 @@ async def test_a_lone_session_commits_on_its_own_thread_unless_it_would_wait(
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         assert (False, None) == spool._writer.try_now(where)
-        add = spool.add(sender="a@example.org", recipients=["b@example.org"], raw=b"x",
-                        peer="127.0.0.1", trace=b"", message_id="", alone=True)  # fmt: skip
+        add = spool.add(
+            sender="a@example.org",
+            recipients=["b@example.org"],
+            raw=b"x",
+            peer="127.0.0.1",
+            trace=b"",
+            message_id="",
+            alone=True,
+        )
         adding = asyncio.ensure_future(add)
         await asyncio.sleep(0.05)
         assert not adding.done()  # waiting for its turn, on the writer thread

@@ -169,9 +169,12 @@ async def test_auth_over_starttls(
     monkeypatch.setenv("UPSTREAM_PASSWORD", "s3cret")
     capture, port = await start_capture(tls="starttls", auth=True)
     client = _client(
-        port, security=Security.STARTTLS, verify_tls=False, username="moodle",
+        port,
+        security=Security.STARTTLS,
+        verify_tls=False,
+        username="moodle",
         password_env="UPSTREAM_PASSWORD",
-    )  # fmt: skip
+    )
     await client.send(make_mail())
     assert b"moodle" == capture.messages[0].login
 
@@ -187,9 +190,12 @@ async def test_auth_problems_are_temporary(
         monkeypatch.setenv("UPSTREAM_PASSWORD", password)
     capture, port = await start_capture(tls="starttls", auth=True)
     client = _client(
-        port, security=Security.STARTTLS, verify_tls=False, username="moodle",
+        port,
+        security=Security.STARTTLS,
+        verify_tls=False,
+        username="moodle",
         password_env="UPSTREAM_PASSWORD",
-    )  # fmt: skip
+    )
     with pytest.raises(TemporaryFailure) as caught:
         await client.send(make_mail())
     assert TemporaryFailure is type(caught.value)
@@ -341,9 +347,12 @@ async def test_connection_is_reused_between_mails(start_capture: StartCapture) -
 async def test_reuse_keeps_tls_and_auth(start_capture: StartCapture) -> None:
     capture, port = await start_capture(tls="starttls", auth=True)
     client = _client(
-        port, security=Security.STARTTLS, verify_tls=False, username="moodle",
+        port,
+        security=Security.STARTTLS,
+        verify_tls=False,
+        username="moodle",
         password_env="RELAY_TEST_UPSTREAM_PASSWORD",
-    )  # fmt: skip
+    )
     os.environ["RELAY_TEST_UPSTREAM_PASSWORD"] = "s3cret"
     try:
         for _ in range(2):

@@ -49,8 +49,9 @@ def mail(n: int, subject: str = "hello") -> bytes:
 
 
 def upstream_config(write_config: ConfigWriter, capture: CaptureServer, **more: Any) -> Path:
-    return write_config(ses={"enabled": False},
-                        upstream={"host": "127.0.0.1", "port": capture.port}, **more)  # fmt: skip
+    return write_config(
+        ses={"enabled": False}, upstream={"host": "127.0.0.1", "port": capture.port}, **more
+    )
 
 
 def child_pids(relay: RelayProcess) -> list[int]:
@@ -62,8 +63,9 @@ def child_pids(relay: RelayProcess) -> list[int]:
 
 def child_of(relay: RelayProcess, number: int = 1) -> int:
     """The pid of the `number`-th delivery process, once it has been started."""
-    pids = wait_until(lambda: len(child_pids(relay)) >= number and child_pids(relay),
-                      f"delivery process {number}")  # fmt: skip
+    pids = wait_until(
+        lambda: len(child_pids(relay)) >= number and child_pids(relay), f"delivery process {number}"
+    )
     return int(pids[number - 1])
 
 
@@ -167,15 +169,19 @@ def test_child_sigkill_is_logged_and_a_new_child_delivers(
     first = child_of(relay)
     os.kill(first, signal.SIGKILL)
     qid = send(relay.port, SENDER, ["ada@example.net"], mail(1))  # while there is no child
-    died = wait_until(lambda: re.search(r".*event=delivery_process_died.*", relay.log()),
-                      "event=delivery_process_died")  # fmt: skip
+    died = wait_until(
+        lambda: re.search(r".*event=delivery_process_died.*", relay.log()),
+        "event=delivery_process_died",
+    )
     assert "ERROR" in died.group(0) and "returncode=-9" in died.group(0), died.group(0)
     second = child_of(relay, 2)
     wait_rows(config.parent / "spool", [qid], {"sent"})
     assert first != second
     _, samples = scrape(metrics_port(relay))
-    assert (1.0, 1.0) == (samples[("relay_delivery_process_restarts_total", frozenset())],
-                          samples[("relay_delivery_process_up", frozenset())])  # fmt: skip
+    assert (1.0, 1.0) == (
+        samples[("relay_delivery_process_restarts_total", frozenset())],
+        samples[("relay_delivery_process_up", frozenset())],
+    )
     assert 0 == relay.stop()
 
 
@@ -187,9 +193,15 @@ def test_sigterm_drains_the_send_in_flight_and_both_exit_0(
     which finishes that send (the row ends `sent`, not `inflight`) and exits 0; then
     `relay serve` exits 0."""
     (tmp_path / "rules.yaml").write_text("default: ses\nrules: []\n")
-    config = write_config(rules="rules.yaml", ses={
-        "region": REGION, "endpoint_url": fake_ses.url, "max_send_rate": 10, "timeout": 10,
-    })  # fmt: skip
+    config = write_config(
+        rules="rules.yaml",
+        ses={
+            "region": REGION,
+            "endpoint_url": fake_ses.url,
+            "max_send_rate": 10,
+            "timeout": 10,
+        },
+    )
     relay = relay_process(config).start()
     child = child_of(relay)
     wait_until(lambda: "event=delivery_started" in relay.log(), "event=delivery_started")
@@ -240,12 +252,17 @@ def test_metrics_show_the_delivery_process_counters_once(
     expected = {"received": 1.0, "delivered": 1.0, "classified": 1.0, "up": 1.0}
     actual = {
         "received": samples[("relay_received_messages_total", frozenset())],
-        "delivered": samples[("relay_deliveries_total",
-                              frozenset({("route", "upstream"), ("outcome", "sent")}))],
-        "classified": samples[("relay_classified_messages_total",
-                               frozenset({("rule", "(default)"), ("route", "upstream")}))],
+        "delivered": samples[
+            ("relay_deliveries_total", frozenset({("route", "upstream"), ("outcome", "sent")}))
+        ],
+        "classified": samples[
+            (
+                "relay_classified_messages_total",
+                frozenset({("rule", "(default)"), ("route", "upstream")}),
+            )
+        ],
         "up": samples[("relay_delivery_process_up", frozenset())],
-    }  # fmt: skip
+    }
     assert expected == actual
     declared = re.findall(r"^# TYPE (\S+)", text, re.M)
     assert [] == sorted({name for name in declared if declared.count(name) > 1})
@@ -259,9 +276,15 @@ async def leave_inflight(spool: Path) -> str:
     qid = new_id()
     trace = f"Received: from moodle.test\r\n\tby relay.test (relay) with ESMTP id {qid}; now\r\n"
     try:
-        await opened.add(sender=SENDER, recipients=["ada@example.net"], raw=mail(1),
-                         peer="127.0.0.1", trace=trace.encode(), message_id="<1@moodle.test>",
-                         queue_id=qid)  # fmt: skip
+        await opened.add(
+            sender=SENDER,
+            recipients=["ada@example.net"],
+            raw=mail(1),
+            peer="127.0.0.1",
+            trace=trace.encode(),
+            message_id="<1@moodle.test>",
+            queue_id=qid,
+        )
         await opened.claim(1)
     finally:
         await opened.close()
@@ -284,17 +307,22 @@ def test_delivery_waits_for_the_lock_before_reclaiming(
         wait_until(lambda: "event=delivery_lock_busy" in relay.log(), "event=delivery_lock_busy")
         time.sleep(1.5)  # more than the delivery loop's poll
         held = rows(spool)
-        assert ("inflight", "queued", []) == (held[inflight]["state"], held[fresh]["state"],
-                                              capture.messages)  # fmt: skip
+        assert ("inflight", "queued", []) == (
+            held[inflight]["state"],
+            held[fresh]["state"],
+            capture.messages,
+        )
     wait_rows(spool, [inflight, fresh], {"sent"})
     assert {inflight, fresh} == {m.queue_id for m in capture.messages}
     assert 0 == relay.stop()
 
 
 async def test_a_hung_delivery_process_is_killed_and_replaced(
-    start_relay: Callable[..., Any], capture: CaptureServer, monkeypatch: pytest.MonkeyPatch,
+    start_relay: Callable[..., Any],
+    capture: CaptureServer,
+    monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
-) -> None:  # fmt: skip
+) -> None:
     """A delivery process whose event loop stops answering (here: SIGSTOP) is not a crash,
     yet it delivers nothing: after LIVENESS_MISSES unanswered pings it is killed, logged as
     `event=delivery_process_hung`, and a new one delivers the mail accepted meanwhile."""

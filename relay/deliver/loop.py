@@ -53,14 +53,36 @@ class UpstreamSender(Protocol):
 
 class Store(Protocol):
     async def claim(self, limit: int) -> list[Mail]: ...
-    async def sent(self, queue_id: str, *, rule: str | None, route: str, reply: str,
-                   ses_message_id: str | None = None,
-                   fallback_reason: str | None = None) -> None: ...  # fmt: skip
-    async def defer(self, queue_id: str, *, due_at: float, rule: str | None, route: str,
-                    reply: str, fallback_reason: str | None = None,
-                    recipients: Sequence[str] | None = None) -> None: ...  # fmt: skip
-    async def fail(self, queue_id: str, *, rule: str | None, route: str, reply: str,
-                   fallback_reason: str | None = None) -> None: ...  # fmt: skip
+    async def sent(
+        self,
+        queue_id: str,
+        *,
+        rule: str | None,
+        route: str,
+        reply: str,
+        ses_message_id: str | None = None,
+        fallback_reason: str | None = None,
+    ) -> None: ...
+    async def defer(
+        self,
+        queue_id: str,
+        *,
+        due_at: float,
+        rule: str | None,
+        route: str,
+        reply: str,
+        fallback_reason: str | None = None,
+        recipients: Sequence[str] | None = None,
+    ) -> None: ...
+    async def fail(
+        self,
+        queue_id: str,
+        *,
+        rule: str | None,
+        route: str,
+        reply: str,
+        fallback_reason: str | None = None,
+    ) -> None: ...
     async def event(self, queue_id: str, event: str, detail: str) -> None: ...
 
 
@@ -137,8 +159,14 @@ class Deliverer:
                 await write(*args, **kw)
                 return
             except SpoolError as exc:
-                logs.event(log, "record_failed", level=logging.WARNING,
-                           id=args[0] if args else "?", retry_in=delay, error=str(exc))  # fmt: skip
+                logs.event(
+                    log,
+                    "record_failed",
+                    level=logging.WARNING,
+                    id=args[0] if args else "?",
+                    retry_in=delay,
+                    error=str(exc),
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECORD_BACKOFF_MAX)
 
@@ -155,31 +183,58 @@ class Deliverer:
         """One attempt for one claimed message; records the outcome on its row."""
         decision = self.rules.classify(mail)
         metrics.CLASSIFIED.labels(decision.rule or "(default)", decision.route.value).inc()
-        logs.event(log, "classified", id=mail.id, message_id=mail.message_id, rule=decision.rule,
-                   route=decision.route.value, reasons="; ".join(decision.reasons))  # fmt: skip
+        logs.event(
+            log,
+            "classified",
+            id=mail.id,
+            message_id=mail.message_id,
+            rule=decision.rule,
+            route=decision.route.value,
+            reasons="; ".join(decision.reasons),
+        )
         fallback: Fallback | None = None
         if decision.route is Route.SES:
             verdict = await self.ses_route.attempt(mail, decision, self.settings)
             if isinstance(verdict, Sent):
-                await self._record(self.spool.sent,
-                    mail.id, rule=decision.rule, route=Route.SES.value, reply="SES accepted",
+                await self._record(
+                    self.spool.sent,
+                    mail.id,
+                    rule=decision.rule,
+                    route=Route.SES.value,
+                    reply="SES accepted",
                     ses_message_id=verdict.message_id,
-                )  # fmt: skip
+                )
                 _outcome("sent", mail, decision, Route.SES, ses_id=verdict.message_id)
                 return
             if isinstance(verdict, Retry):
-                await self._record(self.spool.defer,
-                    mail.id, due_at=time.time() + verdict.delay, rule=decision.rule,
-                    route=Route.SES.value, reply=verdict.reply,
-                )  # fmt: skip
-                _outcome("deferred", mail, decision, Route.SES, retry_in=round(verdict.delay, 1),
-                         reply=verdict.reply)  # fmt: skip
+                await self._record(
+                    self.spool.defer,
+                    mail.id,
+                    due_at=time.time() + verdict.delay,
+                    rule=decision.rule,
+                    route=Route.SES.value,
+                    reply=verdict.reply,
+                )
+                _outcome(
+                    "deferred",
+                    mail,
+                    decision,
+                    Route.SES,
+                    retry_in=round(verdict.delay, 1),
+                    reply=verdict.reply,
+                )
                 return
             fallback = verdict
             metrics.FALLBACKS.labels(fallback.reason).inc()
-            logs.event(log, "fallback", id=mail.id, message_id=mail.message_id,
-                       rule=decision.rule, reason=fallback.reason,
-                       detail=fallback.detail)  # fmt: skip
+            logs.event(
+                log,
+                "fallback",
+                id=mail.id,
+                message_id=mail.message_id,
+                rule=decision.rule,
+                reason=fallback.reason,
+                detail=fallback.detail,
+            )
         await self._upstream(mail, decision, fallback)
 
     async def _upstream(self, mail: Mail, decision: Decision, fallback: Fallback | None) -> None:
@@ -207,27 +262,44 @@ class Deliverer:
             if result.accepted or result.permanent:
                 await self._record(self.spool.event, mail.id, "partial", _summary(result))
             await self._defer_or_fail(
-                replace(mail, recipients=tuple(remaining)), decision, Route.UPSTREAM, replies,
+                replace(mail, recipients=tuple(remaining)),
+                decision,
+                Route.UPSTREAM,
+                replies,
                 reason,
-            )  # fmt: skip
+            )
             return
         if not result.accepted:
             await self._fail(mail, decision, _summary(result), reason)
             return
         if result.permanent:
             await self._record(self.spool.event, mail.id, "partial", _summary(result))
-        await self._record(self.spool.sent,
-            mail.id, rule=decision.rule, route=Route.UPSTREAM.value, reply=result.reply,
+        await self._record(
+            self.spool.sent,
+            mail.id,
+            rule=decision.rule,
+            route=Route.UPSTREAM.value,
+            reply=result.reply,
             fallback_reason=reason,
-        )  # fmt: skip
-        _outcome("sent", mail, decision, Route.UPSTREAM, reply=result.reply,
-                 **({"fallback": reason} if reason else {}))  # fmt: skip
+        )
+        _outcome(
+            "sent",
+            mail,
+            decision,
+            Route.UPSTREAM,
+            reply=result.reply,
+            **({"fallback": reason} if reason else {}),
+        )
 
     async def _fail(self, mail: Mail, decision: Decision, reply: str, reason: str | None) -> None:
-        await self._record(self.spool.fail,
-            mail.id, rule=decision.rule, route=Route.UPSTREAM.value, reply=reply,
+        await self._record(
+            self.spool.fail,
+            mail.id,
+            rule=decision.rule,
+            route=Route.UPSTREAM.value,
+            reply=reply,
             fallback_reason=reason,
-        )  # fmt: skip
+        )
         _outcome("failed", mail, decision, Route.UPSTREAM, reply=reply)
 
     async def _defer_or_fail(
@@ -237,17 +309,27 @@ class Deliverer:
         age = time.time() - mail.received_at
         retry = self.settings.retry
         if age >= retry.max_age:
-            await self._record(self.spool.fail,
-                mail.id, rule=rule, route=route.value,
-                reply=f"gave up after {age:.0f}s (retry.max_age): {reply}", fallback_reason=reason,
-            )  # fmt: skip
+            await self._record(
+                self.spool.fail,
+                mail.id,
+                rule=rule,
+                route=route.value,
+                reply=f"gave up after {age:.0f}s (retry.max_age): {reply}",
+                fallback_reason=reason,
+            )
             _outcome("failed", mail, decision, route, reason="max_age", reply=reply)
             return
         delay = retry.schedule[min(max(mail.attempts, 1), len(retry.schedule)) - 1]
-        await self._record(self.spool.defer,
-            mail.id, due_at=time.time() + delay, rule=rule, route=route.value, reply=reply,
-            fallback_reason=reason, recipients=mail.recipients,
-        )  # fmt: skip
+        await self._record(
+            self.spool.defer,
+            mail.id,
+            due_at=time.time() + delay,
+            rule=rule,
+            route=route.value,
+            reply=reply,
+            fallback_reason=reason,
+            recipients=mail.recipients,
+        )
         _outcome("deferred", mail, decision, route, retry_in=delay, reply=reply)
 
 
@@ -257,8 +339,16 @@ def _outcome(
     """Count and log one delivery outcome: one line with id, Message-ID, rule, route."""
     metrics.DELIVERIES.labels(route.value, outcome).inc()
     level = logging.WARNING if outcome == "failed" else logging.INFO
-    logs.event(log, outcome, level=level, id=mail.id, message_id=mail.message_id,
-               rule=decision.rule if decision else None, route=route.value, **fields)  # fmt: skip
+    logs.event(
+        log,
+        outcome,
+        level=level,
+        id=mail.id,
+        message_id=mail.message_id,
+        rule=decision.rule if decision else None,
+        route=route.value,
+        **fields,
+    )
 
 
 def _summary(result: UpstreamResultLike) -> str:

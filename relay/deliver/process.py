@@ -71,8 +71,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = settings_mod.load(args.config)
         ruleset = rules.load(settings.rules)
     except ConfigError as exc:
-        logs.event(log, "delivery_config_error", level=logging.ERROR,
-                   problems=" | ".join(str(p) for p in exc.problems))  # fmt: skip
+        logs.event(
+            log,
+            "delivery_config_error",
+            level=logging.ERROR,
+            problems=" | ".join(str(p) for p in exc.problems),
+        )
         return 1
     try:
         return asyncio.run(_run(settings, ruleset, args.wake_fd, args.metrics_fd))
@@ -130,8 +134,13 @@ async def _lock(path: Path, stop: asyncio.Event) -> int | None:
             return fd
         except BlockingIOError:
             if not waiting:
-                logs.event(log, "delivery_lock_busy", level=logging.WARNING, lock=str(path),
-                           reason="another delivery process holds it; waiting")  # fmt: skip
+                logs.event(
+                    log,
+                    "delivery_lock_busy",
+                    level=logging.WARNING,
+                    lock=str(path),
+                    reason="another delivery process holds it; waiting",
+                )
                 waiting = True
         await wait_any(stop, seconds=LOCK_POLL)
     os.close(fd)

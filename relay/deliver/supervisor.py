@@ -67,17 +67,28 @@ class Child:
             os.set_blocking(wake_write, False)
             ours.setblocking(False)
             argv = [
-                sys.executable, "-m", "relay.deliver.process", "--config", str(ctx.settings.source),
-                "--wake-fd", str(wake_read), "--metrics-fd", str(theirs.fileno()),
-                "--log-format", ctx.log_format,
-                "--log-level", str(logging.getLogger().getEffectiveLevel()),
-            ]  # fmt: skip
+                sys.executable,
+                "-m",
+                "relay.deliver.process",
+                "--config",
+                str(ctx.settings.source),
+                "--wake-fd",
+                str(wake_read),
+                "--metrics-fd",
+                str(theirs.fileno()),
+                "--log-format",
+                ctx.log_format,
+                "--log-level",
+                str(logging.getLogger().getEffectiveLevel()),
+            ]
             env = {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED}
             with _sighup_blocked():
                 proc = await asyncio.create_subprocess_exec(
-                    *argv, env=env, stdin=asyncio.subprocess.DEVNULL,
+                    *argv,
+                    env=env,
+                    stdin=asyncio.subprocess.DEVNULL,
                     pass_fds=(wake_read, theirs.fileno()),
-                )  # fmt: skip
+                )
         except BaseException:
             os.close(wake_write)
             ours.close()
@@ -110,8 +121,13 @@ class Child:
                         if seq == tag:  # not a late answer to a scrape that timed out
                             return text
             except (TimeoutError, OSError) as exc:
-                logs.event(log, "delivery_metrics_missing", level=logging.WARNING,
-                           pid=self.pid, error=repr(exc))  # fmt: skip
+                logs.event(
+                    log,
+                    "delivery_metrics_missing",
+                    level=logging.WARNING,
+                    pid=self.pid,
+                    error=repr(exc),
+                )
         return None
 
     async def stop(self, drain: float) -> int:
@@ -120,8 +136,13 @@ class Child:
         try:
             return await asyncio.wait_for(asyncio.shield(self.proc.wait()), drain + STOP_GRACE)
         except TimeoutError:
-            logs.event(log, "delivery_process_killed", level=logging.WARNING, pid=self.pid,
-                       waited=drain + STOP_GRACE)  # fmt: skip
+            logs.event(
+                log,
+                "delivery_process_killed",
+                level=logging.WARNING,
+                pid=self.pid,
+                waited=drain + STOP_GRACE,
+            )
             self.signal(signal.SIGKILL)
             return await self.proc.wait()
 
@@ -163,16 +184,27 @@ class Supervisor:
                 died = await self._run_once()
             except OSError as exc:  # fork/exec failed: out of memory, pids, fds
                 died = None
-                logs.event(log, "delivery_process_start_failed", level=logging.ERROR,
-                           error=str(exc), restart_in=delay)  # fmt: skip
+                logs.event(
+                    log,
+                    "delivery_process_start_failed",
+                    level=logging.ERROR,
+                    error=str(exc),
+                    restart_in=delay,
+                )
             if self.ctx.stop.is_set():
                 return
             if time.monotonic() - started > STABLE_AFTER:
                 delay = RESTART_FIRST
             if died is not None:
                 metrics.DELIVERY_RESTARTS.inc()
-                logs.event(log, "delivery_process_died", level=logging.ERROR, pid=died[0],
-                           returncode=died[1], restart_in=delay)  # fmt: skip
+                logs.event(
+                    log,
+                    "delivery_process_died",
+                    level=logging.ERROR,
+                    pid=died[0],
+                    returncode=died[1],
+                    restart_in=delay,
+                )
             await wait_any(self.ctx.stop, seconds=delay)
             delay = min(delay * 2, RESTART_MAX)
 
@@ -216,8 +248,14 @@ async def _watch_liveness(child: Child) -> None:
     while misses < LIVENESS_MISSES:
         await asyncio.sleep(LIVENESS_EVERY)
         misses = 0 if await child.scrape() is not None else misses + 1
-    logs.event(log, "delivery_process_hung", level=logging.ERROR, pid=child.pid,
-               unanswered=misses, every=LIVENESS_EVERY)  # fmt: skip
+    logs.event(
+        log,
+        "delivery_process_hung",
+        level=logging.ERROR,
+        pid=child.pid,
+        unanswered=misses,
+        every=LIVENESS_EVERY,
+    )
     child.signal(signal.SIGKILL)
 
 

@@ -71,10 +71,13 @@ async def delivery(ctx: Context) -> None:
                 await _refresh_quota(ctx, ses, pace)
         circuit = Circuit(settings.ses.circuit_cooldown)
         deliverer = Deliverer(
-            settings=settings, spool=ctx.spool, rules=ctx.rules,
+            settings=settings,
+            spool=ctx.spool,
+            rules=ctx.rules,
             upstream=UpstreamClient(settings.upstream, hostname=settings.hostname),
-            ses_route=SesRoute(ses=ses, pace=pace, circuit=circuit), wakeup=ctx.spool.wakeup,
-        )  # fmt: skip
+            ses_route=SesRoute(ses=ses, pace=pace, circuit=circuit),
+            wakeup=ctx.spool.wakeup,
+        )
 
         def reloaded(new_settings: Settings, new_rules: RuleSet) -> None:
             old = deliverer.settings
@@ -123,6 +126,12 @@ async def _refresh_quota(ctx: Context, ses: SesClient, pace: Pace) -> bool:
     metrics.QUOTA_24H.set(quota.max_24h)
     metrics.SENT_24H.set(quota.sent_last_24h)
     metrics.PACE_CEILING.set(ceiling)
-    logs.event(log, "ses_quota", max_send_rate=quota.max_send_rate, max_24h=quota.max_24h,
-               sent_last_24h=quota.sent_last_24h, pace_ceiling=ceiling)  # fmt: skip
+    logs.event(
+        log,
+        "ses_quota",
+        max_send_rate=quota.max_send_rate,
+        max_24h=quota.max_24h,
+        sent_last_24h=quota.sent_last_24h,
+        pace_ceiling=ceiling,
+    )
     return True

@@ -240,8 +240,9 @@ class UpstreamClient:
                 await smtp.connect()
             except (aiosmtplib.SMTPConnectError, OSError) as exc:
                 reply = _reply(exc) if isinstance(exc, aiosmtplib.SMTPException) else repr(exc)
-                raise HostUnreachable(f"{where} unreachable for {mail.id}: {reply}",
-                                      reply=reply) from exc  # fmt: skip
+                raise HostUnreachable(
+                    f"{where} unreachable for {mail.id}: {reply}", reply=reply
+                ) from exc
             if s.security is _settings.Security.STARTTLS:
                 await smtp.starttls()
             if s.username:

@@ -69,11 +69,15 @@ def _demo_environment(home: Path) -> None:
     """Dummy AWS credentials for the emulator; nothing from the real account or config."""
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS"):
         os.environ.pop(name, None)
-    os.environ.update({
-        "AWS_ACCESS_KEY_ID": "AKIADEMODEMODEMODEMO", "AWS_SECRET_ACCESS_KEY": "demo-not-a-secret",
-        "AWS_CONFIG_FILE": str(home / "no-aws-config"), "AWS_EC2_METADATA_DISABLED": "true",
-        "AWS_SHARED_CREDENTIALS_FILE": str(home / "no-aws-credentials"),
-    })  # fmt: skip
+    os.environ.update(
+        {
+            "AWS_ACCESS_KEY_ID": "AKIADEMODEMODEMODEMO",
+            "AWS_SECRET_ACCESS_KEY": "demo-not-a-secret",
+            "AWS_CONFIG_FILE": str(home / "no-aws-config"),
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_SHARED_CREDENTIALS_FILE": str(home / "no-aws-credentials"),
+        }
+    )
 
 
 def run(*, keep_running: bool = False) -> int:
@@ -90,32 +94,47 @@ async def _demo(home: Path, ses_url: str, *, keep_running: bool) -> int:
     sink = await loop.create_server(lambda: SMTP(capture, hostname="original-host"), "127.0.0.1", 0)
     sink_port = sink.sockets[0].getsockname()[1]
     config = home / "relay.yaml"
-    config.write_text(yaml.safe_dump({
-        "listen": "127.0.0.1:0", "spool": "spool", "hostname": "relay.demo", "metrics": None,
-        "upstream": {"host": "127.0.0.1", "port": sink_port, "security": "none"},
-        "ses": {"region": REGION, "endpoint_url": ses_url, "max_send_rate": 10},
-    }))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "listen": "127.0.0.1:0",
+                "spool": "spool",
+                "hostname": "relay.demo",
+                "metrics": None,
+                "upstream": {"host": "127.0.0.1", "port": sink_port, "security": "none"},
+                "ses": {"region": REGION, "endpoint_url": ses_url, "max_send_rate": 10},
+            }
+        )
+    )
     settings = settings_mod.load(config)
     stop = asyncio.Event()
     started: asyncio.Future[Context] = loop.create_future()
     task = asyncio.create_task(service.serve(settings, stop=stop, ready=started.set_result))
     try:
         ctx = await asyncio.wait_for(started, 10)
-        click.echo(f"relay listening on 127.0.0.1:{ctx.port}; SES emulator at {ses_url}; "
-                   f"original host (capture) at 127.0.0.1:{sink_port}\n")  # fmt: skip
+        click.echo(
+            f"relay listening on 127.0.0.1:{ctx.port}; SES emulator at {ses_url}; "
+            f"original host (capture) at 127.0.0.1:{sink_port}\n"
+        )
         ids = []
         for sample in samples.samples():
             _, reply = await aiosmtplib.send(
-                sample.raw, sender=sample.sender, recipients=[sample.recipient],
-                hostname="127.0.0.1", port=ctx.port, local_hostname="moodle.example.org",
-            )  # fmt: skip
+                sample.raw,
+                sender=sample.sender,
+                recipients=[sample.recipient],
+                hostname="127.0.0.1",
+                port=ctx.port,
+                local_hostname="moodle.example.org",
+            )
             ids.append(reply.rsplit(" ", 1)[-1])
         rows = await _wait_delivered(settings.spool, ids)
         _print_table(rows, capture)
         if keep_running:
-            click.echo(f"\nrelay keeps running. Point an SMTP client at 127.0.0.1:{ctx.port}, e.g."
-                       f"\n  swaks --server 127.0.0.1:{ctx.port} --to someone@example.org"
-                       "\nCtrl-C stops it.")  # fmt: skip
+            click.echo(
+                f"\nrelay keeps running. Point an SMTP client at 127.0.0.1:{ctx.port}, e.g."
+                f"\n  swaks --server 127.0.0.1:{ctx.port} --to someone@example.org"
+                "\nCtrl-C stops it."
+            )
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             return 0
@@ -143,8 +162,9 @@ async def _wait_delivered(spool: Path, ids: list[str]) -> list[dict[str, Any]]:
 def _row(conn: sqlite3.Connection, queue_id: str) -> dict[str, Any]:
     row = conn.execute(
         "SELECT id, state, rule, route, ses_message_id, reply, fallback_reason"
-        " FROM messages WHERE id = ?", (queue_id,),
-    ).fetchone()  # fmt: skip
+        " FROM messages WHERE id = ?",
+        (queue_id,),
+    ).fetchone()
     return dict(row)
 
 
@@ -157,11 +177,21 @@ def _print_table(rows: list[dict[str, Any]], capture: Capture) -> None:
         elif row["route"] == "ses":
             where = "SES (emulator)"
         else:
-            got = any(sample.recipient in rcpts and sample.raw in data
-                      for _, rcpts, data in capture.received)  # fmt: skip
+            got = any(
+                sample.recipient in rcpts and sample.raw in data
+                for _, rcpts, data in capture.received
+            )
             where = "original host" if got else "original host (NOT seen by capture!)"
-        lines.append((sample.label, row["id"], row["rule"] or "(default)", row["route"] or "-",
-                      where, row["ses_message_id"] or "-"))  # fmt: skip
+        lines.append(
+            (
+                sample.label,
+                row["id"],
+                row["rule"] or "(default)",
+                row["route"] or "-",
+                where,
+                row["ses_message_id"] or "-",
+            )
+        )
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     for line in lines:
         cells = (str(cell).ljust(width) for cell, width in zip(line, widths, strict=True))

@@ -40,8 +40,11 @@ async def dkim_tokens(ses: settings_mod.Ses, domains: list[str]) -> Dkim | str:
     """GetIdentityDkimAttributes (not a call SesClient offers): tokens per domain, or why not."""
     if not domains:
         return {}
-    config = AioConfig(retries={"total_max_attempts": 1}, read_timeout=ses.timeout,
-                       connect_timeout=min(ses_mod.CONNECT_TIMEOUT, ses.timeout))  # fmt: skip
+    config = AioConfig(
+        retries={"total_max_attempts": 1},
+        read_timeout=ses.timeout,
+        connect_timeout=min(ses_mod.CONNECT_TIMEOUT, ses.timeout),
+    )
     creator = get_session().create_client(
         "ses", region_name=ses.region, endpoint_url=ses.endpoint_url, config=config
     )
@@ -51,8 +54,10 @@ async def dkim_tokens(ses: settings_mod.Ses, domains: list[str]) -> Dkim | str:
     except Exception as exc:  # mapped like every SES error; an emulator may lack the call
         return f"GetIdentityDkimAttributes: {ses_mod.failure(exc, 'DKIM attributes').reply}"
     found = r.get("DkimAttributes", {})
-    return {d: (list(a.get("DkimTokens", [])), str(a.get("DkimVerificationStatus")))
-            for d, a in found.items()}  # fmt: skip
+    return {
+        d: (list(a.get("DkimTokens", [])), str(a.get("DkimVerificationStatus")))
+        for d, a in found.items()
+    }
 
 
 def resolver(nameserver: str | None) -> dns.asyncresolver.Resolver:
@@ -103,8 +108,9 @@ async def spf(resolver: dns.asyncresolver.Resolver, domain: str) -> str:
 async def easy_dkim(resolver: dns.asyncresolver.Resolver, domain: str, dkim: Dkim | str) -> str:
     """Every Easy DKIM token's CNAME points at SES (`dkim` as `dkim_tokens` returned it)."""
     if isinstance(dkim, str):
-        raise RecordProblem(f"{domain}: Easy DKIM tokens unknown ({dkim}); not checked",
-                            warning=True)  # fmt: skip
+        raise RecordProblem(
+            f"{domain}: Easy DKIM tokens unknown ({dkim}); not checked", warning=True
+        )
     tokens, status = dkim.get(domain, ([], ""))
     if not tokens:
         raise RecordProblem(f"{domain}: Easy DKIM is not set up in SES (no DKIM tokens)")

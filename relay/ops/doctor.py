@@ -139,8 +139,10 @@ def _spool(report: Report, directory: Path) -> tuple[str, ...]:
     if not db.is_file():
         report.line(OK, "spool", f"{directory}: writable; no database yet (made at first start)")
         return ()
-    sql = ("SELECT sender, max(route = 'ses') FROM messages WHERE received_at >= ?"
-           " AND sender != '' GROUP BY sender ORDER BY sender")  # fmt: skip
+    sql = (
+        "SELECT sender, max(route = 'ses') FROM messages WHERE received_at >= ?"
+        " AND sender != '' GROUP BY sender ORDER BY sender"
+    )
     try:
         with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as c:
             counts = state_counts(c)
@@ -160,10 +162,14 @@ async def _upstream(report: Report, settings: Settings) -> None:
     if not s.verify_tls:
         context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
     smtp = aiosmtplib.SMTP(
-        hostname=s.host, port=s.port, local_hostname=settings.hostname, start_tls=False,
-        timeout=min(s.timeout, SMTP_TIMEOUT), use_tls=s.security is Security.TLS,
+        hostname=s.host,
+        port=s.port,
+        local_hostname=settings.hostname,
+        start_tls=False,
+        timeout=min(s.timeout, SMTP_TIMEOUT),
+        use_tls=s.security is Security.TLS,
         tls_context=context,
-    )  # fmt: skip
+    )
     step, done = "", ["TLS" if s.security is Security.TLS else "EHLO"]
     try:
         await smtp.connect()
@@ -196,9 +202,12 @@ async def _upstream(report: Report, settings: Settings) -> None:
 
 
 async def _ses(
-    report: Report, settings: Settings, ruleset: RuleSet, senders: Sequence[str],
+    report: Report,
+    settings: Settings,
+    ruleset: RuleSet,
+    senders: Sequence[str],
     domains: list[str],
-) -> dnscheck.Dkim | str:  # fmt: skip
+) -> dnscheck.Dkim | str:
     """Account, identities and configuration sets; returns DKIM tokens, or why not."""
     region = settings.ses.region
     try:
@@ -207,13 +216,16 @@ async def _ses(
         report.line(FAIL, "ses", f"cannot create an SES client for {region}: {exc}")
         return "no SES client"
     async with client:
-        quota = await report.ask("ses", f"credentials or endpoint unusable (GetSendQuota in "
-                                 f"{region})", client.quota())  # fmt: skip
+        quota = await report.ask(
+            "ses", f"credentials or endpoint unusable (GetSendQuota in {region})", client.quota()
+        )
         if quota is None:
             return "SES unusable"
         daily = "unlimited" if quota.max_24h < 0 else f"{quota.max_24h:g}"
-        usage = (f"credentials valid ({region}); max send rate {quota.max_send_rate:g}/s; "
-                 f"sent {quota.sent_last_24h:g} of {daily} in the last 24 h")  # fmt: skip
+        usage = (
+            f"credentials valid ({region}); max send rate {quota.max_send_rate:g}/s; "
+            f"sent {quota.sent_last_24h:g} of {daily} in the last 24 h"
+        )
         spent = 0 <= quota.max_24h <= quota.sent_last_24h
         report.check(not spent, "ses", usage, f"{usage}: daily quota spent")
         try:
@@ -227,27 +239,36 @@ async def _ses(
         for sender in senders:
             verified = await report.ask("identity", sender, client.sender_verified(sender))
             if verified is not None:
-                report.check(verified, "identity", f"{sender}: verified in SES",
-                             f"{sender}: not verified in SES (nor its domain)")  # fmt: skip
+                report.check(
+                    verified,
+                    "identity",
+                    f"{sender}: verified in SES",
+                    f"{sender}: not verified in SES (nor its domain)",
+                )
         names = [settings.ses.configuration_set, *(r.configuration_set for r in ruleset.rules)]
         for name in dict.fromkeys(n for n in names if n):
             exists = await report.ask("configset", name, client.configuration_set_exists(name))
             if exists is not None:
-                report.check(exists, "configset", f"{name}: exists",
-                             f"{name}: does not exist in {region}")  # fmt: skip
+                report.check(
+                    exists, "configset", f"{name}: exists", f"{name}: does not exist in {region}"
+                )
     return await dnscheck.dkim_tokens(settings.ses, domains)
 
 
-async def _dns(report: Report, domains: list[str], dkim: dnscheck.Dkim | str,
-               nameserver: str | None) -> None:  # fmt: skip
+async def _dns(
+    report: Report, domains: list[str], dkim: dnscheck.Dkim | str, nameserver: str | None
+) -> None:
     """SPF includes amazonses.com, Easy DKIM CNAMEs point to SES, a DMARC record exists."""
     try:
         resolver = dnscheck.resolver(nameserver)
     except (ValueError, dns.exception.DNSException) as exc:
         report.line(FAIL, "dns", f"cannot use nameserver {nameserver or '(system)'}: {exc}")
         return
-    probes = (("spf", dnscheck.spf), ("dkim", functools.partial(dnscheck.easy_dkim, dkim=dkim)),
-              ("dmarc", dnscheck.dmarc))  # fmt: skip
+    probes = (
+        ("spf", dnscheck.spf),
+        ("dkim", functools.partial(dnscheck.easy_dkim, dkim=dkim)),
+        ("dmarc", dnscheck.dmarc),
+    )
     for domain in domains:
         for check, probe in probes:
             try:

@@ -25,10 +25,24 @@ from relay.errors import SpoolError
 from relay.spool import State, open_existing, state_counts
 
 _COLUMNS = (
-    "id", "state", "sender", "recipients", "size", "message_id", "peer", "received_at", "due_at",
-    "claimed_at", "attempts", "rule", "route", "ses_message_id", "reply", "fallback_reason",
+    "id",
+    "state",
+    "sender",
+    "recipients",
+    "size",
+    "message_id",
+    "peer",
+    "received_at",
+    "due_at",
+    "claimed_at",
+    "attempts",
+    "rule",
+    "route",
+    "ses_message_id",
+    "reply",
+    "fallback_reason",
     "updated_at",
-)  # fmt: skip
+)
 _FIELDS = ", ".join(_COLUMNS)
 _SELECT = f"SELECT {_FIELDS} FROM messages"
 
@@ -61,8 +75,11 @@ def _open(spool_dir: Path) -> sqlite3.Connection | None:
 def list_messages(spool_dir: Path, *, state: str | None, as_json: bool) -> int:
     """List messages (not `sent` ones unless asked), oldest first."""
     if state is not None and state not in {s.value for s in State}:
-        click.echo(f"relay queue list: unknown state {state!r}; one of "
-                   f"{', '.join(s.value for s in State)}", err=True)  # fmt: skip
+        click.echo(
+            f"relay queue list: unknown state {state!r}; one of "
+            f"{', '.join(s.value for s in State)}",
+            err=True,
+        )
         return 2
     conn = _open(spool_dir)
     if conn is None:
@@ -74,8 +91,10 @@ def list_messages(spool_dir: Path, *, state: str | None, as_json: bool) -> int:
         for record in rows:
             click.echo(json.dumps(record))
         return 0
-    click.echo(f"{'ID':<12}  {'STATE':<8}  {'SIZE':>8}  {'ARRIVED':<19}  {'TRIES':>5}  "
-               "SENDER -> RECIPIENTS")  # fmt: skip
+    click.echo(
+        f"{'ID':<12}  {'STATE':<8}  {'SIZE':>8}  {'ARRIVED':<19}  {'TRIES':>5}  "
+        "SENDER -> RECIPIENTS"
+    )
     for r in rows:
         click.echo(
             f"{r['id']:<12}  {r['state']:<8}  {r['size']:>8}  {_when(r['received_at'])}  "
@@ -94,9 +113,9 @@ def show(spool_dir: Path, queue_id: str, *, as_json: bool) -> int:
         return 1
     with closing(conn):
         row = conn.execute(
-            f"SELECT {_FIELDS}, trace, body FROM messages LEFT JOIN bodies USING (id)"
-            " WHERE id = ?", (queue_id,),
-        ).fetchone()  # fmt: skip
+            f"SELECT {_FIELDS}, trace, body FROM messages LEFT JOIN bodies USING (id) WHERE id = ?",
+            (queue_id,),
+        ).fetchone()
         events = conn.execute(
             "SELECT at, event, detail FROM events WHERE queue_id = ? ORDER BY at, rowid",
             (queue_id,),
@@ -108,8 +127,7 @@ def show(spool_dir: Path, queue_id: str, *, as_json: bool) -> int:
     record["trace"] = bytes(row["trace"]).decode("ascii", "replace")
     body = row["body"]
     record["headers"] = None if body is None else _headers(bytes(body))
-    record["events"] = [{"at": e["at"], "event": e["event"], "detail": e["detail"]}
-                        for e in events]  # fmt: skip
+    record["events"] = [{"at": e["at"], "event": e["event"], "detail": e["detail"]} for e in events]
     if as_json:
         click.echo(json.dumps(record))
         return 0
@@ -218,8 +236,12 @@ def stats(spool_dir: Path, *, as_json: bool) -> int:
             " 'inflight') THEN received_at END) FROM messages JOIN bodies USING (id)"
         ).fetchone()
     age = None if oldest is None else max(0.0, time.time() - oldest)
-    result = {"counts": counts, "total": sum(counts.values()), "bytes": held,
-              "oldest_queued_age": age}  # fmt: skip
+    result = {
+        "counts": counts,
+        "total": sum(counts.values()),
+        "bytes": held,
+        "oldest_queued_age": age,
+    }
     if as_json:
         click.echo(json.dumps(result))
         return 0

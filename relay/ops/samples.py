@@ -101,11 +101,20 @@ def samples() -> list[Sample]:
         [*_TEXT, "Hi Ada, a password reset was requested for your account."],
     )
     return [
-        Sample(label="re-engagement (student)", sender=NOREPLY,
-               recipient="ada@student.example.net", raw=student),
-        Sample(label="re-engagement (CC copy)", sender=NOREPLY,
-               recipient="tutor@school.example.net", raw=cc),
+        Sample(
+            label="re-engagement (student)",
+            sender=NOREPLY,
+            recipient="ada@student.example.net",
+            raw=student,
+        ),
+        Sample(
+            label="re-engagement (CC copy)",
+            sender=NOREPLY,
+            recipient="tutor@school.example.net",
+            raw=cc,
+        ),
         Sample(label="forum post", sender=NOREPLY, recipient="ada@student.example.net", raw=forum),
-        Sample(label="password reset", sender=NOREPLY, recipient="ada@student.example.net",
-               raw=reset),
-    ]  # fmt: skip
+        Sample(
+            label="password reset", sender=NOREPLY, recipient="ada@student.example.net", raw=reset
+        ),
+    ]

@@ -74,8 +74,13 @@ AIOSMTPD_REPLIES = {
     "500 Error: strict ASCII mode": NOT_ASCII,
 }
 
-_VALIDATE = {"check_deliverability": False, "allow_smtputf8": False, "allow_quoted_local": True,
-             "allow_domain_literal": True, "globally_deliverable": False}  # fmt: skip
+_VALIDATE = {
+    "check_deliverability": False,
+    "allow_smtputf8": False,
+    "allow_quoted_local": True,
+    "allow_domain_literal": True,
+    "globally_deliverable": False,
+}
 _SPECIAL_USE = re.compile(r"(?i)^[a-z0-9.-]+\.(local|localhost|internal|lan|home\.arpa|test)$")
 _MESSAGE_ID = re.compile(rb"^message-id[ \t]*:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.I | re.M)
 _UNSAFE = re.compile(r"[^!-~]|[()\\]")
@@ -111,9 +116,13 @@ class Handler:
     """aiosmtpd hooks: one instance per listener, shared by all sessions."""
 
     def __init__(
-        self, *, spool: Spool, settings: Settings, users: Users | None = None,
+        self,
+        *,
+        spool: Spool,
+        settings: Settings,
+        users: Users | None = None,
         implicit_tls: bool = False,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.spool = spool
         self.hostname = settings.hostname
         self.max_recipients = settings.limits.max_recipients
@@ -122,18 +131,26 @@ class Handler:
         self.stopping = False  # set at shutdown: no new transaction starts (421)
 
     async def handle_EHLO(
-        self, server: SMTP, session: SmtpSession, envelope: Envelope, hostname: str,
+        self,
+        server: SMTP,
+        session: SmtpSession,
+        envelope: Envelope,
+        hostname: str,
         responses: list[str],
-    ) -> list[str]:  # fmt: skip
+    ) -> list[str]:
         session.host_name = hostname
         if self.users is None:  # no AUTH to offer (aiosmtpd would offer its always-fail one)
             return [line for line in responses if not line.startswith("250-AUTH")]
         return responses
 
     async def handle_MAIL(
-        self, server: SMTP, session: SmtpSession, envelope: Envelope, address: str,
+        self,
+        server: SMTP,
+        session: SmtpSession,
+        envelope: Envelope,
+        address: str,
         options: list[str],
-    ) -> str:  # fmt: skip
+    ) -> str:
         if self.stopping:  # a reused connection must not start a transaction after SIGTERM
             return SHUTTING_DOWN
         if self.users is not None and not session.authenticated:
@@ -149,9 +166,13 @@ class Handler:
         return SENDER_OK
 
     async def handle_RCPT(
-        self, server: SMTP, session: SmtpSession, envelope: Envelope, address: str,
+        self,
+        server: SMTP,
+        session: SmtpSession,
+        envelope: Envelope,
+        address: str,
         options: list[str],
-    ) -> str:  # fmt: skip
+    ) -> str:
         if len(envelope.rcpt_tos) >= self.max_recipients:
             metrics.REJECTED.labels("too_many_recipients").inc()
             return TOO_MANY_RECIPIENTS
@@ -171,19 +192,38 @@ class Handler:
         message_id = extract_message_id(raw)
         try:
             await self.spool.add(
-                queue_id=queue_id, sender=sender, recipients=envelope.rcpt_tos, raw=raw,
-                peer=peer, trace=self._trace(session, peer, queue_id), message_id=message_id,
+                queue_id=queue_id,
+                sender=sender,
+                recipients=envelope.rcpt_tos,
+                raw=raw,
+                peer=peer,
+                trace=self._trace(session, peer, queue_id),
+                message_id=message_id,
                 alone=len(getattr(server, "registry", ())) == 1,  # relay's Session: see spool
-            )  # fmt: skip
+            )
         except SpoolError as exc:
             metrics.REJECTED.labels("spool").inc()
-            logs.event(log, "spool_error", level=logging.ERROR, peer=peer, sender=sender,
-                       size=len(raw), error=str(exc))  # fmt: skip
+            logs.event(
+                log,
+                "spool_error",
+                level=logging.ERROR,
+                peer=peer,
+                sender=sender,
+                size=len(raw),
+                error=str(exc),
+            )
             return SPOOL_UNAVAILABLE
         metrics.RECEIVED.inc()
-        logs.event(log, "accepted", id=queue_id, peer=peer, sender=sender,
-                   recipients=",".join(envelope.rcpt_tos), size=len(raw),
-                   message_id=message_id)  # fmt: skip
+        logs.event(
+            log,
+            "accepted",
+            id=queue_id,
+            peer=peer,
+            sender=sender,
+            recipients=",".join(envelope.rcpt_tos),
+            size=len(raw),
+            message_id=message_id,
+        )
         return QUEUED.format(queue_id=queue_id)
 
     async def handle_exception(self, error: Exception) -> str:
@@ -198,8 +238,10 @@ class Handler:
             proto += "A"
         helo = _UNSAFE.sub("?", session.host_name or "unknown")[:255]
         date = _date(int(time.time()))
-        return (f"Received: from {helo} ({peer})\r\n\tby {self.hostname} (relay) with {proto}"
-                f" id {queue_id};\r\n\t{date}\r\n").encode("ascii", "replace")  # fmt: skip
+        return (
+            f"Received: from {helo} ({peer})\r\n\tby {self.hostname} (relay) with {proto}"
+            f" id {queue_id};\r\n\t{date}\r\n"
+        ).encode("ascii", "replace")
 
     # AUTH PLAIN / LOGIN replace aiosmtpd's built-ins: the scrypt check runs on a
     # thread (never blocking the loop) and the password is never kept on the session.

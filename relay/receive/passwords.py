@@ -39,8 +39,9 @@ def _unb64(text: str) -> bytes:
 def hash_password(password: str, *, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> str:
     """A `$scrypt$n=..,r=..,p=..$salt$key` line for `password`, with a fresh random salt."""
     salt = secrets.token_bytes(16)
-    key = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, maxmem=_MAXMEM,
-                         dklen=_KEY_LEN)  # fmt: skip
+    key = hashlib.scrypt(
+        password.encode(), salt=salt, n=n, r=r, p=p, maxmem=_MAXMEM, dklen=_KEY_LEN
+    )
     return f"$scrypt$n={n},r={r},p={p}${_b64(salt)}${_b64(key)}"
 
 
@@ -53,8 +54,9 @@ def verify_password(password: bytes, encoded: str) -> bool:
         values = dict(item.split("=", 1) for item in params.split(","))
         n, r, p = int(values["n"]), int(values["r"]), int(values["p"])
         expected = _unb64(key)
-        actual = hashlib.scrypt(password, salt=_unb64(salt), n=n, r=r, p=p, maxmem=_MAXMEM,
-                                dklen=len(expected))  # fmt: skip
+        actual = hashlib.scrypt(
+            password, salt=_unb64(salt), n=n, r=r, p=p, maxmem=_MAXMEM, dklen=len(expected)
+        )
     except (ValueError, KeyError):
         return False
     return hmac.compare_digest(expected, actual)
@@ -117,6 +119,9 @@ def parse_users(text: str) -> dict[str, str]:
         if user.strip() and encoded.strip().startswith("$scrypt$"):
             users[user.strip()] = encoded.strip()
         else:  # never log the line itself: it may hold a plain-text password
-            log.warning("event=users_line_ignored line=%d reason=%r", number,
-                        "not user:$scrypt$... (relay hash-password makes one)")  # fmt: skip
+            log.warning(
+                "event=users_line_ignored line=%d reason=%r",
+                number,
+                "not user:$scrypt$... (relay hash-password makes one)",
+            )
     return users

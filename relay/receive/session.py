@@ -55,13 +55,24 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # (decode_data=False), no SMTPUTF8, 300 s timeout, no PROXY, no command call limit,
 # AUTH never required and (without relay's users) its built-in always-fail callback.
 _SMTP_FIXED: dict[str, Any] = {
-    "__ident__": "relay", "enable_SMTPUTF8": False, "_decode_data": False,
-    "_timeout_duration": 300, "_timeout_handle": None, "_tls_handshake_okay": True,
-    "_tls_protocol": None, "_original_transport": None, "session": None, "envelope": None,
-    "transport": None, "_handler_coroutine": None, "_proxy_timeout": None,
-    "_auth_callback": login_always_fail, "_authenticator": None, "_auth_required": False,
+    "__ident__": "relay",
+    "enable_SMTPUTF8": False,
+    "_decode_data": False,
+    "_timeout_duration": 300,
+    "_timeout_handle": None,
+    "_tls_handshake_okay": True,
+    "_tls_protocol": None,
+    "_original_transport": None,
+    "session": None,
+    "envelope": None,
+    "transport": None,
+    "_handler_coroutine": None,
+    "_proxy_timeout": None,
+    "_auth_callback": login_always_fail,
+    "_authenticator": None,
+    "_auth_required": False,
     "_enforce_call_limit": False,
-}  # fmt: skip
+}
 
 
 class Session(SMTP):
@@ -72,9 +83,15 @@ class Session(SMTP):
     """
 
     def __init__(
-        self, handler: Handler, *, registry: set[Session], allow: tuple[Network, ...] = (),
-        hostname: str, data_size_limit: int, tls_context: ssl.SSLContext | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        handler: Handler,
+        *,
+        registry: set[Session],
+        allow: tuple[Network, ...] = (),
+        hostname: str,
+        data_size_limit: int,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
         # aiosmtpd 1.4.6's SMTP.__init__ as it runs for relay's arguments (relay's server
         # TLS contexts draw none of its warnings), but with its introspection
         # (inspect.getmembers, dir, signature: ~100 µs a connection) done once per pair of
@@ -82,9 +99,11 @@ class Session(SMTP):
         vars(self).update(_SMTP_FIXED)
         self.loop = asyncio.get_running_loop()  # make_loop()'s answer in a protocol factory
         asyncio.StreamReaderProtocol.__init__(
-            self, asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
-            client_connected_cb=self._cb_client_connected, loop=self.loop,
-        )  # fmt: skip
+            self,
+            asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected,
+            loop=self.loop,
+        )
         self.event_handler = handler
         self.data_size_limit = data_size_limit
         self.command_size_limits.clear()  # a class attribute: every new session resets it
@@ -268,14 +287,19 @@ def _discover(session: Session, handler: object) -> _Found:
         if ehlo is None:
             raise RuntimeError("Unsupported EHLO Hook")
         if ehlo == "old":
-            warn("Use the 5-argument handle_EHLO() hook instead of the 4-argument one",
-                 DeprecationWarning, stacklevel=2)  # fmt: skip
+            warn(
+                "Use the 5-argument handle_EHLO() hook instead of the 4-argument one",
+                DeprecationWarning,
+                stacklevel=2,
+            )
     mechanisms = (m + "(builtin)" if builtin else m for m, (_, builtin) in sorted(auth.items()))
     _FOUND[key] = _Found(
-        auth=auth, auth_line="Available AUTH mechanisms: " + " ".join(mechanisms), hooks=hooks,
+        auth=auth,
+        auth_line="Available AUTH mechanisms: " + " ".join(mechanisms),
+        hooks=hooks,
         ehlo=ehlo,
         commands=tuple((m.replace("smtp_", ""), m) for m in dir(session) if m.startswith("smtp_")),
-    )  # fmt: skip
+    )
     return _FOUND[key]
 
 
@@ -318,8 +342,12 @@ def _allowed(peer: Any, allow: tuple[Network, ...]) -> bool:
 
 
 def session_factory(
-    handler: Handler, settings: Settings, registry: set[Session], *, tls_context: Any = None,
-) -> Callable[[], Session]:  # fmt: skip
+    handler: Handler,
+    settings: Settings,
+    registry: set[Session],
+    *,
+    tls_context: Any = None,
+) -> Callable[[], Session]:
     """The protocol factory for `loop.create_server()`.
 
     `tls_context` enables STARTTLS (pass None with implicit TLS: the listener
@@ -328,9 +356,12 @@ def session_factory(
 
     def make() -> Session:
         return Session(
-            handler, registry=registry, allow=settings.allow_networks,
-            hostname=settings.hostname, data_size_limit=settings.limits.max_message_size,
+            handler,
+            registry=registry,
+            allow=settings.allow_networks,
+            hostname=settings.hostname,
+            data_size_limit=settings.limits.max_message_size,
             tls_context=tls_context,
-        )  # fmt: skip
+        )
 
     return make

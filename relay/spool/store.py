@@ -121,9 +121,17 @@ class Spool:
         return await asyncio.wrap_future(self._writer.submit(op))
 
     async def add(
-        self, *, sender: str, recipients: Sequence[str], raw: bytes, peer: str, trace: bytes,
-        message_id: str, queue_id: str | None = None, alone: bool = False,
-    ) -> str:  # fmt: skip
+        self,
+        *,
+        sender: str,
+        recipients: Sequence[str],
+        raw: bytes,
+        peer: str,
+        trace: bytes,
+        message_id: str,
+        queue_id: str | None = None,
+        alone: bool = False,
+    ) -> str:
         """Store one message; returns its queue id once committed and fsynced.
 
         `alone`: the caller is the only SMTP session, so nothing waits on the event
@@ -167,51 +175,102 @@ class Spool:
             ).fetchall()
             bodies = _bodies(conn, [r[0] for r in rows])
             mails = [
-                Mail(id=r[0], sender=r[1], recipients=tuple(json.loads(r[2])), raw=bodies[r[0]],
-                     received_at=r[3], attempts=r[4], peer=r[5], trace=bytes(r[6]),
-                     message_id=r[7] or "")
+                Mail(
+                    id=r[0],
+                    sender=r[1],
+                    recipients=tuple(json.loads(r[2])),
+                    raw=bodies[r[0]],
+                    received_at=r[3],
+                    attempts=r[4],
+                    peer=r[5],
+                    trace=bytes(r[6]),
+                    message_id=r[7] or "",
+                )
                 for r in rows
-            ]  # fmt: skip
+            ]
             return sorted(mails, key=lambda m: m.id)
 
         return await self._call(op) if limit > 0 else []
 
     async def sent(
-        self, queue_id: str, *, rule: str | None, route: str, reply: str,
-        ses_message_id: str | None = None, fallback_reason: str | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        queue_id: str,
+        *,
+        rule: str | None,
+        route: str,
+        reply: str,
+        ses_message_id: str | None = None,
+        fallback_reason: str | None = None,
+    ) -> None:
         """Delivered: keep the metadata, delete the body."""
         detail = f"route={route} rule={rule} reply={reply}"
         if ses_message_id:
             detail += f" ses_message_id={ses_message_id}"
-        await self._finish(queue_id, State.SENT, detail, rule=rule, route=route, reply=reply,
-                           ses_message_id=ses_message_id, fallback_reason=fallback_reason,
-                           drop_body=True)  # fmt: skip
+        await self._finish(
+            queue_id,
+            State.SENT,
+            detail,
+            rule=rule,
+            route=route,
+            reply=reply,
+            ses_message_id=ses_message_id,
+            fallback_reason=fallback_reason,
+            drop_body=True,
+        )
 
     async def defer(
-        self, queue_id: str, *, due_at: float, rule: str | None, route: str, reply: str,
-        fallback_reason: str | None = None, recipients: Sequence[str] | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        queue_id: str,
+        *,
+        due_at: float,
+        rule: str | None,
+        route: str,
+        reply: str,
+        fallback_reason: str | None = None,
+        recipients: Sequence[str] | None = None,
+    ) -> None:
         """Try again at `due_at`; `recipients`: those still to do when some succeeded."""
-        fields: dict[str, Any] = {"due_at": due_at, "rule": rule, "route": route, "reply": reply,
-                                  "fallback_reason": fallback_reason}  # fmt: skip
+        fields: dict[str, Any] = {
+            "due_at": due_at,
+            "rule": rule,
+            "route": route,
+            "reply": reply,
+            "fallback_reason": fallback_reason,
+        }
         if recipients is not None:
             fields["recipients"] = json.dumps(list(recipients))
         detail = f"route={route} due in {max(0.0, due_at - time.time()):.0f}s reply={reply}"
         await self._finish(queue_id, State.DEFERRED, detail, **fields)
 
     async def fail(
-        self, queue_id: str, *, rule: str | None, route: str, reply: str,
+        self,
+        queue_id: str,
+        *,
+        rule: str | None,
+        route: str,
+        reply: str,
         fallback_reason: str | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Dead letter: keep the body, visible to `relay queue`, retryable."""
-        await self._finish(queue_id, State.FAILED, f"route={route} reply={reply}", rule=rule,
-                           route=route, reply=reply, fallback_reason=fallback_reason)  # fmt: skip
+        await self._finish(
+            queue_id,
+            State.FAILED,
+            f"route={route} reply={reply}",
+            rule=rule,
+            route=route,
+            reply=reply,
+            fallback_reason=fallback_reason,
+        )
 
     async def _finish(
-        self, queue_id: str, state: State, detail: str, *, drop_body: bool = False,
+        self,
+        queue_id: str,
+        state: State,
+        detail: str,
+        *,
+        drop_body: bool = False,
         **fields: Any,
-    ) -> None:  # fmt: skip
+    ) -> None:
         columns = ", ".join(f"{name} = ?" for name in fields)
 
         def op(conn: sqlite3.Connection) -> None:
@@ -225,8 +284,9 @@ class Spool:
                 if drop_body:
                     conn.execute("DELETE FROM bodies WHERE id = ?", (queue_id,))
             else:
-                log.warning("event=spool_missing id=%s state=%s (deleted meanwhile?)",
-                            queue_id, state)  # fmt: skip
+                log.warning(
+                    "event=spool_missing id=%s state=%s (deleted meanwhile?)", queue_id, state
+                )
 
         await self._call(op)
 

@@ -81,9 +81,13 @@ class MailFactory:
         fresh, count = _MESSAGE_ID.subn(lambda _: header, raw, count=1)
         assert 1 == count, f"{expected.name} has no Message-ID header"
         fresh += self._pad
-        return Outgoing(message_id=message_id, sender=expected.sender,
-                        recipients=expected.recipients, raw=fresh,
-                        route=expected.route)  # fmt: skip
+        return Outgoing(
+            message_id=message_id,
+            sender=expected.sender,
+            recipients=expected.recipients,
+            raw=fresh,
+            route=expected.route,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,17 +195,23 @@ class Tally:
 
     @classmethod
     def of(cls, fake: FakeSes, capture: CaptureServer) -> Tally:
-        return cls(ses=Counter(extract_message_id(s.raw) for s in list(fake.sent)),
-                   upstream=Counter(m.message_id for m in capture.messages))  # fmt: skip
+        return cls(
+            ses=Counter(extract_message_id(s.raw) for s in list(fake.sent)),
+            upstream=Counter(m.message_id for m in capture.messages),
+        )
 
     def copies(self) -> Counter[str]:
         return self.ses + self.upstream
 
 
 def summary(
-    name: str, senders: Senders, tally: Tally, *, failed: Iterable[str] = (),
+    name: str,
+    senders: Senders,
+    tally: Tally,
+    *,
+    failed: Iterable[str] = (),
     extra: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Print the scenario's summary line; return its numbers.
 
     `lost`: 250'd mails neither delivered anywhere nor dead-lettered (`failed`:

@@ -51,8 +51,11 @@ def tmpfs(tmp_path: Path) -> Iterator[Path]:
     assert 0 == os.geteuid(), "the disk-full scenarios mount a tmpfs: run them as root (CI does)"
     mountpoint = tmp_path / "fs"
     mountpoint.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mountpoint)],
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mountpoint)],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield mountpoint
     finally:
@@ -74,34 +77,40 @@ def config_for(capture: CaptureServer, fake_ses: FakeSes, spool: Path) -> dict[s
     return {
         "spool": str(spool),
         "upstream": {"host": "127.0.0.1", "port": capture.port, "timeout": 5},
-        "ses": {"region": REGION, "endpoint_url": fake_ses.url, "max_send_rate": 500,
-                "timeout": 5},
+        "ses": {"region": REGION, "endpoint_url": fake_ses.url, "max_send_rate": 500, "timeout": 5},
         "retry": {"schedule": [1], "max_age": 600},
-    }  # fmt: skip
+    }
 
 
 def refused_by_all(senders: Senders) -> int:
     """How many 451 4.3.0 refusals once every client has had one; 0 before."""
-    per_client = [sum(1 for r in replies if r.text == SPOOL_UNAVAILABLE)
-                  for replies in senders.seen()]  # fmt: skip
+    per_client = [
+        sum(1 for r in replies if r.text == SPOOL_UNAVAILABLE) for replies in senders.seen()
+    ]
     return sum(per_client) if all(per_client) else 0
 
 
 def accepted_again(senders: Senders, marks: list[int]) -> bool:
     """Every client has had a 250 since `marks` (its reply count when space returned)."""
     seen = senders.seen()
-    return all(any(r.code == 250 for r in replies[mark:])
-               for replies, mark in zip(seen, marks, strict=True))  # fmt: skip
+    return all(
+        any(r.code == 250 for r in replies[mark:])
+        for replies, mark in zip(seen, marks, strict=True)
+    )
 
 
 def spool_contents(spool: Path) -> tuple[str, dict[str, tuple[int, int]]]:
     """SQLite's integrity check, and per row: (body kept or sent, "received" events)."""
     with closing(open_existing(spool)) as conn:
         integrity = conn.execute("PRAGMA integrity_check").fetchone()[0]
-        stored = {row[0]: (row[1], row[2]) for row in conn.execute(
-            "SELECT m.id, m.id IN (SELECT id FROM bodies) OR m.state = 'sent',"
-            " (SELECT count(*) FROM events e WHERE e.queue_id = m.id AND e.event = 'received')"
-            " FROM messages m")}  # fmt: skip
+        stored = {
+            row[0]: (row[1], row[2])
+            for row in conn.execute(
+                "SELECT m.id, m.id IN (SELECT id FROM bodies) OR m.state = 'sent',"
+                " (SELECT count(*) FROM events e WHERE e.queue_id = m.id AND e.event = 'received')"
+                " FROM messages m"
+            )
+        }
     return integrity, stored
 
 
@@ -109,10 +118,16 @@ def report(
     name: str, senders: Senders, tally: Tally, filled_at: int, refusals: int
 ) -> dict[str, Any]:
     codes = Counter(r.text[:9] if r.code else "no reply" for rs in senders.seen() for r in rs)
-    return summary(name, senders, tally, extra={
-        "250s before the fill": filled_at, "451s once all refused": refusals,
-        "replies": dict(codes),
-    })  # fmt: skip
+    return summary(
+        name,
+        senders,
+        tally,
+        extra={
+            "250s before the fill": filled_at,
+            "451s once all refused": refusals,
+            "replies": dict(codes),
+        },
+    )
 
 
 async def apoll(predicate: Callable[[], Any], *, within: float, what: str) -> Any:
@@ -126,9 +141,11 @@ async def apoll(predicate: Callable[[], Any], *, within: float, what: str) -> An
 
 
 async def test_disk_full_while_receiving_gives_451_then_the_same_clients_succeed(
-    tmpfs: Path, start_relay: Callable[..., Awaitable[Running]], capture: CaptureServer,
+    tmpfs: Path,
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,
     fake_ses: FakeSes,
-) -> None:  # fmt: skip
+) -> None:
     """Spool on a tmpfs that a ballast file fills while clients send: they get "451 4.3.0"
     (no other refusal, no hang), then 250 again once the ballast goes; afterwards every
     250'd mail is delivered and the spool holds exactly the 250'd mails, each with its body
@@ -137,13 +154,16 @@ async def test_disk_full_while_receiving_gives_451_then_the_same_clients_succeed
     space_back = asyncio.Event()
 
     async def delivery_after_space_returns(ctx: Context) -> None:
-        await asyncio.wait([asyncio.ensure_future(e.wait()) for e in (space_back, ctx.stop)],
-                           return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        await asyncio.wait(
+            [asyncio.ensure_future(e.wait()) for e in (space_back, ctx.stop)],
+            return_when=asyncio.FIRST_COMPLETED,
+        )
         if not ctx.stop.is_set():
             await task.delivery(ctx)
 
-    running = await start_relay(tasks=[delivery_after_space_returns],
-                                **config_for(capture, fake_ses, spool))  # fmt: skip
+    running = await start_relay(
+        tasks=[delivery_after_space_returns], **config_for(capture, fake_ses, spool)
+    )
     senders = Senders(running.port, MailFactory("fullrx", pad=PAD), threads=CLIENTS, pause=0.02)
     senders.start()
     try:
@@ -170,8 +190,9 @@ async def test_disk_full_while_receiving_gives_451_then_the_same_clients_succeed
     final = await await_rows(spool, senders.queue_ids(), DONE, within=30)
     integrity, stored = spool_contents(spool)
 
-    numbers = report("disk full (receiving)", senders, Tally.of(fake_ses, capture), filled_at,
-                     refusals)  # fmt: skip
+    numbers = report(
+        "disk full (receiving)", senders, Tally.of(fake_ses, capture), filled_at, refusals
+    )
     assert {SPOOL_UNAVAILABLE} == {r.text for rs in senders.seen() for r in rs if r.code != 250}
     assert "ok" == integrity
     assert {q: "sent" for q in final} == {q: row["state"] for q, row in final.items()}
@@ -180,9 +201,12 @@ async def test_disk_full_while_receiving_gives_451_then_the_same_clients_succeed
 
 
 def test_disk_full_while_delivering_gives_451_then_delivers_everything(
-    tmpfs: Path, write_config: ConfigWriter, relay_process: Callable[[Path], RelayProcess],
-    capture: CaptureServer, fake_ses: FakeSes,
-) -> None:  # fmt: skip
+    tmpfs: Path,
+    write_config: ConfigWriter,
+    relay_process: Callable[[Path], RelayProcess],
+    capture: CaptureServer,
+    fake_ses: FakeSes,
+) -> None:
     """`relay serve` keeps receiving and delivering while its disk fills up and frees
     again: clients get 451 4.3.0 then 250; the service stays up throughout and every
     250'd mail ends sent (no restart needed), with no half rows in the spool."""
@@ -224,8 +248,9 @@ def test_disk_full_while_delivering_gives_451_then_delivers_everything(
     assert 0 == relay.stop()
     integrity, stored = spool_contents(spool)
 
-    numbers = report("disk full (delivering)", senders, Tally.of(fake_ses, capture), filled_at,
-                     refusals)  # fmt: skip
+    numbers = report(
+        "disk full (delivering)", senders, Tally.of(fake_ses, capture), filled_at, refusals
+    )
     assert {SPOOL_UNAVAILABLE} == {r.text for rs in senders.seen() for r in rs if r.code != 250}
     assert "ok" == integrity
     assert {q: "sent" for q in final} == {q: row["state"] for q, row in final.items()}

@@ -28,8 +28,15 @@ DELIVERERS = 4
 PHASE = 1.5  # seconds per phase
 THROTTLING = Fault(code="Throttling", message=RATE_EXCEEDED)
 UPSTREAM_4XX = "451 4.3.0 Try again later"
-PHASES = ["ses 500", "ses throttling", "ses down", "ses up", "upstream 4xx", "upstream down",
-          "upstream up"]  # fmt: skip
+PHASES = [
+    "ses 500",
+    "ses throttling",
+    "ses down",
+    "ses up",
+    "upstream 4xx",
+    "upstream down",
+    "upstream up",
+]
 
 
 def flap_ses(fake: FakeSes, log: list[str]) -> None:
@@ -65,9 +72,11 @@ def flap_upstream(capture: CaptureServer, log: list[str]) -> None:
 
 
 def test_ses_and_original_host_flapping_lose_nothing(
-    write_config: ConfigWriter, relay_process: Callable[[Path], RelayProcess],
-    capture: CaptureServer, fake_ses: FakeSes,
-) -> None:  # fmt: skip
+    write_config: ConfigWriter,
+    relay_process: Callable[[Path], RelayProcess],
+    capture: CaptureServer,
+    fake_ses: FakeSes,
+) -> None:
     """Both destinations flap while mail keeps coming: every 250'd mail ends sent (at the
     destination its row names, by Message-ID) or dead-lettered with a reason recorded;
     nothing is lost, and SES-routed mail that went upstream says why."""
@@ -75,10 +84,16 @@ def test_ses_and_original_host_flapping_lose_nothing(
     config = write_config(
         deliverers=DELIVERERS,
         upstream={"host": "127.0.0.1", "port": capture.port, "timeout": 2},
-        ses={"region": REGION, "endpoint_url": fake_ses.url, "max_send_rate": 200,
-             "fallback_after": 2, "timeout": 2, "circuit_cooldown": 1},
+        ses={
+            "region": REGION,
+            "endpoint_url": fake_ses.url,
+            "max_send_rate": 200,
+            "fallback_after": 2,
+            "timeout": 2,
+            "circuit_cooldown": 1,
+        },
         retry={"schedule": [1], "max_age": 2},
-    )  # fmt: skip
+    )
     spool = config.parent / "spool"
     relay = relay_process(config).start()
     senders = Senders(relay.port, MailFactory("flap"), threads=2, pause=0.05).start()
@@ -100,27 +115,44 @@ def test_ses_and_original_host_flapping_lose_nothing(
     tally = Tally.of(fake_ses, capture)
     message_ids = {qid: m for m, (qid, _) in senders.acked.items()}
     failed = {message_ids[q] for q, row in final.items() if row["state"] == "failed"}
-    numbers = summary("flapping", senders, tally, failed=failed, extra={
-        "fallbacks": sum(1 for row in final.values() if row["fallback_reason"]),
-        "ses calls": fake_ses.calls, "upstream DATA": capture.data_attempts,
-    })  # fmt: skip
+    numbers = summary(
+        "flapping",
+        senders,
+        tally,
+        failed=failed,
+        extra={
+            "fallbacks": sum(1 for row in final.values() if row["fallback_reason"]),
+            "ses calls": fake_ses.calls,
+            "upstream DATA": capture.data_attempts,
+        },
+    )
     print(f"flapping: phases {', '.join(log)}")
     assert sorted(PHASES) == sorted(log)
-    where = {q: ("sent", row["route"]) if row["state"] == "sent" else ("failed", "-")
-             for q, row in final.items()}  # fmt: skip
+    where = {
+        q: ("sent", row["route"]) if row["state"] == "sent" else ("failed", "-")
+        for q, row in final.items()
+    }
     landed = {
-        q: ("sent", "ses") if tally.ses[message_ids[q]] and row["state"] == "sent"
-        and row["route"] == "ses" else ("sent", "upstream") if row["state"] == "sent"
-        and tally.upstream[message_ids[q]] else ("failed", "-") if row["state"] == "failed"
+        q: ("sent", "ses")
+        if tally.ses[message_ids[q]] and row["state"] == "sent" and row["route"] == "ses"
+        else ("sent", "upstream")
+        if row["state"] == "sent" and tally.upstream[message_ids[q]]
+        else ("failed", "-")
+        if row["state"] == "failed"
         else ("nowhere", row["route"])
         for q, row in final.items()
-    }  # fmt: skip
+    }
     assert where == landed
     reasons = {q: bool(row["reply"]) for q, row in final.items() if row["state"] == "failed"}
     assert {q: True for q in reasons} == reasons
-    wrong_way = {q for q, row in final.items() if row["route"] == "upstream"
-                 and senders.acked[message_ids[q]][1].route == "ses"
-                 and row["state"] == "sent" and not row["fallback_reason"]}  # fmt: skip
+    wrong_way = {
+        q
+        for q, row in final.items()
+        if row["route"] == "upstream"
+        and senders.acked[message_ids[q]][1].route == "ses"
+        and row["state"] == "sent"
+        and not row["fallback_reason"]
+    }
     assert set() == wrong_way
     assert 0 == numbers["lost"]
     assert numbers["duplicates"] <= 2 * DELIVERERS  # only a drop mid-answer can duplicate

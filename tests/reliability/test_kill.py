@@ -29,9 +29,11 @@ DELIVERERS = 4
 
 
 def test_ten_sigkills_while_receiving_and_delivering_lose_nothing(
-    write_config: ConfigWriter, relay_process: Callable[[Path], RelayProcess],
-    capture: CaptureServer, fake_ses: FakeSes,
-) -> None:  # fmt: skip
+    write_config: ConfigWriter,
+    relay_process: Callable[[Path], RelayProcess],
+    capture: CaptureServer,
+    fake_ses: FakeSes,
+) -> None:
     """Ten SIGKILLs at random points (seeded) with mail coming in and going out, then a
     clean run: every 250'd mail is delivered where its route says (SES or the original
     host, by Message-ID), nothing is lost, and the only duplicates are mails that were in
@@ -40,12 +42,18 @@ def test_ten_sigkills_while_receiving_and_delivering_lose_nothing(
     fake_ses.latency = 0.05
     port = free_port()
     config = write_config(
-        listen=f"127.0.0.1:{port}", deliverers=DELIVERERS,
+        listen=f"127.0.0.1:{port}",
+        deliverers=DELIVERERS,
         upstream={"host": "127.0.0.1", "port": capture.port, "timeout": 5},
-        ses={"region": REGION, "endpoint_url": fake_ses.url, "max_send_rate": 500,
-             "fallback_after": 600, "timeout": 5},
+        ses={
+            "region": REGION,
+            "endpoint_url": fake_ses.url,
+            "max_send_rate": 500,
+            "fallback_after": 600,
+            "timeout": 5,
+        },
         retry={"schedule": [1], "max_age": 600},
-    )  # fmt: skip
+    )
     spool = config.parent / "spool"
     senders = Senders(port, MailFactory("kill"), threads=3, pause=0.03)
     inflight_at_kill: set[str] = set()
@@ -68,17 +76,25 @@ def test_ten_sigkills_while_receiving_and_delivering_lose_nothing(
 
     tally = Tally.of(fake_ses, capture)
     by_queue_id = {qid: message_id for message_id, (qid, _) in senders.acked.items()}
-    numbers = summary("kill", senders, tally, extra={
-        "kills": KILLS, "kills with mail in flight": kills_with_inflight,
-        "in flight at kills": len(inflight_at_kill),
-    })  # fmt: skip
+    numbers = summary(
+        "kill",
+        senders,
+        tally,
+        extra={
+            "kills": KILLS,
+            "kills with mail in flight": kills_with_inflight,
+            "in flight at kills": len(inflight_at_kill),
+        },
+    )
     expected_routes = {m: mail.route for m, (_, mail) in senders.acked.items()}
     actual_routes = {
-        m: "ses" if tally.ses[m] and not tally.upstream[m]
-        else "upstream" if tally.upstream[m] and not tally.ses[m]
+        m: "ses"
+        if tally.ses[m] and not tally.upstream[m]
+        else "upstream"
+        if tally.upstream[m] and not tally.ses[m]
         else f"ses {tally.ses[m]}, upstream {tally.upstream[m]}"
         for m in senders.acked
-    }  # fmt: skip
+    }
     assert expected_routes == actual_routes
     assert {q: "sent" for q in final} == {q: row["state"] for q, row in final.items()}
     assert 0 == numbers["lost"]

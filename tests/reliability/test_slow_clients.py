@@ -79,9 +79,11 @@ def slow_client(port: int, mail: Outgoing, result: dict[str, str]) -> None:
 
 
 def test_slow_and_idle_clients_do_not_delay_a_normal_client(
-    write_config: ConfigWriter, relay_process: Callable[[Path], RelayProcess],
-    capture: CaptureServer, fake_ses: FakeSes,
-) -> None:  # fmt: skip
+    write_config: ConfigWriter,
+    relay_process: Callable[[Path], RelayProcess],
+    capture: CaptureServer,
+    fake_ses: FakeSes,
+) -> None:
     """A byte-per-100-ms DATA sender, an EHLO-then-idle client and 200 idle connections
     are all open while a normal client sends 10 mails: each of its transactions takes
     under 1 s, all 200 idle connections got their 220 greeting, the idle EHLO client
@@ -90,16 +92,17 @@ def test_slow_and_idle_clients_do_not_delay_a_normal_client(
         upstream={"host": "127.0.0.1", "port": capture.port, "timeout": 5},
         ses={"region": REGION, "endpoint_url": fake_ses.url, "max_send_rate": 500, "timeout": 5},
         retry={"schedule": [1], "max_age": 600},
-    )  # fmt: skip
+    )
     spool = config.parent / "spool"
     relay = relay_process(config).start()
     factory = MailFactory("slow")
     slow_mail = Outgoing(
-        message_id="<slow.0@moodle.example.org>", sender="noreply@moodle.example.org",
+        message_id="<slow.0@moodle.example.org>",
+        sender="noreply@moodle.example.org",
         recipients=("slow@students.example.org",),
         raw=b"Subject: slow client\r\n\r\nHi.\r\n",  # ~3 s at a byte per 100 ms
         route="upstream",
-    )  # fmt: skip
+    )
     slow_result: dict[str, str] = {}
     slow = threading.Thread(target=slow_client, args=(relay.port, slow_mail, slow_result))
     idle: list[Line] = []
@@ -132,11 +135,13 @@ def test_slow_and_idle_clients_do_not_delay_a_normal_client(
     capture.wait_for(1 + sum(1 for r in acked.values() if r == "upstream"))
     assert 0 == relay.stop()
 
-    print(f"slow clients: {IDLE} idle connections greeted {greetings}; normal client "
-          f"{NORMAL} transactions, slowest {max(timings):.3f}s, mean "
-          f"{sum(timings) / len(timings):.3f}s; slow client still sending during them: "
-          f"{slow_open}, its DATA reply {slow_result.get('data')!r}; idle EHLO client "
-          f"{quiet_greeting[:3]} then NOOP {noop!r}")  # fmt: skip
+    print(
+        f"slow clients: {IDLE} idle connections greeted {greetings}; normal client "
+        f"{NORMAL} transactions, slowest {max(timings):.3f}s, mean "
+        f"{sum(timings) / len(timings):.3f}s; slow client still sending during them: "
+        f"{slow_open}, its DATA reply {slow_result.get('data')!r}; idle EHLO client "
+        f"{quiet_greeting[:3]} then NOOP {noop!r}"
+    )
     assert (IDLE, True) == (greetings, slow_open)
     assert [] == [t for t in timings if t >= TRANSACTION_LIMIT]
     assert NORMAL == len(final)

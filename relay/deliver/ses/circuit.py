@@ -58,8 +58,14 @@ class Circuit:
         self.reason = reason
         self._opened_at = self._clock()
         if was_closed:
-            logs.event(log, "circuit_open", level=logging.ERROR, cooldown=self.cooldown,
-                       reason=reason, effect="SES-routed mail goes upstream")  # fmt: skip
+            logs.event(
+                log,
+                "circuit_open",
+                level=logging.ERROR,
+                cooldown=self.cooldown,
+                reason=reason,
+                effect="SES-routed mail goes upstream",
+            )
         return was_closed
 
     def probe_aborted(self) -> None:

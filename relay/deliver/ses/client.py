@@ -54,24 +54,26 @@ RATE_THROTTLE = "maximum sending rate exceeded"
 DAILY_THROTTLE = "daily message quota exceeded"
 
 THROTTLE_CODES = frozenset({"Throttling", "ThrottlingException", "TooManyRequestsException"})
-ACCOUNT_CODES = frozenset({
-    "AccountSendingPausedException",
-    "ConfigurationSetDoesNotExist",
-    "ConfigurationSetSendingPausedException",
-    "MailFromDomainNotVerifiedException",
-    # credentials and permissions: every call fails the same way until an admin acts
-    "AccessDenied",
-    "AccessDeniedException",
-    "ExpiredToken",
-    "ExpiredTokenException",
-    "IncompleteSignature",
-    "InvalidClientTokenId",
-    "MissingAuthenticationToken",
-    "OptInRequired",
-    "RequestExpired",  # clock skew: every signature is stale
-    "SignatureDoesNotMatch",
-    "UnrecognizedClientException",
-})  # fmt: skip
+ACCOUNT_CODES = frozenset(
+    {
+        "AccountSendingPausedException",
+        "ConfigurationSetDoesNotExist",
+        "ConfigurationSetSendingPausedException",
+        "MailFromDomainNotVerifiedException",
+        # credentials and permissions: every call fails the same way until an admin acts
+        "AccessDenied",
+        "AccessDeniedException",
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "IncompleteSignature",
+        "InvalidClientTokenId",
+        "MissingAuthenticationToken",
+        "OptInRequired",
+        "RequestExpired",  # clock skew: every signature is stale
+        "SignatureDoesNotMatch",
+        "UnrecognizedClientException",
+    }
+)
 TEMPORARY_CODES = frozenset({"ServiceUnavailable", "InternalFailure", "InternalError"})
 
 # What a send may raise besides our own errors; OSError covers TimeoutError.
@@ -164,17 +166,20 @@ class SesClient:
         response = await self._call("send_raw_email", f"message {mail.id}", **params)
         message_id = response.get("MessageId")
         if not message_id:  # SES answered 200 but said nothing usable: try again later
-            raise TemporaryFailure(f"SES accepted {mail.id} without a MessageId",
-                                   reply="SendRawEmail response without MessageId")  # fmt: skip
+            raise TemporaryFailure(
+                f"SES accepted {mail.id} without a MessageId",
+                reply="SendRawEmail response without MessageId",
+            )
         return str(message_id)
 
     async def quota(self) -> Quota:
         """GetSendQuota: the daily budget, the rate ceiling and what was spent."""
         r = await self._call("get_send_quota", "GetSendQuota")
         return Quota(
-            max_24h=float(r["Max24HourSend"]), max_send_rate=float(r["MaxSendRate"]),
+            max_24h=float(r["Max24HourSend"]),
+            max_send_rate=float(r["MaxSendRate"]),
             sent_last_24h=float(r["SentLast24Hours"]),
-        )  # fmt: skip
+        )
 
     async def sending_enabled(self) -> bool:
         """GetAccountSendingEnabled: False when the account is paused."""
@@ -201,9 +206,10 @@ class SesClient:
         """DescribeConfigurationSet: False when SES does not know `name`."""
         try:
             await self._call(
-                "describe_configuration_set", f"configuration set {name}",
+                "describe_configuration_set",
+                f"configuration set {name}",
                 ConfigurationSetName=name,
-            )  # fmt: skip
+            )
         except AccountFailure as exc:
             if exc.reply.startswith("ConfigurationSetDoesNotExist"):
                 return False
