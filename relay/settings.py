@@ -8,6 +8,7 @@ a whole.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import socket
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from relay import yamlfile
 from relay.errors import ConfigError
@@ -54,6 +56,7 @@ class HostPort:
             return False
 
 
+DEFAULT_LISTEN = HostPort(host="127.0.0.1", port=2525)
 DEFAULT_METRICS = HostPort(host="127.0.0.1", port=9325)
 
 
@@ -133,6 +136,12 @@ class Settings:
     retention: float = 7 * 86400.0  # seconds delivered rows keep their metadata
 
 
+def _default(cls: type[Any], name: str) -> Any:
+    """The dataclass's own default for field `name`: the one source of every default, for
+    classes that cannot be built without their required fields."""
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+
 def find_config(explicit: Path | None) -> Path:
     """--config, else $RELAY_CONFIG, else ./relay.yaml, else /etc/relay/relay.yaml."""
     if explicit is not None:
@@ -184,11 +193,15 @@ def _read(root: yamlfile.Node, path: Path) -> Settings | None:
         value = node.as_str()
         return None if value is None else (base / value)
 
-    listen = _host_port(top["listen"]) if "listen" in top else HostPort(host="127.0.0.1", port=2525)
+    listen = _host_port(top["listen"]) if "listen" in top else DEFAULT_LISTEN
     spool = rel(top["spool"]) if "spool" in top else base / "spool"
-    # No `rules:` key: the shipped Moodle defaults (relay/data/rules.yaml).
+    # No `rules:` key: the shipped Moodle defaults (relay/rules/rules.yaml).
     rules = rel(top["rules"]) if "rules" in top else DEFAULT_RULES
-    mode = top["mode"].as_choice([m.value for m in Mode]) if "mode" in top else "live"
+    mode = (
+        top["mode"].as_choice([m.value for m in Mode])
+        if "mode" in top
+        else _default(Settings, "mode")
+    )
     hostname = top["hostname"].as_str() if "hostname" in top else socket.gethostname()
     limits = _limits(top["limits"]) if "limits" in top else Limits()
     auth = _auth(top["auth"], rel) if "auth" in top and not top["auth"].is_null() else None
@@ -200,8 +213,16 @@ def _read(root: yamlfile.Node, path: Path) -> Settings | None:
     metrics: HostPort | None = DEFAULT_METRICS  # `metrics: null` turns it off
     if "metrics" in top:
         metrics = None if top["metrics"].is_null() else _host_port(top["metrics"])
-    deliverers = top["deliverers"].as_int(minimum=1) if "deliverers" in top else 4
-    retention = top["retention"].as_number(minimum=0) if "retention" in top else 7 * 86400.0
+    deliverers = (
+        top["deliverers"].as_int(minimum=1)
+        if "deliverers" in top
+        else _default(Settings, "deliverers")
+    )
+    retention = (
+        top["retention"].as_number(minimum=0)
+        if "retention" in top
+        else _default(Settings, "retention")
+    )
 
     if listen is not None and not listen.is_loopback and (auth is None or tls is None):
         top["listen"].problem(
@@ -254,8 +275,15 @@ def _limits(node: yamlfile.Node) -> Limits | None:
     m = node.mapping({"max_message_size", "max_recipients"})
     if m is None:
         return None
-    size = m["max_message_size"].as_int(minimum=1024) if "max_message_size" in m else 10485760
-    rcpts = m["max_recipients"].as_int(minimum=1) if "max_recipients" in m else 50
+    default = Limits()
+    size = (
+        m["max_message_size"].as_int(minimum=1024)
+        if "max_message_size" in m
+        else default.max_message_size
+    )
+    rcpts = (
+        m["max_recipients"].as_int(minimum=1) if "max_recipients" in m else default.max_recipients
+    )
     if size is None or rcpts is None:
         return None
     return Limits(max_message_size=size, max_recipients=rcpts)
@@ -313,14 +341,20 @@ def _upstream(node: yamlfile.Node, rel: _Rel) -> Upstream | None:
     if m is None or "host" not in m:
         return None
     host = m["host"].as_str()
-    security = m["security"].as_choice([s.value for s in Security]) if "security" in m else "none"
+    security = (
+        m["security"].as_choice([s.value for s in Security])
+        if "security" in m
+        else _default(Upstream, "security").value
+    )
     default_port = {"none": 25, "starttls": 587, "tls": 465}.get(security or "none", 25)
     port = m["port"].as_int(minimum=1) if "port" in m else default_port
     username = m["username"].as_str() if "username" in m else None
     password_env = m["password_env"].as_str() if "password_env" in m else None
     password_file = rel(m["password_file"]) if "password_file" in m else None
-    timeout = m["timeout"].as_number(minimum=0.1) if "timeout" in m else 30.0
-    verify = m["verify_tls"].as_bool() if "verify_tls" in m else True
+    timeout = (
+        m["timeout"].as_number(minimum=0.1) if "timeout" in m else _default(Upstream, "timeout")
+    )
+    verify = m["verify_tls"].as_bool() if "verify_tls" in m else _default(Upstream, "verify_tls")
     if "username" in m and not ("password_env" in m or "password_file" in m):
         m["username"].problem("a username needs 'password_env' or 'password_file'")
     if host is None or security is None or port is None or timeout is None or verify is None:
@@ -353,8 +387,9 @@ def _ses(node: yamlfile.Node) -> Ses | None:
     m = node.mapping(_SES)
     if m is None:
         return None
-    enabled = m["enabled"].as_bool() if "enabled" in m else True
-    region = m["region"].as_str() if "region" in m else "us-east-1"
+    default = Ses()
+    enabled = m["enabled"].as_bool() if "enabled" in m else default.enabled
+    region = m["region"].as_str() if "region" in m else default.region
     endpoint = None
     if "endpoint_url" in m and not m["endpoint_url"].is_null():
         endpoint = m["endpoint_url"].as_str()
@@ -366,9 +401,17 @@ def _ses(node: yamlfile.Node) -> Ses | None:
     if "max_send_rate" in m and m["max_send_rate"].scalar() != "auto":
         rate = m["max_send_rate"].as_number(minimum=0.01)
         ok = rate is not None
-    fallback = m["fallback_after"].as_number(minimum=0) if "fallback_after" in m else 300.0
-    timeout = m["timeout"].as_number(minimum=0.1) if "timeout" in m else 10.0
-    cooldown = m["circuit_cooldown"].as_number(minimum=1) if "circuit_cooldown" in m else 300.0
+    fallback = (
+        m["fallback_after"].as_number(minimum=0)
+        if "fallback_after" in m
+        else default.fallback_after
+    )
+    timeout = m["timeout"].as_number(minimum=0.1) if "timeout" in m else default.timeout
+    cooldown = (
+        m["circuit_cooldown"].as_number(minimum=1)
+        if "circuit_cooldown" in m
+        else default.circuit_cooldown
+    )
     if None in (enabled, region, fallback, timeout, cooldown) or not ok:
         return None
     assert enabled is not None and region and fallback is not None and timeout and cooldown

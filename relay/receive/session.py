@@ -12,7 +12,9 @@ Three of aiosmtpd 1.4.6's hot spots are replaced by code that behaves the same
 (tests/test_session_fast.py holds them to aiosmtpd's own): DATA is read a chunk at
 a time (`Body`), not a line at a time; a new session reuses the introspection of
 the first one (`_discover`); plain `<local@domain>` addresses skip the RFC 5322
-parser (`PLAIN_ADDRESS`).
+parser (`PLAIN_ADDRESS`). That code reaches into aiosmtpd's private attributes, so
+this module refuses to load with an aiosmtpd other than the versions in
+AIOSMTPD_CHECKED (pyproject pins the same range).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, AnyStr
 from warnings import warn
 
+import aiosmtpd
 from aiosmtpd.smtp import MISSING, SMTP, _AuthMechAttr, login_always_fail, syntax
 
 from relay import logs, metrics
@@ -42,6 +45,23 @@ from relay.receive.handler import (
     peer_ip_of,
 )
 from relay.settings import Settings
+
+# The aiosmtpd versions whose SMTP.__init__ and DATA handling this module re-creates, as
+# tests/test_session_fast.py checked them side by side; pyproject pins the same range.
+AIOSMTPD_CHECKED = ("1.4.6",)
+
+
+def check_aiosmtpd(version: str) -> None:
+    """ImportError unless `version` is one this module was checked against."""
+    if version not in AIOSMTPD_CHECKED:
+        raise ImportError(
+            f"relay needs aiosmtpd {' or '.join(AIOSMTPD_CHECKED)} (its session code re-creates"
+            f" that version's internals), but aiosmtpd {version} is installed:"
+            f" pip install 'aiosmtpd=={AIOSMTPD_CHECKED[-1]}'"
+        )
+
+
+check_aiosmtpd(aiosmtpd.__version__)
 
 log = logging.getLogger("relay.receive")
 _SMTP_LOG = logging.getLogger("mail.log")  # aiosmtpd's logger, for the lines it would log
