@@ -113,9 +113,9 @@ class Session(SMTP):
         tls_context: ssl.SSLContext | None = None,
     ) -> None:
         # aiosmtpd 1.4.6's SMTP.__init__ as it runs for relay's arguments (relay's server
-        # TLS contexts draw none of its warnings), but with its introspection
-        # (inspect.getmembers, dir, signature: ~100 µs a connection) done once per pair of
-        # classes by `_discover`. tests/test_session_fast.py compares it with aiosmtpd's own.
+        # TLS contexts draw none of its warnings), but with its introspection (inspect.getmembers,
+        # dir, signature: the bulk of a new connection's cost) done once per pair of classes by
+        # `_discover`. tests/test_session_fast.py compares it with aiosmtpd's own.
         vars(self).update(_SMTP_FIXED)
         self.loop = asyncio.get_running_loop()  # make_loop()'s answer in a protocol factory
         asyncio.StreamReaderProtocol.__init__(
@@ -217,7 +217,7 @@ class Session(SMTP):
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         plain = PLAIN_ADDRESS.fullmatch(arg)
-        if plain is not None and not self.local_part_limit:  # the parser's answer, 10x faster
+        if plain is not None and not self.local_part_limit:  # as the parser would answer
             return plain["address"], plain["rest"] or ""
         # aiosmtpd's parser raises on some malformed input (e.g. "<a@[192.0.2.1>"),
         # which would surface as INTERNAL_ERROR; it is a malformed address.

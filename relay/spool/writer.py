@@ -94,7 +94,7 @@ class Writer(threading.Thread):
         (no queued job, the connection free, the other process not writing):
         (True, result), or (False, None) and the caller submits it instead.
 
-        For a lone SMTP session this saves two thread hand-offs per 250 (about 0.2 ms);
+        For a lone SMTP session this saves two thread hand-offs per 250;
         the event loop is held for the commit (and up to TRY_NOW_WAIT for the other
         process's turn), so it is not for concurrent sessions, which share commits
         through the queue. SpoolError as from a queued call.

@@ -21,22 +21,7 @@ above), within half a minute fast enough to take back capacity other relays
 left idle. There is no quick climb back to the rate before the cut: on a
 shared account that rate is what overshot.
 
-What that costs, in throttle replies (tests/test_pace.py simulates it on a
-sliding 1-second window with 20 ms latency; the bench measures it for real):
-
-- alone at a ceiling equal to SES's limit: none (HEADROOM, window rule);
-- at the start, N relays that all begin at the full quota: one event. Each
-  relay has a call or two rejected, cuts straight to the share SES gave it
-  (together: the limit), and waits up to a second for the burst to leave SES's
-  window;
-- later, a congestion event is one relay's call arriving at a full window, a
-  little over the limit: about one throttle (1.03 simulated), and that relay's
-  cut of 7% ends it. The next one comes when the slow climb has made up the
-  cut: about every 22 s alone (2.7 events/min, 0.25% of calls, 94% of the
-  limit), about every 6 s for three relays on one quota (10 events/min, 0.3%
-  of calls, 96.6% of the quota). A large overshoot is one event too: the cut
-  goes down to what SES accepted. Retries of throttled mail add no load:
-  every send, retry or not, waits for a grant.
+What that costs in throttle replies, simulated and measured, is in bench/README.md.
 
 The cut is small because which relay a later event hits is random (in
 proportion to its calls): a deep cut of one random relay would leave the
