@@ -3,7 +3,7 @@
     rules.yaml --load()--> RuleSet --classify(mail)--> Decision(rule, route, reasons)
 
 `ruleset` reads rules.yaml (every problem with file:line) and classifies,
-`conditions` are the match conditions, `mimeview` the decoded view of a mail
+`grammar` turns its `match:` mappings into `conditions`, `mimeview` the decoded view of a mail
 they look at. `DEFAULT_RULES` is the shipped rules.yaml (Moodle's re-engagement mail).
 """
 

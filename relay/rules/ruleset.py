@@ -18,6 +18,7 @@ from relay import yamlfile
 from relay.errors import ConfigError
 from relay.mail import Mail
 from relay.rules import conditions as c
+from relay.rules.grammar import condition, text
 from relay.rules.mimeview import MailView
 
 DEFAULT_RULES = Path(__file__).parent / "rules.yaml"  # the same file as rules.yaml at the top
@@ -26,7 +27,6 @@ RULE_TAG = "rule"  # the SES tag the deliver loop sets to the rule name
 # SES MessageTag names and values, and configuration set names, allow only these.
 _SES_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")
 _SES_CONFIG_SET = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_FIELD_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 printable ASCII except ':'
 _SES_CHARS = "ASCII letters, digits, '_' and '-'"
 
 
@@ -127,24 +127,8 @@ def _ruleset(doc: yamlfile.Doc, root: yamlfile.Node | None) -> RuleSet | None:
     return RuleSet(source=doc.name, default=default, rules=tuple(rules))
 
 
-def _str(node: yamlfile.Node, *, allow_empty: bool = False) -> str | None:
-    try:
-        return node.as_str(allow_empty=allow_empty)
-    except ValueError as exc:  # an impossible date (2020-99-99) trips the YAML constructor
-        node.problem(f"unreadable value: {exc}")
-        return None
-
-
-def _bool(node: yamlfile.Node) -> bool | None:
-    try:
-        return node.as_bool()
-    except ValueError as exc:  # as in _str
-        node.problem(f"unreadable value: {exc}")
-        return None
-
-
 def _route(node: yamlfile.Node) -> Route | None:
-    if _str(node) is None:
+    if text(node) is None:
         return None
     value = node.as_choice([r.value for r in Route])
     return None if value is None else Route(value)
@@ -157,7 +141,7 @@ def _rule(node: yamlfile.Node, seen: dict[str, int]) -> Rule | None:
     )
     if entries is None:
         return None
-    name = _str(entries["name"]) if "name" in entries else None
+    name = text(entries["name"]) if "name" in entries else None
     if name is not None:
         name_node = entries["name"]
         if not _SES_TOKEN.fullmatch(name):
@@ -169,9 +153,9 @@ def _rule(node: yamlfile.Node, seen: dict[str, int]) -> Rule | None:
         else:
             seen[name] = name_node.line
     route = _route(entries["route"]) if "route" in entries else None
-    match = _condition(entries["match"]) if "match" in entries else None
+    match = condition(entries["match"]) if "match" in entries else None
     if "description" in entries:
-        _str(entries["description"], allow_empty=True)
+        text(entries["description"], allow_empty=True)
     config_set, tags = _ses(entries["ses"]) if "ses" in entries else (None, ())
     if name is None or route is None or match is None or tags is None:
         return None
@@ -184,7 +168,7 @@ def _ses(node: yamlfile.Node) -> tuple[str | None, tuple[tuple[str, str], ...] |
         return None, None
     config_set = None
     if "configuration_set" in entries:
-        config_set = _str(entries["configuration_set"])
+        config_set = text(entries["configuration_set"])
         if config_set is not None and not _SES_CONFIG_SET.fullmatch(config_set):
             entries["configuration_set"].problem(
                 f"configuration set {config_set!r} must be 1-64 of {_SES_CHARS}"
@@ -193,124 +177,16 @@ def _ses(node: yamlfile.Node) -> tuple[str | None, tuple[tuple[str, str], ...] |
     ok = True
     tag_entries = entries["tags"].mapping() if "tags" in entries else {}
     for tag_name, value_node in (tag_entries or {}).items():
-        value = _str(value_node)
+        value = text(value_node)
         if tag_name == RULE_TAG:
             value_node.problem(f"tag name {RULE_TAG!r} is reserved: relay sets it to the rule name")
             ok = False
-        for what, text in (("tag name", tag_name), ("tag value", value)):
-            if text is not None and not _SES_TOKEN.fullmatch(text):
-                value_node.problem(f"{what} {text!r} must be 1-256 of {_SES_CHARS}")
+        for what, token in (("tag name", tag_name), ("tag value", value)):
+            if token is not None and not _SES_TOKEN.fullmatch(token):
+                value_node.problem(f"{what} {token!r} must be 1-256 of {_SES_CHARS}")
                 ok = False
         if value is None:
             ok = False
         else:
             tags.append((tag_name, value))
     return config_set, (tuple(tags) if ok and tag_entries is not None else None)
-
-
-def _regex(node: yamlfile.Node) -> re.Pattern[str] | None:
-    pattern = _str(node, allow_empty=True)  # '' matches anything: "the header exists"
-    if pattern is None:
-        return None
-    try:
-        return re.compile(pattern)
-    except (re.error, OverflowError, RecursionError) as exc:
-        node.problem(f"invalid regular expression '{pattern}': {exc}")
-        return None
-
-
-def _header(node: yamlfile.Node) -> c.Condition | None:
-    entries = node.mapping()
-    if entries is None:
-        return None
-    if not entries:
-        node.problem("name at least one header, e.g. {List-Id: '.'}")
-        return None
-    parts: list[c.Condition] = []
-    for name, value in entries.items():
-        pattern = _regex(value)
-        if not _FIELD_NAME.fullmatch(name):
-            value.problem(f"{name!r} is not a header name")
-        elif pattern is not None:
-            parts.append(c.Header(name, pattern))
-    if len(parts) != len(entries):
-        return None
-    return parts[0] if len(parts) == 1 else c.AllOf(tuple(parts))
-
-
-def _absent(node: yamlfile.Node) -> c.Condition | None:
-    items = node.sequence()
-    if items is None:
-        return None
-    if not items:
-        node.problem("name at least one header")
-        return None
-    names = [_str(item) for item in items]
-    for item, name in zip(items, names, strict=True):
-        if name is not None and not _FIELD_NAME.fullmatch(name):
-            item.problem(f"{name!r} is not a header name")
-            return None
-    if any(name is None for name in names):
-        return None
-    return c.Absent(tuple(name for name in names if name is not None))
-
-
-def _combined(node: yamlfile.Node, kind: type[c.AllOf] | type[c.AnyOf]) -> c.Condition | None:
-    items = node.sequence()
-    if items is None:
-        return None
-    if not items:
-        node.problem("expected a non-empty list of conditions")
-        return None
-    parts = [_condition(item) for item in items]
-    if any(part is None for part in parts):
-        return None
-    return kind(tuple(part for part in parts if part is not None))
-
-
-def _multipart(node: yamlfile.Node) -> c.Condition | None:
-    value = _bool(node)
-    return None if value is None else c.Multipart(value)
-
-
-def _not(node: yamlfile.Node) -> c.Condition | None:
-    inner = _condition(node)
-    return None if inner is None else c.Not(inner)
-
-
-def _pattern_of(kind: Callable[[re.Pattern[str]], c.Condition]) -> _Parser:
-    def parse(node: yamlfile.Node) -> c.Condition | None:
-        pattern = _regex(node)
-        return None if pattern is None else kind(pattern)
-
-    return parse
-
-
-_Parser = Callable[[yamlfile.Node], "c.Condition | None"]
-_CONDITIONS: dict[str, _Parser] = {
-    "header": _header,
-    "absent": _absent,
-    "sender": _pattern_of(c.Sender),
-    "recipient": _pattern_of(c.Recipient),
-    "subject": _pattern_of(c.Subject),
-    "body": _pattern_of(c.Body),
-    "multipart": _multipart,
-    "all": lambda node: _combined(node, c.AllOf),
-    "any": lambda node: _combined(node, c.AnyOf),
-    "not": _not,
-}
-
-
-def _condition(node: yamlfile.Node) -> c.Condition | None:
-    """One condition mapping; several keys mean all of them must hold."""
-    entries = node.mapping(allowed=_CONDITIONS)
-    if entries is None:
-        return None
-    if not node.node.value:
-        node.problem(f"expected a condition ({', '.join(_CONDITIONS)})")
-        return None
-    parts = [_CONDITIONS[key](value) for key, value in entries.items()]
-    if any(part is None for part in parts) or len(entries) != len(node.node.value):
-        return None  # the problems are recorded already
-    found = tuple(part for part in parts if part is not None)
-    return found[0] if len(found) == 1 else c.AllOf(found)
