@@ -98,13 +98,21 @@ class Deliverer:
         upstream: UpstreamSender,
         ses_route: SesRoute,
         wakeup: asyncio.Event,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     ) -> None:
+        """`clock` (monotonic), `wall_clock` (the spool's due_at and received_at) and
+        `sleep` (between tries to record an outcome) are injected so tests run on virtual time."""
         self.settings = settings
         self.spool = spool
         self.rules = rules
         self.upstream = upstream
         self.ses_route = ses_route
         self.wakeup = wakeup
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._sleep = sleep
         self._tasks: set[asyncio.Task[None]] = set()
         self._upstream_down_until = 0.0  # monotonic; no connection attempts before it
         self._down_reply = ""
@@ -167,7 +175,7 @@ class Deliverer:
                     retry_in=delay,
                     error=str(exc),
                 )
-                await asyncio.sleep(delay)
+                await self._sleep(delay)
                 delay = min(delay * 2, RECORD_BACKOFF_MAX)
 
     async def _guarded(self, mail: Mail) -> None:
@@ -210,7 +218,7 @@ class Deliverer:
                 await self._record(
                     self.spool.defer,
                     mail.id,
-                    due_at=time.time() + verdict.delay,
+                    due_at=self._wall_clock() + verdict.delay,
                     rule=decision.rule,
                     route=Route.SES.value,
                     reply=verdict.reply,
@@ -241,7 +249,7 @@ class Deliverer:
         reason = fallback.detail if fallback else None
         if fallback is not None:
             await self._record(self.spool.event, mail.id, "fallback", fallback.detail)
-        if time.monotonic() < self._upstream_down_until:  # like Postfix's dead-host cache
+        if self._clock() < self._upstream_down_until:  # like Postfix's dead-host cache
             reply = f"not tried, the original host was unreachable moments ago: {self._down_reply}"
             await self._defer_or_fail(mail, decision, Route.UPSTREAM, reply, reason)
             return
@@ -252,7 +260,7 @@ class Deliverer:
             return
         except TemporaryFailure as exc:
             if isinstance(exc, HostUnreachable):
-                self._upstream_down_until = time.monotonic() + UPSTREAM_DOWN_FOR
+                self._upstream_down_until = self._clock() + UPSTREAM_DOWN_FOR
                 self._down_reply = exc.reply
             await self._defer_or_fail(mail, decision, Route.UPSTREAM, exc.reply, reason)
             return
@@ -306,7 +314,7 @@ class Deliverer:
         self, mail: Mail, decision: Decision | None, route: Route, reply: str, reason: str | None
     ) -> None:
         rule = decision.rule if decision else None
-        age = time.time() - mail.received_at
+        age = self._wall_clock() - mail.received_at
         retry = self.settings.retry
         if age >= retry.max_age:
             await self._record(
@@ -323,7 +331,7 @@ class Deliverer:
         await self._record(
             self.spool.defer,
             mail.id,
-            due_at=time.time() + delay,
+            due_at=self._wall_clock() + delay,
             rule=rule,
             route=route.value,
             reply=reply,

@@ -14,7 +14,7 @@ Pacing, the circuit breaker and the SES metrics live here; the spool is not touc
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -68,10 +68,19 @@ Verdict = Sent | Retry | Fallback
 
 
 class SesRoute:
-    def __init__(self, *, ses: SesSender | None, pace: Pacer | None, circuit: Circuit) -> None:
+    def __init__(
+        self,
+        *,
+        ses: SesSender | None,
+        pace: Pacer | None,
+        circuit: Circuit,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        """`wall_clock` tells a message's age (for `fallback_after`); injected for tests."""
         self.ses = ses
         self.pace = pace
         self.circuit = circuit
+        self._wall_clock = wall_clock
 
     def blocked(self, mail: Mail, settings: Settings) -> Fallback | None:
         """Why this message may not try SES now, or None when it may."""
@@ -137,7 +146,7 @@ class SesRoute:
             metrics.SES_THROTTLES.inc()
             self.pace.throttled()
             metrics.PACE.set(self.pace.rate)
-        age = time.time() - mail.received_at
+        age = self._wall_clock() - mail.received_at
         if age >= settings.ses.fallback_after:
             return Fallback(
                 reason="temporary",

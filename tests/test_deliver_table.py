@@ -1,0 +1,604 @@
+"""Deliverer outcomes (DESIGN 3.4) for every fault class, recorded on an in-memory spool.
+
+The spool (`Store`), the original host (`UpstreamSender`, `UpstreamResultLike`) and
+SES (`SesSender`) are fakes of the Protocols loop.py and route.py own; SesRoute and
+Circuit are the real ones. One virtual clock serves as wall and monotonic time, and
+the sleep between tries to record an outcome is virtual too: nothing waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay.deliver.loop import UPSTREAM_DOWN_FOR, Deliverer
+from relay.deliver.ses.circuit import Circuit
+from relay.deliver.ses.route import SesRoute
+from relay.errors import (
+    AccountFailure,
+    HostUnreachable,
+    PermanentFailure,
+    SpoolError,
+    TemporaryFailure,
+    Throttled,
+)
+from relay.mail import Mail
+from relay.rules import Route, Rule, RuleSet
+from relay.rules.mimeview import MailView
+from relay.settings import HostPort, Mode, Retry, Ses, Settings, Upstream
+
+NOW = 1_800_000_000.0
+MAX_AGE = 432000.0
+SCHEDULE = (60.0, 300.0, 900.0, 1800.0, 3600.0)
+RATE = "Throttling: Maximum sending rate exceeded."
+
+
+class Clock:
+    """One virtual clock serving as both wall and monotonic time."""
+
+    def __init__(self) -> None:
+        self.now = NOW
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class MemoryStore:
+    """A Store that writes every outcome down as one line; `failures` SpoolErrors first."""
+
+    def __init__(self, clock: Clock, *, failures: int = 0) -> None:
+        self.clock = clock
+        self.failures = failures
+        self.log: list[str] = []
+        self.batches: list[list[Mail]] = []
+        self.stop = asyncio.Event()  # set when the last batch is claimed
+        self.wakeup = asyncio.Event()  # set while more batches are due, as a commit would
+
+    async def claim(self, limit: int) -> list[Mail]:
+        batch = self.batches.pop(0) if self.batches else []
+        (self.wakeup if self.batches else self.stop).set()  # run() never idles a full second
+        return batch[:limit]
+
+    def _write(self, line: str) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise SpoolError("database or disk is full")
+        self.log.append(line)
+
+    async def sent(
+        self,
+        queue_id: str,
+        *,
+        rule: str | None,
+        route: str,
+        reply: str,
+        ses_message_id: str | None = None,
+        fallback_reason: str | None = None,
+    ) -> None:
+        extra = f" ses_id={ses_message_id}" if ses_message_id else ""
+        extra += f" [fallback: {fallback_reason}]" if fallback_reason else ""
+        self._write(f"sent {queue_id} {rule} via {route}: {reply}{extra}")
+
+    async def defer(
+        self,
+        queue_id: str,
+        *,
+        due_at: float,
+        rule: str | None,
+        route: str,
+        reply: str,
+        fallback_reason: str | None = None,
+        recipients: Sequence[str] | None = None,
+    ) -> None:
+        extra = f" to={','.join(recipients)}" if recipients is not None else ""
+        extra += f" [fallback: {fallback_reason}]" if fallback_reason else ""
+        due = due_at - self.clock()
+        self._write(f"defer {queue_id} {rule} via {route} in {due:g}s: {reply}{extra}")
+
+    async def fail(
+        self,
+        queue_id: str,
+        *,
+        rule: str | None,
+        route: str,
+        reply: str,
+        fallback_reason: str | None = None,
+    ) -> None:
+        extra = f" [fallback: {fallback_reason}]" if fallback_reason else ""
+        self._write(f"fail {queue_id} {rule} via {route}: {reply}{extra}")
+
+    async def event(self, queue_id: str, event: str, detail: str) -> None:
+        self._write(f"event {queue_id} {event}: {detail}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Result:
+    """An UpstreamResultLike: what the original host said per recipient."""
+
+    accepted: tuple[str, ...] = ()
+    temporary: tuple[tuple[str, str], ...] = ()
+    permanent: tuple[tuple[str, str], ...] = ()
+    reply: str = "250 2.0.0 Ok: queued as 4XyZ"
+
+
+OK = Result(accepted=("a@x.org",))
+Answer = Result | BaseException | str  # str: an SES MessageId
+
+
+class FakeUpstream:
+    """An UpstreamSender answering each mail with the next scripted answer (the last repeats)."""
+
+    def __init__(self, *answers: Answer) -> None:
+        self.answers = list(answers) or [OK]
+        self.sent: list[tuple[str, tuple[str, ...]]] = []
+        self.closed = False
+
+    async def send(self, mail: Mail) -> Result:
+        self.sent.append((mail.id, mail.recipients))
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, BaseException):
+            raise answer
+        assert isinstance(answer, Result)
+        return answer
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class FakeSes:
+    """An SesSender answering with the next scripted MessageId or error."""
+
+    def __init__(self, *answers: Answer) -> None:
+        self.answers = list(answers) or ["ses-1"]
+        self.calls = 0
+
+    async def send(self, mail: Mail, *, configuration_set: str | None, tags: Any) -> str:
+        self.calls += 1
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, BaseException):
+            raise answer
+        assert isinstance(answer, str)
+        return answer
+
+
+class Always:
+    """A rules condition that holds for every mail."""
+
+    def test(self, view: MailView) -> tuple[str, ...]:
+        return ("always",)
+
+    def describe(self) -> str:
+        return "always"
+
+
+def make_settings(
+    *, mode: Mode = Mode.LIVE, schedule: tuple[float, ...] = SCHEDULE, **ses: Any
+) -> Settings:
+    """Settings with the defaults of DESIGN 3.2 except what is given."""
+    return Settings(
+        source=Path("relay.yaml"),
+        listen=HostPort(host="127.0.0.1", port=2525),
+        spool=Path("spool"),
+        rules=Path("rules.yaml"),
+        upstream=Upstream(host="smtp.example.org"),
+        hostname="relay.test",
+        mode=mode,
+        ses=Ses(**ses),
+        retry=Retry(schedule=schedule, max_age=MAX_AGE),
+    )
+
+
+class Rig:
+    """A Deliverer wired to the fakes; `route` picks what the one rule routes to."""
+
+    def __init__(
+        self,
+        *,
+        ses: Sequence[Answer] = (),
+        upstream: Sequence[Answer] = (),
+        route: Route = Route.SES,
+        failures: int = 0,
+        **settings: Any,
+    ) -> None:
+        self.clock = Clock()
+        self.store = MemoryStore(self.clock, failures=failures)
+        self.ses = FakeSes(*ses)
+        self.upstream = FakeUpstream(*upstream)
+        self.circuit = Circuit(300.0, clock=self.clock)
+        self.sleeps: list[float] = []
+        rule = Rule(name="moodle", route=route, match=Always())
+        self.deliverer = Deliverer(
+            settings=make_settings(**settings),
+            spool=self.store,
+            rules=RuleSet(source="rules.yaml", default=Route.UPSTREAM, rules=(rule,)),
+            upstream=self.upstream,
+            ses_route=SesRoute(
+                ses=self.ses, pace=None, circuit=self.circuit, wall_clock=self.clock
+            ),
+            wakeup=self.store.wakeup,
+            clock=self.clock,
+            wall_clock=self.clock,
+            sleep=self.sleep,
+        )
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.clock.now += seconds
+
+    async def deliver(self, **fields: Any) -> list[str]:
+        """Deliver one mail (received 10 s ago, first attempt unless given); its lines."""
+        before = len(self.store.log)
+        await self.deliverer.deliver(make_mail(self.clock, **fields))
+        return self.store.log[before:]
+
+
+def make_mail(clock: Clock, *, age: float = 10.0, **fields: Any) -> Mail:
+    values: dict[str, Any] = {
+        "id": "Q1",
+        "sender": "noreply@moodle.example.org",
+        "recipients": ("a@x.org",),
+        "raw": b"Subject: reminder\r\n\r\nhello\r\n",
+        "received_at": clock() - age,
+        "attempts": 1,
+    }
+    values.update(fields)
+    return Mail(**values)
+
+
+def via_upstream(reason: str) -> list[str]:
+    """The lines of an SES-routed mail that fell back and was sent upstream."""
+    return [
+        f"event Q1 fallback: {reason}",
+        f"sent Q1 moodle via upstream: 250 2.0.0 Ok: queued as 4XyZ [fallback: {reason}]",
+    ]
+
+
+def account(reply: str) -> AccountFailure:
+    return AccountFailure(f"SES account cannot send: {reply}", reply=reply)
+
+
+MAIL_FIELDS = {"age", "attempts", "sender", "recipients"}
+
+
+def split(given: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A row's `given` as (mail fields, settings)."""
+    mail = {k: v for k, v in given.items() if k in MAIL_FIELDS}
+    return mail, {k: v for k, v in given.items() if k not in MAIL_FIELDS}
+
+
+def ses_case(
+    name: str,
+    answer: Answer,
+    lines: list[str],
+    *,
+    calls: int = 1,
+    circuit: str = "closed",
+    **given: Any,
+) -> Any:
+    """One row: SES's answer, the lines on the row, SES calls and the circuit after;
+    `given` are mail fields (age, attempts, sender) and settings (mode, SES keys)."""
+    return pytest.param(answer, given, lines, calls, circuit, id=name)
+
+
+def rejected(reply: str) -> PermanentFailure:
+    return PermanentFailure(f"SES rejected message Q1: {reply}", reply=reply)
+
+
+SES_CASES = [
+    ses_case("ses-accepted", "ses-1", ["sent Q1 moodle via ses: SES accepted ses_id=ses-1"]),
+    ses_case(
+        "throttled-retries-ses-in-1s",
+        Throttled("x", reply=RATE),
+        [f"defer Q1 moodle via ses in 1s: {RATE}"],
+    ),
+    ses_case(
+        "http-5xx-retries-ses-with-backoff",
+        TemporaryFailure("x", reply="ServiceUnavailable"),
+        ["defer Q1 moodle via ses in 4s: ServiceUnavailable"],
+        attempts=2,
+    ),
+    ses_case(
+        "timeout-retries-ses",
+        TemporaryFailure("x", reply="ReadTimeoutError"),
+        ["defer Q1 moodle via ses in 2s: ReadTimeoutError"],
+    ),
+    ses_case(
+        "connection-error-past-fallback-after-goes-upstream",
+        TemporaryFailure("x", reply="EndpointConnectionError"),
+        via_upstream("SES failing for 300s (fallback_after): EndpointConnectionError"),
+        age=300,
+    ),
+    ses_case(
+        "throttled-past-fallback-after-goes-upstream",
+        Throttled("x", reply=RATE),
+        via_upstream(f"SES failing for 31s (fallback_after): {RATE}"),
+        age=31,
+        fallback_after=30,
+    ),
+    ses_case(
+        "message-rejected-upstream-at-once",
+        rejected("MessageRejected: Email address is not verified."),
+        via_upstream("SES refused the message: MessageRejected: Email address is not verified."),
+    ),
+    ses_case(
+        "over-size-upstream-at-once",
+        rejected("10485761 bytes, over the SES limit of 10485760"),
+        via_upstream("SES refused the message: 10485761 bytes, over the SES limit of 10485760"),
+    ),
+    ses_case(
+        "invalid-address-upstream-at-once",
+        rejected("InvalidParameterValue: Missing final '@domain'"),
+        via_upstream("SES refused the message: InvalidParameterValue: Missing final '@domain'"),
+    ),
+    ses_case(
+        "null-sender-upstream-without-ses",
+        "ses-1",
+        via_upstream("SES cannot send with a null sender <>"),
+        calls=0,
+        sender="",
+    ),
+    ses_case(
+        "daily-quota-upstream-and-circuit",
+        account("Throttling: Daily message quota exceeded."),
+        via_upstream("SES account-wide failure: Throttling: Daily message quota exceeded."),
+        circuit="open",
+    ),
+    ses_case(
+        "sending-paused-upstream-and-circuit",
+        account("AccountSendingPausedException: paused"),
+        via_upstream("SES account-wide failure: AccountSendingPausedException: paused"),
+        circuit="open",
+    ),
+    ses_case(
+        "configuration-set-missing-upstream-and-circuit",
+        account("ConfigurationSetDoesNotExist: gone"),
+        via_upstream("SES account-wide failure: ConfigurationSetDoesNotExist: gone"),
+        circuit="open",
+    ),
+    ses_case(
+        "mail-from-unverified-upstream-and-circuit",
+        account("MailFromDomainNotVerifiedException: no"),
+        via_upstream("SES account-wide failure: MailFromDomainNotVerifiedException: no"),
+        circuit="open",
+    ),
+    ses_case(
+        "access-denied-upstream-and-circuit",
+        account("AccessDenied: not authorized"),
+        via_upstream("SES account-wide failure: AccessDenied: not authorized"),
+        circuit="open",
+    ),
+    ses_case(
+        "shadow-mode-upstream",
+        "ses-1",
+        via_upstream("shadow mode: classified for SES, sent upstream"),
+        calls=0,
+        mode=Mode.SHADOW,
+    ),
+    ses_case(
+        "ses-disabled-upstream",
+        "ses-1",
+        via_upstream("ses.enabled is false"),
+        calls=0,
+        enabled=False,
+    ),
+]
+
+
+@pytest.mark.parametrize(("answer", "given", "lines", "calls", "circuit"), SES_CASES)
+async def test_ses_routed_mail(
+    answer: Answer, given: dict[str, Any], lines: list[str], calls: int, circuit: str
+) -> None:
+    """SES-routed mail: sent by SES, retried on SES while temporary and young, else
+    upstream (with the reason on the row); account-wide faults also open the circuit."""
+    fields, settings = split(given)
+    rig = Rig(ses=[answer], **settings)
+    actual = await rig.deliver(**fields)
+    assert (lines, calls, circuit) == (actual, rig.ses.calls, rig.circuit.state.value)
+
+
+def gave_up(reply: str, age: float = MAX_AGE) -> str:
+    return f"fail Q1 moodle via upstream: gave up after {age:.0f}s (retry.max_age): {reply}"
+
+
+def deferred(seconds: int, reply: str, to: str = "a@x.org") -> str:
+    return f"defer Q1 moodle via upstream in {seconds}s: {reply} to={to}"
+
+
+T451 = "451 4.7.1 Try again later"
+P550 = "550 5.1.1 User unknown"
+REFUSED = "ConnectionRefusedError(111, 'Connection refused')"
+SENT = "sent Q1 moodle via upstream: 250 2.0.0 Ok: queued as 4XyZ"
+TRY_LATER = TemporaryFailure("original host refused Q1 for now", reply=T451)
+UNREACHABLE = HostUnreachable("original host unreachable for Q1", reply=REFUSED)
+USER_UNKNOWN = PermanentFailure("original host refused Q1", reply=P550)
+AB = ("a@x.org", "b@y.org")
+
+
+def upstream_case(name: str, answer: Answer, lines: list[str], **given: Any) -> Any:
+    """One row: the original host's answer, the lines on the row; `given` are mail
+    fields (age, attempts, recipients) and settings (schedule)."""
+    return pytest.param(answer, given, lines, id=name)
+
+
+UPSTREAM_CASES = [
+    upstream_case("2xx-sent", OK, [SENT]),
+    upstream_case("4xx-deferred-first-step", TRY_LATER, [deferred(60, T451)]),
+    upstream_case("connection-failure-deferred", UNREACHABLE, [deferred(60, REFUSED)]),
+    upstream_case("5xx-failed-dead-letter", USER_UNKNOWN, [f"fail Q1 moodle via upstream: {P550}"]),
+    upstream_case("attempt-0-first-step", TRY_LATER, [deferred(60, T451)], attempts=0),
+    upstream_case("attempt-3-third-step", TRY_LATER, [deferred(900, T451)], attempts=3),
+    upstream_case("attempt-5-last-step", TRY_LATER, [deferred(3600, T451)], attempts=5),
+    upstream_case("past-schedule-last-step", TRY_LATER, [deferred(3600, T451)], attempts=40),
+    upstream_case(
+        "configured-schedule", TRY_LATER, [deferred(7, T451)], attempts=4, schedule=(5.0, 7.0)
+    ),
+    upstream_case("4xx-just-under-max-age", TRY_LATER, [deferred(60, T451)], age=MAX_AGE - 1),
+    upstream_case("4xx-at-max-age-failed", TRY_LATER, [gave_up(T451)], age=MAX_AGE),
+    upstream_case(
+        "connection-failure-past-max-age-failed",
+        UNREACHABLE,
+        [gave_up(REFUSED, MAX_AGE + 1)],
+        age=MAX_AGE + 1,
+    ),
+    upstream_case(
+        "partial-2xx-4xx-defers-the-4xx-recipient",
+        Result(accepted=("a@x.org",), temporary=(("b@y.org", T451),)),
+        [
+            f"event Q1 partial: accepted a@x.org; b@y.org: {T451}",
+            deferred(60, f"b@y.org: {T451}", to="b@y.org"),
+        ],
+        recipients=AB,
+    ),
+    upstream_case(
+        "partial-2xx-5xx-sent-with-record",
+        Result(accepted=("a@x.org",), permanent=(("b@y.org", P550),)),
+        [f"event Q1 partial: accepted a@x.org; b@y.org: {P550}", SENT],
+        recipients=AB,
+    ),
+    upstream_case(
+        "partial-5xx-4xx-defers-the-4xx-recipient",
+        Result(permanent=(("a@x.org", P550),), temporary=(("b@y.org", T451),), reply="no DATA"),
+        [
+            f"event Q1 partial: a@x.org: {P550}; b@y.org: {T451}",
+            deferred(60, f"b@y.org: {T451}", to="b@y.org"),
+        ],
+        recipients=AB,
+    ),
+    upstream_case(
+        "every-recipient-5xx-failed",
+        Result(permanent=(("a@x.org", P550),), reply="no DATA"),
+        [f"fail Q1 moodle via upstream: a@x.org: {P550}"],
+    ),
+    upstream_case(
+        "partial-4xx-at-max-age-failed",
+        Result(accepted=("a@x.org",), temporary=(("b@y.org", T451),)),
+        [f"event Q1 partial: accepted a@x.org; b@y.org: {T451}", gave_up(f"b@y.org: {T451}")],
+        recipients=AB,
+        age=MAX_AGE,
+    ),
+]
+
+
+@pytest.mark.parametrize(("answer", "given", "lines"), UPSTREAM_CASES)
+async def test_upstream_routed_mail(
+    answer: Answer, given: dict[str, Any], lines: list[str]
+) -> None:
+    """Upstream: 2xx sent; 4xx or no connection deferred on the retry schedule until
+    max_age, then failed; 5xx failed; mixed replies handled per recipient."""
+    fields, settings = split(given)
+    rig = Rig(upstream=[answer], route=Route.UPSTREAM, **settings)
+    assert (lines, 0) == (await rig.deliver(**fields), rig.ses.calls)
+
+
+FALLBACK_THEN_UPSTREAM = [
+    pytest.param(
+        TRY_LATER,
+        [
+            "event Q1 fallback: SES refused the message: MessageRejected: no",
+            deferred(60, T451) + " [fallback: SES refused the message: MessageRejected: no]",
+        ],
+        id="fallback-then-4xx-deferred-keeps-reason",
+    ),
+    pytest.param(
+        USER_UNKNOWN,
+        [
+            "event Q1 fallback: SES refused the message: MessageRejected: no",
+            f"fail Q1 moodle via upstream: {P550}"
+            " [fallback: SES refused the message: MessageRejected: no]",
+        ],
+        id="fallback-then-5xx-failed-keeps-reason",
+    ),
+]
+
+
+@pytest.mark.parametrize(("answer", "lines"), FALLBACK_THEN_UPSTREAM)
+async def test_fallback_reason_stays_on_the_row(answer: Answer, lines: list[str]) -> None:
+    """A message that fell back from SES keeps the reason on its row whatever upstream says."""
+    rig = Rig(ses=[PermanentFailure("x", reply="MessageRejected: no")], upstream=[answer])
+    assert lines == await rig.deliver()
+
+
+async def test_open_circuit_sends_later_mail_upstream_without_ses() -> None:
+    """After an account-wide failure the next SES-routed mail goes upstream with no SES call."""
+    rig = Rig(ses=[account("AccessDenied: no"), "ses-1"])
+    await rig.deliver(id="Q0")
+    lines = await rig.deliver()
+    reason = "SES circuit open: SES account cannot send: AccessDenied: no"
+    assert (via_upstream(reason), 1) == (lines, rig.ses.calls)
+
+
+DOWN_STEPS = [
+    pytest.param(
+        [0.0, UPSTREAM_DOWN_FOR - 0.001, 0.001],
+        [
+            deferred(60, REFUSED),
+            deferred(60, f"not tried, the original host was unreachable moments ago: {REFUSED}"),
+            SENT,
+        ],
+        2,
+        id="not-tried-while-down-then-tried",
+    ),
+    pytest.param(
+        [0.0, UPSTREAM_DOWN_FOR],
+        [deferred(60, REFUSED), SENT],
+        2,
+        id="tried-again-after-down-for",
+    ),
+]
+
+
+@pytest.mark.parametrize(("waits", "lines", "tries"), DOWN_STEPS)
+async def test_dead_host_cache(waits: list[float], lines: list[str], tries: int) -> None:
+    """After a failed connection, mail is deferred without a connection attempt for
+    UPSTREAM_DOWN_FOR seconds (like Postfix's dead-host cache), then tried again."""
+    rig = Rig(upstream=[UNREACHABLE, OK], route=Route.UPSTREAM)
+    actual: list[str] = []
+    for wait in waits:
+        rig.clock.now += wait
+        actual += await rig.deliver()
+    assert (lines, tries) == (actual, len(rig.upstream.sent))
+
+
+async def test_4xx_does_not_mark_the_host_down() -> None:
+    """Only a failed connection skips later mail; a 4xx reply does not."""
+    rig = Rig(upstream=[TRY_LATER, OK], route=Route.UPSTREAM)
+    await rig.deliver()
+    assert ([SENT], 2) == (await rig.deliver(), len(rig.upstream.sent))
+
+
+RECORD_RETRIES = [
+    pytest.param(1, [0.5], id="one-failure"),
+    pytest.param(3, [0.5, 1.0, 2.0], id="doubling"),
+    pytest.param(8, [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0], id="capped-at-30s"),
+]
+
+
+@pytest.mark.parametrize(("failures", "sleeps"), RECORD_RETRIES)
+async def test_outcome_recorded_after_spool_errors(failures: int, sleeps: list[float]) -> None:
+    """A sent mail whose outcome cannot be committed (disk full) is recorded once the spool
+    takes it, never mistaken for a failure; the tries back off up to 30 s apart."""
+    rig = Rig(failures=failures)
+    lines = await rig.deliver()
+    assert (["sent Q1 moodle via ses: SES accepted ses_id=ses-1"], sleeps) == (lines, rig.sleeps)
+
+
+async def test_bug_in_a_delivery_defers_the_mail_and_the_loop_goes_on() -> None:
+    """An unexpected exception in one delivery defers that mail (never loses it); the loop
+    delivers the next claimed mail and closes the upstream client when drained."""
+    rig = Rig(upstream=[RuntimeError("boom"), OK], route=Route.UPSTREAM)
+    rig.store.batches = [[make_mail(rig.clock, id="Q1")], [make_mail(rig.clock, id="Q2")]]
+    await rig.deliverer.run(rig.store.stop)
+    left = await rig.deliverer.drain(1.0)
+    assert (
+        [
+            "defer Q1 None via upstream in 60s: internal error: RuntimeError('boom') to=a@x.org",
+            "sent Q2 moodle via upstream: 250 2.0.0 Ok: queued as 4XyZ",
+        ],
+        0,
+        True,
+    ) == (sorted(rig.store.log), left, rig.upstream.closed)

@@ -1,0 +1,288 @@
+"""SES client faults -> relay's error tree (DESIGN 3.4), with no network.
+
+`client.failure()` is fed botocore `ClientError`s built by hand (the codes and
+messages SES sends) and the transport errors botocore, aiohttp and asyncio raise;
+`SesClient.send()` runs against a stand-in for the aiobotocore client.
+"""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from typing import Any
+
+import aiohttp
+import pytest
+from botocore.exceptions import (
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    CredentialRetrievalError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    ParamValidationError,
+    PartialCredentialsError,
+    ReadTimeoutError,
+)
+from botocore.parsers import ResponseParserError
+
+from relay.deliver.ses.client import MAX_DESTINATIONS, MAX_MESSAGE_SIZE, SesClient, failure
+from relay.errors import (
+    AccountFailure,
+    DeliveryError,
+    PermanentFailure,
+    TemporaryFailure,
+    Throttled,
+)
+from relay.mail import Mail
+from relay.settings import Ses
+
+ENDPOINT = "https://email.eu-west-1.amazonaws.com/"
+
+
+def client_error(code: str, message: str, status: int) -> ClientError:
+    """A botocore ClientError as SES's error XML would parse into one."""
+    response: Any = {
+        "Error": {"Type": "Sender", "Code": code, "Message": message},
+        "ResponseMetadata": {"HTTPStatusCode": status},
+    }
+    return ClientError(response, "SendRawEmail")
+
+
+# id: (code, message, HTTP status), grouped by the class DESIGN 3.4 gives them.
+THROTTLED = {  # temporary, and slow the pace
+    "rate": ("Throttling", "Maximum sending rate exceeded.", 400),
+    "v2-rate": ("ThrottlingException", "Maximum sending rate exceeded.", 429),
+    "v2-too-many": ("TooManyRequestsException", "Too many requests.", 429),
+    "throttling-no-message": ("Throttling", "", 400),
+}
+TEMPORARY = {  # retry SES until fallback_after
+    "503-code": ("ServiceUnavailable", "Service is unavailable.", 503),
+    "500-code": ("InternalFailure", "An internal error occurred.", 500),
+    "500-v2": ("InternalError", "We encountered an internal error.", 500),
+    "unknown-code-http-502": ("BadGateway", "proxy", 502),
+    "numeric-code-504": ("504", "Gateway Timeout", 504),
+    "numeric-code-no-status": ("503", "Slow Down", 0),
+}
+PERMANENT = {  # this message: upstream at once
+    "message-rejected": ("MessageRejected", "Email address is not verified: x@y.org", 400),
+    "over-size-limit": (
+        "InvalidParameterValue",
+        "Message length is more than 10485760 bytes long: '10485761'.",
+        400,
+    ),
+    "bad-address": ("InvalidParameterValue", "Missing final '@domain'", 400),
+    "illegal-address": ("InvalidParameterValue", "Illegal address", 400),
+    "unknown-4xx-code": ("SomethingNew", "a code relay does not know", 400),
+}
+ACCOUNT = {  # upstream at once and open the circuit
+    "daily-quota": ("Throttling", "Daily message quota exceeded.", 400),
+    "daily-v2": ("ThrottlingException", "daily message quota exceeded", 429),
+    "paused": ("AccountSendingPausedException", "Account sending paused.", 400),
+    "no-config-set": ("ConfigurationSetDoesNotExist", "Configuration set <x> does not exist.", 400),
+    "config-set-paused": ("ConfigurationSetSendingPausedException", "paused", 400),
+    "mail-from": ("MailFromDomainNotVerifiedException", "MAIL FROM domain not verified", 400),
+    "denied": ("AccessDenied", "not authorized to perform ses:SendRawEmail", 403),
+    "denied-v2": ("AccessDeniedException", "not authorized", 403),
+    "bad-key": ("InvalidClientTokenId", "The security token is invalid.", 403),
+    "bad-secret": ("SignatureDoesNotMatch", "signature mismatch", 403),
+    "expired": ("ExpiredToken", "The security token included in the request is expired", 400),
+    "unrecognized": ("UnrecognizedClientException", "invalid token", 400),
+    "clock-skew": ("RequestExpired", "Request has expired.", 400),
+    "no-signature": ("MissingAuthenticationToken", "missing", 403),
+}
+CLIENT_ERRORS = [
+    pytest.param(*row, expected, id=name)
+    for expected, rows in (
+        (Throttled, THROTTLED),
+        (TemporaryFailure, TEMPORARY),
+        (PermanentFailure, PERMANENT),
+        (AccountFailure, ACCOUNT),
+    )
+    for name, row in rows.items()
+]
+
+
+@pytest.mark.parametrize(("code", "message", "status", "expected"), CLIENT_ERRORS)
+def test_client_error_codes(
+    code: str, message: str, status: int, expected: type[DeliveryError]
+) -> None:
+    """Each SES error code and message maps to exactly one class; the reply keeps code: message."""
+    error = failure(client_error(code, message, status), "message Q1")
+    reply = f"{code}: {message}" if message else code
+    assert (expected, reply) == (type(error), error.reply)
+
+
+TRANSPORT_ERRORS = [
+    pytest.param(EndpointConnectionError(endpoint_url=ENDPOINT), TemporaryFailure, id="no-conn"),
+    pytest.param(ConnectTimeoutError(endpoint_url=ENDPOINT), TemporaryFailure, id="conn-timeout"),
+    pytest.param(ReadTimeoutError(endpoint_url=ENDPOINT), TemporaryFailure, id="read-timeout"),
+    pytest.param(ConnectionClosedError(endpoint_url=ENDPOINT), TemporaryFailure, id="closed"),
+    pytest.param(ResponseParserError("not XML"), TemporaryFailure, id="garbled-response"),
+    pytest.param(TimeoutError(), TemporaryFailure, id="deadline"),
+    pytest.param(ConnectionRefusedError(111, "refused"), TemporaryFailure, id="refused"),
+    pytest.param(aiohttp.ServerDisconnectedError(), TemporaryFailure, id="aiohttp-disconnect"),
+    pytest.param(NoCredentialsError(), AccountFailure, id="no-credentials"),
+    pytest.param(
+        PartialCredentialsError(provider="env", cred_var="AWS_SECRET_ACCESS_KEY"),
+        AccountFailure,
+        id="partial-credentials",
+    ),
+    pytest.param(
+        CredentialRetrievalError(provider="imds", error_msg="timed out"),
+        AccountFailure,
+        id="credential-lookup",
+    ),
+    pytest.param(ParamValidationError(report="bad Source"), PermanentFailure, id="bad-params"),
+    pytest.param(RuntimeError("surprise"), TemporaryFailure, id="anything-else"),
+]
+
+
+@pytest.mark.parametrize(("exc", "expected"), TRANSPORT_ERRORS)
+def test_transport_errors(exc: BaseException, expected: type[DeliveryError]) -> None:
+    """Timeouts and connection errors are temporary, missing credentials account-wide,
+    requests botocore refuses to build permanent; the reply starts with the error's name."""
+    error = failure(exc, "message Q1")
+    assert (expected, type(exc).__name__) == (type(error), error.reply.split(":")[0])
+
+
+class FakeBotoClient:
+    """Stands in for the aiobotocore SES client: records calls, answers or raises."""
+
+    def __init__(self, answer: dict[str, Any] | BaseException) -> None:
+        self.answer = answer
+        self.calls: list[dict[str, Any]] = []
+
+    async def send_raw_email(self, **params: Any) -> dict[str, Any]:
+        self.calls.append(params)
+        if isinstance(self.answer, BaseException):
+            raise self.answer
+        return self.answer
+
+
+def ses_client(
+    answer: dict[str, Any] | BaseException, **settings: Any
+) -> tuple[SesClient, FakeBotoClient]:
+    """An SesClient around a FakeBotoClient (no session, no network), and the fake."""
+    fake = FakeBotoClient(answer)
+    return SesClient(fake, AsyncExitStack(), Ses(**settings)), fake
+
+
+def mail(**fields: Any) -> Mail:
+    values: dict[str, Any] = {
+        "id": "Q1",
+        "sender": "noreply@moodle.example.org",
+        "recipients": ("student@example.org",),
+        "raw": b"Subject: hi\r\n\r\nbody\r\n",
+        "trace": b"Received: from moodle\r\n",
+    }
+    values.update(fields)
+    return Mail(**values)
+
+
+REFUSALS = [
+    pytest.param({"sender": ""}, "null sender <> (SES needs a Source address)", id="null-sender"),
+    pytest.param({"recipients": ()}, "no recipients", id="no-recipients"),
+    pytest.param(
+        {"recipients": tuple(f"r{i}@example.org" for i in range(MAX_DESTINATIONS + 1))},
+        f"{MAX_DESTINATIONS + 1} recipients, SES takes at most {MAX_DESTINATIONS} per call",
+        id="too-many-recipients",
+    ),
+    pytest.param(
+        {"raw": b"x" * (MAX_MESSAGE_SIZE - len(b"Received: from moodle\r\n") + 1)},
+        f"{MAX_MESSAGE_SIZE + 1} bytes, over the SES limit of {MAX_MESSAGE_SIZE}",
+        id="over-size-limit",
+    ),
+]
+
+
+@pytest.mark.parametrize(("fields", "reply"), REFUSALS)
+async def test_send_refuses_before_calling(fields: dict[str, Any], reply: str) -> None:
+    """Mail SES cannot take as it is is a PermanentFailure without any call to SES."""
+    client, fake = ses_client({"MessageId": "never"})
+    with pytest.raises(PermanentFailure) as caught:
+        await client.send(mail(**fields))
+    assert (PermanentFailure, reply, []) == (
+        type(caught.value),
+        caught.value.reply,
+        fake.calls,
+    )
+
+
+SEND_CASES = [
+    pytest.param(
+        {},
+        {"recipients": ("a@x.org", "b@y.org")},
+        {},
+        {
+            "Source": "noreply@moodle.example.org",
+            "Destinations": ["a@x.org", "b@y.org"],
+            "RawMessage": {"Data": b"Received: from moodle\r\nSubject: hi\r\n\r\nbody\r\n"},
+        },
+        id="envelope-and-bytes-with-trace",
+    ),
+    pytest.param(
+        {"configuration_set": "site-default"},
+        {},
+        {"tags": [("rule", "reengagement cc"), ("course", "Maths/101")]},
+        {
+            "ConfigurationSetName": "site-default",
+            "Tags": [
+                {"Name": "rule", "Value": "reengagement_cc"},
+                {"Name": "course", "Value": "Maths_101"},
+            ],
+        },
+        id="settings-config-set-and-safe-tags",
+    ),
+    pytest.param(
+        {"configuration_set": "site-default"},
+        {},
+        {"configuration_set": "per-rule"},
+        {"ConfigurationSetName": "per-rule"},
+        id="rule-config-set-wins",
+    ),
+    pytest.param(
+        {},
+        {"recipients": tuple(f"r{i}@example.org" for i in range(MAX_DESTINATIONS))},
+        {},
+        {"Destinations": [f"r{i}@example.org" for i in range(MAX_DESTINATIONS)]},
+        id="exactly-fifty-recipients-one-call",
+    ),
+]
+
+
+@pytest.mark.parametrize(("settings", "fields", "kwargs", "expected"), SEND_CASES)
+async def test_send_parameters(
+    settings: dict[str, Any],
+    fields: dict[str, Any],
+    kwargs: dict[str, Any],
+    expected: dict[str, Any],
+) -> None:
+    """SendRawEmail gets the envelope, the bytes with our Received: line, the configuration
+    set (the rule's, else the settings') and tags reduced to what SES accepts."""
+    client, fake = ses_client({"MessageId": "ses-1"}, **settings)
+    message_id = await client.send(mail(**fields), **kwargs)
+    (call,) = fake.calls
+    assert ("ses-1", expected) == (message_id, {k: call[k] for k in expected})
+
+
+async def test_send_maps_and_chains_client_errors() -> None:
+    """A ClientError from SendRawEmail leaves as relay's error, with the botocore cause chained."""
+    cause = client_error("AccountSendingPausedException", "Account sending paused.", 400)
+    client, _ = ses_client(cause)
+    with pytest.raises(AccountFailure) as caught:
+        await client.send(mail())
+    assert (cause, "AccountSendingPausedException: Account sending paused.") == (
+        caught.value.__cause__,
+        caught.value.reply,
+    )
+
+
+async def test_send_without_message_id_is_temporary() -> None:
+    """SES answering 200 without a MessageId is a temporary failure, not a lost message."""
+    client, _ = ses_client({"ResponseMetadata": {"HTTPStatusCode": 200}})
+    with pytest.raises(TemporaryFailure) as caught:
+        await client.send(mail())
+    assert (TemporaryFailure, "SendRawEmail response without MessageId") == (
+        type(caught.value),
+        caught.value.reply,
+    )
