@@ -207,7 +207,7 @@ def _read(root: yamlfile.Node, path: Path) -> Settings | None:
     auth = _auth(top["auth"], rel) if "auth" in top and not top["auth"].is_null() else None
     tls = _tls(top["tls"], rel) if "tls" in top and not top["tls"].is_null() else None
     networks = _networks(top["allow_networks"]) if "allow_networks" in top else ()
-    upstream = _upstream(top["upstream"], rel)
+    upstream = _upstream(top["upstream"], rel) if "upstream" in top else None  # required
     ses = _ses(top["ses"]) if "ses" in top else Ses()
     retry = _retry(top["retry"]) if "retry" in top else Retry()
     metrics: HostPort | None = DEFAULT_METRICS  # `metrics: null` turns it off
@@ -347,7 +347,7 @@ def _upstream(node: yamlfile.Node, rel: _Rel) -> Upstream | None:
         else _default(Upstream, "security").value
     )
     default_port = {"none": 25, "starttls": 587, "tls": 465}.get(security or "none", 25)
-    port = m["port"].as_int(minimum=1) if "port" in m else default_port
+    port = m["port"].as_int(minimum=1, maximum=65535) if "port" in m else default_port
     username = m["username"].as_str() if "username" in m else None
     password_env = m["password_env"].as_str() if "password_env" in m else None
     password_file = rel(m["password_file"]) if "password_file" in m else None

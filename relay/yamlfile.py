@@ -143,7 +143,9 @@ class Node:
             return None
         return value
 
-    def as_number(self, *, minimum: float | None = None, integer: bool = False) -> float | None:
+    def as_number(
+        self, *, minimum: float | None = None, maximum: float | None = None, integer: bool = False
+    ) -> float | None:
         ok, value = self._plain()
         if not ok:
             return None
@@ -154,13 +156,19 @@ class Node:
         if integer and not isinstance(value, int):
             self.problem(f"expected {wanted}, got {value!r}")
             return None
+        if value != value:  # NaN: every comparison below would let it through
+            self.problem(f"expected {wanted}, got {value!r}")
+            return None
         if minimum is not None and value < minimum:
             self.problem(f"must be at least {minimum:g}, got {value!r}")
             return None
+        if maximum is not None and value > maximum:
+            self.problem(f"must be at most {maximum:g}, got {value!r}")
+            return None
         return value
 
-    def as_int(self, *, minimum: int | None = None) -> int | None:
-        value = self.as_number(minimum=minimum, integer=True)
+    def as_int(self, *, minimum: int | None = None, maximum: int | None = None) -> int | None:
+        value = self.as_number(minimum=minimum, maximum=maximum, integer=True)
         return None if value is None else int(value)
 
     def as_choice(self, choices: Collection[str]) -> str | None:

@@ -297,13 +297,6 @@ AGES = [
         3600,
         retry(SES_BACKOFF_MAX),
         id="attempts-past-1023",
-        marks=pytest.mark.xfail(
-            strict=True,
-            raises=OverflowError,
-            reason="bug: the backoff computes 2.0**attempts before capping it; from 1024 "
-            "attempts (reachable by throttle retries every second when fallback_after is "
-            "over ~17 minutes) that raises OverflowError instead of a Retry",
-        ),
     ),
     pytest.param(TEMPORARY, 299.9, 1, 300, retry(2.0), id="just-younger"),
     pytest.param(TEMPORARY, 300, 1, 300, too_old(300), id="at-fallback-after"),
@@ -550,11 +543,6 @@ async def test_probe_cancelled_in_the_ses_call_lets_the_next_mail_probe() -> Non
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: SesRoute.attempt awaits pace.acquire() before its try, so a probe cancelled "
-    "(or failing) while paced is never aborted and the circuit stays PROBING for good",
-)
 async def test_probe_cancelled_while_paced_lets_the_next_mail_probe() -> None:
     """A probe that ends while waiting for its pacing grant (cancelled) lets the next mail
     probe, as Circuit.probe_aborted() documents ("e.g. pacing")."""

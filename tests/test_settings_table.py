@@ -189,13 +189,6 @@ INVALID = [
         "listen: 127.0.0.1:2525\n",
         ["FILE:1: missing required key 'upstream'"],
         id="no-upstream",
-        marks=pytest.mark.xfail(
-            strict=True,
-            raises=KeyError,
-            reason="bug: settings._read reports the missing key, then reads top['upstream'] "
-            "anyway: a relay.yaml without 'upstream' crashes load() and check-config with "
-            "KeyError instead of naming file:line:key",
-        ),
     ),
     pytest.param(
         "upstream: {port: 25}\n", ["FILE:1: upstream: missing required key 'host'"], id="no-host"
@@ -433,22 +426,11 @@ OUT_OF_RANGE = [
         "upstream:\n  host: h\n  port: 70000\n",
         [(3, "upstream.port")],
         id="upstream-port-over-65535",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="bug: upstream.port has a minimum but no maximum; 70000 passes check-config, "
-            "then aiosmtplib raises OverflowError (not OSError) on every connect, so each "
-            "upstream mail is deferred as an 'internal error' until max_age",
-        ),
     ),
     pytest.param(
         MINIMAL + "ses: {fallback_after: .nan}\n",
         [(3, "ses.fallback_after")],
         id="nan-fallback-after",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="bug: as_number(minimum=...) lets .nan through (nan < minimum is False); "
-            "fallback_after .nan means temporary SES faults never fall back upstream",
-        ),
     ),
     pytest.param(MINIMAL + "listen: 127.0.0.1:65536\n", [(3, "listen")], id="listen-port-65536"),
 ]

@@ -109,10 +109,11 @@ class SesRoute:
         tags = ((RULE_TAG, decision.rule or "default"), *decision.tags)
         config_set = decision.configuration_set or settings.ses.configuration_set
         probe = self.circuit.state is CircuitState.PROBING  # allow() just let this one through
-        if self.pace is not None:
-            await self.pace.acquire(len(mail.recipients))
-        started = time.monotonic()
+        started: float | None = None  # set when the call to SES starts (after pacing)
         try:
+            if self.pace is not None:  # inside the try: a probe cancelled here is aborted too
+                await self.pace.acquire(len(mail.recipients))
+            started = time.monotonic()
             message_id = await self.ses.send(mail, configuration_set=config_set, tags=tags)
         except AccountFailure as exc:
             if self.circuit.failed(str(exc)):
@@ -130,7 +131,8 @@ class SesRoute:
                 self.circuit.probe_aborted()
             raise
         finally:
-            metrics.SES_LATENCY.observe(time.monotonic() - started)
+            if started is not None:
+                metrics.SES_LATENCY.observe(time.monotonic() - started)
         self._reached()
         if self.pace is not None:
             self.pace.succeeded(len(mail.recipients))
@@ -152,7 +154,7 @@ class SesRoute:
                 reason="temporary",
                 detail=f"SES failing for {age:.0f}s (fallback_after): {exc.reply}",
             )
-        delay = THROTTLE_RETRY if throttled else min(2.0**mail.attempts, SES_BACKOFF_MAX)
+        delay = THROTTLE_RETRY if throttled else min(2.0 ** min(mail.attempts, 16), SES_BACKOFF_MAX)
         return Retry(delay=delay, reply=exc.reply)
 
     def _reached(self) -> None:
