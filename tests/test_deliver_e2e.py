@@ -25,11 +25,15 @@ from typing import Any
 import boto3
 import pytest
 
-from tests.capture import CaptureServer, asend, await_rows, capture, send, wait_rows  # noqa: F401
-from tests.conftest import ConfigWriter, RelayProcess, Running, relay_cli
-from tests.fakeses import FakeSes
-from tests.rulesupport import expectations
-from tests.sesfixtures import REGION, aws_env, fake_ses  # noqa: F401
+from tests.support.aws import REGION
+from tests.support.capture import CaptureServer
+from tests.support.corpus import expectations
+from tests.support.fakeses import FakeSes
+from tests.support.mails import NOREPLY, ORIGIN
+from tests.support.processes import RelayProcess, relay_cli
+from tests.support.relays import ConfigWriter, Running
+from tests.support.smtp import asend, send
+from tests.support.spools import await_rows, wait_rows
 
 pytestmark = pytest.mark.usefixtures("aws_env")
 
@@ -37,8 +41,6 @@ CLIENT = Path(__file__).parent / "clients" / "phpmailer_send.php"
 PHPMAILER = Path("/usr/share/php/libphp-phpmailer/autoload.php")
 CORPUS = expectations()
 RAW = {e.name: e.path.read_bytes() for e in CORPUS}
-NOREPLY = "noreply@moodle.example.org"
-ORIGIN = "https://moodle.example.org => web01:mod/reengagement/lib.php:564"
 MOTO = """
 import sys
 from moto.server import ThreadedMotoServer
@@ -127,7 +129,7 @@ def header_addresses(raw: bytes) -> list[str]:
 def test_moodle_mails_reach_ses_and_original_host_intact(
     write_config: ConfigWriter,
     relay_process: Callable[[Path], RelayProcess],
-    capture: CaptureServer,  # noqa: F811
+    capture: CaptureServer,
     moto_process: str,
 ) -> None:
     """`relay serve` with the shipped rules: the 42 corpus mails (smtplib, Moodle envelopes)
@@ -263,8 +265,8 @@ MODES = {
 @pytest.mark.parametrize(("top", "ses", "reason"), MODES.values(), ids=MODES.keys())
 async def test_shadow_and_kill_switch_send_everything_upstream(
     start_relay: Callable[..., Awaitable[Running]],
-    capture: CaptureServer,  # noqa: F811
-    fake_ses: FakeSes,  # noqa: F811
+    capture: CaptureServer,
+    fake_ses: FakeSes,
     top: dict[str, Any],
     ses: dict[str, Any],
     reason: str,

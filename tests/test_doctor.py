@@ -17,13 +17,14 @@ import pytest
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 from relay import spool as spool_mod
-from tests.capture import CaptureServer
-from tests.conftest import ConfigWriter, TlsFiles, relay_cli
-from tests.fakedns import FakeDns
-from tests.fakeses import FakeSes
-from tests.sesfixtures import REGION, aws_env, moto_server
-
-__all__ = ["aws_env", "moto_server"]  # fixtures, used by name
+from tests.support.aws import REGION
+from tests.support.capture import CaptureServer
+from tests.support.fakedns import FakeDns
+from tests.support.fakeses import FakeSes
+from tests.support.ports import free_port
+from tests.support.processes import relay_cli
+from tests.support.relays import ConfigWriter
+from tests.support.tls import TlsFiles
 
 DOMAIN = "doctor.example.org"  # verified in moto here (other tests use VERIFIED_DOMAIN)
 SENDER = f"noreply@{DOMAIN}"
@@ -168,13 +169,6 @@ def run_doctor(config: Path, *args: str, **env: str) -> tuple[int, list[str], fl
     return done.returncode, done.stdout.splitlines(), time.monotonic() - started
 
 
-def closed_port() -> int:
-    """A loopback port nothing listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_doctor_all_good(
     ses_ready: dict[str, Any], auth_host: AuthHost, write_config: ConfigWriter, tmp_path: Path
 ) -> None:
@@ -223,7 +217,7 @@ def test_doctor_names_each_problem(
 ) -> None:
     """Upstream port closed, a sender not verified in SES, a configuration set SES lacks, no
     DMARC record, a wrong DKIM CNAME: exit 1 and one FAIL line naming each, the rest ok."""
-    port = closed_port()
+    port = free_port()
     config = doctor_config(
         write_config,
         tmp_path,
@@ -283,7 +277,7 @@ def test_doctor_paused_account_and_dns_timeout(
         ) as fake,
         silent,
     ):
-        config = doctor_config(write_config, tmp_path, fake.url, closed_port())
+        config = doctor_config(write_config, tmp_path, fake.url, free_port())
         address = f"127.0.0.1:{silent.getsockname()[1]}"
         code, lines, took = run_doctor(config, "--nameserver", address, "--sender", DOMAIN)
     print("\n".join(lines), f"\n({took:.1f} s)")

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ConfigWriter, TlsFiles
+from tests.support.relays import ConfigWriter
+from tests.support.tls import TlsFiles
 
 ROOT = Path(__file__).parent.parent
 UNIT = ROOT / "systemd" / "relay.service"

@@ -16,7 +16,6 @@ import statistics
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,11 +25,12 @@ from relay import settings as settings_mod
 from relay.receive.passwords import hash_password
 from relay.settings import HostPort
 from relay.spool import DB_NAME
-from tests.conftest import ConfigWriter, RelayProcess, TlsFiles, relay_cli
+from tests.support.processes import Process, relay_cli
+from tests.support.relays import ConfigWriter
+from tests.support.tls import TlsFiles
 
 CLIENT = Path(__file__).parent / "clients" / "phpmailer_send.php"
 PHPMAILER = Path("/usr/share/php/libphp-phpmailer/autoload.php")
-Process = Callable[[Path], RelayProcess]
 
 
 def spooled(spool: Path) -> dict[str, tuple[str, bytes | None, int, str]]:

@@ -18,8 +18,8 @@ from relay.deliver import upstream
 from relay.deliver.upstream import UpstreamClient, UpstreamResult
 from relay.errors import HostUnreachable, PermanentFailure, TemporaryFailure
 from relay.settings import Security, Upstream
-from tests.conftest import TlsFiles
-from tests.sesfixtures import make_mail
+from tests.support.mails import make_mail
+from tests.support.tls import TlsFiles
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The deliver tests' "original host": an aiosmtpd capture server on 127.0.0.1, port 0.
+"""The tests' "original host": an aiosmtpd capture server on 127.0.0.1, port 0.
 
 `CaptureServer` runs on its own thread and event loop, so sync tests, async tests
 and a `relay serve` subprocess can all deliver to it while the test blocks. It
@@ -14,11 +14,9 @@ original host down for a while):
 
 Standalone, for a process that needs one (prints the port, then one JSON line per message):
 
-    python -m tests.capture --port 0
+    python -m tests.support.capture --port 0
 
-Also here, shared by the deliver tests: the `capture` fixture, sending a mail over
-SMTP and getting its queue id (`send`, `asend`), and reading spool rows (`rows`,
-`wait_rows`, `await_rows`) as `relay queue` does, from outside the service.
+The `capture` fixture (a pytest plugin of tests/conftest.py) gives a running one per test.
 """
 
 from __future__ import annotations
@@ -29,22 +27,16 @@ import base64
 import json
 import re
 import signal
-import smtplib
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
-from contextlib import closing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
-from pathlib import Path
 from typing import Any, Self
 
-import aiosmtplib
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
-
-from relay.spool import open_existing
 
 HOSTNAME = "capture"
 ACCEPTED = "250 2.0.0 Ok: captured"
@@ -239,106 +231,6 @@ def capture() -> Iterator[CaptureServer]:
     """A running capture server for one test (the relay's `upstream`)."""
     with CaptureServer() as server:
         yield server
-
-
-# Sending into the relay and reading its spool
-
-DONE = frozenset({"sent", "failed"})
-_QUEUED_AS = re.compile(r"queued as (\w+)")
-
-
-def queue_id_of(reply: str) -> str:
-    """The queue id from relay's "250 2.0.0 Ok: queued as ID"."""
-    found = _QUEUED_AS.search(reply)
-    assert found, f"not a queued reply: {reply!r}"
-    return found.group(1)
-
-
-def send(port: int, sender: str, recipients: Sequence[str], raw: bytes) -> str:
-    """One SMTP transaction with smtplib (blocking); returns the queue id of the 250."""
-    with smtplib.SMTP("127.0.0.1", port, local_hostname="moodle.test", timeout=10) as client:
-        client.ehlo()
-        code, reply = client.mail(sender)
-        assert 250 == code, reply
-        for rcpt in recipients:
-            code, reply = client.rcpt(rcpt)
-            assert 250 == code, reply
-        code, reply = client.data(raw)
-    assert 250 == code, reply
-    return queue_id_of(reply.decode())
-
-
-async def asend(port: int, sender: str, recipients: Sequence[str], raw: bytes) -> str:
-    """One SMTP transaction with aiosmtplib (for tests whose loop runs the relay)."""
-    _, reply = await aiosmtplib.send(
-        raw,
-        sender=sender,
-        recipients=list(recipients),
-        hostname="127.0.0.1",
-        port=port,
-        local_hostname="moodle.test",
-        timeout=10,
-    )
-    return queue_id_of(reply)
-
-
-def rows(spool: Path) -> dict[str, dict[str, Any]]:
-    """Every spool row by queue id (body left out), with its events as (event, detail)."""
-    with closing(open_existing(spool)) as conn:
-        found = {r["id"]: {**r, "events": []} for r in conn.execute("SELECT * FROM messages")}
-        for queue_id, event, detail in conn.execute(
-            "SELECT queue_id, event, detail FROM events ORDER BY at, rowid"
-        ):
-            if queue_id in found:
-                found[queue_id]["events"].append((event, detail))
-    for row in found.values():
-        row["recipients"] = tuple(json.loads(row["recipients"]))
-        row["trace"] = bytes(row["trace"])
-    return found
-
-
-def _settled(
-    spool: Path, ids: Iterable[str], states: Collection[str]
-) -> dict[str, dict[str, Any]] | None:
-    found = rows(spool)
-    chosen = {queue_id: found.get(queue_id) for queue_id in ids}
-    if all(row is not None and row["state"] in states for row in chosen.values()):
-        return {k: v for k, v in chosen.items() if v is not None}
-    return None
-
-
-def _timeout(spool: Path, ids: Iterable[str], states: Collection[str]) -> AssertionError:
-    found = rows(spool)
-    late = {q: (found[q]["state"], found[q]["reply"]) if q in found else None for q in ids}
-    return AssertionError(f"rows not {sorted(states)} in time: {late}")
-
-
-def wait_rows(
-    spool: Path, ids: Iterable[str], states: Collection[str] = DONE, *, timeout: float = 20.0
-) -> dict[str, dict[str, Any]]:
-    """The rows of `ids` once all are in one of `states`; AssertionError at the deadline."""
-    ids = list(ids)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done = _settled(spool, ids, states)
-        if done is not None:
-            return done
-        time.sleep(0.05)
-    raise _timeout(spool, ids, states)
-
-
-async def await_rows(
-    spool: Path, ids: Iterable[str], states: Collection[str] = DONE, *, within: float = 20.0
-) -> dict[str, dict[str, Any]]:
-    """`wait_rows` for a test whose event loop runs the relay (`within` seconds)."""
-    ids = list(ids)
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        done = _settled(spool, ids, states)
-        if done is not None:
-            return done
-        await asyncio.sleep(0.05)
-    raise _timeout(spool, ids, states)
 
 
 def main() -> None:
