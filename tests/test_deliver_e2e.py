@@ -30,6 +30,7 @@ from tests.support.capture import CaptureServer
 from tests.support.corpus import expectations
 from tests.support.fakeses import FakeSes
 from tests.support.mails import NOREPLY, ORIGIN
+from tests.support.phpmailer import CLIENT, PHPMAILER, phpmailer_wire
 from tests.support.processes import RelayProcess, relay_cli
 from tests.support.relays import ConfigWriter, Running
 from tests.support.smtp import asend, send
@@ -37,8 +38,6 @@ from tests.support.spools import await_rows, wait_rows
 
 pytestmark = pytest.mark.usefixtures("aws_env")
 
-CLIENT = Path(__file__).parent / "clients" / "phpmailer_send.php"
-PHPMAILER = Path("/usr/share/php/libphp-phpmailer/autoload.php")
 CORPUS = expectations()
 RAW = {e.name: e.path.read_bytes() for e in CORPUS}
 MOTO = """
@@ -82,13 +81,6 @@ def moto_messages(url: str) -> list[dict[str, Any]]:
         data = json.load(response)
     messages: list[dict[str, Any]] = data["ses"]["RawMessage"]
     return messages
-
-
-def phpmailer_wire(mime: bytes) -> bytes:
-    """What PHPMailer puts between DATA and the final dot (unstuffed): every line of the
-    message, line ends normalised to CRLF, the last one included."""
-    lines = mime.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-    return b"".join(line + b"\r\n" for line in lines)
 
 
 def phpmailer_batch() -> list[dict[str, Any]]:

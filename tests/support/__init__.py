@@ -8,7 +8,8 @@ Peers (real wire, port 0, each on its own thread):
 - `fakeses`: a fake of the SES Query API for the faults and rates moto cannot produce;
   also `python -m tests.support.fakeses` (the bench runs it);
 - `fakedns`: a tiny authoritative DNS server;
-- `aws`: dummy AWS credentials, a moto server, one aiobotocore session.
+- `aws`: dummy AWS credentials, a moto server, one aiobotocore session;
+- `phpmailer`: Moodle's own client (PHPMailer under php-cli) and what it puts on the wire.
 
 relay itself:
 
