@@ -118,6 +118,7 @@ def header_addresses(raw: bytes) -> list[str]:
     return [formataddr(pair) for pair in getaddresses(values) if pair[1]]
 
 
+@pytest.mark.system
 def test_moodle_mails_reach_ses_and_original_host_intact(
     write_config: ConfigWriter,
     relay_process: Callable[[Path], RelayProcess],

@@ -26,7 +26,8 @@ from tests.support.relays import ConfigWriter
 from tests.support.smtp import send
 from tests.support.spools import DONE, rows, wait_rows
 
-pytestmark = pytest.mark.usefixtures("aws_env")
+# system: SIGKILLs `relay serve` mid-delivery and starts it again.
+pytestmark = [pytest.mark.system, pytest.mark.usefixtures("aws_env")]
 
 DELIVERERS = 4
 MAILS = 100

@@ -39,6 +39,7 @@ sys.exit(main())
 ]
 
 
+@pytest.mark.system
 def test_systemd_unit_verifies_clean(tmp_path: Path) -> None:
     """`systemd-analyze verify` on the unit (ExecStart pointed at this venv's relay, as the
     README's /opt/relay venv would be): exit 0 and not one warning about the unit."""

@@ -66,6 +66,7 @@ def moodle_mails(count: int) -> list[dict[str, object]]:
     return mails
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("keepalive", [False, True], ids=["connection-per-mail", "smtpmaxbulk"])
 def test_phpmailer_200_mails_are_spooled_byte_identical(
     write_config: ConfigWriter, relay_process: Process, tmp_path: Path, keepalive: bool
@@ -148,6 +149,7 @@ class Sender(threading.Thread):
                 self.acked[reply.decode().rsplit(" ", 1)[-1]] = body
 
 
+@pytest.mark.system
 def test_sigkill_while_clients_send_loses_nothing_acked(
     write_config: ConfigWriter, relay_process: Process
 ) -> None:

@@ -138,6 +138,7 @@ def test_new_mail_wakes_the_delivery_process_at_once(
     assert 0 == relay.stop()
 
 
+@pytest.mark.system
 def test_parent_sigkill_makes_the_delivery_process_exit(
     write_config: ConfigWriter, relay_process: Process, capture: CaptureServer
 ) -> None:
@@ -159,6 +160,7 @@ def test_parent_sigkill_makes_the_delivery_process_exit(
     assert 0 == again.stop()
 
 
+@pytest.mark.system
 def test_child_sigkill_is_logged_and_a_new_child_delivers(
     write_config: ConfigWriter, relay_process: Process, capture: CaptureServer
 ) -> None:
@@ -318,6 +320,7 @@ def test_delivery_waits_for_the_lock_before_reclaiming(
     assert 0 == relay.stop()
 
 
+@pytest.mark.system
 async def test_a_hung_delivery_process_is_killed_and_replaced(
     start_relay: Callable[..., Any],
     capture: CaptureServer,

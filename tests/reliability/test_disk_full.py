@@ -42,7 +42,8 @@ from tests.support.relays import ConfigWriter, Running
 from tests.support.spools import DONE, await_rows, wait_rows
 from tests.support.waits import await_until, wait_until
 
-pytestmark = pytest.mark.usefixtures("aws_env")
+# system: mounts a tmpfs (needs root) and runs `relay serve` as a process.
+pytestmark = [pytest.mark.system, pytest.mark.usefixtures("aws_env")]
 
 CLIENTS = 3
 PAD = 16384  # bytes of filler per mail: the disk fills in a few dozen mails

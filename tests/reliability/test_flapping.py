@@ -25,7 +25,8 @@ from tests.support.processes import RelayProcess, relay_cli
 from tests.support.relays import ConfigWriter
 from tests.support.spools import DONE, wait_rows
 
-pytestmark = pytest.mark.usefixtures("aws_env")
+# system: a reliability scenario, `relay serve` as a process while its peers flap.
+pytestmark = [pytest.mark.system, pytest.mark.usefixtures("aws_env")]
 
 DELIVERERS = 4
 PHASE = 1.5  # seconds per phase

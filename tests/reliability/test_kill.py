@@ -26,7 +26,8 @@ from tests.support.processes import RelayProcess
 from tests.support.relays import ConfigWriter
 from tests.support.spools import DONE, rows, wait_rows
 
-pytestmark = pytest.mark.usefixtures("aws_env")
+# system: SIGKILLs and restarts `relay serve` ten times.
+pytestmark = [pytest.mark.system, pytest.mark.usefixtures("aws_env")]
 
 KILLS = 10
 DELIVERERS = 4

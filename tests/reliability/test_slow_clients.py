@@ -28,7 +28,8 @@ from tests.support.relays import ConfigWriter
 from tests.support.smtp import try_send
 from tests.support.spools import DONE, wait_rows
 
-pytestmark = pytest.mark.usefixtures("aws_env")
+# system: a reliability scenario, `relay serve` as a process holding 200 idle clients.
+pytestmark = [pytest.mark.system, pytest.mark.usefixtures("aws_env")]
 
 IDLE = 200
 NORMAL = 10  # transactions of the normal client while the others hang around
