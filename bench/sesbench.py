@@ -31,7 +31,7 @@ STALL = 20.0  # seconds without progress before a scenario gives up
 
 def unavailable() -> str | None:
     """None when the SES scenarios can run, else why not."""
-    if not (REPO / "tests" / "fakeses.py").is_file():
+    if not (REPO / "tests" / "support" / "fakeses.py").is_file():
         return "tests/support/fakeses.py has not landed"
     missing = relayproc.available()
     if missing:
