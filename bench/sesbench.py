@@ -1,6 +1,6 @@
-"""SES route against the fake SES (tests/fakeses.py): pacing and a shared quota.
+"""SES route against the fake SES (tests/support/fakeses.py): pacing and a shared quota.
 
-Every scenario starts its own fake (`python -m tests.fakeses`), one smtp-sink as
+Every scenario starts its own fake (`python -m tests.support.fakeses`), one smtp-sink as
 the original host (mail that falls back lands there) and one or more
 `relay serve` whose rules send everything to SES. The fake's
 `/fake-ses/stats` is polled while the queue drains, so rates come from the
@@ -31,8 +31,8 @@ STALL = 20.0  # seconds without progress before a scenario gives up
 
 def unavailable() -> str | None:
     """None when the SES scenarios can run, else why not."""
-    if not (REPO / "tests" / "fakeses.py").is_file():
-        return "tests/fakeses.py has not landed"
+    if not (REPO / "tests" / "support" / "fakeses.py").is_file():
+        return "tests/support/fakeses.py has not landed"
     missing = relayproc.available()
     if missing:
         return missing
@@ -43,7 +43,7 @@ def unavailable() -> str | None:
 
 
 class FakeSes:
-    """`python -m tests.fakeses` on a loopback port the bench picked."""
+    """`python -m tests.support.fakeses` on a loopback port the bench picked."""
 
     def __init__(self, workdir: Path, name: str, *, rate_limit: float, latency: float) -> None:
         self.port = tools.free_port()
@@ -51,7 +51,7 @@ class FakeSes:
         argv = [
             sys.executable,
             "-m",
-            "tests.fakeses",
+            "tests.support.fakeses",
             "--host",
             tools.HOST,
             "--port",

@@ -17,6 +17,9 @@ from typing import Any
 
 import pytest
 
+# system: runs the bench, which needs Postfix and PHPMailer.
+pytestmark = pytest.mark.system
+
 REPO = Path(__file__).resolve().parent.parent
 TOOLS = ("postfix", "postconf", "smtp-sink", "smtp-source", "php")
 FALLBACK_DIRS = ("/usr/sbin", "/usr/lib/postfix/sbin")

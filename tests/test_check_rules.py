@@ -10,7 +10,7 @@ from click.testing import CliRunner, Result
 
 from relay import rules
 from relay.cli import main
-from tests.rulesupport import CORPUS
+from tests.support.corpus import CORPUS
 
 CC = CORPUS / "reengagement" / "cc-564.eml"
 STUDENT = CORPUS / "reengagement" / "student-html-564.eml"

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from relay import rules
 from relay.cli import main
-from tests.rulesupport import CORPUS, Expected, expectations, shipped_with_marker_rules
+from tests.support.corpus import CORPUS, Expected, expectations, shipped_with_marker_rules
 
 EXPECTED = expectations()
 IDS = [e.name for e in EXPECTED]

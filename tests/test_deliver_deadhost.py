@@ -8,12 +8,11 @@ against a dead host does not turn into a storm of connection attempts.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 
-from tests.capture import asend, await_rows
-from tests.conftest import Running
+from tests.support.relays import Start
+from tests.support.smtp import asend
+from tests.support.spools import await_rows
 
-Start = Callable[..., Awaitable[Running]]
 RAW = b"Subject: backlog\r\nMessage-ID: <{n}@moodle.test>\r\n\r\nbody\r\n"
 
 

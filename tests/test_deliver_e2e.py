@@ -25,20 +25,21 @@ from typing import Any
 import boto3
 import pytest
 
-from tests.capture import CaptureServer, asend, await_rows, capture, send, wait_rows  # noqa: F401
-from tests.conftest import ConfigWriter, RelayProcess, Running, relay_cli
-from tests.fakeses import FakeSes
-from tests.rulesupport import expectations
-from tests.sesfixtures import REGION, aws_env, fake_ses  # noqa: F401
+from tests.support.aws import REGION
+from tests.support.capture import CaptureServer
+from tests.support.corpus import expectations
+from tests.support.fakeses import FakeSes
+from tests.support.mails import NOREPLY, ORIGIN
+from tests.support.phpmailer import CLIENT, PHPMAILER, phpmailer_wire
+from tests.support.processes import RelayProcess, relay_cli
+from tests.support.relays import ConfigWriter, Running
+from tests.support.smtp import asend, send
+from tests.support.spools import await_rows, wait_rows
 
 pytestmark = pytest.mark.usefixtures("aws_env")
 
-CLIENT = Path(__file__).parent / "clients" / "phpmailer_send.php"
-PHPMAILER = Path("/usr/share/php/libphp-phpmailer/autoload.php")
 CORPUS = expectations()
 RAW = {e.name: e.path.read_bytes() for e in CORPUS}
-NOREPLY = "noreply@moodle.example.org"
-ORIGIN = "https://moodle.example.org => web01:mod/reengagement/lib.php:564"
 MOTO = """
 import sys
 from moto.server import ThreadedMotoServer
@@ -82,13 +83,6 @@ def moto_messages(url: str) -> list[dict[str, Any]]:
     return messages
 
 
-def phpmailer_wire(mime: bytes) -> bytes:
-    """What PHPMailer puts between DATA and the final dot (unstuffed): every line of the
-    message, line ends normalised to CRLF, the last one included."""
-    lines = mime.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-    return b"".join(line + b"\r\n" for line in lines)
-
-
 def phpmailer_batch() -> list[dict[str, Any]]:
     """Mails as Moodle builds them: re-engagement student (text, HTML) and CC copies, and
     mails without the re-engagement header; with the rule each one must get."""
@@ -124,10 +118,11 @@ def header_addresses(raw: bytes) -> list[str]:
     return [formataddr(pair) for pair in getaddresses(values) if pair[1]]
 
 
+@pytest.mark.system
 def test_moodle_mails_reach_ses_and_original_host_intact(
     write_config: ConfigWriter,
     relay_process: Callable[[Path], RelayProcess],
-    capture: CaptureServer,  # noqa: F811
+    capture: CaptureServer,
     moto_process: str,
 ) -> None:
     """`relay serve` with the shipped rules: the 42 corpus mails (smtplib, Moodle envelopes)
@@ -263,8 +258,8 @@ MODES = {
 @pytest.mark.parametrize(("top", "ses", "reason"), MODES.values(), ids=MODES.keys())
 async def test_shadow_and_kill_switch_send_everything_upstream(
     start_relay: Callable[..., Awaitable[Running]],
-    capture: CaptureServer,  # noqa: F811
-    fake_ses: FakeSes,  # noqa: F811
+    capture: CaptureServer,
+    fake_ses: FakeSes,
     top: dict[str, Any],
     ses: dict[str, Any],
     reason: str,

@@ -3,7 +3,7 @@ opens once and probes after its cooldown, and the original host's own faults def
 dead-letter, expire and are retried (DESIGN 3.4).
 
 The service runs in the test's event loop (`start_relay(deliver=True)`), SES is the
-fake SES of tests/fakeses.py (moto cannot fail on demand), the original host is a
+fake SES of tests/support/fakeses.py (moto cannot fail on demand), the original host is a
 capture server. Mails are corpus mails with their Moodle envelopes.
 """
 
@@ -11,31 +11,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 from relay.metrics import REGISTRY
-from tests.capture import (  # noqa: F401
-    Captured,
-    CaptureServer,
-    asend,
-    await_rows,
-    capture,
-    rows,
-)
-from tests.conftest import Running, relay_cli
-from tests.fakeses import DAILY_EXCEEDED, HTTP_500, FakeSes, Fault
-from tests.rulesupport import Expected, expectations
-from tests.sesfixtures import REGION, aws_env, fake_ses  # noqa: F401
+from tests.support.aws import REGION
+from tests.support.capture import Captured, CaptureServer
+from tests.support.corpus import Expected, expectations
+from tests.support.fakeses import DAILY_EXCEEDED, HTTP_500, FakeSes, Fault
+from tests.support.ports import free_port
+from tests.support.processes import relay_cli
+from tests.support.relays import Start
+from tests.support.smtp import asend
+from tests.support.spools import await_rows, rows
 
 pytestmark = pytest.mark.usefixtures("aws_env")
 
-Start = Callable[..., Awaitable[Running]]
 CORPUS = {e.name: e for e in expectations()}
 RAW = {name: e.path.read_bytes() for name, e in CORPUS.items()}
 # Three re-engagement mails (SES route) and one look-alike that always goes upstream.
@@ -65,13 +59,6 @@ def config(host: CaptureServer, ses_url: str, **ses: Any) -> dict[str, Any]:
         },
         "retry": {"schedule": [1], "max_age": 60},
     }
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def send_corpus(port: int, *names: str) -> dict[str, Expected]:
@@ -149,8 +136,8 @@ FAULTS = {
 @pytest.mark.parametrize("case", FAULTS.values(), ids=FAULTS.keys())
 async def test_ses_fault_sends_mail_to_original_host(
     start_relay: Start,
-    capture: CaptureServer,  # noqa: F811
-    fake_ses: FakeSes,  # noqa: F811
+    capture: CaptureServer,
+    fake_ses: FakeSes,
     caplog: pytest.LogCaptureFixture,
     case: SesFault,
 ) -> None:
@@ -160,7 +147,7 @@ async def test_ses_fault_sends_mail_to_original_host(
     count of the alert metric), however many mails fail; the reason is on the row."""
     caplog.set_level(logging.INFO, logger="relay")
     fake_ses.error, fake_ses.latency = case.fault, 0.2  # sends overlap: several fail at once
-    url = fake_ses.url if case.fault else f"http://127.0.0.1:{closed_port()}"
+    url = fake_ses.url if case.fault else f"http://127.0.0.1:{free_port()}"
     before = openings()
     relay = await start_relay(deliver=True, **config(capture, url))
     sent = await send_corpus(relay.port, *SES_MAILS, CONTROL)
@@ -198,8 +185,8 @@ async def test_ses_fault_sends_mail_to_original_host(
 
 async def test_circuit_probes_once_after_cooldown_then_ses_again(
     start_relay: Start,
-    capture: CaptureServer,  # noqa: F811
-    fake_ses: FakeSes,  # noqa: F811
+    capture: CaptureServer,
+    fake_ses: FakeSes,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Sending paused: the first mail opens the circuit; during the cooldown SES sees no
@@ -271,7 +258,7 @@ class SlowFirstSes(FakeSes):
 
 async def test_success_in_flight_when_circuit_opened_does_not_close_it(
     start_relay: Start,
-    capture: CaptureServer,  # noqa: F811
+    capture: CaptureServer,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A send that was already in flight when another one opened the circuit (the daily
@@ -314,8 +301,8 @@ async def test_success_in_flight_when_circuit_opened_does_not_close_it(
 
 async def test_original_host_down_defers_then_delivers(
     start_relay: Start,
-    capture: CaptureServer,  # noqa: F811
-    fake_ses: FakeSes,  # noqa: F811
+    capture: CaptureServer,
+    fake_ses: FakeSes,
 ) -> None:
     """Original host down: upstream mail is deferred with the connection error on the row;
     when the host is back (same port) it is delivered once, on the retry schedule."""
@@ -338,8 +325,8 @@ async def test_original_host_down_defers_then_delivers(
 
 async def test_5xx_dead_letter_then_queue_retry_delivers(
     start_relay: Start,
-    capture: CaptureServer,  # noqa: F811
-    fake_ses: FakeSes,  # noqa: F811
+    capture: CaptureServer,
+    fake_ses: FakeSes,
 ) -> None:
     """A 5xx at DATA makes a dead letter (failed, reply kept, body kept); `relay queue retry
     ID` queues it again and it is delivered once the host accepts."""
@@ -373,8 +360,8 @@ async def test_5xx_dead_letter_then_queue_retry_delivers(
 
 async def test_max_age_expiry_fails_the_message(
     start_relay: Start,
-    capture: CaptureServer,  # noqa: F811
-    fake_ses: FakeSes,  # noqa: F811
+    capture: CaptureServer,
+    fake_ses: FakeSes,
 ) -> None:
     """Original host down past `retry.max_age`: the message becomes a dead letter saying so."""
     capture.stop()
@@ -395,8 +382,8 @@ async def test_max_age_expiry_fails_the_message(
 )
 async def test_partial_upstream_result_sends_each_recipient_once(
     start_relay: Start,
-    capture: CaptureServer,  # noqa: F811
-    fake_ses: FakeSes,  # noqa: F811
+    capture: CaptureServer,
+    fake_ses: FakeSes,
     refusal: str,
     times: int | None,
     attempts: int,
@@ -432,8 +419,8 @@ NO_MESSAGE_ID = Fault(
 
 async def test_probe_that_ends_in_a_bug_lets_the_next_mail_probe(
     start_relay: Start,
-    capture: CaptureServer,  # noqa: F811
-    fake_ses: FakeSes,  # noqa: F811
+    capture: CaptureServer,
+    fake_ses: FakeSes,
 ) -> None:
     """The probe after the cooldown ends without a verdict (SES answers 200 without a
     MessageId: a bug path, the mail is deferred): the circuit must not stay half-open for

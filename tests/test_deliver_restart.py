@@ -17,24 +17,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.capture import (  # noqa: F401
-    DONE,
-    CaptureServer,
-    capture,
-    rows,
-    send,
-    trace_queue_id,
-    wait_rows,
-)
-from tests.conftest import ConfigWriter, RelayProcess
-from tests.fakeses import FakeSes
-from tests.sesfixtures import REGION, aws_env, fake_ses  # noqa: F401
+from tests.support.aws import REGION
+from tests.support.capture import CaptureServer, trace_queue_id
+from tests.support.fakeses import FakeSes
+from tests.support.mails import ORIGIN
+from tests.support.processes import RelayProcess
+from tests.support.relays import ConfigWriter
+from tests.support.smtp import send
+from tests.support.spools import DONE, rows, wait_rows
 
-pytestmark = pytest.mark.usefixtures("aws_env")
+# system: SIGKILLs `relay serve` mid-delivery and starts it again.
+pytestmark = [pytest.mark.system, pytest.mark.usefixtures("aws_env")]
 
 DELIVERERS = 4
 MAILS = 100
-ORIGIN = "https://moodle.example.org => web01:mod/reengagement/lib.php:564"
 
 
 def moodle_mail(n: int) -> tuple[str, bytes, str]:
@@ -57,8 +53,8 @@ def moodle_mail(n: int) -> tuple[str, bytes, str]:
 def test_sigkill_mid_delivery_then_restart_delivers_each_mail_at_least_once(
     write_config: ConfigWriter,
     relay_process: Callable[[Path], RelayProcess],
-    capture: CaptureServer,  # noqa: F811
-    fake_ses: FakeSes,  # noqa: F811
+    capture: CaptureServer,
+    fake_ses: FakeSes,
 ) -> None:
     """100 mails (2/3 to SES, 1/3 upstream), SIGKILL while SES sends are in flight, restart:
     every 250'd mail reaches its destination; the mails delivered twice are among those

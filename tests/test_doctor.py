@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import ssl
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,16 +12,16 @@ from typing import Any
 
 import boto3
 import pytest
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 from relay import spool as spool_mod
-from tests.capture import CaptureServer
-from tests.conftest import ConfigWriter, TlsFiles, relay_cli
-from tests.fakedns import FakeDns
-from tests.fakeses import FakeSes
-from tests.sesfixtures import REGION, aws_env, moto_server
-
-__all__ = ["aws_env", "moto_server"]  # fixtures, used by name
+from tests.support.aws import REGION
+from tests.support.capture import CaptureServer
+from tests.support.fakedns import FakeDns
+from tests.support.fakeses import FakeSes
+from tests.support.ports import free_port
+from tests.support.processes import relay_cli
+from tests.support.relays import ConfigWriter
+from tests.support.tls import TlsFiles, server_context
 
 DOMAIN = "doctor.example.org"  # verified in moto here (other tests use VERIFIED_DOMAIN)
 SENDER = f"noreply@{DOMAIN}"
@@ -41,59 +39,13 @@ rules:
 """
 
 
-class AuthHost:
-    """The "original host": aiosmtpd with STARTTLS and AUTH required, on its own thread."""
-
-    def __init__(self, tls: TlsFiles) -> None:
-        self.logins: list[tuple[bytes, bytes]] = []
-        self.mails = 0
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(tls.cert, tls.key)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-
-        def protocol() -> SMTP:
-            return SMTP(
-                self,
-                hostname="upstream.test",
-                tls_context=context,
-                require_starttls=True,
-                auth_require_tls=True,
-                authenticator=self._authenticate,
-            )
-
-        start = self._loop.create_server(protocol, "127.0.0.1", 0)
-        self._server = asyncio.run_coroutine_threadsafe(start, self._loop).result(10)
-        self.port: int = self._server.sockets[0].getsockname()[1]
-
-    def _authenticate(
-        self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
-    ) -> AuthResult:
-        assert isinstance(auth_data, LoginPassword)
-        self.logins.append((auth_data.login, auth_data.password))
-        return AuthResult(success=auth_data.password == PASSWORD.encode())
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.mails += 1
-        return "250 OK"
-
-    def close(self) -> None:
-        async def shut() -> None:
-            self._server.close()
-            await self._server.wait_closed()
-
-        asyncio.run_coroutine_threadsafe(shut(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-
-
 @pytest.fixture
-def auth_host(tls_files: TlsFiles) -> Iterator[AuthHost]:
-    host = AuthHost(tls_files)
-    yield host
-    host.close()
+def auth_host(tls_files: TlsFiles) -> Iterator[CaptureServer]:
+    """The "original host": STARTTLS and AUTH (moodle / PASSWORD) required."""
+    login = (b"moodle", PASSWORD.encode())
+    context = server_context(tls_files)
+    with CaptureServer(tls="starttls", tls_context=context, login=login) as host:
+        yield host
 
 
 @pytest.fixture
@@ -168,15 +120,8 @@ def run_doctor(config: Path, *args: str, **env: str) -> tuple[int, list[str], fl
     return done.returncode, done.stdout.splitlines(), time.monotonic() - started
 
 
-def closed_port() -> int:
-    """A loopback port nothing listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_doctor_all_good(
-    ses_ready: dict[str, Any], auth_host: AuthHost, write_config: ConfigWriter, tmp_path: Path
+    ses_ready: dict[str, Any], auth_host: CaptureServer, write_config: ConfigWriter, tmp_path: Path
 ) -> None:
     """Everything in order: every line ok, exit 0; senders come from the spool (SES-routed
     mail of the last 7 days only); STARTTLS + AUTH were done, nothing was sent, and neither
@@ -213,7 +158,7 @@ def test_doctor_all_good(
     assert f"ok    dkim      {DOMAIN}: 3 CNAMEs to SES Easy DKIM (SES status Success)" == lines[9]
     assert "max send rate 1/s; sent 0 of 200 in the last 24 h" in lines[3]
     assert [(b"moodle", PASSWORD.encode())] == auth_host.logins
-    assert 0 == auth_host.mails
+    assert [] == auth_host.messages
     output = "\n".join(lines)
     assert PASSWORD not in output and os.environ["AWS_SECRET_ACCESS_KEY"] not in output
 
@@ -223,7 +168,7 @@ def test_doctor_names_each_problem(
 ) -> None:
     """Upstream port closed, a sender not verified in SES, a configuration set SES lacks, no
     DMARC record, a wrong DKIM CNAME: exit 1 and one FAIL line naming each, the rest ok."""
-    port = closed_port()
+    port = free_port()
     config = doctor_config(
         write_config,
         tmp_path,
@@ -283,7 +228,7 @@ def test_doctor_paused_account_and_dns_timeout(
         ) as fake,
         silent,
     ):
-        config = doctor_config(write_config, tmp_path, fake.url, closed_port())
+        config = doctor_config(write_config, tmp_path, fake.url, free_port())
         address = f"127.0.0.1:{silent.getsockname()[1]}"
         code, lines, took = run_doctor(config, "--nameserver", address, "--sender", DOMAIN)
     print("\n".join(lines), f"\n({took:.1f} s)")

@@ -15,8 +15,6 @@ import subprocess
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,34 +24,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relay import runtime
 from relay.ops import samples
-from tests.capture import CaptureServer, asend, await_rows, capture, rows, send, wait_rows
-from tests.conftest import RELAY, ConfigWriter, RelayProcess, relay_cli
-from tests.sesfixtures import REGION, aws_env, moto_server
+from tests.support.aws import REGION
+from tests.support.capture import CaptureServer
+from tests.support.operate import RULES, http_get, metrics_port, write_atomically
+from tests.support.processes import RELAY, Process, relay_cli
+from tests.support.relays import ConfigWriter
+from tests.support.smtp import asend, send
+from tests.support.spools import await_rows, rows, wait_rows
+from tests.support.waits import wait_until
 
-__all__ = ["aws_env", "capture", "moto_server"]  # fixtures, used by name
-
-Process = Callable[[Path], RelayProcess]
 DASHBOARD = Path(__file__).parent.parent / "contrib" / "grafana" / "relay.json"
-
-
-def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
-    """Poll `predicate` until it returns something truthy; AssertionError naming `what`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def http_get(port: int, path: str) -> tuple[int, str]:
-    """GET http://127.0.0.1:PORT/PATH -> (status, body); 4xx/5xx are answers, not errors."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def mail(subject: str, n: int = 0) -> bytes:
@@ -159,14 +139,6 @@ def test_no_ready_when_the_port_is_taken(write_config: ConfigWriter) -> None:
 # b. SIGHUP reload
 
 
-RULES = """\
-default: upstream
-rules:
-  - name: {name}
-    route: upstream
-    match:
-      subject: '^hello'
-"""
 BROKEN = """\
 default: upstream
 rules:
@@ -175,22 +147,6 @@ rules:
     match:
       subject: '(unclosed'
 """
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Replace `path` in one rename, as an editor or config management would."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
-def metrics_port(process: RelayProcess) -> int:
-    """The metrics port a `relay serve` process logged (`event=metrics_listening`)."""
-    found = wait_until(
-        lambda: re.search(r"event=metrics_listening address=\S+:(\d+)", process.log()),
-        "event=metrics_listening",
-    )
-    return int(found.group(1))
 
 
 def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

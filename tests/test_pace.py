@@ -1,6 +1,6 @@
 """relay.deliver.ses.pace on virtual time: spacing, no bursts, AIMD on throttling, the daily
 budget, and simulated relays sharing one SES account (a sliding 1-second window, as
-tests/fakeses.py)."""
+tests/support/fakeses.py)."""
 
 from __future__ import annotations
 
@@ -249,7 +249,7 @@ class Sleep:
 class Sim:
     """Relays (a Pace and `deliverers` senders each, a backlog of `mails`) against one SES
     account that allows `limit` recipients in any sliding 1-second window, counted at arrival
-    (as tests/fakeses.py does). Latency is split evenly each way with seeded jitter, and a
+    (as tests/support/fakeses.py does). Latency is split evenly each way with seeded jitter, and a
     throttled mail goes back to its relay's backlog."""
 
     ceilings: tuple[float, ...]

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ConfigWriter, TlsFiles
+from tests.support.relays import ConfigWriter
+from tests.support.tls import TlsFiles
 
 ROOT = Path(__file__).parent.parent
 UNIT = ROOT / "systemd" / "relay.service"
@@ -38,6 +39,7 @@ sys.exit(main())
 ]
 
 
+@pytest.mark.system
 def test_systemd_unit_verifies_clean(tmp_path: Path) -> None:
     """`systemd-analyze verify` on the unit (ExecStart pointed at this venv's relay, as the
     README's /opt/relay venv would be): exit 0 and not one warning about the unit."""

@@ -16,8 +16,9 @@ from click.testing import CliRunner, Result
 from relay.cli import main
 from relay.spool import DB_NAME, Spool
 from relay.spool.schema import SCHEMA_VERSION
-from tests.conftest import ConfigWriter, RelayProcess, relay_cli
-from tests.test_spool import make_spool
+from tests.support.processes import RelayProcess, relay_cli
+from tests.support.relays import ConfigWriter
+from tests.support.spools import make_spool
 
 TRACE = b"Received: from moodle.test (127.0.0.1)\r\n\tby relay.test (relay) with ESMTP id X;\r\n"
 

@@ -14,7 +14,6 @@ import json
 import random
 import re
 import sqlite3
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +23,9 @@ import pytest
 from relay.receive.handler import address_problem, extract_message_id
 from relay.receive.passwords import hash_password, parse_users, verify_password
 from relay.spool import DB_NAME
-from tests.conftest import Running, TlsFiles
+from tests.support.relays import Running, Start
+from tests.support.tls import TlsFiles
 
-Start = Callable[..., Awaitable[Running]]
 LIMIT = 8192  # max_message_size for these tests
 MAIL = b"Message-ID: <1@moodle.test>\r\nSubject: hello\r\n\r\nHello.\r\n"
 

@@ -8,7 +8,8 @@ import pytest
 
 from relay import rules
 from relay.rules import Decision, Route
-from tests.rulesupport import NOREPLY, ORIGIN, mail, message, ruleset
+from tests.support.corpus import ruleset
+from tests.support.mails import NOREPLY, ORIGIN, mail, message
 
 
 def one_rule(match: str) -> rules.RuleSet:

@@ -16,7 +16,6 @@ import statistics
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,11 +25,10 @@ from relay import settings as settings_mod
 from relay.receive.passwords import hash_password
 from relay.settings import HostPort
 from relay.spool import DB_NAME
-from tests.conftest import ConfigWriter, RelayProcess, TlsFiles, relay_cli
-
-CLIENT = Path(__file__).parent / "clients" / "phpmailer_send.php"
-PHPMAILER = Path("/usr/share/php/libphp-phpmailer/autoload.php")
-Process = Callable[[Path], RelayProcess]
+from tests.support.phpmailer import CLIENT, phpmailer_wire
+from tests.support.processes import Process, relay_cli
+from tests.support.relays import ConfigWriter
+from tests.support.tls import TlsFiles
 
 
 def spooled(spool: Path) -> dict[str, tuple[str, bytes | None, int, str]]:
@@ -41,13 +39,6 @@ def spooled(spool: Path) -> dict[str, tuple[str, bytes | None, int, str]]:
         return {r[0]: (r[1], r[2] and bytes(r[2]), r[3], r[4]) for r in conn.execute(sql)}
     finally:
         conn.close()
-
-
-def phpmailer_wire(mime: bytes) -> bytes:
-    """What PHPMailer's SMTP::data() puts between DATA and the final dot (unstuffed):
-    every line of the message, line ends normalised to CRLF, the last one included."""
-    lines = mime.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-    return b"".join(line + b"\r\n" for line in lines)
 
 
 def moodle_mails(count: int) -> list[dict[str, object]]:
@@ -75,6 +66,7 @@ def moodle_mails(count: int) -> list[dict[str, object]]:
     return mails
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("keepalive", [False, True], ids=["connection-per-mail", "smtpmaxbulk"])
 def test_phpmailer_200_mails_are_spooled_byte_identical(
     write_config: ConfigWriter, relay_process: Process, tmp_path: Path, keepalive: bool
@@ -157,6 +149,7 @@ class Sender(threading.Thread):
                 self.acked[reply.decode().rsplit(" ", 1)[-1]] = body
 
 
+@pytest.mark.system
 def test_sigkill_while_clients_send_loses_nothing_acked(
     write_config: ConfigWriter, relay_process: Process
 ) -> None:

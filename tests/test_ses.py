@@ -21,22 +21,15 @@ from relay.deliver.ses.client import (
 )
 from relay.errors import AccountFailure, PermanentFailure, TemporaryFailure
 from relay.settings import Ses
-from tests.fakeses import DROP, HTTP_500, FakeSes, Fault
-from tests.sesfixtures import (  # noqa: F401
-    REGION,
-    aio_session,
-    aws_env,
-    fake_ses,
-    make_mail,
-    moto_raw_messages,
-    moto_server,
-)
+from tests.support.aws import REGION, moto_raw_messages
+from tests.support.fakeses import DROP, HTTP_500, FakeSes, Fault
+from tests.support.mails import make_mail
 
 pytestmark = pytest.mark.usefixtures("aws_env")
 
 
 @pytest.fixture
-async def ses(fake_ses: FakeSes, aio_session: AioSession) -> AsyncIterator[SesClient]:  # noqa: F811
+async def ses(fake_ses: FakeSes, aio_session: AioSession) -> AsyncIterator[SesClient]:
     """An SesClient pointed at the fake SES."""
     settings = Ses(region=REGION, endpoint_url=fake_ses.url, timeout=2.0)
     async with await SesClient.open(settings, session=aio_session) as client:
@@ -44,8 +37,8 @@ async def ses(fake_ses: FakeSes, aio_session: AioSession) -> AsyncIterator[SesCl
 
 
 async def test_send_through_moto_stores_envelope_and_bytes(
-    moto_server: str,  # noqa: F811
-    aio_session: AioSession,  # noqa: F811
+    moto_server: str,
+    aio_session: AioSession,
 ) -> None:
     """Source, Destinations and the bytes (trace line + raw, unchanged) reach SES as given."""
     mail = make_mail(id="Q-moto", recipients=("ada@example.net", "cc@example.org"))
@@ -61,7 +54,7 @@ async def test_send_through_moto_stores_envelope_and_bytes(
     assert mail.wire_bytes().decode() == stored[0]["raw_data"]
 
 
-async def test_quota_from_moto(moto_server: str) -> None:  # noqa: F811
+async def test_quota_from_moto(moto_server: str) -> None:
     """GetSendQuota comes back as a Quota of floats (moto's fixed 200/day, 1/s)."""
     async with await SesClient.open(Ses(region=REGION, endpoint_url=moto_server)) as client:
         quota = await client.quota()
@@ -69,7 +62,7 @@ async def test_quota_from_moto(moto_server: str) -> None:  # noqa: F811
     assert isinstance(quota.sent_last_24h, float)
 
 
-async def test_unverified_sender_rejected_by_moto(moto_server: str) -> None:  # noqa: F811
+async def test_unverified_sender_rejected_by_moto(moto_server: str) -> None:
     """moto's MessageRejected for an unverified Source is permanent for the message."""
     mail = make_mail(sender="someone@unverified.example")
     async with await SesClient.open(Ses(region=REGION, endpoint_url=moto_server)) as client:
@@ -79,7 +72,7 @@ async def test_unverified_sender_rejected_by_moto(moto_server: str) -> None:  # 
     assert caught.value.reply.startswith("MessageRejected: ")
 
 
-async def test_tags_and_configuration_set_reach_ses(ses: SesClient, fake_ses: FakeSes) -> None:  # noqa: F811
+async def test_tags_and_configuration_set_reach_ses(ses: SesClient, fake_ses: FakeSes) -> None:
     """The rule tag, extra tags and the configuration set are sent with the message."""
     mail = make_mail()
     tags = [("rule", "reengagement-cc"), ("category", "reminder")]
@@ -93,7 +86,7 @@ async def test_tags_and_configuration_set_reach_ses(ses: SesClient, fake_ses: Fa
     assert "moodle-reminders" == sent.configuration_set
 
 
-async def test_configuration_set_defaults_to_settings(fake_ses: FakeSes) -> None:  # noqa: F811
+async def test_configuration_set_defaults_to_settings(fake_ses: FakeSes) -> None:
     """With no per-rule configuration set, the one in settings is used; no tags means none sent."""
     settings = Ses(region=REGION, endpoint_url=fake_ses.url, configuration_set="site-default")
     async with await SesClient.open(settings) as client:
@@ -111,7 +104,7 @@ def test_tag_safe(text: str, expected: str) -> None:
     assert expected == tag_safe(text)
 
 
-async def test_quota_from_fake(fake_ses: FakeSes, ses: SesClient) -> None:  # noqa: F811
+async def test_quota_from_fake(fake_ses: FakeSes, ses: SesClient) -> None:
     """GetSendQuota maps Max24HourSend, MaxSendRate and SentLast24Hours."""
     fake_ses.rate_limit, fake_ses.daily_quota = 20.0, 50000.0
     await ses.send(make_mail(recipients=("a@example.net", "b@example.net")), configuration_set=None)
@@ -147,7 +140,7 @@ ERRORS = [
 )
 async def test_error_mapping(
     ses: SesClient,
-    fake_ses: FakeSes,  # noqa: F811
+    fake_ses: FakeSes,
     code: str,
     message: str,
     status: int,
@@ -167,7 +160,7 @@ async def test_error_mapping(
 @pytest.mark.parametrize("fault", [HTTP_500, DROP], ids=["html-500", "connection-dropped"])
 async def test_broken_responses_are_temporary(
     ses: SesClient,
-    fake_ses: FakeSes,  # noqa: F811
+    fake_ses: FakeSes,
     fault: Fault,
 ) -> None:
     """A 500 with a non-XML body, or a dropped connection, is worth retrying."""
@@ -178,7 +171,7 @@ async def test_broken_responses_are_temporary(
     assert caught.value.__cause__ is not None
 
 
-async def test_one_shot_fault_then_success(ses: SesClient, fake_ses: FakeSes) -> None:  # noqa: F811
+async def test_one_shot_fault_then_success(ses: SesClient, fake_ses: FakeSes) -> None:
     """The client survives a throttle and the next call on the same pool goes through."""
     fake_ses.fail_next(Fault(code="Throttling", message="Maximum sending rate exceeded."))
     with pytest.raises(Throttled):
@@ -187,7 +180,7 @@ async def test_one_shot_fault_then_success(ses: SesClient, fake_ses: FakeSes) ->
     assert (2, 1) == (fake_ses.calls, len(fake_ses.sent))
 
 
-async def test_timeout_is_temporary(fake_ses: FakeSes) -> None:  # noqa: F811
+async def test_timeout_is_temporary(fake_ses: FakeSes) -> None:
     """An answer slower than settings.timeout is a TemporaryFailure, raised on time."""
     fake_ses.latency = 2.0
     settings = Ses(region=REGION, endpoint_url=fake_ses.url, timeout=0.3)
@@ -215,7 +208,7 @@ async def test_connection_refused_is_temporary() -> None:
 
 
 async def test_missing_credentials_are_account_wide(
-    fake_ses: FakeSes,  # noqa: F811
+    fake_ses: FakeSes,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """No credentials anywhere in the chain opens the circuit rather than retrying forever."""
@@ -244,7 +237,7 @@ PREFLIGHT = [
 )
 async def test_refused_before_calling(
     ses: SesClient,
-    fake_ses: FakeSes,  # noqa: F811
+    fake_ses: FakeSes,
     changes: dict[str, object],
     reason: str,
 ) -> None:
@@ -256,14 +249,14 @@ async def test_refused_before_calling(
     assert 0 == fake_ses.calls
 
 
-async def test_exactly_fifty_recipients_go_in_one_call(ses: SesClient, fake_ses: FakeSes) -> None:  # noqa: F811
+async def test_exactly_fifty_recipients_go_in_one_call(ses: SesClient, fake_ses: FakeSes) -> None:
     """MAX_DESTINATIONS recipients are still one SendRawEmail."""
     recipients = tuple(f"r{i}@example.net" for i in range(MAX_DESTINATIONS))
     await ses.send(make_mail(recipients=recipients), configuration_set=None, tags=())
     assert recipients == fake_ses.sent[0].destinations
 
 
-async def test_doctor_checks(ses: SesClient, fake_ses: FakeSes) -> None:  # noqa: F811
+async def test_doctor_checks(ses: SesClient, fake_ses: FakeSes) -> None:
     """Sending enabled, sender identity (address or domain) and configuration set checks."""
     fake_ses.verified = {"moodle.example.org"}
     fake_ses.configuration_sets = {"moodle-reminders"}

@@ -34,9 +34,8 @@ from relay.receive.data import Body
 from relay.receive.handler import AIOSMTPD_REPLIES, Handler
 from relay.receive.session import PLAIN_ADDRESS, Session, session_factory
 from relay.spool import DB_NAME
-from tests.conftest import Running
+from tests.support.relays import Running, Start
 
-Start = Callable[..., Awaitable[Running]]
 LIMIT = 4096  # max_message_size of the pair: small, so 552 is easy to reach
 LINE = SMTP.line_length_limit  # 1001: the longest DATA line aiosmtpd takes, CRLF included
 END = b"\r\n.\r\n"

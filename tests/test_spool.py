@@ -21,8 +21,7 @@ from relay.spool import DB_NAME, Spool, State, new_id
 from relay.spool import lock as spoollock
 from relay.spool.lock import WRITE_LOCK
 from relay.spool.schema import SCHEMA_VERSION
-
-TRACE = b"Received: from test (127.0.0.1)\r\n\tby relay.test (relay) with ESMTP id X;\r\n\tnow\r\n"
+from tests.support.spools import TRACE, make_spool
 
 
 def mail_bytes(n: int, size: int = 200) -> bytes:
@@ -301,77 +300,6 @@ async def test_every_write_holds_the_spool_write_lock(spool: Spool, tmp_path: Pa
         fcntl.flock(lock, fcntl.LOCK_UN)
     finally:
         os.close(lock)
-
-
-# The schema of version 1 (bodies inline in messages), as relay wrote it: a fixture.
-SCHEMA_V1 = """
-CREATE TABLE messages (
-    id TEXT PRIMARY KEY NOT NULL,
-    state TEXT NOT NULL,
-    sender TEXT NOT NULL,
-    recipients TEXT NOT NULL,           -- JSON list: the recipients still to deliver to
-    size INTEGER NOT NULL,              -- len(body) as received
-    message_id TEXT NOT NULL DEFAULT '',
-    peer TEXT NOT NULL DEFAULT '',
-    received_at REAL NOT NULL,
-    due_at REAL NOT NULL,
-    claimed_at REAL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    rule TEXT,
-    route TEXT,
-    ses_message_id TEXT,
-    reply TEXT,
-    fallback_reason TEXT,
-    updated_at REAL NOT NULL,
-    trace BLOB NOT NULL,                -- our Received: line, CRLF-terminated
-    body BLOB                           -- bytes as received; NULL once sent
-);
-CREATE INDEX messages_due ON messages (state, due_at);
-CREATE TABLE events (
-    queue_id TEXT NOT NULL,
-    at REAL NOT NULL,
-    event TEXT NOT NULL,
-    detail TEXT NOT NULL DEFAULT ''
-);
-CREATE INDEX events_queue_id ON events (queue_id, at);
-CREATE INDEX messages_ready ON messages (due_at, id) WHERE state IN ('queued', 'deferred');
-"""
-
-
-def make_spool(directory: Path, version: int, rows: dict[str, tuple[str, bytes | None]]) -> None:
-    """A spool file as relay of schema 1 left it, with {id: (state, body)} rows, labelled
-    `version`."""
-    directory.mkdir(parents=True)
-    conn = sqlite3.connect(directory / DB_NAME, isolation_level=None)
-    try:
-        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-        conn.executescript(SCHEMA_V1)
-        conn.execute(f"PRAGMA user_version = {version}")
-        conn.execute("PRAGMA journal_mode = WAL")
-        past = time.time() - 60
-        for n, (qid, (state, body)) in enumerate(rows.items()):
-            conn.execute(
-                "INSERT INTO messages (id, state, sender, recipients, size, message_id,"
-                " received_at, due_at, updated_at, trace, body)"
-                " VALUES (?, ?, 'noreply@moodle.test', ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    qid,
-                    state,
-                    f'["user{n}@example.org"]',
-                    len(body or b""),
-                    f"<{n}@moodle.test>",
-                    past,
-                    past,
-                    past,
-                    TRACE,
-                    body,
-                ),
-            )
-            conn.execute(
-                "INSERT INTO events (queue_id, at, event) VALUES (?, ?, 'received')", (qid, past)
-            )
-    finally:
-        conn.close()
 
 
 async def test_a_version_1_spool_is_upgraded_and_every_body_kept(tmp_path: Path) -> None:

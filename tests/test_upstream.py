@@ -1,4 +1,4 @@
-"""relay.deliver.upstream against an aiosmtpd capture server on port 0 (plain, STARTTLS,
+"""relay.deliver.upstream against the capture server of tests/support on port 0 (plain, STARTTLS,
 implicit TLS)."""
 
 from __future__ import annotations
@@ -6,125 +6,44 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import SMTP
 
 from relay.deliver import upstream
 from relay.deliver.upstream import UpstreamClient, UpstreamResult
 from relay.errors import HostUnreachable, PermanentFailure, TemporaryFailure
 from relay.settings import Security, Upstream
-from tests.conftest import TlsFiles
-from tests.sesfixtures import make_mail
+from tests.support.capture import CaptureServer
+from tests.support.mails import make_mail
+from tests.support.tls import TlsFiles, server_context
 
-
-@dataclass
-class Captured:
-    mail_from: str
-    rcpt_tos: tuple[str, ...]
-    content: bytes
-    tls: bool
-    login: bytes | None
-
-
-@dataclass
-class Capture:
-    """aiosmtpd handler that records messages and answers as scripted."""
-
-    mail_reply: str | None = None
-    data_reply: str | None = None
-    rcpt_replies: dict[str, str] = field(default_factory=dict)
-    messages: list[Captured] = field(default_factory=list)
-    sessions: list[SMTP] = field(default_factory=list)  # one per connection, in order
-
-    async def handle_MAIL(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
-    ) -> str:
-        if self.mail_reply:
-            return self.mail_reply
-        envelope.mail_from = address
-        envelope.mail_options.extend(options)
-        return "250 OK"
-
-    async def handle_RCPT(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
-    ) -> str:
-        if address in self.rcpt_replies:
-            return self.rcpt_replies[address]
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        if self.data_reply:
-            return self.data_reply
-        login = session.auth_data.login if isinstance(session.auth_data, LoginPassword) else None
-        content = envelope.original_content or b""
-        self.messages.append(
-            Captured(
-                mail_from=envelope.mail_from or "",
-                rcpt_tos=tuple(envelope.rcpt_tos),
-                content=content,
-                tls=server.transport.get_extra_info("ssl_object") is not None,
-                login=login,
-            )
-        )
-        return "250 2.0.0 Ok: queued as CAPTURED"
-
-
-StartCapture = Callable[..., Awaitable[tuple[Capture, int]]]
-
-
-@pytest.fixture(scope="module")
-def server_tls(tls_files: TlsFiles) -> ssl.SSLContext:
-    """A server TLS context with the suite's self-signed certificate for 127.0.0.1."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(tls_files.cert, tls_files.key)
-    return context
-
-
-def _authenticate(
-    server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
-) -> AuthResult:
-    ok = isinstance(data, LoginPassword) and (data.login, data.password) == (b"moodle", b"s3cret")
-    return AuthResult(success=ok, handled=False, auth_data=data if ok else None)
+StartCapture = Callable[..., Awaitable[tuple[CaptureServer, int]]]
+QUEUED = "250 2.0.0 Ok: queued as CAPTURED"
 
 
 @pytest.fixture
-async def start_capture(server_tls: ssl.SSLContext) -> AsyncIterator[StartCapture]:
-    """Start capture servers on port 0: `await start_capture(tls="starttls", auth=True)`."""
-    loop = asyncio.get_running_loop()
-    servers: list[asyncio.Server] = []
+async def start_capture(tls_files: TlsFiles) -> AsyncIterator[StartCapture]:
+    """Start capture servers on port 0: `await start_capture(tls="starttls", auth=True)`
+    (AUTH as moodle / s3cret required)."""
+    servers: list[CaptureServer] = []
 
-    async def start(*, tls: str = "none", auth: bool = False) -> tuple[Capture, int]:
-        handler = Capture()
-
-        def factory() -> SMTP:
-            session = SMTP(
-                handler,
-                hostname="capture",
-                tls_context=server_tls if tls == "starttls" else None,
-                require_starttls=tls == "starttls",
-                authenticator=_authenticate if auth else None,
-                auth_required=auth,
-                auth_require_tls=tls != "none",
-                loop=loop,
-            )
-            handler.sessions.append(session)
-            return session
-
-        ssl_context = server_tls if tls == "tls" else None
-        server = await loop.create_server(factory, "127.0.0.1", 0, ssl=ssl_context)
+    async def start(*, tls: str = "none", auth: bool = False) -> tuple[CaptureServer, int]:
+        server = CaptureServer(
+            accepted_reply=QUEUED,
+            tls=tls,
+            tls_context=server_context(tls_files),
+            login=(b"moodle", b"s3cret") if auth else None,
+        )
         servers.append(server)
-        return handler, server.sockets[0].getsockname()[1]
+        await asyncio.to_thread(server.start)
+        return server, server.port
 
     yield start
     for server in servers:
-        server.close()
-        await server.wait_closed()
+        await asyncio.to_thread(server.close)
 
 
 def _client(port: int, **changes: Any) -> UpstreamClient:
@@ -205,10 +124,8 @@ async def test_auth_problems_are_temporary(
 async def test_per_recipient_replies(start_capture: StartCapture) -> None:
     """2xx, 4xx and 5xx recipients come back apart; only the accepted ones get the message."""
     capture, port = await start_capture()
-    capture.rcpt_replies = {
-        "later@example.net": "450 4.2.1 Mailbox busy",
-        "gone@example.net": "550 5.1.1 No such user",
-    }
+    capture.refuse_rcpt("later@example.net", "450 4.2.1 Mailbox busy")
+    capture.refuse_rcpt("gone@example.net", "550 5.1.1 No such user")
     mail = make_mail(recipients=("ada@example.net", "later@example.net", "gone@example.net"))
 
     result = await _client(port).send(mail)
@@ -226,10 +143,8 @@ async def test_per_recipient_replies(start_capture: StartCapture) -> None:
 async def test_mixed_refusals_without_acceptance(start_capture: StartCapture) -> None:
     """4xx and 5xx refusals with nothing accepted return a result; DATA is not sent."""
     capture, port = await start_capture()
-    capture.rcpt_replies = {
-        "later@example.net": "450 4.2.1 Mailbox busy",
-        "gone@example.net": "550 5.1.1 No such user",
-    }
+    capture.refuse_rcpt("later@example.net", "450 4.2.1 Mailbox busy")
+    capture.refuse_rcpt("gone@example.net", "550 5.1.1 No such user")
     mail = make_mail(recipients=("later@example.net", "gone@example.net"))
 
     result = await _client(port).send(mail)
@@ -262,7 +177,8 @@ async def test_whole_transaction_failures(
     capture, port = await start_capture()
     mail = make_mail(recipients=("ada@example.net", "bob@example.net"))
     if stage == "rcpt":
-        capture.rcpt_replies = dict.fromkeys(mail.recipients, reply)
+        for recipient in mail.recipients:
+            capture.refuse_rcpt(recipient, reply)
     else:
         setattr(capture, f"{stage}_reply", reply)
 
@@ -374,7 +290,7 @@ async def test_host_dropping_an_idle_connection_costs_nothing(
     try:
         await client.send(make_mail())
         if how == "closed":
-            capture.sessions[0].transport.close()  # type: ignore[union-attr]
+            capture.drop_connections()
             await asyncio.sleep(0.05)
         else:
             capture.mail_reply = "421 4.4.2 idle too long, closing"

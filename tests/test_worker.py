@@ -29,15 +29,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from relay.deliver import process, supervisor
 from relay.deliver.process import LOCK_NAME
 from relay.spool import Spool, new_id
-from tests.capture import CaptureServer, capture, rows, send, trace_queue_id, wait_rows
-from tests.conftest import ConfigWriter, RelayProcess
-from tests.fakeses import FakeSes
-from tests.sesfixtures import REGION, aws_env, fake_ses
-from tests.test_operate import RULES, http_get, metrics_port, wait_until, write_atomically
+from tests.support.aws import REGION
+from tests.support.capture import CaptureServer, trace_queue_id
+from tests.support.fakeses import FakeSes
+from tests.support.operate import RULES, http_get, metrics_port, write_atomically
+from tests.support.processes import Process, RelayProcess
+from tests.support.relays import ConfigWriter
+from tests.support.smtp import send
+from tests.support.spools import rows, wait_rows
+from tests.support.waits import wait_until
 
-__all__ = ["aws_env", "capture", "fake_ses"]  # fixtures, used by name
-
-Process = Callable[[Path], RelayProcess]
 SENDER = "noreply@moodle.test"
 
 
@@ -137,6 +138,7 @@ def test_new_mail_wakes_the_delivery_process_at_once(
     assert 0 == relay.stop()
 
 
+@pytest.mark.system
 def test_parent_sigkill_makes_the_delivery_process_exit(
     write_config: ConfigWriter, relay_process: Process, capture: CaptureServer
 ) -> None:
@@ -158,6 +160,7 @@ def test_parent_sigkill_makes_the_delivery_process_exit(
     assert 0 == again.stop()
 
 
+@pytest.mark.system
 def test_child_sigkill_is_logged_and_a_new_child_delivers(
     write_config: ConfigWriter, relay_process: Process, capture: CaptureServer
 ) -> None:
@@ -317,6 +320,7 @@ def test_delivery_waits_for_the_lock_before_reclaiming(
     assert 0 == relay.stop()
 
 
+@pytest.mark.system
 async def test_a_hung_delivery_process_is_killed_and_replaced(
     start_relay: Callable[..., Any],
     capture: CaptureServer,

@@ -32,13 +32,18 @@ from relay.deliver import task
 from relay.receive.handler import SPOOL_UNAVAILABLE
 from relay.runtime import Context
 from relay.spool import open_existing
-from tests.capture import DONE, CaptureServer, await_rows, wait_rows
-from tests.conftest import ConfigWriter, RelayProcess, Running
-from tests.fakeses import FakeSes
-from tests.reliability.helpers import MailFactory, Senders, Tally, poll, summary
-from tests.sesfixtures import REGION
+from tests.support.aws import REGION
+from tests.support.capture import CaptureServer
+from tests.support.fakeses import FakeSes
+from tests.support.load import Senders, Tally, summary
+from tests.support.mails import MailFactory
+from tests.support.processes import RelayProcess
+from tests.support.relays import ConfigWriter, Running
+from tests.support.spools import DONE, await_rows, wait_rows
+from tests.support.waits import await_until, wait_until
 
-pytestmark = pytest.mark.usefixtures("aws_env")
+# system: mounts a tmpfs (needs root) and runs `relay serve` as a process.
+pytestmark = [pytest.mark.system, pytest.mark.usefixtures("aws_env")]
 
 CLIENTS = 3
 PAD = 16384  # bytes of filler per mail: the disk fills in a few dozen mails
@@ -130,16 +135,6 @@ def report(
     )
 
 
-async def apoll(predicate: Callable[[], Any], *, within: float, what: str) -> Any:
-    """`predicate()` once truthy, polling without blocking the relay in this loop."""
-    deadline = time.monotonic() + within
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not reached within {within}s")
-        await asyncio.sleep(0.05)
-    return value
-
-
 async def test_disk_full_while_receiving_gives_451_then_the_same_clients_succeed(
     tmpfs: Path,
     start_relay: Callable[..., Awaitable[Running]],
@@ -167,21 +162,21 @@ async def test_disk_full_while_receiving_gives_451_then_the_same_clients_succeed
     senders = Senders(running.port, MailFactory("fullrx", pad=PAD), threads=CLIENTS, pause=0.02)
     senders.start()
     try:
-        await apoll(lambda: len(senders.acked) >= 20, within=10, what="20 mails before the fill")
+        await await_until(lambda: len(senders.acked) >= 20, "20 mails before the fill", within=10)
         ballast = await asyncio.to_thread(fill, tmpfs)
         filled_at = len(senders.acked)
-        refusals = await apoll(
+        refusals = await await_until(
             lambda: refused_by_all(senders),
+            "every client refused with 451 4.3.0 while the disk is full",
             within=20,
-            what="every client refused with 451 4.3.0 while the disk is full",
         )
         await asyncio.sleep(FULL_FOR)
         marks = [len(replies) for replies in senders.seen()]
         ballast.unlink()
-        await apoll(
+        await await_until(
             lambda: accepted_again(senders, marks),
+            "every client accepted again after space returned",
             within=20,
-            what="every client accepted again after space returned",
         )
         await asyncio.sleep(0.3)
     finally:
@@ -227,19 +222,19 @@ def test_disk_full_while_delivering_gives_451_then_delivers_everything(
     senders = Senders(relay.port, MailFactory("fulltx", pad=PAD), threads=CLIENTS, pause=0.02)
     senders.start()
     try:
-        poll(alive(lambda: len(senders.acked) >= 20), timeout=10, what="20 mails before the fill")
+        wait_until(alive(lambda: len(senders.acked) >= 20), "20 mails before the fill", timeout=10)
         ballast = fill(tmpfs)
         filled_at = len(senders.acked)
-        refusals = poll(
-            alive(lambda: refused_by_all(senders)), timeout=20, what="451 for every client"
+        refusals = wait_until(
+            alive(lambda: refused_by_all(senders)), "451 for every client", timeout=20
         )
         time.sleep(FULL_FOR)
         marks = [len(replies) for replies in senders.seen()]
         ballast.unlink()
-        poll(
+        wait_until(
             alive(lambda: accepted_again(senders, marks)),
+            "250 again for every client",
             timeout=20,
-            what="250 again for every client",
         )
         time.sleep(0.3)
     finally:

@@ -16,13 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.capture import DONE, CaptureServer, wait_rows
-from tests.conftest import ConfigWriter, RelayProcess, relay_cli
-from tests.fakeses import DROP, HTTP_500, RATE_EXCEEDED, FakeSes, Fault
-from tests.reliability.helpers import MailFactory, Senders, Tally, summary
-from tests.sesfixtures import REGION
+from tests.support.aws import REGION
+from tests.support.capture import CaptureServer
+from tests.support.fakeses import DROP, HTTP_500, RATE_EXCEEDED, FakeSes, Fault
+from tests.support.load import Senders, Tally, summary
+from tests.support.mails import MailFactory
+from tests.support.processes import RelayProcess, relay_cli
+from tests.support.relays import ConfigWriter
+from tests.support.spools import DONE, wait_rows
 
-pytestmark = pytest.mark.usefixtures("aws_env")
+# system: a reliability scenario, `relay serve` as a process while its peers flap.
+pytestmark = [pytest.mark.system, pytest.mark.usefixtures("aws_env")]
 
 DELIVERERS = 4
 PHASE = 1.5  # seconds per phase

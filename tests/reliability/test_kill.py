@@ -16,13 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.capture import DONE, CaptureServer, rows, wait_rows
-from tests.conftest import ConfigWriter, RelayProcess
-from tests.fakeses import FakeSes
-from tests.reliability.helpers import MailFactory, Senders, Tally, free_port, seeded, summary
-from tests.sesfixtures import REGION
+from tests.support.aws import REGION
+from tests.support.capture import CaptureServer
+from tests.support.fakeses import FakeSes
+from tests.support.load import Senders, Tally, seeded, summary
+from tests.support.mails import MailFactory
+from tests.support.ports import free_port
+from tests.support.processes import RelayProcess
+from tests.support.relays import ConfigWriter
+from tests.support.spools import DONE, rows, wait_rows
 
-pytestmark = pytest.mark.usefixtures("aws_env")
+# system: SIGKILLs and restarts `relay serve` ten times.
+pytestmark = [pytest.mark.system, pytest.mark.usefixtures("aws_env")]
 
 KILLS = 10
 DELIVERERS = 4

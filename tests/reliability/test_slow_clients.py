@@ -19,13 +19,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.capture import DONE, CaptureServer, wait_rows
-from tests.conftest import ConfigWriter, RelayProcess
-from tests.fakeses import FakeSes
-from tests.reliability.helpers import MailFactory, Outgoing, try_send
-from tests.sesfixtures import REGION
+from tests.support.aws import REGION
+from tests.support.capture import CaptureServer
+from tests.support.fakeses import FakeSes
+from tests.support.mails import MailFactory, Outgoing
+from tests.support.processes import RelayProcess
+from tests.support.relays import ConfigWriter
+from tests.support.smtp import try_send
+from tests.support.spools import DONE, wait_rows
 
-pytestmark = pytest.mark.usefixtures("aws_env")
+# system: a reliability scenario, `relay serve` as a process holding 200 idle clients.
+pytestmark = [pytest.mark.system, pytest.mark.usefixtures("aws_env")]
 
 IDLE = 200
 NORMAL = 10  # transactions of the normal client while the others hang around

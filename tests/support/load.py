@@ -1,23 +1,17 @@
-"""Shared pieces of the reliability scenarios.
+"""Load for the reliability scenarios: clients that keep sending, and the count at the end.
 
-- `MailFactory`: Moodle mails from tests/corpus (re-engagement -> SES, look-alikes ->
-  upstream), each with a fresh Message-ID, so every delivery can be matched to its mail.
 - `Senders`: client threads that keep sending distinct mails over SMTP and record
   which were 250'd (a refused or broken transaction is simply not counted: Moodle
   never retries, and the next mail is a different one).
 - `Tally`: what reached SES and the original host, by Message-ID; `summary()` prints
   the line every scenario ends with and returns the numbers for the asserts.
+- `seeded(name)`: a Random whose seed is printed, to rerun a scenario the same way.
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import os
 import random
-import re
-import smtplib
-import socket
 import threading
 import time
 from collections import Counter
@@ -26,12 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from relay.receive.handler import extract_message_id
-from tests.capture import CaptureServer, queue_id_of
-from tests.fakeses import FakeSes
-from tests.rulesupport import expectations
+from tests.support.capture import CaptureServer
+from tests.support.fakeses import FakeSes
+from tests.support.mails import MailFactory, Outgoing
+from tests.support.smtp import Reply, try_send
 
 SEED_ENV = "RELAY_TEST_SEED"
-_MESSAGE_ID = re.compile(rb"(?im)^Message-ID:[^\r\n]*\r\n")
 
 
 def seeded(name: str) -> random.Random:
@@ -39,89 +33,6 @@ def seeded(name: str) -> random.Random:
     seed = int(os.environ.get(SEED_ENV) or time.time_ns() % 1_000_000_007)
     print(f"{name}: seed {seed} (rerun with {SEED_ENV}={seed})")
     return random.Random(seed)
-
-
-def free_port() -> int:
-    """A port free right now, so a restarted `relay serve` listens where clients expect it."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Outgoing:
-    """One mail a client sends, and where it must end up."""
-
-    message_id: str
-    sender: str
-    recipients: tuple[str, ...]
-    raw: bytes
-    route: str  # "ses" or "upstream", from tests/corpus/expected.yaml
-
-
-class MailFactory:
-    """Distinct Moodle mails, cycling over the re-engagement and look-alike corpus."""
-
-    def __init__(self, tag: str, *, pad: int = 0) -> None:
-        """`pad`: bytes of filler lines appended to each body (bigger mails fill a disk)."""
-        chosen = [e for e in expectations() if not e.name.startswith("marker/")]
-        self._corpus = [(e, e.path.read_bytes()) for e in chosen]
-        self._tag = tag
-        line = b"x" * 76 + b"\r\n"
-        self._pad = line * (pad // len(line))
-        self._counter = itertools.count()
-        self._lock = threading.Lock()
-
-    def __call__(self) -> Outgoing:
-        with self._lock:
-            n = next(self._counter)
-        expected, raw = self._corpus[n % len(self._corpus)]
-        message_id = f"<{self._tag}.{n:06d}@moodle.example.org>"
-        header = f"Message-ID: {message_id}\r\n".encode()
-        fresh, count = _MESSAGE_ID.subn(lambda _: header, raw, count=1)
-        assert 1 == count, f"{expected.name} has no Message-ID header"
-        fresh += self._pad
-        return Outgoing(
-            message_id=message_id,
-            sender=expected.sender,
-            recipients=expected.recipients,
-            raw=fresh,
-            route=expected.route,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """How one transaction ended: `code` 0 when the connection failed or broke."""
-
-    code: int
-    text: str
-
-    @property
-    def queue_id(self) -> str | None:
-        return queue_id_of(self.text) if self.code == 250 else None
-
-
-def try_send(port: int, mail: Outgoing, *, timeout: float = 10.0) -> Reply:
-    """One SMTP transaction; the reply to DATA, or the refusal that ended it earlier."""
-    client = smtplib.SMTP(local_hostname="moodle.test", timeout=timeout)
-    try:
-        client.connect("127.0.0.1", port)
-        client.ehlo()
-        code, text = client.mail(mail.sender)
-        for rcpt in mail.recipients:
-            if code == 250:
-                code, text = client.rcpt(rcpt)
-        if code == 250:
-            code, text = client.data(mail.raw)
-    except (OSError, smtplib.SMTPException) as exc:
-        return Reply(0, repr(exc))
-    finally:
-        # The mail is queued (or not) by now; a lost QUIT reply changes nothing.
-        with contextlib.suppress(OSError, smtplib.SMTPException):
-            client.quit()
-        client.close()
-    return Reply(code, f"{code} {text.decode(errors='replace')}")
 
 
 @dataclass
@@ -233,15 +144,3 @@ def summary(
     }
     print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in numbers.items()))
     return numbers
-
-
-def poll(predicate: Any, *, timeout: float, step: float = 0.05, what: str = "condition") -> Any:
-    """`predicate()` once truthy; AssertionError naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not reached within {timeout}s")
-        time.sleep(step)

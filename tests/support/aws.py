@@ -1,7 +1,9 @@
-"""Fixtures for the SES tests: AWS environment, a moto server, a fake SES, a sample mail.
+"""AWS for the tests, never the real one: dummy credentials, a moto server, one aiobotocore
+session.
 
-Import the fixtures you use into the test module (`from tests.sesfixtures import
-moto_server`); they are not in conftest.py.
+Fixtures (a pytest plugin of tests/conftest.py): `aws_env` (dummy credentials, nothing
+from the host's AWS set-up), `moto_server` (its URL, VERIFIED_DOMAIN verified),
+`aio_session`. `moto_raw_messages(url)` reads what moto stored for SendRawEmail.
 """
 
 from __future__ import annotations
@@ -17,41 +19,8 @@ import pytest
 from aiobotocore.session import AioSession, get_session
 from moto.server import ThreadedMotoServer
 
-from relay.mail import Mail
-from tests.fakeses import FakeSes
-
 REGION = "eu-west-1"
 VERIFIED_DOMAIN = "moodle.example.org"
-
-RAW = (
-    b"Date: Mon, 2 Mar 2026 10:00:00 +0000\r\n"
-    b'To: "Ada Student" <ada@example.net>\r\n'
-    b'From: "Support (via Example Moodle)" <noreply@moodle.example.org>\r\n'
-    b"Subject: We miss you in COURSE101\r\n"
-    b"Message-ID: <5f1a2b3c4d5e63.12345678@moodle.example.org>\r\n"
-    b"MIME-Version: 1.0\r\n"
-    b"Content-Type: text/plain; charset=utf-8\r\n"
-    b"\r\n"
-    b"Hello Ada,\r\n"
-    b".a line that starts with a dot\r\n"
-    b"Come back to the course.\r\n"
-)
-TRACE = (
-    b"Received: from moodle (localhost [127.0.0.1]) by relay; Mon, 2 Mar 2026 10:00:00 +0000\r\n"
-)
-
-
-def make_mail(**changes: Any) -> Mail:
-    """A re-engagement-like mail from the verified domain; keyword arguments override fields."""
-    fields: dict[str, Any] = {
-        "id": "Q1",
-        "sender": f"noreply@{VERIFIED_DOMAIN}",
-        "recipients": ("ada@example.net",),
-        "raw": RAW,
-        "trace": TRACE,
-    }
-    fields.update(changes)
-    return Mail(**fields)
 
 
 @pytest.fixture
@@ -111,10 +80,3 @@ def aio_session() -> AioSession:
     needs its own session.
     """
     return get_session()
-
-
-@pytest.fixture
-def fake_ses() -> Iterator[FakeSes]:
-    """A fresh fake SES on port 0 for one test."""
-    with FakeSes() as fake:
-        yield fake

@@ -1,4 +1,4 @@
-"""The deliver tests' "original host": an aiosmtpd capture server on 127.0.0.1, port 0.
+"""The tests' "original host": an aiosmtpd capture server on 127.0.0.1, port 0.
 
 `CaptureServer` runs on its own thread and event loop, so sync tests, async tests
 and a `relay serve` subprocess can all deliver to it while the test blocks. It
@@ -12,13 +12,17 @@ original host down for a while):
         capture.stop(); capture.start()              # same port
         capture.wait_for(3)                          # three messages, or AssertionError
 
+It speaks plain SMTP by default; `tls="starttls"` (required before MAIL) or `tls="tls"`
+(implicit TLS) with a `tls_context`, and `login=(user, password)` to require AUTH, make
+it a host that a real relay would log in to:
+
+    CaptureServer(tls="starttls", tls_context=context, login=(b"moodle", b"s3cret"))
+
 Standalone, for a process that needs one (prints the port, then one JSON line per message):
 
-    python -m tests.capture --port 0
+    python -m tests.support.capture --port 0
 
-Also here, shared by the deliver tests: the `capture` fixture, sending a mail over
-SMTP and getting its queue id (`send`, `asend`), and reading spool rows (`rows`,
-`wait_rows`, `await_rows`) as `relay queue` does, from outside the service.
+The `capture` fixture (a pytest plugin of tests/conftest.py) gives a running one per test.
 """
 
 from __future__ import annotations
@@ -29,22 +33,17 @@ import base64
 import json
 import re
 import signal
-import smtplib
+import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
-from contextlib import closing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
-from pathlib import Path
 from typing import Any, Self
 
-import aiosmtplib
 import pytest
-from aiosmtpd.smtp import SMTP, Envelope, Session
-
-from relay.spool import open_existing
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 HOSTNAME = "capture"
 ACCEPTED = "250 2.0.0 Ok: captured"
@@ -65,6 +64,8 @@ class Captured:
     rcpt_tos: tuple[str, ...]
     content: bytes  # as received after DATA: relay's Received: line, then the original bytes
     at: float  # time.time() when DATA was accepted
+    tls: bool = False  # the session was encrypted (STARTTLS or implicit TLS)
+    login: bytes | None = None  # the user the session authenticated as
 
     @property
     def queue_id(self) -> str | None:
@@ -89,12 +90,22 @@ class CaptureServer:
     port: int = 0
     mail_reply: str | None = None  # answer MAIL FROM with this instead of 250
     data_reply: str | None = None  # answer DATA with this (nothing recorded) instead of 250
+    accepted_reply: str = ACCEPTED  # the 250 to a DATA that was recorded
     on_message: Callable[[Captured], None] | None = None
+    tls: str = "none"  # "starttls" (required before MAIL) or "tls" (implicit TLS)
+    tls_context: ssl.SSLContext | None = None  # the server's certificate, unless tls="none"
+    login: tuple[bytes, bytes] | None = None  # AUTH required, this (user, password) accepted
     data_attempts: int = 0  # DATA commands seen, refused ones included
+    logins: list[tuple[bytes, bytes]] = field(default_factory=list, init=False)  # AUTH tries
+    sessions: list[SMTP] = field(default_factory=list, init=False)  # one per connection
     _messages: list[Captured] = field(default_factory=list, init=False, repr=False)
     _refusals: dict[str, _Refusal] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.tls not in ("none", "starttls", "tls"):
+            raise ValueError(f"tls={self.tls!r}: expected none, starttls or tls")
+        if self.tls != "none" and self.tls_context is None:
+            raise ValueError(f"tls={self.tls!r} needs a tls_context")
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="capture", daemon=True)
@@ -112,6 +123,10 @@ class CaptureServer:
     def stop(self) -> None:
         """Stop listening and drop open connections: connects are refused until `start()`."""
         self._call(self._stop())
+
+    def drop_connections(self) -> None:
+        """Close every open connection, as a host does with idle ones; keep listening."""
+        self._call(self._drop())
 
     def close(self) -> None:
         """Stop and end the thread."""
@@ -182,17 +197,30 @@ class CaptureServer:
             self.data_attempts += 1
         if self.data_reply:
             return self.data_reply
+        transport = server.transport
+        login = session.auth_data.login if isinstance(session.auth_data, LoginPassword) else None
         captured = Captured(
             mail_from=envelope.mail_from or "",
             rcpt_tos=tuple(envelope.rcpt_tos),
             content=envelope.original_content or b"",
             at=time.time(),
+            tls=transport is not None and transport.get_extra_info("ssl_object") is not None,
+            login=login,
         )
         with self._lock:
             self._messages.append(captured)
         if self.on_message is not None:
             self.on_message(captured)
-        return ACCEPTED
+        return self.accepted_reply
+
+    def _authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        assert isinstance(data, LoginPassword), f"AUTH {mechanism}: {data!r}"
+        with self._lock:
+            self.logins.append((data.login, data.password))
+        ok = (data.login, data.password) == self.login
+        return AuthResult(success=ok, handled=False, auth_data=data if ok else None)
 
     # internals
 
@@ -200,18 +228,32 @@ class CaptureServer:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
 
     def _protocol(self) -> SMTP:
-        smtp = SMTP(self, hostname=HOSTNAME)
+        smtp = SMTP(
+            self,
+            hostname=HOSTNAME,
+            tls_context=self.tls_context if self.tls == "starttls" else None,
+            require_starttls=self.tls == "starttls",
+            authenticator=self._authenticate if self.login else None,
+            auth_required=self.login is not None,
+            auth_require_tls=self.tls != "none",
+        )
         # Keep the open sessions and the ones not connected yet (connection_made comes
         # later, so a burst of connects must not drop each other from the list).
         self._protocols = [p for p in self._protocols if p.session is None or p.transport]
         self._protocols.append(smtp)
+        with self._lock:
+            self.sessions.append(smtp)
         return smtp
 
     async def _start(self) -> None:
         if self._server is not None:
             return
         self._server = await self._loop.create_server(
-            self._protocol, self.host, self.port, reuse_address=True
+            self._protocol,
+            self.host,
+            self.port,
+            reuse_address=True,
+            ssl=self.tls_context if self.tls == "tls" else None,
         )
         self.port = self._server.sockets[0].getsockname()[1]
 
@@ -219,6 +261,12 @@ class CaptureServer:
         if self._server is None:
             return
         self._server.close()
+        await self._drop()
+        self._protocols.clear()
+        await self._server.wait_closed()
+        self._server = None
+
+    async def _drop(self) -> None:
         for protocol in self._protocols:
             if protocol.transport is not None:
                 protocol.transport.close()
@@ -229,9 +277,6 @@ class CaptureServer:
                 break
             await asyncio.sleep(0.01)
         await asyncio.sleep(0)  # let the sessions' cancelled tasks finish
-        self._protocols.clear()
-        await self._server.wait_closed()
-        self._server = None
 
 
 @pytest.fixture
@@ -239,106 +284,6 @@ def capture() -> Iterator[CaptureServer]:
     """A running capture server for one test (the relay's `upstream`)."""
     with CaptureServer() as server:
         yield server
-
-
-# Sending into the relay and reading its spool
-
-DONE = frozenset({"sent", "failed"})
-_QUEUED_AS = re.compile(r"queued as (\w+)")
-
-
-def queue_id_of(reply: str) -> str:
-    """The queue id from relay's "250 2.0.0 Ok: queued as ID"."""
-    found = _QUEUED_AS.search(reply)
-    assert found, f"not a queued reply: {reply!r}"
-    return found.group(1)
-
-
-def send(port: int, sender: str, recipients: Sequence[str], raw: bytes) -> str:
-    """One SMTP transaction with smtplib (blocking); returns the queue id of the 250."""
-    with smtplib.SMTP("127.0.0.1", port, local_hostname="moodle.test", timeout=10) as client:
-        client.ehlo()
-        code, reply = client.mail(sender)
-        assert 250 == code, reply
-        for rcpt in recipients:
-            code, reply = client.rcpt(rcpt)
-            assert 250 == code, reply
-        code, reply = client.data(raw)
-    assert 250 == code, reply
-    return queue_id_of(reply.decode())
-
-
-async def asend(port: int, sender: str, recipients: Sequence[str], raw: bytes) -> str:
-    """One SMTP transaction with aiosmtplib (for tests whose loop runs the relay)."""
-    _, reply = await aiosmtplib.send(
-        raw,
-        sender=sender,
-        recipients=list(recipients),
-        hostname="127.0.0.1",
-        port=port,
-        local_hostname="moodle.test",
-        timeout=10,
-    )
-    return queue_id_of(reply)
-
-
-def rows(spool: Path) -> dict[str, dict[str, Any]]:
-    """Every spool row by queue id (body left out), with its events as (event, detail)."""
-    with closing(open_existing(spool)) as conn:
-        found = {r["id"]: {**r, "events": []} for r in conn.execute("SELECT * FROM messages")}
-        for queue_id, event, detail in conn.execute(
-            "SELECT queue_id, event, detail FROM events ORDER BY at, rowid"
-        ):
-            if queue_id in found:
-                found[queue_id]["events"].append((event, detail))
-    for row in found.values():
-        row["recipients"] = tuple(json.loads(row["recipients"]))
-        row["trace"] = bytes(row["trace"])
-    return found
-
-
-def _settled(
-    spool: Path, ids: Iterable[str], states: Collection[str]
-) -> dict[str, dict[str, Any]] | None:
-    found = rows(spool)
-    chosen = {queue_id: found.get(queue_id) for queue_id in ids}
-    if all(row is not None and row["state"] in states for row in chosen.values()):
-        return {k: v for k, v in chosen.items() if v is not None}
-    return None
-
-
-def _timeout(spool: Path, ids: Iterable[str], states: Collection[str]) -> AssertionError:
-    found = rows(spool)
-    late = {q: (found[q]["state"], found[q]["reply"]) if q in found else None for q in ids}
-    return AssertionError(f"rows not {sorted(states)} in time: {late}")
-
-
-def wait_rows(
-    spool: Path, ids: Iterable[str], states: Collection[str] = DONE, *, timeout: float = 20.0
-) -> dict[str, dict[str, Any]]:
-    """The rows of `ids` once all are in one of `states`; AssertionError at the deadline."""
-    ids = list(ids)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done = _settled(spool, ids, states)
-        if done is not None:
-            return done
-        time.sleep(0.05)
-    raise _timeout(spool, ids, states)
-
-
-async def await_rows(
-    spool: Path, ids: Iterable[str], states: Collection[str] = DONE, *, within: float = 20.0
-) -> dict[str, dict[str, Any]]:
-    """`wait_rows` for a test whose event loop runs the relay (`within` seconds)."""
-    ids = list(ids)
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        done = _settled(spool, ids, states)
-        if done is not None:
-            return done
-        await asyncio.sleep(0.05)
-    raise _timeout(spool, ids, states)
 
 
 def main() -> None:

@@ -1,4 +1,11 @@
-"""Helpers for the rules tests: building mails, reading the corpus and its expectations."""
+"""The corpus of Moodle mails (tests/corpus) and where each must go, and rule sets to classify
+mail with.
+
+- `expectations()`: every entry of tests/corpus/expected.yaml as an `Expected` (the file,
+  its Moodle envelope, the rule and route it must get);
+- `ruleset(text)`: rules parsed from a YAML snippet;
+- `shipped_with_marker_rules()`: the shipped rules.yaml with its body-marker block enabled.
+"""
 
 from __future__ import annotations
 
@@ -12,27 +19,7 @@ import yaml
 from relay import rules
 from relay.mail import Mail
 
-CORPUS = Path(__file__).parent / "corpus"
-NOREPLY = "noreply@moodle.example.org"
-ORIGIN = "https://moodle.example.org => web01:mod/reengagement/lib.php:564"
-
-
-def mail(
-    raw: bytes | str,
-    *,
-    sender: str = NOREPLY,
-    recipients: tuple[str, ...] = ("anna@example.org",),
-) -> Mail:
-    """A Mail of `raw` (a str is written with CRLF line ends, UTF-8)."""
-    if isinstance(raw, str):
-        raw = raw.replace("\r\n", "\n").replace("\n", "\r\n").encode("utf-8")
-    return Mail(id="test", sender=sender, recipients=recipients, raw=raw)
-
-
-def message(*headers: str, body: str = "Hello.\n", ctype: str = "text/plain; charset=UTF-8") -> str:
-    """A simple single-part message: the given header lines, then MIME headers and `body`."""
-    lines = [*headers, "MIME-Version: 1.0", f"Content-Type: {ctype}", "", body]
-    return "\n".join(lines)
+CORPUS = Path(__file__).parent.parent / "corpus"
 
 
 def ruleset(text: str) -> rules.RuleSet:

@@ -17,9 +17,10 @@ can both use it. It never checks signatures. Behaviours, all changeable while it
 Every accepted message is recorded in `sent` (source, destinations, raw bytes,
 tags, configuration set); `calls` and `throttles` count. Standalone:
 
-    python -m tests.fakeses --port 0 --rate-limit 20 --latency 0.02
+    python -m tests.support.fakeses --port 0 --rate-limit 20 --latency 0.02
 
 prints its URL on the first line; GET /fake-ses/stats returns the counters as JSON.
+In the tests, the `fake_ses` fixture gives a fresh one per test.
 """
 
 from __future__ import annotations
@@ -33,11 +34,14 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar, Self
 from urllib.parse import parse_qs
 from xml.sax.saxutils import escape
+
+import pytest
 
 NS = "http://ses.amazonaws.com/doc/2010-12-01/"
 RATE_EXCEEDED = "Maximum sending rate exceeded."
@@ -304,6 +308,13 @@ def _result(action: str, inner: str) -> str:
         f"<ResponseMetadata><RequestId>{uuid.uuid4()}</RequestId></ResponseMetadata>"
         f"</{action}Response>"
     )
+
+
+@pytest.fixture
+def fake_ses() -> Iterator[FakeSes]:
+    """A fresh fake SES on port 0 for one test."""
+    with FakeSes() as fake:
+        yield fake
 
 
 def main() -> None:
