@@ -66,6 +66,11 @@ FALLBACKS = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+DSNS = Counter(
+    "relay_dsns",
+    "Delivery status notifications queued to senders of mail that failed for good",
+    registry=REGISTRY,
+)
 SES_LATENCY = Histogram(
     "relay_ses_request_seconds",
     "SendRawEmail latency",
@@ -123,6 +128,7 @@ DELIVERY_FAMILIES = frozenset(
         CLASSIFIED,
         DELIVERIES,
         FALLBACKS,
+        DSNS,
         SES_LATENCY,
         SES_THROTTLES,
         CIRCUIT_OPEN,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -114,6 +115,18 @@ class Retry:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Bounces:
+    """Delivery status notifications (RFC 3464) for mail that fails for good."""
+
+    dsn: bool = True
+    from_address: str | None = None  # None: MAILER-DAEMON@<hostname>
+
+    def sender(self, hostname: str) -> str:
+        """The From: of a DSN."""
+        return self.from_address or f"MAILER-DAEMON@{hostname}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     source: Path
     listen: HostPort
@@ -128,6 +141,7 @@ class Settings:
     allow_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     ses: Ses = Ses()
     retry: Retry = Retry()
+    bounces: Bounces = Bounces()
     metrics: HostPort | None = None
     deliverers: int = 4
     retention: float = 7 * 86400.0  # seconds delivered rows keep their metadata
@@ -168,6 +182,7 @@ _TOP = {
     "upstream",
     "ses",
     "retry",
+    "bounces",
     "metrics",
     "deliverers",
     "retention",
@@ -197,6 +212,7 @@ def _read(root: yamlfile.Node, path: Path) -> Settings | None:
     upstream = _upstream(top["upstream"], rel)
     ses = _ses(top["ses"]) if "ses" in top else Ses()
     retry = _retry(top["retry"]) if "retry" in top else Retry()
+    bounces = _bounces(top["bounces"]) if "bounces" in top else Bounces()
     metrics: HostPort | None = DEFAULT_METRICS  # `metrics: null` turns it off
     if "metrics" in top:
         metrics = None if top["metrics"].is_null() else _host_port(top["metrics"])
@@ -212,10 +228,11 @@ def _read(root: yamlfile.Node, path: Path) -> Settings | None:
         top["auth"].problem("auth on a non-loopback listen needs 'tls' (passwords in clear)")
 
     values = (listen, spool, rules, mode, hostname, limits, networks, upstream, ses, retry)
-    if any(v is None for v in values) or deliverers is None or retention is None:
+    if any(v is None for v in values) or None in (deliverers, retention, bounces):
         return None
     assert listen and spool and rules and mode and hostname and limits and upstream and ses
-    assert retry is not None and networks is not None
+    assert retry is not None and networks is not None and bounces is not None
+    assert deliverers is not None and retention is not None
     return Settings(
         source=path,
         listen=listen,
@@ -230,6 +247,7 @@ def _read(root: yamlfile.Node, path: Path) -> Settings | None:
         upstream=upstream,
         ses=ses,
         retry=retry,
+        bounces=bounces,
         metrics=metrics,
         deliverers=deliverers,
         retention=float(retention),
@@ -402,6 +420,26 @@ def _retry(node: yamlfile.Node) -> Retry | None:
     if schedule is None or max_age is None:
         return None
     return Retry(schedule=schedule, max_age=float(max_age))
+
+
+def _bounces(node: yamlfile.Node) -> Bounces | None:
+    m = node.mapping({"dsn", "from"})
+    if m is None:
+        return None
+    dsn = m["dsn"].as_bool() if "dsn" in m else Bounces().dsn
+    sender = Bounces().from_address
+    ok = True
+    if "from" in m and not m["from"].is_null():
+        sender = m["from"].as_str()
+        if sender is not None and not _ADDRESS.fullmatch(sender):
+            m["from"].problem(f"expected a mail address like MAILER-DAEMON@host, got {sender!r}")
+        ok = sender is not None and _ADDRESS.fullmatch(sender) is not None
+    if dsn is None or not ok:
+        return None
+    return Bounces(dsn=dsn, from_address=sender)
+
+
+_ADDRESS = re.compile(r"[^@\s<>]+@[^@\s<>]+")
 
 
 def check_listen_env(settings: Settings) -> list[str]:

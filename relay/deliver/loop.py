@@ -19,12 +19,14 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 from relay import logs, metrics
+from relay.deliver import dsn
 from relay.deliver.ses.route import Fallback, Retry, Sent, SesRoute
 from relay.errors import HostUnreachable, PermanentFailure, SpoolError, TemporaryFailure
 from relay.mail import Mail
 from relay.rules import Decision, Route, RuleSet
 from relay.runtime import wait_any
 from relay.settings import Settings
+from relay.spool import Notice
 
 log = logging.getLogger("relay.deliver")
 
@@ -33,6 +35,8 @@ IDLE_POLL = 1.0  # seconds; deferred mail becomes due without a wake-up
 # this long: a backlog against a dead host must not cost one connection per message.
 UPSTREAM_DOWN_FOR = 5.0
 RECORD_BACKOFF_MAX = 30.0  # seconds between tries to record an outcome on a full spool
+# A DSN relay wrote goes to the original host, whatever the rules say (SES refuses `<>`).
+DSN_DECISION = Decision(rule=None, route=Route.UPSTREAM, reasons=("delivery status notification",))
 
 
 class UpstreamResultLike(Protocol):
@@ -62,6 +66,7 @@ class Store(Protocol):
         reply: str,
         ses_message_id: str | None = None,
         fallback_reason: str | None = None,
+        notice: Notice | None = None,
     ) -> None: ...
     async def defer(
         self,
@@ -73,6 +78,7 @@ class Store(Protocol):
         reply: str,
         fallback_reason: str | None = None,
         recipients: Sequence[str] | None = None,
+        notice: Notice | None = None,
     ) -> None: ...
     async def fail(
         self,
@@ -82,6 +88,7 @@ class Store(Protocol):
         route: str,
         reply: str,
         fallback_reason: str | None = None,
+        notice: Notice | None = None,
     ) -> None: ...
     async def event(self, queue_id: str, event: str, detail: str) -> None: ...
 
@@ -181,7 +188,7 @@ class Deliverer:
 
     async def deliver(self, mail: Mail) -> None:
         """One attempt for one claimed message; records the outcome on its row."""
-        decision = self.rules.classify(mail)
+        decision = self.rules.classify(mail) if not mail.reports_on else DSN_DECISION
         metrics.CLASSIFIED.labels(decision.rule or "(default)", decision.route.value).inc()
         logs.event(
             log,
@@ -248,7 +255,8 @@ class Deliverer:
         try:
             result = await self.upstream.send(mail)
         except PermanentFailure as exc:
-            await self._fail(mail, decision, exc.reply, reason)
+            failures = [self._refused(rcpt, exc.reply) for rcpt in mail.recipients]
+            await self._fail(mail, decision, exc.reply, reason, failures)
             return
         except TemporaryFailure as exc:
             if isinstance(exc, HostUnreachable):
@@ -256,6 +264,7 @@ class Deliverer:
                 self._down_reply = exc.reply
             await self._defer_or_fail(mail, decision, Route.UPSTREAM, exc.reply, reason)
             return
+        refused = [self._refused(rcpt, reply) for rcpt, reply in result.permanent]
         if result.temporary:
             remaining = [rcpt for rcpt, _ in result.temporary]
             replies = "; ".join(f"{r}: {reply}" for r, reply in result.temporary)
@@ -267,10 +276,11 @@ class Deliverer:
                 Route.UPSTREAM,
                 replies,
                 reason,
+                refused=refused,
             )
             return
         if not result.accepted:
-            await self._fail(mail, decision, _summary(result), reason)
+            await self._fail(mail, decision, _summary(result), reason, refused)
             return
         if result.permanent:
             await self._record(self.spool.event, mail.id, "partial", _summary(result))
@@ -281,6 +291,7 @@ class Deliverer:
             route=Route.UPSTREAM.value,
             reply=result.reply,
             fallback_reason=reason,
+            notice=self._notice(mail, refused),
         )
         _outcome(
             "sent",
@@ -291,7 +302,20 @@ class Deliverer:
             **({"fallback": reason} if reason else {}),
         )
 
-    async def _fail(self, mail: Mail, decision: Decision, reply: str, reason: str | None) -> None:
+    def _refused(self, recipient: str, reply: str) -> dsn.Failure:
+        return dsn.refused(self.settings, recipient, reply)
+
+    def _notice(self, mail: Mail, failures: Sequence[dsn.Failure]) -> Notice | None:
+        return dsn.for_outcome(mail, failures, self.settings)
+
+    async def _fail(
+        self,
+        mail: Mail,
+        decision: Decision,
+        reply: str,
+        reason: str | None,
+        failures: Sequence[dsn.Failure],
+    ) -> None:
         await self._record(
             self.spool.fail,
             mail.id,
@@ -299,23 +323,36 @@ class Deliverer:
             route=Route.UPSTREAM.value,
             reply=reply,
             fallback_reason=reason,
+            notice=self._notice(mail, failures),
         )
         _outcome("failed", mail, decision, Route.UPSTREAM, reply=reply)
 
     async def _defer_or_fail(
-        self, mail: Mail, decision: Decision | None, route: Route, reply: str, reason: str | None
+        self,
+        mail: Mail,
+        decision: Decision | None,
+        route: Route,
+        reply: str,
+        reason: str | None,
+        *,
+        refused: Sequence[dsn.Failure] = (),
     ) -> None:
+        """Defer on the retry schedule, or fail past `retry.max_age`; `refused`: recipients
+        already refused for good (a partial send), in the DSN either way."""
         rule = decision.rule if decision else None
         age = time.time() - mail.received_at
         retry = self.settings.retry
         if age >= retry.max_age:
+            reply = f"gave up after {age:.0f}s (retry.max_age): {reply}"
+            expired = [dsn.Failure(recipient=r, reply=reply) for r in mail.recipients]
             await self._record(
                 self.spool.fail,
                 mail.id,
                 rule=rule,
                 route=route.value,
-                reply=f"gave up after {age:.0f}s (retry.max_age): {reply}",
+                reply=reply,
                 fallback_reason=reason,
+                notice=self._notice(mail, [*refused, *expired]),
             )
             _outcome("failed", mail, decision, route, reason="max_age", reply=reply)
             return
@@ -329,6 +366,7 @@ class Deliverer:
             reply=reply,
             fallback_reason=reason,
             recipients=mail.recipients,
+            notice=self._notice(mail, refused),
         )
         _outcome("deferred", mail, decision, route, retry_in=delay, reply=reply)
 

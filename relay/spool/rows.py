@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 import sqlite3
 import threading
 import time
+from dataclasses import dataclass
 from enum import StrEnum
 
 
@@ -43,6 +45,42 @@ def add_event(conn: sqlite3.Connection, queue_id: str, event: str, detail: str, 
         "INSERT INTO events (queue_id, at, event, detail) VALUES (?, ?, ?, ?)",
         (queue_id, at, event, detail),
     )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Notice:
+    """A delivery status notification to queue beside an outcome, in the same transaction:
+    from the null sender `<>` to `recipient`, about the row being recorded."""
+
+    id: str
+    recipient: str
+    raw: bytes
+    trace: bytes
+    message_id: str
+    summary: str  # for both histories, e.g. "failed: a@example.org"
+
+
+def add_notice(conn: sqlite3.Connection, about: str, notice: Notice, now: float) -> None:
+    """Queue `notice` as a mail of its own (null sender) that reports on row `about`."""
+    conn.execute(
+        "INSERT INTO messages (id, state, sender, recipients, size, message_id, peer,"
+        " received_at, due_at, updated_at, trace, reports_on)"
+        " VALUES (?, 'queued', '', ?, ?, ?, 'relay', ?, ?, ?, ?, ?)",
+        (
+            notice.id,
+            json.dumps([notice.recipient]),
+            len(notice.raw),
+            notice.message_id,
+            now,
+            now,
+            now,
+            notice.trace,
+            about,
+        ),
+    )
+    conn.execute("INSERT INTO bodies (id, body) VALUES (?, ?)", (notice.id, notice.raw))
+    add_event(conn, notice.id, "received", f"delivery status notification about {about}", now)
+    add_event(conn, about, "dsn", f"{notice.id} to <{notice.recipient}> ({notice.summary})", now)
 
 
 def reclaim_inflight(conn: sqlite3.Connection) -> int:

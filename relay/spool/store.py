@@ -33,7 +33,15 @@ from typing import Any, cast
 
 from relay.errors import SpoolError
 from relay.mail import Mail
-from relay.spool.rows import State, add_event, new_id, reclaim_inflight, state_counts
+from relay.spool.rows import (
+    Notice,
+    State,
+    add_event,
+    add_notice,
+    new_id,
+    reclaim_inflight,
+    state_counts,
+)
 from relay.spool.schema import DB_NAME, prepare
 from relay.spool.writer import Op, T, Writer
 
@@ -170,7 +178,7 @@ class Spool:
                 " WHERE state IN ('queued', 'deferred') AND due_at <= ?1"
                 " ORDER BY due_at, id LIMIT ?2)"
                 " RETURNING id, sender, recipients, received_at, attempts, peer, trace,"
-                " message_id",
+                " message_id, reports_on",
                 (now, limit),
             ).fetchall()
             bodies = _bodies(conn, [r[0] for r in rows])
@@ -185,6 +193,7 @@ class Spool:
                     peer=r[5],
                     trace=bytes(r[6]),
                     message_id=r[7] or "",
+                    reports_on=r[8] or "",
                 )
                 for r in rows
             ]
@@ -201,8 +210,10 @@ class Spool:
         reply: str,
         ses_message_id: str | None = None,
         fallback_reason: str | None = None,
+        notice: Notice | None = None,
     ) -> None:
-        """Delivered: keep the metadata, delete the body."""
+        """Delivered: keep the metadata, delete the body; `notice`: a DSN for recipients
+        refused for good meanwhile, queued in the same transaction."""
         detail = f"route={route} rule={rule} reply={reply}"
         if ses_message_id:
             detail += f" ses_message_id={ses_message_id}"
@@ -216,6 +227,7 @@ class Spool:
             ses_message_id=ses_message_id,
             fallback_reason=fallback_reason,
             drop_body=True,
+            notice=notice,
         )
 
     async def defer(
@@ -228,8 +240,10 @@ class Spool:
         reply: str,
         fallback_reason: str | None = None,
         recipients: Sequence[str] | None = None,
+        notice: Notice | None = None,
     ) -> None:
-        """Try again at `due_at`; `recipients`: those still to do when some succeeded."""
+        """Try again at `due_at`; `recipients`: those still to do when some succeeded;
+        `notice`: a DSN for those refused for good meanwhile, in the same transaction."""
         fields: dict[str, Any] = {
             "due_at": due_at,
             "rule": rule,
@@ -240,7 +254,7 @@ class Spool:
         if recipients is not None:
             fields["recipients"] = json.dumps(list(recipients))
         detail = f"route={route} due in {max(0.0, due_at - time.time()):.0f}s reply={reply}"
-        await self._finish(queue_id, State.DEFERRED, detail, **fields)
+        await self._finish(queue_id, State.DEFERRED, detail, notice=notice, **fields)
 
     async def fail(
         self,
@@ -250,8 +264,10 @@ class Spool:
         route: str,
         reply: str,
         fallback_reason: str | None = None,
+        notice: Notice | None = None,
     ) -> None:
-        """Dead letter: keep the body, visible to `relay queue`, retryable."""
+        """Dead letter: keep the body, visible to `relay queue`, retryable; `notice`: its
+        DSN to the sender, queued in the same transaction (never one without the other)."""
         await self._finish(
             queue_id,
             State.FAILED,
@@ -260,6 +276,7 @@ class Spool:
             route=route,
             reply=reply,
             fallback_reason=fallback_reason,
+            notice=notice,
         )
 
     async def _finish(
@@ -269,6 +286,7 @@ class Spool:
         detail: str,
         *,
         drop_body: bool = False,
+        notice: Notice | None = None,
         **fields: Any,
     ) -> None:
         columns = ", ".join(f"{name} = ?" for name in fields)
@@ -283,12 +301,16 @@ class Spool:
                 add_event(conn, queue_id, state.value, detail, now)
                 if drop_body:
                     conn.execute("DELETE FROM bodies WHERE id = ?", (queue_id,))
+                if notice is not None:
+                    add_notice(conn, queue_id, notice, now)
             else:
                 log.warning(
                     "event=spool_missing id=%s state=%s (deleted meanwhile?)", queue_id, state
                 )
 
         await self._call(op)
+        if notice is not None:
+            self.wakeup.set()  # the DSN is due now
 
     async def event(self, queue_id: str, event: str, detail: str) -> None:
         """Add a line to the message's history (`relay queue show`)."""
