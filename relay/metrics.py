@@ -110,6 +110,35 @@ RULES_RELOADS = Counter(
     "relay_rules_reloads", "Rules reloads by result (ok, error)", ["result"], registry=REGISTRY
 )
 
+SES_EVENTS = Counter(
+    "relay_ses_events",
+    "SES events read from the feedback queue and applied, by type (Bounce, Complaint, ...)",
+    ["type"],
+    registry=REGISTRY,
+)
+SES_EVENTS_DROPPED = Counter(
+    "relay_ses_events_dropped",
+    "SES feedback messages dropped, by reason (unknown_message_id, malformed, duplicate)",
+    ["reason"],
+    registry=REGISTRY,
+)
+BOUNCE_RATE = Gauge(
+    "relay_ses_bounce_rate",
+    "Permanent bounces / relay's SES sends over the rolling window (SES reviews at 0.05)",
+    registry=REGISTRY,
+)
+COMPLAINT_RATE = Gauge(
+    "relay_ses_complaint_rate",
+    "Complaints / relay's SES sends over the rolling window (SES reviews at 0.001)",
+    registry=REGISTRY,
+)
+# Set by the receiving side's session cap (limits.max_sessions); defined here so the
+# shipped alert (contrib/prometheus/relay-alerts.yaml) has names to use.
+SESSIONS_ACTIVE = Gauge("relay_sessions_active", "Open SMTP sessions", registry=REGISTRY)
+MAX_SESSIONS = Gauge(
+    "relay_max_sessions", "limits.max_sessions: SMTP sessions allowed at once", registry=REGISTRY
+)
+
 DELIVERY_UP = Gauge(
     "relay_delivery_process_up",
     "1 while relay serve's delivery process runs",
@@ -139,6 +168,10 @@ DELIVERY_FAMILIES = frozenset(
         QUOTA_24H,
         SENT_24H,
         RULES_RELOADS,
+        SES_EVENTS,
+        SES_EVENTS_DROPPED,
+        BOUNCE_RATE,
+        COMPLAINT_RATE,
     )
     for family in metric.describe()
 )
