@@ -30,6 +30,7 @@ from contextlib import AsyncExitStack, suppress
 from pathlib import Path
 
 from relay import logs, metrics, rules, runtime, sdnotify
+from relay.deliver.feedback import ses_feedback
 from relay.deliver.supervisor import delivery_process
 from relay.deliver.task import delivery, purge_sent
 from relay.errors import ConfigError, RelayError, SpoolError
@@ -238,4 +239,11 @@ async def watchdog(ctx: Context) -> None:
 
 
 DEFAULT_TASKS: list[Task] = [delivery_process, observe, watchdog, runtime.reload_on_signal]
-IN_PROCESS_TASKS: list[Task] = [delivery, observe, watchdog, runtime.reload_on_signal, purge_sent]
+IN_PROCESS_TASKS: list[Task] = [
+    delivery,
+    observe,
+    watchdog,
+    runtime.reload_on_signal,
+    purge_sent,
+    ses_feedback,
+]

@@ -106,6 +106,7 @@ class Ses:
     fallback_after: float = 300.0
     timeout: float = 10.0
     circuit_cooldown: float = 300.0
+    events_queue_url: str | None = None  # `events: {queue_url}`: SQS queue of SES events
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -364,6 +365,7 @@ _SES = {
     "fallback_after",
     "timeout",
     "circuit_cooldown",
+    "events",
 }
 
 
@@ -387,6 +389,19 @@ def _ses(node: yamlfile.Node) -> Ses | None:
     fallback = m["fallback_after"].as_number(minimum=0) if "fallback_after" in m else 300.0
     timeout = m["timeout"].as_number(minimum=0.1) if "timeout" in m else 10.0
     cooldown = m["circuit_cooldown"].as_number(minimum=1) if "circuit_cooldown" in m else 300.0
+    queue_url = Ses().events_queue_url
+    if "events" in m and not m["events"].is_null():
+        events = m["events"].mapping({"queue_url"})
+        ok = ok and events is not None
+        if events is not None and "queue_url" in events and not events["queue_url"].is_null():
+            queue_url = events["queue_url"].as_str()
+            if queue_url is not None and not queue_url.startswith(("https://", "http://")):
+                events["queue_url"].problem(
+                    f"expected an SQS queue URL like https://sqs.REGION.amazonaws.com/"
+                    f"ACCOUNT/NAME, got {queue_url!r}"
+                )
+                queue_url = None
+            ok = ok and queue_url is not None
     if None in (enabled, region, fallback, timeout, cooldown) or not ok:
         return None
     assert enabled is not None and region and fallback is not None and timeout and cooldown
@@ -399,6 +414,7 @@ def _ses(node: yamlfile.Node) -> Ses | None:
         fallback_after=float(fallback),
         timeout=float(timeout),
         circuit_cooldown=float(cooldown),
+        events_queue_url=queue_url,
     )
 
 

@@ -66,7 +66,8 @@ _SES_ID = "CREATE INDEX IF NOT EXISTS messages_ses_id ON messages (ses_message_i
 _FEEDBACK = """CREATE TABLE IF NOT EXISTS feedback (
     key TEXT PRIMARY KEY NOT NULL,      -- the SES event's identity (type, MessageId, id)
     queue_id TEXT NOT NULL,
-    at REAL NOT NULL
+    at REAL NOT NULL,
+    kind TEXT NOT NULL DEFAULT ''       -- bounce (permanent), complaint, or other: for the rates
 )"""
 _V3 = (_REPORTS_ON, _SES_ID, _FEEDBACK)
 _SCHEMA = (

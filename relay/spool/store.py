@@ -33,6 +33,7 @@ from typing import Any, cast
 
 from relay.errors import SpoolError
 from relay.mail import Mail
+from relay.spool.feedback import Applied, NoticeFor, Reputation, apply, reputation
 from relay.spool.rows import (
     Notice,
     State,
@@ -316,6 +317,39 @@ class Spool:
         """Add a line to the message's history (`relay queue show`)."""
         await self._call(lambda conn: add_event(conn, queue_id, event, detail, time.time()))
 
+    async def feedback(
+        self,
+        *,
+        key: str,
+        ses_message_id: str,
+        event: str,
+        detail: str,
+        kind: str,
+        notice_for: NoticeFor | None = None,
+    ) -> Applied:
+        """Apply one SES event to the mail SES knows as `ses_message_id`, at most once per
+        `key`; `notice_for(mail)` may queue a DSN in the same transaction."""
+
+        def op(conn: sqlite3.Connection) -> Applied:
+            return apply(
+                conn,
+                key=key,
+                ses_message_id=ses_message_id,
+                event=event,
+                detail=detail,
+                kind=kind,
+                notice_for=notice_for,
+                now=time.time(),
+            )
+
+        applied = await self._call(op)
+        self.wakeup.set()  # a DSN may be due
+        return applied
+
+    async def reputation(self, since: float) -> Reputation:
+        """Relay's SES sends since `since` and the bounces and complaints about them."""
+        return await self._call(lambda conn: reputation(conn, since))
+
     async def purge(self, older_than: float) -> int:
         """Delete sent rows whose outcome is older than `older_than` seconds; return count."""
 
@@ -324,6 +358,7 @@ class Spool:
             ids = "SELECT id FROM messages WHERE state = 'sent' AND updated_at < ?"
             conn.execute(f"DELETE FROM events WHERE queue_id IN ({ids})", (cutoff,))
             conn.execute(f"DELETE FROM bodies WHERE id IN ({ids})", (cutoff,))  # none: sent() did
+            conn.execute("DELETE FROM feedback WHERE at < ?", (cutoff,))
             return conn.execute(
                 "DELETE FROM messages WHERE state = 'sent' AND updated_at < ?", (cutoff,)
             ).rowcount
