@@ -110,6 +110,13 @@ RULES_RELOADS = Counter(
     "relay_rules_reloads", "Rules reloads by result (ok, error)", ["result"], registry=REGISTRY
 )
 
+SUPPRESSED = Counter(
+    "relay_ses_suppressed_recipients",
+    "SES-routed recipients found on the SES account suppression list, by what was done"
+    " (ses.suppressed: upstream, bounce)",
+    ["action"],
+    registry=REGISTRY,
+)
 SES_EVENTS = Counter(
     "relay_ses_events",
     "SES events read from the feedback queue and applied, by type (Bounce, Complaint, ...)",
@@ -168,6 +175,7 @@ DELIVERY_FAMILIES = frozenset(
         QUOTA_24H,
         SENT_24H,
         RULES_RELOADS,
+        SUPPRESSED,
         SES_EVENTS,
         SES_EVENTS_DROPPED,
         BOUNCE_RATE,

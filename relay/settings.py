@@ -37,6 +37,14 @@ class Security(StrEnum):
     TLS = "tls"
 
 
+class Suppressed(StrEnum):
+    """What happens to recipients on the SES account suppression list (`ses.suppressed`)."""
+
+    UPSTREAM = "upstream"  # the original host tries them; a real bounce comes back
+    BOUNCE = "bounce"  # fail them at once, with a DSN to the sender
+    SEND = "send"  # no lookup: SES accepts and drops them, as without relay
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HostPort:
     host: str
@@ -107,6 +115,7 @@ class Ses:
     timeout: float = 10.0
     circuit_cooldown: float = 300.0
     events_queue_url: str | None = None  # `events: {queue_url}`: SQS queue of SES events
+    suppressed: Suppressed = Suppressed.UPSTREAM
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -366,6 +375,7 @@ _SES = {
     "timeout",
     "circuit_cooldown",
     "events",
+    "suppressed",
 }
 
 
@@ -389,6 +399,10 @@ def _ses(node: yamlfile.Node) -> Ses | None:
     fallback = m["fallback_after"].as_number(minimum=0) if "fallback_after" in m else 300.0
     timeout = m["timeout"].as_number(minimum=0.1) if "timeout" in m else 10.0
     cooldown = m["circuit_cooldown"].as_number(minimum=1) if "circuit_cooldown" in m else 300.0
+    suppressed: str | None = Ses().suppressed.value
+    if "suppressed" in m:
+        suppressed = m["suppressed"].as_choice([c.value for c in Suppressed])
+        ok = ok and suppressed is not None
     queue_url = Ses().events_queue_url
     if "events" in m and not m["events"].is_null():
         events = m["events"].mapping({"queue_url"})
@@ -415,6 +429,7 @@ def _ses(node: yamlfile.Node) -> Ses | None:
         timeout=float(timeout),
         circuit_cooldown=float(cooldown),
         events_queue_url=queue_url,
+        suppressed=Suppressed(suppressed or Ses().suppressed),
     )
 
 

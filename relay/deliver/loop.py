@@ -25,8 +25,8 @@ from relay.errors import HostUnreachable, PermanentFailure, SpoolError, Temporar
 from relay.mail import Mail
 from relay.rules import Decision, Route, RuleSet
 from relay.runtime import wait_any
-from relay.settings import Settings
-from relay.spool import Notice
+from relay.settings import Mode, Settings, Suppressed
+from relay.spool import Notice, new_id
 
 log = logging.getLogger("relay.deliver")
 
@@ -91,6 +91,13 @@ class Store(Protocol):
         notice: Notice | None = None,
     ) -> None: ...
     async def event(self, queue_id: str, event: str, detail: str) -> None: ...
+    async def split(
+        self, queue_id: str, *, child: str, recipients: Sequence[str], reason: str
+    ) -> None: ...
+
+
+class Suppressions(Protocol):
+    async def reasons(self, recipients: Sequence[str]) -> dict[str, str]: ...
 
 
 class Deliverer:
@@ -105,6 +112,7 @@ class Deliverer:
         upstream: UpstreamSender,
         ses_route: SesRoute,
         wakeup: asyncio.Event,
+        suppressions: Suppressions | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
@@ -112,6 +120,7 @@ class Deliverer:
         self.upstream = upstream
         self.ses_route = ses_route
         self.wakeup = wakeup
+        self.suppressions = suppressions  # None: no lookups (as `ses.suppressed: send`)
         self._tasks: set[asyncio.Task[None]] = set()
         self._upstream_down_until = 0.0  # monotonic; no connection attempts before it
         self._down_reply = ""
@@ -201,6 +210,11 @@ class Deliverer:
         )
         fallback: Fallback | None = None
         if decision.route is Route.SES:
+            checked = await self._suppression(mail, decision)
+            if checked is None:
+                return  # all on the suppression list, failed (ses.suppressed: bounce)
+            mail, fallback = checked
+        if decision.route is Route.SES and fallback is None:
             verdict = await self.ses_route.attempt(mail, decision, self.settings)
             if isinstance(verdict, Sent):
                 await self._record(
@@ -232,6 +246,7 @@ class Deliverer:
                 )
                 return
             fallback = verdict
+        if fallback is not None:
             metrics.FALLBACKS.labels(fallback.reason).inc()
             logs.event(
                 log,
@@ -243,6 +258,51 @@ class Deliverer:
                 detail=fallback.detail,
             )
         await self._upstream(mail, decision, fallback)
+
+    async def _suppression(
+        self, mail: Mail, decision: Decision
+    ) -> tuple[Mail, Fallback | None] | None:
+        """Recipients on the SES account suppression list (SES would drop them silently):
+        some -> split off into a mail of their own (it comes back here, all suppressed);
+        all -> upstream (`ses.suppressed: upstream`), or failed with a DSN (`bounce`).
+        None when the outcome is recorded already."""
+        ses = self.settings.ses
+        if self.suppressions is None or ses.suppressed is Suppressed.SEND or not ses.enabled:
+            return mail, None
+        if self.settings.mode is not Mode.LIVE or not mail.sender:
+            return mail, None  # SES is not tried anyway
+        held = await self.suppressions.reasons(mail.recipients)
+        if not held:
+            return mail, None
+        listed = ", ".join(f"{rcpt} ({why})" for rcpt, why in held.items())
+        detail = f"on the SES account suppression list: {listed}"
+        metrics.SUPPRESSED.labels(ses.suppressed.value).inc(len(held))
+        if len(held) < len(mail.recipients):
+            rest = tuple(r for r in mail.recipients if r not in held)
+            await self._record(
+                self.spool.split, mail.id, child=new_id(), recipients=list(held), reason=detail
+            )
+            return replace(mail, recipients=rest), None
+        if ses.suppressed is Suppressed.UPSTREAM:
+            return mail, Fallback(reason="suppressed", detail=detail)
+        failures = [
+            dsn.Failure(
+                recipient=rcpt,
+                reply=f"550 5.1.1 <{rcpt}>: on the SES account suppression list ({why})",
+            )
+            for rcpt, why in held.items()
+        ]
+        reply = f"550 5.1.1 {detail}"
+        await self._record(
+            self.spool.fail,
+            mail.id,
+            rule=decision.rule,
+            route=Route.SES.value,
+            reply=reply,
+            notice=self._notice(mail, failures),
+        )
+        _outcome("failed", mail, decision, Route.SES, reply=reply)
+        return None
 
     async def _upstream(self, mail: Mail, decision: Decision, fallback: Fallback | None) -> None:
         reason = fallback.detail if fallback else None

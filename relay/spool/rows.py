@@ -83,6 +83,41 @@ def add_notice(conn: sqlite3.Connection, about: str, notice: Notice, now: float)
     add_event(conn, about, "dsn", f"{notice.id} to <{notice.recipient}> ({notice.summary})", now)
 
 
+def split_off(
+    conn: sqlite3.Connection,
+    queue_id: str,
+    child: str,
+    recipients: list[str],
+    reason: str,
+    now: float,
+) -> bool:
+    """Move `recipients` of row `queue_id` to a new queued row `child` (same envelope
+    sender, bytes and arrival), so each part has one route and one fate. False if the
+    row is gone."""
+    row = conn.execute("SELECT recipients FROM messages WHERE id = ?", (queue_id,)).fetchone()
+    if row is None:
+        return False
+    rest = [r for r in json.loads(row[0]) if r not in recipients]
+    conn.execute(
+        "INSERT INTO messages (id, state, sender, recipients, size, message_id, peer,"
+        " received_at, due_at, updated_at, trace)"
+        " SELECT ?1, 'queued', sender, ?2, size, message_id, peer, received_at, ?3, ?3, trace"
+        " FROM messages WHERE id = ?4",
+        (child, json.dumps(recipients), now, queue_id),
+    )
+    conn.execute(
+        "INSERT INTO bodies (id, body) SELECT ?, body FROM bodies WHERE id = ?", (child, queue_id)
+    )
+    conn.execute(
+        "UPDATE messages SET recipients = ?, updated_at = ? WHERE id = ?",
+        (json.dumps(rest), now, queue_id),
+    )
+    rcpts = ", ".join(recipients)
+    add_event(conn, queue_id, "split", f"{rcpts} -> {child}: {reason}", now)
+    add_event(conn, child, "received", f"split from {queue_id} for {rcpts}: {reason}", now)
+    return True
+
+
 def reclaim_inflight(conn: sqlite3.Connection) -> int:
     now = time.time()
     ids = [r[0] for r in conn.execute("SELECT id FROM messages WHERE state = 'inflight'")]

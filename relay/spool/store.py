@@ -41,6 +41,7 @@ from relay.spool.rows import (
     add_notice,
     new_id,
     reclaim_inflight,
+    split_off,
     state_counts,
 )
 from relay.spool.schema import DB_NAME, prepare
@@ -312,6 +313,15 @@ class Spool:
         await self._call(op)
         if notice is not None:
             self.wakeup.set()  # the DSN is due now
+
+    async def split(
+        self, queue_id: str, *, child: str, recipients: Sequence[str], reason: str
+    ) -> None:
+        """Move `recipients` to a new queued message `child` (queued, due now), in one
+        transaction: each part then takes its own route and ends in its own state."""
+        moved = list(recipients)
+        await self._call(lambda conn: split_off(conn, queue_id, child, moved, reason, time.time()))
+        self.wakeup.set()
 
     async def event(self, queue_id: str, event: str, detail: str) -> None:
         """Add a line to the message's history (`relay queue show`)."""
