@@ -217,11 +217,17 @@ def delivery_exposition() -> bytes:
 
 
 async def serve_http(
-    host: str, port: int, *, ready: Check, text: Callable[[], Awaitable[bytes]] = exposition
+    host: str,
+    port: int,
+    *,
+    ready: Check,
+    text: Callable[[], Awaitable[bytes]] = exposition,
+    details: Callable[[], Awaitable[str]] | None = None,
 ) -> asyncio.Server:
     """Start the metrics endpoint; /readyz answers 503 while `ready()` is False.
 
-    `text()` renders /metrics (see `exposition`).
+    `text()` renders /metrics (see `exposition`); `details()` adds lines after /readyz's
+    "ready" (the SES bounce and complaint rates), informative only.
     """
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -231,7 +237,7 @@ async def serve_http(
                 pass
             parts = request.decode("latin-1").split()
             path = parts[1].split("?")[0] if len(parts) >= 2 else ""
-            status, ctype, body = await _route(path, ready, text)
+            status, ctype, body = await _route(path, ready, text, details)
             head = (
                 f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
@@ -247,7 +253,10 @@ async def serve_http(
 
 
 async def _route(
-    path: str, ready: Check, render: Callable[[], Awaitable[bytes]]
+    path: str,
+    ready: Check,
+    render: Callable[[], Awaitable[bytes]],
+    details: Callable[[], Awaitable[str]] | None = None,
 ) -> tuple[str, str, bytes]:
     text = "text/plain; charset=utf-8"
     if path == "/metrics":
@@ -260,5 +269,13 @@ async def _route(
         except Exception as exc:  # a readiness probe reports, it never crashes the server
             log.warning("event=readyz_error error=%r", exc)
             ok = False
-        return ("200 OK", text, b"ready\n") if ok else ("503 Service Unavailable", text, b"no\n")
+        if not ok:
+            return "503 Service Unavailable", text, b"no\n"
+        extra = ""
+        if details is not None:
+            try:
+                extra = await asyncio.wait_for(details(), 5)
+            except Exception as exc:  # details never turn a ready answer into an error
+                log.warning("event=readyz_details_error error=%r", exc)
+        return "200 OK", text, b"ready\n" + extra.encode()
     return "404 Not Found", text, b"not found\n"

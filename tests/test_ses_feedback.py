@@ -506,3 +506,40 @@ def test_events_queue_url_is_validated(write_config: ConfigWriter) -> None:
         "ok.yaml", ses={"events": {"queue_url": "https://sqs.eu-west-1.amazonaws.com/1/q"}}
     )
     assert "https://sqs.eu-west-1.amazonaws.com/1/q" == settings_mod.load(good).ses.events_queue_url
+
+
+async def http_get(port: int, path: str) -> tuple[int, str]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    answer = await reader.read()
+    writer.close()
+    head, _, body = answer.decode().partition("\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+async def test_readyz_shows_the_ses_rates(
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,  # noqa: F811
+    moto_server: str,  # noqa: F811
+) -> None:
+    """With an events queue, /readyz adds the bounce and complaint rates of relay's SES sends
+    under "ready": one send, one Permanent bounce is 100%, marked high; still 200."""
+    queue = new_queue(moto_server)
+    relay = await start_relay(
+        deliver=True,
+        metrics="127.0.0.1:0",
+        upstream={"host": "127.0.0.1", "port": capture.port, "timeout": 5},
+        ses={"region": REGION, "endpoint_url": moto_server, "events": {"queue_url": queue}},
+    )
+    spool = relay.settings.spool
+    queue_id = await asend(relay.port, VERP, [GONE], RAW)
+    ses_id = (await await_rows(spool, [queue_id], {"sent"}))[queue_id]["ses_message_id"]
+    sqs(moto_server).send_message(QueueUrl=queue, MessageBody=sns_wrapped(bounce(ses_id)))
+    await await_events(spool, queue_id, {"ses_bounce"})
+    assert relay.ctx.metrics_port is not None
+    assert (
+        200,
+        "ready\n"
+        "ses high: bounce rate 100.00% (1 of 1 SES sends, 7 days): at SES's 5.0% review level\n"
+        "ses ok: complaint rate 0.00% (0 of 1 SES sends, 7 days)\n",
+    ) == await http_get(relay.ctx.metrics_port, "/readyz")

@@ -46,6 +46,8 @@ BATCH = 10  # messages per ReceiveMessage (its maximum)
 ERROR_PAUSE = 5.0  # seconds before polling again after a failed call
 RATE_EVERY = 60.0  # seconds between bounce/complaint rate updates
 RATE_WINDOW = 7 * 86400.0  # the rates cover this long (at most `retention`)
+BOUNCE_REVIEW = 0.05  # SES reviews an account from this bounce rate (pauses near 10%)
+COMPLAINT_REVIEW = 0.001  # and from this complaint rate (pauses near 0.5%)
 _AWS_HOST = re.compile(r"^(?:sqs\.)?([a-z0-9-]+)\.(?:queue\.)?amazonaws\.com$")
 
 
@@ -127,6 +129,25 @@ class SqsQueue:
             await self._client.delete_message(QueueUrl=self.url, ReceiptHandle=receipt)
         except (BotoCoreError, ClientError, OSError) as exc:
             raise TemporaryFailure(f"SQS DeleteMessage on {self.url} failed: {exc}") from exc
+
+
+def judge(seen: Reputation, window: float) -> list[tuple[str, str]]:
+    """(level, text) for the bounce and the complaint rate: "ok", "warn" from half of SES's
+    review level, "high" from the review level itself."""
+    days = f"{window / 86400:g} days"
+    judged = []
+    for kind, rate, count, review in (
+        ("bounce", seen.bounce_rate, seen.bounces, BOUNCE_REVIEW),
+        ("complaint", seen.complaint_rate, seen.complaints, COMPLAINT_REVIEW),
+    ):
+        text = f"{kind} rate {rate:.2%} ({count} of {seen.sends} SES sends, {days})"
+        if rate >= review:
+            judged.append(("high", f"{text}: at SES's {review:.1%} review level"))
+        elif rate >= review / 2:
+            judged.append(("warn", f"{text}: half of SES's {review:.1%} review"))
+        else:
+            judged.append(("ok", text))
+    return judged
 
 
 async def ses_feedback(ctx: Context) -> None:

@@ -21,15 +21,13 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
-from relay.deliver.feedback import RATE_WINDOW, sqs_location
+from relay.deliver.feedback import RATE_WINDOW, judge, sqs_location
 from relay.settings import Settings
 from relay.spool import DB_NAME
 from relay.spool.feedback import reputation
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 NEEDED = ("bounce", "complaint", "reject")  # event types relay acts on
-BOUNCE_REVIEW = 0.05  # SES reviews an account from this bounce rate (pauses near 10%)
-COMPLAINT_REVIEW = 0.001  # and from this complaint rate (pauses near 0.5%)
 _ERRORS = (BotoCoreError, ClientError, OSError)
 
 Line = tuple[str, str, str]
@@ -110,17 +108,6 @@ def _rates(directory: Path, window: float) -> list[Line]:
             seen = reputation(c, time.time() - window)
     except sqlite3.Error as exc:  # an older spool without the feedback table, for one
         return [(WARN, "rates", f"{db}: cannot read SES feedback: {exc}")]
-    days = f"{window / 86400:g} days"
-    found: list[Line] = []
-    for kind, rate, count, review in (
-        ("bounce", seen.bounce_rate, seen.bounces, BOUNCE_REVIEW),
-        ("complaint", seen.complaint_rate, seen.complaints, COMPLAINT_REVIEW),
-    ):
-        detail = f"{kind} rate {rate:.2%} ({count} of {seen.sends} SES sends, {days})"
-        if rate >= review:
-            found.append((FAIL, "rates", f"{detail}: at SES's {review:.1%} review level"))
-        elif rate >= review / 2:
-            found.append((WARN, "rates", f"{detail}: half of SES's {review:.1%} review"))
-        else:
-            found.append((OK, "rates", detail))
+    levels = {"ok": OK, "warn": WARN, "high": FAIL}
+    found: list[Line] = [(levels[level], "rates", text) for level, text in judge(seen, window)]
     return found
