@@ -130,6 +130,7 @@ class Bounces:
 
     dsn: bool = True
     from_address: str | None = None  # None: MAILER-DAEMON@<hostname>
+    delay_warning: float | None = None  # seconds; a "still trying" DSN once (None: off)
 
     def sender(self, hostname: str) -> str:
         """The From: of a DSN."""
@@ -454,7 +455,7 @@ def _retry(node: yamlfile.Node) -> Retry | None:
 
 
 def _bounces(node: yamlfile.Node) -> Bounces | None:
-    m = node.mapping({"dsn", "from"})
+    m = node.mapping({"dsn", "from", "delay_warning"})
     if m is None:
         return None
     dsn = m["dsn"].as_bool() if "dsn" in m else Bounces().dsn
@@ -465,9 +466,13 @@ def _bounces(node: yamlfile.Node) -> Bounces | None:
         if sender is not None and not _ADDRESS.fullmatch(sender):
             m["from"].problem(f"expected a mail address like MAILER-DAEMON@host, got {sender!r}")
         ok = sender is not None and _ADDRESS.fullmatch(sender) is not None
+    delay = Bounces().delay_warning
+    if "delay_warning" in m and not m["delay_warning"].is_null():
+        delay = m["delay_warning"].as_number(minimum=1)
+        ok = ok and delay is not None
     if dsn is None or not ok:
         return None
-    return Bounces(dsn=dsn, from_address=sender)
+    return Bounces(dsn=dsn, from_address=sender, delay_warning=delay)
 
 
 _ADDRESS = re.compile(r"[^@\s<>]+@[^@\s<>]+")

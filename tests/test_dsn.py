@@ -364,3 +364,44 @@ async def test_a_version_2_spool_is_upgraded_to_3_and_keeps_its_mail(tmp_path: P
         assert [(built.id, "queued", "")] == linked.fetchall()
     finally:
         conn.close()
+
+
+async def test_a_delay_warning_is_sent_once_when_asked_for(
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,  # noqa: F811
+) -> None:
+    """`bounces.delay_warning: 1`: a mail the host defers (451) for a few tries gets one
+    "Delayed Mail" DSN (Action delayed, the 4.x.x status, Will-Retry-Until), not one per
+    try, and is then delivered; off by default (the other tests get no such DSN)."""
+    capture.refuse_rcpt("slow@students.example.org", "451 4.2.0 mailbox busy", times=4)
+    relay = await start_relay(
+        deliver=True,
+        upstream={"host": "127.0.0.1", "port": capture.port, "timeout": 5},
+        ses={"enabled": False},
+        retry={"schedule": [1], "max_age": 600},
+        bounces={"delay_warning": 1},
+    )
+    queue_id = await asend(relay.port, VERP, ["slow@students.example.org"], RAW)
+    await await_rows(relay.settings.spool, [queue_id], {"sent"}, within=15)
+    [dsn_id] = [q for q, r in rows(relay.settings.spool).items() if r["reports_on"] == queue_id]
+    await await_rows(relay.settings.spool, [dsn_id], {"sent"})
+    by_from = {m.mail_from: m for m in capture.messages}
+    assert {"<>", VERP} == set(by_from)
+    warning = parse(by_from["<>"].content)
+    _, blocks, _ = report_parts(warning)
+    assert (
+        "Delayed Mail (still being retried)",
+        "rfc822; slow@students.example.org",
+        "delayed",
+        "4.2.0",
+        True,
+    ) == (
+        warning["Subject"],
+        blocks[1]["Final-Recipient"],
+        blocks[1]["Action"],
+        blocks[1]["Status"],
+        bool(blocks[1]["Will-Retry-Until"]),
+    )
+    events = [e for e, _ in rows(relay.settings.spool)[queue_id]["events"]]
+    counts = (events.count("dsn_delayed"), events.count("dsn"), events.count("deferred"))
+    assert (1, 0, 4) == counts  # four 451s, one warning

@@ -3,6 +3,7 @@
     deliver loop: upstream 5xx / retry.max_age / a permanent SES bounce
         -> notice(mail, failures) -> spool (same transaction as the outcome)
         -> a mail of its own: MAIL FROM:<>, to the envelope sender, upstream only
+    deferred past `bounces.delay_warning` -> delay_warning(): "still trying", once
 
 Moodle sends with a VERP envelope sender when bounce handling is on and counts
 the notices that come back, as it did when the original host answered 5xx at
@@ -27,6 +28,8 @@ from relay.spool import Notice, new_id
 _ENHANCED = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
 _BASIC = re.compile(r"^\s*([245])\d\d\b")
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]+")
+SUBJECT_FAILED = "Undelivered Mail Returned to Sender"  # Postfix's words, which people know
+SUBJECT_DELAYED = "Delayed Mail (still being retried)"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -69,8 +72,36 @@ def status_of(failure: Failure) -> str:
     return "5.0.0" if basic and basic.group(1) == "5" else "4.4.7"
 
 
-def notice(mail: Mail, failures: Sequence[Failure], *, hostname: str, from_address: str) -> Notice:
-    """The DSN for `failures` of `mail`, ready for the spool (its own queue id and trace)."""
+def delay_warning(mail: Mail, reply: str, settings: Settings) -> Notice | None:
+    """The "still trying" DSN once `mail` has waited `bounces.delay_warning` (the spool
+    queues one per mail at most); None when off, not yet due, or not wanted."""
+    after = settings.bounces.delay_warning
+    if after is None or time.time() - mail.received_at < after or not wanted(mail):
+        return None
+    if not settings.bounces.dsn:
+        return None
+    delayed = [Failure(recipient=r, reply=reply) for r in mail.recipients]
+    hostname = settings.hostname
+    return notice(
+        mail,
+        delayed,
+        hostname=hostname,
+        from_address=settings.bounces.sender(hostname),
+        retry_until=mail.received_at + settings.retry.max_age,
+    )
+
+
+def notice(
+    mail: Mail,
+    failures: Sequence[Failure],
+    *,
+    hostname: str,
+    from_address: str,
+    retry_until: float | None = None,
+) -> Notice:
+    """The DSN for `failures` of `mail`, ready for the spool (its own queue id and trace).
+
+    With `retry_until`, a delay warning instead (Action: delayed, Will-Retry-Until)."""
     queue_id = new_id()
     now = time.time()
     boundary = f"{queue_id}.{secrets.token_hex(8)}/{hostname}"
@@ -79,7 +110,7 @@ def notice(mail: Mail, failures: Sequence[Failure], *, hostname: str, from_addre
     head = _lines(
         f"From: Mail Delivery System <{from_address}>",
         f"To: <{mail.sender}>",
-        "Subject: Undelivered Mail Returned to Sender",
+        f"Subject: {SUBJECT_DELAYED if retry_until else SUBJECT_FAILED}",
         f"Date: {formatdate(now, localtime=True)}",
         f"Message-ID: {message_id}",
         "Auto-Submitted: auto-replied",
@@ -94,10 +125,10 @@ def notice(mail: Mail, failures: Sequence[Failure], *, hostname: str, from_addre
         _part(
             boundary,
             "text/plain; charset=utf-8",
-            _human(mail, failures, hostname),
+            _human(mail, failures, hostname, retry_until),
             "quoted-printable",
         ),
-        _part(boundary, "message/delivery-status", _status(mail, failures, hostname, queue_id)),
+        _part(boundary, "message/delivery-status", _status(mail, failures, hostname, retry_until)),
         _part(
             boundary,
             "text/rfc822-headers",
@@ -117,16 +148,29 @@ def notice(mail: Mail, failures: Sequence[Failure], *, hostname: str, from_addre
         raw=raw,
         trace=trace,
         message_id=message_id,
-        summary=f"failed: {rcpts}",
+        summary=f"{'delayed' if retry_until else 'failed'}: {rcpts}",
+        kind="delayed" if retry_until else "failed",
     )
 
 
-def _human(mail: Mail, failures: Sequence[Failure], hostname: str) -> bytes:
+def _human(
+    mail: Mail, failures: Sequence[Failure], hostname: str, retry_until: float | None
+) -> bytes:
+    if retry_until:
+        until = formatdate(retry_until, localtime=True)
+        why = [
+            "Your message could not be delivered to one or more recipients yet.",
+            f"It will be retried until {until}; you need not send it again.",
+        ]
+    else:
+        why = [
+            "Your message could not be delivered to one or more recipients;",
+            "it will not be retried. The reasons follow.",
+        ]
     lines = [
         f"This is the mail system at host {hostname}.",
         "",
-        "Your message could not be delivered to one or more recipients;",
-        "it will not be retried. The reasons follow.",
+        *why,
         "",
         f"Message-ID: {mail.message_id or '(none)'}",
         f"Queue id: {mail.id}",
@@ -137,7 +181,9 @@ def _human(mail: Mail, failures: Sequence[Failure], hostname: str) -> bytes:
     return quopri.encodestring("\r\n".join(lines).encode("utf-8"))
 
 
-def _status(mail: Mail, failures: Sequence[Failure], hostname: str, queue_id: str) -> bytes:
+def _status(
+    mail: Mail, failures: Sequence[Failure], hostname: str, retry_until: float | None
+) -> bytes:
     blocks = [
         [
             f"Reporting-MTA: dns; {hostname}",
@@ -149,9 +195,11 @@ def _status(mail: Mail, failures: Sequence[Failure], hostname: str, queue_id: st
         reply = _clean(failure.reply)
         block = [
             f"Final-Recipient: rfc822; {failure.recipient}",
-            "Action: failed",
+            f"Action: {'delayed' if retry_until else 'failed'}",
             f"Status: {status_of(failure)}",
         ]
+        if retry_until:
+            block.append(f"Will-Retry-Until: {formatdate(retry_until, localtime=True)}")
         if failure.remote:
             block.append(f"Remote-MTA: {failure.remote}")
         if reply:

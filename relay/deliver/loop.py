@@ -426,7 +426,7 @@ class Deliverer:
             reply=reply,
             fallback_reason=reason,
             recipients=mail.recipients,
-            notice=self._notice(mail, refused),
+            notice=self._notice(mail, refused) or dsn.delay_warning(mail, reply, self.settings),
         )
         _outcome("deferred", mail, decision, route, retry_in=delay, reply=reply)
 

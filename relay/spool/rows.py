@@ -58,10 +58,19 @@ class Notice:
     trace: bytes
     message_id: str
     summary: str  # for both histories, e.g. "failed: a@example.org"
+    kind: str = "failed"  # or "delayed": a warning, queued once per mail at most
 
 
 def add_notice(conn: sqlite3.Connection, about: str, notice: Notice, now: float) -> None:
     """Queue `notice` as a mail of its own (null sender) that reports on row `about`."""
+    event = "dsn" if notice.kind == "failed" else f"dsn_{notice.kind}"
+    if (
+        notice.kind != "failed"
+        and conn.execute(
+            "SELECT 1 FROM events WHERE queue_id = ? AND event = ?", (about, event)
+        ).fetchone()
+    ):
+        return  # warned already
     conn.execute(
         "INSERT INTO messages (id, state, sender, recipients, size, message_id, peer,"
         " received_at, due_at, updated_at, trace, reports_on)"
@@ -80,7 +89,7 @@ def add_notice(conn: sqlite3.Connection, about: str, notice: Notice, now: float)
     )
     conn.execute("INSERT INTO bodies (id, body) VALUES (?, ?)", (notice.id, notice.raw))
     add_event(conn, notice.id, "received", f"delivery status notification about {about}", now)
-    add_event(conn, about, "dsn", f"{notice.id} to <{notice.recipient}> ({notice.summary})", now)
+    add_event(conn, about, event, f"{notice.id} to <{notice.recipient}> ({notice.summary})", now)
 
 
 def split_off(
