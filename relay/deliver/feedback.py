@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol, Self
 from urllib.parse import urlsplit
 
+import aiohttp
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession, get_session
 from botocore.exceptions import BotoCoreError, ClientError
@@ -48,6 +49,7 @@ RATE_EVERY = 60.0  # seconds between bounce/complaint rate updates
 RATE_WINDOW = 7 * 86400.0  # the rates cover this long (at most `retention`)
 BOUNCE_REVIEW = 0.05  # SES reviews an account from this bounce rate (pauses near 10%)
 COMPLAINT_REVIEW = 0.001  # and from this complaint rate (pauses near 0.5%)
+_ERRORS = (BotoCoreError, ClientError, aiohttp.ClientError, OSError)
 _AWS_HOST = re.compile(r"^(?:sqs\.)?([a-z0-9-]+)\.(?:queue\.)?amazonaws\.com$")
 
 
@@ -117,7 +119,7 @@ class SqsQueue:
             answer = await self._client.receive_message(
                 QueueUrl=self.url, MaxNumberOfMessages=BATCH, WaitTimeSeconds=WAIT
             )
-        except (BotoCoreError, ClientError, OSError) as exc:
+        except _ERRORS as exc:
             raise TemporaryFailure(f"SQS ReceiveMessage on {self.url} failed: {exc}") from exc
         return [
             Received(body=m["Body"], receipt=m["ReceiptHandle"], sqs_id=m["MessageId"])
@@ -127,7 +129,7 @@ class SqsQueue:
     async def delete(self, receipt: str) -> None:
         try:
             await self._client.delete_message(QueueUrl=self.url, ReceiptHandle=receipt)
-        except (BotoCoreError, ClientError, OSError) as exc:
+        except _ERRORS as exc:
             raise TemporaryFailure(f"SQS DeleteMessage on {self.url} failed: {exc}") from exc
 
 
@@ -156,7 +158,12 @@ async def ses_feedback(ctx: Context) -> None:
     if not url:
         await ctx.stop.wait()
         return
-    queue = await SqsQueue.open(url, ctx.settings.ses.region)
+    try:
+        queue = await SqsQueue.open(url, ctx.settings.ses.region)
+    except Exception as exc:  # a client that cannot be made must not stop delivery
+        logs.event(log, "ses_feedback_unusable", level=logging.ERROR, queue=url, error=repr(exc))
+        await ctx.stop.wait()
+        return
     logs.event(log, "ses_feedback_started", queue=url)
     try:
         await run(ctx, queue, ctx.spool)
@@ -178,7 +185,12 @@ async def run(ctx: Context, queue: Queue, spool: FeedbackStore) -> None:
             await wait_any(ctx.stop, seconds=ERROR_PAUSE)
             continue
         for message in batch:
-            if not await handle(spool, ctx.settings, message):
+            try:
+                done = await handle(spool, ctx.settings, message)
+            except Exception:  # a bug in one event: it stays queued, the loop goes on
+                log.exception("event=ses_feedback_bug sqs_id=%s", message.sqs_id)
+                done = False
+            if not done:
                 continue  # not committed: SQS shows it again after its visibility timeout
             try:
                 await queue.delete(message.receipt)

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from typing import Any, Self
 
+import aiohttp
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession, get_session
 from botocore.exceptions import BotoCoreError, ClientError
@@ -96,7 +97,7 @@ class SuppressionList:
             if exc.response.get("Error", {}).get("Code") != "NotFoundException":
                 return self._failed(address, exc, now)
             reason = None
-        except (BotoCoreError, OSError, KeyError) as exc:
+        except (BotoCoreError, aiohttp.ClientError, OSError, KeyError) as exc:
             return self._failed(address, exc, now)
         self._cache[address.lower()] = (now + CACHE_TTL, reason)
         return reason
