@@ -543,3 +543,32 @@ async def test_readyz_shows_the_ses_rates(
         "ses high: bounce rate 100.00% (1 of 1 SES sends, 7 days): at SES's 5.0% review level\n"
         "ses ok: complaint rate 0.00% (0 of 1 SES sends, 7 days)\n",
     ) == await http_get(relay.ctx.metrics_port, "/readyz")
+
+
+def reject(message_id: str, recipient: str = GONE) -> dict[str, Any]:
+    return {
+        "eventType": "Reject",
+        "reject": {"reason": "Bad content"},
+        "mail": mail_object(message_id, [recipient]),
+    }
+
+
+async def test_a_reject_event_is_recorded_and_reported_to_the_sender(
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,  # noqa: F811
+    moto_server: str,  # noqa: F811
+) -> None:
+    """SES took the call, then rejected the message (Reject, "Bad content"): nobody got it,
+    so the history says so and the sender gets a DSN (5.7.1, SES's reason)."""
+    queue = new_queue(moto_server)
+    relay = await start_with_queue(start_relay, capture, moto_server, queue)
+    spool = relay.settings.spool
+    queue_id = await asend(relay.port, VERP, [GONE], RAW)
+    ses_id = (await await_rows(spool, [queue_id], {"sent"}))[queue_id]["ses_message_id"]
+    sqs(moto_server).send_message(QueueUrl=queue, MessageBody=eventbridge(reject(ses_id)))
+    row = await await_events(spool, queue_id, {"ses_reject", "dsn"})
+    assert any("Bad content" in d for e, d in row["events"] if e == "ses_reject")
+    [dsn_id] = dsns_of(spool, queue_id)
+    await await_rows(spool, [dsn_id], {"sent"})
+    [notice] = capture.messages
+    assert b"Status: 5.7.1" in notice.content and b"Bad content" in notice.content

@@ -2,7 +2,8 @@
 
     SES configuration set --(SNS | EventBridge)--> SQS `ses.events.queue_url`
       -> long poll (aiobotocore) -> ses.events.parse() -> Spool.feedback() (one commit:
-         history line, once per event; a permanent Bounce also queues the sender's DSN)
+         history line, once per event; a permanent Bounce, or a Reject (SES refused to
+         send after all), also queues the sender's DSN)
       -> DeleteMessage, only after that commit
 
 Events for MessageIds this spool does not know (other senders on the account,
@@ -221,7 +222,7 @@ async def handle(spool: FeedbackStore, settings: Settings, message: Received) ->
             event=f"ses_{event.type.lower()}",
             detail=event.summary(),
             kind=kind,
-            notice_for=_bounce_notice(event, settings) if event.permanent_bounce else None,
+            notice_for=_bounce_notice(event, settings) if event.failed_for_good else None,
         )
     except SpoolError as exc:
         logs.event(log, "ses_event_not_recorded", level=logging.WARNING, error=str(exc))
@@ -243,15 +244,20 @@ async def handle(spool: FeedbackStore, settings: Settings, message: Received) ->
 
 
 def _bounce_notice(event: SesEvent, settings: Settings) -> NoticeFor:
-    """For the spool's transaction: the DSN about `event`'s bounced recipients."""
-    failures = [
-        dsn.Failure(
-            recipient=r.address,
-            reply=r.diagnostic or f"SES bounce {event.bounce_type}/{event.bounce_subtype}",
-            status=r.status if r.status[:1] in ("4", "5") else "5.0.0",
-        )
-        for r in event.recipients
-    ]
+    """For the spool's transaction: the DSN about `event`'s bounced (or, for a Reject,
+    all) recipients."""
+    if event.type == "Reject":
+        reply = f"554 5.7.1 SES rejected the message ({event.detail or 'no reason given'})"
+        failures = [dsn.Failure(recipient=r.address, reply=reply) for r in event.recipients]
+    else:
+        failures = [
+            dsn.Failure(
+                recipient=r.address,
+                reply=r.diagnostic or f"SES bounce {event.bounce_type}/{event.bounce_subtype}",
+                status=r.status if r.status[:1] in ("4", "5") else "5.0.0",
+            )
+            for r in event.recipients
+        ]
 
     def notice_for(mail: Mail) -> Notice | None:
         if not mail.raw:  # the body went after sending: the headers SES sent with the event

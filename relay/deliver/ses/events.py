@@ -55,6 +55,12 @@ class SesEvent:
     def permanent_bounce(self) -> bool:
         return self.type == "Bounce" and self.bounce_type == "Permanent"
 
+    @property
+    def failed_for_good(self) -> bool:
+        """The recipients named will not get the mail: a Permanent bounce, or a Reject
+        (SES took the call, then refused to send the message: a virus, for one)."""
+        return self.permanent_bounce or self.type == "Reject"
+
     def summary(self) -> str:
         """One line for the mail's history (`relay queue show`)."""
         parts = [f"ses_message_id={self.message_id}", f"at={self.timestamp}"]
