@@ -142,6 +142,8 @@ def show(spool_dir: Path, queue_id: str, *, as_json: bool) -> int:
             value = f"{_when(value)} ({value:.3f})"
         elif name == "recipients":
             value = ", ".join(value)
+        elif name == "sender":
+            value = value or "<>"  # the null sender (a DSN)
         click.echo(f"{name + ':':<17}{'-' if value is None else value}")
     click.echo(f"{'dsns:':<17}{', '.join(record['dsns']) or '-'}")
     click.echo("trace:\n  " + record["trace"].rstrip().replace("\r\n", "\n  "))
