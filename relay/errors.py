@@ -3,6 +3,7 @@
     RelayError
     ├── ConfigError (ValueError)        a settings or rules file is wrong; carries every Problem
     ├── SpoolError (OSError)            the spool could not commit or read; the client gets 451
+    ├── MalformedEvent (ValueError)     an SES feedback message that is no SES event: dropped
     └── DeliveryError                   a send did not succeed
         ├── TemporaryFailure            try again later (4xx, timeouts, throttling, 5xx from SES)
         │   ├── Throttled               SES "Maximum sending rate exceeded": slow the pace
@@ -48,6 +49,10 @@ class ConfigError(RelayError, ValueError):
 
 class SpoolError(RelayError, OSError):
     """The spool could not commit or read; nothing was half-written."""
+
+
+class MalformedEvent(RelayError, ValueError):
+    """A message on the SES feedback queue is not an SES event; it is logged and deleted."""
 
 
 class DeliveryError(RelayError):

@@ -35,6 +35,7 @@ class Mail:
     peer: str = ""
     message_id: str = ""  # as stored at receive time, for log lines (no parse needed)
     trace: bytes = b""  # the Received: line written at receive time, CRLF-terminated
+    reports_on: str = ""  # a DSN relay wrote: the queue id of the mail it reports on
 
     def wire_bytes(self) -> bytes:
         """What goes out: our one Received: line on top of the bytes as received."""

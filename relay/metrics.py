@@ -66,6 +66,11 @@ FALLBACKS = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+DSNS = Counter(
+    "relay_dsns",
+    "Delivery status notifications queued to senders of mail that failed for good",
+    registry=REGISTRY,
+)
 SES_LATENCY = Histogram(
     "relay_ses_request_seconds",
     "SendRawEmail latency",
@@ -105,6 +110,42 @@ RULES_RELOADS = Counter(
     "relay_rules_reloads", "Rules reloads by result (ok, error)", ["result"], registry=REGISTRY
 )
 
+SUPPRESSED = Counter(
+    "relay_ses_suppressed_recipients",
+    "SES-routed recipients found on the SES account suppression list, by what was done"
+    " (ses.suppressed: upstream, bounce)",
+    ["action"],
+    registry=REGISTRY,
+)
+SES_EVENTS = Counter(
+    "relay_ses_events",
+    "SES events read from the feedback queue and applied, by type (Bounce, Complaint, ...)",
+    ["type"],
+    registry=REGISTRY,
+)
+SES_EVENTS_DROPPED = Counter(
+    "relay_ses_events_dropped",
+    "SES feedback messages dropped, by reason (unknown_message_id, malformed, duplicate)",
+    ["reason"],
+    registry=REGISTRY,
+)
+BOUNCE_RATE = Gauge(
+    "relay_ses_bounce_rate",
+    "Permanent bounces / relay's SES sends over the rolling window (SES reviews at 0.05)",
+    registry=REGISTRY,
+)
+COMPLAINT_RATE = Gauge(
+    "relay_ses_complaint_rate",
+    "Complaints / relay's SES sends over the rolling window (SES reviews at 0.001)",
+    registry=REGISTRY,
+)
+# Set by the receiving side's session cap (limits.max_sessions); defined here so the
+# shipped alert (contrib/prometheus/relay-alerts.yaml) has names to use.
+SESSIONS_ACTIVE = Gauge("relay_sessions_active", "Open SMTP sessions", registry=REGISTRY)
+MAX_SESSIONS = Gauge(
+    "relay_max_sessions", "limits.max_sessions: SMTP sessions allowed at once", registry=REGISTRY
+)
+
 DELIVERY_UP = Gauge(
     "relay_delivery_process_up",
     "1 while relay serve's delivery process runs",
@@ -123,6 +164,7 @@ DELIVERY_FAMILIES = frozenset(
         CLASSIFIED,
         DELIVERIES,
         FALLBACKS,
+        DSNS,
         SES_LATENCY,
         SES_THROTTLES,
         CIRCUIT_OPEN,
@@ -133,6 +175,11 @@ DELIVERY_FAMILIES = frozenset(
         QUOTA_24H,
         SENT_24H,
         RULES_RELOADS,
+        SUPPRESSED,
+        SES_EVENTS,
+        SES_EVENTS_DROPPED,
+        BOUNCE_RATE,
+        COMPLAINT_RATE,
     )
     for family in metric.describe()
 )
@@ -170,11 +217,17 @@ def delivery_exposition() -> bytes:
 
 
 async def serve_http(
-    host: str, port: int, *, ready: Check, text: Callable[[], Awaitable[bytes]] = exposition
+    host: str,
+    port: int,
+    *,
+    ready: Check,
+    text: Callable[[], Awaitable[bytes]] = exposition,
+    details: Callable[[], Awaitable[str]] | None = None,
 ) -> asyncio.Server:
     """Start the metrics endpoint; /readyz answers 503 while `ready()` is False.
 
-    `text()` renders /metrics (see `exposition`).
+    `text()` renders /metrics (see `exposition`); `details()` adds lines after /readyz's
+    "ready" (the SES bounce and complaint rates), informative only.
     """
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -184,7 +237,7 @@ async def serve_http(
                 pass
             parts = request.decode("latin-1").split()
             path = parts[1].split("?")[0] if len(parts) >= 2 else ""
-            status, ctype, body = await _route(path, ready, text)
+            status, ctype, body = await _route(path, ready, text, details)
             head = (
                 f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
@@ -200,7 +253,10 @@ async def serve_http(
 
 
 async def _route(
-    path: str, ready: Check, render: Callable[[], Awaitable[bytes]]
+    path: str,
+    ready: Check,
+    render: Callable[[], Awaitable[bytes]],
+    details: Callable[[], Awaitable[str]] | None = None,
 ) -> tuple[str, str, bytes]:
     text = "text/plain; charset=utf-8"
     if path == "/metrics":
@@ -213,5 +269,13 @@ async def _route(
         except Exception as exc:  # a readiness probe reports, it never crashes the server
             log.warning("event=readyz_error error=%r", exc)
             ok = False
-        return ("200 OK", text, b"ready\n") if ok else ("503 Service Unavailable", text, b"no\n")
+        if not ok:
+            return "503 Service Unavailable", text, b"no\n"
+        extra = ""
+        if details is not None:
+            try:
+                extra = await asyncio.wait_for(details(), 5)
+            except Exception as exc:  # details never turn a ready answer into an error
+                log.warning("event=readyz_details_error error=%r", exc)
+        return "200 OK", text, b"ready\n" + extra.encode()
     return "404 Not Found", text, b"not found\n"

@@ -25,11 +25,12 @@ import os
 import signal
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, suppress
 from pathlib import Path
 
 from relay import logs, metrics, rules, runtime, sdnotify
+from relay.deliver.feedback import RATE_WINDOW, judge, ses_feedback
 from relay.deliver.supervisor import delivery_process
 from relay.deliver.task import delivery, purge_sent
 from relay.errors import ConfigError, RelayError, SpoolError
@@ -45,6 +46,7 @@ log = logging.getLogger("relay.service")
 SESSION_DRAIN = 30.0  # seconds sessions in a transaction get to finish at stop
 PORT_FILE_ENV = "RELAY_PORT_FILE"
 GAUGE_REFRESH = 5.0  # seconds between queue-depth updates
+RATES_REFRESH = 60.0  # seconds /readyz keeps the SES rates it read
 
 
 class StartError(RelayError):
@@ -207,6 +209,7 @@ async def observe(ctx: Context) -> None:
             where.port,
             ready=ready,
             text=lambda: metrics.exposition(ctx.delivery_metrics),
+            details=_rates_text(ctx) if ctx.settings.ses.events_queue_url else None,
         )
         ctx.metrics_port = server.sockets[0].getsockname()[1]
         logs.event(log, "metrics_listening", address=f"{where.host}:{ctx.metrics_port}")
@@ -226,6 +229,23 @@ async def observe(ctx: Context) -> None:
                 await asyncio.wait_for(server.wait_closed(), 5)
 
 
+def _rates_text(ctx: Context) -> Callable[[], Awaitable[str]]:
+    """/readyz details: SES bounce and complaint rates of relay's sends, re-read at most
+    every RATES_REFRESH seconds (a probe every few seconds must not scan the spool)."""
+    cache: list[tuple[float, str]] = []
+
+    async def text() -> str:
+        if cache and time.monotonic() - cache[0][0] < RATES_REFRESH:
+            return cache[0][1]
+        window = min(RATE_WINDOW, ctx.settings.retention)
+        seen = await ctx.spool.reputation(time.time() - window)
+        lines = "".join(f"ses {level}: {line}\n" for level, line in judge(seen, window))
+        cache[:] = [(time.monotonic(), lines)]
+        return lines
+
+    return text
+
+
 async def watchdog(ctx: Context) -> None:
     """WATCHDOG=1 to systemd at half of WatchdogSec, while the loop runs."""
     interval = sdnotify.watchdog_interval()
@@ -238,4 +258,11 @@ async def watchdog(ctx: Context) -> None:
 
 
 DEFAULT_TASKS: list[Task] = [delivery_process, observe, watchdog, runtime.reload_on_signal]
-IN_PROCESS_TASKS: list[Task] = [delivery, observe, watchdog, runtime.reload_on_signal, purge_sent]
+IN_PROCESS_TASKS: list[Task] = [
+    delivery,
+    observe,
+    watchdog,
+    runtime.reload_on_signal,
+    purge_sent,
+    ses_feedback,
+]

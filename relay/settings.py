@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +37,14 @@ class Security(StrEnum):
     NONE = "none"
     STARTTLS = "starttls"
     TLS = "tls"
+
+
+class Suppressed(StrEnum):
+    """What happens to recipients on the SES account suppression list (`ses.suppressed`)."""
+
+    UPSTREAM = "upstream"  # the original host tries them; a real bounce comes back
+    BOUNCE = "bounce"  # fail them at once, with a DSN to the sender
+    SEND = "send"  # no lookup: SES accepts and drops them, as without relay
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -108,12 +117,27 @@ class Ses:
     fallback_after: float = 300.0
     timeout: float = 10.0
     circuit_cooldown: float = 300.0
+    events_queue_url: str | None = None  # `events: {queue_url}`: SQS queue of SES events
+    suppressed: Suppressed = Suppressed.UPSTREAM
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Retry:
     schedule: tuple[float, ...] = (60.0, 300.0, 900.0, 1800.0, 3600.0)
     max_age: float = 432000.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Bounces:
+    """Delivery status notifications (RFC 3464) for mail that fails for good."""
+
+    dsn: bool = True
+    from_address: str | None = None  # None: MAILER-DAEMON@<hostname>
+    delay_warning: float | None = None  # seconds; a "still trying" DSN once (None: off)
+
+    def sender(self, hostname: str) -> str:
+        """The From: of a DSN."""
+        return self.from_address or f"MAILER-DAEMON@{hostname}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -131,6 +155,7 @@ class Settings:
     allow_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     ses: Ses = Ses()
     retry: Retry = Retry()
+    bounces: Bounces = Bounces()
     metrics: HostPort | None = None
     deliverers: int = 4
     retention: float = 7 * 86400.0  # seconds delivered rows keep their metadata
@@ -177,6 +202,7 @@ _TOP = {
     "upstream",
     "ses",
     "retry",
+    "bounces",
     "metrics",
     "deliverers",
     "retention",
@@ -210,6 +236,7 @@ def _read(root: yamlfile.Node, path: Path) -> Settings | None:
     upstream = _upstream(top["upstream"], rel) if "upstream" in top else None  # required
     ses = _ses(top["ses"]) if "ses" in top else Ses()
     retry = _retry(top["retry"]) if "retry" in top else Retry()
+    bounces = _bounces(top["bounces"]) if "bounces" in top else Bounces()
     metrics: HostPort | None = DEFAULT_METRICS  # `metrics: null` turns it off
     if "metrics" in top:
         metrics = None if top["metrics"].is_null() else _host_port(top["metrics"])
@@ -233,10 +260,11 @@ def _read(root: yamlfile.Node, path: Path) -> Settings | None:
         top["auth"].problem("auth on a non-loopback listen needs 'tls' (passwords in clear)")
 
     values = (listen, spool, rules, mode, hostname, limits, networks, upstream, ses, retry)
-    if any(v is None for v in values) or deliverers is None or retention is None:
+    if any(v is None for v in values) or None in (deliverers, retention, bounces):
         return None
     assert listen and spool and rules and mode and hostname and limits and upstream and ses
-    assert retry is not None and networks is not None
+    assert retry is not None and networks is not None and bounces is not None
+    assert deliverers is not None and retention is not None
     return Settings(
         source=path,
         listen=listen,
@@ -251,6 +279,7 @@ def _read(root: yamlfile.Node, path: Path) -> Settings | None:
         upstream=upstream,
         ses=ses,
         retry=retry,
+        bounces=bounces,
         metrics=metrics,
         deliverers=deliverers,
         retention=float(retention),
@@ -380,6 +409,8 @@ _SES = {
     "fallback_after",
     "timeout",
     "circuit_cooldown",
+    "events",
+    "suppressed",
 }
 
 
@@ -412,6 +443,23 @@ def _ses(node: yamlfile.Node) -> Ses | None:
         if "circuit_cooldown" in m
         else default.circuit_cooldown
     )
+    suppressed: str | None = default.suppressed.value
+    if "suppressed" in m:
+        suppressed = m["suppressed"].as_choice([c.value for c in Suppressed])
+        ok = ok and suppressed is not None
+    queue_url = default.events_queue_url
+    if "events" in m and not m["events"].is_null():
+        events = m["events"].mapping({"queue_url"})
+        ok = ok and events is not None
+        if events is not None and "queue_url" in events and not events["queue_url"].is_null():
+            queue_url = events["queue_url"].as_str()
+            if queue_url is not None and not queue_url.startswith(("https://", "http://")):
+                events["queue_url"].problem(
+                    f"expected an SQS queue URL like https://sqs.REGION.amazonaws.com/"
+                    f"ACCOUNT/NAME, got {queue_url!r}"
+                )
+                queue_url = None
+            ok = ok and queue_url is not None
     if None in (enabled, region, fallback, timeout, cooldown) or not ok:
         return None
     assert enabled is not None and region and fallback is not None and timeout and cooldown
@@ -424,6 +472,8 @@ def _ses(node: yamlfile.Node) -> Ses | None:
         fallback_after=float(fallback),
         timeout=float(timeout),
         circuit_cooldown=float(cooldown),
+        events_queue_url=queue_url,
+        suppressed=Suppressed(suppressed or Ses().suppressed),
     )
 
 
@@ -445,6 +495,30 @@ def _retry(node: yamlfile.Node) -> Retry | None:
     if schedule is None or max_age is None:
         return None
     return Retry(schedule=schedule, max_age=float(max_age))
+
+
+def _bounces(node: yamlfile.Node) -> Bounces | None:
+    m = node.mapping({"dsn", "from", "delay_warning"})
+    if m is None:
+        return None
+    dsn = m["dsn"].as_bool() if "dsn" in m else Bounces().dsn
+    sender = Bounces().from_address
+    ok = True
+    if "from" in m and not m["from"].is_null():
+        sender = m["from"].as_str()
+        if sender is not None and not _ADDRESS.fullmatch(sender):
+            m["from"].problem(f"expected a mail address like MAILER-DAEMON@host, got {sender!r}")
+        ok = sender is not None and _ADDRESS.fullmatch(sender) is not None
+    delay = Bounces().delay_warning
+    if "delay_warning" in m and not m["delay_warning"].is_null():
+        delay = m["delay_warning"].as_number(minimum=1)
+        ok = ok and delay is not None
+    if dsn is None or not ok:
+        return None
+    return Bounces(dsn=dsn, from_address=sender, delay_warning=delay)
+
+
+_ADDRESS = re.compile(r"[^@\s<>]+@[^@\s<>]+")
 
 
 def check_listen_env(settings: Settings) -> list[str]:

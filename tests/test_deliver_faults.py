@@ -398,7 +398,8 @@ async def test_partial_upstream_result_sends_each_recipient_once(
     )
     found = await await_rows(relay.settings.spool, [queue_id], {"sent"})
     row = found[queue_id]
-    got = [(m.rcpt_tos, m.content) for m in capture.messages]
+    # Not the DSN to the sender about the 550 (tests/test_dsn.py): it has the null sender.
+    got = [(m.rcpt_tos, m.content) for m in capture.messages if m.mail_from != "<>"]
     expected_rcpts = [("a@example.org",)] + ([("b@example.org",)] if times else [])
     assert [(r, row["trace"] + raw) for r in expected_rcpts] == got
     partial = [detail for event, detail in row["events"] if event == "partial"]

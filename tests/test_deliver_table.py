@@ -31,6 +31,7 @@ from relay.mail import Mail
 from relay.rules import Route, Rule, RuleSet
 from relay.rules.mimeview import MailView
 from relay.settings import HostPort, Mode, Retry, Ses, Settings, Upstream
+from relay.spool.rows import Notice
 
 NOW = 1_800_000_000.0
 MAX_AGE = 432000.0
@@ -55,6 +56,7 @@ class MemoryStore:
         self.clock = clock
         self.failures = failures
         self.log: list[str] = []
+        self.notices: list[str] = []  # "QUEUE_ID kind to RECIPIENT": DSNs queued with an outcome
         self.batches: list[list[Mail]] = []
         self.stop = asyncio.Event()  # set when the last batch is claimed
         self.wakeup = asyncio.Event()  # set while more batches are due, as a commit would
@@ -64,11 +66,13 @@ class MemoryStore:
         (self.wakeup if self.batches else self.stop).set()  # run() never idles a full second
         return batch[:limit]
 
-    def _write(self, line: str) -> None:
+    def _write(self, line: str, notice: Notice | None = None) -> None:
         if self.failures:
             self.failures -= 1
             raise SpoolError("database or disk is full")
         self.log.append(line)
+        if notice is not None:
+            self.notices.append(f"{line.split()[1]} {notice.kind} to {notice.recipient}")
 
     async def sent(
         self,
@@ -79,10 +83,11 @@ class MemoryStore:
         reply: str,
         ses_message_id: str | None = None,
         fallback_reason: str | None = None,
+        notice: Notice | None = None,
     ) -> None:
         extra = f" ses_id={ses_message_id}" if ses_message_id else ""
         extra += f" [fallback: {fallback_reason}]" if fallback_reason else ""
-        self._write(f"sent {queue_id} {rule} via {route}: {reply}{extra}")
+        self._write(f"sent {queue_id} {rule} via {route}: {reply}{extra}", notice)
 
     async def defer(
         self,
@@ -94,11 +99,12 @@ class MemoryStore:
         reply: str,
         fallback_reason: str | None = None,
         recipients: Sequence[str] | None = None,
+        notice: Notice | None = None,
     ) -> None:
         extra = f" to={','.join(recipients)}" if recipients is not None else ""
         extra += f" [fallback: {fallback_reason}]" if fallback_reason else ""
         due = due_at - self.clock()
-        self._write(f"defer {queue_id} {rule} via {route} in {due:g}s: {reply}{extra}")
+        self._write(f"defer {queue_id} {rule} via {route} in {due:g}s: {reply}{extra}", notice)
 
     async def fail(
         self,
@@ -108,9 +114,10 @@ class MemoryStore:
         route: str,
         reply: str,
         fallback_reason: str | None = None,
+        notice: Notice | None = None,
     ) -> None:
         extra = f" [fallback: {fallback_reason}]" if fallback_reason else ""
-        self._write(f"fail {queue_id} {rule} via {route}: {reply}{extra}")
+        self._write(f"fail {queue_id} {rule} via {route}: {reply}{extra}", notice)
 
     async def event(self, queue_id: str, event: str, detail: str) -> None:
         self._write(f"event {queue_id} {event}: {detail}")
@@ -602,3 +609,42 @@ async def test_bug_in_a_delivery_defers_the_mail_and_the_loop_goes_on() -> None:
         0,
         True,
     ) == (sorted(rig.store.log), left, rig.upstream.closed)
+
+
+DSN_CASES = [
+    pytest.param(
+        Result(permanent=(("a@x.org", P550),), reply="no DATA"),
+        {},
+        ["Q1 failed to noreply@moodle.example.org"],
+        id="5xx-dsn-to-sender",
+    ),
+    pytest.param(
+        Result(accepted=("a@x.org",), permanent=(("b@y.org", P550),)),
+        {"recipients": AB},
+        ["Q1 failed to noreply@moodle.example.org"],
+        id="partial-5xx-dsn-to-sender",
+    ),
+    pytest.param(
+        TRY_LATER, {"age": MAX_AGE}, ["Q1 failed to noreply@moodle.example.org"], id="max-age"
+    ),
+    pytest.param(TRY_LATER, {}, [], id="4xx-deferred-no-dsn"),
+    pytest.param(OK, {}, [], id="sent-no-dsn"),
+    pytest.param(
+        Result(permanent=(("a@x.org", P550),), reply="no DATA"),
+        {"sender": ""},
+        [],
+        id="null-sender",
+    ),
+]
+
+
+@pytest.mark.parametrize(("answer", "fields", "notices"), DSN_CASES)
+async def test_a_mail_that_fails_for_good_queues_one_dsn_to_its_sender(
+    answer: Answer, fields: dict[str, Any], notices: list[str]
+) -> None:
+    """RFC 3464 notices go with the outcome that makes a mail fail for good (5xx, partial
+    5xx, max_age), to the envelope sender; none while it is only deferred, none when it is
+    sent, and none for a null-sender mail (never a DSN about a DSN)."""
+    rig = Rig(upstream=[answer], route=Route.UPSTREAM)
+    await rig.deliver(**fields)
+    assert notices == rig.store.notices

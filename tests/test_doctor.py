@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -156,7 +157,8 @@ def test_doctor_all_good(
         "(no mail sent)" == lines[2]
     )
     assert f"ok    dkim      {DOMAIN}: 3 CNAMEs to SES Easy DKIM (SES status Success)" == lines[9]
-    assert "max send rate 1/s; sent 0 of 200 in the last 24 h" in lines[3]
+    # moto's server is shared by the session: other tests' sends count in "sent N".
+    assert re.search(r"max send rate 1/s; sent \d+ of 200 in the last 24 h", lines[3]), lines[3]
     assert [(b"moodle", PASSWORD.encode())] == auth_host.logins
     assert [] == auth_host.messages
     output = "\n".join(lines)

@@ -20,7 +20,7 @@ from relay.settings import DEFAULT_METRICS, HostPort, Mode, Security, Settings, 
 
 MINIMAL = "upstream:\n  host: smtp.example.org\n"
 TOP_KEYS = (
-    "allow_networks, auth, deliverers, hostname, limits, listen, metrics, mode, retention,"
+    "allow_networks, auth, bounces, deliverers, hostname, limits, listen, metrics, mode, retention,"
     " retry, rules, ses, spool, tls, upstream"
 )
 NON_LOOPBACK = (

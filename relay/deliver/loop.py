@@ -19,12 +19,14 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 from relay import logs, metrics
+from relay.deliver import dsn
 from relay.deliver.ses.route import Fallback, Retry, Sent, SesRoute
 from relay.errors import HostUnreachable, PermanentFailure, SpoolError, TemporaryFailure
 from relay.mail import Mail
 from relay.rules import Decision, Route, RuleSet
 from relay.runtime import wait_any
-from relay.settings import Settings
+from relay.settings import Mode, Settings, Suppressed
+from relay.spool import Notice, new_id
 
 log = logging.getLogger("relay.deliver")
 
@@ -33,6 +35,8 @@ IDLE_POLL = 1.0  # seconds; deferred mail becomes due without a wake-up
 # this long: a backlog against a dead host must not cost one connection per message.
 UPSTREAM_DOWN_FOR = 5.0
 RECORD_BACKOFF_MAX = 30.0  # seconds between tries to record an outcome on a full spool
+# A DSN relay wrote goes to the original host, whatever the rules say (SES refuses `<>`).
+DSN_DECISION = Decision(rule=None, route=Route.UPSTREAM, reasons=("delivery status notification",))
 
 
 class UpstreamResultLike(Protocol):
@@ -62,6 +66,7 @@ class Store(Protocol):
         reply: str,
         ses_message_id: str | None = None,
         fallback_reason: str | None = None,
+        notice: Notice | None = None,
     ) -> None: ...
     async def defer(
         self,
@@ -73,6 +78,7 @@ class Store(Protocol):
         reply: str,
         fallback_reason: str | None = None,
         recipients: Sequence[str] | None = None,
+        notice: Notice | None = None,
     ) -> None: ...
     async def fail(
         self,
@@ -82,8 +88,16 @@ class Store(Protocol):
         route: str,
         reply: str,
         fallback_reason: str | None = None,
+        notice: Notice | None = None,
     ) -> None: ...
     async def event(self, queue_id: str, event: str, detail: str) -> None: ...
+    async def split(
+        self, queue_id: str, *, child: str, recipients: Sequence[str], reason: str
+    ) -> None: ...
+
+
+class Suppressions(Protocol):
+    async def reasons(self, recipients: Sequence[str]) -> dict[str, str]: ...
 
 
 class Deliverer:
@@ -98,6 +112,7 @@ class Deliverer:
         upstream: UpstreamSender,
         ses_route: SesRoute,
         wakeup: asyncio.Event,
+        suppressions: Suppressions | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
@@ -110,6 +125,7 @@ class Deliverer:
         self.upstream = upstream
         self.ses_route = ses_route
         self.wakeup = wakeup
+        self.suppressions = suppressions  # None: no lookups (as `ses.suppressed: send`)
         self._clock = clock
         self._wall_clock = wall_clock
         self._sleep = sleep
@@ -189,7 +205,7 @@ class Deliverer:
 
     async def deliver(self, mail: Mail) -> None:
         """One attempt for one claimed message; records the outcome on its row."""
-        decision = self.rules.classify(mail)
+        decision = self.rules.classify(mail) if not mail.reports_on else DSN_DECISION
         metrics.CLASSIFIED.labels(decision.rule or "(default)", decision.route.value).inc()
         logs.event(
             log,
@@ -202,6 +218,11 @@ class Deliverer:
         )
         fallback: Fallback | None = None
         if decision.route is Route.SES:
+            checked = await self._suppression(mail, decision)
+            if checked is None:
+                return  # all on the suppression list, failed (ses.suppressed: bounce)
+            mail, fallback = checked
+        if decision.route is Route.SES and fallback is None:
             verdict = await self.ses_route.attempt(mail, decision, self.settings)
             if isinstance(verdict, Sent):
                 await self._record(
@@ -233,6 +254,7 @@ class Deliverer:
                 )
                 return
             fallback = verdict
+        if fallback is not None:
             metrics.FALLBACKS.labels(fallback.reason).inc()
             logs.event(
                 log,
@@ -245,6 +267,51 @@ class Deliverer:
             )
         await self._upstream(mail, decision, fallback)
 
+    async def _suppression(
+        self, mail: Mail, decision: Decision
+    ) -> tuple[Mail, Fallback | None] | None:
+        """Recipients on the SES account suppression list (SES would drop them silently):
+        some -> split off into a mail of their own (it comes back here, all suppressed);
+        all -> upstream (`ses.suppressed: upstream`), or failed with a DSN (`bounce`).
+        None when the outcome is recorded already."""
+        ses = self.settings.ses
+        if self.suppressions is None or ses.suppressed is Suppressed.SEND or not ses.enabled:
+            return mail, None
+        if self.settings.mode is not Mode.LIVE or not mail.sender:
+            return mail, None  # SES is not tried anyway
+        held = await self.suppressions.reasons(mail.recipients)
+        if not held:
+            return mail, None
+        listed = ", ".join(f"{rcpt} ({why})" for rcpt, why in held.items())
+        detail = f"on the SES account suppression list: {listed}"
+        metrics.SUPPRESSED.labels(ses.suppressed.value).inc(len(held))
+        if len(held) < len(mail.recipients):
+            rest = tuple(r for r in mail.recipients if r not in held)
+            await self._record(
+                self.spool.split, mail.id, child=new_id(), recipients=list(held), reason=detail
+            )
+            return replace(mail, recipients=rest), None
+        if ses.suppressed is Suppressed.UPSTREAM:
+            return mail, Fallback(reason="suppressed", detail=detail)
+        failures = [
+            dsn.Failure(
+                recipient=rcpt,
+                reply=f"550 5.1.1 <{rcpt}>: on the SES account suppression list ({why})",
+            )
+            for rcpt, why in held.items()
+        ]
+        reply = f"550 5.1.1 {detail}"
+        await self._record(
+            self.spool.fail,
+            mail.id,
+            rule=decision.rule,
+            route=Route.SES.value,
+            reply=reply,
+            notice=self._notice(mail, failures),
+        )
+        _outcome("failed", mail, decision, Route.SES, reply=reply)
+        return None
+
     async def _upstream(self, mail: Mail, decision: Decision, fallback: Fallback | None) -> None:
         reason = fallback.detail if fallback else None
         if fallback is not None:
@@ -256,7 +323,8 @@ class Deliverer:
         try:
             result = await self.upstream.send(mail)
         except PermanentFailure as exc:
-            await self._fail(mail, decision, exc.reply, reason)
+            failures = [self._refused(rcpt, exc.reply) for rcpt in mail.recipients]
+            await self._fail(mail, decision, exc.reply, reason, failures)
             return
         except TemporaryFailure as exc:
             if isinstance(exc, HostUnreachable):
@@ -264,6 +332,7 @@ class Deliverer:
                 self._down_reply = exc.reply
             await self._defer_or_fail(mail, decision, Route.UPSTREAM, exc.reply, reason)
             return
+        refused = [self._refused(rcpt, reply) for rcpt, reply in result.permanent]
         if result.temporary:
             remaining = [rcpt for rcpt, _ in result.temporary]
             replies = "; ".join(f"{r}: {reply}" for r, reply in result.temporary)
@@ -275,10 +344,11 @@ class Deliverer:
                 Route.UPSTREAM,
                 replies,
                 reason,
+                refused=refused,
             )
             return
         if not result.accepted:
-            await self._fail(mail, decision, _summary(result), reason)
+            await self._fail(mail, decision, _summary(result), reason, refused)
             return
         if result.permanent:
             await self._record(self.spool.event, mail.id, "partial", _summary(result))
@@ -289,6 +359,7 @@ class Deliverer:
             route=Route.UPSTREAM.value,
             reply=result.reply,
             fallback_reason=reason,
+            notice=self._notice(mail, refused),
         )
         _outcome(
             "sent",
@@ -299,7 +370,20 @@ class Deliverer:
             **({"fallback": reason} if reason else {}),
         )
 
-    async def _fail(self, mail: Mail, decision: Decision, reply: str, reason: str | None) -> None:
+    def _refused(self, recipient: str, reply: str) -> dsn.Failure:
+        return dsn.refused(self.settings, recipient, reply)
+
+    def _notice(self, mail: Mail, failures: Sequence[dsn.Failure]) -> Notice | None:
+        return dsn.for_outcome(mail, failures, self.settings)
+
+    async def _fail(
+        self,
+        mail: Mail,
+        decision: Decision,
+        reply: str,
+        reason: str | None,
+        failures: Sequence[dsn.Failure],
+    ) -> None:
         await self._record(
             self.spool.fail,
             mail.id,
@@ -307,23 +391,36 @@ class Deliverer:
             route=Route.UPSTREAM.value,
             reply=reply,
             fallback_reason=reason,
+            notice=self._notice(mail, failures),
         )
         _outcome("failed", mail, decision, Route.UPSTREAM, reply=reply)
 
     async def _defer_or_fail(
-        self, mail: Mail, decision: Decision | None, route: Route, reply: str, reason: str | None
+        self,
+        mail: Mail,
+        decision: Decision | None,
+        route: Route,
+        reply: str,
+        reason: str | None,
+        *,
+        refused: Sequence[dsn.Failure] = (),
     ) -> None:
+        """Defer on the retry schedule, or fail past `retry.max_age`; `refused`: recipients
+        already refused for good (a partial send), in the DSN either way."""
         rule = decision.rule if decision else None
         age = self._wall_clock() - mail.received_at
         retry = self.settings.retry
         if age >= retry.max_age:
+            reply = f"gave up after {age:.0f}s (retry.max_age): {reply}"
+            expired = [dsn.Failure(recipient=r, reply=reply) for r in mail.recipients]
             await self._record(
                 self.spool.fail,
                 mail.id,
                 rule=rule,
                 route=route.value,
-                reply=f"gave up after {age:.0f}s (retry.max_age): {reply}",
+                reply=reply,
                 fallback_reason=reason,
+                notice=self._notice(mail, [*refused, *expired]),
             )
             _outcome("failed", mail, decision, route, reason="max_age", reply=reply)
             return
@@ -337,6 +434,7 @@ class Deliverer:
             reply=reply,
             fallback_reason=reason,
             recipients=mail.recipients,
+            notice=self._notice(mail, refused) or dsn.delay_warning(mail, reply, self.settings),
         )
         _outcome("deferred", mail, decision, route, retry_in=delay, reply=reply)
 

@@ -1,7 +1,7 @@
 """The delivery process: `python -m relay.deliver.process`, started and watched by `relay serve`.
 
     lock SPOOL/delivery.lock (flock; waits while an older delivery process holds it)
-      -> spool.reclaim() -> task.delivery + task.purge_sent, reload on SIGHUP
+      -> spool.reclaim() -> task.delivery, task.purge_sent, feedback.ses_feedback; SIGHUP reloads
     wake pipe (--wake-fd): a byte = new mail (spool.wakeup); EOF = relay serve is gone:
       stop, in-flight sends get PARENT_GONE_DRAIN seconds, the rest is reclaimed later
     metrics socket (--metrics-fd): b"SEQ" -> b"SEQ\\n" + this process's delivery metrics
@@ -38,6 +38,7 @@ from pathlib import Path
 from relay import logs, metrics, rules, runtime
 from relay import settings as settings_mod
 from relay.deliver import task
+from relay.deliver.feedback import ses_feedback
 from relay.errors import ConfigError, SpoolError
 from relay.rules import RuleSet
 from relay.runtime import Context, wait_any
@@ -50,7 +51,12 @@ LOCK_NAME = "delivery.lock"
 LOCK_POLL = 0.2  # seconds between tries while another delivery process holds the lock
 PARENT_GONE_DRAIN = 5.0  # seconds in-flight sends get when relay serve died
 NICE = 19  # added to relay serve's nice value (see above)
-TASKS: list[runtime.Task] = [task.delivery, task.purge_sent, runtime.reload_on_signal]
+TASKS: list[runtime.Task] = [
+    task.delivery,
+    task.purge_sent,
+    ses_feedback,
+    runtime.reload_on_signal,
+]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

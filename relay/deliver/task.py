@@ -17,11 +17,12 @@ from relay.deliver.ses.circuit import Circuit, CircuitState
 from relay.deliver.ses.client import SesClient
 from relay.deliver.ses.pace import Pace
 from relay.deliver.ses.route import SesRoute
+from relay.deliver.ses.suppression import SuppressionList
 from relay.deliver.upstream import UpstreamClient
 from relay.errors import DeliveryError, SpoolError
 from relay.rules import RuleSet
 from relay.runtime import Context, wait_any
-from relay.settings import Settings
+from relay.settings import Settings, Suppressed
 
 log = logging.getLogger("relay.service")
 
@@ -70,6 +71,10 @@ async def delivery(ctx: Context) -> None:
                 pace = Pace(pace.ceiling)  # start at the quota, not at the provisional rate
                 await _refresh_quota(ctx, ses, pace)
         circuit = Circuit(settings.ses.circuit_cooldown)
+        suppressions: SuppressionList | None = None
+        if settings.ses.enabled and settings.ses.suppressed is not Suppressed.SEND:
+            suppressions = await SuppressionList.open(settings.ses)
+            stack.push_async_callback(suppressions.close)
         deliverer = Deliverer(
             settings=settings,
             spool=ctx.spool,
@@ -77,6 +82,7 @@ async def delivery(ctx: Context) -> None:
             upstream=UpstreamClient(settings.upstream, hostname=settings.hostname),
             ses_route=SesRoute(ses=ses, pace=pace, circuit=circuit),
             wakeup=ctx.spool.wakeup,
+            suppressions=suppressions,
         )
 
         def reloaded(new_settings: Settings, new_rules: RuleSet) -> None:

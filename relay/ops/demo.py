@@ -3,7 +3,10 @@
 Starts a local SES emulator (moto in server mode) and a local capture server as
 the site's "original host", runs relay between them on a free loopback port
 with the shipped rules, sends the sample Moodle mails over SMTP, waits until
-each one is delivered, and prints where it went.
+each one is delivered, and prints where it went. Then it plays SES's part after
+the send (the emulator reports nothing): it puts a Delivery event and a Permanent
+Bounce on the SQS feedback queue (moto's SQS), and shows relay recording them and
+sending the bounced mail's sender a DSN through the original host.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relay import service
 from relay import settings as settings_mod
-from relay.ops import samples
+from relay.ops import samples, sesevents
 from relay.runtime import Context
 from relay.spool import open_existing
 
@@ -90,6 +93,8 @@ async def _demo(home: Path, ses_url: str, *, keep_running: bool) -> int:
     loop = asyncio.get_running_loop()
     async with get_session().create_client("ses", region_name=REGION, endpoint_url=ses_url) as c:
         await c.verify_domain_identity(Domain=samples.SITE)  # SES sends only from verified ones
+    async with get_session().create_client("sqs", region_name=REGION, endpoint_url=ses_url) as c:
+        queue_url: str = (await c.create_queue(QueueName="relay-demo-ses-events"))["QueueUrl"]
     capture = Capture()
     sink = await loop.create_server(lambda: SMTP(capture, hostname="original-host"), "127.0.0.1", 0)
     sink_port = sink.sockets[0].getsockname()[1]
@@ -102,7 +107,13 @@ async def _demo(home: Path, ses_url: str, *, keep_running: bool) -> int:
                 "hostname": "relay.demo",
                 "metrics": None,
                 "upstream": {"host": "127.0.0.1", "port": sink_port, "security": "none"},
-                "ses": {"region": REGION, "endpoint_url": ses_url, "max_send_rate": 10},
+                "ses": {
+                    "region": REGION,
+                    "endpoint_url": ses_url,
+                    "max_send_rate": 10,
+                    "events": {"queue_url": queue_url},
+                    "suppressed": "send",  # the emulator has no suppression list to ask
+                },
             }
         )
     )
@@ -129,6 +140,7 @@ async def _demo(home: Path, ses_url: str, *, keep_running: bool) -> int:
             ids.append(reply.rsplit(" ", 1)[-1])
         rows = await _wait_delivered(settings.spool, ids)
         _print_table(rows, capture)
+        events_ok = await _play_ses(settings.spool, rows, queue_url, capture)
         if keep_running:
             click.echo(
                 f"\nrelay keeps running. Point an SMTP client at 127.0.0.1:{ctx.port}, e.g."
@@ -139,11 +151,67 @@ async def _demo(home: Path, ses_url: str, *, keep_running: bool) -> int:
                 await task
             return 0
         done = all(r["state"] == "sent" for r in rows)
-        return 0 if done else 1
+        return 0 if done and events_ok else 1
     finally:
         stop.set()
         await asyncio.wait_for(task, 40)
         sink.close()
+
+
+async def _play_ses(
+    spool: Path, rows: list[dict[str, Any]], queue_url: str, capture: Capture
+) -> bool:
+    """Publish what SES would for the mails it took: a Delivery for the first, a Permanent
+    Bounce for the second; wait for relay to record both and deliver the DSN; print it."""
+    sent = [(r, s) for r, s in zip(rows, samples.samples(), strict=True) if r["ses_message_id"]]
+    if len(sent) < 2:
+        click.echo("\nSES events: skipped (fewer than two mails went through SES)")
+        return False
+    (delivered, first), (bounced, second) = sent[:2]
+    events = (
+        sesevents.delivery(delivered["ses_message_id"], first.sender, first.recipient),
+        sesevents.bounce(bounced["ses_message_id"], second.sender, second.recipient),
+    )
+    async with get_session().create_client("sqs", region_name=REGION, endpoint_url=queue_url) as c:
+        for event in events:
+            await c.send_message(
+                QueueUrl=queue_url, MessageBody=sesevents.sns_wrapped(event, REGION)
+            )
+    click.echo(
+        "\nSES events (the demo plays SES, which reports after the send: it puts the event"
+        "\nrecords SES would publish on the SQS feedback queue; relay reads them from there):"
+    )
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        with contextlib.closing(open_existing(spool)) as conn:
+            history = {
+                q: dict(
+                    conn.execute(
+                        "SELECT event, detail FROM events WHERE queue_id = ? ORDER BY at", (q,)
+                    ).fetchall()
+                )
+                for q in (delivered["id"], bounced["id"])
+            }
+            dsn = conn.execute(
+                "SELECT id, state, recipients FROM messages WHERE reports_on = ?", (bounced["id"],)
+            ).fetchone()
+        got_dsn = any(frm in ("", "<>") for frm, _, _ in capture.received)
+        done = "ses_delivery" in history[delivered["id"]] and dsn is not None and got_dsn
+        if done or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    click.echo(
+        f"  {delivered['id']}  Delivery  {first.recipient}: "
+        f"{'recorded' if 'ses_delivery' in history[delivered['id']] else 'NOT recorded'}"
+    )
+    click.echo(
+        f"  {bounced['id']}  Bounce    {second.recipient}: Permanent, 5.1.1 user unknown: "
+        f"{'recorded' if 'ses_bounce' in history[bounced['id']] else 'NOT recorded'}"
+    )
+    if dsn is not None:
+        where = "delivered to the original host" if got_dsn else f"{dsn['state']}"
+        click.echo(f"  {dsn['id']}  DSN       from <> to {second.sender}: {where}")
+    return done
 
 
 async def _wait_delivered(spool: Path, ids: list[str]) -> list[dict[str, Any]]:

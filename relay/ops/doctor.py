@@ -7,7 +7,9 @@ Checks, in order: config and rules load (stop there if not); spool writable;
 original host (EHLO, STARTTLS, AUTH as configured; no mail sent); SES account
 (credentials via GetSendQuota, quota, sending enabled), sender identities,
 configuration sets; DNS of the sender domains (relay.ops.dnscheck: SPF includes
-amazonses.com, Easy DKIM CNAMEs, DMARC). `warn` marks what could not be asked; it does not fail the
+amazonses.com, Easy DKIM CNAMEs, DMARC); with `ses.events.queue_url`, the SES events
+queue, the configuration sets' event destinations and the bounce and complaint rates
+(relay.ops.feedbackcheck). `warn` marks what could not be asked; it does not fail the
 run. Exit 1 when any line is FAIL. Credentials are never printed: every line is
 scrubbed of the AWS keys and the upstream password.
 """
@@ -35,7 +37,7 @@ from relay import rules
 from relay import settings as settings_mod
 from relay.deliver.ses import client as ses_mod
 from relay.errors import ConfigError, DeliveryError
-from relay.ops import dnscheck
+from relay.ops import dnscheck, feedbackcheck
 from relay.rules import RuleSet
 from relay.settings import Security, Settings
 from relay.spool import DB_NAME, state_counts
@@ -109,6 +111,9 @@ async def _run(config_path: Path, senders: tuple[str, ...], nameserver: str | No
     domains = list(dict.fromkeys(s.rpartition("@")[2].lower() for s in senders))
     dkim = await _ses(report, settings, ruleset, senders, domains)
     await _dns(report, domains, dkim, nameserver)
+    sets = [settings.ses.configuration_set, *(r.configuration_set for r in ruleset.rules)]
+    for line in await feedbackcheck.lines(settings, list(dict.fromkeys(n for n in sets if n))):
+        report.line(*line)
     return int(report.failed)
 
 

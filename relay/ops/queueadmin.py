@@ -42,6 +42,7 @@ _COLUMNS = (
     "reply",
     "fallback_reason",
     "updated_at",
+    "reports_on",  # a DSN: the mail it reports on
 )
 _FIELDS = ", ".join(_COLUMNS)
 _SELECT = f"SELECT {_FIELDS} FROM messages"
@@ -120,6 +121,9 @@ def show(spool_dir: Path, queue_id: str, *, as_json: bool) -> int:
             "SELECT at, event, detail FROM events WHERE queue_id = ? ORDER BY at, rowid",
             (queue_id,),
         ).fetchall()
+        notices = conn.execute(
+            "SELECT id FROM messages WHERE reports_on = ? ORDER BY id", (queue_id,)
+        ).fetchall()
     if row is None:
         click.echo(f"relay queue show: no message {queue_id}", err=True)
         return 1
@@ -128,6 +132,7 @@ def show(spool_dir: Path, queue_id: str, *, as_json: bool) -> int:
     body = row["body"]
     record["headers"] = None if body is None else _headers(bytes(body))
     record["events"] = [{"at": e["at"], "event": e["event"], "detail": e["detail"]} for e in events]
+    record["dsns"] = [n["id"] for n in notices]  # DSNs sent about this mail
     if as_json:
         click.echo(json.dumps(record))
         return 0
@@ -137,7 +142,10 @@ def show(spool_dir: Path, queue_id: str, *, as_json: bool) -> int:
             value = f"{_when(value)} ({value:.3f})"
         elif name == "recipients":
             value = ", ".join(value)
+        elif name == "sender":
+            value = value or "<>"  # the null sender (a DSN)
         click.echo(f"{name + ':':<17}{'-' if value is None else value}")
+    click.echo(f"{'dsns:':<17}{', '.join(record['dsns']) or '-'}")
     click.echo("trace:\n  " + record["trace"].rstrip().replace("\r\n", "\n  "))
     if record["headers"] is None:
         click.echo("headers: (body dropped after delivery)")

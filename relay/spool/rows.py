@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 import sqlite3
 import threading
 import time
+from dataclasses import dataclass
 from enum import StrEnum
 
 
@@ -43,6 +45,86 @@ def add_event(conn: sqlite3.Connection, queue_id: str, event: str, detail: str, 
         "INSERT INTO events (queue_id, at, event, detail) VALUES (?, ?, ?, ?)",
         (queue_id, at, event, detail),
     )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Notice:
+    """A delivery status notification to queue beside an outcome, in the same transaction:
+    from the null sender `<>` to `recipient`, about the row being recorded."""
+
+    id: str
+    recipient: str
+    raw: bytes
+    trace: bytes
+    message_id: str
+    summary: str  # for both histories, e.g. "failed: a@example.org"
+    kind: str = "failed"  # or "delayed": a warning, queued once per mail at most
+
+
+def add_notice(conn: sqlite3.Connection, about: str, notice: Notice, now: float) -> None:
+    """Queue `notice` as a mail of its own (null sender) that reports on row `about`."""
+    event = "dsn" if notice.kind == "failed" else f"dsn_{notice.kind}"
+    if (
+        notice.kind != "failed"
+        and conn.execute(
+            "SELECT 1 FROM events WHERE queue_id = ? AND event = ?", (about, event)
+        ).fetchone()
+    ):
+        return  # warned already
+    conn.execute(
+        "INSERT INTO messages (id, state, sender, recipients, size, message_id, peer,"
+        " received_at, due_at, updated_at, trace, reports_on)"
+        " VALUES (?, 'queued', '', ?, ?, ?, 'relay', ?, ?, ?, ?, ?)",
+        (
+            notice.id,
+            json.dumps([notice.recipient]),
+            len(notice.raw),
+            notice.message_id,
+            now,
+            now,
+            now,
+            notice.trace,
+            about,
+        ),
+    )
+    conn.execute("INSERT INTO bodies (id, body) VALUES (?, ?)", (notice.id, notice.raw))
+    add_event(conn, notice.id, "received", f"delivery status notification about {about}", now)
+    add_event(conn, about, event, f"{notice.id} to <{notice.recipient}> ({notice.summary})", now)
+
+
+def split_off(
+    conn: sqlite3.Connection,
+    queue_id: str,
+    child: str,
+    recipients: list[str],
+    reason: str,
+    now: float,
+) -> bool:
+    """Move `recipients` of row `queue_id` to a new queued row `child` (same envelope
+    sender, bytes and arrival), so each part has one route and one fate. False if the
+    row is gone."""
+    row = conn.execute("SELECT recipients FROM messages WHERE id = ?", (queue_id,)).fetchone()
+    if row is None:
+        return False
+    rest = [r for r in json.loads(row[0]) if r not in recipients]
+    conn.execute(
+        "INSERT INTO messages (id, state, sender, recipients, size, message_id, peer,"
+        " received_at, due_at, updated_at, trace)"
+        " SELECT ?1, 'queued', sender, ?2, size, message_id, peer, received_at, ?3, ?3, trace"
+        " FROM messages WHERE id = ?4",
+        (child, json.dumps(recipients), now, queue_id),
+    )
+    conn.execute(
+        "INSERT INTO bodies (id, body) SELECT ?, body FROM bodies WHERE id = ?", (child, queue_id)
+    )
+    conn.execute(
+        "UPDATE messages SET recipients = ?, updated_at = ? WHERE id = ?",
+        (json.dumps(rest), now, queue_id),
+    )
+    rcpts = ", ".join(recipients)
+    add_event(conn, queue_id, "split", f"{rcpts} -> {child}: {reason}", now)
+    add_event(conn, child, "received", f"split from {queue_id} for {rcpts}: {reason}", now)
+    return True
 
 
 def reclaim_inflight(conn: sqlite3.Connection) -> int:

@@ -1,8 +1,8 @@
 """The spool's file: its tables, their version, the upgrades from older ones, and
 how a connection to it is opened.
 
-    relay serve / the delivery process -> Spool.open -> prepare(): new file -> version 2;
-      version 1 (bodies in messages.body) -> 2 in one transaction; newer -> SpoolError
+    relay serve / the delivery process -> Spool.open -> prepare(): new file -> version 3;
+      version 1 (bodies in messages.body) or 2 -> 3 in one transaction; newer -> SpoolError
     relay queue -> open_existing() -> schema_version(): refuses other versions
 
 `relay queue` works on the same file from another process while the service
@@ -21,7 +21,7 @@ from pathlib import Path
 from relay.errors import SpoolError
 
 DB_NAME = "spool.sqlite3"
-SCHEMA_VERSION = 2  # 2: bodies in their own table
+SCHEMA_VERSION = 3  # 2: bodies in their own table; 3: DSN links, SES feedback
 BUSY_TIMEOUT_MS = 5000
 
 # The body is written once, by add(), in a table of its own: a state change (claim,
@@ -49,7 +49,8 @@ _MESSAGES = """CREATE TABLE IF NOT EXISTS {table} (
     reply TEXT,
     fallback_reason TEXT,
     updated_at REAL NOT NULL,
-    trace BLOB NOT NULL                 -- our Received: line, CRLF-terminated
+    trace BLOB NOT NULL,                -- our Received: line, CRLF-terminated
+    reports_on TEXT                     -- a DSN's row: the queue id of the mail it reports on
 )"""
 _MESSAGES_DUE = "CREATE INDEX IF NOT EXISTS messages_due ON messages (state, due_at)"
 # What claim() scans: only waiting rows, already in due order, so claiming stays
@@ -57,6 +58,18 @@ _MESSAGES_DUE = "CREATE INDEX IF NOT EXISTS messages_due ON messages (state, due
 # Also made at every open: spools of version 1 were created without it.
 _MESSAGES_READY = """CREATE INDEX IF NOT EXISTS messages_ready ON messages (due_at, id)
     WHERE state IN ('queued', 'deferred')"""
+# Version 3: a DSN row names the mail it reports on (`relay queue show` both ways); SES
+# events find their mail by the MessageId recorded at send; `feedback` remembers which
+# SES events were applied, so one that comes again (SQS delivers at least once) is not.
+_REPORTS_ON = "CREATE INDEX IF NOT EXISTS messages_reports_on ON messages (reports_on)"
+_SES_ID = "CREATE INDEX IF NOT EXISTS messages_ses_id ON messages (ses_message_id)"
+_FEEDBACK = """CREATE TABLE IF NOT EXISTS feedback (
+    key TEXT PRIMARY KEY NOT NULL,      -- the SES event's identity (type, MessageId, id)
+    queue_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL DEFAULT ''       -- bounce (permanent), complaint, or other: for the rates
+)"""
+_V3 = (_REPORTS_ON, _SES_ID, _FEEDBACK)
 _SCHEMA = (
     _MESSAGES.format(table="messages"),
     _MESSAGES_DUE,
@@ -69,6 +82,7 @@ _SCHEMA = (
     detail TEXT NOT NULL DEFAULT ''
 )""",
     "CREATE INDEX IF NOT EXISTS events_queue_id ON events (queue_id, at)",
+    *_V3,
 )
 _V2_COLUMNS = (
     "id, state, sender, recipients, size, message_id, peer, received_at, due_at, claimed_at,"
@@ -88,7 +102,9 @@ _UPGRADES = {
         "ALTER TABLE messages_v2 RENAME TO messages",
         _MESSAGES_DUE,
         _MESSAGES_READY,
+        *_V3,
     ),
+    2: ("ALTER TABLE messages ADD COLUMN reports_on TEXT", *_V3),
 }
 
 

@@ -33,7 +33,17 @@ from typing import Any, cast
 
 from relay.errors import SpoolError
 from relay.mail import Mail
-from relay.spool.rows import State, add_event, new_id, reclaim_inflight, state_counts
+from relay.spool.feedback import Applied, NoticeFor, Reputation, apply, reputation
+from relay.spool.rows import (
+    Notice,
+    State,
+    add_event,
+    add_notice,
+    new_id,
+    reclaim_inflight,
+    split_off,
+    state_counts,
+)
 from relay.spool.schema import DB_NAME, prepare
 from relay.spool.writer import Op, T, Writer
 
@@ -170,7 +180,7 @@ class Spool:
                 " WHERE state IN ('queued', 'deferred') AND due_at <= ?1"
                 " ORDER BY due_at, id LIMIT ?2)"
                 " RETURNING id, sender, recipients, received_at, attempts, peer, trace,"
-                " message_id",
+                " message_id, reports_on",
                 (now, limit),
             ).fetchall()
             bodies = _bodies(conn, [r[0] for r in rows])
@@ -185,6 +195,7 @@ class Spool:
                     peer=r[5],
                     trace=bytes(r[6]),
                     message_id=r[7] or "",
+                    reports_on=r[8] or "",
                 )
                 for r in rows
             ]
@@ -201,8 +212,10 @@ class Spool:
         reply: str,
         ses_message_id: str | None = None,
         fallback_reason: str | None = None,
+        notice: Notice | None = None,
     ) -> None:
-        """Delivered: keep the metadata, delete the body."""
+        """Delivered: keep the metadata, delete the body; `notice`: a DSN for recipients
+        refused for good meanwhile, queued in the same transaction."""
         detail = f"route={route} rule={rule} reply={reply}"
         if ses_message_id:
             detail += f" ses_message_id={ses_message_id}"
@@ -216,6 +229,7 @@ class Spool:
             ses_message_id=ses_message_id,
             fallback_reason=fallback_reason,
             drop_body=True,
+            notice=notice,
         )
 
     async def defer(
@@ -228,8 +242,10 @@ class Spool:
         reply: str,
         fallback_reason: str | None = None,
         recipients: Sequence[str] | None = None,
+        notice: Notice | None = None,
     ) -> None:
-        """Try again at `due_at`; `recipients`: those still to do when some succeeded."""
+        """Try again at `due_at`; `recipients`: those still to do when some succeeded;
+        `notice`: a DSN for those refused for good meanwhile, in the same transaction."""
         fields: dict[str, Any] = {
             "due_at": due_at,
             "rule": rule,
@@ -240,7 +256,7 @@ class Spool:
         if recipients is not None:
             fields["recipients"] = json.dumps(list(recipients))
         detail = f"route={route} due in {max(0.0, due_at - time.time()):.0f}s reply={reply}"
-        await self._finish(queue_id, State.DEFERRED, detail, **fields)
+        await self._finish(queue_id, State.DEFERRED, detail, notice=notice, **fields)
 
     async def fail(
         self,
@@ -250,8 +266,10 @@ class Spool:
         route: str,
         reply: str,
         fallback_reason: str | None = None,
+        notice: Notice | None = None,
     ) -> None:
-        """Dead letter: keep the body, visible to `relay queue`, retryable."""
+        """Dead letter: keep the body, visible to `relay queue`, retryable; `notice`: its
+        DSN to the sender, queued in the same transaction (never one without the other)."""
         await self._finish(
             queue_id,
             State.FAILED,
@@ -260,6 +278,7 @@ class Spool:
             route=route,
             reply=reply,
             fallback_reason=fallback_reason,
+            notice=notice,
         )
 
     async def _finish(
@@ -269,6 +288,7 @@ class Spool:
         detail: str,
         *,
         drop_body: bool = False,
+        notice: Notice | None = None,
         **fields: Any,
     ) -> None:
         columns = ", ".join(f"{name} = ?" for name in fields)
@@ -283,16 +303,62 @@ class Spool:
                 add_event(conn, queue_id, state.value, detail, now)
                 if drop_body:
                     conn.execute("DELETE FROM bodies WHERE id = ?", (queue_id,))
+                if notice is not None:
+                    add_notice(conn, queue_id, notice, now)
             else:
                 log.warning(
                     "event=spool_missing id=%s state=%s (deleted meanwhile?)", queue_id, state
                 )
 
         await self._call(op)
+        if notice is not None:
+            self.wakeup.set()  # the DSN is due now
+
+    async def split(
+        self, queue_id: str, *, child: str, recipients: Sequence[str], reason: str
+    ) -> None:
+        """Move `recipients` to a new queued message `child` (queued, due now), in one
+        transaction: each part then takes its own route and ends in its own state."""
+        moved = list(recipients)
+        await self._call(lambda conn: split_off(conn, queue_id, child, moved, reason, time.time()))
+        self.wakeup.set()
 
     async def event(self, queue_id: str, event: str, detail: str) -> None:
         """Add a line to the message's history (`relay queue show`)."""
         await self._call(lambda conn: add_event(conn, queue_id, event, detail, time.time()))
+
+    async def feedback(
+        self,
+        *,
+        key: str,
+        ses_message_id: str,
+        event: str,
+        detail: str,
+        kind: str,
+        notice_for: NoticeFor | None = None,
+    ) -> Applied:
+        """Apply one SES event to the mail SES knows as `ses_message_id`, at most once per
+        `key`; `notice_for(mail)` may queue a DSN in the same transaction."""
+
+        def op(conn: sqlite3.Connection) -> Applied:
+            return apply(
+                conn,
+                key=key,
+                ses_message_id=ses_message_id,
+                event=event,
+                detail=detail,
+                kind=kind,
+                notice_for=notice_for,
+                now=time.time(),
+            )
+
+        applied = await self._call(op)
+        self.wakeup.set()  # a DSN may be due
+        return applied
+
+    async def reputation(self, since: float) -> Reputation:
+        """Relay's SES sends since `since` and the bounces and complaints about them."""
+        return await self._call(lambda conn: reputation(conn, since))
 
     async def purge(self, older_than: float) -> int:
         """Delete sent rows whose outcome is older than `older_than` seconds; return count."""
@@ -302,6 +368,7 @@ class Spool:
             ids = "SELECT id FROM messages WHERE state = 'sent' AND updated_at < ?"
             conn.execute(f"DELETE FROM events WHERE queue_id IN ({ids})", (cutoff,))
             conn.execute(f"DELETE FROM bodies WHERE id IN ({ids})", (cutoff,))  # none: sent() did
+            conn.execute("DELETE FROM feedback WHERE at < ?", (cutoff,))
             return conn.execute(
                 "DELETE FROM messages WHERE state = 'sent' AND updated_at < ?", (cutoff,)
             ).rowcount

@@ -13,6 +13,10 @@ can both use it. It never checks signatures. Behaviours, all changeable while it
   larger than the limit passes when the window is empty, as a message with more
   recipients than the rate must still be sendable);
 - `daily_quota`: recipients per 24 hours, beyond it "Daily message quota exceeded.".
+- `suppressed`: the account suppression list, {address: "BOUNCE" | "COMPLAINT"}, served
+  as SESv2 GetSuppressedDestination (REST-JSON `GET /v2/email/suppression/addresses/
+  {EmailAddress}`, shaped from botocore's sesv2 model; 404 NotFoundException when absent);
+  `suppression_lookups` counts the calls.
 
 Every accepted message is recorded in `sent` (source, destinations, raw bytes,
 tags, configuration set); `calls` and `throttles` count. Standalone:
@@ -38,7 +42,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar, Self
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote
 from xml.sax.saxutils import escape
 
 import pytest
@@ -46,6 +50,7 @@ import pytest
 NS = "http://ses.amazonaws.com/doc/2010-12-01/"
 RATE_EXCEEDED = "Maximum sending rate exceeded."
 DAILY_EXCEEDED = "Daily message quota exceeded."
+SUPPRESSION_PATH = "/v2/email/suppression/addresses/"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -89,6 +94,8 @@ class FakeSes:
     verified: set[str] = field(default_factory=set)
     configuration_sets: set[str] = field(default_factory=set)
     sending_enabled: bool = True
+    suppressed: dict[str, str] = field(default_factory=dict)
+    suppression_lookups: int = 0
     sent: list[Sent] = field(default_factory=list)
     calls: int = 0
     throttles: int = 0
@@ -219,6 +226,19 @@ class FakeSes:
         body = f"<VerificationAttributes>{entries}</VerificationAttributes>"
         return 200, _result("GetIdentityVerificationAttributes", body)
 
+    def get_suppressed_destination(self, path: str) -> tuple[int, dict[str, Any], str | None]:
+        """SESv2 GetSuppressedDestination: the entry, or 404 NotFoundException."""
+        address = unquote(path.removeprefix(SUPPRESSION_PATH).split("?")[0])
+        with self._lock:
+            self.suppression_lookups += 1
+            reason = self.suppressed.get(address)
+        if reason is None:
+            message = f"Email address {address} does not exist on your suppression list."
+            return 404, {"message": message}, "NotFoundException"
+        entry = {"EmailAddress": address, "Reason": reason, "LastUpdateTime": time.time()}
+        entry["Attributes"] = {"MessageId": str(uuid.uuid4()), "FeedbackId": str(uuid.uuid4())}
+        return 200, {"SuppressedDestination": entry}, None
+
     def describe_configuration_set(self, form: dict[str, str]) -> tuple[int, str] | Fault:
         name = form.get("ConfigurationSetName", "")
         if name not in self.configuration_sets:
@@ -251,6 +271,8 @@ class _Handler(BaseHTTPRequestHandler):
         fake: FakeSes = self.server.fake  # type: ignore[attr-defined]
         if self.path == "/fake-ses/stats":
             self._answer(200, json.dumps(fake.stats()), "application/json")
+        elif self.path.startswith(SUPPRESSION_PATH):
+            self._answer_json(*fake.get_suppressed_destination(self.path))
         else:
             self._answer(404, "not found", "text/plain")
 
@@ -283,6 +305,18 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(outcome.status, body, "text/xml")
         else:
             self._answer(*outcome, "text/xml")
+
+    def _answer_json(self, status: int, doc: dict[str, Any], error: str | None) -> None:
+        """A REST-JSON (SESv2) answer; errors name their type in x-amzn-ErrorType."""
+        data = json.dumps(doc).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("x-amzn-RequestId", str(uuid.uuid4()))
+        if error:
+            self.send_header("x-amzn-ErrorType", error)
+        self.end_headers()
+        self.wfile.write(data)
 
     def _answer(self, status: int, body: str, content_type: str) -> None:
         data = body.encode()

@@ -1,0 +1,296 @@
+"""SES event feedback: what SES learned after it accepted a mail, back onto the mail's row.
+
+    SES configuration set --(SNS | EventBridge)--> SQS `ses.events.queue_url`
+      -> long poll (aiobotocore) -> ses.events.parse() -> Spool.feedback() (one commit:
+         history line, once per event; a permanent Bounce, or a Reject (SES refused to
+         send after all), also queues the sender's DSN)
+      -> DeleteMessage, only after that commit
+
+Events for MessageIds this spool does not know (other senders on the account,
+rows past retention) are counted and deleted; malformed messages are logged once
+and deleted; a commit that fails leaves the message on the queue, which shows it
+again after its visibility timeout (the event's key makes a second apply a no-op).
+Runs in the delivery process (`ses_feedback` task); also keeps the bounce and
+complaint rates of relay's own SES sends current.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, replace
+from typing import Any, Protocol, Self
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiobotocore.config import AioConfig
+from aiobotocore.session import AioSession, get_session
+from botocore.exceptions import BotoCoreError, ClientError
+
+from relay import logs, metrics
+from relay.deliver import dsn
+from relay.deliver.ses.events import SesEvent, parse
+from relay.errors import MalformedEvent, SpoolError, TemporaryFailure
+from relay.mail import Mail
+from relay.runtime import Context, wait_any
+from relay.settings import Settings
+from relay.spool import Notice
+from relay.spool.feedback import Applied, NoticeFor, Reputation
+
+log = logging.getLogger("relay.feedback")
+
+WAIT = 20  # seconds of SQS long polling (its maximum)
+BATCH = 10  # messages per ReceiveMessage (its maximum)
+ERROR_PAUSE = 5.0  # seconds before polling again after a failed call
+RATE_EVERY = 60.0  # seconds between bounce/complaint rate updates
+RATE_WINDOW = 7 * 86400.0  # the rates cover this long (at most `retention`)
+BOUNCE_REVIEW = 0.05  # SES reviews an account from this bounce rate (pauses near 10%)
+COMPLAINT_REVIEW = 0.001  # and from this complaint rate (pauses near 0.5%)
+_ERRORS = (BotoCoreError, ClientError, aiohttp.ClientError, OSError)
+_AWS_HOST = re.compile(r"^(?:sqs\.)?([a-z0-9-]+)\.(?:queue\.)?amazonaws\.com$")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Received:
+    body: str
+    receipt: str
+    sqs_id: str
+
+
+class Queue(Protocol):
+    async def receive(self) -> list[Received]: ...
+    async def delete(self, receipt: str) -> None: ...
+
+
+class FeedbackStore(Protocol):
+    async def feedback(
+        self,
+        *,
+        key: str,
+        ses_message_id: str,
+        event: str,
+        detail: str,
+        kind: str,
+        notice_for: NoticeFor | None = None,
+    ) -> Applied: ...
+    async def reputation(self, since: float) -> Reputation: ...
+
+
+def sqs_location(url: str, default_region: str) -> tuple[str, str | None]:
+    """(region, endpoint_url) for a queue URL: AWS's own hosts name their region; any
+    other host (an emulator) is the endpoint itself."""
+    parts = urlsplit(url)
+    found = _AWS_HOST.match(parts.hostname or "")
+    if found:
+        return found.group(1), None
+    return default_region, f"{parts.scheme}://{parts.netloc}"
+
+
+class SqsQueue:
+    """The feedback queue through one aiobotocore SQS client."""
+
+    def __init__(self, client: Any, stack: AsyncExitStack, url: str) -> None:
+        self._client = client
+        self._stack = stack
+        self.url = url
+
+    @classmethod
+    async def open(
+        cls, url: str, default_region: str, *, session: AioSession | None = None
+    ) -> Self:
+        region, endpoint = sqs_location(url, default_region)
+        config = AioConfig(connect_timeout=5, read_timeout=WAIT + 10)
+        stack = AsyncExitStack()
+        client = await stack.enter_async_context(
+            (session or get_session()).create_client(
+                "sqs", region_name=region, endpoint_url=endpoint, config=config
+            )
+        )
+        return cls(client, stack, url)
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+
+    async def receive(self) -> list[Received]:
+        try:
+            answer = await self._client.receive_message(
+                QueueUrl=self.url, MaxNumberOfMessages=BATCH, WaitTimeSeconds=WAIT
+            )
+        except _ERRORS as exc:
+            raise TemporaryFailure(f"SQS ReceiveMessage on {self.url} failed: {exc}") from exc
+        return [
+            Received(body=m["Body"], receipt=m["ReceiptHandle"], sqs_id=m["MessageId"])
+            for m in answer.get("Messages", ())
+        ]
+
+    async def delete(self, receipt: str) -> None:
+        try:
+            await self._client.delete_message(QueueUrl=self.url, ReceiptHandle=receipt)
+        except _ERRORS as exc:
+            raise TemporaryFailure(f"SQS DeleteMessage on {self.url} failed: {exc}") from exc
+
+
+def judge(seen: Reputation, window: float) -> list[tuple[str, str]]:
+    """(level, text) for the bounce and the complaint rate: "ok", "warn" from half of SES's
+    review level, "high" from the review level itself."""
+    days = f"{window / 86400:g} days"
+    judged = []
+    for kind, rate, count, review in (
+        ("bounce", seen.bounce_rate, seen.bounces, BOUNCE_REVIEW),
+        ("complaint", seen.complaint_rate, seen.complaints, COMPLAINT_REVIEW),
+    ):
+        text = f"{kind} rate {rate:.2%} ({count} of {seen.sends} SES sends, {days})"
+        if rate >= review:
+            judged.append(("high", f"{text}: at SES's {review:.1%} review level"))
+        elif rate >= review / 2:
+            judged.append(("warn", f"{text}: half of SES's {review:.1%} review"))
+        else:
+            judged.append(("ok", text))
+    return judged
+
+
+async def ses_feedback(ctx: Context) -> None:
+    """The task: poll `ses.events.queue_url` until stop (idle when it is not set)."""
+    url = ctx.settings.ses.events_queue_url
+    if not url:
+        await ctx.stop.wait()
+        return
+    try:
+        queue = await SqsQueue.open(url, ctx.settings.ses.region)
+    except Exception as exc:  # a client that cannot be made must not stop delivery
+        logs.event(log, "ses_feedback_unusable", level=logging.ERROR, queue=url, error=repr(exc))
+        await ctx.stop.wait()
+        return
+    logs.event(log, "ses_feedback_started", queue=url)
+    try:
+        await run(ctx, queue, ctx.spool)
+    finally:
+        await queue.close()
+
+
+async def run(ctx: Context, queue: Queue, spool: FeedbackStore) -> None:
+    """Receive, apply, delete, until `ctx.stop`; rates every RATE_EVERY seconds."""
+    rated = 0.0
+    while not ctx.stop.is_set():
+        if time.monotonic() - rated >= RATE_EVERY:
+            rated = time.monotonic()
+            await _rates(spool, ctx.settings)
+        try:
+            batch = await _receive(queue, ctx.stop)
+        except TemporaryFailure as exc:
+            logs.event(log, "ses_feedback_failed", level=logging.WARNING, error=str(exc))
+            await wait_any(ctx.stop, seconds=ERROR_PAUSE)
+            continue
+        for message in batch:
+            try:
+                done = await handle(spool, ctx.settings, message)
+            except Exception:  # a bug in one event: it stays queued, the loop goes on
+                log.exception("event=ses_feedback_bug sqs_id=%s", message.sqs_id)
+                done = False
+            if not done:
+                continue  # not committed: SQS shows it again after its visibility timeout
+            try:
+                await queue.delete(message.receipt)
+            except TemporaryFailure as exc:  # it comes back; its key makes that a no-op
+                logs.event(log, "ses_feedback_failed", level=logging.WARNING, error=str(exc))
+
+
+async def handle(spool: FeedbackStore, settings: Settings, message: Received) -> bool:
+    """Apply one queue message; True when it may be deleted (applied, or never will be)."""
+    try:
+        event = parse(message.body)
+    except MalformedEvent as exc:
+        metrics.SES_EVENTS_DROPPED.labels("malformed").inc()
+        logs.event(
+            log,
+            "ses_event_malformed",
+            level=logging.WARNING,
+            sqs_id=message.sqs_id,
+            error=str(exc),
+            body=message.body[:200],
+        )
+        return True
+    kind = "bounce" if event.permanent_bounce else event.type.lower()
+    try:
+        applied = await spool.feedback(
+            key=event.key,
+            ses_message_id=event.message_id,
+            event=f"ses_{event.type.lower()}",
+            detail=event.summary(),
+            kind=kind,
+            notice_for=_bounce_notice(event, settings) if event.failed_for_good else None,
+        )
+    except SpoolError as exc:
+        logs.event(log, "ses_event_not_recorded", level=logging.WARNING, error=str(exc))
+        return False
+    if applied is Applied.APPLIED:
+        metrics.SES_EVENTS.labels(event.type).inc()
+    else:
+        metrics.SES_EVENTS_DROPPED.labels(applied.value).inc()
+    logs.event(
+        log,
+        "ses_event",
+        type=event.type,
+        ses_message_id=event.message_id,
+        result=applied.value,
+        recipients=",".join(r.address for r in event.recipients),
+        bounce=f"{event.bounce_type}/{event.bounce_subtype}" if event.bounce_type else None,
+    )
+    return True
+
+
+def _bounce_notice(event: SesEvent, settings: Settings) -> NoticeFor:
+    """For the spool's transaction: the DSN about `event`'s bounced (or, for a Reject,
+    all) recipients."""
+    if event.type == "Reject":
+        reply = f"554 5.7.1 SES rejected the message ({event.detail or 'no reason given'})"
+        failures = [dsn.Failure(recipient=r.address, reply=reply) for r in event.recipients]
+    else:
+        failures = [
+            dsn.Failure(
+                recipient=r.address,
+                reply=r.diagnostic or f"SES bounce {event.bounce_type}/{event.bounce_subtype}",
+                status=r.status if r.status[:1] in ("4", "5") else "5.0.0",
+            )
+            for r in event.recipients
+        ]
+
+    def notice_for(mail: Mail) -> Notice | None:
+        if not mail.raw:  # the body went after sending: the headers SES sent with the event
+            lines = event.headers or (("Message-ID", mail.message_id),)
+            raw = "".join(f"{name}: {value}\r\n" for name, value in lines) + "\r\n"
+            mail = replace(mail, raw=raw.encode("utf-8", "replace"))
+        return dsn.for_outcome(mail, failures, settings)
+
+    return notice_for
+
+
+async def _receive(queue: Queue, stop: asyncio.Event) -> list[Received]:
+    """One long poll, cut short by stop (then nothing received: the messages stay queued)."""
+    poll = asyncio.ensure_future(queue.receive())
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({poll, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if not poll.done():
+        poll.cancel()
+        with contextlib.suppress(asyncio.CancelledError, TemporaryFailure):
+            await poll
+        return []
+    return poll.result()
+
+
+async def _rates(spool: FeedbackStore, settings: Settings) -> None:
+    window = min(RATE_WINDOW, settings.retention)
+    try:
+        seen = await spool.reputation(time.time() - window)
+    except SpoolError as exc:
+        logs.event(log, "ses_rates_failed", level=logging.WARNING, error=str(exc))
+        return
+    metrics.BOUNCE_RATE.set(seen.bounce_rate)
+    metrics.COMPLAINT_RATE.set(seen.complaint_rate)

@@ -1,0 +1,157 @@
+"""SES event records as they arrive on the feedback queue, read into one value.
+
+    configuration set -> SNS topic -> SQS   body: {"Type": "Notification", "Message": "<event>"}
+    configuration set -> EventBridge -> SQS body: {"source": "aws.ses", "detail": {event}}
+    SNS with raw message delivery -> SQS    body: {event}
+
+`parse(body)` -> `SesEvent`, or `MalformedEvent` when the body is none of these
+(relay.deliver.feedback logs it once and deletes it). The event fields follow
+SES's "Contents of event data" pages: `eventType` (`notificationType` for identity
+notifications), `mail.messageId`, and per type `bounce` / `complaint` / `delivery`
+/ `reject` / `deliveryDelay`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from relay.errors import MalformedEvent
+
+TYPES = ("Bounce", "Complaint", "Delivery", "Reject", "DeliveryDelay", "Send")
+_OBJECT = {
+    "Bounce": "bounce",
+    "Complaint": "complaint",
+    "Delivery": "delivery",
+    "Reject": "reject",
+    "DeliveryDelay": "deliveryDelay",
+    "Send": "send",
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Recipient:
+    """One recipient an event names; status and diagnostic for bounces and delays."""
+
+    address: str
+    status: str = ""
+    diagnostic: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SesEvent:
+    type: str  # one of TYPES
+    message_id: str  # SES's MessageId, as SendRawEmail returned it
+    key: str  # the same event delivered twice has the same key
+    timestamp: str
+    recipients: tuple[Recipient, ...]
+    bounce_type: str = ""  # Permanent | Transient | Undetermined
+    bounce_subtype: str = ""
+    detail: str = ""  # reject reason, complaint type, SMTP response, delay type
+    headers: tuple[tuple[str, str], ...] = ()  # the sent mail's headers, when SES includes them
+
+    @property
+    def permanent_bounce(self) -> bool:
+        return self.type == "Bounce" and self.bounce_type == "Permanent"
+
+    @property
+    def failed_for_good(self) -> bool:
+        """The recipients named will not get the mail: a Permanent bounce, or a Reject
+        (SES took the call, then refused to send the message: a virus, for one)."""
+        return self.permanent_bounce or self.type == "Reject"
+
+    def summary(self) -> str:
+        """One line for the mail's history (`relay queue show`)."""
+        parts = [f"ses_message_id={self.message_id}", f"at={self.timestamp}"]
+        if self.bounce_type:
+            parts.append(f"bounce={self.bounce_type}/{self.bounce_subtype}")
+        if self.detail:
+            parts.append(f"detail={self.detail}")
+        for r in self.recipients:
+            extra = " ".join(x for x in (r.status, r.diagnostic) if x)
+            parts.append(f"{r.address}" + (f" ({extra})" if extra else ""))
+        return " ".join(parts)
+
+
+def parse(body: str) -> SesEvent:
+    """The SES event in an SQS message body (SNS-wrapped, EventBridge or raw)."""
+    try:
+        doc = json.loads(body)
+        if isinstance(doc, dict) and doc.get("Type") == "Notification" and "Message" in doc:
+            doc = json.loads(doc["Message"])
+        elif isinstance(doc, dict) and doc.get("source") == "aws.ses" and "detail" in doc:
+            doc = doc["detail"]
+    except (ValueError, TypeError) as exc:
+        raise MalformedEvent(f"not JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise MalformedEvent("not a JSON object")
+    try:
+        return _event(doc)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise MalformedEvent(f"not an SES event: missing or wrong {exc}") from exc
+
+
+def _event(doc: dict[str, Any]) -> SesEvent:
+    kind = doc.get("eventType") or doc.get("notificationType")
+    if kind not in _OBJECT:
+        raise MalformedEvent(f"unknown SES event type {kind!r}")
+    mail = doc["mail"]
+    message_id = str(mail["messageId"])
+    inner: dict[str, Any] = doc.get(_OBJECT[kind]) or {}
+    timestamp = str(inner.get("timestamp") or mail.get("timestamp") or "")
+    headers = tuple((str(h["name"]), str(h["value"])) for h in mail.get("headers") or ())
+    common: dict[str, Any] = {"message_id": message_id, "timestamp": timestamp, "headers": headers}
+    if kind == "Bounce":
+        recipients = tuple(
+            Recipient(
+                address=str(r["emailAddress"]),
+                status=str(r.get("status") or ""),
+                diagnostic=str(r.get("diagnosticCode") or ""),
+            )
+            for r in inner["bouncedRecipients"]
+        )
+        return SesEvent(
+            type=kind,
+            key=f"Bounce/{message_id}/{inner.get('feedbackId') or timestamp}",
+            recipients=recipients,
+            bounce_type=str(inner["bounceType"]),
+            bounce_subtype=str(inner.get("bounceSubType") or ""),
+            **common,
+        )
+    if kind == "Complaint":
+        recipients = tuple(
+            Recipient(address=str(r["emailAddress"])) for r in inner["complainedRecipients"]
+        )
+        return SesEvent(
+            type=kind,
+            key=f"Complaint/{message_id}/{inner.get('feedbackId') or timestamp}",
+            recipients=recipients,
+            detail=str(inner.get("complaintFeedbackType") or ""),
+            **common,
+        )
+    if kind == "DeliveryDelay":
+        recipients = tuple(
+            Recipient(
+                address=str(r["emailAddress"]),
+                status=str(r.get("status") or ""),
+                diagnostic=str(r.get("diagnosticCode") or ""),
+            )
+            for r in inner.get("delayedRecipients") or ()
+        )
+        return SesEvent(
+            type=kind,
+            key=f"DeliveryDelay/{message_id}/{timestamp}",
+            recipients=recipients,
+            detail=str(inner.get("delayType") or ""),
+            **common,
+        )
+    addresses = inner.get("recipients") if kind == "Delivery" else mail.get("destination")
+    detail = {"Delivery": "smtpResponse", "Reject": "reason"}.get(kind, "")
+    return SesEvent(
+        type=kind,
+        key=f"{kind}/{message_id}/{timestamp}/{','.join(map(str, addresses or ()))}",
+        recipients=tuple(Recipient(address=str(a)) for a in addresses or ()),
+        detail=str(inner.get(detail) or "") if detail else "",
+        **common,
+    )

@@ -1,0 +1,113 @@
+"""`relay doctor`'s checks of what comes back after the 250 (relay.deliver.feedback):
+
+    ok    events    https://sqs.../relay-ses-events: reachable, 0 messages waiting
+    ok    events    moodle-reminders: publishes Bounce, Complaint, Reject (relay-events)
+    warn  rates     bounce rate 3.1% (31 of 1000 SES sends, 7 days): half of SES's 5% review
+
+Returns (status, check, detail) lines for the doctor's report; none when
+`ses.events.queue_url` is not set (relay then learns nothing after the send).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import BotoCoreError, ClientError
+
+from relay.deliver.feedback import RATE_WINDOW, judge, sqs_location
+from relay.settings import Settings
+from relay.spool import DB_NAME
+from relay.spool.feedback import reputation
+
+OK, WARN, FAIL = "ok", "warn", "FAIL"
+NEEDED = ("bounce", "complaint", "reject")  # event types relay acts on
+_ERRORS = (BotoCoreError, ClientError, OSError)
+
+Line = tuple[str, str, str]
+
+
+async def lines(settings: Settings, configuration_sets: Sequence[str]) -> list[Line]:
+    """The events queue, each configuration set's event destinations, the SES rates."""
+    if not settings.ses.events_queue_url:
+        return []
+    found = await _queue(settings)
+    found += await _destinations(settings, configuration_sets)
+    found += _rates(settings.spool, min(RATE_WINDOW, settings.retention))
+    return found
+
+
+def _config(settings: Settings) -> AioConfig:
+    timeout = min(10.0, settings.ses.timeout)
+    return AioConfig(retries={"total_max_attempts": 1}, connect_timeout=timeout)
+
+
+async def _queue(settings: Settings) -> list[Line]:
+    url = settings.ses.events_queue_url or ""
+    region, endpoint = sqs_location(url, settings.ses.region)
+    session = get_session()
+    try:
+        async with session.create_client(
+            "sqs", region_name=region, endpoint_url=endpoint, config=_config(settings)
+        ) as sqs:
+            answer = await sqs.get_queue_attributes(
+                QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"]
+            )
+    except _ERRORS as exc:
+        return [(FAIL, "events", f"{url}: not reachable: {exc}")]
+    waiting = answer.get("Attributes", {}).get("ApproximateNumberOfMessages", "?")
+    return [(OK, "events", f"{url}: reachable, {waiting} messages waiting")]
+
+
+async def _destinations(settings: Settings, names: Sequence[str]) -> list[Line]:
+    """Each configuration set relay sends with must publish Bounce, Complaint and Reject."""
+    if not names:
+        why = "no configuration set (ses.configuration_set or a rule's): SES publishes no events"
+        return [(WARN, "events", why)]
+    found: list[Line] = []
+    session = get_session()
+    async with session.create_client(
+        "ses",
+        region_name=settings.ses.region,
+        endpoint_url=settings.ses.endpoint_url,
+        config=_config(settings),
+    ) as ses:
+        for name in names:
+            try:
+                answer: dict[str, Any] = await ses.describe_configuration_set(
+                    ConfigurationSetName=name, ConfigurationSetAttributeNames=["eventDestinations"]
+                )
+            except _ERRORS as exc:
+                found.append((FAIL, "events", f"{name}: event destinations unknown: {exc}"))
+                continue
+            enabled = [d for d in answer.get("EventDestinations", ()) if d.get("Enabled")]
+            types = {t.lower() for d in enabled for t in d.get("MatchingEventTypes", ())}
+            missing = [t.capitalize() for t in NEEDED if t not in types]
+            where = ", ".join(d.get("Name", "?") for d in enabled) or "none enabled"
+            if missing:
+                detail = f"{name}: no event destination for {', '.join(missing)} ({where})"
+                found.append((FAIL, "events", detail))
+            else:
+                detail = f"{name}: publishes Bounce, Complaint, Reject ({where})"
+                found.append((OK, "events", detail))
+    return found
+
+
+def _rates(directory: Path, window: float) -> list[Line]:
+    db = directory / DB_NAME
+    if not db.is_file():
+        return []
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as c:
+            seen = reputation(c, time.time() - window)
+    except sqlite3.Error as exc:  # an older spool without the feedback table, for one
+        return [(WARN, "rates", f"{db}: cannot read SES feedback: {exc}")]
+    levels = {"ok": OK, "warn": WARN, "high": FAIL}
+    found: list[Line] = [(levels[level], "rates", text) for level, text in judge(seen, window)]
+    return found

@@ -1,0 +1,107 @@
+"""SES events on spool rows: the transaction that applies one, and the rates they add up to.
+
+    relay.deliver.feedback -> Spool.feedback(key, ses_message_id, ...) -> apply():
+      row by ses_message_id (none: UNKNOWN) -> key already in `feedback` (DUPLICATE)
+      -> history line + `feedback` row (+ the DSN a permanent bounce asks for) -> APPLIED
+
+All in one transaction, committed before the SQS message is deleted: an event
+delivered again after a crash finds its key and changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from relay.mail import Mail
+from relay.spool.rows import Notice, add_event, add_notice
+
+NoticeFor = Callable[[Mail], Notice | None]
+
+
+class Applied(StrEnum):
+    APPLIED = "applied"
+    UNKNOWN = "unknown_message_id"  # not a mail of this spool (another sender, or purged)
+    DUPLICATE = "duplicate"  # applied before (SQS delivers at least once)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reputation:
+    """Relay's own SES sends since a time, and the bounces and complaints about them."""
+
+    sends: int
+    bounces: int  # permanent
+    complaints: int
+
+    @property
+    def bounce_rate(self) -> float:
+        return self.bounces / self.sends if self.sends else 0.0
+
+    @property
+    def complaint_rate(self) -> float:
+        return self.complaints / self.sends if self.sends else 0.0
+
+
+def apply(
+    conn: sqlite3.Connection,
+    *,
+    key: str,
+    ses_message_id: str,
+    event: str,
+    detail: str,
+    kind: str,
+    notice_for: NoticeFor | None,
+    now: float,
+) -> Applied:
+    """Record one SES event on its mail's row, once; `notice_for` may add a DSN."""
+    row = conn.execute(
+        "SELECT id, sender, recipients, received_at, message_id, reports_on, trace"
+        " FROM messages WHERE ses_message_id = ? ORDER BY received_at LIMIT 1",
+        (ses_message_id,),
+    ).fetchone()
+    if row is None:
+        return Applied.UNKNOWN
+    queue_id = row[0]
+    inserted = conn.execute(
+        "INSERT OR IGNORE INTO feedback (key, queue_id, at, kind) VALUES (?, ?, ?, ?)",
+        (key, queue_id, now, kind),
+    ).rowcount
+    if not inserted:
+        return Applied.DUPLICATE
+    add_event(conn, queue_id, event, detail, now)
+    if notice_for is not None:
+        body = conn.execute("SELECT body FROM bodies WHERE id = ?", (queue_id,)).fetchone()
+        mail = Mail(
+            id=queue_id,
+            sender=row[1],
+            recipients=tuple(json.loads(row[2])),
+            raw=bytes(body[0]) if body else b"",
+            received_at=row[3],
+            message_id=row[4] or "",
+            reports_on=row[5] or "",
+            trace=bytes(row[6]),
+        )
+        notice = notice_for(mail)
+        if notice is not None:
+            add_notice(conn, queue_id, notice, now)
+    return Applied.APPLIED
+
+
+def reputation(conn: sqlite3.Connection, since: float) -> Reputation:
+    """SES sends recorded since `since`, and the permanent bounces and complaints about them."""
+    sends = conn.execute(
+        "SELECT count(*) FROM messages WHERE route = 'ses' AND ses_message_id IS NOT NULL"
+        " AND updated_at >= ?",
+        (since,),
+    ).fetchone()[0]
+    kinds = dict(
+        conn.execute(
+            "SELECT kind, count(*) FROM feedback WHERE at >= ? GROUP BY kind", (since,)
+        ).fetchall()
+    )
+    return Reputation(
+        sends=sends, bounces=kinds.get("bounce", 0), complaints=kinds.get("complaint", 0)
+    )

@@ -1,0 +1,114 @@
+"""`relay doctor` with `ses.events.queue_url`: the SQS queue is reachable, every
+configuration set relay sends with publishes Bounce, Complaint and Reject, and relay's
+bounce and complaint rates are shown, with a warning at half of SES's review levels.
+moto serves SES (configuration sets and event destinations) and SQS."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from pathlib import Path
+
+import boto3
+
+from relay.spool import Spool
+from tests.support.aws import REGION
+from tests.support.processes import relay_cli
+from tests.support.relays import ConfigWriter
+
+TOPIC = "arn:aws:sns:eu-west-1:123456789012:relay-ses-events"
+
+
+def event_set(client: object, name: str, types: list[str]) -> None:
+    client.create_configuration_set(ConfigurationSet={"Name": name})  # type: ignore[attr-defined]
+    client.create_configuration_set_event_destination(  # type: ignore[attr-defined]
+        ConfigurationSetName=name,
+        EventDestination={
+            "Name": f"{name}-events",  # moto wants them unique across sets
+            "Enabled": True,
+            "MatchingEventTypes": types,
+            "SNSDestination": {"TopicARN": TOPIC},
+        },
+    )
+
+
+async def seed(directory: Path, sends: int, bounces: int) -> None:
+    """`sends` mails sent through SES, `bounces` of them bounced for good (SES events)."""
+    spool = await Spool.open(directory)
+    try:
+        for n in range(sends):
+            qid = await spool.add(
+                sender="noreply@moodle.example.org",
+                recipients=[f"s{n}@example.net"],
+                raw=b"Subject: x\r\n\r\nx\r\n",
+                peer="127.0.0.1",
+                trace=b"Received: x\r\n",
+                message_id=f"<{n}@moodle.example.org>",
+            )
+            await spool.claim(1)
+            await spool.sent(qid, rule="r", route="ses", reply="ok", ses_message_id=f"ses-{n}")
+        for n in range(bounces):
+            await spool.feedback(
+                key=f"Bounce/ses-{n}/f{n}",
+                ses_message_id=f"ses-{n}",
+                event="ses_bounce",
+                detail="bounce=Permanent/General",
+                kind="bounce",
+            )
+    finally:
+        await spool.close()
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_doctor_checks_the_events_queue_destinations_and_rates(
+    aws_env: None,
+    moto_server: str,
+    write_config: ConfigWriter,
+    tmp_path: Path,
+) -> None:
+    """A reachable queue is ok; a configuration set publishing Bounce, Complaint and Reject
+    is ok, one publishing only Bounce is a FAIL naming what is missing; 1 bounce in 40 SES
+    sends (2.5%) is a warning (half of SES's 5% review level), no complaints is ok. A queue
+    that does not exist is a FAIL."""
+    ses = boto3.client("ses", region_name=REGION, endpoint_url=moto_server)
+    good, partial = f"good-{uuid.uuid4().hex[:6]}", f"partial-{uuid.uuid4().hex[:6]}"
+    event_set(ses, good, ["bounce", "complaint", "reject", "delivery"])
+    event_set(ses, partial, ["bounce"])
+    sqs = boto3.client("sqs", region_name=REGION, endpoint_url=moto_server)
+    queue = sqs.create_queue(QueueName=f"events-{uuid.uuid4().hex[:6]}")["QueueUrl"]
+    (tmp_path / "rules.yaml").write_text(
+        "default: upstream\nrules:\n  - name: r\n    route: ses\n"
+        f"    ses: {{configuration_set: {partial}}}\n    match: {{subject: x}}\n"
+    )
+    asyncio.run(seed(tmp_path / "spool", sends=40, bounces=1))
+    ses_config = {"region": REGION, "endpoint_url": moto_server, "configuration_set": good}
+
+    def doctor(queue_url: str, name: str) -> list[str]:
+        config = write_config(
+            name,
+            rules="rules.yaml",
+            upstream={"host": "127.0.0.1", "port": closed_port()},
+            ses={**ses_config, "events": {"queue_url": queue_url}},
+        )
+        done = relay_cli("doctor", "--config", str(config), timeout=60)
+        print(done.stdout, done.stderr)
+        return [
+            line for line in done.stdout.splitlines() if line[6:16].strip() in ("events", "rates")
+        ]
+
+    assert [
+        f"ok    events    {queue}: reachable, 0 messages waiting",
+        f"ok    events    {good}: publishes Bounce, Complaint, Reject ({good}-events)",
+        f"FAIL  events    {partial}: no event destination for Complaint, Reject ({partial}-events)",
+        "warn  rates     bounce rate 2.50% (1 of 40 SES sends, 7 days): half of SES's 5.0% review",
+        "ok    rates     complaint rate 0.00% (0 of 40 SES sends, 7 days)",
+    ] == doctor(queue, "relay.yaml")
+    missing = queue.rsplit("/", 1)[0] + "/no-such-queue"
+    [first, *_] = doctor(missing, "missing.yaml")
+    assert first.startswith(f"FAIL  events    {missing}: not reachable: "), first

@@ -1,0 +1,402 @@
+"""Delivery status notifications (RFC 3464): a mail that fails for good is reported to its
+envelope sender, from `<>`, through the original host, and recorded on both rows.
+
+The end-to-end tests run the service in the test's loop, send over real SMTP and let the
+capture server (the original host) refuse recipients; the DSN comes back to the same
+capture server. `notice()` is also checked alone, parsed with the stdlib email parser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+from email import message_from_bytes, policy
+from email.message import EmailMessage, Message
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+
+from relay import settings as settings_mod
+from relay.deliver import dsn
+from relay.errors import ConfigError
+from relay.mail import Mail
+from relay.spool import DB_NAME, Spool
+from relay.spool.schema import SCHEMA_VERSION
+from tests.support.capture import Captured, CaptureServer
+from tests.support.processes import relay_cli
+from tests.support.relays import ConfigWriter, Running
+from tests.support.smtp import asend, queue_id_of
+from tests.support.spools import await_rows, rows
+
+VERP = "mdl+b1a2c3@moodle.example.org"  # Moodle's VERP envelope sender, bounce handling on
+RAW = (
+    b"Date: Fri, 04 Dec 2026 10:00:00 +0000\r\n"
+    b'To: "Ann Student" <gone@students.example.org>\r\n'
+    b'From: "Moodle Support (via Example)" <noreply@moodle.example.org>\r\n'
+    b"Subject: We miss you in BIO101\r\n"
+    b"Message-ID: <5f1a2b3c4d5e63.12345678@moodle.example.org>\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b"Content-Type: text/plain; charset=us-ascii\r\n"
+    b"\r\n"
+    b"Come back.\r\n"
+)
+REFUSED = "550 5.1.1 <gone@students.example.org>: Recipient address rejected"
+
+
+async def send_any(port: int, sender: str, recipients: list[str], raw: bytes) -> str:
+    """`asend` that also takes the null sender "" (aiosmtplib.send refuses it)."""
+    async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=10) as client:
+        await client.mail(sender)
+        for rcpt in recipients:
+            await client.rcpt(rcpt)
+        reply = await client.data(raw)
+    return queue_id_of(reply.message)
+
+
+def parse(raw: bytes) -> EmailMessage:
+    message = message_from_bytes(raw, policy=policy.default)
+    assert isinstance(message, EmailMessage)
+    return message
+
+
+def report_parts(message: Message) -> tuple[str, list[Message], Message]:
+    """(human text, per-message then per-recipient status blocks, headers part) of a DSN."""
+    human, status, headers = message.get_payload()
+    assert isinstance(human, EmailMessage) and isinstance(headers, EmailMessage)
+    blocks = status.get_payload()
+    return human.get_content(), blocks, headers
+
+
+def dsn_summary(captured: Captured) -> dict[str, object]:
+    """What a DSN at the original host says, in the terms RFC 3464 uses."""
+    message = parse(captured.content)
+    _, blocks, headers = report_parts(message)
+    return {
+        "mail_from": captured.mail_from,
+        "rcpt_tos": captured.rcpt_tos,
+        "type": message.get_content_type(),
+        "report_type": message.get_param("report-type"),
+        "parts": [p.get_content_type() for p in message.iter_parts()],
+        "reporting_mta": blocks[0]["Reporting-MTA"],
+        "recipients": [(b["Final-Recipient"], b["Action"], b["Status"]) for b in blocks[1:]],
+        "original_message_id": parse(headers.get_payload(decode=True))["Message-ID"],
+    }
+
+
+async def test_a_refused_mail_is_a_dead_letter_and_its_sender_gets_a_dsn(
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,
+    write_config: ConfigWriter,
+) -> None:
+    """Must-show 1. The original host refuses the recipient with 550: the mail ends `failed`,
+    and a DSN reaches the envelope sender over SMTP: MAIL FROM:<>, multipart/report with
+    Final-Recipient, Action failed, Status 5.1.1, the 550 as Diagnostic-Code, and the
+    original headers. `relay queue show` links both ways."""
+    capture.refuse_rcpt("gone@students.example.org", REFUSED)
+    relay = await start_relay(
+        deliver=True,
+        upstream={"host": "127.0.0.1", "port": capture.port, "timeout": 5},
+        ses={"enabled": False},
+    )
+    queue_id = await asend(relay.port, VERP, ["gone@students.example.org"], RAW)
+    failed = (await await_rows(relay.settings.spool, [queue_id], {"failed"}))[queue_id]
+    assert REFUSED in failed["reply"]
+    dsn_ids = [q for q, r in rows(relay.settings.spool).items() if r["reports_on"] == queue_id]
+    assert 1 == len(dsn_ids)
+    notice = (await await_rows(relay.settings.spool, dsn_ids, {"sent"}))[dsn_ids[0]]
+    assert ("", (VERP,), "upstream") == (notice["sender"], notice["recipients"], notice["route"])
+    config = str(relay.settings.source)
+    [delivered] = capture.messages
+    assert {
+        "mail_from": "<>",  # aiosmtpd's spelling of MAIL FROM:<>
+        "rcpt_tos": (VERP,),
+        "type": "multipart/report",
+        "report_type": "delivery-status",
+        "parts": ["text/plain", "message/delivery-status", "text/rfc822-headers"],
+        "reporting_mta": "dns; relay.test",
+        "recipients": [("rfc822; gone@students.example.org", "failed", "5.1.1")],
+        "original_message_id": "<5f1a2b3c4d5e63.12345678@moodle.example.org>",
+    } == dsn_summary(delivered)
+    human, blocks, _ = report_parts(parse(delivered.content))
+    assert f"smtp; {REFUSED}" == blocks[1]["Diagnostic-Code"]
+    assert queue_id in human and REFUSED in human
+
+    shown = json.loads(relay_cli("queue", "--config", config, "show", queue_id, "--json").stdout)
+    shown_dsn = json.loads(
+        relay_cli("queue", "--config", config, "show", dsn_ids[0], "--json").stdout
+    )
+    assert (dsn_ids, None, "dsn") == (
+        shown["dsns"],
+        shown["reports_on"],
+        shown["events"][-1]["event"],
+    )
+    assert ([], queue_id) == (shown_dsn["dsns"], shown_dsn["reports_on"])
+    everything = rows(relay.settings.spool)
+    assert [queue_id, dsn_ids[0]] == sorted(everything, key=lambda q: everything[q]["received_at"])
+
+
+async def test_a_dsn_refused_for_good_produces_nothing_further(
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,
+) -> None:
+    """Never a DSN about a DSN: the sender's address refused too, the DSN is a dead letter
+    and the spool holds exactly the mail and its one DSN; the capture server got nothing."""
+    capture.refuse_rcpt("gone@students.example.org", REFUSED)
+    capture.refuse_rcpt(VERP, "550 5.1.1 no such VERP address")
+    relay = await start_relay(
+        deliver=True,
+        upstream={"host": "127.0.0.1", "port": capture.port, "timeout": 5},
+        ses={"enabled": False},
+    )
+    queue_id = await asend(relay.port, VERP, ["gone@students.example.org"], RAW)
+    await await_rows(relay.settings.spool, [queue_id], {"failed"})
+    [dsn_id] = [q for q, r in rows(relay.settings.spool).items() if r["reports_on"] == queue_id]
+    await await_rows(relay.settings.spool, [dsn_id], {"failed"})
+    await asyncio.sleep(0.5)  # a second DSN would have been queued in the same transaction; be sure
+    assert {queue_id: "failed", dsn_id: "failed"} == {
+        q: r["state"] for q, r in rows(relay.settings.spool).items()
+    }
+    assert ([], 0) == (capture.messages, capture.data_attempts)
+
+
+async def test_partial_refusal_reports_only_the_refused_recipient(
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,
+) -> None:
+    """Two recipients, one refused with 550: the mail is `sent` to the other, and one DSN
+    names only the refused one."""
+    capture.refuse_rcpt("gone@students.example.org", REFUSED)
+    relay = await start_relay(
+        deliver=True,
+        upstream={"host": "127.0.0.1", "port": capture.port, "timeout": 5},
+        ses={"enabled": False},
+    )
+    rcpts = ["gone@students.example.org", "here@students.example.org"]
+    queue_id = await asend(relay.port, VERP, rcpts, RAW)
+    await await_rows(relay.settings.spool, [queue_id], {"sent"})
+    [dsn_id] = [q for q, r in rows(relay.settings.spool).items() if r["reports_on"] == queue_id]
+    await await_rows(relay.settings.spool, [dsn_id], {"sent"})
+    by_from = {m.mail_from: m for m in capture.messages}
+    assert (("here@students.example.org",), (VERP,)) == (
+        by_from[VERP].rcpt_tos,
+        by_from["<>"].rcpt_tos,
+    )
+    assert [("rfc822; gone@students.example.org", "failed", "5.1.1")] == dsn_summary(by_from["<>"])[
+        "recipients"
+    ]
+
+
+async def test_mail_that_expires_gets_a_dsn_with_the_last_temporary_status(
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,
+) -> None:
+    """`retry.max_age` runs out while the host answers 451: the mail fails, and its DSN
+    says Action failed with the last 4.x.x status (RFC 3464: delivery time expired)."""
+    capture.refuse_rcpt("slow@students.example.org", "451 4.2.0 mailbox busy", times=2)
+    relay = await start_relay(
+        deliver=True,
+        upstream={"host": "127.0.0.1", "port": capture.port, "timeout": 5},
+        ses={"enabled": False},
+        retry={"schedule": [1], "max_age": 1},
+    )
+    queue_id = await asend(relay.port, VERP, ["slow@students.example.org"], RAW)
+    failed = await await_rows(relay.settings.spool, [queue_id], {"failed"}, within=10)
+    assert "retry.max_age" in failed[queue_id]["reply"]
+    [dsn_id] = [q for q, r in rows(relay.settings.spool).items() if r["reports_on"] == queue_id]
+    await await_rows(relay.settings.spool, [dsn_id], {"sent"})
+    [delivered] = capture.messages
+    assert [("rfc822; slow@students.example.org", "failed", "4.2.0")] == dsn_summary(delivered)[
+        "recipients"
+    ]
+
+
+NO_DSN = {
+    "null-sender": ("", {}),
+    "bounces-dsn-false": (VERP, {"bounces": {"dsn": False}}),
+}
+
+
+@pytest.mark.parametrize(("sender", "overrides"), NO_DSN.values(), ids=NO_DSN.keys())
+async def test_no_dsn_for_the_null_sender_or_when_turned_off(
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,
+    sender: str,
+    overrides: dict[str, object],
+) -> None:
+    """A refused mail from `<>` (a bounce itself), or with `bounces.dsn: false`: a dead
+    letter and nothing else."""
+    capture.refuse_rcpt("gone@students.example.org", REFUSED)
+    relay = await start_relay(
+        deliver=True,
+        upstream={"host": "127.0.0.1", "port": capture.port, "timeout": 5},
+        ses={"enabled": False},
+        **overrides,
+    )
+    queue_id = await send_any(relay.port, sender, ["gone@students.example.org"], RAW)
+    await await_rows(relay.settings.spool, [queue_id], {"failed"})
+    assert [queue_id] == list(rows(relay.settings.spool))
+
+
+def test_notice_alone_reads_as_rfc_3464() -> None:
+    """`notice()` for two failures: headers of a DSN (From the configured address, To the
+    sender, Auto-Submitted), Arrival-Date, one block per recipient, Remote-MTA when known,
+    a Diagnostic-Code already `smtp;` not doubled; one CRLF-ended line each."""
+    mail = Mail(id="0123456789AB", sender=VERP, recipients=("a@x.org", "b@x.org"), raw=RAW)
+    failures = [
+        dsn.Failure(recipient="a@x.org", reply="550 5.7.1 policy\r\n550 more", remote="dns; mx"),
+        dsn.Failure(recipient="b@x.org", reply="smtp; 552 mailbox full", status="5.2.2"),
+    ]
+    built = dsn.notice(mail, failures, hostname="relay.test", from_address="bounce@relay.test")
+    message = parse(built.raw)
+    _, blocks, _ = report_parts(message)
+    assert (
+        "Mail Delivery System <bounce@relay.test>",
+        VERP,
+        "auto-replied",
+        built.message_id,
+    ) == (message["From"], message["To"], message["Auto-Submitted"], message["Message-ID"])
+    assert [
+        ("rfc822; a@x.org", "5.7.1", "dns; mx", "smtp; 550 5.7.1 policy 550 more"),
+        ("rfc822; b@x.org", "5.2.2", None, "smtp; 552 mailbox full"),
+    ] == [
+        (b["Final-Recipient"], b["Status"], b["Remote-MTA"], b["Diagnostic-Code"])
+        for b in blocks[1:]
+    ]
+    assert blocks[0]["Arrival-Date"]
+    assert b"\n" not in built.raw.replace(b"\r\n", b"")
+    assert (VERP, "failed: a@x.org, b@x.org") == (built.recipient, built.summary)
+
+
+STATUS = {
+    "enhanced-code": ("550 5.1.1 no such user", "5.1.1"),
+    "basic-5xx": ("554 go away", "5.0.0"),
+    "temporary": ("gave up after 9s (retry.max_age): 451 4.3.0 try later", "4.3.0"),
+    "no-code": ("connection refused", "4.4.7"),
+}
+
+
+@pytest.mark.parametrize(("reply", "status"), STATUS.values(), ids=STATUS.keys())
+def test_status_comes_from_the_reply(reply: str, status: str) -> None:
+    """The Status field: the reply's enhanced code, else 5.0.0 for a 5xx, else 4.4.7."""
+    assert status == dsn.status_of(dsn.Failure(recipient="a@x.org", reply=reply))
+
+
+def test_bounces_settings_are_validated_with_file_line_and_key(
+    write_config: ConfigWriter,
+) -> None:
+    """`bounces:` defaults (DSNs on, From MAILER-DAEMON@hostname); a `from` that is not an
+    address and a `dsn` that is not a boolean are reported with file:line and key."""
+    default = settings_mod.load(write_config("ok.yaml"))
+    assert (True, "MAILER-DAEMON@relay.test") == (
+        default.bounces.dsn,
+        default.bounces.sender(default.hostname),
+    )
+    path = write_config("bad.yaml", bounces={"dsn": "sometimes", "from": "not an address"})
+    with pytest.raises(ConfigError) as raised:
+        settings_mod.load(path)
+    problems = [(p.key, p.line) for p in raised.value.problems]
+    assert 2 == len(problems) and all(line for _, line in problems), problems
+    assert "from" in str(raised.value) and "dsn" in str(raised.value)
+
+
+V2_SCHEMA = """
+CREATE TABLE messages (
+    id TEXT PRIMARY KEY NOT NULL, state TEXT NOT NULL, sender TEXT NOT NULL,
+    recipients TEXT NOT NULL, size INTEGER NOT NULL, message_id TEXT NOT NULL DEFAULT '',
+    peer TEXT NOT NULL DEFAULT '', received_at REAL NOT NULL, due_at REAL NOT NULL,
+    claimed_at REAL, attempts INTEGER NOT NULL DEFAULT 0, rule TEXT, route TEXT,
+    ses_message_id TEXT, reply TEXT, fallback_reason TEXT, updated_at REAL NOT NULL,
+    trace BLOB NOT NULL
+);
+CREATE INDEX messages_due ON messages (state, due_at);
+CREATE INDEX messages_ready ON messages (due_at, id) WHERE state IN ('queued', 'deferred');
+CREATE TABLE bodies (id TEXT PRIMARY KEY NOT NULL, body BLOB NOT NULL);
+CREATE TABLE events (queue_id TEXT NOT NULL, at REAL NOT NULL, event TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT '');
+CREATE INDEX events_queue_id ON events (queue_id, at);
+PRAGMA user_version = 2;
+"""
+
+
+async def test_a_version_2_spool_is_upgraded_to_3_and_keeps_its_mail(tmp_path: Path) -> None:
+    """A spool of schema 2 (before DSN links): opening it adds `reports_on`, the SES
+    MessageId index and the `feedback` table in one step; waiting mail is claimable with
+    its body, and a DSN can then be recorded against it."""
+    directory = tmp_path / "spool"
+    directory.mkdir()
+    conn = sqlite3.connect(directory / DB_NAME, isolation_level=None)
+    conn.executescript(V2_SCHEMA)
+    past = time.time() - 60
+    conn.execute(
+        "INSERT INTO messages (id, state, sender, recipients, size, received_at, due_at,"
+        " updated_at, trace) VALUES ('0000000000Q1', 'queued', ?, ?, ?, ?, ?, ?, ?)",
+        (VERP, '["gone@students.example.org"]', len(RAW), past, past, past, b"Received: x\r\n"),
+    )
+    conn.execute("INSERT INTO bodies VALUES ('0000000000Q1', ?)", (RAW,))
+    conn.close()
+
+    spool = await Spool.open(directory)
+    try:
+        [mail] = await spool.claim(5)
+        failure = dsn.Failure(recipient="gone@students.example.org", reply=REFUSED)
+        built = dsn.notice(mail, [failure], hostname="relay.test", from_address="m@relay.test")
+        await spool.fail(mail.id, rule=None, route="upstream", reply=REFUSED, notice=built)
+    finally:
+        await spool.close()
+    assert (RAW, "") == (mail.raw, mail.reports_on)
+    conn = sqlite3.connect(directory / DB_NAME)
+    try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        assert {"feedback", "messages_reports_on", "messages_ses_id"} <= tables
+        assert (SCHEMA_VERSION, 3) == (conn.execute("PRAGMA user_version").fetchone()[0], 3)
+        linked = conn.execute(
+            "SELECT id, state, sender FROM messages WHERE reports_on = ?", (mail.id,)
+        )
+        assert [(built.id, "queued", "")] == linked.fetchall()
+    finally:
+        conn.close()
+
+
+async def test_a_delay_warning_is_sent_once_when_asked_for(
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,
+) -> None:
+    """`bounces.delay_warning: 1`: a mail the host defers (451) for a few tries gets one
+    "Delayed Mail" DSN (Action delayed, the 4.x.x status, Will-Retry-Until), not one per
+    try, and is then delivered; off by default (the other tests get no such DSN)."""
+    capture.refuse_rcpt("slow@students.example.org", "451 4.2.0 mailbox busy", times=4)
+    relay = await start_relay(
+        deliver=True,
+        upstream={"host": "127.0.0.1", "port": capture.port, "timeout": 5},
+        ses={"enabled": False},
+        retry={"schedule": [1], "max_age": 600},
+        bounces={"delay_warning": 1},
+    )
+    queue_id = await asend(relay.port, VERP, ["slow@students.example.org"], RAW)
+    await await_rows(relay.settings.spool, [queue_id], {"sent"}, within=15)
+    [dsn_id] = [q for q, r in rows(relay.settings.spool).items() if r["reports_on"] == queue_id]
+    await await_rows(relay.settings.spool, [dsn_id], {"sent"})
+    by_from = {m.mail_from: m for m in capture.messages}
+    assert {"<>", VERP} == set(by_from)
+    warning = parse(by_from["<>"].content)
+    _, blocks, _ = report_parts(warning)
+    assert (
+        "Delayed Mail (still being retried)",
+        "rfc822; slow@students.example.org",
+        "delayed",
+        "4.2.0",
+        True,
+    ) == (
+        warning["Subject"],
+        blocks[1]["Final-Recipient"],
+        blocks[1]["Action"],
+        blocks[1]["Status"],
+        bool(blocks[1]["Will-Retry-Until"]),
+    )
+    events = [e for e, _ in rows(relay.settings.spool)[queue_id]["events"]]
+    counts = (events.count("dsn_delayed"), events.count("dsn"), events.count("deferred"))
+    assert (1, 0, 4) == counts  # four 451s, one warning

@@ -1,0 +1,569 @@
+"""SES event feedback over SQS: moto in server mode is both SES (relay sends there) and SQS
+(the configuration set's event destination); the events are shaped like SES's documented
+event records, SNS-wrapped (SNS -> SQS) and as EventBridge delivers them. The original host
+is a capture server, where the DSNs for permanent bounces arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from email import message_from_bytes, policy
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from relay import metrics
+from relay import settings as settings_mod
+from relay.deliver.feedback import sqs_location
+from relay.deliver.ses.events import parse
+from relay.errors import ConfigError, MalformedEvent
+from tests.support.aws import REGION
+from tests.support.capture import CaptureServer
+from tests.support.processes import RelayProcess, relay_cli
+from tests.support.relays import ConfigWriter, Running
+from tests.support.smtp import asend, send
+from tests.support.spools import await_rows, rows, wait_rows
+
+pytestmark = pytest.mark.usefixtures("aws_env")
+
+VERP = "mdl+a1b2c3@moodle.example.org"
+ORIGIN = "https://moodle.example.org => web01:mod/reengagement/lib.php:564"
+GONE, HERE = "gone@students.example.org", "here@students.example.org"
+RAW = (
+    b"Date: Fri, 04 Dec 2026 10:00:00 +0000\r\n"
+    b'To: "Ann Student" <gone@students.example.org>\r\n'
+    b'From: "Moodle Support (via Example)" <noreply@moodle.example.org>\r\n'
+    b"Subject: We miss you in BIO101\r\n"
+    b"Message-ID: <5f1a2b3c4d5e63.12345678@moodle.example.org>\r\n"
+    b"X-Moodle-Originating-Script: " + ORIGIN.encode() + b"\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b"Content-Type: text/plain; charset=us-ascii\r\n"
+    b"\r\n"
+    b"Come back.\r\n"
+)
+ACCOUNT = "123456789012"
+STAMP = "2026-12-04T10:00:01.000Z"
+FROM = '"Moodle Support (via Example)" <noreply@moodle.example.org>'
+
+
+# SES event records, shaped like "Examples of event data that Amazon SES publishes"
+
+
+def mail_object(message_id: str, destination: list[str]) -> dict[str, Any]:
+    return {
+        "timestamp": "2026-12-04T10:00:00.000Z",
+        "source": VERP,
+        "sourceArn": f"arn:aws:ses:{REGION}:{ACCOUNT}:identity/moodle.example.org",
+        "sendingAccountId": ACCOUNT,
+        "messageId": message_id,
+        "destination": destination,
+        "headersTruncated": False,
+        "headers": [
+            {
+                "name": "From",
+                "value": '"Moodle Support (via Example)" <noreply@moodle.example.org>',
+            },
+            {"name": "To", "value": '"Ann Student" <gone@students.example.org>'},
+            {"name": "Subject", "value": "We miss you in BIO101"},
+            {"name": "Message-ID", "value": "<5f1a2b3c4d5e63.12345678@moodle.example.org>"},
+        ],
+        "commonHeaders": {
+            "from": [FROM],
+            "to": ['"Ann Student" <gone@students.example.org>'],
+            "messageId": message_id,
+            "subject": "We miss you in BIO101",
+        },
+        "tags": {"ses:configuration-set": ["moodle-reminders"], "rule": ["reengagement-student"]},
+    }
+
+
+def bounce(message_id: str, recipient: str = GONE, kind: str = "Permanent") -> dict[str, Any]:
+    return {
+        "eventType": "Bounce",
+        "bounce": {
+            "bounceType": kind,
+            "bounceSubType": "General",
+            "bouncedRecipients": [
+                {
+                    "emailAddress": recipient,
+                    "action": "failed",
+                    "status": "5.1.1",
+                    "diagnosticCode": "smtp; 550 5.1.1 user unknown",
+                }
+            ],
+            "timestamp": STAMP,
+            "feedbackId": f"0100017{uuid.uuid4().hex[:10]}-{uuid.uuid4()}-000000",
+            "reportingMTA": f"dns; a1-2.smtp-out.{REGION}.amazonses.com",
+        },
+        "mail": mail_object(message_id, [recipient]),
+    }
+
+
+def complaint(message_id: str, recipient: str = HERE) -> dict[str, Any]:
+    return {
+        "eventType": "Complaint",
+        "complaint": {
+            "complainedRecipients": [{"emailAddress": recipient}],
+            "timestamp": STAMP,
+            "feedbackId": f"0100017{uuid.uuid4().hex[:10]}-{uuid.uuid4()}-000000",
+            "userAgent": "Mozilla/5.0 (Windows NT 10.0; Win64; x64)",
+            "complaintFeedbackType": "abuse",
+            "arrivalDate": STAMP,
+        },
+        "mail": mail_object(message_id, [recipient]),
+    }
+
+
+def delivery(message_id: str, recipient: str = HERE) -> dict[str, Any]:
+    return {
+        "eventType": "Delivery",
+        "delivery": {
+            "timestamp": STAMP,
+            "processingTimeMillis": 546,
+            "recipients": [recipient],
+            "smtpResponse": "250 2.6.0 Message received",
+            "reportingMTA": f"a8-70.smtp-out.{REGION}.amazonses.com",
+            "remoteMtaIp": "192.0.2.7",
+        },
+        "mail": mail_object(message_id, [recipient]),
+    }
+
+
+def sns_wrapped(event: dict[str, Any]) -> str:
+    """The SQS body when SES publishes to an SNS topic that an SQS queue subscribes to."""
+    return json.dumps(
+        {
+            "Type": "Notification",
+            "MessageId": str(uuid.uuid4()),
+            "TopicArn": f"arn:aws:sns:{REGION}:{ACCOUNT}:ses-events",
+            "Message": json.dumps(event),
+            "Timestamp": STAMP,
+            "SignatureVersion": "1",
+            "Signature": "EXAMPLE",
+            "SigningCertURL": "https://sns.eu-west-1.amazonaws.com/cert.pem",
+            "UnsubscribeURL": "https://sns.eu-west-1.amazonaws.com/?Action=Unsubscribe",
+        }
+    )
+
+
+DETAIL_TYPES = {"Bounce": "Email Bounced", "Complaint": "Email Complaint Received"}
+
+
+def eventbridge(event: dict[str, Any]) -> str:
+    """The SQS body when an EventBridge rule sends SES's event to the queue."""
+    return json.dumps(
+        {
+            "version": "0",
+            "id": str(uuid.uuid4()),
+            "detail-type": DETAIL_TYPES.get(event["eventType"], "Email Delivered"),
+            "source": "aws.ses",
+            "account": ACCOUNT,
+            "time": STAMP,
+            "region": REGION,
+            "resources": [f"arn:aws:ses:{REGION}:{ACCOUNT}:configuration-set/moodle-reminders"],
+            "detail": event,
+        }
+    )
+
+
+WRAPS = {"sns": sns_wrapped, "eventbridge": eventbridge}
+
+
+def sqs(url: str) -> Any:
+    return boto3.client("sqs", region_name=REGION, endpoint_url=url)
+
+
+def new_queue(url: str, visibility: int = 30) -> str:
+    name = f"ses-events-{uuid.uuid4().hex[:8]}"
+    attrs = {"VisibilityTimeout": str(visibility)}
+    queue_url: str = sqs(url).create_queue(QueueName=name, Attributes=attrs)["QueueUrl"]
+    return queue_url
+
+
+def queue_left(moto: str, queue_url: str) -> int:
+    """Messages still on the queue, visible or not."""
+    attrs = sqs(moto).get_queue_attributes(
+        QueueUrl=queue_url,
+        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+    )["Attributes"]
+    return sum(int(v) for v in attrs.values())
+
+
+async def await_events(spool: Path, queue_id: str, wanted: set[str], within: float = 20) -> Any:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        row = rows(spool)[queue_id]
+        if wanted <= {event for event, _ in row["events"]}:
+            return row
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"events {wanted} not on {queue_id}: {rows(spool)[queue_id]['events']}")
+
+
+def dsns_of(spool: Path, queue_id: str) -> list[str]:
+    return [q for q, r in rows(spool).items() if r["reports_on"] == queue_id]
+
+
+def dropped(reason: str) -> float:
+    value = metrics.REGISTRY.get_sample_value("relay_ses_events_dropped_total", {"reason": reason})
+    return value or 0.0
+
+
+async def await_empty(moto: str, queue_url: str, within: float = 15) -> int:
+    """Messages left on the queue once it is empty or `within` seconds passed."""
+    for _ in range(int(within * 10)):
+        left = queue_left(moto, queue_url)
+        if not left:
+            return 0
+        await asyncio.sleep(0.1)
+    return queue_left(moto, queue_url)
+
+
+async def start_with_queue(
+    start_relay: Callable[..., Awaitable[Running]], host: CaptureServer, moto: str, queue: str
+) -> Running:
+    return await start_relay(
+        deliver=True,
+        upstream={"host": "127.0.0.1", "port": host.port, "timeout": 5},
+        ses={
+            "region": REGION,
+            "endpoint_url": moto,
+            "max_send_rate": 50,
+            "events": {"queue_url": queue},
+        },
+    )
+
+
+@pytest.mark.parametrize("wrap", WRAPS.values(), ids=WRAPS.keys())
+async def test_ses_events_are_recorded_and_a_permanent_bounce_reaches_the_sender(
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,
+    moto_server: str,
+    wrap: Callable[[dict[str, Any]], str],
+) -> None:
+    """Must-show 2. A re-engagement mail goes through SES (moto) to two recipients; SES then
+    reports a Permanent Bounce for one, a Complaint and a Delivery for the other. All three
+    show on the mail's history (`relay queue show ID --json`), the bounce queues one DSN that
+    reaches the envelope sender at the original host (Final-Recipient the bounced address,
+    Status 5.1.1, SES's diagnostic), and the SQS queue is empty afterwards."""
+    queue = new_queue(moto_server)
+    relay = await start_with_queue(start_relay, capture, moto_server, queue)
+    spool = relay.settings.spool
+    queue_id = await asend(relay.port, VERP, [GONE, HERE], RAW)
+    sent = (await await_rows(spool, [queue_id], {"sent"}))[queue_id]
+    assert ("ses", True) == (sent["route"], bool(sent["ses_message_id"]))
+    ses_id = sent["ses_message_id"]
+
+    for event in (bounce(ses_id), complaint(ses_id), delivery(ses_id)):
+        sqs(moto_server).send_message(QueueUrl=queue, MessageBody=wrap(event))
+    wanted = {"ses_bounce", "ses_complaint", "ses_delivery", "dsn"}
+    await await_events(spool, queue_id, wanted)
+    [dsn_id] = dsns_of(spool, queue_id)
+    await await_rows(spool, [dsn_id], {"sent"})
+
+    shown = relay_cli("queue", "--config", str(relay.settings.source), "show", queue_id, "--json")
+    record = json.loads(shown.stdout)
+    history = {e["event"]: e["detail"] for e in record["events"]}
+    assert ([dsn_id], "sent") == (record["dsns"], record["state"])
+    assert "bounce=Permanent/General" in history["ses_bounce"] and GONE in history["ses_bounce"]
+    assert "abuse" in history["ses_complaint"] and HERE in history["ses_complaint"]
+    assert "250 2.6.0 Message received" in history["ses_delivery"]
+
+    [notice] = capture.messages
+    report = message_from_bytes(notice.content, policy=policy.default)
+    status = report.get_payload()[1].get_payload()
+    assert ("<>", (VERP,), "multipart/report") == (
+        notice.mail_from,
+        notice.rcpt_tos,
+        report.get_content_type(),
+    )
+    assert (f"rfc822; {GONE}", "failed", "5.1.1", "smtp; 550 5.1.1 user unknown") == (
+        status[1]["Final-Recipient"],
+        status[1]["Action"],
+        status[1]["Status"],
+        status[1]["Diagnostic-Code"],
+    )
+    assert 0 == await await_empty(moto_server, queue)
+
+
+async def test_unknown_malformed_and_repeated_events_are_dropped_and_deleted(
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,
+    moto_server: str,
+) -> None:
+    """An event for a MessageId relay never sent and a body that is no SES event are counted
+    and deleted; the same bounce delivered twice is applied once: one history line, one DSN.
+    A Transient bounce is recorded but sends no DSN."""
+    queue = new_queue(moto_server)
+    relay = await start_with_queue(start_relay, capture, moto_server, queue)
+    spool = relay.settings.spool
+    before = {r: dropped(r) for r in ("unknown_message_id", "malformed", "duplicate")}
+    queue_id = await asend(relay.port, VERP, [GONE], RAW)
+    ses_id = (await await_rows(spool, [queue_id], {"sent"}))[queue_id]["ses_message_id"]
+    twice = sns_wrapped(bounce(ses_id))
+    client = sqs(moto_server)
+    for body in (
+        sns_wrapped(bounce("0100018c-not-ours-000000")),
+        "this is not JSON",
+        json.dumps({"Type": "Notification", "Message": json.dumps({"eventType": "Open"})}),
+        twice,
+        sns_wrapped(bounce(ses_id, kind="Transient")),
+    ):
+        client.send_message(QueueUrl=queue, MessageBody=body)
+    assert 0 == await await_empty(moto_server, queue)
+    client.send_message(QueueUrl=queue, MessageBody=twice)
+    assert 0 == await await_empty(moto_server, queue)
+    after = {r: dropped(r) - before[r] for r in before}
+    assert {"unknown_message_id": 1, "malformed": 2, "duplicate": 1} == after
+    events = [e for e, _ in rows(spool)[queue_id]["events"] if e.startswith("ses_")]
+    assert ["ses_bounce", "ses_bounce"] == events  # the Permanent one once, the Transient one
+    assert 1 == len(dsns_of(spool, queue_id))
+
+
+BODIES = {
+    "sns": (sns_wrapped(delivery("m-1")), ("Delivery", "m-1")),
+    "eventbridge": (eventbridge(complaint("m-2")), ("Complaint", "m-2")),
+    "raw": (json.dumps(bounce("m-3")), ("Bounce", "m-3")),
+    "identity-notification": (
+        json.dumps({**bounce("m-4"), "notificationType": "Bounce", "eventType": None}),
+        ("Bounce", "m-4"),
+    ),
+}
+
+
+@pytest.mark.parametrize(("body", "expected"), BODIES.values(), ids=BODIES.keys())
+def test_parse_reads_every_wrapping(body: str, expected: tuple[str, str]) -> None:
+    """SNS-wrapped, EventBridge, raw (SNS raw message delivery) and identity notifications
+    (`notificationType`) all give the event's type and SES MessageId."""
+    event = parse(body)
+    assert expected == (event.type, event.message_id)
+
+
+MALFORMED = {
+    "not-json": "{",
+    "a-list": "[]",
+    "no-mail": json.dumps({"eventType": "Bounce", "bounce": {}}),
+    "unknown-type": json.dumps({"eventType": "Open", "mail": {"messageId": "x"}}),
+    "sns-with-bad-message": json.dumps({"Type": "Notification", "Message": "nope"}),
+}
+
+
+@pytest.mark.parametrize("body", MALFORMED.values(), ids=MALFORMED.keys())
+def test_parse_refuses_what_is_no_ses_event(body: str) -> None:
+    """Anything else is MalformedEvent (logged once and deleted by the feedback task)."""
+    with pytest.raises(MalformedEvent):
+        parse(body)
+
+
+# kill -9 between the commit and DeleteMessage
+
+
+class _Proxy(BaseHTTPRequestHandler):
+    """Forwards SQS calls to moto; holds DeleteMessage until `release` is set."""
+
+    upstream: tuple[str, int]
+    deletes: threading.Event
+    release: threading.Event
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        target = self.headers.get("X-Amz-Target", "")
+        if "DeleteMessage" in target or b"Action=DeleteMessage" in body:
+            self.deletes.set()
+            self.release.wait(30)
+            self.close_connection = True
+            return  # no answer: the caller sees the connection drop
+        conn = http.client.HTTPConnection(*self.upstream, timeout=30)
+        headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+        conn.request("POST", self.path, body=body, headers=headers)
+        answer = conn.getresponse()
+        data = answer.read()
+        self.send_response(answer.status)
+        for name, value in answer.getheaders():
+            if name.lower() not in ("content-length", "transfer-encoding", "connection"):
+                self.send_header(name, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def holding_proxy(moto_server: str) -> Iterator[tuple[str, threading.Event, threading.Event]]:
+    """(url, deletes seen, release): an SQS endpoint that never answers DeleteMessage."""
+    host, port = moto_server.removeprefix("http://").split(":")
+    deletes, release = threading.Event(), threading.Event()
+    handler = type(
+        "Proxy", (_Proxy,), {"upstream": (host, int(port)), "deletes": deletes, "release": release}
+    )
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", deletes, release
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+
+
+def test_kill_9_between_commit_and_delete_applies_the_event_once(
+    write_config: ConfigWriter,
+    relay_process: Callable[[Path], RelayProcess],
+    capture: CaptureServer,
+    moto_server: str,
+    holding_proxy: tuple[str, threading.Event, threading.Event],
+) -> None:
+    """`relay serve` applies a Permanent Bounce (history line, DSN queued and delivered),
+    then its DeleteMessage hangs (a proxy holds it) and the process group is killed with
+    SIGKILL. After a restart SQS shows the message again (visibility timeout 2 s): it is
+    recognised, deleted, and nothing is applied twice: one history line, one DSN row, one
+    DSN at the original host."""
+    proxy, deletes, release = holding_proxy
+    queue = new_queue(moto_server, visibility=2)
+    proxied = queue.replace(moto_server, proxy)
+
+    def configured(name: str, queue_url: str) -> Path:
+        return write_config(
+            name,
+            upstream={"host": "127.0.0.1", "port": capture.port, "timeout": 5},
+            ses={
+                "region": REGION,
+                "endpoint_url": moto_server,
+                "max_send_rate": 50,
+                "events": {"queue_url": queue_url},
+            },
+        )
+
+    config = configured("relay.yaml", proxied)
+    spool = config.parent / "spool"
+    relay = relay_process(config).start()
+    queue_id = send(relay.port, VERP, [GONE], RAW)
+    ses_id = wait_rows(spool, [queue_id], {"sent"})[queue_id]["ses_message_id"]
+    sqs(moto_server).send_message(QueueUrl=queue, MessageBody=sns_wrapped(bounce(ses_id)))
+    assert deletes.wait(20), relay.log()
+    [dsn_id] = dsns_of(spool, queue_id)
+    wait_rows(spool, [dsn_id], {"sent"})
+    assert relay.proc is not None
+    os.killpg(relay.proc.pid, signal.SIGKILL)
+    relay.proc.wait(10)
+    release.set()
+
+    again = relay_process(configured("again.yaml", queue)).start()  # SQS direct this time
+    deadline = time.monotonic() + 20
+    while queue_left(moto_server, queue) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert 0 == queue_left(moto_server, queue), again.log()
+    assert 0 == again.stop()
+    events = [e for e, _ in rows(spool)[queue_id]["events"]]
+    once = (events.count("ses_bounce"), events.count("dsn"), dsns_of(spool, queue_id))
+    assert (1, 1, [dsn_id]) == once
+    assert [("<>", (VERP,))] == [(m.mail_from, m.rcpt_tos) for m in capture.messages]
+    assert "duplicate" in again.log()
+
+
+LOCATIONS = {
+    "aws": ("https://sqs.eu-west-1.amazonaws.com/123456789012/q", ("eu-west-1", None)),
+    "aws-legacy": ("https://us-east-2.queue.amazonaws.com/123456789012/q", ("us-east-2", None)),
+    "emulator": ("http://127.0.0.1:4566/000000000000/q", ("ap-south-1", "http://127.0.0.1:4566")),
+}
+
+
+@pytest.mark.parametrize(("url", "expected"), LOCATIONS.values(), ids=LOCATIONS.keys())
+def test_the_queue_url_says_region_and_endpoint(url: str, expected: tuple[str, str | None]) -> None:
+    """AWS queue URLs name their region (no endpoint override); any other host is an
+    emulator and becomes the endpoint, with `ses.region`."""
+    assert expected == sqs_location(url, "ap-south-1")
+
+
+def test_events_queue_url_is_validated(write_config: ConfigWriter) -> None:
+    """`ses.events.queue_url` must be a URL; an unknown key under `events` is refused too;
+    both with file:line."""
+    path = write_config(ses={"events": {"queue_url": "ses-events", "wait": 5}})
+    with pytest.raises(ConfigError) as raised:
+        settings_mod.load(path)
+    text = str(raised.value)
+    assert "queue_url" in text and "wait" in text and f"{path}:" in text
+    good = write_config(
+        "ok.yaml", ses={"events": {"queue_url": "https://sqs.eu-west-1.amazonaws.com/1/q"}}
+    )
+    assert "https://sqs.eu-west-1.amazonaws.com/1/q" == settings_mod.load(good).ses.events_queue_url
+
+
+async def http_get(port: int, path: str) -> tuple[int, str]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    answer = await reader.read()
+    writer.close()
+    head, _, body = answer.decode().partition("\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+async def test_readyz_shows_the_ses_rates(
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,
+    moto_server: str,
+) -> None:
+    """With an events queue, /readyz adds the bounce and complaint rates of relay's SES sends
+    under "ready": one send, one Permanent bounce is 100%, marked high; still 200."""
+    queue = new_queue(moto_server)
+    relay = await start_relay(
+        deliver=True,
+        metrics="127.0.0.1:0",
+        upstream={"host": "127.0.0.1", "port": capture.port, "timeout": 5},
+        ses={"region": REGION, "endpoint_url": moto_server, "events": {"queue_url": queue}},
+    )
+    spool = relay.settings.spool
+    queue_id = await asend(relay.port, VERP, [GONE], RAW)
+    ses_id = (await await_rows(spool, [queue_id], {"sent"}))[queue_id]["ses_message_id"]
+    sqs(moto_server).send_message(QueueUrl=queue, MessageBody=sns_wrapped(bounce(ses_id)))
+    await await_events(spool, queue_id, {"ses_bounce"})
+    assert relay.ctx.metrics_port is not None
+    assert (
+        200,
+        "ready\n"
+        "ses high: bounce rate 100.00% (1 of 1 SES sends, 7 days): at SES's 5.0% review level\n"
+        "ses ok: complaint rate 0.00% (0 of 1 SES sends, 7 days)\n",
+    ) == await http_get(relay.ctx.metrics_port, "/readyz")
+
+
+def reject(message_id: str, recipient: str = GONE) -> dict[str, Any]:
+    return {
+        "eventType": "Reject",
+        "reject": {"reason": "Bad content"},
+        "mail": mail_object(message_id, [recipient]),
+    }
+
+
+async def test_a_reject_event_is_recorded_and_reported_to_the_sender(
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,
+    moto_server: str,
+) -> None:
+    """SES took the call, then rejected the message (Reject, "Bad content"): nobody got it,
+    so the history says so and the sender gets a DSN (5.7.1, SES's reason)."""
+    queue = new_queue(moto_server)
+    relay = await start_with_queue(start_relay, capture, moto_server, queue)
+    spool = relay.settings.spool
+    queue_id = await asend(relay.port, VERP, [GONE], RAW)
+    ses_id = (await await_rows(spool, [queue_id], {"sent"}))[queue_id]["ses_message_id"]
+    sqs(moto_server).send_message(QueueUrl=queue, MessageBody=eventbridge(reject(ses_id)))
+    row = await await_events(spool, queue_id, {"ses_reject", "dsn"})
+    assert any("Bad content" in d for e, d in row["events"] if e == "ses_reject")
+    [dsn_id] = dsns_of(spool, queue_id)
+    await await_rows(spool, [dsn_id], {"sent"})
+    [notice] = capture.messages
+    assert b"Status: 5.7.1" in notice.content and b"Bad content" in notice.content

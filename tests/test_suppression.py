@@ -1,0 +1,172 @@
+"""Recipients on the SES account suppression list (`ses.suppressed`): SES would accept them
+and send nothing, so relay asks first (SESv2 GetSuppressedDestination, from the fake SES,
+since moto lacks the suppression API) and sends them upstream, fails them with a DSN, or
+leaves them to SES. Real SMTP in, the fake SES and a capture server out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from relay import settings as settings_mod
+from relay.errors import ConfigError
+from tests.support.aws import REGION
+from tests.support.capture import CaptureServer
+from tests.support.fakeses import FakeSes
+from tests.support.relays import ConfigWriter, Running
+from tests.support.smtp import asend
+from tests.support.spools import await_rows, rows
+
+pytestmark = pytest.mark.usefixtures("aws_env")
+
+VERP = "mdl+a1b2c3@moodle.example.org"
+ORIGIN = "https://moodle.example.org => web01:mod/reengagement/lib.php:564"
+GONE, ANN, BOB = "gone@students.example.org", "ann@students.example.org", "bob@example.org"
+RAW = (
+    b"Date: Fri, 04 Dec 2026 10:00:00 +0000\r\n"
+    b'To: "Ann Student" <ann@students.example.org>\r\n'
+    b'From: "Moodle Support (via Example)" <noreply@moodle.example.org>\r\n'
+    b"Subject: We miss you in BIO101\r\n"
+    b"Message-ID: <5f1a2b3c4d5e63.12345678@moodle.example.org>\r\n"
+    b"X-Moodle-Originating-Script: " + ORIGIN.encode() + b"\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b"Content-Type: text/plain; charset=us-ascii\r\n"
+    b"\r\n"
+    b"Come back.\r\n"
+)
+
+
+async def start(
+    start_relay: Callable[..., Awaitable[Running]],
+    host: CaptureServer,
+    ses: FakeSes,
+    **extra: Any,
+) -> Running:
+    return await start_relay(
+        deliver=True,
+        upstream={"host": "127.0.0.1", "port": host.port, "timeout": 5},
+        ses={"region": REGION, "endpoint_url": ses.url, "max_send_rate": 100, **extra},
+    )
+
+
+def children(spool: Any, queue_id: str) -> dict[str, dict[str, Any]]:
+    found = rows(spool)
+    return {
+        q: r
+        for q, r in found.items()
+        if q != queue_id and any(queue_id in d for e, d in r["events"] if e == "received")
+    }
+
+
+async def test_a_suppressed_recipient_goes_upstream_and_the_others_through_ses(
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,
+    fake_ses: FakeSes,
+) -> None:
+    """Must-show 3. One mail to three recipients, one of them on the suppression list
+    (BOUNCE): SES gets the mail for the other two, the original host gets the same bytes,
+    same envelope sender, for the suppressed one. Two rows, both `sent`, each recording its
+    route; the history links them (`split` on the mail, `received ... split from` on the
+    part) and says why."""
+    fake_ses.suppressed[GONE] = "BOUNCE"
+    relay = await start(start_relay, capture, fake_ses)
+    spool = relay.settings.spool
+    queue_id = await asend(relay.port, VERP, [ANN, GONE, BOB], RAW)
+    await await_rows(spool, [queue_id], {"sent"})
+    [(part_id, _)] = children(spool, queue_id).items()
+    done = await await_rows(spool, [queue_id, part_id], {"sent"})
+    mail, part = done[queue_id], done[part_id]
+
+    assert [(VERP, (ANN, BOB))] == [(m.source, m.destinations) for m in fake_ses.sent]
+    assert fake_ses.sent[0].raw == mail["trace"] + RAW
+    assert [(VERP, (GONE,), part["trace"] + RAW)] == [
+        (m.mail_from, m.rcpt_tos, m.content) for m in capture.messages
+    ]
+    assert ("ses", (ANN, BOB), None) == (mail["route"], mail["recipients"], mail["fallback_reason"])
+    assert ("upstream", (GONE,)) == (part["route"], part["recipients"])
+    assert f"{GONE} (BOUNCE)" in part["fallback_reason"]
+    assert "suppression list" in part["fallback_reason"]
+    split = [d for e, d in mail["events"] if e == "split"]
+    assert [f"{GONE} -> {part_id}"] == [d.split(":")[0] for d in split]
+
+
+async def test_every_recipient_suppressed_means_no_split_and_no_ses_call(
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,
+    fake_ses: FakeSes,
+) -> None:
+    """All recipients suppressed: one row, straight upstream, SES not called."""
+    fake_ses.suppressed[GONE] = "COMPLAINT"
+    relay = await start(start_relay, capture, fake_ses)
+    queue_id = await asend(relay.port, VERP, [GONE], RAW)
+    row = (await await_rows(relay.settings.spool, [queue_id], {"sent"}))[queue_id]
+    assert ("upstream", 0, [queue_id]) == (
+        row["route"],
+        len(fake_ses.sent),
+        list(rows(relay.settings.spool)),
+    )
+    assert f"{GONE} (COMPLAINT)" in row["fallback_reason"]
+
+
+async def test_bounce_mode_fails_the_suppressed_recipient_with_a_dsn(
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,
+    fake_ses: FakeSes,
+) -> None:
+    """`ses.suppressed: bounce`: the suppressed recipient's part is a dead letter at once and
+    the sender gets a DSN for it (5.1.1); the others still go through SES."""
+    fake_ses.suppressed[GONE] = "BOUNCE"
+    relay = await start(start_relay, capture, fake_ses, suppressed="bounce")
+    spool = relay.settings.spool
+    queue_id = await asend(relay.port, VERP, [ANN, GONE], RAW)
+    await await_rows(spool, [queue_id], {"sent"})
+    [(part_id, _)] = children(spool, queue_id).items()
+    part = (await await_rows(spool, [part_id], {"failed"}))[part_id]
+    assert "suppression list" in part["reply"]
+    [dsn_id] = [q for q, r in rows(spool).items() if r["reports_on"] == part_id]
+    await await_rows(spool, [dsn_id], {"sent"})
+    assert [("<>", (VERP,))] == [(m.mail_from, m.rcpt_tos) for m in capture.messages]
+    assert b"Final-Recipient: rfc822; " + GONE.encode() in capture.messages[0].content
+    assert [(ANN,)] == [m.destinations for m in fake_ses.sent]
+
+
+async def test_send_mode_asks_nothing_and_answers_are_cached(
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,
+    fake_ses: FakeSes,
+) -> None:
+    """`ses.suppressed: send` never looks up; by default each address is looked up once
+    for many mails, a "not found" answer included."""
+    fake_ses.suppressed[GONE] = "BOUNCE"
+    relay = await start(start_relay, capture, fake_ses, suppressed="send")
+    queue_id = await asend(relay.port, VERP, [ANN, GONE], RAW)
+    await await_rows(relay.settings.spool, [queue_id], {"sent"})
+    assert (0, [(ANN, GONE)]) == (
+        fake_ses.suppression_lookups,
+        [m.destinations for m in fake_ses.sent],
+    )
+
+
+async def test_lookups_are_cached(
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,
+    fake_ses: FakeSes,
+) -> None:
+    """Five mails to the same two recipients (one suppressed): two lookups in all."""
+    fake_ses.suppressed[GONE] = "BOUNCE"
+    relay = await start(start_relay, capture, fake_ses)
+    ids = [await asend(relay.port, VERP, [ANN, GONE], RAW) for _ in range(5)]
+    await await_rows(relay.settings.spool, ids, {"sent"})
+    assert 2 == fake_ses.suppression_lookups
+
+
+def test_suppressed_setting_is_validated(write_config: ConfigWriter) -> None:
+    """`ses.suppressed` defaults to upstream; another word is a problem with file:line."""
+    assert "upstream" == settings_mod.load(write_config("ok.yaml")).ses.suppressed.value
+    path = write_config(ses={"suppressed": "drop"})
+    with pytest.raises(ConfigError) as raised:
+        settings_mod.load(path)
+    assert f"{path}:" in str(raised.value) and "suppressed" in str(raised.value)
