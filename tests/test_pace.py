@@ -10,7 +10,7 @@ import itertools
 import math
 import random
 import sys
-from collections.abc import Coroutine, Generator
+from collections.abc import Coroutine, Generator, Sequence
 from dataclasses import dataclass, field
 
 import pytest
@@ -128,16 +128,22 @@ def test_cut_to_what_ses_accepted(clock: Clock) -> None:
     assert 22.0 == pace.rate
 
 
-def test_cut_reaches_a_third_share_in_one_step(clock: Clock) -> None:
-    """Three relays starting at the full quota: each cuts to its third at the first throttle."""
+def test_one_cut_at_most_halves(clock: Clock) -> None:
+    """Three relays starting at the full quota got a third each: the first cut halves (TCP Reno's
+    decrease), the next overshoot, after a whole second at that rate, cuts to the third."""
     pace = Pace(60.0, clock=clock)
     _accept(pace, clock, 20, over=0.33)
+    pace.throttled()
+    assert 60.0 * KEEP == pace.rate
+    clock.now += HOLD
+    _accept(pace, clock, 20, over=0.9)
     pace.throttled()
     assert 20.0 == pace.rate
 
 
-def test_cut_keeps_a_quarter(clock: Clock) -> None:
-    """Even when SES took nothing from this relay, one throttle keeps KEEP of the rate."""
+def test_one_cut_keeps_half(clock: Clock) -> None:
+    """Even when SES took nothing from this relay (it met a full window), one throttle keeps KEEP,
+    half of the rate: it has no sample of its share, and its peers halve too."""
     pace = Pace(40.0, clock=clock)
     pace.throttled()
     assert 40.0 * KEEP == pace.rate
@@ -153,15 +159,15 @@ def test_rate_has_a_floor(clock: Clock) -> None:
 
 
 def test_after_a_burst_the_window_drains(clock: Clock) -> None:
-    """60 grants in a third of a second, then a throttle: the next waits until they left SES's
+    """40 grants in two thirds of a second, then a throttle: the next waits until they left SES's
     window (one WINDOW + JITTER after the first), not just one step at the new rate."""
     pace = Pace(60.0, clock=clock)
     first = clock.now
-    for _ in range(20):
+    for _ in range(40):
         clock.now += pace.reserve(1)
         pace.succeeded()
     pace.throttled()
-    assert 20.0 == pace.rate
+    assert 40.0 == pace.rate
     assert pytest.approx(first + WINDOW + JITTER) == clock.now + pace.reserve(1)
 
 
@@ -256,6 +262,7 @@ class Sim:
     limit: float
     mails: tuple[int, ...] | None = None  # per relay; None: an endless backlog
     starts: tuple[float, ...] | None = None  # per relay: seconds until its first send
+    background: float = 0.0  # another sender on the account: recipients/s, evenly spaced
     deliverers: int = 4
     latency: float = 0.020
     jitter: float = 0.010
@@ -263,7 +270,7 @@ class Sim:
     now: float = 1000.0
     calls: int = 0
     throttles: int = 0
-    accepted: list[tuple[float, int]] = field(default_factory=list)  # (when, relay)
+    accepted: list[tuple[float, int]] = field(default_factory=list)  # (when, relay or -1)
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
@@ -276,6 +283,8 @@ class Sim:
         for relay in range(len(self.ceilings)):
             for _ in range(self.deliverers):
                 self._push(self.now + starts[relay], self._deliverer(relay))
+        if self.background > 0:
+            self._push(self.now, self._other_sender())
         self.start = self.now
 
     def _push(self, at: float, coro: Coroutine[Sleep, None, None]) -> None:
@@ -306,6 +315,16 @@ class Sim:
                 pace.throttled()
                 self._left[relay] += 1
 
+    async def _other_sender(self) -> None:
+        """Not a relay: one recipient every 1 / background seconds, throttled or not."""
+        while True:
+            while self._window and self._window[0] <= self.now - 1.0:
+                self._window.popleft()
+            if len(self._window) + 1 <= self.limit:
+                self._window.append(self.now)
+                self.accepted.append((self.now, -1))
+            await Sleep(1.0 / self.background)
+
     def run(self, seconds: float) -> Sim:
         until = self.start + seconds
         while self._heap and self._heap[0][0] < until:
@@ -321,8 +340,42 @@ class Sim:
     def rate(self, since: float = 0.0, until: float | None = None) -> float:
         """Recipients SES accepted per second between `since` and `until` (from the start)."""
         end = self.now - self.start if until is None else until
-        n = sum(since <= at - self.start < end for at, _ in self.accepted)
+        n = sum(since <= at - self.start < end and relay >= 0 for at, relay in self.accepted)
         return n / (end - since)
+
+    def finished(self, relay: int) -> float:
+        """When SES accepted the last mail of `relay` (seconds from the start)."""
+        return max(at for at, r in self.accepted if r == relay) - self.start
+
+    def figures(self, since: float, until: float, relays: Sequence[int]) -> Figures:
+        """The issue's measures over [since, until): relays' share of what the other sender left,
+        the smallest relay against the fair share of it, and throttles over the whole run."""
+        got = collections.Counter(r for at, r in self.accepted if since <= at - self.start < until)
+        span = until - since
+        left = self.limit - got[-1] / span
+        return Figures(
+            use=sum(got[r] for r in relays) / span / left,
+            least=min(got[r] for r in relays) / span / (left / len(relays)),
+            throttled=self.throttles / self.calls,
+        )
+
+    def lost(self) -> int:
+        """Mails of a finite backlog that SES has not accepted (yet)."""
+        assert self.mails is not None
+        got = collections.Counter(r for _, r in self.accepted)
+        return sum(m - got[r] for r, m in enumerate(self.mails))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Figures:
+    use: float  # recipients the relays got / what the quota left them
+    least: float  # the smallest relay's rate / the fair share of what the quota left
+    throttled: float  # throttle replies / calls, over the whole run
+
+    def meets_the_goals(self) -> bool:
+        """Issue 14: at least 95% of what the quota leaves, under 1% of calls throttled, no relay
+        under 70% of the fair share."""
+        return self.use >= 0.95 and self.throttled < 0.01 and self.least >= 0.70
 
 
 def test_ceiling_at_the_limit_is_never_throttled() -> None:
@@ -352,10 +405,11 @@ def test_three_relays_share_one_quota(seed: int) -> None:
     assert min(shares.values()) >= 0.5 * len(sim.accepted) / 3
 
 
-def test_three_relays_start_with_one_event() -> None:
-    """All three start at 3x the quota: a handful of throttles, then a fair third each."""
+def test_three_relays_start_with_two_events() -> None:
+    """All three start at 3x the quota: two events (one cut at most halves: 60, 30, then the
+    third SES gave each), a dozen throttles per relay once, then a fair third each."""
     sim = Sim(ceilings=(60.0, 60.0, 60.0), limit=60.0).run(5.0)
-    assert sim.throttles <= 3 * 3
+    assert sim.throttles <= 12 * 3
     assert [pytest.approx(20.0, abs=1.5)] * 3 == [pace.rate for pace in sim.paces]
 
 
@@ -366,13 +420,64 @@ def test_capacity_left_by_idle_relays_is_taken_back() -> None:
     assert sim.throttles < 0.02 * sim.calls
 
 
-@pytest.mark.xfail(strict=True, reason="known: the late relay is cut to KEEP and climbs too slowly")
 @pytest.mark.parametrize("late", [0.3, 0.6, 0.9])
 def test_a_relay_that_starts_late_still_gets_a_fair_share(late: float) -> None:
-    """One of three relays starts `late` seconds after the others and meets a full window.
-    Today its first cut goes to what SES took from it in that second, often a quarter of
-    its rate (KEEP), and the slow climb leaves it with the smallest share for the rest of
-    the run: the bench's "3 relays sharing a 60/s quota" at 67-76% instead of 90%+."""
+    """One of three relays starts `late` seconds after the others and meets a full window. SES
+    takes next to nothing from it; it halves like its peers (cut to a quarter, it used to end
+    with about 60% of their share), and the next overshoot cuts each to what SES gave it."""
     sim = Sim(ceilings=(60.0, 60.0, 60.0), limit=60.0, starts=(0.0, 0.0, late)).run(30.0)
     shares = collections.Counter(relay for at, relay in sim.accepted if at - sim.start >= 5.0)
     assert min(shares.values()) >= 0.75 * max(shares.values()), shares
+
+
+# Issue 14's scenarios: relays with the whole quota as ceiling (max_send_rate: auto on one
+# account) and a finite backlog each, so that "nothing lost" means SES accepted every mail.
+
+
+@pytest.mark.parametrize(
+    "starts", [(0.0, 1.0, 2.0), (0.0, 0.4, 1.7), (0.0, 2.0, 1.1)], ids=["1s", "0.4-1.7s", "2-1.1s"]
+)
+def test_staggered_starts(starts: tuple[float, ...]) -> None:
+    """Three relays starting 0-2 s apart, each meeting a window the others filled."""
+    sim = Sim(ceilings=(60.0,) * 3, limit=60.0, mails=(4000,) * 3, starts=starts).run(330.0)
+    until = min(sim.finished(r) for r in range(3))
+    figures = sim.figures(max(starts), until, range(3))
+    assert figures.meets_the_goals(), figures
+    assert 0 == sim.lost()
+
+
+def test_a_relay_joining_mid_run() -> None:
+    """Two relays share the quota for a minute; a third joins, bursting into a full window."""
+    sim = Sim(ceilings=(60.0,) * 3, limit=60.0, mails=(4000,) * 3, starts=(0.0, 0.0, 60.0))
+    sim.run(330.0)
+    until = min(sim.finished(r) for r in range(3))
+    figures = sim.figures(60.0, until, range(3))
+    assert figures.meets_the_goals(), figures
+    assert 0 == sim.lost()
+
+
+TAKE_UP = 30.0  # seconds after a relay leaves until the others fill the quota again
+
+
+def test_a_relay_leaving_mid_run() -> None:
+    """One of three relays runs out of mail after about two minutes: the other two take up its
+    share (the probe) within TAKE_UP seconds, and share the whole quota fairly after."""
+    sim = Sim(ceilings=(60.0,) * 3, limit=60.0, mails=(8000, 8000, 2400)).run(400.0)
+    left = sim.finished(2)
+    until = min(sim.finished(0), sim.finished(1))
+    full = (t for t in range(int(left), int(until)) if sim.rate(t, t + 5.0) >= 0.95 * 60.0)
+    taken = next(full, math.inf) - left
+    before, after = sim.figures(0.0, left, range(3)), sim.figures(left + TAKE_UP, until, (0, 1))
+    assert (True, True) == (before.meets_the_goals(), after.meets_the_goals()), (before, after)
+    assert taken <= TAKE_UP
+    assert 0 == sim.lost()
+
+
+def test_another_sender_takes_a_third() -> None:
+    """Something else on the account sends 20 of the 60 recipients/s, evenly and regardless of
+    throttles; the three relays share what it leaves."""
+    sim = Sim(ceilings=(60.0,) * 3, limit=60.0, mails=(4000,) * 3, background=20.0).run(420.0)
+    until = min(sim.finished(r) for r in range(3))
+    figures = sim.figures(0.0, until, range(3))
+    assert figures.meets_the_goals(), figures
+    assert 0 == sim.lost()

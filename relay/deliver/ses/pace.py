@@ -9,26 +9,46 @@ few percent under its target (HEADROOM) because SES's window and our clock
 never agree to the millisecond: a limiter exactly at the quota still gets
 throttled.
 
-On a rate throttle ("Maximum sending rate exceeded") the target is cut once per
-window (HOLD), to the lower of rate * DECREASE and what SES accepted from this
-relay in the last second, but never below rate * KEEP in one cut. Grants
-booked ahead at the old rate are cancelled, and the window rule above then
-holds the next grant until enough of what we sent has left SES's window: after
-a burst the window drains instead of being hammered. After a cut the rate
-climbs again by INCREASE * ceiling per second of success, doubled for every
-PROBE seconds without a cut: barely at first (the rate that overshot is just
-above), within half a minute fast enough to take back capacity other relays
-left idle. There is no quick climb back to the rate before the cut: on a
-shared account that rate is what overshot.
+Several relays may share one SES account, with no coordinator between them and
+often another sender beside them. They share it the way TCP flows share a link,
+by additive increase and multiplicative decrease: Chiu and Jain (1989, "Analysis
+of the Increase and Decrease Algorithms for Congestion Avoidance in Computer
+Networks") show that AIMD converges to fair shares, because a multiplicative cut
+takes more from a larger share while an additive climb adds the same to every
+share. Here the congestion signal is random, not synchronous: SES refuses
+whichever call arrives at a full window, so each relay is throttled in
+proportion to the calls it makes, and the relay with the larger share is cut
+more often.
 
-What that costs in throttle replies, simulated and measured, is in bench/README.md.
+Decrease: on a rate throttle ("Maximum sending rate exceeded") the target is cut
+once per window (HOLD) to rate * DECREASE, or, after a large overshoot, down to
+what SES accepted from this relay in the last second. But one cut never takes
+more than half (KEEP), TCP Reno's decrease (RFC 5681). A relay that starts or
+joins while the window is already full has no sample of its share: SES took
+next to nothing from it. Cut to a quarter while its peers kept half of theirs,
+it stayed the smallest for minutes. Halved like them, it meets the next
+overshoot at their rate, and after a whole second at the same rate what SES
+took from each is the same share. Grants booked ahead at the old rate are
+cancelled, and the window rule above then holds the next grant until enough of
+what we sent has left SES's window: after a burst the window drains instead of
+being hammered.
 
-The cut is small because which relay a later event hits is random (in
-proportion to its calls): a deep cut of one random relay would leave the
-shares unequal for a long time, and the relay left with the smallest share
-finishes its queue last, alone. Fairness comes from the start (each relay
-cuts to what it got) and from the doubling probe, which lets a relay that was
-cut a while ago, or whose peers went idle, catch up.
+Increase: after a cut the rate climbs by INCREASE * ceiling per second of
+success, doubled for every PROBE seconds without a cut. The step is a function
+of the time since this relay's last cut and of the ceiling (the same for every
+relay on one account), never of its current rate, so for the same calm every
+relay climbs by the same absolute amount; the relay cut least often climbs
+furthest. Barely at first, since the rate that overshot is just above; within
+half a minute fast enough to take back what a relay that stopped, or another
+sender, left idle. Growth as a function of the time since the last congestion
+event rather than of the rate, slow near the rate that overshot and faster the
+longer no throttle comes, is how BIC (Xu, Harfoush and Rhee, INFOCOM 2004) and
+CUBIC (RFC 9438) probe. There is no quick climb back to the rate before the
+cut: on a shared account that rate is what overshot.
+
+What this costs and achieves, simulated (tests/test_pace.py: staggered starts, a
+relay joining, one leaving, another sender on the account) and measured
+(bench/sesbench.py), is in bench/README.md.
 
 The clock and the sleep are injected, so tests run on virtual time.
 """
@@ -45,12 +65,12 @@ HEADROOM = 0.97  # space grants at 97% of the target rate
 WINDOW = 1.0  # seconds: SES counts recipients per second
 JITTER = 0.025  # seconds of disagreement between our clock and SES's window we absorb
 DECREASE = 0.93  # on a throttle: rate *= DECREASE, or down to what SES just accepted
-KEEP = 0.25  # but one cut keeps at least this share of the rate (a fair share of 4 relays)
+KEEP = 0.5  # but one cut keeps at least half of the rate (TCP Reno's decrease)
 HOLD = WINDOW  # seconds after a cut in which further throttles are the same event
 INCREASE = 0.0001  # per second of success right after a cut: rate += INCREASE * ceiling
 MIN_INCREASE = 0.005  # recipients/s per second, so tiny ceilings still recover
 FLOOR = 0.05  # the rate never drops below FLOOR * ceiling
-PROBE = 4.0  # seconds: the increase doubles for every PROBE seconds without a cut
+PROBE = 3.0  # seconds: the increase doubles for every PROBE seconds without a cut
 
 
 class Pace:
