@@ -16,7 +16,7 @@ COPY relay ./relay
 RUN pip install -c constraints.txt . \
     && useradd --system --uid 10001 --home-dir /var/lib/relay --shell /usr/sbin/nologin relay \
     && mkdir -p /var/lib/relay /etc/relay \
-    && cp relay/data/rules.yaml /etc/relay/rules.yaml \
+    && cp relay/rules/rules.yaml /etc/relay/rules.yaml \
     && chown relay:relay /var/lib/relay \
     && chmod 0700 /var/lib/relay
 

@@ -115,7 +115,8 @@ def healthcheck_command() -> list[str]:
 
 def test_dockerfile_instructions() -> None:
     """Slim Python base; exec-form CMD `relay serve`; a non-root USER; the spool a VOLUME;
-    STOPSIGNAL SIGTERM; HEALTHCHECK in exec form asking /healthz; every COPY source exists."""
+    STOPSIGNAL SIGTERM; HEALTHCHECK in exec form asking /healthz; every COPY source, and every
+    file RUN copies out of the checkout, exists."""
     assert re.fullmatch(r"python:3\.\d+-slim(-\w+)?", only("FROM")), only("FROM")
     cmd = json.loads(only("CMD"))
     assert ["relay", "serve"] == cmd[:2]
@@ -124,6 +125,9 @@ def test_dockerfile_instructions() -> None:
     assert "SIGTERM" == only("STOPSIGNAL")
     assert "/healthz" in " ".join(healthcheck_command())
     copied = [args.split()[:-1] for name, args in dockerfile() if name == "COPY"]
+    # RUN's `cp relay/...` reads the copied checkout (WORKDIR /src): those paths exist too.
+    run = " ".join(args for name, args in dockerfile() if name == "RUN")
+    copied.append(re.findall(r"\bcp (relay/\S+)", run))
     missing = [src for sources in copied for src in sources if not (ROOT / src).exists()]
     assert [] == missing
 
