@@ -101,6 +101,24 @@ OLDEST_AGE = Gauge(
     "Age of the oldest queued or deferred message",
     registry=REGISTRY,
 )
+SESSIONS_REFUSED = Counter(
+    "relay_sessions_refused",
+    "SMTP sessions refused or closed by a limit (421), by reason",
+    ["reason"],
+    registry=REGISTRY,
+)
+SESSIONS_OPEN = Gauge("relay_sessions_open", "SMTP sessions open now", registry=REGISTRY)
+DATA_IN_MEMORY = Gauge(
+    "relay_data_in_memory_bytes",
+    "Bytes of unfinished DATA held in memory, all sessions (limits.max_data_in_memory)",
+    registry=REGISTRY,
+)
+DATA_SPILLED = Counter(
+    "relay_data_spilled",
+    "DATA bodies moved to a temporary file because max_data_in_memory was reached",
+    registry=REGISTRY,
+)
+AUTH_FAILURES = Counter("relay_auth_failures", "SMTP AUTH attempts that failed", registry=REGISTRY)
 RULES_RELOADS = Counter(
     "relay_rules_reloads", "Rules reloads by result (ok, error)", ["result"], registry=REGISTRY
 )

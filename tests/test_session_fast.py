@@ -417,6 +417,12 @@ async def test_session_state_is_what_aiosmtpd_init_makes(
     reference.registry, reference.allow = registry, running.settings.allow_networks
     reference._sock, reference._refused, reference._shut = None, False, False
     reference._held = []
+    # relay's own hostile-client limits (caps, junk, AUTH failures, timers from the last
+    # read): not aiosmtpd's, so set as relay sets them; the idle timeout is aiosmtpd's 300 s.
+    reference.caps, reference._ip, reference._started, reference._last_read = None, None, 0, 0
+    reference.session_timeout = running.settings.limits.session_timeout
+    reference.junk_limit = running.settings.limits.max_junk_commands
+    reference.junk, reference.auth_failures = 0, 0
     assert shape(vars(reference), reference, handler) == shape(vars(fast), fast, handler)
     assert ("X-TOKEN" in fast._auth_methods) == (handler_class is HandlerWithMore)
 

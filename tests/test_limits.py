@@ -1,0 +1,133 @@
+"""The hostile-client limits as units: `limits:` keys, session caps, sampled logging."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from pathlib import Path
+
+import pytest
+
+from relay import logs, service, settings
+from relay.errors import ConfigError
+from relay.receive.caps import TOO_MANY_FROM_YOU, TOO_MANY_SESSIONS, Caps, sessions_problem
+from relay.settings import BareNewline, Limits
+
+
+def load_limits(tmp_path: Path, text: str) -> Limits:
+    path = tmp_path / "relay.yaml"
+    path.write_text(f"upstream: {{host: smtp.example.org}}\nlimits:\n{text}", encoding="utf-8")
+    return settings.load(path).limits
+
+
+def test_the_defaults_are_design_3_2() -> None:
+    """DESIGN 3.2's defaults, from the one place they are written (Limits)."""
+    expected = (500, 50, 268435456, 5, BareNewline.NORMALIZE)
+    limits = Limits()
+    assert expected == (
+        limits.max_sessions,
+        limits.max_sessions_per_ip,
+        limits.max_data_in_memory,
+        limits.max_auth_failures,
+        limits.bare_newline,
+    )
+
+
+def test_every_key_is_read(tmp_path: Path) -> None:
+    """Each `limits:` key in relay.yaml lands in Limits."""
+    text = (
+        "  max_sessions: 40\n  max_sessions_per_ip: 4\n  max_data_in_memory: 1000\n"
+        "  max_auth_failures: 3\n  max_junk_commands: 7\n  idle_timeout: 30\n"
+        "  session_timeout: 60\n  bare_newline: reject\n"
+    )
+    expected = Limits(
+        max_sessions=40,
+        max_sessions_per_ip=4,
+        max_data_in_memory=1000,
+        max_auth_failures=3,
+        max_junk_commands=7,
+        idle_timeout=30.0,
+        session_timeout=60.0,
+        bare_newline=BareNewline.REJECT,
+    )
+    assert expected == load_limits(tmp_path, text)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("  max_sessions: 0\n", "relay.yaml:3: limits.max_sessions: "),
+        ("  bare_newline: fix\n", "relay.yaml:3: limits.bare_newline: 'fix' is not one of"),
+        ("  max_auth_failures: two\n", "relay.yaml:3: limits.max_auth_failures: expected"),
+        (
+            "  max_sessions: 10\n  max_sessions_per_ip: 20\n",
+            "relay.yaml:4: limits.max_sessions_per_ip: max_sessions_per_ip (20) is more",
+        ),
+        (
+            "  idle_timeout: 100\n  session_timeout: 50\n",
+            "relay.yaml:4: limits.session_timeout: session_timeout (50) is shorter",
+        ),
+        ("  max_session: 10\n", "relay.yaml:3: limits.max_session: "),
+    ],
+    ids=["zero-sessions", "bad-choice", "not-a-number", "per-ip-over-total", "deadline", "typo"],
+)
+def test_bad_limits_name_file_line_and_key(tmp_path: Path, text: str, message: str) -> None:
+    """A wrong value is a load error with file:line: limits.key."""
+    with pytest.raises(ConfigError) as caught:
+        load_limits(tmp_path, text)
+    assert message in str(caught.value)
+
+
+def test_caps_count_in_all_and_per_client() -> None:
+    """Two per client, three in all: the third from one client and the fourth overall are
+    refused; a released place is free again."""
+    caps = Caps(max_sessions=3, max_per_ip=2)
+    replies = [caps.admit(ip) for ip in ("a", "a", "a", "b", "c")]
+    assert [None, None, TOO_MANY_FROM_YOU.format(peer="a"), None, TOO_MANY_SESSIONS] == replies
+    caps.release("a")
+    assert (None, {"a": 1, "b": 1, "c": 1}) == (caps.admit("c"), caps.by_ip)
+
+
+@pytest.mark.parametrize(
+    ("max_sessions", "soft", "fits"),
+    [(500, 1024, True), (924, 1024, True), (925, 1024, False), (5000, 4096, False)],
+)
+def test_max_sessions_must_fit_the_open_file_limit(
+    max_sessions: int, soft: int, fits: bool
+) -> None:
+    """max_sessions + 100 reserved descriptors must fit under the soft limit."""
+    assert fits == (sessions_problem(max_sessions, soft) is None)
+
+
+def test_a_sampled_event_is_logged_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    """1,000 events in a burst: one line, with count=1; the next interval's line counts the
+    rest."""
+    sampled = logs.Sampled(logging.getLogger("relay.test"), "thing", interval=0.2, kind="x")
+    with caplog.at_level(logging.INFO, logger="relay.test"):
+        for _ in range(1000):
+            sampled(peer="p")
+        sampled._next = 0.0  # the interval has passed
+        sampled(peer="p")
+    expected = ["event=thing kind=x count=1 peer=p", "event=thing kind=x count=1000 peer=p"]
+    assert expected == [r.getMessage() for r in caplog.records]
+
+
+async def test_accept_out_of_files_is_logged_once_per_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """asyncio's "accept() out of system resource", 500 times: one line, no traceback;
+    other loop errors still go to asyncio's default handler."""
+    loop = asyncio.get_running_loop()
+    error = OSError(errno.EMFILE, "Too many open files")
+    with caplog.at_level(logging.INFO):
+        for _ in range(500):
+            service._loop_exception(
+                loop, {"message": "socket.accept() out of system resource", "exception": error}
+            )
+        service._loop_exception(loop, {"message": "something else"})
+    lines = [r.getMessage() for r in caplog.records]
+    assert 2 == len(lines), lines
+    assert lines[0].startswith("event=accept_failed count=1 error=")
+    assert "something else" == lines[1]
+    assert caplog.records[0].exc_info is None
