@@ -12,6 +12,7 @@ import pytest
 from relay import logs, service, settings
 from relay.errors import ConfigError
 from relay.receive.caps import TOO_MANY_FROM_YOU, TOO_MANY_SESSIONS, Caps, sessions_problem
+from relay.receive.guesses import Guesses
 from relay.settings import BareNewline, Limits
 
 
@@ -131,3 +132,20 @@ async def test_accept_out_of_files_is_logged_once_per_interval(
     assert lines[0].startswith("event=accept_failed count=1 error=")
     assert "something else" == lines[1]
     assert caplog.records[0].exc_info is None
+
+
+def test_auth_delay_grows_per_connection_and_per_address() -> None:
+    """1 s per earlier failure on the connection; past 10 failures from one address in 10
+    minutes, 1 s per failure beyond, even on fresh connections; at most 10 s; forgotten
+    after the window."""
+    now = [0.0]
+    guesses = Guesses(clock=lambda: now[0])
+    first_connection = [guesses.failed("a", n) for n in (1, 2, 3, 4, 5)]
+    reconnects = [guesses.failed("a", 1) for _ in range(10)]
+    elsewhere = guesses.failed("b", 1)
+    now[0] = 601.0
+    later = guesses.failed("a", 1)
+    assert [0.0, 1.0, 2.0, 3.0, 4.0] == first_connection
+    assert [0.0] * 5 + [1.0, 2.0, 3.0, 4.0, 5.0] == reconnects
+    assert (0.0, 0.0) == (elsewhere, later)
+    assert 10.0 == max(guesses.failed("c", 1) for _ in range(30))

@@ -23,6 +23,7 @@ Choices worth knowing:
 
 from __future__ import annotations
 
+import asyncio
 import binascii
 import email.utils
 import functools
@@ -30,6 +31,7 @@ import logging
 import re
 import time
 from base64 import b64decode
+from typing import Protocol, runtime_checkable
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, _Missing
 from aiosmtpd.smtp import Session as SmtpSession
@@ -38,6 +40,8 @@ from email_validator import EmailNotValidError, validate_email
 from relay import logs, metrics
 from relay.errors import SpoolError
 from relay.mail import header_block
+from relay.receive.caps import Refusal
+from relay.receive.guesses import TOO_MANY_FAILURES, Guesses
 from relay.receive.passwords import Users
 from relay.settings import Settings
 from relay.spool import Spool
@@ -112,6 +116,16 @@ def extract_message_id(raw: bytes) -> str:
     return " ".join(match.group(1).decode("ascii", "replace").split())[:998]
 
 
+@runtime_checkable
+class Limited(Protocol):
+    """What the handler needs of a session to enforce per-connection limits
+    (relay.receive.session.Session, which imports this module)."""
+
+    auth_failures: int
+
+    def close_for(self, reason: Refusal, reply: str) -> None: ...
+
+
 class Handler:
     """aiosmtpd hooks: one instance per listener, shared by all sessions."""
 
@@ -126,7 +140,9 @@ class Handler:
         self.spool = spool
         self.hostname = settings.hostname
         self.max_recipients = settings.limits.max_recipients
+        self.max_auth_failures = settings.limits.max_auth_failures
         self.users = users
+        self.guesses = Guesses()
         self.implicit_tls = implicit_tls
         self.stopping = False  # set at shutdown: no new transaction starts (421)
 
@@ -266,12 +282,36 @@ class Handler:
         return await self._check(server, user, password)
 
     async def _check(self, server: SMTP, user: bytes, password: bytes) -> AuthResult:
+        """235, or (see relay.receive.guesses) a delayed 535, or 421 and close at
+        `max_auth_failures` on this connection."""
         name = user.decode("utf-8", "replace")
-        if self.users is not None and await self.users.verify(user, password):
+        if self.users is None:  # no accounts, so nothing to guess: no delay, no count
+            metrics.REJECTED.labels("auth_failed").inc()
+            return AuthResult(success=False, handled=False, message=AUTH_FAILED)
+        if await self.users.verify(user, password):
             return AuthResult(success=True, auth_data=name, message=AUTH_OK)
         metrics.REJECTED.labels("auth_failed").inc()
+        metrics.AUTH_FAILURES.inc()
         peer = peer_ip_of(server.session) if server.session else "?"
-        logs.event(log, "auth_failed", level=logging.WARNING, user=name, peer=peer)
+        limited = server if isinstance(server, Limited) else None  # relay's Session
+        failures = 1 if limited is None else limited.auth_failures + 1
+        if limited is not None:
+            limited.auth_failures = failures
+        delay = self.guesses.failed(peer, failures)
+        logs.event(
+            log,
+            "auth_failed",
+            level=logging.WARNING,
+            user=name,
+            peer=peer,
+            on_connection=failures,
+            from_peer=self.guesses.count(peer),
+            delay=delay,
+        )
+        await asyncio.sleep(delay)
+        if failures >= self.max_auth_failures and limited is not None:
+            limited.close_for(Refusal.AUTH_FAILURES, TOO_MANY_FAILURES)
+            return AuthResult(success=False, handled=True)
         return AuthResult(success=False, handled=False, message=AUTH_FAILED)
 
 

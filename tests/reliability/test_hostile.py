@@ -8,11 +8,13 @@ Moodle, is a different client to relay's per-address cap.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import resource
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -23,8 +25,9 @@ from pathlib import Path
 
 import pytest
 
+from relay.receive.passwords import hash_password
 from tests.capture import CaptureServer
-from tests.conftest import ConfigWriter
+from tests.conftest import ConfigWriter, RelayProcess
 from tests.fakeses import FakeSes
 from tests.reliability.helpers import MailFactory, free_port, try_send
 from tests.sesfixtures import REGION
@@ -180,3 +183,109 @@ def test_max_sessions_that_cannot_fit_the_open_file_limit_is_refused_at_start(
     assert 1 == code
     assert "limits.max_sessions 1000 needs 1100 open files" in relay.log()
     assert "at most 924" in relay.log()
+
+
+class Wire:
+    """A raw SMTP client socket: commands and (last line of) replies, timed."""
+
+    def __init__(self, port: int, *, source: str = "127.0.0.1", timeout: float = 30.0) -> None:
+        self.sock = socket.create_connection(
+            ("127.0.0.1", port), timeout=timeout, source_address=(source, 0)
+        )
+        self.file = self.sock.makefile("rb")
+
+    def reply(self) -> str:
+        """The reply's last line; "" once the server has closed the connection."""
+        while True:
+            line = self.file.readline()
+            if not line:
+                return ""
+            if line[3:4] != b"-":
+                return line.decode(errors="replace").rstrip("\r\n")
+
+    def command(self, text: str) -> str:
+        try:
+            self.sock.sendall(f"{text}\r\n".encode())
+        except OSError:
+            return ""
+        return self.reply()
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def plain(user: str, password: str) -> str:
+    return "AUTH PLAIN " + base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+
+
+@pytest.fixture
+def auth_relay(
+    write_config: ConfigWriter, relay_process: Callable[[Path], RelayProcess], tmp_path: Path
+) -> RelayProcess:
+    """relay serve with AUTH (loopback, no TLS): user moodle, password "right horse"."""
+    users = tmp_path / "users"
+    users.write_text(f"moodle:{hash_password('right horse')}\n", encoding="utf-8")
+    return relay_process(write_config(auth={"users_file": str(users)})).start()
+
+
+def test_a_password_guesser_is_cut_off_and_slowed(auth_relay: RelayProcess) -> None:
+    """Must show 3a. One connection sends wrong passwords until relay closes it: closed
+    within 30 attempts (max_auth_failures 5: the 5th gets 421 4.7.0), each 535 slower
+    than the one before; the right password on a new connection still works; the
+    password is in no log line."""
+    wire = Wire(auth_relay.port)
+    wire.reply()
+    wire.command("EHLO guesser.test")
+    attempts, timings, last = 0, [], ""
+    while attempts < 30:
+        started = time.monotonic()
+        last = wire.command(plain("moodle", f"guess{attempts}"))
+        timings.append(time.monotonic() - started)
+        attempts += 1
+        if not last.startswith("535"):
+            break
+    closed = "" == wire.reply()
+    wire.close()
+    good = Wire(auth_relay.port)
+    good.reply()
+    good.command("EHLO moodle.test")
+    right = good.command(plain("moodle", "right horse"))
+    good.close()
+    print(
+        f"AUTH guessing: connection closed after {attempts} wrong passwords with {last!r}; "
+        f"reply times {', '.join(f'{t:.2f}s' for t in timings)}; right password then: "
+        f"{right[:3]}"
+    )
+    assert attempts <= 30
+    assert (5, True) == (attempts, closed)
+    assert last.startswith("421 4.7.0")
+    assert timings == sorted(timings)
+    assert right.startswith("235")
+    text = auth_relay.log()
+    assert "event=auth_failed" in text and "peer=127.0.0.1" in text
+    assert "guess1" not in text and "right horse" not in text
+
+
+def test_an_unknown_user_costs_what_a_wrong_password_costs(auth_relay: RelayProcess) -> None:
+    """Must show 3b. Fresh connections, alternating: an unknown user, then the known user
+    with a wrong password, 5 each (within the address's 10 undelayed failures): the
+    median AUTH reply time of the unknown user is within 3x of the known user's."""
+    unknown: list[float] = []
+    known: list[float] = []
+    for n in range(10):
+        wire = Wire(auth_relay.port)
+        wire.reply()
+        wire.command("EHLO timing.test")
+        user = f"nobody{n}" if n % 2 == 0 else "moodle"
+        started = time.monotonic()
+        reply = wire.command(plain(user, "wrong"))
+        (unknown if n % 2 == 0 else known).append(time.monotonic() - started)
+        assert reply.startswith("535"), reply
+        wire.close()
+    ratio = statistics.median(unknown) / statistics.median(known)
+    print(
+        f"AUTH timing: median unknown user {statistics.median(unknown) * 1000:.1f} ms, "
+        f"known user wrong password {statistics.median(known) * 1000:.1f} ms, ratio {ratio:.2f}"
+    )
+    assert 1 / 3 <= ratio <= 3
