@@ -289,3 +289,94 @@ def test_an_unknown_user_costs_what_a_wrong_password_costs(auth_relay: RelayProc
         f"known user wrong password {statistics.median(known) * 1000:.1f} ms, ratio {ratio:.2f}"
     )
     assert 1 / 3 <= ratio <= 3
+
+
+def test_a_noop_stream_is_cut_but_a_kept_alive_moodle_is_not(
+    write_config: ConfigWriter, relay_process: Callable[[Path], RelayProcess]
+) -> None:
+    """Must show 4. 1,000 NOOPs on one connection: closed (421 4.7.0) before the
+    thousandth; meanwhile a kept-alive PHPMailer-like connection sends 150 mails, each
+    followed by RSET (150 junk commands in all), and every mail gets 250."""
+    relay = relay_process(write_config()).start()
+    wire = Wire(relay.port)
+    wire.reply()
+    wire.command("EHLO noop.test")
+    answered, last = 0, ""
+    for _ in range(1000):
+        last = wire.command("NOOP")
+        if not last.startswith("250"):
+            break
+        answered += 1
+    wire.close()
+    moodle = Wire(relay.port)
+    moodle.reply()
+    moodle.command("EHLO moodle.test")
+    queued = 0
+    for n in range(150):
+        moodle.command("MAIL FROM:<noreply@moodle.example.org>")
+        moodle.command(f"RCPT TO:<student{n}@students.example.org>")
+        moodle.command("DATA")
+        queued += moodle.command(f"Subject: {n}\r\n\r\nHello.\r\n.").startswith("250 2.0.0")
+        moodle.command("RSET")
+    moodle.close()
+    print(
+        f"junk commands: {answered} NOOPs answered 250, then {last!r}; a kept-alive client "
+        f"with RSET after each mail: {queued} of 150 mails queued"
+    )
+    assert answered < 1000
+    assert 100 == answered
+    assert last.startswith("421 4.7.0")
+    assert 150 == queued
+
+
+def test_idle_timeout_runs_from_the_last_read_and_sessions_end(
+    write_config: ConfigWriter, relay_process: Callable[[Path], RelayProcess]
+) -> None:
+    """idle_timeout 2 s, session_timeout 6 s: a DATA upload of 5 s with a line every
+    0.5 s is accepted (aiosmtpd cut DATA 300 s after the DATA command, whatever came
+    since); a client silent for 2 s mid-DATA gets 421 4.4.2; a session that keeps
+    talking (NOOP, RSET) is closed with 421 4.4.2 after 6 s."""
+    relay = relay_process(write_config(limits={"idle_timeout": 2, "session_timeout": 6})).start()
+
+    def transaction(wire: Wire) -> None:
+        wire.reply()
+        wire.command("EHLO slow.test")
+        wire.command("MAIL FROM:<noreply@moodle.example.org>")
+        wire.command("RCPT TO:<student@students.example.org>")
+        assert wire.command("DATA").startswith("354")
+
+    slow = Wire(relay.port)
+    transaction(slow)
+    started = time.monotonic()
+    for n in range(10):
+        slow.sock.sendall(f"line {n}\r\n".encode())
+        time.sleep(0.5)
+    upload = slow.command(".")
+    upload_took = time.monotonic() - started
+    slow.close()
+    silent = Wire(relay.port)
+    transaction(silent)
+    silent.sock.sendall(b"Subject: half\r\n")
+    started = time.monotonic()
+    cut = silent.reply()
+    silent_took = time.monotonic() - started
+    silent.close()
+    chatty = Wire(relay.port)
+    chatty.reply()
+    started = time.monotonic()
+    last = ""
+    while time.monotonic() - started < 15:
+        last = chatty.command("RSET" if int(time.monotonic() * 2) % 2 else "NOOP")
+        if not last.startswith("250"):
+            break
+        time.sleep(0.5)
+    chatty_took = time.monotonic() - started
+    chatty.close()
+    print(
+        f"timeouts (idle 2 s, session 6 s): a {upload_took:.1f}s DATA upload got "
+        f"{upload[:24]!r}; silent mid-DATA cut after {silent_took:.1f}s with {cut!r}; "
+        f"a chatty session closed after {chatty_took:.1f}s with {last!r}"
+    )
+    assert upload.startswith("250 2.0.0")
+    assert cut.startswith("421 4.4.2") and 1.5 < silent_took < 4
+    assert last.startswith("421 4.4.2") and 5 < chatty_took < 9
