@@ -20,6 +20,7 @@ When the listen port is 0 the kernel picks one; the bound address is logged as
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
@@ -34,6 +35,7 @@ from relay.deliver.supervisor import delivery_process
 from relay.deliver.task import delivery, purge_sent
 from relay.errors import ConfigError, RelayError, SpoolError
 from relay.receive.caps import RESERVED_FILES, Caps, open_file_limit, sessions_problem
+from relay.receive.data import Budget
 from relay.receive.handler import Handler
 from relay.receive.passwords import Users
 from relay.receive.session import Session, session_factory
@@ -88,6 +90,28 @@ def check_open_files(settings: Settings) -> None:
         raise StartError(f"{settings.source}: {problem}")
 
 
+MMAP_THRESHOLD = 128 * 1024  # glibc's initial default, kept fixed
+
+
+def _give_back_big_buffers() -> Callable[[], object] | None:
+    """Make glibc's malloc keep its mmap threshold at 128 KiB (not raise it, as it does by
+    default, to the size of the last big block freed, up to 32 MiB).
+
+    Otherwise, once a large DATA body has been freed, later ones of that size come from
+    the heap, and a heap that hoarders grew to hundreds of MiB stays that big after they
+    leave. With the threshold fixed, every buffer over 128 KiB (large mails only: Moodle's
+    are a few KB) is its own mapping, returned to the system when freed. Returns
+    malloc_trim(0), for receive.data.Budget to hand back the smaller blocks too.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        return None
+    mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+    return lambda: malloc_trim(0)
+
+
 _ACCEPT_FAILED = logs.Sampled(log, "accept_failed")
 
 
@@ -129,6 +153,7 @@ async def serve(
     """
     check_safe(settings)
     check_open_files(settings)
+    trim = _give_back_big_buffers()
     tls = _tls_context(settings)
     try:
         ruleset = rules.load(settings.rules)
@@ -170,7 +195,12 @@ async def serve(
         caps = Caps(max_sessions=limits.max_sessions, max_per_ip=limits.max_sessions_per_ip)
         metrics.SESSIONS_OPEN.set_function(lambda: caps.total)
         factory = session_factory(
-            handler, settings, ctx.sessions, caps=caps, tls_context=None if implicit else tls
+            handler,
+            settings,
+            ctx.sessions,
+            caps=caps,
+            budget=Budget(limits.max_data_in_memory, trim=trim),
+            tls_context=None if implicit else tls,
         )
         try:
             server = await loop.create_server(

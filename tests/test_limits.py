@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import random
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from relay import logs, service, settings
 from relay.errors import ConfigError
 from relay.receive.caps import TOO_MANY_FROM_YOU, TOO_MANY_SESSIONS, Caps, sessions_problem
+from relay.receive.data import Body, Budget
 from relay.receive.guesses import Guesses
 from relay.settings import BareNewline, Limits
 
@@ -149,3 +151,46 @@ def test_auth_delay_grows_per_connection_and_per_address() -> None:
     assert [0.0] * 5 + [1.0, 2.0, 3.0, 4.0, 5.0] == reconnects
     assert (0.0, 0.0) == (elsewhere, later)
     assert 10.0 == max(guesses.failed("c", 1) for _ in range(30))
+
+
+def _stream(seed: int) -> bytes:
+    """A DATA stream with stuffed dots, bare CR/LF and long lines, then the end line."""
+    rng = random.Random(seed)
+    vocabulary = [b"", b".", b"..", b"x" * 300, b"a\nb", b"c\rd", b". ", b"y" * 998, b"z" * 1200]
+    lines = [rng.choice(vocabulary) for _ in range(rng.randrange(50, 400))]
+    return b"\r\n".join(lines) + b"\r\n.\r\nQUIT\r\n"
+
+
+async def _feed(stream: bytes, cuts: list[int], budget: Budget | None, spill_dir: Path) -> tuple:
+    body = Body(size_limit=60_000, line_limit=1001, budget=budget, spill_dir=spill_dir)
+    rest = None
+    pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    try:
+        for n, piece in enumerate(pieces):
+            if body.spill_due:
+                await body.spill()
+            rest = body.feed(piece)
+            if rest is not None:
+                rest += b"".join(pieces[n + 1 :])
+                break
+        spilled = body.spilled
+        content = body.content() if body.verdict is None else None
+    finally:
+        body.close()
+    return body.verdict, content, rest, spilled
+
+
+@pytest.mark.parametrize("seed", range(12))
+async def test_a_spilled_body_is_the_body_kept_in_memory(seed: int, tmp_path: Path) -> None:
+    """With a budget of 0 every judged line goes to the temporary file as it arrives: the
+    verdict, the content and the bytes after the end are those of a body kept in memory,
+    and the budget is back to 0 afterwards."""
+    stream = _stream(seed)
+    rng = random.Random(seed)
+    cuts = sorted(rng.sample(range(1, len(stream)), 12))
+    budget = Budget(0)
+    in_memory = await _feed(stream, cuts, None, tmp_path)
+    spilling = await _feed(stream, cuts, budget, tmp_path)
+    assert in_memory[:3] == spilling[:3]
+    assert 0 == budget.used
+    assert spilling[3] or in_memory[1] is None or len(in_memory[1]) < 2000

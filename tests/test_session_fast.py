@@ -423,6 +423,7 @@ async def test_session_state_is_what_aiosmtpd_init_makes(
     reference.session_timeout = running.settings.limits.session_timeout
     reference.junk_limit = running.settings.limits.max_junk_commands
     reference.junk, reference.auth_failures = 0, 0
+    reference.budget, reference.spill_dir = None, running.settings.spool
     assert shape(vars(reference), reference, handler) == shape(vars(fast), fast, handler)
     assert ("X-TOKEN" in fast._auth_methods) == (handler_class is HandlerWithMore)
 

@@ -27,6 +27,7 @@ import socket
 import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, AnyStr
 from warnings import warn
 
@@ -40,7 +41,7 @@ from relay.receive.caps import (
     Caps,
     Refusal,
 )
-from relay.receive.data import Body, unread
+from relay.receive.data import Body, Budget, unread
 from relay.receive.handler import (
     AIOSMTPD_REPLIES,
     NETWORK_REFUSED,
@@ -102,6 +103,8 @@ class Session(SMTP):
         *,
         registry: set[Session],
         caps: Caps | None = None,
+        budget: Budget | None = None,
+        spill_dir: Path | None = None,
         limits: Limits = DEFAULT_LIMITS,
         allow: tuple[Network, ...] = (),
         hostname: str,
@@ -138,6 +141,8 @@ class Session(SMTP):
         self._smtp_methods = {command: getattr(self, name) for command, name in found.commands}
         self.registry = registry
         self.caps = caps
+        self.budget = budget
+        self.spill_dir = spill_dir
         self.allow = allow
         self._sock: socket.socket | None = None
         self._refused = False
@@ -298,12 +303,19 @@ class Session(SMTP):
             await self.push("501 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        body = Body(size_limit=self.data_size_limit, line_limit=self.line_length_limit)
+        body = Body(
+            size_limit=self.data_size_limit,
+            line_limit=self.line_length_limit,
+            budget=self.budget,
+            spill_dir=self.spill_dir,
+        )
         rest: bytes | None = None
-        with _roomy(self._reader):
+        with _roomy(self._reader), contextlib.closing(body):  # closing: the budget back
             while rest is None:
                 try:
                     chunk = await self._reader.read(CHUNK)
+                    if body.spill_due:  # past limits.max_data_in_memory (see data.py)
+                        await body.spill()
                 except asyncio.CancelledError:  # connection lost: eof_received cancels us
                     _SMTP_LOG.info("Connection lost during DATA")
                     self._writer.close()
@@ -311,12 +323,13 @@ class Session(SMTP):
                 if not chunk:  # unreachable, as for aiosmtpd: EOF cancels first; its
                     raise asyncio.IncompleteReadError(b"", None)  # readuntil would raise this
                 rest = body.feed(chunk)
-        unread(self._reader, rest)
-        if body.verdict is not None:
-            await self.push(body.verdict)
-            self._set_post_data_state()  # type: ignore[no-untyped-call]
-            return
-        self.envelope.content = self.envelope.original_content = body.content()
+            unread(self._reader, rest)
+            if body.verdict is not None:
+                await self.push(body.verdict)
+                self._set_post_data_state()  # type: ignore[no-untyped-call]
+                return
+            content = await asyncio.to_thread(body.content) if body.spilled else body.content()
+        self.envelope.content = self.envelope.original_content = content
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         if status is not MISSING and status.startswith("250"):
@@ -484,6 +497,7 @@ def session_factory(
     registry: set[Session],
     *,
     caps: Caps | None = None,
+    budget: Budget | None = None,
     tls_context: Any = None,
 ) -> Callable[[], Session]:
     """The protocol factory for `loop.create_server()`.
@@ -497,6 +511,8 @@ def session_factory(
             handler,
             registry=registry,
             caps=caps,
+            budget=budget,
+            spill_dir=settings.spool,
             limits=settings.limits,
             allow=settings.allow_networks,
             hostname=settings.hostname,

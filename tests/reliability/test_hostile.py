@@ -14,6 +14,7 @@ import os
 import resource
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from relay.receive.passwords import hash_password
+from relay.spool import DB_NAME
 from tests.capture import CaptureServer
 from tests.conftest import ConfigWriter, RelayProcess
 from tests.fakeses import FakeSes
@@ -380,3 +382,88 @@ def test_idle_timeout_runs_from_the_last_read_and_sessions_end(
     assert upload.startswith("250 2.0.0")
     assert cut.startswith("421 4.4.2") and 1.5 < silent_took < 4
     assert last.startswith("421 4.4.2") and 5 < chatty_took < 9
+
+
+def rss_mib(pid: int) -> tuple[float, float]:
+    """(current, peak) resident set of process `pid`, MiB (VmRSS, VmHWM)."""
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return tuple(int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM"))  # type: ignore[return-value]
+
+
+HOARDERS = 150
+HOARD = 9_500_000  # bytes of DATA each, under max_message_size (10 MiB): never refused
+
+
+def test_data_hoarders_cost_disk_not_memory_and_lose_nothing(
+    write_config: ConfigWriter,
+    relay_process: Callable[[Path], RelayProcess],
+    capture: CaptureServer,
+    fake_ses: FakeSes,
+) -> None:
+    """Must show 2. 150 sessions each send ~9.5 MB of DATA and never finish: the main
+    process's peak RSS stays under 400 MiB (max_data_in_memory 256 MiB, the rest spilled
+    to temporary files in the spool directory); a well-behaved client still gets 250 and
+    its mail reaches the original host byte for byte; one hoarder that finishes gets 250
+    with all its bytes stored; RSS comes back down once the hoarders leave."""
+    config = write_config(
+        upstream={"host": "127.0.0.1", "port": capture.port, "timeout": 5},
+        ses={"region": REGION, "endpoint_url": fake_ses.url, "max_send_rate": 500, "timeout": 5},
+    )
+    relay = relay_process(config).start()
+    assert relay.proc is not None
+    pid = relay.proc.pid
+    baseline, _ = rss_mib(pid)
+    line = b"x" * 998 + b"\r\n"
+    piece = line * 64  # 64,000 bytes
+    hoarders: list[Wire] = []
+    started = time.monotonic()
+    try:
+        for n in range(HOARDERS):
+            wire = Wire(relay.port, source=f"127.0.0.{2 + n // 40}")
+            wire.reply()
+            wire.command("EHLO hoarder.test")
+            wire.command("MAIL FROM:<noreply@moodle.example.org>")
+            wire.command(f"RCPT TO:<h{n}@students.example.org>")
+            assert wire.command("DATA").startswith("354")
+            hoarders.append(wire)
+        for _ in range(HOARD // len(piece)):
+            for wire in hoarders:
+                wire.sock.sendall(piece)
+        fed = time.monotonic() - started
+        time.sleep(1.0)
+        during, _ = rss_mib(pid)
+        factory = MailFactory("hoard")
+        mail = factory()
+        while mail.route != "upstream":
+            mail = factory()
+        reply = try_send(relay.port, mail)
+        finisher = hoarders.pop()
+        finished = finisher.command(".")
+        finisher.close()
+    finally:
+        for wire in hoarders:
+            wire.close()
+    time.sleep(3.0)
+    after, peak = rss_mib(pid)
+    captured = [m for m in capture.wait_for(1, timeout=30) if m.message_id == mail.message_id]
+    conn = sqlite3.connect(config.parent / "spool" / DB_NAME)
+    try:
+        sizes = dict(conn.execute("SELECT id, size FROM messages"))
+    finally:
+        conn.close()
+    finished_id = finished.rsplit(" ", 1)[-1]
+    print(
+        f"DATA hoarding: {HOARDERS} sessions x {HOARD / 1e6:.1f} MB fed in {fed:.1f}s; main "
+        f"process RSS baseline {baseline:.0f} MiB, during {during:.0f} MiB, peak "
+        f"{peak:.0f} MiB, after they left {after:.0f} MiB; well-behaved client "
+        f"{reply.text[:24]!r}, delivered intact: {bool(captured)}; finishing hoarder "
+        f"{finished[:24]!r}, stored {sizes.get(finished_id)} bytes"
+    )
+    assert peak < 400
+    assert 250 == reply.code
+    assert captured and captured[0].content.endswith(mail.raw)
+    assert finished.startswith("250 2.0.0")
+    assert HOARD // len(piece) * len(piece) == sizes[finished_id]
+    assert after < baseline + 100
