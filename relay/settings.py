@@ -61,7 +61,7 @@ class BareNewline(StrEnum):
     """What DATA does with a CR or LF that is not part of a CRLF pair."""
 
     NORMALIZE = "normalize"  # rewrite it to CRLF, as Postfix 3.9 does by default
-    REJECT = "reject"  # refuse the message: 550 5.6.11
+    REJECT = "reject"  # refuse the message: 550 5.5.2
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -6,7 +6,9 @@ import asyncio
 import errno
 import logging
 import random
+import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,6 +18,7 @@ from relay.receive.caps import TOO_MANY_FROM_YOU, TOO_MANY_SESSIONS, Caps, sessi
 from relay.receive.data import Body, Budget
 from relay.receive.guesses import Guesses
 from relay.settings import BareNewline, Limits
+from relay.spool import DB_NAME
 
 
 def load_limits(tmp_path: Path, text: str) -> Limits:
@@ -194,3 +197,87 @@ async def test_a_spilled_body_is_the_body_kept_in_memory(seed: int, tmp_path: Pa
     assert in_memory[:3] == spilling[:3]
     assert 0 == budget.used
     assert spilling[3] or in_memory[1] is None or len(in_memory[1]) < 2000
+
+
+async def _transaction(port: int, body: bytes) -> str:
+    """EHLO, MAIL, RCPT, DATA with `body` sent as is; the reply to the end of data."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        await reader.readline()
+        for command in (
+            b"EHLO moodle.test",
+            b"MAIL FROM:<noreply@moodle.example.org>",
+            b"RCPT TO:<a@example.org>",
+            b"DATA",
+        ):
+            writer.write(command + b"\r\n")
+            while (await reader.readline())[3:4] == b"-":
+                pass
+        writer.write(body + b".\r\n")
+        return (await reader.readline()).decode().rstrip()
+    finally:
+        writer.close()
+
+
+def _stored(spool: Path, queue_id: str) -> tuple[bytes, list[str]]:
+    conn = sqlite3.connect(spool / DB_NAME)
+    try:
+        [(body,)] = conn.execute("SELECT body FROM bodies WHERE id = ?", (queue_id,))
+        details = [
+            d for (d,) in conn.execute("SELECT detail FROM events WHERE queue_id = ?", (queue_id,))
+        ]
+    finally:
+        conn.close()
+    return bytes(body), details
+
+
+BARE_TABLE = [
+    (
+        "crlf-only",
+        "normalize",
+        b"Subject: a\r\n\r\nline\r\n..dot\r\n",
+        b"Subject: a\r\n\r\nline\r\n.dot\r\n",
+        False,
+    ),
+    (
+        "lf-normalized",
+        "normalize",
+        b"Subject: a\r\n\r\nx\ny\r\n",
+        b"Subject: a\r\n\r\nx\r\ny\r\n",
+        True,
+    ),
+    (
+        "cr-normalized",
+        "normalize",
+        b"Subject: a\r\n\r\nx\ry\r\r\n",
+        b"Subject: a\r\n\r\nx\r\ny\r\n\r\n",
+        True,
+    ),
+    (
+        "crlf-only-reject",
+        "reject",
+        b"Subject: a\r\n\r\nline\r\n",
+        b"Subject: a\r\n\r\nline\r\n",
+        False,
+    ),
+    ("lf-rejected", "reject", b"Subject: a\r\n\r\nx\ny\r\n", None, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("policy", "sent", "stored", "noted"),
+    [row[1:] for row in BARE_TABLE],
+    ids=[row[0] for row in BARE_TABLE],
+)
+async def test_bare_newline_policy(
+    start_relay: Any, policy: str, sent: bytes, stored: bytes | None, noted: bool
+) -> None:
+    """Well-formed mail is stored byte for byte (unstuffed only); a bare CR or LF is
+    rewritten to CRLF and noted on the history (normalize) or refused with 550 (reject)."""
+    running = await start_relay(limits={"bare_newline": policy})
+    reply = await _transaction(running.port, sent)
+    if stored is None:
+        assert reply.startswith("550 5.5.2 Message contains a bare CR or LF")
+        return
+    body, details = await asyncio.to_thread(_stored, running.settings.spool, reply.split()[-1])
+    assert (stored, noted) == (body, any("normalized" in d for d in details))

@@ -118,6 +118,8 @@ async def talk(port: int, pieces: list[bytes]) -> Talk:
             received += chunk
     except TimeoutError:
         received += b"(quiet)\r\n"
+    except ConnectionError:  # closed by the server (e.g. too many bogus commands) mid-write
+        received += b"(closed)\r\n"
     finally:
         writer.close()
     replies = received.decode("ascii", "replace").split("\r\n")[:-1]

@@ -13,8 +13,11 @@ Choices worth knowing:
 - SMTPUTF8 is not offered; addresses must be ASCII (RFC 5321 syntax, checked
   with email-validator). Intranet domains (`moodle.local`) are accepted.
 - Bare LF: aiosmtpd 1.4.6 ends DATA only at CRLF.CRLF, so `\\n.\\r\\n` and
-  `\\r\\n.\\n` stay inside the one message ("SMTP smuggling" cannot split it);
-  such bytes are stored as received (aiosmtplib re-normalises them on the way out).
+  `\\r\\n.\\n` stay inside the one message ("SMTP smuggling" cannot split it).
+  A CR or LF outside a CRLF pair is then rewritten to CRLF (`limits.bare_newline:
+  normalize`, Postfix 3.9's default, noted on the mail's history) or refused
+  (`reject`), so SES never gets bare line ends. Mail of CRLF lines only (all that
+  PHPMailer sends) is stored byte for byte: three counts decide, no copy.
 - Lines longer than 998 octets are refused (RFC 5321 4.5.3.1.6); PHPMailer
   re-encodes bodies with longer lines, so Moodle never sends them.
 - TCP: the connection itself (fast ACKs for Moodle's PHPMailer, allowed
@@ -43,7 +46,7 @@ from relay.mail import header_block
 from relay.receive.caps import Refusal
 from relay.receive.guesses import TOO_MANY_FAILURES, Guesses
 from relay.receive.passwords import Users
-from relay.settings import Settings
+from relay.settings import BareNewline, Settings
 from relay.spool import Spool
 
 log = logging.getLogger("relay.receive")
@@ -68,6 +71,8 @@ TOO_BIG_AT_DATA = "552 5.3.4 Message size exceeds fixed maximum message size"
 LINE_TOO_LONG = "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6: at most 998 octets)"
 COMMAND_TOO_LONG = "500 5.5.2 Command line too long"
 NOT_ASCII = "500 5.5.2 Non-ASCII command (SMTPUTF8 is not offered)"
+BARE_NEWLINE = "550 5.5.2 Message contains a bare CR or LF: lines must end with CRLF"
+NORMALIZED = "bare CR/LF normalized to CRLF (limits.bare_newline: normalize)"
 
 # aiosmtpd's own replies -> ours with enhanced status codes (RFC 3463).
 AIOSMTPD_REPLIES = {
@@ -88,6 +93,7 @@ _VALIDATE = {
 _SPECIAL_USE = re.compile(r"(?i)^[a-z0-9.-]+\.(local|localhost|internal|lan|home\.arpa|test)$")
 _MESSAGE_ID = re.compile(rb"^message-id[ \t]*:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.I | re.M)
 _UNSAFE = re.compile(r"[^!-~]|[()\\]")
+_LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
 @functools.lru_cache(maxsize=8192)  # Moodle sends from one noreply address, over and over
@@ -141,6 +147,7 @@ class Handler:
         self.hostname = settings.hostname
         self.max_recipients = settings.limits.max_recipients
         self.max_auth_failures = settings.limits.max_auth_failures
+        self.reject_bare = settings.limits.bare_newline is BareNewline.REJECT
         self.users = users
         self.guesses = Guesses()
         self.implicit_tls = implicit_tls
@@ -204,6 +211,14 @@ class Handler:
         raw = envelope.original_content or b""
         sender = "" if envelope.mail_from == "<>" else (envelope.mail_from or "")
         peer = peer_ip_of(session)
+        note = ""
+        crlf = raw.count(b"\r\n")
+        if raw.count(b"\n") != crlf or raw.count(b"\r") != crlf:  # a bare CR or LF
+            if self.reject_bare:
+                metrics.REJECTED.labels("bare_newline").inc()
+                logs.event(log, "bare_newline_refused", level=logging.WARNING, peer=peer)
+                return BARE_NEWLINE
+            raw, note = _LINE_END.sub(b"\r\n", raw), NORMALIZED
         queue_id = self.spool.new_id()
         message_id = extract_message_id(raw)
         try:
@@ -216,6 +231,7 @@ class Handler:
                 trace=self._trace(session, peer, queue_id),
                 message_id=message_id,
                 alone=len(getattr(server, "registry", ())) == 1,  # relay's Session: see spool
+                note=note,
             )
         except SpoolError as exc:
             metrics.REJECTED.labels("spool").inc()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import re
 import resource
 import signal
 import socket
@@ -20,18 +21,20 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from relay.receive.handler import extract_message_id
 from relay.receive.passwords import hash_password
 from relay.spool import DB_NAME
-from tests.capture import CaptureServer
+from tests.capture import CaptureServer, rows
 from tests.conftest import ConfigWriter, RelayProcess
 from tests.fakeses import FakeSes
-from tests.reliability.helpers import MailFactory, free_port, try_send
+from tests.reliability.helpers import MailFactory, free_port, poll, try_send
 from tests.sesfixtures import REGION
 
 pytestmark = [pytest.mark.system, pytest.mark.usefixtures("aws_env")]
@@ -467,3 +470,87 @@ def test_data_hoarders_cost_disk_not_memory_and_lose_nothing(
     assert finished.startswith("250 2.0.0")
     assert HOARD // len(piece) * len(piece) == sizes[finished_id]
     assert after < baseline + 100
+
+
+LOOKALIKES = {
+    "lf-dot-lf": b"\n.\n",
+    "lf-dot-crlf": b"\n.\r\n",
+    "cr-dot-lf": b"\r.\n",
+    "crlf-dot-cr": b"\r\n.\r",
+    "cr-dot-cr": b"\r.\r",
+    "crlf-dot-lf": b"\r\n.\n",
+    "cr-dot-crlf": b"\r.\r\n",
+    "lf-dot-cr": b"\n.\r",
+}
+SMUGGLED = (
+    b"MAIL FROM:<evil@attacker.example>\r\nRCPT TO:<victim@victim.example>\r\nDATA\r\n"
+    b"Subject: smuggled\r\n\r\nsmuggled\r\n"
+)
+_BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+
+
+def test_bare_newline_look_alikes_smuggle_nothing_and_reach_ses_normalized(
+    write_config: ConfigWriter,
+    relay_process: Callable[[Path], RelayProcess],
+    capture: CaptureServer,
+    fake_ses: FakeSes,
+) -> None:
+    """Must show 5. Each of the 8 bare CR/LF end-of-data look-alikes, hiding a second
+    MAIL/RCPT/DATA, in an SES-routed and in an upstream-routed mail (16 transactions):
+    each gets one 250; SES and the original host each see exactly one message per
+    accepted transaction routed there, none for the smuggled recipient; no bare CR or LF
+    is left in what SES gets, and each mail's history says it was normalized."""
+    config = write_config(
+        upstream={"host": "127.0.0.1", "port": capture.port, "timeout": 5},
+        ses={"region": REGION, "endpoint_url": fake_ses.url, "max_send_rate": 500, "timeout": 5},
+        retry={"schedule": [1], "max_age": 600},
+    )
+    relay = relay_process(config).start()
+    factory = MailFactory("bare")
+    mails = {"ses": [], "upstream": []}  # type: dict[str, list[Outgoing]]
+    while min(len(v) for v in mails.values()) < len(LOOKALIKES):
+        mail = factory()
+        mails[mail.route].append(mail)
+    accepted: dict[str, tuple[str, str]] = {}  # queue id -> (route, Message-ID)
+    replies: list[str] = []
+    for route, chosen in mails.items():
+        for mail, (name, lookalike) in zip(chosen, LOOKALIKES.items(), strict=False):
+            wire = Wire(relay.port)
+            wire.reply()
+            wire.command("EHLO moodle.test")
+            wire.command(f"MAIL FROM:<{mail.sender}>")
+            for rcpt in mail.recipients:
+                wire.command(f"RCPT TO:<{rcpt}>")
+            assert wire.command("DATA").startswith("354")
+            body = mail.raw + b"before " + name.encode() + lookalike + SMUGGLED + b"after\r\n"
+            wire.sock.sendall(body + b".\r\n")
+            reply = wire.reply()
+            replies.append(reply)
+            extra = wire.command("QUIT")
+            wire.close()
+            assert extra.startswith("221"), (name, extra)  # nothing smuggled answered
+            if reply.startswith("250 "):
+                accepted[reply.rsplit(" ", 1)[-1]] = (route, mail.message_id)
+    routes = Counter(route for route, _ in accepted.values())
+    capture.wait_for(routes["upstream"], timeout=30)
+    poll(lambda: len(fake_ses.sent) >= routes["ses"], timeout=30, what="SES sends")
+    time.sleep(2.0)  # anything extra would have arrived by now
+    ses_ids = Counter(extract_message_id(s.raw) for s in fake_ses.sent)
+    upstream_ids = Counter(m.message_id for m in capture.messages)
+    victims = [m for m in capture.messages if "victim@victim.example" in m.rcpt_tos] + [
+        s for s in fake_ses.sent if "victim@victim.example" in s.destinations
+    ]
+    bare_in_ses = sum(1 for s in fake_ses.sent if _BARE.search(s.raw))
+    history = rows(config.parent / "spool")
+    noted = sum(1 for q in accepted if any("normalized" in d for _, d in history[q]["events"]))
+    print(
+        f"bare CR/LF look-alikes: {len(replies)} transactions, {len(accepted)} got 250; "
+        f"SES got {sum(ses_ids.values())} messages ({routes['ses']} routed there), upstream "
+        f"{sum(upstream_ids.values())} ({routes['upstream']} routed there); smuggled "
+        f"recipient reached: {len(victims)}; SES messages with a bare CR or LF: "
+        f"{bare_in_ses}; histories noting the normalization: {noted}"
+    )
+    assert 2 * len(LOOKALIKES) == len(accepted)
+    assert {m: 1 for r, m in accepted.values() if r == "ses"} == dict(ses_ids)
+    assert {m: 1 for r, m in accepted.values() if r == "upstream"} == dict(upstream_ids)
+    assert (0, 0, len(accepted)) == (len(victims), bare_in_ses, noted)
