@@ -187,34 +187,70 @@ def delivery_exposition() -> bytes:
     return generate_latest(_Families(DELIVERY_FAMILIES.__contains__))
 
 
+REQUEST_TIME = 5.0  # seconds a client gets to send its whole request
+MAX_LINE = 8192  # bytes of the request line or one header line
+MAX_HEADERS = 100
+MAX_CONNECTIONS = 64  # at a time; more are closed at once (relay.receive.caps reserves them)
+
+
+class _BadRequest(Exception):
+    """The request broke one of the limits above."""
+
+
+async def _read_request(reader: asyncio.StreamReader) -> str:
+    """The path of a GET request; the headers are read (bounded) and ignored."""
+    try:
+        request = await reader.readline()
+        for _ in range(MAX_HEADERS):
+            if await reader.readline() in (b"\r\n", b"\n", b""):
+                break
+        else:
+            raise _BadRequest("too many header lines")
+    except (ValueError, asyncio.LimitOverrunError) as exc:  # a line over MAX_LINE
+        raise _BadRequest("line too long") from exc
+    parts = request.decode("latin-1").split()
+    return parts[1].split("?")[0] if len(parts) >= 2 else ""
+
+
 async def serve_http(
     host: str, port: int, *, ready: Check, text: Callable[[], Awaitable[bytes]] = exposition
 ) -> asyncio.Server:
     """Start the metrics endpoint; /readyz answers 503 while `ready()` is False.
 
-    `text()` renders /metrics (see `exposition`).
+    `text()` renders /metrics (see `exposition`). A request must arrive whole within
+    REQUEST_TIME, with lines of at most MAX_LINE bytes and at most MAX_HEADERS headers
+    (else 400 or a plain close); at most MAX_CONNECTIONS are served at a time. A bad
+    request never logs a traceback.
     """
+    open_now = 0
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal open_now
+        if open_now >= MAX_CONNECTIONS:
+            writer.transport.abort()
+            return
+        open_now += 1
         try:
-            request = await asyncio.wait_for(reader.readline(), 5)
-            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
-                pass
-            parts = request.decode("latin-1").split()
-            path = parts[1].split("?")[0] if len(parts) >= 2 else ""
-            status, ctype, body = await _route(path, ready, text)
+            try:
+                async with asyncio.timeout(REQUEST_TIME):
+                    path = await _read_request(reader)
+                status, ctype, body = await _route(path, ready, text)
+            except _BadRequest as exc:
+                status, ctype, body = "400 Bad Request", "text/plain", f"{exc}\n".encode()
             head = (
                 f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
             )
             writer.write(head.encode() + body)
-            await writer.drain()
-        except (TimeoutError, ConnectionError, OSError):
+            async with asyncio.timeout(REQUEST_TIME):
+                await writer.drain()
+        except (TimeoutError, ConnectionError, OSError, asyncio.IncompleteReadError):
             pass
         finally:
+            open_now -= 1
             writer.close()
 
-    return await asyncio.start_server(handle, host, port)
+    return await asyncio.start_server(handle, host, port, limit=MAX_LINE)
 
 
 async def _route(

@@ -554,3 +554,42 @@ def test_bare_newline_look_alikes_smuggle_nothing_and_reach_ses_normalized(
     assert {m: 1 for r, m in accepted.values() if r == "ses"} == dict(ses_ids)
     assert {m: 1 for r, m in accepted.values() if r == "upstream"} == dict(upstream_ids)
     assert (0, 0, len(accepted)) == (len(victims), bare_in_ses, noted)
+
+
+def test_the_metrics_listener_bounds_bad_requests(
+    write_config: ConfigWriter, relay_process: Callable[[Path], RelayProcess]
+) -> None:
+    """A 200 KB request line gets 400; a client sending one header line every 3 s is
+    closed once its 5 s are up; /healthz answers meanwhile; no traceback is logged."""
+    metrics_port = free_port()
+    relay = relay_process(write_config(metrics=f"127.0.0.1:{metrics_port}")).start()
+    with socket.create_connection(("127.0.0.1", metrics_port), timeout=10) as huge:
+        huge.sendall(b"GET /" + b"x" * 200_000 + b" HTTP/1.1\r\n\r\n")
+        answer = huge.recv(200).split(b"\r\n")[0].decode()
+    slow = socket.create_connection(("127.0.0.1", metrics_port), timeout=10)
+    started = time.monotonic()
+    slow.sendall(b"GET /metrics HTTP/1.1\r\n")
+    closed_after = 0.0
+    slow.settimeout(3)
+    try:
+        for n in range(10):
+            try:
+                if slow.recv(100) == b"":  # waits up to 3 s: the server closed
+                    break
+            except TimeoutError:
+                pass
+            slow.sendall(f"X-Slow-{n}: 1\r\n".encode())
+            status, _ = healthz(metrics_port, timeout=2)
+            assert 200 == status
+    except OSError:
+        pass
+    finally:
+        closed_after = time.monotonic() - started
+        slow.close()
+    print(
+        f"metrics listener: 200 KB request line -> {answer!r}; header-every-3s client closed "
+        f"after {closed_after:.1f}s; /healthz answered meanwhile"
+    )
+    assert "HTTP/1.1 400 Bad Request" == answer
+    assert 4.5 <= closed_after < 7
+    assert "Traceback" not in relay.log()
