@@ -90,25 +90,19 @@ def check_open_files(settings: Settings) -> None:
         raise StartError(f"{settings.source}: {problem}")
 
 
-MMAP_THRESHOLD = 128 * 1024  # glibc's initial default, kept fixed
-
-
 def _give_back_big_buffers() -> Callable[[], object] | None:
-    """Make glibc's malloc keep its mmap threshold at 128 KiB (not raise it, as it does by
-    default, to the size of the last big block freed, up to 32 MiB).
+    """glibc's malloc_trim(0), for receive.data.Budget to call once hoarded DATA is gone
+    (None where there is no glibc).
 
-    Otherwise, once a large DATA body has been freed, later ones of that size come from
-    the heap, and a heap that hoarders grew to hundreds of MiB stays that big after they
-    leave. With the threshold fixed, every buffer over 128 KiB (large mails only: Moodle's
-    are a few KB) is its own mapping, returned to the system when freed. Returns
-    malloc_trim(0), for receive.data.Budget to hand back the smaller blocks too.
+    glibc hands memory freed in the middle of its heap back to the system only when
+    asked; without this, a heap that hoarders grew to hundreds of MiB stays that big
+    after they leave. (Fixing the mmap threshold instead would cost every transaction
+    a few mmap/munmap calls: asyncio reads into a 256 KiB buffer.)
     """
     try:
-        libc = ctypes.CDLL(None)
-        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to tune
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
         return None
-    mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
     return lambda: malloc_trim(0)
 
 
