@@ -1,6 +1,6 @@
 """The SMTP connection: aiosmtpd's protocol with fast ACKs, network checks, named replies.
 
-    listener --accept--> Session (this module) --hooks--> receive.Handler --> Spool
+    listener --accept--> Session (this module, on guard.Guard) --hooks--> receive.Handler --> Spool
 
 Moodle's PHPMailer writes DATA line by line with Nagle on; a delayed ACK here
 would cost it ~40 ms per mail, so a Session turns on TCP_NODELAY and re-arms
@@ -31,23 +31,17 @@ from pathlib import Path
 from typing import Any, AnyStr
 from warnings import warn
 
-from aiosmtpd.smtp import MISSING, SMTP, _AuthMechAttr, login_always_fail, syntax
+from aiosmtpd.smtp import MISSING, _AuthMechAttr, login_always_fail, syntax
 
 from relay import logs, metrics
-from relay.receive.caps import (
-    EVICT_BUSY_IDLE,
-    EVICT_IDLE,
-    TOO_MANY_SESSIONS,
-    Caps,
-    Refusal,
-)
+from relay.receive.caps import Caps
 from relay.receive.data import Body, Budget, unread
+from relay.receive.guard import Guard
 from relay.receive.handler import (
     AIOSMTPD_REPLIES,
     NETWORK_REFUSED,
     SHUTTING_DOWN,
     Handler,
-    peer_ip_of,
 )
 from relay.settings import Limits, Settings
 
@@ -57,11 +51,6 @@ _SMTP_LOG = logging.getLogger("mail.log")  # aiosmtpd's logger, for the lines it
 CHUNK = 65536  # DATA is read this much at a time, not a line at a time
 
 DEFAULT_LIMITS = Limits()
-
-TIMED_OUT = "421 4.4.2 {host} Error: timeout exceeded"  # Postfix's words
-SESSION_TOO_LONG = "421 4.4.2 {host} Error: session lasted too long, try again"
-EVICTED = "421 4.7.0 {host} Error: idle too long while others wait, try again"
-TOO_MANY_JUNK = "421 4.7.0 {host} Error: too many errors or junk commands"
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -90,7 +79,7 @@ _SMTP_FIXED: dict[str, Any] = {
 }
 
 
-class Session(SMTP):
+class Session(Guard):
     """aiosmtpd's SMTP protocol with fast ACKs, network checks and replies we name.
 
     `registry` (the listener's set of open sessions) lets the service close idle
@@ -148,14 +137,7 @@ class Session(SMTP):
         self._refused = False
         self._shut = False
         self._held: list[str] = []  # leading lines of a multi-line reply (see `push`)
-        # Hostile-client limits (see `_timeout_cb`, `_junk_over`, handler.Handler._check).
-        self._timeout_duration = limits.idle_timeout
-        self.session_timeout = limits.session_timeout
-        self.junk_limit = limits.max_junk_commands
-        self.junk = 0  # junk commands and error replies since the last mail accepted
-        self.auth_failures = 0
-        self._ip: str | None = None  # counted in `caps` under this address
-        self._started = self._last_read = 0.0
+        self._guard(caps=caps, limits=limits)
 
     def connection_made(self, transport: Any) -> None:
         if self._sock is None:  # first call: the TCP connection (again after STARTTLS)
@@ -170,22 +152,9 @@ class Session(SMTP):
                 transport.write(f"{NETWORK_REFUSED.format(peer=peer[0])}\r\n".encode())
                 transport.close()
                 return
-            if self.caps is not None:
-                ip = str(peer[0]) if isinstance(peer, tuple) else str(peer)
-                refusal = self.caps.admit(ip)
-                if refusal is not None and self._evict(ip, refusal == TOO_MANY_SESSIONS):
-                    refusal = self.caps.admit(ip)
-                if refusal is not None:
-                    self._refused = True
-                    reason = Refusal.MAX_SESSIONS
-                    if refusal != TOO_MANY_SESSIONS:
-                        reason = Refusal.MAX_SESSIONS_PER_IP
-                    metrics.SESSIONS_REFUSED.labels(reason).inc()
-                    _REFUSED[reason](peer=ip, open=self.caps.total)
-                    transport.write(f"{refusal}\r\n".encode())
-                    transport.close()
-                    return
-                self._ip = ip
+            if self.caps is not None and not self._admit(transport, peer):
+                self._refused = True
+                return
             self.registry.add(self)
             self._started = self._last_read = self.loop.time()
         super().connection_made(transport)
@@ -196,93 +165,10 @@ class Session(SMTP):
         self._uncount()
         super().connection_lost(error)
 
-    def _uncount(self) -> None:
-        self.registry.discard(self)
-        if self._ip is not None and self.caps is not None:
-            self.caps.release(self._ip)
-            self._ip = None
-
-    def _evict(self, ip: str, anyone: bool) -> bool:
-        """Close the longest-silent session (anyone's, or `ip`'s) past its eviction idle
-        time, to make room for this one (see relay.receive.caps); True if one was."""
-        now = self.loop.time()
-        victim, most = None, 0.0
-        for session in self.registry:
-            if anyone or session._ip == ip:
-                over = now - session._last_read - (EVICT_BUSY_IDLE if session.busy else EVICT_IDLE)
-                if over >= most:
-                    victim, most = session, over
-        if victim is None:
-            return False
-        victim._uncount()  # its place is this session's now, not when its close completes
-        victim.close_for(Refusal.EVICTED, EVICTED)
-        return True
-
     def data_received(self, data: bytes) -> None:
         _fast_acks(self._sock)  # Linux leaves quick-ack mode on its own; re-arm per read
         self._last_read = self.loop.time()  # the idle timeout runs from the last read
         super().data_received(data)
-
-    def _reset_timeout(self, duration: float | None = None) -> None:
-        """aiosmtpd re-arms its timer at each valid command (so a slow DATA upload is cut
-        300 s after the DATA command, and a NOOP flood is never cut); relay's timer is
-        armed once and `_timeout_cb` measures from the last read instead."""
-        if self._timeout_handle is None:
-            self._timeout_handle = self.loop.call_later(self._timeout_duration, self._timeout_cb)
-
-    def _timeout_cb(self) -> None:
-        """Close after `idle_timeout` seconds without a byte from the client, or once the
-        session is older than `session_timeout` (a transaction in progress then still
-        gets one more idle timeout to finish: its mail is not cut off)."""
-        now = self.loop.time()
-        idle_end = self._last_read + self._timeout_duration
-        end = self._started + self.session_timeout
-        if now < idle_end and (now < end or (self.busy and now < end + self._timeout_duration)):
-            wake = min(idle_end, end if now < end else end + self._timeout_duration)
-            self._timeout_handle = self.loop.call_at(wake, self._timeout_cb)
-            return
-        if now >= idle_end:
-            self.close_for(Refusal.IDLE_TIMEOUT, TIMED_OUT)
-        else:
-            self.close_for(Refusal.SESSION_TIMEOUT, SESSION_TOO_LONG)
-
-    def close_for(self, reason: Refusal, reply: str) -> None:
-        """Send the 421 `reply` and close: a limit ended this session."""
-        metrics.SESSIONS_REFUSED.labels(reason).inc()
-        _CLOSED[reason](peer=self.peer_ip)
-        transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
-            transport.write(f"{reply.format(host=self.hostname)}\r\n".encode())
-            transport.close()
-
-    def _junk_over(self) -> bool:
-        """Count a junk command or error reply; past the limit, 421 and close (True)."""
-        self.junk += 1
-        if self.junk <= self.junk_limit:
-            return False
-        self.close_for(Refusal.JUNK_COMMANDS, TOO_MANY_JUNK)
-        return True
-
-    # Postfix's smtpd_junk_command_limit commands, plus HELP; `push` counts error replies.
-    @syntax("NOOP [ignored]")
-    async def smtp_NOOP(self, arg: str) -> None:
-        if not self._junk_over():
-            await super().smtp_NOOP(arg)
-
-    @syntax("RSET")
-    async def smtp_RSET(self, arg: str) -> None:
-        if not self._junk_over():
-            await super().smtp_RSET(arg)
-
-    @syntax("VRFY <address>")
-    async def smtp_VRFY(self, arg: str) -> None:
-        if not self._junk_over():
-            await super().smtp_VRFY(arg)
-
-    @syntax("HELP [command]")
-    async def smtp_HELP(self, arg: str) -> None:
-        if not self._junk_over():
-            await super().smtp_HELP(arg)
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
@@ -364,15 +250,6 @@ class Session(SMTP):
         # Postfix's recipient overshoot, 452 for RCPTs past max_recipients is not counted).
         if status[:1] in ("5", b"5"):
             self._junk_over()
-
-    @property
-    def peer_ip(self) -> str:
-        return peer_ip_of(self.session) if self.session is not None else "?"
-
-    @property
-    def busy(self) -> bool:
-        """In a mail transaction (MAIL given, DATA not yet answered)."""
-        return bool(self.envelope is not None and self.envelope.mail_from)
 
     def shut(self) -> None:
         """Tell the client we are going away, and close."""
@@ -484,11 +361,6 @@ def _allowed(peer: Any, allow: tuple[Network, ...]) -> bool:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return any(ip in net for net in allow)
-
-
-# One log line per reason per 10 s (with a count): a client can cause these at will.
-_REFUSED = {reason: logs.Sampled(log, "session_refused", reason=reason) for reason in Refusal}
-_CLOSED = {reason: logs.Sampled(log, "session_closed", reason=reason) for reason in Refusal}
 
 
 def session_factory(
