@@ -174,7 +174,7 @@ class Body:
 
     def _account(self) -> None:
         assert self.budget is not None
-        held = len(self._raw)
+        held = self._raw.__sizeof__()  # with what bytearray allocated ahead, not just len
         self.budget.used += held - self._held
         self._held = held
 
