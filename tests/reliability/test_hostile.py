@@ -156,23 +156,32 @@ def test_a_connection_flood_under_1024_files_leaves_room_for_moodle(
         reply = try_send(relay.port, mail, timeout=10)
         took = time.monotonic() - sent_at
         status, health_took = healthz(metrics_port, timeout=2)
+        scraped_at = time.monotonic()
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=2) as answer:
+            scrape = answer.read().decode()
+        scrape_took = time.monotonic() - scraped_at
         during = relay.lines() - before
     finally:
         for sock in flood:
             sock.close()
     held = sum(r.startswith("220 ") for r in replies)  # greeted, not closed since
     refused = sum(r.startswith("421 4.7.0") for r in replies)
+    counted = re.findall(r'relay_sessions_refused_total\{reason="(\w+)"\} (\d+)', scrape)
     print(
         f"connection flood (ulimit -n 1024): {FLOOD} connections opened in {opened:.2f}s "
         f"from {FLOOD // PER_SOURCE} addresses: relay holds {held}, {refused} got 421 4.7.0; "
         f"new client's mail: {reply.text[:40]!r} in {took:.3f}s; /healthz {status} in "
-        f"{health_took:.3f}s; relay log lines during the flood: {during}"
+        f"{health_took:.3f}s, /metrics in {scrape_took:.3f}s counting refusals {counted}; "
+        f"relay log lines during the flood: {during}"
     )
     assert 250 == reply.code, reply.text
     assert took < 5.0
     assert (200, True) == (status, health_took < 2.0)
     assert during < 5000
     assert held <= 500
+    assert scrape_took < 2.0
+    assert refused <= sum(int(n) for _, n in counted)
     assert "Traceback" not in relay.log()
 
 
