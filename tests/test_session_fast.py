@@ -186,6 +186,8 @@ CASES = {
     "empty-line-then-end": [b"\r\n.\r\nQUIT\r\n"],
     "dot-stuffing": [b"..a\r\n..\r\n...\r\n. b\r\n.x\r\n" + END[2:] + TAILS[1]],
     "stuffed-first-line": [b"..\r\nb" + END + TAILS[0]],
+    # Both servers run relay's Handler, which rewrites bare CR/LF to CRLF
+    # (limits.bare_newline): the stored bytes compared are the normalized ones.
     "bare-lf-look-alikes": [b"a\n.\r\nb\r\n.\nc\n.\n\r.\r\nd\r\n.\r" + END + TAILS[0]],
     "cr-runs": [b"\r\r\n.\r\r\n\r\n\r" + END + TAILS[0]],
     "dot-at-end-of-line": [b"a.\r\n.a.\r\n." + END + TAILS[0]],
