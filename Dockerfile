@@ -1,6 +1,9 @@
 # relay in a container: docker build -t relay . && docker run -v relay-spool:/var/lib/relay \
 #   -v ./relay.yaml:/etc/relay/relay.yaml:ro -p 127.0.0.1:2525:2525 --stop-timeout 45 relay
 # (--stop-timeout: relay drains in-flight sends for up to 30 s; Docker's default is 10 s.)
+# Open files: relay needs limits.max_sessions + 100 (default 500 + 100) and checks at start.
+# Docker's default comes from the daemon (often 1048576, sometimes 1024); to pin it, add
+#   --ulimit nofile=4096:4096   (what systemd/relay.service sets: LimitNOFILE=4096)
 # relay serve is PID 1 and starts one delivery process (python -m relay.deliver.process); it stops,
 # restarts and reaps that child itself, so no init (--init) is needed.
 FROM python:3.11-slim

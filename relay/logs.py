@@ -126,3 +126,31 @@ def setup(log_format: str, *, level: int = logging.INFO) -> None:
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     for noisy in ("asyncio", "botocore", "aiobotocore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class Sampled:
+    """An event logged at most once per `interval` seconds, with how many happened.
+
+    For events a client can cause at will (a refused connection, accept() out of file
+    descriptors): the first one is logged at once, later ones within the interval are
+    only counted, and the next line carries the count (`count=`).
+    """
+
+    def __init__(
+        self, logger: logging.Logger, name: str, *, interval: float = 10.0, **fixed: Any
+    ) -> None:
+        self.logger = logger
+        self.name = name
+        self.interval = interval
+        self.fixed = fixed
+        self._count = 0
+        self._next = 0.0
+
+    def __call__(self, *, level: int = logging.WARNING, **fields: Any) -> None:
+        self._count += 1
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + self.interval
+        event(self.logger, self.name, level=level, **self.fixed, count=self._count, **fields)
+        self._count = 0

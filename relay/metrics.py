@@ -106,6 +106,24 @@ OLDEST_AGE = Gauge(
     "Age of the oldest queued or deferred message",
     registry=REGISTRY,
 )
+SESSIONS_REFUSED = Counter(
+    "relay_sessions_refused",
+    "SMTP sessions refused or closed by a limit (421), by reason",
+    ["reason"],
+    registry=REGISTRY,
+)
+SESSIONS_OPEN = Gauge("relay_sessions_open", "SMTP sessions open now", registry=REGISTRY)
+DATA_IN_MEMORY = Gauge(
+    "relay_data_in_memory_bytes",
+    "Bytes of unfinished DATA held in memory, all sessions (limits.max_data_in_memory)",
+    registry=REGISTRY,
+)
+DATA_SPILLED = Counter(
+    "relay_data_spilled",
+    "DATA bodies moved to a temporary file because max_data_in_memory was reached",
+    registry=REGISTRY,
+)
+AUTH_FAILURES = Counter("relay_auth_failures", "SMTP AUTH attempts that failed", registry=REGISTRY)
 RULES_RELOADS = Counter(
     "relay_rules_reloads", "Rules reloads by result (ok, error)", ["result"], registry=REGISTRY
 )
@@ -139,9 +157,8 @@ COMPLAINT_RATE = Gauge(
     "Complaints / relay's SES sends over the rolling window (SES reviews at 0.001)",
     registry=REGISTRY,
 )
-# Set by the receiving side's session cap (limits.max_sessions); defined here so the
-# shipped alert (contrib/prometheus/relay-alerts.yaml) has names to use.
-SESSIONS_ACTIVE = Gauge("relay_sessions_active", "Open SMTP sessions", registry=REGISTRY)
+# limits.max_sessions, beside relay_sessions_open, for the shipped alert
+# (contrib/prometheus/relay-alerts.yaml: RelaySessionsNearMax).
 MAX_SESSIONS = Gauge(
     "relay_max_sessions", "limits.max_sessions: SMTP sessions allowed at once", registry=REGISTRY
 )
@@ -216,6 +233,31 @@ def delivery_exposition() -> bytes:
     return generate_latest(_Families(DELIVERY_FAMILIES.__contains__))
 
 
+REQUEST_TIME = 5.0  # seconds a client gets to send its whole request
+MAX_LINE = 8192  # bytes of the request line or one header line
+MAX_HEADERS = 100
+MAX_CONNECTIONS = 64  # at a time; more are closed at once (relay.receive.caps reserves them)
+
+
+class _BadRequest(Exception):
+    """The request broke one of the limits above."""
+
+
+async def _read_request(reader: asyncio.StreamReader) -> str:
+    """The path of a GET request; the headers are read (bounded) and ignored."""
+    try:
+        request = await reader.readline()
+        for _ in range(MAX_HEADERS):
+            if await reader.readline() in (b"\r\n", b"\n", b""):
+                break
+        else:
+            raise _BadRequest("too many header lines")
+    except (ValueError, asyncio.LimitOverrunError) as exc:  # a line over MAX_LINE
+        raise _BadRequest("line too long") from exc
+    parts = request.decode("latin-1").split()
+    return parts[1].split("?")[0] if len(parts) >= 2 else ""
+
+
 async def serve_http(
     host: str,
     port: int,
@@ -227,29 +269,40 @@ async def serve_http(
     """Start the metrics endpoint; /readyz answers 503 while `ready()` is False.
 
     `text()` renders /metrics (see `exposition`); `details()` adds lines after /readyz's
-    "ready" (the SES bounce and complaint rates), informative only.
+    "ready" (the SES bounce and complaint rates), informative only. A request must arrive
+    whole within REQUEST_TIME, with lines of at most MAX_LINE bytes and at most MAX_HEADERS
+    headers (else 400 or a plain close); at most MAX_CONNECTIONS are served at a time. A bad
+    request never logs a traceback.
     """
+    open_now = 0
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal open_now
+        if open_now >= MAX_CONNECTIONS:
+            writer.transport.abort()
+            return
+        open_now += 1
         try:
-            request = await asyncio.wait_for(reader.readline(), 5)
-            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
-                pass
-            parts = request.decode("latin-1").split()
-            path = parts[1].split("?")[0] if len(parts) >= 2 else ""
-            status, ctype, body = await _route(path, ready, text, details)
+            try:
+                async with asyncio.timeout(REQUEST_TIME):
+                    path = await _read_request(reader)
+                status, ctype, body = await _route(path, ready, text, details)
+            except _BadRequest as exc:
+                status, ctype, body = "400 Bad Request", "text/plain", f"{exc}\n".encode()
             head = (
                 f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
             )
             writer.write(head.encode() + body)
-            await writer.drain()
-        except (TimeoutError, ConnectionError, OSError):
+            async with asyncio.timeout(REQUEST_TIME):
+                await writer.drain()
+        except (TimeoutError, ConnectionError, OSError, asyncio.IncompleteReadError):
             pass
         finally:
+            open_now -= 1
             writer.close()
 
-    return await asyncio.start_server(handle, host, port)
+    return await asyncio.start_server(handle, host, port, limit=MAX_LINE)
 
 
 async def _route(

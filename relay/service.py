@@ -20,6 +20,7 @@ When the listen port is 0 the kernel picks one; the bound address is logged as
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
@@ -34,6 +35,8 @@ from relay.deliver.feedback import RATE_WINDOW, judge, ses_feedback
 from relay.deliver.supervisor import delivery_process
 from relay.deliver.task import delivery, purge_sent
 from relay.errors import ConfigError, RelayError, SpoolError
+from relay.receive.caps import RESERVED_FILES, Caps, open_file_limit, sessions_problem
+from relay.receive.data import Budget
 from relay.receive.handler import Handler
 from relay.receive.passwords import Users
 from relay.receive.session import Session, session_factory
@@ -76,6 +79,47 @@ def check_safe(settings: Settings) -> None:
         raise StartError("; ".join(problems))
 
 
+def check_open_files(settings: Settings) -> None:
+    """Raise the soft open-file limit to the hard one, log both, and refuse a
+    `limits.max_sessions` that cannot fit under it (accept() would fail for everyone)."""
+    soft, hard = open_file_limit()
+    max_sessions = settings.limits.max_sessions
+    logs.event(
+        log, "open_files", soft=soft, hard=hard, max_sessions=max_sessions, reserved=RESERVED_FILES
+    )
+    problem = sessions_problem(max_sessions, soft)
+    if problem is not None:
+        raise StartError(f"{settings.source}: {problem}")
+
+
+def _give_back_big_buffers() -> Callable[[], object] | None:
+    """glibc's malloc_trim(0), for receive.data.Budget to call once hoarded DATA is gone
+    (None where there is no glibc).
+
+    glibc hands memory freed in the middle of its heap back to the system only when
+    asked; without this, a heap that hoarders grew to hundreds of MiB stays that big
+    after they leave. (Fixing the mmap threshold instead would cost every transaction
+    a few mmap/munmap calls: asyncio reads into a 256 KiB buffer.)
+    """
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+    return lambda: malloc_trim(0)
+
+
+_ACCEPT_FAILED = logs.Sampled(log, "accept_failed")
+
+
+def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+    """asyncio logs accept() running out of descriptors with a traceback on every try (a
+    flood made 95 MB of them); relay logs it once per interval, with a count."""
+    if context.get("message") == "socket.accept() out of system resource":
+        _ACCEPT_FAILED(error=str(context.get("exception")))
+        return
+    loop.default_exception_handler(context)
+
+
 def _tls_context(settings: Settings) -> ssl.SSLContext | None:
     if settings.tls is None:
         return None
@@ -104,6 +148,8 @@ async def serve(
     to finish at stop; `log_format` is passed on to the delivery process.
     """
     check_safe(settings)
+    check_open_files(settings)
+    trim = _give_back_big_buffers()
     tls = _tls_context(settings)
     try:
         ruleset = rules.load(settings.rules)
@@ -123,6 +169,9 @@ async def serve(
         ctx = Context(
             settings=settings, rules=ruleset, spool=spool, stop=stop, log_format=log_format
         )
+        previous = loop.get_exception_handler()
+        loop.set_exception_handler(_loop_exception)
+        stack.callback(loop.set_exception_handler, previous)
         with suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, ctx.reload.set)
             stack.callback(loop.remove_signal_handler, signal.SIGHUP)
@@ -138,8 +187,17 @@ async def serve(
         running = runtime.start(ctx, DEFAULT_TASKS if background is None else background)
         stack.push_async_callback(runtime.stop_all, running)
         stack.callback(stop.set)  # runs first when unwinding: a failed start stops the tasks
+        limits = settings.limits
+        caps = Caps(max_sessions=limits.max_sessions, max_per_ip=limits.max_sessions_per_ip)
+        metrics.SESSIONS_OPEN.set_function(lambda: caps.total)
+        metrics.MAX_SESSIONS.set(limits.max_sessions)
         factory = session_factory(
-            handler, settings, ctx.sessions, tls_context=None if implicit else tls
+            handler,
+            settings,
+            ctx.sessions,
+            caps=caps,
+            budget=Budget(limits.max_data_in_memory, trim=trim),
+            tls_context=None if implicit else tls,
         )
         try:
             server = await loop.create_server(

@@ -69,10 +69,27 @@ DEFAULT_LISTEN = HostPort(host="127.0.0.1", port=2525)
 DEFAULT_METRICS = HostPort(host="127.0.0.1", port=9325)
 
 
+class BareNewline(StrEnum):
+    """What DATA does with a CR or LF that is not part of a CRLF pair."""
+
+    NORMALIZE = "normalize"  # rewrite it to CRLF, as Postfix 3.9 does by default
+    REJECT = "reject"  # refuse the message: 550 5.5.2
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Limits:
+    """`limits:` in relay.yaml. Each default is here and only here; `_limits` reads them."""
+
     max_message_size: int = 10 * 1024 * 1024
     max_recipients: int = 50
+    max_sessions: int = 500  # total; with RESERVED_FILES it fits a 1024 open-file limit
+    max_sessions_per_ip: int = 50  # Postfix's smtpd_client_connection_count_limit
+    max_data_in_memory: int = 256 * 1024 * 1024  # unfinished DATA, all sessions; then spill
+    max_auth_failures: int = 5  # per connection; then 421 and close
+    max_junk_commands: int = 100  # NOOP, RSET, VRFY, HELP, errors: Postfix's junk limit
+    idle_timeout: float = 300.0  # seconds without a byte from the client (RFC 5321 4.5.3.2.7)
+    session_timeout: float = 3600.0  # seconds a whole session may last
+    bare_newline: BareNewline = BareNewline.NORMALIZE
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -300,22 +317,49 @@ def _host_port(node: yamlfile.Node) -> HostPort | None:
     return HostPort(host=host, port=int(port))
 
 
+_INT_LIMITS = {  # key -> the smallest value that makes sense
+    "max_message_size": 1024,
+    "max_recipients": 1,
+    "max_sessions": 1,
+    "max_sessions_per_ip": 1,
+    "max_data_in_memory": 0,
+    "max_auth_failures": 1,
+    "max_junk_commands": 1,
+}
+_TIME_LIMITS = {"idle_timeout": 1.0, "session_timeout": 1.0}
+
+
 def _limits(node: yamlfile.Node) -> Limits | None:
-    m = node.mapping({"max_message_size", "max_recipients"})
+    m = node.mapping({*_INT_LIMITS, *_TIME_LIMITS, "bare_newline"})
     if m is None:
         return None
-    default = Limits()
-    size = (
-        m["max_message_size"].as_int(minimum=1024)
-        if "max_message_size" in m
-        else default.max_message_size
-    )
-    rcpts = (
-        m["max_recipients"].as_int(minimum=1) if "max_recipients" in m else default.max_recipients
-    )
-    if size is None or rcpts is None:
+    values: dict[str, object] = {}
+    for key, minimum in _INT_LIMITS.items():
+        if key in m:
+            values[key] = m[key].as_int(minimum=minimum)
+    for key, least in _TIME_LIMITS.items():
+        if key in m:
+            number = m[key].as_number(minimum=least)
+            values[key] = None if number is None else float(number)
+    if "bare_newline" in m:
+        choice = m["bare_newline"].as_choice([b.value for b in BareNewline])
+        values["bare_newline"] = None if choice is None else BareNewline(choice)
+    if None in values.values():
         return None
-    return Limits(max_message_size=size, max_recipients=rcpts)
+    limits = Limits(**values)  # type: ignore[arg-type]
+    if limits.max_sessions_per_ip > limits.max_sessions:
+        m.get("max_sessions_per_ip", node).problem(
+            f"max_sessions_per_ip ({limits.max_sessions_per_ip}) is more than max_sessions "
+            f"({limits.max_sessions})"
+        )
+        return None
+    if limits.session_timeout < limits.idle_timeout:
+        m.get("session_timeout", node).problem(
+            f"session_timeout ({limits.session_timeout:g}) is shorter than idle_timeout "
+            f"({limits.idle_timeout:g})"
+        )
+        return None
+    return limits
 
 
 def _auth(node: yamlfile.Node, rel: _Rel) -> Auth | None:

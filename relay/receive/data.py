@@ -7,14 +7,62 @@ aiosmtpd reads DATA with one `readuntil(b"\\r\\n")` and one debug log per
 line: half the CPU of a 20 KB mail. `Body` finds the end-of-data line, the
 refusals (line too long, too much data) and the unstuffed content from whole
 chunks instead.
+
+Unfinished bodies of all sessions share one memory `Budget`
+(`limits.max_data_in_memory`). Past it, a body moves what it has judged to an
+unnamed temporary file in the spool directory and keeps only its last line in
+memory. relay spills rather than answering 452 4.3.1: Moodle never retries a
+4xx, so a 452 caused by someone else's hoarding would lose Moodle's mail, while
+a spill costs disk the spool directory has anyway and a few writes, and only
+past the budget. The mail is still whole in memory for a moment when its end
+arrives (to be spooled), and a 250 is still given only after the spool commit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+from relay import metrics
 
 TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"  # aiosmtpd's replies; `push`
 TOO_MUCH = "552 Error: Too much mail data"  # rewrites them to ours
+
+
+SPILL_BATCH = 256 * 1024  # once spilling, a body writes out at least this much at a time
+
+
+class Budget:
+    """Bytes of unfinished DATA held in memory by all sessions, against `limit`.
+
+    `trim` (glibc's malloc_trim, when there is one) runs once the bodies in memory are
+    gone after the budget was reached: the many chunk-sized blocks hoarders left behind
+    are then handed back to the system, and RSS returns to what relay needs.
+    """
+
+    def __init__(self, limit: int, *, trim: Callable[[], object] | None = None) -> None:
+        self.limit = limit
+        self.used = 0
+        self.trim = trim
+        self._reached = False
+        metrics.DATA_IN_MEMORY.set_function(lambda: self.used)
+
+    @property
+    def over(self) -> bool:
+        if self.used > self.limit:
+            self._reached = True
+            return True
+        return False
+
+    def release(self, size: int) -> None:
+        self.used -= size
+        if self.used == 0 and self._reached:
+            self._reached = False
+            if self.trim is not None:
+                self.trim()
 
 
 class Body:
@@ -30,12 +78,24 @@ class Body:
     one line plus one chunk.
     """
 
-    def __init__(self, *, size_limit: int | None, line_limit: int) -> None:
+    def __init__(
+        self,
+        *,
+        size_limit: int | None,
+        line_limit: int,
+        budget: Budget | None = None,
+        spill_dir: Path | None = None,
+    ) -> None:
         self.size_limit = size_limit or 0  # aiosmtpd: None or 0 is no limit
         self.line_limit = line_limit
         self.verdict: str | None = None
         self._raw = bytearray()  # from the 354 on (until refused: then the last 4 bytes)
         self._judged = 0  # _raw[:_judged] are whole lines within both limits
+        self.budget = budget
+        self.spill_dir = spill_dir
+        self._held = 0  # bytes counted in `budget`
+        self._file: IO[bytes] | None = None  # the spilled start of the body
+        self._spilled = 0  # bytes in _file: _raw[0] is byte _spilled of the body
 
     def feed(self, chunk: bytes) -> bytes | None:
         """Take the next chunk; once the end-of-data line is in, the bytes after it."""
@@ -55,6 +115,9 @@ class Body:
                     self.verdict = TOO_LONG  # an unfinished line already past the reader's limit
             if self.verdict is not None:
                 del raw[:-4]
+                self._drop_file()
+            if self.budget is not None:
+                self._account()
             return None
         rest = bytes(raw[end + 3 :])
         if self.verdict is None:
@@ -63,18 +126,72 @@ class Body:
         return rest
 
     def content(self) -> bytes:
-        """The body without its end line, the first dot of each line removed (RFC 5321 4.5.2)."""
-        text = bytes(self._raw.replace(b"\r\n.", b"\r\n"))
+        """The body without its end line, the first dot of each line removed (RFC 5321 4.5.2).
+
+        Reads the spilled start back from its file when there is one (`spilled`: then
+        call it on a thread)."""
+        raw = self._raw
+        if self._file is not None:
+            self._file.seek(0)
+            raw = bytearray(self._file.read())
+            raw += self._raw
+        text = bytes(raw.replace(b"\r\n.", b"\r\n"))
         return text[1:] if text.startswith(b".") else text
+
+    @property
+    def spilled(self) -> bool:
+        return self._file is not None
+
+    @property
+    def spill_due(self) -> bool:
+        """Judged bytes should move to the file: memory is over budget, or this body has
+        started spilling and has a batch ready."""
+        if self.verdict is not None or self.budget is None or self._judged <= 2:
+            return False
+        return self.budget.over or (self._file is not None and self._judged >= SPILL_BATCH)
+
+    async def spill(self) -> None:
+        """Move the judged lines but the last CRLF (an end line starts with it) to the file."""
+        cut = self._judged - 2
+        file = self._file
+        if file is None:
+            file = await asyncio.to_thread(_unnamed_file, self.spill_dir)
+            self._file = file
+            metrics.DATA_SPILLED.inc()
+        with memoryview(self._raw) as view:  # the reader waits meanwhile: _raw stays put
+            await asyncio.to_thread(file.write, view[:cut])
+        self._raw = bytearray(self._raw[cut:])  # a new, small buffer: the big one is freed
+        self._judged -= cut
+        self._spilled += cut
+        self._account()
+
+    def close(self) -> None:
+        """Give back this body's share of the budget and drop its file (done or abandoned)."""
+        if self.budget is not None:
+            self.budget.release(self._held)
+            self._held = 0
+        self._drop_file()
+
+    def _account(self) -> None:
+        assert self.budget is not None
+        held = self._raw.__sizeof__()  # with what bytearray allocated ahead, not just len
+        self.budget.used += held - self._held
+        self._held = held
+
+    def _drop_file(self) -> None:
+        if self._file is not None:
+            self._file.close()  # unnamed (O_TMPFILE): nothing is left behind, crash or not
+            self._file = None
 
     def _judge(self, stop: int) -> None:
         """Judge the whole lines _raw[_judged:stop]."""
         lines = self._raw[self._judged : stop].split(b"\r\n")[:-1]
         longest = max(map(len, lines), default=0) + 2
-        if longest <= self.line_limit and not (self.size_limit and stop > self.size_limit):
+        size = self._spilled + stop  # bytes of the body up to `stop`
+        if longest <= self.line_limit and not (self.size_limit and size > self.size_limit):
             self._judged = stop
             return
-        count = self._judged  # the raw byte count aiosmtpd keeps
+        count = self._spilled + self._judged  # the raw byte count aiosmtpd keeps
         for line in lines:  # which limit a line meets first decides the reply
             count += len(line) + 2
             if len(line) > self.line_limit:
@@ -85,6 +202,11 @@ class Body:
                 self.verdict = TOO_LONG
             if self.verdict is not None:
                 return
+
+
+def _unnamed_file(directory: Path | None) -> IO[bytes]:
+    """A temporary file in `directory` with no name (O_TMPFILE on Linux)."""
+    return tempfile.TemporaryFile(dir=directory)
 
 
 def unread(reader: asyncio.StreamReader, data: bytes) -> None:

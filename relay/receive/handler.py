@@ -13,8 +13,11 @@ Choices worth knowing:
 - SMTPUTF8 is not offered; addresses must be ASCII (RFC 5321 syntax, checked
   with email-validator). Intranet domains (`moodle.local`) are accepted.
 - Bare LF: aiosmtpd 1.4.6 ends DATA only at CRLF.CRLF, so `\\n.\\r\\n` and
-  `\\r\\n.\\n` stay inside the one message ("SMTP smuggling" cannot split it);
-  such bytes are stored as received (aiosmtplib re-normalises them on the way out).
+  `\\r\\n.\\n` stay inside the one message ("SMTP smuggling" cannot split it).
+  A CR or LF outside a CRLF pair is then rewritten to CRLF (`limits.bare_newline:
+  normalize`, Postfix 3.9's default, noted on the mail's history) or refused
+  (`reject`), so SES never gets bare line ends. Mail of CRLF lines only (all that
+  PHPMailer sends) is stored byte for byte: three counts decide, no copy.
 - Lines longer than 998 octets are refused (RFC 5321 4.5.3.1.6); PHPMailer
   re-encodes bodies with longer lines, so Moodle never sends them.
 - TCP: the connection itself (fast ACKs for Moodle's PHPMailer, allowed
@@ -23,6 +26,7 @@ Choices worth knowing:
 
 from __future__ import annotations
 
+import asyncio
 import binascii
 import email.utils
 import functools
@@ -30,6 +34,7 @@ import logging
 import re
 import time
 from base64 import b64decode
+from typing import Protocol, runtime_checkable
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, _Missing
 from aiosmtpd.smtp import Session as SmtpSession
@@ -38,8 +43,10 @@ from email_validator import EmailNotValidError, validate_email
 from relay import logs, metrics
 from relay.errors import SpoolError
 from relay.mail import header_block
+from relay.receive.caps import Refusal
+from relay.receive.guesses import TOO_MANY_FAILURES, Guesses
 from relay.receive.passwords import Users
-from relay.settings import Settings
+from relay.settings import BareNewline, Settings
 from relay.spool import Spool
 
 log = logging.getLogger("relay.receive")
@@ -64,6 +71,8 @@ TOO_BIG_AT_DATA = "552 5.3.4 Message size exceeds fixed maximum message size"
 LINE_TOO_LONG = "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6: at most 998 octets)"
 COMMAND_TOO_LONG = "500 5.5.2 Command line too long"
 NOT_ASCII = "500 5.5.2 Non-ASCII command (SMTPUTF8 is not offered)"
+BARE_NEWLINE = "550 5.5.2 Message contains a bare CR or LF: lines must end with CRLF"
+NORMALIZED = "bare CR/LF normalized to CRLF (limits.bare_newline: normalize)"
 
 # aiosmtpd's own replies -> ours with enhanced status codes (RFC 3463).
 AIOSMTPD_REPLIES = {
@@ -84,6 +93,7 @@ _VALIDATE = {
 _SPECIAL_USE = re.compile(r"(?i)^[a-z0-9.-]+\.(local|localhost|internal|lan|home\.arpa|test)$")
 _MESSAGE_ID = re.compile(rb"^message-id[ \t]*:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.I | re.M)
 _UNSAFE = re.compile(r"[^!-~]|[()\\]")
+_LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
 @functools.lru_cache(maxsize=8192)  # Moodle sends from one noreply address, over and over
@@ -112,6 +122,16 @@ def extract_message_id(raw: bytes) -> str:
     return " ".join(match.group(1).decode("ascii", "replace").split())[:998]
 
 
+@runtime_checkable
+class Limited(Protocol):
+    """What the handler needs of a session to enforce per-connection limits
+    (relay.receive.session.Session, which imports this module)."""
+
+    auth_failures: int
+
+    def close_for(self, reason: Refusal, reply: str) -> None: ...
+
+
 class Handler:
     """aiosmtpd hooks: one instance per listener, shared by all sessions."""
 
@@ -126,7 +146,10 @@ class Handler:
         self.spool = spool
         self.hostname = settings.hostname
         self.max_recipients = settings.limits.max_recipients
+        self.max_auth_failures = settings.limits.max_auth_failures
+        self.reject_bare = settings.limits.bare_newline is BareNewline.REJECT
         self.users = users
+        self.guesses = Guesses()
         self.implicit_tls = implicit_tls
         self.stopping = False  # set at shutdown: no new transaction starts (421)
 
@@ -188,6 +211,14 @@ class Handler:
         raw = envelope.original_content or b""
         sender = "" if envelope.mail_from == "<>" else (envelope.mail_from or "")
         peer = peer_ip_of(session)
+        note = ""
+        crlf = raw.count(b"\r\n")
+        if raw.count(b"\n") != crlf or raw.count(b"\r") != crlf:  # a bare CR or LF
+            if self.reject_bare:
+                metrics.REJECTED.labels("bare_newline").inc()
+                logs.event(log, "bare_newline_refused", level=logging.WARNING, peer=peer)
+                return BARE_NEWLINE
+            raw, note = _LINE_END.sub(b"\r\n", raw), NORMALIZED
         queue_id = self.spool.new_id()
         message_id = extract_message_id(raw)
         try:
@@ -200,6 +231,7 @@ class Handler:
                 trace=self._trace(session, peer, queue_id),
                 message_id=message_id,
                 alone=len(getattr(server, "registry", ())) == 1,  # relay's Session: see spool
+                note=note,
             )
         except SpoolError as exc:
             metrics.REJECTED.labels("spool").inc()
@@ -266,12 +298,36 @@ class Handler:
         return await self._check(server, user, password)
 
     async def _check(self, server: SMTP, user: bytes, password: bytes) -> AuthResult:
+        """235, or (see relay.receive.guesses) a delayed 535, or 421 and close at
+        `max_auth_failures` on this connection."""
         name = user.decode("utf-8", "replace")
-        if self.users is not None and await self.users.verify(user, password):
+        if self.users is None:  # no accounts, so nothing to guess: no delay, no count
+            metrics.REJECTED.labels("auth_failed").inc()
+            return AuthResult(success=False, handled=False, message=AUTH_FAILED)
+        if await self.users.verify(user, password):
             return AuthResult(success=True, auth_data=name, message=AUTH_OK)
         metrics.REJECTED.labels("auth_failed").inc()
+        metrics.AUTH_FAILURES.inc()
         peer = peer_ip_of(server.session) if server.session else "?"
-        logs.event(log, "auth_failed", level=logging.WARNING, user=name, peer=peer)
+        limited = server if isinstance(server, Limited) else None  # relay's Session
+        failures = 1 if limited is None else limited.auth_failures + 1
+        if limited is not None:
+            limited.auth_failures = failures
+        delay = self.guesses.failed(peer, failures)
+        logs.event(
+            log,
+            "auth_failed",
+            level=logging.WARNING,
+            user=name,
+            peer=peer,
+            on_connection=failures,
+            from_peer=self.guesses.count(peer),
+            delay=delay,
+        )
+        await asyncio.sleep(delay)
+        if failures >= self.max_auth_failures and limited is not None:
+            limited.close_for(Refusal.AUTH_FAILURES, TOO_MANY_FAILURES)
+            return AuthResult(success=False, handled=True)
         return AuthResult(success=False, handled=False, message=AUTH_FAILED)
 
 

@@ -74,6 +74,11 @@ class Users:
     A successful check is remembered (as an HMAC of the password under a
     per-process key, never the password) so that Moodle, which logs in on every
     connection, pays for scrypt once per process, not once per mail.
+
+    An unknown user costs the same scrypt as a known one (against a hash of a random
+    password with the first user's parameters), so timing does not tell which users
+    exist. One scrypt runs at a time: guessers queue behind each other and take at
+    most one core, not the whole machine (Moodle's remembered login skips the queue).
     """
 
     def __init__(self, path: Path) -> None:
@@ -81,6 +86,8 @@ class Users:
         self._loaded: _Loaded | None = None
         self._key = secrets.token_bytes(32)
         self._good: set[tuple[str, bytes]] = set()
+        self._decoy: str | None = None
+        self._turn = asyncio.Semaphore(1)
 
     def _hashes(self) -> dict[str, str]:
         st = os.stat(self.path)
@@ -88,21 +95,39 @@ class Users:
         if self._loaded is None or self._loaded.stamp != stamp:
             self._loaded = _Loaded(stamp, parse_users(self.path.read_text(encoding="utf-8")))
             self._good.clear()
+            self._decoy = None
         return self._loaded.hashes
+
+    def _decoy_hash(self, hashes: dict[str, str]) -> str:
+        """A hash no password matches, costing what the users' hashes cost."""
+        if self._decoy is None:
+            params = {"n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P}
+            for encoded in hashes.values():
+                try:
+                    fields = encoded.split("$")[2].split(",")
+                    params = {k: int(v) for k, v in (f.split("=", 1) for f in fields)}
+                    break
+                except (IndexError, ValueError):
+                    continue
+            self._decoy = hash_password(secrets.token_hex(16), **params)
+        return self._decoy
 
     async def verify(self, user: bytes, password: bytes) -> bool:
         """True when `user` exists and `password` is theirs."""
         try:
-            name = user.decode("utf-8")
-            encoded = self._hashes().get(name)
-        except (OSError, UnicodeDecodeError):
+            hashes = self._hashes()
+        except OSError:
             return False
-        if encoded is None:
-            return False
+        name = user.decode("utf-8", "surrogateescape")
+        encoded = hashes.get(name)
         token = (name, hmac.digest(self._key, password, "sha256"))
-        if token in self._good:
+        if encoded is not None and token in self._good:
             return True
-        if await asyncio.to_thread(verify_password, password, encoded):
+        async with self._turn:
+            ok = await asyncio.to_thread(
+                verify_password, password, encoded or self._decoy_hash(hashes)
+            )
+        if ok and encoded is not None:
             self._good.add(token)
             return True
         return False

@@ -1,6 +1,6 @@
 """The SMTP connection: aiosmtpd's protocol with fast ACKs, network checks, named replies.
 
-    listener --accept--> Session (this module) --hooks--> receive.Handler --> Spool
+    listener --accept--> Session (this module, on guard.Guard) --hooks--> receive.Handler --> Spool
 
 Moodle's PHPMailer writes DATA line by line with Nagle on; a delayed ACK here
 would cost it ~40 ms per mail, so a Session turns on TCP_NODELAY and re-arms
@@ -29,22 +29,24 @@ import socket
 import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, AnyStr
 from warnings import warn
 
 import aiosmtpd
-from aiosmtpd.smtp import MISSING, SMTP, _AuthMechAttr, login_always_fail, syntax
+from aiosmtpd.smtp import MISSING, _AuthMechAttr, login_always_fail, syntax
 
 from relay import logs, metrics
-from relay.receive.data import Body, unread
+from relay.receive.caps import Caps
+from relay.receive.data import Body, Budget, unread
+from relay.receive.guard import Guard
 from relay.receive.handler import (
     AIOSMTPD_REPLIES,
     NETWORK_REFUSED,
     SHUTTING_DOWN,
     Handler,
-    peer_ip_of,
 )
-from relay.settings import Settings
+from relay.settings import Limits, Settings
 
 # The aiosmtpd versions whose SMTP.__init__ and DATA handling this module re-creates, as
 # tests/test_session_fast.py checked them side by side; pyproject pins the same range.
@@ -67,6 +69,8 @@ log = logging.getLogger("relay.receive")
 _SMTP_LOG = logging.getLogger("mail.log")  # aiosmtpd's logger, for the lines it would log
 
 CHUNK = 65536  # DATA is read this much at a time, not a line at a time
+
+DEFAULT_LIMITS = Limits()
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -95,7 +99,7 @@ _SMTP_FIXED: dict[str, Any] = {
 }
 
 
-class Session(SMTP):
+class Session(Guard):
     """aiosmtpd's SMTP protocol with fast ACKs, network checks and replies we name.
 
     `registry` (the listener's set of open sessions) lets the service close idle
@@ -107,6 +111,10 @@ class Session(SMTP):
         handler: Handler,
         *,
         registry: set[Session],
+        caps: Caps | None = None,
+        budget: Budget | None = None,
+        spill_dir: Path | None = None,
+        limits: Limits = DEFAULT_LIMITS,
         allow: tuple[Network, ...] = (),
         hostname: str,
         data_size_limit: int,
@@ -141,11 +149,15 @@ class Session(SMTP):
         self._ehlo_hook_ver = found.ehlo
         self._smtp_methods = {command: getattr(self, name) for command, name in found.commands}
         self.registry = registry
+        self.caps = caps
+        self.budget = budget
+        self.spill_dir = spill_dir
         self.allow = allow
         self._sock: socket.socket | None = None
         self._refused = False
         self._shut = False
         self._held: list[str] = []  # leading lines of a multi-line reply (see `push`)
+        self._guard(caps=caps, limits=limits)
 
     def connection_made(self, transport: Any) -> None:
         if self._sock is None:  # first call: the TCP connection (again after STARTTLS)
@@ -160,17 +172,22 @@ class Session(SMTP):
                 transport.write(f"{NETWORK_REFUSED.format(peer=peer[0])}\r\n".encode())
                 transport.close()
                 return
+            if self.caps is not None and not self._admit(transport, peer):
+                self._refused = True
+                return
             self.registry.add(self)
+            self._started = self._last_read = self.loop.time()
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
             return
-        self.registry.discard(self)
+        self._uncount()
         super().connection_lost(error)
 
     def data_received(self, data: bytes) -> None:
         _fast_acks(self._sock)  # Linux leaves quick-ack mode on its own; re-arm per read
+        self._last_read = self.loop.time()  # the idle timeout runs from the last read
         super().data_received(data)
 
     @syntax("DATA")
@@ -192,12 +209,19 @@ class Session(SMTP):
             await self.push("501 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        body = Body(size_limit=self.data_size_limit, line_limit=self.line_length_limit)
+        body = Body(
+            size_limit=self.data_size_limit,
+            line_limit=self.line_length_limit,
+            budget=self.budget,
+            spill_dir=self.spill_dir,
+        )
         rest: bytes | None = None
-        with _roomy(self._reader):
+        with _roomy(self._reader), contextlib.closing(body):  # closing: the budget back
             while rest is None:
                 try:
                     chunk = await self._reader.read(CHUNK)
+                    if body.spill_due:  # past limits.max_data_in_memory (see data.py)
+                        await body.spill()
                 except asyncio.CancelledError:  # connection lost: eof_received cancels us
                     _SMTP_LOG.info("Connection lost during DATA")
                     self._writer.close()
@@ -205,14 +229,17 @@ class Session(SMTP):
                 if not chunk:  # unreachable, as for aiosmtpd: EOF cancels first; its
                     raise asyncio.IncompleteReadError(b"", None)  # readuntil would raise this
                 rest = body.feed(chunk)
-        unread(self._reader, rest)
-        if body.verdict is not None:
-            await self.push(body.verdict)
-            self._set_post_data_state()  # type: ignore[no-untyped-call]
-            return
-        self.envelope.content = self.envelope.original_content = body.content()
+            unread(self._reader, rest)
+            if body.verdict is not None:
+                await self.push(body.verdict)
+                self._set_post_data_state()  # type: ignore[no-untyped-call]
+                return
+            content = await asyncio.to_thread(body.content) if body.spilled else body.content()
+        self.envelope.content = self.envelope.original_content = content
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()  # type: ignore[no-untyped-call]
+        if status is not MISSING and status.startswith("250"):
+            self.junk = 0  # as Postfix: a mail accepted wipes the slate (PHPMailer RSETs)
         await self.push("250 OK" if status is MISSING else status)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
@@ -239,15 +266,10 @@ class Session(SMTP):
                 status = "\r\n".join([*self._held, status])
                 self._held.clear()
         await super().push(status)
-
-    @property
-    def peer_ip(self) -> str:
-        return peer_ip_of(self.session) if self.session is not None else "?"
-
-    @property
-    def busy(self) -> bool:
-        """In a mail transaction (MAIL given, DATA not yet answered)."""
-        return bool(self.envelope is not None and self.envelope.mail_from)
+        # A 5xx reply counts as junk; a 4xx is relay's own temporary state or limit (like
+        # Postfix's recipient overshoot, 452 for RCPTs past max_recipients is not counted).
+        if status[:1] in ("5", b"5"):
+            self._junk_over()
 
     def shut(self) -> None:
         """Tell the client we are going away, and close."""
@@ -366,6 +388,8 @@ def session_factory(
     settings: Settings,
     registry: set[Session],
     *,
+    caps: Caps | None = None,
+    budget: Budget | None = None,
     tls_context: Any = None,
 ) -> Callable[[], Session]:
     """The protocol factory for `loop.create_server()`.
@@ -378,6 +402,10 @@ def session_factory(
         return Session(
             handler,
             registry=registry,
+            caps=caps,
+            budget=budget,
+            spill_dir=settings.spool,
+            limits=settings.limits,
             allow=settings.allow_networks,
             hostname=settings.hostname,
             data_size_limit=settings.limits.max_message_size,

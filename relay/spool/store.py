@@ -141,13 +141,15 @@ class Spool:
         message_id: str,
         queue_id: str | None = None,
         alone: bool = False,
+        note: str = "",
     ) -> str:
         """Store one message; returns its queue id once committed and fsynced.
 
         `alone`: the caller is the only SMTP session, so nothing waits on the event
         loop: commit right here when that needs no waiting (`Writer.try_now`), not
-        through the writer thread. Raises SpoolError (disk full, read-only, I/O error,
-        locked); then nothing is stored.
+        through the writer thread. `note` is added to the "received" history line (what
+        receive did to the mail, e.g. bare newlines normalized). Raises SpoolError (disk
+        full, read-only, I/O error, locked); then nothing is stored.
         """
         qid = queue_id or self.new_id()
         rcpts = json.dumps(list(recipients))
@@ -161,7 +163,8 @@ class Spool:
                 (qid, sender, rcpts, len(raw), message_id, peer, now, now, now, trace),
             )
             conn.execute("INSERT INTO bodies (id, body) VALUES (?, ?)", (qid, raw))
-            add_event(conn, qid, "received", f"from {peer}, {len(raw)} bytes", now)
+            detail = f"from {peer}, {len(raw)} bytes" + (f"; {note}" if note else "")
+            add_event(conn, qid, "received", detail, now)
             return qid
 
         result = await self._call(op, now=alone)

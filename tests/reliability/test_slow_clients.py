@@ -96,6 +96,9 @@ def test_slow_and_idle_clients_do_not_delay_a_normal_client(
         upstream={"host": "127.0.0.1", "port": capture.port, "timeout": 5},
         ses={"region": REGION, "endpoint_url": fake_ses.url, "max_send_rate": 500, "timeout": 5},
         retry={"schedule": [1], "max_age": 600},
+        # All from 127.0.0.1: room for them under the per-client cap (the caps themselves
+        # are tests/reliability/test_hostile.py's).
+        limits={"max_sessions_per_ip": 300},
     )
     spool = config.parent / "spool"
     relay = relay_process(config).start()

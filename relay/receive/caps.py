@@ -1,0 +1,109 @@
+"""Session caps: how many SMTP sessions relay holds at once, in all and per client.
+
+    listener --accept--> Session.connection_made --Caps.admit--> 220 ... or 421 4.7.0 and close
+
+Every session holds a file descriptor. Without a cap, a client that opens
+connections and idles takes all of them: then accept() fails for everyone,
+Moodle included, and /healthz stops answering (the metrics listener needs a
+descriptor too). So `limits.max_sessions` stays below the process's open-file
+limit by `RESERVED_FILES`, which `open_file_limit` checks at start, and
+`limits.max_sessions_per_ip` (Postfix's smtpd_client_connection_count_limit)
+keeps one client from taking the whole budget.
+
+A cap alone would still lock Moodle out: a flood that fills it keeps every new
+client away for as long as it idles. So at a cap, a new connection first
+evicts the longest-idle session in that scope (all sessions, or that client's)
+that has been silent for EVICT_IDLE seconds, or EVICT_BUSY_IDLE in a mail
+transaction; only when none qualifies is the newcomer refused. A client that
+talks keeps its session; one that holds connections open and says nothing
+loses them to whoever comes next.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+from enum import StrEnum
+
+log = logging.getLogger("relay.receive")
+
+# Descriptors the main process needs besides its SMTP sessions: listeners, the spool
+# (database, WAL, shared memory), the delivery process's pipes, epoll, logging,
+# metrics connections (at most metrics.MAX_CONNECTIONS), DATA spill files being read.
+RESERVED_FILES = 100
+
+EVICT_IDLE = 1.0  # seconds of silence before an idle session may make room for a new one
+EVICT_BUSY_IDLE = 30.0  # the same, for a session in a transaction (MAIL given)
+
+TOO_MANY_SESSIONS = "421 4.7.0 Too many connections, try again later"
+TOO_MANY_FROM_YOU = "421 4.7.0 Too many connections from {peer}, try again later"
+
+
+class Refusal(StrEnum):
+    """Why a limit refused or closed a session: the `reason` label of the metric."""
+
+    MAX_SESSIONS = "max_sessions"
+    MAX_SESSIONS_PER_IP = "max_sessions_per_ip"
+    AUTH_FAILURES = "auth_failures"
+    JUNK_COMMANDS = "junk_commands"
+    EVICTED = "evicted"
+    IDLE_TIMEOUT = "idle_timeout"
+    SESSION_TIMEOUT = "session_timeout"
+
+
+class Caps:
+    """Open sessions counted in all and by client address; one per listener set."""
+
+    def __init__(self, *, max_sessions: int, max_per_ip: int) -> None:
+        self.max_sessions = max_sessions
+        self.max_per_ip = max_per_ip
+        self.total = 0
+        self.by_ip: dict[str, int] = {}
+
+    def admit(self, ip: str) -> str | None:
+        """Count a new session from `ip`; the 421 reply instead when a cap is reached."""
+        if self.total >= self.max_sessions:
+            return TOO_MANY_SESSIONS
+        held = self.by_ip.get(ip, 0)
+        if held >= self.max_per_ip:
+            return TOO_MANY_FROM_YOU.format(peer=ip)
+        self.total += 1
+        self.by_ip[ip] = held + 1
+        return None
+
+    def release(self, ip: str) -> None:
+        """The session `admit` counted has ended."""
+        self.total -= 1
+        held = self.by_ip.pop(ip, 1) - 1
+        if held > 0:
+            self.by_ip[ip] = held
+
+
+def open_file_limit() -> tuple[int, int]:
+    """Raise the soft open-file limit to the hard one; returns (soft, hard) after that.
+
+    Only calls setrlimit when there is something to raise: relay.service's
+    SystemCallFilter=~@resources would kill the process for trying, and under
+    systemd LimitNOFILE= sets both limits alike.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:  # e.g. hard is "unlimited" beyond nr_open
+            log.warning("event=open_files_not_raised soft=%d hard=%d error=%r", soft, hard, exc)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft, hard
+
+
+def sessions_problem(max_sessions: int, soft: int) -> str | None:
+    """Why `max_sessions` cannot fit under an open-file limit of `soft`; None when it fits."""
+    needed = max_sessions + RESERVED_FILES
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return None
+    return (
+        f"limits.max_sessions {max_sessions} needs {needed} open files ({RESERVED_FILES} "
+        f"reserved) but the open-file limit is {soft}: lower limits.max_sessions to at most "
+        f"{max(soft - RESERVED_FILES, 0)} or raise the limit (LimitNOFILE= in relay.service, "
+        "ulimit -n, docker run --ulimit nofile=...)"
+    )

@@ -1,0 +1,172 @@
+"""The hostile-client limits of one SMTP session: caps, eviction, timers, junk commands.
+
+    aiosmtpd SMTP <- Guard (this module) <- session.Session (fast paths, relay's replies)
+
+A relay that stops makes Moodle lose mail, so one client must not be able to stop
+it (issue "Hold the line"). `Guard` is aiosmtpd's protocol with:
+
+- admission against `relay.receive.caps.Caps` (421 4.7.0 above `max_sessions` or
+  `max_sessions_per_ip`, after evicting the longest-silent session of that scope);
+- one timer per session, measured from the last byte read (`limits.idle_timeout`,
+  in commands and DATA alike) and from the start (`limits.session_timeout`), where
+  aiosmtpd re-arms a timer at each valid command;
+- Postfix's junk-command limit (`limits.max_junk_commands`): NOOP, RSET, VRFY, HELP
+  and 5xx replies, reset by each mail accepted;
+- `close_for`, the one way a limit ends a session: 421, counted, logged once per 10 s.
+
+AUTH failures are counted here (`auth_failures`) and judged by the handler
+(relay.receive.handler, relay.receive.guesses).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, syntax
+
+from relay import logs, metrics
+from relay.receive.caps import EVICT_BUSY_IDLE, EVICT_IDLE, TOO_MANY_SESSIONS, Caps, Refusal
+from relay.receive.handler import peer_ip_of
+from relay.settings import Limits
+
+log = logging.getLogger("relay.receive")
+
+TIMED_OUT = "421 4.4.2 {host} Error: timeout exceeded"  # Postfix's words
+SESSION_TOO_LONG = "421 4.4.2 {host} Error: session lasted too long, try again"
+EVICTED = "421 4.7.0 {host} Error: idle too long while others wait, try again"
+TOO_MANY_JUNK = "421 4.7.0 {host} Error: too many errors or junk commands"
+
+# One log line per reason per 10 s (with a count): a client can cause these at will.
+_REFUSED = {reason: logs.Sampled(log, "session_refused", reason=reason) for reason in Refusal}
+_CLOSED = {reason: logs.Sampled(log, "session_closed", reason=reason) for reason in Refusal}
+
+
+class Guard(SMTP):
+    """aiosmtpd's SMTP with relay's hostile-client limits; `session.Session` builds it."""
+
+    registry: set[Any]  # the listener's open sessions: set[Session] (set by Session)
+
+    def _guard(self, *, caps: Caps | None, limits: Limits) -> None:
+        """Set the limits' state (Session.__init__ replaces SMTP.__init__, so not here)."""
+        self.caps = caps
+        self._timeout_duration = limits.idle_timeout
+        self.session_timeout = limits.session_timeout
+        self.junk_limit = limits.max_junk_commands
+        self.junk = 0  # junk commands and error replies since the last mail accepted
+        self.auth_failures = 0
+        self._ip: str | None = None  # counted in `caps` under this address
+        self._started = self._last_read = 0.0
+
+    def _admit(self, transport: Any, peer: Any) -> bool:
+        """Count this new connection in `caps` (evicting a silent one if need be); when
+        a cap still refuses it, send the 421, close, and return False."""
+        assert self.caps is not None
+        ip = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        refusal = self.caps.admit(ip)
+        if refusal is not None and self._evict(ip, refusal == TOO_MANY_SESSIONS):
+            refusal = self.caps.admit(ip)
+        if refusal is not None:
+            reason = Refusal.MAX_SESSIONS
+            if refusal != TOO_MANY_SESSIONS:
+                reason = Refusal.MAX_SESSIONS_PER_IP
+            metrics.SESSIONS_REFUSED.labels(reason).inc()
+            _REFUSED[reason](peer=ip, open=self.caps.total)
+            transport.write(f"{refusal}\r\n".encode())
+            transport.close()
+            return False
+        self._ip = ip
+        return True
+
+    @property
+    def peer_ip(self) -> str:
+        return peer_ip_of(self.session) if self.session is not None else "?"
+
+    @property
+    def busy(self) -> bool:
+        """In a mail transaction (MAIL given, DATA not yet answered)."""
+        return bool(self.envelope is not None and self.envelope.mail_from)
+
+    def _uncount(self) -> None:
+        self.registry.discard(self)
+        if self._ip is not None and self.caps is not None:
+            self.caps.release(self._ip)
+            self._ip = None
+
+    def _evict(self, ip: str, anyone: bool) -> bool:
+        """Close the longest-silent session (anyone's, or `ip`'s) past its eviction idle
+        time, to make room for this one (see relay.receive.caps); True if one was."""
+        now = self.loop.time()
+        victim, most = None, 0.0
+        for session in self.registry:
+            if anyone or session._ip == ip:
+                over = now - session._last_read - (EVICT_BUSY_IDLE if session.busy else EVICT_IDLE)
+                if over >= most:
+                    victim, most = session, over
+        if victim is None:
+            return False
+        victim._uncount()  # its place is this session's now, not when its close completes
+        victim.close_for(Refusal.EVICTED, EVICTED)
+        return True
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd re-arms its timer at each valid command (so a slow DATA upload is cut
+        300 s after the DATA command, and a NOOP flood is never cut); relay's timer is
+        armed once and `_timeout_cb` measures from the last read instead."""
+        if self._timeout_handle is None:
+            self._timeout_handle = self.loop.call_later(self._timeout_duration, self._timeout_cb)
+
+    def _timeout_cb(self) -> None:
+        """Close after `idle_timeout` seconds without a byte from the client, or once the
+        session is older than `session_timeout` (a transaction in progress then still
+        gets one more idle timeout to finish: its mail is not cut off)."""
+        now = self.loop.time()
+        idle_end = self._last_read + self._timeout_duration
+        end = self._started + self.session_timeout
+        if now < idle_end and (now < end or (self.busy and now < end + self._timeout_duration)):
+            wake = min(idle_end, end if now < end else end + self._timeout_duration)
+            self._timeout_handle = self.loop.call_at(wake, self._timeout_cb)
+            return
+        if now >= idle_end:
+            self.close_for(Refusal.IDLE_TIMEOUT, TIMED_OUT)
+        else:
+            self.close_for(Refusal.SESSION_TIMEOUT, SESSION_TOO_LONG)
+
+    def close_for(self, reason: Refusal, reply: str) -> None:
+        """Send the 421 `reply` and close: a limit ended this session."""
+        metrics.SESSIONS_REFUSED.labels(reason).inc()
+        _CLOSED[reason](peer=self.peer_ip)
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(f"{reply.format(host=self.hostname)}\r\n".encode())
+            transport.close()
+
+    def _junk_over(self) -> bool:
+        """Count a junk command or error reply; past the limit, 421 and close (True)."""
+        self.junk += 1
+        if self.junk <= self.junk_limit:
+            return False
+        self.close_for(Refusal.JUNK_COMMANDS, TOO_MANY_JUNK)
+        return True
+
+    # Postfix's smtpd_junk_command_limit commands, plus HELP; `push` counts error replies.
+    @syntax("NOOP [ignored]")
+    async def smtp_NOOP(self, arg: str) -> None:
+        if not self._junk_over():
+            await super().smtp_NOOP(arg)
+
+    @syntax("RSET")
+    async def smtp_RSET(self, arg: str) -> None:
+        if not self._junk_over():
+            await super().smtp_RSET(arg)
+
+    @syntax("VRFY <address>")
+    async def smtp_VRFY(self, arg: str) -> None:
+        if not self._junk_over():
+            await super().smtp_VRFY(arg)
+
+    @syntax("HELP [command]")
+    async def smtp_HELP(self, arg: str) -> None:
+        if not self._junk_over():
+            await super().smtp_HELP(arg)

@@ -1,0 +1,604 @@
+"""Hostile and broken clients can neither stop `relay serve` nor make it lose mail (issue 11).
+
+Each scenario runs a real `relay serve` process on 127.0.0.1 and prints its figure.
+A flood comes from other loopback source addresses (127.0.0.2 and up: one
+"client" per address), so that the well-behaved client, on 127.0.0.1 like
+Moodle, is a different client to relay's per-address cap.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import re
+import resource
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from relay.receive.handler import extract_message_id
+from relay.receive.passwords import hash_password
+from relay.spool import DB_NAME
+from tests.capture import CaptureServer, rows
+from tests.conftest import ConfigWriter, RelayProcess
+from tests.fakeses import FakeSes
+from tests.reliability.helpers import MailFactory, free_port, poll, try_send
+from tests.sesfixtures import REGION
+
+pytestmark = [pytest.mark.system, pytest.mark.usefixtures("aws_env")]
+
+RELAY = [sys.executable, "-c", "import sys; from relay.cli import main; sys.exit(main())"]
+
+
+@dataclass
+class Limited:
+    """`relay serve` started under `ulimit -n NOFILE` (soft and hard)."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def lines(self) -> int:
+        return self.log().count("\n")
+
+
+@pytest.fixture
+def limited(tmp_path: Path) -> Iterator[Callable[..., Limited]]:
+    """`limited(config, nofile=1024)`: relay serve with that open-file limit; killed after."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(config: Path, *, nofile: int = 1024, wait: bool = True) -> Limited:
+        port_file = tmp_path / f"port.{len(started)}"
+        log_path = tmp_path / f"relay.{len(started)}.log"
+        env = {**os.environ, "RELAY_PORT_FILE": str(port_file), "PYTHONUNBUFFERED": "1"}
+
+        def limit() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+        with log_path.open("ab") as log:
+            proc = subprocess.Popen(
+                [*RELAY, "serve", "--config", str(config)],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=limit,
+            )
+        started.append(proc)
+        deadline = time.monotonic() + 15
+        while wait and not port_file.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        port = int(port_file.read_text()) if port_file.exists() else 0
+        return Limited(proc, port, log_path)
+
+    yield start
+    for proc in started:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def healthz(port: int, timeout: float) -> tuple[int, float]:
+    """(HTTP status, seconds) of GET /healthz; status 0 when it did not answer."""
+    started = time.monotonic()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=timeout) as r:
+            status = r.status
+    except OSError:
+        status = 0
+    return status, time.monotonic() - started
+
+
+def heard(sock: socket.socket) -> str:
+    """The last reply line already received on `sock`, without waiting ("" if none yet)."""
+    try:
+        text = sock.recv(4096, socket.MSG_DONTWAIT).decode(errors="replace")
+    except (BlockingIOError, OSError):
+        return ""
+    return text.rstrip("\r\n").rsplit("\r\n", 1)[-1]
+
+
+FLOOD = 1100
+PER_SOURCE = 50  # connections per flooding source address (the per-client cap)
+
+
+def test_a_connection_flood_under_1024_files_leaves_room_for_moodle(
+    write_config: ConfigWriter,
+    limited: Callable[..., Limited],
+    capture: CaptureServer,
+    fake_ses: FakeSes,
+) -> None:
+    """Must show 1. Under `ulimit -n 1024`, 1,100 idle connections from 22 addresses are
+    held open by the flooder: relay keeps to its caps (max_sessions 500, 50 per client,
+    421 4.7.0 beyond), a new well-behaved client still gets 250 within 5 s, /healthz
+    answers within 2 s, and relay logs fewer than 5,000 lines during the flood."""
+    metrics_port = free_port()
+    config = write_config(
+        upstream={"host": "127.0.0.1", "port": capture.port, "timeout": 5},
+        ses={"region": REGION, "endpoint_url": fake_ses.url, "max_send_rate": 500, "timeout": 5},
+        metrics=f"127.0.0.1:{metrics_port}",
+    )
+    relay = limited(config, nofile=1024)
+    assert relay.port, relay.log()
+    assert "event=open_files soft=1024 hard=1024 max_sessions=500" in relay.log()
+    before = relay.lines()
+    flood: list[socket.socket] = []
+    try:
+        started = time.monotonic()
+        for n in range(FLOOD):
+            source = f"127.0.0.{2 + n // PER_SOURCE}"
+            sock = socket.create_connection(
+                ("127.0.0.1", relay.port), timeout=5, source_address=(source, 0)
+            )
+            flood.append(sock)
+        opened = time.monotonic() - started
+        time.sleep(1.5)  # they idle: the first ones are now "silent" to relay
+        replies = [heard(sock) for sock in flood]
+        mail = MailFactory("flood")()
+        sent_at = time.monotonic()
+        reply = try_send(relay.port, mail, timeout=10)
+        took = time.monotonic() - sent_at
+        status, health_took = healthz(metrics_port, timeout=2)
+        scraped_at = time.monotonic()
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=2) as answer:
+            scrape = answer.read().decode()
+        scrape_took = time.monotonic() - scraped_at
+        during = relay.lines() - before
+    finally:
+        for sock in flood:
+            sock.close()
+    held = sum(r.startswith("220 ") for r in replies)  # greeted, not closed since
+    refused = sum(r.startswith("421 4.7.0") for r in replies)
+    counted = re.findall(r'relay_sessions_refused_total\{reason="(\w+)"\} (\d+)', scrape)
+    print(
+        f"connection flood (ulimit -n 1024): {FLOOD} connections opened in {opened:.2f}s "
+        f"from {FLOOD // PER_SOURCE} addresses: relay holds {held}, {refused} got 421 4.7.0; "
+        f"new client's mail: {reply.text[:40]!r} in {took:.3f}s; /healthz {status} in "
+        f"{health_took:.3f}s, /metrics in {scrape_took:.3f}s counting refusals {counted}; "
+        f"relay log lines during the flood: {during}"
+    )
+    assert 250 == reply.code, reply.text
+    assert took < 5.0
+    assert (200, True) == (status, health_took < 2.0)
+    assert during < 5000
+    assert held <= 500
+    assert scrape_took < 2.0
+    assert refused <= sum(int(n) for _, n in counted)
+    assert "Traceback" not in relay.log()
+
+
+def test_max_sessions_that_cannot_fit_the_open_file_limit_is_refused_at_start(
+    write_config: ConfigWriter, limited: Callable[..., Limited]
+) -> None:
+    """max_sessions 1000 under `ulimit -n 1024`: relay serve exits 1 naming the key,
+    the limit and what would fit, before it listens."""
+    config = write_config(limits={"max_sessions": 1000, "max_sessions_per_ip": 50})
+    relay = limited(config, nofile=1024, wait=False)
+    code = relay.proc.wait(15)
+    print(f"max_sessions 1000 under 1024 files: exit {code}; {relay.log().strip()[-200:]}")
+    assert 1 == code
+    assert "limits.max_sessions 1000 needs 1100 open files" in relay.log()
+    assert "at most 924" in relay.log()
+
+
+class Wire:
+    """A raw SMTP client socket: commands and (last line of) replies, timed."""
+
+    def __init__(self, port: int, *, source: str = "127.0.0.1", timeout: float = 30.0) -> None:
+        self.sock = socket.create_connection(
+            ("127.0.0.1", port), timeout=timeout, source_address=(source, 0)
+        )
+        self.file = self.sock.makefile("rb")
+
+    def reply(self) -> str:
+        """The reply's last line; "" once the server has closed the connection."""
+        while True:
+            line = self.file.readline()
+            if not line:
+                return ""
+            if line[3:4] != b"-":
+                return line.decode(errors="replace").rstrip("\r\n")
+
+    def command(self, text: str) -> str:
+        try:
+            self.sock.sendall(f"{text}\r\n".encode())
+        except OSError:
+            return ""
+        return self.reply()
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def plain(user: str, password: str) -> str:
+    return "AUTH PLAIN " + base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+
+
+@pytest.fixture
+def auth_relay(
+    write_config: ConfigWriter, relay_process: Callable[[Path], RelayProcess], tmp_path: Path
+) -> RelayProcess:
+    """relay serve with AUTH (loopback, no TLS): user moodle, password "right horse"."""
+    users = tmp_path / "users"
+    users.write_text(f"moodle:{hash_password('right horse')}\n", encoding="utf-8")
+    return relay_process(write_config(auth={"users_file": str(users)})).start()
+
+
+def test_a_password_guesser_is_cut_off_and_slowed(auth_relay: RelayProcess) -> None:
+    """Must show 3a. One connection sends wrong passwords until relay closes it: closed
+    within 30 attempts (max_auth_failures 5: the 5th gets 421 4.7.0), each 535 slower
+    than the one before; the right password on a new connection still works; the
+    password is in no log line."""
+    wire = Wire(auth_relay.port)
+    wire.reply()
+    wire.command("EHLO guesser.test")
+    attempts, timings, last = 0, [], ""
+    while attempts < 30:
+        started = time.monotonic()
+        last = wire.command(plain("moodle", f"guess{attempts}"))
+        timings.append(time.monotonic() - started)
+        attempts += 1
+        if not last.startswith("535"):
+            break
+    closed = "" == wire.reply()
+    wire.close()
+    good = Wire(auth_relay.port)
+    good.reply()
+    good.command("EHLO moodle.test")
+    right = good.command(plain("moodle", "right horse"))
+    good.close()
+    print(
+        f"AUTH guessing: connection closed after {attempts} wrong passwords with {last!r}; "
+        f"reply times {', '.join(f'{t:.2f}s' for t in timings)}; right password then: "
+        f"{right[:3]}"
+    )
+    assert attempts <= 30
+    assert (5, True) == (attempts, closed)
+    assert last.startswith("421 4.7.0")
+    assert timings == sorted(timings)
+    assert right.startswith("235")
+    text = auth_relay.log()
+    assert "event=auth_failed" in text and "peer=127.0.0.1" in text
+    assert "guess1" not in text and "right horse" not in text
+
+
+def test_an_unknown_user_costs_what_a_wrong_password_costs(auth_relay: RelayProcess) -> None:
+    """Must show 3b. Fresh connections, alternating: an unknown user, then the known user
+    with a wrong password, 5 each (within the address's 10 undelayed failures): the
+    median AUTH reply time of the unknown user is within 3x of the known user's."""
+    unknown: list[float] = []
+    known: list[float] = []
+    for n in range(10):
+        wire = Wire(auth_relay.port)
+        wire.reply()
+        wire.command("EHLO timing.test")
+        user = f"nobody{n}" if n % 2 == 0 else "moodle"
+        started = time.monotonic()
+        reply = wire.command(plain(user, "wrong"))
+        (unknown if n % 2 == 0 else known).append(time.monotonic() - started)
+        assert reply.startswith("535"), reply
+        wire.close()
+    ratio = statistics.median(unknown) / statistics.median(known)
+    print(
+        f"AUTH timing: median unknown user {statistics.median(unknown) * 1000:.1f} ms, "
+        f"known user wrong password {statistics.median(known) * 1000:.1f} ms, ratio {ratio:.2f}"
+    )
+    assert 1 / 3 <= ratio <= 3
+
+
+def test_a_noop_stream_is_cut_but_a_kept_alive_moodle_is_not(
+    write_config: ConfigWriter, relay_process: Callable[[Path], RelayProcess]
+) -> None:
+    """Must show 4. 1,000 NOOPs on one connection: closed (421 4.7.0) before the
+    thousandth; meanwhile a kept-alive PHPMailer-like connection sends 150 mails, each
+    followed by RSET (150 junk commands in all), and every mail gets 250."""
+    relay = relay_process(write_config()).start()
+    wire = Wire(relay.port)
+    wire.reply()
+    wire.command("EHLO noop.test")
+    answered, last = 0, ""
+    for _ in range(1000):
+        last = wire.command("NOOP")
+        if not last.startswith("250"):
+            break
+        answered += 1
+    wire.close()
+    moodle = Wire(relay.port)
+    moodle.reply()
+    moodle.command("EHLO moodle.test")
+    queued = 0
+    for n in range(150):
+        moodle.command("MAIL FROM:<noreply@moodle.example.org>")
+        moodle.command(f"RCPT TO:<student{n}@students.example.org>")
+        moodle.command("DATA")
+        queued += moodle.command(f"Subject: {n}\r\n\r\nHello.\r\n.").startswith("250 2.0.0")
+        moodle.command("RSET")
+    moodle.close()
+    print(
+        f"junk commands: {answered} NOOPs answered 250, then {last!r}; a kept-alive client "
+        f"with RSET after each mail: {queued} of 150 mails queued"
+    )
+    assert answered < 1000
+    assert 100 == answered
+    assert last.startswith("421 4.7.0")
+    assert 150 == queued
+
+
+def test_idle_timeout_runs_from_the_last_read_and_sessions_end(
+    write_config: ConfigWriter, relay_process: Callable[[Path], RelayProcess]
+) -> None:
+    """idle_timeout 2 s, session_timeout 6 s: a DATA upload of 5 s with a line every
+    0.5 s is accepted (aiosmtpd cut DATA 300 s after the DATA command, whatever came
+    since); a client silent for 2 s mid-DATA gets 421 4.4.2; a session that keeps
+    talking (NOOP, RSET) is closed with 421 4.4.2 after 6 s."""
+    relay = relay_process(write_config(limits={"idle_timeout": 2, "session_timeout": 6})).start()
+
+    def transaction(wire: Wire) -> None:
+        wire.reply()
+        wire.command("EHLO slow.test")
+        wire.command("MAIL FROM:<noreply@moodle.example.org>")
+        wire.command("RCPT TO:<student@students.example.org>")
+        assert wire.command("DATA").startswith("354")
+
+    slow = Wire(relay.port)
+    transaction(slow)
+    started = time.monotonic()
+    for n in range(10):
+        slow.sock.sendall(f"line {n}\r\n".encode())
+        time.sleep(0.5)
+    upload = slow.command(".")
+    upload_took = time.monotonic() - started
+    slow.close()
+    silent = Wire(relay.port)
+    transaction(silent)
+    silent.sock.sendall(b"Subject: half\r\n")
+    started = time.monotonic()
+    cut = silent.reply()
+    silent_took = time.monotonic() - started
+    silent.close()
+    chatty = Wire(relay.port)
+    chatty.reply()
+    started = time.monotonic()
+    last = ""
+    while time.monotonic() - started < 15:
+        last = chatty.command("RSET" if int(time.monotonic() * 2) % 2 else "NOOP")
+        if not last.startswith("250"):
+            break
+        time.sleep(0.5)
+    chatty_took = time.monotonic() - started
+    chatty.close()
+    print(
+        f"timeouts (idle 2 s, session 6 s): a {upload_took:.1f}s DATA upload got "
+        f"{upload[:24]!r}; silent mid-DATA cut after {silent_took:.1f}s with {cut!r}; "
+        f"a chatty session closed after {chatty_took:.1f}s with {last!r}"
+    )
+    assert upload.startswith("250 2.0.0")
+    assert cut.startswith("421 4.4.2") and 1.5 < silent_took < 4
+    assert last.startswith("421 4.4.2") and 5 < chatty_took < 9
+
+
+def rss_mib(pid: int) -> tuple[float, float]:
+    """(current, peak) resident set of process `pid`, MiB (VmRSS, VmHWM)."""
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return tuple(int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM"))  # type: ignore[return-value]
+
+
+HOARDERS = 150
+HOARD = 9_500_000  # bytes of DATA each, under max_message_size (10 MiB): never refused
+
+
+def test_data_hoarders_cost_disk_not_memory_and_lose_nothing(
+    write_config: ConfigWriter,
+    relay_process: Callable[[Path], RelayProcess],
+    capture: CaptureServer,
+    fake_ses: FakeSes,
+) -> None:
+    """Must show 2. 150 sessions each send ~9.5 MB of DATA and never finish: the main
+    process's peak RSS stays under 400 MiB (max_data_in_memory 256 MiB, the rest spilled
+    to temporary files in the spool directory); a well-behaved client still gets 250 and
+    its mail reaches the original host byte for byte; one hoarder that finishes gets 250
+    with all its bytes stored; RSS comes back down once the hoarders leave."""
+    config = write_config(
+        upstream={"host": "127.0.0.1", "port": capture.port, "timeout": 5},
+        ses={"region": REGION, "endpoint_url": fake_ses.url, "max_send_rate": 500, "timeout": 5},
+    )
+    relay = relay_process(config).start()
+    assert relay.proc is not None
+    pid = relay.proc.pid
+    baseline, _ = rss_mib(pid)
+    line = b"x" * 998 + b"\r\n"
+    piece = line * 64  # 64,000 bytes
+    hoarders: list[Wire] = []
+    started = time.monotonic()
+    try:
+        for n in range(HOARDERS):
+            wire = Wire(relay.port, source=f"127.0.0.{2 + n // 40}")
+            wire.reply()
+            wire.command("EHLO hoarder.test")
+            wire.command("MAIL FROM:<noreply@moodle.example.org>")
+            wire.command(f"RCPT TO:<h{n}@students.example.org>")
+            assert wire.command("DATA").startswith("354")
+            hoarders.append(wire)
+        for _ in range(HOARD // len(piece)):
+            for wire in hoarders:
+                wire.sock.sendall(piece)
+        fed = time.monotonic() - started
+        time.sleep(1.0)
+        during, _ = rss_mib(pid)
+        factory = MailFactory("hoard")
+        mail = factory()
+        while mail.route != "upstream":
+            mail = factory()
+        reply = try_send(relay.port, mail)
+        finisher = hoarders.pop()
+        finished = finisher.command(".")
+        finisher.close()
+    finally:
+        for wire in hoarders:
+            wire.close()
+    time.sleep(3.0)
+    after, peak = rss_mib(pid)
+    captured = [m for m in capture.wait_for(1, timeout=30) if m.message_id == mail.message_id]
+    conn = sqlite3.connect(config.parent / "spool" / DB_NAME)
+    try:
+        sizes = dict(conn.execute("SELECT id, size FROM messages"))
+    finally:
+        conn.close()
+    finished_id = finished.rsplit(" ", 1)[-1]
+    print(
+        f"DATA hoarding: {HOARDERS} sessions x {HOARD / 1e6:.1f} MB fed in {fed:.1f}s; main "
+        f"process RSS baseline {baseline:.0f} MiB, during {during:.0f} MiB, peak "
+        f"{peak:.0f} MiB, after they left {after:.0f} MiB; well-behaved client "
+        f"{reply.text[:24]!r}, delivered intact: {bool(captured)}; finishing hoarder "
+        f"{finished[:24]!r}, stored {sizes.get(finished_id)} bytes"
+    )
+    assert peak < 400
+    assert 250 == reply.code
+    assert captured and captured[0].content.endswith(mail.raw)
+    assert finished.startswith("250 2.0.0")
+    assert HOARD // len(piece) * len(piece) == sizes[finished_id]
+    assert after < baseline + 100
+
+
+LOOKALIKES = {
+    "lf-dot-lf": b"\n.\n",
+    "lf-dot-crlf": b"\n.\r\n",
+    "cr-dot-lf": b"\r.\n",
+    "crlf-dot-cr": b"\r\n.\r",
+    "cr-dot-cr": b"\r.\r",
+    "crlf-dot-lf": b"\r\n.\n",
+    "cr-dot-crlf": b"\r.\r\n",
+    "lf-dot-cr": b"\n.\r",
+}
+SMUGGLED = (
+    b"MAIL FROM:<evil@attacker.example>\r\nRCPT TO:<victim@victim.example>\r\nDATA\r\n"
+    b"Subject: smuggled\r\n\r\nsmuggled\r\n"
+)
+_BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+
+
+def test_bare_newline_look_alikes_smuggle_nothing_and_reach_ses_normalized(
+    write_config: ConfigWriter,
+    relay_process: Callable[[Path], RelayProcess],
+    capture: CaptureServer,
+    fake_ses: FakeSes,
+) -> None:
+    """Must show 5. Each of the 8 bare CR/LF end-of-data look-alikes, hiding a second
+    MAIL/RCPT/DATA, in an SES-routed and in an upstream-routed mail (16 transactions):
+    each gets one 250; SES and the original host each see exactly one message per
+    accepted transaction routed there, none for the smuggled recipient; no bare CR or LF
+    is left in what SES gets, and each mail's history says it was normalized."""
+    config = write_config(
+        upstream={"host": "127.0.0.1", "port": capture.port, "timeout": 5},
+        ses={"region": REGION, "endpoint_url": fake_ses.url, "max_send_rate": 500, "timeout": 5},
+        retry={"schedule": [1], "max_age": 600},
+    )
+    relay = relay_process(config).start()
+    factory = MailFactory("bare")
+    mails = {"ses": [], "upstream": []}  # type: dict[str, list[Outgoing]]
+    while min(len(v) for v in mails.values()) < len(LOOKALIKES):
+        mail = factory()
+        mails[mail.route].append(mail)
+    accepted: dict[str, tuple[str, str]] = {}  # queue id -> (route, Message-ID)
+    replies: list[str] = []
+    for route, chosen in mails.items():
+        for mail, (name, lookalike) in zip(chosen, LOOKALIKES.items(), strict=False):
+            wire = Wire(relay.port)
+            wire.reply()
+            wire.command("EHLO moodle.test")
+            wire.command(f"MAIL FROM:<{mail.sender}>")
+            for rcpt in mail.recipients:
+                wire.command(f"RCPT TO:<{rcpt}>")
+            assert wire.command("DATA").startswith("354")
+            body = mail.raw + b"before " + name.encode() + lookalike + SMUGGLED + b"after\r\n"
+            wire.sock.sendall(body + b".\r\n")
+            reply = wire.reply()
+            replies.append(reply)
+            extra = wire.command("QUIT")
+            wire.close()
+            assert extra.startswith("221"), (name, extra)  # nothing smuggled answered
+            if reply.startswith("250 "):
+                accepted[reply.rsplit(" ", 1)[-1]] = (route, mail.message_id)
+    routes = Counter(route for route, _ in accepted.values())
+    capture.wait_for(routes["upstream"], timeout=30)
+    poll(lambda: len(fake_ses.sent) >= routes["ses"], timeout=30, what="SES sends")
+    time.sleep(2.0)  # anything extra would have arrived by now
+    ses_ids = Counter(extract_message_id(s.raw) for s in fake_ses.sent)
+    upstream_ids = Counter(m.message_id for m in capture.messages)
+    victims = [m for m in capture.messages if "victim@victim.example" in m.rcpt_tos] + [
+        s for s in fake_ses.sent if "victim@victim.example" in s.destinations
+    ]
+    bare_in_ses = sum(1 for s in fake_ses.sent if _BARE.search(s.raw))
+    history = rows(config.parent / "spool")
+    noted = sum(1 for q in accepted if any("normalized" in d for _, d in history[q]["events"]))
+    print(
+        f"bare CR/LF look-alikes: {len(replies)} transactions, {len(accepted)} got 250; "
+        f"SES got {sum(ses_ids.values())} messages ({routes['ses']} routed there), upstream "
+        f"{sum(upstream_ids.values())} ({routes['upstream']} routed there); smuggled "
+        f"recipient reached: {len(victims)}; SES messages with a bare CR or LF: "
+        f"{bare_in_ses}; histories noting the normalization: {noted}"
+    )
+    assert 2 * len(LOOKALIKES) == len(accepted)
+    assert {m: 1 for r, m in accepted.values() if r == "ses"} == dict(ses_ids)
+    assert {m: 1 for r, m in accepted.values() if r == "upstream"} == dict(upstream_ids)
+    assert (0, 0, len(accepted)) == (len(victims), bare_in_ses, noted)
+
+
+def test_the_metrics_listener_bounds_bad_requests(
+    write_config: ConfigWriter, relay_process: Callable[[Path], RelayProcess]
+) -> None:
+    """A 200 KB request line gets 400; a client sending one header line every 3 s is
+    closed once its 5 s are up; /healthz answers meanwhile; no traceback is logged."""
+    metrics_port = free_port()
+    relay = relay_process(write_config(metrics=f"127.0.0.1:{metrics_port}")).start()
+    with socket.create_connection(("127.0.0.1", metrics_port), timeout=10) as huge:
+        huge.sendall(b"GET /" + b"x" * 200_000 + b" HTTP/1.1\r\n\r\n")
+        answer = huge.recv(200).split(b"\r\n")[0].decode()
+    slow = socket.create_connection(("127.0.0.1", metrics_port), timeout=10)
+    started = time.monotonic()
+    slow.sendall(b"GET /metrics HTTP/1.1\r\n")
+    closed_after = 0.0
+    slow.settimeout(3)
+    try:
+        for n in range(10):
+            try:
+                if slow.recv(100) == b"":  # waits up to 3 s: the server closed
+                    break
+            except TimeoutError:
+                pass
+            slow.sendall(f"X-Slow-{n}: 1\r\n".encode())
+            status, _ = healthz(metrics_port, timeout=2)
+            assert 200 == status
+    except OSError:
+        pass
+    finally:
+        closed_after = time.monotonic() - started
+        slow.close()
+    print(
+        f"metrics listener: 200 KB request line -> {answer!r}; header-every-3s client closed "
+        f"after {closed_after:.1f}s; /healthz answered meanwhile"
+    )
+    assert "HTTP/1.1 400 Bad Request" == answer
+    assert 4.5 <= closed_after < 7
+    assert "Traceback" not in relay.log()

@@ -1,0 +1,283 @@
+"""The hostile-client limits as units: `limits:` keys, session caps, sampled logging."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import random
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay import logs, service, settings
+from relay.errors import ConfigError
+from relay.receive.caps import TOO_MANY_FROM_YOU, TOO_MANY_SESSIONS, Caps, sessions_problem
+from relay.receive.data import Body, Budget
+from relay.receive.guesses import Guesses
+from relay.settings import BareNewline, Limits
+from relay.spool import DB_NAME
+
+
+def load_limits(tmp_path: Path, text: str) -> Limits:
+    path = tmp_path / "relay.yaml"
+    path.write_text(f"upstream: {{host: smtp.example.org}}\nlimits:\n{text}", encoding="utf-8")
+    return settings.load(path).limits
+
+
+def test_the_defaults_are_design_3_2() -> None:
+    """DESIGN 3.2's defaults, from the one place they are written (Limits)."""
+    expected = (500, 50, 268435456, 5, BareNewline.NORMALIZE)
+    limits = Limits()
+    assert expected == (
+        limits.max_sessions,
+        limits.max_sessions_per_ip,
+        limits.max_data_in_memory,
+        limits.max_auth_failures,
+        limits.bare_newline,
+    )
+
+
+def test_every_key_is_read(tmp_path: Path) -> None:
+    """Each `limits:` key in relay.yaml lands in Limits."""
+    text = (
+        "  max_sessions: 40\n  max_sessions_per_ip: 4\n  max_data_in_memory: 1000\n"
+        "  max_auth_failures: 3\n  max_junk_commands: 7\n  idle_timeout: 30\n"
+        "  session_timeout: 60\n  bare_newline: reject\n"
+    )
+    expected = Limits(
+        max_sessions=40,
+        max_sessions_per_ip=4,
+        max_data_in_memory=1000,
+        max_auth_failures=3,
+        max_junk_commands=7,
+        idle_timeout=30.0,
+        session_timeout=60.0,
+        bare_newline=BareNewline.REJECT,
+    )
+    assert expected == load_limits(tmp_path, text)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("  max_sessions: 0\n", "relay.yaml:3: limits.max_sessions: "),
+        ("  bare_newline: fix\n", "relay.yaml:3: limits.bare_newline: 'fix' is not one of"),
+        ("  max_auth_failures: two\n", "relay.yaml:3: limits.max_auth_failures: expected"),
+        (
+            "  max_sessions: 10\n  max_sessions_per_ip: 20\n",
+            "relay.yaml:4: limits.max_sessions_per_ip: max_sessions_per_ip (20) is more",
+        ),
+        (
+            "  idle_timeout: 100\n  session_timeout: 50\n",
+            "relay.yaml:4: limits.session_timeout: session_timeout (50) is shorter",
+        ),
+        ("  max_session: 10\n", "relay.yaml:3: limits.max_session: "),
+    ],
+    ids=["zero-sessions", "bad-choice", "not-a-number", "per-ip-over-total", "deadline", "typo"],
+)
+def test_bad_limits_name_file_line_and_key(tmp_path: Path, text: str, message: str) -> None:
+    """A wrong value is a load error with file:line: limits.key."""
+    with pytest.raises(ConfigError) as caught:
+        load_limits(tmp_path, text)
+    assert message in str(caught.value)
+
+
+def test_caps_count_in_all_and_per_client() -> None:
+    """Two per client, three in all: the third from one client and the fourth overall are
+    refused; a released place is free again."""
+    caps = Caps(max_sessions=3, max_per_ip=2)
+    replies = [caps.admit(ip) for ip in ("a", "a", "a", "b", "c")]
+    assert [None, None, TOO_MANY_FROM_YOU.format(peer="a"), None, TOO_MANY_SESSIONS] == replies
+    caps.release("a")
+    assert (None, {"a": 1, "b": 1, "c": 1}) == (caps.admit("c"), caps.by_ip)
+
+
+@pytest.mark.parametrize(
+    ("max_sessions", "soft", "fits"),
+    [(500, 1024, True), (924, 1024, True), (925, 1024, False), (5000, 4096, False)],
+)
+def test_max_sessions_must_fit_the_open_file_limit(
+    max_sessions: int, soft: int, fits: bool
+) -> None:
+    """max_sessions + 100 reserved descriptors must fit under the soft limit."""
+    assert fits == (sessions_problem(max_sessions, soft) is None)
+
+
+def test_a_sampled_event_is_logged_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    """1,000 events in a burst: one line, with count=1; the next interval's line counts the
+    rest."""
+    sampled = logs.Sampled(logging.getLogger("relay.test"), "thing", interval=0.2, kind="x")
+    with caplog.at_level(logging.INFO, logger="relay.test"):
+        for _ in range(1000):
+            sampled(peer="p")
+        sampled._next = 0.0  # the interval has passed
+        sampled(peer="p")
+    expected = ["event=thing kind=x count=1 peer=p", "event=thing kind=x count=1000 peer=p"]
+    assert expected == [r.getMessage() for r in caplog.records]
+
+
+async def test_accept_out_of_files_is_logged_once_per_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """asyncio's "accept() out of system resource", 500 times: one line, no traceback;
+    other loop errors still go to asyncio's default handler."""
+    loop = asyncio.get_running_loop()
+    error = OSError(errno.EMFILE, "Too many open files")
+    with caplog.at_level(logging.INFO):
+        for _ in range(500):
+            service._loop_exception(
+                loop, {"message": "socket.accept() out of system resource", "exception": error}
+            )
+        service._loop_exception(loop, {"message": "something else"})
+    lines = [r.getMessage() for r in caplog.records]
+    assert 2 == len(lines), lines
+    assert lines[0].startswith("event=accept_failed count=1 error=")
+    assert "something else" == lines[1]
+    assert caplog.records[0].exc_info is None
+
+
+def test_auth_delay_grows_per_connection_and_per_address() -> None:
+    """1 s per earlier failure on the connection; past 10 failures from one address in 10
+    minutes, 1 s per failure beyond, even on fresh connections; at most 10 s; forgotten
+    after the window."""
+    now = [0.0]
+    guesses = Guesses(clock=lambda: now[0])
+    first_connection = [guesses.failed("a", n) for n in (1, 2, 3, 4, 5)]
+    reconnects = [guesses.failed("a", 1) for _ in range(10)]
+    elsewhere = guesses.failed("b", 1)
+    now[0] = 601.0
+    later = guesses.failed("a", 1)
+    assert [0.0, 1.0, 2.0, 3.0, 4.0] == first_connection
+    assert [0.0] * 5 + [1.0, 2.0, 3.0, 4.0, 5.0] == reconnects
+    assert (0.0, 0.0) == (elsewhere, later)
+    assert 10.0 == max(guesses.failed("c", 1) for _ in range(30))
+
+
+def _stream(seed: int) -> bytes:
+    """A DATA stream with stuffed dots, bare CR/LF and long lines, then the end line."""
+    rng = random.Random(seed)
+    vocabulary = [b"", b".", b"..", b"x" * 300, b"a\nb", b"c\rd", b". ", b"y" * 998, b"z" * 1200]
+    lines = [rng.choice(vocabulary) for _ in range(rng.randrange(50, 400))]
+    return b"\r\n".join(lines) + b"\r\n.\r\nQUIT\r\n"
+
+
+async def _feed(stream: bytes, cuts: list[int], budget: Budget | None, spill_dir: Path) -> tuple:
+    body = Body(size_limit=60_000, line_limit=1001, budget=budget, spill_dir=spill_dir)
+    rest = None
+    pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    try:
+        for n, piece in enumerate(pieces):
+            if body.spill_due:
+                await body.spill()
+            rest = body.feed(piece)
+            if rest is not None:
+                rest += b"".join(pieces[n + 1 :])
+                break
+        spilled = body.spilled
+        content = body.content() if body.verdict is None else None
+    finally:
+        body.close()
+    return body.verdict, content, rest, spilled
+
+
+@pytest.mark.parametrize("seed", range(12))
+async def test_a_spilled_body_is_the_body_kept_in_memory(seed: int, tmp_path: Path) -> None:
+    """With a budget of 0 every judged line goes to the temporary file as it arrives: the
+    verdict, the content and the bytes after the end are those of a body kept in memory,
+    and the budget is back to 0 afterwards."""
+    stream = _stream(seed)
+    rng = random.Random(seed)
+    cuts = sorted(rng.sample(range(1, len(stream)), 12))
+    budget = Budget(0)
+    in_memory = await _feed(stream, cuts, None, tmp_path)
+    spilling = await _feed(stream, cuts, budget, tmp_path)
+    assert in_memory[:3] == spilling[:3]
+    assert 0 == budget.used
+    assert spilling[3] or in_memory[1] is None or len(in_memory[1]) < 2000
+
+
+async def _transaction(port: int, body: bytes) -> str:
+    """EHLO, MAIL, RCPT, DATA with `body` sent as is; the reply to the end of data."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        await reader.readline()
+        for command in (
+            b"EHLO moodle.test",
+            b"MAIL FROM:<noreply@moodle.example.org>",
+            b"RCPT TO:<a@example.org>",
+            b"DATA",
+        ):
+            writer.write(command + b"\r\n")
+            while (await reader.readline())[3:4] == b"-":
+                pass
+        writer.write(body + b".\r\n")
+        return (await reader.readline()).decode().rstrip()
+    finally:
+        writer.close()
+
+
+def _stored(spool: Path, queue_id: str) -> tuple[bytes, list[str]]:
+    conn = sqlite3.connect(spool / DB_NAME)
+    try:
+        [(body,)] = conn.execute("SELECT body FROM bodies WHERE id = ?", (queue_id,))
+        details = [
+            d for (d,) in conn.execute("SELECT detail FROM events WHERE queue_id = ?", (queue_id,))
+        ]
+    finally:
+        conn.close()
+    return bytes(body), details
+
+
+BARE_TABLE = [
+    (
+        "crlf-only",
+        "normalize",
+        b"Subject: a\r\n\r\nline\r\n..dot\r\n",
+        b"Subject: a\r\n\r\nline\r\n.dot\r\n",
+        False,
+    ),
+    (
+        "lf-normalized",
+        "normalize",
+        b"Subject: a\r\n\r\nx\ny\r\n",
+        b"Subject: a\r\n\r\nx\r\ny\r\n",
+        True,
+    ),
+    (
+        "cr-normalized",
+        "normalize",
+        b"Subject: a\r\n\r\nx\ry\r\r\n",
+        b"Subject: a\r\n\r\nx\r\ny\r\n\r\n",
+        True,
+    ),
+    (
+        "crlf-only-reject",
+        "reject",
+        b"Subject: a\r\n\r\nline\r\n",
+        b"Subject: a\r\n\r\nline\r\n",
+        False,
+    ),
+    ("lf-rejected", "reject", b"Subject: a\r\n\r\nx\ny\r\n", None, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("policy", "sent", "stored", "noted"),
+    [row[1:] for row in BARE_TABLE],
+    ids=[row[0] for row in BARE_TABLE],
+)
+async def test_bare_newline_policy(
+    start_relay: Any, policy: str, sent: bytes, stored: bytes | None, noted: bool
+) -> None:
+    """Well-formed mail is stored byte for byte (unstuffed only); a bare CR or LF is
+    rewritten to CRLF and noted on the history (normalize) or refused with 550 (reject)."""
+    running = await start_relay(limits={"bare_newline": policy})
+    reply = await _transaction(running.port, sent)
+    if stored is None:
+        assert reply.startswith("550 5.5.2 Message contains a bare CR or LF")
+        return
+    body, details = await asyncio.to_thread(_stored, running.settings.spool, reply.split()[-1])
+    assert (stored, noted) == (body, any("normalized" in d for d in details))
