@@ -31,11 +31,16 @@ import pytest
 from relay.receive.handler import extract_message_id
 from relay.receive.passwords import hash_password
 from relay.spool import DB_NAME
-from tests.capture import CaptureServer, rows
-from tests.conftest import ConfigWriter, RelayProcess
-from tests.fakeses import FakeSes
-from tests.reliability.helpers import MailFactory, free_port, poll, try_send
-from tests.sesfixtures import REGION
+from tests.support.aws import REGION
+from tests.support.capture import CaptureServer
+from tests.support.fakeses import FakeSes
+from tests.support.mails import MailFactory
+from tests.support.ports import free_port
+from tests.support.processes import RelayProcess
+from tests.support.relays import ConfigWriter
+from tests.support.smtp import try_send
+from tests.support.spools import rows
+from tests.support.waits import wait_until
 
 pytestmark = [pytest.mark.system, pytest.mark.usefixtures("aws_env")]
 
@@ -542,7 +547,7 @@ def test_bare_newline_look_alikes_smuggle_nothing_and_reach_ses_normalized(
                 accepted[reply.rsplit(" ", 1)[-1]] = (route, mail.message_id)
     routes = Counter(route for route, _ in accepted.values())
     capture.wait_for(routes["upstream"], timeout=30)
-    poll(lambda: len(fake_ses.sent) >= routes["ses"], timeout=30, what="SES sends")
+    wait_until(lambda: len(fake_ses.sent) >= routes["ses"], "SES sends", timeout=30)
     time.sleep(2.0)  # anything extra would have arrived by now
     ses_ids = Counter(extract_message_id(s.raw) for s in fake_ses.sent)
     upstream_ids = Counter(m.message_id for m in capture.messages)
