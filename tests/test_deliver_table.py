@@ -164,7 +164,14 @@ class FakeSes:
         self.answers = list(answers) or ["ses-1"]
         self.calls = 0
 
-    async def send(self, mail: Mail, *, configuration_set: str | None, tags: Any) -> str:
+    async def send(
+        self,
+        mail: Mail,
+        *,
+        configuration_set: str | None,
+        tags: Any,
+        identity_arn: str | None = None,
+    ) -> str:
         self.calls += 1
         answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
         if isinstance(answer, BaseException):

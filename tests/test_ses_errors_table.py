@@ -26,10 +26,12 @@ from botocore.exceptions import (
 from botocore.parsers import ResponseParserError
 
 from relay.deliver.ses.client import MAX_DESTINATIONS, MAX_MESSAGE_SIZE, SesClient, failure
+from relay.deliver.ses.faults import scoped
 from relay.errors import (
     AccountFailure,
     DeliveryError,
     PermanentFailure,
+    ScopedFailure,
     TemporaryFailure,
     Throttled,
 )
@@ -73,6 +75,8 @@ PERMANENT = {  # this message: upstream at once
     "bad-address": ("InvalidParameterValue", "Missing final '@domain'", 400),
     "illegal-address": ("InvalidParameterValue", "Illegal address", 400),
     "unknown-4xx-code": ("SomethingNew", "a code relay does not know", 400),
+    "v2-bad-request": ("BadRequestException", "Illegal header.", 400),
+    "v2-not-found-other": ("NotFoundException", "Resource not found.", 404),
 }
 ACCOUNT = {  # upstream at once and open the circuit
     "daily-quota": ("Throttling", "Daily message quota exceeded.", 400),
@@ -89,6 +93,9 @@ ACCOUNT = {  # upstream at once and open the circuit
     "unrecognized": ("UnrecognizedClientException", "invalid token", 400),
     "clock-skew": ("RequestExpired", "Request has expired.", 400),
     "no-signature": ("MissingAuthenticationToken", "missing", 403),
+    "v2-paused": ("SendingPausedException", "Sending paused for this account.", 400),
+    "v2-suspended": ("AccountSuspendedException", "Account suspended.", 400),
+    "v2-no-config-set": ("NotFoundException", "Configuration set <x> does not exist.", 404),
 }
 CLIENT_ERRORS = [
     pytest.param(*row, expected, id=name)
@@ -286,3 +293,99 @@ async def test_send_without_message_id_is_temporary() -> None:
         type(caught.value),
         caught.value.reply,
     )
+
+
+UNVERIFIED = "Email address is not verified. The following identities failed the check in region"
+VERP = "bounce+1a2b@lms.example.edu"
+# id: (code, message, Source, configuration set) -> (class, scope or None, advice or None)
+SCOPED = [
+    pytest.param(
+        ("MessageRejected", f"{UNVERIFIED} EU-WEST-1: {VERP}", VERP, None),
+        (
+            ScopedFailure,
+            "identity lms.example.edu",
+            "verify domain lms.example.edu in eu-west-1, or set ses.source to an address of"
+            " a verified domain",
+        ),
+        id="unverified-verp-source-is-its-domain",
+    ),
+    pytest.param(
+        ("MessageRejected", f"{UNVERIFIED} EU-WEST-1: Ada <ada@staff.example.edu>", VERP, None),
+        (
+            ScopedFailure,
+            "identity staff.example.edu",
+            "verify domain staff.example.edu in eu-west-1",
+        ),
+        id="unverified-from-header",
+    ),
+    pytest.param(
+        ("MessageRejected", "Email address is not verified.", VERP, None),
+        (
+            ScopedFailure,
+            "identity lms.example.edu",
+            "verify domain lms.example.edu in eu-west-1, or set ses.source to an address of"
+            " a verified domain",
+        ),
+        id="unverified-unnamed-is-the-source",
+    ),
+    pytest.param(
+        ("MailFromDomainNotVerifiedException", "MAIL FROM domain not verified", VERP, None),
+        (
+            ScopedFailure,
+            "identity lms.example.edu",
+            "publish the MX and SPF records of the custom MAIL FROM domain of lms.example.edu"
+            " in eu-west-1, or set its behaviour on MX failure to USE_DEFAULT_VALUE",
+        ),
+        id="mail-from-domain",
+    ),
+    pytest.param(
+        ("ConfigurationSetDoesNotExist", "Configuration set <cs> does not exist.", VERP, "cs"),
+        (
+            ScopedFailure,
+            "configuration set cs",
+            "create configuration set cs in eu-west-1, or fix the name in relay.yaml / rules.yaml",
+        ),
+        id="v1-no-config-set",
+    ),
+    pytest.param(
+        ("NotFoundException", "Configuration set <cs> does not exist.", VERP, "cs"),
+        (
+            ScopedFailure,
+            "configuration set cs",
+            "create configuration set cs in eu-west-1, or fix the name in relay.yaml / rules.yaml",
+        ),
+        id="v2-no-config-set",
+    ),
+    pytest.param(
+        ("MessageRejected", "Illegal header.", VERP, "cs"),
+        (PermanentFailure, None, None),
+        id="content-rejection-stays-per-message",
+    ),
+    pytest.param(
+        ("AccountSendingPausedException", "paused", VERP, "cs"),
+        (AccountFailure, None, None),
+        id="paused-stays-account-wide",
+    ),
+]
+
+
+@pytest.mark.parametrize(("given", "expected"), SCOPED)
+def test_scoped_faults(
+    given: tuple[str, str, str, str | None], expected: tuple[type, str | None, str | None]
+) -> None:
+    """A send's fault that concerns one identity (a domain: VERP senders share it) or one
+    configuration set is narrowed to a ScopedFailure naming it and saying what to do; other
+    faults keep their class."""
+    code, message, source, config_set = given
+    error = scoped(
+        failure(client_error(code, message, 400), "message Q1"),
+        source=source,
+        configuration_set=config_set,
+        region="eu-west-1",
+    )
+    actual = (
+        type(error),
+        getattr(error, "scope", None),
+        getattr(error, "advice", None),
+    )
+    assert expected == actual

@@ -58,10 +58,19 @@ class FakeSes:
     def __init__(self, *outcomes: Outcome) -> None:
         self.outcomes = list(outcomes) or ["ses-1"]
         self.calls: list[tuple[str, str | None, tuple[tuple[str, str], ...]]] = []
+        self.arns: list[str | None] = []  # identity_arn of each send
         self.gate: asyncio.Event | None = None  # when set, the next send waits for it
 
-    async def send(self, mail: Mail, *, configuration_set: str | None, tags: Any) -> str:
+    async def send(
+        self,
+        mail: Mail,
+        *,
+        configuration_set: str | None,
+        tags: Any,
+        identity_arn: str | None = None,
+    ) -> str:
         self.calls.append((mail.id, configuration_set, tuple(tags)))
+        self.arns.append(identity_arn)
         gate, self.gate = self.gate, None  # one send only: a second never hangs the test
         if gate is not None:
             await gate.wait()
@@ -596,3 +605,16 @@ async def test_configuration_set_and_tags(
     rig = Rig("ses-1")
     await rig.route.attempt(make_mail(), decision, make_settings(**settings))
     assert [call] == rig.ses.calls
+
+
+@pytest.mark.parametrize(
+    "arn",
+    ["arn:aws:ses:eu-west-1:123456789012:identity/lms.example.edu", None],
+    ids=["rule-arn", "no-rule-arn"],
+)
+async def test_rule_identity_arn_reaches_the_sender(arn: str | None) -> None:
+    """The rule's identity_arn goes to the SES client (None: the client uses ses.identity_arn)."""
+    rig = Rig("ses-1")
+    decision = Decision(rule="r", route=Route.SES, reasons=(), identity_arn=arn)
+    await rig.route.attempt(make_mail(), decision, make_settings())
+    assert [arn] == rig.ses.arns

@@ -1,7 +1,8 @@
-"""A small fake of the SES v1 Query API, for the faults and rates moto cannot produce.
+"""A small fake of SES (v1 Query API and SESv2 REST-JSON), for what moto cannot produce.
 
-It answers SendRawEmail and GetSendQuota (plus GetAccountSendingEnabled,
-GetIdentityVerificationAttributes and DescribeConfigurationSet for doctor) on
+It answers SendRawEmail and SESv2 SendEmail (`Content.Raw`) and GetSendQuota (plus
+GetAccountSendingEnabled, GetIdentityVerificationAttributes and DescribeConfigurationSet
+for doctor) on
 127.0.0.1, port 0 by default, from a thread, so async tests and other processes
 can both use it. It never checks signatures. Behaviours, all changeable while it runs:
 
@@ -18,8 +19,16 @@ can both use it. It never checks signatures. Behaviours, all changeable while it
   {EmailAddress}`, shaped from botocore's sesv2 model; 404 NotFoundException when absent);
   `suppression_lookups` counts the calls.
 
-Every accepted message is recorded in `sent` (source, destinations, raw bytes,
-tags, configuration set); `calls` and `throttles` count. Standalone:
+- `check_identities`: sends whose Source or From header no verified identity covers (the
+  address, its domain or a parent domain, as SES checks) answer MessageRejected "Email
+  address is not verified." naming the addresses, as SES does.
+
+Faults are written with v1 codes; a v2 call answers the SESv2 error of the same meaning
+(V2_ERRORS, from botocore's sesv2 model of SendEmail) as REST-JSON.
+
+Every accepted message is recorded in `sent` (API, source, destinations, raw bytes, tags,
+configuration set, the identity ARN parameters and the feedback address as they came
+on the wire); `calls` and `throttles` count. Standalone:
 
     python -m tests.support.fakeses --port 0 --rate-limit 20 --latency 0.02
 
@@ -40,6 +49,9 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from email import policy
+from email.parser import BytesHeaderParser
+from email.utils import parseaddr
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar, Self
 from urllib.parse import parse_qs, unquote
@@ -51,6 +63,17 @@ NS = "http://ses.amazonaws.com/doc/2010-12-01/"
 RATE_EXCEEDED = "Maximum sending rate exceeded."
 DAILY_EXCEEDED = "Daily message quota exceeded."
 SUPPRESSION_PATH = "/v2/email/suppression/addresses/"
+SEND_EMAIL_PATH = "/v2/email/outbound-emails"
+REGION = "eu-west-1"  # named in MessageRejected texts
+# v1 code -> (SESv2 SendEmail error, HTTP status), from botocore's sesv2 service model
+V2_ERRORS = {
+    "Throttling": ("TooManyRequestsException", 429),
+    "AccountSendingPausedException": ("SendingPausedException", 400),
+    "ConfigurationSetSendingPausedException": ("SendingPausedException", 400),
+    "ConfigurationSetDoesNotExist": ("NotFoundException", 404),
+    "InvalidParameterValue": ("BadRequestException", 400),
+}
+ARN_PARAMETERS = ("SourceArn", "FromArn", "ReturnPathArn", "FromEmailAddressIdentityArn")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -80,6 +103,9 @@ class Sent:
     tags: tuple[tuple[str, str], ...]
     configuration_set: str | None
     at: float
+    api: str = "v1"
+    arns: dict[str, str] = field(default_factory=dict)  # ARN parameter -> value, as sent
+    feedback_address: str | None = None
 
 
 @dataclass(kw_only=True)
@@ -92,6 +118,7 @@ class FakeSes:
     max_send_rate: float = 14.0  # what GetSendQuota reports when there is no rate_limit
     error: Fault | None = None
     verified: set[str] = field(default_factory=set)
+    check_identities: bool = False
     configuration_sets: set[str] = field(default_factory=set)
     sending_enabled: bool = True
     suppressed: dict[str, str] = field(default_factory=dict)
@@ -160,18 +187,87 @@ class FakeSes:
     # SES actions: each returns (status, body) or a Fault
 
     def send_raw_email(self, form: dict[str, str]) -> tuple[int, str] | Fault:
-        destinations = _members(form, "Destinations.member.")
         tags = tuple(
             (form[f"Tags.member.{i}.Name"], form.get(f"Tags.member.{i}.Value", ""))
             for i in range(1, 51)
             if f"Tags.member.{i}.Name" in form
         )
+        accepted = self._accept(
+            api="v1",
+            source=form.get("Source", ""),
+            destinations=_members(form, "Destinations.member."),
+            raw=base64.b64decode(form.get("RawMessage.Data", "")),
+            tags=tags,
+            configuration_set=form.get("ConfigurationSetName"),
+            arns={k: form[k] for k in ARN_PARAMETERS if k in form},
+            feedback_address=None,
+        )
+        if isinstance(accepted, Fault):
+            return accepted
+        return 200, _result("SendRawEmail", f"<MessageId>{accepted}</MessageId>")
+
+    def send_email(self, doc: dict[str, Any]) -> tuple[int, dict[str, Any], str | None] | Fault:
+        """SESv2 SendEmail with Content.Raw; a Fault becomes its v2 error (V2_ERRORS), except
+        a dropped connection or a scripted body, which stay as they are."""
+        destination = doc.get("Destination", {})
+        accepted = self._accept(
+            api="v2",
+            source=doc.get("FromEmailAddress", ""),
+            destinations=tuple(
+                address
+                for key in ("ToAddresses", "CcAddresses", "BccAddresses")
+                for address in destination.get(key, ())
+            ),
+            raw=base64.b64decode(doc.get("Content", {}).get("Raw", {}).get("Data", "")),
+            tags=tuple((t["Name"], t.get("Value", "")) for t in doc.get("EmailTags", ())),
+            configuration_set=doc.get("ConfigurationSetName"),
+            arns={k: doc[k] for k in ARN_PARAMETERS if k in doc},
+            feedback_address=doc.get("FeedbackForwardingEmailAddress"),
+        )
+        if isinstance(accepted, Fault) and (accepted.drop or accepted.body is not None):
+            return accepted
+        if isinstance(accepted, Fault):
+            code, status = V2_ERRORS.get(accepted.code, (accepted.code, accepted.status))
+            if accepted.status >= 500:
+                status = accepted.status
+            return status, {"message": accepted.message}, code
+        return 200, {"MessageId": accepted}, None
+
+    def covered(self, address: str) -> bool:
+        """True when a verified identity covers `address`: itself, its domain or a parent."""
+        if address.lower() in {v.lower() for v in self.verified}:
+            return True
+        labels = address.rpartition("@")[2].lower().split(".")
+        domains = {".".join(labels[i:]) for i in range(len(labels) - 1)}
+        return bool(domains & {v.lower() for v in self.verified})
+
+    def _accept(
+        self,
+        *,
+        api: str,
+        source: str,
+        destinations: tuple[str, ...],
+        raw: bytes,
+        tags: tuple[tuple[str, str], ...],
+        configuration_set: str | None,
+        arns: dict[str, str],
+        feedback_address: str | None,
+    ) -> str | Fault:
+        """Faults, identities, quota and rate as SES applies them; the MessageId or a Fault."""
         now = time.monotonic()
         with self._lock:
             self.calls += 1
             fault = self._queued.popleft() if self._queued else self.error
             if fault is not None:
                 return fault
+            if self.check_identities:
+                unverified = [a for a in (source, _from_address(raw)) if a and not self.covered(a)]
+                if unverified:
+                    return Fault(
+                        code="MessageRejected",
+                        message="Email address is not verified. The following identities failed"
+                        f" the check in region {REGION.upper()}: {', '.join(unverified)}",
+                    )
             n = len(destinations)
             if self.daily_quota is not None:
                 while self._day and self._day[0][0] <= now - 86400:
@@ -191,15 +287,18 @@ class FakeSes:
             self.sent.append(
                 Sent(
                     message_id=message_id,
-                    source=form.get("Source", ""),
+                    source=source,
                     destinations=destinations,
-                    raw=base64.b64decode(form.get("RawMessage.Data", "")),
+                    raw=raw,
                     tags=tags,
-                    configuration_set=form.get("ConfigurationSetName"),
+                    configuration_set=configuration_set,
                     at=now,
+                    api=api,
+                    arns=arns,
+                    feedback_address=feedback_address,
                 )
             )
-        return 200, _result("SendRawEmail", f"<MessageId>{message_id}</MessageId>")
+        return message_id
 
     def get_send_quota(self, form: dict[str, str]) -> tuple[int, str]:
         with self._lock:
@@ -279,7 +378,17 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         fake: FakeSes = self.server.fake  # type: ignore[attr-defined]
         length = int(self.headers.get("Content-Length", "0"))
-        form = {k: v[0] for k, v in parse_qs(self.rfile.read(length).decode()).items()}
+        body = self.rfile.read(length)
+        if self.path.startswith(SEND_EMAIL_PATH):
+            answer = fake.send_email(json.loads(body))
+            if fake.latency:
+                time.sleep(fake.latency)
+            if isinstance(answer, Fault):
+                self._answer_fault(answer)
+            else:
+                self._answer_json(*answer)
+            return
+        form = {k: v[0] for k, v in parse_qs(body.decode()).items()}
         method = self.actions.get(form.get("Action", ""))
         if method is None:
             outcome: tuple[int, str] | Fault = Fault(
@@ -290,21 +399,25 @@ class _Handler(BaseHTTPRequestHandler):
         if fake.latency:
             time.sleep(fake.latency)
         if isinstance(outcome, Fault):
-            if outcome.drop:
-                self.close_connection = True
-                self.connection.close()
-                return
-            body = outcome.body
-            if body is None:
-                body = (
-                    f'<ErrorResponse xmlns="{NS}"><Error><Type>{outcome.type}</Type>'
-                    f"<Code>{escape(outcome.code)}</Code>"
-                    f"<Message>{escape(outcome.message)}</Message></Error>"
-                    f"<RequestId>{uuid.uuid4()}</RequestId></ErrorResponse>"
-                )
-            self._answer(outcome.status, body, "text/xml")
+            self._answer_fault(outcome)
         else:
             self._answer(*outcome, "text/xml")
+
+    def _answer_fault(self, fault: Fault) -> None:
+        """SES v1 error XML, or the fault's own body, or a dropped connection."""
+        if fault.drop:
+            self.close_connection = True
+            self.connection.close()
+            return
+        body = fault.body
+        if body is None:
+            body = (
+                f'<ErrorResponse xmlns="{NS}"><Error><Type>{fault.type}</Type>'
+                f"<Code>{escape(fault.code)}</Code>"
+                f"<Message>{escape(fault.message)}</Message></Error>"
+                f"<RequestId>{uuid.uuid4()}</RequestId></ErrorResponse>"
+            )
+        self._answer(fault.status, body, "text/xml")
 
     def _answer_json(self, status: int, doc: dict[str, Any], error: str | None) -> None:
         """A REST-JSON (SESv2) answer; errors name their type in x-amzn-ErrorType."""
@@ -329,6 +442,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client gave up waiting (a timeout test)
+
+
+def _from_address(raw: bytes) -> str:
+    """The address of the From header of `raw` ("" when there is none)."""
+    value = BytesHeaderParser(policy=policy.default).parsebytes(raw).get("From")
+    return parseaddr(str(value))[1] if value is not None else ""
 
 
 def _members(form: dict[str, str], prefix: str) -> tuple[str, ...]:

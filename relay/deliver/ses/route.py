@@ -31,7 +31,12 @@ THROTTLE_RETRY = 1.0  # seconds: SES counts per second, so the next window is fr
 
 class SesSender(Protocol):
     async def send(
-        self, mail: Mail, *, configuration_set: str | None, tags: Sequence[tuple[str, str]]
+        self,
+        mail: Mail,
+        *,
+        configuration_set: str | None,
+        tags: Sequence[tuple[str, str]],
+        identity_arn: str | None = None,
     ) -> str: ...
 
 
@@ -114,7 +119,9 @@ class SesRoute:
             if self.pace is not None:  # inside the try: a probe cancelled here is aborted too
                 await self.pace.acquire(len(mail.recipients))
             started = time.monotonic()
-            message_id = await self.ses.send(mail, configuration_set=config_set, tags=tags)
+            message_id = await self.ses.send(
+                mail, configuration_set=config_set, tags=tags, identity_arn=decision.identity_arn
+            )
         except AccountFailure as exc:
             if self.circuit.failed(str(exc)):
                 code = exc.reply.split(":", 1)[0].strip() or type(exc).__name__
