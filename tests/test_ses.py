@@ -45,13 +45,16 @@ async def ses(
         yield client
 
 
+@pytest.mark.parametrize("api", list(SesApi), ids=[f"api-{a}" for a in SesApi])
 async def test_send_through_moto_stores_envelope_and_bytes(
     moto_server: str,
     aio_session: AioSession,
+    api: SesApi,
 ) -> None:
-    """Source, Destinations and the bytes (trace line + raw, unchanged) reach SES as given."""
+    """Source, Destinations and the bytes (trace line + raw, unchanged) reach SES as given,
+    by SendRawEmail (v1) or SESv2 SendEmail with Content.Raw (v2; moto stores it alike)."""
     mail = make_mail(id="Q-moto", recipients=("ada@example.net", "cc@example.org"))
-    settings = Ses(region=REGION, endpoint_url=moto_server)
+    settings = Ses(region=REGION, endpoint_url=moto_server, api=api)
     async with await SesClient.open(settings, session=aio_session) as client:
         message_id = await client.send(mail, configuration_set=None, tags=[("rule", "r")])
 
