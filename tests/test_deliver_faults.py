@@ -10,6 +10,7 @@ capture server. Mails are corpus mails with their Moodle envelopes.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -445,4 +446,56 @@ async def test_probe_that_ends_in_a_bug_lets_the_next_mail_probe(
     print(
         f"probe bug: deferred ({found[queue_id]['events'][1][1][:60]!r}...), next try "
         f"probed again, sent to SES ({found[queue_id]['ses_message_id']})"
+    )
+
+
+async def test_120_recipients_go_out_in_three_paced_calls_and_a_refused_batch_upstream(
+    start_relay: Start, capture: CaptureServer, fake_ses: FakeSes
+) -> None:
+    """A re-engagement mail to 120 recipients: three SES calls of at most 50 (50, 50, 20),
+    each paced on its recipients (the gap after a call of n recipients is at least about
+    n / max_send_rate) and each recorded on its own row; SES refuses the first call for
+    good, and exactly that call's recipients reach the original host, once; the others went
+    through SES, once each."""
+    rate = 100.0
+    fake_ses.fail_next(Fault(code="MessageRejected", message="Illegal header."))
+    relay = await start_relay(
+        deliver=True,
+        limits={"max_recipients": 200},
+        **config(capture, fake_ses.url, max_send_rate=rate, suppressed="send"),
+    )
+    e = CORPUS[SES_MAILS[0]]
+    recipients = tuple(f"student{i}@students.example.org" for i in range(120))
+    first = await asend(relay.port, e.sender, recipients, RAW[e.name])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        found = rows(relay.settings.spool)
+        if len(found) == 3 and all(r["state"] == "sent" for r in found.values()):
+            break
+        await asyncio.sleep(0.05)
+    assert 3 == len(found) and {"sent"} == {r["state"] for r in found.values()}, found
+
+    calls = sorted(fake_ses.requests)
+    assert [20, 50, 50] == sorted(len(d) for _, d in calls)
+    assert sorted(recipients) == sorted(r for _, d in calls for r in d)
+    gaps = [(b - a, len(d) / rate) for (a, d), (b, _) in itertools.pairwise(calls)]
+    assert [] == [(gap, need) for gap, need in gaps if gap < need * 0.8]
+    refused = calls[0][1]
+    [upstream] = capture.messages
+    assert (e.sender, sorted(refused)) == (upstream.mail_from, sorted(upstream.rcpt_tos))
+    assert sorted(set(recipients) - set(refused)) == sorted(
+        r for s in fake_ses.sent for r in s.destinations
+    )
+    by_route = sorted(
+        (r["route"], len(r["recipients"]), r["fallback_reason"] or "") for r in found.values()
+    )
+    assert [
+        ("ses", 50 if len(refused) == 20 else 20, ""),
+        ("ses", 50, ""),
+        ("upstream", len(refused), "SES refused the message: MessageRejected: Illegal header."),
+    ] == sorted(by_route)
+    assert first in found
+    print(
+        f"120 recipients: SES calls {[len(d) for _, d in calls]}, gaps "
+        f"{', '.join(f'{g:.2f}s' for g, _ in gaps)}, refused batch of {len(refused)} upstream"
     )
