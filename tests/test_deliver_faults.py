@@ -118,10 +118,10 @@ class SesFault:
 FAULTS = {
     "unreachable": SesFault(None, "temporary", "EndpointConnectionError"),
     "http-500": SesFault(HTTP_500, "temporary", "SES failing for"),
-    "message-rejected": SesFault(
-        Fault(code="MessageRejected", message="Email address is not verified."),
+    "message-rejected": SesFault(  # an unverified identity: its own test below
+        Fault(code="MessageRejected", message="Illegal header."),
         "permanent",
-        "SES refused the message: MessageRejected: Email address is not verified.",
+        "SES refused the message: MessageRejected: Illegal header.",
     ),
     "account-paused": SesFault(
         PAUSED, "account", "SES account-wide failure: AccountSendingPausedException"
@@ -475,7 +475,7 @@ async def test_120_recipients_go_out_in_three_paced_calls_and_a_refused_batch_up
         await asyncio.sleep(0.05)
     assert 3 == len(found) and {"sent"} == {r["state"] for r in found.values()}, found
 
-    calls = sorted(fake_ses.requests)
+    calls = sorted((at, d) for at, _, d in fake_ses.requests)
     assert [20, 50, 50] == sorted(len(d) for _, d in calls)
     assert sorted(recipients) == sorted(r for _, d in calls for r in d)
     gaps = [(b - a, len(d) / rate) for (a, d), (b, _) in itertools.pairwise(calls)]
@@ -498,4 +498,75 @@ async def test_120_recipients_go_out_in_three_paced_calls_and_a_refused_batch_up
     print(
         f"120 recipients: SES calls {[len(d) for _, d in calls]}, gaps "
         f"{', '.join(f'{g:.2f}s' for g, _ in gaps)}, refused batch of {len(refused)} upstream"
+    )
+
+
+async def test_unverified_identity_opens_its_own_circuit_verified_mail_keeps_flowing(
+    start_relay: Start,
+    capture: CaptureServer,
+    fake_ses: FakeSes,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Moodle's VERP senders at lms.example.edu, a domain SES has not verified, next to mail
+    from the verified moodle.example.org: the first unverified mail costs one SES call and
+    opens a circuit for identity lms.example.edu only (one ERROR line naming it and what to
+    do, one count of the metric labelled by identity); during the cooldown its mail goes
+    upstream without an SES call while verified mail still goes through SES; after the
+    cooldown one mail probes (one call), the rest go upstream."""
+    caplog.set_level(logging.INFO, logger="relay")
+    cooldown = 2.0
+    fake_ses.check_identities, fake_ses.verified = True, {"moodle.example.org"}
+    labels = {"kind": "identity", "identity": "lms.example.edu", "code": "MessageRejected"}
+    opened = ("relay_ses_identity_circuit_openings_total", labels)
+    before = REGISTRY.get_sample_value(*opened) or 0.0
+    relay = await start_relay(
+        deliver=True, **config(capture, fake_ses.url, circuit_cooldown=cooldown)
+    )
+    spool = relay.settings.spool
+    e = CORPUS[SES_MAILS[0]]
+    assert e.sender.endswith("@moodle.example.org")
+
+    async def send_as(*senders: str) -> list[str]:
+        """Send the mail with these envelope senders at once; how each went, in order."""
+        queued = await asyncio.gather(
+            *(asend(relay.port, s, e.recipients, RAW[e.name]) for s in senders)
+        )
+        found = await await_rows(spool, queued, {"sent"})
+        return [went(found[q]["route"], found[q]["fallback_reason"] or "") for q in queued]
+
+    def went(route: str, reason: str) -> str:
+        if reason.startswith("SES cannot send for identity lms.example.edu: MessageRejected"):
+            return f"{route}: refused"
+        if reason.startswith("SES circuit open for identity lms.example.edu: MessageRejected"):
+            return f"{route}: circuit open"
+        return f"{route}: {reason}"
+
+    def lms_calls() -> int:
+        return sum(source.endswith("@lms.example.edu") for _, source, _ in fake_ses.requests)
+
+    first = await send_as("bounce+1a@lms.example.edu")
+    during = await send_as(
+        "bounce+2b@lms.example.edu", e.sender, "bounce+3c@lms.example.edu", e.sender
+    )
+    calls_in_cooldown = lms_calls()
+    await asyncio.sleep(cooldown + 0.2)
+    fake_ses.latency = 0.3  # the probe is in flight while the other two are classified
+    after = await send_as(*(f"bounce+{n}@lms.example.edu" for n in ("4d", "5e", "6f")))
+
+    waiting = "upstream: circuit open"
+    assert ["upstream: refused"] == first
+    assert [waiting, "ses: ", waiting, "ses: "] == during
+    assert ["upstream: refused", waiting, waiting] == sorted(after, reverse=True)
+    assert (1, 2) == (calls_in_cooldown, lms_calls())
+    assert ["moodle.example.org"] * 2 == [s.source.rpartition("@")[2] for s in fake_ses.sent]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert 1 == len(errors), errors
+    assert "identity lms.example.edu" in errors[0]
+    assert "verify domain lms.example.edu in eu-west-1, or set ses.source" in errors[0]
+    assert 1.0 == (REGISTRY.get_sample_value(*opened) or 0.0) - before
+    print(
+        f"unverified identity: SES calls for lms.example.edu {lms_calls()} (the first mail and"
+        f" the probe; {calls_in_cooldown - 1} during the cooldown),"
+        f" verified mail via SES {len(fake_ses.sent)}, upstream {len(capture.messages)},"
+        f" ERROR lines {len(errors)}"
     )

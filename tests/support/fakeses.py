@@ -26,7 +26,7 @@ can both use it. It never checks signatures. Behaviours, all changeable while it
 Faults are written with v1 codes; a v2 call answers the SESv2 error of the same meaning
 (V2_ERRORS, from botocore's sesv2 model of SendEmail) as REST-JSON.
 
-Every send call is recorded in `requests` (when it arrived, its destinations), every
+Every send call is recorded in `requests` (when it arrived, source, destinations), every
 accepted message in `sent` (API, source, destinations, raw bytes, tags,
 configuration set, the identity ARN parameters and the feedback address as they came
 on the wire); `calls` and `throttles` count. Standalone:
@@ -125,7 +125,8 @@ class FakeSes:
     suppressed: dict[str, str] = field(default_factory=dict)
     suppression_lookups: int = 0
     sent: list[Sent] = field(default_factory=list)
-    requests: list[tuple[float, tuple[str, ...]]] = field(default_factory=list)  # every send
+    # every send call: (arrival, source, destinations)
+    requests: list[tuple[float, str, tuple[str, ...]]] = field(default_factory=list)
     calls: int = 0
     throttles: int = 0
     host: str = "127.0.0.1"
@@ -259,7 +260,7 @@ class FakeSes:
         now = time.monotonic()
         with self._lock:
             self.calls += 1
-            self.requests.append((now, destinations))
+            self.requests.append((now, source, destinations))
             fault = self._queued.popleft() if self._queued else self.error
             if fault is not None:
                 return fault
