@@ -1,8 +1,9 @@
 """A small fake of SES (v1 Query API and SESv2 REST-JSON), for what moto cannot produce.
 
 It answers SendRawEmail and SESv2 SendEmail (`Content.Raw`) and GetSendQuota (plus
-GetAccountSendingEnabled, GetIdentityVerificationAttributes and DescribeConfigurationSet
-for doctor) on
+GetAccountSendingEnabled, GetIdentityVerificationAttributes,
+GetIdentityMailFromDomainAttributes (`mail_from`), DescribeConfigurationSet and SESv2
+GetAccount (`production_access`: False is the sandbox) for doctor) on
 127.0.0.1, port 0 by default, from a thread, so async tests and other processes
 can both use it. It never checks signatures. Behaviours, all changeable while it runs:
 
@@ -65,6 +66,7 @@ RATE_EXCEEDED = "Maximum sending rate exceeded."
 DAILY_EXCEEDED = "Daily message quota exceeded."
 SUPPRESSION_PATH = "/v2/email/suppression/addresses/"
 SEND_EMAIL_PATH = "/v2/email/outbound-emails"
+ACCOUNT_PATH = "/v2/email/account"
 REGION = "eu-west-1"  # named in MessageRejected texts
 # v1 code -> (SESv2 SendEmail error, HTTP status), from botocore's sesv2 service model
 V2_ERRORS = {
@@ -120,6 +122,8 @@ class FakeSes:
     error: Fault | None = None
     verified: set[str] = field(default_factory=set)
     check_identities: bool = False
+    production_access: bool = True  # False: the SES sandbox (SESv2 GetAccount)
+    mail_from: dict[str, str] = field(default_factory=dict)  # identity -> custom MAIL FROM
     configuration_sets: set[str] = field(default_factory=set)
     sending_enabled: bool = True
     suppressed: dict[str, str] = field(default_factory=dict)
@@ -304,16 +308,19 @@ class FakeSes:
             )
         return message_id
 
-    def get_send_quota(self, form: dict[str, str]) -> tuple[int, str]:
+    def quota(self) -> dict[str, float]:
+        """Max24HourSend, MaxSendRate and SentLast24Hours, as both APIs name them."""
         with self._lock:
             sent = sum(len(s.destinations) for s in self.sent)
-        max_24h = -1.0 if self.daily_quota is None else self.daily_quota
-        rate = self.rate_limit if self.rate_limit is not None else self.max_send_rate
-        return 200, _result(
-            "GetSendQuota",
-            f"<Max24HourSend>{max_24h}</Max24HourSend><MaxSendRate>{rate}</MaxSendRate>"
-            f"<SentLast24Hours>{float(sent)}</SentLast24Hours>",
-        )
+        return {
+            "Max24HourSend": -1.0 if self.daily_quota is None else self.daily_quota,
+            "MaxSendRate": self.rate_limit if self.rate_limit is not None else self.max_send_rate,
+            "SentLast24Hours": float(sent),
+        }
+
+    def get_send_quota(self, form: dict[str, str]) -> tuple[int, str]:
+        inner = "".join(f"<{k}>{v}</{k}>" for k, v in self.quota().items())
+        return 200, _result("GetSendQuota", inner)
 
     def get_account_sending_enabled(self, form: dict[str, str]) -> tuple[int, str]:
         enabled = "true" if self.sending_enabled else "false"
@@ -328,6 +335,32 @@ class FakeSes:
         )
         body = f"<VerificationAttributes>{entries}</VerificationAttributes>"
         return 200, _result("GetIdentityVerificationAttributes", body)
+
+    def get_account(self) -> tuple[int, dict[str, Any], str | None]:
+        """SESv2 GetAccount: ProductionAccessEnabled, SendingEnabled and SendQuota."""
+        return (
+            200,
+            {
+                "ProductionAccessEnabled": self.production_access,
+                "SendingEnabled": self.sending_enabled,
+                "EnforcementStatus": "HEALTHY",
+                "DedicatedIpAutoWarmupEnabled": False,
+                "SendQuota": self.quota(),
+            },
+            None,
+        )
+
+    def get_identity_mail_from_domain_attributes(self, form: dict[str, str]) -> tuple[int, str]:
+        """The custom MAIL FROM of each identity asked about that has one (`mail_from`)."""
+        entries = "".join(
+            f"<entry><key>{escape(i)}</key><value><MailFromDomain>{escape(self.mail_from[i])}"
+            "</MailFromDomain><MailFromDomainStatus>Success</MailFromDomainStatus>"
+            "<BehaviorOnMXFailure>UseDefaultValue</BehaviorOnMXFailure></value></entry>"
+            for i in _members(form, "Identities.member.")
+            if i in self.mail_from
+        )
+        body = f"<MailFromDomainAttributes>{entries}</MailFromDomainAttributes>"
+        return 200, _result("GetIdentityMailFromDomainAttributes", body)
 
     def get_suppressed_destination(self, path: str) -> tuple[int, dict[str, Any], str | None]:
         """SESv2 GetSuppressedDestination: the entry, or 404 NotFoundException."""
@@ -360,6 +393,7 @@ class _Handler(BaseHTTPRequestHandler):
         "GetAccountSendingEnabled": "get_account_sending_enabled",
         "GetIdentityVerificationAttributes": "get_identity_verification_attributes",
         "DescribeConfigurationSet": "describe_configuration_set",
+        "GetIdentityMailFromDomainAttributes": "get_identity_mail_from_domain_attributes",
     }
 
     def setup(self) -> None:
@@ -374,6 +408,8 @@ class _Handler(BaseHTTPRequestHandler):
         fake: FakeSes = self.server.fake  # type: ignore[attr-defined]
         if self.path == "/fake-ses/stats":
             self._answer(200, json.dumps(fake.stats()), "application/json")
+        elif self.path.startswith(ACCOUNT_PATH):
+            self._answer_json(*fake.get_account())
         elif self.path.startswith(SUPPRESSION_PATH):
             self._answer_json(*fake.get_suppressed_destination(self.path))
         else:
