@@ -128,6 +128,7 @@ class FakeSes:
     sending_enabled: bool = True
     suppressed: dict[str, str] = field(default_factory=dict)
     suppression_lookups: int = 0
+    verification_lookups: int = 0  # GetIdentityVerificationAttributes calls
     sent: list[Sent] = field(default_factory=list)
     # every send call: (arrival, source, destinations)
     requests: list[tuple[float, str, tuple[str, ...]]] = field(default_factory=list)
@@ -327,6 +328,8 @@ class FakeSes:
         return 200, _result("GetAccountSendingEnabled", f"<Enabled>{enabled}</Enabled>")
 
     def get_identity_verification_attributes(self, form: dict[str, str]) -> tuple[int, str]:
+        with self._lock:
+            self.verification_lookups += 1
         entries = "".join(
             f"<entry><key>{escape(i)}</key><value><VerificationStatus>"
             f"{'Success' if i in self.verified else 'NotStarted'}"

@@ -196,6 +196,16 @@ class SesClient:
         attributes = r.get("VerificationAttributes", {}).get(identity)
         return None if attributes is None else str(attributes.get("VerificationStatus"))
 
+    async def identity_statuses(self, identities: Sequence[str]) -> dict[str, str]:
+        """VerificationStatus of each identity SES knows among `identities`, in one call."""
+        r = await self._call(
+            "get_identity_verification_attributes",
+            f"identities {', '.join(identities)}",
+            Identities=list(identities),
+        )
+        found = r.get("VerificationAttributes", {})
+        return {i: str(a.get("VerificationStatus")) for i, a in found.items()}
+
     async def sender_verified(self, address: str) -> bool:
         """True when SES may send as `address`: it or its domain is verified."""
         domain = address.rpartition("@")[2]
