@@ -3,7 +3,7 @@ opens once and probes after its cooldown, and the original host's own faults def
 dead-letter, expire and are retried (DESIGN 3.4).
 
 The service runs in the test's event loop (`start_relay(deliver=True)`), SES is the
-fake SES of tests/support/fakeses.py (moto cannot fail on demand), the original host is a
+fake SES of tests/support/fakeses/ (moto cannot fail on demand), the original host is a
 capture server. Mails are corpus mails with their Moodle envelopes.
 """
 
