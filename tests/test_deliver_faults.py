@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -22,7 +22,7 @@ from relay.metrics import REGISTRY
 from tests.support.aws import REGION
 from tests.support.capture import Captured, CaptureServer
 from tests.support.corpus import Expected, expectations
-from tests.support.fakeses import DAILY_EXCEEDED, HTTP_500, FakeSes, Fault
+from tests.support.fakeses import DAILY_EXCEEDED, HTTP_500, V2_ERRORS, FakeSes, Fault
 from tests.support.ports import free_port
 from tests.support.processes import relay_cli
 from tests.support.relays import Start
@@ -135,22 +135,28 @@ FAULTS = {
 
 
 @pytest.mark.parametrize("case", FAULTS.values(), ids=FAULTS.keys())
+@pytest.mark.parametrize("api", ["v1", "v2"], ids=["api-v1", "api-v2"])
 async def test_ses_fault_sends_mail_to_original_host(
     start_relay: Start,
     capture: CaptureServer,
     fake_ses: FakeSes,
     caplog: pytest.LogCaptureFixture,
     case: SesFault,
+    api: str,
 ) -> None:
     """Every SES-routed mail SES fails reaches the original host exactly once, bytes intact:
     temporary faults only after `fallback_after` (a second attempt), permanent and
     account-wide ones at once; account-wide ones open the circuit once (one log line, one
-    count of the alert metric), however many mails fail; the reason is on the row."""
+    count of the alert metric), however many mails fail; the reason is on the row. The
+    same under `ses.api: v2`, where the fake answers the SESv2 error of the same meaning."""
     caplog.set_level(logging.INFO, logger="relay")
+    if api == "v2" and case.fault is not None and case.fault.code in V2_ERRORS:
+        v2_code = V2_ERRORS[case.fault.code][0]
+        case = replace(case, reason=case.reason.replace(case.fault.code, v2_code))
     fake_ses.error, fake_ses.latency = case.fault, 0.2  # sends overlap: several fail at once
     url = fake_ses.url if case.fault else f"http://127.0.0.1:{free_port()}"
     before = openings()
-    relay = await start_relay(deliver=True, **config(capture, url))
+    relay = await start_relay(deliver=True, **config(capture, url, api=api))
     sent = await send_corpus(relay.port, *SES_MAILS, CONTROL)
     found = await await_rows(relay.settings.spool, sent, {"sent"})
 
@@ -449,8 +455,9 @@ async def test_probe_that_ends_in_a_bug_lets_the_next_mail_probe(
     )
 
 
+@pytest.mark.parametrize("api", ["v1", "v2"], ids=["api-v1", "api-v2"])
 async def test_120_recipients_go_out_in_three_paced_calls_and_a_refused_batch_upstream(
-    start_relay: Start, capture: CaptureServer, fake_ses: FakeSes
+    start_relay: Start, capture: CaptureServer, fake_ses: FakeSes, api: str
 ) -> None:
     """A re-engagement mail to 120 recipients: three SES calls of at most 50 (50, 50, 20),
     each paced on its recipients (the gap after a call of n recipients is at least about
@@ -462,7 +469,7 @@ async def test_120_recipients_go_out_in_three_paced_calls_and_a_refused_batch_up
     relay = await start_relay(
         deliver=True,
         limits={"max_recipients": 200},
-        **config(capture, fake_ses.url, max_send_rate=rate, suppressed="send"),
+        **config(capture, fake_ses.url, max_send_rate=rate, suppressed="send", api=api),
     )
     e = CORPUS[SES_MAILS[0]]
     recipients = tuple(f"student{i}@students.example.org" for i in range(120))
@@ -501,11 +508,13 @@ async def test_120_recipients_go_out_in_three_paced_calls_and_a_refused_batch_up
     )
 
 
+@pytest.mark.parametrize("api", ["v1", "v2"], ids=["api-v1", "api-v2"])
 async def test_unverified_identity_opens_its_own_circuit_verified_mail_keeps_flowing(
     start_relay: Start,
     capture: CaptureServer,
     fake_ses: FakeSes,
     caplog: pytest.LogCaptureFixture,
+    api: str,
 ) -> None:
     """Moodle's VERP senders at lms.example.edu, a domain SES has not verified, next to mail
     from the verified moodle.example.org: the first unverified mail costs one SES call and
@@ -520,7 +529,7 @@ async def test_unverified_identity_opens_its_own_circuit_verified_mail_keeps_flo
     opened = ("relay_ses_identity_circuit_openings_total", labels)
     before = REGISTRY.get_sample_value(*opened) or 0.0
     relay = await start_relay(
-        deliver=True, **config(capture, fake_ses.url, circuit_cooldown=cooldown)
+        deliver=True, **config(capture, fake_ses.url, circuit_cooldown=cooldown, api=api)
     )
     spool = relay.settings.spool
     e = CORPUS[SES_MAILS[0]]
