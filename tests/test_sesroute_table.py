@@ -733,3 +733,30 @@ async def test_scoped_opening_logs_one_error_and_counts_by_identity(
         metrics.REGISTRY.get_sample_value("relay_ses_identity_circuit_open", labels),
         len(rig.ses.calls),
     )
+
+
+async def test_unverified_from_domain_stops_only_mail_with_that_from() -> None:
+    """SES names the From header's address as unverified: the circuit is for the From
+    domain; mail with the same Source but another From still goes to SES, mail with that
+    From from another Source does not."""
+    refused = ScopedFailure(
+        "SES rejected message Q1: MessageRejected: Email address is not verified.",
+        reply="MessageRejected: Email address is not verified.",
+        scope="identity staff.example.edu",
+        advice="verify domain staff.example.edu in eu-west-1",
+    )
+    rig = Rig(refused, "ses-1")
+
+    def mail_from(sender: str, from_: str) -> Mail:
+        raw = f"From: Ada <{from_}>\r\nSubject: reminder\r\n\r\nhello\r\n".encode()
+        return replace(make_mail(sender=sender), raw=raw, received_at=rig.clock.now)
+
+    verdicts = [
+        summary(await rig.route.attempt(mail_from(s, f), SES_DECISION, make_settings()))
+        for s, f in (
+            (LMS, "ada@staff.example.edu"),
+            (LMS, "noreply@lms.example.edu"),
+            (OTHER, "ada@staff.example.edu"),
+        )
+    ]
+    assert (["identity", "sent", "identity"], 2) == (verdicts, len(rig.ses.calls))
