@@ -6,16 +6,19 @@ host) and compares the lines of the checks it is about, exactly.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from relay import spool as spool_mod
 from tests.support.aws import REGION
 from tests.support.capture import CaptureServer
 from tests.support.fakedns import FakeDns
 from tests.support.fakeses import FakeSes
+from tests.support.mails import ORIGIN
 from tests.support.processes import relay_cli
 from tests.support.relays import ConfigWriter
 
@@ -175,3 +178,44 @@ def test_doctor_ses_lines(write_config: ConfigWriter, tmp_path: Path, row: Row) 
     assert row.expected == actual, "\n".join(lines)
     assert (row.lookups or lookups) == lookups
     assert int(any(line.startswith("FAIL") for line in lines)) == done.returncode
+
+
+def test_doctor_takes_samples_from_the_spool(write_config: ConfigWriter, tmp_path: Path) -> None:
+    """Without --sample, the From identity of SES-bound mail still in the spool (queued,
+    deferred or dead letters keep their bytes) is checked; mail the rules send upstream is
+    not."""
+    reminder = sample(from_="Ada Teacher <ada@staff.example.edu>").replace(
+        b"MIME-Version", f"X-Moodle-Originating-Script: {ORIGIN}\r\nMIME-Version".encode(), 1
+    )
+    forum = sample(from_="Forum <forum@forum.example.edu>")
+
+    async def seed() -> list[str]:
+        spool = await spool_mod.Spool.open(tmp_path / "spool")
+        try:
+            return [
+                await spool.add(
+                    sender=SENDER,
+                    recipients=["s@students.example.org"],
+                    raw=raw,
+                    peer="127.0.0.1",
+                    trace=b"",
+                    message_id="<m@x>",
+                )
+                for raw in (reminder, forum)
+            ]
+        finally:
+            await spool.close()
+
+    queued = asyncio.run(seed())
+    with FakeSes(verified={LMS}) as fake, FakeDns() as dns, CaptureServer() as host:
+        config = write_config(
+            upstream={"host": "127.0.0.1", "port": host.port},
+            ses={"region": REGION, "endpoint_url": fake.url},
+        )
+        done = relay_cli("doctor", "--config", str(config), "--nameserver", dns.address)
+    identity = [line for line in done.stdout.splitlines() if line[6:16].strip() == "identity"]
+    assert [
+        f"ok    identity  {LMS} (Source): verified (1 address seen)",
+        f"FAIL  identity  staff.example.edu (From of spool mail {queued[0]}): not verified in"
+        f" SES: verify domain staff.example.edu in {REGION}",
+    ] == identity

@@ -7,8 +7,9 @@ Checks, in order: config and rules load (stop there if not); spool writable;
 original host (EHLO, STARTTLS, AUTH as configured; no mail sent); SES account
 (credentials via GetSendQuota, quota, sending enabled, sandbox), each sender and From
 domain once (a verified parent domain covers it), configuration sets, the DKIM-Signature
-of sample mail (relay.ops.sescheck); DNS of the verified identities (relay.ops.dnscheck:
-SPF of a custom MAIL FROM domain only, Easy DKIM CNAMEs, DMARC); with
+of sample mail (`--sample`, else SES-bound mail still in the spool; relay.ops.sescheck);
+DNS of the verified identities (relay.ops.dnscheck: SPF of a custom MAIL FROM domain
+only, Easy DKIM CNAMEs, DMARC); with
 `ses.events.queue_url`, the SES events queue, the configuration sets' event
 destinations and the bounce and complaint rates (relay.ops.feedbackcheck). `warn` marks
 what could not be asked; it does not fail the run. Exit 1 when any line is FAIL.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import os
 import sqlite3
 import ssl
@@ -38,13 +40,16 @@ import dns.exception
 from relay import rules
 from relay import settings as settings_mod
 from relay.errors import ConfigError, DeliveryError
+from relay.mail import Mail
 from relay.ops import dnscheck, feedbackcheck, sescheck
+from relay.rules import Route, RuleSet
 from relay.settings import Security, Settings
 from relay.spool import DB_NAME, state_counts
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 SMTP_TIMEOUT = 10.0  # seconds per SMTP step, at most
 SENDER_WINDOW = 7 * 86400.0  # spool rows this recent name the senders to check
+SPOOL_SAMPLES = 20  # SES-bound mails in the spool whose From and DKIM-Signature are checked
 MAX_DETAIL = 300  # characters of a detail shown; an HTML error page is not useful
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
@@ -120,6 +125,8 @@ async def _run(
         return int(report.failed)
     sets = [settings.ses.configuration_set, *(r.configuration_set for r in ruleset.rules)]
     config_sets = list(dict.fromkeys(n for n in sets if n))
+    if not samples:  # mail still in the spool (sent mail keeps no body) that goes to SES
+        samples = await asyncio.to_thread(_spool_samples, settings.spool, ruleset)
     found = await sescheck.check(settings.ses, config_sets, senders or seen, samples)
     for line in found.lines:
         report.line(*line)
@@ -171,6 +178,31 @@ def _spool(report: Report, directory: Path) -> tuple[str, ...]:
     summary = ", ".join(f"{counts[s]} {s}" for s in ("queued", "deferred", "failed"))
     report.line(OK, "spool", f"{db}: writable and readable; {summary}")
     return tuple(s for s, ses in rows if ses) or tuple(s for s, _ in rows)
+
+
+def _spool_samples(directory: Path, ruleset: RuleSet) -> list[tuple[str, bytes]]:
+    """The last SPOOL_SAMPLES mails in the spool that still have their bytes (not sent yet,
+    deferred or dead letters) and that the rules route to SES, as (name, bytes)."""
+    db = directory / DB_NAME
+    if not db.is_file():
+        return []
+    sql = (
+        "SELECT m.id, m.sender, m.recipients, b.body FROM messages m JOIN bodies b"
+        " ON b.id = m.id WHERE m.sender != '' ORDER BY m.received_at DESC LIMIT ?"
+    )
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as c:
+            rows = c.execute(sql, (SPOOL_SAMPLES * 10,)).fetchall()
+    except sqlite3.Error:
+        return []  # _spool has said why
+    found = []
+    for queue_id, sender, recipients, body in rows:
+        mail = Mail(
+            id=queue_id, sender=sender, recipients=tuple(json.loads(recipients)), raw=bytes(body)
+        )
+        if ruleset.classify(mail).route is Route.SES:
+            found.append((f"spool mail {queue_id}", bytes(body)))
+    return found[:SPOOL_SAMPLES]
 
 
 async def _upstream(report: Report, settings: Settings) -> None:
