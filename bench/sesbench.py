@@ -1,4 +1,4 @@
-"""SES route against the fake SES (tests/support/fakeses.py): pacing and a shared quota.
+"""SES route against the fake SES (tests/support/fakeses/): pacing and a shared quota.
 
 Every scenario starts its own fake (`python -m tests.support.fakeses`), one smtp-sink as
 the original host (mail that falls back lands there) and one or more
@@ -41,8 +41,8 @@ STALL = 20.0  # seconds without progress before a scenario gives up
 
 def unavailable() -> str | None:
     """None when the SES scenarios can run, else why not."""
-    if not (REPO / "tests" / "support" / "fakeses.py").is_file():
-        return "tests/support/fakeses.py has not landed"
+    if not (REPO / "tests" / "support" / "fakeses").is_dir():
+        return "tests/support/fakeses/ has not landed"
     missing = relayproc.available()
     if missing:
         return missing

@@ -173,11 +173,29 @@ def hash_password() -> None:
     help="sender address or domain to check in SES and DNS (repeatable; default: "
     "the senders of mail in the spool)",
 )
+@click.option(
+    "--sample",
+    "samples",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="a mail (.eml) as Moodle sends it: its From identity and DKIM-Signature are checked "
+    "(repeatable)",
+)
 @click.option("--nameserver", help="DNS server to ask (default: the system resolver)")
-def doctor(config: Path | None, senders: tuple[str, ...], nameserver: str | None) -> None:
+def doctor(
+    config: Path | None,
+    senders: tuple[str, ...],
+    samples: tuple[Path, ...],
+    nameserver: str | None,
+) -> None:
     """Live checks: config, spool, original host, SES account and identities, DNS."""
     from relay.ops import doctor as doctor_mod
 
     sys.exit(
-        doctor_mod.run(settings_mod.find_config(config), senders=senders, nameserver=nameserver)
+        doctor_mod.run(
+            settings_mod.find_config(config),
+            senders=senders,
+            nameserver=nameserver,
+            samples=samples,
+        )
     )

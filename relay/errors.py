@@ -9,7 +9,9 @@
         │   ├── Throttled               SES "Maximum sending rate exceeded": slow the pace
         │   └── HostUnreachable         the original host refused or timed out the connection
         └── PermanentFailure            this message will not go this way (5xx, MessageRejected)
-            └── AccountFailure          the SES account cannot send for now (opens the circuit)
+            ├── AccountFailure          the SES account cannot send for now (opens the circuit)
+            └── ScopedFailure           one SES identity or configuration set cannot send (opens
+                                        a circuit for that scope only)
 
 Messages say what failed, for which message or file, and why; the cause is chained.
 """
@@ -81,3 +83,14 @@ class PermanentFailure(DeliveryError):
 
 class AccountFailure(PermanentFailure):
     """The SES account cannot send at all for now (paused, quota spent, credentials)."""
+
+
+class ScopedFailure(PermanentFailure):
+    """One SES identity (a domain) or configuration set cannot send for now: unverified,
+    custom MAIL FROM not verified, configuration set missing. `scope` names it
+    ("identity lms.example.edu", "configuration set reminders"); `advice` says what to do."""
+
+    def __init__(self, message: str, *, reply: str = "", scope: str, advice: str) -> None:
+        super().__init__(message, reply=reply)
+        self.scope = scope
+        self.advice = advice

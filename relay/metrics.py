@@ -89,6 +89,19 @@ CIRCUIT_OPENINGS = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+SCOPE_CIRCUIT_OPEN = Gauge(
+    "relay_ses_identity_circuit_open",
+    "1 while SES-routed mail of one identity (a domain) or configuration set goes upstream",
+    ["kind", "identity"],
+    registry=REGISTRY,
+)
+SCOPE_CIRCUIT_OPENINGS = Counter(
+    "relay_ses_identity_circuit_openings",
+    "Times SES refused one identity or configuration set (unverified, MAIL FROM, missing "
+    "set) and its circuit opened: alert on this",
+    ["kind", "identity", "code"],
+    registry=REGISTRY,
+)
 PACE = Gauge("relay_ses_pace_rate", "Current SES pace, recipients/s", registry=REGISTRY)
 PACE_CEILING = Gauge(
     "relay_ses_pace_ceiling",
@@ -186,6 +199,8 @@ DELIVERY_FAMILIES = frozenset(
         SES_THROTTLES,
         CIRCUIT_OPEN,
         CIRCUIT_OPENINGS,
+        SCOPE_CIRCUIT_OPEN,
+        SCOPE_CIRCUIT_OPENINGS,
         PACE,
         PACE_CEILING,
         QUOTA_RATE,

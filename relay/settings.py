@@ -21,7 +21,7 @@ from typing import Any
 
 from relay import yamlfile
 from relay.errors import ConfigError
-from relay.rules import DEFAULT_RULES
+from relay.rules import DEFAULT_RULES, IDENTITY_ARN, IDENTITY_ARN_FORM
 
 _Rel = Callable[["yamlfile.Node"], Path | None]
 
@@ -37,6 +37,13 @@ class Security(StrEnum):
     NONE = "none"
     STARTTLS = "starttls"
     TLS = "tls"
+
+
+class SesApi(StrEnum):
+    """Which SES API sends (`ses.api`): v1 SendRawEmail (10 MB) or SESv2 SendEmail (40 MB)."""
+
+    V1 = "v1"
+    V2 = "v2"
 
 
 class Suppressed(StrEnum):
@@ -136,6 +143,10 @@ class Ses:
     circuit_cooldown: float = 300.0
     events_queue_url: str | None = None  # `events: {queue_url}`: SQS queue of SES events
     suppressed: Suppressed = Suppressed.UPSTREAM
+    api: SesApi = SesApi.V1
+    identity_arn: str | None = None  # sending authorization: an identity of another account
+    source: str | None = None  # Source / FromEmailAddress instead of the envelope sender
+    feedback_address: str | None = None  # v2 FeedbackForwardingEmailAddress
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -445,6 +456,10 @@ def _upstream(node: yamlfile.Node, rel: _Rel) -> Upstream | None:
 
 
 _SES = {
+    "api",
+    "identity_arn",
+    "source",
+    "feedback_address",
     "enabled",
     "region",
     "endpoint_url",
@@ -504,6 +519,27 @@ def _ses(node: yamlfile.Node) -> Ses | None:
                 )
                 queue_url = None
             ok = ok and queue_url is not None
+    api: str | None = default.api.value
+    if "api" in m:
+        api = m["api"].as_choice([a.value for a in SesApi])
+        ok = ok and api is not None
+    identity_arn = _optional(m, "identity_arn")
+    if identity_arn is not None and not IDENTITY_ARN.fullmatch(identity_arn):
+        m["identity_arn"].problem(f"expected {IDENTITY_ARN_FORM}, got {identity_arn!r}")
+        ok = False
+    source = _optional(m, "source")
+    if source is not None and not _ADDRESS.fullmatch(source):
+        m["source"].problem(
+            f"expected an address like bounces@lms.example.edu (SES needs an address as Source;"
+            f" its domain or the address must be verified), got {source!r}"
+        )
+        ok = False
+    feedback = _optional(m, "feedback_address")
+    if feedback is not None and api != SesApi.V2.value:
+        m["feedback_address"].problem(
+            "needs api: v2 (SendRawEmail has no FeedbackForwardingEmailAddress)"
+        )
+        ok = False
     if None in (enabled, region, fallback, timeout, cooldown) or not ok:
         return None
     assert enabled is not None and region and fallback is not None and timeout and cooldown
@@ -518,7 +554,18 @@ def _ses(node: yamlfile.Node) -> Ses | None:
         circuit_cooldown=float(cooldown),
         events_queue_url=queue_url,
         suppressed=Suppressed(suppressed or Ses().suppressed),
+        api=SesApi(api or default.api),
+        identity_arn=identity_arn,
+        source=source,
+        feedback_address=feedback,
     )
+
+
+def _optional(m: dict[str, yamlfile.Node], key: str) -> str | None:
+    """The string at `key`, None when absent or null."""
+    if key not in m or m[key].is_null():
+        return None
+    return m[key].as_str()
 
 
 def _retry(node: yamlfile.Node) -> Retry | None:

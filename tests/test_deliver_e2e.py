@@ -119,14 +119,18 @@ def header_addresses(raw: bytes) -> list[str]:
 
 
 @pytest.mark.system
+@pytest.mark.parametrize("api", ["v1", "v2"], ids=["api-v1", "api-v2"])
 def test_moodle_mails_reach_ses_and_original_host_intact(
     write_config: ConfigWriter,
     relay_process: Callable[[Path], RelayProcess],
     capture: CaptureServer,
     moto_process: str,
+    api: str,
 ) -> None:
-    """`relay serve` with the shipped rules: the 42 corpus mails (smtplib, Moodle envelopes)
-    and 8 PHPMailer-built mails. Re-engagement student and CC copies arrive at SES (moto)
+    """`relay serve` with the shipped rules and `ses.api` v1 (SendRawEmail) or v2 (SESv2
+    SendEmail, Content.Raw; moto keeps both in the same store): the 42 corpus mails
+    (smtplib, Moodle envelopes) and 8 PHPMailer-built mails. Re-engagement student and CC
+    copies arrive at SES (moto)
     with Source and Destinations = the envelope and the raw bytes = relay's one Received:
     line + exactly the bytes sent; every other mail arrives at the original host with the
     envelope unchanged and the same bytes. Each mail exactly once (by queue id and by
@@ -137,6 +141,7 @@ def test_moodle_mails_reach_ses_and_original_host_intact(
     config = write_config(
         upstream={"host": "127.0.0.1", "port": capture.port, "timeout": 10},
         ses={
+            "api": api,
             "region": REGION,
             "endpoint_url": moto_process,
             "max_send_rate": 50,

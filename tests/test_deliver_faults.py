@@ -3,16 +3,17 @@ opens once and probes after its cooldown, and the original host's own faults def
 dead-letter, expire and are retried (DESIGN 3.4).
 
 The service runs in the test's event loop (`start_relay(deliver=True)`), SES is the
-fake SES of tests/support/fakeses.py (moto cannot fail on demand), the original host is a
+fake SES of tests/support/fakeses/ (moto cannot fail on demand), the original host is a
 capture server. Mails are corpus mails with their Moodle envelopes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -21,7 +22,7 @@ from relay.metrics import REGISTRY
 from tests.support.aws import REGION
 from tests.support.capture import Captured, CaptureServer
 from tests.support.corpus import Expected, expectations
-from tests.support.fakeses import DAILY_EXCEEDED, HTTP_500, FakeSes, Fault
+from tests.support.fakeses import DAILY_EXCEEDED, HTTP_500, V2_ERRORS, FakeSes, Fault
 from tests.support.ports import free_port
 from tests.support.processes import relay_cli
 from tests.support.relays import Start
@@ -117,10 +118,10 @@ class SesFault:
 FAULTS = {
     "unreachable": SesFault(None, "temporary", "EndpointConnectionError"),
     "http-500": SesFault(HTTP_500, "temporary", "SES failing for"),
-    "message-rejected": SesFault(
-        Fault(code="MessageRejected", message="Email address is not verified."),
+    "message-rejected": SesFault(  # an unverified identity: its own test below
+        Fault(code="MessageRejected", message="Illegal header."),
         "permanent",
-        "SES refused the message: MessageRejected: Email address is not verified.",
+        "SES refused the message: MessageRejected: Illegal header.",
     ),
     "account-paused": SesFault(
         PAUSED, "account", "SES account-wide failure: AccountSendingPausedException"
@@ -134,22 +135,28 @@ FAULTS = {
 
 
 @pytest.mark.parametrize("case", FAULTS.values(), ids=FAULTS.keys())
+@pytest.mark.parametrize("api", ["v1", "v2"], ids=["api-v1", "api-v2"])
 async def test_ses_fault_sends_mail_to_original_host(
     start_relay: Start,
     capture: CaptureServer,
     fake_ses: FakeSes,
     caplog: pytest.LogCaptureFixture,
     case: SesFault,
+    api: str,
 ) -> None:
     """Every SES-routed mail SES fails reaches the original host exactly once, bytes intact:
     temporary faults only after `fallback_after` (a second attempt), permanent and
     account-wide ones at once; account-wide ones open the circuit once (one log line, one
-    count of the alert metric), however many mails fail; the reason is on the row."""
+    count of the alert metric), however many mails fail; the reason is on the row. The
+    same under `ses.api: v2`, where the fake answers the SESv2 error of the same meaning."""
     caplog.set_level(logging.INFO, logger="relay")
+    if api == "v2" and case.fault is not None and case.fault.code in V2_ERRORS:
+        v2_code = V2_ERRORS[case.fault.code][0]
+        case = replace(case, reason=case.reason.replace(case.fault.code, v2_code))
     fake_ses.error, fake_ses.latency = case.fault, 0.2  # sends overlap: several fail at once
     url = fake_ses.url if case.fault else f"http://127.0.0.1:{free_port()}"
     before = openings()
-    relay = await start_relay(deliver=True, **config(capture, url))
+    relay = await start_relay(deliver=True, **config(capture, url, api=api))
     sent = await send_corpus(relay.port, *SES_MAILS, CONTROL)
     found = await await_rows(relay.settings.spool, sent, {"sent"})
 
@@ -445,4 +452,130 @@ async def test_probe_that_ends_in_a_bug_lets_the_next_mail_probe(
     print(
         f"probe bug: deferred ({found[queue_id]['events'][1][1][:60]!r}...), next try "
         f"probed again, sent to SES ({found[queue_id]['ses_message_id']})"
+    )
+
+
+@pytest.mark.parametrize("api", ["v1", "v2"], ids=["api-v1", "api-v2"])
+async def test_120_recipients_go_out_in_three_paced_calls_and_a_refused_batch_upstream(
+    start_relay: Start, capture: CaptureServer, fake_ses: FakeSes, api: str
+) -> None:
+    """A re-engagement mail to 120 recipients: three SES calls of at most 50 (50, 50, 20),
+    each paced on its recipients (the gap after a call of n recipients is at least about
+    n / max_send_rate) and each recorded on its own row; SES refuses the first call for
+    good, and exactly that call's recipients reach the original host, once; the others went
+    through SES, once each."""
+    rate = 100.0
+    fake_ses.fail_next(Fault(code="MessageRejected", message="Illegal header."))
+    relay = await start_relay(
+        deliver=True,
+        limits={"max_recipients": 200},
+        **config(capture, fake_ses.url, max_send_rate=rate, suppressed="send", api=api),
+    )
+    e = CORPUS[SES_MAILS[0]]
+    recipients = tuple(f"student{i}@students.example.org" for i in range(120))
+    first = await asend(relay.port, e.sender, recipients, RAW[e.name])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        found = rows(relay.settings.spool)
+        if len(found) == 3 and all(r["state"] == "sent" for r in found.values()):
+            break
+        await asyncio.sleep(0.05)
+    assert 3 == len(found) and {"sent"} == {r["state"] for r in found.values()}, found
+
+    calls = sorted((at, d) for at, _, d in fake_ses.requests)
+    assert [20, 50, 50] == sorted(len(d) for _, d in calls)
+    assert sorted(recipients) == sorted(r for _, d in calls for r in d)
+    gaps = [(b - a, len(d) / rate) for (a, d), (b, _) in itertools.pairwise(calls)]
+    assert [] == [(gap, need) for gap, need in gaps if gap < need * 0.8]
+    refused = calls[0][1]
+    [upstream] = capture.messages
+    assert (e.sender, sorted(refused)) == (upstream.mail_from, sorted(upstream.rcpt_tos))
+    assert sorted(set(recipients) - set(refused)) == sorted(
+        r for s in fake_ses.sent for r in s.destinations
+    )
+    by_route = sorted(
+        (r["route"], len(r["recipients"]), r["fallback_reason"] or "") for r in found.values()
+    )
+    assert [
+        ("ses", 50 if len(refused) == 20 else 20, ""),
+        ("ses", 50, ""),
+        ("upstream", len(refused), "SES refused the message: MessageRejected: Illegal header."),
+    ] == sorted(by_route)
+    assert first in found
+    print(
+        f"120 recipients: SES calls {[len(d) for _, d in calls]}, gaps "
+        f"{', '.join(f'{g:.2f}s' for g, _ in gaps)}, refused batch of {len(refused)} upstream"
+    )
+
+
+@pytest.mark.parametrize("api", ["v1", "v2"], ids=["api-v1", "api-v2"])
+async def test_unverified_identity_opens_its_own_circuit_verified_mail_keeps_flowing(
+    start_relay: Start,
+    capture: CaptureServer,
+    fake_ses: FakeSes,
+    caplog: pytest.LogCaptureFixture,
+    api: str,
+) -> None:
+    """Moodle's VERP senders at lms.example.edu, a domain SES has not verified, next to mail
+    from the verified moodle.example.org: the first unverified mail costs one SES call and
+    opens a circuit for identity lms.example.edu only (one ERROR line naming it and what to
+    do, one count of the metric labelled by identity); during the cooldown its mail goes
+    upstream without an SES call while verified mail still goes through SES; after the
+    cooldown one mail probes (one call), the rest go upstream."""
+    caplog.set_level(logging.INFO, logger="relay")
+    cooldown = 2.0
+    fake_ses.check_identities, fake_ses.verified = True, {"moodle.example.org"}
+    labels = {"kind": "identity", "identity": "lms.example.edu", "code": "MessageRejected"}
+    opened = ("relay_ses_identity_circuit_openings_total", labels)
+    before = REGISTRY.get_sample_value(*opened) or 0.0
+    relay = await start_relay(
+        deliver=True, **config(capture, fake_ses.url, circuit_cooldown=cooldown, api=api)
+    )
+    spool = relay.settings.spool
+    e = CORPUS[SES_MAILS[0]]
+    assert e.sender.endswith("@moodle.example.org")
+
+    async def send_as(*senders: str) -> list[str]:
+        """Send the mail with these envelope senders at once; how each went, in order."""
+        queued = await asyncio.gather(
+            *(asend(relay.port, s, e.recipients, RAW[e.name]) for s in senders)
+        )
+        found = await await_rows(spool, queued, {"sent"})
+        return [went(found[q]["route"], found[q]["fallback_reason"] or "") for q in queued]
+
+    def went(route: str, reason: str) -> str:
+        if reason.startswith("SES cannot send for identity lms.example.edu: MessageRejected"):
+            return f"{route}: refused"
+        if reason.startswith("SES circuit open for identity lms.example.edu: MessageRejected"):
+            return f"{route}: circuit open"
+        return f"{route}: {reason}"
+
+    def lms_calls() -> int:
+        return sum(source.endswith("@lms.example.edu") for _, source, _ in fake_ses.requests)
+
+    first = await send_as("bounce+1a@lms.example.edu")
+    during = await send_as(
+        "bounce+2b@lms.example.edu", e.sender, "bounce+3c@lms.example.edu", e.sender
+    )
+    calls_in_cooldown = lms_calls()
+    await asyncio.sleep(cooldown + 0.2)
+    fake_ses.latency = 0.3  # the probe is in flight while the other two are classified
+    after = await send_as(*(f"bounce+{n}@lms.example.edu" for n in ("4d", "5e", "6f")))
+
+    waiting = "upstream: circuit open"
+    assert ["upstream: refused"] == first
+    assert [waiting, "ses: ", waiting, "ses: "] == during
+    assert ["upstream: refused", waiting, waiting] == sorted(after, reverse=True)
+    assert (1, 2) == (calls_in_cooldown, lms_calls())
+    assert ["moodle.example.org"] * 2 == [s.source.rpartition("@")[2] for s in fake_ses.sent]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert 1 == len(errors), errors
+    assert "identity lms.example.edu" in errors[0]
+    assert "verify domain lms.example.edu in eu-west-1, or set ses.source" in errors[0]
+    assert 1.0 == (REGISTRY.get_sample_value(*opened) or 0.0) - before
+    print(
+        f"unverified identity: SES calls for lms.example.edu {lms_calls()} (the first mail and"
+        f" the probe; {calls_in_cooldown - 1} during the cooldown),"
+        f" verified mail via SES {len(fake_ses.sent)}, upstream {len(capture.messages)},"
+        f" ERROR lines {len(errors)}"
     )

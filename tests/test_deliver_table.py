@@ -122,6 +122,12 @@ class MemoryStore:
     async def event(self, queue_id: str, event: str, detail: str) -> None:
         self._write(f"event {queue_id} {event}: {detail}")
 
+    async def split(
+        self, queue_id: str, *, child: str, recipients: Sequence[str], reason: str
+    ) -> None:
+        """One line per row split off (the child's id is random: not in the line)."""
+        self._write(f"split {queue_id} {recipients[0]}..{recipients[-1]}: {reason}")
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Result:
@@ -163,9 +169,18 @@ class FakeSes:
     def __init__(self, *answers: Answer) -> None:
         self.answers = list(answers) or ["ses-1"]
         self.calls = 0
+        self.recipients: list[int] = []  # recipients of each call
 
-    async def send(self, mail: Mail, *, configuration_set: str | None, tags: Any) -> str:
+    async def send(
+        self,
+        mail: Mail,
+        *,
+        configuration_set: str | None,
+        tags: Any,
+        identity_arn: str | None = None,
+    ) -> str:
         self.calls += 1
+        self.recipients.append(len(mail.recipients))
         answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
         if isinstance(answer, BaseException):
             raise answer
@@ -394,6 +409,65 @@ SES_CASES = [
         enabled=False,
     ),
 ]
+
+
+def rcpts(n: int) -> tuple[str, ...]:
+    return tuple(f"r{i}@x.org" for i in range(n))
+
+
+BATCH = "SES takes at most 50 recipients per call"
+BATCHES = [
+    pytest.param(
+        {"recipients": rcpts(120)},
+        [
+            f"split Q1 r50@x.org..r99@x.org: {BATCH}: batch 2 of 3",
+            f"split Q1 r100@x.org..r119@x.org: {BATCH}: batch 3 of 3",
+            "sent Q1 moodle via ses: SES accepted ses_id=ses-1",
+        ],
+        [50],
+        id="120-recipients-two-batches-split-off-first-50-sent",
+    ),
+    pytest.param(
+        {"recipients": rcpts(51)},
+        [
+            f"split Q1 r50@x.org..r50@x.org: {BATCH}: batch 2 of 2",
+            "sent Q1 moodle via ses: SES accepted ses_id=ses-1",
+        ],
+        [50],
+        id="51-recipients-one-split-off",
+    ),
+    pytest.param(
+        {"recipients": rcpts(50)},
+        ["sent Q1 moodle via ses: SES accepted ses_id=ses-1"],
+        [50],
+        id="50-recipients-one-call-no-split",
+    ),
+    pytest.param(
+        {"recipients": rcpts(120), "mode": Mode.SHADOW},
+        via_upstream("shadow mode: classified for SES, sent upstream"),
+        [],
+        id="shadow-120-recipients-upstream-whole",
+    ),
+    pytest.param(
+        {"recipients": rcpts(120), "sender": ""},
+        via_upstream("SES cannot send with a null sender <>"),
+        [],
+        id="null-sender-120-recipients-upstream-whole",
+    ),
+]
+
+
+@pytest.mark.parametrize(("given", "lines", "calls"), BATCHES)
+async def test_recipients_past_fifty_are_split_into_rows(
+    given: dict[str, Any], lines: list[str], calls: list[int]
+) -> None:
+    """SES takes 50 recipients per call: an SES-bound mail with more keeps its first 50 and
+    the rest move to rows of their own, 50 each (each then sent, paced and recorded alone);
+    mail that will not try SES goes upstream whole."""
+    fields, settings = split(given)
+    rig = Rig(**settings)
+    actual = await rig.deliver(**fields)
+    assert (lines, calls) == (actual, rig.ses.recipients)
 
 
 @pytest.mark.parametrize(("answer", "given", "lines", "calls", "circuit"), SES_CASES)

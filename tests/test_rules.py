@@ -232,7 +232,8 @@ def test_default_route_defaults_to_upstream() -> None:
 
 
 def test_decision_carries_ses_settings_and_reasons() -> None:
-    """A matching rule's configuration set, tags and the conditions that held are reported."""
+    """A matching rule's configuration set, tags, identity ARN and the conditions that held
+    are reported."""
     rs = ruleset("""
         rules:
           - name: reengagement-student
@@ -240,6 +241,7 @@ def test_decision_carries_ses_settings_and_reasons() -> None:
             ses:
               configuration_set: moodle-reminders
               tags: {category: reengagement, site: moodle_1}
+              identity_arn: arn:aws:ses:eu-west-1:123456789012:identity/lms.example.edu
             match:
               all:
                 - header: {X-Moodle-Originating-Script: 'mod/reengagement/lib\\.php:\\d+$'}
@@ -256,6 +258,7 @@ def test_decision_carries_ses_settings_and_reasons() -> None:
         ),
         configuration_set="moodle-reminders",
         tags=(("category", "reengagement"), ("site", "moodle_1")),
+        identity_arn="arn:aws:ses:eu-west-1:123456789012:identity/lms.example.edu",
     )
     assert expected == rs.classify(mail(PLAIN))
 

@@ -265,6 +265,12 @@ SES_VALUES = [
         4,
     ),
     (
+        "identity-arn-domain",
+        "rules:\n  - name: a\n    route: ses\n    ses: {identity_arn: example.org}\n"
+        "    match: {subject: a}\n",
+        4,
+    ),
+    (
         "tag-name-colon",
         "rules:\n  - name: a\n    route: ses\n    ses:\n      tags:\n        'ses:x': y\n"
         "    match: {subject: a}\n",

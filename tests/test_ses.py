@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from aiobotocore.session import AioSession
@@ -14,35 +15,46 @@ from botocore.exceptions import ClientError
 from relay.deliver.ses.client import (
     MAX_DESTINATIONS,
     MAX_MESSAGE_SIZE,
+    MAX_MESSAGE_SIZE_V2,
     Quota,
     SesClient,
-    Throttled,
     tag_safe,
 )
-from relay.errors import AccountFailure, PermanentFailure, TemporaryFailure
-from relay.settings import Ses
+from relay.errors import (
+    AccountFailure,
+    PermanentFailure,
+    ScopedFailure,
+    TemporaryFailure,
+    Throttled,
+)
+from relay.settings import Ses, SesApi
 from tests.support.aws import REGION, moto_raw_messages
-from tests.support.fakeses import DROP, HTTP_500, FakeSes, Fault
+from tests.support.fakeses import DROP, HTTP_500, V2_ERRORS, FakeSes, Fault
 from tests.support.mails import make_mail
 
 pytestmark = pytest.mark.usefixtures("aws_env")
 
 
-@pytest.fixture
-async def ses(fake_ses: FakeSes, aio_session: AioSession) -> AsyncIterator[SesClient]:
-    """An SesClient pointed at the fake SES."""
-    settings = Ses(region=REGION, endpoint_url=fake_ses.url, timeout=2.0)
+@pytest.fixture(params=list(SesApi), ids=[f"api-{a}" for a in SesApi])
+async def ses(
+    fake_ses: FakeSes, aio_session: AioSession, request: pytest.FixtureRequest
+) -> AsyncIterator[SesClient]:
+    """An SesClient pointed at the fake SES, once per API (v1 SendRawEmail, v2 SendEmail)."""
+    settings = Ses(region=REGION, endpoint_url=fake_ses.url, timeout=2.0, api=request.param)
     async with await SesClient.open(settings, session=aio_session) as client:
         yield client
 
 
+@pytest.mark.parametrize("api", list(SesApi), ids=[f"api-{a}" for a in SesApi])
 async def test_send_through_moto_stores_envelope_and_bytes(
     moto_server: str,
     aio_session: AioSession,
+    api: SesApi,
 ) -> None:
-    """Source, Destinations and the bytes (trace line + raw, unchanged) reach SES as given."""
+    """Source, Destinations and the bytes (trace line + raw, unchanged) reach SES as given,
+    by SendRawEmail (v1) or SESv2 SendEmail with Content.Raw (v2; moto stores it alike)."""
     mail = make_mail(id="Q-moto", recipients=("ada@example.net", "cc@example.org"))
-    settings = Ses(region=REGION, endpoint_url=moto_server)
+    settings = Ses(region=REGION, endpoint_url=moto_server, api=api)
     async with await SesClient.open(settings, session=aio_session) as client:
         message_id = await client.send(mail, configuration_set=None, tags=[("rule", "r")])
 
@@ -119,12 +131,13 @@ ERRORS = [
     ("ServiceUnavailable", "Service is unavailable.", 503, TemporaryFailure),
     ("InternalFailure", "An internal error occurred.", 500, TemporaryFailure),
     ("SomethingNew", "A future 5xx code.", 502, TemporaryFailure),
-    ("MessageRejected", "Email address is not verified.", 400, PermanentFailure),
+    ("MessageRejected", "Email address is not verified.", 400, ScopedFailure),
+    ("MessageRejected", "Illegal header.", 400, PermanentFailure),
     ("InvalidParameterValue", "Missing final '@domain'", 400, PermanentFailure),
     ("AccountSendingPausedException", "Sending paused for this account.", 400, AccountFailure),
     ("ConfigurationSetDoesNotExist", "Configuration set <x> does not exist.", 400, AccountFailure),
     ("ConfigurationSetSendingPausedException", "Paused.", 400, AccountFailure),
-    ("MailFromDomainNotVerifiedException", "MAIL FROM not verified.", 400, AccountFailure),
+    ("MailFromDomainNotVerifiedException", "MAIL FROM not verified.", 400, ScopedFailure),
     ("InvalidClientTokenId", "The security token is invalid.", 403, AccountFailure),
     ("SignatureDoesNotMatch", "The signature does not match.", 403, AccountFailure),
     ("AccessDenied", "User is not authorized to perform ses:SendRawEmail", 403, AccountFailure),
@@ -136,7 +149,10 @@ ERRORS = [
 @pytest.mark.parametrize(
     ("code", "message", "status", "expected"),
     ERRORS,
-    ids=[f"{c}-{m.split()[0]}" if c == "Throttling" else c for c, m, _, _ in ERRORS],
+    ids=[
+        f"{c}-{m.split()[0]}" if c in ("Throttling", "MessageRejected") else c
+        for c, m, _, _ in ERRORS
+    ],
 )
 async def test_error_mapping(
     ses: SesClient,
@@ -146,13 +162,15 @@ async def test_error_mapping(
     status: int,
     expected: type[Exception],
 ) -> None:
-    """Each SES error code becomes the delivery error DESIGN 3.4 names, reply 'Code: message'."""
+    """Each SES error code becomes the delivery error DESIGN 3.4 names, reply 'Code: message';
+    under v2 the fake answers the SESv2 error of the same meaning, with the same outcome."""
     fake_ses.error = Fault(code=code, message=message, status=status)
     mail = make_mail(id="Q-err")
     with pytest.raises((TemporaryFailure, PermanentFailure)) as caught:
         await ses.send(mail, configuration_set=None, tags=())
+    wire_code = code if ses.api is SesApi.V1 else V2_ERRORS.get(code, (code,))[0]
     assert expected is type(caught.value)
-    assert f"{code}: {message}" == caught.value.reply
+    assert f"{wire_code}: {message}" == caught.value.reply
     assert "Q-err" in str(caught.value)
     assert isinstance(caught.value.__cause__, ClientError)
 
@@ -230,6 +248,7 @@ PREFLIGHT = [
     ),
     ({"raw": b"Subject: big\r\n\r\n" + b"x" * MAX_MESSAGE_SIZE}, "over the SES limit"),
 ]
+V2_PREFLIGHT = {"size": {"raw": b"Subject: big\r\n\r\n" + b"x" * MAX_MESSAGE_SIZE_V2}}
 
 
 @pytest.mark.parametrize(
@@ -241,7 +260,10 @@ async def test_refused_before_calling(
     changes: dict[str, object],
     reason: str,
 ) -> None:
-    """Mail SES cannot take is a PermanentFailure without a call, so it goes upstream at once."""
+    """Mail SES cannot take is a PermanentFailure without a call, so it goes upstream at once
+    (v2 takes up to 40 MB)."""
+    if ses.api is SesApi.V2 and reason == "over the SES limit":
+        changes = V2_PREFLIGHT["size"]
     with pytest.raises(PermanentFailure) as caught:
         await ses.send(make_mail(**changes), configuration_set=None, tags=())
     assert PermanentFailure is type(caught.value)
@@ -268,3 +290,72 @@ async def test_doctor_checks(ses: SesClient, fake_ses: FakeSes) -> None:
     assert not await ses.configuration_set_exists("missing")
     fake_ses.sending_enabled = False
     assert not await ses.sending_enabled()
+
+
+ARN = "arn:aws:ses:eu-west-1:123456789012:identity/lms.example.edu"
+RULE_ARN = "arn:aws:ses:eu-west-1:210987654321:identity/reminders.example.edu"
+V1_ARNS = ("SourceArn", "FromArn", "ReturnPathArn")
+WIRE = [
+    pytest.param(
+        {"api": SesApi.V1, "identity_arn": ARN},
+        None,
+        ("v1", "noreply@moodle.example.org", dict.fromkeys(V1_ARNS, ARN), None),
+        id="v1-global-arn",
+    ),
+    pytest.param(
+        {"api": SesApi.V1, "identity_arn": ARN, "source": "bounces@lms.example.edu"},
+        RULE_ARN,
+        ("v1", "bounces@lms.example.edu", dict.fromkeys(V1_ARNS, RULE_ARN), None),
+        id="v1-rule-arn-wins-and-source",
+    ),
+    pytest.param(
+        {"api": SesApi.V1},
+        None,
+        ("v1", "noreply@moodle.example.org", {}, None),
+        id="v1-no-arn",
+    ),
+    pytest.param(
+        {"api": SesApi.V2, "identity_arn": ARN, "feedback_address": "fb@lms.example.edu"},
+        None,
+        (
+            "v2",
+            "noreply@moodle.example.org",
+            {"FromEmailAddressIdentityArn": ARN},
+            "fb@lms.example.edu",
+        ),
+        id="v2-global-arn-and-feedback",
+    ),
+    pytest.param(
+        {"api": SesApi.V2, "identity_arn": ARN, "source": "bounces@lms.example.edu"},
+        RULE_ARN,
+        ("v2", "bounces@lms.example.edu", {"FromEmailAddressIdentityArn": RULE_ARN}, None),
+        id="v2-rule-arn-wins-and-source",
+    ),
+]
+
+
+@pytest.mark.parametrize(("settings", "rule_arn", "expected"), WIRE)
+async def test_identity_arn_and_source_reach_the_wire(
+    fake_ses: FakeSes,
+    aio_session: AioSession,
+    settings: dict[str, Any],
+    rule_arn: str | None,
+    expected: tuple[object, ...],
+) -> None:
+    """Cross-account sending: `identity_arn` (the rule's, else the global one) arrives as
+    SourceArn, FromArn and ReturnPathArn on SendRawEmail (v1) and as
+    FromEmailAddressIdentityArn on SendEmail (v2); `ses.source` replaces the envelope sender
+    as Source / FromEmailAddress; `feedback_address` arrives as v2's
+    FeedbackForwardingEmailAddress. Recipients and bytes are unchanged either way."""
+    ses = Ses(region=REGION, endpoint_url=fake_ses.url, **settings)
+    mail = make_mail(recipients=("a@example.net", "b@example.net"))
+    async with await SesClient.open(ses, session=aio_session) as client:
+        await client.send(mail, configuration_set="cs", tags=[("rule", "r")], identity_arn=rule_arn)
+    [sent] = fake_ses.sent
+    assert expected == (sent.api, sent.source, sent.arns, sent.feedback_address)
+    assert (mail.recipients, mail.wire_bytes(), "cs", (("rule", "r"),)) == (
+        sent.destinations,
+        sent.raw,
+        sent.configuration_set,
+        sent.tags,
+    )

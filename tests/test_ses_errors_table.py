@@ -25,18 +25,28 @@ from botocore.exceptions import (
 )
 from botocore.parsers import ResponseParserError
 
-from relay.deliver.ses.client import MAX_DESTINATIONS, MAX_MESSAGE_SIZE, SesClient, failure
+from relay.deliver.ses.client import (
+    MAX_DESTINATIONS,
+    MAX_MESSAGE_SIZE,
+    MAX_MESSAGE_SIZE_V2,
+    SesClient,
+    failure,
+)
+from relay.deliver.ses.faults import scoped
 from relay.errors import (
     AccountFailure,
     DeliveryError,
     PermanentFailure,
+    ScopedFailure,
     TemporaryFailure,
     Throttled,
 )
 from relay.mail import Mail
-from relay.settings import Ses
+from relay.settings import Ses, SesApi
 
 ENDPOINT = "https://email.eu-west-1.amazonaws.com/"
+ARN = "arn:aws:ses:eu-west-1:123456789012:identity/lms.example.edu"
+RULE_ARN = "arn:aws:ses:eu-west-1:210987654321:identity/reminders.example.edu"
 
 
 def client_error(code: str, message: str, status: int) -> ClientError:
@@ -73,6 +83,8 @@ PERMANENT = {  # this message: upstream at once
     "bad-address": ("InvalidParameterValue", "Missing final '@domain'", 400),
     "illegal-address": ("InvalidParameterValue", "Illegal address", 400),
     "unknown-4xx-code": ("SomethingNew", "a code relay does not know", 400),
+    "v2-bad-request": ("BadRequestException", "Illegal header.", 400),
+    "v2-not-found-other": ("NotFoundException", "Resource not found.", 404),
 }
 ACCOUNT = {  # upstream at once and open the circuit
     "daily-quota": ("Throttling", "Daily message quota exceeded.", 400),
@@ -89,6 +101,9 @@ ACCOUNT = {  # upstream at once and open the circuit
     "unrecognized": ("UnrecognizedClientException", "invalid token", 400),
     "clock-skew": ("RequestExpired", "Request has expired.", 400),
     "no-signature": ("MissingAuthenticationToken", "missing", 403),
+    "v2-paused": ("SendingPausedException", "Sending paused for this account.", 400),
+    "v2-suspended": ("AccountSuspendedException", "Account suspended.", 400),
+    "v2-no-config-set": ("NotFoundException", "Configuration set <x> does not exist.", 404),
 }
 CLIENT_ERRORS = [
     pytest.param(*row, expected, id=name)
@@ -158,13 +173,19 @@ class FakeBotoClient:
             raise self.answer
         return self.answer
 
+    async def send_email(self, **params: Any) -> dict[str, Any]:
+        """SESv2 SendEmail: the same fake answers it."""
+        return await self.send_raw_email(**params)
+
 
 def ses_client(
     answer: dict[str, Any] | BaseException, **settings: Any
 ) -> tuple[SesClient, FakeBotoClient]:
-    """An SesClient around a FakeBotoClient (no session, no network), and the fake."""
+    """An SesClient around a FakeBotoClient (no session, no network), and the fake; with
+    `api: v2` the fake stands in for the SESv2 client too."""
     fake = FakeBotoClient(answer)
-    return SesClient(fake, AsyncExitStack(), Ses(**settings)), fake
+    v2 = fake if settings.get("api") is SesApi.V2 else None
+    return SesClient(fake, AsyncExitStack(), Ses(**settings), v2=v2), fake
 
 
 def mail(**fields: Any) -> Mail:
@@ -191,6 +212,13 @@ REFUSALS = [
         {"raw": b"x" * (MAX_MESSAGE_SIZE - len(b"Received: from moodle\r\n") + 1)},
         f"{MAX_MESSAGE_SIZE + 1} bytes, over the SES limit of {MAX_MESSAGE_SIZE}",
         id="over-size-limit",
+    ),
+]
+V2_REFUSALS = [
+    pytest.param(
+        {"raw": b"x" * (MAX_MESSAGE_SIZE_V2 - len(b"Received: from moodle\r\n") + 1)},
+        f"{MAX_MESSAGE_SIZE_V2 + 1} bytes, over the SES limit of {MAX_MESSAGE_SIZE_V2}",
+        id="v2-over-40-mb",
     ),
 ]
 
@@ -247,6 +275,48 @@ SEND_CASES = [
         {"Destinations": [f"r{i}@example.org" for i in range(MAX_DESTINATIONS)]},
         id="exactly-fifty-recipients-one-call",
     ),
+    pytest.param(
+        {"identity_arn": ARN, "source": "bounces@lms.example.edu"},
+        {},
+        {},
+        {
+            "Source": "bounces@lms.example.edu",
+            "SourceArn": ARN,
+            "FromArn": ARN,
+            "ReturnPathArn": ARN,
+        },
+        id="v1-identity-arn-and-source",
+    ),
+    pytest.param(
+        {"identity_arn": ARN},
+        {},
+        {"identity_arn": RULE_ARN},
+        {"SourceArn": RULE_ARN, "FromArn": RULE_ARN, "ReturnPathArn": RULE_ARN},
+        id="v1-rule-identity-arn-wins",
+    ),
+    pytest.param(
+        {"api": SesApi.V2},
+        {"recipients": ("a@x.org", "b@y.org")},
+        {"tags": [("rule", "reengagement cc")], "configuration_set": "per-rule"},
+        {
+            "FromEmailAddress": "noreply@moodle.example.org",
+            "Destination": {"ToAddresses": ["a@x.org", "b@y.org"]},
+            "Content": {"Raw": {"Data": b"Received: from moodle\r\nSubject: hi\r\n\r\nbody\r\n"}},
+            "EmailTags": [{"Name": "rule", "Value": "reengagement_cc"}],
+            "ConfigurationSetName": "per-rule",
+        },
+        id="v2-envelope-bytes-tags-and-set",
+    ),
+    pytest.param(
+        {"api": SesApi.V2, "identity_arn": ARN, "feedback_address": "fb@lms.example.edu"},
+        {},
+        {},
+        {
+            "FromEmailAddressIdentityArn": ARN,
+            "FeedbackForwardingEmailAddress": "fb@lms.example.edu",
+        },
+        id="v2-identity-arn-and-feedback-address",
+    ),
 ]
 
 
@@ -257,8 +327,10 @@ async def test_send_parameters(
     kwargs: dict[str, Any],
     expected: dict[str, Any],
 ) -> None:
-    """SendRawEmail gets the envelope, the bytes with our Received: line, the configuration
-    set (the rule's, else the settings') and tags reduced to what SES accepts."""
+    """SendRawEmail (v1) or SendEmail (v2) gets the envelope (Source: `ses.source` if set),
+    the bytes with our Received: line, the configuration set (the rule's, else the
+    settings'), tags reduced to what SES accepts, and the identity ARN (the rule's, else the
+    settings') as each API names it."""
     client, fake = ses_client({"MessageId": "ses-1"}, **settings)
     message_id = await client.send(mail(**fields), **kwargs)
     (call,) = fake.calls
@@ -277,6 +349,24 @@ async def test_send_maps_and_chains_client_errors() -> None:
     )
 
 
+@pytest.mark.parametrize(("fields", "reply"), V2_REFUSALS)
+async def test_v2_takes_40_mb_and_refuses_more_before_calling(
+    fields: dict[str, Any], reply: str
+) -> None:
+    """v2 takes up to 40 MB (a mail over v1's 10 MB goes out); more is refused before any
+    call."""
+    client, fake = ses_client({"MessageId": "ses-1"}, api=SesApi.V2)
+    sent = await client.send(mail(raw=b"x" * (MAX_MESSAGE_SIZE + 1)))
+    with pytest.raises(PermanentFailure) as caught:
+        await client.send(mail(**fields))
+    assert ("ses-1", PermanentFailure, reply, 1) == (
+        sent,
+        type(caught.value),
+        caught.value.reply,
+        len(fake.calls),
+    )
+
+
 async def test_send_without_message_id_is_temporary() -> None:
     """SES answering 200 without a MessageId is a temporary failure, not a lost message."""
     client, _ = ses_client({"ResponseMetadata": {"HTTPStatusCode": 200}})
@@ -286,3 +376,99 @@ async def test_send_without_message_id_is_temporary() -> None:
         type(caught.value),
         caught.value.reply,
     )
+
+
+UNVERIFIED = "Email address is not verified. The following identities failed the check in region"
+VERP = "bounce+1a2b@lms.example.edu"
+# id: (code, message, Source, configuration set) -> (class, scope or None, advice or None)
+SCOPED = [
+    pytest.param(
+        ("MessageRejected", f"{UNVERIFIED} EU-WEST-1: {VERP}", VERP, None),
+        (
+            ScopedFailure,
+            "identity lms.example.edu",
+            "verify domain lms.example.edu in eu-west-1, or set ses.source to an address of"
+            " a verified domain",
+        ),
+        id="unverified-verp-source-is-its-domain",
+    ),
+    pytest.param(
+        ("MessageRejected", f"{UNVERIFIED} EU-WEST-1: Ada <ada@staff.example.edu>", VERP, None),
+        (
+            ScopedFailure,
+            "identity staff.example.edu",
+            "verify domain staff.example.edu in eu-west-1",
+        ),
+        id="unverified-from-header",
+    ),
+    pytest.param(
+        ("MessageRejected", "Email address is not verified.", VERP, None),
+        (
+            ScopedFailure,
+            "identity lms.example.edu",
+            "verify domain lms.example.edu in eu-west-1, or set ses.source to an address of"
+            " a verified domain",
+        ),
+        id="unverified-unnamed-is-the-source",
+    ),
+    pytest.param(
+        ("MailFromDomainNotVerifiedException", "MAIL FROM domain not verified", VERP, None),
+        (
+            ScopedFailure,
+            "identity lms.example.edu",
+            "publish the MX and SPF records of the custom MAIL FROM domain of lms.example.edu"
+            " in eu-west-1, or set its behaviour on MX failure to USE_DEFAULT_VALUE",
+        ),
+        id="mail-from-domain",
+    ),
+    pytest.param(
+        ("ConfigurationSetDoesNotExist", "Configuration set <cs> does not exist.", VERP, "cs"),
+        (
+            ScopedFailure,
+            "configuration set cs",
+            "create configuration set cs in eu-west-1, or fix the name in relay.yaml / rules.yaml",
+        ),
+        id="v1-no-config-set",
+    ),
+    pytest.param(
+        ("NotFoundException", "Configuration set <cs> does not exist.", VERP, "cs"),
+        (
+            ScopedFailure,
+            "configuration set cs",
+            "create configuration set cs in eu-west-1, or fix the name in relay.yaml / rules.yaml",
+        ),
+        id="v2-no-config-set",
+    ),
+    pytest.param(
+        ("MessageRejected", "Illegal header.", VERP, "cs"),
+        (PermanentFailure, None, None),
+        id="content-rejection-stays-per-message",
+    ),
+    pytest.param(
+        ("AccountSendingPausedException", "paused", VERP, "cs"),
+        (AccountFailure, None, None),
+        id="paused-stays-account-wide",
+    ),
+]
+
+
+@pytest.mark.parametrize(("given", "expected"), SCOPED)
+def test_scoped_faults(
+    given: tuple[str, str, str, str | None], expected: tuple[type, str | None, str | None]
+) -> None:
+    """A send's fault that concerns one identity (a domain: VERP senders share it) or one
+    configuration set is narrowed to a ScopedFailure naming it and saying what to do; other
+    faults keep their class."""
+    code, message, source, config_set = given
+    error = scoped(
+        failure(client_error(code, message, 400), "message Q1"),
+        source=source,
+        configuration_set=config_set,
+        region="eu-west-1",
+    )
+    actual = (
+        type(error),
+        getattr(error, "scope", None),
+        getattr(error, "advice", None),
+    )
+    assert expected == actual

@@ -7,6 +7,7 @@ The SES sender and the pacer are fakes of route.py's own Protocols (`SesSender`,
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from relay.errors import (
     AccountFailure,
     DeliveryError,
     PermanentFailure,
+    ScopedFailure,
     TemporaryFailure,
     Throttled,
 )
@@ -58,10 +60,19 @@ class FakeSes:
     def __init__(self, *outcomes: Outcome) -> None:
         self.outcomes = list(outcomes) or ["ses-1"]
         self.calls: list[tuple[str, str | None, tuple[tuple[str, str], ...]]] = []
+        self.arns: list[str | None] = []  # identity_arn of each send
         self.gate: asyncio.Event | None = None  # when set, the next send waits for it
 
-    async def send(self, mail: Mail, *, configuration_set: str | None, tags: Any) -> str:
+    async def send(
+        self,
+        mail: Mail,
+        *,
+        configuration_set: str | None,
+        tags: Any,
+        identity_arn: str | None = None,
+    ) -> str:
         self.calls.append((mail.id, configuration_set, tuple(tags)))
+        self.arns.append(identity_arn)
         gate, self.gate = self.gate, None  # one send only: a second never hangs the test
         if gate is not None:
             await gate.wait()
@@ -596,3 +607,156 @@ async def test_configuration_set_and_tags(
     rig = Rig("ses-1")
     await rig.route.attempt(make_mail(), decision, make_settings(**settings))
     assert [call] == rig.ses.calls
+
+
+@pytest.mark.parametrize(
+    "arn",
+    ["arn:aws:ses:eu-west-1:123456789012:identity/lms.example.edu", None],
+    ids=["rule-arn", "no-rule-arn"],
+)
+async def test_rule_identity_arn_reaches_the_sender(arn: str | None) -> None:
+    """The rule's identity_arn goes to the SES client (None: the client uses ses.identity_arn)."""
+    rig = Rig("ses-1")
+    decision = Decision(rule="r", route=Route.SES, reasons=(), identity_arn=arn)
+    await rig.route.attempt(make_mail(), decision, make_settings())
+    assert [arn] == rig.ses.arns
+
+
+UNVERIFIED = ScopedFailure(
+    "SES rejected message Q1: MessageRejected: Email address is not verified.",
+    reply="MessageRejected: Email address is not verified.",
+    scope="identity lms.example.edu",
+    advice="verify domain lms.example.edu in eu-west-1, or set ses.source",
+)
+NO_SET = ScopedFailure(
+    "SES rejected message Q1: ConfigurationSetDoesNotExist: Configuration set <cs> does not exist.",
+    reply="ConfigurationSetDoesNotExist: Configuration set <cs> does not exist.",
+    scope="configuration set cs",
+    advice="create configuration set cs in eu-west-1",
+)
+LMS = "noreply@lms.example.edu"
+OTHER = "noreply@moodle.example.org"
+
+SCOPED = [
+    # (SES outcomes in order, steps "SENDER [SET]" or "wait N", "<verdict> <scope circuit>")
+    pytest.param(
+        [UNVERIFIED, "ses-1"],
+        [LMS, LMS, OTHER, "wait 299", LMS],
+        ["identity open", "identity open", "sent open", "identity open"],
+        2,
+        id="unverified-identity-only-its-mail-goes-upstream",
+    ),
+    pytest.param(
+        [UNVERIFIED, "ses-1"],
+        [LMS, "wait 300", LMS, LMS],
+        ["identity open", "sent closed", "sent closed"],
+        3,
+        id="probe-after-cooldown-closes",
+    ),
+    pytest.param(
+        [UNVERIFIED, UNVERIFIED, "ses-1"],
+        [LMS, "wait 300", LMS, LMS, OTHER, "wait 300", LMS],
+        ["identity open", "identity open", "identity open", "sent open", "sent closed"],
+        4,
+        id="probe-failing-again-reopens-one-call-per-cooldown",
+    ),
+    pytest.param(
+        [UNVERIFIED, TemporaryFailure("x", reply="InternalFailure"), "ses-1"],
+        [LMS, "wait 300", LMS, LMS],
+        ["identity open", "retry open", "sent closed"],
+        3,
+        id="probe-without-answer-lets-the-next-mail-probe",
+    ),
+    pytest.param(
+        [NO_SET, "ses-1"],
+        [f"{OTHER} cs", f"{LMS} cs", OTHER, f"{LMS} other-set"],
+        ["identity open", "identity open", "sent open", "sent open"],
+        3,
+        id="missing-configuration-set-only-its-mail-goes-upstream",
+    ),
+]
+
+
+@pytest.mark.parametrize(("outcomes", "steps", "expected", "calls"), SCOPED)
+async def test_scoped_circuit_through_the_route(
+    outcomes: list[Outcome], steps: list[str], expected: list[str], calls: int
+) -> None:
+    """SES refusing one identity (unverified, custom MAIL FROM) or one configuration set
+    opens a circuit for that scope only: its mail goes upstream without an SES call for the
+    cooldown, then one probe; mail of other identities and sets still goes to SES, and the
+    account circuit stays closed."""
+    rig = Rig(*outcomes)
+    trace = []
+    for step in steps:
+        if step.startswith("wait"):
+            rig.clock.now += float(step.split()[1])
+            continue
+        sender, _, config_set = step.partition(" ")
+        mail = replace(make_mail(sender=sender), received_at=rig.clock.now - 10.0)
+        decision = replace(SES_DECISION, configuration_set=config_set or None)
+        verdict = await rig.route.attempt(mail, decision, make_settings())
+        [circuit] = rig.route.scopes.circuits.values()
+        trace.append(f"{summary(verdict)} {circuit.state.value}")
+    assert (expected, calls, CircuitState.CLOSED) == (
+        trace,
+        len(rig.ses.calls),
+        rig.circuit.state,
+    )
+
+
+async def test_scoped_opening_logs_one_error_and_counts_by_identity(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An unverified identity: one ERROR line naming the identity and what to do, however
+    often its probe fails; the opening is counted, and the open gauge set, labelled by
+    identity."""
+    caplog.set_level(logging.INFO, logger="relay")
+    labels = {"kind": "identity", "identity": "lms.example.edu"}
+    opened = ("relay_ses_identity_circuit_openings_total", {**labels, "code": "MessageRejected"})
+    before = metrics.REGISTRY.get_sample_value(*opened) or 0.0
+    rig = Rig(UNVERIFIED)
+    mail = make_mail(sender=LMS)
+    for _ in range(3):
+        await rig.route.attempt(
+            replace(mail, received_at=rig.clock.now), SES_DECISION, make_settings()
+        )
+        rig.clock.now += COOLDOWN
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [
+        'event=circuit_open cooldown=300.0 reason="MessageRejected: Email address is not'
+        ' verified." effect="SES-routed mail of identity lms.example.edu goes upstream"'
+        ' scope="identity lms.example.edu" do="verify domain lms.example.edu in eu-west-1,'
+        ' or set ses.source"'
+    ] == errors
+    assert (1.0, 1.0, 3) == (
+        (metrics.REGISTRY.get_sample_value(*opened) or 0.0) - before,
+        metrics.REGISTRY.get_sample_value("relay_ses_identity_circuit_open", labels),
+        len(rig.ses.calls),
+    )
+
+
+async def test_unverified_from_domain_stops_only_mail_with_that_from() -> None:
+    """SES names the From header's address as unverified: the circuit is for the From
+    domain; mail with the same Source but another From still goes to SES, mail with that
+    From from another Source does not."""
+    refused = ScopedFailure(
+        "SES rejected message Q1: MessageRejected: Email address is not verified.",
+        reply="MessageRejected: Email address is not verified.",
+        scope="identity staff.example.edu",
+        advice="verify domain staff.example.edu in eu-west-1",
+    )
+    rig = Rig(refused, "ses-1")
+
+    def mail_from(sender: str, from_: str) -> Mail:
+        raw = f"From: Ada <{from_}>\r\nSubject: reminder\r\n\r\nhello\r\n".encode()
+        return replace(make_mail(sender=sender), raw=raw, received_at=rig.clock.now)
+
+    verdicts = [
+        summary(await rig.route.attempt(mail_from(s, f), SES_DECISION, make_settings()))
+        for s, f in (
+            (LMS, "ada@staff.example.edu"),
+            (LMS, "noreply@lms.example.edu"),
+            (OTHER, "ada@staff.example.edu"),
+        )
+    ]
+    assert (["identity", "sent", "identity"], 2) == (verdicts, len(rig.ses.calls))

@@ -16,7 +16,7 @@ import pytest
 from relay import settings
 from relay.errors import ConfigError
 from relay.rules import DEFAULT_RULES
-from relay.settings import DEFAULT_METRICS, HostPort, Mode, Security, Settings, Upstream
+from relay.settings import DEFAULT_METRICS, HostPort, Mode, Security, SesApi, Settings, Upstream
 
 MINIMAL = "upstream:\n  host: smtp.example.org\n"
 TOP_KEYS = (
@@ -131,6 +131,23 @@ VALID = [
         {"mode": Mode.SHADOW, "ses.enabled": False},
         id="shadow-and-ses-off",
     ),
+    pytest.param(
+        MINIMAL
+        + "ses:\n  api: v2\n  identity_arn: arn:aws:ses:eu-west-1:123456789012:identity/x.org\n"
+        "  source: bounces@x.org\n  feedback_address: fb@x.org\n",
+        {
+            "ses.api": SesApi.V2,
+            "ses.identity_arn": "arn:aws:ses:eu-west-1:123456789012:identity/x.org",
+            "ses.source": "bounces@x.org",
+            "ses.feedback_address": "fb@x.org",
+        },
+        id="ses-v2-cross-account",
+    ),
+    pytest.param(
+        MINIMAL + "ses: {identity_arn: null, source: null}\n",
+        {"ses.api": SesApi.V1, "ses.identity_arn": None, "ses.source": None},
+        id="ses-v1-default",
+    ),
     pytest.param(MINIMAL + "metrics: null\n", {"metrics": None}, id="metrics-off"),
     pytest.param(MINIMAL + "listen: '[::1]:2525'\n", {"listen": "[::1]:2525"}, id="ipv6-loopback"),
     pytest.param(
@@ -239,6 +256,36 @@ INVALID = [
     ),
     pytest.param(
         MINIMAL + "ses:\n", ["FILE:3: ses: expected a mapping, got null"], id="null-section"
+    ),
+    pytest.param(
+        MINIMAL + "ses: {api: v3}\n",
+        ["FILE:3: ses.api: 'v3' is not one of: v1, v2"],
+        id="ses-api-v3",
+    ),
+    pytest.param(
+        MINIMAL + "ses: {identity_arn: example.org}\n",
+        [
+            "FILE:3: ses.identity_arn: expected an identity ARN like"
+            " arn:aws:ses:eu-west-1:123456789012:identity/example.org, got 'example.org'"
+        ],
+        id="identity-arn-not-an-arn",
+    ),
+    pytest.param(
+        MINIMAL + "ses: {source: example.org}\n",
+        [
+            "FILE:3: ses.source: expected an address like bounces@lms.example.edu (SES needs"
+            " an address as Source; its domain or the address must be verified), got"
+            " 'example.org'"
+        ],
+        id="source-a-domain",
+    ),
+    pytest.param(
+        MINIMAL + "ses: {feedback_address: fb@x.org}\n",
+        [
+            "FILE:3: ses.feedback_address: needs api: v2 (SendRawEmail has no"
+            " FeedbackForwardingEmailAddress)"
+        ],
+        id="feedback-address-with-v1",
     ),
     pytest.param(
         MINIMAL + "limits: [1, 2]\n",

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from relay import logs, metrics
 from relay.deliver import dsn
+from relay.deliver.ses.client import MAX_DESTINATIONS
 from relay.deliver.ses.route import Fallback, Retry, Sent, SesRoute
 from relay.errors import HostUnreachable, PermanentFailure, SpoolError, TemporaryFailure
 from relay.mail import Mail
@@ -217,6 +218,8 @@ class Deliverer:
             reasons="; ".join(decision.reasons),
         )
         fallback: Fallback | None = None
+        if decision.route is Route.SES and self._ses_may_try(mail):
+            mail = await self._batch(mail)
         if decision.route is Route.SES:
             checked = await self._suppression(mail, decision)
             if checked is None:
@@ -266,6 +269,28 @@ class Deliverer:
                 detail=fallback.detail,
             )
         await self._upstream(mail, decision, fallback)
+
+    def _ses_may_try(self, mail: Mail) -> bool:
+        """False when SES is out of the question for this mail whatever else happens."""
+        settings = self.settings
+        live = settings.mode is Mode.LIVE and settings.ses.enabled
+        return live and self.ses_route.ses is not None and bool(mail.sender)
+
+    async def _batch(self, mail: Mail) -> Mail:
+        """SES takes at most MAX_DESTINATIONS recipients per call: the recipients past the
+        first batch move to rows of their own (the spool's split, as for suppressed
+        recipients), so each batch is paced, sent and recorded on its own, and a batch SES
+        refuses goes upstream alone. Each row is classified again when it is claimed."""
+        size = MAX_DESTINATIONS
+        if len(mail.recipients) <= size:
+            return mail
+        batches = [mail.recipients[i : i + size] for i in range(0, len(mail.recipients), size)]
+        for n, batch in enumerate(batches[1:], start=2):
+            reason = f"SES takes at most {size} recipients per call: batch {n} of {len(batches)}"
+            await self._record(
+                self.spool.split, mail.id, child=new_id(), recipients=list(batch), reason=reason
+            )
+        return replace(mail, recipients=batches[0])
 
     async def _suppression(
         self, mail: Mail, decision: Decision

@@ -5,13 +5,16 @@
 
 Checks, in order: config and rules load (stop there if not); spool writable;
 original host (EHLO, STARTTLS, AUTH as configured; no mail sent); SES account
-(credentials via GetSendQuota, quota, sending enabled), sender identities,
-configuration sets; DNS of the sender domains (relay.ops.dnscheck: SPF includes
-amazonses.com, Easy DKIM CNAMEs, DMARC); with `ses.events.queue_url`, the SES events
-queue, the configuration sets' event destinations and the bounce and complaint rates
-(relay.ops.feedbackcheck). `warn` marks what could not be asked; it does not fail the
-run. Exit 1 when any line is FAIL. Credentials are never printed: every line is
-scrubbed of the AWS keys and the upstream password.
+(credentials via GetSendQuota, quota, sending enabled, sandbox), each sender and From
+domain once (a verified parent domain covers it), configuration sets, the DKIM-Signature
+of sample mail (`--sample`, else SES-bound mail still in the spool; relay.ops.sescheck);
+DNS of the verified identities (relay.ops.dnscheck: SPF of a custom MAIL FROM domain
+only, Easy DKIM CNAMEs, DMARC); with
+`ses.events.queue_url`, the SES events queue, the configuration sets' event
+destinations and the bounce and complaint rates (relay.ops.feedbackcheck). `warn` marks
+what could not be asked; it does not fail the run. Exit 1 when any line is FAIL.
+Credentials are never printed: every line is scrubbed of the AWS keys and the upstream
+password.
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import os
 import sqlite3
 import ssl
 import tempfile
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -35,16 +39,17 @@ import dns.exception
 
 from relay import rules
 from relay import settings as settings_mod
-from relay.deliver.ses import client as ses_mod
 from relay.errors import ConfigError, DeliveryError
-from relay.ops import dnscheck, feedbackcheck
-from relay.rules import RuleSet
+from relay.mail import Mail
+from relay.ops import dnscheck, feedbackcheck, sescheck
+from relay.rules import Route, RuleSet
 from relay.settings import Security, Settings
 from relay.spool import DB_NAME, state_counts
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 SMTP_TIMEOUT = 10.0  # seconds per SMTP step, at most
 SENDER_WINDOW = 7 * 86400.0  # spool rows this recent name the senders to check
+SPOOL_SAMPLES = 20  # SES-bound mails in the spool whose From and DKIM-Signature are checked
 MAX_DETAIL = 300  # characters of a detail shown; an HTML error page is not useful
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
@@ -78,12 +83,25 @@ class Report:
             return None
 
 
-def run(config_path: Path, *, senders: Sequence[str], nameserver: str | None) -> int:
-    """Entry point of `relay doctor`: 0 when nothing failed, 1 otherwise."""
-    return asyncio.run(_run(config_path, tuple(senders), nameserver))
+def run(
+    config_path: Path,
+    *,
+    senders: Sequence[str],
+    nameserver: str | None,
+    samples: Sequence[Path] = (),
+) -> int:
+    """Entry point of `relay doctor`: 0 when nothing failed, 1 otherwise. `samples` are
+    .eml files whose From identity and DKIM-Signature are checked."""
+    read = [(path.name, path.read_bytes()) for path in samples]
+    return asyncio.run(_run(config_path, tuple(senders), nameserver, read))
 
 
-async def _run(config_path: Path, senders: tuple[str, ...], nameserver: str | None) -> int:
+async def _run(
+    config_path: Path,
+    senders: tuple[str, ...],
+    nameserver: str | None,
+    samples: list[tuple[str, bytes]],
+) -> int:
     report = Report()
     try:
         settings = settings_mod.load(config_path)
@@ -105,14 +123,16 @@ async def _run(config_path: Path, senders: tuple[str, ...], nameserver: str | No
     if not settings.ses.enabled:
         report.line(OK, "ses", "disabled (ses.enabled: false); SES and DNS checks skipped")
         return int(report.failed)
-    senders = senders or seen
-    if not senders:
-        report.line(WARN, "identity", "no senders known: pass --sender")
-    domains = list(dict.fromkeys(s.rpartition("@")[2].lower() for s in senders))
-    dkim = await _ses(report, settings, ruleset, senders, domains)
-    await _dns(report, domains, dkim, nameserver)
     sets = [settings.ses.configuration_set, *(r.configuration_set for r in ruleset.rules)]
-    for line in await feedbackcheck.lines(settings, list(dict.fromkeys(n for n in sets if n))):
+    config_sets = list(dict.fromkeys(n for n in sets if n))
+    if not samples:  # mail still in the spool (sent mail keeps no body) that goes to SES
+        samples = await asyncio.to_thread(_spool_samples, settings.spool, ruleset)
+    found = await sescheck.check(settings.ses, config_sets, senders or seen, samples)
+    for line in found.lines:
+        report.line(*line)
+    dkim = await dnscheck.dkim_tokens(settings.ses, found.identities)
+    await _dns(report, found, dkim, nameserver)
+    for line in await feedbackcheck.lines(settings, config_sets):
         report.line(*line)
     return int(report.failed)
 
@@ -158,6 +178,31 @@ def _spool(report: Report, directory: Path) -> tuple[str, ...]:
     summary = ", ".join(f"{counts[s]} {s}" for s in ("queued", "deferred", "failed"))
     report.line(OK, "spool", f"{db}: writable and readable; {summary}")
     return tuple(s for s, ses in rows if ses) or tuple(s for s, _ in rows)
+
+
+def _spool_samples(directory: Path, ruleset: RuleSet) -> list[tuple[str, bytes]]:
+    """The last SPOOL_SAMPLES mails in the spool that still have their bytes (not sent yet,
+    deferred or dead letters) and that the rules route to SES, as (name, bytes)."""
+    db = directory / DB_NAME
+    if not db.is_file():
+        return []
+    sql = (
+        "SELECT m.id, m.sender, m.recipients, b.body FROM messages m JOIN bodies b"
+        " ON b.id = m.id WHERE m.sender != '' ORDER BY m.received_at DESC LIMIT ?"
+    )
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as c:
+            rows = c.execute(sql, (SPOOL_SAMPLES * 10,)).fetchall()
+    except sqlite3.Error:
+        return []  # _spool has said why
+    found = []
+    for queue_id, sender, recipients, body in rows:
+        mail = Mail(
+            id=queue_id, sender=sender, recipients=tuple(json.loads(recipients)), raw=bytes(body)
+        )
+        if ruleset.classify(mail).route is Route.SES:
+            found.append((f"spool mail {queue_id}", bytes(body)))
+    return found[:SPOOL_SAMPLES]
 
 
 async def _upstream(report: Report, settings: Settings) -> None:
@@ -206,77 +251,32 @@ async def _upstream(report: Report, settings: Settings) -> None:
     report.line(OK, "upstream", f"{s.host}:{s.port}: {', '.join(done)} ok (no mail sent)")
 
 
-async def _ses(
-    report: Report,
-    settings: Settings,
-    ruleset: RuleSet,
-    senders: Sequence[str],
-    domains: list[str],
-) -> dnscheck.Dkim | str:
-    """Account, identities and configuration sets; returns DKIM tokens, or why not."""
-    region = settings.ses.region
-    try:
-        client = await ses_mod.SesClient.open(settings.ses)
-    except Exception as exc:  # a bad region or endpoint URL: say so, do not crash the doctor
-        report.line(FAIL, "ses", f"cannot create an SES client for {region}: {exc}")
-        return "no SES client"
-    async with client:
-        quota = await report.ask(
-            "ses", f"credentials or endpoint unusable (GetSendQuota in {region})", client.quota()
-        )
-        if quota is None:
-            return "SES unusable"
-        daily = "unlimited" if quota.max_24h < 0 else f"{quota.max_24h:g}"
-        usage = (
-            f"credentials valid ({region}); max send rate {quota.max_send_rate:g}/s; "
-            f"sent {quota.sent_last_24h:g} of {daily} in the last 24 h"
-        )
-        spent = 0 <= quota.max_24h <= quota.sent_last_24h
-        report.check(not spent, "ses", usage, f"{usage}: daily quota spent")
-        try:
-            enabled = await client.sending_enabled()
-        except DeliveryError as exc:  # relay never needs this call to send: a warning only
-            report.line(
-                WARN, "ses", f"sending state unknown: GetAccountSendingEnabled: {exc.reply}"
-            )
-        else:
-            report.check(enabled, "ses", "sending enabled", "sending paused for the account")
-        for sender in senders:
-            verified = await report.ask("identity", sender, client.sender_verified(sender))
-            if verified is not None:
-                report.check(
-                    verified,
-                    "identity",
-                    f"{sender}: verified in SES",
-                    f"{sender}: not verified in SES (nor its domain)",
-                )
-        names = [settings.ses.configuration_set, *(r.configuration_set for r in ruleset.rules)]
-        for name in dict.fromkeys(n for n in names if n):
-            exists = await report.ask("configset", name, client.configuration_set_exists(name))
-            if exists is not None:
-                report.check(
-                    exists, "configset", f"{name}: exists", f"{name}: does not exist in {region}"
-                )
-    return await dnscheck.dkim_tokens(settings.ses, domains)
-
-
 async def _dns(
-    report: Report, domains: list[str], dkim: dnscheck.Dkim | str, nameserver: str | None
+    report: Report, found: sescheck.Found, dkim: dnscheck.Dkim | str, nameserver: str | None
 ) -> None:
-    """SPF includes amazonses.com, Easy DKIM CNAMEs point to SES, a DMARC record exists."""
+    """Per verified identity: SPF of its custom MAIL FROM domain includes amazonses.com
+    (none needed with SES's own MAIL FROM), Easy DKIM CNAMEs point to SES, a DMARC record."""
     try:
         resolver = dnscheck.resolver(nameserver)
     except (ValueError, dns.exception.DNSException) as exc:
         report.line(FAIL, "dns", f"cannot use nameserver {nameserver or '(system)'}: {exc}")
         return
-    probes = (
-        ("spf", dnscheck.spf),
-        ("dkim", functools.partial(dnscheck.easy_dkim, dkim=dkim)),
-        ("dmarc", dnscheck.dmarc),
-    )
-    for domain in domains:
+    for domain in found.identities:
+        known = found.mail_from
+        probes: list[tuple[str, Callable[[], Awaitable[str]]]] = []
+        custom = None if isinstance(known, str) else known.get(domain)
+        if isinstance(known, str):
+            report.line(WARN, "spf", f"{domain}: custom MAIL FROM unknown ({known}); not checked")
+        elif custom is not None:
+            probes.append(("spf", functools.partial(dnscheck.spf, resolver, custom)))
+        else:
+            report.line(
+                OK, "spf", f"{domain}: SES's own MAIL FROM (amazonses.com); no SPF record needed"
+            )
+        probes.append(("dkim", functools.partial(dnscheck.easy_dkim, resolver, domain, dkim)))
+        probes.append(("dmarc", functools.partial(dnscheck.dmarc, resolver, domain)))
         for check, probe in probes:
             try:
-                report.line(OK, check, await probe(resolver, domain))
+                report.line(OK, check, await probe())
             except dnscheck.RecordProblem as exc:
                 report.line(WARN if exc.warning else FAIL, check, str(exc))

@@ -7,6 +7,28 @@
 they look at. `DEFAULT_RULES` is the shipped rules.yaml (Moodle's re-engagement mail).
 """
 
-from relay.rules.ruleset import DEFAULT_RULES, RULE_TAG, Decision, Route, Rule, RuleSet, load, parse
+from relay.rules.ruleset import (
+    DEFAULT_RULES,
+    IDENTITY_ARN,
+    IDENTITY_ARN_FORM,
+    RULE_TAG,
+    Decision,
+    Route,
+    Rule,
+    RuleSet,
+    load,
+    parse,
+)
 
-__all__ = ["DEFAULT_RULES", "RULE_TAG", "Decision", "Route", "Rule", "RuleSet", "load", "parse"]
+__all__ = [
+    "DEFAULT_RULES",
+    "IDENTITY_ARN",
+    "IDENTITY_ARN_FORM",
+    "RULE_TAG",
+    "Decision",
+    "Route",
+    "Rule",
+    "RuleSet",
+    "load",
+    "parse",
+]

@@ -28,6 +28,9 @@ RULE_TAG = "rule"  # the SES tag the deliver loop sets to the rule name
 _SES_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")
 _SES_CONFIG_SET = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SES_CHARS = "ASCII letters, digits, '_' and '-'"
+# An SES identity ARN, as sending authorization needs it (`identity_arn`, global or per rule).
+IDENTITY_ARN = re.compile(r"arn:aws[a-z-]*:ses:[a-z0-9-]+:\d{12}:identity/[^\s/]+")
+IDENTITY_ARN_FORM = "an identity ARN like arn:aws:ses:eu-west-1:123456789012:identity/example.org"
 
 
 class Route(StrEnum):
@@ -44,6 +47,7 @@ class Decision:
     reasons: tuple[str, ...]
     configuration_set: str | None = None
     tags: tuple[tuple[str, str], ...] = ()
+    identity_arn: str | None = None  # None: `ses.identity_arn` (if any)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -53,6 +57,7 @@ class Rule:
     match: c.Condition
     configuration_set: str | None = None
     tags: tuple[tuple[str, str], ...] = ()
+    identity_arn: str | None = None  # None: `ses.identity_arn` (if any)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,6 +83,7 @@ class RuleSet:
                     reasons=reasons,
                     configuration_set=rule.configuration_set,
                     tags=rule.tags,
+                    identity_arn=rule.identity_arn,
                 )
         return Decision(rule=None, route=self.default, reasons=())
 
@@ -156,16 +162,29 @@ def _rule(node: yamlfile.Node, seen: dict[str, int]) -> Rule | None:
     match = condition(entries["match"]) if "match" in entries else None
     if "description" in entries:
         text(entries["description"], allow_empty=True)
-    config_set, tags = _ses(entries["ses"]) if "ses" in entries else (None, ())
+    config_set, tags, arn = _ses(entries["ses"]) if "ses" in entries else (None, (), None)
     if name is None or route is None or match is None or tags is None:
         return None
-    return Rule(name=name, route=route, match=match, configuration_set=config_set, tags=tags)
+    return Rule(
+        name=name,
+        route=route,
+        match=match,
+        configuration_set=config_set,
+        tags=tags,
+        identity_arn=arn,
+    )
 
 
-def _ses(node: yamlfile.Node) -> tuple[str | None, tuple[tuple[str, str], ...] | None]:
-    entries = node.mapping(allowed=("configuration_set", "tags"))
+def _ses(
+    node: yamlfile.Node,
+) -> tuple[str | None, tuple[tuple[str, str], ...] | None, str | None]:
+    entries = node.mapping(allowed=("configuration_set", "tags", "identity_arn"))
     if entries is None:
-        return None, None
+        return None, None, None
+    arn = text(entries["identity_arn"]) if "identity_arn" in entries else None
+    if arn is not None and not IDENTITY_ARN.fullmatch(arn):
+        entries["identity_arn"].problem(f"expected {IDENTITY_ARN_FORM}, got {arn!r}")
+        arn = None
     config_set = None
     if "configuration_set" in entries:
         config_set = text(entries["configuration_set"])
@@ -189,4 +208,4 @@ def _ses(node: yamlfile.Node) -> tuple[str | None, tuple[tuple[str, str], ...] |
             ok = False
         else:
             tags.append((tag_name, value))
-    return config_set, (tuple(tags) if ok and tag_entries is not None else None)
+    return config_set, (tuple(tags) if ok and tag_entries is not None else None), arn

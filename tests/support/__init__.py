@@ -5,7 +5,8 @@ Peers (real wire, port 0, each on its own thread):
 
 - `capture`: the "original host", an aiosmtpd server that keeps what it gets
   (plain, STARTTLS or implicit TLS, AUTH if asked); also `python -m tests.support.capture`;
-- `fakeses`: a fake of the SES Query API for the faults and rates moto cannot produce;
+- `fakeses/`: a fake of SES (v1 Query API, SESv2 REST-JSON) for what moto cannot produce
+  (model: faults and records, fake: state and actions, wire: the HTTP handler);
   also `python -m tests.support.fakeses` (the bench runs it);
 - `fakedns`: a tiny authoritative DNS server;
 - `aws`: dummy AWS credentials, a moto server, one aiobotocore session;

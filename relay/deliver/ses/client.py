@@ -1,11 +1,10 @@
-"""SES route of the deliver stage: SendRawEmail through one long-lived aiobotocore client.
+"""SES route of the deliver stage: one long-lived aiobotocore client sends each mail.
 
-Every failure leaves as one of relay's delivery errors (DESIGN 3.4):
-
-    TemporaryFailure   retry SES with backoff until `fallback_after`, then upstream
-    └── Throttled      "Maximum sending rate exceeded": also slow the pace down
-    PermanentFailure   this message goes upstream at once (MessageRejected, size, <>)
-    └── AccountFailure upstream at once and open the circuit (paused, quota, credentials)
+`ses.api: v1` sends with SendRawEmail (10 MB), `v2` with SESv2 SendEmail and
+`Content.Raw` (40 MB); both take the same envelope, bytes, configuration set and
+tags, and both fail the same way (`faults`: relay's error tree). With sending
+authorization (`identity_arn`, per rule or global) v1 names the identity as
+SourceArn, FromArn and ReturnPathArn, v2 as FromEmailAddressIdentityArn.
 
 botocore's own retries are off: the deliver loop owns retrying and pacing.
 Credentials come from the standard chain and never appear in a message.
@@ -20,65 +19,22 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, Self
 
-import aiohttp
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession, get_session
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    CredentialRetrievalError,
-    HTTPClientError,
-    NoCredentialsError,
-    PartialCredentialsError,
-)
-from botocore.exceptions import ConnectionError as BotoConnectionError
-from botocore.parsers import ResponseParserError
 
 from relay import settings as _settings
-from relay.errors import (
-    AccountFailure,
-    DeliveryError,
-    PermanentFailure,
-    TemporaryFailure,
-    Throttled,
-)
+from relay.deliver.ses.faults import ERRORS, failure, scoped
+from relay.errors import AccountFailure, DeliveryError, PermanentFailure, TemporaryFailure
 from relay.mail import Mail
+from relay.settings import SesApi
 
-MAX_DESTINATIONS = 50  # SES v1: at most 50 recipients per message
-# SES v1 SendRawEmail refuses messages over 10 MB ("Message length is more than
-# 10485760 bytes long"); it counts the MIME message, attachments already encoded.
-MAX_MESSAGE_SIZE = 10 * 1024 * 1024
+MAX_DESTINATIONS = 50  # SES: at most 50 recipients per message, both APIs
+# SES refuses bigger messages; it counts the MIME message, attachments already encoded.
+MAX_MESSAGE_SIZE = 10 * 1024 * 1024  # v1 SendRawEmail
+MAX_MESSAGE_SIZE_V2 = 40 * 1024 * 1024  # v2 SendEmail with Content.Raw
 CONNECT_TIMEOUT = 5.0  # seconds; capped by settings.timeout
 
-RATE_THROTTLE = "maximum sending rate exceeded"
-DAILY_THROTTLE = "daily message quota exceeded"
-
-THROTTLE_CODES = frozenset({"Throttling", "ThrottlingException", "TooManyRequestsException"})
-ACCOUNT_CODES = frozenset(
-    {
-        "AccountSendingPausedException",
-        "ConfigurationSetDoesNotExist",
-        "ConfigurationSetSendingPausedException",
-        "MailFromDomainNotVerifiedException",
-        # credentials and permissions: every call fails the same way until an admin acts
-        "AccessDenied",
-        "AccessDeniedException",
-        "ExpiredToken",
-        "ExpiredTokenException",
-        "IncompleteSignature",
-        "InvalidClientTokenId",
-        "MissingAuthenticationToken",
-        "OptInRequired",
-        "RequestExpired",  # clock skew: every signature is stale
-        "SignatureDoesNotMatch",
-        "UnrecognizedClientException",
-    }
-)
-TEMPORARY_CODES = frozenset({"ServiceUnavailable", "InternalFailure", "InternalError"})
-
-# What a send may raise besides our own errors; OSError covers TimeoutError.
-_ERRORS = (BotoCoreError, ClientError, ResponseParserError, aiohttp.ClientError, OSError)
-_NETWORK = (BotoConnectionError, HTTPClientError, ResponseParserError, aiohttp.ClientError, OSError)
+_ACTIONS = {"send_raw_email": "SendRawEmail", "send_email": "SendEmail"}
 _TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
@@ -92,14 +48,20 @@ class Quota:
 
 
 class SesClient:
-    """One aiobotocore SES v1 client for the life of the service.
+    """One aiobotocore SES client (v1 or v2, as `ses.api` says) for the life of the service.
 
     Open with `ses = await SesClient.open(settings)` and `await ses.close()` when
     done, or use the opened client as `async with`: `async with await SesClient.open(s) as ses:`.
     """
 
-    def __init__(self, client: Any, stack: AsyncExitStack, settings: _settings.Ses) -> None:
+    def __init__(
+        self, client: Any, stack: AsyncExitStack, settings: _settings.Ses, *, v2: Any = None
+    ) -> None:
+        """`client` is the v1 client (quota, identities); `v2` the SESv2 one, used for
+        sending when `settings.api` is v2."""
         self._client = client
+        self._v2 = v2
+        self.api = SesApi.V2 if v2 is not None else SesApi.V1
         self._stack = stack
         self._settings = settings
         connect = min(CONNECT_TIMEOUT, settings.timeout)
@@ -122,7 +84,17 @@ class SesClient:
             "ses", region_name=settings.region, endpoint_url=settings.endpoint_url, config=config
         )
         client = await stack.enter_async_context(creator)
-        return cls(client, stack, settings)
+        v2 = None
+        if settings.api is SesApi.V2:
+            v2 = await stack.enter_async_context(
+                session.create_client(
+                    "sesv2",
+                    region_name=settings.region,
+                    endpoint_url=settings.endpoint_url,
+                    config=config,
+                )
+            )
+        return cls(client, stack, settings, v2=v2)
 
     async def close(self) -> None:
         """Close the HTTP connection pool."""
@@ -134,41 +106,71 @@ class SesClient:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
+    @property
+    def max_message_size(self) -> int:
+        return MAX_MESSAGE_SIZE_V2 if self._v2 is not None else MAX_MESSAGE_SIZE
+
     async def send(
         self,
         mail: Mail,
         *,
         configuration_set: str | None = None,
         tags: Sequence[tuple[str, str]] = (),
+        identity_arn: str | None = None,
     ) -> str:
-        """SendRawEmail `mail.wire_bytes()` to the envelope; return the SES MessageId.
+        """Send `mail.wire_bytes()` to the envelope; return the SES MessageId.
 
-        `configuration_set` None means the one in settings (if any). Tag names and
-        values are reduced to what SES accepts (letters, digits, `_`, `-`).
-        Mail that SES cannot take as it is (null sender, no or over
-        MAX_DESTINATIONS recipients, over MAX_MESSAGE_SIZE) raises
-        PermanentFailure before any call; the caller may split recipients itself.
+        `configuration_set` and `identity_arn` None mean the ones in settings (if any). The
+        Source is `ses.source` if set, else the envelope sender. Tag names and values are
+        reduced to what SES accepts (letters, digits, `_`, `-`). Mail that SES cannot take
+        as it is (null sender, no or over MAX_DESTINATIONS recipients, over the API's size
+        limit) raises PermanentFailure before any call; the caller splits recipients.
         """
         data = mail.wire_bytes()
-        refusal = _refusal(mail, len(data))
+        refusal = _refusal(mail, len(data), self.max_message_size)
         if refusal:
             raise PermanentFailure(f"SES cannot send {mail.id}: {refusal}", reply=refusal)
-        params: dict[str, Any] = {
-            "Source": mail.sender,
-            "Destinations": list(mail.recipients),
-            "RawMessage": {"Data": data},
-        }
-        config_set = configuration_set or self._settings.configuration_set
+        ses = self._settings
+        source = ses.source or mail.sender
+        config_set = configuration_set or ses.configuration_set
+        arn = identity_arn or ses.identity_arn
+        safe_tags = [{"Name": tag_safe(n), "Value": tag_safe(v)} for n, v in tags]
+        params: dict[str, Any]
+        if self._v2 is None:
+            method = "send_raw_email"
+            params = {"Source": source, "Destinations": list(mail.recipients)}
+            params["RawMessage"] = {"Data": data}
+            if arn:
+                params |= {"SourceArn": arn, "FromArn": arn, "ReturnPathArn": arn}
+            if safe_tags:
+                params["Tags"] = safe_tags
+        else:
+            method = "send_email"
+            params = {
+                "FromEmailAddress": source,
+                "Destination": {"ToAddresses": [*mail.recipients]},
+            }
+            params["Content"] = {"Raw": {"Data": data}}
+            if arn:
+                params["FromEmailAddressIdentityArn"] = arn
+            if ses.feedback_address:
+                params["FeedbackForwardingEmailAddress"] = ses.feedback_address
+            if safe_tags:
+                params["EmailTags"] = safe_tags
         if config_set:
             params["ConfigurationSetName"] = config_set
-        if tags:
-            params["Tags"] = [{"Name": tag_safe(n), "Value": tag_safe(v)} for n, v in tags]
-        response = await self._call("send_raw_email", f"message {mail.id}", **params)
+        try:
+            response = await self._call(method, f"message {mail.id}", **params)
+        except DeliveryError as exc:
+            narrowed = scoped(exc, source=source, configuration_set=config_set, region=ses.region)
+            if narrowed is exc:
+                raise
+            raise narrowed from exc.__cause__
         message_id = response.get("MessageId")
         if not message_id:  # SES answered 200 but said nothing usable: try again later
             raise TemporaryFailure(
                 f"SES accepted {mail.id} without a MessageId",
-                reply="SendRawEmail response without MessageId",
+                reply=f"{_ACTIONS[method]} response without MessageId",
             )
         return str(message_id)
 
@@ -194,6 +196,16 @@ class SesClient:
         attributes = r.get("VerificationAttributes", {}).get(identity)
         return None if attributes is None else str(attributes.get("VerificationStatus"))
 
+    async def identity_statuses(self, identities: Sequence[str]) -> dict[str, str]:
+        """VerificationStatus of each identity SES knows among `identities`, in one call."""
+        r = await self._call(
+            "get_identity_verification_attributes",
+            f"identities {', '.join(identities)}",
+            Identities=list(identities),
+        )
+        found = r.get("VerificationAttributes", {})
+        return {i: str(a.get("VerificationStatus")) for i, a in found.items()}
+
     async def sender_verified(self, address: str) -> bool:
         """True when SES may send as `address`: it or its domain is verified."""
         domain = address.rpartition("@")[2]
@@ -217,57 +229,24 @@ class SesClient:
         return True
 
     async def _call(self, method: str, what: str, **params: Any) -> dict[str, Any]:
+        client = self._v2 if method == "send_email" else self._client
         try:
             async with asyncio.timeout(self._deadline):
-                response: dict[str, Any] = await getattr(self._client, method)(**params)
-        except _ERRORS as exc:
+                response: dict[str, Any] = await getattr(client, method)(**params)
+        except ERRORS as exc:
             raise failure(exc, what) from exc
         return response
 
 
-def failure(exc: BaseException, what: str) -> DeliveryError:
-    """Map an aiobotocore/botocore/network error to relay's delivery error tree."""
-    if isinstance(exc, ClientError):
-        return _client_failure(exc, what)
-    name = type(exc).__name__
-    if isinstance(exc, NoCredentialsError | PartialCredentialsError | CredentialRetrievalError):
-        return AccountFailure(f"SES credentials unusable for {what}: {exc}", reply=name)
-    if isinstance(exc, _NETWORK):
-        reply = f"{name}: {exc}" if str(exc) else name
-        return TemporaryFailure(f"SES unreachable for {what}: {reply}", reply=reply)
-    if isinstance(exc, BotoCoreError):
-        # Parameter validation and the like: this message as it is will not go.
-        return PermanentFailure(f"SES refused {what} before sending: {name}: {exc}", reply=name)
-    return TemporaryFailure(f"SES failed for {what}: {name}: {exc}", reply=name)
-
-
-def _client_failure(exc: ClientError, what: str) -> DeliveryError:
-    error = exc.response.get("Error", {})
-    code = str(error.get("Code", "Unknown"))
-    message = str(error.get("Message", ""))
-    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-    reply = f"{code}: {message}" if message else code
-    lowered = message.lower()
-    if code in THROTTLE_CODES:
-        if DAILY_THROTTLE in lowered:
-            return AccountFailure(f"SES daily quota spent at {what}: {reply}", reply=reply)
-        return Throttled(f"SES throttled {what}: {reply}", reply=reply)
-    if code in ACCOUNT_CODES:
-        return AccountFailure(f"SES account cannot send {what}: {reply}", reply=reply)
-    if code in TEMPORARY_CODES or status >= 500 or (code.isdigit() and int(code) >= 500):
-        return TemporaryFailure(f"SES unavailable for {what}: {reply}", reply=reply)
-    return PermanentFailure(f"SES rejected {what}: {reply}", reply=reply)
-
-
-def _refusal(mail: Mail, size: int) -> str:
+def _refusal(mail: Mail, size: int, limit: int) -> str:
     if not mail.sender:
         return "null sender <> (SES needs a Source address)"
     if not mail.recipients:
         return "no recipients"
     if len(mail.recipients) > MAX_DESTINATIONS:
         return f"{len(mail.recipients)} recipients, SES takes at most {MAX_DESTINATIONS} per call"
-    if size > MAX_MESSAGE_SIZE:
-        return f"{size} bytes, over the SES limit of {MAX_MESSAGE_SIZE}"
+    if size > limit:
+        return f"{size} bytes, over the SES limit of {limit}"
     return ""
 
 
@@ -279,9 +258,9 @@ def tag_safe(text: str) -> str:
 __all__ = [
     "MAX_DESTINATIONS",
     "MAX_MESSAGE_SIZE",
+    "MAX_MESSAGE_SIZE_V2",
     "Quota",
     "SesClient",
-    "Throttled",
     "failure",
     "tag_safe",
 ]

@@ -8,7 +8,8 @@ one verdict to record:
     Fallback(reason, ...)   go upstream: blocked (shadow, disabled, null sender, daily
                             budget, open circuit), refused, account-wide, or too old
 
-Pacing, the circuit breaker and the SES metrics live here; the spool is not touched.
+Pacing, the circuit breakers (the account's, and one per identity or configuration set
+SES refused: `scopes`) and the SES metrics live here; the spool is not touched.
 """
 
 from __future__ import annotations
@@ -19,8 +20,15 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from relay import metrics
+from relay.deliver.ses import scopes as _scopes
 from relay.deliver.ses.circuit import Circuit, CircuitState
-from relay.errors import AccountFailure, PermanentFailure, TemporaryFailure, Throttled
+from relay.errors import (
+    AccountFailure,
+    PermanentFailure,
+    ScopedFailure,
+    TemporaryFailure,
+    Throttled,
+)
 from relay.mail import Mail
 from relay.rules import RULE_TAG, Decision
 from relay.settings import Mode, Settings
@@ -31,7 +39,12 @@ THROTTLE_RETRY = 1.0  # seconds: SES counts per second, so the next window is fr
 
 class SesSender(Protocol):
     async def send(
-        self, mail: Mail, *, configuration_set: str | None, tags: Sequence[tuple[str, str]]
+        self,
+        mail: Mail,
+        *,
+        configuration_set: str | None,
+        tags: Sequence[tuple[str, str]],
+        identity_arn: str | None = None,
     ) -> str: ...
 
 
@@ -74,15 +87,20 @@ class SesRoute:
         ses: SesSender | None,
         pace: Pacer | None,
         circuit: Circuit,
+        scopes: _scopes.Scopes | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        """`wall_clock` tells a message's age (for `fallback_after`); injected for tests."""
+        """`wall_clock` tells a message's age (for `fallback_after`); injected for tests.
+        `scopes` None: circuits per identity with the account circuit's cooldown and clock."""
         self.ses = ses
         self.pace = pace
         self.circuit = circuit
+        self.scopes = scopes or _scopes.Scopes(circuit.cooldown, clock=circuit.clock)
         self._wall_clock = wall_clock
 
-    def blocked(self, mail: Mail, settings: Settings) -> Fallback | None:
+    def blocked(
+        self, mail: Mail, settings: Settings, scopes: Sequence[str] = ()
+    ) -> Fallback | None:
         """Why this message may not try SES now, or None when it may."""
         if settings.mode is Mode.SHADOW:
             return Fallback(
@@ -94,6 +112,12 @@ class SesRoute:
             return Fallback(reason="null_sender", detail="SES cannot send with a null sender <>")
         if self.pace is not None and not self.pace.budget_left(len(mail.recipients)):
             return Fallback(reason="daily_quota", detail="SES daily sending quota spent")
+        waiting = self.scopes.waiting(scopes)
+        if waiting is not None:
+            return Fallback(
+                reason="identity",
+                detail=f"SES circuit open for {waiting.scope}: {waiting.reason}",
+            )
         if not self.circuit.allow():  # last: while open, it lets exactly one probe through
             return Fallback(
                 reason="circuit_open", detail=f"SES circuit open: {self.circuit.reason}"
@@ -102,30 +126,66 @@ class SesRoute:
 
     async def attempt(self, mail: Mail, decision: Decision, settings: Settings) -> Verdict:
         """Try SES once (paced) and say what to record."""
-        blocked = self.blocked(mail, settings)
+        config_set = decision.configuration_set or settings.ses.configuration_set
+        source = settings.ses.source or mail.sender
+        scopes = _scopes.keys(mail, source=source, configuration_set=config_set)
+        blocked = self.blocked(mail, settings, scopes)
         if blocked is not None:
             return blocked
         assert self.ses is not None
         tags = ((RULE_TAG, decision.rule or "default"), *decision.tags)
-        config_set = decision.configuration_set or settings.ses.configuration_set
         probe = self.circuit.state is CircuitState.PROBING  # allow() just let this one through
+        probes = self.scopes.begin(scopes)  # this mail probes for these scopes
+        try:
+            verdict, failed = await self._send(mail, decision, settings, tags, config_set, probe)
+        except BaseException:
+            self.scopes.aborted(probes)
+            raise
+        if isinstance(verdict, Sent) or (
+            isinstance(verdict, Fallback) and verdict.reason == "rejected"
+        ):
+            self.scopes.succeeded(probes)  # SES took the identity; it refused something else
+        else:  # a scope that failed again is open again; the others learnt nothing
+            self.scopes.aborted(p for p in probes if p != failed)
+        return verdict
+
+    async def _send(
+        self,
+        mail: Mail,
+        decision: Decision,
+        settings: Settings,
+        tags: Sequence[tuple[str, str]],
+        config_set: str | None,
+        probe: bool,
+    ) -> tuple[Verdict, str | None]:
+        """One paced call; the verdict and the scope SES refused (if it did)."""
+        assert self.ses is not None
         started: float | None = None  # set when the call to SES starts (after pacing)
         try:
             if self.pace is not None:  # inside the try: a probe cancelled here is aborted too
                 await self.pace.acquire(len(mail.recipients))
             started = time.monotonic()
-            message_id = await self.ses.send(mail, configuration_set=config_set, tags=tags)
+            message_id = await self.ses.send(
+                mail, configuration_set=config_set, tags=tags, identity_arn=decision.identity_arn
+            )
         except AccountFailure as exc:
             if self.circuit.failed(str(exc)):
                 code = exc.reply.split(":", 1)[0].strip() or type(exc).__name__
                 metrics.CIRCUIT_OPENINGS.labels(code[:64]).inc()
             metrics.CIRCUIT_OPEN.set(1)
-            return Fallback(reason="account", detail=f"SES account-wide failure: {exc.reply}")
+            detail = f"SES account-wide failure: {exc.reply}"
+            return Fallback(reason="account", detail=detail), None
+        except ScopedFailure as exc:
+            self._reached()  # the account works: it answered about one identity or set
+            self.scopes.failed(exc.scope, reply=exc.reply, advice=exc.advice)
+            detail = f"SES cannot send for {exc.scope}: {exc.reply}"
+            return Fallback(reason="identity", detail=detail), exc.scope
         except PermanentFailure as exc:
             self._reached()
-            return Fallback(reason="rejected", detail=f"SES refused the message: {exc.reply}")
+            detail = f"SES refused the message: {exc.reply}"
+            return Fallback(reason="rejected", detail=detail), None
         except TemporaryFailure as exc:
-            return self._temporary(mail, exc, settings)
+            return self._temporary(mail, exc, settings), None
         except BaseException:
             if probe:  # no verdict (a bug, or cancelled): the next mail probes, not never
                 self.circuit.probe_aborted()
@@ -138,7 +198,7 @@ class SesRoute:
             self.pace.succeeded(len(mail.recipients))
             self.pace.spend(len(mail.recipients))
             metrics.PACE.set(self.pace.rate)
-        return Sent(message_id=message_id)
+        return Sent(message_id=message_id), None
 
     def _temporary(self, mail: Mail, exc: TemporaryFailure, settings: Settings) -> Verdict:
         if self.circuit.state is CircuitState.PROBING:

@@ -1,0 +1,160 @@
+"""What an SES answer means for relay: botocore and network errors -> relay's error tree.
+
+    TemporaryFailure   retry SES with backoff until `fallback_after`, then upstream
+    └── Throttled      "Maximum sending rate exceeded": also slow the pace down
+    PermanentFailure   this message goes upstream at once (MessageRejected, size, <>)
+    ├── AccountFailure upstream at once and open the circuit (paused, quota, credentials)
+    └── ScopedFailure  upstream at once and open a circuit for one identity or
+                       configuration set (`scoped()`: unverified identity, custom MAIL FROM
+                       not verified, configuration set missing)
+
+The codes are those of botocore's `ses` (v1) and `sesv2` service models.
+"""
+
+from __future__ import annotations
+
+import re
+
+import aiohttp
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    CredentialRetrievalError,
+    HTTPClientError,
+    NoCredentialsError,
+    PartialCredentialsError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
+from botocore.parsers import ResponseParserError
+
+from relay.errors import (
+    AccountFailure,
+    DeliveryError,
+    PermanentFailure,
+    ScopedFailure,
+    TemporaryFailure,
+    Throttled,
+)
+
+RATE_THROTTLE = "maximum sending rate exceeded"
+DAILY_THROTTLE = "daily message quota exceeded"
+UNVERIFIED = "not verified"  # MessageRejected "Email address is not verified. The following ..."
+
+THROTTLE_CODES = frozenset({"Throttling", "ThrottlingException", "TooManyRequestsException"})
+ACCOUNT_CODES = frozenset(
+    {
+        "AccountSendingPausedException",
+        "AccountSuspendedException",  # v2
+        "SendingPausedException",  # v2: account or configuration set paused
+        "ConfigurationSetSendingPausedException",
+        # without a send's context (which identity, which set) these concern the account;
+        # `scoped()` narrows them for a send
+        "ConfigurationSetDoesNotExist",
+        "MailFromDomainNotVerifiedException",
+        # credentials and permissions: every call fails the same way until an admin acts
+        "AccessDenied",
+        "AccessDeniedException",
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "IncompleteSignature",
+        "InvalidClientTokenId",
+        "MissingAuthenticationToken",
+        "OptInRequired",
+        "RequestExpired",  # clock skew: every signature is stale
+        "SignatureDoesNotMatch",
+        "UnrecognizedClientException",
+    }
+)
+TEMPORARY_CODES = frozenset({"ServiceUnavailable", "InternalFailure", "InternalError"})
+MAIL_FROM_CODES = frozenset({"MailFromDomainNotVerifiedException", "MailFromDomainNotVerified"})
+CONFIG_SET_CODES = frozenset(
+    {"ConfigurationSetDoesNotExist", "ConfigurationSetDoesNotExistException"}
+)
+
+# What a send may raise besides our own errors; OSError covers TimeoutError.
+ERRORS = (BotoCoreError, ClientError, ResponseParserError, aiohttp.ClientError, OSError)
+_NETWORK = (BotoConnectionError, HTTPClientError, ResponseParserError, aiohttp.ClientError, OSError)
+_ADDRESS = re.compile(r"[^\s<>,:@]+@([A-Za-z0-9.-]+)")
+
+
+def failure(exc: BaseException, what: str) -> DeliveryError:
+    """Map an aiobotocore/botocore/network error to relay's delivery error tree."""
+    if isinstance(exc, ClientError):
+        return _client_failure(exc, what)
+    name = type(exc).__name__
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError | CredentialRetrievalError):
+        return AccountFailure(f"SES credentials unusable for {what}: {exc}", reply=name)
+    if isinstance(exc, _NETWORK):
+        reply = f"{name}: {exc}" if str(exc) else name
+        return TemporaryFailure(f"SES unreachable for {what}: {reply}", reply=reply)
+    if isinstance(exc, BotoCoreError):
+        # Parameter validation and the like: this message as it is will not go.
+        return PermanentFailure(f"SES refused {what} before sending: {name}: {exc}", reply=name)
+    return TemporaryFailure(f"SES failed for {what}: {name}: {exc}", reply=name)
+
+
+def _client_failure(exc: ClientError, what: str) -> DeliveryError:
+    error = exc.response.get("Error", {})
+    code = str(error.get("Code", "Unknown"))
+    message = str(error.get("Message", ""))
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    reply = f"{code}: {message}" if message else code
+    lowered = message.lower()
+    if code in THROTTLE_CODES:
+        if DAILY_THROTTLE in lowered:
+            return AccountFailure(f"SES daily quota spent at {what}: {reply}", reply=reply)
+        return Throttled(f"SES throttled {what}: {reply}", reply=reply)
+    if code in ACCOUNT_CODES or (code == "NotFoundException" and "configuration set" in lowered):
+        return AccountFailure(f"SES account cannot send {what}: {reply}", reply=reply)
+    if code in TEMPORARY_CODES or status >= 500 or (code.isdigit() and int(code) >= 500):
+        return TemporaryFailure(f"SES unavailable for {what}: {reply}", reply=reply)
+    return PermanentFailure(f"SES rejected {what}: {reply}", reply=reply)
+
+
+def scoped(
+    exc: DeliveryError,
+    *,
+    source: str,
+    configuration_set: str | None,
+    region: str,
+) -> DeliveryError:
+    """`exc` as a ScopedFailure when it concerns one identity or configuration set.
+
+    The identity is a domain: with VERP every envelope sender differs, and only the
+    domain identity covers them all. SES names the identities that failed the check in
+    its MessageRejected text; else the Source domain stands for it.
+    """
+    code, _, message = exc.reply.partition(":")
+    code, message = code.strip(), message.strip()
+    source_domain = source.rpartition("@")[2].lower()
+    if code == "MessageRejected" and UNVERIFIED in message.lower():
+        named = [d.lower().rstrip(".") for d in _ADDRESS.findall(message)]
+        domain = named[0] if named else source_domain
+        advice = f"verify domain {domain} in {region}"
+        if domain == source_domain:  # the From header needs its own identity; Source does not
+            advice += ", or set ses.source to an address of a verified domain"
+        return _scoped(exc, f"identity {domain}", advice)
+    if code in MAIL_FROM_CODES:
+        advice = (
+            f"publish the MX and SPF records of the custom MAIL FROM domain of {source_domain}"
+            f" in {region}, or set its behaviour on MX failure to USE_DEFAULT_VALUE"
+        )
+        return _scoped(exc, f"identity {source_domain}", advice)
+    if configuration_set and (
+        code in CONFIG_SET_CODES
+        or (code == "NotFoundException" and "configuration set" in message.lower())
+    ):
+        advice = (
+            f"create configuration set {configuration_set} in {region}, or fix the name in"
+            " relay.yaml / rules.yaml"
+        )
+        return _scoped(exc, f"configuration set {configuration_set}", advice)
+    return exc
+
+
+def _scoped(exc: DeliveryError, scope: str, advice: str) -> ScopedFailure:
+    narrowed = ScopedFailure(
+        f"{exc} (SES cannot send for {scope})", reply=exc.reply, scope=scope, advice=advice
+    )
+    narrowed.__cause__ = exc.__cause__ or exc
+    return narrowed

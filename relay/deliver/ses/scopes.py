@@ -1,0 +1,93 @@
+"""Circuits for one SES identity or configuration set, next to the account's circuit.
+
+An unverified identity, a custom MAIL FROM domain SES cannot use, or a configuration set
+that does not exist stop the mail of that identity or set only (`faults.scoped` names the
+scope). The mail's scopes are its Source domain, its From header's domain and its
+configuration set: while one of their circuits is open, the mail goes upstream without an
+SES call; after the cooldown one mail probes for it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from email.utils import parseaddr
+
+from relay import metrics
+from relay.deliver.ses.circuit import Circuit, CircuitState
+from relay.mail import Mail
+
+IDENTITY = "identity"
+CONFIGURATION_SET = "configuration set"
+
+
+def keys(mail: Mail, *, source: str, configuration_set: str | None) -> tuple[str, ...]:
+    """The scopes `mail` sends under: Source and From domains, configuration set."""
+    found = [f"{IDENTITY} {source.rpartition('@')[2].lower()}"]
+    try:
+        sender = parseaddr(str(mail.message.get("From", "")))[1]
+    except Exception:  # a From header the parser cannot read: SES will say so
+        sender = ""
+    if "@" in sender:
+        found.append(f"{IDENTITY} {sender.rpartition('@')[2].lower()}")
+    if configuration_set:
+        found.append(f"{CONFIGURATION_SET} {configuration_set}")
+    return tuple(dict.fromkeys(found))
+
+
+class Scopes:
+    """One Circuit per scope that failed, made on first failure."""
+
+    def __init__(self, cooldown: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cooldown = cooldown
+        self._clock = clock
+        self.circuits: dict[str, Circuit] = {}
+
+    def waiting(self, scopes: Iterable[str]) -> Circuit | None:
+        """The first circuit among `scopes` that lets no mail through now, or None."""
+        for scope in scopes:
+            circuit = self.circuits.get(scope)
+            if circuit is not None and circuit.waiting():
+                return circuit
+        return None
+
+    def begin(self, scopes: Iterable[str]) -> tuple[str, ...]:
+        """This mail tries SES: it is the probe of every scope past its cooldown."""
+        probes = []
+        for scope in scopes:
+            circuit = self.circuits.get(scope)
+            if circuit is not None and circuit.state is CircuitState.OPEN and circuit.allow():
+                probes.append(scope)
+        return tuple(probes)
+
+    def failed(self, scope: str, *, reply: str, advice: str) -> None:
+        """SES refused `scope`: open its circuit (one ERROR line and one count when it opens)."""
+        circuit = self.circuits.get(scope)
+        if circuit is None:
+            circuit = self.circuits[scope] = Circuit(self.cooldown, clock=self._clock, scope=scope)
+        if circuit.failed(reply, advice=advice):
+            code = reply.split(":", 1)[0].strip()[:64]
+            metrics.SCOPE_CIRCUIT_OPENINGS.labels(_kind(scope), _name(scope), code).inc()
+        metrics.SCOPE_CIRCUIT_OPEN.labels(_kind(scope), _name(scope)).set(1)
+
+    def succeeded(self, scopes: Iterable[str]) -> None:
+        """SES took the probe: close those circuits."""
+        for scope in scopes:
+            circuit = self.circuits[scope]
+            circuit.succeeded()
+            if circuit.state is CircuitState.CLOSED:
+                metrics.SCOPE_CIRCUIT_OPEN.labels(_kind(scope), _name(scope)).set(0)
+
+    def aborted(self, scopes: Iterable[str]) -> None:
+        """The probe said nothing about these scopes: the next mail probes."""
+        for scope in scopes:
+            self.circuits[scope].probe_aborted()
+
+
+def _kind(scope: str) -> str:
+    return "configuration_set" if scope.startswith(CONFIGURATION_SET) else IDENTITY
+
+
+def _name(scope: str) -> str:
+    prefix = CONFIGURATION_SET if scope.startswith(CONFIGURATION_SET) else IDENTITY
+    return scope.removeprefix(prefix).strip()
