@@ -1,0 +1,216 @@
+"""relay.yaml -> `Settings`: the file as a whole, its top-level keys, and the small sections.
+
+`load(path)` is the only entry point; it raises `ConfigError` listing every
+problem at once, each with file:line:key. Relative paths (rules, spool, users
+file, TLS files) are taken relative to the directory of relay.yaml, so a config
+directory can be moved as a whole. The larger sections are read in `sections`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from pathlib import Path
+
+from relay import yamlfile
+from relay.rules import DEFAULT_RULES
+from relay.settings import sections
+from relay.settings.model import (
+    DEFAULT_LISTEN,
+    DEFAULT_METRICS,
+    Auth,
+    Bounces,
+    HostPort,
+    Limits,
+    Mode,
+    Retry,
+    Ses,
+    Settings,
+    Tls,
+    default_of,
+)
+from relay.settings.sections import Rel
+
+DEFAULT_PATHS = (Path("relay.yaml"), Path("/etc/relay/relay.yaml"))
+
+
+def find_config(explicit: Path | None) -> Path:
+    """--config, else $RELAY_CONFIG, else ./relay.yaml, else /etc/relay/relay.yaml."""
+    if explicit is not None:
+        return explicit
+    env = os.environ.get("RELAY_CONFIG")
+    if env:
+        return Path(env)
+    for candidate in DEFAULT_PATHS:
+        if candidate.exists():
+            return candidate
+    return DEFAULT_PATHS[0]
+
+
+def load(path: Path) -> Settings:
+    """Read relay.yaml at `path`; raise ConfigError naming every problem."""
+    doc, root = yamlfile.load(path)
+    settings = _read(root, path) if root is not None else None
+    doc.raise_if_any()
+    assert settings is not None
+    return settings
+
+
+_TOP = {
+    "listen",
+    "spool",
+    "rules",
+    "mode",
+    "hostname",
+    "limits",
+    "auth",
+    "tls",
+    "allow_networks",
+    "upstream",
+    "ses",
+    "retry",
+    "bounces",
+    "metrics",
+    "deliverers",
+    "retention",
+}
+
+
+def _read(root: yamlfile.Node, path: Path) -> Settings | None:
+    base = path.parent
+    top = root.mapping(_TOP, required=("upstream",))
+    if top is None:
+        return None
+
+    def rel(node: yamlfile.Node) -> Path | None:
+        value = node.as_str()
+        return None if value is None else (base / value)
+
+    listen = _host_port(top["listen"]) if "listen" in top else DEFAULT_LISTEN
+    spool = rel(top["spool"]) if "spool" in top else base / "spool"
+    # No `rules:` key: the shipped Moodle defaults (relay/rules/rules.yaml).
+    rules = rel(top["rules"]) if "rules" in top else DEFAULT_RULES
+    mode = (
+        top["mode"].as_choice([m.value for m in Mode])
+        if "mode" in top
+        else default_of(Settings, "mode")
+    )
+    hostname = top["hostname"].as_str() if "hostname" in top else socket.gethostname()
+    limits = sections.limits(top["limits"]) if "limits" in top else Limits()
+    auth = _auth(top["auth"], rel) if "auth" in top and not top["auth"].is_null() else None
+    tls = _tls(top["tls"], rel) if "tls" in top and not top["tls"].is_null() else None
+    networks = _networks(top["allow_networks"]) if "allow_networks" in top else ()
+    upstream = sections.upstream(top["upstream"], rel) if "upstream" in top else None  # required
+    ses = sections.ses(top["ses"]) if "ses" in top else Ses()
+    retry = sections.retry(top["retry"]) if "retry" in top else Retry()
+    bounces = sections.bounces(top["bounces"]) if "bounces" in top else Bounces()
+    metrics: HostPort | None = DEFAULT_METRICS  # `metrics: null` turns it off
+    if "metrics" in top:
+        metrics = None if top["metrics"].is_null() else _host_port(top["metrics"])
+    deliverers = (
+        top["deliverers"].as_int(minimum=1)
+        if "deliverers" in top
+        else default_of(Settings, "deliverers")
+    )
+    retention = (
+        top["retention"].as_number(minimum=0)
+        if "retention" in top
+        else default_of(Settings, "retention")
+    )
+
+    if listen is not None and not listen.is_loopback and (auth is None or tls is None):
+        top["listen"].problem(
+            f"{listen} is not a loopback address: it needs both 'auth' and 'tls' "
+            "(relay is never an open relay); use 127.0.0.1 or configure auth and tls"
+        )
+    if auth is not None and tls is None and listen is not None and not listen.is_loopback:
+        top["auth"].problem("auth on a non-loopback listen needs 'tls' (passwords in clear)")
+
+    values = (listen, spool, rules, mode, hostname, limits, networks, upstream, ses, retry)
+    if any(v is None for v in values) or None in (deliverers, retention, bounces):
+        return None
+    assert listen and spool and rules and mode and hostname and limits and upstream and ses
+    assert retry is not None and networks is not None and bounces is not None
+    assert deliverers is not None and retention is not None
+    return Settings(
+        source=path,
+        listen=listen,
+        spool=spool,
+        rules=rules,
+        mode=Mode(mode),
+        hostname=hostname,
+        limits=limits,
+        auth=auth,
+        tls=tls,
+        allow_networks=networks,
+        upstream=upstream,
+        ses=ses,
+        retry=retry,
+        bounces=bounces,
+        metrics=metrics,
+        deliverers=deliverers,
+        retention=float(retention),
+    )
+
+
+def _host_port(node: yamlfile.Node) -> HostPort | None:
+    value = node.scalar()
+    text = str(value) if isinstance(value, str | int) else None
+    if text is None or ":" not in text:
+        node.problem("expected host:port, e.g. 127.0.0.1:2525")
+        return None
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        node.problem(f"expected host:port with a port 0-65535, got {text!r}")
+        return None
+    return HostPort(host=host, port=int(port))
+
+
+def _auth(node: yamlfile.Node, rel: Rel) -> Auth | None:
+    m = node.mapping({"users_file"}, required=("users_file",))
+    users = rel(m["users_file"]) if m and "users_file" in m else None
+    return Auth(users_file=users) if users is not None else None
+
+
+def _tls(node: yamlfile.Node, rel: Rel) -> Tls | None:
+    m = node.mapping({"cert", "key", "implicit"}, required=("cert", "key"))
+    if m is None or "cert" not in m or "key" not in m:
+        return None
+    cert, key = rel(m["cert"]), rel(m["key"])
+    implicit = m["implicit"].as_bool() if "implicit" in m else False
+    if cert is None or key is None or implicit is None:
+        return None
+    return Tls(cert=cert, key=key, implicit=implicit)
+
+
+def _networks(
+    node: yamlfile.Node,
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None:
+    items = node.sequence()
+    if items is None:
+        return None
+    networks = []
+    for item in items:
+        text = item.as_str()
+        if text is None:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            item.problem(f"{text!r} is not a network in CIDR form, e.g. 10.0.0.0/8")
+    return tuple(networks) if len(networks) == len(items) else None
+
+
+def check_listen_env(settings: Settings) -> list[str]:
+    """Problems that only show at run time (files that must exist); empty when fine."""
+    problems = []
+    for label, file in (
+        ("auth.users_file", settings.auth.users_file if settings.auth else None),
+        ("tls.cert", settings.tls.cert if settings.tls else None),
+        ("tls.key", settings.tls.key if settings.tls else None),
+    ):
+        if file is not None and not file.is_file():
+            problems.append(f"{settings.source}: {label}: {file} does not exist")
+    return problems

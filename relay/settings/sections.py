@@ -1,0 +1,278 @@
+"""The larger sections of relay.yaml: limits, upstream, ses, retry, bounces.
+
+Each reader takes the section's YAML node and returns its frozen value, or None
+after recording every problem on the node (file:line:key). A key left out takes
+the dataclass's own default (`relay.settings.model`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from relay import yamlfile
+from relay.rules import IDENTITY_ARN, IDENTITY_ARN_FORM
+from relay.settings.model import (
+    BareNewline,
+    Bounces,
+    Limits,
+    Retry,
+    Security,
+    Ses,
+    SesApi,
+    Suppressed,
+    Upstream,
+    default_of,
+)
+
+Rel = Callable[["yamlfile.Node"], Path | None]  # a path relative to relay.yaml
+
+
+_INT_LIMITS = {  # key -> the smallest value that makes sense
+    "max_message_size": 1024,
+    "max_recipients": 1,
+    "max_sessions": 1,
+    "max_sessions_per_ip": 1,
+    "max_data_in_memory": 0,
+    "max_auth_failures": 1,
+    "max_junk_commands": 1,
+}
+_TIME_LIMITS = {"idle_timeout": 1.0, "session_timeout": 1.0}
+
+
+def limits(node: yamlfile.Node) -> Limits | None:
+    m = node.mapping({*_INT_LIMITS, *_TIME_LIMITS, "bare_newline"})
+    if m is None:
+        return None
+    values: dict[str, object] = {}
+    for key, minimum in _INT_LIMITS.items():
+        if key in m:
+            values[key] = m[key].as_int(minimum=minimum)
+    for key, least in _TIME_LIMITS.items():
+        if key in m:
+            number = m[key].as_number(minimum=least)
+            values[key] = None if number is None else float(number)
+    if "bare_newline" in m:
+        choice = m["bare_newline"].as_choice([b.value for b in BareNewline])
+        values["bare_newline"] = None if choice is None else BareNewline(choice)
+    if None in values.values():
+        return None
+    limits = Limits(**values)  # type: ignore[arg-type]
+    if limits.max_sessions_per_ip > limits.max_sessions:
+        m.get("max_sessions_per_ip", node).problem(
+            f"max_sessions_per_ip ({limits.max_sessions_per_ip}) is more than max_sessions "
+            f"({limits.max_sessions})"
+        )
+        return None
+    if limits.session_timeout < limits.idle_timeout:
+        m.get("session_timeout", node).problem(
+            f"session_timeout ({limits.session_timeout:g}) is shorter than idle_timeout "
+            f"({limits.idle_timeout:g})"
+        )
+        return None
+    return limits
+
+
+_UPSTREAM = {
+    "host",
+    "port",
+    "security",
+    "username",
+    "password_env",
+    "password_file",
+    "timeout",
+    "verify_tls",
+}
+
+
+def upstream(node: yamlfile.Node, rel: Rel) -> Upstream | None:
+    m = node.mapping(_UPSTREAM, required=("host",))
+    if m is None or "host" not in m:
+        return None
+    host = m["host"].as_str()
+    security = (
+        m["security"].as_choice([s.value for s in Security])
+        if "security" in m
+        else default_of(Upstream, "security").value
+    )
+    default_port = {"none": 25, "starttls": 587, "tls": 465}.get(security or "none", 25)
+    port = m["port"].as_int(minimum=1, maximum=65535) if "port" in m else default_port
+    username = m["username"].as_str() if "username" in m else None
+    password_env = m["password_env"].as_str() if "password_env" in m else None
+    password_file = rel(m["password_file"]) if "password_file" in m else None
+    timeout = (
+        m["timeout"].as_number(minimum=0.1) if "timeout" in m else default_of(Upstream, "timeout")
+    )
+    verify = m["verify_tls"].as_bool() if "verify_tls" in m else default_of(Upstream, "verify_tls")
+    if "username" in m and not ("password_env" in m or "password_file" in m):
+        m["username"].problem("a username needs 'password_env' or 'password_file'")
+    if host is None or security is None or port is None or timeout is None or verify is None:
+        return None
+    return Upstream(
+        host=host,
+        port=port,
+        security=Security(security),
+        username=username,
+        password_env=password_env,
+        password_file=password_file,
+        timeout=float(timeout),
+        verify_tls=verify,
+    )
+
+
+_SES = {
+    "api",
+    "identity_arn",
+    "source",
+    "feedback_address",
+    "enabled",
+    "region",
+    "endpoint_url",
+    "configuration_set",
+    "max_send_rate",
+    "fallback_after",
+    "timeout",
+    "circuit_cooldown",
+    "events",
+    "suppressed",
+}
+
+
+def ses(node: yamlfile.Node) -> Ses | None:
+    m = node.mapping(_SES)
+    if m is None:
+        return None
+    default = Ses()
+    enabled = m["enabled"].as_bool() if "enabled" in m else default.enabled
+    region = m["region"].as_str() if "region" in m else default.region
+    endpoint = None
+    if "endpoint_url" in m and not m["endpoint_url"].is_null():
+        endpoint = m["endpoint_url"].as_str()
+    config_set = None
+    if "configuration_set" in m and not m["configuration_set"].is_null():
+        config_set = m["configuration_set"].as_str()
+    rate: float | None = None
+    ok = True
+    if "max_send_rate" in m and m["max_send_rate"].scalar() != "auto":
+        rate = m["max_send_rate"].as_number(minimum=0.01)
+        ok = rate is not None
+    fallback = (
+        m["fallback_after"].as_number(minimum=0)
+        if "fallback_after" in m
+        else default.fallback_after
+    )
+    timeout = m["timeout"].as_number(minimum=0.1) if "timeout" in m else default.timeout
+    cooldown = (
+        m["circuit_cooldown"].as_number(minimum=1)
+        if "circuit_cooldown" in m
+        else default.circuit_cooldown
+    )
+    suppressed: str | None = default.suppressed.value
+    if "suppressed" in m:
+        suppressed = m["suppressed"].as_choice([c.value for c in Suppressed])
+        ok = ok and suppressed is not None
+    queue_url = default.events_queue_url
+    if "events" in m and not m["events"].is_null():
+        events = m["events"].mapping({"queue_url"})
+        ok = ok and events is not None
+        if events is not None and "queue_url" in events and not events["queue_url"].is_null():
+            queue_url = events["queue_url"].as_str()
+            if queue_url is not None and not queue_url.startswith(("https://", "http://")):
+                events["queue_url"].problem(
+                    f"expected an SQS queue URL like https://sqs.REGION.amazonaws.com/"
+                    f"ACCOUNT/NAME, got {queue_url!r}"
+                )
+                queue_url = None
+            ok = ok and queue_url is not None
+    api: str | None = default.api.value
+    if "api" in m:
+        api = m["api"].as_choice([a.value for a in SesApi])
+        ok = ok and api is not None
+    identity_arn = _optional(m, "identity_arn")
+    if identity_arn is not None and not IDENTITY_ARN.fullmatch(identity_arn):
+        m["identity_arn"].problem(f"expected {IDENTITY_ARN_FORM}, got {identity_arn!r}")
+        ok = False
+    source = _optional(m, "source")
+    if source is not None and not _ADDRESS.fullmatch(source):
+        m["source"].problem(
+            f"expected an address like bounces@lms.example.edu (SES needs an address as Source;"
+            f" its domain or the address must be verified), got {source!r}"
+        )
+        ok = False
+    feedback = _optional(m, "feedback_address")
+    if feedback is not None and api != SesApi.V2.value:
+        m["feedback_address"].problem(
+            "needs api: v2 (SendRawEmail has no FeedbackForwardingEmailAddress)"
+        )
+        ok = False
+    if None in (enabled, region, fallback, timeout, cooldown) or not ok:
+        return None
+    assert enabled is not None and region and fallback is not None and timeout and cooldown
+    return Ses(
+        enabled=enabled,
+        region=region,
+        endpoint_url=endpoint,
+        configuration_set=config_set,
+        max_send_rate=rate,
+        fallback_after=float(fallback),
+        timeout=float(timeout),
+        circuit_cooldown=float(cooldown),
+        events_queue_url=queue_url,
+        suppressed=Suppressed(suppressed or Ses().suppressed),
+        api=SesApi(api or default.api),
+        identity_arn=identity_arn,
+        source=source,
+        feedback_address=feedback,
+    )
+
+
+def _optional(m: dict[str, yamlfile.Node], key: str) -> str | None:
+    """The string at `key`, None when absent or null."""
+    if key not in m or m[key].is_null():
+        return None
+    return m[key].as_str()
+
+
+def retry(node: yamlfile.Node) -> Retry | None:
+    m = node.mapping({"schedule", "max_age"})
+    if m is None:
+        return None
+    schedule: tuple[float, ...] | None = Retry().schedule
+    if "schedule" in m:
+        items = m["schedule"].sequence()
+        values = [i.as_number(minimum=1) for i in items] if items is not None else None
+        if not values or any(v is None for v in values):
+            if values == []:
+                m["schedule"].problem("needs at least one delay in seconds")
+            schedule = None
+        else:
+            schedule = tuple(float(v) for v in values if v is not None)
+    max_age = m["max_age"].as_number(minimum=1) if "max_age" in m else Retry().max_age
+    if schedule is None or max_age is None:
+        return None
+    return Retry(schedule=schedule, max_age=float(max_age))
+
+
+def bounces(node: yamlfile.Node) -> Bounces | None:
+    m = node.mapping({"dsn", "from", "delay_warning"})
+    if m is None:
+        return None
+    dsn = m["dsn"].as_bool() if "dsn" in m else Bounces().dsn
+    sender = Bounces().from_address
+    ok = True
+    if "from" in m and not m["from"].is_null():
+        sender = m["from"].as_str()
+        if sender is not None and not _ADDRESS.fullmatch(sender):
+            m["from"].problem(f"expected a mail address like MAILER-DAEMON@host, got {sender!r}")
+        ok = sender is not None and _ADDRESS.fullmatch(sender) is not None
+    delay = Bounces().delay_warning
+    if "delay_warning" in m and not m["delay_warning"].is_null():
+        delay = m["delay_warning"].as_number(minimum=1)
+        ok = ok and delay is not None
+    if dsn is None or not ok:
+        return None
+    return Bounces(dsn=dsn, from_address=sender, delay_warning=delay)
+
+
+_ADDRESS = re.compile(r"[^@\s<>]+@[^@\s<>]+")
