@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import loads, postfix, relayproc, sink, tools
+from bench import loads, postfix, profile, relayproc, sink, tools
 from bench.report import Report
 
 MOODLE_GOAL_MS = 5.0
@@ -358,9 +358,9 @@ def sequential(srv: Servers, p: Params, report: Report) -> None:
         postfix=means["postfix"],
         note=f"smtp-source -s 1 -m {p.seq_conn_count} -l {p.seq_conn_size}: one session at a "
         "time, a new connection per mail, wall time of the whole run over the mails (so "
-        "smtp-source's own start, a few ms, is spread over them); two halves per server in "
-        "the order postfix, relay, relay, postfix against drift of the machine's load; "
-        f"into smtp-sink (which delays its ACKs) for scale: {means['smtp-sink']:.2f} ms",
+        "smtp-source's own start, a few ms, is spread over them); two halves per server, "
+        f"{' '.join(means)}, then the other way round, against drift of the machine's load; "
+        f"into smtp-sink for scale: {means['smtp-sink']:.2f} ms",
     )
 
 
@@ -414,10 +414,31 @@ def _postfix_pss_kib(pf: postfix.Postfix) -> int | None:
     return sum(s for s in sizes if s)
 
 
+def _profiled(
+    relay: relayproc.Relay, folder: Path | None
+) -> contextlib.AbstractContextManager[profile.Recorder | None]:
+    """py-spy on relay's delivery process while the block runs, when `folder` is given."""
+    if folder is None:
+        return contextlib.nullcontext()
+    children = relay.pids()[1:]
+    if len(children) != 1:
+        raise RuntimeError(f"relay serve should have one delivery process, has {children}")
+    return profile.Recorder(children[0], folder / "drain.raw")
+
+
 def backlog(
-    workdir: Path, p: Params, report: Report, *, with_relay: bool, no_delivery: str | None
+    workdir: Path,
+    p: Params,
+    report: Report,
+    *,
+    with_relay: bool,
+    no_delivery: str | None,
+    profile_dir: Path | None = None,
 ) -> None:
-    """N mails queued with the original host down; peak RSS; drain time when it is back."""
+    """N mails queued with the original host down; peak RSS; drain time when it is back.
+
+    With `profile_dir`, py-spy records relay's delivery process during the drain.
+    """
     down_port = tools.free_port()
     results: dict[str, dict[str, float | None]] = {}
     drain_note = ""
@@ -431,10 +452,15 @@ def backlog(
             pss_queued = relay.pss_now()
             drain = None
             if no_delivery is None:
-                with sink.Sink(workdir, down_port, name="sink-backlog-relay") as back:
+                with (
+                    _profiled(relay, profile_dir) as recorder,
+                    sink.Sink(workdir, down_port, name="sink-backlog-relay") as back,
+                ):
                     report.progress("backlog: original host is back, relay draining")
+                    cpu_before = relay.cpu()
                     start = time.monotonic()
                     drain = back.wait_for(p.backlog_mails, p.wait, stall=60)
+                    cpu_drain = _cpu_spent(relay.pids()[0], cpu_before, settle=False)
                     if drain is None:
                         waited, arrived = time.monotonic() - start, back.count()
                         drain_note = (
@@ -442,6 +468,11 @@ def backlog(
                             f"{waited:.0f} s ({arrived / waited:.1f} mails/s)"
                         )
                         report.progress(f"backlog: {drain_note}")
+                report.details["backlog_relay_drain_cpu"] = cpu_drain
+                if recorder is not None and profile_dir is not None:
+                    summary = profile.summarize(recorder.raw, seconds=recorder.seconds)
+                    (profile_dir / "drain.txt").write_text(summary + "\n")
+                    report.progress(f"backlog: profile of the drain in {profile_dir}/drain.txt")
             report.details["backlog_relay_peak_rss_mib"] = {
                 str(pid): (tools.peak_rss_kib(pid) or 0) / 1024 for pid in relay.pids()
             }
@@ -460,10 +491,15 @@ def backlog(
         report.progress(f"backlog: postfix {'deferred all' if settled else 'still busy'}")
         with sink.Sink(workdir, pf_down, name="sink-backlog-postfix") as back:
             report.progress("backlog: original host is back, postfix flush, draining")
+            master = pf.master_pid()
+            cpu_before = pf.cpu()
             start = time.monotonic()
             pf.flush()
             done = back.wait_for(p.backlog_mails, p.wait, stall=60)
             pf_drain = None if done is None else time.monotonic() - start
+            report.details["backlog_postfix_drain_cpu"] = _cpu_spent(
+                master, cpu_before, settle=False
+            )
         results["postfix"] = {
             "accept_per_s": rate,
             "pss_sum_mib": (rss or 0) / 1024,
