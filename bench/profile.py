@@ -20,11 +20,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
+
+from bench import tools
 
 RATE = 100  # samples per second
 REPO = Path(__file__).resolve().parent.parent
+_THREAD = re.compile(r"thread \((?P<tid>\w+)\): ?(?P<name>.*)$")
 _LINE = re.compile(r"\s*\((?P<file>[^()]*?)(?::\d+)?\)$")
 # Paths from the venv's site-packages, the standard library and the checkout, made short.
 _SHORTEN = re.compile(r"^.*/(site-packages|lib/python3\.\d+)/|^" + re.escape(f"{REPO}/"))
@@ -48,6 +51,8 @@ class Recorder:
         self.proc: subprocess.Popen[bytes] | None = None
         self.started = 0.0
         self.seconds = 0.0
+        self._cpu_before: dict[int, float] = {}
+        self.thread_cpu: dict[int, float] = {}  # CPU seconds per native thread id, while recording
 
     def __enter__(self) -> Recorder:
         exe = pyspy()
@@ -59,10 +64,13 @@ class Recorder:
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         self.started = time.monotonic()
+        self._cpu_before = tools.thread_cpu(self.pid)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.monotonic() - self.started
+        after = tools.thread_cpu(self.pid)
+        self.thread_cpu = {t: s - self._cpu_before.get(t, 0.0) for t, s in after.items()}
         if self.proc is None:
             return
         if self.proc.poll() is None:
@@ -83,36 +91,69 @@ def _function(frame: str) -> str:
     return f"{name} ({_SHORTEN.sub('', match.group('file'))})"
 
 
-def summarize(raw: Path, *, seconds: float, top: int = 20) -> str:
-    """Self and cumulative samples per function, and per thread, as a text table."""
-    own: Counter[str] = Counter()
-    cumulative: Counter[str] = Counter()
-    threads: Counter[str] = Counter()
-    total = 0
+def _stacks(raw: Path) -> list[tuple[int | None, str, list[str], int]]:
+    """(thread id, thread name, frames root first, samples) per line of py-spy's raw output."""
+    stacks = []
     for line in raw.read_text(errors="replace").splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
             continue
-        count = int(count_text)
         frames = stack.split(";")
-        if frames[0].startswith(("thread (", "process ")):
-            threads[frames[0].partition(": ")[2] or frames[0]] += count
-            frames = [f for f in frames if not f.startswith(("thread (", "process "))]
-        if not frames:
+        tid, name = None, ""
+        if match := _THREAD.match(frames[0]):
+            tid, name = int(match.group("tid"), 0), match.group("name")
+            frames = frames[1:]
+        stacks.append((tid, name, [_function(f) for f in frames], int(count_text)))
+    return stacks
+
+
+def summarize(
+    raw: Path, *, seconds: float, thread_cpu: dict[int, float] | None = None, top: int = 20
+) -> str:
+    """Self and cumulative time per function, as a text table.
+
+    py-spy drops the samples of threads it sees idle, but on a busy machine a
+    thread that is runnable and waiting for a core looks busy too: the logging
+    listener and the idle thread pools then collect samples without spending
+    CPU. With `thread_cpu` (CPU seconds per thread id over the recording, from
+    /proc) each thread's samples are scaled to the CPU it really spent, so the
+    shares below are shares of CPU time; without it, of samples.
+    """
+    stacks = _stacks(raw)
+    per_thread: Counter[int | None] = Counter()
+    names: dict[int | None, str] = {}
+    for tid, name, _, count in stacks:
+        per_thread[tid] += count
+        names[tid] = name or str(tid)
+    weight = {
+        tid: thread_cpu[tid] / n if thread_cpu and tid in thread_cpu else 1 / RATE
+        for tid, n in per_thread.items()
+    }
+    own: defaultdict[str, float] = defaultdict(float)
+    cumulative: defaultdict[str, float] = defaultdict(float)
+    for tid, _, functions, count in stacks:
+        if not functions:
             continue
-        total += count
-        names = [_function(f) for f in frames]
-        own[names[-1]] += count
-        for name in set(names):
-            cumulative[name] += count
+        own[functions[-1]] += count * weight[tid]
+        for name in set(functions):
+            cumulative[name] += count * weight[tid]
+    total = sum(own.values())
     if not total:
         return "no samples"
-    busy = total / (RATE * seconds) if seconds else 0.0  # samples of idle threads are dropped
+    samples = sum(per_thread.values())
     lines = [
-        f"{total} samples at {RATE}/s over {seconds:.1f} s: its threads were busy (not idle) "
-        f"{busy:.2f} cores on average, summed",
-        "",
-        "threads: " + ", ".join(f"{name} {n / total:.0%}" for name, n in threads.most_common(6)),
+        f"{samples} samples at {RATE}/s over {seconds:.1f} s; "
+        + (
+            f"{total:.1f} CPU seconds (/proc), {total / seconds:.2f} cores on average"
+            if thread_cpu
+            else "shares of samples (no CPU times given)"
+        ),
+        "by thread, samples / CPU s: "
+        + ", ".join(
+            f"{names[tid]} {n / samples:.0%}"
+            + (f" / {thread_cpu.get(tid, 0.0):.1f} s" if thread_cpu and tid is not None else "")
+            for tid, n in per_thread.most_common(6)
+        ),
         "",
         f"{'self':>6} {'cum':>6}  function (self: the leaf of the stack; cum: on the stack)",
     ]
@@ -120,6 +161,6 @@ def summarize(raw: Path, *, seconds: float, top: int = 20) -> str:
     for name in ranked:
         lines.append(f"{own[name] / total:6.1%} {cumulative[name] / total:6.1%}  {name}")
     lines += ["", f"{'cum':>6} {'self':>6}  by cumulative"]
-    for name, n in cumulative.most_common(top):
+    for name, n in sorted(cumulative.items(), key=lambda item: -item[1])[:top]:
         lines.append(f"{n / total:6.1%} {own[name] / total:6.1%}  {name}")
     return "\n".join(lines)

@@ -7,6 +7,7 @@ Each function takes the running servers, measures, and adds rows to the report.
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -470,8 +471,13 @@ def backlog(
                         report.progress(f"backlog: {drain_note}")
                 report.details["backlog_relay_drain_cpu"] = cpu_drain
                 if recorder is not None and profile_dir is not None:
-                    summary = profile.summarize(recorder.raw, seconds=recorder.seconds)
+                    summary = profile.summarize(
+                        recorder.raw, seconds=recorder.seconds, thread_cpu=recorder.thread_cpu
+                    )
                     (profile_dir / "drain.txt").write_text(summary + "\n")
+                    (profile_dir / "drain.threads.json").write_text(
+                        json.dumps({str(t): s for t, s in recorder.thread_cpu.items()}) + "\n"
+                    )
                     report.progress(f"backlog: profile of the drain in {profile_dir}/drain.txt")
             report.details["backlog_relay_peak_rss_mib"] = {
                 str(pid): (tools.peak_rss_kib(pid) or 0) / 1024 for pid in relay.pids()

@@ -242,6 +242,19 @@ class CpuTree:
 _TICK = float(os.sysconf("SC_CLK_TCK"))
 
 
+def thread_cpu(pid: int) -> dict[int, float]:
+    """utime + stime in seconds of each live thread of `pid`, by native thread id."""
+    seconds = {}
+    for stat in Path(f"/proc/{pid}/task").glob("[0-9]*/stat"):
+        tid = int(stat.parent.name)
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        seconds[tid] = (int(fields[11]) + int(fields[12])) / _TICK
+    return seconds
+
+
 def cpu_tree(pid: int) -> CpuTree | None:
     """CpuTree of `pid` and every live process below it; None when `pid` is gone."""
     own = reaped = 0.0
