@@ -6,6 +6,7 @@ Sections (each prints progress on stderr; the table goes to stdout):
   sequential  one connection at a time: ms per transaction, median and p99
   ses         fake SES: pacing against its rate limit, three relays sharing one quota
   backlog     N mails queued with the original host down: peak RSS, drain time
+              (--profile DIR: py-spy on the delivery process while it drains)
 
 Exit status: 0 when every section that could run ran (skips are fine), 1 when a
 section failed or a required tool (Postfix, php-cli, PHPMailer) is missing.
@@ -26,7 +27,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import relayproc, sections, sesbench, tools
+from bench import profile, relayproc, sections, sesbench, tools
 from bench.report import Report
 
 REQUIRED_TOOLS = ("postfix", "postconf", "smtp-sink", "smtp-source", "php")
@@ -65,10 +66,26 @@ def main(argv: list[str] | None = None) -> int:
         choices=("moodle", "accept", "sequential", "ses", "backlog"),
         help="run only these sections (repeatable)",
     )
+    parser.add_argument(
+        "--backlog-mails", type=int, help="mails queued in the backlog section (default 100,000)"
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="py-spy on relay's delivery process during the backlog drain: DIR/drain.raw and "
+        "DIR/drain.txt (needs `pip install py-spy`; the drain figure of such a run is not "
+        "comparable)",
+    )
     args = parser.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so every child process and the temp dir are cleaned up.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     params = sections.QUICK if args.quick else sections.FULL
+    if args.backlog_mails:
+        params = dataclasses.replace(params, backlog_mails=args.backlog_mails)
+    if args.profile and profile.pyspy() is None:
+        print("bench: --profile needs py-spy: .venv/bin/pip install py-spy", file=sys.stderr)
+        return 2
     only = set(args.only or ("moodle", "accept", "sequential", "ses", "backlog"))
 
     report = Report()
@@ -134,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                     report,
                     with_relay=relay_missing is None,
                     no_delivery=no_delivery,
+                    profile_dir=args.profile,
                 ),
             )
     finally:

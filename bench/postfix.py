@@ -179,6 +179,15 @@ class Postfix:
             return int((self.queue / "pid" / "master.pid").read_text().split()[0])
         return None
 
+    def cpu(self) -> tools.CpuTree | None:
+        """CPU seconds so far of master and every daemon below it (see tools.CpuTree).
+
+        smtpd, cleanup and smtp processes exit after max_idle / max_use and master
+        reaps them, so their time is in master's cutime/cstime once they are gone.
+        """
+        master = self.master_pid()
+        return None if master is None else tools.cpu_tree(master)
+
     def _ours_alive(self, pid: int) -> bool:
         """True while `pid` is a live (not zombie) process of this instance's config."""
         try:

@@ -167,11 +167,33 @@ class Relay:
         counts: dict[str, int] = json.loads(done.stdout)["counts"]
         return counts
 
+    def pids(self) -> list[int]:
+        """relay serve and the processes below it (its delivery process)."""
+        return [self.proc.pid, *tools.descendants(self.proc.pid)] if self.proc else []
+
     def rss_peak(self) -> int | None:
-        return tools.peak_rss_kib(self.proc.pid) if self.proc else None
+        """VmHWM of relay serve plus that of its delivery process, in KiB.
+
+        Each process's own peak, summed: at most the peak of the sum (the two
+        peaks need not fall at the same moment). A delivery process that was
+        restarted takes its predecessor's peak with it.
+        """
+        sizes = [tools.peak_rss_kib(pid) for pid in self.pids()]
+        return sum(s for s in sizes if s) or None
+
+    def pss_now(self) -> int | None:
+        """PSS of relay serve plus its delivery process, in KiB (shared pages split)."""
+        sizes = [tools.pss_kib(pid) for pid in self.pids()]
+        return sum(s for s in sizes if s) or None
+
+    def cpu(self) -> tools.CpuTree | None:
+        """CPU seconds so far of relay serve and its delivery process (see tools.CpuTree)."""
+        return tools.cpu_tree(self.proc.pid) if self.proc else None
 
     def rss_now(self) -> int | None:
-        return tools.rss_kib(self.proc.pid) if self.proc else None
+        """VmRSS of relay serve plus its delivery process, in KiB."""
+        sizes = [tools.rss_kib(pid) for pid in self.pids()]
+        return sum(s for s in sizes if s) or None
 
     def stop(self) -> None:
         if self.proc is not None:

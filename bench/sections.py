@@ -7,13 +7,14 @@ Each function takes the running servers, measures, and adds rows to the report.
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import loads, postfix, relayproc, sink, tools
+from bench import loads, postfix, profile, relayproc, sink, tools
 from bench.report import Report
 
 MOODLE_GOAL_MS = 5.0
@@ -27,6 +28,8 @@ class Params:
     accept_size: int
     seq_count: int
     seq_size: int
+    seq_conn_count: int  # smtp-source -s 1: one new connection per mail, one at a time
+    seq_conn_size: int
     backlog_mails: int
     backlog_size: int
     ses_mails: int
@@ -43,6 +46,8 @@ FULL = Params(
     accept_size=20480,
     seq_count=500,
     seq_size=4096,
+    seq_conn_count=1000,
+    seq_conn_size=20480,
     backlog_mails=100_000,
     backlog_size=2048,
     ses_mails=1000,
@@ -58,6 +63,8 @@ QUICK = Params(
     accept_size=20480,
     seq_count=50,
     seq_size=4096,
+    seq_conn_count=50,
+    seq_conn_size=20480,
     backlog_mails=2000,
     backlog_size=2048,
     ses_mails=100,
@@ -158,11 +165,48 @@ def moodle_path(srv: Servers, p: Params, report: Report) -> None:
         )
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Run:
+    """One accept/e2e run: accepted mails/s, seconds until the sink had all, CPU spent."""
+
+    per_second: float | None
+    e2e: float | None
+    note: str
+    cpu: dict[str, float] | None  # seconds: total, own, reaped; processes before/after
+
+
+def _cpu_spent(
+    root: int | None, before: tools.CpuTree | None, *, settle: bool
+) -> dict[str, float] | None:
+    """CPU seconds the tree under `root` spent since `before` (after it settles, if asked)."""
+    if root is None or before is None:
+        return None
+    after = tools.wait_cpu_idle(root) if settle else tools.cpu_tree(root)
+    if after is None:
+        return None
+    return {
+        "seconds": after.total - before.total,
+        "own_seconds": after.own - before.own,
+        "reaped_seconds": after.reaped - before.reaped,
+        "processes_before": before.processes,
+        "processes_after": after.processes,
+    }
+
+
 def _inject_and_drain(
-    port: int, sink_: sink.Sink, p: Params, report: Report, name: str, *, delivers: bool = True
-) -> tuple[float, float | None, str]:
-    """smtp-source at `port`; (accepted mails/s, seconds until the sink has them all, note)."""
+    port: int,
+    sink_: sink.Sink,
+    p: Params,
+    report: Report,
+    name: str,
+    *,
+    root: int | None,
+    delivers: bool = True,
+) -> Run:
+    """smtp-source at `port`; accepted/s, seconds until the sink has them all, and the CPU
+    time of the process tree under `root` over that time (until it is idle again)."""
     base = sink_.count()
+    cpu_before = tools.cpu_tree(root) if root is not None else None
     argv = loads.smtp_source_argv(
         port, messages=p.accept_mails, sessions=p.accept_sessions, size=p.accept_size
     )
@@ -187,31 +231,41 @@ def _inject_and_drain(
             f"{name} incomplete: {arrived} of {p.accept_mails} arrived in {waited:.0f} s "
             f"({arrived / waited:.1f} mails/s)"
         )
+    cpu = _cpu_spent(root, cpu_before, settle=e2e is not None)
     report.progress(
         f"{name}: {p.accept_mails / accepted:.0f} accepted/s, end to end "
         + (f"{e2e:.2f} s" if e2e is not None else note or "not measured")
+        + (f", {cpu['seconds']:.2f} CPU s" if cpu else "")
     )
-    return p.accept_mails / accepted, e2e, note
+    return Run(per_second=p.accept_mails / accepted, e2e=e2e, note=note, cpu=cpu)
 
 
 def accept_and_e2e(srv: Servers, p: Params, report: Report) -> None:
     """20 KB mails, 20 concurrent connections; accepted/s and time until the sink has all."""
-    results = {}
+    results: dict[str, Run] = {}
     for name in ("postfix", "relay"):
         if name == "relay" and (srv.relay is None or srv.relay_sink is None):
             continue
         if name == "postfix":
-            port, sink_ = srv.postfix.port, srv.postfix_sink
+            port, sink_, root = srv.postfix.port, srv.postfix_sink, srv.postfix.master_pid()
         else:
             assert srv.relay is not None and srv.relay_sink is not None
             port, sink_ = srv.relay.port, srv.relay_sink
+            root = srv.relay.proc.pid if srv.relay.proc else None
         report.progress(
             f"smtp-source: {p.accept_mails} x {p.accept_size} B, {p.accept_sessions} sessions"
             f" into {name} (delivery to smtp-sink running)"
         )
         delivers = name == "postfix" or srv.no_delivery is None
-        results[name] = _inject_and_drain(port, sink_, p, report, name, delivers=delivers)
-    relay = results.get("relay", (None, None, ""))
+        results[name] = _inject_and_drain(
+            port, sink_, p, report, name, root=root, delivers=delivers
+        )
+    report.details["accept"] = {
+        name: {"per_second": run.per_second, "e2e_s": run.e2e, "cpu": run.cpu}
+        for name, run in results.items()
+    }
+    relay = results.get("relay", Run(per_second=None, e2e=None, note="", cpu=None))
+    pf = results["postfix"]
     note = (
         f"{p.accept_mails} mails of {p.accept_size} B over {p.accept_sessions} connections, one "
         "connection per mail (smtp-source); delivery to an smtp-sink runs meanwhile and competes "
@@ -223,26 +277,50 @@ def accept_and_e2e(srv: Servers, p: Params, report: Report) -> None:
         section="accept",
         metric="accepted mails/s, 20 KB, 20 connections",
         unit="mails/s",
-        relay=relay[0],
-        postfix=results["postfix"][0],
+        relay=relay.per_second,
+        postfix=pf.per_second,
         note=note,
     )
     report.add(
         section="e2e",
         metric=f"end to end upstream, {p.accept_mails} mails until sink has all",
         unit="s",
-        relay=relay[1],
-        postfix=results["postfix"][1],
+        relay=relay.e2e,
+        postfix=pf.e2e,
         note="; ".join(
             text
             for text in (
                 "from the first connection until smtp-sink counted every mail",
                 f"relay: {srv.no_delivery}" if srv.no_delivery and srv.relay else "",
-                relay[2],
-                results["postfix"][2],
+                relay.note,
+                pf.note,
             )
             if text
         ),
+    )
+    per_1000 = {
+        name: None if run.cpu is None else run.cpu["seconds"] * 1000 / p.accept_mails
+        for name, run in (("relay", relay), ("postfix", pf))
+    }
+    split = "; ".join(
+        f"{name}: {run.cpu['seconds']:.2f} s in all, {run.cpu['reaped_seconds']:.2f} s of it "
+        f"from processes that exited and were reaped ({run.cpu['processes_before']:.0f} live "
+        f"before, {run.cpu['processes_after']:.0f} after)"
+        for name, run in (("relay", relay), ("postfix", pf))
+        if run.cpu is not None
+    )
+    report.add(
+        section="e2e",
+        metric=f"CPU s per 1,000 mails, the same {p.accept_mails} x {p.accept_size // 1024} KB",
+        unit="s",
+        relay=per_1000["relay"],
+        postfix=per_1000["postfix"],
+        note="utime+stime from /proc/PID/stat, from before smtp-source starts until the sink "
+        "has every mail and the tree is idle again, of the whole process tree: relay serve and "
+        "its delivery process; Postfix's master and every daemon below it (smtpd, cleanup, "
+        "trivial-rewrite, qmgr, smtp, ...). Daemons that exit in between (max_use, max_idle) "
+        "are counted through cutime+cstime of the process that reaped them (master); "
+        "smtp-source and smtp-sink are not counted on either side; " + split,
     )
 
 
@@ -270,6 +348,42 @@ def sequential(srv: Servers, p: Params, report: Report) -> None:
                 else ""
             ),
         )
+    targets["smtp-sink"] = srv.reference_sink.port
+    means = _per_connection_means(targets, p, report)
+    report.details.setdefault("sequential", {})["smtp_source_mean_ms"] = means
+    report.add(
+        section="sequential",
+        metric="ms per transaction, new connection per mail, mean (smtp-source -s 1)",
+        unit="ms",
+        relay=means.get("relay"),
+        postfix=means["postfix"],
+        note=f"smtp-source -s 1 -m {p.seq_conn_count} -l {p.seq_conn_size}: one session at a "
+        "time, a new connection per mail, wall time of the whole run over the mails (so "
+        "smtp-source's own start, a few ms, is spread over them); two halves per server, "
+        f"{' '.join(means)}, then the other way round, against drift of the machine's load; "
+        f"into smtp-sink for scale: {means['smtp-sink']:.2f} ms",
+    )
+
+
+def _per_connection_means(targets: dict[str, int], p: Params, report: Report) -> dict[str, float]:
+    """Mean ms per mail of `smtp-source -s 1` (one connection per mail) into each target."""
+    half = max(1, p.seq_conn_count // 2)
+    spent = dict.fromkeys(targets, 0.0)
+    sent = dict.fromkeys(targets, 0)
+    names = list(targets)
+    for order in (names, names[::-1]):
+        for name in order:
+            done = loads.smtp_source(
+                targets[name], messages=half, sessions=1, size=p.seq_conn_size, timeout=p.timeout
+            )
+            spent[name] += done["seconds"]
+            sent[name] += half
+    for name in names:
+        report.progress(
+            f"sequential: smtp-source -s 1, {sent[name]} x {p.seq_conn_size} B into {name}: "
+            f"{spent[name] * 1000 / sent[name]:.2f} ms per mail"
+        )
+    return {name: spent[name] * 1000 / sent[name] for name in names}
 
 
 def _inject(port: int, p: Params, name: str, report: Report) -> float:
@@ -301,10 +415,31 @@ def _postfix_pss_kib(pf: postfix.Postfix) -> int | None:
     return sum(s for s in sizes if s)
 
 
+def _profiled(
+    relay: relayproc.Relay, folder: Path | None
+) -> contextlib.AbstractContextManager[profile.Recorder | None]:
+    """py-spy on relay's delivery process while the block runs, when `folder` is given."""
+    if folder is None:
+        return contextlib.nullcontext()
+    children = relay.pids()[1:]
+    if len(children) != 1:
+        raise RuntimeError(f"relay serve should have one delivery process, has {children}")
+    return profile.Recorder(children[0], folder / "drain.raw")
+
+
 def backlog(
-    workdir: Path, p: Params, report: Report, *, with_relay: bool, no_delivery: str | None
+    workdir: Path,
+    p: Params,
+    report: Report,
+    *,
+    with_relay: bool,
+    no_delivery: str | None,
+    profile_dir: Path | None = None,
 ) -> None:
-    """N mails queued with the original host down; peak RSS; drain time when it is back."""
+    """N mails queued with the original host down; peak RSS; drain time when it is back.
+
+    With `profile_dir`, py-spy records relay's delivery process during the drain.
+    """
     down_port = tools.free_port()
     results: dict[str, dict[str, float | None]] = {}
     drain_note = ""
@@ -315,12 +450,18 @@ def backlog(
         ) as relay:
             rate = _inject(relay.port, p, "relay", report)
             rss_queued = relay.rss_peak()
+            pss_queued = relay.pss_now()
             drain = None
             if no_delivery is None:
-                with sink.Sink(workdir, down_port, name="sink-backlog-relay") as back:
+                with (
+                    _profiled(relay, profile_dir) as recorder,
+                    sink.Sink(workdir, down_port, name="sink-backlog-relay") as back,
+                ):
                     report.progress("backlog: original host is back, relay draining")
+                    cpu_before = relay.cpu()
                     start = time.monotonic()
                     drain = back.wait_for(p.backlog_mails, p.wait, stall=60)
+                    cpu_drain = _cpu_spent(relay.pids()[0], cpu_before, settle=False)
                     if drain is None:
                         waited, arrived = time.monotonic() - start, back.count()
                         drain_note = (
@@ -328,10 +469,24 @@ def backlog(
                             f"{waited:.0f} s ({arrived / waited:.1f} mails/s)"
                         )
                         report.progress(f"backlog: {drain_note}")
+                report.details["backlog_relay_drain_cpu"] = cpu_drain
+                if recorder is not None and profile_dir is not None:
+                    summary = profile.summarize(
+                        recorder.raw, seconds=recorder.seconds, thread_cpu=recorder.thread_cpu
+                    )
+                    (profile_dir / "drain.txt").write_text(summary + "\n")
+                    (profile_dir / "drain.threads.json").write_text(
+                        json.dumps({str(t): s for t, s in recorder.thread_cpu.items()}) + "\n"
+                    )
+                    report.progress(f"backlog: profile of the drain in {profile_dir}/drain.txt")
+            report.details["backlog_relay_peak_rss_mib"] = {
+                str(pid): (tools.peak_rss_kib(pid) or 0) / 1024 for pid in relay.pids()
+            }
             results["relay"] = {
                 "accept_per_s": rate,
                 "peak_rss_mib": (relay.rss_peak() or 0) / 1024,
                 "rss_queued_mib": (rss_queued or 0) / 1024,
+                "pss_queued_mib": (pss_queued or 0) / 1024,
                 "drain_s": drain,
             }
     pf_down = tools.free_port()
@@ -342,10 +497,15 @@ def backlog(
         report.progress(f"backlog: postfix {'deferred all' if settled else 'still busy'}")
         with sink.Sink(workdir, pf_down, name="sink-backlog-postfix") as back:
             report.progress("backlog: original host is back, postfix flush, draining")
+            master = pf.master_pid()
+            cpu_before = pf.cpu()
             start = time.monotonic()
             pf.flush()
             done = back.wait_for(p.backlog_mails, p.wait, stall=60)
             pf_drain = None if done is None else time.monotonic() - start
+            report.details["backlog_postfix_drain_cpu"] = _cpu_spent(
+                master, cpu_before, settle=False
+            )
         results["postfix"] = {
             "accept_per_s": rate,
             "pss_sum_mib": (rss or 0) / 1024,
@@ -356,12 +516,22 @@ def backlog(
     n = p.backlog_mails
     report.add(
         section="backlog",
-        metric=f"peak RSS of relay serve, {n} mails queued",
+        metric=f"peak RSS of relay (both processes), {n} mails queued",
         unit="MiB",
         relay=row.get("peak_rss_mib"),
         postfix=results["postfix"]["pss_sum_mib"],
-        note="relay: VmHWM of the relay serve process; postfix: sum of the PSS of master "
-        "and its children after the injection (different architecture, for scale only)",
+        goal=200,
+        op="<",
+        note="relay: VmHWM of relay serve plus VmHWM of its delivery process, read after the "
+        "drain, so the peak covers the queueing and the drain (each process's own peak, "
+        "summed: an upper bound of the peak of the sum); "
+        + (
+            f"PSS of the two with the backlog queued: {row['pss_queued_mib']:.0f} MiB; "
+            if row.get("pss_queued_mib")
+            else ""
+        )
+        + "postfix: sum of the PSS of master and its children after the injection "
+        "(different architecture, for scale only)",
     )
     report.add(
         section="backlog",

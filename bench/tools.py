@@ -14,6 +14,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -190,3 +191,105 @@ def pss_kib(pid: int) -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat after the command name (field 3, state, is index 0)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def descendants(pid: int) -> list[int]:
+    """Live processes below `pid` (children, grandchildren, ...), from /proc's parent ids."""
+    parents: dict[int, list[int]] = {}
+    for status in Path("/proc").glob("[0-9]*/stat"):
+        child = int(status.parent.name)
+        fields = _stat_fields(child)
+        if fields is not None and len(fields) > 1 and fields[1].isdigit():
+            parents.setdefault(int(fields[1]), []).append(child)
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CpuTree:
+    """CPU seconds of a process tree at one moment, from /proc/PID/stat.
+
+    `own`: utime + stime of the live processes (root and descendants);
+    `reaped`: cutime + cstime of the same processes, the time of children that
+    exited and were waited for by one of them (Postfix's master reaps each smtpd,
+    cleanup and smtp that exits after max_idle / max_use). The sum only grows:
+    when a child exits and is reaped, its time moves from `own` to its parent's
+    `reaped`. A child that has exited but not been reaped yet is a zombie whose
+    time is still in its own stat line, so it is counted once either way.
+    """
+
+    own: float
+    reaped: float
+    processes: int
+
+    @property
+    def total(self) -> float:
+        return self.own + self.reaped
+
+
+_TICK = float(os.sysconf("SC_CLK_TCK"))
+
+
+def thread_cpu(pid: int) -> dict[int, float]:
+    """utime + stime in seconds of each live thread of `pid`, by native thread id."""
+    seconds = {}
+    for stat in Path(f"/proc/{pid}/task").glob("[0-9]*/stat"):
+        tid = int(stat.parent.name)
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        seconds[tid] = (int(fields[11]) + int(fields[12])) / _TICK
+    return seconds
+
+
+def cpu_tree(pid: int) -> CpuTree | None:
+    """CpuTree of `pid` and every live process below it; None when `pid` is gone."""
+    own = reaped = 0.0
+    count = 0
+    for member in [pid, *descendants(pid)]:
+        fields = _stat_fields(member)
+        if fields is None:
+            if member == pid:
+                return None
+            continue
+        # fields[11:15]: utime, stime, cutime, cstime (stat fields 14-17), in clock ticks
+        own += (int(fields[11]) + int(fields[12])) / _TICK
+        reaped += (int(fields[13]) + int(fields[14])) / _TICK
+        count += 1
+    return CpuTree(own=own, reaped=reaped, processes=count)
+
+
+def wait_cpu_idle(
+    pid: int, *, quiet: float = 0.05, window: float = 0.5, timeout: float = 15.0
+) -> CpuTree | None:
+    """The tree's CpuTree once it uses under `quiet` cores over `window` s (at most `timeout` s).
+
+    After the sink has every mail both servers still finish up (relay records
+    the outcomes, Postfix's qmgr removes the queue files): that is work for the
+    same mails, so the reading is taken once the tree has gone (nearly) idle.
+    """
+    deadline = time.monotonic() + timeout
+    last = cpu_tree(pid)
+    while last is not None and time.monotonic() < deadline:
+        time.sleep(window)
+        now = cpu_tree(pid)
+        if now is None:
+            return last
+        busy = (now.total - last.total) / window
+        last = now
+        if busy < quiet:
+            break
+    return last
