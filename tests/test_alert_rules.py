@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from relay import metrics
@@ -46,6 +47,7 @@ def exported() -> set[str]:
     }
 
 
+@pytest.mark.system
 def test_promtool_checks_the_rules() -> None:
     """`promtool check rules` accepts the file: valid PromQL, durations, templates."""
     checked = promtool("check", "rules", RULES.name)
@@ -53,6 +55,7 @@ def test_promtool_checks_the_rules() -> None:
     assert f"SUCCESS: {len(alerts())} rules found" in checked.stdout
 
 
+@pytest.mark.system
 def test_promtool_unit_tests_pass() -> None:
     """`promtool test rules`: each alert fires in its situation (labels and annotations as
     written) and stays quiet in the look-alikes (shadow-mode fallbacks, few mails, ...)."""

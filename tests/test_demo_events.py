@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from tests.support.processes import relay_cli
 
 
+@pytest.mark.system
 def test_demo_shows_a_delivery_event_and_a_bounce_with_its_dsn() -> None:
     """Must-show 5. The demo's "SES events" section: the student copy's Delivery recorded,
     the CC copy's Permanent bounce recorded, and a DSN from <> to the envelope sender

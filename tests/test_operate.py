@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay import runtime
@@ -48,6 +49,7 @@ def mail(subject: str, n: int = 0) -> bytes:
 # a. systemd notify protocol
 
 
+@pytest.mark.system
 def test_ready_after_listen_watchdog_and_stopping(write_config: ConfigWriter) -> None:
     """Under NOTIFY_SOCKET, `relay serve` says READY=1 only once the SMTP port accepts (a
     connect made the moment READY arrives gets the 220 greeting), pings WATCHDOG=1 at half
@@ -160,6 +162,7 @@ def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     }
 
 
+@pytest.mark.system
 def test_sighup_broken_rules_keep_old_then_fixed_rules_apply(
     write_config: ConfigWriter, relay_process: Process, capture: CaptureServer, tmp_path: Path
 ) -> None:
@@ -258,6 +261,7 @@ class Client:
                 smtp.close()
 
 
+@pytest.mark.system
 def test_sigterm_under_load_loses_nothing(
     write_config: ConfigWriter, relay_process: Process, capture: CaptureServer, tmp_path: Path
 ) -> None:
@@ -401,6 +405,7 @@ async def test_metrics_move_with_traffic_health_readiness_and_dashboard(
 # e. relay demo
 
 
+@pytest.mark.system
 def test_demo_runs_and_shows_where_each_mail_went() -> None:
     """`relay demo` exits 0 within 20 s and shows each sample's route: re-engagement
     (student, CC) via SES with an SES MessageId, forum post and password reset upstream."""

@@ -420,6 +420,7 @@ def holding_proxy(moto_server: str) -> Iterator[tuple[str, threading.Event, thre
         server.server_close()
 
 
+@pytest.mark.system
 def test_kill_9_between_commit_and_delete_applies_the_event_once(
     write_config: ConfigWriter,
     relay_process: Callable[[Path], RelayProcess],

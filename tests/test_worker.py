@@ -189,6 +189,7 @@ def test_child_sigkill_is_logged_and_a_new_child_delivers(
 
 
 @pytest.mark.usefixtures("aws_env")
+@pytest.mark.system
 def test_sigterm_drains_the_send_in_flight_and_both_exit_0(
     write_config: ConfigWriter, relay_process: Process, fake_ses: FakeSes, tmp_path: Path
 ) -> None:
@@ -218,6 +219,7 @@ def test_sigterm_drains_the_send_in_flight_and_both_exit_0(
     assert exited(child)
 
 
+@pytest.mark.system
 def test_sighup_reaches_the_delivery_process(
     write_config: ConfigWriter, relay_process: Process, capture: CaptureServer, tmp_path: Path
 ) -> None:
@@ -294,6 +296,7 @@ async def leave_inflight(spool: Path) -> str:
     return qid
 
 
+@pytest.mark.system
 def test_delivery_waits_for_the_lock_before_reclaiming(
     write_config: ConfigWriter, relay_process: Process, capture: CaptureServer
 ) -> None:
