@@ -134,6 +134,7 @@ FAULTS = {
 }
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("case", FAULTS.values(), ids=FAULTS.keys())
 @pytest.mark.parametrize("api", ["v1", "v2"], ids=["api-v1", "api-v2"])
 async def test_ses_fault_sends_mail_to_original_host(
@@ -190,6 +191,7 @@ async def test_ses_fault_sends_mail_to_original_host(
     )
 
 
+@pytest.mark.system
 async def test_circuit_probes_once_after_cooldown_then_ses_again(
     start_relay: Start,
     capture: CaptureServer,
@@ -306,6 +308,7 @@ async def test_success_in_flight_when_circuit_opened_does_not_close_it(
 # The original host's own faults
 
 
+@pytest.mark.system
 async def test_original_host_down_defers_then_delivers(
     start_relay: Start,
     capture: CaptureServer,
@@ -365,6 +368,7 @@ async def test_5xx_dead_letter_then_queue_retry_delivers(
     )
 
 
+@pytest.mark.system
 async def test_max_age_expiry_fails_the_message(
     start_relay: Start,
     capture: CaptureServer,
@@ -425,6 +429,7 @@ NO_MESSAGE_ID = Fault(
 )
 
 
+@pytest.mark.system
 async def test_probe_that_ends_in_a_bug_lets_the_next_mail_probe(
     start_relay: Start,
     capture: CaptureServer,
@@ -508,6 +513,7 @@ async def test_120_recipients_go_out_in_three_paced_calls_and_a_refused_batch_up
     )
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("api", ["v1", "v2"], ids=["api-v1", "api-v2"])
 async def test_unverified_identity_opens_its_own_circuit_verified_mail_keeps_flowing(
     start_relay: Start,

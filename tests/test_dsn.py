@@ -361,6 +361,7 @@ async def test_a_version_2_spool_is_upgraded_to_3_and_keeps_its_mail(tmp_path: P
         conn.close()
 
 
+@pytest.mark.system
 async def test_a_delay_warning_is_sent_once_when_asked_for(
     start_relay: Callable[..., Awaitable[Running]],
     capture: CaptureServer,
