@@ -103,14 +103,7 @@ def _event(doc: dict[str, Any]) -> SesEvent:
     headers = tuple((str(h["name"]), str(h["value"])) for h in mail.get("headers") or ())
     common: dict[str, Any] = {"message_id": message_id, "timestamp": timestamp, "headers": headers}
     if kind == "Bounce":
-        recipients = tuple(
-            Recipient(
-                address=str(r["emailAddress"]),
-                status=str(r.get("status") or ""),
-                diagnostic=str(r.get("diagnosticCode") or ""),
-            )
-            for r in inner["bouncedRecipients"]
-        )
+        recipients = _with_status(inner["bouncedRecipients"])
         return SesEvent(
             type=kind,
             key=f"Bounce/{message_id}/{inner.get('feedbackId') or timestamp}",
@@ -131,14 +124,7 @@ def _event(doc: dict[str, Any]) -> SesEvent:
             **common,
         )
     if kind == "DeliveryDelay":
-        recipients = tuple(
-            Recipient(
-                address=str(r["emailAddress"]),
-                status=str(r.get("status") or ""),
-                diagnostic=str(r.get("diagnosticCode") or ""),
-            )
-            for r in inner.get("delayedRecipients") or ()
-        )
+        recipients = _with_status(inner.get("delayedRecipients") or ())
         return SesEvent(
             type=kind,
             key=f"DeliveryDelay/{message_id}/{timestamp}",
@@ -154,4 +140,16 @@ def _event(doc: dict[str, Any]) -> SesEvent:
         recipients=tuple(Recipient(address=str(a)) for a in addresses or ()),
         detail=str(inner.get(detail) or "") if detail else "",
         **common,
+    )
+
+
+def _with_status(items: Any) -> tuple[Recipient, ...]:
+    """Bounce and DeliveryDelay recipients: address, status and diagnostic code."""
+    return tuple(
+        Recipient(
+            address=str(r["emailAddress"]),
+            status=str(r.get("status") or ""),
+            diagnostic=str(r.get("diagnosticCode") or ""),
+        )
+        for r in items
     )
