@@ -155,6 +155,51 @@ async def test_concurrent_adds_share_commits(spool: Spool) -> None:
     assert commits <= 10, f"{commits} commits for 50 adds"
 
 
+async def test_delivery_outcomes_of_one_loop_turn_share_a_commit(tmp_path: Path) -> None:
+    """On the delivery side, the outcomes recorded in one turn of the event loop (replies
+    that came in together) and a claim beside them commit as one transaction."""
+    receive = await Spool.open(tmp_path / "spool")
+    delivery = await Spool.open(tmp_path / "spool", full_sync=False)
+    try:
+        ids = [await add(receive, n) for n in range(12)]
+        assert 10 == len(await delivery.claim(10))
+        before = delivery.commits
+        common = {"rule": None, "route": "upstream", "reply": "250 ok"}
+        claimed, *_ = await asyncio.gather(
+            delivery.claim(5), *(delivery.sent(qid, **common) for qid in ids[:10])
+        )
+        commits = delivery.commits - before
+    finally:
+        await delivery.close()
+        await receive.close()
+    assert (1, set(ids[10:])) == (commits, {m.id for m in claimed})
+    states = {qid: row["state"] for qid, row in rows(tmp_path / "spool").items()}
+    assert [State.SENT] * 10 + [State.INFLIGHT] * 2 == [states[qid] for qid in ids]
+
+
+async def test_a_failing_delivery_call_fails_alone(tmp_path: Path) -> None:
+    """One call of a delivery-side group commit that fails (here: a split to an id that
+    exists) rolls back that transaction; the others are committed one by one."""
+    receive = await Spool.open(tmp_path / "spool")
+    delivery = await Spool.open(tmp_path / "spool", full_sync=False)
+    try:
+        first, second = await add(receive, 1), await add(receive, 2)
+        await delivery.claim(2)
+        common = {"rule": None, "route": "upstream", "reply": "250 ok"}
+        results = await asyncio.gather(
+            delivery.sent(first, **common),
+            delivery.split(second, child=first, recipients=["x@example.org"], reason="test"),
+            delivery.sent(second, **common),
+            return_exceptions=True,
+        )
+    finally:
+        await delivery.close()
+        await receive.close()
+    assert [None, SpoolError, None] == [r if r is None else type(r) for r in results]
+    states = rows(tmp_path / "spool")
+    assert (State.SENT, State.SENT) == (states[first]["state"], states[second]["state"])
+
+
 async def test_add_sets_wakeup(spool: Spool) -> None:
     """The delivery loop learns of new mail from `wakeup`, without polling."""
     spool.wakeup.clear()
@@ -390,11 +435,11 @@ async def test_a_lone_session_commits_on_its_own_thread_unless_it_would_wait(
     def where(conn: sqlite3.Connection) -> str:
         return threading.current_thread().name
 
-    assert (True, threading.current_thread().name) == spool._writer.try_now(where)
+    assert (True, [threading.current_thread().name]) == spool._writer.try_now([where])
     lock = os.open(tmp_path / "spool" / WRITE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        assert (False, None) == spool._writer.try_now(where)
+        assert (False, []) == spool._writer.try_now([where])
         add = spool.add(
             sender="a@example.org",
             recipients=["b@example.org"],

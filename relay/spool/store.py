@@ -67,6 +67,7 @@ class Spool:
         self.new_id = new_id
         self._closed = False
         self._writes_now = writes_now
+        self._batch: list[tuple[Op[Any], asyncio.Future[tuple[bool, Any]]]] = []
 
     @classmethod
     async def open(cls, directory: Path, *, full_sync: bool = True) -> Spool:
@@ -75,10 +76,10 @@ class Spool:
         `full_sync=False` commits with synchronous=NORMAL: durable at the next
         checkpoint or FULL commit rather than at once. Only for the delivery side,
         whose writes may be lost to a power cut (then a mail goes out twice);
-        `add()` must stay FULL. That side also commits on its own event loop when
-        it can do so at once (`Writer.try_now`): nothing waits on the delivery
-        loop for a fraction of a millisecond, and two thread hand-offs a write
-        less are CPU the receiving side gets.
+        `add()` must stay FULL. That side also commits on its own event loop, the
+        calls of one turn of the loop together (`_together`), when it can do so at
+        once (`Writer.try_now`): one BEGIN, COMMIT and write turn for the outcomes
+        that came in together, and no thread hand-offs.
         """
         try:
             await asyncio.to_thread(prepare, directory)
@@ -120,15 +121,46 @@ class Spool:
         await asyncio.to_thread(self._writer.join, 30)
 
     async def _call(self, op: Op[T], *, now: bool = False) -> T:
-        """Run `op` in a transaction: on this thread if `now` (or this is the delivery
-        side) and that needs no waiting, else on the writer thread."""
+        """Run `op` in a transaction: on this thread if `now` and that needs no waiting;
+        on the delivery side together with the other calls of this turn of the event
+        loop (`_together`); else on the writer thread."""
         if self._closed or not self._writer.is_alive():
             raise SpoolError(f"spool {self.path} is closed")
-        if now or self._writes_now:
-            done, result = self._writer.try_now(op)
+        if self._writes_now:
+            done, result = await self._together(op)
             if done:
-                return cast(T, result)  # op's own result (None for some ops)
+                return cast(T, result)
+        elif now:
+            done, results = self._writer.try_now([op])
+            if done:
+                return cast(T, results[0])  # op's own result (None for some ops)
         return await asyncio.wrap_future(self._writer.submit(op))
+
+    async def _together(self, op: Op[T]) -> tuple[bool, T | None]:
+        """Group commit on the delivery side: every call made in one turn of the event
+        loop (the outcomes of the deliveries whose replies came in together, the next
+        claim) commits in one transaction at the start of the next turn, on this thread
+        when that needs no waiting. (False, None): not run, the caller submits it."""
+        waiter: asyncio.Future[tuple[bool, Any]] = asyncio.get_running_loop().create_future()
+        self._batch.append((op, waiter))
+        if len(self._batch) == 1:
+            asyncio.get_running_loop().call_soon(self._commit_batch)
+        return await waiter
+
+    def _commit_batch(self) -> None:
+        batch = [(op, waiter) for op, waiter in self._batch if not waiter.cancelled()]
+        self._batch = []
+        try:
+            done, results = self._writer.try_now([op for op, _ in batch])
+        except Exception:
+            # Rolled back. Each call goes alone through the writer thread, so one bad call
+            # fails only itself, as in the writer thread's own batches.
+            done = False
+        if not done:
+            results = [None] * len(batch)
+        for (_, waiter), result in zip(batch, results, strict=True):
+            if not waiter.cancelled():
+                waiter.set_result((done, result))
 
     async def add(
         self,

@@ -89,24 +89,25 @@ class Writer(threading.Thread):
             self._close()
             self._turn.close()
 
-    def try_now(self, op: Op[T]) -> tuple[bool, T | None]:
-        """Run `op` as a transaction on the calling thread if nothing has to be waited for
-        (no queued job, the connection free, the other process not writing):
-        (True, result), or (False, None) and the caller submits it instead.
+    def try_now(self, ops: list[Op[Any]]) -> tuple[bool, list[Any]]:
+        """Run `ops` as one transaction on the calling thread if nothing has to be waited
+        for (no queued job, the connection free, the other process not writing):
+        (True, their results), or (False, []) and the caller submits them instead.
 
         For a lone SMTP session this saves two thread hand-offs per 250;
         the event loop is held for the commit (and up to TRY_NOW_WAIT for the other
         process's turn), so it is not for concurrent sessions, which share commits
-        through the queue. SpoolError as from a queued call.
+        through the queue. SpoolError as from a queued call; any other exception of an
+        op rolls the whole transaction back and is raised as it is.
         """
         if not self.jobs.empty() or not self._using.acquire(blocking=False):
-            return False, None
+            return False, []
         try:
             try:
                 with self._turn.held(TRY_NOW_WAIT):
-                    return True, self._transaction_now([op])[0]
+                    return True, self._transaction_now(ops)
             except SpoolBusy:  # from held(): the other process is writing
-                return False, None
+                return False, []
         finally:
             self._using.release()
 
