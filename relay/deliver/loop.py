@@ -32,6 +32,9 @@ from relay.spool import Notice, new_id
 log = logging.getLogger("relay.deliver")
 
 IDLE_POLL = 1.0  # seconds; deferred mail becomes due without a wake-up
+# A claim waits until this share of the delivery slots is free (4: a quarter), so a busy
+# queue is claimed in batches, not one row per transaction each time a send ends.
+CLAIM_SHARE = 4
 # After a failed connection to the original host, mail is deferred without trying for
 # this long: a backlog against a dead host must not cost one connection per message.
 UPSTREAM_DOWN_FOR = 5.0
@@ -138,7 +141,7 @@ class Deliverer:
         """Claim and deliver until `stop` is set; `drain()` then lets in-flight sends finish."""
         while not stop.is_set():
             free = self.settings.deliverers - len(self._tasks)
-            if free <= 0:
+            if free < max(1, self.settings.deliverers // CLAIM_SHARE):
                 # Done callbacks run in order: _tasks.discard has run when wait() returns.
                 await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
                 continue
@@ -208,15 +211,7 @@ class Deliverer:
         """One attempt for one claimed message; records the outcome on its row."""
         decision = self.rules.classify(mail) if not mail.reports_on else DSN_DECISION
         metrics.CLASSIFIED.labels(decision.rule or "(default)", decision.route.value).inc()
-        logs.event(
-            log,
-            "classified",
-            id=mail.id,
-            message_id=mail.message_id,
-            rule=decision.rule,
-            route=decision.route.value,
-            reasons="; ".join(decision.reasons),
-        )
+        # No line of its own: the outcome's line names the rule, the route and the reasons.
         fallback: Fallback | None = None
         if decision.route is Route.SES and self._ses_may_try(mail):
             mail = await self._batch(mail)
@@ -467,9 +462,12 @@ class Deliverer:
 def _outcome(
     outcome: str, mail: Mail, decision: Decision | None, route: Route, **fields: object
 ) -> None:
-    """Count and log one delivery outcome: one line with id, Message-ID, rule, route."""
+    """Count and log one delivery outcome: one line with id, Message-ID, rule, route, and
+    why the rules chose that route."""
     metrics.DELIVERIES.labels(route.value, outcome).inc()
     level = logging.WARNING if outcome == "failed" else logging.INFO
+    if decision is not None and decision.reasons:
+        fields["reasons"] = "; ".join(decision.reasons)
     logs.event(
         log,
         outcome,

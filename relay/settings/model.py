@@ -171,7 +171,9 @@ class Settings:
     retry: Retry = Retry()
     bounces: Bounces = Bounces()
     metrics: HostPort | None = None
-    deliverers: int = 4
+    # Deliveries in flight at once: connections to the original host, calls to SES. Postfix's
+    # default_destination_concurrency_limit is 20.
+    deliverers: int = 16
     retention: float = 7 * 86400.0  # seconds delivered rows keep their metadata
 
 
