@@ -150,6 +150,8 @@ class Spool:
     def _commit_batch(self) -> None:
         batch = [(op, waiter) for op, waiter in self._batch if not waiter.cancelled()]
         self._batch = []
+        if not batch:
+            return  # every caller gave up meanwhile
         try:
             done, results = self._writer.try_now([op for op, _ in batch])
         except Exception:
