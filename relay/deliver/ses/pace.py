@@ -59,9 +59,9 @@ The step is also scaled by the relay's share of its ceiling, (SHARE * ceiling /
 rate) ** STEEP, at most BOOST: a relay under a third of the ceiling climbs up to
 three times as fast, one over it much slower. The reason is the same sliding
 window: a throttle falls on whichever relay adds calls, not on the largest, so
-all relays are cut about equally often (the simulator counts within a few cuts
-of each other at shares 2:1) and equal additive steps with 7% cuts leave an
-uneven split in place for minutes. Chiu and Jain's condition for converging to
+all relays are cut about equally often (counted in the simulator, see
+bench/README.md) and equal additive steps with 7% cuts leave an uneven split in
+place for minutes. Chiu and Jain's condition for converging to
 fairness is that the smaller share gains relative to the larger at every step;
 an increase that falls with the rate restores it even when the cuts do not.
 SHARE, STEEP and BOOST were chosen in the simulator for issue 14's scenarios
