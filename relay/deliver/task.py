@@ -68,7 +68,7 @@ async def delivery(ctx: Context) -> None:
                 known = False
                 logs.event(log, "ses_quota_slow", level=logging.WARNING, waited=QUOTA_WARMUP)
             if known and not settings.ses.max_send_rate:
-                pace = Pace(pace.ceiling)  # start at the quota, not at the provisional rate
+                pace = Pace(pace.ceiling)  # the quota as ceiling (slow start from a third of it)
                 await _refresh_quota(ctx, ses, pace)
         circuit = Circuit(settings.ses.circuit_cooldown)
         suppressions: SuppressionList | None = None

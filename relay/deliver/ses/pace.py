@@ -15,36 +15,57 @@ by additive increase and multiplicative decrease: Chiu and Jain (1989, "Analysis
 of the Increase and Decrease Algorithms for Congestion Avoidance in Computer
 Networks") show that AIMD converges to fair shares, because a multiplicative cut
 takes more from a larger share while an additive climb adds the same to every
-share. Here the congestion signal is random, not synchronous: SES refuses
-whichever call arrives at a full window, so each relay is throttled in
-proportion to the calls it makes, and the relay with the larger share is cut
-more often.
+share. Here the congestion signal is neither synchronous nor proportional: SES
+refuses whichever call arrives at a full window, and in a sliding window that
+is mostly a call of whichever relay just added calls (see Increase below).
+
+Start: slow start, as TCP's (RFC 5681, section 3.1). A new Pace sends at
+START (a third) of its ceiling and, until its first throttle, adds GROWTH
+recipients/s for every recipient SES accepts: its rate grows by half of itself
+per second of success, clocked by what SES accepts, as TCP's window grows by
+one segment per acknowledged segment. Three relays starting together at the
+whole quota each used to overshoot it threefold and take two throttle events
+(a burst of throttled calls each); starting at a third they meet the quota
+growing, and one event finds each its share.
 
 Decrease: on a rate throttle ("Maximum sending rate exceeded") the target is cut
 once per window (HOLD) to rate * DECREASE, or, after a large overshoot, down to
 what SES accepted from this relay in the last second. But one cut never takes
-more than half (KEEP), TCP Reno's decrease (RFC 5681). A relay that starts or
-joins while the window is already full has no sample of its share: SES took
-next to nothing from it. Cut to a quarter while its peers kept half of theirs,
-it stayed the smallest for minutes. Halved like them, it meets the next
-overshoot at their rate, and after a whole second at the same rate what SES
-took from each is the same share. Grants booked ahead at the old rate are
-cancelled, and the window rule above then holds the next grant until enough of
-what we sent has left SES's window: after a burst the window drains instead of
-being hammered.
+more than half (KEEP), TCP Reno's decrease (RFC 5681). Grants booked ahead at
+the old rate are cancelled, and the window rule above then holds the next grant
+until enough of what we sent has left SES's window: after a burst the window
+drains instead of being hammered.
+
+Joining: a relay throttled within SAMPLE seconds of its first send met a window
+that others had already filled. SES took next to nothing from it, so what it
+accepted is no sample of its share, and SES's sliding window favours the
+senders already in it: each of their calls takes the place one of their own
+left a second before, and the newcomer's calls meet a full window. Cut to what
+it got, a joining relay stayed the smallest for minutes. So for JOINING seconds
+it keeps its (slow-start) rate through throttles, and the relays already
+sending, throttled in turn, make room.
 
 Increase: after a cut the rate climbs by INCREASE * ceiling per second of
-success, doubled for every PROBE seconds without a cut. The step is a function
-of the time since this relay's last cut and of the ceiling (the same for every
-relay on one account), never of its current rate, so for the same calm every
-relay climbs by the same absolute amount; the relay cut least often climbs
-furthest. Barely at first, since the rate that overshot is just above; within
-half a minute fast enough to take back what a relay that stopped, or another
-sender, left idle. Growth as a function of the time since the last congestion
-event rather than of the rate, slow near the rate that overshot and faster the
-longer no throttle comes, is how BIC (Xu, Harfoush and Rhee, INFOCOM 2004) and
-CUBIC (RFC 9438) probe. There is no quick climb back to the rate before the
-cut: on a shared account that rate is what overshot.
+success, doubled for every PROBE seconds without a cut. Barely at first, since
+the rate that overshot is just above; within half a minute fast enough to take
+back what a relay that stopped, or another sender, left idle. Growth as a
+function of the time since the last congestion event rather than of the rate,
+slow near the rate that overshot and faster the longer no throttle comes, is
+how BIC (Xu, Harfoush and Rhee, INFOCOM 2004) and CUBIC (RFC 9438) probe. There
+is no quick climb back to the rate before the cut: on a shared account that
+rate is what overshot.
+
+The step is also scaled by the relay's share of its ceiling, (SHARE * ceiling /
+rate) ** STEEP, at most BOOST: a relay under a third of the ceiling climbs up to
+three times as fast, one over it much slower. The reason is the same sliding
+window: a throttle falls on whichever relay adds calls, not on the largest, so
+all relays are cut about equally often (counted in the simulator, see
+bench/README.md) and equal additive steps with 7% cuts leave an uneven split in
+place for minutes. Chiu and Jain's condition for converging to
+fairness is that the smaller share gains relative to the larger at every step;
+an increase that falls with the rate restores it even when the cuts do not.
+SHARE, STEEP and BOOST were chosen in the simulator for issue 14's scenarios
+(three relays on one account, or three beside another sender).
 
 What this costs and achieves, simulated (tests/test_pace.py: staggered starts, a
 relay joining, one leaving, another sender on the account) and measured
@@ -67,10 +88,17 @@ JITTER = 0.025  # seconds of disagreement between our clock and SES's window we 
 DECREASE = 0.93  # on a throttle: rate *= DECREASE, or down to what SES just accepted
 KEEP = 0.5  # but one cut keeps at least half of the rate (TCP Reno's decrease)
 HOLD = WINDOW  # seconds after a cut in which further throttles are the same event
-INCREASE = 0.0001  # per second of success right after a cut: rate += INCREASE * ceiling
+INCREASE = 0.00005  # per second of success right after a cut: rate += INCREASE * ceiling
 MIN_INCREASE = 0.005  # recipients/s per second, so tiny ceilings still recover
 FLOOR = 0.05  # the rate never drops below FLOOR * ceiling
 PROBE = 3.0  # seconds: the increase doubles for every PROBE seconds without a cut
+SHARE = 1 / 3  # at SHARE of the ceiling the climb is as above; ...
+STEEP = 6.0  # ... times (SHARE * ceiling / rate) ** STEEP elsewhere, ...
+BOOST = 3.0  # ... but at most BOOST times as fast
+START = 1 / 3  # a new Pace starts at START * ceiling (slow start) ...
+GROWTH = 0.5  # ... and adds GROWTH recipients/s per recipient accepted until its first cut
+SAMPLE = 0.5  # seconds: throttled sooner after its first send, a relay joined a full window
+JOINING = 2.0  # seconds for which such a relay keeps its rate through throttles
 
 
 class Pace:
@@ -88,7 +116,8 @@ class Pace:
         self._clock = clock
         self._sleep = sleep
         self._ceiling = float(rate)
-        self._rate = float(rate)
+        self._rate = float(rate) * START
+        self._slow_start = True  # until the first cut
         now = clock()
         self._next = now  # earliest start of the next grant
         self._granted: collections.deque[tuple[float, int]] = collections.deque()
@@ -99,6 +128,8 @@ class Pace:
         self._calm_since = now  # the start or the last cut: how long the rate has held
         self._epoch = 0  # counts cuts, so grants booked at the old rate are booked again
         self._last_success = now
+        self._first_send: float | None = None
+        self._joining_until = -math.inf
         self._max_24h = math.inf
         self._sent_24h = 0.0
 
@@ -122,6 +153,8 @@ class Pace:
     def reserve(self, recipients: int) -> float:
         """Book a grant for `recipients`; return how many seconds to wait before sending."""
         now = self._clock()
+        if self._first_send is None:
+            self._first_send = now
         start = max(now, self._next)
         span = WINDOW + JITTER
         granted = self._granted
@@ -159,8 +192,15 @@ class Pace:
         if now - self._last_cut < HOLD:
             return  # the same overshoot, reported by the other sends in flight
         self._last_cut = self._calm_since = now
-        accepted = float(self._accepted_since(now - WINDOW))
-        cut = max(min(self._rate * DECREASE, accepted), self._rate * KEEP)
+        first = now if self._first_send is None else self._first_send
+        if self._slow_start and now - first < SAMPLE:
+            self._joining_until = now + JOINING
+        self._slow_start = False
+        if now < self._joining_until:
+            cut = self._rate  # no sample of our share yet: the relays already sending make room
+        else:
+            accepted = float(self._accepted_since(now - WINDOW))
+            cut = max(min(self._rate * DECREASE, accepted), self._rate * KEEP)
         self._rate = max(cut, self._ceiling * FLOOR)
         # Grants booked ahead at the old rate are cancelled (acquire() books them again).
         # What is left in the ledger is what we sent in the last window; at the new rate
@@ -176,17 +216,24 @@ class Pace:
     def succeeded(self, recipients: int = 1) -> None:
         """SES took `recipients`: climb additively, in proportion to the time sending went well."""
         now = self._clock()
+        if self._first_send is None:
+            self._first_send = now
         self._accepted_since(now - WINDOW)
         self._accepted.append((now, recipients))
         self._accepted_sum += recipients
         elapsed = min(now - self._last_success, 1.0)
         self._last_success = now
+        if self._slow_start:  # RFC 5681's slow start, clocked by what SES accepts
+            self._rate = min(self._rate + GROWTH * recipients, self._ceiling)
+            return
         if now - self._last_cut < HOLD:
             return  # successes inside the throttled window prove nothing yet
         # Slow right after a cut (the rate that overshot is close), faster the longer no
         # throttle comes: capacity that other relays left idle is taken back in seconds.
         doublings = min((now - self._calm_since) / PROBE, 30.0)
         step = max(INCREASE * self._ceiling, MIN_INCREASE) * 2.0**doublings
+        # The smaller share climbs faster (see the module docstring: fairness).
+        step *= min((SHARE * self._ceiling / self._rate) ** STEEP, BOOST)
         self._rate = min(self._rate + step * elapsed, self._ceiling)
 
     def _accepted_since(self, since: float) -> int:
