@@ -433,10 +433,12 @@ class Figures:
         return self.use >= 0.95 and self.throttled < 0.01 and self.least >= 0.70
 
 
-def test_ceiling_at_the_limit_is_never_throttled() -> None:
+@pytest.mark.parametrize("deliverers", [4, 16])
+def test_ceiling_at_the_limit_is_never_throttled(deliverers: int) -> None:
     """One relay with its ceiling equal to the SES limit: HEADROOM and the window rule keep every
-    window under it, at 97% of the limit."""
-    sim = Sim(ceilings=(20.0,), limit=20.0).run(60.0)
+    window under it, at 97% of the limit once slow start is done. Sixteen senders ramp up as
+    fast as four: none is booked more than AHEAD ahead while the rate grows."""
+    sim = Sim(ceilings=(20.0,), limit=20.0, deliverers=deliverers).run(60.0)
     assert 0 == sim.throttles
     assert sim.rate() >= 0.95 * 20.0
 

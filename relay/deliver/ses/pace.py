@@ -99,6 +99,9 @@ START = 1 / 3  # a new Pace starts at START * ceiling (slow start) ...
 GROWTH = 0.5  # ... and adds GROWTH recipients/s per recipient accepted until its first cut
 SAMPLE = 0.5  # seconds: throttled sooner after its first send, a relay joined a full window
 JOINING = 2.0  # seconds for which such a relay keeps its rate through throttles
+# Seconds ahead a grant is booked at most in slow start: sixteen senders (`deliverers`)
+# booked at its first rate would hold their places for seconds after the rate has grown.
+AHEAD = 0.25
 
 
 class Pace:
@@ -150,8 +153,9 @@ class Pace:
         self._ceiling = float(rate)
         self._rate = min(self._rate, self._ceiling)
 
-    def reserve(self, recipients: int) -> float:
-        """Book a grant for `recipients`; return how many seconds to wait before sending."""
+    def reserve(self, recipients: int, *, within: float = math.inf) -> float | None:
+        """Book a grant for `recipients`; return how many seconds to wait before sending.
+        None, and nothing booked, when that would be more than `within` seconds away."""
         now = self._clock()
         if self._first_send is None:
             self._first_send = now
@@ -169,6 +173,8 @@ class Pace:
                 break
             total -= n
             start = max(start, at + span)
+        if start - now > within:
+            return None
         granted.append((start, recipients))
         self._granted_sum += recipients
         self._next = start + max(recipients, 0) / (self._rate * HEADROOM)
@@ -178,7 +184,11 @@ class Pace:
         """Wait until `recipients` may be sent without exceeding the rate."""
         while True:
             epoch = self._epoch
-            delay = self.reserve(recipients)
+            growing = self._slow_start and self._rate < self._ceiling
+            delay = self.reserve(recipients, within=AHEAD if growing else math.inf)
+            if delay is None:  # the rate will have grown by then: ask again later
+                await self._sleep(AHEAD)
+                continue
             if delay <= 0:
                 return
             await self._sleep(delay)
