@@ -15,6 +15,7 @@ from pathlib import Path
 from relay.deliver.loop import Deliverer
 from relay.deliver.ses.circuit import Circuit
 from relay.deliver.ses.route import SesRoute
+from relay.deliver.upstream import UpstreamResult
 from relay.mail import Mail
 from relay.rules import Route, RuleSet
 from relay.settings import HostPort, Settings, Upstream
@@ -35,7 +36,7 @@ class SlowHost:
         self.sent: list[str] = []
         self.all_sent = asyncio.Event()
 
-    async def send(self, mail: Mail) -> object:
+    async def send(self, mail: Mail) -> UpstreamResult:
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
@@ -45,18 +46,10 @@ class SlowHost:
         self.sent.append(mail.id)
         if len(self.sent) == MAILS:
             self.all_sent.set()
-        return _Accepted(accepted=mail.recipients)
+        return UpstreamResult(accepted=mail.recipients, reply="250 2.0.0 Ok")
 
     async def close(self) -> None:
         pass
-
-
-class _Accepted:
-    def __init__(self, accepted: tuple[str, ...]) -> None:
-        self.accepted = accepted
-        self.temporary: tuple[tuple[str, str], ...] = ()
-        self.permanent: tuple[tuple[str, str], ...] = ()
-        self.reply = "250 2.0.0 Ok"
 
 
 class CountingSpool:
@@ -101,7 +94,7 @@ async def test_a_busy_queue_is_claimed_and_recorded_in_batches(tmp_path: Path) -
             settings=settings,
             spool=counting,  # type: ignore[arg-type]
             rules=RuleSet(source="rules.yaml", default=Route.UPSTREAM, rules=()),
-            upstream=host,  # type: ignore[arg-type]
+            upstream=host,
             ses_route=SesRoute(ses=None, pace=None, circuit=Circuit(300.0)),
             wakeup=delivery.wakeup,
         )
