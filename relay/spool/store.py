@@ -45,7 +45,7 @@ from relay.spool.rows import (
     state_counts,
 )
 from relay.spool.schema import DB_NAME, prepare
-from relay.spool.writer import Op, T, Writer
+from relay.spool.writer import Op, T, TurnBatch, Writer
 
 log = logging.getLogger("relay.spool")
 
@@ -66,8 +66,8 @@ class Spool:
         self.wakeup = asyncio.Event()  # set after each committed add: new mail to deliver
         self.new_id = new_id
         self._closed = False
-        self._writes_now = writes_now
-        self._batch: list[tuple[Op[Any], asyncio.Future[tuple[bool, Any]]]] = []
+        # The delivery side: the calls of one turn of its event loop commit together.
+        self._turn_batch = TurnBatch(writer) if writes_now else None
 
     @classmethod
     async def open(cls, directory: Path, *, full_sync: bool = True) -> Spool:
@@ -77,7 +77,7 @@ class Spool:
         checkpoint or FULL commit rather than at once. Only for the delivery side,
         whose writes may be lost to a power cut (then a mail goes out twice);
         `add()` must stay FULL. That side also commits on its own event loop, the
-        calls of one turn of the loop together (`_together`), when it can do so at
+        calls of one turn of the loop together (`TurnBatch`), when it can do so at
         once (`Writer.try_now`): one BEGIN, COMMIT and write turn for the outcomes
         that came in together, and no thread hand-offs.
         """
@@ -123,11 +123,11 @@ class Spool:
     async def _call(self, op: Op[T], *, now: bool = False) -> T:
         """Run `op` in a transaction: on this thread if `now` and that needs no waiting;
         on the delivery side together with the other calls of this turn of the event
-        loop (`_together`); else on the writer thread."""
+        loop (`TurnBatch`); else on the writer thread."""
         if self._closed or not self._writer.is_alive():
             raise SpoolError(f"spool {self.path} is closed")
-        if self._writes_now:
-            done, result = await self._together(op)
+        if self._turn_batch is not None:
+            done, result = await self._turn_batch.run(op)
             if done:
                 return cast(T, result)
         elif now:
@@ -135,34 +135,6 @@ class Spool:
             if done:
                 return cast(T, results[0])  # op's own result (None for some ops)
         return await asyncio.wrap_future(self._writer.submit(op))
-
-    async def _together(self, op: Op[T]) -> tuple[bool, T | None]:
-        """Group commit on the delivery side: every call made in one turn of the event
-        loop (the outcomes of the deliveries whose replies came in together, the next
-        claim) commits in one transaction at the start of the next turn, on this thread
-        when that needs no waiting. (False, None): not run, the caller submits it."""
-        waiter: asyncio.Future[tuple[bool, Any]] = asyncio.get_running_loop().create_future()
-        self._batch.append((op, waiter))
-        if len(self._batch) == 1:
-            asyncio.get_running_loop().call_soon(self._commit_batch)
-        return await waiter
-
-    def _commit_batch(self) -> None:
-        batch = [(op, waiter) for op, waiter in self._batch if not waiter.cancelled()]
-        self._batch = []
-        if not batch:
-            return  # every caller gave up meanwhile
-        try:
-            done, results = self._writer.try_now([op for op, _ in batch])
-        except Exception:
-            # Rolled back. Each call goes alone through the writer thread, so one bad call
-            # fails only itself, as in the writer thread's own batches.
-            done = False
-        if not done:
-            results = [None] * len(batch)
-        for (_, waiter), result in zip(batch, results, strict=True):
-            if not waiter.cancelled():
-                waiter.set_result((done, result))
 
     async def add(
         self,

@@ -4,7 +4,8 @@ Concurrent calls are batched into one transaction, so many SMTP sessions share
 one COMMIT and one fsync (group commit). A failed commit is rolled back as a
 whole, each call of the batch is retried alone, and the callers that still fail
 get `SpoolError`. A call that can start at once with nothing queued may run on
-its caller's thread instead (`try_now`: a lone SMTP session, the delivery process).
+its caller's thread instead (`try_now`: a lone SMTP session), and the delivery process
+commits the calls of one turn of its event loop together on its own thread (`TurnBatch`).
 
 Two processes write the spool (`relay serve` adds, its delivery process claims
 and records outcomes); they take turns around every transaction on the write
@@ -13,6 +14,7 @@ lock (`relay.spool.lock`).
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import logging
@@ -180,3 +182,40 @@ class Writer(threading.Thread):
             with contextlib.suppress(sqlite3.Error):
                 self._conn.close()
             self._conn = None
+
+
+class TurnBatch:
+    """Group commit on an event loop (the delivery process): every call made in one turn
+    of the loop (the outcomes of the deliveries whose replies came in together, the next
+    claim) commits in one transaction at the start of the next turn, on the loop's thread
+    when that needs no waiting (`Writer.try_now`)."""
+
+    def __init__(self, writer: Writer) -> None:
+        self._writer = writer
+        self._calls: list[tuple[Op[Any], asyncio.Future[tuple[bool, Any]]]] = []
+
+    async def run(self, op: Op[T]) -> tuple[bool, T | None]:
+        """(True, op's result), or (False, None): not run, the caller submits it to the
+        writer thread."""
+        waiter: asyncio.Future[tuple[bool, Any]] = asyncio.get_running_loop().create_future()
+        self._calls.append((op, waiter))
+        if len(self._calls) == 1:
+            asyncio.get_running_loop().call_soon(self._commit)
+        return await waiter
+
+    def _commit(self) -> None:
+        calls = [(op, waiter) for op, waiter in self._calls if not waiter.cancelled()]
+        self._calls = []
+        if not calls:
+            return  # every caller gave up meanwhile
+        try:
+            done, results = self._writer.try_now([op for op, _ in calls])
+        except Exception:
+            # Rolled back. Each call goes alone through the writer thread, so one bad call
+            # fails only itself, as in the writer thread's own batches.
+            done = False
+        if not done:
+            results = [None] * len(calls)
+        for (_, waiter), result in zip(calls, results, strict=True):
+            if not waiter.cancelled():
+                waiter.set_result((done, result))
