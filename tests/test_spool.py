@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from relay.errors import SpoolError
-from relay.spool import DB_NAME, Spool, State, new_id
+from relay.spool import DB_NAME, Spool, State, checkpoint, new_id
 from relay.spool import lock as spoollock
 from relay.spool.lock import WRITE_LOCK
 from relay.spool.schema import SCHEMA_VERSION
@@ -243,6 +243,49 @@ async def test_adds_commit_full_the_delivery_connection_normal(
     finally:
         await opened.close()
     assert expected == actual
+
+
+def wal_pages(directory: Path) -> int:
+    """How far the WAL file reaches, in 4 KB pages (it only grows until a checkpoint
+    has copied every frame and the next commit starts it again from its beginning)."""
+    wal = directory / f"{DB_NAME}-wal"
+    return wal.stat().st_size // 4096 if wal.exists() else 0
+
+
+async def test_adds_do_not_checkpoint_in_their_commit(tmp_path: Path) -> None:
+    """SQLite's default would checkpoint inside the commit that takes the WAL past 1,000
+    pages, before that mail's 250. relay serve's adds leave it to the delivery process
+    and only checkpoint themselves far beyond (checkpoint.SERVE_PAGES)."""
+    receive = await Spool.open(tmp_path / "spool")
+    try:
+        for n in range(150):  # 20 KB each: about 2,000 pages of WAL
+            await add(receive, n, size=20_000)
+        reached = wal_pages(tmp_path / "spool")
+    finally:
+        await receive.close()
+    assert 1500 < reached < checkpoint.SERVE_PAGES
+
+
+async def test_the_delivery_side_checkpoints_while_adds_go_on(tmp_path: Path) -> None:
+    """With the delivery process's spool open, its Checkpointer thread copies the WAL
+    into the database while adds go on, so the WAL starts again and stays small; every
+    mail is in the database."""
+    receive = await Spool.open(tmp_path / "spool")
+    delivery = await Spool.open(tmp_path / "spool", full_sync=False)
+    try:
+        ids = []
+        for n in range(450):  # about 6,000 pages of WAL in all, over a second or more
+            ids.append(await add(receive, n, size=20_000))
+            if n % 15 == 0:
+                await asyncio.sleep(checkpoint.EVERY)
+        reached = wal_pages(tmp_path / "spool")
+        copied = delivery._checkpointer.checkpoints if delivery._checkpointer else 0
+    finally:
+        await delivery.close()
+        await receive.close()
+    assert reached < 2000, f"the WAL reached {reached} pages"
+    assert copied >= 5
+    assert set(ids) == set(bodies(tmp_path / "spool"))
 
 
 @pytest.mark.parametrize(
