@@ -2,8 +2,8 @@
 
 Connect (implicit TLS or STARTTLS as configured, never opportunistic),
 optional AUTH, MAIL FROM the envelope sender (`<>` too), RCPT TO each recipient,
-DATA `mail.wire_bytes()`. Per-recipient replies come back in an
-`UpstreamResult`; whole-transaction failures raise:
+DATA `mail.wire_bytes()` (in its wire form by `relay.deliver.wire`). Per-recipient
+replies come back in an `UpstreamResult`; whole-transaction failures raise:
 
     TemporaryFailure   connection refused/reset/timeout, TLS or AUTH failure, 4xx at
                        MAIL or DATA, 4xx to every RCPT
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import aiosmtplib
 
 from relay import settings as _settings
+from relay.deliver.wire import data_bytes, send_data
 from relay.errors import DeliveryError, HostUnreachable, PermanentFailure, TemporaryFailure
 from relay.mail import Mail
 
@@ -207,7 +208,7 @@ class UpstreamClient:
                     refusal = (rcpt, _reply(exc))
                     (temporary if exc.code < 500 else permanent).append(refusal)
             if accepted:
-                response = await smtp.data(data)
+                response = await send_data(smtp, data_bytes(data))
                 reply = f"{response.code} {_oneline(response.message)}"
         except aiosmtplib.SMTPResponseException as exc:
             phase = "DATA" if isinstance(exc, aiosmtplib.SMTPDataError) else "MAIL FROM"
