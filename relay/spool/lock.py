@@ -6,7 +6,8 @@
 Two processes write the spool. SQLite's busy handler would make the one that
 finds the database locked sleep 1, 2, 5, 10 ms and more before it looks
 again, a stall no 250 reply can afford. So each writer takes its turn on this
-lock around every transaction, looking for it every 50 µs, and gives up
+lock around every transaction, looking for it every 50 µs (the delivery process
+every 500 µs: see DELIVERY_POLL), and gives up
 (SpoolBusy: a 451 for the client) after TURN_TIMEOUT. Not a blocking flock: a
 process stopped while it holds the lock would hold up every add for good.
 `relay queue` does not take the lock; SQLite's busy_timeout covers it.
@@ -26,6 +27,11 @@ from relay.spool.schema import BUSY_TIMEOUT_MS
 
 WRITE_LOCK = "write.lock"
 TURN_TIMEOUT = BUSY_TIMEOUT_MS / 1000  # seconds to wait for the turn, then SpoolBusy
+POLL = 0.00005  # seconds between looks for the turn: relay serve's adds, a 250 waits
+# The delivery process looks ten times less often: its writes can wait, every look is
+# a wake-up and a system call on a machine that is receiving, and when both wait for
+# the turn, the add tends to get it first.
+DELIVERY_POLL = 0.0005
 
 
 class SpoolBusy(SpoolError):
@@ -35,8 +41,9 @@ class SpoolBusy(SpoolError):
 class Turn:
     """The write lock of one spool directory, for one writer (not thread-safe)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, poll: float = POLL) -> None:
         self.path = directory / WRITE_LOCK
+        self.poll = poll  # seconds between looks for the first 10 ms
         self._fd: int | None = None  # opened on first use
 
     @contextlib.contextmanager
@@ -68,8 +75,8 @@ class Turn:
         return self._fd
 
     def _wait(self, fd: int, limit: float) -> None:
-        """Look every 50 µs for 10 ms (the other side's transactions take a fraction
-        of a millisecond), then every 1 ms, up to `limit` seconds."""
+        """Look every `poll` seconds for 10 ms (the other side's transactions take a
+        fraction of a millisecond), then every 1 ms, up to `limit` seconds."""
         start = time.monotonic()
         while True:
             try:
@@ -81,4 +88,4 @@ class Turn:
                     raise SpoolBusy(
                         f"spool: the other relay process held {self.path} for {limit:g} s"
                     ) from None
-                time.sleep(0.00005 if waited < 0.01 else 0.001)
+                time.sleep(self.poll if waited < 0.01 else 0.001)

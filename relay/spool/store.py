@@ -36,6 +36,7 @@ from relay.errors import SpoolError
 from relay.mail import Mail
 from relay.spool.checkpoint import SERVE_PAGES, Checkpointer
 from relay.spool.feedback import Applied, NoticeFor, Reputation, apply, reputation
+from relay.spool.lock import DELIVERY_POLL, POLL
 from relay.spool.rows import (
     Notice,
     State,
@@ -93,7 +94,7 @@ class Spool:
             raise  # says which file and why already (a schema newer than this code)
         except (OSError, sqlite3.Error) as exc:
             raise SpoolError(f"cannot open spool in {directory}: {exc}") from exc
-        writer = Writer(directory / DB_NAME)
+        writer = Writer(directory / DB_NAME, poll=POLL if full_sync else DELIVERY_POLL)
         checkpointer = None
         if full_sync:
             writer.pragmas["wal_autocheckpoint"] = SERVE_PAGES

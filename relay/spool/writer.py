@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from relay.errors import SpoolError
-from relay.spool.lock import SpoolBusy, Turn
+from relay.spool.lock import POLL, SpoolBusy, Turn
 from relay.spool.schema import connect
 
 log = logging.getLogger("relay.spool")
@@ -51,14 +51,14 @@ class Job(Generic[T]):
 class Writer(threading.Thread):
     """The one thread that touches the service's SQLite connection."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, poll: float = POLL) -> None:
         super().__init__(name="relay-spool", daemon=True)
         self.path = path
         self.jobs: queue.SimpleQueue[Job[Any] | None] = queue.SimpleQueue()
         self.commits = 0
         self.pragmas: dict[str, int] = {}  # re-applied on reopen (max_page_count, query_only)
         self._conn: sqlite3.Connection | None = None
-        self._turn = Turn(path.parent)
+        self._turn = Turn(path.parent, poll=poll)
         self._using = threading.RLock()  # the connection: this thread, or a caller of try_now()
 
     def submit(self, op: Op[T], *, transaction: bool = True) -> concurrent.futures.Future[T]:
