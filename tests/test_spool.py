@@ -252,40 +252,67 @@ def wal_pages(directory: Path) -> int:
     return wal.stat().st_size // 4096 if wal.exists() else 0
 
 
-async def test_adds_do_not_checkpoint_in_their_commit(tmp_path: Path) -> None:
+@pytest.mark.parametrize("full_sync", [True, False], ids=["receive", "delivery"])
+async def test_commits_do_not_checkpoint(tmp_path: Path, full_sync: bool) -> None:
     """SQLite's default would checkpoint inside the commit that takes the WAL past 1,000
-    pages, before that mail's 250. relay serve's adds leave it to the delivery process
-    and only checkpoint themselves far beyond (checkpoint.SERVE_PAGES)."""
-    receive = await Spool.open(tmp_path / "spool")
+    pages, before that mail's 250. Both sides' commits leave it to the Checkpointer and
+    only checkpoint themselves far beyond (should it be stuck)."""
+    opened = await Spool.open(tmp_path / "spool", full_sync=full_sync)
     try:
-        for n in range(150):  # 20 KB each: about 2,000 pages of WAL
-            await add(receive, n, size=20_000)
-        reached = wal_pages(tmp_path / "spool")
+        pages = await opened._call(
+            lambda conn: conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+        )
     finally:
+        await opened.close()
+    assert checkpoint.SAFETY_PAGES == pages
+
+
+async def checkpointed_while_adding(
+    tmp_path: Path, *, pause: float, mails: int, delivery: bool
+) -> tuple[int, int]:
+    """Add `mails` of 20 KB (about 17 pages of WAL each) through relay serve's side,
+    `pause` seconds after every 15th, with or without the delivery side's spool open;
+    (the pages the WAL file reached, checkpoints made by the side that should make them).
+    Every mail must be in the database."""
+    receive = await Spool.open(tmp_path / "spool")
+    other = await Spool.open(tmp_path / "spool", full_sync=False) if delivery else None
+    try:
+        ids = []
+        for n in range(mails):
+            ids.append(await add(receive, n, size=20_000))
+            if n % 15 == 0:
+                await asyncio.sleep(pause)
+        reached = wal_pages(tmp_path / "spool")
+        made = (other or receive)._checkpointer.checkpoints
+    finally:
+        if other is not None:
+            await other.close()
         await receive.close()
-    assert 1500 < reached < checkpoint.SERVE_PAGES
+    assert set(ids) == set(bodies(tmp_path / "spool"))
+    return reached, made
+
+
+async def test_relay_serve_checkpoints_on_its_own(tmp_path: Path) -> None:
+    """Without a delivery process (restarting, or delivery in the same process), relay
+    serve's own Checkpointer keeps the WAL far under the 1,000 pages at which SQLite
+    would checkpoint in a commit (2,500 pages without it): a small disk stays usable."""
+    pause = checkpoint.SERVE_EVERY
+    reached, made = await checkpointed_while_adding(
+        tmp_path, pause=pause, mails=150, delivery=False
+    )
+    assert reached < 1000, f"the WAL reached {reached} pages"
+    assert made >= 5
 
 
 async def test_the_delivery_side_checkpoints_while_adds_go_on(tmp_path: Path) -> None:
-    """With the delivery process's spool open, its Checkpointer thread copies the WAL
-    into the database while adds go on, so the WAL starts again and stays small; every
-    mail is in the database."""
-    receive = await Spool.open(tmp_path / "spool")
-    delivery = await Spool.open(tmp_path / "spool", full_sync=False)
-    try:
-        ids = []
-        for n in range(450):  # about 6,000 pages of WAL in all, over a second or more
-            ids.append(await add(receive, n, size=20_000))
-            if n % 15 == 0:
-                await asyncio.sleep(checkpoint.EVERY)
-        reached = wal_pages(tmp_path / "spool")
-        copied = delivery._checkpointer.checkpoints if delivery._checkpointer else 0
-    finally:
-        await delivery.close()
-        await receive.close()
-    assert reached < 2000, f"the WAL reached {reached} pages"
-    assert copied >= 5
-    assert set(ids) == set(bodies(tmp_path / "spool"))
+    """With the delivery process's spool open, its Checkpointer (every EVERY seconds)
+    copies the WAL while adds go on (7,500 pages in all), so the WAL starts again and
+    stays small."""
+    reached, made = await checkpointed_while_adding(
+        tmp_path, pause=checkpoint.EVERY, mails=450, delivery=True
+    )
+    assert reached < 1000, f"the WAL reached {reached} pages"
+    assert made >= 10
 
 
 @pytest.mark.parametrize(

@@ -1,20 +1,25 @@
-"""WAL checkpoints off the 250's path: a thread of the delivery process copies the WAL
-into the database while both processes go on writing.
+"""WAL checkpoints off the 250's path: threads that copy the WAL into the database
+while both processes go on writing.
 
 SQLite's default checkpoints itself inside whichever COMMIT takes the WAL past
 1,000 pages. A 4 KB mail is about 13 pages (the row, its indexes, the body, the
 "received" event), so every 75th add or so paid for copying 1,000 pages and two
 fsyncs before its 250: the sequential p99 went from about 1.7 to 2.5 ms. Now:
 
-    relay serve       commits (FULL), checkpoints itself only past SERVE_PAGES
-                      (the delivery process is down: the WAL must not grow for ever)
-    delivery process  commits (NORMAL), never checkpoints in a commit;
-                      Checkpointer: PRAGMA wal_checkpoint(PASSIVE) every EVERY
-                      seconds while the other side commits; a look every IDLE when not
+    every commit       (adds FULL, the delivery process NORMAL) checkpoints only past
+                       SAFETY_PAGES: should both threads be stuck, the WAL still stops
+    delivery process   Checkpointer every EVERY seconds while someone commits
+    relay serve        Checkpointer every SERVE_EVERY seconds: finds little to copy
+                       while the delivery process runs, and keeps the WAL short when
+                       it does not (restarting, or delivery in the same process)
 
-A PASSIVE checkpoint takes no write lock (neither SQLite's nor `relay.spool.lock`'s),
-so adds and claims go on meanwhile; once it has copied every frame, the next
-writer starts the WAL again from its beginning, which keeps the file small.
+Each checkpoint is a PRAGMA wal_checkpoint(PASSIVE); it takes no write lock
+(neither SQLite's nor `relay.spool.lock`'s), so adds and claims go on meanwhile.
+Once it has copied every frame, the next writer starts the WAL again from its
+beginning, which keeps the file small: a spool on a small disk needs that
+(tests/reliability/test_disk_full.py). In relay serve itself the thread cost
+the sequential p99 a few tenths of a millisecond (GIL hand-offs), hence the
+delivery process does the frequent ones.
 """
 
 from __future__ import annotations
@@ -29,24 +34,26 @@ from relay.spool.schema import connect
 
 log = logging.getLogger("relay.spool")
 
-EVERY = 0.05  # seconds between checkpoints while new frames keep coming
+EVERY = 0.05  # seconds between checkpoints while someone commits (delivery process)
+SERVE_EVERY = 0.25  # the same in relay serve
 IDLE = 0.5  # seconds between looks while nobody commits
-SERVE_PAGES = 10_000  # relay serve's own wal_autocheckpoint: only without a Checkpointer
+SAFETY_PAGES = 10_000  # wal_autocheckpoint of the writers' connections
 
 
 class Checkpointer(threading.Thread):
-    """The one thread that checkpoints the spool's WAL (in the delivery process)."""
+    """A thread that checkpoints the spool's WAL every `every` seconds while someone commits."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, every: float = EVERY) -> None:
         super().__init__(name="relay-checkpoint", daemon=True)
         self.path = path
+        self.every = every
         self.checkpoints = 0
         self._stopping = threading.Event()
         self._conn: sqlite3.Connection | None = None
 
     def run(self) -> None:
         seen: int | None = None  # PRAGMA data_version: changes when another connection commits
-        wait = EVERY
+        wait = self.every
         failing = False
         while not self._stopping.wait(wait):
             try:
@@ -60,7 +67,7 @@ class Checkpointer(threading.Thread):
                 # on the WAL, and no writer could start it again from its beginning.
                 self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
             except sqlite3.Error as exc:
-                if not failing:  # one line per spell of errors, not one per EVERY
+                if not failing:  # one line per spell of errors, not one per look
                     log.warning("event=checkpoint_failed spool=%s error=%s", self.path, exc)
                 failing = True
                 self._close()
@@ -68,7 +75,7 @@ class Checkpointer(threading.Thread):
                 continue
             failing = False
             self.checkpoints += 1
-            seen, wait = version, EVERY
+            seen, wait = version, self.every
         self._close()
 
     def stop(self) -> None:

@@ -12,8 +12,8 @@ Two processes share the file in `relay serve`: the receiving one adds with
 synchronous=FULL (a 250 means fsynced); the delivery process opens
 it with `full_sync=False` (synchronous=NORMAL): a claim or an outcome lost to a
 power cut means one delivery again (at least once), never a lost mail. WAL lets
-both write; they take turns on an flock (`relay.spool.lock`). The delivery process
-also checkpoints the WAL, on a thread of its own (`relay.spool.checkpoint`).
+both write; they take turns on an flock (`relay.spool.lock`). Threads of both
+checkpoint the WAL, outside any commit (`relay.spool.checkpoint`).
 
 Bodies live in a table of their own (`bodies`), written once by `add()` and
 deleted by `sent()`, so a state change rewrites a small row, not the mail.
@@ -34,7 +34,7 @@ from typing import Any, cast
 
 from relay.errors import SpoolError
 from relay.mail import Mail
-from relay.spool.checkpoint import SERVE_PAGES, Checkpointer
+from relay.spool.checkpoint import EVERY, SAFETY_PAGES, SERVE_EVERY, Checkpointer
 from relay.spool.feedback import Applied, NoticeFor, Reputation, apply, reputation
 from relay.spool.lock import DELIVERY_POLL, POLL
 from relay.spool.rows import (
@@ -64,7 +64,7 @@ class Spool:
     """The service's handle on the spool. Create with `await Spool.open(directory)`."""
 
     def __init__(
-        self, writer: Writer, *, writes_now: bool = False, checkpointer: Checkpointer | None = None
+        self, writer: Writer, checkpointer: Checkpointer, *, writes_now: bool = False
     ) -> None:
         self._writer = writer
         self._checkpointer = checkpointer
@@ -85,8 +85,9 @@ class Spool:
         `add()` must stay FULL. That side also commits on its own event loop, the
         calls of one turn of the loop together (`TurnBatch`), when it can do so at
         once (`Writer.try_now`): one BEGIN, COMMIT and write turn for the outcomes
-        that came in together, and no thread hand-offs. And it checkpoints the WAL, on a
-        thread of its own (`checkpoint.Checkpointer`), so no add waits for a checkpoint.
+        that came in together, and no thread hand-offs. Each side checkpoints the WAL on
+        a thread of its own (`checkpoint.Checkpointer`, the delivery side more often):
+        no commit waits for one.
         """
         try:
             await asyncio.to_thread(prepare, directory)
@@ -95,16 +96,13 @@ class Spool:
         except (OSError, sqlite3.Error) as exc:
             raise SpoolError(f"cannot open spool in {directory}: {exc}") from exc
         writer = Writer(directory / DB_NAME, poll=POLL if full_sync else DELIVERY_POLL)
-        checkpointer = None
-        if full_sync:
-            writer.pragmas["wal_autocheckpoint"] = SERVE_PAGES
-        else:
+        writer.pragmas["wal_autocheckpoint"] = SAFETY_PAGES  # the Checkpointers' job
+        checkpointer = Checkpointer(writer.path, every=SERVE_EVERY if full_sync else EVERY)
+        checkpointer.start()
+        if not full_sync:
             writer.pragmas["synchronous"] = 1  # NORMAL; kept across reconnects
-            writer.pragmas["wal_autocheckpoint"] = 0  # the Checkpointer's job
-            checkpointer = Checkpointer(writer.path)
-            checkpointer.start()
         writer.start()
-        return cls(writer, writes_now=not full_sync, checkpointer=checkpointer)
+        return cls(writer, checkpointer, writes_now=not full_sync)
 
     async def reclaim(self) -> int:
         """Messages left inflight by a delivery that died go back to queued; returns how many.
@@ -130,8 +128,7 @@ class Spool:
         if self._closed:
             return
         self._closed = True
-        if self._checkpointer is not None:
-            await asyncio.to_thread(self._checkpointer.stop)
+        await asyncio.to_thread(self._checkpointer.stop)
         self._writer.jobs.put(None)
         await asyncio.to_thread(self._writer.join, 30)
 
