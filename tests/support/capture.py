@@ -267,13 +267,17 @@ class CaptureServer:
         self._server = None
 
     async def _drop(self) -> None:
-        for protocol in self._protocols:
-            if protocol.transport is not None:
-                protocol.transport.close()
-        # close() takes effect on a later turn of the loop: wait until every session ended
-        # (connections the relay keeps open between mails, too).
+        # close() takes effect on a later turn of the loop, and a connection accepted just
+        # before stop() gets its connection_made later still (its transport would be left
+        # open, a ResourceWarning in some later test): close every transport that shows
+        # up until every session has begun and ended (connections the relay keeps open
+        # between mails, too), for a second at most.
         for _ in range(100):
-            if all(p.transport is None for p in self._protocols):
+            open_ = [p for p in self._protocols if p.transport is not None]
+            for protocol in open_:
+                assert protocol.transport is not None
+                protocol.transport.close()
+            if not open_ and all(p.session is not None for p in self._protocols):
                 break
             await asyncio.sleep(0.01)
         await asyncio.sleep(0)  # let the sessions' cancelled tasks finish
