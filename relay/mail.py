@@ -16,6 +16,12 @@ from functools import cached_property
 _PARSER = BytesParser(policy=email.policy.default)
 
 
+def bare_line_ends(raw: bytes) -> bool:
+    """True if `raw` has a CR or LF that is not part of a CRLF (C-speed counts, no copy)."""
+    crlf = raw.count(b"\r\n")
+    return raw.count(b"\n") != crlf or raw.count(b"\r") != crlf
+
+
 def header_block(raw: bytes) -> bytes:
     """The header lines of `raw`, up to (not including) the first empty line."""
     ends = [i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0]

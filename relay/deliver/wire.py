@@ -13,6 +13,8 @@ from __future__ import annotations
 import aiosmtplib
 from aiosmtplib.protocol import normalize_message_line_endings
 
+from relay.mail import bare_line_ends
+
 START_INPUT = 354
 COMPLETED = 250
 
@@ -20,8 +22,7 @@ COMPLETED = 250
 def data_bytes(message: bytes) -> bytes:
     """What aiosmtplib's DATA sends for `message`: lone CR or LF made CRLF, a CRLF at the
     end, a dot doubled at the start of every line, then the ending ".\\r\\n"."""
-    crlf = message.count(b"\r\n")
-    if message.count(b"\r") != crlf or message.count(b"\n") != crlf:
+    if bare_line_ends(message):
         message = normalize_message_line_endings(message)  # a bare CR or LF: rare
     elif not message.endswith(b"\r\n"):
         message += b"\r\n"

@@ -42,7 +42,7 @@ from email_validator import EmailNotValidError, validate_email
 
 from relay import logs, metrics
 from relay.errors import SpoolError
-from relay.mail import header_block
+from relay.mail import bare_line_ends, header_block
 from relay.receive.caps import Refusal
 from relay.receive.guesses import TOO_MANY_FAILURES, Guesses
 from relay.receive.passwords import Users
@@ -212,8 +212,7 @@ class Handler:
         sender = "" if envelope.mail_from == "<>" else (envelope.mail_from or "")
         peer = peer_ip_of(session)
         note = ""
-        crlf = raw.count(b"\r\n")
-        if raw.count(b"\n") != crlf or raw.count(b"\r") != crlf:  # a bare CR or LF
+        if bare_line_ends(raw):
             if self.reject_bare:
                 metrics.REJECTED.labels("bare_newline").inc()
                 logs.event(log, "bare_newline_refused", level=logging.WARNING, peer=peer)
