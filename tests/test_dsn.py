@@ -351,7 +351,7 @@ async def test_a_version_2_spool_is_upgraded_to_3_and_keeps_its_mail(tmp_path: P
     conn = sqlite3.connect(directory / DB_NAME)
     try:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
-        assert {"feedback", "messages_reports_on", "messages_ses_id"} <= tables
+        assert {"feedback", "messages_reporting", "messages_by_ses_id"} <= tables
         assert (SCHEMA_VERSION, 3) == (conn.execute("PRAGMA user_version").fetchone()[0], 3)
         linked = conn.execute(
             "SELECT id, state, sender FROM messages WHERE reports_on = ?", (mail.id,)

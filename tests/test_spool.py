@@ -450,6 +450,61 @@ async def test_a_version_1_spool_is_upgraded_and_every_body_kept(tmp_path: Path)
         conn.close()
 
 
+def index_sql(directory: Path) -> dict[str, str]:
+    conn = sqlite3.connect(directory / DB_NAME)
+    try:
+        found = conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index'")
+        return {name: " ".join((sql or "").split()) for name, sql in found}
+    finally:
+        conn.close()
+
+
+async def test_ordinary_mail_writes_no_entry_in_the_dsn_and_ses_indexes(tmp_path: Path) -> None:
+    """`reports_on` and `ses_message_id` are NULL for ordinary mail: their indexes are partial,
+    and a spool of the same version made with the full ones gets the partial ones on open
+    with its mail and its lookups intact."""
+    directory = tmp_path / "spool"
+    await (await Spool.open(directory)).close()
+    conn = sqlite3.connect(directory / DB_NAME, isolation_level=None)
+    conn.execute("DROP INDEX messages_reporting")
+    conn.execute("DROP INDEX messages_by_ses_id")
+    conn.execute("CREATE INDEX messages_reports_on ON messages (reports_on)")
+    conn.execute("CREATE INDEX messages_ses_id ON messages (ses_message_id)")
+    conn.close()
+    spool = await Spool.open(directory)
+    try:
+        qid = await spool.add(
+            sender="a@example.org",
+            recipients=["b@example.org"],
+            raw=mail_bytes(1),
+            peer="127.0.0.1",
+            trace=TRACE,
+            message_id="<1@example.org>",
+        )
+        [mail] = await spool.claim(1)
+        await spool.sent(mail.id, rule="r", route="ses", reply="250 Ok", ses_message_id="ses-1")
+    finally:
+        await spool.close()
+    indexes = index_sql(directory)
+    assert not {"messages_reports_on", "messages_ses_id"} & set(indexes)
+    assert indexes["messages_reporting"].endswith("WHERE reports_on IS NOT NULL")
+    assert indexes["messages_by_ses_id"].endswith("WHERE ses_message_id IS NOT NULL")
+    conn = sqlite3.connect(directory / DB_NAME)
+    try:
+        lookup = "SELECT id FROM messages WHERE ses_message_id = ?"
+        plan = conn.execute(f"EXPLAIN QUERY PLAN {lookup}", ("ses-1",)).fetchall()
+        assert "USING INDEX messages_by_ses_id" in str(plan)
+        assert [(qid,)] == conn.execute(lookup, ("ses-1",)).fetchall()
+        assert [(0,), (1,)] == conn.execute(
+            "SELECT count(*) FROM messages INDEXED BY messages_reporting"
+            " WHERE reports_on IS NOT NULL UNION ALL"
+            " SELECT count(*) FROM messages INDEXED BY messages_by_ses_id"
+            " WHERE ses_message_id IS NOT NULL"
+        ).fetchall()
+    finally:
+        conn.close()
+
+
 async def test_a_spool_from_a_newer_relay_is_refused(tmp_path: Path) -> None:
     """A schema version this code does not know: SpoolError naming the file and both
     versions, and the file is left as it was."""

@@ -61,8 +61,15 @@ _MESSAGES_READY = """CREATE INDEX IF NOT EXISTS messages_ready ON messages (due_
 # Version 3: a DSN row names the mail it reports on (`relay queue show` both ways); SES
 # events find their mail by the MessageId recorded at send; `feedback` remembers which
 # SES events were applied, so one that comes again (SQS delivers at least once) is not.
-_REPORTS_ON = "CREATE INDEX IF NOT EXISTS messages_reports_on ON messages (reports_on)"
-_SES_ID = "CREATE INDEX IF NOT EXISTS messages_ses_id ON messages (ses_message_id)"
+# Both partial: an ordinary mail has neither (NULL), so add() writes no entry in them, two
+# pages fewer of the 13 a 4 KB mail puts in the WAL. `x = ?` implies `x IS NOT NULL`, so
+# SQLite uses them for the lookups. Spools made before had full indexes under the names in
+# _FULL_INDEXES; prepare() replaces them.
+_REPORTS_ON = """CREATE INDEX IF NOT EXISTS messages_reporting ON messages (reports_on)
+    WHERE reports_on IS NOT NULL"""
+_SES_ID = """CREATE INDEX IF NOT EXISTS messages_by_ses_id ON messages (ses_message_id)
+    WHERE ses_message_id IS NOT NULL"""
+_FULL_INDEXES = ("messages_reports_on", "messages_ses_id")
 _FEEDBACK = """CREATE TABLE IF NOT EXISTS feedback (
     key TEXT PRIMARY KEY NOT NULL,      -- the SES event's identity (type, MessageId, id)
     queue_id TEXT NOT NULL,
@@ -121,6 +128,10 @@ def prepare(directory: Path) -> None:
         if schema_version(conn, path) < SCHEMA_VERSION:
             upgrade(conn, path)
         conn.execute(_MESSAGES_READY)
+        if conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name IN (?, ?)", _FULL_INDEXES
+        ).fetchone():
+            replace_full_indexes(conn)
         conn.execute("PRAGMA journal_mode = WAL")
     finally:
         conn.close()
@@ -146,6 +157,21 @@ def upgrade(conn: sqlite3.Connection, path: Path) -> None:
         for statement in _UPGRADES.get(schema_version(conn, path), ()):
             conn.execute(statement)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def replace_full_indexes(conn: sqlite3.Connection) -> None:
+    """The partial indexes in place of the full ones of older spools, in one transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for name in _FULL_INDEXES:
+            conn.execute(f"DROP INDEX IF EXISTS {name}")
+        conn.execute(_REPORTS_ON)
+        conn.execute(_SES_ID)
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
