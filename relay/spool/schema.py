@@ -14,8 +14,10 @@ SQLite's write lock, so a spool is at one version or the next, never between.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 from relay.errors import SpoolError
@@ -149,34 +151,35 @@ def schema_version(conn: sqlite3.Connection, path: Path) -> int:
     return version
 
 
-def upgrade(conn: sqlite3.Connection, path: Path) -> None:
-    """Bring the schema to SCHEMA_VERSION in one transaction: all of it or nothing."""
+@contextlib.contextmanager
+def _all_or_nothing(conn: sqlite3.Connection) -> Iterator[None]:
+    """One transaction under SQLite's write lock: committed, or rolled back on any error."""
     conn.execute("BEGIN IMMEDIATE")
     try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def upgrade(conn: sqlite3.Connection, path: Path) -> None:
+    """Bring the schema to SCHEMA_VERSION in one transaction: all of it or nothing."""
+    with _all_or_nothing(conn):
         # Read again under the write lock: the other relay process may have just done it.
         for statement in _UPGRADES.get(schema_version(conn, path), ()):
             conn.execute(statement)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
 
 
 def replace_full_indexes(conn: sqlite3.Connection) -> None:
     """The partial indexes in place of the full ones of older spools, in one transaction."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _all_or_nothing(conn):
         for name in _FULL_INDEXES:
             conn.execute(f"DROP INDEX IF EXISTS {name}")
         conn.execute(_REPORTS_ON)
         conn.execute(_SES_ID)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
 
 
 def connect(path: Path) -> sqlite3.Connection:
