@@ -9,6 +9,7 @@ import heapq
 import itertools
 import math
 import random
+import statistics
 import sys
 from collections.abc import Coroutine, Generator, Sequence
 from dataclasses import dataclass, field
@@ -496,6 +497,34 @@ def test_a_relay_that_starts_late_still_gets_a_fair_share(late: float) -> None:
     sim = Sim(ceilings=(60.0, 60.0, 60.0), limit=60.0, starts=(0.0, 0.0, late)).run(30.0)
     shares = collections.Counter(relay for at, relay in sim.accepted if at - sim.start >= 5.0)
     assert min(shares.values()) >= 0.75 * max(shares.values()), shares
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known: the relay that starts last is cut to what SES took from it in a second it"
+    " only partly sent in, and is still the smallest when the others run out (bench/README.md,"
+    " '2026-12-05 (later)'); issue 6's shared-quota row in the bench",
+)
+def test_three_relays_with_a_short_backlog_and_slightly_late_starts_use_the_quota() -> None:
+    """Issue 6's bench row as it really starts: three relays with 600 mails each, whose first
+    sends come 0-0.5 s apart (each gets its mail from its own client), finish at 90% of the
+    limit or better, on average over ten seeds."""
+    rates = []
+    for seed in range(1, 11):
+        rng = random.Random(seed)
+        starts = (0.0, rng.uniform(0.0, 0.5), rng.uniform(0.0, 0.5))
+        sim = Sim(
+            ceilings=(60.0,) * 3,
+            limit=60.0,
+            mails=(600,) * 3,
+            starts=starts,
+            deliverers=16,
+            seed=seed,
+        ).run(100.0)
+        first = min(at for at, _ in sim.accepted) - sim.start
+        last = max(sim.finished(relay) for relay in range(3))
+        rates.append((1800 - 1) / (last - first) / 60.0)
+    assert statistics.mean(rates) >= 0.90, sorted(round(r, 2) for r in rates)
 
 
 # Issue 14's scenarios: relays with the whole quota as ceiling (max_send_rate: auto on one
