@@ -22,7 +22,7 @@ from typing import Any
 import click
 
 from relay.errors import SpoolError
-from relay.spool import State, open_existing, state_counts
+from relay.spool import State, all_or_nothing, open_existing, state_counts
 
 _COLUMNS = (
     "id",
@@ -176,8 +176,7 @@ def _act(spool_dir: Path, ids: Iterable[str], action: str) -> int:
 
 
 def _act_one(conn: sqlite3.Connection, queue_id: str, action: str) -> str:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with all_or_nothing(conn):
         row = conn.execute("SELECT state FROM messages WHERE id = ?", (queue_id,)).fetchone()
         state = None if row is None else row["state"]
         if state is None:
@@ -202,10 +201,6 @@ def _act_one(conn: sqlite3.Connection, queue_id: str, action: str) -> str:
             message = "queued for delivery"
         else:
             message = f"is {state}; nothing to retry"
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     return message
 
 

@@ -10,7 +10,7 @@ versions, `lock` the write turn two processes share, `rows` states, ids and even
 
 from relay.spool.lock import SpoolBusy
 from relay.spool.rows import Notice, State, new_id, state_counts
-from relay.spool.schema import DB_NAME, connect, open_existing
+from relay.spool.schema import DB_NAME, all_or_nothing, connect, open_existing
 from relay.spool.store import Spool
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "Spool",
     "SpoolBusy",
     "State",
+    "all_or_nothing",
     "connect",
     "new_id",
     "open_existing",

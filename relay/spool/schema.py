@@ -152,7 +152,7 @@ def schema_version(conn: sqlite3.Connection, path: Path) -> int:
 
 
 @contextlib.contextmanager
-def _all_or_nothing(conn: sqlite3.Connection) -> Iterator[None]:
+def all_or_nothing(conn: sqlite3.Connection) -> Iterator[None]:
     """One transaction under SQLite's write lock: committed, or rolled back on any error."""
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -166,7 +166,7 @@ def _all_or_nothing(conn: sqlite3.Connection) -> Iterator[None]:
 
 def upgrade(conn: sqlite3.Connection, path: Path) -> None:
     """Bring the schema to SCHEMA_VERSION in one transaction: all of it or nothing."""
-    with _all_or_nothing(conn):
+    with all_or_nothing(conn):
         # Read again under the write lock: the other relay process may have just done it.
         for statement in _UPGRADES.get(schema_version(conn, path), ()):
             conn.execute(statement)
@@ -175,7 +175,7 @@ def upgrade(conn: sqlite3.Connection, path: Path) -> None:
 
 def replace_full_indexes(conn: sqlite3.Connection) -> None:
     """The partial indexes in place of the full ones of older spools, in one transaction."""
-    with _all_or_nothing(conn):
+    with all_or_nothing(conn):
         for name in _FULL_INDEXES:
             conn.execute(f"DROP INDEX IF EXISTS {name}")
         conn.execute(_REPORTS_ON)
