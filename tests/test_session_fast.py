@@ -327,6 +327,28 @@ def test_body_is_the_same_however_the_stream_is_cut(
     assert run([stream]) == run([p for p in pieces if p])
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, LINE + 2), min_size=1, max_size=40),
+    limit=st.sampled_from([4, 5, 6, 80, LINE]),
+    start=st.integers(0, 3),
+)
+def test_the_quick_line_check_never_passes_a_long_line(
+    lengths: list[int], limit: int, start: int
+) -> None:
+    """Body._short (no split) says "all short" only when every line and its CRLF fit the
+    limit: lines of every length around the limit, behind lines already judged."""
+    judged = b"j\r\n" * start
+    raw = judged + b"".join(b"x" * n + b"\r\n" for n in lengths)
+    body = Body(size_limit=0, line_limit=limit)
+    body._raw += raw + b"tail without end"
+    body._judged = len(judged)
+    if body._short(len(raw)):
+        assert max(lengths) + 2 <= limit
+    if max(lengths) <= (limit - 2) // 2 - 2:  # lines up to half the limit: found short
+        assert body._short(len(raw))
+
+
 @pytest.mark.parametrize(
     "cut",
     [b"Subject: cut\r\n\r\nhalf a mess", b"Subject: cut\r\n\r\nalmost\r\n.\r", b"x" * 3000],

@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import json
-import secrets
+import os
+import random
 import sqlite3
 import threading
 import time
@@ -29,10 +30,14 @@ class IdMaker:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._last = 0
+        # The random bits only keep two processes apart within a millisecond: a generator
+        # seeded from os.urandom (reseeded in a forked child), not a system call per id.
+        self._random = random.Random()
+        os.register_at_fork(after_in_child=self._random.seed)
 
     def __call__(self) -> str:
         with self._lock:
-            fresh = (time.time_ns() // 1_000_000) << 18 | secrets.randbits(16)
+            fresh = (time.time_ns() // 1_000_000) << 18 | self._random.getrandbits(16)
             self._last = value = max(fresh, self._last + 1)
         return "".join(_ALPHABET[(value >> shift) & 31] for shift in range(55, -1, -5))
 
