@@ -24,7 +24,10 @@ def bare_line_ends(raw: bytes) -> bool:
 
 def header_block(raw: bytes) -> bytes:
     """The header lines of `raw`, up to (not including) the first empty line."""
-    ends = [i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0]
+    crlf = raw.find(b"\r\n\r\n")
+    # A bare "\n\n" counts only before it: not a scan of the whole body for one.
+    lf = raw.find(b"\n\n", 0, len(raw) if crlf < 0 else crlf)
+    ends = [i for i in (crlf, lf) if i >= 0]
     return raw[: min(ends) + 2] if ends else raw
 
 

@@ -19,7 +19,10 @@ from typing import Any
 
 import aiosmtplib
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from relay.mail import header_block
 from relay.receive.handler import address_problem, extract_message_id
 from relay.receive.passwords import hash_password, parse_users, verify_password
 from relay.spool import DB_NAME
@@ -428,6 +431,15 @@ async def test_implicit_tls_with_auth(
 def test_message_id_is_read_from_the_header_block_only(raw: bytes, expected: str) -> None:
     """The log line's Message-ID comes from the headers, cheaply, never from the body."""
     assert expected == extract_message_id(raw)
+
+
+@given(st.lists(st.sampled_from([b"a", b":", b" ", b"\r", b"\n", b"\r\n"]), max_size=30))
+def test_the_header_block_ends_at_the_first_empty_line_of_either_kind(parts: list[bytes]) -> None:
+    """CRLF CRLF or a bare LF LF, whichever comes first (the bare one is looked for only
+    before the other, not in the whole body)."""
+    raw = b"".join(parts)
+    ends = [i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0]
+    assert (raw[: min(ends) + 2] if ends else raw) == header_block(raw)
 
 
 @pytest.mark.parametrize(
