@@ -3,8 +3,10 @@
     listener --accept--> Session (this module, on guard.Guard) --hooks--> receive.Handler --> Spool
 
 Moodle's PHPMailer writes DATA line by line with Nagle on; a delayed ACK here
-would cost it ~40 ms per mail, so a Session turns on TCP_NODELAY and re-arms
-TCP_QUICKACK after every read. It also refuses peers outside `allow_networks`,
+would cost it ~40 ms per mail, so a Session re-arms TCP_QUICKACK after every
+read of a DATA body (asyncio's transport has turned TCP_NODELAY on). Commands
+come whole in one write and their replies carry the ACK, so reads outside DATA
+cost no system call for it. It also refuses peers outside `allow_networks`,
 rewrites aiosmtpd's own replies to ones with enhanced status codes, and lets the
 service close idle sessions at shutdown.
 
@@ -157,13 +159,13 @@ class Session(Guard):
         self._refused = False
         self._shut = False
         self._held: list[str] = []  # leading lines of a multi-line reply (see `push`)
+        self._in_data = False  # reading a DATA body: quick ACKs (see the module docstring)
         self._guard(caps=caps, limits=limits)
 
     def connection_made(self, transport: Any) -> None:
         if self._sock is None:  # first call: the TCP connection (again after STARTTLS)
             sock = transport.get_extra_info("socket")
             self._sock = sock
-            _fast_acks(sock, nodelay=True)
             peer = transport.get_extra_info("peername")
             if self.allow and not _allowed(peer, self.allow):
                 self._refused = True
@@ -186,7 +188,8 @@ class Session(Guard):
         super().connection_lost(error)
 
     def data_received(self, data: bytes) -> None:
-        _fast_acks(self._sock)  # Linux leaves quick-ack mode on its own; re-arm per read
+        if self._in_data:  # Linux leaves quick-ack mode on its own; re-arm per read
+            _quick_ack(self._sock)
         self._last_read = self.loop.time()  # the idle timeout runs from the last read
         super().data_received(data)
 
@@ -208,6 +211,7 @@ class Session(Guard):
         if arg:
             await self.push("501 Syntax: DATA")
             return
+        self._in_data = True  # from here the client may write line by line (see above)
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         body = Body(
             size_limit=self.data_size_limit,
@@ -229,6 +233,7 @@ class Session(Guard):
                 if not chunk:  # unreachable, as for aiosmtpd: EOF cancels first; its
                     raise asyncio.IncompleteReadError(b"", None)  # readuntil would raise this
                 rest = body.feed(chunk)
+            self._in_data = False
             unread(self._reader, rest)
             if body.verdict is not None:
                 await self.push(body.verdict)
@@ -362,15 +367,11 @@ def _roomy(reader: asyncio.StreamReader) -> Iterator[None]:
         reader._limit = limit  # type: ignore[attr-defined]
 
 
-def _fast_acks(sock: Any, *, nodelay: bool = False) -> None:
+def _quick_ack(sock: Any) -> None:
     if sock is None:
         return
-    try:
-        if nodelay:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    with contextlib.suppress(OSError, AttributeError):  # not TCP, or not Linux
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-    except (OSError, AttributeError):  # not TCP, or not Linux
-        pass
 
 
 def _allowed(peer: Any, allow: tuple[Network, ...]) -> bool:
