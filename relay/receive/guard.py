@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, cast
 
 from aiosmtpd.smtp import SMTP, syntax
 
@@ -137,8 +137,8 @@ class Guard(SMTP):
         """Send the 421 `reply` and close: a limit ended this session."""
         metrics.SESSIONS_REFUSED.labels(reason).inc()
         _CLOSED[reason](peer=self.peer_ip)
-        transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+        transport = writable(self.transport)
+        if transport is not None and not transport.is_closing():
             transport.write(f"{reply.format(host=self.hostname)}\r\n".encode())
             transport.close()
 
@@ -170,3 +170,11 @@ class Guard(SMTP):
     async def smtp_HELP(self, arg: str) -> None:
         if not self._junk_over():
             await super().smtp_HELP(arg)
+
+
+def writable(transport: object) -> asyncio.WriteTransport | None:
+    """`transport` if a reply can be written to it, else None (no connection yet).
+
+    Not isinstance(..., asyncio.WriteTransport): uvloop's TCPTransport, which
+    `relay serve` runs on, implements it without subclassing it."""
+    return cast(asyncio.WriteTransport, transport) if hasattr(transport, "write") else None

@@ -41,7 +41,7 @@ from aiosmtpd.smtp import MISSING, _AuthMechAttr, login_always_fail, syntax
 from relay import logs, metrics
 from relay.receive.caps import Caps
 from relay.receive.data import Body, Budget, unread
-from relay.receive.guard import Guard
+from relay.receive.guard import Guard, writable
 from relay.receive.handler import (
     AIOSMTPD_REPLIES,
     NETWORK_REFUSED,
@@ -278,16 +278,17 @@ class Session(Guard):
 
     def shut(self) -> None:
         """Tell the client we are going away, and close."""
-        transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not self._shut:
+        transport = writable(self.transport)
+        if transport is not None and not self._shut:
             self._shut = True
             transport.write(f"{SHUTTING_DOWN}\r\n".encode())
             transport.close()
 
     def abort(self) -> None:
         """Drop the connection now (shutdown deadline passed)."""
-        if isinstance(self.transport, asyncio.WriteTransport):
-            self.transport.abort()
+        transport = writable(self.transport)
+        if transport is not None:
+            transport.abort()
 
 
 # `<local@domain>` with a dot-atom local part (not "=?", which the parser would take
