@@ -45,6 +45,16 @@ it got, a joining relay stayed the smallest for minutes. So for JOINING seconds
 it keeps its (slow-start) rate through throttles, and the relays already
 sending, throttled in turn, make room.
 
+Regrow: a relay first throttled between SAMPLE and WINDOW after its first send
+is cut to what SES accepted in the last second, but it sent for only part of
+that second. A relay that started late into a filling window was cut to half
+that way and stayed the smallest for minutes (tests/test_pace.py, a relay
+starting 0.6 s late); relays that start together are cut the same way, and
+for them the deep cut is what ends the overshoot. So the deep cut stays, and
+the relay slow-starts again up to where a cut on a full sample would have put
+it (rate * DECREASE), as TCP slow-starts again up to ssthresh after a loss it
+could not measure (RFC 5681, section 3.1). Any throttle on the way ends it.
+
 Increase: after a cut the rate climbs by INCREASE * ceiling per second of
 success, doubled for every PROBE seconds without a cut. Barely at first, since
 the rate that overshot is just above; within half a minute fast enough to take
@@ -133,6 +143,7 @@ class Pace:
         self._last_success = now
         self._first_send: float | None = None
         self._joining_until = -math.inf
+        self._regrow_to = math.inf  # slow start again after a cut on a short sample, up to this
         self._max_24h = math.inf
         self._sent_24h = 0.0
 
@@ -203,14 +214,19 @@ class Pace:
             return  # the same overshoot, reported by the other sends in flight
         self._last_cut = self._calm_since = now
         first = now if self._first_send is None else self._first_send
-        if self._slow_start and now - first < SAMPLE:
+        if self._slow_start and self._regrow_to == math.inf and now - first < SAMPLE:
             self._joining_until = now + JOINING
         self._slow_start = False
+        self._regrow_to = math.inf
+        before = self._rate
         if now < self._joining_until:
             cut = self._rate  # no sample of our share yet: the relays already sending make room
         else:
             accepted = float(self._accepted_since(now - WINDOW))
             cut = max(min(self._rate * DECREASE, accepted), self._rate * KEEP)
+            if now - first < WINDOW:  # accepted counts only part of a second: see Regrow
+                self._slow_start = True
+                self._regrow_to = before * DECREASE
         self._rate = max(cut, self._ceiling * FLOOR)
         # Grants booked ahead at the old rate are cancelled (acquire() books them again).
         # What is left in the ledger is what we sent in the last window; at the new rate
@@ -234,7 +250,9 @@ class Pace:
         elapsed = min(now - self._last_success, 1.0)
         self._last_success = now
         if self._slow_start:  # RFC 5681's slow start, clocked by what SES accepts
-            self._rate = min(self._rate + GROWTH * recipients, self._ceiling)
+            self._rate = min(self._rate + GROWTH * recipients, self._ceiling, self._regrow_to)
+            if self._rate >= self._regrow_to:  # back where a full sample would have cut to
+                self._slow_start, self._regrow_to, self._calm_since = False, math.inf, now
             return
         if now - self._last_cut < HOLD:
             return  # successes inside the throttled window prove nothing yet
