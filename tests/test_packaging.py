@@ -82,6 +82,17 @@ def test_systemd_unit_settings() -> None:
     assert int(settings["WatchdogSec"]) >= 10
 
 
+def test_systemd_unit_lets_the_delivery_process_lower_its_priority() -> None:
+    """The unit denies @resources, which holds setpriority(2), the call under os.nice(): the
+    delivery process (nice 19) would get SIGSYS at start. The last filter line allows it
+    back (systemd merges the lines in order), and a denied call fails with EPERM instead of
+    killing the process."""
+    lines = [line.strip() for line in UNIT.read_text(encoding="utf-8").splitlines()]
+    filters = [line.split("=", 1)[1] for line in lines if line.startswith("SystemCallFilter=")]
+    assert ["@system-service", "~@privileged @resources", "setpriority"] == filters
+    assert "SystemCallErrorNumber=EPERM" in lines
+
+
 def dockerfile() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) in order: continuation lines joined, comments dropped."""
     logical: list[str] = []

@@ -113,6 +113,23 @@ def test_mail_is_delivered_by_a_child_process(
     assert 0 == relay.stop()
 
 
+def test_a_refused_nice_is_logged_and_delivery_goes_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where setpriority(2) is denied (a seccomp filter answering EPERM), the delivery process
+    logs it and runs at its parent's priority instead of stopping."""
+
+    def refused(_: int) -> int:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(process.os, "nice", refused)
+    with caplog.at_level(logging.WARNING, logger="relay.delivery_process"):
+        process.lower_priority()
+    assert ['event=nice_refused nice=19 error="[Errno 1] Operation not permitted"'] == [
+        r.getMessage() for r in caplog.records
+    ]
+
+
 def nice(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
 

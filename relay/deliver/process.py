@@ -59,6 +59,15 @@ TASKS: list[runtime.Task] = [
 ]
 
 
+def lower_priority() -> None:
+    """nice NICE, or a warning and normal priority where that is refused (a seccomp filter
+    that denies setpriority: systemd/relay.service allows it for this)."""
+    try:
+        os.nice(NICE)
+    except OSError as exc:
+        logs.event(log, "nice_refused", level=logging.WARNING, nice=NICE, error=str(exc))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m relay.deliver.process",
@@ -71,8 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--log-level", type=int, default=logging.INFO)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.nice(NICE)
     logs.setup(args.log_format, level=args.log_level)
+    lower_priority()
     try:
         settings = settings_mod.load(args.config)
         ruleset = rules.load(settings.rules)
