@@ -16,8 +16,10 @@ import fcntl
 import logging
 import os
 import re
+import shutil
 import signal
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -128,6 +130,81 @@ def test_a_refused_nice_is_logged_and_delivery_goes_on(
     assert ['event=nice_refused nice=19 error="[Errno 1] Operation not permitted"'] == [
         r.getMessage() for r in caplog.records
     ]
+
+
+UNIT = Path(__file__).parent.parent / "systemd" / "relay.service"
+SANDBOX = Path(__file__).parent / "support" / "sandbox.c"
+
+
+def syscall_group(name: str) -> set[str]:
+    """The system calls in a systemd group (`@name`), nested groups expanded, or {name}."""
+    if not name.startswith("@"):
+        return {name}
+    listing = subprocess.run(
+        ["systemd-analyze", "syscall-filter", name],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout.splitlines()[1:]
+    names: set[str] = set()
+    for line in (line.strip() for line in listing):
+        if line and not line.startswith("#"):
+            names |= syscall_group(line)
+    return names
+
+
+def unit_syscalls(*, drop: str = "") -> set[str]:
+    """What the unit's SystemCallFilter= lines allow, merged in order as systemd merges
+    them (the first is an allow list; "~" removes, a later plain line adds back)."""
+    allowed: set[str] = set()
+    for line in UNIT.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("SystemCallFilter=") or line == f"SystemCallFilter={drop}":
+            continue
+        value = line.split("=", 1)[1]
+        names = set().union(*(syscall_group(n) for n in value.lstrip("~").split()))
+        allowed = allowed - names if value.startswith("~") else allowed | names
+    return allowed
+
+
+@pytest.mark.system
+@pytest.mark.parametrize("drop", ["", "setpriority"], ids=["as-shipped", "without-setpriority"])
+def test_relay_delivers_under_the_units_system_call_filter(
+    write_config: ConfigWriter,
+    relay_process: Process,
+    capture: CaptureServer,
+    tmp_path: Path,
+    drop: str,
+) -> None:
+    """`relay serve` and its delivery process under a seccomp filter built from
+    systemd/relay.service's SystemCallFilter= lines (tests/support/sandbox.c; denied calls get
+    EPERM, as SystemCallErrorNumber=EPERM says). As shipped, the delivery process lowers its
+    priority; with the unit's `setpriority` line left out, os.nice is refused, logged, and
+    delivery goes on. Either way the mail is delivered (no SIGSYS, no crash loop)."""
+    gcc = shutil.which("gcc")
+    assert gcc is not None, "gcc is missing (Debian package gcc)"
+    sandbox = tmp_path / "sandbox"
+    subprocess.run(
+        [gcc, "-O1", "-o", str(sandbox), str(SANDBOX), "-lseccomp"],
+        check=True,
+        timeout=60,
+    )  # fails here without Debian's libseccomp-dev
+    allowed = tmp_path / "allowed"
+    allowed.write_text("\n".join(sorted(unit_syscalls(drop=drop))))
+    relay = relay_process(upstream_config(write_config, capture))
+    relay.prefix = [str(sandbox), str(allowed)]
+    relay.start()
+    assert relay.proc is not None
+    child = child_of(relay)
+    qid = send(relay.port, SENDER, ["ada@example.net"], mail(1))
+    wait_rows(relay.config.parent / "spool", [qid], {"sent"})
+    assert [qid] == [m.queue_id for m in capture.messages]
+    refused = "event=nice_refused nice=19" in relay.log()
+    if drop:
+        assert (True, nice(relay.proc.pid)) == (refused, nice(child))
+    else:
+        assert (False, min(nice(relay.proc.pid) + process.NICE, 19)) == (refused, nice(child))
+    assert 0 == relay.stop()
 
 
 def nice(pid: int) -> int:

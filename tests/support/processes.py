@@ -42,6 +42,7 @@ class RelayProcess:
     config: Path
     log_path: Path
     args: list[str] = field(default_factory=list)  # extra `relay serve` options
+    prefix: list[str] = field(default_factory=list)  # a command that runs it (a sandbox)
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
 
@@ -51,7 +52,7 @@ class RelayProcess:
         with self.log_path.open("ab") as log:
             # Its own process group, shared with its delivery process: teardown kills both.
             self.proc = subprocess.Popen(
-                [*RELAY, "serve", "--config", str(self.config), *self.args],
+                [*self.prefix, *RELAY, "serve", "--config", str(self.config), *self.args],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
