@@ -4,11 +4,11 @@
 
 Moodle's PHPMailer writes DATA line by line with Nagle on; a delayed ACK here
 would cost it ~40 ms per mail, so a Session re-arms TCP_QUICKACK after every
-read of a DATA body (asyncio's transport has turned TCP_NODELAY on). Commands
-come whole in one write and their replies carry the ACK, so reads outside DATA
-cost no system call for it. It also refuses peers outside `allow_networks`,
-rewrites aiosmtpd's own replies to ones with enhanced status codes, and lets the
-service close idle sessions at shutdown.
+read of a DATA body (the event loop's transport, uvloop's or asyncio's, has
+turned TCP_NODELAY on). Commands come whole in one write and their replies
+carry the ACK, so reads outside DATA cost no system call for it. It also
+refuses peers outside `allow_networks`, rewrites aiosmtpd's own replies to ones
+with enhanced status codes, and lets the service close idle sessions at shutdown.
 
 Three of aiosmtpd 1.4.6's hot spots are replaced by code that behaves the same
 (tests/test_session_fast.py holds them to aiosmtpd's own): DATA is read a chunk at
