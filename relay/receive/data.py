@@ -186,12 +186,13 @@ class Body:
     def _judge(self, stop: int) -> None:
         """Judge the whole lines _raw[_judged:stop]."""
         size = self._spilled + stop  # bytes of the body up to `stop`
-        if not (self.size_limit and size > self.size_limit) and self._short(stop):
+        over = bool(self.size_limit) and size > self.size_limit
+        if not over and self._short(stop):
             self._judged = stop
             return
         lines = self._raw[self._judged : stop].split(b"\r\n")[:-1]
         longest = max(map(len, lines), default=0) + 2
-        if longest <= self.line_limit and not (self.size_limit and size > self.size_limit):
+        if longest <= self.line_limit and not over:
             self._judged = stop
             return
         count = self._spilled + self._judged  # the raw byte count aiosmtpd keeps
