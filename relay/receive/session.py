@@ -13,8 +13,8 @@ with enhanced status codes, and lets the service close idle sessions at shutdown
 Three of aiosmtpd 1.4.6's hot spots are replaced by code that behaves the same
 (tests/test_session_fast.py holds them to aiosmtpd's own): DATA is read a chunk at
 a time (`Body`), not a line at a time; a new session reuses the introspection of
-the first one (`_discover`); plain `<local@domain>` addresses skip the RFC 5322
-parser (`PLAIN_ADDRESS`). That code reaches into aiosmtpd's private attributes, so
+the first one (`relay.receive.introspect`); plain `<local@domain>` addresses skip
+the RFC 5322 parser (`PLAIN_ADDRESS`). That code reaches into aiosmtpd's private attributes, so
 this module refuses to load with an aiosmtpd other than the versions in
 AIOSMTPD_CHECKED (pyproject pins the same range).
 """
@@ -23,17 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import ipaddress
 import logging
 import re
 import socket
 import ssl
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AnyStr
-from warnings import warn
 
 import aiosmtpd
 from aiosmtpd.smtp import MISSING, _AuthMechAttr, login_always_fail, syntax
@@ -48,6 +45,7 @@ from relay.receive.handler import (
     SHUTTING_DOWN,
     Handler,
 )
+from relay.receive.introspect import discover
 from relay.settings import Limits, Settings
 
 # The aiosmtpd versions whose SMTP.__init__ and DATA handling this module re-creates, as
@@ -141,7 +139,7 @@ class Session(Guard):
         self.tls_context = tls_context
         self.require_starttls = tls_context and False  # aiosmtpd: "... and require_starttls"
         self._auth_require_tls = tls_context is not None  # AUTH after STARTTLS when offered
-        found = _discover(self, handler)
+        found = discover(self, handler)
         self._auth_methods = {
             mechanism: _AuthMechAttr(getattr(self if builtin else handler, name), builtin)
             for mechanism, (name, builtin) in found.auth.items()
@@ -300,55 +298,6 @@ PLAIN_ADDRESS = re.compile(
     r"(?: (?![\s(])(?P<rest>.*))?",  # \s: what str.lstrip() takes, as the parser does
     re.DOTALL,
 )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class _Found:
-    """What aiosmtpd's SMTP.__init__ finds by introspection, by attribute name."""
-
-    auth: dict[str, tuple[str, bool]]  # mechanism -> (method name, aiosmtpd's own method)
-    auth_line: str  # the "Available AUTH mechanisms" log line
-    hooks: tuple[tuple[str, str], ...]  # ("DATA", "handle_DATA"), ...
-    ehlo: str | None  # which handle_EHLO signature: None, "old" or "new"
-    commands: tuple[tuple[str, str], ...]  # ("DATA", "smtp_DATA"), ...
-
-
-_FOUND: dict[tuple[type, type], _Found] = {}
-
-
-def _discover(session: Session, handler: object) -> _Found:
-    """aiosmtpd 1.4.6's introspection of the session and the handler, once per pair of
-    classes (relay's hooks and AUTH mechanisms are methods, the same for every instance)."""
-    key = (type(session), type(handler))
-    if key in _FOUND:
-        return _FOUND[key]
-    auth: dict[str, tuple[str, bool]] = {}
-    for obj in (session, handler):  # the handler's mechanisms replace aiosmtpd's
-        for name, method in inspect.getmembers(obj):
-            if name.startswith("auth_"):
-                default = name.replace("auth_", "").replace("__", "-")
-                auth[getattr(method, "__auth_mechanism_name__", default)] = (name, obj is session)
-    hooks = tuple((m.replace("handle_", ""), m) for m in dir(handler) if m.startswith("handle_"))
-    ehlo = None
-    if hasattr(handler, "handle_EHLO"):
-        ehlo = {4: "old", 5: "new"}.get(len(inspect.signature(handler.handle_EHLO).parameters))
-        if ehlo is None:
-            raise RuntimeError("Unsupported EHLO Hook")
-        if ehlo == "old":
-            warn(
-                "Use the 5-argument handle_EHLO() hook instead of the 4-argument one",
-                DeprecationWarning,
-                stacklevel=2,
-            )
-    mechanisms = (m + "(builtin)" if builtin else m for m, (_, builtin) in sorted(auth.items()))
-    _FOUND[key] = _Found(
-        auth=auth,
-        auth_line="Available AUTH mechanisms: " + " ".join(mechanisms),
-        hooks=hooks,
-        ehlo=ehlo,
-        commands=tuple((m.replace("smtp_", ""), m) for m in dir(session) if m.startswith("smtp_")),
-    )
-    return _FOUND[key]
 
 
 @contextlib.contextmanager
