@@ -35,6 +35,7 @@ from tests.support.aws import REGION
 from tests.support.capture import CaptureServer
 from tests.support.fakeses import FakeSes
 from tests.support.mails import MailFactory
+from tests.support.operate import metrics_port as logged_metrics_port
 from tests.support.ports import free_port
 from tests.support.processes import RelayProcess
 from tests.support.relays import ConfigWriter
@@ -577,6 +578,8 @@ def test_the_metrics_listener_bounds_bad_requests(
     closed once its 5 s are up; /healthz answers meanwhile; no traceback is logged."""
     metrics_port = free_port()
     relay = relay_process(write_config(metrics=f"127.0.0.1:{metrics_port}")).start()
+    # The metrics listener starts beside the SMTP one, not before it: wait for its log line.
+    assert metrics_port == logged_metrics_port(relay)
     with socket.create_connection(("127.0.0.1", metrics_port), timeout=10) as huge:
         huge.sendall(b"GET /" + b"x" * 200_000 + b" HTTP/1.1\r\n\r\n")
         answer = huge.recv(200).split(b"\r\n")[0].decode()
