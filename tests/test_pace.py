@@ -19,7 +19,6 @@ import pytest
 from relay.deliver.ses.pace import (
     BOOST,
     DECREASE,
-    DEEP,
     FLOOR,
     GROWTH,
     HEADROOM,
@@ -30,7 +29,6 @@ from relay.deliver.ses.pace import (
     KEEP,
     MIN_INCREASE,
     PROBE,
-    REGROW,
     SAMPLE,
     SHARE,
     START,
@@ -68,6 +66,13 @@ def _at_ceiling(pace: Pace) -> Pace:
     return pace
 
 
+def _due(pace: Pace, recipients: int = 1) -> float:
+    """Book a grant that has no deadline: the seconds until it may go."""
+    wait = pace.reserve(recipients)
+    assert wait is not None
+    return wait
+
+
 def test_slow_start(clock: Clock) -> None:
     """A new Pace sends at START of its ceiling and adds GROWTH per recipient accepted, up to the
     ceiling, until its first throttle (RFC 5681's slow start); after it, the climb is AIMD's."""
@@ -102,7 +107,9 @@ def test_no_burst_after_idle(clock: Clock) -> None:
     pace = _at_ceiling(Pace(20.0, clock=clock))
     pace.reserve(1)
     clock.now += 3600
-    assert (0.0, pytest.approx(1 / (20.0 * HEADROOM))) == (pace.reserve(1), pace.reserve(1))
+    first, second = _due(pace), _due(pace)
+    assert 0.0 == first
+    assert pytest.approx(1 / (20.0 * HEADROOM)) == second
 
 
 def test_large_message_goes_then_holds_the_next(clock: Clock) -> None:
@@ -162,21 +169,6 @@ def test_cut_to_what_ses_accepted(clock: Clock) -> None:
     assert 22.0 == pace.rate
 
 
-@pytest.mark.parametrize(("accepted", "cut_to"), [(37, 40.0 * DECREASE), (35, 35.0)])
-def test_a_marginal_throttle_cuts_by_decrease_only(
-    clock: Clock, accepted: int, cut_to: float
-) -> None:
-    """What SES took in the last second cuts deeper than DECREASE only when it is under DEEP of
-    the rate: a relay climbing, or back from a cut's pause, has had a little less accepted than
-    its rate, and its throttle is no large overshoot."""
-    pace = _at_ceiling(Pace(40.0, clock=clock))
-    clock.now += 2.0
-    assert 35 < DEEP * 40.0 < 37 < 40.0 * DECREASE
-    _accept(pace, clock, accepted, over=0.9)
-    pace.throttled()
-    assert cut_to == pytest.approx(pace.rate)
-
-
 def test_one_cut_at_most_halves(clock: Clock) -> None:
     """A relay at the full quota that got a third of it: the first cut halves (TCP Reno's
     decrease), the next overshoot, after a whole second at that rate, cuts to the third."""
@@ -206,7 +198,7 @@ def test_a_relay_joining_a_full_window_keeps_its_rate(clock: Clock) -> None:
     seconds (the relays already sending make room), then cuts as any other."""
     pace = Pace(60.0, clock=clock)
     start = pace.rate
-    clock.now += pace.reserve(1)
+    clock.now += _due(pace)
     clock.now += SAMPLE / 2
     pace.throttled()
     clock.now += HOLD
@@ -220,10 +212,10 @@ def test_a_relay_joining_a_full_window_keeps_its_rate(clock: Clock) -> None:
 def test_a_cut_on_part_of_a_second_is_grown_back_by_slow_start(clock: Clock) -> None:
     """Throttled between SAMPLE and WINDOW after its first send, a relay is cut to what SES took
     (at most by half), though it sent for only part of that second. It then slow-starts again,
-    GROWTH per recipient accepted, up to REGROW of the rate it was cut from, and climbs
-    additively from there."""
+    GROWTH per recipient accepted, up to where a cut on a whole second would have put it
+    (rate * DECREASE), and climbs additively from there."""
     pace = Pace(60.0, clock=clock)
-    clock.now += pace.reserve(1)
+    clock.now += _due(pace)
     _accept(pace, clock, 10, over=0.7)
     before = pace.rate  # slow start: START * 60 + 10 * GROWTH
     assert SAMPLE < 0.7 < WINDOW
@@ -232,10 +224,10 @@ def test_a_cut_on_part_of_a_second_is_grown_back_by_slow_start(clock: Clock) -> 
     _accept(pace, clock, 10)
     assert before * KEEP + 10 * GROWTH == pytest.approx(pace.rate)
     _accept(pace, clock, 30)
-    assert before * REGROW == pytest.approx(pace.rate)  # and no further
+    assert before * DECREASE == pytest.approx(pace.rate)  # and no further
     clock.now += HOLD
     _accept(pace, clock, 10)
-    assert before * REGROW < pace.rate < before * REGROW + 0.1  # additive, slow
+    assert before * DECREASE < pace.rate < before * DECREASE + 0.1  # additive, slow
 
 
 def test_rate_has_a_floor(clock: Clock) -> None:
@@ -254,18 +246,18 @@ def test_after_a_burst_the_window_drains(clock: Clock) -> None:
     clock.now += WINDOW  # what slow start accepted has left the last second
     first = clock.now
     for _ in range(40):
-        clock.now += pace.reserve(1)
+        clock.now += _due(pace)
         pace.succeeded()
     pace.throttled()
     assert 40.0 == pace.rate
-    assert pytest.approx(first + WINDOW + JITTER) == clock.now + pace.reserve(1)
+    assert pytest.approx(first + WINDOW + JITTER) == clock.now + _due(pace)
 
 
 async def test_a_cut_rebooks_grants_waiting_at_the_old_rate(clock: Clock) -> None:
     """A send already waiting for its grant when the rate is cut waits again, at the new rate."""
     pace = _at_ceiling(Pace(20.0, clock=clock))
     for _ in range(20):  # a second at full rate: the window is full of our own grants
-        clock.now += pace.reserve(1)
+        clock.now += _due(pace)
         pace.succeeded()
 
     async def sleep(seconds: float) -> None:
@@ -535,6 +527,12 @@ def test_a_relay_that_starts_late_still_gets_a_fair_share(late: float) -> None:
     assert min(shares.values()) >= 0.75 * max(shares.values()), shares
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="known: 86% of the limit on average (83% before Regrow): the relays that start last"
+    " are still the smallest when the others run out (bench/README.md, 'Regrow'); issue 6's"
+    " shared-quota row in the bench",
+)
 def test_three_relays_with_a_short_backlog_and_slightly_late_starts_use_the_quota() -> None:
     """Issue 6's bench row as it really starts: three relays with 600 mails each, whose first
     sends come 0-0.5 s apart (each gets its mail from its own client), finish at 90% of the
@@ -561,27 +559,9 @@ def test_three_relays_with_a_short_backlog_and_slightly_late_starts_use_the_quot
 # account) and a finite backlog each, so that "nothing lost" means SES accepted every mail.
 
 
-STAGGERED = {"1s": (0.0, 1.0, 2.0), "0.4-1.7s": (0.0, 0.4, 1.7), "2-1.1s": (0.0, 2.0, 1.1)}
-NEAR_MISS = pytest.mark.xfail(
-    strict=True,
-    reason="known: the smallest relay gets 69.5% of the fair share with four senders per relay"
-    " (29 of 30 seeds meet it, 30 of 30 with the default sixteen; bench/README.md, 'Marginal"
-    " throttles')",
-)
-
-
+@pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize(
-    ("starts", "seed"),
-    [
-        pytest.param(
-            starts,
-            seed,
-            id=f"{name}-{seed}",
-            marks=[NEAR_MISS] if (name, seed) == ("2-1.1s", 5) else [],
-        )
-        for name, starts in STAGGERED.items()
-        for seed in SEEDS
-    ],
+    "starts", [(0.0, 1.0, 2.0), (0.0, 0.4, 1.7), (0.0, 2.0, 1.1)], ids=["1s", "0.4-1.7s", "2-1.1s"]
 )
 def test_staggered_starts(starts: tuple[float, ...], seed: int) -> None:
     """Three relays starting 0-2 s apart, each meeting a window the others filled."""
@@ -634,3 +614,18 @@ def test_another_sender_takes_a_third(seed: int) -> None:
     figures = sim.figures(0.0, until, range(3))
     assert figures.meets_the_goals(), figures
     assert 0 == sim.lost()
+
+
+def test_the_bench_scenarios_run_in_the_simulator(capsys: pytest.CaptureFixture[str]) -> None:
+    """bench/sharesim.py: the bench's shared-quota scenarios on this simulator, measured as the
+    bench measures them, one line per scenario."""
+    from bench import sharesim
+
+    sharesim.main(["--seeds", "1", "leaving", "other"])
+    lines = capsys.readouterr().out.splitlines()
+    assert ["leaving", "other", "all"] == [line.split()[0] for line in lines]
+    outcome = sharesim.scenario("leaving", 1)
+    assert 0 == outcome.lost
+    assert 0.9 < outcome.used <= 1.0
+    with pytest.raises(SystemExit):
+        sharesim.main(["nowhere"])

@@ -36,13 +36,6 @@ the old rate are cancelled, and the window rule above then holds the next grant
 until enough of what we sent has left SES's window: after a burst the window
 drains instead of being hammered.
 
-A large overshoot is one where SES accepted under DEEP (90%) of the rate in the
-last second. Under that, the throttle is marginal and the cut is DECREASE only.
-What SES accepted lags the rate of a relay that is climbing or has just come
-back from a cut's pause, and SES's sliding window throttles mostly that relay
-(see Increase): cut to what it got each time, the smallest relay was kept the
-smallest (bench/README.md, "Marginal throttles").
-
 Joining: a relay throttled within SAMPLE seconds of its first send met a window
 that others had already filled. SES took next to nothing from it, so what it
 accepted is no sample of its share, and SES's sliding window favours the
@@ -58,11 +51,9 @@ that second. A relay that started late into a filling window was cut to half
 that way and stayed the smallest for minutes (tests/test_pace.py, a relay
 starting 0.6 s late); relays that start together are cut the same way, and
 for them the deep cut is what ends the overshoot. So the deep cut stays, and
-the relay slow-starts again up to REGROW (three quarters) of the rate it was
-cut from, as TCP slow-starts again up to ssthresh after a loss it could not
-measure (RFC 5681, section 3.1). Any throttle on the way ends it. Up to the
-whole rate * DECREASE, relays that started together overshot a second time,
-with another sender on the account most of all.
+the relay slow-starts again up to where a cut on a full sample would have put
+it (rate * DECREASE), as TCP slow-starts again up to ssthresh after a loss it
+could not measure (RFC 5681, section 3.1). Any throttle on the way ends it.
 
 Increase: after a cut the rate climbs by INCREASE * ceiling per second of
 success, doubled for every PROBE seconds without a cut. Barely at first, since
@@ -106,7 +97,6 @@ WINDOW = 1.0  # seconds: SES counts recipients per second
 JITTER = 0.025  # seconds of disagreement between our clock and SES's window we absorb
 DECREASE = 0.93  # on a throttle: rate *= DECREASE, or down to what SES just accepted
 KEEP = 0.5  # but one cut keeps at least half of the rate (TCP Reno's decrease)
-DEEP = 0.9  # and cuts to what SES accepted only when that is under DEEP * rate
 HOLD = WINDOW  # seconds after a cut in which further throttles are the same event
 INCREASE = 0.00005  # per second of success right after a cut: rate += INCREASE * ceiling
 MIN_INCREASE = 0.005  # recipients/s per second, so tiny ceilings still recover
@@ -119,7 +109,6 @@ START = 1 / 3  # a new Pace starts at START * ceiling (slow start) ...
 GROWTH = 0.5  # ... and adds GROWTH recipients/s per recipient accepted until its first cut
 SAMPLE = 0.5  # seconds: throttled sooner after its first send, a relay joined a full window
 JOINING = 2.0  # seconds for which such a relay keeps its rate through throttles
-REGROW = 0.75  # after a cut on part of a second, slow start again up to REGROW * rate
 # Seconds ahead a grant is booked at most in slow start: sixteen senders (`deliverers`)
 # booked at its first rate would hold their places for seconds after the rate has grown.
 AHEAD = 0.25
@@ -234,12 +223,10 @@ class Pace:
             cut = self._rate  # no sample of our share yet: the relays already sending make room
         else:
             accepted = float(self._accepted_since(now - WINDOW))
-            if accepted >= DEEP * self._rate:  # a marginal overshoot: see Decrease
-                accepted = math.inf
             cut = max(min(self._rate * DECREASE, accepted), self._rate * KEEP)
             if now - first < WINDOW:  # accepted counts only part of a second: see Regrow
                 self._slow_start = True
-                self._regrow_to = before * REGROW
+                self._regrow_to = before * DECREASE
         self._rate = max(cut, self._ceiling * FLOOR)
         # Grants booked ahead at the old rate are cancelled (acquire() books them again).
         # What is left in the ledger is what we sent in the last window; at the new rate

@@ -1,0 +1,103 @@
+"""The bench's shared-quota scenarios in the simulator, over many seeds: how often a bench run
+can be expected to meet issue 14's goals, without running one.
+
+    .venv/bin/python -m bench.sharesim --seeds 80
+
+Each scenario is `bench/sesbench.py`'s (`shared_scenarios`, 1,800 mails per relay) run by
+`tests/test_pace.py`'s `Sim` (a sliding 1-second window counted at arrival, as the fake SES):
+sixteen senders per relay (the default `deliverers`), 24 ms latency, each start jittered by
+0-0.3 s. Figures are measured as the bench measures them, over the span in which every relay
+sent. The bench itself is noisier (three relay process pairs, the fake and three smtp-source
+on two cores): read these as an upper bound on its pass rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tests.test_pace import Sim
+
+MAILS = 1800  # bench/sections.py: ses_multi_mails
+NAMES = ("together", "staggered", "joining", "leaving", "other")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    used: float  # the relays' rate over what the other sender left
+    least: float  # the smallest relay's rate over the fair share of that
+    throttled: float  # throttle replies over calls, the whole run
+    lost: int
+
+    def met(self) -> bool:
+        return self.used >= 0.95 and self.throttled < 0.01 and self.least >= 0.70 and not self.lost
+
+
+def scenario(name: str, seed: int, n: int = MAILS) -> Outcome:
+    rng = random.Random(seed * 7919)
+
+    def jitter() -> float:
+        return rng.uniform(0.0, 0.3)
+
+    mails, offsets, background = (n, n, n), (0.0, 0.0, 0.0), 0.0
+    if name == "staggered":
+        offsets = (0.0, 1.0, 2.0)
+    elif name == "joining":
+        offsets = (0.0, 0.0, 2 * n / 60.0 / 3)
+    elif name == "leaving":
+        mails = (n, n, n // 3)
+    elif name == "other":
+        mails, background = (2 * n // 3,) * 3, 20.0
+    sim = Sim(
+        ceilings=(60.0,) * 3,
+        limit=60.0,
+        mails=mails,
+        starts=tuple(at + jitter() for at in offsets),
+        background=background,
+        deliverers=16,
+        latency=0.024,
+        jitter=0.008,
+        seed=seed,
+    ).run(200.0)
+    firsts = [min(at for at, r in sim.accepted if r == relay) - sim.start for relay in range(3)]
+    since, until = max(firsts), min(sim.finished(relay) for relay in range(3))
+    got = collections.Counter(r for at, r in sim.accepted if since <= at - sim.start < until)
+    span = until - since
+    left = sim.limit - got[-1] / span
+    rates = [got[relay] / span for relay in range(3)]
+    return Outcome(
+        used=sum(rates) / left,
+        least=min(rates) / (left / 3),
+        throttled=sim.throttles / sim.calls,
+        lost=sim.lost(),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.sharesim", description=__doc__)
+    parser.add_argument("--seeds", type=int, default=40)
+    parser.add_argument("names", nargs="*", metavar="NAME", help=f"some of {', '.join(NAMES)}")
+    args = parser.parse_args(argv)
+    unknown = set(args.names) - set(NAMES)
+    if unknown:
+        parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+    joint = 1.0
+    for name in args.names or NAMES:
+        runs = [scenario(name, seed) for seed in range(1, args.seeds + 1)]
+        met = sum(run.met() for run in runs)
+        joint *= met / len(runs)
+        print(
+            f"{name:9s}  met {met:3d} of {len(runs)}"
+            f"  used {min(r.used for r in runs):.3f}-{max(r.used for r in runs):.3f}"
+            f"  throttled {100 * min(r.throttled for r in runs):.2f}-"
+            f"{100 * max(r.throttled for r in runs):.2f}%"
+            f"  smallest relay {min(r.least for r in runs):.2f}-{max(r.least for r in runs):.2f}"
+        )
+    print(f"all of them in one run (the product): {joint:.2f}")
+
+
+if __name__ == "__main__":
+    main()
