@@ -626,6 +626,6 @@ def test_the_bench_scenarios_run_in_the_simulator(capsys: pytest.CaptureFixture[
     assert ["leaving", "other", "all"] == [line.split()[0] for line in lines]
     outcome = sharesim.scenario("leaving", 1)
     assert 0 == outcome.lost
-    assert 0.9 < outcome.used <= 1.0
+    assert 0.9 < outcome.figures.use <= 1.0
     with pytest.raises(SystemExit):
         sharesim.main(["nowhere"])
