@@ -33,7 +33,7 @@ class Outcome:
         return self.figures.meets_the_goals() and not self.lost
 
 
-def scenario(name: str, seed: int, n: int = MAILS) -> Outcome:
+def scenario(name: str, seed: int, n: int = MAILS, bucket: float | None = None) -> Outcome:
     rng = random.Random(seed * 7919)
 
     def jitter() -> float:
@@ -58,6 +58,7 @@ def scenario(name: str, seed: int, n: int = MAILS) -> Outcome:
         latency=0.024,
         jitter=0.008,
         seed=seed,
+        bucket=bucket,
     ).run(200.0)
     firsts = [min(at for at, r in sim.accepted if r == relay) - sim.start for relay in range(3)]
     since, until = max(firsts), min(sim.finished(relay) for relay in range(3))
@@ -67,6 +68,12 @@ def scenario(name: str, seed: int, n: int = MAILS) -> Outcome:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.sharesim", description=__doc__)
     parser.add_argument("--seeds", type=int, default=40)
+    parser.add_argument(
+        "--bucket",
+        type=float,
+        metavar="SECONDS",
+        help="SES as a token bucket holding SECONDS' worth, instead of the fake's sliding window",
+    )
     parser.add_argument("names", nargs="*", metavar="NAME", help=f"some of {', '.join(NAMES)}")
     args = parser.parse_args(argv)
     unknown = set(args.names) - set(NAMES)
@@ -74,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
     joint = 1.0
     for name in args.names or NAMES:
-        runs = [scenario(name, seed) for seed in range(1, args.seeds + 1)]
+        runs = [scenario(name, seed, bucket=args.bucket) for seed in range(1, args.seeds + 1)]
         met = sum(run.met() for run in runs)
         joint *= met / len(runs)
         figures = [run.figures for run in runs]

@@ -341,14 +341,16 @@ class Sleep:
 class Sim:
     """Relays (a Pace and `deliverers` senders each, a backlog of `mails`) against one SES
     account that allows `limit` recipients in any sliding 1-second window, counted at arrival
-    (as tests/support/fakeses.py does). Latency is split evenly each way with seeded jitter, and a
-    throttled mail goes back to its relay's backlog."""
+    (as tests/support/fakeses.py does), or, with `bucket`, a token bucket refilled at `limit`/s
+    and holding `bucket` seconds' worth (AWS does not document which SES uses). Latency is split
+    evenly each way with seeded jitter, and a throttled mail goes back to its relay's backlog."""
 
     ceilings: tuple[float, ...]
     limit: float
     mails: tuple[int, ...] | None = None  # per relay; None: an endless backlog
     starts: tuple[float, ...] | None = None  # per relay: seconds until its first send
     background: float = 0.0  # another sender on the account: recipients/s, evenly spaced
+    bucket: float | None = None  # seconds' worth of tokens, instead of the sliding window
     deliverers: int = 4
     latency: float = 0.020
     jitter: float = 0.010
@@ -363,6 +365,7 @@ class Sim:
         self._order = itertools.count()  # FIFO among events at the same instant
         self._heap: list[tuple[float, int, Coroutine[Sleep, None, None]]] = []
         self._window: collections.deque[float] = collections.deque()
+        self._tokens, self._filled = self.limit * (self.bucket or 0.0), self.now
         self.paces = [Pace(c, clock=lambda: self.now, sleep=Sleep) for c in self.ceilings]
         self._left = list(self.mails or [sys.maxsize] * len(self.ceilings))
         starts = self.starts or (0.0,) * len(self.ceilings)
@@ -385,12 +388,9 @@ class Sim:
             self._left[relay] -= 1
             await pace.acquire(1)
             await Sleep(self._half_latency())
-            while self._window and self._window[0] <= self.now - 1.0:
-                self._window.popleft()
             self.calls += 1
-            ok = len(self._window) + 1 <= self.limit
+            ok = self._admit()
             if ok:
-                self._window.append(self.now)
                 self.accepted.append((self.now, relay))
             else:
                 self.throttles += 1
@@ -404,12 +404,26 @@ class Sim:
     async def _other_sender(self) -> None:
         """Not a relay: one recipient every 1 / background seconds, throttled or not."""
         while True:
-            while self._window and self._window[0] <= self.now - 1.0:
-                self._window.popleft()
-            if len(self._window) + 1 <= self.limit:
-                self._window.append(self.now)
+            if self._admit():
                 self.accepted.append((self.now, -1))
             await Sleep(1.0 / self.background)
+
+    def _admit(self) -> bool:
+        """Whether SES takes one more recipient now (and counts it)."""
+        if self.bucket is not None:
+            full = self.limit * self.bucket
+            self._tokens = min(full, self._tokens + (self.now - self._filled) * self.limit)
+            self._filled = self.now
+            if self._tokens < 1:
+                return False
+            self._tokens -= 1
+            return True
+        while self._window and self._window[0] <= self.now - 1.0:
+            self._window.popleft()
+        if len(self._window) + 1 > self.limit:
+            return False
+        self._window.append(self.now)
+        return True
 
     def run(self, seconds: float) -> Sim:
         until = self.start + seconds
@@ -464,12 +478,14 @@ class Figures:
         return self.use >= 0.95 and self.throttled < 0.01 and self.least >= 0.70
 
 
+@pytest.mark.parametrize("bucket", [None, 1.0], ids=["window", "bucket"])
 @pytest.mark.parametrize("deliverers", [4, 16])
-def test_ceiling_at_the_limit_is_never_throttled(deliverers: int) -> None:
+def test_ceiling_at_the_limit_is_never_throttled(deliverers: int, bucket: float | None) -> None:
     """One relay with its ceiling equal to the SES limit: HEADROOM and the window rule keep every
-    window under it, at 97% of the limit once slow start is done. Sixteen senders ramp up as
-    fast as four: none is booked more than AHEAD ahead while the rate grows."""
-    sim = Sim(ceilings=(20.0,), limit=20.0, deliverers=deliverers).run(60.0)
+    window under it, at 97% of the limit once slow start is done, whether SES counts in a sliding
+    window or a bucket. Sixteen senders ramp up as fast as four: none is booked more than AHEAD
+    ahead while the rate grows."""
+    sim = Sim(ceilings=(20.0,), limit=20.0, deliverers=deliverers, bucket=bucket).run(60.0)
     assert 0 == sim.throttles
     assert sim.rate() >= 0.95 * 20.0
 
@@ -627,5 +643,6 @@ def test_the_bench_scenarios_run_in_the_simulator(capsys: pytest.CaptureFixture[
     outcome = sharesim.scenario("leaving", 1)
     assert 0 == outcome.lost
     assert 0.9 < outcome.figures.use <= 1.0
+    assert 0 == sharesim.scenario("together", 1, bucket=1.0).lost
     with pytest.raises(SystemExit):
         sharesim.main(["nowhere"])
