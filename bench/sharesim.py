@@ -3,7 +3,7 @@ can be expected to meet issue 14's goals, without running one.
 
     .venv/bin/python -m bench.sharesim --seeds 80
 
-Each scenario is `bench/sesbench.py`'s (`shared_scenarios`, 1,800 mails per relay) run by
+Each scenario is `bench/sesbench.py`'s (`shared_scenarios` of a full run) run by
 `tests/test_pace.py`'s `Sim` (a sliding 1-second window counted at arrival, as the fake SES):
 sixteen senders per relay (the default `deliverers`), 24 ms latency, each start jittered by
 0-0.3 s. Figures are measured as the bench measures them, over the span in which every relay
@@ -18,10 +18,12 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from bench.sections import FULL
+from bench.sesbench import Shared, shared_scenarios
 from tests.test_pace import Figures, Sim
 
-MAILS = 1800  # bench/sections.py: ses_multi_mails
-NAMES = ("together", "staggered", "joining", "leaving", "other")
+SCENARIOS = {sc.name: sc for sc in shared_scenarios(FULL)}
+ROUND_TRIP = 0.004  # seconds the bench adds to the fake's answer delay (HTTP on loopback), about
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,36 +35,25 @@ class Outcome:
         return self.figures.meets_the_goals() and not self.lost
 
 
-def scenario(name: str, seed: int, n: int = MAILS, bucket: float | None = None) -> Outcome:
+def scenario(sc: Shared, seed: int, bucket: float | None = None) -> Outcome:
+    """One run of the bench scenario `sc`, each relay's start jittered by 0-0.3 s."""
     rng = random.Random(seed * 7919)
-
-    def jitter() -> float:
-        return rng.uniform(0.0, 0.3)
-
-    mails, offsets, background = (n, n, n), (0.0, 0.0, 0.0), 0.0
-    if name == "staggered":
-        offsets = (0.0, 1.0, 2.0)
-    elif name == "joining":
-        offsets = (0.0, 0.0, 2 * n / 60.0 / 3)
-    elif name == "leaving":
-        mails = (n, n, n // 3)
-    elif name == "other":
-        mails, background = (2 * n // 3,) * 3, 20.0
     sim = Sim(
-        ceilings=(60.0,) * 3,
-        limit=60.0,
-        mails=mails,
-        starts=tuple(at + jitter() for at in offsets),
-        background=background,
+        ceilings=(sc.rate_limit,) * len(sc.mails),
+        limit=sc.rate_limit,
+        mails=sc.mails,
+        starts=tuple(at + rng.uniform(0.0, 0.3) for at in sc.starts),
+        background=sc.background,
         deliverers=16,
-        latency=0.024,
+        latency=sc.latency + ROUND_TRIP,
         jitter=0.008,
         seed=seed,
         bucket=bucket,
     ).run(200.0)
-    firsts = [min(at for at, r in sim.accepted if r == relay) - sim.start for relay in range(3)]
-    since, until = max(firsts), min(sim.finished(relay) for relay in range(3))
-    return Outcome(figures=sim.figures(since, until, range(3)), lost=sim.lost())
+    relays = range(len(sc.mails))
+    firsts = [min(at for at, r in sim.accepted if r == relay) - sim.start for relay in relays]
+    since, until = max(firsts), min(sim.finished(relay) for relay in relays)
+    return Outcome(figures=sim.figures(since, until, relays), lost=sim.lost())
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -74,14 +65,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         metavar="SECONDS",
         help="SES as a token bucket holding SECONDS' worth, instead of the fake's sliding window",
     )
-    parser.add_argument("names", nargs="*", metavar="NAME", help=f"some of {', '.join(NAMES)}")
+    parser.add_argument("names", nargs="*", metavar="NAME", help=f"some of {', '.join(SCENARIOS)}")
     args = parser.parse_args(argv)
-    unknown = set(args.names) - set(NAMES)
+    unknown = set(args.names) - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
     joint = 1.0
-    for name in args.names or NAMES:
-        runs = [scenario(name, seed, bucket=args.bucket) for seed in range(1, args.seeds + 1)]
+    for name in args.names or SCENARIOS:
+        sc = SCENARIOS[name]
+        runs = [scenario(sc, seed, bucket=args.bucket) for seed in range(1, args.seeds + 1)]
         met = sum(run.met() for run in runs)
         joint *= met / len(runs)
         figures = [run.figures for run in runs]

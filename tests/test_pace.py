@@ -640,9 +640,9 @@ def test_the_bench_scenarios_run_in_the_simulator(capsys: pytest.CaptureFixture[
     sharesim.main(["--seeds", "1", "leaving", "other"])
     lines = capsys.readouterr().out.splitlines()
     assert ["leaving", "other", "all"] == [line.split()[0] for line in lines]
-    outcome = sharesim.scenario("leaving", 1)
+    outcome = sharesim.scenario(sharesim.SCENARIOS["leaving"], 1)
     assert 0 == outcome.lost
     assert 0.9 < outcome.figures.use <= 1.0
-    assert 0 == sharesim.scenario("together", 1, bucket=1.0).lost
+    assert 0 == sharesim.scenario(sharesim.SCENARIOS["together"], 1, bucket=1.0).lost
     with pytest.raises(SystemExit):
         sharesim.main(["nowhere"])
