@@ -447,7 +447,7 @@ def _sent_times(log: Path) -> list[float]:
     return sorted(times)
 
 
-def _shares(
+def shares(
     sent: list[list[float]], other: list[float], limit: float, since: float, until: float
 ) -> tuple[float, float]:
     """(used, least) over [since, until): the relays' rate over what the other sender left,
@@ -540,7 +540,7 @@ def run_shared(workdir: Path, sc: Shared, p: Params, report: Report) -> dict[str
         if until - since < 2.0:  # a smoke run (--quick): the whole run, rough
             since, until = min(t[0] for t in sent), max(t[-1] for t in sent)
             note = f"over the whole {until - since:.1f} s (too short to overlap)"
-        used, least = _shares(sent, other_times, sc.rate_limit, since, until)
+        used, least = shares(sent, other_times, sc.rate_limit, since, until)
         if sc.name == "leaving":
             # The third relay's mail ends first: how soon the other two fill the quota, and
             # how they share it after.
@@ -551,7 +551,7 @@ def run_shared(workdir: Path, sc: Shared, p: Params, report: Report) -> dict[str
                 if sum(full <= t < full + 5 for t in stay) >= 0.95 * sc.rate_limit * 5:
                     break
                 full += 0.5
-            after = _shares(sent[:2], [], sc.rate_limit, full, ends) if ends > full else (0, 0)
+            after = shares(sent[:2], [], sc.rate_limit, full, ends) if ends > full else (0, 0)
             note += (
                 f"; after it left: full again in {full - until:.0f} s, then "
                 f"{100 * after[0]:.0f}% used, smaller of the two {100 * after[1]:.0f}% of fair"

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from bench.sesbench import shares
 from relay.deliver.ses.pace import (
     BOOST,
     DECREASE,
@@ -450,14 +451,10 @@ class Sim:
     def figures(self, since: float, until: float, relays: Sequence[int]) -> Figures:
         """The issue's measures over [since, until): relays' share of what the other sender left,
         the smallest relay against the fair share of it, and throttles over the whole run."""
-        got = collections.Counter(r for at, r in self.accepted if since <= at - self.start < until)
-        span = until - since
-        left = self.limit - got[-1] / span
-        return Figures(
-            use=sum(got[r] for r in relays) / span / left,
-            least=min(got[r] for r in relays) / span / (left / len(relays)),
-            throttled=self.throttles / self.calls,
-        )
+        sent = [[at - self.start for at, r in self.accepted if r == relay] for relay in relays]
+        other = [at - self.start for at, r in self.accepted if r < 0]
+        use, least = shares(sent, other, self.limit, since, until)  # as the bench measures
+        return Figures(use=use, least=least, throttled=self.throttles / self.calls)
 
     def lost(self) -> int:
         """Mails of a finite backlog that SES has not accepted (yet)."""
