@@ -51,9 +51,13 @@ that second. A relay that started late into a filling window was cut to half
 that way and stayed the smallest for minutes (tests/test_pace.py, a relay
 starting 0.6 s late); relays that start together are cut the same way, and
 for them the deep cut is what ends the overshoot. So the deep cut stays, and
-the relay slow-starts again up to where a cut on a full sample would have put
-it (rate * DECREASE), as TCP slow-starts again up to ssthresh after a loss it
-could not measure (RFC 5681, section 3.1). Any throttle on the way ends it.
+the relay slow-starts again up to REGROW of the rate that overshot, as TCP
+slow-starts again up to ssthresh after a loss (RFC 5681, section 3.1). REGROW
+is CUBIC's multiplicative decrease (RFC 9438, section 4.6: beta_cubic = 0.7),
+not DECREASE: relays that started together and regrew to 93% of the rate that
+overshot all overshot a second time, and the second deep cut, on whoever got
+back first, set an uneven split that lasted the run (bench/README.md, 'Regrow
+to 70%'). Any throttle on the way ends it.
 
 Increase: after a cut the rate climbs by INCREASE * ceiling per second of
 success, doubled for every PROBE seconds without a cut. Barely at first, since
@@ -112,6 +116,7 @@ JOINING = 2.0  # seconds for which such a relay keeps its rate through throttles
 # Seconds ahead a grant is booked at most in slow start: sixteen senders (`deliverers`)
 # booked at its first rate would hold their places for seconds after the rate has grown.
 AHEAD = 0.25
+REGROW = 0.7  # after a cut on part of a second, slow start again up to REGROW * rate
 
 
 class Pace:
@@ -226,7 +231,7 @@ class Pace:
             cut = max(min(self._rate * DECREASE, accepted), self._rate * KEEP)
             if now - first < WINDOW:  # accepted counts only part of a second: see Regrow
                 self._slow_start = True
-                self._regrow_to = before * DECREASE
+                self._regrow_to = before * REGROW
         self._rate = max(cut, self._ceiling * FLOOR)
         # Grants booked ahead at the old rate are cancelled (acquire() books them again).
         # What is left in the ledger is what we sent in the last window; at the new rate
