@@ -57,7 +57,7 @@ is CUBIC's multiplicative decrease (RFC 9438, section 4.6: beta_cubic = 0.7),
 not DECREASE: relays that started together and regrew to 93% of the rate that
 overshot all overshot a second time, and the second deep cut, on whoever got
 back first, set an uneven split that lasted the run (bench/README.md, 'Regrow
-to 70%'). Any throttle on the way ends it.
+to 70%, a milder boost'). Any throttle on the way ends it.
 
 Increase: after a cut the rate climbs by INCREASE * ceiling per second of
 success, doubled for every PROBE seconds without a cut. Barely at first, since
@@ -71,7 +71,7 @@ rate is what overshot.
 
 The step is also scaled by the relay's share of its ceiling, (SHARE * ceiling /
 rate) ** STEEP, at most BOOST: a relay under a third of the ceiling climbs up to
-three times as fast, one over it much slower. The reason is the same sliding
+half again as fast, one over it much slower. The reason is the same sliding
 window: a throttle falls on whichever relay adds calls, not on the largest, so
 all relays are cut about equally often (counted in the simulator, see
 bench/README.md) and equal additive steps with 7% cuts leave an uneven split in
@@ -79,7 +79,12 @@ place for minutes. Chiu and Jain's condition for converging to
 fairness is that the smaller share gains relative to the larger at every step;
 an increase that falls with the rate restores it even when the cuts do not.
 SHARE, STEEP and BOOST were chosen in the simulator for issue 14's scenarios
-(three relays on one account, or three beside another sender).
+(three relays on one account, or three beside another sender). SHARE is a
+guess at the relay's fair share, and it is wrong wherever there are not three
+relays alone on the account: beside another sender every relay is under it and
+all of them climbed BOOST times as fast, which gave no relay an edge over
+another and only made every relay probe, and be throttled, more often. So the
+boost is kept mild (bench/README.md, 'Regrow to 70%, a milder boost').
 
 What this costs and achieves, simulated (tests/test_pace.py: staggered starts, a
 relay joining, one leaving, another sender on the account) and measured
@@ -108,7 +113,7 @@ FLOOR = 0.05  # the rate never drops below FLOOR * ceiling
 PROBE = 3.0  # seconds: the increase doubles for every PROBE seconds without a cut
 SHARE = 1 / 3  # at SHARE of the ceiling the climb is as above; ...
 STEEP = 6.0  # ... times (SHARE * ceiling / rate) ** STEEP elsewhere, ...
-BOOST = 3.0  # ... but at most BOOST times as fast
+BOOST = 1.5  # ... but at most BOOST times as fast
 START = 1 / 3  # a new Pace starts at START * ceiling (slow start) ...
 GROWTH = 0.5  # ... and adds GROWTH recipients/s per recipient accepted until its first cut
 SAMPLE = 0.5  # seconds: throttled sooner after its first send, a relay joined a full window
