@@ -79,12 +79,10 @@ place for minutes. Chiu and Jain's condition for converging to
 fairness is that the smaller share gains relative to the larger at every step;
 an increase that falls with the rate restores it even when the cuts do not.
 SHARE, STEEP and BOOST were chosen in the simulator for issue 14's scenarios
-(three relays on one account, or three beside another sender). SHARE is a
-guess at the relay's fair share, and it is wrong wherever there are not three
-relays alone on the account: beside another sender every relay is under it and
-all of them climbed BOOST times as fast, which gave no relay an edge over
-another and only made every relay probe, and be throttled, more often. So the
-boost is kept mild (bench/README.md, 'Regrow to 70%, a milder boost').
+(three relays on one account, or three beside another sender). SHARE guesses
+the fair share, wrongly wherever three relays are not alone on the account:
+beside another sender every relay is under it, and a strong boost gave none an
+edge, only more probes and throttles. So BOOST is mild (bench/README.md).
 
 What this costs and achieves, simulated (tests/test_pace.py: staggered starts, a
 relay joining, one leaving, another sender on the account) and measured
