@@ -116,10 +116,10 @@ START = 1 / 3  # a new Pace starts at START * ceiling (slow start) ...
 GROWTH = 0.5  # ... and adds GROWTH recipients/s per recipient accepted until its first cut
 SAMPLE = 0.5  # seconds: throttled sooner after its first send, a relay joined a full window
 JOINING = 2.0  # seconds for which such a relay keeps its rate through throttles
+REGROW = 0.7  # after a cut on part of a second, slow start again up to REGROW * rate
 # Seconds ahead a grant is booked at most in slow start: sixteen senders (`deliverers`)
 # booked at its first rate would hold their places for seconds after the rate has grown.
 AHEAD = 0.25
-REGROW = 0.7  # after a cut on part of a second, slow start again up to REGROW * rate
 
 
 class Pace:
