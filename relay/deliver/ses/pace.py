@@ -16,25 +16,24 @@ of the Increase and Decrease Algorithms for Congestion Avoidance in Computer
 Networks") show that AIMD converges to fair shares, because a multiplicative cut
 takes more from a larger share while an additive climb adds the same to every
 share. Here the congestion signal is neither synchronous nor proportional: SES
-refuses whichever call arrives at a full window, and in a sliding window that
-is mostly a call of whichever relay just added calls (see Increase below).
+refuses whichever call arrives at a full window: mostly a call of whichever
+relay just added calls (see Fairness below).
 
 Start: slow start, as TCP's (RFC 5681, section 3.1). A new Pace sends at
 START (a third) of its ceiling and, until its first throttle, adds GROWTH
 recipients/s for every recipient SES accepts: its rate grows by half of itself
 per second of success, clocked by what SES accepts, as TCP's window grows by
 one segment per acknowledged segment. Three relays starting together at the
-whole quota each used to overshoot it threefold and take two throttle events
-(a burst of throttled calls each); starting at a third they meet the quota
-growing, and one event finds each its share.
+whole quota each overshot it threefold, in two throttle events; starting at a
+third they meet the quota growing, and one event finds each its share.
 
 Decrease: on a rate throttle ("Maximum sending rate exceeded") the target is cut
-once per window (HOLD) to rate * DECREASE, or, after a large overshoot, down to
-what SES accepted from this relay in the last second. But one cut never takes
-more than half (KEEP), TCP Reno's decrease (RFC 5681). Grants booked ahead at
-the old rate are cancelled, and the window rule above then holds the next grant
-until enough of what we sent has left SES's window: after a burst the window
-drains instead of being hammered.
+once per window (HOLD) to rate * DECREASE (less under SHARE, see Fairness), or,
+after a large overshoot, down to what SES accepted from this relay in the last
+second; never by more than half (KEEP), TCP Reno's decrease (RFC 5681). Grants
+booked ahead at the old rate are cancelled, and the window rule above holds the
+next grant until enough of what we sent has left SES's window: after a burst
+the window drains instead of being hammered.
 
 Joining: a relay throttled within SAMPLE seconds of its first send met a window
 that others had already filled. SES took next to nothing from it, so what it
@@ -47,17 +46,14 @@ sending, throttled in turn, make room.
 
 Regrow: a relay first throttled between SAMPLE and WINDOW after its first send
 is cut to what SES accepted in the last second, but it sent for only part of
-that second. A relay that started late into a filling window was cut to half
-that way and stayed the smallest for minutes (tests/test_pace.py, a relay
-starting 0.6 s late); relays that start together are cut the same way, and
-for them the deep cut is what ends the overshoot. So the deep cut stays, and
-the relay slow-starts again up to REGROW of the rate that overshot, as TCP
-slow-starts again up to ssthresh after a loss (RFC 5681, section 3.1). REGROW
-is CUBIC's multiplicative decrease (RFC 9438, section 4.6: beta_cubic = 0.7),
-not DECREASE: relays that started together and regrew to 93% of the rate that
-overshot all overshot a second time, and the second deep cut, on whoever got
-back first, set an uneven split that lasted the run (bench/README.md, 'Regrow
-to 70%, a milder boost'). Any throttle on the way ends it.
+that second: a relay starting 0.6 s late was cut to half that way and stayed
+the smallest for minutes (tests/test_pace.py). For relays starting together
+the deep cut is what ends the overshoot, so it stays, and the relay
+slow-starts again up to REGROW of the rate that overshot, as TCP does up to
+ssthresh (RFC 5681, 3.1). REGROW is CUBIC's decrease (RFC 9438, 4.6:
+beta_cubic = 0.7): at 93%, relays that started together all overshot again,
+and the second deep cut set an uneven split that lasted the run
+(bench/README.md). Any throttle on the way ends it.
 
 Increase: after a cut the rate climbs by INCREASE * ceiling per second of
 success, doubled for every PROBE seconds without a cut. Barely at first, since
@@ -69,23 +65,22 @@ how BIC (Xu, Harfoush and Rhee, INFOCOM 2004) and CUBIC (RFC 9438) probe. There
 is no quick climb back to the rate before the cut: on a shared account that
 rate is what overshot.
 
-The step is also scaled by the relay's share of its ceiling, (SHARE * ceiling /
-rate) ** STEEP, at most BOOST: a relay under a third of the ceiling climbs up to
-half again as fast, one over it much slower. The reason is the same sliding
-window: a throttle falls on whichever relay adds calls, not on the largest, so
-all relays are cut about equally often (counted in the simulator, see
-bench/README.md) and equal additive steps with 7% cuts leave an uneven split in
-place for minutes. Chiu and Jain's condition for converging to
-fairness is that the smaller share gains relative to the larger at every step;
-an increase that falls with the rate restores it even when the cuts do not.
-SHARE, STEEP and BOOST were chosen in the simulator for issue 14's scenarios
-(three relays on one account, or three beside another sender). SHARE guesses
-the fair share, wrongly wherever three relays are not alone on the account:
-beside another sender every relay is under it, and a strong boost gave none an
-edge, only more probes and throttles. So BOOST is mild (bench/README.md).
+Fairness: SES's sliding window refuses whichever relay adds calls, not the
+largest, and equal steps with 7% cuts left an uneven split for minutes. Chiu
+and Jain's condition for converging to fairness is that the smaller share
+gains on the larger at every step. So both steps depend on the rate against
+SHARE * ceiling, a guess of the fair share: the climb is scaled by (SHARE *
+ceiling / rate) ** STEEP, at most BOOST; and under the guess a cut is smaller,
+1 - DECREASE times (rate / (SHARE * ceiling)) ** SOFTEN (3.1% at two-thirds of
+it), since the relay climbing fastest, the smallest, is the one cut most often
+(bench/README.md). Over the guess a cut is DECREASE whatever the rate: a deeper
+one took a relay alone on the account but held under its ceiling to 70% of
+what the quota left (tests/test_pace.py). The guess is wrong wherever three
+relays are not alone: beside another sender all are under SHARE, so the boost
+favours none (it is mild: a strong one only added probes), and the smaller
+cuts keep the quota fuller. The constants come from the simulator.
 
-What this costs and achieves, simulated (tests/test_pace.py: staggered starts, a
-relay joining, one leaving, another sender on the account) and measured
+What this costs and achieves, simulated (tests/test_pace.py) and measured
 (bench/sesbench.py), is in bench/README.md.
 
 The clock and the sleep are injected, so tests run on virtual time.
@@ -102,7 +97,8 @@ from collections.abc import Awaitable, Callable
 HEADROOM = 0.97  # space grants at 97% of the target rate
 WINDOW = 1.0  # seconds: SES counts recipients per second
 JITTER = 0.025  # seconds of disagreement between our clock and SES's window we absorb
-DECREASE = 0.93  # on a throttle: rate *= DECREASE, or down to what SES just accepted
+DECREASE = 0.93  # on a throttle: rate *= DECREASE, or down to what SES just accepted ...
+SOFTEN = 2.0  # ... but under SHARE of the ceiling, 1 - DECREASE times (rate / share) ** SOFTEN
 KEEP = 0.5  # but one cut keeps at least half of the rate (TCP Reno's decrease)
 HOLD = WINDOW  # seconds after a cut in which further throttles are the same event
 INCREASE = 0.00005  # per second of success right after a cut: rate += INCREASE * ceiling
@@ -231,7 +227,7 @@ class Pace:
             cut = self._rate  # no sample of our share yet: the relays already sending make room
         else:
             accepted = float(self._accepted_since(now - WINDOW))
-            cut = max(min(self._rate * DECREASE, accepted), self._rate * KEEP)
+            cut = max(min(self._rate * self._decrease(), accepted), self._rate * KEEP)
             if now - first < WINDOW:  # accepted counts only part of a second: see Regrow
                 self._slow_start = True
                 self._regrow_to = before * REGROW
@@ -271,6 +267,11 @@ class Pace:
         # The smaller share climbs faster (see the module docstring: fairness).
         step *= min((SHARE * self._ceiling / self._rate) ** STEEP, BOOST)
         self._rate = min(self._rate + step * elapsed, self._ceiling)
+
+    def _decrease(self) -> float:
+        """DECREASE, or a smaller cut under the guessed fair share (see Fairness)."""
+        under = min(self._rate / (SHARE * self._ceiling), 1.0)
+        return 1.0 - (1.0 - DECREASE) * math.pow(under, SOFTEN)
 
     def _accepted_since(self, since: float) -> int:
         while self._accepted and self._accepted[0][0] <= since:
