@@ -525,7 +525,8 @@ def test_one_relay_under_its_ceiling_keeps_what_the_quota_leaves(
     """The common site: one relay, held under its ceiling by another sender on the account (20 of
     60/s) or by a limit lower than it was told (45 against 60). It is far over SHARE of its
     ceiling all the time, so a cut that deepened with the share of the ceiling took it to 70% of
-    what is left (bench/README.md, 'A deeper cut for the larger share'). Plain AIMD keeps 93%."""
+    what is left (bench/README.md, 'Smaller cuts under the share'). Cut by DECREASE, it keeps
+    94-96%."""
     sim = Sim(ceilings=(ceiling,), limit=limit, background=background, deliverers=16).run(120.0)
     assert sim.rate(since=30.0) >= 0.93 * (limit - background)
     assert sim.throttles <= 0.005 * sim.calls
