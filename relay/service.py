@@ -41,6 +41,7 @@ from relay.deliver.feedback import RATE_WINDOW, judge, ses_feedback
 from relay.deliver.supervisor import delivery_process
 from relay.deliver.task import delivery, purge_sent
 from relay.errors import ConfigError, RelayError, SpoolError
+from relay.metrics.http import serve_http
 from relay.receive.caps import RESERVED_FILES, Caps, open_file_limit, sessions_problem
 from relay.receive.data import Budget
 from relay.receive.handler import Handler
@@ -268,7 +269,7 @@ async def observe(ctx: Context) -> None:
             return ctx.listening and not ctx.stop.is_set() and await ctx.spool.writable()
 
         where = ctx.settings.metrics
-        server = await metrics.serve_http(
+        server = await serve_http(
             where.host,
             where.port,
             ready=ready,

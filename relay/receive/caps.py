@@ -29,7 +29,7 @@ log = logging.getLogger("relay.receive")
 
 # Descriptors the main process needs besides its SMTP sessions: listeners, the spool
 # (database, WAL, shared memory), the delivery process's pipes, epoll, logging,
-# metrics connections (at most metrics.MAX_CONNECTIONS), DATA spill files being read.
+# metrics connections (at most relay.metrics.http.MAX_CONNECTIONS), DATA spill files being read.
 RESERVED_FILES = 100
 
 EVICT_IDLE = 1.0  # seconds of silence before an idle session may make room for a new one

@@ -1,8 +1,8 @@
 """Prometheus metrics and the /metrics, /healthz, /readyz endpoints.
 
-Every stage counts into the metric objects below; `serve_http()` exposes them
-on `metrics:` (loopback by default). The HTTP server runs on the event loop, so
-an answer from /healthz also proves the loop is responsive.
+Every stage counts into the metric objects below; `relay.metrics.http.serve_http()`
+exposes them on `metrics:` (loopback by default). The HTTP server runs on the event
+loop, so an answer from /healthz also proves the loop is responsive.
 
 Two processes, one scrape. In `relay serve` delivery runs in a child process
 (relay.deliver.process), which counts into its own copy of these objects. The two sides
@@ -18,8 +18,6 @@ restarted exporter. With delivery in-process (tests) one registry holds all.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import Awaitable, Callable, Iterable
 
 from prometheus_client import (
@@ -30,11 +28,8 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
-
-log = logging.getLogger("relay.metrics")
 
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)
@@ -246,104 +241,3 @@ async def exposition(delivery: Scrape | None = None) -> bytes:
 def delivery_exposition() -> bytes:
     """The delivery process's answer to a scrape: its own families only."""
     return generate_latest(_Families(DELIVERY_FAMILIES.__contains__))
-
-
-REQUEST_TIME = 5.0  # seconds a client gets to send its whole request
-MAX_LINE = 8192  # bytes of the request line or one header line
-MAX_HEADERS = 100
-MAX_CONNECTIONS = 64  # at a time; more are closed at once (relay.receive.caps reserves them)
-
-
-class _BadRequest(Exception):
-    """The request broke one of the limits above."""
-
-
-async def _read_request(reader: asyncio.StreamReader) -> str:
-    """The path of a GET request; the headers are read (bounded) and ignored."""
-    try:
-        request = await reader.readline()
-        for _ in range(MAX_HEADERS):
-            if await reader.readline() in (b"\r\n", b"\n", b""):
-                break
-        else:
-            raise _BadRequest("too many header lines")
-    except (ValueError, asyncio.LimitOverrunError) as exc:  # a line over MAX_LINE
-        raise _BadRequest("line too long") from exc
-    parts = request.decode("latin-1").split()
-    return parts[1].split("?")[0] if len(parts) >= 2 else ""
-
-
-async def serve_http(
-    host: str,
-    port: int,
-    *,
-    ready: Check,
-    text: Callable[[], Awaitable[bytes]] = exposition,
-    details: Callable[[], Awaitable[str]] | None = None,
-) -> asyncio.Server:
-    """Start the metrics endpoint; /readyz answers 503 while `ready()` is False.
-
-    `text()` renders /metrics (see `exposition`); `details()` adds lines after /readyz's
-    "ready" (the SES bounce and complaint rates), informative only. A request must arrive
-    whole within REQUEST_TIME, with lines of at most MAX_LINE bytes and at most MAX_HEADERS
-    headers (else 400 or a plain close); at most MAX_CONNECTIONS are served at a time. A bad
-    request never logs a traceback.
-    """
-    open_now = 0
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal open_now
-        if open_now >= MAX_CONNECTIONS:
-            writer.transport.abort()
-            return
-        open_now += 1
-        try:
-            try:
-                async with asyncio.timeout(REQUEST_TIME):
-                    path = await _read_request(reader)
-                status, ctype, body = await _route(path, ready, text, details)
-            except _BadRequest as exc:
-                status, ctype, body = "400 Bad Request", "text/plain", f"{exc}\n".encode()
-            head = (
-                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-            )
-            writer.write(head.encode() + body)
-            async with asyncio.timeout(REQUEST_TIME):
-                await writer.drain()
-        except (TimeoutError, ConnectionError, OSError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            open_now -= 1
-            writer.close()
-
-    return await asyncio.start_server(handle, host, port, limit=MAX_LINE)
-
-
-async def _route(
-    path: str,
-    ready: Check,
-    render: Callable[[], Awaitable[bytes]],
-    details: Callable[[], Awaitable[str]] | None = None,
-) -> tuple[str, str, bytes]:
-    text = "text/plain; charset=utf-8"
-    if path == "/metrics":
-        return "200 OK", CONTENT_TYPE_LATEST, await render()
-    if path == "/healthz":
-        return "200 OK", text, b"ok\n"
-    if path == "/readyz":
-        try:
-            ok = await asyncio.wait_for(ready(), 5)
-        except Exception as exc:  # a readiness probe reports, it never crashes the server
-            log.warning("event=readyz_error error=%r", exc)
-            ok = False
-        if not ok:
-            return "503 Service Unavailable", text, b"no\n"
-        extra = ""
-        if details is not None:
-            try:
-                extra = await asyncio.wait_for(details(), 5)
-            except Exception as exc:  # details never turn a ready answer into an error
-                log.warning("event=readyz_details_error error=%r", exc)
-        return "200 OK", text, b"ready\n" + extra.encode()
-    return "404 Not Found", text, b"not found\n"
