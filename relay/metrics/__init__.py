@@ -1,8 +1,8 @@
-"""Prometheus metrics and the /metrics, /healthz, /readyz endpoints.
+"""Prometheus metrics: the objects every stage counts into, and the scrape of both processes.
 
-Every stage counts into the metric objects below; `relay.metrics.http.serve_http()`
-exposes them on `metrics:` (loopback by default). The HTTP server runs on the event
-loop, so an answer from /healthz also proves the loop is responsive.
+`relay.metrics.http.serve_http()` exposes them on `metrics:` (loopback by default), with
+/healthz and /readyz. The HTTP server runs on the event loop, so an answer from /healthz
+also proves the loop is responsive.
 
 Two processes, one scrape. In `relay serve` delivery runs in a child process
 (relay.deliver.process), which counts into its own copy of these objects. The two sides
@@ -211,7 +211,6 @@ DELIVERY_FAMILIES = frozenset(
     for family in metric.describe()
 )
 
-Check = Callable[[], Awaitable[bool]]
 Scrape = Callable[[], Awaitable[bytes | None]]
 
 

@@ -12,9 +12,11 @@ from collections.abc import Awaitable, Callable
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from relay.metrics import Check, exposition
+from relay.metrics import exposition
 
 log = logging.getLogger("relay.metrics")
+
+Check = Callable[[], Awaitable[bool]]  # /readyz's question: is relay ready?
 
 REQUEST_TIME = 5.0  # seconds a client gets to send its whole request
 MAX_LINE = 8192  # bytes of the request line or one header line

@@ -99,7 +99,7 @@ WINDOW = 1.0  # seconds: SES counts recipients per second
 JITTER = 0.025  # seconds of disagreement between our clock and SES's window we absorb
 DECREASE = 0.93  # on a throttle: rate *= DECREASE, or down to what SES just accepted ...
 SOFTEN = 2.0  # ... but under SHARE of the ceiling, 1 - DECREASE times (rate / share) ** SOFTEN
-KEEP = 0.5  # but one cut keeps at least half of the rate (TCP Reno's decrease)
+KEEP = 0.5  # one cut keeps at least half of the rate in any case (TCP Reno's decrease)
 HOLD = WINDOW  # seconds after a cut in which further throttles are the same event
 INCREASE = 0.00005  # per second of success right after a cut: rate += INCREASE * ceiling
 MIN_INCREASE = 0.005  # recipients/s per second, so tiny ceilings still recover
