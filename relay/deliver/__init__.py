@@ -5,9 +5,10 @@
                                        upstream (the site's original SMTP host) <--+
                   -> outcome recorded on the spool row: sent / deferred / failed
 
-`loop` is the delivery loop (Deliverer), `ses/` the SES leg (client, route,
-pace, circuit), `upstream` the SMTP client for the original host, `task` wires
-them up. In `relay serve` all of it runs in the delivery process (`process`,
+`loop` is the delivery loop (Deliverer), `outcome` writes what became of each
+mail on its spool row (and the DSN, from `dsn`), `ses/` the SES leg (client,
+route, pace, circuit), `upstream` the SMTP client for the original host, `task`
+wires them up. In `relay serve` all of it runs in the delivery process (`process`,
 `python -m relay.deliver.process`), which `supervisor` starts, watches and restarts.
 """
 
