@@ -164,24 +164,26 @@ class Outcomes:
     async def fail(
         self,
         mail: Mail,
-        decision: Decision,
+        decision: Decision | None,
         route: Route,
         reply: str,
         failures: Sequence[dsn.Failure],
         *,
         reason: str | None = None,
+        why: str | None = None,
     ) -> None:
-        """Failed for good: a DSN to the sender for `failures`."""
+        """Failed for good: a DSN to the sender for `failures`; `why` is logged (max_age)."""
         await self.record(
             self.spool.fail,
             mail.id,
-            rule=decision.rule,
+            rule=decision.rule if decision else None,
             route=route.value,
             reply=reply,
             fallback_reason=reason,
             notice=self._notice(mail, failures),
         )
-        log_outcome("failed", mail, decision, route, reply=reply)
+        fields = {"reason": why} if why else {}
+        log_outcome("failed", mail, decision, route, **fields, reply=reply)
 
     async def defer_or_fail(
         self,
@@ -196,29 +198,20 @@ class Outcomes:
         """Defer on the retry schedule, or fail past `retry.max_age`; `refused`: recipients
         already refused for good (a partial send), in the DSN either way."""
         settings = self._settings()
-        rule = decision.rule if decision else None
         age = self._wall_clock() - mail.received_at
         retry = settings.retry
         if age >= retry.max_age:
             reply = f"gave up after {age:.0f}s (retry.max_age): {reply}"
             expired = [dsn.Failure(recipient=r, reply=reply) for r in mail.recipients]
-            await self.record(
-                self.spool.fail,
-                mail.id,
-                rule=rule,
-                route=route.value,
-                reply=reply,
-                fallback_reason=reason,
-                notice=self._notice(mail, [*refused, *expired]),
-            )
-            log_outcome("failed", mail, decision, route, reason="max_age", reply=reply)
+            failures = [*refused, *expired]
+            await self.fail(mail, decision, route, reply, failures, reason=reason, why="max_age")
             return
         delay = retry.schedule[min(max(mail.attempts, 1), len(retry.schedule)) - 1]
         await self.record(
             self.spool.defer,
             mail.id,
             due_at=self._wall_clock() + delay,
-            rule=rule,
+            rule=decision.rule if decision else None,
             route=route.value,
             reply=reply,
             fallback_reason=reason,
