@@ -9,10 +9,15 @@ JSON formatter can emit them as JSON keys:
     text: 2026-01-02T03:04:05.678Z INFO relay.receive event=accepted id=... peer=127.0.0.1 ...
     json: {"ts": "...", "level": "INFO", "logger": "relay.receive", "event": "accepted", ...}
 
-Lines are formatted and written by a thread of their own (`QueueListener`):
-a slow stderr (journald, a full pipe) never holds up an SMTP reply. Records
-carry no caller, thread or process details: no formatter prints them, and
-collecting them is a good part of a log call's cost.
+Lines are formatted and written by a thread of their own (`_Writer`): a slow
+stderr (journald, a full pipe) never holds up an SMTP reply. A line logged while
+that thread is idle is written at once; the thread then rests GATHER, and the
+lines logged meanwhile go out together in one write. So a busy relay wakes it
+about 20 times a second instead of once per line (each wake cost both processes
+CPU their event loops need: bench/README.md, "Log lines in bursts"). `flush()`
+waits until what is queued is written (relay serve calls it before it says it
+is ready). Records carry no caller, thread or process details: no formatter
+prints them, and collecting them is a good part of a log call's cost.
 
 Passwords never reach a log line: relay does not log them, and aiosmtpd's own
 per-command logger (`mail.log`, which would print AUTH PLAIN blobs at INFO) is
@@ -27,10 +32,12 @@ import logging
 import logging.handlers
 import queue
 import sys
+import threading
 import time
-from typing import Any
+from typing import Any, TextIO
 
 _FIELDS = "relay_fields"
+GATHER = 0.05  # seconds the writer thread rests after a write; lines logged meanwhile wait
 
 
 def _quote(value: object) -> str:
@@ -86,33 +93,94 @@ class _Handoff(logging.handlers.QueueHandler):
         return record
 
 
-_listener: logging.handlers.QueueListener | None = None
+# In the writer's queue: a log record; an Event from flush() (set once all before it is
+# written); None (write what is queued, then end).
+_Queued = logging.LogRecord | threading.Event | None
+
+
+class _Writer(threading.Thread):
+    """Formats the queued records and writes them to `stream`'s stream, in bursts."""
+
+    def __init__(
+        self, records: queue.SimpleQueue[_Queued], stream: logging.StreamHandler[TextIO]
+    ) -> None:
+        super().__init__(name="relay-log", daemon=True)
+        self.records = records
+        self.stream = stream
+
+    def stop(self) -> None:
+        """Write out what is queued, then end."""
+        self.records.put(None)
+        self.join()
+
+    def run(self) -> None:
+        while True:
+            burst = [self.records.get()]  # idle until a line comes: it is written at once
+            while True:
+                try:
+                    burst.append(self.records.get_nowait())
+                except queue.Empty:
+                    break
+            self._write([item for item in burst if isinstance(item, logging.LogRecord)])
+            for item in burst:
+                if isinstance(item, threading.Event):
+                    item.set()
+            if None in burst:
+                return
+            time.sleep(GATHER)
+
+    def _write(self, records: list[logging.LogRecord]) -> None:
+        lines = []
+        for record in records:
+            try:
+                lines.append(self.stream.format(record) + self.stream.terminator)
+            except Exception:
+                self.stream.handleError(record)
+        if not lines:
+            return
+        try:
+            self.stream.stream.write("".join(lines))
+            self.stream.flush()
+        except Exception:
+            self.stream.handleError(records[-1])
+
+
+_writer: _Writer | None = None
+
+
+def flush(timeout: float = 1.0) -> None:
+    """Wait until the lines logged so far are written (at most `timeout` seconds)."""
+    if _writer is None:
+        return
+    done = threading.Event()
+    _writer.records.put(done)
+    done.wait(timeout)
 
 
 def _stop_writer() -> None:
     """Write out what is queued and stop the writer thread (at exit, or on a new setup);
     lines logged after that are written directly."""
-    global _listener
-    if _listener is None:
+    global _writer
+    if _writer is None:
         return
-    _listener.stop()
+    _writer.stop()
     root = logging.getLogger()
     for handler in list(root.handlers):
         if isinstance(handler, _Handoff):
             root.removeHandler(handler)
-            root.addHandler(_listener.handlers[0])
-    _listener = None
+            root.addHandler(_writer.stream)
+    _writer = None
 
 
 def setup(log_format: str, *, level: int = logging.INFO) -> None:
     """Send every log line to stderr as `text` or `json`; replaces earlier setup."""
-    global _listener
+    global _writer
     _stop_writer()
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    _listener = logging.handlers.QueueListener(records, stream)
-    _listener.start()
+    records: queue.SimpleQueue[_Queued] = queue.SimpleQueue()
+    _writer = _Writer(records, stream)
+    _writer.start()
     atexit.unregister(_stop_writer)
     atexit.register(_stop_writer)
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False

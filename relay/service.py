@@ -220,6 +220,7 @@ async def serve(
         host, port = server.sockets[0].getsockname()[:2]
         ctx.listening, ctx.port = True, port
         log.info("listening on %s:%d", host, port)
+        logs.flush()  # the start's lines are in the log before anyone is told it is ready
         _write_port_file(port)
         if ready is not None:
             ready(ctx)
