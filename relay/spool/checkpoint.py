@@ -2,8 +2,8 @@
 while both processes go on writing.
 
 SQLite's default checkpoints itself inside whichever COMMIT takes the WAL past
-1,000 pages. A 4 KB mail is about 13 pages (the row, its indexes, the body, the
-"received" event), so every 75th add or so paid for copying 1,000 pages and two
+1,000 pages. A 4 KB mail was about 13 pages of 4 KB (the row, its indexes, the body,
+the "received" event), so every 75th add or so paid for copying 1,000 pages and two
 fsyncs before its 250: the sequential p99 went from about 1.7 to 2.5 ms. Now:
 
     every commit       (adds FULL, the delivery process NORMAL) checkpoints only past
