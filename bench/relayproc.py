@@ -81,7 +81,10 @@ class Relay:
         ses: SesTarget | None = None,
         retry_schedule: tuple[float, ...] = (60.0,),
         deliverers: int | None = None,
+        command: list[str] | None = None,
     ) -> None:
+        """`command`: the `relay` to run (another checkout's, for A/B); this environment's
+        by default."""
         self.name = name
         self.dir = workdir / name
         self.port = tools.free_port()
@@ -89,6 +92,7 @@ class Relay:
         self.ses = ses
         self.retry_schedule = retry_schedule
         self.deliverers = deliverers
+        self.command = command or relay_argv()
         self.proc: tools.Proc | None = None
         self.peak_rss_kib: int | None = None
 
@@ -135,7 +139,7 @@ class Relay:
         )
         for name in ("AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS", "AWS_PROFILE", "RELAY_CONFIG"):
             env.pop(name, None)
-        argv = [*relay_argv(), "serve", "--config", str(config)]
+        argv = [*self.command, "serve", "--config", str(config)]
         self.proc = tools.Proc(self.name, argv, self.dir / "relay.log", env=env, cwd=self.dir)
         tools.wait_banner(self.port, timeout, self.proc)
         # Measure delivery, not its start: the delivery process is up, holds the spool's
@@ -156,7 +160,7 @@ class Relay:
     def queue_stats(self) -> dict[str, int]:
         """`relay queue stats --json` counts by state (queued, inflight, deferred, sent, failed)."""
         done = subprocess.run(
-            [*relay_argv(), "queue", "--config", str(self.dir / "relay.yaml"), "stats", "--json"],
+            [*self.command, "queue", "--config", str(self.dir / "relay.yaml"), "stats", "--json"],
             capture_output=True,
             text=True,
             timeout=60,
