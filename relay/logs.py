@@ -99,14 +99,14 @@ _Queued = logging.LogRecord | threading.Event | None
 
 
 class _Writer(threading.Thread):
-    """Formats the queued records and writes them to `stream`'s stream, in bursts."""
+    """Formats the queued records with `handler` and writes them to its stream, in bursts."""
 
     def __init__(
-        self, records: queue.SimpleQueue[_Queued], stream: logging.StreamHandler[TextIO]
+        self, records: queue.SimpleQueue[_Queued], handler: logging.StreamHandler[TextIO]
     ) -> None:
         super().__init__(name="relay-log", daemon=True)
         self.records = records
-        self.stream = stream
+        self.handler = handler
 
     def stop(self) -> None:
         """Write out what is queued, then end."""
@@ -133,16 +133,16 @@ class _Writer(threading.Thread):
         lines = []
         for record in records:
             try:
-                lines.append(self.stream.format(record) + self.stream.terminator)
+                lines.append(self.handler.format(record) + self.handler.terminator)
             except Exception:
-                self.stream.handleError(record)
+                self.handler.handleError(record)
         if not lines:
             return
         try:
-            self.stream.stream.write("".join(lines))
-            self.stream.flush()
+            self.handler.stream.write("".join(lines))
+            self.handler.flush()
         except Exception:
-            self.stream.handleError(records[-1])
+            self.handler.handleError(records[-1])
 
 
 _writer: _Writer | None = None
@@ -168,7 +168,7 @@ def _stop_writer() -> None:
     for handler in list(root.handlers):
         if isinstance(handler, _Handoff):
             root.removeHandler(handler)
-            root.addHandler(_writer.stream)
+            root.addHandler(_writer.handler)
     _writer = None
 
 
