@@ -20,13 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import loads, postfix, relayproc, sink
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU seconds of process `pid` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+from bench import loads, postfix, relayproc, sink, tools
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
             for n in range(args.rounds):
                 for name in ("A", "B", "Postfix") if n % 2 == 0 else ("B", "A", "Postfix"):
                     pids = relays[name].pids()[:2] if name in relays else []
-                    before = [cpu_seconds(pid) for pid in pids]
+                    before = [tools.process_cpu(pid) for pid in pids]
                     ms[name] += loads.sequential(ports[name], count=args.block, size=args.size)
                     for i, pid in enumerate(pids):
-                        cpu[name][i] += cpu_seconds(pid) - before[i]
+                        cpu[name][i] += tools.process_cpu(pid) - before[i]
             done = args.rounds * args.block
             for name, times in ms.items():
                 line = f"{name:8} " + " ".join(

@@ -255,6 +255,12 @@ def thread_cpu(pid: int) -> dict[int, float]:
     return seconds
 
 
+def process_cpu(pid: int) -> float:
+    """utime + stime in seconds of the live process `pid` (0.0 when it is gone)."""
+    fields = _stat_fields(pid)
+    return (int(fields[11]) + int(fields[12])) / _TICK if fields else 0.0
+
+
 def cpu_tree(pid: int) -> CpuTree | None:
     """CpuTree of `pid` and every live process below it; None when `pid` is gone."""
     own = reaped = 0.0
