@@ -1,5 +1,7 @@
-"""What a spool row is: its states, its queue id, and the events of its history
-(the state machine is drawn in `relay.spool.store`)."""
+"""What a spool row is: its states, its queue id, the events of its history, and the SQL
+of each step (the state machine is drawn in `relay.spool.store`, which runs these in
+transactions: every function here takes the connection inside one).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ import threading
 import time
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
+
+from relay.mail import Mail
 
 
 class State(StrEnum):
@@ -50,6 +55,118 @@ def add_event(conn: sqlite3.Connection, queue_id: str, event: str, detail: str, 
         "INSERT INTO events (queue_id, at, event, detail) VALUES (?, ?, ?, ?)",
         (queue_id, at, event, detail),
     )
+
+
+def insert_mail(
+    conn: sqlite3.Connection,
+    *,
+    queue_id: str,
+    sender: str,
+    recipients: str,
+    raw: bytes,
+    peer: str,
+    trace: bytes,
+    message_id: str,
+    detail: str,
+    now: float,
+) -> None:
+    """A received mail, queued and due now: its row, its body, its "received" event.
+    `recipients`: the JSON list."""
+    conn.execute(
+        "INSERT INTO messages (id, state, sender, recipients, size, message_id, peer,"
+        " received_at, due_at, updated_at, trace)"
+        " VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (queue_id, sender, recipients, len(raw), message_id, peer, now, now, now, trace),
+    )
+    conn.execute("INSERT INTO bodies (id, body) VALUES (?, ?)", (queue_id, raw))
+    add_event(conn, queue_id, "received", detail, now)
+
+
+def claim_due(conn: sqlite3.Connection, limit: int, now: float) -> list[Mail]:
+    """Up to `limit` due queued or deferred rows -> inflight (attempts + 1), as Mails in
+    queue id order."""
+    rows = conn.execute(
+        "UPDATE messages SET state = 'inflight', claimed_at = ?1, updated_at = ?1,"
+        " attempts = attempts + 1 WHERE id IN (SELECT id FROM messages"
+        " INDEXED BY messages_ready"  # the planner would sort the whole queue instead
+        " WHERE state IN ('queued', 'deferred') AND due_at <= ?1"
+        " ORDER BY due_at, id LIMIT ?2)"
+        " RETURNING id, sender, recipients, received_at, attempts, peer, trace,"
+        " message_id, reports_on",
+        (now, limit),
+    ).fetchall()
+    bodies = _bodies(conn, [r[0] for r in rows])
+    mails = [
+        Mail(
+            id=r[0],
+            sender=r[1],
+            recipients=tuple(json.loads(r[2])),
+            raw=bodies[r[0]],
+            received_at=r[3],
+            attempts=r[4],
+            peer=r[5],
+            trace=bytes(r[6]),
+            message_id=r[7] or "",
+            reports_on=r[8] or "",
+        )
+        for r in rows
+    ]
+    return sorted(mails, key=lambda m: m.id)
+
+
+def _bodies(conn: sqlite3.Connection, ids: list[str]) -> dict[str, bytes]:
+    """The bodies of `ids`, by id."""
+    marks = ", ".join("?" * len(ids))
+    sql = f"SELECT id, body FROM bodies WHERE id IN ({marks})"
+    return {queue_id: bytes(body) for queue_id, body in conn.execute(sql, ids)}
+
+
+def finish(
+    conn: sqlite3.Connection,
+    queue_id: str,
+    state: State,
+    detail: str,
+    fields: dict[str, Any],
+    drop_body: bool,
+    notice: Notice | None,
+    now: float,
+) -> bool:
+    """An outcome: the row to `state` with `fields` set, an event, the body dropped (sent),
+    `notice` queued beside it. False, and nothing written, when the row is gone."""
+    columns = ", ".join(f"{name} = ?" for name in fields)
+    cursor = conn.execute(
+        f"UPDATE messages SET state = ?, updated_at = ?, {columns} WHERE id = ?",
+        (state.value, now, *fields.values(), queue_id),
+    )
+    if not cursor.rowcount:
+        return False
+    add_event(conn, queue_id, state.value, detail, now)
+    if drop_body:
+        conn.execute("DELETE FROM bodies WHERE id = ?", (queue_id,))
+    if notice is not None:
+        add_notice(conn, queue_id, notice, now)
+    return True
+
+
+def purge_sent(conn: sqlite3.Connection, cutoff: float) -> int:
+    """Delete sent rows (and their events) whose outcome came before `cutoff`, and SES
+    feedback keys as old; return how many rows."""
+    ids = "SELECT id FROM messages WHERE state = 'sent' AND updated_at < ?"
+    conn.execute(f"DELETE FROM events WHERE queue_id IN ({ids})", (cutoff,))
+    conn.execute(f"DELETE FROM bodies WHERE id IN ({ids})", (cutoff,))  # none: sent() did
+    conn.execute("DELETE FROM feedback WHERE at < ?", (cutoff,))
+    deleted: int = conn.execute(
+        "DELETE FROM messages WHERE state = 'sent' AND updated_at < ?", (cutoff,)
+    ).rowcount
+    return deleted
+
+
+def oldest_waiting(conn: sqlite3.Connection) -> float | None:
+    """When the oldest queued, deferred or in-flight row arrived (None: there is none)."""
+    row = conn.execute(
+        "SELECT min(received_at) FROM messages WHERE state IN ('queued', 'deferred', 'inflight')"
+    ).fetchone()
+    return None if row is None or row[0] is None else float(row[0])
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

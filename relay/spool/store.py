@@ -41,8 +41,12 @@ from relay.spool.rows import (
     Notice,
     State,
     add_event,
-    add_notice,
+    claim_due,
+    finish,
+    insert_mail,
     new_id,
+    oldest_waiting,
+    purge_sent,
     reclaim_inflight,
     split_off,
     state_counts,
@@ -51,13 +55,6 @@ from relay.spool.schema import DB_NAME, prepare
 from relay.spool.writer import Op, T, TurnBatch, Writer
 
 log = logging.getLogger("relay.spool")
-
-
-def _bodies(conn: sqlite3.Connection, ids: list[str]) -> dict[str, bytes]:
-    """The bodies of `ids`, by id."""
-    marks = ", ".join("?" * len(ids))
-    sql = f"SELECT id, body FROM bodies WHERE id IN ({marks})"
-    return {queue_id: bytes(body) for queue_id, body in conn.execute(sql, ids)}
 
 
 class Spool:
@@ -171,18 +168,21 @@ class Spool:
         """
         qid = queue_id or self.new_id()
         rcpts = json.dumps(list(recipients))
+        detail = f"from {peer}, {len(raw)} bytes" + (f"; {note}" if note else "")
 
         def op(conn: sqlite3.Connection) -> str:
-            now = time.time()
-            conn.execute(
-                "INSERT INTO messages (id, state, sender, recipients, size, message_id, peer,"
-                " received_at, due_at, updated_at, trace)"
-                " VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (qid, sender, rcpts, len(raw), message_id, peer, now, now, now, trace),
+            insert_mail(
+                conn,
+                queue_id=qid,
+                sender=sender,
+                recipients=rcpts,
+                raw=raw,
+                peer=peer,
+                trace=trace,
+                message_id=message_id,
+                detail=detail,
+                now=time.time(),
             )
-            conn.execute("INSERT INTO bodies (id, body) VALUES (?, ?)", (qid, raw))
-            detail = f"from {peer}, {len(raw)} bytes" + (f"; {note}" if note else "")
-            add_event(conn, qid, "received", detail, now)
             return qid
 
         result = await self._call(op, now=alone)
@@ -191,38 +191,9 @@ class Spool:
 
     async def claim(self, limit: int) -> list[Mail]:
         """Due queued/deferred messages -> inflight (attempts + 1), oldest first."""
-
-        def op(conn: sqlite3.Connection) -> list[Mail]:
-            now = time.time()
-            rows = conn.execute(
-                "UPDATE messages SET state = 'inflight', claimed_at = ?1, updated_at = ?1,"
-                " attempts = attempts + 1 WHERE id IN (SELECT id FROM messages"
-                " INDEXED BY messages_ready"  # the planner would sort the whole queue instead
-                " WHERE state IN ('queued', 'deferred') AND due_at <= ?1"
-                " ORDER BY due_at, id LIMIT ?2)"
-                " RETURNING id, sender, recipients, received_at, attempts, peer, trace,"
-                " message_id, reports_on",
-                (now, limit),
-            ).fetchall()
-            bodies = _bodies(conn, [r[0] for r in rows])
-            mails = [
-                Mail(
-                    id=r[0],
-                    sender=r[1],
-                    recipients=tuple(json.loads(r[2])),
-                    raw=bodies[r[0]],
-                    received_at=r[3],
-                    attempts=r[4],
-                    peer=r[5],
-                    trace=bytes(r[6]),
-                    message_id=r[7] or "",
-                    reports_on=r[8] or "",
-                )
-                for r in rows
-            ]
-            return sorted(mails, key=lambda m: m.id)
-
-        return await self._call(op) if limit > 0 else []
+        if limit <= 0:
+            return []
+        return await self._call(lambda conn: claim_due(conn, limit, time.time()))
 
     async def sent(
         self,
@@ -312,21 +283,8 @@ class Spool:
         notice: Notice | None = None,
         **fields: Any,
     ) -> None:
-        columns = ", ".join(f"{name} = ?" for name in fields)
-
         def op(conn: sqlite3.Connection) -> None:
-            now = time.time()
-            cursor = conn.execute(
-                f"UPDATE messages SET state = ?, updated_at = ?, {columns} WHERE id = ?",
-                (state.value, now, *fields.values(), queue_id),
-            )
-            if cursor.rowcount:
-                add_event(conn, queue_id, state.value, detail, now)
-                if drop_body:
-                    conn.execute("DELETE FROM bodies WHERE id = ?", (queue_id,))
-                if notice is not None:
-                    add_notice(conn, queue_id, notice, now)
-            else:
+            if not finish(conn, queue_id, state, detail, fields, drop_body, notice, time.time()):
                 log.warning(
                     "event=spool_missing id=%s state=%s (deleted meanwhile?)", queue_id, state
                 )
@@ -384,22 +342,12 @@ class Spool:
     async def purge(self, older_than: float) -> int:
         """Delete sent rows whose outcome is older than `older_than` seconds; return count."""
 
-        def op(conn: sqlite3.Connection) -> int:
-            cutoff = time.time() - older_than
-            ids = "SELECT id FROM messages WHERE state = 'sent' AND updated_at < ?"
-            conn.execute(f"DELETE FROM events WHERE queue_id IN ({ids})", (cutoff,))
-            conn.execute(f"DELETE FROM bodies WHERE id IN ({ids})", (cutoff,))  # none: sent() did
-            conn.execute("DELETE FROM feedback WHERE at < ?", (cutoff,))
-            return conn.execute(
-                "DELETE FROM messages WHERE state = 'sent' AND updated_at < ?", (cutoff,)
-            ).rowcount
-
         def vacuum(conn: sqlite3.Connection) -> None:
             # Give free pages (dropped bodies, purged rows) back to the disk. executescript
             # steps the PRAGMA to the end; execute() would free one page only.
             conn.executescript("PRAGMA incremental_vacuum;")
 
-        count = await self._call(op)
+        count = await self._call(lambda conn: purge_sent(conn, time.time() - older_than))
         await asyncio.wrap_future(self._writer.submit(vacuum, transaction=False))
         return count
 
@@ -410,14 +358,8 @@ class Spool:
     async def oldest_age(self) -> float:
         """Seconds since the oldest queued, deferred or in-flight message arrived (0: none)."""
 
-        def op(conn: sqlite3.Connection) -> float:
-            row = conn.execute(
-                "SELECT min(received_at) FROM messages"
-                " WHERE state IN ('queued', 'deferred', 'inflight')"
-            ).fetchone()
-            return max(0.0, time.time() - row[0]) if row and row[0] is not None else 0.0
-
-        return await self._call(op)
+        oldest = await self._call(oldest_waiting)
+        return 0.0 if oldest is None else max(0.0, time.time() - oldest)
 
     async def writable(self) -> bool:
         """Can the spool commit right now? A real write, for /readyz."""
