@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import random
 import sqlite3
 from pathlib import Path
@@ -12,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from relay import logs, service, settings
+from relay import logs, metrics, service, settings
 from relay.errors import ConfigError
 from relay.receive.caps import TOO_MANY_FROM_YOU, TOO_MANY_SESSIONS, Caps, sessions_problem
-from relay.receive.data import Body, Budget
+from relay.receive.data import NO_ROOM, Body, Budget
 from relay.receive.guesses import Guesses
 from relay.settings import BareNewline, Limits
 from relay.spool import DB_NAME
@@ -45,7 +46,7 @@ def test_every_key_is_read(tmp_path: Path) -> None:
     text = (
         "  max_sessions: 40\n  max_sessions_per_ip: 4\n  max_data_in_memory: 1000\n"
         "  max_auth_failures: 3\n  max_junk_commands: 7\n  idle_timeout: 30\n"
-        "  session_timeout: 60\n  bare_newline: reject\n"
+        "  session_timeout: 60\n  bare_newline: reject\n  spill_min_free: 0\n"
     )
     expected = Limits(
         max_sessions=40,
@@ -56,6 +57,7 @@ def test_every_key_is_read(tmp_path: Path) -> None:
         idle_timeout=30.0,
         session_timeout=60.0,
         bare_newline=BareNewline.REJECT,
+        spill_min_free=0,
     )
     assert expected == load_limits(tmp_path, text)
 
@@ -197,6 +199,69 @@ async def test_a_spilled_body_is_the_body_kept_in_memory(seed: int, tmp_path: Pa
     assert in_memory[:3] == spilling[:3]
     assert 0 == budget.used
     assert spilling[3] or in_memory[1] is None or len(in_memory[1]) < 2000
+
+
+def free_bytes(path: Path) -> int:
+    found = os.statvfs(path)
+    return found.f_bavail * found.f_frsize
+
+
+async def test_a_spill_that_would_eat_the_reserve_refuses_its_body(tmp_path: Path) -> None:
+    """Past the memory budget a body spills to the spool's disk, but never into the last
+    `min_free` bytes: then it is refused (452 4.3.1), keeps no file and gives its memory
+    back. The same body with no reserve spills and is kept whole."""
+    line = b"y" * 98 + b"\r\n"
+    stream = line * 400 + b".\r\n"  # 40 KB: over a budget of 10 KB
+    outcomes = {}
+    for name, reserve in (("no reserve", 0), ("reserve", free_bytes(tmp_path) + 2**40)):
+        budget = Budget(10_000)
+        body = Body(
+            size_limit=1_000_000,
+            line_limit=1001,
+            budget=budget,
+            spill_dir=tmp_path,
+            min_free=reserve,
+        )
+        rest = None
+        for at in range(0, len(stream), 4096):
+            if body.spill_due:
+                await body.spill()
+            rest = body.feed(stream[at : at + 4096])
+            if rest is not None:
+                break
+        outcomes[name] = (body.verdict, body.spilled, rest)
+        content = body.content() if body.verdict is None else None
+        body.close()
+        assert budget.used == 0
+        if body.verdict is None:
+            assert content == line * 400
+    assert outcomes == {"no reserve": (None, True, b""), "reserve": (NO_ROOM, False, b"")}
+
+
+async def test_a_hoarder_meets_the_disk_reserve_and_moodle_is_still_spooled(
+    start_relay: Any,
+) -> None:
+    """Over sockets: with the memory budget spent, a 300 KB body would spill into the disk
+    reserve (`limits.spill_min_free`, here more than the disk has): 452 4.3.1, counted in
+    relay_data_no_room_total. The next mail, within the budget, gets its 250 and is stored.
+    With no reserve the same 300 KB body is spooled (the control)."""
+    line = b"z" * 998 + b"\r\n"
+    big = b"Subject: hoard\r\n\r\n" + line * 300
+    small = b"Subject: moodle\r\n\r\nA reminder.\r\n"
+    refused_before = metrics.DATA_NO_ROOM._value.get()
+    reserve = free_bytes(Path.cwd()) + 2**40
+    running = await start_relay(limits={"max_data_in_memory": 100_000, "spill_min_free": reserve})
+    assert (await _transaction(running.port, big)).startswith(NO_ROOM)
+    assert metrics.DATA_NO_ROOM._value.get() == refused_before + 1
+    reply = await _transaction(running.port, small)
+    assert reply.startswith("250 2.0.0"), reply
+    stored, _ = await asyncio.to_thread(_stored, running.settings.spool, reply.split()[-1])
+    assert stored == small
+    control = await start_relay(limits={"max_data_in_memory": 100_000, "spill_min_free": 0})
+    reply = await _transaction(control.port, big)
+    assert reply.startswith("250 2.0.0"), reply
+    stored, _ = await asyncio.to_thread(_stored, control.settings.spool, reply.split()[-1])
+    assert stored == big
 
 
 async def _transaction(port: int, body: bytes) -> str:

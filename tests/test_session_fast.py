@@ -449,6 +449,7 @@ async def test_session_state_is_what_aiosmtpd_init_makes(
     reference.junk_limit = running.settings.limits.max_junk_commands
     reference.junk, reference.auth_failures = 0, 0
     reference.budget, reference.spill_dir = None, running.settings.spool
+    reference.spill_min_free = running.settings.limits.spill_min_free
     assert shape(vars(reference), reference, handler) == shape(vars(fast), fast, handler)
     assert ("X-TOKEN" in fast._auth_methods) == (handler_class is HandlerWithMore)
 

@@ -131,6 +131,12 @@ DATA_SPILLED = Counter(
     "DATA bodies moved to a temporary file because max_data_in_memory was reached",
     registry=REGISTRY,
 )
+DATA_NO_ROOM = Counter(
+    "relay_data_no_room",
+    "DATA bodies refused (452 4.3.1) because spilling them would have left the spool's file"
+    " system under limits.spill_min_free",
+    registry=REGISTRY,
+)
 AUTH_FAILURES = Counter("relay_auth_failures", "SMTP AUTH attempts that failed", registry=REGISTRY)
 RULES_RELOADS = Counter(
     "relay_rules_reloads", "Rules reloads by result (ok, error)", ["result"], registry=REGISTRY

@@ -16,11 +16,21 @@ memory. relay spills rather than answering 452 4.3.1: Moodle never retries a
 a spill costs disk the spool directory has anyway and a few writes, and only
 past the budget. The mail is still whole in memory for a moment when its end
 arrives (to be spooled), and a 250 is still given only after the spool commit.
+
+Spills share the disk with the spool, and a full spool loses Moodle's mail (its
+adds fail with 451, and Moodle does not retry). So a spill that would leave the
+spool's file system under `limits.spill_min_free` bytes, or that fails to write
+(ENOSPC), refuses its body instead: 452 4.3.1 at the end of its data, as Postfix
+answers when its queue file system is short of room. Hoarders meet the reserve;
+Moodle's mails, small and past the budget only while hoarders hold it, are
+spooled into it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +40,9 @@ from relay import metrics
 
 TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"  # aiosmtpd's replies; `push`
 TOO_MUCH = "552 Error: Too much mail data"  # rewrites them to ours
+NO_ROOM = "452 4.3.1 Insufficient system storage"  # Postfix's words
+
+log = logging.getLogger("relay.receive")
 
 
 SPILL_BATCH = 256 * 1024  # once spilling, a body writes out at least this much at a time
@@ -85,7 +98,9 @@ class Body:
         line_limit: int,
         budget: Budget | None = None,
         spill_dir: Path | None = None,
+        min_free: int = 0,
     ) -> None:
+        """`min_free`: bytes a spill must leave free on `spill_dir`'s file system."""
         self.size_limit = size_limit or 0  # aiosmtpd: None or 0 is no limit
         self.line_limit = line_limit
         self.verdict: str | None = None
@@ -93,6 +108,7 @@ class Body:
         self._judged = 0  # _raw[:_judged] are whole lines within both limits
         self.budget = budget
         self.spill_dir = spill_dir
+        self.min_free = min_free
         self._held = 0  # bytes counted in `budget`
         self._file: IO[bytes] | None = None  # the spilled start of the body
         self._spilled = 0  # bytes in _file: _raw[0] is byte _spilled of the body
@@ -151,19 +167,48 @@ class Body:
         return self.budget.over or (self._file is not None and self._judged >= SPILL_BATCH)
 
     async def spill(self) -> None:
-        """Move the judged lines but the last CRLF (an end line starts with it) to the file."""
+        """Move the judged lines but the last CRLF (an end line starts with it) to the file,
+        or refuse the body (NO_ROOM) when the disk has no room for them (see above)."""
         cut = self._judged - 2
-        file = self._file
+        with memoryview(self._raw) as view:  # the reader waits meanwhile: _raw stays put
+            file = await asyncio.to_thread(self._write, view[:cut])
         if file is None:
-            file = await asyncio.to_thread(_unnamed_file, self.spill_dir)
+            self.verdict = NO_ROOM
+            del self._raw[:-4]  # as any refused body: only what finds the end line
+            self._drop_file()
+            self._account()
+            metrics.DATA_NO_ROOM.inc()
+            log.warning(
+                "event=data_no_room spool=%s min_free=%d (a DATA body refused: 452 4.3.1)",
+                self.spill_dir,
+                self.min_free,
+            )
+            return
+        if self._file is None:
             self._file = file
             metrics.DATA_SPILLED.inc()
-        with memoryview(self._raw) as view:  # the reader waits meanwhile: _raw stays put
-            await asyncio.to_thread(file.write, view[:cut])
         self._raw = bytearray(self._raw[cut:])  # a new, small buffer: the big one is freed
         self._judged -= cut
         self._spilled += cut
         self._account()
+
+    def _write(self, data: memoryview) -> IO[bytes] | None:
+        """On a thread: `data` appended to the spill file (made on the first call); None, and
+        nothing kept, when it would leave less than `min_free` or the write fails."""
+        directory = self.spill_dir or Path(tempfile.gettempdir())
+        file = self._file
+        try:
+            if self.min_free and _free_bytes(directory) - len(data) < self.min_free:
+                return None
+            if file is None:
+                file = _unnamed_file(directory)
+            file.write(data)
+        except OSError as exc:  # ENOSPC, EDQUOT, EIO: the same answer as no room
+            log.warning("event=spill_failed spool=%s error=%s", directory, exc)
+            if file is not None and file is not self._file:
+                file.close()
+            return None
+        return file
 
     def close(self) -> None:
         """Give back this body's share of the budget and drop its file (done or abandoned)."""
@@ -219,6 +264,12 @@ class Body:
         find = self._raw.find
         starts = range(self._judged, stop - 2, step)
         return all(find(b"\r\n", at, at + step + 1) >= 0 for at in starts)
+
+
+def _free_bytes(directory: Path) -> int:
+    """Bytes an unprivileged process may still write on `directory`'s file system."""
+    found = os.statvfs(directory)
+    return found.f_bavail * found.f_frsize
 
 
 def _unnamed_file(directory: Path | None) -> IO[bytes]:

@@ -152,6 +152,7 @@ class Session(Guard):
         self.caps = caps
         self.budget = budget
         self.spill_dir = spill_dir
+        self.spill_min_free = limits.spill_min_free
         self.allow = allow
         self._sock: socket.socket | None = None
         self._refused = False
@@ -216,6 +217,7 @@ class Session(Guard):
             line_limit=self.line_length_limit,
             budget=self.budget,
             spill_dir=self.spill_dir,
+            min_free=self.spill_min_free,
         )
         rest: bytes | None = None
         with _roomy(self._reader), contextlib.closing(body):  # closing: the budget back
