@@ -269,6 +269,25 @@ def test_doctor_config_problems_stop_it(write_config: ConfigWriter, tmp_path: Pa
     assert any(":5:" in line for line in lines), lines
 
 
+def test_doctor_warns_when_the_spool_disk_is_under_the_spill_reserve(
+    write_config: ConfigWriter, tmp_path: Path
+) -> None:
+    """A spool disk with less free than limits.spill_min_free (here more than any disk has):
+    one warn line naming the free space, the reserve and what it means; exit 0 still."""
+    with CaptureServer() as capture:
+        config = write_config(
+            upstream={"host": "127.0.0.1", "port": capture.port},
+            ses={"enabled": False},
+            limits={"spill_min_free": 2**60},
+        )
+        code, lines, _ = run_doctor(config)
+    warned = [line for line in lines if line.startswith("warn  spool")]
+    assert len(warned) == 1, lines
+    assert f"under limits.spill_min_free ({2**40} MiB)" in warned[0]
+    assert "refused (452 4.3.1)" in warned[0]
+    assert 0 == code
+
+
 def test_doctor_without_senders_and_ses_disabled(
     write_config: ConfigWriter, tmp_path: Path
 ) -> None:

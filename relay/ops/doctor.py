@@ -118,7 +118,7 @@ async def _run(
         names = f"{config_path.name} and {settings.rules.name}"
         count = len(ruleset.rules)
         report.line(OK, "config", f"{names} load ({count} rule{'s' * (count != 1)})")
-    seen = await asyncio.to_thread(_spool, report, settings.spool)
+    seen = await asyncio.to_thread(_spool, report, settings.spool, settings.limits.spill_min_free)
     await _upstream(report, settings)
     if not settings.ses.enabled:
         report.line(OK, "ses", "disabled (ses.enabled: false); SES and DNS checks skipped")
@@ -144,8 +144,9 @@ def _secrets(settings: Settings) -> tuple[str, ...]:
     return tuple(v for v in values if len(v) >= 4)
 
 
-def _spool(report: Report, directory: Path) -> tuple[str, ...]:
-    """A temp-file write in the spool directory, a read-only look at the database.
+def _spool(report: Report, directory: Path, reserve: int) -> tuple[str, ...]:
+    """A temp-file write in the spool directory, a read-only look at the database, and a
+    warning when its file system has less free than `reserve` (limits.spill_min_free).
 
     Returns the envelope senders of the last SENDER_WINDOW: those routed to SES, else all.
     """
@@ -160,6 +161,16 @@ def _spool(report: Report, directory: Path) -> tuple[str, ...]:
     except OSError as exc:
         report.line(FAIL, "spool", f"{target}: cannot write: {exc.strerror or exc}")
         return ()
+    found = os.statvfs(target)
+    free = found.f_bavail * found.f_frsize
+    if free < reserve:
+        report.line(
+            WARN,
+            "spool",
+            f"{target}: {free >> 20} MiB free, under limits.spill_min_free ({reserve >> 20} MiB):"
+            " DATA past max_data_in_memory is refused (452 4.3.1); free disk space, as the"
+            " spool stops taking mail when the disk is full",
+        )
     db = directory / DB_NAME
     if not db.is_file():
         report.line(OK, "spool", f"{directory}: writable; no database yet (made at first start)")
