@@ -174,7 +174,9 @@ class Body:
             file = await asyncio.to_thread(self._write, view[:cut])
         if file is None:
             self.verdict = NO_ROOM
-            del self._raw[:-4]  # as any refused body: only what finds the end line
+            # As any refused body, only what finds the end line; a new buffer, as below:
+            # the worker thread may not have dropped its view of the old one yet.
+            self._raw = bytearray(self._raw[-4:])
             self._drop_file()
             self._account()
             metrics.DATA_NO_ROOM.inc()
