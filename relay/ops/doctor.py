@@ -42,6 +42,7 @@ from relay import settings as settings_mod
 from relay.errors import ConfigError, DeliveryError
 from relay.mail import Mail
 from relay.ops import dnscheck, feedbackcheck, sescheck
+from relay.receive.data import free_bytes
 from relay.rules import Route, RuleSet
 from relay.settings import Security, Settings
 from relay.spool import DB_NAME, state_counts
@@ -161,8 +162,7 @@ def _spool(report: Report, directory: Path, reserve: int) -> tuple[str, ...]:
     except OSError as exc:
         report.line(FAIL, "spool", f"{target}: cannot write: {exc.strerror or exc}")
         return ()
-    found = os.statvfs(target)
-    free = found.f_bavail * found.f_frsize
+    free = free_bytes(target)
     if free < reserve:
         report.line(
             WARN,

@@ -200,7 +200,7 @@ class Body:
         directory = self.spill_dir or Path(tempfile.gettempdir())
         file = self._file
         try:
-            if self.min_free and _free_bytes(directory) - len(data) < self.min_free:
+            if self.min_free and free_bytes(directory) - len(data) < self.min_free:
                 return None
             if file is None:
                 file = _unnamed_file(directory)
@@ -268,7 +268,7 @@ class Body:
         return all(find(b"\r\n", at, at + step + 1) >= 0 for at in starts)
 
 
-def _free_bytes(directory: Path) -> int:
+def free_bytes(directory: Path) -> int:
     """Bytes an unprivileged process may still write on `directory`'s file system."""
     found = os.statvfs(directory)
     return found.f_bavail * found.f_frsize
