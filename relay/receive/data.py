@@ -36,13 +36,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from relay import metrics
+from relay import logs, metrics
 
 TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"  # aiosmtpd's replies; `push`
 TOO_MUCH = "552 Error: Too much mail data"  # rewrites them to ours
 NO_ROOM = "452 4.3.1 Insufficient system storage"  # Postfix's words
 
-log = logging.getLogger("relay.receive")
+# A client can cause these at will: one line per 10 s, with the count.
+_NO_ROOM_LOG = logs.Sampled(logging.getLogger("relay.receive"), "data_no_room")
 
 
 SPILL_BATCH = 256 * 1024  # once spilling, a body writes out at least this much at a time
@@ -172,7 +173,7 @@ class Body:
         cut = self._judged - 2
         with memoryview(self._raw) as view:  # the reader waits meanwhile: _raw stays put
             file = await asyncio.to_thread(self._write, view[:cut])
-        if file is None:
+        if isinstance(file, str):
             self.verdict = NO_ROOM
             # As any refused body, only what finds the end line; a new buffer, as below:
             # the worker thread may not have dropped its view of the old one yet.
@@ -180,11 +181,7 @@ class Body:
             self._drop_file()
             self._account()
             metrics.DATA_NO_ROOM.inc()
-            log.warning(
-                "event=data_no_room spool=%s min_free=%d (a DATA body refused: 452 4.3.1)",
-                self.spill_dir,
-                self.min_free,
-            )
+            _NO_ROOM_LOG(spool=self.spill_dir, min_free=self.min_free, why=file)
             return
         if self._file is None:
             self._file = file
@@ -194,22 +191,21 @@ class Body:
         self._spilled += cut
         self._account()
 
-    def _write(self, data: memoryview) -> IO[bytes] | None:
-        """On a thread: `data` appended to the spill file (made on the first call); None, and
-        nothing kept, when it would leave less than `min_free` or the write fails."""
+    def _write(self, data: memoryview) -> IO[bytes] | str:
+        """On a thread: `data` appended to the spill file (made on the first call); or why
+        not, with nothing kept: it would leave less than `min_free`, or the write failed."""
         directory = self.spill_dir or Path(tempfile.gettempdir())
         file = self._file
         try:
             if self.min_free and free_bytes(directory) - len(data) < self.min_free:
-                return None
+                return "under spill_min_free"
             if file is None:
                 file = _unnamed_file(directory)
             file.write(data)
         except OSError as exc:  # ENOSPC, EDQUOT, EIO: the same answer as no room
-            log.warning("event=spill_failed spool=%s error=%s", directory, exc)
             if file is not None and file is not self._file:
                 file.close()
-            return None
+            return str(exc)
         return file
 
     def close(self) -> None:

@@ -127,6 +127,7 @@ def finish(
     state: State,
     detail: str,
     fields: dict[str, Any],
+    *,
     drop_body: bool,
     notice: Notice | None,
     now: float,

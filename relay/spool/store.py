@@ -284,7 +284,17 @@ class Spool:
         **fields: Any,
     ) -> None:
         def op(conn: sqlite3.Connection) -> None:
-            if not finish(conn, queue_id, state, detail, fields, drop_body, notice, time.time()):
+            done = finish(
+                conn,
+                queue_id,
+                state,
+                detail,
+                fields,
+                drop_body=drop_body,
+                notice=notice,
+                now=time.time(),
+            )
+            if not done:
                 log.warning(
                     "event=spool_missing id=%s state=%s (deleted meanwhile?)", queue_id, state
                 )
