@@ -4,6 +4,8 @@
   (relay's Handler on a recording spool, the arguments relay used to pass) get the
   same bytes in the same pieces and must give the same replies (aiosmtpd's own ones
   as relay names them) and store the same bytes.
+- Command streams (hand-picked and generated, pipelined, cut anywhere): the same replies
+  and stored bytes, so relay's address and reply fast paths mistake no command.
 - A client gone mid-DATA: nothing reaches the spool.
 - Construction: a Session's state is what aiosmtpd's own __init__ makes of the
   arguments relay used to pass, without introspecting every connection.
@@ -40,6 +42,7 @@ LIMIT = 4096  # max_message_size of the pair: small, so 552 is easy to reach
 LINE = SMTP.line_length_limit  # 1001: the longest DATA line aiosmtpd takes, CRLF included
 END = b"\r\n.\r\n"
 PROLOGUE = [b"EHLO client.example", b"MAIL FROM:<noreply@moodle.test>", b"RCPT TO:<a@example.org>"]
+OPENING = [b"", *PROLOGUE, b"DATA"]  # talk(): the greeting, then these one by one
 _QUEUED = re.compile(r"queued as (\w+)")
 
 
@@ -65,9 +68,9 @@ class Pair:
     reference_port: int
     recorder: Recorder
 
-    async def both(self, pieces: list[bytes]) -> tuple[Talk, Talk]:
-        relay = await talk(self.relay.port, pieces)
-        reference = await talk(self.reference_port, pieces)
+    async def both(self, pieces: list[bytes], opening: list[bytes] = OPENING) -> tuple[Talk, Talk]:
+        relay = await talk(self.relay.port, pieces, opening)
+        reference = await talk(self.reference_port, pieces, opening)
         relay.bodies = [self.stored(qid) for qid in relay.queued]
         reference.bodies = [self.recorder.raw[qid] for qid in reference.queued]
         reference.replies = [AIOSMTPD_REPLIES.get(r, r) for r in reference.replies]
@@ -97,14 +100,14 @@ class Talk:
         )
 
 
-async def talk(port: int, pieces: list[bytes]) -> Talk:
-    """EHLO, MAIL, RCPT, DATA one by one; then `pieces` as separate TCP writes; replies
-    until the server closes (or goes quiet for 5 s)."""
+async def talk(port: int, pieces: list[bytes], opening: list[bytes] = OPENING) -> Talk:
+    """The greeting, then (by default) EHLO, MAIL, RCPT, DATA one by one; then `pieces`
+    as separate TCP writes; replies until the server closes (or goes quiet for 5 s)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     received = b""
     try:
-        for command in [b"", *PROLOGUE, b"DATA"]:
+        for command in opening:
             if command:
                 writer.write(command + b"\r\n")
             while not re.search(rb"(^|\n)\d{3} [^\n]*\r\n$", received):
@@ -573,3 +576,133 @@ async def test_a_multi_line_reply_goes_out_in_one_write(start_relay: Start) -> N
         b"250-relay.test\r\n250-SIZE 1000\r\n250 HELP\r\n",
         AIOSMTPD_REPLIES["552 Error: Too much mail data"].encode() + b"\r\n",
     ]
+
+
+# Command lines for relay's Session against aiosmtpd's own SMTP: the Moodle path, what
+# relay's fast paths (addresses, multi-line replies, DATA) might mistake, and what they
+# leave to aiosmtpd. (Not the addresses on which aiosmtpd's parser raises: relay answers
+# those 553 on purpose, see test_getaddr_answers_as_aiosmtpd.)
+_MOODLE = st.sampled_from(  # a Moodle transaction's lines, drawn most often
+    [
+        b"EHLO client.example",
+        b"MAIL FROM:<noreply@moodle.test>",
+        b"RCPT TO:<a@example.org>",
+        b"DATA",
+        b"Subject: hello\r\n\r\nbody\r\n.",
+        b"RSET",
+        b"NOOP",
+    ]
+)
+_ANY = st.sampled_from(
+    [
+        b"EHLO client.example",
+        b"ehlo client.example",
+        b"HELO client.example",
+        b"EHLO",
+        b"HELO  ",
+        b"MAIL FROM:<noreply@moodle.test>",
+        b"mail from:<noreply@moodle.test>",
+        b"MAIL FROM: <noreply@moodle.test>",
+        b"MAIL FROM:<noreply@moodle.test> SIZE=100",
+        b"MAIL FROM:<noreply@moodle.test> SIZE=99999999",
+        b"MAIL FROM:<noreply@moodle.test> BODY=8BITMIME",
+        b"MAIL FROM:<noreply@moodle.test> FOO=bar",
+        b"MAIL FROM:<>",
+        b"MAIL FROM:<bad",
+        b"MAIL TO:<a@example.org>",
+        b"MAIL FROM:<\xc3\xa9@moodle.test>",
+        b"RCPT TO:<a@example.org>",
+        b"RCPT TO:<b@example.org> NOTIFY=NEVER",
+        b"RCPT TO:<not-an-address>",
+        b"RCPT FROM:<a@example.org>",
+        b"DATA",
+        b"DATA now",
+        b"Subject: hello\r\n\r\nbody\r\n..dot\r\n.",
+        b"RSET",
+        b"RSET now",
+        b"NOOP",
+        b"NOOP something",
+        b"VRFY a@example.org",
+        b"HELP",
+        b"HELP MAIL",
+        b"AUTH PLAIN AGFAYg==",
+        b"STARTTLS",
+        b"FOO",
+        b"",
+        b" ",
+        b"QUIT now",
+        b"NOOP " + b"x" * 600,
+        b"x" * 1100,
+        b"\xff\xfe",
+    ]
+)
+
+
+@st.composite
+def command_pieces(draw: st.DrawFn) -> list[bytes]:
+    """Command lines (some a whole DATA body), ended by an end of data and QUIT, in pieces."""
+    lines = draw(st.lists(st.one_of(_MOODLE, _MOODLE, _ANY), max_size=14))
+    stream = b"".join(line + b"\r\n" for line in lines) + b"\r\n.\r\nQUIT\r\n"
+    cuts = sorted(set(draw(st.lists(st.integers(1, len(stream) - 1), max_size=4))))
+    return [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(pieces=command_pieces())
+async def test_any_command_stream_matches_aiosmtpd(pair: Pair, pieces: list[bytes]) -> None:
+    """Generated command streams, pipelined and cut anywhere: relay's Session gives the
+    replies and stores the bytes of aiosmtpd's own SMTP."""
+    relay, reference = await pair.both(pieces, opening=[b""])
+    assert reference == relay
+
+
+_BODY = b"DATA\r\nSubject: hello\r\n\r\nbody\r\n.\r\n"
+_MAIL = b"MAIL FROM:<noreply@moodle.test>\r\n"
+_RCPT = b"RCPT TO:<a@example.org>\r\n"
+COMMAND_CASES = {
+    "moodle-pipelined": [
+        b"EHLO m.test\r\n"
+        + _MAIL
+        + _RCPT
+        + _BODY
+        + b"RSET\r\n"
+        + _MAIL
+        + _RCPT
+        + b"RCPT TO:<b@example.org>\r\n"
+        + _BODY
+        + b"QUIT\r\n"
+    ],
+    "rset-clears-the-envelope": [b"EHLO m.test\r\n" + _MAIL + b"RSET\r\n" + _MAIL + _RCPT + _BODY],
+    "nested-mail": [b"EHLO m.test\r\n" + _MAIL + _MAIL + _RCPT + _BODY],
+    "before-helo": [_MAIL + _RCPT + b"DATA\r\n" + b"HELO m.test\r\n" + _MAIL + _RCPT + _BODY],
+    "ehlo-after-helo": [b"HELO m.test\r\n" + _MAIL + b"EHLO m.test\r\n" + _RCPT + _MAIL + _BODY],
+    "byte-by-byte": [bytes([b]) for b in b"EHLO m.test\r\n" + _MAIL + _RCPT + _BODY],
+    "auth-unoffered": [b"EHLO m.test\r\nAUTH PLAIN AGFAYg==\r\n" + _MAIL + _RCPT + _BODY],
+    "long-command-line": [b"NOOP " + b"x" * 600 + b"\r\n" + _MAIL + _RCPT + _BODY],
+    "unknown-command": [b"EHLO m.test\r\nXYZZY\r\n" + _MAIL + _RCPT + _BODY],
+    "quit-ends-the-session": [b"EHLO m.test\r\nQUIT\r\n" + _MAIL],
+    "data-refused-then-more": [
+        b"EHLO m.test\r\n"
+        + _MAIL
+        + _RCPT
+        + b"DATA\r\n"
+        + line(LINE + 1)
+        + b".\r\n"
+        + _MAIL
+        + _RCPT
+        + _BODY
+    ],
+}
+
+
+@pytest.mark.parametrize("pieces", list(COMMAND_CASES.values()), ids=list(COMMAND_CASES))
+async def test_command_cases_match_aiosmtpd(pair: Pair, pieces: list[bytes]) -> None:
+    """Hand-picked command streams, pipelined: relay's replies and stored bytes are aiosmtpd's."""
+    last = pieces[-1]
+    pieces = [*pieces[:-1], last + b"\r\n.\r\nQUIT\r\n"]
+    relay, reference = await pair.both(pieces, opening=[b""])
+    assert reference == relay
