@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import os
 import random
 import sqlite3
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 from relay import logs, metrics, service, settings
 from relay.errors import ConfigError
 from relay.receive.caps import TOO_MANY_FROM_YOU, TOO_MANY_SESSIONS, Caps, sessions_problem
-from relay.receive.data import NO_ROOM, Body, Budget
+from relay.receive.data import NO_ROOM, Body, Budget, free_bytes
 from relay.receive.guesses import Guesses
 from relay.settings import BareNewline, Limits
 from relay.spool import DB_NAME
@@ -199,11 +198,6 @@ async def test_a_spilled_body_is_the_body_kept_in_memory(seed: int, tmp_path: Pa
     assert in_memory[:3] == spilling[:3]
     assert 0 == budget.used
     assert spilling[3] or in_memory[1] is None or len(in_memory[1]) < 2000
-
-
-def free_bytes(path: Path) -> int:
-    found = os.statvfs(path)
-    return found.f_bavail * found.f_frsize
 
 
 async def test_a_spill_that_would_eat_the_reserve_refuses_its_body(tmp_path: Path) -> None:
