@@ -94,11 +94,11 @@ def queue(ctx: click.Context, config: Path | None) -> None:
 
 
 @queue.command("list")
-@click.option("--state", help="only this state (queued, inflight, deferred, sent, failed)")
+@click.option("--state", help="only this state (queued, inflight, deferred, sent, bounced, failed)")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def queue_list(obj: settings_mod.Settings, state: str | None, as_json: bool) -> None:
-    """List messages in the spool."""
+    """List messages in the spool (finished ones, sent and bounced, with --state)."""
     from relay.ops import queueadmin as queue_mod
 
     sys.exit(queue_mod.list_messages(obj.spool, state=state, as_json=as_json))

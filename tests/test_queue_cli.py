@@ -41,12 +41,21 @@ async def spooled(write_config: ConfigWriter) -> tuple[Path, dict[str, str]]:
             trace=TRACE,
             message_id=f"<{n}@moodle.test>",
         )
-        for n in range(5)
+        for n in (5, 0, 1, 2, 3, 4)
     ]
-    sent, deferred, failed, inflight, queued = ids
-    await spool.claim(4)
+    bounced, sent, deferred, failed, inflight, queued = ids
+    await spool.claim(5)
     await spool.sent(
         sent, rule="reengagement-cc", route="ses", reply="SES accepted", ses_message_id="0100-ses"
+    )
+    await spool.sent(bounced, rule=None, route="ses", reply="SES accepted", ses_message_id="0100-b")
+    await spool.feedback(
+        key="Bounce/0100-b/1",
+        ses_message_id="0100-b",
+        event="ses_bounce",
+        detail="bounce=Permanent/General U5@Example.org (5.1.1)",
+        kind="bounce",
+        failed=["U5@Example.org"],  # as the receiving host spelled it
     )
     await spool.defer(
         deferred, due_at=time.time() + 600, rule=None, route="upstream", reply="451 4.3.0 try later"
@@ -55,6 +64,7 @@ async def spooled(write_config: ConfigWriter) -> tuple[Path, dict[str, str]]:
     await spool.close()
     states = {
         "sent": sent,
+        "bounced": bounced,
         "deferred": deferred,
         "failed": failed,
         "inflight": inflight,
@@ -68,8 +78,10 @@ def queue(config: Path, *args: str) -> Result:
     return CliRunner().invoke(main, ["queue", "--config", str(config), *args])
 
 
-def test_list_json_shows_every_message_but_sent(spooled: tuple[Path, dict[str, str]]) -> None:
-    """list --json: one object per line, oldest first, delivered rows left out."""
+def test_list_json_shows_every_message_but_finished(
+    spooled: tuple[Path, dict[str, str]],
+) -> None:
+    """list --json: one object per line, oldest first, finished rows (sent, bounced) left out."""
     config, ids = spooled
     result = queue(config, "list", "--json")
     assert 0 == result.exit_code, result.output
@@ -80,7 +92,7 @@ def test_list_json_shows_every_message_but_sent(spooled: tuple[Path, dict[str, s
     assert "451 4.3.0 try later" == records[0]["reply"]
 
 
-@pytest.mark.parametrize("state", ["sent", "failed", "queued"])
+@pytest.mark.parametrize("state", ["sent", "bounced", "failed", "queued"])
 def test_list_state_filter(spooled: tuple[Path, dict[str, str]], state: str) -> None:
     """list --state S lists exactly the messages in state S (sent included on request)."""
     config, ids = spooled
@@ -112,9 +124,9 @@ def test_list_human_table(spooled: tuple[Path, dict[str, str]]) -> None:
 def test_list_unknown_state_is_a_usage_error(spooled: tuple[Path, dict[str, str]]) -> None:
     """--state with a name that is not a state: exit 2 and the valid names."""
     config, _ = spooled
-    result = queue(config, "list", "--state", "bounced")
+    result = queue(config, "list", "--state", "delivered")
     assert 2 == result.exit_code
-    assert "queued, inflight, deferred, sent, failed" in result.stderr
+    assert "queued, inflight, deferred, sent, bounced, failed" in result.stderr
 
 
 def test_show_json_has_fields_headers_and_history(spooled: tuple[Path, dict[str, str]]) -> None:
@@ -147,6 +159,17 @@ def test_show_sent_message_keeps_metadata_not_body(spooled: tuple[Path, dict[str
     assert "history:" in text and "ses_message_id=0100-ses" in text
 
 
+def test_show_bounced(spooled: tuple[Path, dict[str, str]]) -> None:
+    """A mail SES bounced for every recipient is `bounced`; its history says so after the
+    bounce event (the receiving host's spelling of the address matched without case)."""
+    config, ids = spooled
+    record = json.loads(queue(config, "show", ids["bounced"], "--json").stdout)
+    history = [(e["event"], e["detail"]) for e in record["events"]]
+    assert ("bounced", "0100-b") == (record["state"], record["ses_message_id"])
+    assert ["received", "sent", "ses_bounce", "bounced"] == [e for e, _ in history]
+    assert ("bounced", "every recipient: u5@example.org") == history[-1]
+
+
 def test_show_unknown_id(spooled: tuple[Path, dict[str, str]]) -> None:
     """show of an id not in the spool: exit 1 and a message saying so."""
     config, _ = spooled
@@ -160,9 +183,10 @@ def test_show_unknown_id(spooled: tuple[Path, dict[str, str]]) -> None:
         ("failed", 0, "queued"),
         ("deferred", 0, "queued"),
         ("sent", 1, "sent"),
+        ("bounced", 1, "bounced"),
         ("inflight", 1, "inflight"),
     ],
-    ids=["failed", "deferred", "sent-refused", "inflight-refused"],
+    ids=["failed", "deferred", "sent-refused", "bounced-refused", "inflight-refused"],
 )
 def test_retry(
     spooled: tuple[Path, dict[str, str]], state: str, exit_code: int, after: str
@@ -203,8 +227,9 @@ def test_stats_json(spooled: tuple[Path, dict[str, str]]) -> None:
     """stats --json: counts by state, bytes of bodies held, oldest waiting age."""
     config, _ = spooled
     stats = json.loads(queue(config, "stats", "--json").stdout)
-    assert {"queued": 1, "inflight": 1, "deferred": 1, "sent": 1, "failed": 1} == stats["counts"]
-    assert (5, sum(len(body(n)) for n in (1, 2, 3, 4))) == (stats["total"], stats["bytes"])
+    counts = {"queued": 1, "inflight": 1, "deferred": 1, "sent": 1, "bounced": 1, "failed": 1}
+    assert counts == stats["counts"]
+    assert (6, sum(len(body(n)) for n in (1, 2, 3, 4))) == (stats["total"], stats["bytes"])
     assert 0 <= stats["oldest_queued_age"] < 60
 
 

@@ -296,6 +296,37 @@ async def test_ses_events_are_recorded_and_a_permanent_bounce_reaches_the_sender
     assert 0 == await await_empty(moto_server, queue)
 
 
+async def test_a_mail_every_recipient_of_which_bounced_is_bounced(
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,
+    moto_server: str,
+) -> None:
+    """SES reports the two recipients of one mail bounced, in two events: after the first
+    the mail is still `sent` (the other may yet be delivered), after the second it is
+    `bounced`, which `relay queue list` leaves out with the sent ones and `--state bounced`
+    lists. Each bounce brings its own DSN to the sender."""
+    queue = new_queue(moto_server)
+    relay = await start_with_queue(start_relay, capture, moto_server, queue)
+    spool, config = relay.settings.spool, str(relay.settings.source)
+    queue_id = await asend(relay.port, VERP, [GONE, HERE], RAW)
+    ses_id = (await await_rows(spool, [queue_id], {"sent"}))[queue_id]["ses_message_id"]
+
+    sqs(moto_server).send_message(QueueUrl=queue, MessageBody=sns_wrapped(bounce(ses_id)))
+    assert 0 == await await_empty(moto_server, queue)
+    assert "sent" == rows(spool)[queue_id]["state"]
+    sqs(moto_server).send_message(QueueUrl=queue, MessageBody=sns_wrapped(bounce(ses_id, HERE)))
+    await await_rows(spool, [queue_id], {"bounced"})
+    notices = dsns_of(spool, queue_id)
+    await await_rows(spool, notices, {"sent"})
+
+    listed = relay_cli("queue", "--config", config, "list", "--json").stdout
+    bounced = relay_cli("queue", "--config", config, "list", "--state", "bounced", "--json")
+    assert [] == [json.loads(line)["id"] for line in listed.splitlines()]
+    assert [queue_id] == [json.loads(line)["id"] for line in bounced.stdout.splitlines()]
+    assert [(VERP,), (VERP,)] == [m.rcpt_tos for m in capture.messages]
+    assert 2 == len(notices)
+
+
 async def test_unknown_malformed_and_repeated_events_are_dropped_and_deleted(
     start_relay: Callable[..., Awaitable[Running]],
     capture: CaptureServer,

@@ -438,15 +438,111 @@ async def test_one_failing_call_does_not_fail_its_batch(spool: Spool, tmp_path: 
 
 
 async def test_purge_drops_old_sent_rows_only(spool: Spool, tmp_path: Path) -> None:
-    """purge(age) deletes sent rows older than `age` seconds, never queued or failed ones."""
-    sent, failed, queued = [await add(spool, n) for n in range(3)]
-    await spool.claim(2)
+    """purge(age) deletes finished rows (sent, bounced) older than `age` seconds, never
+    queued or failed ones."""
+    sent, failed, queued, bounced = [await add(spool, n) for n in range(4)]
+    await spool.claim(4)
     await spool.sent(sent, rule=None, route="upstream", reply="250 ok")
     await spool.fail(failed, rule=None, route="upstream", reply="550 no")
+    await spool.sent(bounced, rule=None, route="ses", reply="SES accepted", ses_message_id="b")
+    await bounce(spool, "b", "user3@example.org")
+    assert State.BOUNCED == rows(tmp_path / "spool")[bounced]["state"]
     assert 0 == await spool.purge(3600)
-    assert 1 == await spool.purge(0)
+    assert 2 == await spool.purge(0)
     assert {failed, queued} == set(rows(tmp_path / "spool")) == set(bodies(tmp_path / "spool"))
-    assert [] == events(tmp_path / "spool", sent)
+    assert [] == events(tmp_path / "spool", sent) == events(tmp_path / "spool", bounced)
+
+
+async def bounce(spool: Spool, ses_id: str, *failed: str, key: str = "") -> None:
+    """A permanent SES bounce of `failed`, as relay.deliver.feedback applies it."""
+    await spool.feedback(
+        key=key or f"Bounce/{ses_id}/{'/'.join(failed)}",
+        ses_message_id=ses_id,
+        event="ses_bounce",
+        detail=f"bounce=Permanent/General {' '.join(failed)}",
+        kind="bounce",
+        failed=failed,
+    )
+
+
+async def test_a_mail_is_bounced_once_every_recipient_has_bounced(
+    spool: Spool, tmp_path: Path
+) -> None:
+    """SES may report the recipients of one mail in separate events: the mail stays `sent`
+    while one of them has not bounced, and is `bounced` once all have (a complaint or a
+    transient bounce counts for nobody); the event repeated changes nothing."""
+    queue_id = await spool.add(
+        sender="noreply@moodle.test",
+        recipients=["a@example.org", "b@example.org"],
+        raw=mail_bytes(1),
+        peer="127.0.0.1",
+        trace=TRACE,
+        message_id="<1@moodle.test>",
+    )
+    await spool.claim(1)
+    await spool.sent(queue_id, rule=None, route="ses", reply="SES accepted", ses_message_id="m")
+    await bounce(spool, "m", "a@example.org")
+    await spool.feedback(
+        key="Complaint/m/1", ses_message_id="m", event="ses_complaint", detail="", kind="complaint"
+    )
+    await spool.feedback(
+        key="Bounce/m/t", ses_message_id="m", event="ses_bounce", detail="", kind="bounce_t"
+    )
+    assert State.SENT == rows(tmp_path / "spool")[queue_id]["state"]
+    await bounce(spool, "m", "B@Example.ORG")
+    await bounce(spool, "m", "B@Example.ORG")  # SQS delivers at least once
+    assert State.BOUNCED == rows(tmp_path / "spool")[queue_id]["state"]
+    assert [
+        "received",
+        "sent",
+        *("ses_bounce", "ses_complaint", "ses_bounce"),  # a, the complaint, the transient
+        *("ses_bounce", "bounced"),  # b, once
+    ] == events(tmp_path / "spool", queue_id)
+
+
+# `feedback` as schema 3 made it, comment and all: ADD COLUMN edits this very text.
+V3_FEEDBACK = """CREATE TABLE IF NOT EXISTS feedback (
+    key TEXT PRIMARY KEY NOT NULL,      -- the SES event's identity (type, MessageId, id)
+    queue_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL DEFAULT ''       -- bounce (permanent), complaint, or other: for the rates
+)"""
+
+
+async def test_a_version_3_spool_gets_the_failed_column(tmp_path: Path) -> None:
+    """A spool of schema 3 (SES feedback without who failed): opening it adds
+    `feedback.failed`, empty for the events it holds, and a bounce after that counts."""
+    directory = tmp_path / "spool"
+    spool = await Spool.open(directory)
+    try:
+        queue_id = await add(spool, 1)
+        await spool.claim(1)
+        await spool.sent(queue_id, rule=None, route="ses", reply="ok", ses_message_id="m3")
+    finally:
+        await spool.close()
+    conn = sqlite3.connect(directory / DB_NAME, isolation_level=None)
+    try:
+        conn.execute("DROP TABLE feedback")
+        conn.execute(V3_FEEDBACK)
+        conn.execute("INSERT INTO feedback VALUES ('Bounce/m3/old', ?, 1.0, 'bounce')", (queue_id,))
+        conn.execute("PRAGMA user_version = 3")
+    finally:
+        conn.close()
+    spool = await Spool.open(directory)
+    try:
+        await bounce(spool, "m3", "user1@example.org")
+    finally:
+        await spool.close()
+    conn = sqlite3.connect(directory / DB_NAME)
+    try:
+        found = conn.execute("SELECT key, failed FROM feedback ORDER BY at").fetchall()
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+    finally:
+        conn.close()
+    assert [("Bounce/m3/old", "[]"), ("Bounce/m3/user1@example.org", '["user1@example.org"]')] == (
+        found
+    )
+    assert (SCHEMA_VERSION, State.BOUNCED) == (version, rows(directory)[queue_id]["state"])
 
 
 async def test_dropped_bodies_give_their_pages_back(spool: Spool, tmp_path: Path) -> None:

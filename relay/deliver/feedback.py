@@ -3,7 +3,8 @@
     SES configuration set --(SNS | EventBridge)--> SQS `ses.events.queue_url`
       -> long poll (aiobotocore) -> ses.events.parse() -> Spool.feedback() (one commit:
          history line, once per event; a permanent Bounce, or a Reject (SES refused to
-         send after all), also queues the sender's DSN)
+         send after all), also queues the sender's DSN, and makes the mail `bounced` once
+         every recipient has had one)
       -> DeleteMessage, only after that commit
 
 Events for MessageIds this spool does not know (other senders on the account,
@@ -21,6 +22,7 @@ import contextlib
 import logging
 import re
 import time
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, Self
@@ -75,6 +77,7 @@ class FeedbackStore(Protocol):
         event: str,
         detail: str,
         kind: str,
+        failed: Sequence[str] = (),
         notice_for: NoticeFor | None = None,
     ) -> Applied: ...
     async def reputation(self, since: float) -> Reputation: ...
@@ -222,6 +225,7 @@ async def handle(spool: FeedbackStore, settings: Settings, message: Received) ->
             event=f"ses_{event.type.lower()}",
             detail=event.summary(),
             kind=kind,
+            failed=[r.address for r in event.recipients] if event.failed_for_good else (),
             notice_for=_bounce_notice(event, settings) if event.failed_for_good else None,
         )
     except SpoolError as exc:

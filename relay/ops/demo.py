@@ -195,8 +195,12 @@ async def _play_ses(
             dsn = conn.execute(
                 "SELECT id, state, recipients FROM messages WHERE reports_on = ?", (bounced["id"],)
             ).fetchone()
+            [state] = conn.execute(
+                "SELECT state FROM messages WHERE id = ?", (bounced["id"],)
+            ).fetchone()
         got_dsn = any(frm in ("", "<>") for frm, _, _ in capture.received)
         done = "ses_delivery" in history[delivered["id"]] and dsn is not None and got_dsn
+        done = done and state == "bounced"
         if done or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.1)
@@ -206,7 +210,8 @@ async def _play_ses(
     )
     click.echo(
         f"  {bounced['id']}  Bounce    {second.recipient}: Permanent, 5.1.1 user unknown: "
-        f"{'recorded' if 'ses_bounce' in history[bounced['id']] else 'NOT recorded'}"
+        f"{'recorded' if 'ses_bounce' in history[bounced['id']] else 'NOT recorded'},"
+        f" mail {state}"
     )
     if dsn is not None:
         where = "delivered to the original host" if got_dsn else f"{dsn['state']}"

@@ -3,7 +3,7 @@
 Works while the service runs: the same SQLite file in WAL mode, short
 transactions, a busy timeout. Human tables by default (like `mailq`); `--json`
 gives one JSON object per message per line (list) or one object (show, stats).
-`list` leaves out delivered (`sent`) rows unless `--state sent` asks for them.
+`list` leaves out finished rows (`sent`, `bounced`) unless `--state` asks for them.
 
 Exit codes: 0 ok; 1 a message was not found or could not be acted on, or there
 is no spool; 2 a bad argument.
@@ -74,7 +74,7 @@ def _open(spool_dir: Path) -> sqlite3.Connection | None:
 
 
 def list_messages(spool_dir: Path, *, state: str | None, as_json: bool) -> int:
-    """List messages (not `sent` ones unless asked), oldest first."""
+    """List messages (not `sent` or `bounced` ones unless asked), oldest first."""
     if state is not None and state not in {s.value for s in State}:
         click.echo(
             f"relay queue list: unknown state {state!r}; one of "
@@ -86,7 +86,7 @@ def list_messages(spool_dir: Path, *, state: str | None, as_json: bool) -> int:
     if conn is None:
         return 1
     with closing(conn):
-        where, args = ("state = ?", (state,)) if state else ("state != 'sent'", ())
+        where, args = ("state = ?", (state,)) if state else ("state NOT IN ('sent', 'bounced')", ())
         rows = [_record(r) for r in conn.execute(f"{_SELECT} WHERE {where} ORDER BY id", args)]
     if as_json:
         for record in rows:

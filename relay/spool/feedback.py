@@ -2,7 +2,8 @@
 
     relay.deliver.feedback -> Spool.feedback(key, ses_message_id, ...) -> apply():
       row by ses_message_id (none: UNKNOWN) -> key already in `feedback` (DUPLICATE)
-      -> history line + `feedback` row (+ the DSN a permanent bounce asks for) -> APPLIED
+      -> history line + `feedback` row (+ the DSN a permanent bounce asks for)
+      -> every recipient bounced for good, over all its events: sent -> bounced -> APPLIED
 
 All in one transaction, committed before the SQS message is deleted: an event
 delivered again after a crash finds its key and changes nothing.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -53,10 +54,13 @@ def apply(
     event: str,
     detail: str,
     kind: str,
+    failed: Sequence[str] = (),
     notice_for: NoticeFor | None,
     now: float,
 ) -> Applied:
-    """Record one SES event on its mail's row, once; `notice_for` may add a DSN."""
+    """Record one SES event on its mail's row, once; `notice_for` may add a DSN.
+    `failed`: the recipients it says will never get the mail (a permanent bounce, a Reject);
+    once that covers all of the row's recipients, the row is `bounced`."""
     row = conn.execute(
         "SELECT id, sender, recipients, received_at, message_id, reports_on, trace"
         " FROM messages WHERE ses_message_id = ? ORDER BY received_at LIMIT 1",
@@ -66,12 +70,14 @@ def apply(
         return Applied.UNKNOWN
     queue_id = row[0]
     inserted = conn.execute(
-        "INSERT OR IGNORE INTO feedback (key, queue_id, at, kind) VALUES (?, ?, ?, ?)",
-        (key, queue_id, now, kind),
+        "INSERT OR IGNORE INTO feedback (key, queue_id, at, kind, failed) VALUES (?, ?, ?, ?, ?)",
+        (key, queue_id, now, kind, json.dumps(list(failed))),
     ).rowcount
     if not inserted:
         return Applied.DUPLICATE
     add_event(conn, queue_id, event, detail, now)
+    if failed:
+        _bounce_if_all(conn, queue_id, json.loads(row[2]), now)
     if notice_for is not None:
         body = conn.execute("SELECT body FROM bodies WHERE id = ?", (queue_id,)).fetchone()
         mail = Mail(
@@ -88,6 +94,26 @@ def apply(
         if notice is not None:
             add_notice(conn, queue_id, notice, now)
     return Applied.APPLIED
+
+
+def _bounce_if_all(
+    conn: sqlite3.Connection, queue_id: str, recipients: list[str], now: float
+) -> None:
+    """`sent` -> `bounced` when SES's events, taken together, failed every recipient.
+
+    Addresses compare without case: SES may report one as the receiving host spells it.
+    """
+    failed: set[str] = set()
+    for (names,) in conn.execute("SELECT failed FROM feedback WHERE queue_id = ?", (queue_id,)):
+        failed.update(name.lower() for name in json.loads(names))
+    if any(recipient.lower() not in failed for recipient in recipients):
+        return  # some were delivered, or have not been heard of yet: still `sent`
+    moved = conn.execute(
+        "UPDATE messages SET state = 'bounced', updated_at = ? WHERE id = ? AND state = 'sent'",
+        (now, queue_id),
+    ).rowcount
+    if moved:
+        add_event(conn, queue_id, "bounced", f"every recipient: {', '.join(recipients)}", now)
 
 
 def reputation(conn: sqlite3.Connection, since: float) -> Reputation:

@@ -23,6 +23,7 @@ class State(StrEnum):
     INFLIGHT = "inflight"
     DEFERRED = "deferred"
     SENT = "sent"
+    BOUNCED = "bounced"  # sent, then SES reported every recipient bounced for good
     FAILED = "failed"
 
 
@@ -150,15 +151,14 @@ def finish(
 
 
 def purge_sent(conn: sqlite3.Connection, cutoff: float) -> int:
-    """Delete sent rows (and their events) whose outcome came before `cutoff`, and SES
-    feedback keys as old; return how many rows."""
-    ids = "SELECT id FROM messages WHERE state = 'sent' AND updated_at < ?"
+    """Delete sent and bounced rows (and their events) whose outcome came before `cutoff`,
+    and SES feedback keys as old; return how many rows."""
+    done = "state IN ('sent', 'bounced') AND updated_at < ?"
+    ids = f"SELECT id FROM messages WHERE {done}"
     conn.execute(f"DELETE FROM events WHERE queue_id IN ({ids})", (cutoff,))
     conn.execute(f"DELETE FROM bodies WHERE id IN ({ids})", (cutoff,))  # none: sent() did
     conn.execute("DELETE FROM feedback WHERE at < ?", (cutoff,))
-    deleted: int = conn.execute(
-        "DELETE FROM messages WHERE state = 'sent' AND updated_at < ?", (cutoff,)
-    ).rowcount
+    deleted: int = conn.execute(f"DELETE FROM messages WHERE {done}", (cutoff,)).rowcount
     return deleted
 
 

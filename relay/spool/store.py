@@ -324,10 +324,12 @@ class Spool:
         event: str,
         detail: str,
         kind: str,
+        failed: Sequence[str] = (),
         notice_for: NoticeFor | None = None,
     ) -> Applied:
         """Apply one SES event to the mail SES knows as `ses_message_id`, at most once per
-        `key`; `notice_for(mail)` may queue a DSN in the same transaction."""
+        `key`; `notice_for(mail)` may queue a DSN in the same transaction; `failed`: the
+        recipients it failed for good (all of them, over its events: the row is `bounced`)."""
 
         def op(conn: sqlite3.Connection) -> Applied:
             return apply(
@@ -337,6 +339,7 @@ class Spool:
                 event=event,
                 detail=detail,
                 kind=kind,
+                failed=failed,
                 notice_for=notice_for,
                 now=time.time(),
             )
