@@ -7,6 +7,7 @@ receive -> `Spool.add()` (committed and fsynced before the 250) -> deliver loop
       ^                  |  \\--defer--> deferred (due_at) --claim--> inflight ...
       |                  |   \\-fail---> failed (dead letter, body kept; `relay queue retry`)
       +-- reclaim() when delivery starts (a crash left it inflight) --+
+    sent --feedback(): SES bounced every recipient for good--> bounced (kept until purge)
 
 Two processes share the file in `relay serve`: the receiving one adds with
 synchronous=FULL (a 250 means fsynced); the delivery process opens
