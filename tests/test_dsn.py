@@ -322,7 +322,7 @@ PRAGMA user_version = 2;
 """
 
 
-async def test_a_version_2_spool_is_upgraded_and_keeps_its_mail(tmp_path: Path) -> None:
+async def test_a_version_2_spool_is_upgraded_to_3_and_keeps_its_mail(tmp_path: Path) -> None:
     """A spool of schema 2 (before DSN links): opening it adds `reports_on`, the SES
     MessageId index and the `feedback` table in one step; waiting mail is claimable with
     its body, and a DSN can then be recorded against it."""
@@ -352,7 +352,7 @@ async def test_a_version_2_spool_is_upgraded_and_keeps_its_mail(tmp_path: Path) 
     try:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
         assert {"feedback", "messages_reporting", "messages_by_ses_id"} <= tables
-        assert (SCHEMA_VERSION, 4) == (conn.execute("PRAGMA user_version").fetchone()[0], 4)
+        assert (SCHEMA_VERSION, 3) == (conn.execute("PRAGMA user_version").fetchone()[0], 3)
         linked = conn.execute(
             "SELECT id, state, sender FROM messages WHERE reports_on = ?", (mail.id,)
         )

@@ -7,10 +7,12 @@ is a capture server, where the DSNs for permanent bounces arrive.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import os
 import signal
+import sqlite3
 import threading
 import time
 import uuid
@@ -28,6 +30,8 @@ from relay import settings as settings_mod
 from relay.deliver.feedback import sqs_location
 from relay.deliver.ses.events import parse
 from relay.errors import ConfigError, MalformedEvent
+from relay.spool import DB_NAME
+from relay.spool.feedback import reputation
 from tests.support.aws import REGION
 from tests.support.capture import CaptureServer
 from tests.support.processes import RelayProcess, relay_cli
@@ -359,6 +363,9 @@ async def test_unknown_malformed_and_repeated_events_are_dropped_and_deleted(
     events = [e for e, _ in rows(spool)[queue_id]["events"] if e.startswith("ses_")]
     assert ["ses_bounce", "ses_bounce"] == events  # the Permanent one once, the Transient one
     assert 1 == len(dsns_of(spool, queue_id))
+    with contextlib.closing(sqlite3.connect(spool / DB_NAME)) as conn:
+        seen = reputation(conn, 0.0)  # what relay_ses_bounce_rate is made of
+    assert (1, 1, 0) == (seen.sends, seen.bounces, seen.complaints)  # the Transient not counted
 
 
 BODIES = {

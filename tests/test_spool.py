@@ -470,7 +470,8 @@ async def test_a_mail_is_bounced_once_every_recipient_has_bounced(
 ) -> None:
     """SES may report the recipients of one mail in separate events: the mail stays `sent`
     while one of them has not bounced, and is `bounced` once all have (a complaint or a
-    transient bounce counts for nobody); the event repeated changes nothing."""
+    transient bounce counts for nobody); the event repeated changes nothing, and the
+    recipients' marks count in neither the bounce nor the complaint rate."""
     queue_id = await spool.add(
         sender="noreply@moodle.test",
         recipients=["a@example.org", "b@example.org"],
@@ -486,7 +487,7 @@ async def test_a_mail_is_bounced_once_every_recipient_has_bounced(
         key="Complaint/m/1", ses_message_id="m", event="ses_complaint", detail="", kind="complaint"
     )
     await spool.feedback(
-        key="Bounce/m/t", ses_message_id="m", event="ses_bounce", detail="", kind="bounce_t"
+        key="Bounce/m/t", ses_message_id="m", event="ses_bounce", detail="", kind="transient_bounce"
     )
     assert State.SENT == rows(tmp_path / "spool")[queue_id]["state"]
     await bounce(spool, "m", "B@Example.ORG")
@@ -498,51 +499,8 @@ async def test_a_mail_is_bounced_once_every_recipient_has_bounced(
         *("ses_bounce", "ses_complaint", "ses_bounce"),  # a, the complaint, the transient
         *("ses_bounce", "bounced"),  # b, once
     ] == events(tmp_path / "spool", queue_id)
-
-
-# `feedback` as schema 3 made it, comment and all: ADD COLUMN edits this very text.
-V3_FEEDBACK = """CREATE TABLE IF NOT EXISTS feedback (
-    key TEXT PRIMARY KEY NOT NULL,      -- the SES event's identity (type, MessageId, id)
-    queue_id TEXT NOT NULL,
-    at REAL NOT NULL,
-    kind TEXT NOT NULL DEFAULT ''       -- bounce (permanent), complaint, or other: for the rates
-)"""
-
-
-async def test_a_version_3_spool_gets_the_failed_column(tmp_path: Path) -> None:
-    """A spool of schema 3 (SES feedback without who failed): opening it adds
-    `feedback.failed`, empty for the events it holds, and a bounce after that counts."""
-    directory = tmp_path / "spool"
-    spool = await Spool.open(directory)
-    try:
-        queue_id = await add(spool, 1)
-        await spool.claim(1)
-        await spool.sent(queue_id, rule=None, route="ses", reply="ok", ses_message_id="m3")
-    finally:
-        await spool.close()
-    conn = sqlite3.connect(directory / DB_NAME, isolation_level=None)
-    try:
-        conn.execute("DROP TABLE feedback")
-        conn.execute(V3_FEEDBACK)
-        conn.execute("INSERT INTO feedback VALUES ('Bounce/m3/old', ?, 1.0, 'bounce')", (queue_id,))
-        conn.execute("PRAGMA user_version = 3")
-    finally:
-        conn.close()
-    spool = await Spool.open(directory)
-    try:
-        await bounce(spool, "m3", "user1@example.org")
-    finally:
-        await spool.close()
-    conn = sqlite3.connect(directory / DB_NAME)
-    try:
-        found = conn.execute("SELECT key, failed FROM feedback ORDER BY at").fetchall()
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-    finally:
-        conn.close()
-    assert [("Bounce/m3/old", "[]"), ("Bounce/m3/user1@example.org", '["user1@example.org"]')] == (
-        found
-    )
-    assert (SCHEMA_VERSION, State.BOUNCED) == (version, rows(directory)[queue_id]["state"])
+    seen = await spool.reputation(0.0)  # the marks count in no rate
+    assert (1, 2, 1) == (seen.sends, seen.bounces, seen.complaints)
 
 
 async def test_dropped_bodies_give_their_pages_back(spool: Spool, tmp_path: Path) -> None:

@@ -217,7 +217,10 @@ async def handle(spool: FeedbackStore, settings: Settings, message: Received) ->
             body=message.body[:200],
         )
         return True
-    kind = "bounce" if event.permanent_bounce else event.type.lower()
+    # For the rates: SES's bounce rate counts hard (Permanent) bounces only.
+    kind = event.type.lower()
+    if event.type == "Bounce" and not event.permanent_bounce:
+        kind = "transient_bounce"
     try:
         applied = await spool.feedback(
             key=event.key,

@@ -70,14 +70,14 @@ def apply(
         return Applied.UNKNOWN
     queue_id = row[0]
     inserted = conn.execute(
-        "INSERT OR IGNORE INTO feedback (key, queue_id, at, kind, failed) VALUES (?, ?, ?, ?, ?)",
-        (key, queue_id, now, kind, json.dumps(list(failed))),
+        "INSERT OR IGNORE INTO feedback (key, queue_id, at, kind) VALUES (?, ?, ?, ?)",
+        (key, queue_id, now, kind),
     ).rowcount
     if not inserted:
         return Applied.DUPLICATE
     add_event(conn, queue_id, event, detail, now)
     if failed:
-        _bounce_if_all(conn, queue_id, json.loads(row[2]), now)
+        _bounce_if_all(conn, queue_id, failed, json.loads(row[2]), now)
     if notice_for is not None:
         body = conn.execute("SELECT body FROM bodies WHERE id = ?", (queue_id,)).fetchone()
         mail = Mail(
@@ -97,16 +97,27 @@ def apply(
 
 
 def _bounce_if_all(
-    conn: sqlite3.Connection, queue_id: str, recipients: list[str], now: float
+    conn: sqlite3.Connection,
+    queue_id: str,
+    failed: Sequence[str],
+    recipients: list[str],
+    now: float,
 ) -> None:
-    """`sent` -> `bounced` when SES's events, taken together, failed every recipient.
+    """Mark `failed` on the row, and move it `sent` -> `bounced` once the marks of all its
+    events cover every recipient.
 
-    Addresses compare without case: SES may report one as the receiving host spells it.
+    A mark is a `feedback` row of kind "failed" keyed by the address (without case: SES
+    may report one as the receiving host spells it), so no column was added for it: a spool
+    stays at schema 3, which a relay rolled back to an older version still opens.
     """
-    failed: set[str] = set()
-    for (names,) in conn.execute("SELECT failed FROM feedback WHERE queue_id = ?", (queue_id,)):
-        failed.update(name.lower() for name in json.loads(names))
-    if any(recipient.lower() not in failed for recipient in recipients):
+    conn.executemany(
+        "INSERT OR IGNORE INTO feedback (key, queue_id, at, kind) VALUES (?, ?, ?, 'failed')",
+        [(_failed_key(queue_id, address), queue_id, now) for address in failed],
+    )
+    wanted = {_failed_key(queue_id, recipient) for recipient in recipients}
+    marks = ", ".join("?" * len(wanted))
+    [(found,)] = conn.execute(f"SELECT count(*) FROM feedback WHERE key IN ({marks})", [*wanted])
+    if found < len(wanted):
         return  # some were delivered, or have not been heard of yet: still `sent`
     moved = conn.execute(
         "UPDATE messages SET state = 'bounced', updated_at = ? WHERE id = ? AND state = 'sent'",
@@ -114,6 +125,10 @@ def _bounce_if_all(
     ).rowcount
     if moved:
         add_event(conn, queue_id, "bounced", f"every recipient: {', '.join(recipients)}", now)
+
+
+def _failed_key(queue_id: str, address: str) -> str:
+    return f"failed/{queue_id}/{address.lower()}"
 
 
 def reputation(conn: sqlite3.Connection, since: float) -> Reputation:

@@ -1,8 +1,8 @@
 """The spool's file: its tables, their version, the upgrades from older ones, and
 how a connection to it is opened.
 
-    relay serve / the delivery process -> Spool.open -> prepare(): new file -> version 4;
-      version 1 (bodies in messages.body), 2 or 3 -> 4 in one transaction; newer -> SpoolError
+    relay serve / the delivery process -> Spool.open -> prepare(): new file -> version 3;
+      version 1 (bodies in messages.body) or 2 -> 3 in one transaction; newer -> SpoolError
     relay queue -> open_existing() -> schema_version(): refuses other versions
 
 `relay queue` works on the same file from another process while the service
@@ -23,7 +23,7 @@ from pathlib import Path
 from relay.errors import SpoolError
 
 DB_NAME = "spool.sqlite3"
-SCHEMA_VERSION = 4  # 2: bodies in their own table; 3: DSN links, SES feedback; 4: failed
+SCHEMA_VERSION = 3  # 2: bodies in their own table; 3: DSN links, SES feedback
 BUSY_TIMEOUT_MS = 5000
 # Every commit puts each page it changed, whole, in the WAL, and relay serve's fsync
 # before the 250 writes them out, the delivery process's claims and outcomes with them.
@@ -79,12 +79,14 @@ _REPORTS_ON = """CREATE INDEX IF NOT EXISTS messages_reporting ON messages (repo
 _SES_ID = """CREATE INDEX IF NOT EXISTS messages_by_ses_id ON messages (ses_message_id)
     WHERE ses_message_id IS NOT NULL"""
 _FULL_INDEXES = ("messages_reports_on", "messages_ses_id")
+# `feedback` also marks each recipient SES failed for good (kind "failed", key
+# "failed/<queue id>/<address>"): relay.spool.feedback moves a mail to `bounced` once all
+# of its recipients are marked. Rows, not a column, so no new schema version for it.
 _FEEDBACK = """CREATE TABLE IF NOT EXISTS feedback (
     key TEXT PRIMARY KEY NOT NULL,      -- the SES event's identity (type, MessageId, id)
     queue_id TEXT NOT NULL,
     at REAL NOT NULL,
-    kind TEXT NOT NULL DEFAULT '',      -- bounce (permanent), complaint, or other: for the rates
-    failed TEXT NOT NULL DEFAULT '[]'   -- JSON list: recipients it says will never get the mail
+    kind TEXT NOT NULL DEFAULT ''       -- bounce (permanent), complaint, or other: for the rates
 )"""
 _V3 = (_REPORTS_ON, _SES_ID, _FEEDBACK)
 _SCHEMA = (
@@ -122,9 +124,6 @@ _UPGRADES = {
         *_V3,
     ),
     2: ("ALTER TABLE messages ADD COLUMN reports_on TEXT", *_V3),
-    # Version 4: a mail whose every recipient SES bounced for good is `bounced`, not `sent`;
-    # `feedback.failed` keeps who, as SES may report the recipients of one mail apart.
-    3: ("ALTER TABLE feedback ADD COLUMN failed TEXT NOT NULL DEFAULT '[]'",),
 }
 
 
