@@ -92,18 +92,25 @@ def mail_object(message_id: str, destination: list[str]) -> dict[str, Any]:
     }
 
 
-def bounce(message_id: str, recipient: str = GONE, kind: str = "Permanent") -> dict[str, Any]:
+def bounce(
+    message_id: str,
+    recipient: str = GONE,
+    kind: str = "Permanent",
+    subtype: str = "General",
+    status: str = "5.1.1",
+    diagnostic: str = "smtp; 550 5.1.1 user unknown",
+) -> dict[str, Any]:
     return {
         "eventType": "Bounce",
         "bounce": {
             "bounceType": kind,
-            "bounceSubType": "General",
+            "bounceSubType": subtype,
             "bouncedRecipients": [
                 {
                     "emailAddress": recipient,
                     "action": "failed",
-                    "status": "5.1.1",
-                    "diagnosticCode": "smtp; 550 5.1.1 user unknown",
+                    "status": status,
+                    "diagnosticCode": diagnostic,
                 }
             ],
             "timestamp": STAMP,
@@ -336,13 +343,15 @@ async def test_unknown_malformed_and_repeated_events_are_dropped_and_deleted(
     capture: CaptureServer,
     moto_server: str,
 ) -> None:
-    """An event for a MessageId relay never sent and a body that is no SES event are counted
-    and deleted; the same bounce delivered twice is applied once: one history line, one DSN.
-    A Transient bounce is recorded but sends no DSN."""
+    """An event for a MessageId relay never sent, a body that is no SES event and an event
+    type relay has no use for (Open) are counted and deleted; the same bounce delivered
+    twice is applied once: one history line, one DSN."""
     queue = new_queue(moto_server)
     relay = await start_with_queue(start_relay, capture, moto_server, queue)
     spool = relay.settings.spool
-    before = {r: dropped(r) for r in ("unknown_message_id", "malformed", "duplicate")}
+    before = {
+        r: dropped(r) for r in ("unknown_message_id", "malformed", "duplicate", "unused_type")
+    }
     queue_id = await asend(relay.port, VERP, [GONE], RAW)
     ses_id = (await await_rows(spool, [queue_id], {"sent"}))[queue_id]["ses_message_id"]
     twice = sns_wrapped(bounce(ses_id))
@@ -350,22 +359,57 @@ async def test_unknown_malformed_and_repeated_events_are_dropped_and_deleted(
     for body in (
         sns_wrapped(bounce("0100018c-not-ours-000000")),
         "this is not JSON",
-        json.dumps({"Type": "Notification", "Message": json.dumps({"eventType": "Open"})}),
+        json.dumps({"Type": "Notification", "Message": json.dumps({"eventType": "Nope"})}),
+        sns_wrapped({**delivery(ses_id), "eventType": "Open", "open": {"timestamp": STAMP}}),
         twice,
-        sns_wrapped(bounce(ses_id, kind="Transient")),
     ):
         client.send_message(QueueUrl=queue, MessageBody=body)
     assert 0 == await await_empty(moto_server, queue)
     client.send_message(QueueUrl=queue, MessageBody=twice)
     assert 0 == await await_empty(moto_server, queue)
     after = {r: dropped(r) - before[r] for r in before}
-    assert {"unknown_message_id": 1, "malformed": 2, "duplicate": 1} == after
+    assert {"unknown_message_id": 1, "malformed": 2, "duplicate": 1, "unused_type": 1} == after
     events = [e for e, _ in rows(spool)[queue_id]["events"] if e.startswith("ses_")]
-    assert ["ses_bounce", "ses_bounce"] == events  # the Permanent one once, the Transient one
+    assert ["ses_bounce"] == events
     assert 1 == len(dsns_of(spool, queue_id))
+
+
+async def test_a_soft_bounce_is_final_but_not_in_the_bounce_rate(
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,
+    moto_server: str,
+) -> None:
+    """SES publishes a Transient bounce only once it has stopped retrying, so the mail did
+    not arrive: the sender gets a DSN (Action failed, SES's 4.2.2 and diagnostic, as Postfix
+    reports a mail that expired in its queue) and the mail is `bounced`. SES's bounce rate
+    counts hard bounces only, and so does relay's (`relay_ses_bounce_rate`)."""
+    queue = new_queue(moto_server)
+    relay = await start_with_queue(start_relay, capture, moto_server, queue)
+    spool = relay.settings.spool
+    queue_id = await asend(relay.port, VERP, [GONE], RAW)
+    ses_id = (await await_rows(spool, [queue_id], {"sent"}))[queue_id]["ses_message_id"]
+    full = bounce(
+        ses_id,
+        kind="Transient",
+        subtype="MailboxFull",
+        status="4.2.2",
+        diagnostic="smtp; 452 4.2.2 mailbox full",
+    )
+    sqs(moto_server).send_message(QueueUrl=queue, MessageBody=sns_wrapped(full))
+    await await_rows(spool, [queue_id], {"bounced"})
+    [dsn_id] = dsns_of(spool, queue_id)
+    await await_rows(spool, [dsn_id], {"sent"})
+    [notice] = capture.messages
+    status = message_from_bytes(notice.content, policy=policy.default).get_payload()[1]
+    recipient = status.get_payload()[1]
+    assert ("failed", "4.2.2", "smtp; 452 4.2.2 mailbox full") == (
+        recipient["Action"],
+        recipient["Status"],
+        recipient["Diagnostic-Code"],
+    )
     with contextlib.closing(sqlite3.connect(spool / DB_NAME)) as conn:
         seen = reputation(conn, 0.0)  # what relay_ses_bounce_rate is made of
-    assert (1, 1, 0) == (seen.sends, seen.bounces, seen.complaints)  # the Transient not counted
+    assert (1, 0, 0) == (seen.sends, seen.bounces, seen.complaints)
 
 
 BODIES = {
@@ -376,13 +420,16 @@ BODIES = {
         json.dumps({**bounce("m-4"), "notificationType": "Bounce", "eventType": None}),
         ("Bounce", "m-4"),
     ),
+    "unused-type": (eventbridge({**delivery("m-5"), "eventType": "Click"}), ("Click", "m-5")),
+    "unused-type-bare": (json.dumps({"eventType": "Rendering Failure"}), ("Rendering Failure", "")),
 }
 
 
 @pytest.mark.parametrize(("body", "expected"), BODIES.values(), ids=BODIES.keys())
 def test_parse_reads_every_wrapping(body: str, expected: tuple[str, str]) -> None:
     """SNS-wrapped, EventBridge, raw (SNS raw message delivery) and identity notifications
-    (`notificationType`) all give the event's type and SES MessageId."""
+    (`notificationType`) all give the event's type and SES MessageId; so do the event types
+    relay does not record (Open, Click, ...: the feedback task deletes them unrecorded)."""
     event = parse(body)
     assert expected == (event.type, event.message_id)
 
@@ -391,7 +438,7 @@ MALFORMED = {
     "not-json": "{",
     "a-list": "[]",
     "no-mail": json.dumps({"eventType": "Bounce", "bounce": {}}),
-    "unknown-type": json.dumps({"eventType": "Open", "mail": {"messageId": "x"}}),
+    "unknown-type": json.dumps({"eventType": "Opened", "mail": {"messageId": "x"}}),
     "sns-with-bad-message": json.dumps({"Type": "Notification", "Message": "nope"}),
 }
 

@@ -2,9 +2,9 @@
 
     SES configuration set --(SNS | EventBridge)--> SQS `ses.events.queue_url`
       -> long poll (aiobotocore) -> ses.events.parse() -> Spool.feedback() (one commit:
-         history line, once per event; a permanent Bounce, or a Reject (SES refused to
-         send after all), also queues the sender's DSN, and makes the mail `bounced` once
-         every recipient has had one)
+         history line, once per event; a Bounce (soft ones come only once SES has stopped
+         retrying), or a Reject (SES refused to send after all), also queues the sender's
+         DSN, and makes the mail `bounced` once every recipient has had one)
       -> DeleteMessage, only after that commit
 
 Events for MessageIds this spool does not know (other senders on the account,
@@ -35,7 +35,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from relay import logs, metrics
 from relay.deliver import dsn
-from relay.deliver.ses.events import SesEvent, parse
+from relay.deliver.ses.events import UNUSED, SesEvent, parse
 from relay.errors import MalformedEvent, SpoolError, TemporaryFailure
 from relay.mail import Mail
 from relay.runtime import Context, wait_any
@@ -216,6 +216,10 @@ async def handle(spool: FeedbackStore, settings: Settings, message: Received) ->
             error=str(exc),
             body=message.body[:200],
         )
+        return True
+    if event.type in UNUSED:  # opens, clicks: nothing to record (see events.UNUSED)
+        metrics.SES_EVENTS_DROPPED.labels("unused_type").inc()
+        log.debug("event=ses_event_unused type=%s ses_message_id=%s", event.type, event.message_id)
         return True
     # For the rates: SES's bounce rate counts hard (Permanent) bounces only.
     kind = event.type.lower()

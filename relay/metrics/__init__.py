@@ -157,7 +157,8 @@ SES_EVENTS = Counter(
 )
 SES_EVENTS_DROPPED = Counter(
     "relay_ses_events_dropped",
-    "SES feedback messages dropped, by reason (unknown_message_id, malformed, duplicate)",
+    "SES feedback messages dropped, by reason (unknown_message_id, malformed, duplicate,"
+    " unused_type)",
     ["reason"],
     registry=REGISTRY,
 )

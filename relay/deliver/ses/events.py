@@ -5,7 +5,8 @@
     SNS with raw message delivery -> SQS    body: {event}
 
 `parse(body)` -> `SesEvent`, or `MalformedEvent` when the body is none of these
-(relay.deliver.feedback logs it once and deletes it). The event fields follow
+(relay.deliver.feedback logs it once and deletes it; it deletes the types in UNUSED
+without a word). The event fields follow
 SES's "Contents of event data" pages: `eventType` (`notificationType` for identity
 notifications), `mail.messageId`, and per type `bounce` / `complaint` / `delivery`
 / `reject` / `deliveryDelay`.
@@ -20,6 +21,9 @@ from typing import Any
 from relay.errors import MalformedEvent
 
 TYPES = ("Bounce", "Complaint", "Delivery", "Reject", "DeliveryDelay", "Send")
+# SES's other event types: about opens, clicks, templates and subscription pages, not about
+# whether a mail arrived. Deleted unrecorded, as a configuration set may publish them too.
+UNUSED = ("Open", "Click", "Rendering Failure", "Subscription")
 _OBJECT = {
     "Bounce": "bounce",
     "Complaint": "complaint",
@@ -41,7 +45,7 @@ class Recipient:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SesEvent:
-    type: str  # one of TYPES
+    type: str  # one of TYPES, or of UNUSED (then nothing else is read)
     message_id: str  # SES's MessageId, as SendRawEmail returned it
     key: str  # the same event delivered twice has the same key
     timestamp: str
@@ -57,9 +61,10 @@ class SesEvent:
 
     @property
     def failed_for_good(self) -> bool:
-        """The recipients named will not get the mail: a Permanent bounce, or a Reject
-        (SES took the call, then refused to send the message: a virus, for one)."""
-        return self.permanent_bounce or self.type == "Reject"
+        """The recipients named will not get the mail: a Bounce of any type (SES publishes
+        a soft one only once it has stopped retrying: SESv2 `EventDestination`'s docs), or a
+        Reject (SES took the call, then refused to send the message: a virus, for one)."""
+        return self.type in ("Bounce", "Reject")
 
     def summary(self) -> str:
         """One line for the mail's history (`relay queue show`)."""
@@ -94,6 +99,9 @@ def parse(body: str) -> SesEvent:
 
 def _event(doc: dict[str, Any]) -> SesEvent:
     kind = doc.get("eventType") or doc.get("notificationType")
+    if kind in UNUSED:
+        mail_id = (doc.get("mail") or {}).get("messageId") or ""
+        return SesEvent(type=kind, message_id=str(mail_id), key="", timestamp="", recipients=())
     if kind not in _OBJECT:
         raise MalformedEvent(f"unknown SES event type {kind!r}")
     mail = doc["mail"]
