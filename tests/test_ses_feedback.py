@@ -374,6 +374,35 @@ async def test_unknown_malformed_and_repeated_events_are_dropped_and_deleted(
     assert 1 == len(dsns_of(spool, queue_id))
 
 
+async def test_a_queue_that_fails_is_polled_less_and_less_often(
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,
+    moto_server: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A queue URL SQS does not know (a typo, a deleted queue) fails every ReceiveMessage:
+    the pause after each failure doubles up to MAX_ERROR_PAUSE (scaled down here), so a
+    wrong URL does not log a warning every few seconds for ever; once the queue exists, the
+    next poll reads its events."""
+    monkeypatch.setattr("relay.deliver.feedback.ERROR_PAUSE", 0.05)
+    monkeypatch.setattr("relay.deliver.feedback.MAX_ERROR_PAUSE", 0.4)
+    name = f"ses-events-{uuid.uuid4().hex[:8]}"
+    queue = f"{moto_server}/{ACCOUNT}/{name}"  # moto's URL for it, once it exists
+    relay = await start_with_queue(start_relay, capture, moto_server, queue)
+    await asyncio.sleep(2.0)
+    waits = [r.getMessage() for r in caplog.records if "ses_feedback_failed" in r.getMessage()]
+    assert 5 <= len(waits) <= 10, waits  # every 0.05 s it would be about 30
+    pauses = [float(w.split("retry_in=")[1].split()[0]) for w in waits]
+    assert [0.05, 0.1, 0.2, 0.4, 0.4] == pauses[:5]
+    assert queue == sqs(moto_server).create_queue(QueueName=name)["QueueUrl"]
+    queue_id = await asend(relay.port, VERP, [GONE], RAW)
+    spool = relay.settings.spool
+    ses_id = (await await_rows(spool, [queue_id], {"sent"}))[queue_id]["ses_message_id"]
+    sqs(moto_server).send_message(QueueUrl=queue, MessageBody=sns_wrapped(delivery(ses_id, GONE)))
+    await await_events(spool, queue_id, {"ses_delivery"}, within=5)
+
+
 async def test_a_soft_bounce_is_final_but_not_in_the_bounce_rate(
     start_relay: Callable[..., Awaitable[Running]],
     capture: CaptureServer,

@@ -47,7 +47,8 @@ log = logging.getLogger("relay.feedback")
 
 WAIT = 20  # seconds of SQS long polling (its maximum)
 BATCH = 10  # messages per ReceiveMessage (its maximum)
-ERROR_PAUSE = 5.0  # seconds before polling again after a failed call
+ERROR_PAUSE = 5.0  # seconds before polling again after a failed call, doubled for each
+MAX_ERROR_PAUSE = 300.0  # failure in a row up to this: a wrong queue URL logs every 5 min
 RATE_EVERY = 60.0  # seconds between bounce/complaint rate updates
 RATE_WINDOW = 7 * 86400.0  # the rates cover this long (at most `retention`)
 BOUNCE_REVIEW = 0.05  # SES reviews an account from this bounce rate (pauses near 10%)
@@ -176,8 +177,10 @@ async def ses_feedback(ctx: Context) -> None:
 
 
 async def run(ctx: Context, queue: Queue, spool: FeedbackStore) -> None:
-    """Receive, apply, delete, until `ctx.stop`; rates every RATE_EVERY seconds."""
+    """Receive, apply, delete, until `ctx.stop`; rates every RATE_EVERY seconds. A failed
+    receive is retried after ERROR_PAUSE, twice as long after each further failure."""
     rated = 0.0
+    pause = ERROR_PAUSE
     while not ctx.stop.is_set():
         if time.monotonic() - rated >= RATE_EVERY:
             rated = time.monotonic()
@@ -185,9 +188,13 @@ async def run(ctx: Context, queue: Queue, spool: FeedbackStore) -> None:
         try:
             batch = await _receive(queue, ctx.stop)
         except TemporaryFailure as exc:
-            logs.event(log, "ses_feedback_failed", level=logging.WARNING, error=str(exc))
-            await wait_any(ctx.stop, seconds=ERROR_PAUSE)
+            logs.event(
+                log, "ses_feedback_failed", level=logging.WARNING, error=str(exc), retry_in=pause
+            )
+            await wait_any(ctx.stop, seconds=pause)
+            pause = min(pause * 2, MAX_ERROR_PAUSE)
             continue
+        pause = ERROR_PAUSE
         for message in batch:
             try:
                 done = await handle(spool, ctx.settings, message)
