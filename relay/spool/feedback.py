@@ -2,7 +2,7 @@
 
     relay.deliver.feedback -> Spool.feedback(key, ses_message_id, ...) -> apply():
       row by ses_message_id (none: UNKNOWN) -> key already in `feedback` (DUPLICATE)
-      -> history line + `feedback` row (+ the DSN a permanent bounce asks for)
+      -> history line + `feedback` row (+ the DSN a bounce or a Reject asks for)
       -> every recipient bounced for good, over all its events: sent -> bounced -> APPLIED
 
 All in one transaction, committed before the SQS message is deleted: an event
@@ -59,7 +59,7 @@ def apply(
     now: float,
 ) -> Applied:
     """Record one SES event on its mail's row, once; `notice_for` may add a DSN.
-    `failed`: the recipients it says will never get the mail (a permanent bounce, a Reject);
+    `failed`: the recipients it says will never get the mail (a bounce, a Reject);
     once that covers all of the row's recipients, the row is `bounced`."""
     row = conn.execute(
         "SELECT id, sender, recipients, received_at, message_id, reports_on, trace"
