@@ -403,15 +403,28 @@ async def test_a_queue_that_fails_is_polled_less_and_less_often(
     await await_events(spool, queue_id, {"ses_delivery"}, within=5)
 
 
+SOFT = {
+    "as-given": (
+        ("4.2.2", "smtp; 452 4.2.2 mailbox full"),
+        ("4.2.2", "smtp; 452 4.2.2 mailbox full"),
+    ),
+    "none-given": (("", ""), ("4.0.0", "smtp; SES bounce Transient/MailboxFull")),
+}
+
+
+@pytest.mark.parametrize(("given", "expected"), SOFT.values(), ids=SOFT.keys())
 async def test_a_soft_bounce_is_final_but_not_in_the_bounce_rate(
     start_relay: Callable[..., Awaitable[Running]],
     capture: CaptureServer,
     moto_server: str,
+    given: tuple[str, str],
+    expected: tuple[str, str],
 ) -> None:
     """SES publishes a Transient bounce only once it has stopped retrying, so the mail did
-    not arrive: the sender gets a DSN (Action failed, SES's 4.2.2 and diagnostic, as Postfix
-    reports a mail that expired in its queue) and the mail is `bounced`. SES's bounce rate
-    counts hard bounces only, and so does relay's (`relay_ses_bounce_rate`)."""
+    not arrive: the sender gets a DSN (Action failed, SES's status and diagnostic, as Postfix
+    reports a mail that expired in its queue; without a status, 4.0.0) and the mail is
+    `bounced`. SES's bounce rate counts hard bounces only, and so does relay's
+    (`relay_ses_bounce_rate`)."""
     queue = new_queue(moto_server)
     relay = await start_with_queue(start_relay, capture, moto_server, queue)
     spool = relay.settings.spool
@@ -421,8 +434,8 @@ async def test_a_soft_bounce_is_final_but_not_in_the_bounce_rate(
         ses_id,
         kind="Transient",
         subtype="MailboxFull",
-        status="4.2.2",
-        diagnostic="smtp; 452 4.2.2 mailbox full",
+        status=given[0],
+        diagnostic=given[1],
     )
     sqs(moto_server).send_message(QueueUrl=queue, MessageBody=sns_wrapped(full))
     await await_rows(spool, [queue_id], {"bounced"})
@@ -431,7 +444,7 @@ async def test_a_soft_bounce_is_final_but_not_in_the_bounce_rate(
     [notice] = capture.messages
     status = message_from_bytes(notice.content, policy=policy.default).get_payload()[1]
     recipient = status.get_payload()[1]
-    assert ("failed", "4.2.2", "smtp; 452 4.2.2 mailbox full") == (
+    assert ("failed", *expected) == (
         recipient["Action"],
         recipient["Status"],
         recipient["Diagnostic-Code"],

@@ -268,11 +268,12 @@ def _bounce_notice(event: SesEvent, settings: Settings) -> NoticeFor:
         reply = f"554 5.7.1 SES rejected the message ({event.detail or 'no reason given'})"
         failures = [dsn.Failure(recipient=r.address, reply=reply) for r in event.recipients]
     else:
+        fallback = "4.0.0" if event.bounce_type == "Transient" else "5.0.0"  # none given
         failures = [
             dsn.Failure(
                 recipient=r.address,
                 reply=r.diagnostic or f"SES bounce {event.bounce_type}/{event.bounce_subtype}",
-                status=r.status if r.status[:1] in ("4", "5") else "5.0.0",
+                status=r.status if r.status[:1] in ("4", "5") else fallback,
             )
             for r in event.recipients
         ]
