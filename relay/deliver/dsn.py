@@ -1,7 +1,8 @@
 """Delivery status notifications (RFC 3464): what a mail's sender hears when it fails for good.
 
-    deliver loop: upstream 5xx / retry.max_age / a permanent SES bounce
-        -> notice(mail, failures) -> spool (same transaction as the outcome)
+    deliver loop: upstream 5xx / retry.max_age -> for_outcome(mail, failures)
+    SES feedback: a Bounce or Reject event -> for_ses_event(event) (when its mail is found)
+        -> notice(mail, failures) -> spool (same transaction as the outcome or event)
         -> a mail of its own: MAIL FROM:<>, to the envelope sender, upstream only
     deferred past `bounces.delay_warning` -> delay_warning(): "still trying", once
 
@@ -17,13 +18,15 @@ import re
 import secrets
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from email.utils import formatdate
 
 from relay import metrics
+from relay.deliver.ses.events import SesEvent
 from relay.mail import Mail, header_block
 from relay.settings import Settings
 from relay.spool import Notice, new_id
+from relay.spool.feedback import NoticeFor
 
 _ENHANCED = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
 _BASIC = re.compile(r"^\s*([245])\d\d\b")
@@ -59,6 +62,33 @@ def for_outcome(mail: Mail, failures: Sequence[Failure], settings: Settings) -> 
     metrics.DSNS.inc()
     hostname = settings.hostname
     return notice(mail, failures, hostname=hostname, from_address=settings.bounces.sender(hostname))
+
+
+def for_ses_event(event: SesEvent, settings: Settings) -> NoticeFor:
+    """For the spool's transaction (relay.deliver.feedback): the DSN about an SES Bounce's
+    recipients, with SES's status and diagnostic, or a Reject's (all of them, 5.7.1)."""
+    if event.type == "Reject":
+        reply = f"554 5.7.1 SES rejected the message ({event.detail or 'no reason given'})"
+        failures = [Failure(recipient=r.address, reply=reply) for r in event.recipients]
+    else:
+        fallback = "4.0.0" if event.bounce_type == "Transient" else "5.0.0"  # none given
+        failures = [
+            Failure(
+                recipient=r.address,
+                reply=r.diagnostic or f"SES bounce {event.bounce_type}/{event.bounce_subtype}",
+                status=r.status if r.status[:1] in ("4", "5") else fallback,
+            )
+            for r in event.recipients
+        ]
+
+    def notice_for(mail: Mail) -> Notice | None:
+        if not mail.raw:  # the body went after sending: the headers SES sent with the event
+            lines = event.headers or (("Message-ID", mail.message_id),)
+            raw = "".join(f"{name}: {value}\r\n" for name, value in lines) + "\r\n"
+            mail = replace(mail, raw=raw.encode("utf-8", "replace"))
+        return for_outcome(mail, failures, settings)
+
+    return notice_for
 
 
 def status_of(failure: Failure) -> str:

@@ -24,7 +24,7 @@ import re
 import time
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Protocol, Self
 from urllib.parse import urlsplit
 
@@ -35,12 +35,10 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from relay import logs, metrics
 from relay.deliver import dsn
-from relay.deliver.ses.events import UNUSED, SesEvent, parse
+from relay.deliver.ses.events import UNUSED, parse
 from relay.errors import MalformedEvent, SpoolError, TemporaryFailure
-from relay.mail import Mail
 from relay.runtime import Context, wait_any
 from relay.settings import Settings
-from relay.spool import Notice
 from relay.spool.feedback import Applied, NoticeFor, Reputation
 
 log = logging.getLogger("relay.feedback")
@@ -240,7 +238,7 @@ async def handle(spool: FeedbackStore, settings: Settings, message: Received) ->
             detail=event.summary(),
             kind=kind,
             failed=[r.address for r in event.recipients] if event.failed_for_good else (),
-            notice_for=_bounce_notice(event, settings) if event.failed_for_good else None,
+            notice_for=dsn.for_ses_event(event, settings) if event.failed_for_good else None,
         )
     except SpoolError as exc:
         logs.event(log, "ses_event_not_recorded", level=logging.WARNING, error=str(exc))
@@ -259,33 +257,6 @@ async def handle(spool: FeedbackStore, settings: Settings, message: Received) ->
         bounce=f"{event.bounce_type}/{event.bounce_subtype}" if event.bounce_type else None,
     )
     return True
-
-
-def _bounce_notice(event: SesEvent, settings: Settings) -> NoticeFor:
-    """For the spool's transaction: the DSN about `event`'s bounced (or, for a Reject,
-    all) recipients."""
-    if event.type == "Reject":
-        reply = f"554 5.7.1 SES rejected the message ({event.detail or 'no reason given'})"
-        failures = [dsn.Failure(recipient=r.address, reply=reply) for r in event.recipients]
-    else:
-        fallback = "4.0.0" if event.bounce_type == "Transient" else "5.0.0"  # none given
-        failures = [
-            dsn.Failure(
-                recipient=r.address,
-                reply=r.diagnostic or f"SES bounce {event.bounce_type}/{event.bounce_subtype}",
-                status=r.status if r.status[:1] in ("4", "5") else fallback,
-            )
-            for r in event.recipients
-        ]
-
-    def notice_for(mail: Mail) -> Notice | None:
-        if not mail.raw:  # the body went after sending: the headers SES sent with the event
-            lines = event.headers or (("Message-ID", mail.message_id),)
-            raw = "".join(f"{name}: {value}\r\n" for name, value in lines) + "\r\n"
-            mail = replace(mail, raw=raw.encode("utf-8", "replace"))
-        return dsn.for_outcome(mail, failures, settings)
-
-    return notice_for
 
 
 async def _receive(queue: Queue, stop: asyncio.Event) -> list[Received]:
