@@ -226,18 +226,14 @@ async def handle(spool: FeedbackStore, settings: Settings, message: Received) ->
         metrics.SES_EVENTS_DROPPED.labels("unused_type").inc()
         log.debug("event=ses_event_unused type=%s ses_message_id=%s", event.type, event.message_id)
         return True
-    # For the rates: SES's bounce rate counts hard (Permanent) bounces only.
-    kind = event.type.lower()
-    if event.type == "Bounce" and not event.permanent_bounce:
-        kind = "transient_bounce"
     try:
         applied = await spool.feedback(
             key=event.key,
             ses_message_id=event.message_id,
             event=f"ses_{event.type.lower()}",
             detail=event.summary(),
-            kind=kind,
-            failed=[r.address for r in event.recipients] if event.failed_for_good else (),
+            kind=event.rate_kind,
+            failed=event.failed,
             notice_for=dsn.for_ses_event(event, settings) if event.failed_for_good else None,
         )
     except SpoolError as exc:

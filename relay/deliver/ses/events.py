@@ -66,6 +66,19 @@ class SesEvent:
         Reject (SES took the call, then refused to send the message: a virus, for one)."""
         return self.type in ("Bounce", "Reject")
 
+    @property
+    def failed(self) -> tuple[str, ...]:
+        """The addresses that will not get the mail (see failed_for_good); none otherwise."""
+        return tuple(r.address for r in self.recipients) if self.failed_for_good else ()
+
+    @property
+    def rate_kind(self) -> str:
+        """What the event counts as in the rates: SES's bounce rate counts hard (Permanent)
+        bounces only, so a soft one is "transient_bounce"."""
+        if self.type == "Bounce" and not self.permanent_bounce:
+            return "transient_bounce"
+        return self.type.lower()
+
     def summary(self) -> str:
         """One line for the mail's history (`relay queue show`)."""
         parts = [f"ses_message_id={self.message_id}", f"at={self.timestamp}"]
