@@ -17,7 +17,9 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime
 from email import message_from_bytes, policy
+from email.utils import parsedate_to_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -241,9 +243,14 @@ async def await_empty(moto: str, queue_url: str, within: float = 15) -> int:
 
 
 async def start_with_queue(
-    start_relay: Callable[..., Awaitable[Running]], host: CaptureServer, moto: str, queue: str
+    start_relay: Callable[..., Awaitable[Running]],
+    host: CaptureServer,
+    moto: str,
+    queue: str,
+    **sections: Any,
 ) -> Running:
     return await start_relay(
+        **sections,
         deliver=True,
         upstream={"host": "127.0.0.1", "port": host.port, "timeout": 5},
         ses={
@@ -695,3 +702,83 @@ async def test_a_reject_event_is_recorded_and_reported_to_the_sender(
     await await_rows(spool, [dsn_id], {"sent"})
     [notice] = capture.messages
     assert b"Status: 5.7.1" in notice.content and b"Bad content" in notice.content
+
+
+def delivery_delay(message_id: str, stamp: str, recipient: str = GONE) -> dict[str, Any]:
+    return {
+        "eventType": "DeliveryDelay",
+        "deliveryDelay": {
+            "timestamp": stamp,
+            "delayType": "TransientCommunicationFailure",
+            "expirationTime": "2026-12-05T10:00:01.000Z",
+            "delayedRecipients": [
+                {
+                    "emailAddress": recipient,
+                    "status": "4.4.1",
+                    "diagnosticCode": "smtp; 421 4.4.1 Unable to connect to remote host",
+                }
+            ],
+            "reportingMTA": f"dns; a8-70.smtp-out.{REGION}.amazonses.com",
+        },
+        "mail": mail_object(message_id, [recipient]),
+    }
+
+
+DELAY_WARNING = {"off": (None, 0), "not-yet-due": (3600, 0), "due": (1, 1)}
+
+
+@pytest.mark.parametrize(("after", "warnings"), DELAY_WARNING.values(), ids=DELAY_WARNING.keys())
+async def test_an_ses_delivery_delay_warns_the_sender_once_when_asked_for(
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,
+    moto_server: str,
+    after: int | None,
+    warnings: int,
+) -> None:
+    """SES reports twice that it could not deliver yet (DeliveryDelay). Both are in the
+    history and the mail stays `sent` (SES is still retrying). With `bounces.delay_warning`
+    and once the mail has waited that long, the sender gets one "Delayed Mail" DSN, as for
+    relay's own deferrals: Action delayed, SES's 4.4.1 and diagnostic, Will-Retry-Until at
+    SES's expirationTime. Off by default, as in Postfix."""
+    queue = new_queue(moto_server)
+    relay = await start_with_queue(
+        start_relay, capture, moto_server, queue, bounces={"delay_warning": after}
+    )
+    spool = relay.settings.spool
+    queue_id = await asend(relay.port, VERP, [GONE], RAW)
+    ses_id = (await await_rows(spool, [queue_id], {"sent"}))[queue_id]["ses_message_id"]
+    await asyncio.sleep(1.1)  # past a delay_warning of 1 s
+    for stamp in ("2026-12-04T10:05:00.000Z", "2026-12-04T10:35:00.000Z"):
+        event = delivery_delay(ses_id, stamp)
+        sqs(moto_server).send_message(QueueUrl=queue, MessageBody=sns_wrapped(event))
+    assert 0 == await await_empty(moto_server, queue)
+    row = rows(spool)[queue_id]
+    events = [e for e, _ in row["events"]]
+    assert ("sent", 2, warnings) == (
+        row["state"],
+        events.count("ses_deliverydelay"),
+        events.count("dsn_delayed"),
+    )
+    assert any("until=2026-12-05T10:00:01.000Z" in d for e, d in row["events"])
+    notices = dsns_of(spool, queue_id)
+    await await_rows(spool, notices, {"sent"})
+    assert warnings == len(capture.messages)
+    if not warnings:
+        return
+    report = message_from_bytes(capture.messages[0].content, policy=policy.default)
+    recipient = report.get_payload()[1].get_payload()[1]
+    assert (
+        "Delayed Mail (still being retried)",
+        f"rfc822; {GONE}",
+        "delayed",
+        "4.4.1",
+        "smtp; 421 4.4.1 Unable to connect to remote host",
+        datetime(2026, 12, 5, 10, 0, 1, tzinfo=UTC),
+    ) == (
+        report["Subject"],
+        recipient["Final-Recipient"],
+        recipient["Action"],
+        recipient["Status"],
+        recipient["Diagnostic-Code"],
+        parsedate_to_datetime(recipient["Will-Retry-Until"]),
+    )

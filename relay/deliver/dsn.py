@@ -5,6 +5,7 @@
         -> notice(mail, failures) -> spool (same transaction as the outcome or event)
         -> a mail of its own: MAIL FROM:<>, to the envelope sender, upstream only
     deferred past `bounces.delay_warning` -> delay_warning(): "still trying", once
+        (relay's own deferral, or SES's DeliveryDelay event: for_ses_event too)
 
 Moodle sends with a VERP envelope sender when bounce handling is on and counts
 the notices that come back, as it did when the original host answered 5xx at
@@ -19,6 +20,7 @@ import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime
 from email.utils import formatdate
 
 from relay import metrics
@@ -64,28 +66,43 @@ def for_outcome(mail: Mail, failures: Sequence[Failure], settings: Settings) -> 
     return notice(mail, failures, hostname=hostname, from_address=settings.bounces.sender(hostname))
 
 
-def for_ses_event(event: SesEvent, settings: Settings) -> NoticeFor:
+def for_ses_event(event: SesEvent, settings: Settings) -> NoticeFor | None:
     """For the spool's transaction (relay.deliver.feedback): the DSN about an SES Bounce's
-    recipients, with SES's status and diagnostic, or a Reject's (all of them, 5.7.1)."""
+    recipients, with SES's status and diagnostic, or a Reject's (all of them, 5.7.1); or,
+    with `bounces.delay_warning`, the "still trying" one about a DeliveryDelay's. None for
+    the other events."""
     if event.type == "Reject":
         reply = f"554 5.7.1 SES rejected the message ({event.detail or 'no reason given'})"
         failures = [Failure(recipient=r.address, reply=reply) for r in event.recipients]
-    else:
-        fallback = "4.0.0" if event.bounce_type == "Transient" else "5.0.0"  # none given
+    elif event.type == "Bounce" or event.delayed:
+        soft = event.delayed or event.bounce_type == "Transient"
+        fallback = "4.0.0" if soft else "5.0.0"  # when SES gives no status
+        said = (
+            f"SES delivery delay ({event.detail or 'no reason given'})"
+            if event.delayed
+            else f"SES bounce {event.bounce_type}/{event.bounce_subtype}"
+        )
         failures = [
             Failure(
                 recipient=r.address,
-                reply=r.diagnostic or f"SES bounce {event.bounce_type}/{event.bounce_subtype}",
+                reply=r.diagnostic or said,
                 status=r.status if r.status[:1] in ("4", "5") else fallback,
             )
             for r in event.recipients
         ]
+    else:
+        return None
+    if event.delayed and settings.bounces.delay_warning is None:
+        return None
+    until = _epoch(event.expires)
 
     def notice_for(mail: Mail) -> Notice | None:
         if not mail.raw:  # the body went after sending: the headers SES sent with the event
             lines = event.headers or (("Message-ID", mail.message_id),)
             raw = "".join(f"{name}: {value}\r\n" for name, value in lines) + "\r\n"
             mail = replace(mail, raw=raw.encode("utf-8", "replace"))
+        if event.delayed:
+            return _warning(mail, failures, settings, retry_until=until)
         return for_outcome(mail, failures, settings)
 
     return notice_for
@@ -105,20 +122,35 @@ def status_of(failure: Failure) -> str:
 def delay_warning(mail: Mail, reply: str, settings: Settings) -> Notice | None:
     """The "still trying" DSN once `mail` has waited `bounces.delay_warning` (the spool
     queues one per mail at most); None when off, not yet due, or not wanted."""
+    delayed = [Failure(recipient=r, reply=reply) for r in mail.recipients]
+    return _warning(mail, delayed, settings, retry_until=mail.received_at + settings.retry.max_age)
+
+
+def _warning(
+    mail: Mail, delayed: Sequence[Failure], settings: Settings, *, retry_until: float | None
+) -> Notice | None:
     after = settings.bounces.delay_warning
     if after is None or time.time() - mail.received_at < after or not wanted(mail):
         return None
     if not settings.bounces.dsn:
         return None
-    delayed = [Failure(recipient=r, reply=reply) for r in mail.recipients]
     hostname = settings.hostname
     return notice(
         mail,
         delayed,
         hostname=hostname,
         from_address=settings.bounces.sender(hostname),
-        retry_until=mail.received_at + settings.retry.max_age,
+        delayed=True,
+        retry_until=retry_until,
     )
+
+
+def _epoch(stamp: str) -> float | None:
+    """An ISO 8601 time of SES's ("2026-12-04T22:00:01.000Z") in seconds, or None."""
+    try:
+        return datetime.fromisoformat(stamp).timestamp() if stamp else None
+    except ValueError:
+        return None
 
 
 def notice(
@@ -127,11 +159,12 @@ def notice(
     *,
     hostname: str,
     from_address: str,
+    delayed: bool = False,
     retry_until: float | None = None,
 ) -> Notice:
     """The DSN for `failures` of `mail`, ready for the spool (its own queue id and trace).
 
-    With `retry_until`, a delay warning instead (Action: delayed, Will-Retry-Until)."""
+    `delayed`: a delay warning instead (Action: delayed; Will-Retry-Until, when known)."""
     queue_id = new_id()
     now = time.time()
     boundary = f"{queue_id}.{secrets.token_hex(8)}/{hostname}"
@@ -140,7 +173,7 @@ def notice(
     head = _lines(
         f"From: Mail Delivery System <{from_address}>",
         f"To: <{mail.sender}>",
-        f"Subject: {SUBJECT_DELAYED if retry_until else SUBJECT_FAILED}",
+        f"Subject: {SUBJECT_DELAYED if delayed else SUBJECT_FAILED}",
         f"Date: {formatdate(now, localtime=True)}",
         f"Message-ID: {message_id}",
         "Auto-Submitted: auto-replied",
@@ -155,10 +188,14 @@ def notice(
         _part(
             boundary,
             "text/plain; charset=utf-8",
-            _human(mail, failures, hostname, retry_until),
+            _human(mail, failures, hostname, delayed, retry_until),
             "quoted-printable",
         ),
-        _part(boundary, "message/delivery-status", _status(mail, failures, hostname, retry_until)),
+        _part(
+            boundary,
+            "message/delivery-status",
+            _status(mail, failures, hostname, delayed, retry_until),
+        ),
         _part(
             boundary,
             "text/rfc822-headers",
@@ -178,19 +215,23 @@ def notice(
         raw=raw,
         trace=trace,
         message_id=message_id,
-        summary=f"{'delayed' if retry_until else 'failed'}: {rcpts}",
-        kind="delayed" if retry_until else "failed",
+        summary=f"{'delayed' if delayed else 'failed'}: {rcpts}",
+        kind="delayed" if delayed else "failed",
     )
 
 
 def _human(
-    mail: Mail, failures: Sequence[Failure], hostname: str, retry_until: float | None
+    mail: Mail,
+    failures: Sequence[Failure],
+    hostname: str,
+    delayed: bool,
+    retry_until: float | None,
 ) -> bytes:
-    if retry_until:
-        until = formatdate(retry_until, localtime=True)
+    if delayed:
+        until = f" until {formatdate(retry_until, localtime=True)}" if retry_until else ""
         why = [
             "Your message could not be delivered to one or more recipients yet.",
-            f"It will be retried until {until}; you need not send it again.",
+            f"It will be retried{until}; you need not send it again.",
         ]
     else:
         why = [
@@ -212,7 +253,11 @@ def _human(
 
 
 def _status(
-    mail: Mail, failures: Sequence[Failure], hostname: str, retry_until: float | None
+    mail: Mail,
+    failures: Sequence[Failure],
+    hostname: str,
+    delayed: bool,
+    retry_until: float | None,
 ) -> bytes:
     blocks = [
         [
@@ -225,7 +270,7 @@ def _status(
         reply = _clean(failure.reply)
         block = [
             f"Final-Recipient: rfc822; {failure.recipient}",
-            f"Action: {'delayed' if retry_until else 'failed'}",
+            f"Action: {'delayed' if delayed else 'failed'}",
             f"Status: {status_of(failure)}",
         ]
         if retry_until:

@@ -4,7 +4,8 @@
       -> long poll (aiobotocore) -> ses.events.parse() -> Spool.feedback() (one commit:
          history line, once per event; a Bounce (soft ones come only once SES has stopped
          retrying), or a Reject (SES refused to send after all), also queues the sender's
-         DSN, and makes the mail `bounced` once every recipient has had one)
+         DSN, and makes the mail `bounced` once every recipient has had one; a
+         DeliveryDelay, with `bounces.delay_warning`, the "still trying" one, once a mail)
       -> DeleteMessage, only after that commit
 
 Events for MessageIds this spool does not know (other senders on the account,
@@ -234,7 +235,7 @@ async def handle(spool: FeedbackStore, settings: Settings, message: Received) ->
             detail=event.summary(),
             kind=event.rate_kind,
             failed=event.failed,
-            notice_for=dsn.for_ses_event(event, settings) if event.failed_for_good else None,
+            notice_for=dsn.for_ses_event(event, settings),
         )
     except SpoolError as exc:
         logs.event(log, "ses_event_not_recorded", level=logging.WARNING, error=str(exc))

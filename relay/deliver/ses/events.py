@@ -53,6 +53,7 @@ class SesEvent:
     bounce_type: str = ""  # Permanent | Transient | Undetermined
     bounce_subtype: str = ""
     detail: str = ""  # reject reason, complaint type, SMTP response, delay type
+    expires: str = ""  # DeliveryDelay: when SES stops retrying (`expirationTime`, ISO 8601)
     headers: tuple[tuple[str, str], ...] = ()  # the sent mail's headers, when SES includes them
 
     @property
@@ -65,6 +66,11 @@ class SesEvent:
         a soft one only once it has stopped retrying: SESv2 `EventDestination`'s docs), or a
         Reject (SES took the call, then refused to send the message: a virus, for one)."""
         return self.type in ("Bounce", "Reject")
+
+    @property
+    def delayed(self) -> bool:
+        """SES could not deliver yet to the recipients named, and is still retrying."""
+        return self.type == "DeliveryDelay"
 
     @property
     def failed(self) -> tuple[str, ...]:
@@ -86,6 +92,8 @@ class SesEvent:
             parts.append(f"bounce={self.bounce_type}/{self.bounce_subtype}")
         if self.detail:
             parts.append(f"detail={self.detail}")
+        if self.expires:
+            parts.append(f"until={self.expires}")
         for r in self.recipients:
             extra = " ".join(x for x in (r.status, r.diagnostic) if x)
             parts.append(f"{r.address}" + (f" ({extra})" if extra else ""))
@@ -151,6 +159,7 @@ def _event(doc: dict[str, Any]) -> SesEvent:
             key=f"DeliveryDelay/{message_id}/{timestamp}",
             recipients=recipients,
             detail=str(inner.get("delayType") or ""),
+            expires=str(inner.get("expirationTime") or ""),
             **common,
         )
     addresses = inner.get("recipients") if kind == "Delivery" else mail.get("destination")
