@@ -152,6 +152,7 @@ def test_doctor_all_good(
         ("ok", "dmarc"),
     ]
     assert expected == checks, "\n".join(lines)
+    assert lines[1].endswith(": writable and readable; 1 queued, 0 deferred, 0 failed, 0 bounced")
     assert lines[4].startswith(gap), lines[4]
     assert lines[5].startswith(sandbox), lines[5]
     assert 0 == code

@@ -186,7 +186,7 @@ def _spool(report: Report, directory: Path, reserve: int) -> tuple[str, ...]:
     except sqlite3.Error as exc:
         report.line(FAIL, "spool", f"{db}: cannot read: {exc}")
         return ()
-    summary = ", ".join(f"{counts[s]} {s}" for s in ("queued", "deferred", "failed"))
+    summary = ", ".join(f"{counts[s]} {s}" for s in ("queued", "deferred", "failed", "bounced"))
     report.line(OK, "spool", f"{db}: writable and readable; {summary}")
     return tuple(s for s, ses in rows if ses) or tuple(s for s, _ in rows)
 
