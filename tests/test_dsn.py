@@ -21,7 +21,7 @@ import aiosmtplib
 import pytest
 
 from relay import settings as settings_mod
-from relay.deliver import dsn
+from relay.deliver import report
 from relay.errors import ConfigError
 from relay.mail import Mail
 from relay.spool import DB_NAME, Spool
@@ -247,10 +247,10 @@ def test_notice_alone_reads_as_rfc_3464() -> None:
     a Diagnostic-Code already `smtp;` not doubled; one CRLF-ended line each."""
     mail = Mail(id="0123456789AB", sender=VERP, recipients=("a@x.org", "b@x.org"), raw=RAW)
     failures = [
-        dsn.Failure(recipient="a@x.org", reply="550 5.7.1 policy\r\n550 more", remote="dns; mx"),
-        dsn.Failure(recipient="b@x.org", reply="smtp; 552 mailbox full", status="5.2.2"),
+        report.Failure(recipient="a@x.org", reply="550 5.7.1 policy\r\n550 more", remote="dns; mx"),
+        report.Failure(recipient="b@x.org", reply="smtp; 552 mailbox full", status="5.2.2"),
     ]
-    built = dsn.notice(mail, failures, hostname="relay.test", from_address="bounce@relay.test")
+    built = report.notice(mail, failures, hostname="relay.test", from_address="bounce@relay.test")
     message = parse(built.raw)
     _, blocks, _ = report_parts(message)
     assert (
@@ -282,7 +282,7 @@ STATUS = {
 @pytest.mark.parametrize(("reply", "status"), STATUS.values(), ids=STATUS.keys())
 def test_status_comes_from_the_reply(reply: str, status: str) -> None:
     """The Status field: the reply's enhanced code, else 5.0.0 for a 5xx, else 4.4.7."""
-    assert status == dsn.status_of(dsn.Failure(recipient="a@x.org", reply=reply))
+    assert status == report.status_of(report.Failure(recipient="a@x.org", reply=reply))
 
 
 def test_bounces_settings_are_validated_with_file_line_and_key(
@@ -342,8 +342,8 @@ async def test_a_version_2_spool_is_upgraded_to_3_and_keeps_its_mail(tmp_path: P
     spool = await Spool.open(directory)
     try:
         [mail] = await spool.claim(5)
-        failure = dsn.Failure(recipient="gone@students.example.org", reply=REFUSED)
-        built = dsn.notice(mail, [failure], hostname="relay.test", from_address="m@relay.test")
+        failure = report.Failure(recipient="gone@students.example.org", reply=REFUSED)
+        built = report.notice(mail, [failure], hostname="relay.test", from_address="m@relay.test")
         await spool.fail(mail.id, rule=None, route="upstream", reply=REFUSED, notice=built)
     finally:
         await spool.close()

@@ -6,10 +6,12 @@
                   -> outcome recorded on the spool row: sent / deferred / failed
 
 `loop` is the delivery loop (Deliverer), `outcome` writes what became of each
-mail on its spool row (and the DSN, from `dsn`), `ses/` the SES leg (client,
-route, pace, circuit), `upstream` the SMTP client for the original host, `task`
-wires them up. In `relay serve` all of it runs in the delivery process (`process`,
-`python -m relay.deliver.process`), which `supervisor` starts, watches and restarts.
+mail on its spool row, `dsn` says when its sender is told and `report` writes the
+notice, `feedback` brings SES's events back onto the rows (and a mail SES bounced for
+every recipient to `bounced`), `ses/` the SES leg (client, route, pace, circuit),
+`upstream` the SMTP client for the original host, `task` wires them up. In `relay
+serve` all of it runs in the delivery process (`process`, `python -m
+relay.deliver.process`), which `supervisor` starts, watches and restarts.
 """
 
 from relay.deliver.loop import Deliverer

@@ -19,8 +19,8 @@ from dataclasses import replace
 from typing import Protocol
 
 from relay import logs, metrics
-from relay.deliver import dsn
 from relay.deliver.outcome import Outcomes, UpstreamAnswer, Writes
+from relay.deliver.report import Failure
 from relay.deliver.ses.client import MAX_DESTINATIONS
 from relay.deliver.ses.route import Fallback, Retry, Sent, SesRoute
 from relay.errors import HostUnreachable, PermanentFailure, SpoolError, TemporaryFailure
@@ -229,7 +229,7 @@ class Deliverer:
         if ses.suppressed is Suppressed.UPSTREAM:
             return mail, Fallback(reason="suppressed", detail=detail)
         failures = [
-            dsn.Failure(
+            Failure(
                 recipient=rcpt,
                 reply=f"550 5.1.1 <{rcpt}>: on the SES account suppression list ({why})",
             )

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from relay import logs, metrics
 from relay.deliver import dsn
+from relay.deliver.report import Failure
 from relay.errors import SpoolError
 from relay.mail import Mail
 from relay.rules import Decision, Route
@@ -127,7 +128,7 @@ class Outcomes:
         *,
         ses_message_id: str | None = None,
         reason: str | None = None,
-        refused: Sequence[dsn.Failure] = (),
+        refused: Sequence[Failure] = (),
     ) -> None:
         """Sent; `refused`: recipients the host refused for good (a partial send), in a DSN."""
         await self.record(
@@ -167,7 +168,7 @@ class Outcomes:
         decision: Decision | None,
         route: Route,
         reply: str,
-        failures: Sequence[dsn.Failure],
+        failures: Sequence[Failure],
         *,
         reason: str | None = None,
         why: str | None = None,
@@ -193,7 +194,7 @@ class Outcomes:
         reply: str,
         reason: str | None,
         *,
-        refused: Sequence[dsn.Failure] = (),
+        refused: Sequence[Failure] = (),
     ) -> None:
         """Defer on the retry schedule, or fail past `retry.max_age`; `refused`: recipients
         already refused for good (a partial send), in the DSN either way."""
@@ -202,7 +203,7 @@ class Outcomes:
         retry = settings.retry
         if age >= retry.max_age:
             reply = f"gave up after {age:.0f}s (retry.max_age): {reply}"
-            expired = [dsn.Failure(recipient=r, reply=reply) for r in mail.recipients]
+            expired = [Failure(recipient=r, reply=reply) for r in mail.recipients]
             failures = [*refused, *expired]
             await self.fail(mail, decision, route, reply, failures, reason=reason, why="max_age")
             return
@@ -252,11 +253,11 @@ class Outcomes:
             mail, decision, Route.UPSTREAM, answer.reply, reason=reason, refused=refused
         )
 
-    def refused(self, recipient: str, reply: str) -> dsn.Failure:
+    def refused(self, recipient: str, reply: str) -> Failure:
         """One recipient refused for good, as the DSN reports it."""
         return dsn.refused(self._settings(), recipient, reply)
 
-    def _notice(self, mail: Mail, failures: Sequence[dsn.Failure]) -> Notice | None:
+    def _notice(self, mail: Mail, failures: Sequence[Failure]) -> Notice | None:
         return dsn.for_outcome(mail, failures, self._settings())
 
 

@@ -1,0 +1,187 @@
+"""A delivery status notification as a mail (RFC 3464): what it says, not when it is due.
+
+    relay.deliver.dsn (when, to whom, about which failures) -> notice(mail, failures)
+        -> multipart/report: a text part for people, message/delivery-status (one block
+           per recipient: Final-Recipient, Action, Status, Diagnostic-Code), the headers
+           of the mail it reports on -> a spool `Notice` with its own queue id and trace
+
+The words are Postfix's where people know them (the subjects, "This is the mail
+system at host ..."), so a notice from relay reads like one from the original host.
+"""
+
+from __future__ import annotations
+
+import quopri
+import re
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from email.utils import formatdate
+
+from relay.mail import Mail, header_block
+from relay.spool import Notice, new_id
+
+_ENHANCED = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
+_BASIC = re.compile(r"^\s*([245])\d\d\b")
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f]+")
+SUBJECT_FAILED = "Undelivered Mail Returned to Sender"  # Postfix's words, which people know
+SUBJECT_DELAYED = "Delayed Mail (still being retried)"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Failure:
+    """One recipient that will not get the mail, and what the far side said."""
+
+    recipient: str
+    reply: str  # e.g. "550 5.1.1 <a@example.org>: no such user"
+    status: str = ""  # RFC 3463 code; "" = taken from `reply` (5.0.0 / 4.4.7 if none there)
+    remote: str = ""  # who refused: "dns; smtp.example.org" (Remote-MTA), if known
+
+
+def notice(
+    mail: Mail,
+    failures: Sequence[Failure],
+    *,
+    hostname: str,
+    from_address: str,
+    delayed: bool = False,
+    retry_until: float | None = None,
+) -> Notice:
+    """The DSN for `failures` of `mail`, ready for the spool (its own queue id and trace).
+
+    `delayed`: a delay warning instead (Action: delayed; Will-Retry-Until, when known)."""
+    queue_id = new_id()
+    now = time.time()
+    boundary = f"{queue_id}.{secrets.token_hex(8)}/{hostname}"
+    message_id = f"<{queue_id}.dsn@{hostname}>"
+    rcpts = ", ".join(f.recipient for f in failures)
+    head = _lines(
+        f"From: Mail Delivery System <{from_address}>",
+        f"To: <{mail.sender}>",
+        f"Subject: {SUBJECT_DELAYED if delayed else SUBJECT_FAILED}",
+        f"Date: {formatdate(now, localtime=True)}",
+        f"Message-ID: {message_id}",
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
+        "",
+        "This is a MIME-encapsulated message.",
+        "",
+    )
+    until = formatdate(retry_until, localtime=True) if retry_until else ""
+    if delayed:
+        why = [
+            "Your message could not be delivered to one or more recipients yet.",
+            f"It will be retried{f' until {until}' if until else ''}; you need not send it again.",
+        ]
+        action = ["Action: delayed", *([f"Will-Retry-Until: {until}"] if until else [])]
+    else:
+        why = [
+            "Your message could not be delivered to one or more recipients;",
+            "it will not be retried. The reasons follow.",
+        ]
+        action = ["Action: failed"]
+    headers = mail.trace + header_block(mail.raw)
+    parts = (
+        _part(
+            boundary,
+            "text/plain; charset=utf-8",
+            _human(mail, failures, hostname, why),
+            "quoted-printable",
+        ),
+        _part(boundary, "message/delivery-status", _status(mail, failures, hostname, action)),
+        _part(
+            boundary,
+            "text/rfc822-headers",
+            headers.rstrip(b"\r\n") + b"\r\n",
+            "7bit" if headers.isascii() else "8bit",
+        ),
+    )
+    raw = head + b"".join(parts) + f"--{boundary}--\r\n".encode()
+    trace = _lines(
+        f"Received: from {hostname} (delivery status notification)",
+        f"\tby {hostname} (relay) with local id {queue_id};",
+        f"\t{formatdate(now, localtime=True)}",
+    )
+    return Notice(
+        id=queue_id,
+        recipient=mail.sender,
+        raw=raw,
+        trace=trace,
+        message_id=message_id,
+        summary=f"{'delayed' if delayed else 'failed'}: {rcpts}",
+        kind="delayed" if delayed else "failed",
+    )
+
+
+def status_of(failure: Failure) -> str:
+    """The RFC 3463 status for `failure`: given, else in its reply, else from the reply code."""
+    if failure.status:
+        return failure.status
+    found = _ENHANCED.search(failure.reply)
+    if found:
+        return found.group(1)
+    basic = _BASIC.match(failure.reply)
+    return "5.0.0" if basic and basic.group(1) == "5" else "4.4.7"
+
+
+def _human(mail: Mail, failures: Sequence[Failure], hostname: str, why: list[str]) -> bytes:
+    lines = [
+        f"This is the mail system at host {hostname}.",
+        "",
+        *why,
+        "",
+        f"Message-ID: {mail.message_id or '(none)'}",
+        f"Queue id: {mail.id}",
+        "",
+        *(f"<{f.recipient}>: {_clean(f.reply)}" for f in failures),
+        "",
+    ]
+    return quopri.encodestring("\r\n".join(lines).encode("utf-8"))
+
+
+def _status(mail: Mail, failures: Sequence[Failure], hostname: str, action: list[str]) -> bytes:
+    """The message/delivery-status part: relay's block, then one per recipient with
+    `action` (Action, and Will-Retry-Until for a delay)."""
+    blocks = [
+        [
+            f"Reporting-MTA: dns; {hostname}",
+            f"X-Relay-Queue-ID: {mail.id}",
+            f"Arrival-Date: {formatdate(mail.received_at or time.time(), localtime=True)}",
+        ]
+    ]
+    for failure in failures:
+        reply = _clean(failure.reply)
+        block = [
+            f"Final-Recipient: rfc822; {failure.recipient}",
+            action[0],
+            f"Status: {status_of(failure)}",
+            *action[1:],
+        ]
+        if failure.remote:
+            block.append(f"Remote-MTA: {failure.remote}")
+        if reply:
+            kind = "" if reply.lower().startswith("smtp;") else "smtp; "
+            block.append(f"Diagnostic-Code: {kind}{reply}")
+        blocks.append(block)
+    return b"".join(_lines(*block, "") for block in blocks)
+
+
+def _part(boundary: str, content_type: str, body: bytes, encoding: str = "7bit") -> bytes:
+    head = _lines(
+        f"--{boundary}",
+        f"Content-Type: {content_type}",
+        f"Content-Transfer-Encoding: {encoding}",
+        "",
+    )
+    return head + body.rstrip(b"\r\n") + b"\r\n\r\n"
+
+
+def _clean(text: str) -> str:
+    """One line, no control characters (a reply may span lines)."""
+    return _UNSAFE.sub(" ", text).strip()
+
+
+def _lines(*lines: str) -> bytes:
+    return "".join(f"{line}\r\n" for line in lines).encode("utf-8", "replace")
