@@ -5,8 +5,8 @@
 `session` is the aiosmtpd protocol with relay's fast paths, on `guard` (a session's
 hostile-client limits: caps, timers, junk commands), with `caps` (session counts, the
 open-file check); `data` reads DATA (memory budget, spill to a temporary file);
-`handler` applies the limits, auth and relay rules and spools the mail; `passwords`
-checks AUTH against the users file and `guesses` slows password guessing.
+`handler` applies the limits and relay rules and spools the mail; `auth` answers AUTH,
+with `passwords` (the users file) and `guesses` (slows password guessing).
 """
 
 from relay.receive.handler import Handler

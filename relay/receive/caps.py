@@ -25,6 +25,8 @@ import logging
 import resource
 from enum import StrEnum
 
+from aiosmtpd.smtp import Session as SmtpSession
+
 log = logging.getLogger("relay.receive")
 
 # Descriptors the main process needs besides its SMTP sessions: listeners, the spool
@@ -107,3 +109,9 @@ def sessions_problem(max_sessions: int, soft: int) -> str | None:
         f"{max(soft - RESERVED_FILES, 0)} or raise the limit (LimitNOFILE= in relay.service, "
         "ulimit -n, docker run --ulimit nofile=...)"
     )
+
+
+def peer_ip_of(session: SmtpSession) -> str:
+    """The client address of a session, as the caps count it (and logs and traces name it)."""
+    peer = session.peer
+    return str(peer[0]) if isinstance(peer, tuple) else str(peer)

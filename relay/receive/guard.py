@@ -14,8 +14,7 @@ it (issue "Hold the line"). `Guard` is aiosmtpd's protocol with:
   and 5xx replies, reset by each mail accepted;
 - `close_for`, the one way a limit ends a session: 421, counted, logged once per 10 s.
 
-AUTH failures are counted here (`auth_failures`) and judged by the handler
-(relay.receive.handler, relay.receive.guesses).
+AUTH failures are counted here (`auth_failures`) and judged by relay.receive.auth.
 """
 
 from __future__ import annotations
@@ -27,8 +26,14 @@ from typing import Any, cast
 from aiosmtpd.smtp import SMTP, syntax
 
 from relay import logs, metrics
-from relay.receive.caps import EVICT_BUSY_IDLE, EVICT_IDLE, TOO_MANY_SESSIONS, Caps, Refusal
-from relay.receive.handler import peer_ip_of
+from relay.receive.caps import (
+    EVICT_BUSY_IDLE,
+    EVICT_IDLE,
+    TOO_MANY_SESSIONS,
+    Caps,
+    Refusal,
+    peer_ip_of,
+)
 from relay.settings import Limits
 
 log = logging.getLogger("relay.receive")

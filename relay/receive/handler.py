@@ -1,4 +1,4 @@
-"""The SMTP front door (aiosmtpd): limits, auth, address checks, `spool.add()`, replies.
+"""The SMTP front door (aiosmtpd): limits, address checks, `spool.add()`, replies.
 
     Moodle --SMTP--> Session (aiosmtpd SMTP) --hooks--> Handler --add--> Spool --250 queued as ID
 
@@ -22,29 +22,27 @@ Choices worth knowing:
   re-encodes bodies with longer lines, so Moodle never sends them.
 - TCP: the connection itself (fast ACKs for Moodle's PHPMailer, allowed
   networks, reply rewriting, shutdown) is `relay.receive.session.Session`.
+- AUTH PLAIN and LOGIN are hooks of `relay.receive.auth.Auth`, a base of the handler.
 """
 
 from __future__ import annotations
 
-import asyncio
-import binascii
 import email.utils
 import functools
 import logging
 import re
 import time
-from base64 import b64decode
-from typing import Protocol, runtime_checkable
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, _Missing
+from aiosmtpd.smtp import SMTP, Envelope
 from aiosmtpd.smtp import Session as SmtpSession
 from email_validator import EmailNotValidError, validate_email
 
 from relay import logs, metrics
 from relay.errors import SpoolError
 from relay.mail import bare_line_ends, header_block
-from relay.receive.caps import Refusal
-from relay.receive.guesses import TOO_MANY_FAILURES, Guesses
+from relay.receive.auth import Auth
+from relay.receive.caps import peer_ip_of
+from relay.receive.guesses import Guesses
 from relay.receive.passwords import Users
 from relay.settings import BareNewline, Settings
 from relay.spool import Spool
@@ -54,7 +52,6 @@ log = logging.getLogger("relay.receive")
 QUEUED = "250 2.0.0 Ok: queued as {queue_id}"
 SENDER_OK = "250 2.1.0 Ok"
 RECIPIENT_OK = "250 2.1.5 Ok"
-AUTH_OK = "235 2.7.0 Authentication successful"
 SPOOL_UNAVAILABLE = "451 4.3.0 Cannot queue the message now, try again later"
 INTERNAL_ERROR = "451 4.3.0 Internal error, try again later"
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
@@ -62,9 +59,6 @@ TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 BAD_SENDER = "501 5.1.7 Bad sender address syntax: {reason}"
 BAD_RECIPIENT = "501 5.1.3 Bad recipient address syntax: {reason}"
 AUTH_REQUIRED = "530 5.7.0 Authentication required"
-AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
-AUTH_BAD_BASE64 = "501 5.5.2 Cannot decode base64"
-AUTH_BAD_PLAIN = "501 5.5.2 Cannot split AUTH PLAIN value"
 NETWORK_REFUSED = "554 5.7.1 Access denied for {peer}"
 TOO_BIG_AT_MAIL = "552 5.3.4 Message size exceeds fixed maximum message size"
 TOO_BIG_AT_DATA = "552 5.3.4 Message size exceeds fixed maximum message size"
@@ -122,17 +116,7 @@ def extract_message_id(raw: bytes) -> str:
     return " ".join(match.group(1).decode("ascii", "replace").split())[:998]
 
 
-@runtime_checkable
-class Limited(Protocol):
-    """What the handler needs of a session to enforce per-connection limits
-    (relay.receive.session.Session, which imports this module)."""
-
-    auth_failures: int
-
-    def close_for(self, reason: Refusal, reply: str) -> None: ...
-
-
-class Handler:
+class Handler(Auth):
     """aiosmtpd hooks: one instance per listener, shared by all sessions."""
 
     def __init__(
@@ -274,76 +258,8 @@ class Handler:
             f" id {queue_id};\r\n\t{date}\r\n"
         ).encode("ascii", "replace")
 
-    # AUTH PLAIN / LOGIN replace aiosmtpd's built-ins: the scrypt check runs on a
-    # thread (never blocking the loop) and the password is never kept on the session.
-    async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
-        blob = await (server.challenge_auth("") if len(args) == 1 else _b64(server, args[1]))
-        if not isinstance(blob, bytes):
-            return AuthResult(success=False, handled=True)
-        parts = blob.split(b"\0")
-        if len(parts) != 3:
-            await server.push(AUTH_BAD_PLAIN)
-            return AuthResult(success=False, handled=True)
-        return await self._check(server, parts[1], parts[2])
-
-    async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
-        challenge = SMTP.AuthLoginUsernameChallenge
-        user = await (server.challenge_auth(challenge) if len(args) == 1 else _b64(server, args[1]))
-        if not isinstance(user, bytes):
-            return AuthResult(success=False, handled=True)
-        password = await server.challenge_auth(SMTP.AuthLoginPasswordChallenge)
-        if not isinstance(password, bytes):
-            return AuthResult(success=False, handled=True)
-        return await self._check(server, user, password)
-
-    async def _check(self, server: SMTP, user: bytes, password: bytes) -> AuthResult:
-        """235, or (see relay.receive.guesses) a delayed 535, or 421 and close at
-        `max_auth_failures` on this connection."""
-        name = user.decode("utf-8", "replace")
-        if self.users is None:  # no accounts, so nothing to guess: no delay, no count
-            metrics.REJECTED.labels("auth_failed").inc()
-            return AuthResult(success=False, handled=False, message=AUTH_FAILED)
-        if await self.users.verify(user, password):
-            return AuthResult(success=True, auth_data=name, message=AUTH_OK)
-        metrics.REJECTED.labels("auth_failed").inc()
-        metrics.AUTH_FAILURES.inc()
-        peer = peer_ip_of(server.session) if server.session else "?"
-        limited = server if isinstance(server, Limited) else None  # relay's Session
-        failures = 1 if limited is None else limited.auth_failures + 1
-        if limited is not None:
-            limited.auth_failures = failures
-        delay = self.guesses.failed(peer, failures)
-        logs.event(
-            log,
-            "auth_failed",
-            level=logging.WARNING,
-            user=name,
-            peer=peer,
-            on_connection=failures,
-            from_peer=self.guesses.count(peer),
-            delay=delay,
-        )
-        await asyncio.sleep(delay)
-        if failures >= self.max_auth_failures and limited is not None:
-            limited.close_for(Refusal.AUTH_FAILURES, TOO_MANY_FAILURES)
-            return AuthResult(success=False, handled=True)
-        return AuthResult(success=False, handled=False, message=AUTH_FAILED)
-
 
 @functools.lru_cache(maxsize=2)
 def _date(second: int) -> str:
     """RFC 5322 date of `second`, local time: one formatting per second, not per mail."""
     return email.utils.formatdate(second, localtime=True)
-
-
-async def _b64(server: SMTP, text: str) -> bytes | _Missing:
-    try:
-        return b64decode(text.encode(), validate=True)
-    except (binascii.Error, ValueError):
-        await server.push(AUTH_BAD_BASE64)
-        return MISSING
-
-
-def peer_ip_of(session: SmtpSession) -> str:
-    peer = session.peer
-    return str(peer[0]) if isinstance(peer, tuple) else str(peer)
