@@ -67,7 +67,7 @@ def run(settings: Settings, *, log_format: str = "text") -> int:
     """Entry point of `relay serve`: 0 after a clean stop, 1 when it could not start."""
     logs.setup(log_format)
     try:
-        uvloop.run(serve(settings, log_format=log_format))
+        uvloop.run(serve(settings, log_format=log_format, ready=lambda _: runtime.settle()))
     except (StartError, SpoolError) as exc:
         log.error("relay serve stopped: %s", exc)
         return 1

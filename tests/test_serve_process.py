@@ -8,6 +8,7 @@ import base64
 import dataclasses
 import json
 import os
+import re
 import signal
 import smtplib
 import socket
@@ -259,3 +260,19 @@ def test_json_log_has_one_line_per_accepted_message(
         "level": "INFO",
         "logger": "relay.receive",
     } == {k: v for k, v in accepted.items() if k not in ("ts", "event", "id")}
+
+
+def test_both_processes_hide_what_they_built_at_start_from_the_collector(
+    write_config: ConfigWriter, relay_process: Process
+) -> None:
+    """Once started, relay serve and its delivery process each freeze (gc.freeze) the
+    objects of their start, so that a full collection does not walk them with the event
+    loop stopped: one `settled` line each, naming the tens of thousands of objects frozen."""
+    relay = relay_process(write_config()).start()
+    deadline = time.monotonic() + 15
+    while relay.log().count("event=settled") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert 0 == relay.stop()
+    frozen = [int(n) for n in re.findall(r"event=settled frozen_objects=(\d+)", relay.log())]
+    assert 2 == len(frozen), relay.log()
+    assert all(n > 10_000 for n in frozen), frozen

@@ -121,6 +121,7 @@ async def _run(settings: Settings, ruleset: RuleSet, wake_fd: int, metrics_fd: i
         if lock is None:
             return 0
         logs.event(log, "delivery_started", pid=os.getpid(), lock=str(settings.spool / LOCK_NAME))
+        runtime.settle()
         return await _deliver(ctx)
     finally:
         if answering is not None:
