@@ -40,11 +40,10 @@ def refused(settings: Settings, recipient: str, reply: str) -> Failure:
 
 def for_outcome(mail: Mail, failures: Sequence[Failure], settings: Settings) -> Notice | None:
     """The DSN to queue with an outcome that has `failures`, if any is due (`bounces.dsn`)."""
-    if not failures or not settings.bounces.dsn or not wanted(mail):
-        return None
-    metrics.DSNS.inc()
-    hostname = settings.hostname
-    return notice(mail, failures, hostname=hostname, from_address=settings.bounces.sender(hostname))
+    built = _notice(mail, failures, settings) if failures else None
+    if built is not None:
+        metrics.DSNS.inc()
+    return built
 
 
 def for_ses_event(event: SesEvent, settings: Settings) -> NoticeFor | None:
@@ -73,8 +72,6 @@ def for_ses_event(event: SesEvent, settings: Settings) -> NoticeFor | None:
         ]
     else:
         return None
-    if event.delayed and settings.bounces.delay_warning is None:
-        return None
     until = _epoch(event.expires)
 
     def notice_for(mail: Mail) -> Notice | None:
@@ -100,17 +97,29 @@ def _warning(
     mail: Mail, delayed: Sequence[Failure], settings: Settings, *, retry_until: float | None
 ) -> Notice | None:
     after = settings.bounces.delay_warning
-    if after is None or time.time() - mail.received_at < after or not wanted(mail):
+    if after is None or time.time() - mail.received_at < after:
         return None
-    if not settings.bounces.dsn:
+    return _notice(mail, delayed, settings, delayed=True, retry_until=retry_until)
+
+
+def _notice(
+    mail: Mail,
+    failures: Sequence[Failure],
+    settings: Settings,
+    *,
+    delayed: bool = False,
+    retry_until: float | None = None,
+) -> Notice | None:
+    """`report.notice` from `bounces`' sender, unless DSNs are off or the mail has none."""
+    if not settings.bounces.dsn or not wanted(mail):
         return None
     hostname = settings.hostname
     return notice(
         mail,
-        delayed,
+        failures,
         hostname=hostname,
         from_address=settings.bounces.sender(hostname),
-        delayed=True,
+        delayed=delayed,
         retry_until=retry_until,
     )
 
