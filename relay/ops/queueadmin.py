@@ -22,7 +22,7 @@ from typing import Any
 import click
 
 from relay.errors import SpoolError
-from relay.spool import State, all_or_nothing, open_existing, state_counts
+from relay.spool import FINISHED, State, all_or_nothing, open_existing, state_counts
 
 _COLUMNS = (
     "id",
@@ -86,7 +86,8 @@ def list_messages(spool_dir: Path, *, state: str | None, as_json: bool) -> int:
     if conn is None:
         return 1
     with closing(conn):
-        where, args = ("state = ?", (state,)) if state else ("state NOT IN ('sent', 'bounced')", ())
+        finished = f"state NOT IN ({', '.join('?' * len(FINISHED))})"
+        where, args = ("state = ?", (state,)) if state else (finished, FINISHED)
         rows = [_record(r) for r in conn.execute(f"{_SELECT} WHERE {where} ORDER BY id", args)]
     if as_json:
         for record in rows:

@@ -9,12 +9,13 @@ versions, `lock` the write turn two processes share, `rows` states, ids and even
 """
 
 from relay.spool.lock import SpoolBusy
-from relay.spool.rows import Notice, State, new_id, state_counts
+from relay.spool.rows import FINISHED, Notice, State, new_id, state_counts
 from relay.spool.schema import DB_NAME, all_or_nothing, connect, open_existing
 from relay.spool.store import Spool
 
 __all__ = [
     "DB_NAME",
+    "FINISHED",
     "Notice",
     "Spool",
     "SpoolBusy",

@@ -27,6 +27,10 @@ class State(StrEnum):
     FAILED = "failed"
 
 
+# Done with: kept for `retention` (purge_sent), left out of `relay queue list` by default.
+FINISHED = (State.SENT, State.BOUNCED)
+
+
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford base32: sorts like the number
 
 
@@ -153,12 +157,13 @@ def finish(
 def purge_sent(conn: sqlite3.Connection, cutoff: float) -> int:
     """Delete sent and bounced rows (and their events) whose outcome came before `cutoff`,
     and SES feedback keys as old; return how many rows."""
-    done = "state IN ('sent', 'bounced') AND updated_at < ?"
+    done = f"state IN ({', '.join('?' * len(FINISHED))}) AND updated_at < ?"
+    args = (*FINISHED, cutoff)
     ids = f"SELECT id FROM messages WHERE {done}"
-    conn.execute(f"DELETE FROM events WHERE queue_id IN ({ids})", (cutoff,))
-    conn.execute(f"DELETE FROM bodies WHERE id IN ({ids})", (cutoff,))  # none: sent() did
+    conn.execute(f"DELETE FROM events WHERE queue_id IN ({ids})", args)
+    conn.execute(f"DELETE FROM bodies WHERE id IN ({ids})", args)  # none: sent() did
     conn.execute("DELETE FROM feedback WHERE at < ?", (cutoff,))
-    deleted: int = conn.execute(f"DELETE FROM messages WHERE {done}", (cutoff,)).rowcount
+    deleted: int = conn.execute(f"DELETE FROM messages WHERE {done}", args).rowcount
     return deleted
 
 
