@@ -33,6 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay.receive.data import Body
+from relay.receive.guard import LINGER
 from relay.receive.handler import AIOSMTPD_REPLIES, Handler
 from relay.receive.session import PLAIN_ADDRESS, Session, session_factory
 from relay.spool import DB_NAME
@@ -444,13 +445,14 @@ async def test_session_state_is_what_aiosmtpd_init_makes(
     )
     reference.registry, reference.allow = registry, running.settings.allow_networks
     reference._sock, reference._refused, reference._shut = None, False, False
-    reference._held, reference._in_data = [], False
+    reference._held, reference._in_data, reference._replies = [], False, 0
     # relay's own hostile-client limits (caps, junk, AUTH failures, timers from the last
     # read): not aiosmtpd's, so set as relay sets them; the idle timeout is aiosmtpd's 300 s.
     reference.caps, reference._ip, reference._started, reference._last_read = None, None, 0, 0
     reference.session_timeout = running.settings.limits.session_timeout
     reference.junk_limit = running.settings.limits.max_junk_commands
-    reference.junk, reference.auth_failures = 0, 0
+    reference.junk, reference.auth_failures, reference.overshoot = 0, 0, 0
+    reference.linger = min(LINGER, running.settings.limits.idle_timeout)
     reference.budget, reference.spill_dir = None, running.settings.spool
     reference.spill_min_free = running.settings.limits.spill_min_free
     assert shape(vars(reference), reference, handler) == shape(vars(fast), fast, handler)

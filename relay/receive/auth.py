@@ -30,6 +30,7 @@ AUTH_OK = "235 2.7.0 Authentication successful"
 AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
 AUTH_BAD_BASE64 = "501 5.5.2 Cannot decode base64"
 AUTH_BAD_PLAIN = "501 5.5.2 Cannot split AUTH PLAIN value"
+AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication exchange line is too long"  # RFC 4954, 4
 
 
 @runtime_checkable
@@ -50,7 +51,7 @@ class Auth:
     max_auth_failures: int
 
     async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
-        blob = await (server.challenge_auth("") if len(args) == 1 else _b64(server, args[1]))
+        blob = await (_challenge(server, "") if len(args) == 1 else _b64(server, args[1]))
         if not isinstance(blob, bytes):
             return AuthResult(success=False, handled=True)
         parts = blob.split(b"\0")
@@ -61,10 +62,10 @@ class Auth:
 
     async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
         challenge = SMTP.AuthLoginUsernameChallenge
-        user = await (server.challenge_auth(challenge) if len(args) == 1 else _b64(server, args[1]))
+        user = await (_challenge(server, challenge) if len(args) == 1 else _b64(server, args[1]))
         if not isinstance(user, bytes):
             return AuthResult(success=False, handled=True)
-        password = await server.challenge_auth(SMTP.AuthLoginPasswordChallenge)
+        password = await _challenge(server, SMTP.AuthLoginPasswordChallenge)
         if not isinstance(password, bytes):
             return AuthResult(success=False, handled=True)
         return await self._check(server, user, password)
@@ -101,6 +102,17 @@ class Auth:
             limited.close_for(Refusal.AUTH_FAILURES, TOO_MANY_FAILURES)
             return AuthResult(success=False, handled=True)
         return AuthResult(success=False, handled=False, message=AUTH_FAILED)
+
+
+async def _challenge(server: SMTP, challenge: str) -> bytes | _Missing:
+    """aiosmtpd's challenge_auth, except that an answer longer than a line may be (its
+    readline raises ValueError) gets RFC 4954's 500 5.5.6, a 5xx that counts as junk,
+    instead of 451 and a traceback in the log for each."""
+    try:
+        return await server.challenge_auth(challenge)
+    except ValueError:
+        await server.push(AUTH_LINE_TOO_LONG)
+        return MISSING
 
 
 async def _b64(server: SMTP, text: str) -> bytes | _Missing:

@@ -11,8 +11,11 @@ it (issue "Hold the line"). `Guard` is aiosmtpd's protocol with:
   in commands and DATA alike) and from the start (`limits.session_timeout`), where
   aiosmtpd re-arms a timer at each valid command;
 - Postfix's junk-command limit (`limits.max_junk_commands`): NOOP, RSET, VRFY, HELP
-  and 5xx replies, reset by each mail accepted;
-- `close_for`, the one way a limit ends a session: 421, counted, logged once per 10 s.
+  and 5xx replies, reset by each mail accepted, and each RCPT past max_recipients
+  beyond the first OVERSHOOT of them;
+- `close_for`, the one way a limit ends a session: 421, counted, logged once per 10 s,
+  and the connection dropped if the client has not taken its replies within `linger`
+  seconds (as Postfix's smtpd_timeout, which holds for writes too).
 
 AUTH failures are counted here (`auth_failures`) and judged by relay.receive.auth.
 """
@@ -42,6 +45,10 @@ TIMED_OUT = "421 4.4.2 {host} Error: timeout exceeded"  # Postfix's words
 SESSION_TOO_LONG = "421 4.4.2 {host} Error: session lasted too long, try again"
 EVICTED = "421 4.7.0 {host} Error: idle too long while others wait, try again"
 TOO_MANY_JUNK = "421 4.7.0 {host} Error: too many errors or junk commands"
+# RCPTs a session may send past max_recipients (each answered 452) before each further one
+# counts as junk: Postfix's smtpd_recipient_overshoot_limit.
+OVERSHOOT = 1000
+LINGER = 10.0  # seconds a closed session's replies get to reach a client (at most idle_timeout)
 
 # One log line per reason per 10 s (with a count): a client can cause these at will.
 _REFUSED = {reason: logs.Sampled(log, "session_refused", reason=reason) for reason in Refusal}
@@ -57,9 +64,11 @@ class Guard(SMTP):
         """Set the limits' state (Session.__init__ replaces SMTP.__init__, so not here)."""
         self.caps = caps
         self._timeout_duration = limits.idle_timeout
+        self.linger = min(LINGER, limits.idle_timeout)
         self.session_timeout = limits.session_timeout
         self.junk_limit = limits.max_junk_commands
         self.junk = 0  # junk commands and error replies since the last mail accepted
+        self.overshoot = 0  # RCPTs answered 452 for being past max_recipients
         self.auth_failures = 0
         self._ip: str | None = None  # counted in `caps` under this address
         self._started = self._last_read = 0.0
@@ -139,13 +148,20 @@ class Guard(SMTP):
             self.close_for(Refusal.SESSION_TIMEOUT, SESSION_TOO_LONG)
 
     def close_for(self, reason: Refusal, reply: str) -> None:
-        """Send the 421 `reply` and close: a limit ended this session."""
+        """Send the 421 `reply` and close: a limit ended this session.
+
+        close() waits until every reply written has gone out (in asyncio and uvloop
+        alike), so a client that never reads would keep its socket, and its file, for
+        ever: unless the replies are gone within `linger` seconds, the connection is
+        dropped."""
         metrics.SESSIONS_REFUSED.labels(reason).inc()
         _CLOSED[reason](peer=self.peer_ip)
         transport = writable(self.transport)
         if transport is not None and not transport.is_closing():
             transport.write(f"{reply.format(host=self.hostname)}\r\n".encode())
             transport.close()
+            if transport.get_write_buffer_size():
+                self.loop.call_later(self.linger, transport.abort)  # a no-op once closed
 
     def _junk_over(self) -> bool:
         """Count a junk command or error reply; past the limit, 421 and close (True)."""

@@ -38,11 +38,12 @@ from aiosmtpd.smtp import MISSING, _AuthMechAttr, login_always_fail, syntax
 from relay import logs, metrics
 from relay.receive.caps import Caps
 from relay.receive.data import Body, Budget, unread
-from relay.receive.guard import Guard, writable
+from relay.receive.guard import OVERSHOOT, Guard, writable
 from relay.receive.handler import (
     AIOSMTPD_REPLIES,
     NETWORK_REFUSED,
     SHUTTING_DOWN,
+    TOO_MANY_RECIPIENTS,
     Handler,
 )
 from relay.receive.introspect import discover
@@ -67,8 +68,10 @@ check_aiosmtpd(aiosmtpd.__version__)
 
 log = logging.getLogger("relay.receive")
 _SMTP_LOG = logging.getLogger("mail.log")  # aiosmtpd's logger, for the lines it would log
+_NETWORK_REFUSED = logs.Sampled(log, "refused", reason="allow_networks")  # a client's to cause
 
 CHUNK = 65536  # DATA is read this much at a time, not a line at a time
+YIELD_EVERY = 32  # replies after which a session lets the other sessions run (see `push`)
 
 DEFAULT_LIMITS = Limits()
 
@@ -158,6 +161,7 @@ class Session(Guard):
         self._refused = False
         self._shut = False
         self._held: list[str] = []  # leading lines of a multi-line reply (see `push`)
+        self._replies = 0
         self._in_data = False  # reading a DATA body: quick ACKs (see the module docstring)
         self._guard(caps=caps, limits=limits)
 
@@ -169,7 +173,7 @@ class Session(Guard):
             if self.allow and not _allowed(peer, self.allow):
                 self._refused = True
                 metrics.REJECTED.labels("network").inc()
-                logs.event(log, "refused", level=logging.WARNING, peer=str(peer and peer[0]))
+                _NETWORK_REFUSED(peer=str(peer and peer[0]))
                 transport.write(f"{NETWORK_REFUSED.format(peer=peer[0])}\r\n".encode())
                 transport.close()
                 return
@@ -271,10 +275,21 @@ class Session(Guard):
                 status = "\r\n".join([*self._held, status])
                 self._held.clear()
         await super().push(status)
-        # A 5xx reply counts as junk; a 4xx is relay's own temporary state or limit (like
-        # Postfix's recipient overshoot, 452 for RCPTs past max_recipients is not counted).
+        self._replies += 1
+        if self._replies % YIELD_EVERY == 0:
+            # A client that pipelines commands and reads its replies slowly would keep the
+            # event loop to itself until its buffers are full (a reply written below the
+            # high-water mark and a command already read never yield): hundreds of
+            # milliseconds in which no other client is served, nor even accepted.
+            await asyncio.sleep(0)
+        # A 5xx reply counts as junk; a 4xx is relay's own temporary state or limit. The 452
+        # for RCPTs past max_recipients counts only past Postfix's recipient overshoot limit.
         if status[:1] in ("5", b"5"):
             self._junk_over()
+        elif status == TOO_MANY_RECIPIENTS:
+            self.overshoot += 1
+            if self.overshoot > OVERSHOOT:
+                self._junk_over()
 
     def shut(self) -> None:
         """Tell the client we are going away, and close."""
