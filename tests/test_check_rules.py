@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from click.testing import CliRunner, Result
 from relay import rules
 from relay.cli import main
 from tests.support.corpus import CORPUS
+from tests.support.processes import relay_cli
 
 CC = CORPUS / "reengagement" / "cc-564.eml"
 STUDENT = CORPUS / "reengagement" / "student-html-564.eml"
@@ -44,7 +46,7 @@ def test_json_one_object_per_message() -> None:
             "reasons": [
                 "header X-Moodle-Originating-Script matches "
                 "'(?:^|[\\s:/\\\\])mod[/\\\\]reengagement[/\\\\]lib\\.php:\\s*\\d+\\s*$'",
-                'header To matches \'^\\s*"?([^"<>\\s]+@[^"<>\\s]+)"?\\s*<\\1>\\s*$\'',
+                'header To matches \'^\\s*"?([^"<>\\s@]+@[^"<>\\s]+)"?\\s*<\\1>\\s*$\'',
             ],
         },
         {"source": str(FORUM), "rule": None, "route": "upstream", "reasons": []},
@@ -213,3 +215,26 @@ def test_missing_rules_file(tmp_path: Path) -> None:
     result = check_rules("--rules", str(missing), str(CC))
     expected = (1, f"{missing}: cannot read the file")
     assert expected == (result.exit_code, result.stderr[: len(expected[1])])
+
+
+def test_a_megabyte_header_does_not_stall_classification(tmp_path: Path) -> None:
+    """A re-engagement mail whose To: is a megabyte of "a@a@a@...": the shipped CC rule's
+    regex used to backtrack over it for hours (its time grows with the square of the
+    length), stopping the delivery loop. `relay check-rules`, as a process, classifies it
+    in seconds, as the student copy; rules see at most HEADER_LIMIT of any header."""
+    eml = tmp_path / "huge-to.eml"
+    eml.write_bytes(
+        b"From: noreply@moodle.example.org\r\n"
+        b"To: " + b"a@" * 500_000 + b"a\r\n"
+        b"X-Moodle-Originating-Script: https://moodle.example.org => web01:"
+        b"mod/reengagement/lib.php:564\r\n"
+        b"Subject: We miss you\r\n\r\nCome back.\r\n"
+    )
+    started = time.monotonic()
+    done = relay_cli("check-rules", "--json", str(eml), timeout=60)
+    took = time.monotonic() - started
+    [verdict] = [json.loads(line) for line in done.stdout.splitlines()]
+    print(f"a 1 MB To: classified in {took:.2f}s as {verdict['rule']}")
+    assert 0 == done.returncode, done.stderr
+    assert ("reengagement-student", "ses") == (verdict["rule"], verdict["route"])
+    assert took < 20

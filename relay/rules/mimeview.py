@@ -25,6 +25,10 @@ from relay.mail import Mail, header_block
 _ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([QqBb])\?([^?\s]*)\?=")
 _BETWEEN_WORDS = re.compile(r"(\?=)[ \t\r\n]+(?==\?)")
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
+# Rules see at most this much of any one header (Postfix's header_size_limit); the mail
+# itself goes out whole. A regex that backtracks can take time growing with the square of
+# a value's length, or worse, and classification runs on the delivery loop.
+HEADER_LIMIT = 102_400
 _HTML_BREAKS = frozenset(
     {"br", "p", "div", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6", "table", "blockquote"}
 )
@@ -140,7 +144,8 @@ class MailView:
             return {}
         for name, value in items:
             try:
-                found.setdefault(str(name).strip().lower(), []).append(decode_header(str(value)))
+                text = decode_header(str(value)[:HEADER_LIMIT])
+                found.setdefault(str(name).strip().lower(), []).append(text)
             except Exception:
                 continue
         return {name: tuple(values) for name, values in found.items()}
