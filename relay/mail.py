@@ -45,6 +45,13 @@ class Mail:
     message_id: str = ""  # as stored at receive time, for log lines (no parse needed)
     trace: bytes = b""  # the Received: line written at receive time, CRLF-terminated
     reports_on: str = ""  # a DSN relay wrote: the queue id of the mail it reports on
+    retried_at: float | None = None  # the last `relay queue retry` of it as a dead letter
+
+    @property
+    def since(self) -> float:
+        """Where retry.max_age and ses.fallback_after count from: its arrival, or the
+        last time an admin queued it again as a dead letter."""
+        return max(self.received_at, self.retried_at or 0.0)
 
     def wire_bytes(self) -> bytes:
         """What goes out: our one Received: line on top of the bytes as received."""

@@ -386,6 +386,73 @@ async def test_max_age_expiry_fails_the_message(
     print(f"max_age 2s: failed after {found[queue_id]['attempts']} attempts: {reply[:60]!r}")
 
 
+@pytest.mark.system
+async def test_a_dead_letter_queued_again_gets_a_fresh_max_age(
+    start_relay: Start,
+    capture: CaptureServer,
+    fake_ses: FakeSes,
+) -> None:
+    """Original host down past `retry.max_age` (3 s): a dead letter. The host comes back
+    answering 451, and `relay queue retry ID` queues the mail again: its first attempt
+    fails for now (the 451, or the dead-host cache), and it is deferred, its max_age
+    counted from the retry (not failed again at once with a second DSN, as when it was
+    counted from its arrival, long past); it is sent once the host takes it."""
+    capture.stop()
+    overrides = config(capture, fake_ses.url) | {"retry": {"schedule": [1], "max_age": 3}}
+    relay = await start_relay(deliver=True, **overrides)
+    spool = relay.settings.spool
+    sent = await send_corpus(relay.port, CONTROL)
+    [queue_id] = sent
+    await await_rows(spool, sent, {"failed"})
+    capture.data_reply = "451 4.3.0 Try again later"
+    capture.start()
+    retried = await asyncio.to_thread(
+        relay_cli, "queue", "--config", str(relay.settings.source), "retry", queue_id
+    )
+    assert 0 == retried.returncode, retried.stderr
+    deferred = (await await_rows(spool, sent, {"deferred"}))[queue_id]
+    capture.data_reply = None
+    found = (await await_rows(spool, sent, {"sent"}))[queue_id]
+    events = [e for e, _ in found["events"] if e in ("failed", "retry", "deferred", "sent")]
+    after = events[events.index("retry") :]
+    print(f"dead letter retried: {deferred['reply']!r}; history after the retry: {after}")
+    assert (1, "deferred", "sent") == (events.count("failed"), after[1], after[-1])
+
+
+@pytest.mark.system
+async def test_a_dead_letter_keeps_only_the_recipients_it_failed_for(
+    start_relay: Start,
+    capture: CaptureServer,
+    fake_ses: FakeSes,
+) -> None:
+    """Two recipients; the host answers 451 to MAIL FROM, so the mail is deferred (for 3 s,
+    past `retry.max_age`, 2 s). At the next try it takes one recipient and answers 451 for
+    the other: past max_age, the mail is a dead letter, and it names only the recipient it
+    failed for, so `relay queue retry` sends to that one alone: one copy each."""
+    capture.mail_reply = "451 4.3.0 Try again later"
+    overrides = config(capture, fake_ses.url) | {"retry": {"schedule": [3], "max_age": 2}}
+    relay = await start_relay(deliver=True, **overrides)
+    spool = relay.settings.spool
+    raw = RAW[CONTROL]
+    queue_id = await asend(
+        relay.port, CORPUS[CONTROL].sender, ["a@example.org", "b@example.org"], raw
+    )
+    await await_rows(spool, [queue_id], {"deferred"})
+    capture.mail_reply = None
+    capture.refuse_rcpt("b@example.org", "451 4.2.1 Mailbox busy, try later")
+    failed = (await await_rows(spool, [queue_id], {"failed"}))[queue_id]
+    capture.accept_rcpt("b@example.org")
+    retried = await asyncio.to_thread(
+        relay_cli, "queue", "--config", str(relay.settings.source), "retry", queue_id
+    )
+    assert 0 == retried.returncode, retried.stderr
+    await await_rows(spool, [queue_id], {"sent"})
+    copies = [m.rcpt_tos for m in capture.messages if m.mail_from != "<>"]
+    print(f"dead letter of a partial send: recipients {failed['recipients']}; copies {copies}")
+    assert ("b@example.org",) == failed["recipients"]
+    assert [("a@example.org",), ("b@example.org",)] == copies
+
+
 @pytest.mark.parametrize(
     ("refusal", "times", "attempts"),
     [("550 5.1.1 No such user", None, 1), ("451 4.2.1 Mailbox busy, try later", 1, 2)],

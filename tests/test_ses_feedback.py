@@ -29,10 +29,10 @@ import pytest
 
 from relay import metrics
 from relay import settings as settings_mod
-from relay.deliver.feedback import sqs_location
+from relay.deliver.feedback import SqsQueue, sqs_location
 from relay.deliver.ses.events import parse
 from relay.errors import ConfigError, MalformedEvent
-from relay.spool import DB_NAME
+from relay.spool import DB_NAME, Spool
 from relay.spool.feedback import reputation
 from tests.support.aws import REGION
 from tests.support.capture import CaptureServer
@@ -379,6 +379,47 @@ async def test_unknown_malformed_and_repeated_events_are_dropped_and_deleted(
     events = [e for e, _ in rows(spool)[queue_id]["events"] if e.startswith("ses_")]
     assert ["ses_bounce"] == events
     assert 1 == len(dsns_of(spool, queue_id))
+
+
+async def test_an_event_is_deleted_from_sqs_only_once_its_commit_is_on_disk(
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,
+    moto_server: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The delivery process commits with synchronous=NORMAL, so an applied event is on disk
+    only at the next fsync of the WAL. Three events for one mail: each DeleteMessage comes
+    after a `Spool.sync` (an fsync of the WAL) that followed the event's commit, not before.
+    The real spool, SQS (moto) and fsync run; the test only records their order."""
+    order: list[str] = []
+
+    def spy(cls: type, name: str) -> None:
+        real = getattr(cls, name)
+
+        async def recorded(self: Any, *args: Any, **kwargs: Any) -> Any:
+            result = await real(self, *args, **kwargs)
+            order.append(name)
+            return result
+
+        monkeypatch.setattr(cls, name, recorded)
+
+    spy(Spool, "feedback")
+    spy(Spool, "sync")
+    spy(SqsQueue, "delete")
+    queue = new_queue(moto_server)
+    relay = await start_with_queue(start_relay, capture, moto_server, queue)
+    spool = relay.settings.spool
+    queue_id = await asend(relay.port, VERP, [GONE, HERE], RAW)
+    ses_id = (await await_rows(spool, [queue_id], {"sent"}))[queue_id]["ses_message_id"]
+    for event in (bounce(ses_id), complaint(ses_id), delivery(ses_id)):
+        sqs(moto_server).send_message(QueueUrl=queue, MessageBody=sns_wrapped(event))
+    assert 0 == await await_empty(moto_server, queue)
+    print(f"feedback calls in order: {order}")
+    assert 3 == order.count("feedback") == order.count("delete")
+    for at, call in enumerate(order):
+        if call == "delete":
+            last_commit = max(n for n in range(at) if order[n] == "feedback")
+            assert "sync" in order[last_commit:at], order
 
 
 async def test_a_queue_that_fails_is_polled_less_and_less_often(

@@ -89,6 +89,21 @@ async def test_add_then_claim_returns_the_message_as_stored(spool: Spool, tmp_pa
     assert [] == await spool.claim(10)
 
 
+async def test_a_row_without_its_body_fails_alone(spool: Spool, tmp_path: Path) -> None:
+    """A queued row whose body is gone (relay never writes one so; a hand-edited or damaged
+    spool) is failed with a reply saying so when claimed, and the mail beside it is
+    claimed as usual: one such row must not stop delivery in a loop of crashes."""
+    broken, fine = await add(spool, 1), await add(spool, 2)
+    conn = sqlite3.connect(tmp_path / "spool" / DB_NAME)
+    with conn:
+        conn.execute("DELETE FROM bodies WHERE id = ?", (broken,))
+    conn.close()
+    claimed = await spool.claim(10)
+    row = rows(tmp_path / "spool")[broken]
+    assert [fine] == [m.id for m in claimed]
+    assert (State.FAILED, "no body in the spool: nothing to send") == (row["state"], row["reply"])
+
+
 async def test_directory_and_database_are_private(tmp_path: Path) -> None:
     """The spool directory is created 0700 and the database file is 0600."""
     opened = await Spool.open(tmp_path / "new" / "spool")

@@ -90,7 +90,7 @@ def delay_warning(mail: Mail, reply: str, settings: Settings) -> Notice | None:
     """The "still trying" DSN once `mail` has waited `bounces.delay_warning` (the spool
     queues one per mail at most); None when off, not yet due, or not wanted."""
     delayed = [Failure(recipient=r, reply=reply) for r in mail.recipients]
-    return _warning(mail, delayed, settings, retry_until=mail.received_at + settings.retry.max_age)
+    return _warning(mail, delayed, settings, retry_until=mail.since + settings.retry.max_age)
 
 
 def _warning(

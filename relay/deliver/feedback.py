@@ -6,7 +6,8 @@
          retrying), or a Reject (SES refused to send after all), also queues the sender's
          DSN, and makes the mail `bounced` once every recipient has had one; a
          DeliveryDelay, with `bounces.delay_warning`, the "still trying" one, once a mail)
-      -> DeleteMessage, only after that commit
+      -> DeleteMessage, only after that commit is on disk (Spool.sync: the delivery
+         process commits with synchronous=NORMAL)
 
 Events for MessageIds this spool does not know (other senders on the account,
 rows past retention) are counted and deleted; malformed messages are logged once
@@ -81,6 +82,7 @@ class FeedbackStore(Protocol):
         notice_for: NoticeFor | None = None,
     ) -> Applied: ...
     async def reputation(self, since: float) -> Reputation: ...
+    async def sync(self) -> None: ...
 
 
 def sqs_location(url: str, default_region: str) -> tuple[str, str | None]:
@@ -194,18 +196,33 @@ async def run(ctx: Context, queue: Queue, spool: FeedbackStore) -> None:
             pause = min(pause * 2, MAX_ERROR_PAUSE)
             continue
         pause = ERROR_PAUSE
+        done = []
         for message in batch:
             try:
-                done = await handle(spool, ctx.settings, message)
+                if await handle(spool, ctx.settings, message):
+                    done.append(message.receipt)
+                # else not committed: SQS shows it again after its visibility timeout
             except Exception:  # a bug in one event: it stays queued, the loop goes on
                 log.exception("event=ses_feedback_bug sqs_id=%s", message.sqs_id)
-                done = False
-            if not done:
-                continue  # not committed: SQS shows it again after its visibility timeout
-            try:
-                await queue.delete(message.receipt)
-            except TemporaryFailure as exc:  # it comes back; its key makes that a no-op
-                logs.event(log, "ses_feedback_failed", level=logging.WARNING, error=str(exc))
+        if done:
+            await _delete(queue, spool, done)
+
+
+async def _delete(queue: Queue, spool: FeedbackStore, receipts: list[str]) -> None:
+    """Delete what was applied, once it is on disk: the delivery process commits with
+    synchronous=NORMAL, so an event deleted before the next fsync could be lost to a
+    power cut with its DSN. Any of them that is not deleted comes back from SQS, and its
+    key makes that a no-op."""
+    try:
+        await spool.sync()
+    except SpoolError as exc:
+        logs.event(log, "ses_feedback_failed", level=logging.WARNING, error=str(exc))
+        return
+    for receipt in receipts:
+        try:
+            await queue.delete(receipt)
+        except TemporaryFailure as exc:
+            logs.event(log, "ses_feedback_failed", level=logging.WARNING, error=str(exc))
 
 
 async def handle(spool: FeedbackStore, settings: Settings, message: Received) -> bool:

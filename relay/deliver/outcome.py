@@ -181,6 +181,7 @@ class Outcomes:
             route=route.value,
             reply=reply,
             fallback_reason=reason,
+            recipients=mail.recipients,
             notice=self._notice(mail, failures),
         )
         fields = {"reason": why} if why else {}
@@ -199,7 +200,7 @@ class Outcomes:
         """Defer on the retry schedule, or fail past `retry.max_age`; `refused`: recipients
         already refused for good (a partial send), in the DSN either way."""
         settings = self._settings()
-        age = self._wall_clock() - mail.received_at
+        age = self._wall_clock() - mail.since
         retry = settings.retry
         if age >= retry.max_age:
             reply = f"gave up after {age:.0f}s (retry.max_age): {reply}"

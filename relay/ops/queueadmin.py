@@ -195,6 +195,8 @@ def _act_one(conn: sqlite3.Connection, queue_id: str, action: str) -> str:
                 "UPDATE messages SET state = 'queued', due_at = ?1, updated_at = ?1 WHERE id = ?2",
                 (now, queue_id),
             )
+            if state == State.FAILED:  # a fresh retry.max_age: see Mail.since
+                conn.execute("UPDATE messages SET retried_at = ? WHERE id = ?", (now, queue_id))
             conn.execute(
                 "INSERT INTO events (queue_id, at, event, detail) VALUES (?, ?, 'retry', ?)",
                 (queue_id, now, f"relay queue retry (was {state})"),

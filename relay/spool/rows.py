@@ -6,6 +6,7 @@ transactions: every function here takes the connection inside one).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import sqlite3
@@ -16,6 +17,8 @@ from enum import StrEnum
 from typing import Any
 
 from relay.mail import Mail
+
+log = logging.getLogger("relay.spool")
 
 
 class State(StrEnum):
@@ -97,10 +100,14 @@ def claim_due(conn: sqlite3.Connection, limit: int, now: float) -> list[Mail]:
         " WHERE state IN ('queued', 'deferred') AND due_at <= ?1"
         " ORDER BY due_at, id LIMIT ?2)"
         " RETURNING id, sender, recipients, received_at, attempts, peer, trace,"
-        " message_id, reports_on",
+        " message_id, reports_on, retried_at",
         (now, limit),
     ).fetchall()
     bodies = _bodies(conn, [r[0] for r in rows])
+    lost = [r[0] for r in rows if r[0] not in bodies]
+    if lost:
+        _fail_without_body(conn, lost, now)
+        rows = [r for r in rows if r[0] in bodies]
     mails = [
         Mail(
             id=r[0],
@@ -113,10 +120,29 @@ def claim_due(conn: sqlite3.Connection, limit: int, now: float) -> list[Mail]:
             trace=bytes(r[6]),
             message_id=r[7] or "",
             reports_on=r[8] or "",
+            retried_at=r[9],
         )
         for r in rows
     ]
     return sorted(mails, key=lambda m: m.id)
+
+
+def _fail_without_body(conn: sqlite3.Connection, ids: list[str], now: float) -> None:
+    """Rows whose body is gone (relay never leaves one so: a hand-edited or damaged
+    spool) fail, saying so: one such row must not stop every delivery."""
+    log.error("event=spool_body_missing ids=%s (failed: the spool was altered)", ",".join(ids))
+    reply = "no body in the spool: nothing to send"
+    for queue_id in ids:
+        finish(
+            conn,
+            queue_id,
+            State.FAILED,
+            reply,
+            {"reply": reply},
+            drop_body=False,
+            notice=None,
+            now=now,
+        )
 
 
 def _bodies(conn: sqlite3.Connection, ids: list[str]) -> dict[str, bytes]:
@@ -237,8 +263,9 @@ def split_off(
     rest = [r for r in json.loads(row[0]) if r not in recipients]
     conn.execute(
         "INSERT INTO messages (id, state, sender, recipients, size, message_id, peer,"
-        " received_at, due_at, updated_at, trace)"
-        " SELECT ?1, 'queued', sender, ?2, size, message_id, peer, received_at, ?3, ?3, trace"
+        " received_at, due_at, updated_at, trace, retried_at)"
+        " SELECT ?1, 'queued', sender, ?2, size, message_id, peer, received_at, ?3, ?3, trace,"
+        " retried_at"
         " FROM messages WHERE id = ?4",
         (child, json.dumps(recipients), now, queue_id),
     )

@@ -23,7 +23,7 @@ from pathlib import Path
 from relay.errors import SpoolError
 
 DB_NAME = "spool.sqlite3"
-SCHEMA_VERSION = 3  # 2: bodies in their own table; 3: DSN links, SES feedback
+SCHEMA_VERSION = 4  # 2: bodies in their own table; 3: DSN links, SES feedback; 4: retried_at
 BUSY_TIMEOUT_MS = 5000
 # Every commit puts each page it changed, whole, in the WAL, and relay serve's fsync
 # before the 250 writes them out, the delivery process's claims and outcomes with them.
@@ -59,7 +59,8 @@ _MESSAGES = """CREATE TABLE IF NOT EXISTS {table} (
     fallback_reason TEXT,
     updated_at REAL NOT NULL,
     trace BLOB NOT NULL,                -- our Received: line, CRLF-terminated
-    reports_on TEXT                     -- a DSN's row: the queue id of the mail it reports on
+    reports_on TEXT,                    -- a DSN's row: the queue id of the mail it reports on
+    retried_at REAL                     -- the last `relay queue retry` of it as a dead letter
 )"""
 _MESSAGES_DUE = "CREATE INDEX IF NOT EXISTS messages_due ON messages (state, due_at)"
 # What claim() scans: only waiting rows, already in due order, so claiming stays
@@ -89,6 +90,9 @@ _FEEDBACK = """CREATE TABLE IF NOT EXISTS feedback (
     kind TEXT NOT NULL DEFAULT ''       -- bounce (permanent), complaint, or other: for the rates
 )"""
 _V3 = (_REPORTS_ON, _SES_ID, _FEEDBACK)
+# Version 4: a dead letter that `relay queue retry` queues again gets a fresh retry.max_age
+# (and ses.fallback_after) from then on, not one measured from its arrival, long past.
+_V4 = "ALTER TABLE messages ADD COLUMN retried_at REAL"
 _SCHEMA = (
     _MESSAGES.format(table="messages"),
     _MESSAGES_DUE,
@@ -123,7 +127,8 @@ _UPGRADES = {
         _MESSAGES_READY,
         *_V3,
     ),
-    2: ("ALTER TABLE messages ADD COLUMN reports_on TEXT", *_V3),
+    2: ("ALTER TABLE messages ADD COLUMN reports_on TEXT", *_V3, _V4),
+    3: (_V4,),
 }
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -70,6 +71,7 @@ class Spool:
         self.wakeup = asyncio.Event()  # set after each committed add: new mail to deliver
         self.new_id = new_id
         self._closed = False
+        self.syncs = 0  # sync() calls done
         # The delivery side: the calls of one turn of its event loop commit together.
         self._turn_batch = TurnBatch(writer) if writes_now else None
 
@@ -259,19 +261,23 @@ class Spool:
         route: str,
         reply: str,
         fallback_reason: str | None = None,
+        recipients: Sequence[str] | None = None,
         notice: Notice | None = None,
     ) -> None:
-        """Dead letter: keep the body, visible to `relay queue`, retryable; `notice`: its
-        DSN to the sender, queued in the same transaction (never one without the other)."""
+        """Dead letter: keep the body, visible to `relay queue`, retryable; `recipients`:
+        those it failed for, when others were delivered (a retry must not send to them
+        again); `notice`: its DSN to the sender, queued in the same transaction (never
+        one without the other)."""
+        fields: dict[str, Any] = {"rule": rule, "route": route, "reply": reply}
+        if recipients is not None:
+            fields["recipients"] = json.dumps(list(recipients))
         await self._finish(
             queue_id,
             State.FAILED,
             f"route={route} reply={reply}",
-            rule=rule,
-            route=route,
-            reply=reply,
             fallback_reason=fallback_reason,
             notice=notice,
+            **fields,
         )
 
     async def _finish(
@@ -303,6 +309,28 @@ class Spool:
         await self._call(op)
         if notice is not None:
             self.wakeup.set()  # the DSN is due now
+
+    async def sync(self) -> None:
+        """Make every commit so far durable: an fsync of the WAL. The delivery side commits
+        with synchronous=NORMAL, on disk only at the next checkpoint; what must not be
+        lost to a power cut once told to someone else (an SES event about to be deleted
+        from its queue) waits for this."""
+
+        def fsync_wal() -> None:
+            try:
+                fd = os.open(f"{self.path}-wal", os.O_RDONLY)
+            except FileNotFoundError:
+                return  # no WAL: every commit is in the database, synced by its checkpoint
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        try:
+            await asyncio.to_thread(fsync_wal)
+        except OSError as exc:
+            raise SpoolError(f"spool {self.path}: cannot sync the WAL: {exc}") from exc
+        self.syncs += 1
 
     async def split(
         self, queue_id: str, *, child: str, recipients: Sequence[str], reason: str

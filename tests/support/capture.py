@@ -152,6 +152,11 @@ class CaptureServer:
         with self._lock:
             self._refusals[address] = _Refusal(reply, times)
 
+    def accept_rcpt(self, address: str) -> None:
+        """Take RCPT TO `address` again (undoes `refuse_rcpt`)."""
+        with self._lock:
+            self._refusals.pop(address, None)
+
     @property
     def messages(self) -> list[Captured]:
         with self._lock:

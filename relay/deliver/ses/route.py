@@ -208,7 +208,7 @@ class SesRoute:
             metrics.SES_THROTTLES.inc()
             self.pace.throttled()
             metrics.PACE.set(self.pace.rate)
-        age = self._wall_clock() - mail.received_at
+        age = self._wall_clock() - mail.since
         if age >= settings.ses.fallback_after:
             return Fallback(
                 reason="temporary",
