@@ -21,7 +21,7 @@ from relay import settings as settings_mod
 from relay.errors import ConfigError
 from relay.receive.session import Session
 from relay.rules import RuleSet
-from relay.settings import Settings
+from relay.settings import Settings, Suppressed
 from relay.spool import Spool
 
 log = logging.getLogger("relay.service")
@@ -134,6 +134,19 @@ async def reload_on_signal(ctx: Context) -> None:
         reload(ctx)
 
 
+# Settings used only at start: a reload names them in `reload_needs_restart`.
+_AT_START = ("listen", "spool", "auth", "tls", "metrics", "allow_networks", "limits")
+# The SES client, its circuit and the event queue's poller are made at start.
+_SES_AT_START = (
+    "region",
+    "endpoint_url",
+    "api",
+    "timeout",
+    "circuit_cooldown",
+    "events_queue_url",
+)
+
+
 def reload(ctx: Context) -> bool:
     """Apply a new relay.yaml + rules.yaml, or keep the old and log every problem."""
     try:
@@ -149,8 +162,17 @@ def reload(ctx: Context) -> bool:
             problems=" | ".join(str(p) for p in exc.problems),
         )
         return False
-    fixed = ("listen", "spool", "auth", "tls", "metrics", "allow_networks", "limits")
-    changed = [name for name in fixed if getattr(new_settings, name) != getattr(ctx.settings, name)]
+    old = ctx.settings
+    changed = [name for name in _AT_START if getattr(new_settings, name) != getattr(old, name)]
+    changed += [
+        f"ses.{name}"
+        for name in _SES_AT_START
+        if getattr(new_settings.ses, name) != getattr(old.ses, name)
+    ]
+    if new_settings.ses.enabled and not old.ses.enabled:
+        changed.append("ses.enabled")  # no SES client was made at start (off works at once)
+    if old.ses.suppressed is Suppressed.SEND and new_settings.ses.suppressed is not Suppressed.SEND:
+        changed.append("ses.suppressed")  # no lookups were set up (the others switch at once)
     if changed:
         logs.event(log, "reload_needs_restart", level=logging.WARNING, keys=",".join(changed))
     ctx.settings, ctx.rules = new_settings, new_rules

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -445,3 +446,26 @@ async def test_reload_moves_delivery_to_a_new_upstream_host(
         await await_rows(relay.settings.spool, [second], {"sent"})
         assert [m.queue_id for m in old.messages] == [first]
         assert [m.queue_id for m in new.messages] == [second]
+
+
+async def test_reload_names_the_ses_settings_that_need_a_restart(
+    start_relay: Callable[..., Any], write_config: ConfigWriter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Started with SES off: a SIGHUP reload that turns it on, moves its region and turns
+    on suppression lookups applies the rest but says, in `reload_needs_restart`, that
+    those three wait for a restart (no SES client, no lookups were made at start);
+    switching it off again needs none."""
+    relay = await start_relay(ses={"enabled": False, "suppressed": "send"})
+    write_config(
+        "relay0.yaml", ses={"enabled": True, "region": "eu-west-1", "suppressed": "upstream"}
+    )
+    with caplog.at_level(logging.WARNING, logger="relay"):
+        assert runtime.reload(relay.ctx)
+    warned = [r.getMessage() for r in caplog.records if "reload_needs_restart" in r.getMessage()]
+    assert 1 == len(warned), warned
+    assert "keys=ses.region,ses.enabled,ses.suppressed" in warned[0], warned
+    caplog.clear()
+    write_config("relay0.yaml", ses={"enabled": False, "region": "eu-west-1"})
+    with caplog.at_level(logging.WARNING, logger="relay"):
+        assert runtime.reload(relay.ctx)
+    assert not [r for r in caplog.records if "reload_needs_restart" in r.getMessage()]
