@@ -15,7 +15,10 @@ memory. relay spills rather than answering 452 4.3.1: Moodle never retries a
 4xx, so a 452 caused by someone else's hoarding would lose Moodle's mail, while
 a spill costs disk the spool directory has anyway and a few writes, and only
 past the budget. The mail is still whole in memory for a moment when its end
-arrives (to be spooled), and a 250 is still given only after the spool commit.
+arrives (to be spooled), and a 250 is still given only after the spool commit. A
+spilled body read back for that waits until the bodies read back and not yet
+spooled leave room for it under the same limit (`Budget.load`): hoarders that all
+end their data at once must not bring gigabytes back into memory together.
 
 Spills share the disk with the spool, and a full spool loses Moodle's mail (its
 adds fail with 451, and Moodle does not retry). So a spill that would leave the
@@ -29,12 +32,12 @@ spooled into it.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
 
 from relay import logs, metrics
 
@@ -62,6 +65,8 @@ class Budget:
         self.used = 0
         self.trim = trim
         self._reached = False
+        self.loaded = 0  # bytes of spilled bodies read back whole, until spooled (see load)
+        self._unloaded = asyncio.Event()
         metrics.DATA_IN_MEMORY.set_function(lambda: self.used)
 
     @property
@@ -70,6 +75,21 @@ class Budget:
             self._reached = True
             return True
         return False
+
+    async def load(self, size: int) -> None:
+        """Wait until a spilled body of `size` bytes may be read back whole: bodies read
+        back are held to `limit` bytes together too, apart from the unfinished ones (which
+        hoarders may keep at the limit). At once when none is loaded: one body larger than
+        the limit goes alone."""
+        while self.loaded and self.loaded + size > self.limit:
+            self._unloaded.clear()
+            await self._unloaded.wait()
+        self.loaded += size
+
+    def unload(self, size: int) -> None:
+        """A body read back by `load` is spooled (or abandoned)."""
+        self.loaded -= size
+        self._unloaded.set()
 
     def release(self, size: int) -> None:
         self.used -= size
@@ -111,7 +131,7 @@ class Body:
         self.spill_dir = spill_dir
         self.min_free = min_free
         self._held = 0  # bytes counted in `budget`
-        self._file: IO[bytes] | None = None  # the spilled start of the body
+        self._file: io.BufferedRandom | None = None  # the spilled start of the body
         self._spilled = 0  # bytes in _file: _raw[0] is byte _spilled of the body
 
     def feed(self, chunk: bytes) -> bytes | None:
@@ -146,18 +166,28 @@ class Body:
         """The body without its end line, the first dot of each line removed (RFC 5321 4.5.2).
 
         Reads the spilled start back from its file when there is one (`spilled`: then
-        call it on a thread)."""
+        call it on a thread), straight into one buffer: a spilled body costs its size
+        twice while this runs (three times when a line starts with a dot), then once."""
         raw = self._raw
         if self._file is not None:
+            raw = bytearray(self._spilled + len(self._raw))
             self._file.seek(0)
-            raw = bytearray(self._file.read())
-            raw += self._raw
-        text = bytes(raw.replace(b"\r\n.", b"\r\n"))
-        return text[1:] if text.startswith(b".") else text
+            with memoryview(raw) as view:
+                self._file.readinto(view[: self._spilled])  # a regular file: all of it
+                view[self._spilled :] = self._raw
+        if b"\r\n." in raw:
+            raw = raw.replace(b"\r\n.", b"\r\n")
+        with memoryview(raw) as view:
+            return bytes(view[1:] if raw.startswith(b".") else view)
 
     @property
     def spilled(self) -> bool:
         return self._file is not None
+
+    @property
+    def size(self) -> int:
+        """Bytes of the body so far, spilled and in memory."""
+        return self._spilled + len(self._raw)
 
     @property
     def spill_due(self) -> bool:
@@ -191,7 +221,7 @@ class Body:
         self._spilled += cut
         self._account()
 
-    def _write(self, data: memoryview) -> IO[bytes] | str:
+    def _write(self, data: memoryview) -> io.BufferedRandom | str:
         """On a thread: `data` appended to the spill file (made on the first call); or why
         not, with nothing kept: it would leave less than `min_free`, or the write failed."""
         directory = self.spill_dir or Path(tempfile.gettempdir())
@@ -270,7 +300,7 @@ def free_bytes(directory: Path) -> int:
     return found.f_bavail * found.f_frsize
 
 
-def _unnamed_file(directory: Path | None) -> IO[bytes]:
+def _unnamed_file(directory: Path | None) -> io.BufferedRandom:
     """A temporary file in `directory` with no name (O_TMPFILE on Linux)."""
     return tempfile.TemporaryFile(dir=directory)
 

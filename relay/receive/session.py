@@ -224,28 +224,39 @@ class Session(Guard):
             min_free=self.spill_min_free,
         )
         rest: bytes | None = None
-        with _roomy(self._reader), contextlib.closing(body):  # closing: the budget back
-            while rest is None:
-                try:
-                    chunk = await self._reader.read(CHUNK)
-                    if body.spill_due:  # past limits.max_data_in_memory (see data.py)
-                        await body.spill()
-                except asyncio.CancelledError:  # connection lost: eof_received cancels us
-                    _SMTP_LOG.info("Connection lost during DATA")
-                    self._writer.close()
-                    raise
-                if not chunk:  # unreachable, as for aiosmtpd: EOF cancels first; its
-                    raise asyncio.IncompleteReadError(b"", None)  # readuntil would raise this
-                rest = body.feed(chunk)
-            self._in_data = False
-            unread(self._reader, rest)
-            if body.verdict is not None:
-                await self.push(body.verdict)
-                self._set_post_data_state()  # type: ignore[no-untyped-call]
-                return
-            content = await asyncio.to_thread(body.content) if body.spilled else body.content()
-        self.envelope.content = self.envelope.original_content = content
-        status = await self._call_handler_hook("DATA")
+        loaded = 0  # a spilled body read back whole, until spooled (Budget.load)
+        try:
+            with _roomy(self._reader), contextlib.closing(body):  # closing: the budget back
+                while rest is None:
+                    try:
+                        chunk = await self._reader.read(CHUNK)
+                        if body.spill_due:  # past limits.max_data_in_memory (see data.py)
+                            await body.spill()
+                    except asyncio.CancelledError:  # connection lost: eof_received cancels us
+                        _SMTP_LOG.info("Connection lost during DATA")
+                        self._writer.close()
+                        raise
+                    if not chunk:  # unreachable, as for aiosmtpd: EOF cancels first; its
+                        raise asyncio.IncompleteReadError(b"", None)  # readuntil would raise this
+                    rest = body.feed(chunk)
+                self._in_data = False
+                unread(self._reader, rest)
+                if body.verdict is not None:
+                    await self.push(body.verdict)
+                    self._set_post_data_state()  # type: ignore[no-untyped-call]
+                    return
+                if body.spilled:
+                    if self.budget is not None:
+                        await self.budget.load(body.size)
+                        loaded = body.size
+                    content = await asyncio.to_thread(body.content)
+                else:
+                    content = body.content()
+            self.envelope.content = self.envelope.original_content = content
+            status = await self._call_handler_hook("DATA")
+        finally:
+            if loaded and self.budget is not None:
+                self.budget.unload(loaded)
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         if status is not MISSING and status.startswith("250"):
             self.junk = 0  # as Postfix: a mail accepted wipes the slate (PHPMailer RSETs)

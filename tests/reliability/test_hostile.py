@@ -560,7 +560,10 @@ def test_data_hoarders_cost_disk_not_memory_and_lose_nothing(
     process's peak RSS stays under 400 MiB (max_data_in_memory 256 MiB, the rest spilled
     to temporary files in the spool directory); a well-behaved client still gets 250 and
     its mail reaches the original host byte for byte; one hoarder that finishes gets 250
-    with all its bytes stored; RSS comes back down once the hoarders leave."""
+    with all its bytes stored. Then all the others end their data at once: each gets 250,
+    and the peak RSS stays under 750 MiB (each spilled body is read back whole to be
+    spooled, and no more of them than max_data_in_memory at a time: 1.4 GB of them
+    together before: a 1.8 GiB peak). RSS comes back down once the hoarders leave."""
     config = write_config(
         upstream={"host": "127.0.0.1", "port": capture.port, "timeout": 5},
         ses={"region": REGION, "endpoint_url": fake_ses.url, "max_send_rate": 500, "timeout": 5},
@@ -596,11 +599,24 @@ def test_data_hoarders_cost_disk_not_memory_and_lose_nothing(
         finisher = hoarders.pop()
         finished = finisher.command(".")
         finisher.close()
+        _, peak = rss_mib(pid)
+        wait_until(  # the well-behaved mail delivered; the hoards need not follow it
+            lambda: any(m.message_id == mail.message_id for m in capture.messages),
+            "the well-behaved mail at the original host",
+            timeout=30,
+        )
+        capture.mail_reply = "451 4.3.0 Not now"
+        for wire in hoarders:  # and now all the others at once
+            wire.sock.sendall(b".\r\n")
+        ended = time.monotonic()
+        together = Counter(wire.reply()[:9] for wire in hoarders)
+        ended = time.monotonic() - ended
+        _, peak_together = rss_mib(pid)
     finally:
         for wire in hoarders:
             wire.close()
     time.sleep(3.0)
-    after, peak = rss_mib(pid)
+    after, _ = rss_mib(pid)
     captured = [m for m in capture.wait_for(1, timeout=30) if m.message_id == mail.message_id]
     conn = sqlite3.connect(config.parent / "spool" / DB_NAME)
     try:
@@ -613,9 +629,13 @@ def test_data_hoarders_cost_disk_not_memory_and_lose_nothing(
         f"process RSS baseline {baseline:.0f} MiB, during {during:.0f} MiB, peak "
         f"{peak:.0f} MiB, after they left {after:.0f} MiB; well-behaved client "
         f"{reply.text[:24]!r}, delivered intact: {bool(captured)}; finishing hoarder "
-        f"{finished[:24]!r}, stored {sizes.get(finished_id)} bytes"
+        f"{finished[:24]!r}, stored {sizes.get(finished_id)} bytes; the other "
+        f"{HOARDERS - 1} ending at once: {dict(together)} in {ended:.1f}s, peak RSS "
+        f"{peak_together:.0f} MiB"
     )
     assert peak < 400
+    assert {"250 2.0.0": HOARDERS - 1} == dict(together)
+    assert peak_together < 750
     assert 250 == reply.code
     assert captured and captured[0].content.endswith(mail.raw)
     assert finished.startswith("250 2.0.0")
