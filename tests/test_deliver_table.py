@@ -114,9 +114,11 @@ class MemoryStore:
         route: str,
         reply: str,
         fallback_reason: str | None = None,
+        recipients: Sequence[str] | None = None,
         notice: Notice | None = None,
     ) -> None:
-        extra = f" [fallback: {fallback_reason}]" if fallback_reason else ""
+        extra = f" to={','.join(recipients)}" if recipients is not None else ""
+        extra += f" [fallback: {fallback_reason}]" if fallback_reason else ""
         self._write(f"fail {queue_id} {rule} via {route}: {reply}{extra}", notice)
 
     async def event(self, queue_id: str, event: str, detail: str) -> None:
@@ -482,8 +484,8 @@ async def test_ses_routed_mail(
     assert (lines, calls, circuit) == (actual, rig.ses.calls, rig.circuit.state.value)
 
 
-def gave_up(reply: str, age: float = MAX_AGE) -> str:
-    return f"fail Q1 moodle via upstream: gave up after {age:.0f}s (retry.max_age): {reply}"
+def gave_up(reply: str, age: float = MAX_AGE, to: str = "a@x.org") -> str:
+    return f"fail Q1 moodle via upstream: gave up after {age:.0f}s (retry.max_age): {reply} to={to}"
 
 
 def deferred(seconds: int, reply: str, to: str = "a@x.org") -> str:
@@ -510,7 +512,9 @@ UPSTREAM_CASES = [
     upstream_case("2xx-sent", OK, [SENT]),
     upstream_case("4xx-deferred-first-step", TRY_LATER, [deferred(60, T451)]),
     upstream_case("connection-failure-deferred", UNREACHABLE, [deferred(60, REFUSED)]),
-    upstream_case("5xx-failed-dead-letter", USER_UNKNOWN, [f"fail Q1 moodle via upstream: {P550}"]),
+    upstream_case(
+        "5xx-failed-dead-letter", USER_UNKNOWN, [f"fail Q1 moodle via upstream: {P550} to=a@x.org"]
+    ),
     upstream_case("attempt-0-first-step", TRY_LATER, [deferred(60, T451)], attempts=0),
     upstream_case("attempt-3-third-step", TRY_LATER, [deferred(900, T451)], attempts=3),
     upstream_case("attempt-5-last-step", TRY_LATER, [deferred(3600, T451)], attempts=5),
@@ -553,12 +557,15 @@ UPSTREAM_CASES = [
     upstream_case(
         "every-recipient-5xx-failed",
         Result(permanent=(("a@x.org", P550),), reply="no DATA"),
-        [f"fail Q1 moodle via upstream: a@x.org: {P550}"],
+        [f"fail Q1 moodle via upstream: a@x.org: {P550} to=a@x.org"],
     ),
     upstream_case(
         "partial-4xx-at-max-age-failed",
         Result(accepted=("a@x.org",), temporary=(("b@y.org", T451),)),
-        [f"event Q1 partial: accepted a@x.org; b@y.org: {T451}", gave_up(f"b@y.org: {T451}")],
+        [
+            f"event Q1 partial: accepted a@x.org; b@y.org: {T451}",
+            gave_up(f"b@y.org: {T451}", to="b@y.org"),  # a@x.org is not sent to again
+        ],
         recipients=AB,
         age=MAX_AGE,
     ),
@@ -589,7 +596,7 @@ FALLBACK_THEN_UPSTREAM = [
         USER_UNKNOWN,
         [
             "event Q1 fallback: SES refused the message: MessageRejected: no",
-            f"fail Q1 moodle via upstream: {P550}"
+            f"fail Q1 moodle via upstream: {P550} to=a@x.org"
             " [fallback: SES refused the message: MessageRejected: no]",
         ],
         id="fallback-then-5xx-failed-keeps-reason",

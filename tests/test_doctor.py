@@ -133,15 +133,17 @@ def test_doctor_all_good(
         code, lines, took = run_doctor(config, "--nameserver", dns.address, DOCTOR_PW=PASSWORD)
     print("\n".join(lines), f"\n({took:.1f} s)")
     checks = [(line[:6].strip(), line[6:16].strip()) for line in lines]
-    # moto does not implement GetAccountSendingEnabled (HTTP 500) nor SESv2 GetAccount (404):
-    # doctor says it cannot tell.
+    # moto does not implement GetAccountSendingEnabled (HTTP 500), SESv2 GetAccount nor
+    # GetSuppressedDestination (404): doctor says it cannot tell.
     gap = "warn  ses       sending state unknown: GetAccountSendingEnabled: ResponseParserError"
     sandbox = "warn  ses       sandbox state unknown: GetAccount: 404"
+    lookups = "warn  ses       suppression list lookups unknown (ses.suppressed: upstream): 404"
     expected = [
         ("ok", "config"),
         ("ok", "spool"),
         ("ok", "upstream"),
         ("ok", "ses"),
+        ("warn", "ses"),
         ("warn", "ses"),
         ("warn", "ses"),
         ("ok", "identity"),
@@ -155,17 +157,18 @@ def test_doctor_all_good(
     assert lines[1].endswith(": writable and readable; 1 queued, 0 deferred, 0 failed, 0 bounced")
     assert lines[4].startswith(gap), lines[4]
     assert lines[5].startswith(sandbox), lines[5]
+    assert lines[6].startswith(lookups), lines[6]
     assert 0 == code
-    assert f"ok    identity  {DOMAIN} (Source): verified (1 address seen)" == lines[6]
+    assert f"ok    identity  {DOMAIN} (Source): verified (1 address seen)" == lines[7]
     assert (
         f"ok    upstream  127.0.0.1:{auth_host.port}: EHLO, STARTTLS, AUTH as moodle ok "
         "(no mail sent)" == lines[2]
     )
     assert (
         f"ok    spf       {DOMAIN}: SES's own MAIL FROM (amazonses.com); no SPF record needed"
-        == lines[9]
+        == lines[10]
     )
-    assert f"ok    dkim      {DOMAIN}: 3 CNAMEs to SES Easy DKIM (SES status Success)" == lines[10]
+    assert f"ok    dkim      {DOMAIN}: 3 CNAMEs to SES Easy DKIM (SES status Success)" == lines[11]
     # moto's server is shared by the session: other tests' sends count in "sent N".
     assert re.search(r"max send rate 1/s; sent \d+ of 200 in the last 24 h", lines[3]), lines[3]
     assert [(b"moodle", PASSWORD.encode())] == auth_host.logins

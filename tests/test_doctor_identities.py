@@ -52,6 +52,14 @@ class Row:
     lookups: int | None = None  # GetIdentityVerificationAttributes calls
 
 
+IN_PRODUCTION = [  # the fake's account lines, out of the sandbox
+    f"ok    ses       credentials valid ({REGION}); max send rate 14/s; sent 0 of unlimited in"
+    " the last 24 h",
+    "ok    ses       sending enabled",
+    f"ok    ses       production access ({REGION}): not in the sandbox",
+]
+LOOKUPS_ALLOWED = "ok    ses       suppression list lookups allowed (ses.suppressed: upstream)"
+
 ROWS = {
     "verified-parent-domain-accepted": Row(
         fake={"verified": {"example.edu"}},
@@ -103,16 +111,23 @@ ROWS = {
             f"FAIL  ses       in the SES sandbox in {REGION} (at most 200 a day, only to verified"
             " addresses): students' mail is refused and goes upstream; request production"
             " access",
+            LOOKUPS_ALLOWED,
         ],
     ),
     "production-access-ok": Row(
         fake={"verified": {LMS}},
         checks=("ses",),
+        expected=[*IN_PRODUCTION, LOOKUPS_ALLOWED],
+    ),
+    "suppression-lookups-refused-fails": Row(
+        fake={"verified": {LMS}, "suppression_denied": True},
+        checks=("ses",),
         expected=[
-            f"ok    ses       credentials valid ({REGION}); max send rate 14/s; sent 0 of"
-            " unlimited in the last 24 h",
-            "ok    ses       sending enabled",
-            f"ok    ses       production access ({REGION}): not in the sandbox",
+            *IN_PRODUCTION,
+            "FAIL  ses       suppression list lookups refused (ses.suppressed: upstream;"
+            " GetSuppressedDestination: AccessDeniedException): grant"
+            " ses:GetSuppressedDestination, or set ses.suppressed: send; until then SES drops"
+            " listed recipients",
         ],
     ),
     "no-spf-needed-without-custom-mail-from": Row(

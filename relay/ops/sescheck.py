@@ -28,11 +28,12 @@ from aiobotocore.session import get_session
 
 from relay.deliver.ses import client as ses_mod
 from relay.errors import DeliveryError
-from relay.settings import Ses
+from relay.settings import Ses, Suppressed
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 Line = tuple[str, str, str]
 ADDRESSES_ASKED = 10  # addresses of an unverified domain asked about, at most
+PROBE = "relay-doctor-probe@example.com"  # asked of the suppression list (not expected on it)
 # SES overwrites Date and Message-ID and sets Return-Path; its manual DKIM signing guide
 # says not to sign these, nor Bounces-To.
 REWRITTEN = ("message-id", "date", "return-path", "bounces-to")
@@ -68,6 +69,7 @@ async def check(
         if not await _account(found.lines, client, settings):
             found.mail_from = "SES unusable"
             return found
+        await _suppression_lookups(found.lines, settings)
         froms = [(name, _from_address(raw)) for name, raw in samples]
         found.identities = await _identities(found.lines, client, settings, senders, froms)
         for name in dict.fromkeys(configuration_sets):
@@ -130,6 +132,28 @@ async def _account(lines: list[Line], client: ses_mod.SesClient, settings: Ses) 
             )
         )
     return True
+
+
+async def _suppression_lookups(lines: list[Line], settings: Ses) -> None:
+    """Whether relay may ask the suppression list before each send (`ses.suppressed`):
+    when it may not, every lookup fails and every recipient goes to SES, which drops the
+    listed ones (a Bounce event is then all that says so)."""
+    if settings.suppressed is Suppressed.SEND:
+        return
+    answer = await _v2_call(settings, "get_suppressed_destination", EmailAddress=PROBE)
+    mode = f"ses.suppressed: {settings.suppressed.value}"
+    if isinstance(answer, dict) or answer.startswith("NotFoundException"):
+        lines.append((OK, "ses", f"suppression list lookups allowed ({mode})"))
+    elif answer.startswith("AccessDenied"):
+        code = answer.split(":", 1)[0]
+        why = (
+            f"suppression list lookups refused ({mode}; GetSuppressedDestination: {code}):"
+            " grant ses:GetSuppressedDestination, or set ses.suppressed: send; until then"
+            " SES drops listed recipients"
+        )
+        lines.append((FAIL, "ses", why))
+    else:
+        lines.append((WARN, "ses", f"suppression list lookups unknown ({mode}): {answer}"))
 
 
 async def _identities(

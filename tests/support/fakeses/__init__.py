@@ -18,7 +18,8 @@ can both use it. It never checks signatures. Behaviours, all changeable while it
 - `suppressed`: the account suppression list, {address: "BOUNCE" | "COMPLAINT"}, served
   as SESv2 GetSuppressedDestination (REST-JSON `GET /v2/email/suppression/addresses/
   {EmailAddress}`, shaped from botocore's sesv2 model; 404 NotFoundException when absent);
-  `suppression_lookups` counts the calls.
+  `suppression_lookups` counts the calls; `suppression_denied` answers them 403
+  AccessDeniedException, as IAM does without ses:GetSuppressedDestination.
 
 - `check_identities`: sends whose Source or From header no verified identity covers (the
   address, its domain or a parent domain, as SES checks) answer MessageRejected "Email

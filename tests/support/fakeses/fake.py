@@ -46,6 +46,7 @@ class FakeSes:
     configuration_sets: set[str] = field(default_factory=set)
     sending_enabled: bool = True
     suppressed: dict[str, str] = field(default_factory=dict)
+    suppression_denied: bool = False  # lookups answer AccessDeniedException, as IAM would
     suppression_lookups: int = 0
     verification_lookups: int = 0  # GetIdentityVerificationAttributes calls
     sent: list[Sent] = field(default_factory=list)
@@ -290,6 +291,13 @@ class FakeSes:
         with self._lock:
             self.suppression_lookups += 1
             reason = self.suppressed.get(address)
+            denied = self.suppression_denied
+        if denied:
+            message = (
+                "User: arn:aws:iam::123456789012:user/relay is not authorized to perform:"
+                " ses:GetSuppressedDestination"
+            )
+            return 403, {"message": message}, "AccessDeniedException"
         if reason is None:
             message = f"Email address {address} does not exist on your suppression list."
             return 404, {"message": message}, "NotFoundException"
