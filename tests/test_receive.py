@@ -24,6 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from relay.mail import header_block
+from relay.receive import guard
 from relay.receive.handler import address_problem, extract_message_id
 from relay.receive.passwords import hash_password, parse_users, verify_password
 from relay.spool import DB_NAME
@@ -357,6 +358,42 @@ async def test_peer_outside_allow_networks_is_refused_at_connect(
     assert len(logged) <= 1, logged
     allowed = await start_relay(allow_networks=["10.0.0.0/8", "127.0.0.0/8"])
     assert "queued as" in await send_normal(allowed)
+
+
+async def test_talkers_that_send_no_mail_make_room_for_moodle(
+    start_relay: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """max_sessions_per_ip 10, every client 127.0.0.1 (a loopback listen): ten sessions
+    that say EHLO every 0.2 s and never send a mail fill the cap. None is silent, so the
+    old rule evicted none and Moodle got 421; past EVICT_BARREN (1 s here, 30 s in
+    production) without a mail accepted, one of them makes room, and Moodle's mail is
+    queued."""
+    monkeypatch.setattr(guard, "EVICT_BARREN", 1.0)
+    running = await start_relay(limits={"max_sessions_per_ip": 10})
+    talkers = [(await Wire.open(running.port))[0] for _ in range(10)]
+    last: dict[int, str] = {}
+
+    async def talk(n: int, wire: Wire) -> None:
+        while True:
+            last[n] = (await wire.cmd("EHLO talker.test")).splitlines()[-1]
+            if not last[n].startswith("250"):
+                return
+            await asyncio.sleep(0.2)
+
+    tasks = [asyncio.create_task(talk(n, wire)) for n, wire in enumerate(talkers)]
+    await asyncio.sleep(1.5)
+    try:
+        reply = await send_normal(running)
+        await asyncio.sleep(0.3)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for wire in talkers:
+            await wire.close()
+    evicted = [text for text in last.values() if not text.startswith("250")]
+    assert "queued as" in reply
+    assert 1 == len(evicted), last
+    assert evicted[0].startswith("421 4.7.0"), evicted
 
 
 @pytest.fixture

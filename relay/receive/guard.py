@@ -30,6 +30,7 @@ from aiosmtpd.smtp import SMTP, syntax
 
 from relay import logs, metrics
 from relay.receive.caps import (
+    EVICT_BARREN,
     EVICT_BUSY_IDLE,
     EVICT_IDLE,
     TOO_MANY_SESSIONS,
@@ -72,6 +73,7 @@ class Guard(SMTP):
         self.auth_failures = 0
         self._ip: str | None = None  # counted in `caps` under this address
         self._started = self._last_read = 0.0
+        self.last_mail = 0.0  # when it connected, then when it last had a mail accepted
 
     def _admit(self, transport: Any, peer: Any) -> bool:
         """Count this new connection in `caps` (evicting a silent one if need be); when
@@ -109,13 +111,14 @@ class Guard(SMTP):
             self._ip = None
 
     def _evict(self, ip: str, anyone: bool) -> bool:
-        """Close the longest-silent session (anyone's, or `ip`'s) past its eviction idle
-        time, to make room for this one (see relay.receive.caps); True if one was."""
+        """Close the session (anyone's, or `ip`'s) furthest past its eviction idle time or
+        EVICT_BARREN, to make room for this one (see relay.receive.caps); True if one was."""
         now = self.loop.time()
         victim, most = None, 0.0
         for session in self.registry:
             if anyone or session._ip == ip:
-                over = now - session._last_read - (EVICT_BUSY_IDLE if session.busy else EVICT_IDLE)
+                quiet = now - session._last_read - (EVICT_BUSY_IDLE if session.busy else EVICT_IDLE)
+                over = max(quiet, now - session.last_mail - EVICT_BARREN)
                 if over >= most:
                     victim, most = session, over
         if victim is None:

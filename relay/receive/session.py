@@ -181,7 +181,7 @@ class Session(Guard):
                 self._refused = True
                 return
             self.registry.add(self)
-            self._started = self._last_read = self.loop.time()
+            self._started = self._last_read = self.last_mail = self.loop.time()
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -260,6 +260,7 @@ class Session(Guard):
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         if status is not MISSING and status.startswith("250"):
             self.junk = 0  # as Postfix: a mail accepted wipes the slate (PHPMailer RSETs)
+            self.last_mail = self.loop.time()
         await self.push("250 OK" if status is MISSING else status)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
