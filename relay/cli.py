@@ -72,10 +72,13 @@ def check_config(config: Path | None) -> None:
         loaded = settings_mod.load(path)
     except ConfigError as exc:
         problems.extend(str(p) for p in exc.problems)
+        rules_file = settings_mod.rules_of(path)  # its problems are wanted too
     else:
         problems.extend(settings_mod.check_listen_env(loaded))
+        rules_file = loaded.rules
+    if rules_file is not None:
         try:
-            rules.load(loaded.rules)
+            rules.load(rules_file)
         except ConfigError as exc:
             problems.extend(str(p) for p in exc.problems)
     for problem in problems:

@@ -338,3 +338,23 @@ def test_shipped_rules_load() -> None:
     assert expected == [r.name for r in shipped.rules]
     top = Path(__file__).parent.parent / "rules.yaml"
     assert top.resolve() == rules.DEFAULT_RULES.resolve()
+
+
+def test_check_config_reports_the_rules_problems_even_when_relay_yaml_has_some(
+    tmp_path: Path,
+) -> None:
+    """relay.yaml with a bad `mode` and a rules file with a bad regex: `relay check-config`
+    prints both problems, each with file:line, and exits 1 (it used to stop at relay.yaml's)."""
+    bad_rules = tmp_path / "rules.yaml"
+    bad_rules.write_text(
+        "rules:\n  - name: a\n    route: ses\n    match: {subject: '('}\n", encoding="utf-8"
+    )
+    config = tmp_path / "relay.yaml"
+    config.write_text(
+        "mode: bogus\nrules: rules.yaml\nupstream: {host: 127.0.0.1}\n", encoding="utf-8"
+    )
+    result = CliRunner().invoke(main, ["check-config", "--config", str(config)])
+    errors = result.stderr.splitlines()
+    assert 1 == result.exit_code, result.output
+    expected = [f"{config}:1: mode:", f"{bad_rules}:4: rules[0].match.subject:"]
+    assert expected == [line[: len(p)] for line, p in zip(errors, expected, strict=True)], errors

@@ -7,7 +7,7 @@ keys, `sections` the larger sections (limits, upstream, ses, retry, bounces).
 """
 
 from relay.errors import ConfigError
-from relay.settings.load import DEFAULT_PATHS, check_listen_env, find_config, load
+from relay.settings.load import DEFAULT_PATHS, check_listen_env, find_config, load, rules_of
 from relay.settings.model import (
     DEFAULT_LISTEN,
     DEFAULT_METRICS,
@@ -49,4 +49,5 @@ __all__ = [
     "check_listen_env",
     "find_config",
     "load",
+    "rules_of",
 ]

@@ -13,6 +13,8 @@ import os
 import socket
 from pathlib import Path
 
+import yaml
+
 from relay import yamlfile
 from relay.rules import DEFAULT_RULES
 from relay.settings import sections
@@ -55,6 +57,22 @@ def load(path: Path) -> Settings:
     doc.raise_if_any()
     assert settings is not None
     return settings
+
+
+def rules_of(path: Path) -> Path | None:
+    """The rules file relay.yaml at `path` names (the shipped rules without `rules:`), read
+    even when the rest of the file has problems, so `relay check-config` reports the
+    rules' problems as well; None when that cannot be read."""
+    try:
+        top = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    if not isinstance(top, dict):
+        return None
+    if "rules" not in top:
+        return DEFAULT_RULES
+    name = top["rules"]
+    return path.parent / name if isinstance(name, str) else None
 
 
 _TOP = {
