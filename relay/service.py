@@ -205,14 +205,11 @@ async def serve(
             caps=caps,
             budget=Budget(limits.max_data_in_memory, trim=trim),
             tls_context=None if implicit else tls,
+            implicit_tls=tls if implicit else None,  # started per session, once admitted
         )
         try:
             server = await loop.create_server(
-                factory,
-                settings.listen.host,
-                settings.listen.port,
-                ssl=tls if implicit else None,
-                reuse_address=True,
+                factory, settings.listen.host, settings.listen.port, reuse_address=True
             )
         except OSError as exc:
             raise StartError(f"cannot listen on {settings.listen}: {exc}") from exc

@@ -446,6 +446,7 @@ async def test_session_state_is_what_aiosmtpd_init_makes(
     reference.registry, reference.allow = registry, running.settings.allow_networks
     reference._sock, reference._refused, reference._shut = None, False, False
     reference._held, reference._in_data, reference._replies = [], False, 0
+    reference._implicit, reference._tcp = None, None
     # relay's own hostile-client limits (caps, junk, AUTH failures, timers from the last
     # read): not aiosmtpd's, so set as relay sets them; the idle timeout is aiosmtpd's 300 s.
     reference.caps, reference._ip, reference._started, reference._last_read = None, None, 0, 0

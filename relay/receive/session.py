@@ -25,9 +25,11 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import math
 import re
 import socket
 import ssl
+from asyncio import sslproto
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, AnyStr
@@ -36,7 +38,7 @@ import aiosmtpd
 from aiosmtpd.smtp import MISSING, _AuthMechAttr, login_always_fail, syntax
 
 from relay import logs, metrics
-from relay.receive.caps import Caps
+from relay.receive.caps import Caps, Refusal
 from relay.receive.data import Body, Budget, unread
 from relay.receive.guard import OVERSHOOT, Guard, writable
 from relay.receive.handler import (
@@ -69,8 +71,10 @@ check_aiosmtpd(aiosmtpd.__version__)
 log = logging.getLogger("relay.receive")
 _SMTP_LOG = logging.getLogger("mail.log")  # aiosmtpd's logger, for the lines it would log
 _NETWORK_REFUSED = logs.Sampled(log, "refused", reason="allow_networks")  # a client's to cause
+_HANDSHAKE_FAILED = logs.Sampled(log, "tls_handshake_failed")  # implicit TLS; likewise
 
 CHUNK = 65536  # DATA is read this much at a time, not a line at a time
+HANDSHAKE_TIMEOUT = 60.0  # seconds a TLS handshake may take at most (asyncio's default)
 YIELD_EVERY = 32  # replies after which a session lets the other sessions run (see `push`)
 
 DEFAULT_LIMITS = Limits()
@@ -122,6 +126,7 @@ class Session(Guard):
         hostname: str,
         data_size_limit: int,
         tls_context: ssl.SSLContext | None = None,
+        implicit_tls: ssl.SSLContext | None = None,
     ) -> None:
         # aiosmtpd 1.4.6's SMTP.__init__ as it runs for relay's arguments (relay's server
         # TLS contexts draw none of its warnings), but with its introspection (inspect.getmembers,
@@ -163,6 +168,8 @@ class Session(Guard):
         self._held: list[str] = []  # leading lines of a multi-line reply (see `push`)
         self._replies = 0
         self._in_data = False  # reading a DATA body: quick ACKs (see the module docstring)
+        self._implicit = implicit_tls
+        self._tcp: Any = None  # implicit TLS: the connection, until the handshake ends
         self._guard(caps=caps, limits=limits)
 
     def connection_made(self, transport: Any) -> None:
@@ -182,12 +189,58 @@ class Session(Guard):
                 return
             self.registry.add(self)
             self._started = self._last_read = self.last_mail = self.loop.time()
+            if self._implicit is not None:
+                self._start_tls(transport)
+                return
         super().connection_made(transport)
+
+    def _start_tls(self, transport: Any) -> None:
+        """Implicit TLS, once admitted and counted: with create_server(ssl=...) asyncio
+        called connection_made only after the handshake, so a client that never finished
+        one held a file uncounted, never evicted, for 60 s (Postfix counts at connect).
+        Now the handshake runs under the session, as aiosmtpd's STARTTLS does it (at once,
+        so the ClientHello cannot reach our reader first), within min(idle_timeout, 60 s);
+        when it is done SSLProtocol calls connection_made again, and the session starts
+        as any other. Until then the session is silent to eviction: it has read nothing."""
+        assert self._implicit is not None
+        self._tcp = transport
+        waiter = self.loop.create_future()
+        waiter.add_done_callback(self._handshake_ended)
+        protocol = sslproto.SSLProtocol(
+            self.loop,
+            self,
+            self._implicit,
+            waiter,
+            server_side=True,
+            ssl_handshake_timeout=math.ceil(min(self._timeout_duration, HANDSHAKE_TIMEOUT)),
+        )
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+
+    def _handshake_ended(self, waiter: asyncio.Future[None]) -> None:
+        tcp, self._tcp = self._tcp, None
+        if self.session is not None:  # connection_made came: the session has begun
+            return
+        # Timed out, not TLS, gone, or evicted: SSLProtocol never tells us connection_lost.
+        error = None if waiter.cancelled() else waiter.exception()
+        _HANDSHAKE_FAILED(peer=self._ip, error=type(error).__name__ if error else "closed")
+        self._uncount()
+        tcp.abort()
+
+    def close_for(self, reason: Refusal, reply: str) -> None:
+        """As Guard's; mid-handshake (implicit TLS) there is no reply to give: drop it."""
+        if self._tcp is not None:
+            metrics.SESSIONS_REFUSED.labels(reason).inc()
+            self._tcp.abort()
+            return
+        super().close_for(reason, reply)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
             return
         self._uncount()
+        if self.session is None:  # implicit TLS, gone mid-handshake (uvloop tells us too)
+            return
         super().connection_lost(error)
 
     def data_received(self, data: bytes) -> None:
@@ -371,11 +424,13 @@ def session_factory(
     caps: Caps | None = None,
     budget: Budget | None = None,
     tls_context: Any = None,
+    implicit_tls: ssl.SSLContext | None = None,
 ) -> Callable[[], Session]:
-    """The protocol factory for `loop.create_server()`.
+    """The protocol factory for `loop.create_server()` (a plain TCP listener).
 
-    `tls_context` enables STARTTLS (pass None with implicit TLS: the listener
-    wraps the socket instead). AUTH needs TLS first when STARTTLS is offered.
+    `tls_context` enables STARTTLS; `implicit_tls` makes every session TLS from the first
+    byte, its handshake started once the connection is admitted (see `Session`). AUTH
+    needs TLS first when STARTTLS is offered.
     """
 
     def make() -> Session:
@@ -390,6 +445,7 @@ def session_factory(
             hostname=settings.hostname,
             data_size_limit=settings.limits.max_message_size,
             tls_context=tls_context,
+            implicit_tls=implicit_tls,
         )
 
     return make

@@ -14,8 +14,10 @@ import os
 import re
 import resource
 import signal
+import smtplib
 import socket
 import sqlite3
+import ssl
 import statistics
 import subprocess
 import sys
@@ -41,6 +43,7 @@ from tests.support.processes import RelayProcess
 from tests.support.relays import ConfigWriter
 from tests.support.smtp import try_send
 from tests.support.spools import rows
+from tests.support.tls import TlsFiles
 from tests.support.waits import wait_until
 
 pytestmark = [pytest.mark.system, pytest.mark.usefixtures("aws_env")]
@@ -510,6 +513,50 @@ def test_recipients_past_the_overshoot_limit_count_as_junk(
     print(f"5,000 RCPTs in one transaction: {dict(replies)}, then {last!r}")
     assert {"250 2.1.5": 50, "452 4.5.3": 1101} == dict(replies)
     assert last.startswith("421 4.7.0")
+
+
+def test_implicit_tls_counts_a_connection_before_its_handshake(
+    write_config: ConfigWriter, relay_process: Callable[[Path], RelayProcess], tls_files: TlsFiles
+) -> None:
+    """tls.implicit, max_sessions_per_ip 5: twenty connections that never send a
+    ClientHello. Counted at connect, as any other, only five are held (the other fifteen
+    get 421 4.7.0); after a second of their silence a real TLS client evicts one of them
+    and its mail is queued; the four left are closed at the handshake timeout
+    (idle_timeout, 2 s here). With the listener doing TLS itself (create_server(ssl=...)),
+    a session was counted only once its handshake was done: all twenty were held,
+    uncounted and never evicted, for asyncio's 60 s."""
+    relay = relay_process(
+        write_config(
+            limits={"max_sessions_per_ip": 5, "idle_timeout": 2},
+            tls={"cert": str(tls_files.cert), "key": str(tls_files.key), "implicit": True},
+        )
+    ).start()
+    silent = [socket.create_connection(("127.0.0.1", relay.port), timeout=5) for _ in range(20)]
+    time.sleep(1.2)
+    refused = 0
+    for sock in silent:
+        sock.settimeout(0.05)
+        with contextlib.suppress(TimeoutError):
+            refused += sock.recv(100).startswith(b"421 4.7.0")
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    mail = MailFactory("tls")()
+    with smtplib.SMTP_SSL("127.0.0.1", relay.port, context=context, timeout=10) as client:
+        client.ehlo("moodle.test")
+        client.mail(mail.sender)
+        for rcpt in mail.recipients:
+            client.rcpt(rcpt)
+        code, text = client.data(mail.raw)
+    time.sleep(2.5)  # the handshake timeout: min(idle_timeout, 60 s)
+    closed = sum(dropped(sock) for sock in silent)
+    for sock in silent:
+        sock.close()
+    print(
+        f"implicit TLS: 20 silent connections, {refused} got 421; Moodle's mail: {code} "
+        f"{text!r}; closed by relay 2.5 s later (the handshake timeout): {closed}"
+    )
+    assert (15, 250, 20) == (refused, code, closed)
+    assert "Traceback" not in relay.log()
 
 
 def test_an_overlong_auth_line_is_junk(auth_relay: RelayProcess) -> None:
