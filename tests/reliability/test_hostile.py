@@ -434,6 +434,15 @@ def dropped(sock: socket.socket) -> bool:
     return True
 
 
+def closed_by_relay(socks: list[socket.socket]) -> int:
+    """How many of `socks` the server has closed or reset (`dropped`); all closed after."""
+    try:
+        return sum(dropped(sock) for sock in socks)
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 # Five: with twenty, the sessions closed within seconds even without the linger's abort
 # (seen, not explained: the kernel was short of socket memory); with five they stay open.
 NON_READERS = 5
@@ -474,9 +483,7 @@ def test_clients_that_never_read_their_replies_are_dropped(
     ):
         time.sleep(0.2)
     waited = time.monotonic() - started
-    gone = sum(dropped(sock) for sock in clients)
-    for sock in clients:
-        sock.close()
+    gone = closed_by_relay(clients)
     print(
         f"{NON_READERS} clients never reading, {min(stuffed) >> 10} KiB of EHLO or more "
         f"each; relay serve's open files {before} -> {during} -> {after} after {waited:.1f} s; "
@@ -548,9 +555,7 @@ def test_implicit_tls_counts_a_connection_before_its_handshake(
             client.rcpt(rcpt)
         code, text = client.data(mail.raw)
     time.sleep(2.5)  # the handshake timeout: min(idle_timeout, 60 s)
-    closed = sum(dropped(sock) for sock in silent)
-    for sock in silent:
-        sock.close()
+    closed = closed_by_relay(silent)
     print(
         f"implicit TLS: 20 silent connections, {refused} got 421; Moodle's mail: {code} "
         f"{text!r}; closed by relay 2.5 s later (the handshake timeout): {closed}"
