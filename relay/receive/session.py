@@ -25,11 +25,9 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import math
 import re
 import socket
 import ssl
-from asyncio import sslproto
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, AnyStr
@@ -38,9 +36,9 @@ import aiosmtpd
 from aiosmtpd.smtp import MISSING, _AuthMechAttr, login_always_fail, syntax
 
 from relay import logs, metrics
-from relay.receive.caps import Caps, Refusal
+from relay.receive.caps import Caps
 from relay.receive.data import Body, Budget, unread
-from relay.receive.guard import OVERSHOOT, Guard, writable
+from relay.receive.guard import OVERSHOOT, writable
 from relay.receive.handler import (
     AIOSMTPD_REPLIES,
     NETWORK_REFUSED,
@@ -48,6 +46,7 @@ from relay.receive.handler import (
     TOO_MANY_RECIPIENTS,
     Handler,
 )
+from relay.receive.handshake import Handshake
 from relay.receive.introspect import discover
 from relay.settings import Limits, Settings
 
@@ -71,10 +70,8 @@ check_aiosmtpd(aiosmtpd.__version__)
 log = logging.getLogger("relay.receive")
 _SMTP_LOG = logging.getLogger("mail.log")  # aiosmtpd's logger, for the lines it would log
 _NETWORK_REFUSED = logs.Sampled(log, "refused", reason="allow_networks")  # a client's to cause
-_HANDSHAKE_FAILED = logs.Sampled(log, "tls_handshake_failed")  # implicit TLS; likewise
 
 CHUNK = 65536  # DATA is read this much at a time, not a line at a time
-HANDSHAKE_TIMEOUT = 60.0  # seconds a TLS handshake may take at most (asyncio's default)
 YIELD_EVERY = 32  # replies after which a session lets the other sessions run (see `push`)
 
 DEFAULT_LIMITS = Limits()
@@ -106,7 +103,7 @@ _SMTP_FIXED: dict[str, Any] = {
 }
 
 
-class Session(Guard):
+class Session(Handshake):
     """aiosmtpd's SMTP protocol with fast ACKs, network checks and replies we name.
 
     `registry` (the listener's set of open sessions) lets the service close idle
@@ -190,50 +187,9 @@ class Session(Guard):
             self.registry.add(self)
             self._started = self._last_read = self.last_mail = self.loop.time()
             if self._implicit is not None:
-                self._start_tls(transport)
+                self.start_tls(transport)  # connection_made again once it is done
                 return
         super().connection_made(transport)
-
-    def _start_tls(self, transport: Any) -> None:
-        """Implicit TLS, once admitted and counted: with create_server(ssl=...) asyncio
-        called connection_made only after the handshake, so a client that never finished
-        one held a file uncounted, never evicted, for 60 s (Postfix counts at connect).
-        Now the handshake runs under the session, as aiosmtpd's STARTTLS does it (at once,
-        so the ClientHello cannot reach our reader first), within min(idle_timeout, 60 s);
-        when it is done SSLProtocol calls connection_made again, and the session starts
-        as any other. Until then the session is silent to eviction: it has read nothing."""
-        assert self._implicit is not None
-        self._tcp = transport
-        waiter = self.loop.create_future()
-        waiter.add_done_callback(self._handshake_ended)
-        protocol = sslproto.SSLProtocol(
-            self.loop,
-            self,
-            self._implicit,
-            waiter,
-            server_side=True,
-            ssl_handshake_timeout=math.ceil(min(self._timeout_duration, HANDSHAKE_TIMEOUT)),
-        )
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
-
-    def _handshake_ended(self, waiter: asyncio.Future[None]) -> None:
-        tcp, self._tcp = self._tcp, None
-        if self.session is not None:  # connection_made came: the session has begun
-            return
-        # Timed out, not TLS, gone, or evicted: SSLProtocol never tells us connection_lost.
-        error = None if waiter.cancelled() else waiter.exception()
-        _HANDSHAKE_FAILED(peer=self._ip, error=type(error).__name__ if error else "closed")
-        self._uncount()
-        tcp.abort()
-
-    def close_for(self, reason: Refusal, reply: str) -> None:
-        """As Guard's; mid-handshake (implicit TLS) there is no reply to give: drop it."""
-        if self._tcp is not None:
-            metrics.SESSIONS_REFUSED.labels(reason).inc()
-            self._tcp.abort()
-            return
-        super().close_for(reason, reply)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
