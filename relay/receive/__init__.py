@@ -4,9 +4,10 @@
 
 `session` is the aiosmtpd protocol with relay's fast paths, on `handshake` (implicit
 TLS, started once a connection is admitted) on `guard` (a session's hostile-client
-limits: caps, timers, junk commands), with `caps` (session counts, the open-file check); `data` reads DATA (memory budget, spill to a temporary file);
-`handler` applies the limits and relay rules and spools the mail; `auth` answers AUTH,
-with `passwords` (the users file) and `guesses` (slows password guessing).
+limits: caps, timers, junk commands), with `caps` (session counts, the open-file
+check); `data` reads DATA (memory budget, spill to a temporary file); `handler`
+applies the limits and relay rules and spools the mail; `auth` answers AUTH, with
+`passwords` (the users file) and `guesses` (slows password guessing).
 """
 
 from relay.receive.handler import Handler

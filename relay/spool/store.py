@@ -71,7 +71,6 @@ class Spool:
         self.wakeup = asyncio.Event()  # set after each committed add: new mail to deliver
         self.new_id = new_id
         self._closed = False
-        self.syncs = 0  # sync() calls done
         # The delivery side: the calls of one turn of its event loop commit together.
         self._turn_batch = TurnBatch(writer) if writes_now else None
 
@@ -330,7 +329,6 @@ class Spool:
             await asyncio.to_thread(fsync_wal)
         except OSError as exc:
             raise SpoolError(f"spool {self.path}: cannot sync the WAL: {exc}") from exc
-        self.syncs += 1
 
     async def split(
         self, queue_id: str, *, child: str, recipients: Sequence[str], reason: str
