@@ -42,8 +42,8 @@ from relay.deliver.supervisor import delivery_process
 from relay.deliver.task import delivery, purge_sent
 from relay.errors import ConfigError, RelayError, SpoolError
 from relay.metrics.http import serve_http
+from relay.receive.budget import Budget
 from relay.receive.caps import RESERVED_FILES, Caps, open_file_limit, sessions_problem
-from relay.receive.data import Budget
 from relay.receive.handler import Handler
 from relay.receive.passwords import Users
 from relay.receive.session import Session, session_factory

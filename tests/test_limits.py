@@ -14,8 +14,9 @@ import pytest
 
 from relay import logs, metrics, service, settings
 from relay.errors import ConfigError
+from relay.receive.budget import Budget
 from relay.receive.caps import TOO_MANY_FROM_YOU, TOO_MANY_SESSIONS, Caps, sessions_problem
-from relay.receive.data import NO_ROOM, Body, Budget, free_bytes
+from relay.receive.data import NO_ROOM, Body, free_bytes
 from relay.receive.guesses import Guesses
 from relay.settings import BareNewline, Limits
 from relay.spool import DB_NAME

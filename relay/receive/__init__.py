@@ -5,7 +5,7 @@
 `session` is the aiosmtpd protocol with relay's fast paths, on `handshake` (implicit
 TLS, started once a connection is admitted) on `guard` (a session's hostile-client
 limits: caps, timers, junk commands), with `caps` (session counts, the open-file
-check); `data` reads DATA (memory budget, spill to a temporary file); `handler`
+check); `data` reads DATA (spill to a temporary file) within `budget` (memory); `handler`
 applies the limits and relay rules and spools the mail; `auth` answers AUTH, with
 `passwords` (the users file) and `guesses` (slows password guessing).
 """

@@ -36,8 +36,9 @@ import aiosmtpd
 from aiosmtpd.smtp import MISSING, _AuthMechAttr, login_always_fail, syntax
 
 from relay import logs, metrics
+from relay.receive.budget import Budget
 from relay.receive.caps import Caps
-from relay.receive.data import Body, Budget, unread
+from relay.receive.data import Body, unread
 from relay.receive.guard import OVERSHOOT, writable
 from relay.receive.handler import (
     AIOSMTPD_REPLIES,
