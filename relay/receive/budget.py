@@ -20,9 +20,10 @@ from relay import metrics
 class Budget:
     """Bytes of unfinished DATA held in memory by all sessions, against `limit`.
 
-    `trim` (glibc's malloc_trim, when there is one) runs once the bodies in memory are
-    gone after the budget was reached: the many chunk-sized blocks hoarders left behind
-    are then handed back to the system, and RSS returns to what relay needs.
+    `trim` (glibc's malloc_trim, when there is one) runs once the bodies in memory, both
+    unfinished and read back, are gone after the budget was reached: the many blocks
+    hoarders left behind are then handed back to the system, and RSS returns to what
+    relay needs.
     """
 
     def __init__(self, limit: int, *, trim: Callable[[], object] | None = None) -> None:
@@ -55,10 +56,14 @@ class Budget:
         """A body read back by `load` is spooled (or abandoned)."""
         self.loaded -= size
         self._unloaded.set()
+        self._settle()
 
     def release(self, size: int) -> None:
         self.used -= size
-        if self.used == 0 and self._reached:
+        self._settle()
+
+    def _settle(self) -> None:
+        if self.used == 0 and self.loaded == 0 and self._reached:
             self._reached = False
             if self.trim is not None:
                 self.trim()
