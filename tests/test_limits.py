@@ -15,7 +15,13 @@ import pytest
 from relay import logs, metrics, service, settings
 from relay.errors import ConfigError
 from relay.receive.budget import Budget
-from relay.receive.caps import TOO_MANY_FROM_YOU, TOO_MANY_SESSIONS, Caps, sessions_problem
+from relay.receive.caps import (
+    TOO_MANY_FROM_YOU,
+    TOO_MANY_SESSIONS,
+    Caps,
+    client_of,
+    sessions_problem,
+)
 from relay.receive.data import NO_ROOM, Body, free_bytes
 from relay.receive.guesses import Guesses
 from relay.settings import BareNewline, Limits
@@ -60,6 +66,23 @@ def test_every_key_is_read(tmp_path: Path) -> None:
         spill_min_free=0,
     )
     assert expected == load_limits(tmp_path, text)
+
+
+@pytest.mark.parametrize(
+    ("address", "client"),
+    [
+        ("192.0.2.7", "192.0.2.7"),
+        ("::ffff:192.0.2.7", "192.0.2.7"),  # a dual-stack listener's IPv4 client
+        ("2001:db8:5e55::1", "2001:db8:5e55::/84"),
+        ("2001:db8:5e55:0:0:fff:ffff:ffff", "2001:db8:5e55::/84"),
+        ("2001:db8:5e55:0:0:1000::", "2001:db8:5e55::1000:0:0/84"),
+        ("fe80::1%eth0", "fe80::/84"),
+        ("::1", "::/84"),
+        ("/run/relay.sock", "/run/relay.sock"),
+    ],
+)
+def test_a_client_is_an_ipv4_address_or_an_ipv6_slash_84(address: str, client: str) -> None:
+    assert client == client_of(address)
 
 
 @pytest.mark.parametrize(

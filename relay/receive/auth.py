@@ -20,7 +20,7 @@ from typing import Protocol, runtime_checkable
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, _Missing
 
 from relay import logs, metrics
-from relay.receive.caps import Refusal, peer_ip_of
+from relay.receive.caps import Refusal, client_of, peer_ip_of
 from relay.receive.guesses import TOO_MANY_FAILURES, Guesses
 from relay.receive.passwords import Users
 
@@ -86,7 +86,7 @@ class Auth:
         failures = 1 if limited is None else limited.auth_failures + 1
         if limited is not None:
             limited.auth_failures = failures
-        delay = self.guesses.failed(peer, failures)
+        delay = self.guesses.failed(client_of(peer), failures)
         logs.event(
             log,
             "auth_failed",
@@ -94,7 +94,7 @@ class Auth:
             user=name,
             peer=peer,
             on_connection=failures,
-            from_peer=self.guesses.count(peer),
+            from_peer=self.guesses.count(client_of(peer)),
             delay=delay,
         )
         await asyncio.sleep(delay)

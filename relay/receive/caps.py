@@ -20,10 +20,16 @@ holds connections open and says nothing loses them to whoever comes next, and so
 does one that talks without ever sending a mail (EHLO every half second kept a
 session for the whole session_timeout; on a loopback listen, where every client
 is 127.0.0.1, 50 such sessions kept Moodle out).
+
+An IPv6 client is counted by its /84 (`client_of`), as Postfix 3.8 does by default
+(smtpd_client_ipv6_prefix_length): one host is usually handed at least a /64, so
+counting each address would give it 2**64 "clients". The AUTH guess counts use the
+same key.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import resource
 from enum import StrEnum
@@ -40,6 +46,8 @@ RESERVED_FILES = 100
 EVICT_IDLE = 1.0  # seconds of silence before an idle session may make room for a new one
 EVICT_BUSY_IDLE = 30.0  # the same, for a session in a transaction (MAIL given)
 EVICT_BARREN = 30.0  # seconds since it connected or last had a mail accepted: the same
+
+IPV6_PREFIX = 84  # bits of an IPv6 address that name one client (Postfix's default)
 
 TOO_MANY_SESSIONS = "421 4.7.0 Too many connections, try again later"
 TOO_MANY_FROM_YOU = "421 4.7.0 Too many connections from {peer}, try again later"
@@ -66,23 +74,39 @@ class Caps:
         self.total = 0
         self.by_ip: dict[str, int] = {}
 
-    def admit(self, ip: str) -> str | None:
-        """Count a new session from `ip`; the 421 reply instead when a cap is reached."""
+    def admit(self, client: str) -> str | None:
+        """Count a new session from `client` (`client_of` its address); the 421 reply
+        instead when a cap is reached."""
         if self.total >= self.max_sessions:
             return TOO_MANY_SESSIONS
-        held = self.by_ip.get(ip, 0)
+        held = self.by_ip.get(client, 0)
         if held >= self.max_per_ip:
-            return TOO_MANY_FROM_YOU.format(peer=ip)
+            return TOO_MANY_FROM_YOU.format(peer=client)
         self.total += 1
-        self.by_ip[ip] = held + 1
+        self.by_ip[client] = held + 1
         return None
 
-    def release(self, ip: str) -> None:
+    def release(self, client: str) -> None:
         """The session `admit` counted has ended."""
         self.total -= 1
-        held = self.by_ip.pop(ip, 1) - 1
+        held = self.by_ip.pop(client, 1) - 1
         if held > 0:
-            self.by_ip[ip] = held
+            self.by_ip[client] = held
+
+
+def client_of(address: str) -> str:
+    """The client a peer address counts as: an IPv4 address itself (also when mapped into
+    IPv6), an IPv6 address its /IPV6_PREFIX network; anything else (a Unix socket's
+    name) as it is."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])  # no zone: fe80::1%eth0
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, IPV6_PREFIX), strict=False))
+    return str(ip)
 
 
 def open_file_limit() -> tuple[int, int]:

@@ -36,6 +36,7 @@ from relay.receive.caps import (
     TOO_MANY_SESSIONS,
     Caps,
     Refusal,
+    client_of,
     peer_ip_of,
 )
 from relay.settings import Limits
@@ -71,7 +72,7 @@ class Guard(SMTP):
         self.junk = 0  # junk commands and error replies since the last mail accepted
         self.overshoot = 0  # RCPTs answered 452 for being past max_recipients
         self.auth_failures = 0
-        self._ip: str | None = None  # counted in `caps` under this address
+        self._ip: str | None = None  # counted in `caps` as this client (caps.client_of)
         self._started = self._last_read = 0.0
         self.last_mail = 0.0  # when it connected, then when it last had a mail accepted
 
@@ -79,20 +80,21 @@ class Guard(SMTP):
         """Count this new connection in `caps` (evicting a silent one if need be); when
         a cap still refuses it, send the 421, close, and return False."""
         assert self.caps is not None
-        ip = str(peer[0]) if isinstance(peer, tuple) else str(peer)
-        refusal = self.caps.admit(ip)
-        if refusal is not None and self._evict(ip, refusal == TOO_MANY_SESSIONS):
-            refusal = self.caps.admit(ip)
+        address = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        client = client_of(address)
+        refusal = self.caps.admit(client)
+        if refusal is not None and self._evict(client, refusal == TOO_MANY_SESSIONS):
+            refusal = self.caps.admit(client)
         if refusal is not None:
             reason = Refusal.MAX_SESSIONS
             if refusal != TOO_MANY_SESSIONS:
                 reason = Refusal.MAX_SESSIONS_PER_IP
             metrics.SESSIONS_REFUSED.labels(reason).inc()
-            _REFUSED[reason](peer=ip, open=self.caps.total)
+            _REFUSED[reason](peer=address, client=client, open=self.caps.total)
             transport.write(f"{refusal}\r\n".encode())
             transport.close()
             return False
-        self._ip = ip
+        self._ip = client
         return True
 
     @property

@@ -194,6 +194,78 @@ def test_a_connection_flood_under_1024_files_leaves_room_for_moodle(
     assert "Traceback" not in relay.log()
 
 
+IPV6_CLIENTS = "2001:db8:5e55::/64"  # documentation addresses, routed to lo for the test
+IP_FREEBIND = 15  # linux/in.h; Python's socket module does not name it
+
+
+@pytest.fixture
+def ipv6_clients() -> Iterator[Callable[[str], socket.socket]]:
+    """`connect(source)(port)`: a TCP connection to [::1]:port from any address of
+    IPV6_CLIENTS. The prefix is made local (`ip -6 route add local ... dev lo`, which
+    needs root, as CI has) and the socket bound with IP_FREEBIND; removed after."""
+    subprocess.run(["ip", "-6", "route", "add", "local", IPV6_CLIENTS, "dev", "lo"], check=True)
+
+    def connect(source: str) -> Callable[[int], socket.socket]:
+        def to(port: int) -> socket.socket:
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+            sock.settimeout(5)
+            sock.bind((source, 0))
+            sock.connect(("::1", port))
+            return sock
+
+        return to
+
+    try:
+        yield connect
+    finally:
+        subprocess.run(["ip", "-6", "route", "del", "local", IPV6_CLIENTS, "dev", "lo"])
+
+
+def test_an_ipv6_client_is_counted_by_its_prefix_not_its_address(
+    write_config: ConfigWriter,
+    relay_process: Callable[[Path], RelayProcess],
+    capture: CaptureServer,
+    ipv6_clients: Callable[[str], Callable[[int], socket.socket]],
+) -> None:
+    """max_sessions_per_ip 5 on [::1]: five connections from five addresses of one /84
+    are held, a sixth from yet another address of it gets 421 4.7.0, as Postfix 3.8
+    counts them (smtpd_client_ipv6_prefix_length 84). A client of the next /84 and
+    Moodle on ::1 still get in, and Moodle's mail is queued and delivered. Counted by
+    address, all six were let in: a host with a /64 had 2**64 "clients"."""
+    relay = relay_process(
+        write_config(
+            listen="[::1]:0",
+            upstream={"host": "127.0.0.1", "port": capture.port},
+            limits={"max_sessions_per_ip": 5},
+        )
+    )
+    relay.host = "::1"
+    relay.start()
+    held = [ipv6_clients(f"2001:db8:5e55::{n:x}")(relay.port) for n in range(1, 6)]
+    sixth = ipv6_clients("2001:db8:5e55::f:ffff")(relay.port)  # the same /84
+    neighbour = ipv6_clients("2001:db8:5e55:0:0:1000::1")(relay.port)  # the next /84
+    greetings = [sock.recv(200).decode(errors="replace")[:9] for sock in [*held, sixth, neighbour]]
+    mail = MailFactory("ipv6")()
+    while mail.route != "upstream":
+        mail = MailFactory("ipv6")()
+    with smtplib.SMTP("::1", relay.port, timeout=10) as client:
+        client.ehlo("moodle.test")
+        client.mail(mail.sender)
+        for rcpt in mail.recipients:
+            client.rcpt(rcpt)
+        code, _ = client.data(mail.raw)
+    delivered = [m for m in capture.wait_for(1, timeout=30) if m.message_id == mail.message_id]
+    for sock in [*held, sixth, neighbour]:
+        sock.close()
+    print(f"IPv6 /84: greetings {greetings}; Moodle on ::1: {code}, delivered {bool(delivered)}")
+    assert ["220 relay"] * 5 == greetings[:5]
+    assert "421 4.7.0" == greetings[5]
+    assert "220 relay" == greetings[6]
+    assert 250 == code and delivered
+    assert "2001:db8:5e55::/84" in relay.log_path.read_text()
+
+
 def test_max_sessions_that_cannot_fit_the_open_file_limit_is_refused_at_start(
     write_config: ConfigWriter, limited: Callable[..., Limited]
 ) -> None:

@@ -45,6 +45,7 @@ class RelayProcess:
     prefix: list[str] = field(default_factory=list)  # a command that runs it (a sandbox)
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
+    host: str = "127.0.0.1"  # where start() checks that it listens
 
     def start(self, *, timeout: float = 15.0) -> RelayProcess:
         port_file = self.config.parent / f"port.{time.monotonic_ns()}"
@@ -64,7 +65,7 @@ class RelayProcess:
                 raise AssertionError(f"relay serve exited {self.proc.returncode}:\n{self.log()}")
             if port_file.exists():
                 self.port = int(port_file.read_text())
-                with socket.create_connection(("127.0.0.1", self.port), timeout=5):
+                with socket.create_connection((self.host, self.port), timeout=5):
                     return self
             time.sleep(0.02)
         raise AssertionError(f"relay serve did not start within {timeout}s:\n{self.log()}")
