@@ -7,6 +7,7 @@ import pytest
 pytest.register_assert_rewrite("tests.support")
 
 pytest_plugins = [
+    "tests.support.addresses",
     "tests.support.aws",
     "tests.support.capture",
     "tests.support.fakeses",

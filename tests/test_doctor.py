@@ -311,3 +311,50 @@ def test_doctor_without_senders_and_ses_disabled(
     assert expected == lines
     assert 0 == code
     assert [] == capture.messages
+
+
+@pytest.mark.system  # remote_address puts 192.0.2.25 on lo (root)
+def test_doctor_warns_when_mail_or_a_password_would_go_in_clear(
+    remote_address: str, tls_files: TlsFiles, write_config: ConfigWriter, tmp_path: Path
+) -> None:
+    """`upstream.security: none` to a host that is not this machine, which offers STARTTLS
+    (and AUTH only after it): without a username, ok and a warn saying to set starttls;
+    with one, the AUTH fails there and the warn names the password too. The same host on
+    127.0.0.1 gets no warn: nothing leaves the machine."""
+    login = (b"moodle", PASSWORD.encode())
+    context = server_context(tls_files)
+    runs = {}
+    with CaptureServer(host="0.0.0.0", tls="starttls", tls_context=context, login=login) as host:
+        for name, address, user in (
+            ("remote", remote_address, {}),
+            ("remote, username", remote_address, {"username": "moodle"}),
+            ("loopback", "127.0.0.1", {}),
+        ):
+            upstream = {"host": address, "port": host.port, "security": "none", **user}
+            if user:
+                upstream["password_env"] = "DOCTOR_PW"
+            config = write_config(upstream=upstream, ses={"enabled": False})
+            code, lines, _ = run_doctor(config, DOCTOR_PW=PASSWORD)
+            runs[name] = (code, [line for line in lines if "upstream" in line[:16]])
+    print("\n".join(f"{name}: {run}" for name, run in runs.items()))
+    where = f"{remote_address}:{host.port}"
+    assert runs["remote"] == (
+        0,
+        [
+            f"ok    upstream  {where}: EHLO ok (no mail sent)",
+            f"warn  upstream  {where}: offers STARTTLS but security is none: every mail goes"
+            " in clear; set upstream.security: starttls",
+        ],
+    )
+    code, lines = runs["remote, username"]
+    assert 1 == code
+    assert lines[0].startswith(f"FAIL  upstream  {where}: AUTH failed: ")
+    assert lines[1:] == [
+        f"warn  upstream  {where}: security none: the password of moodle and every mail go in"
+        " clear; set upstream.security: starttls"
+    ]
+    assert runs["loopback"] == (
+        0,
+        [f"ok    upstream  127.0.0.1:{host.port}: EHLO ok (no mail sent)"],
+    )
+    assert [] == host.messages

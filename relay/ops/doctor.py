@@ -4,7 +4,8 @@
     FAIL  upstream  127.0.0.1:2526: connection refused
 
 Checks, in order: config and rules load (stop there if not); spool writable;
-original host (EHLO, STARTTLS, AUTH as configured; no mail sent); SES account
+original host (EHLO, STARTTLS, AUTH as configured; no mail sent; a warn when mail or a
+password would go in clear to another machine); SES account
 (credentials via GetSendQuota, quota, sending enabled, sandbox), each sender and From
 domain once (a verified parent domain covers it), configuration sets, the DKIM-Signature
 of sample mail (`--sample`, else SES-bound mail still in the spool; relay.ops.sescheck);
@@ -44,7 +45,7 @@ from relay.mail import Mail
 from relay.ops import dnscheck, feedbackcheck, sescheck
 from relay.receive.data import free_bytes
 from relay.rules import Route, RuleSet
-from relay.settings import Security, Settings
+from relay.settings import HostPort, Security, Settings
 from relay.spool import DB_NAME, state_counts
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -232,10 +233,12 @@ async def _upstream(report: Report, settings: Settings) -> None:
         tls_context=context,
     )
     step, done = "", ["TLS" if s.security is Security.TLS else "EHLO"]
+    in_clear: str | None = None
     try:
         await smtp.connect()
         step = "EHLO failed: "
         await smtp.ehlo()
+        in_clear = _in_clear(settings, offered=smtp.supports_extension("starttls"))
         if s.security is Security.STARTTLS:
             step = "STARTTLS failed: "
             await smtp.starttls()
@@ -256,10 +259,29 @@ async def _upstream(report: Report, settings: Settings) -> None:
         else:
             why = str(exc) or type(exc).__name__
         report.line(FAIL, "upstream", f"{s.host}:{s.port}: {step}{why}")
-        return
+    else:
+        report.line(OK, "upstream", f"{s.host}:{s.port}: {', '.join(done)} ok (no mail sent)")
     finally:
         smtp.close()
-    report.line(OK, "upstream", f"{s.host}:{s.port}: {', '.join(done)} ok (no mail sent)")
+    if in_clear is not None:
+        report.line(WARN, "upstream", f"{s.host}:{s.port}: {in_clear}")
+
+
+def _in_clear(settings: Settings, *, offered: bool) -> str | None:
+    """What crosses the network unencrypted with `upstream.security: none` to a host that
+    is not this machine, and what to set instead (Postfix's smtp_tls_note_starttls_offer
+    notes a STARTTLS left unused); None when nothing does."""
+    s = settings.upstream
+    if s.security is not Security.NONE or HostPort(host=s.host, port=s.port).is_loopback:
+        return None
+    fix = "set upstream.security: starttls"
+    if s.username:
+        if not offered:
+            fix += " or tls, if the host has either"
+        return f"security none: the password of {s.username} and every mail go in clear; {fix}"
+    if offered:
+        return f"offers STARTTLS but security is none: every mail goes in clear; {fix}"
+    return None
 
 
 async def _dns(

@@ -33,6 +33,7 @@ import pytest
 from relay.receive.handler import extract_message_id
 from relay.receive.passwords import hash_password
 from relay.spool import DB_NAME
+from tests.support.addresses import Connect
 from tests.support.aws import REGION
 from tests.support.capture import CaptureServer
 from tests.support.fakeses import FakeSes
@@ -194,39 +195,11 @@ def test_a_connection_flood_under_1024_files_leaves_room_for_moodle(
     assert "Traceback" not in relay.log()
 
 
-IPV6_CLIENTS = "2001:db8:5e55::/64"  # documentation addresses, routed to lo for the test
-IP_FREEBIND = 15  # linux/in.h; Python's socket module does not name it
-
-
-@pytest.fixture
-def ipv6_clients() -> Iterator[Callable[[str], socket.socket]]:
-    """`connect(source)(port)`: a TCP connection to [::1]:port from any address of
-    IPV6_CLIENTS. The prefix is made local (`ip -6 route add local ... dev lo`, which
-    needs root, as CI has) and the socket bound with IP_FREEBIND; removed after."""
-    subprocess.run(["ip", "-6", "route", "add", "local", IPV6_CLIENTS, "dev", "lo"], check=True)
-
-    def connect(source: str) -> Callable[[int], socket.socket]:
-        def to(port: int) -> socket.socket:
-            sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
-            sock.settimeout(5)
-            sock.bind((source, 0))
-            sock.connect(("::1", port))
-            return sock
-
-        return to
-
-    try:
-        yield connect
-    finally:
-        subprocess.run(["ip", "-6", "route", "del", "local", IPV6_CLIENTS, "dev", "lo"])
-
-
 def test_an_ipv6_client_is_counted_by_its_prefix_not_its_address(
     write_config: ConfigWriter,
     relay_process: Callable[[Path], RelayProcess],
     capture: CaptureServer,
-    ipv6_clients: Callable[[str], Callable[[int], socket.socket]],
+    ipv6_clients: Callable[[str], Connect],
 ) -> None:
     """max_sessions_per_ip 5 on [::1]: five connections from five addresses of one /84
     are held, a sixth from yet another address of it gets 421 4.7.0, as Postfix 3.8
