@@ -516,9 +516,21 @@ UPSTREAM_CASES = [
         "5xx-failed-dead-letter", USER_UNKNOWN, [f"fail Q1 moodle via upstream: {P550} to=a@x.org"]
     ),
     upstream_case("attempt-0-first-step", TRY_LATER, [deferred(60, T451)], attempts=0),
-    upstream_case("attempt-3-third-step", TRY_LATER, [deferred(900, T451)], attempts=3),
-    upstream_case("attempt-5-last-step", TRY_LATER, [deferred(3600, T451)], attempts=5),
-    upstream_case("past-schedule-last-step", TRY_LATER, [deferred(3600, T451)], attempts=40),
+    upstream_case("attempt-3-third-step", TRY_LATER, [deferred(900, T451)], attempts=3, age=400),
+    upstream_case("attempt-5-last-step", TRY_LATER, [deferred(3600, T451)], attempts=5, age=4000),
+    upstream_case(
+        "past-schedule-last-step", TRY_LATER, [deferred(3600, T451)], attempts=40, age=4000
+    ),
+    # The step is never further along than the mail's age reaches (60, 360, 1260, 3060 s):
+    upstream_case(  # nine tries in SES's five minutes, then a first 4xx from the host
+        "ses-attempts-step-by-age", TRY_LATER, [deferred(300, T451)], attempts=9, age=300
+    ),
+    upstream_case(  # `relay queue retry` of a failed mail: its age starts again
+        "many-attempts-young-first-step", TRY_LATER, [deferred(60, T451)], attempts=12, age=10
+    ),
+    upstream_case(
+        "age-at-a-step-reaches-it", TRY_LATER, [deferred(900, T451)], attempts=3, age=359.5
+    ),
     upstream_case(
         "configured-schedule", TRY_LATER, [deferred(7, T451)], attempts=4, schedule=(5.0, 7.0)
     ),

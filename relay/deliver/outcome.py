@@ -208,7 +208,7 @@ class Outcomes:
             failures = [*refused, *expired]
             await self.fail(mail, decision, route, reply, failures, reason=reason, why="max_age")
             return
-        delay = retry.schedule[min(max(mail.attempts, 1), len(retry.schedule)) - 1]
+        delay = retry.step(mail.attempts, age)
         await self.record(
             self.spool.defer,
             mail.id,

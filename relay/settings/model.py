@@ -141,6 +141,22 @@ class Retry:
     schedule: tuple[float, ...] = (60.0, 300.0, 900.0, 1800.0, 3600.0)
     max_age: float = 432000.0
 
+    def step(self, attempts: int, age: float) -> float:
+        """Seconds to wait after a mail's `attempts`-th try failed for now, `age` seconds
+        after it arrived (or was retried by hand): the schedule's step for its attempts,
+        but never further along than its age reaches (a second's slack). Its SES
+        attempts count in `attempts` too: ten in SES's first five minutes made a first
+        4xx from the original host wait the last step, an hour; by age it waits the
+        second, as Postfix, which backs off by a mail's age, would."""
+        by_attempts = min(max(attempts, 1), len(self.schedule)) - 1
+        by_age, reached = 0, 0.0
+        for step in self.schedule[:-1]:
+            reached += step
+            if age + 1.0 < reached:
+                break
+            by_age += 1
+        return self.schedule[min(by_attempts, by_age)]
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Bounces:
