@@ -449,8 +449,8 @@ async def test_session_state_is_what_aiosmtpd_init_makes(
     reference._implicit, reference._tcp = None, None
     # relay's own hostile-client limits (caps, junk, AUTH failures, timers from the last
     # read): not aiosmtpd's, so set as relay sets them; the idle timeout is aiosmtpd's 300 s.
-    reference.caps, reference._ip, reference._started, reference._last_read = None, None, 0, 0
-    reference.last_mail = 0.0
+    reference.caps, reference._client, reference._started, reference._last_read = None, None, 0, 0
+    reference.last_mail, reference._address = 0.0, "?"
     reference.session_timeout = running.settings.limits.session_timeout
     reference.junk_limit = running.settings.limits.max_junk_commands
     reference.junk, reference.auth_failures, reference.overshoot = 0, 0, 0

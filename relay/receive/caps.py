@@ -140,6 +140,7 @@ def sessions_problem(max_sessions: int, soft: int) -> str | None:
 
 
 def peer_ip_of(session: SmtpSession) -> str:
-    """The client address of a session, as the caps count it (and logs and traces name it)."""
+    """The client address of a session, as logs and traces name it (the caps count it as
+    `client_of` this)."""
     peer = session.peer
     return str(peer[0]) if isinstance(peer, tuple) else str(peer)

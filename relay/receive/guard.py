@@ -72,7 +72,8 @@ class Guard(SMTP):
         self.junk = 0  # junk commands and error replies since the last mail accepted
         self.overshoot = 0  # RCPTs answered 452 for being past max_recipients
         self.auth_failures = 0
-        self._ip: str | None = None  # counted in `caps` as this client (caps.client_of)
+        self._client: str | None = None  # counted in `caps` as this client (caps.client_of)
+        self._address = "?"  # the peer's own address
         self._started = self._last_read = 0.0
         self.last_mail = 0.0  # when it connected, then when it last had a mail accepted
 
@@ -94,7 +95,7 @@ class Guard(SMTP):
             transport.write(f"{refusal}\r\n".encode())
             transport.close()
             return False
-        self._ip = client
+        self._client, self._address = client, address
         return True
 
     @property
@@ -108,17 +109,17 @@ class Guard(SMTP):
 
     def _uncount(self) -> None:
         self.registry.discard(self)
-        if self._ip is not None and self.caps is not None:
-            self.caps.release(self._ip)
-            self._ip = None
+        if self._client is not None and self.caps is not None:
+            self.caps.release(self._client)
+            self._client = None
 
-    def _evict(self, ip: str, anyone: bool) -> bool:
-        """Close the session (anyone's, or `ip`'s) furthest past its eviction idle time or
+    def _evict(self, client: str, anyone: bool) -> bool:
+        """Close the session (anyone's, or `client`'s) furthest past its eviction idle time or
         EVICT_BARREN, to make room for this one (see relay.receive.caps); True if one was."""
         now = self.loop.time()
         victim, most = None, 0.0
         for session in self.registry:
-            if anyone or session._ip == ip:
+            if anyone or session._client == client:
                 quiet = now - session._last_read - (EVICT_BUSY_IDLE if session.busy else EVICT_IDLE)
                 over = max(quiet, now - session.last_mail - EVICT_BARREN)
                 if over >= most:

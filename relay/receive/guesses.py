@@ -1,12 +1,12 @@
 """Password guessing: how long a failed SMTP AUTH waits before its 535, per connection and
-per client address.
+per client (`caps.client_of`: an IPv4 address, an IPv6 /84).
 
     Handler._check --failed--> Guesses.failed(ip, on_connection) --> delay --> 535 (or 421)
 
 Postfix sleeps 1 s per error once a session has made 10 (smtpd_soft_error_limit,
 smtpd_error_sleep_time) and disconnects at 20. relay closes a connection after
 `limits.max_auth_failures` and, before each 535, waits 1 s per earlier failure on
-the connection or per failure beyond FREE_FAILURES from the client's address in
+the connection or per failure beyond FREE_FAILURES from the client in
 the last WINDOW seconds, whichever is more, up to MAX_DELAY. So a guesser that
 reconnects is slowed too, while a Moodle with a mistyped password (one failure
 per mail, from one address) is not held up for its first ten.
@@ -19,15 +19,15 @@ from collections.abc import Callable
 
 STEP = 1.0  # seconds of delay per counted failure
 MAX_DELAY = 10.0
-FREE_FAILURES = 10  # failures from one address in WINDOW before the address is slowed
-WINDOW = 600.0  # seconds a failure counts against its address
-MAX_ADDRESSES = 10000  # addresses remembered; the oldest are forgotten first
+FREE_FAILURES = 10  # failures from one client in WINDOW before the client is slowed
+WINDOW = 600.0  # seconds a failure counts against its client
+MAX_ADDRESSES = 10000  # clients remembered; the oldest are forgotten first
 
 TOO_MANY_FAILURES = "421 4.7.0 {host} Error: too many authentication failures"
 
 
 class Guesses:
-    """Recent AUTH failures by client address (bounded), and the delay they earn."""
+    """Recent AUTH failures by client (bounded), and the delay they earn."""
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock

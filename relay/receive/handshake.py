@@ -62,7 +62,7 @@ class Handshake(Guard):
             return
         # Timed out, not TLS, gone, or evicted: SSLProtocol never tells us connection_lost.
         error = None if waiter.cancelled() else waiter.exception()
-        _FAILED(peer=self._ip, error=type(error).__name__ if error else "closed")
+        _FAILED(peer=self._address, error=type(error).__name__ if error else "closed")
         self._uncount()
         tcp.abort()
 

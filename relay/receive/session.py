@@ -259,13 +259,21 @@ class Session(Handshake):
                     if self.budget is not None:
                         await self.budget.load(body.size)
                         loaded = body.size
-                    content = await asyncio.to_thread(body.content)
+                    reading = asyncio.ensure_future(asyncio.to_thread(body.content))
+                    try:
+                        content = await asyncio.shield(reading)
+                    finally:  # cancelled (connection lost): the thread still reads the body
+                        if not reading.done():
+                            await asyncio.wait([reading])
+                        del reading  # its result is the body too (see the unload below)
                 else:
                     content = body.content()
             self.envelope.content = self.envelope.original_content = content
             status = await self._call_handler_hook("DATA")
         finally:
             if loaded and self.budget is not None:
+                content = b""  # the body's memory goes before unload may trim the heap
+                self.envelope.content = self.envelope.original_content = None
                 self.budget.unload(loaded)
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         if status is not MISSING and status.startswith("250"):
