@@ -15,6 +15,7 @@ import boto3
 import pytest
 
 from relay import spool as spool_mod
+from relay.ops import doctor
 from tests.support.aws import REGION
 from tests.support.capture import CaptureServer
 from tests.support.fakedns import FakeDns
@@ -313,31 +314,36 @@ def test_doctor_without_senders_and_ses_disabled(
     assert [] == capture.messages
 
 
-@pytest.mark.system  # remote_address puts 192.0.2.25 on lo (root)
+@pytest.mark.system  # ipv6_route routes 2001:db8:5e55::/64 to lo (root)
 def test_doctor_warns_when_mail_or_a_password_would_go_in_clear(
-    remote_address: str, tls_files: TlsFiles, write_config: ConfigWriter, tmp_path: Path
+    ipv6_route: str, tls_files: TlsFiles, write_config: ConfigWriter, tmp_path: Path
 ) -> None:
-    """`upstream.security: none` to a host that is not this machine, which offers STARTTLS
-    (and AUTH only after it): without a username, ok and a warn saying to set starttls;
-    with one, the AUTH fails there and the warn names the password too. The same host on
-    127.0.0.1 gets no warn: nothing leaves the machine."""
+    """`upstream.security: none` to a host that is not this machine (2001:db8:5e55::25,
+    answered by a listener on "::" but no address of this machine), which offers
+    STARTTLS (and AUTH only after it): without a username, ok and a warn saying to set
+    starttls; with one, the AUTH fails there and the warn names the password too. The
+    same host on ::1 gets no warn: nothing leaves the machine. A username with the host
+    down: the FAIL, and the warn still, from the config alone."""
     login = (b"moodle", PASSWORD.encode())
     context = server_context(tls_files)
+    remote = "2001:db8:5e55::25"
     runs = {}
-    with CaptureServer(host="0.0.0.0", tls="starttls", tls_context=context, login=login) as host:
-        for name, address, user in (
-            ("remote", remote_address, {}),
-            ("remote, username", remote_address, {"username": "moodle"}),
-            ("loopback", "127.0.0.1", {}),
+    with CaptureServer(host="::", tls="starttls", tls_context=context, login=login) as host:
+        down = free_port()
+        for name, address, port, user in (
+            ("remote", remote, host.port, {}),
+            ("remote, username", remote, host.port, {"username": "moodle"}),
+            ("loopback", "::1", host.port, {}),
+            ("remote down, username", remote, down, {"username": "moodle"}),
         ):
-            upstream = {"host": address, "port": host.port, "security": "none", **user}
+            upstream = {"host": address, "port": port, "security": "none", **user}
             if user:
                 upstream["password_env"] = "DOCTOR_PW"
             config = write_config(upstream=upstream, ses={"enabled": False})
             code, lines, _ = run_doctor(config, DOCTOR_PW=PASSWORD)
             runs[name] = (code, [line for line in lines if "upstream" in line[:16]])
     print("\n".join(f"{name}: {run}" for name, run in runs.items()))
-    where = f"{remote_address}:{host.port}"
+    where = f"{remote}:{host.port}"
     assert runs["remote"] == (
         0,
         [
@@ -353,8 +359,30 @@ def test_doctor_warns_when_mail_or_a_password_would_go_in_clear(
         f"warn  upstream  {where}: security none: the password of moodle and every mail go in"
         " clear; set upstream.security: starttls"
     ]
-    assert runs["loopback"] == (
-        0,
-        [f"ok    upstream  127.0.0.1:{host.port}: EHLO ok (no mail sent)"],
-    )
+    assert runs["loopback"] == (0, [f"ok    upstream  ::1:{host.port}: EHLO ok (no mail sent)"])
+    code, lines = runs["remote down, username"]
+    assert 1 == code
+    assert lines == [
+        f"FAIL  upstream  {remote}:{down}: connection refused",
+        f"warn  upstream  {remote}:{down}: security none: the password of moodle and every"
+        " mail go in clear; set upstream.security: starttls or tls, if the host has either",
+    ]
     assert [] == host.messages
+
+
+@pytest.mark.parametrize(
+    ("host", "local"),
+    [
+        ("127.0.0.1", True),
+        ("127.0.0.53", True),
+        ("::1", True),
+        ("::ffff:127.0.0.1", True),
+        ("localhost", True),
+        ("LOCALHOST.", True),
+        ("192.0.2.99", False),  # TEST-NET-1: no machine's address
+        ("2001:db8::99", False),
+        ("mail.example.org", False),  # a name: judged by the address connected to
+    ],
+)
+def test_what_counts_as_this_machine(host: str, local: bool) -> None:
+    assert local == doctor._on_this_machine(host)

@@ -4,8 +4,8 @@
     FAIL  upstream  127.0.0.1:2526: connection refused
 
 Checks, in order: config and rules load (stop there if not); spool writable;
-original host (EHLO, STARTTLS, AUTH as configured; no mail sent; a warn when mail or a
-password would go in clear to another machine); SES account
+original host (EHLO, STARTTLS, AUTH as configured; no mail sent; with security none to
+another machine, a warn when a password would go in clear or STARTTLS is offered); SES account
 (credentials via GetSendQuota, quota, sending enabled, sandbox), each sender and From
 domain once (a verified parent domain covers it), configuration sets, the DKIM-Signature
 of sample mail (`--sample`, else SES-bound mail still in the spool; relay.ops.sescheck);
@@ -23,8 +23,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import json
 import os
+import socket
 import sqlite3
 import ssl
 import tempfile
@@ -45,7 +47,7 @@ from relay.mail import Mail
 from relay.ops import dnscheck, feedbackcheck, sescheck
 from relay.receive.data import free_bytes
 from relay.rules import Route, RuleSet
-from relay.settings import HostPort, Security, Settings
+from relay.settings import Security, Settings
 from relay.spool import DB_NAME, state_counts
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -233,12 +235,16 @@ async def _upstream(report: Report, settings: Settings) -> None:
         tls_context=context,
     )
     step, done = "", ["TLS" if s.security is Security.TLS else "EHLO"]
-    in_clear: str | None = None
+    in_clear = _in_clear(settings, offered=False)  # unreachable: what the config says
     try:
         await smtp.connect()
         step = "EHLO failed: "
         await smtp.ehlo()
-        in_clear = _in_clear(settings, offered=smtp.supports_extension("starttls"))
+        in_clear = _in_clear(
+            settings,
+            offered=smtp.supports_extension("starttls"),
+            peer=smtp.get_transport_info("peername"),
+        )
         if s.security is Security.STARTTLS:
             step = "STARTTLS failed: "
             await smtp.starttls()
@@ -267,12 +273,15 @@ async def _upstream(report: Report, settings: Settings) -> None:
         report.line(WARN, "upstream", f"{s.host}:{s.port}: {in_clear}")
 
 
-def _in_clear(settings: Settings, *, offered: bool) -> str | None:
+def _in_clear(
+    settings: Settings, *, offered: bool, peer: tuple[str, int] | None = None
+) -> str | None:
     """What crosses the network unencrypted with `upstream.security: none` to a host that
-    is not this machine, and what to set instead (Postfix's smtp_tls_note_starttls_offer
-    notes a STARTTLS left unused); None when nothing does."""
+    is not this machine (judged by the address connected to, `peer`, when there is one;
+    else by the configured host), and what to set instead (Postfix's
+    smtp_tls_note_starttls_offer notes a STARTTLS left unused); None when nothing does."""
     s = settings.upstream
-    if s.security is not Security.NONE or HostPort(host=s.host, port=s.port).is_loopback:
+    if s.security is not Security.NONE or _on_this_machine(peer[0] if peer else s.host):
         return None
     fix = "set upstream.security: starttls"
     if s.username:
@@ -282,6 +291,27 @@ def _in_clear(settings: Settings, *, offered: bool) -> str | None:
     if offered:
         return f"offers STARTTLS but security is none: every mail goes in clear; {fix}"
     return None
+
+
+def _on_this_machine(host: str) -> bool:
+    """A loopback address (also mapped into IPv6), or one of this machine's own."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return True
+    with (
+        contextlib.suppress(OSError),
+        socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET) as probe,
+    ):
+        probe.bind((str(ip), 0))  # only an address of this machine can be bound
+        return True
+    return False
 
 
 async def _dns(

@@ -1,12 +1,15 @@
-"""Addresses on `lo` that are not loopback addresses, for what relay treats differently
-when a peer is another machine: an original host that is not this one, IPv6 clients.
+"""IPv6 documentation addresses routed to `lo`, for what relay treats differently when a
+peer is another machine: IPv6 clients counted by prefix, an original host elsewhere.
 
-    remote_address       -> "192.0.2.25", added to lo (a server can listen on it)
+    ipv6_route           -> "2001:db8:5e55::/64", routed to lo (`ip -6 route add local`):
+                            a listener on "::" answers every address in it, yet none is
+                            an address of this machine (none can be bound without
+                            IP_FREEBIND), as if each were another host
     ipv6_clients(source) -> connect(port): a connection to [::1]:port from `source`, any
-                            address of IPV6_CLIENTS (routed to lo, bound with IP_FREEBIND)
+                            address of the route (bound with IP_FREEBIND)
 
-Both change the machine's network set-up for the test and undo it after, with `ip`
-(iproute2), which needs root (as CI has): the tests that use them are `system` tests.
+The route changes the machine's network set-up for the test and is removed after, with
+`ip` (iproute2), which needs root (as CI has): the tests that use it are `system` tests.
 """
 
 from __future__ import annotations
@@ -17,8 +20,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-REMOTE = "192.0.2.25"  # TEST-NET-1: not loopback to relay, yet this machine
-IPV6_CLIENTS = "2001:db8:5e55::/64"  # documentation addresses
+IPV6_ROUTE = "2001:db8:5e55::/64"
 IP_FREEBIND = 15  # linux/in.h; Python's socket module does not name it
 
 Connect = Callable[[int], socket.socket]
@@ -29,18 +31,16 @@ def _ip(*args: str, check: bool = True) -> None:
 
 
 @pytest.fixture
-def remote_address() -> Iterator[str]:
-    _ip("addr", "add", f"{REMOTE}/32", "dev", "lo")
+def ipv6_route() -> Iterator[str]:
+    _ip("-6", "route", "add", "local", IPV6_ROUTE, "dev", "lo")
     try:
-        yield REMOTE
+        yield IPV6_ROUTE
     finally:
-        _ip("addr", "del", f"{REMOTE}/32", "dev", "lo", check=False)
+        _ip("-6", "route", "del", "local", IPV6_ROUTE, "dev", "lo", check=False)
 
 
 @pytest.fixture
-def ipv6_clients() -> Iterator[Callable[[str], Connect]]:
-    _ip("-6", "route", "add", "local", IPV6_CLIENTS, "dev", "lo")
-
+def ipv6_clients(ipv6_route: str) -> Callable[[str], Connect]:
     def client(source: str) -> Connect:
         def connect(port: int) -> socket.socket:
             sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
@@ -52,7 +52,4 @@ def ipv6_clients() -> Iterator[Callable[[str], Connect]]:
 
         return connect
 
-    try:
-        yield client
-    finally:
-        _ip("-6", "route", "del", "local", IPV6_CLIENTS, "dev", "lo", check=False)
+    return client
