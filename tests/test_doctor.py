@@ -15,7 +15,7 @@ import boto3
 import pytest
 
 from relay import spool as spool_mod
-from relay.ops import doctor
+from relay.ops import upstreamcheck
 from tests.support.aws import REGION
 from tests.support.capture import CaptureServer
 from tests.support.fakedns import FakeDns
@@ -385,4 +385,4 @@ def test_doctor_warns_when_mail_or_a_password_would_go_in_clear(
     ],
 )
 def test_what_counts_as_this_machine(host: str, local: bool) -> None:
-    assert local == doctor._on_this_machine(host)
+    assert local == upstreamcheck.on_this_machine(host)

@@ -4,8 +4,8 @@
     FAIL  upstream  127.0.0.1:2526: connection refused
 
 Checks, in order: config and rules load (stop there if not); spool writable;
-original host (EHLO, STARTTLS, AUTH as configured; no mail sent; with security none to
-another machine, a warn when a password would go in clear or STARTTLS is offered); SES account
+original host (EHLO, STARTTLS, AUTH as configured; no mail sent; relay.ops.upstreamcheck,
+which also warns of clear text to another machine); SES account
 (credentials via GetSendQuota, quota, sending enabled, sandbox), each sender and From
 domain once (a verified parent domain covers it), configuration sets, the DKIM-Signature
 of sample mail (`--sample`, else SES-bound mail still in the spool; relay.ops.sescheck);
@@ -23,12 +23,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import ipaddress
 import json
 import os
-import socket
 import sqlite3
-import ssl
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -36,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import aiosmtplib
 import click
 import dns.exception
 
@@ -44,14 +40,13 @@ from relay import rules
 from relay import settings as settings_mod
 from relay.errors import ConfigError, DeliveryError
 from relay.mail import Mail
-from relay.ops import dnscheck, feedbackcheck, sescheck
+from relay.ops import dnscheck, feedbackcheck, sescheck, upstreamcheck
 from relay.receive.data import free_bytes
 from relay.rules import Route, RuleSet
-from relay.settings import Security, Settings
+from relay.settings import Settings
 from relay.spool import DB_NAME, state_counts
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
-SMTP_TIMEOUT = 10.0  # seconds per SMTP step, at most
 SENDER_WINDOW = 7 * 86400.0  # spool rows this recent name the senders to check
 SPOOL_SAMPLES = 20  # SES-bound mails in the spool whose From and DKIM-Signature are checked
 MAX_DETAIL = 300  # characters of a detail shown; an HTML error page is not useful
@@ -123,7 +118,8 @@ async def _run(
         count = len(ruleset.rules)
         report.line(OK, "config", f"{names} load ({count} rule{'s' * (count != 1)})")
     seen = await asyncio.to_thread(_spool, report, settings.spool, settings.limits.spill_min_free)
-    await _upstream(report, settings)
+    for line in await upstreamcheck.lines(settings):
+        report.line(*line)
     if not settings.ses.enabled:
         report.line(OK, "ses", "disabled (ses.enabled: false); SES and DNS checks skipped")
         return int(report.failed)
@@ -217,101 +213,6 @@ def _spool_samples(directory: Path, ruleset: RuleSet) -> list[tuple[str, bytes]]
         if ruleset.classify(mail).route is Route.SES:
             found.append((f"spool mail {queue_id}", bytes(body)))
     return found[:SPOOL_SAMPLES]
-
-
-async def _upstream(report: Report, settings: Settings) -> None:
-    """EHLO, then STARTTLS and AUTH as configured; QUIT without sending."""
-    s = settings.upstream
-    context = ssl.create_default_context()
-    if not s.verify_tls:
-        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-    smtp = aiosmtplib.SMTP(
-        hostname=s.host,
-        port=s.port,
-        local_hostname=settings.hostname,
-        start_tls=False,
-        timeout=min(s.timeout, SMTP_TIMEOUT),
-        use_tls=s.security is Security.TLS,
-        tls_context=context,
-    )
-    step, done = "", ["TLS" if s.security is Security.TLS else "EHLO"]
-    in_clear = _in_clear(settings, offered=False)  # unreachable: what the config says
-    try:
-        await smtp.connect()
-        step = "EHLO failed: "
-        await smtp.ehlo()
-        in_clear = _in_clear(
-            settings,
-            offered=smtp.supports_extension("starttls"),
-            peer=smtp.get_transport_info("peername"),
-        )
-        if s.security is Security.STARTTLS:
-            step = "STARTTLS failed: "
-            await smtp.starttls()
-            done.append("STARTTLS")
-        if s.username:
-            step = "AUTH failed: "
-            password = s.password()
-            if password is None:
-                raise aiosmtplib.SMTPException("password_env/password_file gives no password")
-            await smtp.login(s.username, password)
-            done.append(f"AUTH as {s.username}")
-        await smtp.quit()
-    except (aiosmtplib.SMTPException, OSError) as exc:
-        if isinstance(exc.__cause__ or exc, ConnectionRefusedError):
-            why = "connection refused"
-        elif isinstance(exc, aiosmtplib.SMTPResponseException):
-            why = f"{exc.code} {' '.join(exc.message.split())}"
-        else:
-            why = str(exc) or type(exc).__name__
-        report.line(FAIL, "upstream", f"{s.host}:{s.port}: {step}{why}")
-    else:
-        report.line(OK, "upstream", f"{s.host}:{s.port}: {', '.join(done)} ok (no mail sent)")
-    finally:
-        smtp.close()
-    if in_clear is not None:
-        report.line(WARN, "upstream", f"{s.host}:{s.port}: {in_clear}")
-
-
-def _in_clear(
-    settings: Settings, *, offered: bool, peer: tuple[str, int] | None = None
-) -> str | None:
-    """What crosses the network unencrypted with `upstream.security: none` to a host that
-    is not this machine (judged by the address connected to, `peer`, when there is one;
-    else by the configured host), and what to set instead (Postfix's
-    smtp_tls_note_starttls_offer notes a STARTTLS left unused); None when nothing does."""
-    s = settings.upstream
-    if s.security is not Security.NONE or _on_this_machine(peer[0] if peer else s.host):
-        return None
-    fix = "set upstream.security: starttls"
-    if s.username:
-        if not offered:
-            fix += " or tls, if the host has either"
-        return f"security none: the password of {s.username} and every mail go in clear; {fix}"
-    if offered:
-        return f"offers STARTTLS but security is none: every mail goes in clear; {fix}"
-    return None
-
-
-def _on_this_machine(host: str) -> bool:
-    """A loopback address (also mapped into IPv6), or one of this machine's own."""
-    if host.lower().rstrip(".") == "localhost":
-        return True
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if ip.is_loopback:
-        return True
-    with (
-        contextlib.suppress(OSError),
-        socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET) as probe,
-    ):
-        probe.bind((str(ip), 0))  # only an address of this machine can be bound
-        return True
-    return False
 
 
 async def _dns(

@@ -1,0 +1,122 @@
+"""`relay doctor`'s check of the original host (relay.deliver.upstream):
+
+    ok    upstream  smtp.example.org:587: EHLO, STARTTLS, AUTH as moodle ok (no mail sent)
+    warn  upstream  10.0.0.25:25: offers STARTTLS but security is none: every mail goes ...
+
+Connects, says EHLO, then STARTTLS and AUTH as configured, and QUITs without sending.
+With `upstream.security: none` to a host that is not this machine (judged by the
+address connected to), a warn when a password would go there in clear or the host
+offers STARTTLS that relay leaves unused. Returns (status, check, detail) lines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import socket
+import ssl
+
+import aiosmtplib
+
+from relay.settings import Security, Settings
+
+OK, WARN, FAIL = "ok", "warn", "FAIL"
+SMTP_TIMEOUT = 10.0  # seconds per SMTP step, at most
+
+Line = tuple[str, str, str]
+
+
+async def lines(settings: Settings) -> list[Line]:
+    """EHLO, then STARTTLS and AUTH as configured; QUIT without sending."""
+    s = settings.upstream
+    context = ssl.create_default_context()
+    if not s.verify_tls:
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    smtp = aiosmtplib.SMTP(
+        hostname=s.host,
+        port=s.port,
+        local_hostname=settings.hostname,
+        start_tls=False,
+        timeout=min(s.timeout, SMTP_TIMEOUT),
+        use_tls=s.security is Security.TLS,
+        tls_context=context,
+    )
+    step, done = "", ["TLS" if s.security is Security.TLS else "EHLO"]
+    in_clear = _in_clear(settings, offered=False)  # unreachable: what the config says
+    try:
+        await smtp.connect()
+        step = "EHLO failed: "
+        await smtp.ehlo()
+        in_clear = _in_clear(
+            settings,
+            offered=smtp.supports_extension("starttls"),
+            peer=smtp.get_transport_info("peername"),
+        )
+        if s.security is Security.STARTTLS:
+            step = "STARTTLS failed: "
+            await smtp.starttls()
+            done.append("STARTTLS")
+        if s.username:
+            step = "AUTH failed: "
+            password = s.password()
+            if password is None:
+                raise aiosmtplib.SMTPException("password_env/password_file gives no password")
+            await smtp.login(s.username, password)
+            done.append(f"AUTH as {s.username}")
+        await smtp.quit()
+    except (aiosmtplib.SMTPException, OSError) as exc:
+        if isinstance(exc.__cause__ or exc, ConnectionRefusedError):
+            why = "connection refused"
+        elif isinstance(exc, aiosmtplib.SMTPResponseException):
+            why = f"{exc.code} {' '.join(exc.message.split())}"
+        else:
+            why = str(exc) or type(exc).__name__
+        found = [(FAIL, "upstream", f"{s.host}:{s.port}: {step}{why}")]
+    else:
+        found = [(OK, "upstream", f"{s.host}:{s.port}: {', '.join(done)} ok (no mail sent)")]
+    finally:
+        smtp.close()
+    if in_clear is not None:
+        found.append((WARN, "upstream", f"{s.host}:{s.port}: {in_clear}"))
+    return found
+
+
+def _in_clear(
+    settings: Settings, *, offered: bool, peer: tuple[str, int] | None = None
+) -> str | None:
+    """What crosses the network unencrypted with `upstream.security: none` to a host that
+    is not this machine (judged by the address connected to, `peer`, when there is one;
+    else by the configured host), and what to set instead (Postfix's
+    smtp_tls_note_starttls_offer notes a STARTTLS left unused); None when nothing does."""
+    s = settings.upstream
+    if s.security is not Security.NONE or on_this_machine(peer[0] if peer else s.host):
+        return None
+    fix = "set upstream.security: starttls"
+    if s.username:
+        if not offered:
+            fix += " or tls, if the host has either"
+        return f"security none: the password of {s.username} and every mail go in clear; {fix}"
+    if offered:
+        return f"offers STARTTLS but security is none: every mail goes in clear; {fix}"
+    return None
+
+
+def on_this_machine(host: str) -> bool:
+    """A loopback address (also mapped into IPv6), or one of this machine's own."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return True
+    with (
+        contextlib.suppress(OSError),
+        socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET) as probe,
+    ):
+        probe.bind((str(ip), 0))  # only an address of this machine can be bound
+        return True
+    return False
