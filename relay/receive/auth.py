@@ -86,7 +86,8 @@ class Auth:
         failures = 1 if limited is None else limited.auth_failures + 1
         if limited is not None:
             limited.auth_failures = failures
-        delay = self.guesses.failed(client_of(peer), failures)
+        client = client_of(peer)
+        delay = self.guesses.failed(client, failures)
         logs.event(
             log,
             "auth_failed",
@@ -94,7 +95,7 @@ class Auth:
             user=name,
             peer=peer,
             on_connection=failures,
-            from_peer=self.guesses.count(client_of(peer)),
+            from_peer=self.guesses.count(client),
             delay=delay,
         )
         await asyncio.sleep(delay)

@@ -33,6 +33,7 @@ import ipaddress
 import logging
 import resource
 from enum import StrEnum
+from typing import Any
 
 from aiosmtpd.smtp import Session as SmtpSession
 
@@ -98,6 +99,8 @@ def client_of(address: str) -> str:
     """The client a peer address counts as: an IPv4 address itself (also when mapped into
     IPv6), an IPv6 address its /IPV6_PREFIX network; anything else (a Unix socket's
     name) as it is."""
+    if ":" not in address:  # IPv4 (or a name) as the socket gives it: nothing to parse
+        return address
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])  # no zone: fe80::1%eth0
     except ValueError:
@@ -142,5 +145,9 @@ def sessions_problem(max_sessions: int, soft: int) -> str | None:
 def peer_ip_of(session: SmtpSession) -> str:
     """The client address of a session, as logs and traces name it (the caps count it as
     `client_of` this)."""
-    peer = session.peer
+    return address_of(session.peer)
+
+
+def address_of(peer: Any) -> str:
+    """The address of a transport's peername: (host, port, ...) or a Unix socket's name."""
     return str(peer[0]) if isinstance(peer, tuple) else str(peer)

@@ -36,6 +36,7 @@ from relay.receive.caps import (
     TOO_MANY_SESSIONS,
     Caps,
     Refusal,
+    address_of,
     client_of,
     peer_ip_of,
 )
@@ -81,7 +82,7 @@ class Guard(SMTP):
         """Count this new connection in `caps` (evicting a silent one if need be); when
         a cap still refuses it, send the 421, close, and return False."""
         assert self.caps is not None
-        address = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        address = address_of(peer)
         client = client_of(address)
         refusal = self.caps.admit(client)
         if refusal is not None and self._evict(client, refusal == TOO_MANY_SESSIONS):
