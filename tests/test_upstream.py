@@ -155,6 +155,35 @@ async def test_mixed_refusals_without_acceptance(start_capture: StartCapture) ->
     assert [] == capture.messages
 
 
+@pytest.mark.parametrize(
+    ("rcpt", "data", "expected"),
+    [
+        ("450 4.2.1 Mailbox busy", "554 5.7.1 Rejected by policy", "temporary, permanent"),
+        ("550 5.1.1 No such user", "451 4.3.0 Try again later", "permanent, temporary"),
+    ],
+    ids=["rcpt-4xx-data-5xx", "rcpt-5xx-data-4xx"],
+)
+async def test_the_reply_to_data_is_for_the_recipients_accepted_at_rcpt(
+    start_capture: StartCapture, rcpt: str, data: str, expected: str
+) -> None:
+    """RFC 5321, 3.3: a refusal at DATA is for the recipients accepted at RCPT. One refused
+    at RCPT keeps its own reply: refused for now there, it is retried even when DATA got a
+    5xx (it was failed for good with the others, with a DSN saying so)."""
+    capture, port = await start_capture()
+    capture.refuse_rcpt("other@example.net", rcpt)
+    capture.data_reply = data
+    mail = make_mail(recipients=("ada@example.net", "other@example.net"))
+
+    result = await _client(port).send(mail)
+
+    kinds = {"temporary": result.temporary, "permanent": result.permanent}
+    first, second = (kinds[k] for k in expected.split(", "))
+    assert () == result.accepted
+    assert (("other@example.net", rcpt),) == first
+    assert (("ada@example.net", f"{data} (at DATA)"),) == second
+    assert [] == capture.messages
+
+
 TRANSACTION_FAILURES = [
     ("rcpt", "450 4.2.1 Mailbox busy", TemporaryFailure),
     ("rcpt", "550 5.1.1 No such user", PermanentFailure),

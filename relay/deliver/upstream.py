@@ -208,8 +208,18 @@ class UpstreamClient:
                     refusal = (rcpt, _reply(exc))
                     (temporary if exc.code < 500 else permanent).append(refusal)
             if accepted:
-                response = await send_data(smtp, data_bytes(data))
-                reply = f"{response.code} {_oneline(response.message)}"
+                try:
+                    response = await send_data(smtp, data_bytes(data))
+                    reply = f"{response.code} {_oneline(response.message)}"
+                except aiosmtplib.SMTPDataError as exc:
+                    if not (temporary or permanent):
+                        raise  # every recipient alike: a whole-transaction failure, below
+                    # The reply to DATA is for the recipients accepted at RCPT (RFC 5321,
+                    # 3.3); those refused at RCPT keep their own reply: a 4xx there stays
+                    # deferred whatever DATA got.
+                    refused = [(rcpt, f"{_reply(exc)} (at DATA)") for rcpt in accepted]
+                    (temporary if exc.code < 500 else permanent).extend(refused)
+                    accepted = []
         except aiosmtplib.SMTPResponseException as exc:
             phase = "DATA" if isinstance(exc, aiosmtplib.SMTPDataError) else "MAIL FROM"
             message = f"{where} refused {mail.id} at {phase}: {_reply(exc)}"
@@ -224,7 +234,7 @@ class UpstreamClient:
         if not accepted:
             _raise_if_uniform(where, mail, temporary, permanent)
             replies = "; ".join(f"{r}: {reply}" for r, reply in (*temporary, *permanent))
-            reply = f"no recipient accepted, DATA not sent: {replies}"
+            reply = f"no recipient accepted: {replies}"
         return UpstreamResult(
             accepted=tuple(accepted),
             temporary=tuple(temporary),
