@@ -704,6 +704,43 @@ async def test_bug_in_a_delivery_defers_the_mail_and_the_loop_goes_on() -> None:
     ) == (sorted(rig.store.log), left, rig.upstream.closed)
 
 
+async def test_a_bug_after_a_split_defers_only_the_recipients_left_on_the_row() -> None:
+    """A bug after recipients were split off (SES's 50 per call): the mail is deferred with
+    the recipients its row kept, not with those the new rows took (each would get a copy
+    twice)."""
+    rig = Rig(ses=[RuntimeError("boom")])
+    recipients = tuple(f"r{n}@x.org" for n in range(60))
+    rig.store.batches = [[make_mail(rig.clock, recipients=recipients)]]
+    await rig.deliverer.run(rig.store.stop)
+    await rig.deliverer.drain(1.0)
+    [split_line, defer_line] = rig.store.log
+    assert split_line.startswith("split Q1 r50@x.org..r59@x.org")
+    assert defer_line.endswith(f"to={','.join(recipients[:50])}")
+
+
+class Listed:
+    """Suppressions: these recipients are on the SES account suppression list."""
+
+    def __init__(self, *listed: str) -> None:
+        self.listed = listed
+
+    async def reasons(self, recipients: Sequence[str]) -> dict[str, str]:
+        return {r: "BOUNCE" for r in dict.fromkeys(recipients) if r in self.listed}
+
+
+async def test_a_suppressed_recipient_twice_on_a_row_is_one_suppressed_mail() -> None:
+    """A row naming a suppressed recipient twice (spooled before receive kept one copy): it
+    goes upstream once, as any all-suppressed mail. Counted as two recipients, it was split
+    off, and the row left with no recipient was deferred as it was, split again at each
+    retry: a copy per retry until retry.max_age."""
+    rig = Rig()
+    rig.deliverer.suppressions = Listed("gone@x.org")
+    lines = await rig.deliver(recipients=("gone@x.org", "gone@x.org"))
+    reason = "on the SES account suppression list: gone@x.org (BOUNCE)"
+    assert via_upstream(reason) == lines
+    assert [("Q1", ("gone@x.org", "gone@x.org"))] == rig.upstream.sent
+
+
 DSN_CASES = [
     pytest.param(
         Result(permanent=(("a@x.org", P550),), reply="no DATA"),

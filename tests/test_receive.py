@@ -230,6 +230,22 @@ async def test_recipients_beyond_the_limit_get_452(relay: Running) -> None:
     assert [f"u{n}@example.org" for n in range(50)] == json.loads(recipients)
 
 
+async def test_a_repeated_recipient_is_stored_once(relay: Running) -> None:
+    """RCPT TO the same address twice: 250 both times, one recipient on the row (Postfix's
+    cleanup drops the repeat too). Two would get two copies, or one split per retry when
+    the address is on the SES suppression list."""
+    wire, _ = await Wire.open(relay.port)
+    await wire.cmd("EHLO client.example")
+    await wire.cmd("MAIL FROM:<noreply@moodle.test>")
+    replies = [await wire.cmd(f"RCPT TO:<{r}@example.org>") for r in ("a", "b", "a", "A")]
+    assert ["250 2.1.5 Ok"] * 4 == replies
+    await wire.cmd("DATA")
+    assert (await wire.cmd(MAIL + b".")).startswith("250 2.0.0")
+    await wire.close()
+    [(_, _, recipients)] = stored(relay)
+    assert ["a@example.org", "b@example.org", "A@example.org"] == json.loads(recipients)
+
+
 SMUGGLE = b"MAIL FROM:<evil@x.example>\r\nRCPT TO:<victim@y.example>\r\nDATA\r\nsmuggled\r\n"
 
 

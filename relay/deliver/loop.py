@@ -94,6 +94,9 @@ class Deliverer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._upstream_down_until = 0.0  # monotonic; no connection attempts before it
         self._down_reply = ""
+        # A claimed mail as its row stands after a split moved some of its recipients to a
+        # row of their own: what `_guarded` defers if the rest of its delivery fails.
+        self._narrowed: dict[str, Mail] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and deliver until `stop` is set; `drain()` then lets in-flight sends finish."""
@@ -138,9 +141,13 @@ class Deliverer:
             raise
         except Exception as exc:  # never lose a message to a bug: defer it, keep the loop
             log.exception("event=deliver_bug id=%s", mail.id)
+            # Not the recipients as claimed: those split off have rows of their own.
+            left = self._narrowed.get(mail.id, mail)
             await self.outcomes.defer_or_fail(
-                mail, None, Route.UPSTREAM, f"internal error: {exc!r}", None
+                left, None, Route.UPSTREAM, f"internal error: {exc!r}", None
             )
+        finally:
+            self._narrowed.pop(mail.id, None)
 
     async def deliver(self, mail: Mail) -> None:
         """One attempt for one claimed message; records the outcome on its row."""
@@ -197,10 +204,20 @@ class Deliverer:
         batches = [mail.recipients[i : i + size] for i in range(0, len(mail.recipients), size)]
         for n, batch in enumerate(batches[1:], start=2):
             reason = f"SES takes at most {size} recipients per call: batch {n} of {len(batches)}"
-            await self.outcomes.record(
-                self.spool.split, mail.id, child=new_id(), recipients=list(batch), reason=reason
-            )
-        return replace(mail, recipients=batches[0])
+            mail = await self._split(mail, batch, reason)
+        return mail
+
+    async def _split(self, mail: Mail, recipients: Sequence[str], reason: str) -> Mail:
+        """Move `recipients` to a row of their own (the spool's split); `mail` without them,
+        as its row now stands."""
+        await self.outcomes.record(
+            self.spool.split, mail.id, child=new_id(), recipients=list(recipients), reason=reason
+        )
+        narrowed = replace(
+            mail, recipients=tuple(r for r in mail.recipients if r not in recipients)
+        )
+        self._narrowed[mail.id] = narrowed
+        return narrowed
 
     async def _suppression(
         self, mail: Mail, decision: Decision
@@ -220,12 +237,8 @@ class Deliverer:
         listed = ", ".join(f"{rcpt} ({why})" for rcpt, why in held.items())
         detail = f"on the SES account suppression list: {listed}"
         metrics.SUPPRESSED.labels(ses.suppressed.value).inc(len(held))
-        if len(held) < len(mail.recipients):
-            rest = tuple(r for r in mail.recipients if r not in held)
-            await self.outcomes.record(
-                self.spool.split, mail.id, child=new_id(), recipients=list(held), reason=detail
-            )
-            return replace(mail, recipients=rest), None
+        if any(r not in held for r in mail.recipients):
+            return await self._split(mail, list(held), detail), None
         if ses.suppressed is Suppressed.UPSTREAM:
             return mail, Fallback(reason="suppressed", detail=detail)
         failures = [

@@ -183,6 +183,8 @@ class Handler(Auth):
         if len(envelope.rcpt_tos) >= self.max_recipients:
             metrics.REJECTED.labels("too_many_recipients").inc()
             return TOO_MANY_RECIPIENTS
+        if address in envelope.rcpt_tos:
+            return RECIPIENT_OK  # one copy each, as Postfix's cleanup keeps (its duplicate filter)
         problem = address_problem(address)
         if problem is not None:
             metrics.REJECTED.labels("bad_recipient").inc()
