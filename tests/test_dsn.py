@@ -271,6 +271,46 @@ def test_notice_alone_reads_as_rfc_3464() -> None:
     assert (VERP, "failed: a@x.org, b@x.org") == (built.recipient, built.summary)
 
 
+def test_an_ses_bounce_cannot_add_fields_to_the_dsn() -> None:
+    """SES's status and address go into the DSN's status block: one with a line break in it
+    is not copied as it is (Status falls back to 5.0.0 for a permanent bounce), and the
+    block holds the fields relay wrote, no others."""
+    from relay.deliver import dsn
+    from relay.deliver.ses.events import parse as parse_event
+
+    injected = "\r\nAction: delivered\r\nX-Injected: yes"
+    bounce = {
+        "bounceType": "Permanent",
+        "bounceSubType": "General",
+        "feedbackId": "f1",
+        "bouncedRecipients": [
+            {"emailAddress": f"a@x.org{injected}", "status": f"5.1.1{injected}"},
+            {"emailAddress": "b@x.org", "status": "5.1.2"},
+        ],
+    }
+    event = {"eventType": "Bounce", "mail": {"messageId": "ses-1"}, "bounce": bounce}
+    settings = settings_mod.Settings(
+        source=Path("relay.yaml"),
+        listen=settings_mod.HostPort(host="127.0.0.1", port=2525),
+        spool=Path("spool"),
+        rules=Path("rules.yaml"),
+        upstream=settings_mod.Upstream(host="smtp.example.org"),
+        hostname="relay.test",
+    )
+    notice_for = dsn.for_ses_event(parse_event(json.dumps(event)), settings)
+    assert notice_for is not None
+    mail = Mail(id="Q1", sender=VERP, recipients=("a@x.org", "b@x.org"), raw=RAW)
+    notice = notice_for(mail)
+    assert notice is not None
+    _, blocks, _ = report_parts(parse(notice.raw))
+    assert [
+        ["Final-Recipient", "Action", "Status", "Diagnostic-Code"],
+        ["Final-Recipient", "Action", "Status", "Diagnostic-Code"],
+    ] == [list(b.keys()) for b in blocks[1:]]
+    assert ["5.0.0", "5.1.2"] == [b["Status"] for b in blocks[1:]]
+    assert "failed" == blocks[1]["Action"]
+
+
 STATUS = {
     "enhanced-code": ("550 5.1.1 no such user", "5.1.1"),
     "basic-5xx": ("554 go away", "5.0.0"),

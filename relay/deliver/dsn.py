@@ -20,7 +20,7 @@ from dataclasses import replace
 from datetime import datetime
 
 from relay import metrics
-from relay.deliver.report import Failure, notice
+from relay.deliver.report import Failure, is_status, notice
 from relay.deliver.ses.events import SesEvent
 from relay.mail import Mail
 from relay.settings import Settings
@@ -66,7 +66,7 @@ def for_ses_event(event: SesEvent, settings: Settings) -> NoticeFor | None:
             Failure(
                 recipient=r.address,
                 reply=r.diagnostic or said,
-                status=r.status if r.status[:1] in ("4", "5") else fallback,
+                status=r.status if is_status(r.status) and r.status[0] in "45" else fallback,
             )
             for r in event.recipients
         ]

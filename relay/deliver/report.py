@@ -115,9 +115,14 @@ def notice(
     )
 
 
+def is_status(text: str) -> bool:
+    """Whether `text` is an RFC 3463 status code and nothing else (4.2.2, 5.1.1)."""
+    return _ENHANCED.fullmatch(text) is not None
+
+
 def status_of(failure: Failure) -> str:
     """The RFC 3463 status for `failure`: given, else in its reply, else from the reply code."""
-    if failure.status:
+    if is_status(failure.status):
         return failure.status
     found = _ENHANCED.search(failure.reply)
     if found:
@@ -154,7 +159,7 @@ def _status(mail: Mail, failures: Sequence[Failure], hostname: str, action: list
     for failure in failures:
         reply = _clean(failure.reply)
         block = [
-            f"Final-Recipient: rfc822; {failure.recipient}",
+            f"Final-Recipient: rfc822; {_clean(failure.recipient)}",
             action[0],
             f"Status: {status_of(failure)}",
             *action[1:],
