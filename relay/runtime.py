@@ -13,7 +13,7 @@ import gc
 import logging
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from relay import logs, metrics, rules
@@ -175,6 +175,11 @@ def reload(ctx: Context) -> bool:
         changed.append("ses.suppressed")  # no lookups were set up (the others switch at once)
     if changed:
         logs.event(log, "reload_needs_restart", level=logging.WARNING, keys=",".join(changed))
+    # Until that restart the old values are the ones in effect, and what ctx.settings says:
+    # a delivery process started meanwhile gets these (relay.deliver.supervisor).
+    kept_ses = {name: getattr(old.ses, name) for name in _SES_AT_START}
+    kept = {name: getattr(old, name) for name in _AT_START}
+    new_settings = replace(new_settings, ses=replace(new_settings.ses, **kept_ses), **kept)
     ctx.settings, ctx.rules = new_settings, new_rules
     for callback in ctx.on_reload:
         callback(new_settings, new_rules)

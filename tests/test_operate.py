@@ -453,9 +453,11 @@ async def test_reload_names_the_ses_settings_that_need_a_restart(
 ) -> None:
     """Started with SES off: a SIGHUP reload that turns it on, moves its region and turns
     on suppression lookups applies the rest but says, in `reload_needs_restart`, that
-    those three wait for a restart (no SES client, no lookups were made at start);
-    switching it off again needs none."""
+    those three wait for a restart (no SES client, no lookups were made at start), and
+    the region in effect stays the old one meanwhile (what a delivery process started in
+    between is handed); switching it off again, in the old region, needs none."""
     relay = await start_relay(ses={"enabled": False, "suppressed": "send"})
+    region = relay.ctx.settings.ses.region
     write_config(
         "relay0.yaml", ses={"enabled": True, "region": "eu-west-1", "suppressed": "upstream"}
     )
@@ -464,8 +466,9 @@ async def test_reload_names_the_ses_settings_that_need_a_restart(
     warned = [r.getMessage() for r in caplog.records if "reload_needs_restart" in r.getMessage()]
     assert 1 == len(warned), warned
     assert "keys=ses.region,ses.enabled,ses.suppressed" in warned[0], warned
+    assert region == relay.ctx.settings.ses.region
     caplog.clear()
-    write_config("relay0.yaml", ses={"enabled": False, "region": "eu-west-1"})
+    write_config("relay0.yaml", ses={"enabled": False, "region": region})
     with caplog.at_level(logging.WARNING, logger="relay"):
         assert runtime.reload(relay.ctx)
     assert not [r for r in caplog.records if "reload_needs_restart" in r.getMessage()]

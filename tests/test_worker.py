@@ -282,6 +282,35 @@ def test_child_sigkill_is_logged_and_a_new_child_delivers(
     assert 0 == relay.stop()
 
 
+@pytest.mark.system
+@pytest.mark.parametrize("edit", ["invalid", "new-spool"])
+def test_a_new_delivery_process_runs_on_what_relay_serve_runs_on(
+    write_config: ConfigWriter, relay_process: Process, capture: CaptureServer, edit: str
+) -> None:
+    """relay.yaml edited (an invalid value; or a new `spool:`, reloaded, which waits for a
+    restart), then the delivery process dies: the next one runs on the settings relay serve
+    has, not on the file. It delivers the mail relay serve accepts into its spool. Reading
+    the file, it exited 1 at every start (invalid), or delivered from the new, empty spool."""
+    config = upstream_config(write_config, capture)
+    relay = relay_process(config).start()
+    assert relay.proc is not None
+    first = child_of(relay)
+    if edit == "invalid":
+        upstream_config(write_config, capture, retry={"schedule": 5})
+    else:
+        upstream_config(write_config, capture, spool="spool-new")
+        wait_until(lambda: "event=delivery_started" in relay.log(), "event=delivery_started")
+        relay.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: 2 == relay.log().count("reload_needs_restart"), "both reloaded")
+    os.kill(first, signal.SIGKILL)
+    child_of(relay, 2)
+    qid = send(relay.port, SENDER, ["ada@example.net"], mail(1))
+    wait_rows(config.parent / "spool", [qid], {"sent"})
+    assert [(SENDER, ("ada@example.net",))] == [(m.mail_from, m.rcpt_tos) for m in capture.messages]
+    assert "delivery_no_settings" not in relay.log()
+    assert 0 == relay.stop()
+
+
 @pytest.mark.usefixtures("aws_env")
 @pytest.mark.system
 def test_sigterm_drains_the_send_in_flight_and_both_exit_0(

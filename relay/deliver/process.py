@@ -20,8 +20,10 @@ opened with synchronous=NORMAL (relay.spool): delivery's commits may be lost to
 a power cut, which only means a mail goes out again. Deferred mail coming due
 and mail queued by `relay queue retry` are found by the delivery loop's own poll.
 
-Exit 0 after a stop; 1 when it cannot run (relay.yaml or rules unusable, spool
-unusable, a task failed): relay serve logs it and starts it again.
+It runs on the settings and rules relay serve hands it on stdin, those in effect there,
+and reloads relay.yaml and the rules on SIGHUP as relay serve does. Exit 0 after a stop; 1
+when it cannot run (spool unusable, a task failed): relay serve logs it and starts it
+again.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import asyncio
 import fcntl
 import logging
 import os
+import pickle
 import signal
 import socket
 import sys
@@ -39,11 +42,10 @@ from pathlib import Path
 
 import uvloop
 
-from relay import logs, metrics, rules, runtime
-from relay import settings as settings_mod
+from relay import logs, metrics, runtime
 from relay.deliver import task
 from relay.deliver.feedback import ses_feedback
-from relay.errors import ConfigError, SpoolError
+from relay.errors import SpoolError
 from relay.rules import RuleSet
 from relay.runtime import Context, wait_any
 from relay.settings import Settings
@@ -77,7 +79,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m relay.deliver.process",
         description="relay's delivery process, run by relay serve",
     )
-    parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--wake-fd", type=int, required=True)
     parser.add_argument("--metrics-fd", type=int)
     parser.add_argument("--log-format", choices=["text", "json"], default="text")
@@ -86,16 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logs.setup(args.log_format, level=args.log_level)
     lower_priority()
-    try:
-        settings = settings_mod.load(args.config)
-        ruleset = rules.load(settings.rules)
-    except ConfigError as exc:
-        logs.event(
-            log,
-            "delivery_config_error",
-            level=logging.ERROR,
-            problems=" | ".join(str(p) for p in exc.problems),
-        )
+    try:  # what relay serve runs on (relay.deliver.supervisor); SIGHUP reloads the files
+        settings, ruleset = pickle.load(sys.stdin.buffer)
+    except (EOFError, pickle.UnpicklingError) as exc:
+        logs.event(log, "delivery_no_settings", level=logging.ERROR, error=repr(exc))
         return 1
     try:
         return uvloop.run(_run(settings, ruleset, args.wake_fd, args.metrics_fd))

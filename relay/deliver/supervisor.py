@@ -1,7 +1,8 @@
 """`relay serve`'s side of the delivery process: start it, wake it, scrape it, restart it, stop it.
 
     DEFAULT_TASKS -> delivery_process(ctx):
-      start `python -m relay.deliver.process --config FILE --wake-fd R --metrics-fd S ...`
+      start `python -m relay.deliver.process --wake-fd R --metrics-fd S ...`, and hand it
+        the settings and rules in effect here on its stdin (a file edited since is not read)
       spool.wakeup (a committed add) -> one byte down the wake pipe (dropped when full)
       /metrics -> b"SEQ" on the metrics socketpair -> b"SEQ\\n" + the child's exposition
       SIGHUP here -> SIGHUP to the child: both reload relay.yaml and the rules (the
@@ -25,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import pickle
 import signal
 import socket
 import sys
@@ -70,8 +72,6 @@ class Child:
                 sys.executable,
                 "-m",
                 "relay.deliver.process",
-                "--config",
-                str(ctx.settings.source),
                 "--wake-fd",
                 str(wake_read),
                 "--metrics-fd",
@@ -86,9 +86,10 @@ class Child:
                 proc = await asyncio.create_subprocess_exec(
                     *argv,
                     env=env,
-                    stdin=asyncio.subprocess.DEVNULL,
+                    stdin=asyncio.subprocess.PIPE,
                     pass_fds=(wake_read, theirs.fileno()),
                 )
+            await _hand_over(proc, ctx)
         except BaseException:
             os.close(wake_write)
             ours.close()
@@ -149,6 +150,17 @@ class Child:
     def close(self) -> None:
         os.close(self._wake)
         self._channel.close()
+
+
+async def _hand_over(proc: asyncio.subprocess.Process, ctx: Context) -> None:
+    """The settings and rules in effect here, down the child's stdin: the ones it runs on,
+    not the files as they are now (an invalid edit, or a new `spool:` not applied yet,
+    would stop a restarted child from delivering what this process accepts)."""
+    assert proc.stdin is not None
+    proc.stdin.write(pickle.dumps((ctx.settings, ctx.rules)))
+    with contextlib.suppress(ConnectionError):  # it died at once: logged as any exit
+        await proc.stdin.drain()
+    proc.stdin.close()
 
 
 @contextlib.contextmanager
