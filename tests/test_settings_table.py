@@ -271,6 +271,19 @@ INVALID = [
         id="identity-arn-not-an-arn",
     ),
     pytest.param(
+        MINIMAL + "ses: {region: eu west 1}\n",
+        ["FILE:3: ses.region: expected an AWS region like eu-west-1, got 'eu west 1'"],
+        id="region-with-spaces",
+    ),
+    pytest.param(
+        MINIMAL + "ses: {endpoint_url: 'localhost:4566'}\n",
+        [
+            "FILE:3: ses.endpoint_url: expected a URL like"
+            " https://email.eu-west-1.amazonaws.com, got 'localhost:4566'"
+        ],
+        id="endpoint-without-scheme",
+    ),
+    pytest.param(
         MINIMAL + "ses: {source: example.org}\n",
         [
             "FILE:3: ses.source: expected an address like bounces@lms.example.edu (SES needs"

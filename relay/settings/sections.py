@@ -147,17 +147,19 @@ def ses(node: yamlfile.Node) -> Ses | None:
     default = Ses()
     enabled = m["enabled"].as_bool() if "enabled" in m else default.enabled
     region = m["region"].as_str() if "region" in m else default.region
-    endpoint = None
-    if "endpoint_url" in m and not m["endpoint_url"].is_null():
-        endpoint = m["endpoint_url"].as_str()
+    if region is not None and not _REGION.fullmatch(region):
+        m["region"].problem(f"expected an AWS region like eu-west-1, got {region!r}")
+        region = None
+    endpoint, ok = _optional_like(
+        m, "endpoint_url", _URL, "a URL like https://email.eu-west-1.amazonaws.com"
+    )
     config_set = None
     if "configuration_set" in m and not m["configuration_set"].is_null():
         config_set = m["configuration_set"].as_str()
     rate: float | None = None
-    ok = True
     if "max_send_rate" in m and m["max_send_rate"].scalar() != "auto":
         rate = m["max_send_rate"].as_number(minimum=0.01)
-        ok = rate is not None
+        ok = ok and rate is not None
     fallback = (
         m["fallback_after"].as_number(minimum=0)
         if "fallback_after" in m
@@ -190,17 +192,16 @@ def ses(node: yamlfile.Node) -> Ses | None:
     if "api" in m:
         api = m["api"].as_choice([a.value for a in SesApi])
         ok = ok and api is not None
-    identity_arn = _optional(m, "identity_arn")
-    if identity_arn is not None and not IDENTITY_ARN.fullmatch(identity_arn):
-        m["identity_arn"].problem(f"expected {IDENTITY_ARN_FORM}, got {identity_arn!r}")
-        ok = False
-    source = _optional(m, "source")
-    if source is not None and not _ADDRESS.fullmatch(source):
-        m["source"].problem(
-            f"expected an address like bounces@lms.example.edu (SES needs an address as Source;"
-            f" its domain or the address must be verified), got {source!r}"
-        )
-        ok = False
+    identity_arn, fine = _optional_like(m, "identity_arn", IDENTITY_ARN, IDENTITY_ARN_FORM)
+    ok = ok and fine
+    source, fine = _optional_like(
+        m,
+        "source",
+        _ADDRESS,
+        "an address like bounces@lms.example.edu (SES needs an address as Source;"
+        " its domain or the address must be verified)",
+    )
+    ok = ok and fine
     feedback = _optional(m, "feedback_address")
     if feedback is not None and api != SesApi.V2.value:
         m["feedback_address"].problem(
@@ -233,6 +234,18 @@ def _optional(m: dict[str, yamlfile.Node], key: str) -> str | None:
     if key not in m or m[key].is_null():
         return None
     return m[key].as_str()
+
+
+def _optional_like(
+    m: dict[str, yamlfile.Node], key: str, pattern: re.Pattern[str], like: str
+) -> tuple[str | None, bool]:
+    """`_optional(m, key)`, and whether it is fine: a string `pattern` does not match whole
+    is a problem ("expected LIKE, got VALUE") and comes back as None."""
+    value = _optional(m, key)
+    if value is None or pattern.fullmatch(value):
+        return value, True
+    m[key].problem(f"expected {like}, got {value!r}")
+    return None, False
 
 
 def retry(node: yamlfile.Node) -> Retry | None:
@@ -277,3 +290,7 @@ def bounces(node: yamlfile.Node) -> Bounces | None:
 
 
 _ADDRESS = re.compile(r"[^@\s<>]+@[^@\s<>]+")
+# What botocore takes (botocore.utils.validate_region_name, is_valid_endpoint_url): a bad
+# value passed every check and stopped the delivery process at each start.
+_REGION = re.compile(r"[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?")
+_URL = re.compile(r"https?://[^\s/?#]+(?:[/?#]\S*)?")
