@@ -313,6 +313,39 @@ def test_a_new_delivery_process_runs_on_what_relay_serve_runs_on(
 
 @pytest.mark.usefixtures("aws_env")
 @pytest.mark.system
+def test_without_an_ses_client_ses_mail_goes_upstream_and_says_why(
+    write_config: ConfigWriter,
+    relay_process: Process,
+    capture: CaptureServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """AWS_PROFILE names no profile, so no SES client can be made: the delivery process logs
+    event=ses_unusable and sends SES-routed mail upstream, the reason on its row. It exited
+    1 at every start instead, and nothing was delivered, upstream mail neither."""
+    monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
+    (tmp_path / "rules.yaml").write_text("default: ses\nrules: []\n")
+    config = write_config(
+        rules="rules.yaml",
+        upstream={"host": "127.0.0.1", "port": capture.port},
+        ses={"region": REGION},
+    )
+    relay = relay_process(config).start()
+    qid = send(relay.port, SENDER, ["ada@example.net"], mail(1))
+    row = wait_rows(config.parent / "spool", [qid], {"sent"})[qid]
+    assert ("upstream", [(SENDER, ("ada@example.net",))]) == (
+        row["route"],
+        [(m.mail_from, m.rcpt_tos) for m in capture.messages],
+    )
+    assert "no SES client" in row["fallback_reason"], row["fallback_reason"]
+    assert "no-such-profile" in row["fallback_reason"], row["fallback_reason"]
+    wait_until(lambda: "event=ses_unusable" in relay.log(), "event=ses_unusable")
+    assert 1 == len(child_pids(relay)), relay.log()
+    assert 0 == relay.stop()
+
+
+@pytest.mark.usefixtures("aws_env")
+@pytest.mark.system
 def test_sigterm_drains_the_send_in_flight_and_both_exit_0(
     write_config: ConfigWriter, relay_process: Process, fake_ses: FakeSes, tmp_path: Path
 ) -> None:

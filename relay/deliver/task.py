@@ -55,8 +55,15 @@ async def delivery(ctx: Context) -> None:
     async with AsyncExitStack() as stack:
         ses: SesClient | None = None
         pace: Pace | None = None
+        unusable = ""
         if settings.ses.enabled:  # also in shadow mode: quota metrics, and reload to live
-            ses = await SesClient.open(settings.ses)
+            try:
+                ses = await SesClient.open(settings.ses)
+            except Exception as exc:  # AWS_PROFILE names no profile, ~/.aws/config unreadable
+                # Crashing here stopped all delivery, upstream mail too, at every restart.
+                unusable = f"it could not be made: {exc!r}"
+                logs.event(log, "ses_unusable", level=logging.ERROR, error=repr(exc))
+        if ses is not None:
             stack.push_async_callback(ses.close)
             pace = Pace(settings.ses.max_send_rate or UNKNOWN_QUOTA_RATE)
             # The first GetSendQuota sets the ceiling (auto) and also warms up credentials
@@ -72,7 +79,7 @@ async def delivery(ctx: Context) -> None:
                 await _refresh_quota(ctx, ses, pace)
         circuit = Circuit(settings.ses.circuit_cooldown)
         suppressions: SuppressionList | None = None
-        if settings.ses.enabled and settings.ses.suppressed is not Suppressed.SEND:
+        if ses is not None and settings.ses.suppressed is not Suppressed.SEND:
             suppressions = await SuppressionList.open(settings.ses)
             stack.push_async_callback(suppressions.close)
         deliverer = Deliverer(
@@ -80,7 +87,7 @@ async def delivery(ctx: Context) -> None:
             spool=ctx.spool,
             rules=ctx.rules,
             upstream=UpstreamClient(settings.upstream, hostname=settings.hostname),
-            ses_route=SesRoute(ses=ses, pace=pace, circuit=circuit),
+            ses_route=SesRoute(ses=ses, pace=pace, circuit=circuit, unusable=unusable),
             wakeup=ctx.spool.wakeup,
             suppressions=suppressions,
         )

@@ -5,8 +5,9 @@ one verdict to record:
 
     Sent(message_id)        SES accepted it
     Retry(delay, reply)     temporary SES failure, younger than `fallback_after`
-    Fallback(reason, ...)   go upstream: blocked (shadow, disabled, null sender, daily
-                            budget, open circuit), refused, account-wide, or too old
+    Fallback(reason, ...)   go upstream: blocked (shadow, disabled, no SES client, null
+                            sender, daily budget, open circuit), refused, account-wide,
+                            or too old
 
 Pacing, the circuit breakers (the account's, and one per identity or configuration set
 SES refused: `scopes`) and the SES metrics live here; the spool is not touched.
@@ -89,10 +90,13 @@ class SesRoute:
         circuit: Circuit,
         scopes: _scopes.Scopes | None = None,
         wall_clock: Callable[[], float] = time.time,
+        unusable: str = "",
     ) -> None:
         """`wall_clock` tells a message's age (for `fallback_after`); injected for tests.
-        `scopes` None: circuits per identity with the account circuit's cooldown and clock."""
+        `scopes` None: circuits per identity with the account circuit's cooldown and clock.
+        `unusable`: why no SES client could be made although SES is enabled."""
         self.ses = ses
+        self.unusable = unusable
         self.pace = pace
         self.circuit = circuit
         self.scopes = scopes or _scopes.Scopes(circuit.cooldown, clock=circuit.clock)
@@ -106,6 +110,9 @@ class SesRoute:
             return Fallback(
                 reason="shadow", detail="shadow mode: classified for SES, sent upstream"
             )
+        if self.ses is None and self.unusable and settings.ses.enabled:
+            detail = f"no SES client, {self.unusable}; restart relay once that is mended"
+            return Fallback(reason="unusable", detail=detail)
         if self.ses is None or not settings.ses.enabled:
             return Fallback(reason="disabled", detail="ses.enabled is false")
         if not mail.sender:
