@@ -59,6 +59,14 @@ def bodies(directory: Path) -> dict[str, bytes]:
         conn.close()
 
 
+def feedback_keys(directory: Path) -> list[str]:
+    conn = sqlite3.connect(directory / DB_NAME)
+    try:
+        return [r[0] for r in conn.execute("SELECT key FROM feedback")]
+    finally:
+        conn.close()
+
+
 def events(directory: Path, queue_id: str) -> list[str]:
     conn = sqlite3.connect(directory / DB_NAME)
     try:
@@ -466,6 +474,26 @@ async def test_purge_drops_old_sent_rows_only(spool: Spool, tmp_path: Path) -> N
     assert 2 == await spool.purge(0)
     assert {failed, queued} == set(rows(tmp_path / "spool")) == set(bodies(tmp_path / "spool"))
     assert [] == events(tmp_path / "spool", sent) == events(tmp_path / "spool", bounced)
+
+
+async def test_purge_goes_in_steps_until_nothing_is_left(
+    spool: Spool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each step of a purge is one bounded transaction (relay serve's adds wait for the
+    write lock meanwhile); steps go on until every old row and feedback key is gone."""
+    monkeypatch.setattr(store, "PURGE_ROWS", 2)
+    ids = [await add(spool, n) for n in range(5)]
+    await spool.claim(5)
+    for n, queue_id in enumerate(ids):
+        await spool.sent(
+            queue_id, rule=None, route="ses", reply="SES accepted", ses_message_id=f"s{n}"
+        )
+        await bounce(spool, f"s{n}", f"user{n}@example.org")
+    commits = spool.commits
+    assert 5 == await spool.purge(0)
+    assert {} == rows(tmp_path / "spool")
+    assert [] == feedback_keys(tmp_path / "spool")
+    assert spool.commits - commits >= 3
 
 
 async def bounce(spool: Spool, ses_id: str, *failed: str, key: str = "") -> None:

@@ -180,17 +180,24 @@ def finish(
     return True
 
 
-def purge_sent(conn: sqlite3.Connection, cutoff: float) -> int:
-    """Delete sent and bounced rows (and their events) whose outcome came before `cutoff`,
-    and SES feedback keys as old; return how many rows."""
+def purge_sent(conn: sqlite3.Connection, cutoff: float, limit: int) -> tuple[int, int]:
+    """Delete up to `limit` sent and bounced rows (and their events) whose outcome came
+    before `cutoff`, and up to `limit` SES feedback keys as old; return (rows, keys). A
+    bounded transaction: relay serve's adds wait for the spool's write lock meanwhile."""
     done = f"state IN ({', '.join('?' * len(FINISHED))}) AND updated_at < ?"
-    args = (*FINISHED, cutoff)
-    ids = f"SELECT id FROM messages WHERE {done}"
-    conn.execute(f"DELETE FROM events WHERE queue_id IN ({ids})", args)
-    conn.execute(f"DELETE FROM bodies WHERE id IN ({ids})", args)  # none: sent() did
-    conn.execute("DELETE FROM feedback WHERE at < ?", (cutoff,))
-    deleted: int = conn.execute(f"DELETE FROM messages WHERE {done}", args).rowcount
-    return deleted
+    found = conn.execute(
+        f"SELECT id FROM messages WHERE {done} LIMIT ?", (*FINISHED, cutoff, limit)
+    )
+    ids = [queue_id for (queue_id,) in found]
+    marks = ", ".join("?" * len(ids))
+    conn.execute(f"DELETE FROM events WHERE queue_id IN ({marks})", ids)
+    conn.execute(f"DELETE FROM bodies WHERE id IN ({marks})", ids)  # none: sent() did
+    conn.execute(f"DELETE FROM messages WHERE id IN ({marks})", ids)
+    keys = "SELECT rowid FROM feedback WHERE at < ? LIMIT ?"
+    dropped: int = conn.execute(
+        f"DELETE FROM feedback WHERE rowid IN ({keys})", (cutoff, limit)
+    ).rowcount
+    return len(ids), dropped
 
 
 def oldest_waiting(conn: sqlite3.Connection) -> float | None:
