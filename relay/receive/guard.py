@@ -155,20 +155,35 @@ class Guard(SMTP):
             self.close_for(Refusal.SESSION_TIMEOUT, SESSION_TOO_LONG)
 
     def close_for(self, reason: Refusal, reply: str) -> None:
-        """Send the 421 `reply` and close: a limit ended this session.
-
-        close() waits until every reply written has gone out (in asyncio and uvloop
-        alike), so a client that never reads would keep its socket, and its file, for
-        ever: unless the replies are gone within `linger` seconds, the connection is
-        dropped."""
+        """Send the 421 `reply` and close: a limit ended this session."""
         metrics.SESSIONS_REFUSED.labels(reason).inc()
         _CLOSED[reason](peer=self.peer_ip)
         transport = writable(self.transport)
-        if transport is not None and not transport.is_closing():
-            transport.write(f"{reply.format(host=self.hostname)}\r\n".encode())
-            transport.close()
-            if transport.get_write_buffer_size():
-                self.loop.call_later(self.linger, transport.abort)  # a no-op once closed
+        if transport is not None:
+            if not transport.is_closing():
+                transport.write(f"{reply.format(host=self.hostname)}\r\n".encode())
+            self.close_within_linger(transport)
+
+    def close_within_linger(self, transport: asyncio.WriteTransport) -> None:
+        """close(), which waits until every reply written has gone out (in asyncio and
+        uvloop alike): a client that never reads would keep its socket, and its file, for
+        ever. Unless the replies are gone within `linger` seconds, the connection is
+        dropped. Also for a transport closing already (after QUIT's 221, or a 421 before):
+        with the session evicted, or past its idle timeout, nothing else would drop it."""
+        transport.close()
+        try:
+            held = transport.get_write_buffer_size()
+        except AttributeError:  # asyncio's TLS transport cannot tell once closed
+            held = 1
+        if held:
+            self.loop.call_later(self.linger, transport.abort)  # a no-op once closed
+
+    @syntax("QUIT")
+    async def smtp_QUIT(self, arg: str) -> None:
+        await super().smtp_QUIT(arg)  # 221, then close()
+        transport = writable(self.transport)
+        if transport is not None and transport.is_closing():
+            self.close_within_linger(transport)
 
     def _junk_over(self) -> bool:
         """Count a junk command or error reply; past the limit, 421 and close (True)."""

@@ -327,7 +327,7 @@ class Session(Handshake):
         if transport is not None and not self._shut:
             self._shut = True
             transport.write(f"{SHUTTING_DOWN}\r\n".encode())
-            transport.close()
+            self.close_within_linger(transport)
 
     def abort(self) -> None:
         """Drop the connection now (shutdown deadline passed)."""

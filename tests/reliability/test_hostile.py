@@ -493,6 +493,45 @@ def closed_by_relay(socks: list[socket.socket]) -> int:
 NON_READERS = 5
 
 
+def test_clients_that_quit_and_never_read_their_replies_are_dropped(
+    write_config: ConfigWriter, relay_process: Callable[[Path], RelayProcess]
+) -> None:
+    """Five clients with a small MSS and receive buffer pipeline a thousand EHLOs and QUIT,
+    and never read. relay serve answers QUIT with 221 and closes, but close() waits for the
+    replies still in its buffer, which never leave: each socket, and its file, stayed open
+    for good (no timer drops a session that is closing; once evicted, the session caps did
+    not count it either, so one client could use up every file). Now each is dropped
+    within the linger after QUIT, and relay serve's open files are back to what they were."""
+    relay = relay_process(write_config(limits={"idle_timeout": 2})).start()
+    assert relay.proc is not None
+    time.sleep(1.0)  # its delivery process started, its files settled
+    before = open_files(relay.proc.pid)
+    clients = []
+    for n in range(NON_READERS):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 88)
+        sock.bind((f"127.0.0.{2 + n}", 0))
+        sock.connect(("127.0.0.1", relay.port))
+        sock.sendall(b"EHLO quitter.test\r\n" * (800 + 100 * n) + b"QUIT\r\n")
+        clients.append(sock)
+    time.sleep(1.0)  # answered until the buffers are full, then QUIT is read
+    during = open_files(relay.proc.pid)
+    started = time.monotonic()
+    deadline = started + 20
+    while (after := open_files(relay.proc.pid)) > before + 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    waited = time.monotonic() - started
+    for sock in clients:  # whether each sees a reset or the end of its replies depends on
+        sock.close()  # how far they got: relay serve's files are what this is about
+    print(
+        f"{NON_READERS} clients quitting unread: relay serve's open files {before} -> "
+        f"{during} -> {after} after {waited:.1f} s more"
+    )
+    assert during >= before + NON_READERS
+    assert after <= before + 1  # one of relay serve's own may come and go meanwhile
+
+
 def test_clients_that_never_read_their_replies_are_dropped(
     write_config: ConfigWriter, relay_process: Callable[[Path], RelayProcess]
 ) -> None:
