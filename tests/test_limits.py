@@ -386,3 +386,19 @@ async def test_bare_newline_policy(
         return
     body, details = await asyncio.to_thread(_stored, running.settings.spool, reply.split()[-1])
     assert (stored, noted) == (body, any("normalized" in d for d in details))
+
+
+async def test_a_body_that_normalizing_takes_over_the_size_limit_is_refused(
+    start_relay: Any,
+) -> None:
+    """max_message_size 10,000: 8,839 bytes with 4,400 bare LFs are within the limit as
+    sent, and 13,239 bytes as stored (each LF made CRLF). Refused with 552 5.3.4, as Postfix
+    counts what it stores; such mail was stored at up to twice the limit. A small one with
+    bare LFs still goes through."""
+    running = await start_relay(limits={"max_message_size": 10000})
+    bare = b"Subject: big\r\n\r\n" + (b"x\n" * 400 + b"\r\n") * 11  # lines of 802 bytes
+    assert len(bare) <= 10000 < len(bare.replace(b"\n", b"\r\n"))
+    reply = await _transaction(running.port, bare)
+    assert reply.startswith("552 5.3.4"), reply
+    fine = await _transaction(running.port, b"Subject: ok\r\n\r\n" + b"x\n" * 100 + b"\r\n")
+    assert fine.startswith("250 2.0.0"), fine
