@@ -7,6 +7,7 @@ import errno
 import logging
 import random
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 
 from relay import logs, metrics, service, settings
 from relay.errors import ConfigError
+from relay.receive import passwords
 from relay.receive.budget import Budget
 from relay.receive.caps import (
     TOO_MANY_FROM_YOU,
@@ -179,6 +181,35 @@ def test_auth_delay_grows_per_connection_and_per_address() -> None:
     assert [0.0] * 5 + [1.0, 2.0, 3.0, 4.0, 5.0] == reconnects
     assert (0.0, 0.0) == (elsewhere, later)
     assert 10.0 == max(guesses.failed("c", 1) for _ in range(30))
+
+
+async def test_one_scrypt_at_a_time_even_when_the_client_hangs_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client hanging up during AUTH cancels its check, but its scrypt runs on in its
+    thread: the next check waits for it. It did not, so a guesser hanging up at once ran
+    one scrypt per core and skipped the queue."""
+    running, most = 0, 0
+
+    def slow(password: bytes, encoded: str) -> bool:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        time.sleep(0.2)
+        running -= 1
+        return False
+
+    users_file = tmp_path / "users"
+    users_file.write_text(f"moodle:{passwords.hash_password('right')}\n", encoding="utf-8")
+    monkeypatch.setattr(passwords, "verify_password", slow)
+    users = passwords.Users(users_file)
+    hung_up = asyncio.create_task(users.verify(b"moodle", b"guess"))
+    await asyncio.sleep(0.05)
+    hung_up.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await hung_up
+    assert not await users.verify(b"moodle", b"another")
+    assert 1 == most
 
 
 def _stream(seed: int) -> bytes:

@@ -77,8 +77,22 @@ class Auth:
         if self.users is None:  # no accounts, so nothing to guess: no delay, no count
             metrics.REJECTED.labels("auth_failed").inc()
             return AuthResult(success=False, handled=False, message=AUTH_FAILED)
-        if await self.users.verify(user, password):
+        try:
+            ok = await self.users.verify(user, password)
+        except asyncio.CancelledError:  # hung up before the answer: a guess all the same
+            self._failed(server, name, hung_up=True)  # (Postfix's anvil counts AUTH requests)
+            raise
+        if ok:
             return AuthResult(success=True, auth_data=name, message=AUTH_OK)
+        failures, delay = self._failed(server, name)
+        await asyncio.sleep(delay)
+        if failures >= self.max_auth_failures and isinstance(server, Limited):
+            server.close_for(Refusal.AUTH_FAILURES, TOO_MANY_FAILURES)
+            return AuthResult(success=False, handled=True)
+        return AuthResult(success=False, handled=False, message=AUTH_FAILED)
+
+    def _failed(self, server: SMTP, name: str, *, hung_up: bool = False) -> tuple[int, float]:
+        """Count and log a failed AUTH: (failures on this connection, the delay earned)."""
         metrics.REJECTED.labels("auth_failed").inc()
         metrics.AUTH_FAILURES.inc()
         peer = peer_ip_of(server.session) if server.session else "?"
@@ -96,13 +110,9 @@ class Auth:
             peer=peer,
             on_connection=failures,
             from_peer=self.guesses.count(client),
-            delay=delay,
+            **({"hung_up": True} if hung_up else {"delay": delay}),
         )
-        await asyncio.sleep(delay)
-        if failures >= self.max_auth_failures and limited is not None:
-            limited.close_for(Refusal.AUTH_FAILURES, TOO_MANY_FAILURES)
-            return AuthResult(success=False, handled=True)
-        return AuthResult(success=False, handled=False, message=AUTH_FAILED)
+        return failures, delay
 
 
 async def _challenge(server: SMTP, challenge: str) -> bytes | _Missing:

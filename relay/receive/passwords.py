@@ -124,9 +124,16 @@ class Users:
         if encoded is not None and token in self._good:
             return True
         async with self._turn:
-            ok = await asyncio.to_thread(
-                verify_password, password, encoded or self._decoy_hash(hashes)
+            check = asyncio.ensure_future(
+                asyncio.to_thread(verify_password, password, encoded or self._decoy_hash(hashes))
             )
+            try:
+                ok = await asyncio.shield(check)
+            except asyncio.CancelledError:
+                # The client hung up. Its scrypt runs on in its thread: the next waits for
+                # it, or a guesser hanging up at once would run one per core.
+                await asyncio.wait([check])
+                raise
         if ok and encoded is not None:
             self._good.add(token)
             return True

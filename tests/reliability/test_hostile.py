@@ -335,6 +335,36 @@ def test_a_password_guesser_is_cut_off_and_slowed(auth_relay: RelayProcess) -> N
     assert "guess1" not in text and "right horse" not in text
 
 
+def test_a_guesser_that_hangs_up_before_the_answer_is_counted(
+    write_config: ConfigWriter, relay_process: Callable[[Path], RelayProcess], tmp_path: Path
+) -> None:
+    """Twelve connections each send a wrong password and hang up 50 ms later, while its
+    check (a scrypt of about 0.25 s here, p=8) still runs. Each is a failure from the
+    client all the same (event=auth_failed ... hung_up=True), so its next guess waits
+    what it earned past its ten free failures (3 s for the thirteenth). Hanging up, a
+    guesser was never counted, slowed or logged."""
+    users = tmp_path / "users"
+    users.write_text(f"moodle:{hash_password('right horse', p=8)}\n", encoding="utf-8")
+    relay = relay_process(write_config(auth={"users_file": str(users)})).start()
+    for n in range(12):
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=5) as sock:
+            sock.recv(1000)  # the greeting
+            sock.sendall(f"EHLO hangup.test\r\n{plain('moodle', f'guess{n}')}\r\n".encode())
+            time.sleep(0.05)  # the AUTH read, its check begun
+    wait_until(lambda: 12 == relay.log().count("event=auth_failed"), "twelve failures")
+    wire = Wire(relay.port)
+    wire.reply()
+    wire.command("EHLO hangup.test")
+    started = time.monotonic()
+    reply = wire.command(plain("moodle", "thirteenth"))
+    took = time.monotonic() - started
+    wire.close()
+    hung_up = relay.log().count("hung_up=True")
+    print(f"12 AUTHs hung up on ({hung_up} while checked): the 13th {reply[:3]} in {took:.2f} s")
+    assert reply.startswith("535")
+    assert took >= 2.5
+
+
 def test_an_unknown_user_costs_what_a_wrong_password_costs(auth_relay: RelayProcess) -> None:
     """Must show 3b. Fresh connections, alternating: an unknown user, then the known user
     with a wrong password, 5 each (within the address's 10 undelayed failures): the
