@@ -2,6 +2,9 @@
 
 Bounded as everything a client controls: a request arrives whole within REQUEST_TIME, its
 lines are at most MAX_LINE bytes, at most MAX_HEADERS headers, MAX_CONNECTIONS at a time.
+When that many are open, a new connection takes the place of the oldest one still sending
+its request: clients holding connections open without a request (a slowloris) cannot keep
+a health probe or a scrape out.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ Check = Callable[[], Awaitable[bool]]  # /readyz's question: is relay ready?
 REQUEST_TIME = 5.0  # seconds a client gets to send its whole request
 MAX_LINE = 8192  # bytes of the request line or one header line
 MAX_HEADERS = 100
-MAX_CONNECTIONS = 64  # at a time; more are closed at once (relay.receive.caps reserves them)
+MAX_CONNECTIONS = 64  # at a time (relay.receive.caps reserves them); see above
 
 
 class _BadRequest(Exception):
@@ -56,21 +59,29 @@ async def serve_http(
     `text()` renders /metrics (see `exposition`); `details()` adds lines after /readyz's
     "ready" (the SES bounce and complaint rates), informative only. A request must arrive
     whole within REQUEST_TIME, with lines of at most MAX_LINE bytes and at most MAX_HEADERS
-    headers (else 400 or a plain close); at most MAX_CONNECTIONS are served at a time. A bad
-    request never logs a traceback.
+    headers (else 400 or a plain close); at most MAX_CONNECTIONS are served at a time, a new
+    one taking the place of the oldest still sending its request. A bad request never logs a
+    traceback.
     """
     open_now = 0
+    reading: dict[asyncio.StreamWriter, None] = {}  # still sending their request, oldest first
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal open_now
         if open_now >= MAX_CONNECTIONS:
-            writer.transport.abort()
-            return
+            if not reading:  # all of them being answered: they end within REQUEST_TIME
+                writer.transport.abort()
+                return
+            oldest = next(iter(reading))
+            del reading[oldest]
+            oldest.transport.abort()  # its handler ends (and counts itself out) at once
         open_now += 1
+        reading[writer] = None
         try:
             try:
                 async with asyncio.timeout(REQUEST_TIME):
                     path = await _read_request(reader)
+                reading.pop(writer, None)
                 status, ctype, body = await _route(path, ready, text, details)
             except _BadRequest as exc:
                 status, ctype, body = "400 Bad Request", "text/plain", f"{exc}\n".encode()
@@ -84,6 +95,7 @@ async def serve_http(
         except (TimeoutError, ConnectionError, OSError, asyncio.IncompleteReadError):
             pass
         finally:
+            reading.pop(writer, None)
             open_now -= 1
             writer.close()
 

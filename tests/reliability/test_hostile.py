@@ -893,6 +893,39 @@ def test_bare_newline_look_alikes_smuggle_nothing_and_reach_ses_normalized(
     assert (0, 0, len(accepted)) == (len(victims), bare_in_ses, noted)
 
 
+def test_connections_without_a_request_cannot_keep_a_probe_out(
+    write_config: ConfigWriter, relay_process: Callable[[Path], RelayProcess]
+) -> None:
+    """Seventy connections to the metrics listener that send one byte and nothing more
+    (more than its 64 at a time), renewed as they are dropped: /healthz is answered 200 each
+    time, a new connection taking the place of the oldest still sending its request. They
+    held all 64 places, and each probe was closed unanswered: an orchestrator acting on
+    /healthz would restart relay over and over."""
+    metrics_port = free_port()
+    relay = relay_process(write_config(metrics=f"127.0.0.1:{metrics_port}")).start()
+    assert metrics_port == logged_metrics_port(relay)
+    holders: list[socket.socket] = []
+
+    def hold(count: int) -> None:
+        for _ in range(count):
+            sock = socket.create_connection(("127.0.0.1", metrics_port), timeout=5)
+            sock.sendall(b"G")
+            holders.append(sock)
+
+    try:
+        hold(70)
+        answers = []
+        for _ in range(5):
+            answers.append(healthz(metrics_port, timeout=3))
+            hold(10)
+    finally:
+        for sock in holders:
+            sock.close()
+    print(f"metrics listener held by silent connections: /healthz {answers}")
+    assert [200] * 5 == [status for status, _ in answers]
+    assert "Traceback" not in relay.log()
+
+
 def test_the_metrics_listener_bounds_bad_requests(
     write_config: ConfigWriter, relay_process: Callable[[Path], RelayProcess]
 ) -> None:
