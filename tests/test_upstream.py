@@ -160,15 +160,19 @@ async def test_mixed_refusals_without_acceptance(start_capture: StartCapture) ->
     [
         ("450 4.2.1 Mailbox busy", "554 5.7.1 Rejected by policy", "temporary, permanent"),
         ("550 5.1.1 No such user", "451 4.3.0 Try again later", "permanent, temporary"),
+        ("550 5.1.1 No such user", "554 5.7.1 Rejected by policy", "permanent, permanent"),
+        ("450 4.2.1 Mailbox busy", "451 4.3.0 Try again later", "temporary, temporary"),
     ],
-    ids=["rcpt-4xx-data-5xx", "rcpt-5xx-data-4xx"],
+    ids=["rcpt-4xx-data-5xx", "rcpt-5xx-data-4xx", "both-5xx", "both-4xx"],
 )
 async def test_the_reply_to_data_is_for_the_recipients_accepted_at_rcpt(
     start_capture: StartCapture, rcpt: str, data: str, expected: str
 ) -> None:
     """RFC 5321, 3.3: a refusal at DATA is for the recipients accepted at RCPT. One refused
     at RCPT keeps its own reply: refused for now there, it is retried even when DATA got a
-    5xx (it was failed for good with the others, with a DSN saying so)."""
+    5xx (it was failed for good with the others, with a DSN saying so). Refused alike, each
+    keeps its own reply too: not all the first one's (a DSN gave a DATA refusal the other
+    recipient's 550 5.1.1)."""
     capture, port = await start_capture()
     capture.refuse_rcpt("other@example.net", rcpt)
     capture.data_reply = data
@@ -179,8 +183,9 @@ async def test_the_reply_to_data_is_for_the_recipients_accepted_at_rcpt(
     kinds = {"temporary": result.temporary, "permanent": result.permanent}
     first, second = (kinds[k] for k in expected.split(", "))
     assert () == result.accepted
-    assert (("other@example.net", rcpt),) == first
-    assert (("ada@example.net", f"{data} (at DATA)"),) == second
+    assert ("other@example.net", rcpt) in first
+    assert ("ada@example.net", f"{data} (at DATA)") in second
+    assert 2 == len(result.temporary) + len(result.permanent)
     assert [] == capture.messages
 
 

@@ -189,6 +189,7 @@ class UpstreamClient:
         accepted: list[str] = []
         temporary: list[tuple[str, str]] = []
         permanent: list[tuple[str, str]] = []
+        data_refused = False
         try:
             try:
                 await smtp.mail(mail.sender, options=options, encoding=encoding)
@@ -219,7 +220,7 @@ class UpstreamClient:
                     # deferred whatever DATA got.
                     refused = [(rcpt, f"{_reply(exc)} (at DATA)") for rcpt in accepted]
                     (temporary if exc.code < 500 else permanent).extend(refused)
-                    accepted = []
+                    accepted, data_refused = [], True
         except aiosmtplib.SMTPResponseException as exc:
             phase = "DATA" if isinstance(exc, aiosmtplib.SMTPDataError) else "MAIL FROM"
             message = f"{where} refused {mail.id} at {phase}: {_reply(exc)}"
@@ -232,7 +233,8 @@ class UpstreamClient:
             raise TemporaryFailure(message, reply=repr(exc)) from exc
 
         if not accepted:
-            _raise_if_uniform(where, mail, temporary, permanent)
+            if not data_refused:  # else each keeps its own reply, RCPT's or DATA's
+                _raise_if_uniform(where, mail, temporary, permanent)
             replies = "; ".join(f"{r}: {reply}" for r, reply in (*temporary, *permanent))
             reply = f"no recipient accepted: {replies}"
         return UpstreamResult(
