@@ -718,6 +718,17 @@ async def test_a_bug_after_a_split_defers_only_the_recipients_left_on_the_row() 
     assert defer_line.endswith(f"to={','.join(recipients[:50])}")
 
 
+async def test_a_row_with_a_recipient_many_times_keeps_its_recipients_through_the_split() -> None:
+    """A row naming one recipient 51 times and another once (spooled before receive kept
+    one copy of a repeated RCPT): SES's 50 per call leave nothing to split off, and the
+    mail goes out once to both. Split first, the copies past the 50th took every copy of
+    the first batch with them, leaving a mail with no recipients."""
+    rig = Rig()
+    lines = await rig.deliver(recipients=("a@x.org",) * 51 + ("b@x.org",))
+    assert ["sent Q1 moodle via ses: SES accepted ses_id=ses-1"] == lines
+    assert [2] == rig.ses.recipients
+
+
 class Listed:
     """Suppressions: these recipients are on the SES account suppression list."""
 

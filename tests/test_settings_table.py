@@ -148,6 +148,11 @@ VALID = [
         {"ses.api": SesApi.V1, "ses.identity_arn": None, "ses.source": None},
         id="ses-v1-default",
     ),
+    pytest.param(
+        MINIMAL + "ses: {region: ap-southeast-2, endpoint_url: 'HTTP://[::1]:4566/'}\n",
+        {"ses.region": "ap-southeast-2", "ses.endpoint_url": "HTTP://[::1]:4566/"},
+        id="ses-region-and-endpoint",
+    ),
     pytest.param(MINIMAL + "metrics: null\n", {"metrics": None}, id="metrics-off"),
     pytest.param(MINIMAL + "listen: '[::1]:2525'\n", {"listen": "[::1]:2525"}, id="ipv6-loopback"),
     pytest.param(

@@ -201,6 +201,9 @@ class Deliverer:
         size = MAX_DESTINATIONS
         if len(mail.recipients) <= size:
             return mail
+        # Once each: a row spooled before receive kept one copy of a repeated RCPT could
+        # otherwise lose every recipient of its first batch to the split of a later one.
+        mail = replace(mail, recipients=tuple(dict.fromkeys(mail.recipients)))
         batches = [mail.recipients[i : i + size] for i in range(0, len(mail.recipients), size)]
         for n, batch in enumerate(batches[1:], start=2):
             reason = f"SES takes at most {size} recipients per call: batch {n} of {len(batches)}"

@@ -293,4 +293,4 @@ _ADDRESS = re.compile(r"[^@\s<>]+@[^@\s<>]+")
 # What botocore takes (botocore.utils.validate_region_name, is_valid_endpoint_url): a bad
 # value passed every check and stopped the delivery process at each start.
 _REGION = re.compile(r"[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?")
-_URL = re.compile(r"https?://[^\s/?#]+(?:[/?#]\S*)?")
+_URL = re.compile(r"https?://[^\s/?#]+(?:[/?#]\S*)?", re.IGNORECASE)
