@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import io
 import logging
 import os
 import re
@@ -28,7 +29,9 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay.deliver import process, supervisor
+from relay import rules
+from relay import settings as settings_mod
+from relay.deliver import handover, process, supervisor
 from relay.deliver.process import LOCK_NAME
 from relay.spool import Spool, new_id
 from tests.support.aws import REGION
@@ -309,6 +312,23 @@ def test_a_new_delivery_process_runs_on_what_relay_serve_runs_on(
     assert [(SENDER, ("ada@example.net",))] == [(m.mail_from, m.rcpt_tos) for m in capture.messages]
     assert "delivery_no_settings" not in relay.log()
     assert 0 == relay.stop()
+
+
+def test_handover_gives_what_relay_serve_runs_on_unless_the_code_differs(
+    write_config: ConfigWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The delivery process gets relay serve's settings and rules, not the file as it is
+    now. Started from other code on disk (an upgrade not yet restarted), it reads the files
+    instead: unpickled into classes that changed, values could land in the wrong fields."""
+    config = write_config(hostname="running.test")
+    running = settings_mod.load(config)
+    ruleset = rules.load(running.rules)
+    packed = handover.pack(running, ruleset)
+    write_config(hostname="edited.test")
+    assert (running, ruleset, False) == handover.unpack(io.BytesIO(packed))
+    monkeypatch.setattr(handover, "CODE", "the code after an upgrade")
+    read, _, from_files = handover.unpack(io.BytesIO(packed))
+    assert ("edited.test", True) == (read.hostname, from_files)
 
 
 @pytest.mark.usefixtures("aws_env")

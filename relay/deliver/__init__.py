@@ -11,7 +11,8 @@ notice, `feedback` brings SES's events back onto the rows (and a mail SES bounce
 every recipient to `bounced`), `ses/` the SES leg (client, route, pace, circuit),
 `upstream` the SMTP client for the original host, `task` wires them up. In `relay
 serve` all of it runs in the delivery process (`process`, `python -m
-relay.deliver.process`), which `supervisor` starts, watches and restarts.
+relay.deliver.process`), which `supervisor` starts, watches and restarts, handing it
+the settings and rules it runs on (`handover`).
 """
 
 from relay.deliver.loop import Deliverer

@@ -20,8 +20,9 @@ opened with synchronous=NORMAL (relay.spool): delivery's commits may be lost to
 a power cut, which only means a mail goes out again. Deferred mail coming due
 and mail queued by `relay queue retry` are found by the delivery loop's own poll.
 
-It runs on the settings and rules relay serve hands it on stdin, those in effect there,
-and reloads relay.yaml and the rules on SIGHUP as relay serve does. Exit 0 after a stop; 1
+It runs on the settings and rules relay serve hands it on stdin, those in effect there
+(relay.deliver.handover), and reloads relay.yaml and the rules on SIGHUP as relay serve
+does. Exit 0 after a stop; 1
 when it cannot run (spool unusable, a task failed): relay serve logs it and starts it
 again.
 """
@@ -33,7 +34,6 @@ import asyncio
 import fcntl
 import logging
 import os
-import pickle
 import signal
 import socket
 import sys
@@ -43,9 +43,9 @@ from pathlib import Path
 import uvloop
 
 from relay import logs, metrics, runtime
-from relay.deliver import task
+from relay.deliver import handover, task
 from relay.deliver.feedback import ses_feedback
-from relay.errors import SpoolError
+from relay.errors import ConfigError, SpoolError
 from relay.rules import RuleSet
 from relay.runtime import Context, wait_any
 from relay.settings import Settings
@@ -87,11 +87,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logs.setup(args.log_format, level=args.log_level)
     lower_priority()
-    try:  # what relay serve runs on (relay.deliver.supervisor); SIGHUP reloads the files
-        settings, ruleset = pickle.load(sys.stdin.buffer)
-    except (EOFError, pickle.UnpicklingError) as exc:
+    try:  # what relay serve runs on (relay.deliver.handover); SIGHUP reloads the files
+        settings, ruleset, read = handover.unpack(sys.stdin.buffer)
+    except ConfigError as exc:  # other code on disk, and the files are unusable
+        problems = " | ".join(str(p) for p in exc.problems)
+        logs.event(log, "delivery_config_error", level=logging.ERROR, problems=problems)
+        return 1
+    except Exception as exc:  # nothing on stdin: relay serve died before it wrote
         logs.event(log, "delivery_no_settings", level=logging.ERROR, error=repr(exc))
         return 1
+    if read:
+        logs.event(log, "delivery_code_changed", level=logging.WARNING, read=str(settings.source))
     try:
         return uvloop.run(_run(settings, ruleset, args.wake_fd, args.metrics_fd))
     except SpoolError as exc:

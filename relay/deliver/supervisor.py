@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import pickle
 import signal
 import socket
 import sys
@@ -34,6 +33,7 @@ import time
 from collections.abc import Iterator
 
 from relay import logs, metrics
+from relay.deliver import handover
 from relay.runtime import Context, wait_any
 
 log = logging.getLogger("relay.delivery_process")
@@ -153,11 +153,11 @@ class Child:
 
 
 async def _hand_over(proc: asyncio.subprocess.Process, ctx: Context) -> None:
-    """The settings and rules in effect here, down the child's stdin: the ones it runs on,
-    not the files as they are now (an invalid edit, or a new `spool:` not applied yet,
-    would stop a restarted child from delivering what this process accepts)."""
+    """The settings and rules in effect here, down the child's stdin (relay.deliver.handover):
+    the ones it runs on, not the files as they are now (an invalid edit, or a new `spool:`
+    not applied yet, would stop a restarted child from delivering what this one accepts)."""
     assert proc.stdin is not None
-    proc.stdin.write(pickle.dumps((ctx.settings, ctx.rules)))
+    proc.stdin.write(handover.pack(ctx.settings, ctx.rules))
     with contextlib.suppress(ConnectionError):  # it died at once: logged as any exit
         await proc.stdin.drain()
     proc.stdin.close()
