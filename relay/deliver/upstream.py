@@ -44,14 +44,15 @@ REUSE_FOR = 300.0  # seconds a connection is used at most (Postfix: 300 s)
 class UpstreamResult:
     """What the host said: recipients taken, refused for now (4xx), refused for good (5xx).
 
-    `accepted` is empty only when RCPT replies were a 4xx/5xx mix (uniform
-    refusals raise); then DATA was not sent.
+    `accepted` is empty when RCPT replies were a 4xx/5xx mix (uniform refusals raise;
+    DATA was not sent), or when DATA was refused after some RCPT refusals: those
+    accepted at RCPT then carry DATA's reply, the others their own.
     """
 
     accepted: tuple[str, ...]
     temporary: tuple[tuple[str, str], ...] = ()  # (recipient, reply)
     permanent: tuple[tuple[str, str], ...] = ()
-    reply: str = ""  # the DATA reply, or why DATA was not sent
+    reply: str = ""  # the DATA reply, or the refusals when none was accepted
 
 
 @dataclass(slots=True)
@@ -189,7 +190,6 @@ class UpstreamClient:
         accepted: list[str] = []
         temporary: list[tuple[str, str]] = []
         permanent: list[tuple[str, str]] = []
-        data_refused = False
         try:
             try:
                 await smtp.mail(mail.sender, options=options, encoding=encoding)
@@ -220,7 +220,7 @@ class UpstreamClient:
                     # deferred whatever DATA got.
                     refused = [(rcpt, f"{_reply(exc)} (at DATA)") for rcpt in accepted]
                     (temporary if exc.code < 500 else permanent).extend(refused)
-                    accepted, data_refused = [], True
+                    return _none_accepted(temporary, permanent)  # each with its own reply
         except aiosmtplib.SMTPResponseException as exc:
             phase = "DATA" if isinstance(exc, aiosmtplib.SMTPDataError) else "MAIL FROM"
             message = f"{where} refused {mail.id} at {phase}: {_reply(exc)}"
@@ -233,10 +233,8 @@ class UpstreamClient:
             raise TemporaryFailure(message, reply=repr(exc)) from exc
 
         if not accepted:
-            if not data_refused:  # else each keeps its own reply, RCPT's or DATA's
-                _raise_if_uniform(where, mail, temporary, permanent)
-            replies = "; ".join(f"{r}: {reply}" for r, reply in (*temporary, *permanent))
-            reply = f"no recipient accepted: {replies}"
+            _raise_if_uniform(where, mail, temporary, permanent)
+            return _none_accepted(temporary, permanent)
         return UpstreamResult(
             accepted=tuple(accepted),
             temporary=tuple(temporary),
@@ -272,6 +270,19 @@ class UpstreamClient:
         except OSError as exc:
             message = f"{where} unreachable for {mail.id}: {exc!r}"
             raise TemporaryFailure(message, reply=repr(exc)) from exc
+
+
+def _none_accepted(
+    temporary: list[tuple[str, str]], permanent: list[tuple[str, str]]
+) -> UpstreamResult:
+    """Every recipient refused, some for now and some for good (or at DATA): per recipient."""
+    replies = "; ".join(f"{r}: {reply}" for r, reply in (*temporary, *permanent))
+    return UpstreamResult(
+        accepted=(),
+        temporary=tuple(temporary),
+        permanent=tuple(permanent),
+        reply=f"no recipient accepted: {replies}",
+    )
 
 
 def _raise_if_uniform(
