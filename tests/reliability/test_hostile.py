@@ -781,8 +781,13 @@ def test_data_hoarders_cost_disk_not_memory_and_lose_nothing(
     finally:
         for wire in hoarders:
             wire.close()
+    # Memory goes back once the bodies are spooled and freed (Budget's malloc_trim): 89-133
+    # MiB here 3 s after, but 161 once in CI, where the suite keeps both cores busy.
+    left = time.monotonic()
     time.sleep(3.0)
-    after, _ = rss_mib(pid)
+    while (after := rss_mib(pid)[0]) >= baseline + 100 and time.monotonic() - left < 15:
+        time.sleep(0.5)
+    left = time.monotonic() - left
     captured = [m for m in capture.wait_for(1, timeout=30) if m.message_id == mail.message_id]
     conn = sqlite3.connect(config.parent / "spool" / DB_NAME)
     try:
@@ -793,7 +798,7 @@ def test_data_hoarders_cost_disk_not_memory_and_lose_nothing(
     print(
         f"DATA hoarding: {HOARDERS} sessions x {HOARD / 1e6:.1f} MB fed in {fed:.1f}s; main "
         f"process RSS baseline {baseline:.0f} MiB, during {during:.0f} MiB, peak "
-        f"{peak:.0f} MiB, after they left {after:.0f} MiB; well-behaved client "
+        f"{peak:.0f} MiB, {left:.1f} s after they left {after:.0f} MiB; well-behaved client "
         f"{reply.text[:24]!r}, delivered intact: {bool(captured)}; finishing hoarder "
         f"{finished[:24]!r}, stored {sizes.get(finished_id)} bytes; the other "
         f"{HOARDERS - 1} ending at once: {dict(together)} in {ended:.1f}s, peak RSS "
