@@ -57,7 +57,7 @@ def _run(report: Report, name: str, fn: Callable[[], None]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small numbers, for CI (< 60 s)")
+    parser.add_argument("--quick", action="store_true", help="small numbers, for CI (1-2 min)")
     parser.add_argument("--json", type=Path, help="also write the numbers to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, configs)")
     parser.add_argument(

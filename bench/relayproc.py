@@ -127,6 +127,12 @@ class Relay:
         return config
 
     def start(self, timeout: float = 30) -> Relay:
+        self.spawn()
+        return self.ready(timeout)
+
+    def spawn(self) -> Relay:
+        """Start `relay serve` without waiting for it (`ready` waits): several relays start
+        side by side."""
         config = self.write_config()
         env = dict(os.environ)
         # Dummy credentials for the fake SES; no shared files, no botocore retries of its own.
@@ -141,6 +147,11 @@ class Relay:
             env.pop(name, None)
         argv = [*self.command, "serve", "--config", str(config)]
         self.proc = tools.Proc(self.name, argv, self.dir / "relay.log", env=env, cwd=self.dir)
+        return self
+
+    def ready(self, timeout: float = 30) -> Relay:
+        """Wait for the 220 and for the delivery process to be up."""
+        assert self.proc is not None, "spawn() first"
         tools.wait_banner(self.port, timeout, self.proc)
         # Measure delivery, not its start: the delivery process is up, holds the spool's
         # lock and (with SES) has its quota, as a relay that has been running for a while.

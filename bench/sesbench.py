@@ -109,6 +109,18 @@ def _settled_rate(timeline: list[tuple[float, int]]) -> float | None:
     return (half[-1][1] - half[0][1]) / (half[-1][0] - half[0][0])
 
 
+def _start(
+    stack: contextlib.ExitStack, base: Path, upstream_port: int, targets: list[relayproc.SesTarget]
+) -> list[relayproc.Relay]:
+    """One relay per target, started side by side, each stopped when `stack` closes."""
+    relays = []
+    for i, target in enumerate(targets):
+        relay = relayproc.Relay(base, name=f"relay{i}", upstream_port=upstream_port, ses=target)
+        stack.callback(relay.stop)
+        relays.append(relay.spawn())
+    return [relay.ready() for relay in relays]
+
+
 def run_scenario(workdir: Path, sc: Scenario, p: Params, report: Report) -> dict[str, Any]:
     """Inject `sc.mails` split over the relays; wait until SES + fallback have them all."""
     base = workdir / sc.name
@@ -119,11 +131,8 @@ def run_scenario(workdir: Path, sc: Scenario, p: Params, report: Report) -> dict
         fake = FakeSes(base, "fakeses", rate_limit=sc.rate_limit, latency=sc.latency)
         stack.callback(fake.stop)
         fallback = stack.enter_context(sink.Sink(base, name="sink-fallback"))
-        relays = []
-        for i, rate in enumerate(sc.relays):
-            target = relayproc.SesTarget(endpoint_url=fake.url, max_send_rate=rate)
-            relay = relayproc.Relay(base, name=f"relay{i}", upstream_port=fallback.port, ses=target)
-            relays.append(stack.enter_context(relay))
+        targets = [relayproc.SesTarget(endpoint_url=fake.url, max_send_rate=r) for r in sc.relays]
+        relays = _start(stack, base, fallback.port, targets)
         rates = ", ".join("auto" if r is None else f"{r:g}" for r in sc.relays)
         report.progress(
             f"ses {sc.name}: {sc.mails} mails, {len(relays)} relay(s) max_send_rate {rates}, "
@@ -469,11 +478,8 @@ def run_shared(workdir: Path, sc: Shared, p: Params, report: Report) -> dict[str
         fake = FakeSes(base, "fakeses", rate_limit=sc.rate_limit, latency=sc.latency)
         stack.callback(fake.stop)
         fallback = stack.enter_context(sink.Sink(base, name="sink-fallback"))
-        relays = []
-        for i in range(len(sc.mails)):
-            target = relayproc.SesTarget(endpoint_url=fake.url, max_send_rate=sc.rate_limit)
-            relay = relayproc.Relay(base, name=f"relay{i}", upstream_port=fallback.port, ses=target)
-            relays.append(stack.enter_context(relay))
+        target = relayproc.SesTarget(endpoint_url=fake.url, max_send_rate=sc.rate_limit)
+        relays = _start(stack, base, fallback.port, [target] * len(sc.mails))
         report.progress(
             f"ses {sc.name}: {sc.mails} mails into 3 relays at +{sc.starts} s, fake limit "
             f"{sc.rate_limit:g}/s"
