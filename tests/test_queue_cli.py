@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import smtplib
 import time
@@ -14,7 +15,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from relay.cli import main
-from relay.spool import DB_NAME, Spool
+from relay.ops import queueadmin
+from relay.spool import DB_NAME, Spool, lock
 from relay.spool.schema import SCHEMA_VERSION
 from tests.support.processes import RelayProcess, relay_cli
 from tests.support.relays import ConfigWriter
@@ -284,3 +286,53 @@ def test_queue_commands_work_while_the_service_runs(
     stats = relay_cli("queue", "--config", str(config), "stats", "--json")
     assert (0, 0) == (deleted.returncode, json.loads(stats.stdout)["total"])
     assert 0 == relay.stop()
+
+
+def test_each_id_reports_on_its_own_stream(spooled: tuple[Path, dict[str, str]]) -> None:
+    """A refused id goes to stderr; a later id that was acted on still goes to stdout."""
+    config, ids = spooled
+    result = queue(config, "delete", "NOSUCHID0000", ids["queued"])
+    assert (1, f"{ids['queued']}: deleted\n") == (result.exit_code, result.stdout)
+    assert "NOSUCHID0000: no such message\n" == result.stderr
+
+
+def test_retry_takes_the_spools_write_turn(
+    spooled: tuple[Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """retry and delete write under the write turn relay serve and the delivery process take
+    (relay.spool.lock), so a big retry cannot starve relay serve's adds. Held elsewhere for
+    too long: exit 1, the spool named, the ids not done listed, nothing changed."""
+    config, ids = spooled
+    monkeypatch.setattr(lock, "TURN_TIMEOUT", 0.3)
+    spool_dir = config.parent / "spool"
+    with open(spool_dir / lock.WRITE_LOCK, "a+b") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        result = queue(config, "retry", ids["failed"], ids["deferred"])
+    assert 1 == result.exit_code
+    assert f"spool {spool_dir / DB_NAME}" in result.stderr
+    assert result.stderr.endswith(f"not done: {ids['failed']} {ids['deferred']}\n")
+    assert "failed" == json.loads(queue(config, "show", ids["failed"], "--json").stdout)["state"]
+    assert 0 == queue(config, "retry", ids["failed"], ids["deferred"]).exit_code
+
+
+async def test_retry_all_failed_goes_in_steps(write_config: ConfigWriter) -> None:
+    """More dead letters than one step holds: every one is queued again, each said once."""
+    config = write_config()
+    spool = await Spool.open(config.parent / "spool")
+    count = queueadmin.STEP * 2 + 7
+    for n in range(count):
+        await spool.add(
+            sender="noreply@moodle.test",
+            recipients=[f"u{n}@example.org"],
+            raw=body(n),
+            peer="127.0.0.1",
+            trace=TRACE,
+            message_id=f"<{n}@moodle.test>",
+        )
+    for mail in await spool.claim(count):
+        await spool.fail(mail.id, rule=None, route="upstream", reply="550 5.1.1 no such user")
+    await spool.close()
+    result = queue(config, "retry", "--all-failed")
+    assert (0, count) == (result.exit_code, result.stdout.count(": queued for delivery\n"))
+    stats = json.loads(queue(config, "stats", "--json").stdout)
+    assert {"queued": count} == {k: v for k, v in stats["counts"].items() if v}

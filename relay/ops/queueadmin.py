@@ -1,7 +1,8 @@
 """`relay queue list/show/retry/delete/stats`: the spool seen from another process.
 
 Works while the service runs: the same SQLite file in WAL mode, short
-transactions, a busy timeout. Human tables by default (like `mailq`); `--json`
+transactions, each changing one under the spool's write turn (relay.spool.lock) as the
+service's own do. Human tables by default (like `mailq`); `--json`
 gives one JSON object per message per line (list) or one object (show, stats).
 `list` leaves out finished rows (`sent`, `bounced`) unless `--state` asks for them.
 
@@ -22,7 +23,11 @@ from typing import Any
 import click
 
 from relay.errors import SpoolError
-from relay.spool import FINISHED, State, all_or_nothing, open_existing, state_counts
+from relay.spool import DB_NAME, FINISHED, State, all_or_nothing, open_existing, state_counts
+from relay.spool.lock import DELIVERY_POLL, Turn
+
+STEP = 100  # ids per transaction of retry and delete (a few milliseconds each) ...
+PAUSE = 0.002  # ... and seconds between them, in which relay serve's adds take the turn
 
 _COLUMNS = (
     "id",
@@ -164,47 +169,60 @@ def _headers(body: bytes) -> str:
 
 
 def _act(spool_dir: Path, ids: Iterable[str], action: str) -> int:
+    """`action` on each id, STEP ids per transaction, each under the spool's write turn
+    (relay.spool.lock): relay serve's adds take their turn between steps, so a retry of
+    50,000 dead letters holds up a 250 for one step, not for seconds."""
     conn = _open(spool_dir)
     if conn is None:
         return 1
+    chosen = list(ids)
     ok = True
-    with closing(conn):
-        for queue_id in ids:
-            message = _act_one(conn, queue_id, action)
-            ok = ok and message.endswith(("queued for delivery", "deleted"))
-            click.echo(f"{queue_id}: {message}", err=not ok)
+    with closing(conn), closing(Turn(spool_dir, poll=DELIVERY_POLL)) as turn:
+        for start in range(0, len(chosen), STEP):
+            try:
+                with turn.held(), all_or_nothing(conn):
+                    done = [(i, _act_one(conn, i, action)) for i in chosen[start : start + STEP]]
+            except (sqlite3.Error, SpoolError) as exc:
+                left = " ".join(chosen[start:])
+                click.echo(
+                    f"relay queue: spool {spool_dir / DB_NAME}: {exc}; not done: {left}", err=True
+                )
+                return 1
+            for queue_id, message in done:
+                acted = message.endswith(("queued for delivery", "deleted"))
+                ok = ok and acted
+                click.echo(f"{queue_id}: {message}", err=not acted)
+            time.sleep(PAUSE)
     return 0 if ok else 1
 
 
 def _act_one(conn: sqlite3.Connection, queue_id: str, action: str) -> str:
-    with all_or_nothing(conn):
-        row = conn.execute("SELECT state FROM messages WHERE id = ?", (queue_id,)).fetchone()
-        state = None if row is None else row["state"]
-        if state is None:
-            message = "no such message"
-        elif state == State.INFLIGHT:
-            message = "being delivered right now; try again in a moment"
-        elif action == "delete":
-            conn.execute("DELETE FROM messages WHERE id = ?", (queue_id,))
-            conn.execute("DELETE FROM bodies WHERE id = ?", (queue_id,))
-            conn.execute("DELETE FROM events WHERE queue_id = ?", (queue_id,))
-            message = "deleted"
-        elif state in (State.FAILED, State.DEFERRED, State.QUEUED):
-            now = time.time()
-            conn.execute(
-                "UPDATE messages SET state = 'queued', due_at = ?1, updated_at = ?1 WHERE id = ?2",
-                (now, queue_id),
-            )
-            if state == State.FAILED:  # a fresh retry.max_age: see Mail.since
-                conn.execute("UPDATE messages SET retried_at = ? WHERE id = ?", (now, queue_id))
-            conn.execute(
-                "INSERT INTO events (queue_id, at, event, detail) VALUES (?, ?, 'retry', ?)",
-                (queue_id, now, f"relay queue retry (was {state})"),
-            )
-            message = "queued for delivery"
-        else:
-            message = f"is {state}; nothing to retry"
-    return message
+    """One id, inside the caller's transaction: what became of it, for the operator."""
+    row = conn.execute("SELECT state FROM messages WHERE id = ?", (queue_id,)).fetchone()
+    state = None if row is None else row["state"]
+    if state is None:
+        return "no such message"
+    if state == State.INFLIGHT:
+        return "being delivered right now; try again in a moment"
+    if action == "delete":
+        conn.execute("DELETE FROM messages WHERE id = ?", (queue_id,))
+        conn.execute("DELETE FROM bodies WHERE id = ?", (queue_id,))
+        conn.execute("DELETE FROM events WHERE queue_id = ?", (queue_id,))
+        return "deleted"
+    if state not in (State.FAILED, State.DEFERRED, State.QUEUED):
+        return f"is {state}; nothing to retry"
+    now = time.time()
+    conn.execute(
+        "UPDATE messages SET state = 'queued', due_at = ?1, updated_at = ?1 WHERE id = ?2",
+        (now, queue_id),
+    )
+    if state == State.FAILED:  # a fresh retry.max_age: see Mail.since
+        conn.execute("UPDATE messages SET retried_at = ? WHERE id = ?", (now, queue_id))
+    conn.execute(
+        "INSERT INTO events (queue_id, at, event, detail) VALUES (?, ?, 'retry', ?)",
+        (queue_id, now, f"relay queue retry (was {state})"),
+    )
+    return "queued for delivery"
 
 
 def retry(spool_dir: Path, ids: Sequence[str], *, all_failed: bool) -> int:

@@ -10,7 +10,7 @@ lock around every transaction, looking for it every 50 µs (the delivery process
 every 500 µs: see DELIVERY_POLL), and gives up
 (SpoolBusy: a 451 for the client) after TURN_TIMEOUT. Not a blocking flock: a
 process stopped while it holds the lock would hold up every add for good.
-`relay queue` does not take the lock; SQLite's busy_timeout covers it.
+`relay queue retry` and `delete` take it too, in steps (relay.ops.queueadmin).
 """
 
 from __future__ import annotations
