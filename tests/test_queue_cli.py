@@ -29,22 +29,24 @@ def body(n: int) -> bytes:
     return f"Message-ID: <{n}@moodle.test>\r\nSubject: mail {n}\r\n\r\nbody {n}\r\n".encode()
 
 
+async def add(spool: Spool, n: int) -> str:
+    """Mail number `n` from Moodle, spooled; its queue id."""
+    return await spool.add(
+        sender="noreply@moodle.test",
+        recipients=[f"u{n}@example.org"],
+        raw=body(n),
+        peer="127.0.0.1",
+        trace=TRACE,
+        message_id=f"<{n}@moodle.test>",
+    )
+
+
 @pytest.fixture
 async def spooled(write_config: ConfigWriter) -> tuple[Path, dict[str, str]]:
     """A config and its spool holding one message per state; returns (config, {state: id})."""
     config = write_config()
     spool = await Spool.open(config.parent / "spool")
-    ids = [
-        await spool.add(
-            sender="noreply@moodle.test",
-            recipients=[f"u{n}@example.org"],
-            raw=body(n),
-            peer="127.0.0.1",
-            trace=TRACE,
-            message_id=f"<{n}@moodle.test>",
-        )
-        for n in (5, 0, 1, 2, 3, 4)
-    ]
+    ids = [await add(spool, n) for n in (5, 0, 1, 2, 3, 4)]
     bounced, sent, deferred, failed, inflight, queued = ids
     await spool.claim(5)
     await spool.sent(
@@ -321,14 +323,7 @@ async def test_retry_all_failed_goes_in_steps(write_config: ConfigWriter) -> Non
     spool = await Spool.open(config.parent / "spool")
     count = queueadmin.STEP * 2 + 7
     for n in range(count):
-        await spool.add(
-            sender="noreply@moodle.test",
-            recipients=[f"u{n}@example.org"],
-            raw=body(n),
-            peer="127.0.0.1",
-            trace=TRACE,
-            message_id=f"<{n}@moodle.test>",
-        )
+        await add(spool, n)
     for mail in await spool.claim(count):
         await spool.fail(mail.id, rule=None, route="upstream", reply="550 5.1.1 no such user")
     await spool.close()
