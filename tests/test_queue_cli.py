@@ -331,3 +331,18 @@ async def test_retry_all_failed_goes_in_steps(write_config: ConfigWriter) -> Non
     assert (0, count) == (result.exit_code, result.stdout.count(": queued for delivery\n"))
     stats = json.loads(queue(config, "stats", "--json").stdout)
     assert {"queued": count} == {k: v for k, v in stats["counts"].items() if v}
+
+
+@pytest.mark.parametrize("running", [True, False], ids=["delivering", "stopped"])
+def test_an_inflight_row_says_whether_a_delivery_process_has_it(
+    spooled: tuple[Path, dict[str, str]], running: bool
+) -> None:
+    """An inflight row is left alone either way; the operator is told whether a delivery
+    process is sending it now or relay serve takes it back when it starts."""
+    config, ids = spooled
+    with open(config.parent / "spool" / lock.DELIVERY_LOCK, "a+b") as holder:
+        if running:
+            fcntl.flock(holder, fcntl.LOCK_EX)  # as relay.deliver.process holds it
+        result = queue(config, "retry", ids["inflight"])
+    said = queueadmin.CLAIMED if running else queueadmin.CLAIMED_BEFORE_A_STOP
+    assert (1, f"{ids['inflight']}: {said}\n") == (result.exit_code, result.stderr)

@@ -50,10 +50,11 @@ from relay.rules import RuleSet
 from relay.runtime import Context, wait_any
 from relay.settings import Settings
 from relay.spool import Spool
+from relay.spool.lock import DELIVERY_LOCK
 
 log = logging.getLogger("relay.delivery_process")
 
-LOCK_NAME = "delivery.lock"
+LOCK_NAME = DELIVERY_LOCK
 LOCK_POLL = 0.2  # seconds between tries while another delivery process holds the lock
 PARENT_GONE_DRAIN = 5.0  # seconds in-flight sends get when relay serve died
 NICE = 19  # added to relay serve's nice value (see above)

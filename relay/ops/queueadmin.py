@@ -24,8 +24,12 @@ import click
 
 from relay.errors import SpoolError
 from relay.spool import DB_NAME, FINISHED, State, all_or_nothing, open_existing, state_counts
-from relay.spool.lock import DELIVERY_POLL, Turn
+from relay.spool.lock import DELIVERY_POLL, Turn, delivering
 
+CLAIMED = "being delivered right now; try again in a moment"
+CLAIMED_BEFORE_A_STOP = (
+    "claimed by a delivery process that is not running; relay serve takes it back when it starts"
+)
 STEP = 100  # ids per transaction of retry and delete (a few milliseconds each) ...
 PAUSE = 0.002  # ... and seconds between them, in which relay serve's adds take the turn
 
@@ -177,11 +181,15 @@ def _act(spool_dir: Path, ids: Iterable[str], action: str) -> int:
         return 1
     chosen = list(ids)
     ok = True
+    claimed = CLAIMED if delivering(spool_dir) else CLAIMED_BEFORE_A_STOP
     with closing(conn), closing(Turn(spool_dir, poll=DELIVERY_POLL)) as turn:
         for start in range(0, len(chosen), STEP):
             try:
                 with turn.held(), all_or_nothing(conn):
-                    done = [(i, _act_one(conn, i, action)) for i in chosen[start : start + STEP]]
+                    done = [
+                        (i, _act_one(conn, i, action, claimed))
+                        for i in chosen[start : start + STEP]
+                    ]
             except (sqlite3.Error, SpoolError) as exc:
                 left = " ".join(chosen[start:])
                 click.echo(
@@ -196,14 +204,15 @@ def _act(spool_dir: Path, ids: Iterable[str], action: str) -> int:
     return 0 if ok else 1
 
 
-def _act_one(conn: sqlite3.Connection, queue_id: str, action: str) -> str:
-    """One id, inside the caller's transaction: what became of it, for the operator."""
+def _act_one(conn: sqlite3.Connection, queue_id: str, action: str, claimed: str) -> str:
+    """One id, inside the caller's transaction: what became of it, for the operator
+    (`claimed`: what to say of an inflight one)."""
     row = conn.execute("SELECT state FROM messages WHERE id = ?", (queue_id,)).fetchone()
     state = None if row is None else row["state"]
     if state is None:
         return "no such message"
     if state == State.INFLIGHT:
-        return "being delivered right now; try again in a moment"
+        return claimed
     if action == "delete":
         conn.execute("DELETE FROM messages WHERE id = ?", (queue_id,))
         conn.execute("DELETE FROM bodies WHERE id = ?", (queue_id,))

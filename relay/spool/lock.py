@@ -26,6 +26,7 @@ from relay.errors import SpoolError
 from relay.spool.schema import BUSY_TIMEOUT_MS
 
 WRITE_LOCK = "write.lock"
+DELIVERY_LOCK = "delivery.lock"  # held by the one delivery process (relay.deliver.process)
 TURN_TIMEOUT = BUSY_TIMEOUT_MS / 1000  # seconds to wait for the turn, then SpoolBusy
 POLL = 0.00005  # seconds between looks for the turn: relay serve's adds, a 250 waits
 # The delivery process looks ten times less often: its writes can wait, every look is
@@ -89,3 +90,18 @@ class Turn:
                         f"spool: the other relay process held {self.path} for {limit:g} s"
                     ) from None
                 time.sleep(self.poll if waited < 0.01 else 0.001)
+
+
+def delivering(directory: Path) -> bool:
+    """Whether a delivery process holds `directory`'s DELIVERY_LOCK (is running on it)."""
+    try:
+        fd = os.open(directory / DELIVERY_LOCK, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:  # never started here
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # and with it the shared lock, if we took it
