@@ -1,9 +1,9 @@
 """`relay queue list/show/retry/delete/stats`: the spool seen from another process.
 
-Works while the service runs: the same SQLite file in WAL mode, short
-transactions, each changing one under the spool's write turn (relay.spool.lock) as the
-service's own do. Human tables by default (like `mailq`); `--json`
-gives one JSON object per message per line (list) or one object (show, stats).
+Works while the service runs: the same SQLite file in WAL mode, short transactions;
+retry and delete write under the spool's write turn (relay.spool.lock), as the service
+does. Human tables by default (like `mailq`); `--json` gives one JSON object per
+message per line (list) or one object (show, stats).
 `list` leaves out finished rows (`sent`, `bounced`) unless `--state` asks for them.
 
 Exit codes: 0 ok; 1 a message was not found or could not be acted on, or there
