@@ -32,8 +32,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from relay import rules
 from relay import settings as settings_mod
 from relay.deliver import handover, process, supervisor
-from relay.deliver.process import LOCK_NAME
 from relay.spool import Spool, new_id
+from relay.spool.lock import DELIVERY_LOCK
 from tests.support.aws import REGION
 from tests.support.capture import CaptureServer, trace_queue_id
 from tests.support.fakeses import FakeSes
@@ -482,7 +482,7 @@ def test_delivery_waits_for_the_lock_before_reclaiming(
     config = upstream_config(write_config, capture)
     spool = config.parent / "spool"
     inflight = asyncio.run(leave_inflight(spool))
-    with open(spool / LOCK_NAME, "a+b") as lock:
+    with open(spool / DELIVERY_LOCK, "a+b") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         relay = relay_process(config).start()
         fresh = send(relay.port, SENDER, ["ada@example.net"], mail(2))

@@ -54,7 +54,6 @@ from relay.spool.lock import DELIVERY_LOCK
 
 log = logging.getLogger("relay.delivery_process")
 
-LOCK_NAME = DELIVERY_LOCK
 LOCK_POLL = 0.2  # seconds between tries while another delivery process holds the lock
 PARENT_GONE_DRAIN = 5.0  # seconds in-flight sends get when relay serve died
 NICE = 19  # added to relay serve's nice value (see above)
@@ -119,10 +118,12 @@ async def _run(settings: Settings, ruleset: RuleSet, wake_fd: int, metrics_fd: i
         _watch_parent(ctx, wake_fd)
         if metrics_fd is not None:
             answering = asyncio.create_task(_answer_scrapes(socket.socket(fileno=metrics_fd)))
-        lock = await _lock(settings.spool / LOCK_NAME, ctx.stop)
+        lock = await _lock(settings.spool / DELIVERY_LOCK, ctx.stop)
         if lock is None:
             return 0
-        logs.event(log, "delivery_started", pid=os.getpid(), lock=str(settings.spool / LOCK_NAME))
+        logs.event(
+            log, "delivery_started", pid=os.getpid(), lock=str(settings.spool / DELIVERY_LOCK)
+        )
         runtime.settle()
         return await _deliver(ctx)
     finally:

@@ -196,30 +196,31 @@ def _act(spool_dir: Path, ids: Iterable[str], action: str) -> int:
                     f"relay queue: spool {spool_dir / DB_NAME}: {exc}; not done: {left}", err=True
                 )
                 return 1
-            for queue_id, message in done:
-                acted = message.endswith(("queued for delivery", "deleted"))
+            for queue_id, (acted, message) in done:
                 ok = ok and acted
                 click.echo(f"{queue_id}: {message}", err=not acted)
             time.sleep(PAUSE)
     return 0 if ok else 1
 
 
-def _act_one(conn: sqlite3.Connection, queue_id: str, action: str, claimed: str) -> str:
-    """One id, inside the caller's transaction: what became of it, for the operator
-    (`claimed`: what to say of an inflight one)."""
+def _act_one(
+    conn: sqlite3.Connection, queue_id: str, action: str, claimed: str
+) -> tuple[bool, str]:
+    """One id, inside the caller's transaction: whether it was acted on, and what became of
+    it for the operator (`claimed`: what to say of an inflight one)."""
     row = conn.execute("SELECT state FROM messages WHERE id = ?", (queue_id,)).fetchone()
     state = None if row is None else row["state"]
     if state is None:
-        return "no such message"
+        return False, "no such message"
     if state == State.INFLIGHT:
-        return claimed
+        return False, claimed
     if action == "delete":
         conn.execute("DELETE FROM messages WHERE id = ?", (queue_id,))
         conn.execute("DELETE FROM bodies WHERE id = ?", (queue_id,))
         conn.execute("DELETE FROM events WHERE queue_id = ?", (queue_id,))
-        return "deleted"
+        return True, "deleted"
     if state not in (State.FAILED, State.DEFERRED, State.QUEUED):
-        return f"is {state}; nothing to retry"
+        return False, f"is {state}; nothing to retry"
     now = time.time()
     conn.execute(
         "UPDATE messages SET state = 'queued', due_at = ?1, updated_at = ?1 WHERE id = ?2",
@@ -231,7 +232,7 @@ def _act_one(conn: sqlite3.Connection, queue_id: str, action: str, claimed: str)
         "INSERT INTO events (queue_id, at, event, detail) VALUES (?, ?, 'retry', ?)",
         (queue_id, now, f"relay queue retry (was {state})"),
     )
-    return "queued for delivery"
+    return True, "queued for delivery"
 
 
 def retry(spool_dir: Path, ids: Sequence[str], *, all_failed: bool) -> int:
