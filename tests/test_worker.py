@@ -419,6 +419,33 @@ def test_sighup_reaches_the_delivery_process(
     assert 0 == relay.stop()
 
 
+@pytest.mark.system
+def test_sighup_while_the_delivery_process_starts_is_a_reload_not_a_death(
+    write_config: ConfigWriter, relay_process: Process, capture: CaptureServer, tmp_path: Path
+) -> None:
+    """SIGHUP to `relay serve` in the half second a new delivery process spends importing:
+    relay serve asks it to reload over their socketpair, which it reads once its loop runs.
+    Forwarded as a signal, the reload ended it (uvloop's spawn unblocks every signal in the
+    child; SIGHUP's default action is to exit) and it was started again a second later."""
+    rules_file = tmp_path / "rules.yaml"
+    write_atomically(rules_file, RULES.format(name="before"))
+    config = upstream_config(write_config, capture, rules="rules.yaml")
+    relay = relay_process(config).start()
+    assert relay.proc is not None
+    wait_until(lambda: "event=delivery_started" in relay.log(), "event=delivery_started")
+    write_atomically(rules_file, RULES.format(name="after"))
+    os.kill(child_of(relay), signal.SIGKILL)
+    second = child_of(relay, 2)  # logged right after the spawn: still importing
+    assert f"event=delivery_started pid={second} " not in relay.log()
+    relay.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: 2 == relay.log().count("event=reloaded"), "both processes reloaded")
+    qid = send(relay.port, SENDER, ["ada@example.net"], mail(1))
+    assert "after" == wait_rows(config.parent / "spool", [qid])[qid]["rule"]
+    assert [second] == child_pids(relay)[1:]
+    assert 1 == relay.log().count("event=delivery_process_died")  # the SIGKILL's
+    assert 0 == relay.stop()
+
+
 def test_metrics_show_the_delivery_process_counters_once(
     write_config: ConfigWriter, relay_process: Process, capture: CaptureServer
 ) -> None:

@@ -7,6 +7,9 @@ restarted delivery process does (relay.deliver.supervisor). The objects are pick
 code's classes, though: a delivery process started from other code on disk (an upgrade not
 yet restarted) reads relay.yaml and the rules itself instead, as relay serve will at its
 restart.
+
+Later, on the socketpair that carries metrics scrapes, RELOAD asks the delivery process to
+reload relay.yaml and the rules, as SIGHUP does relay serve.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ def code_stamp() -> str:
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
+
+RELOAD = b"reload"  # a scrape request is a sequence number: never this
 
 CODE = code_stamp()  # of the code this process imported, read when it started
 

@@ -1,10 +1,13 @@
 """The delivery process: `python -m relay.deliver.process`, started and watched by `relay serve`.
 
     lock SPOOL/delivery.lock (flock; waits while an older delivery process holds it)
-      -> spool.reclaim() -> task.delivery, task.purge_sent, feedback.ses_feedback; SIGHUP reloads
+      -> spool.reclaim() -> task.delivery, task.purge_sent, feedback.ses_feedback
     wake pipe (--wake-fd): a byte = new mail (spool.wakeup); EOF = relay serve is gone:
       stop, in-flight sends get PARENT_GONE_DRAIN seconds, the rest is reclaimed later
-    metrics socket (--metrics-fd): b"SEQ" -> b"SEQ\\n" + this process's delivery metrics
+    metrics socket (--metrics-fd): b"SEQ" -> b"SEQ\\n" + this process's delivery metrics;
+      b"reload" (handover.RELOAD, relay serve's SIGHUP) -> reload relay.yaml and the rules
+    SIGHUP sent to this process itself: the same once its loop runs, ignored from main()'s
+      first line until then (in the imports before it, it still ends the process)
     SIGTERM: stop, in-flight sends get DELIVERY_DRAIN seconds. SIGINT is ignored: a
       Ctrl-C reaches relay serve too, which stops this process when it is ready to.
 
@@ -21,10 +24,9 @@ a power cut, which only means a mail goes out again. Deferred mail coming due
 and mail queued by `relay queue retry` are found by the delivery loop's own poll.
 
 It runs on the settings and rules relay serve hands it on stdin, those in effect there
-(relay.deliver.handover), and reloads relay.yaml and the rules on SIGHUP as relay serve
-does. Exit 0 after a stop; 1
-when it cannot run (spool unusable, a task failed): relay serve logs it and starts it
-again.
+(relay.deliver.handover), and reloads relay.yaml and the rules when relay serve asks, as
+relay serve does on SIGHUP. Exit 0 after a stop; 1 when it cannot run (spool unusable, a
+task failed): relay serve logs it and starts it again.
 """
 
 from __future__ import annotations
@@ -85,9 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--log-level", type=int, default=logging.INFO)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the loop's handler: not an exit
     logs.setup(args.log_format, level=args.log_level)
     lower_priority()
-    try:  # what relay serve runs on (relay.deliver.handover); SIGHUP reloads the files
+    try:  # what relay serve runs on (relay.deliver.handover); a reload reads the files
         settings, ruleset, read = handover.unpack(sys.stdin.buffer)
     except ConfigError as exc:  # other code on disk, and the files are unusable
         problems = " | ".join(str(p) for p in exc.problems)
@@ -114,10 +117,10 @@ async def _run(settings: Settings, ruleset: RuleSet, wake_fd: int, metrics_fd: i
     try:
         loop.add_signal_handler(signal.SIGTERM, ctx.stop.set)
         loop.add_signal_handler(signal.SIGHUP, ctx.reload.set)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # blocked by the supervisor
         _watch_parent(ctx, wake_fd)
         if metrics_fd is not None:
-            answering = asyncio.create_task(_answer_scrapes(socket.socket(fileno=metrics_fd)))
+            channel = socket.socket(fileno=metrics_fd)
+            answering = asyncio.create_task(_answer_requests(channel, ctx.reload))
         lock = await _lock(settings.spool / DELIVERY_LOCK, ctx.stop)
         if lock is None:
             return 0
@@ -194,11 +197,15 @@ def _watch_parent(ctx: Context, fd: int) -> None:
     loop.add_reader(fd, readable)
 
 
-async def _answer_scrapes(channel: socket.socket) -> None:
+async def _answer_requests(channel: socket.socket, reload: asyncio.Event) -> None:
+    """relay serve's requests: a scrape (answered with its sequence number) or a reload."""
     loop = asyncio.get_running_loop()
     channel.setblocking(False)
     with channel:
         while request := await loop.sock_recv(channel, 64):
+            if request == handover.RELOAD:
+                reload.set()
+                continue
             try:
                 await loop.sock_sendall(channel, request + b"\n" + metrics.delivery_exposition())
             except OSError as exc:  # e.g. EMSGSIZE: the scrape goes without our part

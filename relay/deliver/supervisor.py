@@ -5,8 +5,9 @@
         the settings and rules in effect here on its stdin (a file edited since is not read)
       spool.wakeup (a committed add) -> one byte down the wake pipe (dropped when full)
       /metrics -> b"SEQ" on the metrics socketpair -> b"SEQ\\n" + the child's exposition
-      SIGHUP here -> SIGHUP to the child: both reload relay.yaml and the rules (the
-        child's are the ones that classify; an invalid file keeps the old ones in each)
+      SIGHUP here -> b"reload" on the same socketpair: both reload relay.yaml and the rules
+        (the child's are the ones that classify; an invalid file keeps the old ones in
+        each). Not a signal: one arriving before the child's handler is set would end it
       the child exits on its own -> event=delivery_process_died, started again after 1 s,
         2 s, ... 30 s (back to 1 s after a minute of running)
       ctx.stop -> SIGTERM, the child drains its sends; SIGKILL after drain + STOP_GRACE
@@ -30,7 +31,6 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterator
 
 from relay import logs, metrics
 from relay.deliver import handover
@@ -82,13 +82,12 @@ class Child:
                 str(logging.getLogger().getEffectiveLevel()),
             ]
             env = {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED}
-            with _sighup_blocked():
-                proc = await asyncio.create_subprocess_exec(
-                    *argv,
-                    env=env,
-                    stdin=asyncio.subprocess.PIPE,
-                    pass_fds=(wake_read, theirs.fileno()),
-                )
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                env=env,
+                stdin=asyncio.subprocess.PIPE,
+                pass_fds=(wake_read, theirs.fileno()),
+            )
             await _hand_over(proc, ctx)
         except BaseException:
             os.close(wake_write)
@@ -103,6 +102,13 @@ class Child:
         """New mail. A full pipe means the child has not read the last bytes: it is awake."""
         with contextlib.suppress(BlockingIOError, BrokenPipeError):
             os.write(self._wake, b"w")
+
+    def reload(self) -> None:
+        """Ask the child to reload relay.yaml and the rules. It reads the request once its
+        loop runs, however early this comes (uvloop's spawn unblocks every signal in the
+        child, so a SIGHUP during its half second of imports would end it)."""
+        with contextlib.suppress(BlockingIOError, OSError):  # gone: the next one reads the files
+            self._channel.send(handover.RELOAD)
 
     def signal(self, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -163,17 +169,6 @@ async def _hand_over(proc: asyncio.subprocess.Process, ctx: Context) -> None:
     proc.stdin.close()
 
 
-@contextlib.contextmanager
-def _sighup_blocked() -> Iterator[None]:
-    """SIGHUP blocked while the child is forked: it inherits the mask and unblocks once
-    its handler is in place. (The default action would end a child still starting up.)"""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
 class Supervisor:
     """Keeps one delivery process running while the service runs."""
 
@@ -184,9 +179,9 @@ class Supervisor:
     async def scrape(self) -> bytes | None:
         return await self.child.scrape() if self.child is not None else None
 
-    def forward_sighup(self) -> None:
+    def forward_reload(self) -> None:
         if self.child is not None:
-            self.child.signal(signal.SIGHUP)
+            self.child.reload()
 
     async def run(self) -> None:
         delay = RESTART_FIRST
@@ -275,5 +270,5 @@ async def delivery_process(ctx: Context) -> None:
     """Run the delivery process until stop; then stop it, bounded."""
     supervisor = Supervisor(ctx)
     ctx.delivery_metrics = supervisor.scrape
-    ctx.on_reload_signal.append(supervisor.forward_sighup)
+    ctx.on_reload_signal.append(supervisor.forward_reload)
     await supervisor.run()
