@@ -7,8 +7,10 @@ from __future__ import annotations
 import fcntl
 import json
 import smtplib
+import sqlite3
 import time
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -346,3 +348,22 @@ def test_an_inflight_row_says_whether_a_delivery_process_has_it(
         result = queue(config, "retry", ids["inflight"])
     said = queueadmin.CLAIMED if running else queueadmin.CLAIMED_BEFORE_A_STOP
     assert (1, f"{ids['inflight']}: {said}\n") == (result.exit_code, result.stderr)
+
+
+def test_a_damaged_spool_is_named_not_a_traceback(spooled: tuple[Path, dict[str, str]]) -> None:
+    """The root page of every table and index overwritten (the schema left as it was): list,
+    show and stats each say which spool they could not read and why, and exit 1."""
+    config, ids = spooled
+    path = config.parent / "spool" / DB_NAME
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        size = conn.execute("PRAGMA page_size").fetchone()[0]
+        roots = [r for (r,) in conn.execute("SELECT rootpage FROM sqlite_master WHERE rootpage")]
+    with path.open("r+b") as db:
+        for page in roots:
+            db.seek((page - 1) * size)
+            db.write(b"\xff" * size)
+    for args in (["list"], ["show", ids["queued"]], ["stats", "--json"]):
+        result = queue(config, *args)
+        assert 1 == result.exit_code, (args, result.output)
+        assert f"relay queue: spool {path}: database disk image is malformed\n" == result.stderr

@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import closing
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -54,6 +54,7 @@ _COLUMNS = (
     "reports_on",  # a DSN: the mail it reports on
 )
 _FIELDS = ", ".join(_COLUMNS)
+T = TypeVar("T")
 _SELECT = f"SELECT {_FIELDS} FROM messages"
 
 
@@ -82,6 +83,19 @@ def _open(spool_dir: Path) -> sqlite3.Connection | None:
         return None
 
 
+def _read(spool_dir: Path, query: Callable[[sqlite3.Connection], T]) -> T | None:
+    """`query` on the spool; None, and why on stderr, when the spool cannot be read."""
+    conn = _open(spool_dir)
+    if conn is None:
+        return None
+    try:
+        with closing(conn):
+            return query(conn)
+    except sqlite3.Error as exc:  # a damaged file, an I/O error: no traceback
+        click.echo(f"relay queue: spool {spool_dir / DB_NAME}: {exc}", err=True)
+        return None
+
+
 def list_messages(spool_dir: Path, *, state: str | None, as_json: bool) -> int:
     """List messages (not `sent` or `bounced` ones unless asked), oldest first."""
     if state is not None and state not in {s.value for s in State}:
@@ -91,13 +105,16 @@ def list_messages(spool_dir: Path, *, state: str | None, as_json: bool) -> int:
             err=True,
         )
         return 2
-    conn = _open(spool_dir)
-    if conn is None:
+    finished = f"state NOT IN ({', '.join('?' * len(FINISHED))})"
+    where, args = ("state = ?", (state,)) if state else (finished, FINISHED)
+    rows = _read(
+        spool_dir,
+        lambda conn: [
+            _record(r) for r in conn.execute(f"{_SELECT} WHERE {where} ORDER BY id", args)
+        ],
+    )
+    if rows is None:
         return 1
-    with closing(conn):
-        finished = f"state NOT IN ({', '.join('?' * len(FINISHED))})"
-        where, args = ("state = ?", (state,)) if state else (finished, FINISHED)
-        rows = [_record(r) for r in conn.execute(f"{_SELECT} WHERE {where} ORDER BY id", args)]
     if as_json:
         for record in rows:
             click.echo(json.dumps(record))
@@ -119,10 +136,8 @@ def list_messages(spool_dir: Path, *, state: str | None, as_json: bool) -> int:
 
 def show(spool_dir: Path, queue_id: str, *, as_json: bool) -> int:
     """One message: every stored field, its headers and its full history."""
-    conn = _open(spool_dir)
-    if conn is None:
-        return 1
-    with closing(conn):
+
+    def query(conn: sqlite3.Connection) -> tuple[sqlite3.Row | None, list[Any], list[Any]]:
         row = conn.execute(
             f"SELECT {_FIELDS}, trace, body FROM messages LEFT JOIN bodies USING (id) WHERE id = ?",
             (queue_id,),
@@ -134,6 +149,12 @@ def show(spool_dir: Path, queue_id: str, *, as_json: bool) -> int:
         notices = conn.execute(
             "SELECT id FROM messages WHERE reports_on = ? ORDER BY id", (queue_id,)
         ).fetchall()
+        return row, events, notices
+
+    found = _read(spool_dir, query)
+    if found is None:
+        return 1
+    row, events, notices = found
     if row is None:
         click.echo(f"relay queue show: no message {queue_id}", err=True)
         return 1
@@ -260,15 +281,18 @@ def delete(spool_dir: Path, ids: Sequence[str]) -> int:
 
 def stats(spool_dir: Path, *, as_json: bool) -> int:
     """Counts by state, bytes of bodies held, age of the oldest message waiting."""
-    conn = _open(spool_dir)
-    if conn is None:
-        return 1
-    with closing(conn):
-        counts = state_counts(conn)
+
+    def query(conn: sqlite3.Connection) -> tuple[dict[str, int], int, float | None]:
         held, oldest = conn.execute(
             "SELECT coalesce(sum(size), 0), min(CASE WHEN state IN ('queued', 'deferred',"
             " 'inflight') THEN received_at END) FROM messages JOIN bodies USING (id)"
         ).fetchone()
+        return state_counts(conn), held, oldest
+
+    found = _read(spool_dir, query)
+    if found is None:
+        return 1
+    counts, held, oldest = found
     age = None if oldest is None else max(0.0, time.time() - oldest)
     result = {
         "counts": counts,
