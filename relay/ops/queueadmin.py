@@ -7,7 +7,7 @@ message per line (list) or one object (show, stats).
 `list` leaves out finished rows (`sent`, `bounced`) unless `--state` asks for them.
 
 Exit codes: 0 ok; 1 a message was not found or could not be acted on, or there
-is no spool; 2 a bad argument.
+is no spool, or it cannot be read; 2 a bad argument.
 """
 
 from __future__ import annotations
