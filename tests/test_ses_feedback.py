@@ -381,6 +381,33 @@ async def test_unknown_malformed_and_repeated_events_are_dropped_and_deleted(
     assert 1 == len(dsns_of(spool, queue_id))
 
 
+async def test_hostile_event_text_is_recorded_or_refused_and_deleted(
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,
+    moto_server: str,
+) -> None:
+    """A bounce whose diagnostic carries a lone surrogate (JSON's "\\udce4": a Latin-1 byte
+    mangled on its way) is recorded and its DSN sent; a body nested 100,000 deep is malformed.
+    Both leave the queue. Before, neither could be handled: they came back at every visibility
+    timeout until SQS's retention ran out, and the bounce's DSN never went."""
+    queue = new_queue(moto_server)
+    relay = await start_with_queue(start_relay, capture, moto_server, queue)
+    spool = relay.settings.spool
+    before = dropped("malformed")
+    queue_id = await asend(relay.port, VERP, [GONE], RAW)
+    ses_id = (await await_rows(spool, [queue_id], {"sent"}))[queue_id]["ses_message_id"]
+    client = sqs(moto_server)
+    client.send_message(QueueUrl=queue, MessageBody="[" * 100_000 + "]" * 100_000)
+    mangled = bounce(ses_id, diagnostic="smtp; 550 5.1.1 Empf\udce4nger unbekannt")
+    client.send_message(QueueUrl=queue, MessageBody=sns_wrapped(mangled))
+    await await_events(spool, queue_id, {"ses_bounce", "dsn"})
+    assert 0 == await await_empty(moto_server, queue)
+    assert 1 == dropped("malformed") - before
+    [dsn_id] = dsns_of(spool, queue_id)
+    await await_rows(spool, [dsn_id], {"sent"})
+    assert b"Empf?nger unbekannt" in capture.messages[0].content
+
+
 async def test_an_event_is_deleted_from_sqs_only_once_its_commit_is_on_disk(
     start_relay: Callable[..., Awaitable[Running]],
     capture: CaptureServer,

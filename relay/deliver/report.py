@@ -143,7 +143,7 @@ def _human(mail: Mail, failures: Sequence[Failure], hostname: str, why: list[str
         *(f"<{f.recipient}>: {_clean(f.reply)}" for f in failures),
         "",
     ]
-    return quopri.encodestring("\r\n".join(lines).encode("utf-8"))
+    return quopri.encodestring("\r\n".join(lines).encode("utf-8", "replace"))
 
 
 def _status(mail: Mail, failures: Sequence[Failure], hostname: str, action: list[str]) -> bytes:

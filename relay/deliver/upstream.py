@@ -314,6 +314,10 @@ def _reply(exc: aiosmtplib.SMTPException) -> str:
 
 
 def _oneline(text: str) -> str:
+    """A reply on one line, as text SQLite and a DSN can carry: aiosmtplib decodes replies
+    with surrogateescape, and a lone surrogate (a Latin-1 byte in a localized 550) made
+    recording the outcome fail, so the mail was sent again at every retry."""
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     return " / ".join(line.strip() for line in text.splitlines() if line.strip())
 
 

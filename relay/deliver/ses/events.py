@@ -108,7 +108,7 @@ def parse(body: str) -> SesEvent:
             doc = json.loads(doc["Message"])
         elif isinstance(doc, dict) and doc.get("source") == "aws.ses" and "detail" in doc:
             doc = doc["detail"]
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RecursionError) as exc:  # RecursionError: "[[[[..."
         raise MalformedEvent(f"not JSON: {exc}") from exc
     if not isinstance(doc, dict):
         raise MalformedEvent("not a JSON object")
@@ -122,34 +122,34 @@ def _event(doc: dict[str, Any]) -> SesEvent:
     kind = doc.get("eventType") or doc.get("notificationType")
     if kind in UNUSED:
         mail_id = (doc.get("mail") or {}).get("messageId") or ""
-        return SesEvent(type=kind, message_id=str(mail_id), key="", timestamp="", recipients=())
+        return SesEvent(type=kind, message_id=_text(mail_id), key="", timestamp="", recipients=())
     if kind not in _OBJECT:
         raise MalformedEvent(f"unknown SES event type {kind!r}")
     mail = doc["mail"]
-    message_id = str(mail["messageId"])
+    message_id = _text(mail["messageId"])
     inner: dict[str, Any] = doc.get(_OBJECT[kind]) or {}
-    timestamp = str(inner.get("timestamp") or mail.get("timestamp") or "")
-    headers = tuple((str(h["name"]), str(h["value"])) for h in mail.get("headers") or ())
+    timestamp = _text(inner.get("timestamp") or mail.get("timestamp") or "")
+    headers = tuple((_text(h["name"]), _text(h["value"])) for h in mail.get("headers") or ())
     common: dict[str, Any] = {"message_id": message_id, "timestamp": timestamp, "headers": headers}
     if kind == "Bounce":
         recipients = _with_status(inner["bouncedRecipients"])
         return SesEvent(
             type=kind,
-            key=f"Bounce/{message_id}/{inner.get('feedbackId') or timestamp}",
+            key=f"Bounce/{message_id}/{_text(inner.get('feedbackId') or timestamp)}",
             recipients=recipients,
-            bounce_type=str(inner["bounceType"]),
-            bounce_subtype=str(inner.get("bounceSubType") or ""),
+            bounce_type=_text(inner["bounceType"]),
+            bounce_subtype=_text(inner.get("bounceSubType") or ""),
             **common,
         )
     if kind == "Complaint":
         recipients = tuple(
-            Recipient(address=str(r["emailAddress"])) for r in inner["complainedRecipients"]
+            Recipient(address=_text(r["emailAddress"])) for r in inner["complainedRecipients"]
         )
         return SesEvent(
             type=kind,
-            key=f"Complaint/{message_id}/{inner.get('feedbackId') or timestamp}",
+            key=f"Complaint/{message_id}/{_text(inner.get('feedbackId') or timestamp)}",
             recipients=recipients,
-            detail=str(inner.get("complaintFeedbackType") or ""),
+            detail=_text(inner.get("complaintFeedbackType") or ""),
             **common,
         )
     if kind == "DeliveryDelay":
@@ -158,17 +158,17 @@ def _event(doc: dict[str, Any]) -> SesEvent:
             type=kind,
             key=f"DeliveryDelay/{message_id}/{timestamp}",
             recipients=recipients,
-            detail=str(inner.get("delayType") or ""),
-            expires=str(inner.get("expirationTime") or ""),
+            detail=_text(inner.get("delayType") or ""),
+            expires=_text(inner.get("expirationTime") or ""),
             **common,
         )
     addresses = inner.get("recipients") if kind == "Delivery" else mail.get("destination")
     detail = {"Delivery": "smtpResponse", "Reject": "reason"}.get(kind, "")
     return SesEvent(
         type=kind,
-        key=f"{kind}/{message_id}/{timestamp}/{','.join(map(str, addresses or ()))}",
-        recipients=tuple(Recipient(address=str(a)) for a in addresses or ()),
-        detail=str(inner.get(detail) or "") if detail else "",
+        key=f"{kind}/{message_id}/{timestamp}/{','.join(map(_text, addresses or ()))}",
+        recipients=tuple(Recipient(address=_text(a)) for a in addresses or ()),
+        detail=_text(inner.get(detail) or "") if detail else "",
         **common,
     )
 
@@ -177,9 +177,15 @@ def _with_status(items: Any) -> tuple[Recipient, ...]:
     """Bounce and DeliveryDelay recipients: address, status and diagnostic code."""
     return tuple(
         Recipient(
-            address=str(r["emailAddress"]),
-            status=str(r.get("status") or ""),
-            diagnostic=str(r.get("diagnosticCode") or ""),
+            address=_text(r["emailAddress"]),
+            status=_text(r.get("status") or ""),
+            diagnostic=_text(r.get("diagnosticCode") or ""),
         )
         for r in items
     )
+
+
+def _text(value: Any) -> str:
+    """A JSON value as text SQLite and a DSN can carry: JSON's "\\ud800" decodes to a lone
+    surrogate, which SQLite's driver refuses (the event would come back from SQS forever)."""
+    return str(value).encode("utf-8", "replace").decode("utf-8")
