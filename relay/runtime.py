@@ -48,6 +48,9 @@ class Context:
     log_format: str = "text"  # `relay serve --log-format`, for the delivery process
     drain: float = DELIVERY_DRAIN  # seconds in-flight sends get at stop
     delivery_metrics: metrics.Scrape | None = None  # set while a delivery process runs
+    # Addresses SES bounced for good or that complained (feedback): the suppression list may
+    # hold them now, so the delivery loop's cache of it forgets them.
+    on_suppressible: list[Callable[[Sequence[str]], None]] = field(default_factory=list)
 
 
 Task = Callable[[Context], Coroutine[Any, Any, None]]

@@ -24,7 +24,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 
 from relay import metrics
@@ -34,7 +33,7 @@ from relay.deliver.ses.events import parse
 from relay.errors import ConfigError, MalformedEvent
 from relay.spool import DB_NAME, Spool
 from relay.spool.feedback import reputation
-from tests.support.aws import REGION
+from tests.support.aws import REGION, new_queue, sqs
 from tests.support.capture import CaptureServer
 from tests.support.processes import RelayProcess, relay_cli
 from tests.support.relays import ConfigWriter, Running
@@ -191,17 +190,6 @@ def eventbridge(event: dict[str, Any]) -> str:
 
 
 WRAPS = {"sns": sns_wrapped, "eventbridge": eventbridge}
-
-
-def sqs(url: str) -> Any:
-    return boto3.client("sqs", region_name=REGION, endpoint_url=url)
-
-
-def new_queue(url: str, visibility: int = 30) -> str:
-    name = f"ses-events-{uuid.uuid4().hex[:8]}"
-    attrs = {"VisibilityTimeout": str(visibility)}
-    queue_url: str = sqs(url).create_queue(QueueName=name, Attributes=attrs)["QueueUrl"]
-    return queue_url
 
 
 def queue_left(moto: str, queue_url: str) -> int:

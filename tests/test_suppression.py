@@ -6,6 +6,9 @@ leaves them to SES. Real SMTP in, the fake SES and a capture server out.
 
 from __future__ import annotations
 
+import asyncio
+import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -13,7 +16,7 @@ import pytest
 
 from relay import settings as settings_mod
 from relay.errors import ConfigError
-from tests.support.aws import REGION
+from tests.support.aws import REGION, new_queue, sqs
 from tests.support.capture import CaptureServer
 from tests.support.fakeses import FakeSes
 from tests.support.relays import ConfigWriter, Running
@@ -170,3 +173,48 @@ def test_suppressed_setting_is_validated(write_config: ConfigWriter) -> None:
     with pytest.raises(ConfigError) as raised:
         settings_mod.load(path)
     assert f"{path}:" in str(raised.value) and "suppressed" in str(raised.value)
+
+
+async def test_a_complaint_makes_the_next_mail_ask_the_suppression_list_again(
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,
+    fake_ses: FakeSes,
+    moto_server: str,
+) -> None:
+    """Ann complains about a CC copy: SES puts her on the suppression list and publishes a
+    Complaint. relay had asked about her an hour's worth ago (not found); the event makes it
+    forget that answer, so the next copy asks again and goes upstream. Before, it went to SES
+    for the rest of the hour, and SES dropped it."""
+    queue = new_queue(moto_server)
+    relay = await start(start_relay, capture, fake_ses, events={"queue_url": queue})
+    spool = relay.settings.spool
+    first = await asend(relay.port, VERP, [ANN], RAW)
+    sent = (await await_rows(spool, [first], {"sent"}))[first]
+    assert "ses" == sent["route"]
+    fake_ses.suppressed[ANN] = "COMPLAINT"
+    complaint = {
+        "eventType": "Complaint",
+        "mail": {"messageId": sent["ses_message_id"], "destination": [ANN]},
+        "complaint": {
+            "complainedRecipients": [{"emailAddress": ANN}],
+            "timestamp": "2026-12-04T10:00:05.000Z",
+            "feedbackId": "0100017c-complaint-000000",
+            "complaintFeedbackType": "abuse",
+        },
+    }
+    sqs(moto_server).send_message(QueueUrl=queue, MessageBody=json.dumps(complaint))
+    await wait_events(spool, first, "ses_complaint")
+    second = await asend(relay.port, VERP, [ANN], RAW)
+    assert "upstream" == (await await_rows(spool, [second], {"sent"}))[second]["route"]
+    assert (1, [(VERP, (ANN,))]) == (
+        len(fake_ses.sent),
+        [(m.mail_from, m.rcpt_tos) for m in capture.messages],
+    )
+
+
+async def wait_events(spool: Any, queue_id: str, event: str, within: float = 20.0) -> None:
+    """Until `event` is on the mail's history."""
+    deadline = time.monotonic() + within
+    while not any(e == event for e, _ in rows(spool)[queue_id]["events"]):
+        assert time.monotonic() < deadline, f"no {event} on {queue_id}"
+        await asyncio.sleep(0.05)

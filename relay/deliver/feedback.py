@@ -8,6 +8,8 @@
          DeliveryDelay, with `bounces.delay_warning`, the "still trying" one, once a mail)
       -> DeleteMessage, only after that commit is on disk (Spool.sync: the delivery
          process commits with synchronous=NORMAL)
+    a hard bounce or a complaint -> ctx.on_suppressible: the delivery loop's cache of
+      the suppression list forgets those addresses (SES may have just listed them)
 
 Events for MessageIds this spool does not know (other senders on the account,
 rows past retention) are counted and deleted; malformed messages are logged once
@@ -24,7 +26,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, Protocol, Self
@@ -199,7 +201,7 @@ async def run(ctx: Context, queue: Queue, spool: FeedbackStore) -> None:
         done = []
         for message in batch:
             try:
-                if await handle(spool, ctx.settings, message):
+                if await handle(spool, ctx.settings, message, ctx.on_suppressible):
                     done.append(message.receipt)
                 # else not committed: SQS shows it again after its visibility timeout
             except Exception:  # a bug in one event: it stays queued, the loop goes on
@@ -225,8 +227,14 @@ async def _delete(queue: Queue, spool: FeedbackStore, receipts: list[str]) -> No
             logs.event(log, "ses_feedback_failed", level=logging.WARNING, error=str(exc))
 
 
-async def handle(spool: FeedbackStore, settings: Settings, message: Received) -> bool:
-    """Apply one queue message; True when it may be deleted (applied, or never will be)."""
+async def handle(
+    spool: FeedbackStore,
+    settings: Settings,
+    message: Received,
+    suppressible: Sequence[Callable[[Sequence[str]], None]] = (),
+) -> bool:
+    """Apply one queue message; True when it may be deleted (applied, or never will be).
+    A hard bounce's or a complaint's addresses go to each of `suppressible`."""
     try:
         event = parse(message.body)
     except MalformedEvent as exc:
@@ -240,6 +248,9 @@ async def handle(spool: FeedbackStore, settings: Settings, message: Received) ->
             body=message.body[:200],
         )
         return True
+    if event.suppressible:
+        for forget in suppressible:
+            forget(event.suppressible)
     if event.type in UNUSED:  # opens, clicks: nothing to record (see events.UNUSED)
         metrics.SES_EVENTS_DROPPED.labels("unused_type").inc()
         log.debug("event=ses_event_unused type=%s ses_message_id=%s", event.type, event.message_id)

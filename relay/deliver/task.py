@@ -82,6 +82,8 @@ async def delivery(ctx: Context) -> None:
         if ses is not None and settings.ses.suppressed is not Suppressed.SEND:
             suppressions = await SuppressionList.open(settings.ses)
             stack.push_async_callback(suppressions.close)
+            ctx.on_suppressible.append(suppressions.forget)
+            stack.callback(ctx.on_suppressible.remove, suppressions.forget)
         deliverer = Deliverer(
             settings=settings,
             spool=ctx.spool,

@@ -3,13 +3,15 @@ session.
 
 Fixtures (a pytest plugin of tests/conftest.py): `aws_env` (dummy credentials, nothing
 from the host's AWS set-up), `moto_server` (its URL, VERIFIED_DOMAIN verified),
-`aio_session`. `moto_raw_messages(url)` reads what moto stored for SendRawEmail.
+`aio_session`. `moto_raw_messages(url)` reads what moto stored for SendRawEmail;
+`new_queue(url)` makes an SQS queue for SES events there, `sqs(url)` is a client of it.
 """
 
 from __future__ import annotations
 
 import json
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -80,3 +82,16 @@ def aio_session() -> AioSession:
     needs its own session.
     """
     return get_session()
+
+
+def sqs(url: str) -> Any:
+    """A boto3 SQS client of the moto server at `url`."""
+    return boto3.client("sqs", region_name=REGION, endpoint_url=url)
+
+
+def new_queue(url: str, visibility: int = 30) -> str:
+    """A new SQS queue on the moto server at `url`: its URL (for `ses.events.queue_url`)."""
+    name = f"ses-events-{uuid.uuid4().hex[:8]}"
+    attrs = {"VisibilityTimeout": str(visibility)}
+    queue_url: str = sqs(url).create_queue(QueueName=name, Attributes=attrs)["QueueUrl"]
+    return queue_url

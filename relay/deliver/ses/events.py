@@ -78,6 +78,14 @@ class SesEvent:
         return tuple(r.address for r in self.recipients) if self.failed_for_good else ()
 
     @property
+    def suppressible(self) -> tuple[str, ...]:
+        """The addresses SES may have put on the account suppression list just now: those
+        of a hard bounce or a complaint."""
+        if self.permanent_bounce or self.type == "Complaint":
+            return tuple(r.address for r in self.recipients)
+        return ()
+
+    @property
     def rate_kind(self) -> str:
         """What the event counts as in the rates: SES's bounce rate counts hard (Permanent)
         bounces only, so a soft one is "transient_bounce"."""

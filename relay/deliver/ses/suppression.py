@@ -7,7 +7,10 @@ SES accepts mail to a suppressed address and silently does not send it; an addre
 stays on the list until someone removes it. SESv2 GetSuppressedDestination answers
 per address; the answers, "not found" included, are kept for CACHE_TTL so a busy
 queue asks once per address per TTL. A failed lookup counts as "not suppressed"
-(the mail goes to SES as it would without this check) for FAILED_TTL.
+(the mail goes to SES as it would without this check) for FAILED_TTL. A hard bounce
+or a complaint (relay.deliver.feedback) is when SES adds an address to the list:
+`forget` drops the answers about its addresses, so the next mail asks again instead
+of going to SES, which would drop it, for the rest of the hour.
 """
 
 from __future__ import annotations
@@ -74,6 +77,11 @@ class SuppressionList:
             if reason is not None:
                 found[address] = reason
         return found
+
+    def forget(self, addresses: Sequence[str]) -> None:
+        """Ask SES again about these addresses next time (see the module docstring)."""
+        for address in addresses:
+            self._cache.pop(address.lower(), None)
 
     async def reason(self, address: str) -> str | None:
         """SES's reason for suppressing `address`, None if it is not on the list."""
