@@ -13,7 +13,7 @@ from pathlib import Path
 import boto3
 
 from relay.spool import Spool
-from tests.support.aws import REGION
+from tests.support.aws import REGION, VERIFIED_DOMAIN
 from tests.support.processes import relay_cli
 from tests.support.relays import ConfigWriter
 
@@ -112,3 +112,47 @@ def test_doctor_checks_the_events_queue_destinations_and_rates(
     missing = queue.rsplit("/", 1)[0] + "/no-such-queue"
     [first, *_] = doctor(missing, "missing.yaml")
     assert first.startswith(f"FAIL  events    {missing}: not reachable: "), first
+
+
+def test_doctor_warns_when_ses_would_forward_bounces_to_moodle_too(
+    aws_env: None,
+    moto_server: str,
+    write_config: ConfigWriter,
+    tmp_path: Path,
+) -> None:
+    """With relay's DSNs for SES bounces, SES's email feedback forwarding (on by default)
+    mails each bounce to the Return-Path as well: Moodle's VERP address, so Moodle counts
+    it twice. The doctor warns while it is on for the sending identity, and is content once
+    it is off. With `ses.source` set, SES forwards to that address: no line."""
+    ses = boto3.client("ses", region_name=REGION, endpoint_url=moto_server)
+    name = f"set-{uuid.uuid4().hex[:6]}"
+    event_set(ses, name, ["bounce", "complaint", "reject"])
+    sqs = boto3.client("sqs", region_name=REGION, endpoint_url=moto_server)
+    queue = sqs.create_queue(QueueName=f"events-{uuid.uuid4().hex[:6]}")["QueueUrl"]
+    ses_config = {
+        "region": REGION,
+        "endpoint_url": moto_server,
+        "configuration_set": name,
+        "events": {"queue_url": queue},
+    }
+
+    def feedback_lines(**more: str) -> list[str]:
+        config = write_config(
+            upstream={"host": "127.0.0.1", "port": closed_port()}, ses={**ses_config, **more}
+        )
+        done = relay_cli(
+            "doctor", "--config", str(config), "--sender", f"mdl+x@{VERIFIED_DOMAIN}", timeout=60
+        )
+        return [line for line in done.stdout.splitlines() if line[6:16].strip() == "feedback"]
+
+    [warned] = feedback_lines()
+    assert warned.startswith(f"warn  feedback  {VERIFIED_DOMAIN}: SES also emails each bounce")
+    assert [] == feedback_lines(source=f"relay@{VERIFIED_DOMAIN}")
+    off = f"ok    feedback  {VERIFIED_DOMAIN}: email feedback forwarding off (relay's DSN tells"
+    ses.set_identity_feedback_forwarding_enabled(Identity=VERIFIED_DOMAIN, ForwardingEnabled=False)
+    try:
+        assert [f"{off} Moodle)"] == feedback_lines()
+    finally:  # the moto server is the session's
+        ses.set_identity_feedback_forwarding_enabled(
+            Identity=VERIFIED_DOMAIN, ForwardingEnabled=True
+        )

@@ -132,7 +132,7 @@ async def _run(
         report.line(*line)
     dkim = await dnscheck.dkim_tokens(settings.ses, found.identities)
     await _dns(report, found, dkim, nameserver)
-    for line in await feedbackcheck.lines(settings, config_sets):
+    for line in await feedbackcheck.lines(settings, config_sets, found.identities):
         report.line(*line)
     return int(report.failed)
 

@@ -3,6 +3,11 @@
     ok    events    https://sqs.../relay-ses-events: reachable, 0 messages waiting
     ok    events    moodle-reminders: publishes Bounce, Complaint, Reject (relay-events)
     warn  rates     bounce rate 3.1% (31 of 1000 SES sends, 7 days): half of SES's 5% review
+    warn  feedback  moodle.example.org: SES also emails each bounce ... counts each twice
+
+SES forwards bounces and complaints by email to the Return-Path (the envelope sender,
+Moodle's VERP address) unless forwarding is off for the identity; relay sends its own
+DSN for each SES bounce it hears of, so Moodle would count each bounce twice.
 
 Returns (status, check, detail) lines for the doctor's report; none when
 `ses.events.queue_url` is not set (relay then learns nothing after the send).
@@ -33,13 +38,51 @@ _ERRORS = (BotoCoreError, ClientError, OSError)
 Line = tuple[str, str, str]
 
 
-async def lines(settings: Settings, configuration_sets: Sequence[str]) -> list[Line]:
-    """The events queue, each configuration set's event destinations, the SES rates."""
+async def lines(
+    settings: Settings, configuration_sets: Sequence[str], identities: Sequence[str] = ()
+) -> list[Line]:
+    """The events queue, each configuration set's event destinations, the SES rates, and
+    email feedback forwarding on the sending `identities`."""
     if not settings.ses.events_queue_url:
         return []
     found = await _queue(settings)
     found += await _destinations(settings, configuration_sets)
     found += _rates(settings.spool, min(RATE_WINDOW, settings.retention))
+    found += await _forwarding(settings, identities)
+    return found
+
+
+async def _forwarding(settings: Settings, identities: Sequence[str]) -> list[Line]:
+    """Email feedback forwarding would reach Moodle beside relay's DSN (module docstring);
+    not when relay sends no DSN, or SES forwards elsewhere (`ses.source`, which is then
+    the Return-Path, or `ses.feedback_address`)."""
+    if not identities or not settings.bounces.dsn:
+        return []
+    if settings.ses.source or settings.ses.feedback_address:
+        return []
+    try:
+        async with get_session().create_client(
+            "ses",
+            region_name=settings.ses.region,
+            endpoint_url=settings.ses.endpoint_url,
+            config=_config(settings),
+        ) as ses:
+            answer = await ses.get_identity_notification_attributes(Identities=list(identities))
+    except _ERRORS as exc:
+        return [(WARN, "feedback", f"email feedback forwarding unknown: {exc}")]
+    found: list[Line] = []
+    for identity in identities:
+        attributes = answer.get("NotificationAttributes", {}).get(identity, {})
+        if not attributes.get("ForwardingEnabled", True):
+            detail = f"{identity}: email feedback forwarding off (relay's DSN tells Moodle)"
+            found.append((OK, "feedback", detail))
+            continue
+        detail = (
+            f"{identity}: SES also emails each bounce to the Return-Path (Moodle's), beside"
+            " relay's DSN: Moodle counts each twice. Turn email feedback forwarding off (SNS"
+            " topics for bounces and complaints needed), or set ses.feedback_address (api v2)"
+        )
+        found.append((WARN, "feedback", detail))
     return found
 
 
