@@ -455,6 +455,22 @@ async def test_auth_after_starttls(secured: Running, mechanism: str) -> None:
     assert b" with ESMTPSA id " in mail.trace
 
 
+async def test_starttls_inside_tls_is_refused(secured: Running) -> None:
+    """A second STARTTLS gets Postfix's 554 5.5.1 (a 5xx: junk), and the session goes on.
+    It got 220 and another TLS layer, as often as asked: 278 KiB each, and some 140 deep a
+    session that no timeout could close any more."""
+    client = aiosmtplib.SMTP(
+        hostname="127.0.0.1", port=secured.port, start_tls=True, validate_certs=False, timeout=10
+    )
+    async with client:
+        await client.ehlo()
+        again = await client.execute_command(b"STARTTLS")
+        assert (554, "5.5.1 Error: TLS already active") == (again.code, again.message)
+        assert 235 == (await client.auth_plain("moodle", "s3cret")).code
+        await client.sendmail("noreply@moodle.test", ["student@example.org"], MAIL)
+    assert 1 == len(await secured.ctx.spool.claim(1))
+
+
 async def test_implicit_tls_with_auth(
     start_relay: Start, tls_files: TlsFiles, tmp_path: Path
 ) -> None:

@@ -65,6 +65,7 @@ TOO_BIG_AT_DATA = "552 5.3.4 Message size exceeds fixed maximum message size"
 LINE_TOO_LONG = "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6: at most 998 octets)"
 COMMAND_TOO_LONG = "500 5.5.2 Command line too long"
 NOT_ASCII = "500 5.5.2 Non-ASCII command (SMTPUTF8 is not offered)"
+TLS_ACTIVE = "554 5.5.1 Error: TLS already active"  # Postfix's words
 BARE_NEWLINE = "550 5.5.2 Message contains a bare CR or LF: lines must end with CRLF"
 NORMALIZED = "bare CR/LF normalized to CRLF (limits.bare_newline: normalize)"
 

@@ -44,6 +44,7 @@ from relay.receive.handler import (
     AIOSMTPD_REPLIES,
     NETWORK_REFUSED,
     SHUTTING_DOWN,
+    TLS_ACTIVE,
     TOO_MANY_RECIPIENTS,
     Handler,
 )
@@ -205,6 +206,16 @@ class Session(Handshake):
             _quick_ack(self._sock)
         self._last_read = self.loop.time()  # the idle timeout runs from the last read
         super().data_received(data)
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """aiosmtpd's STARTTLS, once: it answered 220 inside TLS too, and each layer stacked
+        another SSL protocol and its buffers on the connection (about 278 KiB); some 140
+        layers deep its cleanup broke, leaving sessions no timeout could close."""
+        if self._tls_protocol is not None or self._implicit is not None:
+            await self.push(TLS_ACTIVE)  # a 5xx: junk, as Postfix counts it
+            return
+        await super().smtp_STARTTLS(arg)
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
