@@ -33,6 +33,7 @@ from tests.support.processes import RELAY, Process, relay_cli
 from tests.support.relays import ConfigWriter
 from tests.support.smtp import asend, send
 from tests.support.spools import await_rows, rows, wait_rows
+from tests.support.tls import TlsFiles
 from tests.support.waits import wait_until
 
 DASHBOARD = Path(__file__).parent.parent / "contrib" / "grafana" / "relay.json"
@@ -260,6 +261,26 @@ class Client:
         finally:
             if smtp is not None:
                 smtp.close()
+
+
+@pytest.mark.system
+def test_sigterm_with_a_silent_implicit_tls_client_stops_at_once(
+    write_config: ConfigWriter, relay_process: Process, tls_files: TlsFiles
+) -> None:
+    """tls.implicit, and a client that connected and sent nothing (no TLS handshake): SIGTERM
+    stops relay in a moment. It waited for that client for the whole 30 s drain, its
+    listener already closed to Moodle."""
+    config = write_config(
+        ses={"enabled": False},
+        tls={"cert": str(tls_files.cert), "key": str(tls_files.key), "implicit": True},
+    )
+    relay = relay_process(config).start()
+    with socket.create_connection(("127.0.0.1", relay.port)):
+        wait_until(lambda: "event=settled" in relay.log(), "relay serve settled")
+        started = time.monotonic()
+        code = relay.stop(signal.SIGTERM, timeout=60)
+        took = time.monotonic() - started
+    assert (0, True) == (code, took < 5), (took, relay.log())
 
 
 @pytest.mark.system

@@ -333,7 +333,12 @@ class Session(Handshake):
                 self._junk_over()
 
     def shut(self) -> None:
-        """Tell the client we are going away, and close."""
+        """Tell the client we are going away, and close. Mid-handshake (implicit TLS) there
+        is no way to tell it: drop the connection, or the shutdown waited its whole drain
+        for a client that sent nothing, the listener already closed to Moodle."""
+        if self._tcp is not None:
+            self._tcp.abort()
+            return
         transport = writable(self.transport)
         if transport is not None and not self._shut:
             self._shut = True
@@ -342,6 +347,9 @@ class Session(Handshake):
 
     def abort(self) -> None:
         """Drop the connection now (shutdown deadline passed)."""
+        if self._tcp is not None:
+            self._tcp.abort()
+            return
         transport = writable(self.transport)
         if transport is not None:
             transport.abort()
