@@ -471,6 +471,28 @@ async def test_starttls_inside_tls_is_refused(secured: Running) -> None:
     assert 1 == len(await secured.ctx.spool.claim(1))
 
 
+async def test_failed_starttls_handshakes_are_logged_sampled(
+    secured: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Clients that send no TLS after STARTTLS (here an HTTP request): one sampled warning,
+    `tls_handshake_failed`, as for implicit TLS. Each was an ERROR line with two tracebacks,
+    about 1 KB of log a connection, at a client's will."""
+    caplog.set_level(logging.INFO)
+    for _ in range(20):
+        reader, writer = await asyncio.open_connection("127.0.0.1", secured.port)
+        await reader.readline()
+        writer.write(b"EHLO client.example\r\nSTARTTLS\r\n")
+        while not (await reader.readline()).startswith(b"220 "):
+            pass
+        writer.write(b"GET / HTTP/1.0\r\n\r\n")
+        await reader.read()  # until relay hangs up
+        writer.close()
+    records = [r for r in caplog.records if r.name.startswith(("relay", "mail.log"))]
+    assert [] == [r.getMessage() for r in records if r.levelno >= logging.ERROR or r.exc_info]
+    [failed] = [r.getMessage() for r in records if "tls_handshake_failed" in r.getMessage()]
+    assert "via=starttls" in failed and "error=SSLError" in failed, failed
+
+
 async def test_implicit_tls_with_auth(
     start_relay: Start, tls_files: TlsFiles, tmp_path: Path
 ) -> None:

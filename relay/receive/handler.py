@@ -33,7 +33,7 @@ import logging
 import re
 import time
 
-from aiosmtpd.smtp import SMTP, Envelope
+from aiosmtpd.smtp import SMTP, Envelope, TLSSetupException
 from aiosmtpd.smtp import Session as SmtpSession
 from email_validator import EmailNotValidError, validate_email
 
@@ -48,6 +48,8 @@ from relay.settings import BareNewline, Settings
 from relay.spool import Spool
 
 log = logging.getLogger("relay.receive")
+# A client's to cause at will: sampled, without the two tracebacks an ERROR line carried.
+_STARTTLS_FAILED = logs.Sampled(log, "tls_handshake_failed", via="starttls")
 
 QUEUED = "250 2.0.0 Ok: queued as {queue_id}"
 SENDER_OK = "250 2.1.0 Ok"
@@ -249,6 +251,10 @@ class Handler(Auth):
         return QUEUED.format(queue_id=queue_id)
 
     async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):  # no TLS after STARTTLS: aiosmtpd hangs up
+            cause = error.__cause__
+            _STARTTLS_FAILED(error=type(cause).__name__ if cause else "closed")
+            return INTERNAL_ERROR
         log.error("event=session_error error=%r", error, exc_info=error)
         return INTERNAL_ERROR
 
