@@ -222,3 +222,29 @@ class Sampled:
         self._next = now + self.interval
         event(self.logger, self.name, level=level, **self.fixed, count=self._count, **fields)
         self._count = 0
+
+
+class SampledByText(logging.Filter):
+    """A logger's records sampled as `Sampled` samples an event, one kind (the unformatted
+    text) at a time: for a library's lines a client can cause at will (aiosmtpd warns of
+    every AUTH a client cancels with "*"). A line after some were left out says how many."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self._next: dict[object, float] = {}  # one per text the library has: bounded
+        self._count: dict[object, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:  # relay serve does not log those (setup)
+            return True
+        kind = record.msg
+        self._count[kind] = self._count.get(kind, 0) + 1
+        now = time.monotonic()
+        if now < self._next.get(kind, 0.0):
+            return False
+        self._next[kind] = now + self.interval
+        count = self._count.pop(kind)
+        if count > 1 and isinstance(record.msg, str):
+            record.msg = f"{record.msg} (count={count}: {count - 1} left out since the last)"
+        return True

@@ -412,6 +412,22 @@ async def test_talkers_that_send_no_mail_make_room_for_moodle(
     assert evicted[0].startswith("421 4.7.0"), evicted
 
 
+async def test_auth_cancelled_with_a_star_is_logged_sampled(
+    relay: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiosmtpd warns of every AUTH a client cancels with "*" (RFC 4954, 4): a hundred lines a
+    connection before the junk limit closes it, as fast as a client sends them. Its warnings
+    are sampled, each kind at most once in ten seconds: here 550 cancels, at most one line."""
+    caplog.set_level(logging.INFO)
+    for _ in range(5):
+        reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+        writer.write(b"EHLO client.example\r\n" + b"AUTH LOGIN\r\n*\r\n" * 110)
+        assert b"421 4.7.0" in await reader.read()  # the junk limit
+        writer.close()
+    aborted = [r.getMessage() for r in caplog.records if "aborted AUTH" in r.getMessage()]
+    assert len(aborted) <= 1, aborted[:3]
+
+
 @pytest.fixture
 async def secured(start_relay: Start, tls_files: TlsFiles, tmp_path: Path) -> Running:
     """Loopback listener with STARTTLS and AUTH (user moodle / password s3cret)."""

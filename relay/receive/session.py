@@ -71,6 +71,8 @@ check_aiosmtpd(aiosmtpd.__version__)
 
 log = logging.getLogger("relay.receive")
 _SMTP_LOG = logging.getLogger("mail.log")  # aiosmtpd's logger, for the lines it would log
+# Its warnings are a client's to cause ("aborted AUTH with '*'", a hundred a connection).
+_SMTP_LOG.addFilter(logs.SampledByText())
 _NETWORK_REFUSED = logs.Sampled(log, "refused", reason="allow_networks")  # a client's to cause
 
 CHUNK = 65536  # DATA is read this much at a time, not a line at a time
