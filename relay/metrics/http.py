@@ -77,6 +77,7 @@ async def serve_http(
             oldest.transport.abort()  # its handler ends (and counts itself out) at once
         open_now += 1
         reading[writer] = None
+        flushed = False
         try:
             try:
                 async with asyncio.timeout(REQUEST_TIME):
@@ -92,12 +93,19 @@ async def serve_http(
             writer.write(head.encode() + body)
             async with asyncio.timeout(REQUEST_TIME):
                 await writer.drain()
+            flushed = True
         except (TimeoutError, ConnectionError, OSError, asyncio.IncompleteReadError):
             pass
         finally:
             reading.pop(writer, None)
             open_now -= 1
+            # A client that does not read its answer: close() alone waits until it does,
+            # holding the connection (and a descriptor) outside MAX_CONNECTIONS, unbounded.
             writer.close()
+            if flushed:  # drain() leaves up to 64 KiB buffered: REQUEST_TIME more for it
+                asyncio.get_running_loop().call_later(REQUEST_TIME, writer.transport.abort)
+            else:
+                writer.transport.abort()
 
     return await asyncio.start_server(handle, host, port, limit=MAX_LINE)
 
