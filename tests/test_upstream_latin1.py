@@ -4,6 +4,7 @@ Latin-1), on a real socket, delivered to by the real Deliverer, UpstreamClient a
 aiosmtplib decodes replies with surrogateescape. The lone surrogate reached SQLite, whose
 driver refused it: recording the outcome failed, the delivery loop deferred the whole mail
 as an internal error, and the recipients the host had accepted got it again at every retry.
+A DSN that cannot be built (the same surrogate met it too) must not do that either.
 """
 
 # STYLE.md asserts read `expected == actual`; ruff's SIM300 calls that Yoda.
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from relay.deliver import dsn
 from relay.deliver.loop import Deliverer
 from relay.deliver.ses.circuit import Circuit
 from relay.deliver.ses.route import SesRoute
@@ -152,3 +154,20 @@ async def test_a_latin1_refusal_of_every_recipient_fails_at_once_with_a_dsn(
     latin1, port = host
     assert ["failed", "sent"] == await deliver_three_times(tmp_path, port, [BAD])
     assert {"noreply@moodle.test": 1} == latin1.copies
+
+
+async def test_a_dsn_that_cannot_be_built_does_not_send_the_mail_again(
+    tmp_path: Path, host: tuple[Latin1Host, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in building the refused recipient's DSN is logged and the DSN left out; the
+    outcome is recorded, and the accepted recipient gets one copy, not one per retry."""
+
+    def broken(mail: object, failures: list[object], settings: object) -> None:
+        if failures:  # as for_outcome: nothing to build without them
+            raise RuntimeError("a bug in the DSN")
+
+    monkeypatch.setattr(dsn, "for_outcome", broken)
+    latin1, port = host
+    states = await deliver_three_times(tmp_path, port, [GOOD, BAD])
+    assert {GOOD: 1} == latin1.copies
+    assert ["sent"] == states

@@ -259,7 +259,14 @@ class Outcomes:
         return dsn.refused(self._settings(), recipient, reply)
 
     def _notice(self, mail: Mail, failures: Sequence[Failure]) -> Notice | None:
-        return dsn.for_outcome(mail, failures, self._settings())
+        """The DSN for `failures`, if one is due. One that cannot be built (a bug) is logged
+        and left out: the outcome must still be recorded, or the delivery loop defers the
+        whole mail and the recipients the host already took get it again at every retry."""
+        try:
+            return dsn.for_outcome(mail, failures, self._settings())
+        except Exception:
+            log.exception("event=dsn_bug id=%s", mail.id)
+            return None
 
 
 def log_outcome(
