@@ -156,3 +156,20 @@ def test_doctor_warns_when_ses_would_forward_bounces_to_moodle_too(
         ses.set_identity_feedback_forwarding_enabled(
             Identity=VERIFIED_DOMAIN, ForwardingEnabled=True
         )
+
+
+def test_doctor_warns_when_retention_is_shorter_than_ses_reports_late(
+    aws_env: None, moto_server: str, write_config: ConfigWriter
+) -> None:
+    """`retention: 3600` with SES events on: an event that comes later (a complaint, days
+    after the send) finds its row purged and sends no DSN. The doctor says so."""
+    sqs = boto3.client("sqs", region_name=REGION, endpoint_url=moto_server)
+    queue = sqs.create_queue(QueueName=f"events-{uuid.uuid4().hex[:6]}")["QueueUrl"]
+    config = write_config(
+        retention=3600,
+        upstream={"host": "127.0.0.1", "port": closed_port()},
+        ses={"region": REGION, "endpoint_url": moto_server, "events": {"queue_url": queue}},
+    )
+    done = relay_cli("doctor", "--config", str(config), timeout=60)
+    [line] = [line for line in done.stdout.splitlines() if "retention" in line]
+    assert line.startswith("warn  events    retention 3600 s: SES events that come later"), line

@@ -36,6 +36,15 @@ NEEDED = ("bounce", "complaint", "reject")  # event types relay acts on
 _ERRORS = (BotoCoreError, ClientError, OSError)
 
 Line = tuple[str, str, str]
+# SES reports a soft bounce once it stops retrying, and a complaint when the mailbox
+# provider sends one: hours or days after the send. An event for a row already purged
+# (`retention`) is dropped as unknown, and its DSN never goes.
+LATE_EVENTS = 2 * 86400.0
+_SHORT_RETENTION = (
+    "retention {seconds:.0f} s: SES events that come later than that (complaints can come"
+    " days after the send) find no row, are dropped as unknown, and send no DSN; keep 2 days"
+    " or more"
+)
 
 
 async def lines(
@@ -46,6 +55,8 @@ async def lines(
     if not settings.ses.events_queue_url:
         return []
     found = await _queue(settings)
+    if settings.retention < LATE_EVENTS:
+        found.append((WARN, "events", _SHORT_RETENTION.format(seconds=settings.retention)))
     found += await _destinations(settings, configuration_sets)
     found += _rates(settings.spool, min(RATE_WINDOW, settings.retention))
     found += await _forwarding(settings, identities)
