@@ -138,7 +138,7 @@ async def reload_on_signal(ctx: Context) -> None:
 
 
 # Settings used only at start: a reload names them in `reload_needs_restart`.
-_AT_START = ("listen", "spool", "auth", "tls", "metrics", "allow_networks", "limits")
+_AT_START = ("listen", "spool", "auth", "tls", "metrics", "allow_networks", "limits", "hostname")
 # The SES client, its circuit and the event queue's poller are made at start.
 _SES_AT_START = (
     "region",

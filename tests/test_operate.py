@@ -469,6 +469,23 @@ async def test_reload_moves_delivery_to_a_new_upstream_host(
         assert [m.queue_id for m in new.messages] == [second]
 
 
+async def test_reload_names_a_new_hostname_and_keeps_the_old_one(
+    start_relay: Callable[..., Any], write_config: ConfigWriter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The listener puts `hostname` in each Received line from start; a reload applied it
+    only to delivery (EHLO, the DSNs' From), silently. Now it waits for a restart, named."""
+    relay = await start_relay()
+    old = relay.ctx.settings.hostname
+    write_config("relay0.yaml", hostname="new.example.org")
+    with caplog.at_level(logging.WARNING, logger="relay"):
+        assert runtime.reload(relay.ctx)
+    warned = [r.getMessage() for r in caplog.records if "reload_needs_restart" in r.getMessage()]
+    assert (["keys=hostname"], old) == (
+        [w[w.index("keys=") :] for w in warned],
+        relay.ctx.settings.hostname,
+    )
+
+
 async def test_reload_names_the_ses_settings_that_need_a_restart(
     start_relay: Callable[..., Any], write_config: ConfigWriter, caplog: pytest.LogCaptureFixture
 ) -> None:
