@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from relay.errors import (
 from relay.mail import Mail
 from relay.rules import Route, Rule, RuleSet
 from relay.rules.mimeview import MailView
-from relay.settings import HostPort, Mode, Retry, Ses, Settings, Upstream
+from relay.settings import Bounces, HostPort, Mode, Retry, Ses, Settings, Upstream
 from relay.spool.rows import Notice
 
 NOW = 1_800_000_000.0
@@ -702,6 +702,39 @@ async def test_bug_in_a_delivery_defers_the_mail_and_the_loop_goes_on() -> None:
         0,
         True,
     ) == (sorted(rig.store.log), left, rig.upstream.closed)
+
+
+async def test_a_delay_warning_that_cannot_be_dated_leaves_the_deferral_recorded() -> None:
+    """`retry.max_age: 1e12` (retry for ever) with `bounces.delay_warning`: the warning's
+    Will-Retry-Until is past the year 9999 and cannot be written. The deferral is recorded
+    without it (logged as dsn_bug). It raised, in the delivery and again in the handler
+    that defers after a bug, and the row stayed inflight for good: no retry, no DSN."""
+    rig = Rig(upstream=[TemporaryFailure("x", reply="451 4.3.0 try later")], route=Route.UPSTREAM)
+    rig.deliverer.settings = replace(
+        rig.deliverer.settings,
+        retry=Retry(schedule=SCHEDULE, max_age=1e12),
+        bounces=Bounces(delay_warning=1.0),
+    )
+    rig.store.batches = [[make_mail(rig.clock)]]
+    await rig.deliverer.run(rig.store.stop)
+    await rig.deliverer.drain(1.0)
+    assert (["defer Q1"], []) == ([line[:8] for line in rig.store.log], rig.store.notices)
+
+
+async def test_a_bug_in_deferring_after_a_bug_still_defers_the_row() -> None:
+    """The handler that defers a mail after a bug meets a bug itself: the row is deferred
+    plainly (first step of the schedule, no DSN), not left inflight until a restart."""
+    rig = Rig(upstream=[RuntimeError("boom")], route=Route.UPSTREAM)
+
+    async def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("a bug in deferring")
+
+    rig.deliverer.outcomes.defer_or_fail = broken  # type: ignore[method-assign]
+    rig.store.batches = [[make_mail(rig.clock)]]
+    await rig.deliverer.run(rig.store.stop)
+    await rig.deliverer.drain(1.0)
+    deferred = "defer Q1 None via upstream in 60s: internal error: RuntimeError('boom') to=a@x.org"
+    assert [deferred] == rig.store.log
 
 
 async def test_a_bug_after_a_split_defers_only_the_recipients_left_on_the_row() -> None:

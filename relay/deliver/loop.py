@@ -88,6 +88,7 @@ class Deliverer:
         self.wakeup = wakeup
         self.suppressions = suppressions  # None: no lookups (as `ses.suppressed: send`)
         self._clock = clock
+        self._wall_clock = wall_clock
         self.outcomes = Outcomes(
             spool=spool, settings=lambda: self.settings, wall_clock=wall_clock, sleep=sleep
         )
@@ -143,9 +144,22 @@ class Deliverer:
             log.exception("event=deliver_bug id=%s", mail.id)
             # Not the recipients as claimed: those split off have rows of their own.
             left = self._narrowed.get(mail.id, mail)
-            await self.outcomes.defer_or_fail(
-                left, None, Route.UPSTREAM, f"internal error: {exc!r}", None
-            )
+            reply = f"internal error: {exc!r}"
+            try:
+                await self.outcomes.defer_or_fail(left, None, Route.UPSTREAM, reply, None)
+            except Exception:  # the same bug again: the row must not stay inflight for good
+                log.exception("event=deliver_bug id=%s", mail.id)
+                await self.outcomes.record(
+                    self.spool.defer,
+                    left.id,
+                    due_at=self._wall_clock() + self.settings.retry.schedule[0],
+                    rule=None,
+                    route=Route.UPSTREAM.value,
+                    reply=reply,
+                    fallback_reason=None,
+                    recipients=left.recipients,
+                    notice=None,
+                )
         finally:
             self._narrowed.pop(mail.id, None)
 

@@ -218,7 +218,7 @@ class Outcomes:
             reply=reply,
             fallback_reason=reason,
             recipients=mail.recipients,
-            notice=self._notice(mail, refused) or dsn.delay_warning(mail, reply, settings),
+            notice=self._notice(mail, refused) or self._warning(mail, reply),
         )
         log_outcome("deferred", mail, decision, route, retry_in=delay, reply=reply)
 
@@ -264,6 +264,15 @@ class Outcomes:
         whole mail and the recipients the host already took get it again at every retry."""
         try:
             return dsn.for_outcome(mail, failures, self._settings())
+        except Exception:
+            log.exception("event=dsn_bug id=%s", mail.id)
+            return None
+
+    def _warning(self, mail: Mail, reply: str) -> Notice | None:
+        """The "still trying" DSN, if one is due; as `_notice`, left out if it cannot be built
+        (a `retry.max_age` past the year 9999 cannot be dated), so the deferral is recorded."""
+        try:
+            return dsn.delay_warning(mail, reply, self._settings())
         except Exception:
             log.exception("event=dsn_bug id=%s", mail.id)
             return None
