@@ -28,6 +28,7 @@ from relay.receive import guard
 from relay.receive.handler import address_problem, extract_message_id
 from relay.receive.passwords import hash_password, parse_users, verify_password
 from relay.spool import DB_NAME
+from tests.support.ports import free_port
 from tests.support.relays import Running, Start
 from tests.support.tls import TlsFiles
 
@@ -426,6 +427,71 @@ async def test_auth_cancelled_with_a_star_is_logged_sampled(
         writer.close()
     aborted = [r.getMessage() for r in caplog.records if "aborted AUTH" in r.getMessage()]
     assert len(aborted) <= 1, aborted[:3]
+
+
+async def test_fifty_received_lines_are_a_loop(relay: Running) -> None:
+    """Postfix's hopcount_limit: a mail with 50 Received lines gets 554 5.4.6 and is not
+    spooled; one with 49 is accepted."""
+
+    def hops(n: int) -> bytes:
+        return b"".join(b"Received: from hop%d by loop.example\r\n" % i for i in range(n))
+
+    await aiosmtplib.send(
+        hops(49) + MAIL,
+        sender="noreply@moodle.test",
+        recipients=["s@example.org"],
+        hostname="127.0.0.1",
+        port=relay.port,
+        timeout=10,
+    )
+    with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+        await aiosmtplib.send(
+            hops(50) + MAIL,
+            sender="noreply@moodle.test",
+            recipients=["s@example.org"],
+            hostname="127.0.0.1",
+            port=relay.port,
+            timeout=10,
+        )
+    assert (554, "5.4.6 Too many hops") == (refused.value.code, refused.value.message)
+    assert 1 == len(await relay.ctx.spool.claim(10))
+
+
+async def test_an_upstream_that_is_relay_itself_ends_in_a_dead_letter(
+    start_relay: Start, tmp_path: Path
+) -> None:
+    """`upstream` pointed at relay's own listener (port 25 for both, say): each pass adds a
+    Received line, so the 50th pass is refused and that copy fails for good; its DSN goes
+    round the same way, and there is no DSN about a DSN. Before, the mail went round for
+    ever, the spool growing by a row per pass (876 rows in 6 s)."""
+    port = free_port()
+    running = await start_relay(
+        deliver=True,
+        listen=f"127.0.0.1:{port}",
+        ses={"enabled": False},
+        upstream={"host": "127.0.0.1", "port": port},
+    )
+    await aiosmtplib.send(
+        MAIL,
+        sender="noreply@moodle.test",
+        recipients=["s@example.org"],
+        hostname="127.0.0.1",
+        port=running.port,
+        timeout=10,
+    )
+    db = tmp_path / "spool" / DB_NAME
+
+    def states() -> list[str]:
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            return [s for (s,) in conn.execute("SELECT state FROM messages ORDER BY rowid")]
+
+    for _ in range(300):
+        if states().count("failed") == 2:
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(1.0)  # a loop would go on adding rows meanwhile
+    chain = ["sent"] * 49 + ["failed"]  # a copy per pass; the 50th pass is refused
+    assert chain + chain == states()  # the mail, then its DSN to the sender: the same way
 
 
 @pytest.fixture

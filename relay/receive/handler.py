@@ -68,6 +68,7 @@ LINE_TOO_LONG = "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6: at most 998 octets
 COMMAND_TOO_LONG = "500 5.5.2 Command line too long"
 NOT_ASCII = "500 5.5.2 Non-ASCII command (SMTPUTF8 is not offered)"
 TLS_ACTIVE = "554 5.5.1 Error: TLS already active"  # Postfix's words
+TOO_MANY_HOPS = "554 5.4.6 Too many hops"  # Postfix's words: a mail loop
 BARE_NEWLINE = "550 5.5.2 Message contains a bare CR or LF: lines must end with CRLF"
 NORMALIZED = "bare CR/LF normalized to CRLF (limits.bare_newline: normalize)"
 
@@ -91,6 +92,10 @@ _SPECIAL_USE = re.compile(r"(?i)^[a-z0-9.-]+\.(local|localhost|internal|lan|home
 _MESSAGE_ID = re.compile(rb"^message-id[ \t]*:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.I | re.M)
 _UNSAFE = re.compile(r"[^!-~]|[()\\]")
 _LINE_END = re.compile(rb"\r\n|\r|\n")
+# A mail with this many Received lines is in a loop (Postfix's hopcount_limit): an
+# `upstream` that leads back to relay (its own listener, or a host relaying to it).
+MAX_HOPS = 50
+_RECEIVED = re.compile(rb"^received[ \t]*:", re.I | re.M)
 
 
 @functools.lru_cache(maxsize=8192)  # Moodle sends from one noreply address, over and over
@@ -211,6 +216,11 @@ class Handler(Auth):
             if limit and len(raw) > limit:  # each bare line end grew by a byte: as stored
                 metrics.REJECTED.labels("too_big").inc()
                 return TOO_BIG_AT_DATA
+        hops = len(_RECEIVED.findall(header_block(raw)))
+        if hops >= MAX_HOPS:
+            metrics.REJECTED.labels("too_many_hops").inc()
+            logs.event(log, "too_many_hops", level=logging.WARNING, peer=peer, hops=hops)
+            return TOO_MANY_HOPS
         queue_id = self.spool.new_id()
         message_id = extract_message_id(raw)
         try:
