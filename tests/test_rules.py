@@ -8,6 +8,7 @@ import pytest
 
 from relay import rules
 from relay.rules import Decision, Route
+from relay.rules.mimeview import BODY_LIMIT
 from tests.support.corpus import ruleset
 from tests.support.mails import NOREPLY, ORIGIN, mail, message
 
@@ -171,6 +172,23 @@ def test_body_latin1_bytes() -> None:
     """A declared 8-bit charset is honoured."""
     raw = b"Subject: x\r\nContent-Type: text/plain; charset=iso-8859-1\r\n\r\nGr\xfc\xdfe\r\n"
     assert hit("{body: 'Grüße'}", raw)
+
+
+def test_body_rules_see_the_first_100_kib_of_each_part() -> None:
+    """A body rule searches the first BODY_LIMIT characters of a part: a marker past them is
+    not seen. What bounds a regex that backtracks on hostile mail: unbounded, a rule of
+    `reengagement.*reminder` on a 1 MB line of "reengagement " held the delivery process
+    for minutes, and the same mail again after each restart."""
+    early = "[[relay:reengagement]]" + "x" * (BODY_LIMIT - 30)
+    assert hit("{body: 'relay:reengagement'}", f"Subject: x\r\n\r\n{early}\r\n")
+    late = "x" * BODY_LIMIT + "[[relay:reengagement]]"
+    assert not hit("{body: 'relay:reengagement'}", f"Subject: x\r\n\r\n{late}\r\n")
+    html = (
+        "Subject: x\r\nContent-Type: text/html\r\n\r\n<p>"
+        + "x" * BODY_LIMIT
+        + "[[relay:reengagement]]</p>\r\n"
+    )
+    assert not hit("{body: 'relay:reengagement'}", html)
 
 
 def test_body_ignores_attachments_and_other_types() -> None:

@@ -29,6 +29,11 @@ _FOLD = re.compile(r"\r?\n(?=[ \t])")
 # itself goes out whole. A regex that backtracks can take time growing with the square of
 # a value's length, or worse, and classification runs on the delivery loop.
 HEADER_LIMIT = 102_400
+# ... and of any one text part (as text, and as text again once an HTML part's tags are
+# gone). Unbounded, `body: 'reengagement.*reminder'` on a 1 MB line of "reengagement "
+# ran for minutes: the delivery process stopped answering, was killed and restarted, and
+# took the same mail again. Moodle's markers are near the top of a mail of a few KB.
+BODY_LIMIT = 102_400
 _HTML_BREAKS = frozenset(
     {"br", "p", "div", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6", "table", "blockquote"}
 )
@@ -194,12 +199,13 @@ class MailView:
 
     @cached_property
     def body_texts(self) -> tuple[str, ...]:
-        """Texts a `body` rule searches: each text part, and each HTML part also as plain text."""
+        """Texts a `body` rule searches: each text part, and each HTML part also as plain text,
+        the first BODY_LIMIT characters of each."""
         texts: list[str] = []
         for ctype, text in self._leaves:
             if not text:
                 continue
-            texts.append(text)
+            texts.append(text[:BODY_LIMIT])
             if ctype == "text/html":
-                texts.append(html_to_text(text))
+                texts.append(html_to_text(text[: 4 * BODY_LIMIT])[:BODY_LIMIT])
         return tuple(texts)
