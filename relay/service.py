@@ -48,7 +48,7 @@ from relay.receive.handler import Handler
 from relay.receive.passwords import Users
 from relay.receive.session import Session, session_factory
 from relay.runtime import Context, Task, wait_any
-from relay.settings import Settings, check_listen_env
+from relay.settings import Settings, check_listen_env, check_secrets
 from relay.spool import Spool
 
 log = logging.getLogger("relay.service")
@@ -81,7 +81,7 @@ def check_safe(settings: Settings) -> None:
             f"listen {settings.listen} is not a loopback address and auth and tls are not both "
             "configured: relay would be an open relay; listen on 127.0.0.1 or configure both"
         )
-    problems = check_listen_env(settings)
+    problems = check_listen_env(settings) + check_secrets(settings)
     if problems:
         raise StartError("; ".join(problems))
 

@@ -209,6 +209,44 @@ def test_non_loopback_listen_without_auth_and_tls_refuses_to_start(
     assert "not a loopback address" in result.stderr and "open relay" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("plain-text", "has no user:$scrypt$... line (relay hash-password makes one"),
+        ("password-without-user", "upstream.password_env: needs upstream.username"),
+        ("password-env-unset", "upstream.password_env: RELAY_TEST_UNSET is not set"),
+    ],
+)
+def test_credentials_relay_could_never_use_stop_it_at_start(
+    write_config: ConfigWriter, tmp_path: Path, case: str, expected: str
+) -> None:
+    """A users file with only a plain-text password; a password without a username; a
+    password env var that is not set. Each passed every check, and
+    then every mail failed (535 or 530 to Moodle, which does not retry) or waited for days.
+    `relay serve` now exits 1 saying which key; `check-config` too, but for the env var
+    (an admin's shell may lack the unit's environment)."""
+    users = tmp_path / "users"
+    users.write_text("moodle:s3cret\n" if case == "plain-text" else "moodle:$scrypt$x\n")
+    overrides: dict[str, object] = {"auth": {"users_file": str(users)}}
+    if case == "password-without-user":
+        overrides["upstream"] = {"host": "127.0.0.1", "password_env": "RELAY_TEST_UNSET"}
+    if case == "password-env-unset":
+        overrides["upstream"] = {
+            "host": "127.0.0.1",
+            "username": "moodle",
+            "password_env": "RELAY_TEST_UNSET",
+        }
+    config = write_config(**overrides)
+    env = {k: v for k, v in os.environ.items() if k != "RELAY_TEST_UNSET"}
+    served = relay_cli(
+        "serve", "--config", str(config), env={**env, "RELAY_PORT_FILE": str(tmp_path / "p")}
+    )
+    checked = relay_cli("check-config", "--config", str(config), env=env)
+    assert (1, False) == (served.returncode, (tmp_path / "p").exists()), served.stderr
+    assert expected in served.stderr
+    assert (case != "password-env-unset") == (expected in checked.stderr), checked.stderr
+
+
 def test_service_refuses_open_relay_even_if_settings_let_it_through(
     write_config: ConfigWriter,
 ) -> None:

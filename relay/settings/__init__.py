@@ -7,7 +7,14 @@ keys, `sections` the larger sections (limits, upstream, ses, retry, bounces).
 """
 
 from relay.errors import ConfigError
-from relay.settings.load import DEFAULT_PATHS, check_listen_env, find_config, load, rules_of
+from relay.settings.load import (
+    DEFAULT_PATHS,
+    check_listen_env,
+    check_secrets,
+    find_config,
+    load,
+    rules_of,
+)
 from relay.settings.model import (
     DEFAULT_LISTEN,
     DEFAULT_METRICS,
@@ -47,6 +54,7 @@ __all__ = [
     "Tls",
     "Upstream",
     "check_listen_env",
+    "check_secrets",
     "find_config",
     "load",
     "rules_of",

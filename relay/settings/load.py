@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -221,8 +222,13 @@ def _networks(
     return tuple(networks) if len(networks) == len(items) else None
 
 
+_USER_LINE = re.compile(r"[^:#\s][^:]*:\s*\$scrypt\$")  # relay.receive.passwords reads these
+
+
 def check_listen_env(settings: Settings) -> list[str]:
-    """Problems that only show at run time (files that must exist); empty when fine."""
+    """Problems that only show at run time (files that must exist and be usable); empty
+    when fine. A users file relay cannot read, or with no usable line, would answer every
+    AUTH, so every Moodle mail, with 535 or 530, and Moodle does not retry."""
     problems = []
     for label, file in (
         ("auth.users_file", settings.auth.users_file if settings.auth else None),
@@ -231,4 +237,46 @@ def check_listen_env(settings: Settings) -> list[str]:
     ):
         if file is not None and not file.is_file():
             problems.append(f"{settings.source}: {label}: {file} does not exist")
+    users = settings.auth.users_file if settings.auth else None
+    if users is not None and users.is_file():
+        try:
+            lines = users.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError as exc:
+            problems.append(f"{settings.source}: auth.users_file: {users}: {exc.strerror}")
+        else:
+            if not any(_USER_LINE.match(line.strip()) for line in lines):
+                problems.append(
+                    f"{settings.source}: auth.users_file: {users} has no user:$scrypt$... line"
+                    " (relay hash-password makes one; plain-text passwords are refused)"
+                )
+    upstream = settings.upstream
+    if (upstream.password_env or upstream.password_file) and not upstream.username:
+        key = "password_env" if upstream.password_env else "password_file"
+        problems.append(
+            f"{settings.source}: upstream.{key}: needs upstream.username (without it relay"
+            " never logs in)"
+        )
     return problems
+
+
+def check_secrets(settings: Settings) -> list[str]:
+    """At `relay serve`'s start only (an admin's shell may lack the unit's environment): the
+    upstream password's env var set, or its file readable. Missing, every mail to the
+    original host would wait for it until `retry.max_age`."""
+    upstream = settings.upstream
+    if not upstream.username:
+        return []
+    if upstream.password_env and upstream.password_env not in os.environ:
+        return [
+            f"{settings.source}: upstream.password_env: {upstream.password_env} is not set in"
+            " relay's environment"
+        ]
+    if upstream.password_file:
+        try:
+            upstream.password_file.read_bytes()
+        except OSError as exc:
+            return [
+                f"{settings.source}: upstream.password_file: {upstream.password_file}:"
+                f" {exc.strerror}"
+            ]
+    return []
