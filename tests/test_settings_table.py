@@ -433,6 +433,14 @@ INVALID = [
         ["FILE:3: upstream.port: must be at least 1, got 0"],
         id="upstream-port-zero",
     ),
+    pytest.param(
+        "upstream:\n  host: smtp.example.org:587\n",
+        [
+            "FILE:2: upstream.host: 'smtp.example.org:587' is not a host name or IP address (the"
+            " port goes in 'port:', no scheme, no spaces)"
+        ],
+        id="upstream-host-with-port",
+    ),
     # enums
     pytest.param(
         "upstream:\n  host: h\n  security: ssl\n",

@@ -7,6 +7,7 @@ the dataclass's own default (`relay.settings.model`).
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -87,11 +88,32 @@ _UPSTREAM = {
 }
 
 
+# A host name (letters, digits, hyphens, dots, underscores) or an IP address: not
+# "smtp.example.org:587", "smtp://..." or a name with spaces.
+_HOST_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _is_host(text: str) -> bool:
+    if _HOST_NAME.fullmatch(text):
+        return True
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def upstream(node: yamlfile.Node, rel: Rel) -> Upstream | None:
     m = node.mapping(_UPSTREAM, required=("host",))
     if m is None or "host" not in m:
         return None
     host = m["host"].as_str()
+    if host is not None and not _is_host(host):
+        m["host"].problem(
+            f"{host!r} is not a host name or IP address (the port goes in 'port:', no"
+            " scheme, no spaces)"
+        )
+        host = None
     security = (
         m["security"].as_choice([s.value for s in Security])
         if "security" in m
