@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from relay.receive.passwords import hash_password
 from tests.support.relays import ConfigWriter
 from tests.support.tls import TlsFiles
 
@@ -153,7 +154,7 @@ def container_config(write_config: ConfigWriter, tmp_path: Path, tls: TlsFiles) 
     """A relay.yaml as a container needs it: listen beyond loopback with auth + TLS, metrics
     on (the HEALTHCHECK asks them), the rules the image copies, SES off (no credentials)."""
     users = tmp_path / "users"
-    users.write_text("")
+    users.write_text(f"moodle:{hash_password('s3cret', n=1024)}\n")  # relay needs one account
     return write_config(
         listen="0.0.0.0:0",
         auth={"users_file": str(users)},
