@@ -104,6 +104,24 @@ async def relay(start_relay: Start) -> Running:
     return await start_relay(limits={"max_message_size": LIMIT, "max_recipients": 50})
 
 
+async def submit(
+    port: int,
+    raw: bytes,
+    *,
+    sender: str = "noreply@moodle.test",
+    recipients: tuple[str, ...] = ("s@example.org",),
+) -> None:
+    """One mail to relay over SMTP (aiosmtplib raises what relay refuses)."""
+    await aiosmtplib.send(
+        raw,
+        sender=sender,
+        recipients=list(recipients),
+        hostname="127.0.0.1",
+        port=port,
+        timeout=10,
+    )
+
+
 async def test_accepted_mail_is_spooled_with_queue_id_and_trace(relay: Running) -> None:
     """250 names the queue id; the row holds the exact bytes and a Received: line for it."""
     wire, greeting = await Wire.open(relay.port)
@@ -340,14 +358,7 @@ async def test_spool_failure_gives_451_and_recovers(relay: Running, fault: dict[
     await relay.ctx.spool.set_limits(**fault)
     body = b"Subject: big\r\n\r\n" + (b"z" * 900 + b"\r\n") * 8
     with pytest.raises(aiosmtplib.SMTPDataError) as refused:
-        await aiosmtplib.send(
-            body,
-            sender="a@b.example",
-            recipients=["c@d.example"],
-            hostname="127.0.0.1",
-            port=relay.port,
-            timeout=10,
-        )
+        await submit(relay.port, body, sender="a@b.example", recipients=("c@d.example",))
     assert (451, "4.3.0 Cannot queue the message now, try again later") == (
         refused.value.code,
         refused.value.message,
@@ -435,14 +446,7 @@ async def test_fifty_received_lines_are_a_loop(relay: Running) -> None:
 
     async def send_with_hops(n: int) -> None:
         hops = b"".join(b"Received: from hop%d by loop.example\r\n" % i for i in range(n))
-        await aiosmtplib.send(
-            hops + MAIL,
-            sender="noreply@moodle.test",
-            recipients=["s@example.org"],
-            hostname="127.0.0.1",
-            port=relay.port,
-            timeout=10,
-        )
+        await submit(relay.port, hops + MAIL)
 
     await send_with_hops(49)
     with pytest.raises(aiosmtplib.SMTPDataError) as refused:
@@ -465,14 +469,7 @@ async def test_an_upstream_that_is_relay_itself_ends_in_a_dead_letter(
         ses={"enabled": False},
         upstream={"host": "127.0.0.1", "port": port},
     )
-    await aiosmtplib.send(
-        MAIL,
-        sender="noreply@moodle.test",
-        recipients=["s@example.org"],
-        hostname="127.0.0.1",
-        port=running.port,
-        timeout=10,
-    )
+    await submit(running.port, MAIL)
     db = tmp_path / "spool" / DB_NAME
 
     def states() -> list[str]:
