@@ -90,6 +90,8 @@ async def serve_http(
                 f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
             )
+            if writer.transport.is_closing():  # dropped for a newer one, or reset: on uvloop
+                return  # write() would raise RuntimeError
             writer.write(head.encode() + body)
             async with asyncio.timeout(REQUEST_TIME):
                 await writer.drain()

@@ -344,7 +344,8 @@ class Session(Handshake):
         transport = writable(self.transport)
         if transport is not None and not self._shut:
             self._shut = True
-            transport.write(f"{SHUTTING_DOWN}\r\n".encode())
+            if not transport.is_closing():  # on uvloop, a write after the close raises
+                transport.write(f"{SHUTTING_DOWN}\r\n".encode())
             self.close_within_linger(transport)
 
     def abort(self) -> None:
