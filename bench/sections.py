@@ -36,6 +36,9 @@ class Params:
     ses_mails: int
     ses_multi_mails: int
     pacing_mails: int
+    # issue 14's shared-quota scenarios to run (bench/sesbench.py); None: all five. A quick
+    # run keeps one of each kind: start offsets, a relay leaving early, another sender.
+    ses_shared: tuple[str, ...] | None = None
     timeout: float  # deadline of one load run (smtp-source, PHPMailer), seconds
     wait: float  # longest wait for delivery (end to end, drain, one SES scenario), seconds
 
@@ -71,6 +74,7 @@ QUICK = Params(
     ses_mails=100,
     ses_multi_mails=90,
     pacing_mails=60,
+    ses_shared=("staggered", "leaving", "other"),
     timeout=60,
     wait=15,
 )

@@ -253,7 +253,11 @@ def run(workdir: Path, p: Params, report: Report) -> None:
         ),
     }
     results = {name: run_scenario(workdir, sc, p, report) for name, sc in scenarios.items()}
-    shared = {sc.name: run_shared(workdir, sc, p, report) for sc in shared_scenarios(p)}
+    shared = {
+        sc.name: run_shared(workdir, sc, p, report)
+        for sc in shared_scenarios(p)
+        if p.ses_shared is None or sc.name in p.ses_shared
+    }
     results.update(shared)
     report.details["ses"] = results
     incomplete = {n: r["still_queued"] for n, r in results.items() if not r["complete"]}
@@ -331,6 +335,8 @@ def run(workdir: Path, p: Params, report: Report) -> None:
         ),
     ]
     for sc in shared_scenarios(p):
+        if sc.name not in shared:
+            continue
         r = shared[sc.name]
         rows += [
             dict(
