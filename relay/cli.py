@@ -49,15 +49,23 @@ def serve(config: Path | None, log_format: str) -> None:
     "--rules",
     "rules_path",
     type=PathArg,
-    help="rules file (default: ./rules.yaml, else the shipped defaults)",
+    help="rules file (default: the one relay.yaml names, else ./rules.yaml, else the shipped)",
+)
+@click.option(
+    "--config",
+    type=PathArg,
+    help="relay.yaml whose rules to use (default: $RELAY_CONFIG, ./relay.yaml, "
+    "/etc/relay/relay.yaml, where one exists)",
 )
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per message per line")
 @click.argument("paths", nargs=-1, required=True, type=PathArg)
-def check_rules(rules_path: Path | None, as_json: bool, paths: tuple[Path, ...]) -> None:
+def check_rules(
+    rules_path: Path | None, config: Path | None, as_json: bool, paths: tuple[Path, ...]
+) -> None:
     """Classify .eml files, directories (recursive) or - (stdin); sends nothing."""
     from relay.ops import checkrules
 
-    sys.exit(checkrules.run(rules_path, paths, as_json=as_json))
+    sys.exit(checkrules.run(rules_path, paths, as_json=as_json, config=config))
 
 
 @main.command("check-config")

@@ -170,6 +170,46 @@ def test_rules_option_and_local_rules_file(tmp_path: Path) -> None:
     ]
 
 
+def test_the_rules_relay_yaml_names_come_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a relay.yaml (--config, $RELAY_CONFIG or ./relay.yaml) the rules it names are
+    tried, as relay serve would use them, before ./rules.yaml; --rules still wins. Before,
+    an admin on a server tried the shipped rules, not the ones relay.yaml names."""
+    (tmp_path / "rules.yaml").write_text("default: upstream\nrules: []\n")
+    site = tmp_path / "etc"
+    site.mkdir()
+    (site / "site-rules.yaml").write_text(
+        "rules:\n  - name: site\n    route: ses\n    match: {subject: '.'}\n"
+    )
+    (site / "relay.yaml").write_text("rules: site-rules.yaml\n")
+    other = tmp_path / "other.yaml"
+    other.write_text("default: ses\nrules: []\n")
+
+    def rule(*args: str) -> object:
+        result = check_rules("--json", *args, str(FORUM))
+        assert 0 == result.exit_code, result.output
+        return json_lines(result)[0]["rule"]
+
+    by_option = rule("--config", str(site / "relay.yaml"))
+    by_option_and_rules = rule("--config", str(site / "relay.yaml"), "--rules", str(other))
+    monkeypatch.setenv("RELAY_CONFIG", str(site / "relay.yaml"))
+    by_env = rule()
+    monkeypatch.delenv("RELAY_CONFIG")
+    (tmp_path / "relay.yaml").write_text("spool: spool\n")  # no rules: the shipped ones
+    beside = rule()
+    assert ["site", None, "site", None] == [by_option, by_option_and_rules, by_env, beside]
+    shipped = check_rules(str(CC))
+    assert str(rules.DEFAULT_RULES) in shipped.stdout
+
+
+def test_a_relay_yaml_that_cannot_be_read_is_named(tmp_path: Path) -> None:
+    """--config naming a file that is not there: exit 1, the file named, nothing classified."""
+    result = check_rules("--config", str(tmp_path / "nowhere.yaml"), str(CC))
+    assert (1, "") == (result.exit_code, result.stdout)
+    assert f"{tmp_path / 'nowhere.yaml'}: no such file" in result.stderr
+
+
 def test_envelope_from_headers(tmp_path: Path) -> None:
     """A saved mail's envelope: Return-Path (else From) and the To/Cc addresses."""
     rules_file = tmp_path / "env.yaml"

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import click
 
-from relay import rules
-from relay.errors import ConfigError
+from relay import rules, settings
+from relay.errors import ConfigError, Problem
 from relay.mail import Mail
 
 STDIN = Path("-")
@@ -39,11 +39,12 @@ class _Input:
     error: str = ""
 
 
-def run(rules_path: Path | None, paths: Sequence[Path], *, as_json: bool) -> int:
+def run(
+    rules_path: Path | None, paths: Sequence[Path], *, as_json: bool, config: Path | None = None
+) -> int:
     """Classify every message under `paths`; 0 if all were read, 1 if not (or bad rules)."""
-    path = rules_path or (Path("rules.yaml") if Path("rules.yaml").exists() else None)
     try:
-        ruleset = rules.load(path or rules.DEFAULT_RULES)
+        ruleset = rules.load(rules_path or _rules_in_use(config))
     except ConfigError as exc:
         for problem in exc.problems:
             click.echo(str(problem), err=True)
@@ -76,6 +77,23 @@ def run(rules_path: Path | None, paths: Sequence[Path], *, as_json: bool) -> int
             f"{counts['unreadable']} unreadable (rules: {ruleset.source})"
         )
     return 1 if counts["unreadable"] else 0
+
+
+def _rules_in_use(config: Path | None) -> Path:
+    """The rules relay serve would use: those of the relay.yaml `relay serve` would read
+    (--config, $RELAY_CONFIG, ./relay.yaml, /etc/relay/relay.yaml) where there is one; else
+    ./rules.yaml; else the shipped defaults. Without this an admin on a server tried the
+    shipped rules, not the ones their relay.yaml names, and saw other routes than relay's."""
+    found = settings.find_config(config)
+    if config is not None or os.environ.get("RELAY_CONFIG") or found.exists():
+        named = settings.rules_of(found)
+        if named is None:
+            why = "cannot be read, or rules: is not a file name (try relay check-config)"
+            if not found.exists():
+                why = "no such file (--config or $RELAY_CONFIG)"
+            raise ConfigError([Problem(file=str(found), line=None, key="", message=why)])
+        return named
+    return Path("rules.yaml") if Path("rules.yaml").exists() else rules.DEFAULT_RULES
 
 
 def _table(rows: list[tuple[str, str, str, str]]) -> None:
