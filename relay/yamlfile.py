@@ -64,6 +64,10 @@ class Node:
         path = f"{self.key}.{key}" if self.key else key
         return Node(self.doc, path, node)
 
+    def is_text(self, text: str) -> bool:
+        """Is this the single value `text` (quoted or not)?"""
+        return isinstance(self.node, yaml.ScalarNode) and self.node.value == text
+
     def is_null(self) -> bool:
         return self.node.tag == "tag:yaml.org,2002:null"
 
@@ -172,6 +176,12 @@ class Node:
         return None if value is None else int(value)
 
     def as_choice(self, choices: Collection[str]) -> str | None:
+        if self.node.tag == "tag:yaml.org,2002:bool":  # YAML reads off, no, on, yes so
+            valid = ", ".join(choices)
+            self.problem(
+                f"{self.node.value} is read as true or false: quote it, or one of: {valid}"
+            )
+            return None
         value = self.as_str()
         if value is not None and value not in choices:
             self.problem(f"{value!r} is not one of: {', '.join(choices)}")

@@ -260,6 +260,19 @@ INVALID = [
         id="send-rate-word",
     ),
     pytest.param(
+        MINIMAL + "ses: {max_send_rate: {a: 1}}\n",
+        ["FILE:3: ses.max_send_rate: expected a single value, got a mapping"],  # once, not twice
+        id="send-rate-mapping",
+    ),
+    pytest.param(
+        "upstream:\n  host: smtp.example.org\n  security: off\n",
+        [
+            "FILE:3: upstream.security: off is read as true or false: quote it, or one of: "
+            "none, starttls, tls"
+        ],
+        id="choice-read-as-bool",
+    ),
+    pytest.param(
         MINIMAL + "ses:\n", ["FILE:3: ses: expected a mapping, got null"], id="null-section"
     ),
     pytest.param(

@@ -179,7 +179,7 @@ def ses(node: yamlfile.Node) -> Ses | None:
     if "configuration_set" in m and not m["configuration_set"].is_null():
         config_set = m["configuration_set"].as_str()
     rate: float | None = None
-    if "max_send_rate" in m and m["max_send_rate"].scalar() != "auto":
+    if "max_send_rate" in m and not m["max_send_rate"].is_text("auto"):
         rate = m["max_send_rate"].as_number(minimum=0.01)
         ok = ok and rate is not None
     fallback = (
