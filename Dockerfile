@@ -26,10 +26,10 @@ RUN pip install -c constraints.txt . \
 VOLUME ["/var/lib/relay"]
 USER relay
 WORKDIR /var/lib/relay
+# The spool without a `spool:` key: the volume (as systemd's StateDirectory= sets it).
+ENV STATE_DIRECTORY=/var/lib/relay
 # Mount relay.yaml at /etc/relay/relay.yaml. In a container it needs:
 #   listen: 0.0.0.0:2525 with auth + tls  (beyond loopback; relay refuses to be an open relay)
-#   spool: /var/lib/relay                 (the volume; the default, beside relay.yaml, is
-#                                          read-only /etc/relay)
 #   metrics: 0.0.0.0:9325                 (the HEALTHCHECK asks /healthz there; with no
 #                                          `metrics:` key the container is reported unhealthy)
 EXPOSE 2525 9325

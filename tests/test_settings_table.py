@@ -58,6 +58,15 @@ def test_minimal_config_takes_every_default(tmp_path: Path) -> None:
     assert expected == settings.load(path)
 
 
+def test_without_spool_the_state_directory_systemd_gives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under the unit (`StateDirectory=relay`, $STATE_DIRECTORY) a relay.yaml without
+    `spool:` spools in /var/lib/relay, not in /etc/relay/spool (read-only there)."""
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/relay:/var/lib/other")
+    assert Path("/var/lib/relay") == settings.load(write(tmp_path, MINIMAL)).spool
+
+
 def pick(value: Any, dotted: str, base: Path) -> Any:
     """`value.a.b` for `dotted` "a.b"; paths under `base` shown as BASE/..., others as text."""
     for name in dotted.split("."):

@@ -60,6 +60,14 @@ def load(path: Path) -> Settings:
     return settings
 
 
+def default_spool(base: Path) -> Path:
+    """Without `spool:`, the state directory systemd gives the unit (`StateDirectory=relay`
+    sets $STATE_DIRECTORY; the container image sets it too), else `spool` beside relay.yaml:
+    under the unit that was /etc/relay/spool, read-only there (`ProtectSystem=strict`)."""
+    state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return Path(state) if state else base / "spool"
+
+
 def rules_of(path: Path) -> Path | None:
     """The rules file relay.yaml at `path` names (the shipped rules without `rules:`), read
     even when the rest of the file has problems, so `relay check-config` reports the
@@ -107,7 +115,7 @@ def _read(root: yamlfile.Node, path: Path) -> Settings | None:
         return None if value is None else (base / value)
 
     listen = _host_port(top["listen"]) if "listen" in top else DEFAULT_LISTEN
-    spool = rel(top["spool"]) if "spool" in top else base / "spool"
+    spool = rel(top["spool"]) if "spool" in top else default_spool(base)
     # No `rules:` key: the shipped Moodle defaults (relay/rules/rules.yaml).
     rules = rel(top["rules"]) if "rules" in top else DEFAULT_RULES
     mode = (
