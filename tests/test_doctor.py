@@ -14,6 +14,7 @@ from typing import Any
 import boto3
 import pytest
 
+from relay import settings
 from relay import spool as spool_mod
 from relay.ops import upstreamcheck
 from tests.support.aws import REGION
@@ -368,6 +369,31 @@ def test_doctor_warns_when_mail_or_a_password_would_go_in_clear(
         " mail go in clear; set upstream.security: starttls or tls, if the host has either",
     ]
     assert [] == host.messages
+
+
+async def test_doctor_says_which_security_the_port_wants(
+    tls_files: TlsFiles, write_config: ConfigWriter
+) -> None:
+    """The wrong kind of TLS for the host: `security: none` to a host that wants TLS at once
+    (port 465) waits out its timeout for a greeting, and `security: tls` to a host speaking
+    in clear (STARTTLS, ports 25 and 587) fails its handshake. Each FAIL says what to set;
+    before, only "timed out" and an SSL error."""
+    found = {}
+    context = server_context(tls_files)
+    for name, kind, security in (("smtps", "tls", "none"), ("plain", "none", "tls")):
+        with CaptureServer(tls=kind, tls_context=context if kind == "tls" else None) as host:
+            upstream = {"host": "127.0.0.1", "port": host.port, "security": security}
+            config = write_config(upstream={**upstream, "timeout": 1}, ses={"enabled": False})
+            found[name] = await upstreamcheck.lines(settings.load(config))
+            await asyncio.sleep(0.3)  # the host sees the client go (its handshake ends)
+    print(found)
+    assert [("FAIL", "upstream")] * 2 == [line[:2] for lines in found.values() for line in lines]
+    assert found["smtps"][0][2].endswith(
+        "; no greeting: a host wanting TLS at once (port 465) needs upstream.security: tls"
+    )
+    assert found["plain"][0][2].endswith(
+        "; the host does not speak TLS at once: for STARTTLS set upstream.security: starttls"
+    )
 
 
 @pytest.mark.parametrize(

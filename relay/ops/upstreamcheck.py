@@ -18,7 +18,7 @@ import ssl
 
 import aiosmtplib
 
-from relay.settings import Security, Settings
+from relay.settings import Security, Settings, Upstream
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 SMTP_TIMEOUT = 10.0  # seconds per SMTP step, at most
@@ -71,7 +71,7 @@ async def lines(settings: Settings) -> list[Line]:
             why = f"{exc.code} {' '.join(exc.message.split())}"
         else:
             why = str(exc) or type(exc).__name__
-        found = [(FAIL, "upstream", f"{s.host}:{s.port}: {step}{why}")]
+        found = [(FAIL, "upstream", f"{s.host}:{s.port}: {step}{why}{_tls_hint(s, step, exc)}")]
     else:
         found = [(OK, "upstream", f"{s.host}:{s.port}: {', '.join(done)} ok (no mail sent)")]
     finally:
@@ -79,6 +79,19 @@ async def lines(settings: Settings) -> list[Line]:
     if in_clear is not None:
         found.append((WARN, "upstream", f"{s.host}:{s.port}: {in_clear}"))
     return found
+
+
+def _tls_hint(s: Upstream, step: str, exc: Exception) -> str:
+    """What to set when the failure looks like the wrong kind of TLS for the port: no
+    greeting in clear (a host that wants TLS at once, port 465), or a TLS handshake answered
+    in clear (a host that speaks STARTTLS, ports 25 and 587)."""
+    if step:  # past the greeting: not this
+        return ""
+    if s.security is Security.TLS and isinstance(exc.__cause__ or exc, ssl.SSLError):
+        return "; the host does not speak TLS at once: for STARTTLS set upstream.security: starttls"
+    if s.security is not Security.TLS and isinstance(exc, aiosmtplib.SMTPTimeoutError):
+        return "; no greeting: a host wanting TLS at once (port 465) needs upstream.security: tls"
+    return ""
 
 
 def _in_clear(
