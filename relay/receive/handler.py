@@ -118,7 +118,11 @@ def address_problem(address: str) -> str | None:
 
 def extract_message_id(raw: bytes) -> str:
     """The Message-ID header value from the header block only; "" when absent."""
-    match = _MESSAGE_ID.search(header_block(raw))
+    return _message_id_in(header_block(raw))
+
+
+def _message_id_in(headers: bytes) -> str:
+    match = _MESSAGE_ID.search(headers)
     if match is None:
         return ""
     return " ".join(match.group(1).decode("ascii", "replace").split())[:998]
@@ -216,13 +220,14 @@ class Handler(Auth):
             if limit and len(raw) > limit:  # each bare line end grew by a byte: as stored
                 metrics.REJECTED.labels("too_big").inc()
                 return TOO_BIG_AT_DATA
-        hops = len(_RECEIVED.findall(header_block(raw)))
+        headers = header_block(raw)  # once, for the hop count and the Message-ID
+        hops = len(_RECEIVED.findall(headers))
         if hops >= MAX_HOPS:
             metrics.REJECTED.labels("too_many_hops").inc()
             logs.event(log, "too_many_hops", level=logging.WARNING, peer=peer, hops=hops)
             return TOO_MANY_HOPS
         queue_id = self.spool.new_id()
-        message_id = extract_message_id(raw)
+        message_id = _message_id_in(headers)
         try:
             await self.spool.add(
                 queue_id=queue_id,
