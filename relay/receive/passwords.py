@@ -140,6 +140,14 @@ class Users:
         return False
 
 
+def user_entry(line: str) -> tuple[str, str] | None:
+    """(user, hash) of a users-file line `user:$scrypt$...`; None for any other line."""
+    user, _, encoded = line.strip().partition(":")
+    if user.strip() and not user.startswith("#") and encoded.strip().startswith("$scrypt$"):
+        return user.strip(), encoded.strip()
+    return None
+
+
 def parse_users(text: str) -> dict[str, str]:
     """`user:hash` lines -> {user: hash}; other lines are skipped with a warning."""
     users = {}
@@ -147,9 +155,8 @@ def parse_users(text: str) -> dict[str, str]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        user, _, encoded = line.partition(":")
-        if user.strip() and encoded.strip().startswith("$scrypt$"):
-            users[user.strip()] = encoded.strip()
+        if entry := user_entry(line):
+            users[entry[0]] = entry[1]
         else:  # never log the line itself: it may hold a plain-text password
             log.warning(
                 "event=users_line_ignored line=%d reason=%r",

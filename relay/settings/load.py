@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 import socket
 from pathlib import Path
 
@@ -230,9 +229,6 @@ def _networks(
     return tuple(networks) if len(networks) == len(items) else None
 
 
-_USER_LINE = re.compile(r"[^:#\s][^:]*:\s*\$scrypt\$")  # relay.receive.passwords reads these
-
-
 def check_listen_env(settings: Settings) -> list[str]:
     """Problems that only show at run time (files that must exist and be usable); empty
     when fine. A users file relay cannot read, or with no usable line, would answer every
@@ -252,7 +248,9 @@ def check_listen_env(settings: Settings) -> list[str]:
         except OSError as exc:
             problems.append(f"{settings.source}: auth.users_file: {users}: {exc.strerror}")
         else:
-            if not any(_USER_LINE.match(line.strip()) for line in lines):
+            from relay.receive.passwords import user_entry  # here: receive imports settings
+
+            if not any(user_entry(line) for line in lines):
                 problems.append(
                     f"{settings.source}: auth.users_file: {users} has no user:$scrypt$... line"
                     " (relay hash-password makes one; plain-text passwords are refused)"
