@@ -740,6 +740,42 @@ async def test_a_bug_in_deferring_after_a_bug_still_defers_the_row() -> None:
     assert [deferred] == rig.store.log
 
 
+async def test_a_bug_after_ses_accepted_records_the_send_not_a_retry() -> None:
+    """SES accepted the mail, then recording its outcome met a bug: the row is recorded sent,
+    with SES's message ID (its bounces still find it). It was deferred as an internal error,
+    and SES sent every recipient a copy again at each retry."""
+    rig = Rig()
+
+    async def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("a bug after the send")
+
+    rig.deliverer.outcomes.sent = broken  # type: ignore[method-assign]
+    rig.store.batches = [[make_mail(rig.clock)]]
+    await rig.deliverer.run(rig.store.stop)
+    await rig.deliverer.drain(1.0)
+    sent = (
+        "sent Q1 None via ses: accepted, then internal error: RuntimeError('a bug after the send')"
+    )
+    assert [f"{sent} ses_id=ses-1"] == rig.store.log
+
+
+async def test_a_bug_after_the_host_took_some_recipients_defers_only_the_others() -> None:
+    """The original host took a@x.org and answered 451 for b@x.org, then recording that met a
+    bug: the row is deferred for b@x.org alone (a@x.org got it once)."""
+    answer = Result(accepted=("a@x.org",), temporary=(("b@x.org", "451 4.2.1 later"),))
+    rig = Rig(upstream=[answer], route=Route.UPSTREAM)
+
+    async def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("a bug after the send")
+
+    rig.deliverer.outcomes.upstream_answer = broken  # type: ignore[method-assign]
+    rig.store.batches = [[make_mail(rig.clock, recipients=("a@x.org", "b@x.org"))]]
+    await rig.deliverer.run(rig.store.stop)
+    await rig.deliverer.drain(1.0)
+    [deferred] = rig.store.log
+    assert deferred.endswith("to=b@x.org"), deferred
+
+
 async def test_a_bug_after_a_split_defers_only_the_recipients_left_on_the_row() -> None:
     """A bug after recipients were split off (SES's 50 per call): the mail is deferred with
     the recipients its row kept, not with those the new rows took (each would get a copy

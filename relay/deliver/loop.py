@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from relay import logs, metrics
 from relay.deliver.outcome import Outcomes, UpstreamAnswer, Writes
@@ -61,6 +61,14 @@ class Suppressions(Protocol):
     async def reasons(self, recipients: Sequence[str]) -> dict[str, str]: ...
 
 
+class _Took(NamedTuple):
+    """What a host accepted in a delivery, before its outcome is on disk."""
+
+    route: Route
+    recipients: tuple[str, ...]
+    ses_message_id: str | None
+
+
 class Deliverer:
     """Runs delivery tasks until told to stop; `rules` may be swapped at any time (reload)."""
 
@@ -98,6 +106,9 @@ class Deliverer:
         # A claimed mail as its row stands after a split moved some of its recipients to a
         # row of their own: what `_guarded` defers if the rest of its delivery fails.
         self._narrowed: dict[str, Mail] = {}
+        # Recipients SES or the original host took in the delivery in flight, per row, from
+        # the answer until the outcome is on disk: what `_guarded` must not send again.
+        self._accepted: dict[str, _Took] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and deliver until `stop` is set; `drain()` then lets in-flight sends finish."""
@@ -142,10 +153,25 @@ class Deliverer:
             raise
         except Exception as exc:  # never lose a message to a bug: defer it, keep the loop
             log.exception("event=deliver_bug id=%s", mail.id)
-            # Not the recipients as claimed: those split off have rows of their own.
+            # Not the recipients as claimed: those split off have rows of their own. Nor
+            # those a host took already (the bug came after its answer): no second copy.
             left = self._narrowed.get(mail.id, mail)
+            took = self._accepted.get(mail.id)
+            if took is not None:
+                rest = tuple(r for r in left.recipients if r not in took.recipients)
+                left = replace(left, recipients=rest)
             reply = f"internal error: {exc!r}"
             try:
+                if took is not None and not left.recipients:
+                    await self.outcomes.record(
+                        self.spool.sent,
+                        mail.id,
+                        rule=None,
+                        route=took.route.value,
+                        reply=f"accepted, then {reply}",
+                        ses_message_id=took.ses_message_id,
+                    )
+                    return
                 await self.outcomes.defer_or_fail(left, None, Route.UPSTREAM, reply, None)
             except Exception:  # the same bug again: the row must not stay inflight for good
                 log.exception("event=deliver_bug id=%s", mail.id)
@@ -162,6 +188,7 @@ class Deliverer:
                 )
         finally:
             self._narrowed.pop(mail.id, None)
+            self._accepted.pop(mail.id, None)
 
     async def deliver(self, mail: Mail) -> None:
         """One attempt for one claimed message; records the outcome on its row."""
@@ -179,6 +206,7 @@ class Deliverer:
         if decision.route is Route.SES and fallback is None:
             verdict = await self.ses_route.attempt(mail, decision, self.settings)
             if isinstance(verdict, Sent):
+                self._accepted[mail.id] = _Took(Route.SES, mail.recipients, verdict.message_id)
                 reply, ses_id = "SES accepted", verdict.message_id
                 await self.outcomes.sent(mail, decision, Route.SES, reply, ses_message_id=ses_id)
                 return
@@ -291,4 +319,5 @@ class Deliverer:
                 self._down_reply = exc.reply
             await self.outcomes.defer_or_fail(mail, decision, Route.UPSTREAM, exc.reply, reason)
             return
+        self._accepted[mail.id] = _Took(Route.UPSTREAM, answer.accepted, None)
         await self.outcomes.upstream_answer(mail, decision, answer, reason)
