@@ -724,20 +724,27 @@ async def test_a_delay_warning_that_cannot_be_dated_leaves_the_deferral_recorded
     assert (True, []) == ("451 4.3.0 try later" in deferred, rig.store.notices), deferred
 
 
+async def run_with_a_bug(rig: Rig, method: str, mail: Mail, bug: str) -> list[str]:
+    """Deliver `mail` with the rig's `outcomes.<method>` raising RuntimeError(`bug`); the
+    store's log."""
+
+    async def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError(bug)
+
+    setattr(rig.deliverer.outcomes, method, broken)
+    rig.store.batches = [[mail]]
+    await rig.deliverer.run(rig.store.stop)
+    await rig.deliverer.drain(1.0)
+    return rig.store.log
+
+
 async def test_a_bug_in_deferring_after_a_bug_still_defers_the_row() -> None:
     """The handler that defers a mail after a bug meets a bug itself: the row is deferred
     plainly (first step of the schedule, no DSN), not left inflight until a restart."""
     rig = Rig(upstream=[RuntimeError("boom")], route=Route.UPSTREAM)
-
-    async def broken(*args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("a bug in deferring")
-
-    rig.deliverer.outcomes.defer_or_fail = broken  # type: ignore[method-assign]
-    rig.store.batches = [[make_mail(rig.clock)]]
-    await rig.deliverer.run(rig.store.stop)
-    await rig.deliverer.drain(1.0)
+    log = await run_with_a_bug(rig, "defer_or_fail", make_mail(rig.clock), "a bug in deferring")
     deferred = "defer Q1 None via upstream in 60s: internal error: RuntimeError('boom') to=a@x.org"
-    assert [deferred] == rig.store.log
+    assert [deferred] == log
 
 
 async def test_a_bug_after_ses_accepted_records_the_send_not_a_retry() -> None:
@@ -745,18 +752,11 @@ async def test_a_bug_after_ses_accepted_records_the_send_not_a_retry() -> None:
     with SES's message ID (its bounces still find it). It was deferred as an internal error,
     and SES sent every recipient a copy again at each retry."""
     rig = Rig()
-
-    async def broken(*args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("a bug after the send")
-
-    rig.deliverer.outcomes.sent = broken  # type: ignore[method-assign]
-    rig.store.batches = [[make_mail(rig.clock)]]
-    await rig.deliverer.run(rig.store.stop)
-    await rig.deliverer.drain(1.0)
+    log = await run_with_a_bug(rig, "sent", make_mail(rig.clock), "a bug after the send")
     sent = (
         "sent Q1 None via ses: accepted, then internal error: RuntimeError('a bug after the send')"
     )
-    assert [f"{sent} ses_id=ses-1"] == rig.store.log
+    assert [f"{sent} ses_id=ses-1"] == log
 
 
 async def test_a_bug_after_the_host_took_some_recipients_defers_only_the_others() -> None:
@@ -764,15 +764,8 @@ async def test_a_bug_after_the_host_took_some_recipients_defers_only_the_others(
     bug: the row is deferred for b@x.org alone (a@x.org got it once)."""
     answer = Result(accepted=("a@x.org",), temporary=(("b@x.org", "451 4.2.1 later"),))
     rig = Rig(upstream=[answer], route=Route.UPSTREAM)
-
-    async def broken(*args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("a bug after the send")
-
-    rig.deliverer.outcomes.upstream_answer = broken  # type: ignore[method-assign]
-    rig.store.batches = [[make_mail(rig.clock, recipients=("a@x.org", "b@x.org"))]]
-    await rig.deliverer.run(rig.store.stop)
-    await rig.deliverer.drain(1.0)
-    [deferred] = rig.store.log
+    mail = make_mail(rig.clock, recipients=("a@x.org", "b@x.org"))
+    [deferred] = await run_with_a_bug(rig, "upstream_answer", mail, "a bug after the send")
     assert deferred.endswith("to=b@x.org"), deferred
 
 
