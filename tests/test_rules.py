@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import signal
+import time
 
 import pytest
 
@@ -342,3 +344,30 @@ def test_shipped_cc_rule(to: str, expected: str) -> None:
     shipped = rules.load(rules.DEFAULT_RULES)
     raw = message(f"To: {to}", f"X-Moodle-Originating-Script: {ORIGIN}")
     assert expected == shipped.classify(mail(raw)).rule
+
+
+def test_a_rule_that_backtracks_without_end_does_not_hold(caplog: pytest.LogCaptureFixture) -> None:
+    """`subject: '(a+)+$'` against a subject of forty a's and a b: Python's regex engine
+    would take longer than the universe is old. The rule's test is cut off after RULE_TIME
+    (SIGALRM), it does not hold, the next rule is tried, and a warning names the rule. Before,
+    classify never returned: the delivery process hung on that mail at every restart."""
+    ruleset_ = ruleset("""
+        default: upstream
+        rules:
+          - name: greedy
+            route: ses
+            match: {subject: '(a+)+$'}
+          - name: next
+            route: ses
+            match: {body: Hello}
+        """)
+    raw = message("To: anna@example.org", f"Subject: {'a' * 40}b")
+    started = time.monotonic()
+    decision = ruleset_.classify(mail(raw))
+    took = time.monotonic() - started
+    assert ("next", True) == (decision.rule, took < 3 * rules.RULE_TIME), took
+    assert "event=rule_too_slow" in caplog.text and "rule=greedy" in caplog.text
+    assert (signal.SIG_DFL, (0.0, 0.0)) == (
+        signal.getsignal(signal.SIGALRM),
+        signal.getitimer(signal.ITIMER_REAL),
+    )  # put back as they were

@@ -4,7 +4,8 @@
 
 `ruleset` reads rules.yaml (every problem with file:line) and classifies,
 `grammar` turns its `match:` mappings into `conditions`, `mimeview` the decoded view of a mail
-they look at. `DEFAULT_RULES` is the shipped rules.yaml (Moodle's re-engagement mail).
+they look at, `timebox` the time limit on each rule's test of a mail. `DEFAULT_RULES` is
+the shipped rules.yaml (Moodle's re-engagement mail).
 """
 
 from relay.rules.ruleset import (
@@ -12,6 +13,7 @@ from relay.rules.ruleset import (
     IDENTITY_ARN,
     IDENTITY_ARN_FORM,
     RULE_TAG,
+    RULE_TIME,
     Decision,
     Route,
     Rule,
@@ -25,6 +27,7 @@ __all__ = [
     "IDENTITY_ARN",
     "IDENTITY_ARN_FORM",
     "RULE_TAG",
+    "RULE_TIME",
     "Decision",
     "Route",
     "Rule",

@@ -8,21 +8,27 @@ classifying never raises, whatever the bytes.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from relay import yamlfile
+from relay import logs, yamlfile
 from relay.errors import ConfigError
 from relay.mail import Mail
 from relay.rules import conditions as c
 from relay.rules.grammar import condition, text
 from relay.rules.mimeview import MailView
+from relay.rules.timebox import TooSlow, timebox
 
 DEFAULT_RULES = Path(__file__).parent / "rules.yaml"  # the same file as rules.yaml at the top
+RULE_TIME = 0.5  # seconds a rule's test of one mail may take; ms for any sane pattern
 RULE_TAG = "rule"  # the SES tag the deliver loop sets to the rule name
+
+log = logging.getLogger("relay.rules")
 
 # SES MessageTag names and values, and configuration set names, allow only these.
 _SES_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")
@@ -69,23 +75,40 @@ class RuleSet:
     rules: tuple[Rule, ...]
 
     def classify(self, mail: Mail) -> Decision:
-        """The first matching rule's decision, else the default route. Never raises."""
+        """The first matching rule's decision, else the default route. Never raises. A rule
+        whose test runs past RULE_TIME does not hold (relay.rules.timebox says why)."""
         view = MailView(mail)
-        for rule in self.rules:
-            try:
-                reasons = rule.match.test(view)
-            except Exception:  # a condition that cannot be evaluated does not hold
-                reasons = None
-            if reasons is not None:
-                return Decision(
-                    rule=rule.name,
-                    route=rule.route,
-                    reasons=reasons,
-                    configuration_set=rule.configuration_set,
-                    tags=rule.tags,
-                    identity_arn=rule.identity_arn,
-                )
+        with timebox() as box:
+            for rule in self.rules:
+                try:
+                    with box.limit(RULE_TIME) if box else contextlib.nullcontext():
+                        reasons = rule.match.test(view)
+                except TooSlow:
+                    logs.event(
+                        log,
+                        "rule_too_slow",
+                        level=logging.WARNING,
+                        id=mail.id,
+                        rule=rule.name,
+                        limit=RULE_TIME,
+                    )
+                    reasons = None
+                except Exception:  # a condition that cannot be evaluated does not hold
+                    reasons = None
+                if reasons is not None:
+                    return self._decision(rule, reasons)
         return Decision(rule=None, route=self.default, reasons=())
+
+    @staticmethod
+    def _decision(rule: Rule, reasons: tuple[str, ...]) -> Decision:
+        return Decision(
+            rule=rule.name,
+            route=rule.route,
+            reasons=reasons,
+            configuration_set=rule.configuration_set,
+            tags=rule.tags,
+            identity_arn=rule.identity_arn,
+        )
 
 
 def load(path: Path) -> RuleSet:
