@@ -32,7 +32,9 @@ def _ip(*args: str, check: bool = True) -> None:
 
 @pytest.fixture
 def ipv6_route() -> Iterator[str]:
-    _ip("-6", "route", "add", "local", IPV6_ROUTE, "dev", "lo")
+    # replace, not add: a run killed before its cleanup left the route, and `add` then
+    # failed every later run's tests with "File exists"
+    _ip("-6", "route", "replace", "local", IPV6_ROUTE, "dev", "lo")
     try:
         yield IPV6_ROUTE
     finally:
