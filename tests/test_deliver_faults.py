@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from relay import runtime
 from relay.metrics import REGISTRY
 from tests.support.aws import REGION
 from tests.support.capture import Captured, CaptureServer
@@ -25,7 +26,7 @@ from tests.support.corpus import Expected, expectations
 from tests.support.fakeses import DAILY_EXCEEDED, HTTP_500, V2_ERRORS, FakeSes, Fault
 from tests.support.ports import free_port
 from tests.support.processes import relay_cli
-from tests.support.relays import Start
+from tests.support.relays import ConfigWriter, Start
 from tests.support.smtp import asend
 from tests.support.spools import await_rows, rows
 
@@ -652,3 +653,22 @@ async def test_unverified_identity_opens_its_own_circuit_verified_mail_keeps_flo
         f" verified mail via SES {len(fake_ses.sent)}, upstream {len(capture.messages)},"
         f" ERROR lines {len(errors)}"
     )
+
+
+async def test_a_reloaded_ses_source_is_the_next_sends_source(
+    start_relay: Start, capture: CaptureServer, fake_ses: FakeSes, write_config: ConfigWriter
+) -> None:
+    """`ses.source` changed and reloaded (as relay's own advice says, for an unverified
+    domain): the next mail goes out with the new Source. The SES client kept the settings it
+    was made with, and no line said the change waited for a restart: every mail went on
+    with the refused Source, and upstream."""
+    settings = config(capture, fake_ses.url)
+    relay = await start_relay(deliver=True, **settings)
+    sent = await send_corpus(relay.port, SES_MAILS[0])
+    await await_rows(relay.settings.spool, sent, {"sent"})
+    new = "bounces@verified.example.org"
+    write_config("relay0.yaml", **{**settings, "ses": {**settings["ses"], "source": new}})
+    assert runtime.reload(relay.ctx)
+    sent = await send_corpus(relay.port, SES_MAILS[1])
+    await await_rows(relay.settings.spool, sent, {"sent"})
+    assert [CORPUS[SES_MAILS[0]].sender, new] == [m.source for m in fake_ses.sent]

@@ -380,6 +380,10 @@ async def test_send_without_message_id_is_temporary() -> None:
 
 UNVERIFIED = "Email address is not verified. The following identities failed the check in region"
 VERP = "bounce+1a2b@lms.example.edu"
+PAUSED_SET_ADVICE = (
+    "resume sending for configuration set cs in eu-west-1 (aws sesv2"
+    " put-configuration-set-sending-options --sending-enabled)"
+)
 # id: (code, message, Source, configuration set) -> (class, scope or None, advice or None)
 SCOPED = [
     pytest.param(
@@ -449,6 +453,42 @@ SCOPED = [
         (AccountFailure, None, None),
         id="paused-stays-account-wide",
     ),
+    pytest.param(
+        ("ConfigurationSetSendingPausedException", "Sending is paused for <cs>.", VERP, "cs"),
+        (ScopedFailure, "configuration set cs", PAUSED_SET_ADVICE),
+        id="v1-config-set-paused-is-that-set",
+    ),
+    pytest.param(
+        ("SendingPausedException", "Sending is paused for configuration set cs.", VERP, "cs"),
+        (ScopedFailure, "configuration set cs", PAUSED_SET_ADVICE),
+        id="v2-config-set-paused-is-that-set",
+    ),
+    pytest.param(
+        ("SendingPausedException", "Sending is paused for this account.", VERP, "cs"),
+        (AccountFailure, None, None),
+        id="v2-account-paused-stays-account-wide",
+    ),
+    pytest.param(
+        (
+            "AccessDenied",
+            f"not authorized to perform `ses:SendRawEmail' on resource `{RULE_ARN}'",
+            VERP,
+            None,
+        ),
+        (
+            ScopedFailure,
+            "identity reminders.example.edu",
+            "allow relay's IAM user or role to send as identity reminders.example.edu in"
+            " eu-west-1 (ses:SendRawEmail / ses:SendEmail on its ARN, or its sending"
+            " authorization policy)",
+        ),
+        id="access-denied-to-one-identity-is-that-identity",
+    ),
+    pytest.param(
+        ("AccessDenied", "User is not authorized to perform `ses:SendRawEmail'", VERP, None),
+        (AccountFailure, None, None),
+        id="access-denied-naming-no-identity-stays-account-wide",
+    ),
 ]
 
 
@@ -472,3 +512,19 @@ def test_scoped_faults(
         getattr(error, "advice", None),
     )
     assert expected == actual
+
+
+def test_an_unverified_recipient_in_the_sandbox_stays_per_message() -> None:
+    """In the SES sandbox MessageRejected names an unverified recipient as it names an
+    unverified sender. A recipient of this mail is not a sending identity: the mail goes
+    upstream alone, no circuit. Taken for one, it stopped every mail of the sender's domain
+    (student@lms.example.edu, sent from lms.example.edu) for the cooldown."""
+    message = f"{UNVERIFIED} EU-WEST-1: student@lms.example.edu"
+    error = scoped(
+        failure(client_error("MessageRejected", message, 400), "message Q1"),
+        source=VERP,
+        configuration_set=None,
+        region="eu-west-1",
+        recipients=("Student@lms.example.edu",),
+    )
+    assert PermanentFailure is type(error)

@@ -98,6 +98,8 @@ async def delivery(ctx: Context) -> None:
             old = deliverer.settings
             deliverer.rules = new_rules
             deliverer.settings = new_settings
+            if ses is not None:  # Source, configuration set, identity ARN: at the next send
+                ses.use(new_settings.ses)
             if (new_settings.upstream, new_settings.hostname) != (old.upstream, old.hostname):
                 # Mail in flight finishes on the old client; its connections close when idle
                 # (upstream.REUSE_IDLE) or, at the latest, when delivery stops.

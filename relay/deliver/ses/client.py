@@ -96,6 +96,12 @@ class SesClient:
             )
         return cls(client, stack, settings, v2=v2)
 
+    def use(self, settings: _settings.Ses) -> None:
+        """A reload's settings for the next sends (source, configuration set, identity ARN,
+        feedback address); those the client was made with (region, endpoint, API, timeout)
+        stay until a restart (relay.runtime keeps them in the reloaded settings too)."""
+        self._settings = settings
+
     async def close(self) -> None:
         """Close the HTTP connection pool."""
         await self._stack.aclose()
@@ -162,7 +168,13 @@ class SesClient:
         try:
             response = await self._call(method, f"message {mail.id}", **params)
         except DeliveryError as exc:
-            narrowed = scoped(exc, source=source, configuration_set=config_set, region=ses.region)
+            narrowed = scoped(
+                exc,
+                source=source,
+                configuration_set=config_set,
+                region=ses.region,
+                recipients=mail.recipients,
+            )
             if narrowed is exc:
                 raise
             raise narrowed from exc.__cause__

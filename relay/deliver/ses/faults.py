@@ -6,7 +6,8 @@
     ├── AccountFailure upstream at once and open the circuit (paused, quota, credentials)
     └── ScopedFailure  upstream at once and open a circuit for one identity or
                        configuration set (`scoped()`: unverified identity, custom MAIL FROM
-                       not verified, configuration set missing)
+                       not verified, access denied to one identity, configuration set
+                       missing or paused)
 
 The codes are those of botocore's `ses` (v1) and `sesv2` service models.
 """
@@ -14,6 +15,7 @@ The codes are those of botocore's `ses` (v1) and `sesv2` service models.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import aiohttp
 from botocore.exceptions import (
@@ -75,6 +77,10 @@ CONFIG_SET_CODES = frozenset(
 ERRORS = (BotoCoreError, ClientError, ResponseParserError, aiohttp.ClientError, OSError)
 _NETWORK = (BotoConnectionError, HTTPClientError, ResponseParserError, aiohttp.ClientError, OSError)
 _ADDRESS = re.compile(r"[^\s<>,:@]+@([A-Za-z0-9.-]+)")
+_ADDRESS_WHOLE = re.compile(r"[^\s<>,:@]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
+# AccessDenied naming one identity: "... on resource `arn:aws:ses:eu-west-1:1234:identity/x'"
+_IDENTITY_ARN = re.compile(r"arn:aws[a-z-]*:ses:[a-z0-9-]+:\d+:identity/([^\s'`\"]+)")
+ACCESS_DENIED_CODES = frozenset({"AccessDenied", "AccessDeniedException"})
 
 
 def failure(exc: BaseException, what: str) -> DeliveryError:
@@ -117,17 +123,23 @@ def scoped(
     source: str,
     configuration_set: str | None,
     region: str,
+    recipients: Sequence[str] = (),
 ) -> DeliveryError:
     """`exc` as a ScopedFailure when it concerns one identity or configuration set.
 
     The identity is a domain: with VERP every envelope sender differs, and only the
     domain identity covers them all. SES names the identities that failed the check in
-    its MessageRejected text; else the Source domain stands for it.
+    its MessageRejected text; else the Source domain stands for it. In the SES sandbox it
+    names unverified `recipients` the same way: that concerns this mail only.
     """
     code, _, message = exc.reply.partition(":")
     code, message = code.strip(), message.strip()
+    lowered = message.lower()
     source_domain = source.rpartition("@")[2].lower()
-    if code == "MessageRejected" and UNVERIFIED in message.lower():
+    if code == "MessageRejected" and UNVERIFIED in lowered:
+        addresses = [a.lower() for a in _ADDRESS_WHOLE.findall(message)]
+        if addresses and set(addresses) <= {r.lower() for r in recipients}:
+            return exc  # the sandbox: a recipient not verified, not a sending identity
         named = [d.lower().rstrip(".") for d in _ADDRESS.findall(message)]
         domain = named[0] if named else source_domain
         advice = f"verify domain {domain} in {region}"
@@ -140,9 +152,24 @@ def scoped(
             f" in {region}, or set its behaviour on MX failure to USE_DEFAULT_VALUE"
         )
         return _scoped(exc, f"identity {source_domain}", advice)
+    if code in ACCESS_DENIED_CODES and (denied := _IDENTITY_ARN.search(message)):
+        identity = denied.group(1).rpartition("@")[2].lower()  # an address identity: its domain
+        advice = (
+            f"allow relay's IAM user or role to send as identity {identity} in {region}"
+            " (ses:SendRawEmail / ses:SendEmail on its ARN, or its sending authorization policy)"
+        )
+        return _scoped(exc, f"identity {identity}", advice)
     if configuration_set and (
-        code in CONFIG_SET_CODES
-        or (code == "NotFoundException" and "configuration set" in message.lower())
+        code == "ConfigurationSetSendingPausedException"
+        or (code == "SendingPausedException" and "configuration set" in lowered)
+    ):
+        advice = (
+            f"resume sending for configuration set {configuration_set} in {region} (aws sesv2"
+            " put-configuration-set-sending-options --sending-enabled)"
+        )
+        return _scoped(exc, f"configuration set {configuration_set}", advice)
+    if configuration_set and (
+        code in CONFIG_SET_CODES or (code == "NotFoundException" and "configuration set" in lowered)
     ):
         advice = (
             f"create configuration set {configuration_set} in {region}, or fix the name in"
