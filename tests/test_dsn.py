@@ -300,7 +300,7 @@ def test_an_ses_bounce_cannot_add_fields_to_the_dsn() -> None:
     notice_for = dsn.for_ses_event(parse_event(json.dumps(event)), settings)
     assert notice_for is not None
     mail = Mail(id="Q1", sender=VERP, recipients=("a@x.org", "b@x.org"), raw=RAW)
-    notice = notice_for(mail)
+    notice = notice_for(mail, frozenset())
     assert notice is not None
     _, blocks, _ = report_parts(parse(notice.raw))
     assert [

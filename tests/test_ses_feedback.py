@@ -838,3 +838,38 @@ async def test_an_ses_delivery_delay_warns_the_sender_once_when_asked_for(
         recipient["Diagnostic-Code"],
         parsedate_to_datetime(recipient["Will-Retry-Until"]),
     )
+
+
+async def test_a_recipient_that_bounced_gets_no_second_dsn_and_no_late_warning(
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,
+    moto_server: str,
+) -> None:
+    """SES reports a Transient bounce, then a Permanent one for the same recipient (two
+    feedback IDs), then a DeliveryDelay that SQS delivers late: the sender gets one DSN.
+    Each bounce sent a DSN of its own (Moodle counted two bounces for one mail), and the late
+    delay a "still being retried" after "Undelivered" (`bounces.delay_warning` on)."""
+    queue = new_queue(moto_server)
+    relay = await start_with_queue(
+        start_relay, capture, moto_server, queue, bounces={"delay_warning": 1}
+    )
+    spool = relay.settings.spool
+    queue_id = await asend(relay.port, VERP, [GONE], RAW)
+    ses_id = (await await_rows(spool, [queue_id], {"sent"}))[queue_id]["ses_message_id"]
+    await asyncio.sleep(1.1)  # past a delay_warning of 1 s
+    full = bounce(ses_id, kind="Transient", status="4.2.2", diagnostic="smtp; 452 4.2.2 full")
+    for event in (full, bounce(ses_id), delivery_delay(ses_id, "2026-12-04T10:05:00.000Z")):
+        sqs(moto_server).send_message(QueueUrl=queue, MessageBody=sns_wrapped(event))
+        assert 0 == await await_empty(moto_server, queue)  # in this order
+    row = rows(spool)[queue_id]
+    events = [e for e, _ in row["events"]]
+    assert ("bounced", 2, 1, 1, 0) == (
+        row["state"],
+        events.count("ses_bounce"),
+        events.count("ses_deliverydelay"),
+        events.count("dsn"),
+        events.count("dsn_delayed"),
+    ), events
+    notices = dsns_of(spool, queue_id)
+    await await_rows(spool, notices, {"sent"})
+    assert [(VERP,)] == [m.rcpt_tos for m in capture.messages]

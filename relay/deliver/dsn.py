@@ -74,14 +74,19 @@ def for_ses_event(event: SesEvent, settings: Settings) -> NoticeFor | None:
         return None
     until = _epoch(event.expires)
 
-    def notice_for(mail: Mail) -> Notice | None:
+    def notice_for(mail: Mail, already: frozenset[str]) -> Notice | None:
+        # Not again for a recipient an earlier event failed (SQS delivers twice, a Transient
+        # bounce comes before the Permanent one), nor "still trying" after that DSN.
+        left = [f for f in failures if f.recipient.lower() not in already]
+        if not left:
+            return None
         if not mail.raw:  # the body went after sending: the headers SES sent with the event
             lines = event.headers or (("Message-ID", mail.message_id),)
             raw = "".join(f"{name}: {value}\r\n" for name, value in lines) + "\r\n"
             mail = replace(mail, raw=raw.encode("utf-8", "replace"))
         if event.delayed:
-            return _warning(mail, failures, settings, retry_until=until)
-        return for_outcome(mail, failures, settings)
+            return _warning(mail, left, settings, retry_until=until)
+        return for_outcome(mail, left, settings)
 
     return notice_for
 

@@ -20,7 +20,9 @@ from enum import StrEnum
 from relay.mail import Mail
 from relay.spool.rows import Notice, add_event, add_notice
 
-NoticeFor = Callable[[Mail], Notice | None]
+# The DSN about an event, given its mail and the recipients (lowercase) that earlier events
+# said failed: a DSN went for those already.
+NoticeFor = Callable[[Mail, frozenset[str]], Notice | None]
 
 
 class Applied(StrEnum):
@@ -76,21 +78,23 @@ def apply(
     if not inserted:
         return Applied.DUPLICATE
     add_event(conn, queue_id, event, detail, now)
+    recipients = json.loads(row[2])
+    already = _failed_already(conn, queue_id, recipients)  # before this event's marks
     if failed:
-        _bounce_if_all(conn, queue_id, failed, json.loads(row[2]), now)
+        _bounce_if_all(conn, queue_id, failed, recipients, now)
     if notice_for is not None:
         body = conn.execute("SELECT body FROM bodies WHERE id = ?", (queue_id,)).fetchone()
         mail = Mail(
             id=queue_id,
             sender=row[1],
-            recipients=tuple(json.loads(row[2])),
+            recipients=tuple(recipients),
             raw=bytes(body[0]) if body else b"",
             received_at=row[3],
             message_id=row[4] or "",
             reports_on=row[5] or "",
             trace=bytes(row[6]),
         )
-        notice = notice_for(mail)
+        notice = notice_for(mail, already)
         if notice is not None:
             add_notice(conn, queue_id, notice, now)
     return Applied.APPLIED
@@ -125,6 +129,19 @@ def _bounce_if_all(
     ).rowcount
     if moved:
         add_event(conn, queue_id, "bounced", f"every recipient: {', '.join(recipients)}", now)
+
+
+def _failed_already(
+    conn: sqlite3.Connection, queue_id: str, recipients: list[str]
+) -> frozenset[str]:
+    """The recipients (lowercase) earlier events of the row said failed."""
+    if not recipients:
+        return frozenset()
+    prefix = _failed_key(queue_id, "")
+    wanted = [_failed_key(queue_id, r) for r in recipients]
+    marks = ", ".join("?" * len(wanted))
+    found = conn.execute(f"SELECT key FROM feedback WHERE key IN ({marks})", wanted)
+    return frozenset(key[len(prefix) :] for (key,) in found)
 
 
 def _failed_key(queue_id: str, address: str) -> str:
