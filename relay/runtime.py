@@ -155,14 +155,22 @@ def reload(ctx: Context) -> bool:
     try:
         new_settings = settings_mod.load(ctx.settings.source)
         new_rules = rules.load(new_settings.rules)
+        # What `relay serve` refuses at start: the upstream password's variable or file.
+        secrets = settings_mod.check_secrets(new_settings)
     except ConfigError as exc:
+        problems = [str(p) for p in exc.problems]
+    except Exception as exc:  # anything else a file can cause: a reload never stops relay
+        problems = [f"{ctx.settings.source}: {exc!r}"]
+    else:
+        problems = secrets
+    if problems:
         metrics.RULES_RELOADS.labels("error").inc()
         logs.event(
             log,
             "reload_failed",
             level=logging.ERROR,
-            keeping="previous rules",
-            problems=" | ".join(str(p) for p in exc.problems),
+            keeping="previous settings and rules",
+            problems=" | ".join(problems),
         )
         return False
     old = ctx.settings

@@ -472,6 +472,48 @@ async def test_reload_moves_delivery_to_a_new_upstream_host(
         assert [m.queue_id for m in new.messages] == [second]
 
 
+RELOAD_REFUSED = {
+    # the variable is in relay.env, which systemd reads at a restart, not at a reload
+    "password-env-unset": (
+        {"username": "moodle", "password_env": "RELAY_TEST_UNSET_PASSWORD"},
+        None,
+        "upstream.password_env: RELAY_TEST_UNSET_PASSWORD is not set",
+    ),
+    "password-file-a-directory": (
+        {"username": "moodle", "password_file": "."},
+        None,
+        "upstream.password_file:",
+    ),
+    "nul-in-a-path": ({}, "rules\0.yaml", "ValueError"),
+}
+
+
+@pytest.mark.parametrize(
+    ("upstream", "rules", "said"), RELOAD_REFUSED.values(), ids=RELOAD_REFUSED.keys()
+)
+async def test_a_reload_relay_serve_would_refuse_at_start_keeps_the_old_settings(
+    start_relay: Callable[..., Any],
+    write_config: ConfigWriter,
+    caplog: pytest.LogCaptureFixture,
+    upstream: dict[str, str],
+    rules: str | None,
+    said: str,
+) -> None:
+    """A reload naming an upstream password relay cannot read (`relay serve` refuses that
+    at start) applied it: every mail to the original host was then deferred until
+    `retry.max_age`. A path with a NUL byte raised out of the reload and stopped relay
+    serve. Each is now `reload_failed`, naming the problem, with the old settings kept."""
+    relay = await start_relay()
+    old = relay.ctx.settings
+    extra = {"rules": rules} if rules else {}
+    write_config("relay0.yaml", upstream={"host": "127.0.0.1", "port": 9, **upstream}, **extra)
+    with caplog.at_level(logging.ERROR, logger="relay"):
+        assert not runtime.reload(relay.ctx)
+    failed = [r.getMessage() for r in caplog.records if "reload_failed" in r.getMessage()]
+    assert (1, True, old) == (len(failed), said in failed[0], relay.ctx.settings), failed
+    assert not relay.task.done()
+
+
 async def test_reload_names_a_new_hostname_and_keeps_the_old_one(
     start_relay: Callable[..., Any], write_config: ConfigWriter, caplog: pytest.LogCaptureFixture
 ) -> None:
