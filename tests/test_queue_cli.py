@@ -269,11 +269,25 @@ def test_spool_of_another_schema_version(
     )
 
 
-def test_no_spool_yet(write_config: ConfigWriter) -> None:
-    """Before the service ever ran: exit 1 with a message naming the missing file."""
+def test_no_spool_yet(write_config: ConfigWriter, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the service ever ran: exit 1 with a message naming the missing file, and,
+    in a shell without systemd's $STATE_DIRECTORY, where relay serve spools without a
+    `spool:` key."""
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
     result = queue(write_config(), "stats")
     assert 1 == result.exit_code
     assert "no spool at" in result.stderr
+    assert "spools in $STATE_DIRECTORY (/var/lib/relay): set `spool:`" in result.stderr
+
+
+def test_ids_as_an_operator_pastes_them(spooled: tuple[Path, dict[str, str]]) -> None:
+    """An id in lower case or with a space around it is the message's; an id given twice
+    to delete is deleted once (it said "deleted", then "no such message" and exit 1)."""
+    config, ids = spooled
+    shown = queue(config, "show", f" {ids['queued'].lower()} ", "--json")
+    assert (0, ids["queued"]) == (shown.exit_code, json.loads(shown.stdout)["id"])
+    deleted = queue(config, "delete", ids["queued"].lower(), ids["queued"])
+    assert (0, f"{ids['queued']}: deleted\n") == (deleted.exit_code, deleted.stdout)
 
 
 def test_queue_commands_work_while_the_service_runs(

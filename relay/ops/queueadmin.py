@@ -13,6 +13,7 @@ is no spool, or it cannot be read; 2 a bad argument.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -79,7 +80,13 @@ def _open(spool_dir: Path) -> sqlite3.Connection | None:
     try:
         return open_existing(spool_dir)
     except SpoolError as exc:
-        click.echo(f"relay queue: {exc}", err=True)
+        hint = ""
+        if not (spool_dir / DB_NAME).exists() and not os.environ.get("STATE_DIRECTORY"):
+            hint = (  # relay.settings.load.default_spool: the unit's, not this shell's
+                "; if relay.yaml has no `spool:`, relay serve under systemd or in the"
+                " container spools in $STATE_DIRECTORY (/var/lib/relay): set `spool:`"
+            )
+        click.echo(f"relay queue: {exc}{hint}", err=True)
         return None
 
 
@@ -134,8 +141,14 @@ def list_messages(spool_dir: Path, *, state: str | None, as_json: bool) -> int:
     return 0
 
 
+def _queue_id(text: str) -> str:
+    """An id as an operator may paste it: relay's ids are upper case (relay.spool.rows)."""
+    return text.strip().upper()
+
+
 def show(spool_dir: Path, queue_id: str, *, as_json: bool) -> int:
     """One message: every stored field, its headers and its full history."""
+    queue_id = _queue_id(queue_id)
 
     def query(conn: sqlite3.Connection) -> tuple[sqlite3.Row | None, list[Any], list[Any]]:
         row = conn.execute(
@@ -200,7 +213,7 @@ def _act(spool_dir: Path, ids: Iterable[str], action: str) -> int:
     conn = _open(spool_dir)
     if conn is None:
         return 1
-    chosen = list(ids)
+    chosen = list(dict.fromkeys(_queue_id(i) for i in ids))  # each once
     ok = True
     claimed = CLAIMED if delivering(spool_dir) else CLAIMED_BEFORE_A_STOP
     with closing(conn), closing(Turn(spool_dir, poll=DELIVERY_POLL)) as turn:
@@ -271,7 +284,7 @@ def retry(spool_dir: Path, ids: Sequence[str], *, all_failed: bool) -> int:
         if not chosen:
             click.echo("no failed messages")
             return 0
-    return _act(spool_dir, dict.fromkeys(chosen), "retry")
+    return _act(spool_dir, chosen, "retry")
 
 
 def delete(spool_dir: Path, ids: Sequence[str]) -> int:
