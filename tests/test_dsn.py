@@ -271,6 +271,46 @@ def test_notice_alone_reads_as_rfc_3464() -> None:
     assert (VERP, "failed: a@x.org, b@x.org") == (built.recipient, built.summary)
 
 
+def test_a_status_block_stays_within_what_mail_allows() -> None:
+    """A Diagnostic-Code of 100 recipients' replies joined (a partial send that expired)
+    ran to 10,000 characters on one line, in a part labelled 7bit; a Latin-1 reply's
+    U+FFFD and a non-ASCII recipient went in as 8-bit bytes; relay's own words were labelled
+    `smtp;`. Now: at most DIAGNOSTIC_MAX characters, ASCII, `X-Relay;` for relay's words
+    (as Postfix writes `X-Postfix;`), and RFC 6533's global form for a UTF-8 address."""
+    joined = "; ".join(f"user{n:03}@x.org: 451 4.2.1 mailbox busy" for n in range(100))
+    mail = Mail(id="0123456789AB", sender=VERP, recipients=("a@x.org", "jü@exämple.de"), raw=RAW)
+    failures = [
+        report.Failure(recipient="a@x.org", reply=f"gave up after 432000s: {joined}"),
+        report.Failure(recipient="jü@exämple.de", reply="550 5.1.1 Empf\ufffdnger unbekannt"),
+    ]
+    built = report.notice(mail, failures, hostname="relay.test", from_address="bounce@relay.test")
+    message = parse(built.raw)
+    status_part = message.get_payload()[1]
+    # Python's parser splits message/delivery-status into blocks, not the global form
+    text = built.raw.split(b"Content-Transfer-Encoding: 8bit\r\n\r\n")[1].split(b"\r\n--")[0]
+    blocks = [parse(block) for block in text.split(b"\r\n\r\n") if block.strip()]
+    codes = [b["Diagnostic-Code"] for b in blocks[1:]]
+    assert (
+        "global-delivery-status",
+        "message/global-delivery-status",
+        "8bit",
+        ["utf-8; a@x.org", "utf-8; jü@exämple.de"],
+    ) == (
+        message.get_param("report-type"),
+        status_part.get_content_type(),
+        status_part["Content-Transfer-Encoding"],
+        [b["Final-Recipient"] for b in blocks[1:]],
+    )
+    assert codes[0].startswith("X-Relay; gave up after 432000s: user000@x.org")
+    assert (report.DIAGNOSTIC_MAX + len("X-Relay; "), True) == (len(codes[0]), codes[0].isascii())
+    assert "smtp; 550 5.1.1 Empf?nger unbekannt" == codes[1]
+    assert max(len(line) for line in built.raw.split(b"\r\n")) <= 998
+    ascii_only = report.notice(
+        mail, failures[:1], hostname="relay.test", from_address="bounce@relay.test"
+    )
+    assert "delivery-status" == parse(ascii_only.raw).get_param("report-type")
+
+
 def test_an_ses_bounce_cannot_add_fields_to_the_dsn() -> None:
     """SES's status and address go into the DSN's status block: one with a line break in it
     is not copied as it is (Status falls back to 5.0.0 for a permanent bounce), and the

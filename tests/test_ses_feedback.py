@@ -471,7 +471,7 @@ SOFT = {
         ("4.2.2", "smtp; 452 4.2.2 mailbox full"),
         ("4.2.2", "smtp; 452 4.2.2 mailbox full"),
     ),
-    "none-given": (("", ""), ("4.0.0", "smtp; SES bounce Transient/MailboxFull")),
+    "none-given": (("", ""), ("4.0.0", "X-Relay; SES bounce Transient/MailboxFull")),
 }
 
 

@@ -25,6 +25,7 @@ from relay.spool import Notice, new_id
 _ENHANCED = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
 _BASIC = re.compile(r"^\s*([245])\d\d\b")
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]+")
+DIAGNOSTIC_MAX = 900  # characters of a Diagnostic-Code (a line of mail: at most 998)
 SUBJECT_FAILED = "Undelivered Mail Returned to Sender"  # Postfix's words, which people know
 SUBJECT_DELAYED = "Delayed Mail (still being retried)"
 
@@ -56,19 +57,6 @@ def notice(
     boundary = f"{queue_id}.{secrets.token_hex(8)}/{hostname}"
     message_id = f"<{queue_id}.dsn@{hostname}>"
     rcpts = ", ".join(f.recipient for f in failures)
-    head = _lines(
-        f"From: Mail Delivery System <{from_address}>",
-        f"To: <{mail.sender}>",
-        f"Subject: {SUBJECT_DELAYED if delayed else SUBJECT_FAILED}",
-        f"Date: {formatdate(now, localtime=True)}",
-        f"Message-ID: {message_id}",
-        "Auto-Submitted: auto-replied",
-        "MIME-Version: 1.0",
-        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
-        "",
-        "This is a MIME-encapsulated message.",
-        "",
-    )
     until = formatdate(retry_until, localtime=True) if retry_until else ""
     if delayed:
         why = [
@@ -82,6 +70,24 @@ def notice(
             "it will not be retried. The reasons follow.",
         ]
         action = ["Action: failed"]
+    status = _status(mail, failures, hostname, action)
+    # RFC 6533 when an address is not ASCII (SMTPUTF8): its global form, its bytes as 8bit
+    report = "delivery-status" if status.isascii() else "global-delivery-status"
+    if not status.isascii():
+        status = status.replace(b"Final-Recipient: rfc822; ", b"Final-Recipient: utf-8; ")
+    head = _lines(
+        f"From: Mail Delivery System <{from_address}>",
+        f"To: <{mail.sender}>",
+        f"Subject: {SUBJECT_DELAYED if delayed else SUBJECT_FAILED}",
+        f"Date: {formatdate(now, localtime=True)}",
+        f"Message-ID: {message_id}",
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/report; report-type={report}; boundary="{boundary}"',
+        "",
+        "This is a MIME-encapsulated message.",
+        "",
+    )
     headers = mail.trace + header_block(mail.raw)
     parts = (
         _part(
@@ -90,7 +96,7 @@ def notice(
             _human(mail, failures, hostname, why),
             "quoted-printable",
         ),
-        _part(boundary, "message/delivery-status", _status(mail, failures, hostname, action)),
+        _part(boundary, f"message/{report}", status, "7bit" if status.isascii() else "8bit"),
         _part(
             boundary,
             "text/rfc822-headers",
@@ -167,10 +173,23 @@ def _status(mail: Mail, failures: Sequence[Failure], hostname: str, action: list
         if failure.remote:
             block.append(f"Remote-MTA: {failure.remote}")
         if reply:
-            kind = "" if reply.lower().startswith("smtp;") else "smtp; "
-            block.append(f"Diagnostic-Code: {kind}{reply}")
+            block.append(f"Diagnostic-Code: {_diagnostic(reply)}")
         blocks.append(block)
     return b"".join(_lines(*block, "") for block in blocks)
+
+
+def _diagnostic(reply: str) -> str:
+    """`smtp; ` and the reply when it is one (an SMTP host's, or SES's `smtp; 550 ...`), else
+    `X-Relay; ` and relay's words, as Postfix writes `X-Postfix; `. In ASCII (the field is
+    one; SES and hosts may write other bytes), within DIAGNOSTIC_MAX characters: with many
+    recipients the replies joined ran past 10,000, over the 998 a line of mail may have."""
+    if reply.lower().startswith("smtp;"):
+        reply = reply[5:].lstrip()
+    kind = "smtp" if _BASIC.match(reply) else "X-Relay"
+    text = reply.encode("ascii", "replace").decode("ascii")
+    if len(text) > DIAGNOSTIC_MAX:
+        text = text[: DIAGNOSTIC_MAX - 3] + "..."
+    return f"{kind}; {text}"
 
 
 def _part(boundary: str, content_type: str, body: bytes, encoding: str = "7bit") -> bytes:
