@@ -3,9 +3,14 @@ probe, close or re-open. Each row is a script of steps and what every step gave.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
+from relay.deliver.ses import scopes as scopes_mod
 from relay.deliver.ses.circuit import Circuit, CircuitState
+from relay.deliver.ses.scopes import Scopes
+from relay.metrics import REGISTRY
 
 COOLDOWN = 300.0
 
@@ -115,3 +120,42 @@ def test_reason_kept_while_open_and_cleared_on_close() -> None:
         (CircuitState.OPEN, "Throttling: Daily message quota exceeded."),
         (CircuitState.CLOSED, ""),
     ] == [opened, (circuit.state, circuit.reason)]
+
+
+def series(name: str) -> list[dict[str, str]]:
+    """The label sets of relay's metric `name` now."""
+    return [
+        sample.labels
+        for metric in REGISTRY.collect()
+        for sample in metric.samples
+        if sample.name == name
+    ]
+
+
+def test_scope_circuits_and_their_series_are_capped(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The scope of a circuit comes from the mail's From domain: endless domains SES does not
+    know grew the circuits and their metric series without end. At MAX_SCOPES the closed ones
+    are forgotten, series and all; with none closed, no new circuit opens and a sampled
+    warning says so."""
+    monkeypatch.setattr(scopes_mod, "MAX_SCOPES", 3)
+    clock = [0.0]
+    scopes = Scopes(60, clock=lambda: clock[0])
+    for n in range(3):
+        scopes.failed(f"identity d{n}.example", reply="MessageRejected: x", advice="verify")
+    clock[0] = 61  # past the cooldown: d0's probe goes and SES takes it
+    assert ("identity d0.example",) == scopes.begin(["identity d0.example"])
+    scopes.succeeded(["identity d0.example"])
+    scopes.failed("identity d3.example", reply="MessageRejected: x", advice="verify")
+    with caplog.at_level(logging.WARNING, logger="relay.ses"):
+        scopes.failed("identity d4.example", reply="MessageRejected: x", advice="verify")
+    names = {"d1.example", "d2.example", "d3.example"}
+    assert names == set(n.removeprefix("identity ") for n in scopes.circuits)
+    opened = {labels["identity"] for labels in series("relay_ses_identity_circuit_open")}
+    counted = {labels["identity"] for labels in series("relay_ses_identity_circuit_openings_total")}
+    assert (set(), set()) == (opened & {"d0.example", "d4.example"}, counted & {"d0.example"})
+    assert names <= opened and names <= counted
+    assert (
+        "event=scope_circuits_full" in caplog.text and 'scope="identity d4.example"' in caplog.text
+    )

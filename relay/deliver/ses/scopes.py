@@ -9,16 +9,27 @@ SES call; after the cooldown one mail probes for it.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from collections.abc import Callable, Iterable
 from email.utils import parseaddr
 
-from relay import metrics
+from relay import logs, metrics
 from relay.deliver.ses.circuit import Circuit, CircuitState
 from relay.mail import Mail
 
 IDENTITY = "identity"
 CONFIGURATION_SET = "configuration set"
+# Circuits kept at a time. A site has a handful of identities and sets, but the From
+# domain is the mail's: a client sending SES-bound mail from endless domains SES does not
+# know would grow the circuits, and the metric series, without end. Past this, closed
+# circuits are forgotten (their series too); with none closed, no new one opens (the mail
+# goes upstream all the same, only the next of that scope tries SES again).
+MAX_SCOPES = 100
+
+log = logging.getLogger("relay.ses")
+_FULL = logs.Sampled(log, "scope_circuits_full", limit=MAX_SCOPES)
 
 
 def keys(mail: Mail, *, source: str, configuration_set: str | None) -> tuple[str, ...]:
@@ -42,6 +53,7 @@ class Scopes:
         self.cooldown = cooldown
         self._clock = clock
         self.circuits: dict[str, Circuit] = {}
+        self._codes: dict[str, set[str]] = {}  # the openings' codes, for their series
 
     def waiting(self, scopes: Iterable[str]) -> Circuit | None:
         """The first circuit among `scopes` that lets no mail through now, or None."""
@@ -64,11 +76,28 @@ class Scopes:
         """SES refused `scope`: open its circuit (one ERROR line and one count when it opens)."""
         circuit = self.circuits.get(scope)
         if circuit is None:
+            if len(self.circuits) >= MAX_SCOPES:
+                self._forget_closed()
+            if len(self.circuits) >= MAX_SCOPES:
+                _FULL(scope=scope)
+                return
             circuit = self.circuits[scope] = Circuit(self.cooldown, clock=self._clock, scope=scope)
         if circuit.failed(reply, advice=advice):
             code = reply.split(":", 1)[0].strip()[:64]
             metrics.SCOPE_CIRCUIT_OPENINGS.labels(_kind(scope), _name(scope), code).inc()
+            self._codes.setdefault(scope, set()).add(code)
         metrics.SCOPE_CIRCUIT_OPEN.labels(_kind(scope), _name(scope)).set(1)
+
+    def _forget_closed(self) -> None:
+        for scope, circuit in list(self.circuits.items()):
+            if circuit.state is CircuitState.CLOSED:
+                del self.circuits[scope]
+                labels = (_kind(scope), _name(scope))
+                with contextlib.suppress(KeyError):
+                    metrics.SCOPE_CIRCUIT_OPEN.remove(*labels)
+                for code in self._codes.pop(scope, ()):
+                    with contextlib.suppress(KeyError):
+                        metrics.SCOPE_CIRCUIT_OPENINGS.remove(*labels, code)
 
     def succeeded(self, scopes: Iterable[str]) -> None:
         """SES took the probe: close those circuits."""
