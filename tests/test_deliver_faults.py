@@ -672,3 +672,33 @@ async def test_a_reloaded_ses_source_is_the_next_sends_source(
     sent = await send_corpus(relay.port, SES_MAILS[1])
     await await_rows(relay.settings.spool, sent, {"sent"})
     assert [CORPUS[SES_MAILS[0]].sender, new] == [m.source for m in fake_ses.sent]
+
+
+def pace_ceiling() -> float | None:
+    return REGISTRY.get_sample_value("relay_ses_pace_ceiling")
+
+
+async def test_a_reloaded_max_send_rate_paces_at_once(
+    start_relay: Start, capture: CaptureServer, fake_ses: FakeSes, write_config: ConfigWriter
+) -> None:
+    """`ses.max_send_rate` changed and reloaded: the pace's ceiling is the new rate at once,
+    and back to `auto` it is 90% of the quota's, asked at once. Both waited for the next
+    quota refresh, up to five minutes, and no line said so."""
+    settings = config(capture, fake_ses.url, max_send_rate=5)
+    relay = await start_relay(deliver=True, **settings)
+    seen = [await ceiling_becomes(5)]
+    for rate, expected in ((40, 40.0), ("auto", 0.9 * fake_ses.max_send_rate)):
+        changed = {**settings, "ses": {**settings["ses"], "max_send_rate": rate}}
+        write_config("relay0.yaml", **changed)
+        assert runtime.reload(relay.ctx)
+        seen.append(await ceiling_becomes(expected))
+    assert pytest.approx([5, 40, 0.9 * fake_ses.max_send_rate]) == seen
+
+
+async def ceiling_becomes(expected: float, within: float = 3.0) -> float | None:
+    """The pace ceiling once it is `expected`, or what it is after `within` seconds."""
+    for _ in range(int(within / 0.02)):
+        if pace_ceiling() == pytest.approx(expected):
+            break
+        await asyncio.sleep(0.02)
+    return pace_ceiling()

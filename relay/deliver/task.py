@@ -94,12 +94,17 @@ async def delivery(ctx: Context) -> None:
             suppressions=suppressions,
         )
 
+        refreshing: set[asyncio.Task[bool]] = set()
+
         def reloaded(new_settings: Settings, new_rules: RuleSet) -> None:
             old = deliverer.settings
             deliverer.rules = new_rules
             deliverer.settings = new_settings
             if ses is not None:  # Source, configuration set, identity ARN: at the next send
                 ses.use(new_settings.ses)
+            rate = new_settings.ses.max_send_rate
+            if ses is not None and pace is not None and rate != old.ses.max_send_rate:
+                _ceiling_now(ctx, ses, pace, rate, refreshing)
             if (new_settings.upstream, new_settings.hostname) != (old.upstream, old.hostname):
                 # Mail in flight finishes on the old client; its connections close when idle
                 # (upstream.REUSE_IDLE) or, at the latest, when delivery stops.
@@ -119,6 +124,20 @@ async def delivery(ctx: Context) -> None:
                 quota.cancel()
             left = await deliverer.drain(ctx.drain)
             logs.event(log, "delivery_stopped", still_inflight=left)
+
+
+def _ceiling_now(
+    ctx: Context, ses: SesClient, pace: Pace, rate: float | None, tasks: set[asyncio.Task[bool]]
+) -> None:
+    """A reloaded `ses.max_send_rate` at once, not at the next quota refresh (QUOTA_REFRESH,
+    5 minutes); `auto` (None): the quota's, asked now (the task kept in `tasks`)."""
+    if rate:
+        pace.set_ceiling(rate)
+        metrics.PACE_CEILING.set(rate)
+        return
+    refresh = asyncio.create_task(_refresh_quota(ctx, ses, pace))
+    tasks.add(refresh)
+    refresh.add_done_callback(tasks.discard)
 
 
 async def _quota_loop(ctx: Context, ses: SesClient, pace: Pace, circuit: Circuit) -> None:
