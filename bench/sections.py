@@ -36,8 +36,10 @@ class Params:
     ses_mails: int
     ses_multi_mails: int
     pacing_mails: int
-    # issue 14's shared-quota scenarios to run (bench/sesbench.py); None: all five. A quick
-    # run keeps one of each kind: start offsets, a relay leaving early, another sender.
+    # issue 6's single and issue 14's shared-quota scenarios to run (bench/sesbench.py);
+    # None: all. A quick run (a smoke test of the harness) keeps one of each kind: auto rate
+    # and a shared one; a relay leaving early, another sender.
+    ses_single: tuple[str, ...] | None = None
     ses_shared: tuple[str, ...] | None = None
     timeout: float  # deadline of one load run (smtp-source, PHPMailer), seconds
     wait: float  # longest wait for delivery (end to end, drain, one SES scenario), seconds
@@ -74,7 +76,8 @@ QUICK = Params(
     ses_mails=60,
     ses_multi_mails=60,
     pacing_mails=40,
-    ses_shared=("staggered", "leaving", "other"),
+    ses_single=("auto100", "shared60"),
+    ses_shared=("leaving", "other"),
     timeout=60,
     wait=15,
 )
