@@ -25,6 +25,7 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -443,33 +444,43 @@ def test_idle_timeout_runs_from_the_last_read_and_sessions_end(
         wire.command("RCPT TO:<student@students.example.org>")
         assert wire.command("DATA").startswith("354")
 
-    slow = Wire(relay.port)
-    transaction(slow)
-    started = time.monotonic()
-    for n in range(10):
-        slow.sock.sendall(f"line {n}\r\n".encode())
-        time.sleep(0.5)
-    upload = slow.command(".")
-    upload_took = time.monotonic() - started
-    slow.close()
-    silent = Wire(relay.port)
-    transaction(silent)
-    silent.sock.sendall(b"Subject: half\r\n")
-    started = time.monotonic()
-    cut = silent.reply()
-    silent_took = time.monotonic() - started
-    silent.close()
-    chatty = Wire(relay.port)
-    chatty.reply()
-    started = time.monotonic()
-    last = ""
-    while time.monotonic() - started < 15:
-        last = chatty.command("RSET" if int(time.monotonic() * 2) % 2 else "NOOP")
-        if not last.startswith("250"):
-            break
-        time.sleep(0.5)
-    chatty_took = time.monotonic() - started
-    chatty.close()
+    def slow_upload() -> tuple[str, float]:
+        slow = Wire(relay.port)
+        transaction(slow)
+        started = time.monotonic()
+        for n in range(10):
+            slow.sock.sendall(f"line {n}\r\n".encode())
+            time.sleep(0.5)
+        upload = slow.command(".")
+        slow.close()
+        return upload, time.monotonic() - started
+
+    def silent_mid_data() -> tuple[str, float]:
+        silent = Wire(relay.port)
+        transaction(silent)
+        silent.sock.sendall(b"Subject: half\r\n")
+        started = time.monotonic()
+        cut = silent.reply()
+        silent.close()
+        return cut, time.monotonic() - started
+
+    def chatty_session() -> tuple[str, float]:
+        chatty = Wire(relay.port)
+        chatty.reply()
+        started = time.monotonic()
+        last = ""
+        while time.monotonic() - started < 15:
+            last = chatty.command("RSET" if int(time.monotonic() * 2) % 2 else "NOOP")
+            if not last.startswith("250"):
+                break
+            time.sleep(0.5)
+        chatty.close()
+        return last, time.monotonic() - started
+
+    # Side by side: each session has its own timers (13 s one after the other)
+    with ThreadPoolExecutor(3) as pool:
+        runs = [pool.submit(f) for f in (slow_upload, silent_mid_data, chatty_session)]
+        (upload, upload_took), (cut, silent_took), (last, chatty_took) = (r.result() for r in runs)
     print(
         f"timeouts (idle 2 s, session 6 s): a {upload_took:.1f}s DATA upload got "
         f"{upload[:24]!r}; silent mid-DATA cut after {silent_took:.1f}s with {cut!r}; "
