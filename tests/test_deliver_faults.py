@@ -702,3 +702,26 @@ async def ceiling_becomes(expected: float, within: float = 3.0) -> float | None:
             break
         await asyncio.sleep(0.02)
     return pace_ceiling()
+
+
+async def test_a_reload_while_delivery_warms_up_is_not_missed(
+    start_relay: Start, capture: CaptureServer, fake_ses: FakeSes, write_config: ConfigWriter
+) -> None:
+    """A reload that moves the original host while the delivery task still waits for SES's
+    first GetSendQuota (up to 5 s): mail goes to the new host. The task took the settings
+    before that wait and listened for reloads after it: it kept the old host until the next
+    reload."""
+    fake_ses.latency = 1.0  # GetSendQuota answers after a second
+    settings = config(capture, fake_ses.url)
+    relay = await start_relay(deliver=True, **settings)
+    with CaptureServer() as new:
+        moved = {**settings, "upstream": {**settings["upstream"], "port": new.port}}
+        write_config("relay0.yaml", **moved)
+        assert runtime.reload(relay.ctx)
+        fake_ses.latency = 0.0
+        sent = await send_corpus(relay.port, CONTROL)
+        await await_rows(relay.settings.spool, sent, {"sent"})
+        assert ([], list(sent)) == (
+            [m.queue_id for m in capture.messages],
+            [m.queue_id for m in new.messages],
+        )

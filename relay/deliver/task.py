@@ -114,6 +114,8 @@ async def delivery(ctx: Context) -> None:
                 )
 
         ctx.on_reload.append(reloaded)
+        if ctx.settings is not settings:  # a reload while SES warmed up: it passed us by
+            reloaded(ctx.settings, ctx.rules)
         quota = None
         if ses is not None and pace is not None:
             quota = asyncio.create_task(_quota_loop(ctx, ses, pace, circuit), name="ses-quota")
