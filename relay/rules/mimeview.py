@@ -15,7 +15,7 @@ import email.policy
 import html
 import quopri
 import re
-from email.message import EmailMessage
+from email.message import EmailMessage, Message
 from email.parser import BytesParser
 from functools import cached_property
 from html.parser import HTMLParser
@@ -112,7 +112,9 @@ def html_to_text(markup: str) -> str:
 
 # Header rules (the shipped defaults) need only the header block: parse the MIME tree
 # only when a body or multipart condition asks for it.
-_HEAD_PARSER = BytesParser(policy=email.policy.default)
+# compat32: raw_items() are the same, and it leaves Content-Type unparsed (policy.default's
+# header registry parsed it at the end of every head: most of a classification's time)
+_HEAD_PARSER = BytesParser(policy=email.policy.compat32)
 
 
 class MailView:
@@ -129,12 +131,11 @@ class MailView:
             return None
 
     @cached_property
-    def _head(self) -> EmailMessage | None:
+    def _head(self) -> Message | None:
         try:
-            head = _HEAD_PARSER.parsebytes(header_block(self.mail.raw), headersonly=True)
+            return _HEAD_PARSER.parsebytes(header_block(self.mail.raw), headersonly=True)
         except Exception:  # no header block, no match
             return None
-        return head if isinstance(head, EmailMessage) else None
 
     @cached_property
     def headers(self) -> dict[str, tuple[str, ...]]:
