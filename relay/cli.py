@@ -101,60 +101,75 @@ def check_config(config: Path | None) -> None:
 @click.pass_context
 def queue(ctx: click.Context, config: Path | None) -> None:
     """Inspect and act on the spool (works while the service runs)."""
-    ctx.obj = _settings(config)
+    ctx.obj = config  # read by each command (its --help needs no relay.yaml)
+
+
+# `relay queue list --config F` as well as `relay queue --config F list`, as elsewhere
+_queue_config = click.option("--config", "config", type=PathArg, help="relay.yaml")
+
+
+def _spool(ctx: click.Context, config: Path | None) -> Path:
+    return _settings(config or ctx.obj).spool
 
 
 @queue.command("list")
 @click.option("--state", help="only this state (queued, inflight, deferred, sent, bounced, failed)")
 @click.option("--json", "as_json", is_flag=True)
-@click.pass_obj
-def queue_list(obj: settings_mod.Settings, state: str | None, as_json: bool) -> None:
+@_queue_config
+@click.pass_context
+def queue_list(ctx: click.Context, state: str | None, as_json: bool, config: Path | None) -> None:
     """List messages in the spool (finished ones, sent and bounced, with --state)."""
     from relay.ops import queueadmin as queue_mod
 
-    sys.exit(queue_mod.list_messages(obj.spool, state=state, as_json=as_json))
+    sys.exit(queue_mod.list_messages(_spool(ctx, config), state=state, as_json=as_json))
 
 
 @queue.command("show")
 @click.argument("queue_id")
 @click.option("--json", "as_json", is_flag=True)
-@click.pass_obj
-def queue_show(obj: settings_mod.Settings, queue_id: str, as_json: bool) -> None:
+@_queue_config
+@click.pass_context
+def queue_show(ctx: click.Context, queue_id: str, as_json: bool, config: Path | None) -> None:
     """Show one message: envelope, headers, state and full history."""
     from relay.ops import queueadmin as queue_mod
 
-    sys.exit(queue_mod.show(obj.spool, queue_id, as_json=as_json))
+    sys.exit(queue_mod.show(_spool(ctx, config), queue_id, as_json=as_json))
 
 
 @queue.command("retry")
 @click.argument("queue_ids", nargs=-1)
 @click.option("--all-failed", is_flag=True, help="every dead letter")
-@click.pass_obj
-def queue_retry(obj: settings_mod.Settings, queue_ids: tuple[str, ...], all_failed: bool) -> None:
+@_queue_config
+@click.pass_context
+def queue_retry(
+    ctx: click.Context, queue_ids: tuple[str, ...], all_failed: bool, config: Path | None
+) -> None:
     """Queue deferred or failed messages for delivery now."""
     from relay.ops import queueadmin as queue_mod
 
-    sys.exit(queue_mod.retry(obj.spool, queue_ids, all_failed=all_failed))
+    sys.exit(queue_mod.retry(_spool(ctx, config), queue_ids, all_failed=all_failed))
 
 
 @queue.command("delete")
 @click.argument("queue_ids", nargs=-1, required=True)
-@click.pass_obj
-def queue_delete(obj: settings_mod.Settings, queue_ids: tuple[str, ...]) -> None:
+@_queue_config
+@click.pass_context
+def queue_delete(ctx: click.Context, queue_ids: tuple[str, ...], config: Path | None) -> None:
     """Delete messages from the spool (they will not be delivered)."""
     from relay.ops import queueadmin as queue_mod
 
-    sys.exit(queue_mod.delete(obj.spool, queue_ids))
+    sys.exit(queue_mod.delete(_spool(ctx, config), queue_ids))
 
 
 @queue.command("stats")
 @click.option("--json", "as_json", is_flag=True)
-@click.pass_obj
-def queue_stats(obj: settings_mod.Settings, as_json: bool) -> None:
+@_queue_config
+@click.pass_context
+def queue_stats(ctx: click.Context, as_json: bool, config: Path | None) -> None:
     """Counts by state, bytes held, age of the oldest queued message."""
     from relay.ops import queueadmin as queue_mod
 
-    sys.exit(queue_mod.stats(obj.spool, as_json=as_json))
+    sys.exit(queue_mod.stats(_spool(ctx, config), as_json=as_json))
 
 
 @main.command()

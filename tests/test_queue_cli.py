@@ -381,3 +381,20 @@ def test_a_damaged_spool_is_named_not_a_traceback(spooled: tuple[Path, dict[str,
         result = queue(config, *args)
         assert 1 == result.exit_code, (args, result.output)
         assert f"relay queue: spool {path}: database disk image is malformed\n" == result.stderr
+
+
+def test_queue_help_needs_no_config_and_config_goes_after_the_command_too(
+    spooled: tuple[Path, dict[str, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`relay queue list --help` where no relay.yaml is found printed an error about the
+    missing file, not the help; `--config` worked only before the command (`relay queue
+    --config F list`), unlike every other command's."""
+    config, ids = spooled
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("RELAY_CONFIG", raising=False)
+    helped = CliRunner().invoke(main, ["queue", "list", "--help"])
+    listed = CliRunner().invoke(main, ["queue", "list", "--config", str(config), "--json"])
+    assert (0, True) == (helped.exit_code, "queue list [OPTIONS]" in helped.stdout)
+    assert ids["queued"] in listed.stdout, listed.output
