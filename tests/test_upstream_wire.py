@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from relay.deliver.upstream import UpstreamClient
 from relay.deliver.wire import data_bytes
+from relay.errors import TemporaryFailure
 from relay.settings import Upstream
 from tests.support.capture import CaptureServer
 from tests.support.mails import make_mail
@@ -67,3 +68,96 @@ async def test_a_host_receives_dot_lines_unchanged() -> None:
         await asyncio.to_thread(capture.close)
     [captured] = capture.messages
     assert mail.wire_bytes() == captured.content
+
+
+class SlowHost:
+    """Just enough SMTP: DATA is read `per_read` bytes at a time, `pause` seconds apart,
+    with a pause of 1.5 s after `stall` bytes; the copies it took (whole, with the final dot)
+    counted."""
+
+    def __init__(self, *, per_read: int, pause: float, stall: int | None = None) -> None:
+        self.per_read, self.pause, self.stall = per_read, pause, stall
+        self.copies = 0
+
+    async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 host.test ESMTP\r\n")
+        try:
+            while line := await reader.readline():
+                verb = line[:4].upper()
+                if verb == b"DATA":
+                    writer.write(b"354 go ahead\r\n")
+                    await writer.drain()
+                    if not await self._data(reader):
+                        return  # the client went before its dot: nothing taken
+                    self.copies += 1
+                    writer.write(b"250 2.0.0 Ok: queued\r\n")
+                elif verb == b"QUIT":
+                    writer.write(b"221 2.0.0 Bye\r\n")
+                    break
+                else:
+                    writer.write(b"250 host.test\r\n")
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def _data(self, reader: asyncio.StreamReader) -> bool:
+        got = b""
+        while not got.endswith(b"\r\n.\r\n"):
+            if self.stall is not None and len(got) >= self.stall:
+                self.stall = None
+                await asyncio.sleep(1.5)  # reads nothing for a while (a scan, a pause)
+            chunk = await reader.read(self.per_read)
+            if not chunk:
+                return False
+            got += chunk
+            await asyncio.sleep(self.pause)
+        return True
+
+
+async def send_once(port: int, raw: bytes, upstream_timeout: float) -> str:
+    """One try of the real UpstreamClient: what came of it."""
+    upstream = Upstream(host="127.0.0.1", port=port, timeout=upstream_timeout)
+    client = UpstreamClient(upstream, hostname="relay.test")
+    try:
+        answer = await client.send(make_mail(raw=raw))
+        return f"sent: {answer.reply}"
+    except TemporaryFailure as exc:
+        return f"deferred: {exc.reply}"
+    finally:
+        await client.close()
+
+
+BIG = b"Subject: big\r\n\r\n" + (b"A" * 76 + b"\r\n") * 40_000  # 3.1 MB
+
+
+async def test_a_mail_that_takes_longer_than_the_timeout_to_go_out_goes_once() -> None:
+    """A 3.1 MB mail to a host that reads it in about 2 s, `timeout` 0.5 s: it goes out,
+    each piece within the timeout, and the reply after the dot has Postfix's 600 s. One
+    window of `timeout` for all of it expired while the bytes still went out, and closing
+    sent the dot anyway: the host took the mail, relay deferred it, and every retry sent
+    another copy (about 120 over max_age)."""
+    host = SlowHost(per_read=256 * 1024, pause=0.15)
+    server = await asyncio.start_server(host.session, "127.0.0.1", 0)
+    try:
+        outcome = await send_once(server.sockets[0].getsockname()[1], BIG, upstream_timeout=0.5)
+    finally:
+        server.close()
+    assert ("sent: 250 2.0.0 Ok: queued", 1) == (outcome, host.copies)
+
+
+async def test_a_host_that_stops_reading_mid_mail_never_gets_the_dot() -> None:
+    """The host stops reading after 1 MB for 1.5 s: after `timeout` (0.5 s) of no progress
+    the connection is dropped before the final dot, so the host has no mail when it reads
+    on, and the retry is the only copy. Closed instead, the rest went out once the host read
+    again, dot and all: the host took the mail that relay deferred and would send again."""
+    host = SlowHost(per_read=256 * 1024, pause=0.0, stall=1 << 20)
+    server = await asyncio.start_server(host.session, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        outcome = await send_once(port, BIG * 4, upstream_timeout=0.5)  # past socket buffers
+        await asyncio.sleep(2.0)  # the host reads again
+    finally:
+        server.close()
+    assert (True, 0) == (outcome.startswith("deferred:"), host.copies), outcome

@@ -10,6 +10,9 @@ a quarter of the delivery process's CPU (py-spy, bench/README.md 2026-12-05).
 
 from __future__ import annotations
 
+import asyncio
+from typing import cast
+
 import aiosmtplib
 from aiosmtplib.protocol import normalize_message_line_endings
 
@@ -17,6 +20,9 @@ from relay.mail import bare_line_ends
 
 START_INPUT = 354
 COMPLETED = 250
+END = b".\r\n"  # the line that ends DATA (data_bytes puts it last)
+CHUNK = 64 * 1024  # bytes written at a time, each within `upstream.timeout`
+DATA_DONE = 600.0  # seconds for the reply after the dot (Postfix's smtp_data_done_timeout)
 
 
 def data_bytes(message: bytes) -> bytes:
@@ -34,18 +40,39 @@ def data_bytes(message: bytes) -> bytes:
 
 
 async def send_data(smtp: aiosmtplib.SMTP, wire: bytes) -> aiosmtplib.SMTPResponse:
-    """`smtp.data()` for a mail already in its wire form (`data_bytes`): the same replies,
-    errors (SMTPDataError on anything but 354, then 250) and closing on a lost connection
-    or a timeout."""
+    """`smtp.data()` for a mail already in its wire form (`data_bytes`): the same replies
+    and errors (SMTPDataError on anything but 354, then 250), with Postfix's two timers.
+
+    The mail goes out CHUNK bytes at a time, each within `smtp.timeout` (a stalled write:
+    Postfix's smtp_data_xfer_timeout); the final dot only after the rest, and its reply has
+    DATA_DONE seconds (smtp_data_done_timeout). One window of `timeout` for all of it
+    expired on a big mail or a slow link while the bytes still went out, and close() then
+    sent the dot: the host took the mail, relay deferred it and sent it again at every try.
+    A timer that fires before the dot has left aborts the connection: the dot never goes,
+    the host drops the mail, and the retry is its only copy."""
     start = await smtp.execute_command(b"DATA")
     if start.code != START_INPUT:
         raise aiosmtplib.SMTPDataError(start.code, start.message)
     protocol = smtp.protocol
-    if protocol is None:
+    if protocol is None or protocol.transport is None:
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    transport = cast(asyncio.WriteTransport, protocol.transport)  # uvloop's: not a subclass
+    body, dot = wire[: -len(END)], END
     try:
-        protocol.write(wire)
-        reply = await protocol.read_response(timeout=smtp.timeout)
+        for at in range(0, len(body), CHUNK):
+            protocol.write(body[at : at + CHUNK])
+            # aiosmtplib's flow control (pause_writing): returns once the host reads on
+            async with asyncio.timeout(smtp.timeout):
+                await protocol._drain_helper()
+    except (aiosmtplib.SMTPServerDisconnected, ConnectionError, TimeoutError) as exc:
+        transport.abort()  # the dot must not follow what is still buffered
+        smtp.close()
+        if isinstance(exc, TimeoutError):
+            raise aiosmtplib.SMTPTimeoutError("the host stopped reading the mail") from exc
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost in DATA") from exc
+    try:
+        protocol.write(dot)
+        reply = await protocol.read_response(timeout=max(smtp.timeout or 0.0, DATA_DONE))
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
         smtp.close()
         raise
