@@ -74,6 +74,23 @@ async def test_delivers_bytes_and_envelope_unchanged(
     assert (security is not Security.NONE) == captured.tls
 
 
+@pytest.mark.parametrize("security", [Security.NONE, Security.STARTTLS], ids=["none", "starttls"])
+async def test_the_first_mail_on_a_connection_declares_8bit(
+    start_capture: StartCapture, security: Security
+) -> None:
+    """An 8-bit body to a host offering 8BITMIME goes with BODY=8BITMIME, the first mail on
+    a connection too. Without AUTH relay had not said EHLO yet when it looked at the host's
+    extensions (aiosmtplib says it inside login() or mail()): the first mail of every
+    connection went without it, the next ones with."""
+    capture, port = await start_capture(tls=security.value)
+    client = _client(port, security=security, verify_tls=False)
+    raw = "Subject: Grüße\r\n\r\nGrüße aus Köln\r\n".encode()
+    for n in range(2):
+        await client.send(make_mail(id=f"Q{n}", raw=raw))
+    await client.close()
+    assert [("BODY=8BITMIME",)] * 2 == [m.mail_options for m in capture.messages]
+
+
 async def test_null_sender(start_capture: StartCapture) -> None:
     """A bounce (MAIL FROM:<>) goes upstream with the null sender intact."""
     capture, port = await start_capture()

@@ -264,6 +264,8 @@ class UpstreamClient:
                         f"{where} unusable for {mail.id}: {reason}", reply=reason
                     )
                 await smtp.login(s.username, password)
+            if smtp.is_ehlo_or_helo_needed:  # before the first MAIL reads the extensions
+                await smtp.ehlo()  # (aiosmtplib says EHLO only inside login() or mail())
         except aiosmtplib.SMTPException as exc:
             message = f"{where} unusable for {mail.id}: {_reply(exc)}"
             raise TemporaryFailure(message, reply=_reply(exc)) from exc

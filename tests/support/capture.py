@@ -66,6 +66,7 @@ class Captured:
     at: float  # time.time() when DATA was accepted
     tls: bool = False  # the session was encrypted (STARTTLS or implicit TLS)
     login: bytes | None = None  # the user the session authenticated as
+    mail_options: tuple[str, ...] = ()  # MAIL FROM's parameters (BODY=8BITMIME, SMTPUTF8)
 
     @property
     def queue_id(self) -> str | None:
@@ -211,6 +212,7 @@ class CaptureServer:
             at=time.time(),
             tls=transport is not None and transport.get_extra_info("ssl_object") is not None,
             login=login,
+            mail_options=tuple(envelope.mail_options),
         )
         with self._lock:
             self._messages.append(captured)
