@@ -30,8 +30,8 @@ WORKDIR /var/lib/relay
 ENV STATE_DIRECTORY=/var/lib/relay
 # Mount relay.yaml at /etc/relay/relay.yaml. In a container it needs:
 #   listen: 0.0.0.0:2525 with auth + tls  (beyond loopback; relay refuses to be an open relay)
-#   metrics: 0.0.0.0:9325                 (the HEALTHCHECK asks /healthz there; with no
-#                                          `metrics:` key the container is reported unhealthy)
+#   metrics: 0.0.0.0:9325                 (the HEALTHCHECK asks 127.0.0.1:9325/healthz,
+#                                          the default; `metrics: null` makes it unhealthy)
 EXPOSE 2525 9325
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \

@@ -29,6 +29,7 @@ from relay.errors import (
     Throttled,
 )
 from relay.mail import Mail
+from relay.metrics import REGISTRY
 from relay.rules import Route, Rule, RuleSet
 from relay.rules.mimeview import MailView
 from relay.settings import Bounces, HostPort, Mode, Retry, Ses, Settings, Upstream
@@ -854,3 +855,16 @@ async def test_a_mail_that_fails_for_good_queues_one_dsn_to_its_sender(
     rig = Rig(upstream=[answer], route=Route.UPSTREAM)
     await rig.deliver(**fields)
     assert notices == rig.store.notices
+
+
+async def test_a_mail_is_counted_classified_once_whatever_its_tries() -> None:
+    """relay_classified_messages_total counts a mail at its first try only: counted at every
+    try, the fallback alert's ratio (fallbacks over SES-routed mails) stayed near 0.1 while
+    every mail fell back after ten temporary SES failures, and it never fired."""
+    rig = Rig(upstream=[TRY_LATER], route=Route.UPSTREAM)
+    labels = {"rule": "moodle", "route": "upstream"}
+    before = REGISTRY.get_sample_value("relay_classified_messages_total", labels) or 0.0
+    for attempt in (1, 2, 3):
+        await rig.deliver(attempts=attempt)
+    after = REGISTRY.get_sample_value("relay_classified_messages_total", labels)
+    assert 1.0 == after - before

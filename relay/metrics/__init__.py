@@ -45,7 +45,7 @@ REJECTED = Counter(
 )
 CLASSIFIED = Counter(
     "relay_classified_messages",
-    "Messages classified, by rule and route",
+    "Messages classified, by rule and route (once a message, at its first try)",
     ["rule", "route"],
     registry=REGISTRY,
 )
