@@ -24,7 +24,15 @@ from typing import Any, TypeVar
 import click
 
 from relay.errors import SpoolError
-from relay.spool import DB_NAME, FINISHED, State, all_or_nothing, open_existing, state_counts
+from relay.spool import (
+    DB_NAME,
+    FINISHED,
+    State,
+    all_or_nothing,
+    open_existing,
+    open_read_only,
+    state_counts,
+)
 from relay.spool.lock import DELIVERY_POLL, Turn, delivering
 
 CLAIMED = "being delivered right now; try again in a moment"
@@ -90,9 +98,27 @@ def _open(spool_dir: Path) -> sqlite3.Connection | None:
         return None
 
 
+def _open_to_read(spool_dir: Path) -> sqlite3.Connection | None:
+    """`_open`, or, when SQLite cannot open the spool to write (a full disk: WAL's files
+    cannot be made; a file system remounted read-only), the spool read-only, which is when
+    an admin most needs to see the queue; stderr says so."""
+    try:
+        return open_existing(spool_dir)
+    except SpoolError as exc:
+        if exc.__cause__ is None:  # absent, or another schema: nothing to read
+            return _open(spool_dir)
+        try:
+            conn = open_read_only(spool_dir)
+        except SpoolError as again:
+            click.echo(f"relay queue: {exc}; {again}", err=True)
+            return None
+        click.echo(f"relay queue: {exc}; read-only, as it is", err=True)
+        return conn
+
+
 def _read(spool_dir: Path, query: Callable[[sqlite3.Connection], T]) -> T | None:
     """`query` on the spool; None, and why on stderr, when the spool cannot be read."""
-    conn = _open(spool_dir)
+    conn = _open_to_read(spool_dir)
     if conn is None:
         return None
     try:

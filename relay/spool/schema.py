@@ -215,6 +215,24 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def open_read_only(directory: Path) -> sqlite3.Connection:
+    """The spool read-only, for `relay queue`'s reading commands when `open_existing`
+    cannot open it: the disk is full (WAL's files cannot be made) or the file system was
+    remounted read-only, which is when an admin most needs to see the queue. `immutable`,
+    the last resort, takes no locks: right for a spool no service is writing."""
+    path = directory / DB_NAME
+    last: sqlite3.Error | None = None
+    for mode in ("mode=ro", "immutable=1"):
+        try:
+            conn = sqlite3.connect(f"file:{path}?{mode}", uri=True, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            schema_version(conn, path)
+            return conn
+        except sqlite3.Error as exc:
+            last = exc
+    raise SpoolError(f"cannot open spool {path} read-only either: {last}")
+
+
 def open_existing(directory: Path) -> sqlite3.Connection:
     """For `relay queue`: the spool of a (possibly running) service.
 

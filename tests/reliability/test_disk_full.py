@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import subprocess
 import time
@@ -31,13 +32,13 @@ import pytest
 from relay.deliver import task
 from relay.receive.handler import SPOOL_UNAVAILABLE
 from relay.runtime import Context
-from relay.spool import open_existing
+from relay.spool import Spool, open_existing
 from tests.support.aws import REGION
 from tests.support.capture import CaptureServer
 from tests.support.fakeses import FakeSes
 from tests.support.load import Senders, Tally, summary
 from tests.support.mails import MailFactory
-from tests.support.processes import RelayProcess
+from tests.support.processes import RelayProcess, relay_cli
 from tests.support.relays import ConfigWriter, Running
 from tests.support.spools import DONE, await_rows, wait_rows
 from tests.support.waits import await_until, wait_until
@@ -251,3 +252,49 @@ def test_disk_full_while_delivering_gives_451_then_delivers_everything(
     assert {q: "sent" for q in final} == {q: row["state"] for q, row in final.items()}
     assert {q: (1, 1) for q in senders.queue_ids()} == stored
     assert 0 == numbers["lost"]
+
+
+def test_the_queue_can_be_read_on_a_full_or_read_only_disk(
+    tmpfs: Path, write_config: ConfigWriter
+) -> None:
+    """relay serve stopped on a full disk, then the file system remounted read-only (what
+    ext4's errors=remount-ro does): `relay queue list` and `show` still show the mails (on
+    the read-only one opened read-only, and stderr says so). SQLite could not open the
+    spool to write, and every queue command failed ("unable to open database file"; "disk
+    I/O error" on a full disk when WAL's files must be made), just when the admin needed to
+    see what was queued."""
+    # One spool for each step, each closed as a stopped relay serve leaves it (no WAL files)
+    spools = {disk: tmpfs / disk for disk in ("full", "read-only")}
+    ids = {disk: asyncio.run(two_mails(spool)) for disk, spool in spools.items()}
+    fill(tmpfs)
+    seen, said = {}, {}
+    for disk, spool in spools.items():
+        if disk == "read-only":
+            subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+        config = write_config(f"{disk}.yaml", spool=str(spool))
+        listed = relay_cli("queue", "list", "--json", "--config", str(config))
+        shown = relay_cli("queue", "show", ids[disk][0], "--config", str(config))
+        listing = sorted(json.loads(line)["id"] for line in listed.stdout.splitlines())
+        seen[disk] = (listed.returncode, listing == sorted(ids[disk]), shown.returncode)
+        said[disk] = listed.stderr
+    assert {disk: (0, True, 0) for disk in spools} == seen, said
+    assert "read-only, as it is" in said["read-only"]
+
+
+async def two_mails(spool_dir: Path) -> list[str]:
+    """A spool in `spool_dir` with two queued mails, closed; their ids."""
+    spool = await Spool.open(spool_dir)
+    try:
+        return [
+            await spool.add(
+                sender="noreply@moodle.example.org",
+                recipients=[f"u{n}@example.org"],
+                raw=f"Subject: {n}\r\n\r\nx\r\n".encode(),
+                peer="127.0.0.1",
+                trace=b"Received: x\r\n",
+                message_id=f"<{n}@moodle.example.org>",
+            )
+            for n in range(2)
+        ]
+    finally:
+        await spool.close()
