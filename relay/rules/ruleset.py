@@ -25,7 +25,7 @@ from relay.rules.mimeview import MailView
 from relay.rules.timebox import TooSlow, timebox
 
 DEFAULT_RULES = Path(__file__).parent / "rules.yaml"  # the same file as rules.yaml at the top
-RULE_TIME = 0.5  # seconds a rule's test of one mail may take; ms for any sane pattern
+RULE_TIME = 1.0  # seconds a rule's test of one mail may take; ms for any sane pattern
 RULE_TAG = "rule"  # the SES tag the deliver loop sets to the rule name
 
 log = logging.getLogger("relay.rules")
