@@ -145,9 +145,9 @@ def queue_retry(
     ctx: click.Context, queue_ids: tuple[str, ...], all_failed: bool, config: Path | None
 ) -> None:
     """Queue deferred or failed messages for delivery now."""
-    from relay.ops import queueadmin as queue_mod
+    from relay.ops import requeue
 
-    sys.exit(queue_mod.retry(_spool(ctx, config), queue_ids, all_failed=all_failed))
+    sys.exit(requeue.retry(_spool(ctx, config), queue_ids, all_failed=all_failed))
 
 
 @queue.command("delete")
@@ -156,9 +156,9 @@ def queue_retry(
 @click.pass_context
 def queue_delete(ctx: click.Context, queue_ids: tuple[str, ...], config: Path | None) -> None:
     """Delete messages from the spool (they will not be delivered)."""
-    from relay.ops import queueadmin as queue_mod
+    from relay.ops import requeue
 
-    sys.exit(queue_mod.delete(_spool(ctx, config), queue_ids))
+    sys.exit(requeue.delete(_spool(ctx, config), queue_ids))
 
 
 @queue.command("stats")

@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from relay.cli import main
-from relay.ops import queueadmin
+from relay.ops import requeue
 from relay.spool import DB_NAME, Spool, lock
 from relay.spool.schema import SCHEMA_VERSION
 from tests.support.processes import RelayProcess, relay_cli
@@ -337,7 +337,7 @@ async def test_retry_all_failed_goes_in_steps(write_config: ConfigWriter) -> Non
     """More dead letters than one step holds: every one is queued again, each said once."""
     config = write_config()
     spool = await Spool.open(config.parent / "spool")
-    count = queueadmin.STEP * 2 + 7
+    count = requeue.STEP * 2 + 7
     for n in range(count):
         await add(spool, n)
     for mail in await spool.claim(count):
@@ -360,7 +360,7 @@ def test_an_inflight_row_says_whether_a_delivery_process_has_it(
         if running:
             fcntl.flock(holder, fcntl.LOCK_EX)  # as relay.deliver.process holds it
         result = queue(config, "retry", ids["inflight"])
-    said = queueadmin.CLAIMED if running else queueadmin.CLAIMED_BEFORE_A_STOP
+    said = requeue.CLAIMED if running else requeue.CLAIMED_BEFORE_A_STOP
     assert (1, f"{ids['inflight']}: {said}\n") == (result.exit_code, result.stderr)
 
 

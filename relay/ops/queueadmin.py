@@ -1,4 +1,5 @@
-"""`relay queue list/show/retry/delete/stats`: the spool seen from another process.
+"""`relay queue list/show/stats`: the spool seen from another process (retry and delete:
+relay.ops.requeue).
 
 Works while the service runs: the same SQLite file in WAL mode, short transactions;
 retry and delete write under the spool's write turn (relay.spool.lock), as the service
@@ -16,7 +17,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,19 +29,10 @@ from relay.spool import (
     DB_NAME,
     FINISHED,
     State,
-    all_or_nothing,
     open_existing,
     open_read_only,
     state_counts,
 )
-from relay.spool.lock import DELIVERY_POLL, Turn, delivering
-
-CLAIMED = "being delivered right now; try again in a moment"
-CLAIMED_BEFORE_A_STOP = (
-    "claimed by a delivery process that is not running; relay serve takes it back when it starts"
-)
-STEP = 100  # ids per transaction of retry and delete (a few milliseconds each) ...
-PAUSE = 0.002  # ... and seconds between them, in which relay serve's adds take the turn
 
 _COLUMNS = (
     "id",
@@ -84,7 +76,7 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s"
 
 
-def _open(spool_dir: Path) -> sqlite3.Connection | None:
+def open_spool(spool_dir: Path) -> sqlite3.Connection | None:
     try:
         return open_existing(spool_dir)
     except SpoolError as exc:
@@ -106,7 +98,7 @@ def _open_to_read(spool_dir: Path) -> sqlite3.Connection | None:
         return open_existing(spool_dir)
     except SpoolError as exc:
         if exc.__cause__ is None:  # absent, or another schema: nothing to read
-            return _open(spool_dir)
+            return open_spool(spool_dir)
         try:
             conn = open_read_only(spool_dir)
         except SpoolError as again:
@@ -167,14 +159,14 @@ def list_messages(spool_dir: Path, *, state: str | None, as_json: bool) -> int:
     return 0
 
 
-def _queue_id(text: str) -> str:
+def queue_id_of(text: str) -> str:
     """An id as an operator may paste it: relay's ids are upper case (relay.spool.rows)."""
     return text.strip().upper()
 
 
 def show(spool_dir: Path, queue_id: str, *, as_json: bool) -> int:
     """One message: every stored field, its headers and its full history."""
-    queue_id = _queue_id(queue_id)
+    queue_id = queue_id_of(queue_id)
 
     def query(conn: sqlite3.Connection) -> tuple[sqlite3.Row | None, list[Any], list[Any]]:
         row = conn.execute(
@@ -230,92 +222,6 @@ def show(spool_dir: Path, queue_id: str, *, as_json: bool) -> int:
 def _headers(body: bytes) -> str:
     end = body.find(b"\r\n\r\n")
     return body[: end + 2 if end >= 0 else len(body)].decode("utf-8", "replace")
-
-
-def _act(spool_dir: Path, ids: Iterable[str], action: str) -> int:
-    """`action` on each id, STEP ids per transaction, each under the spool's write turn
-    (relay.spool.lock): relay serve's adds take their turn between steps, so a retry of
-    50,000 dead letters holds up a 250 for one step, not for seconds."""
-    conn = _open(spool_dir)
-    if conn is None:
-        return 1
-    chosen = list(dict.fromkeys(_queue_id(i) for i in ids))  # each once
-    ok = True
-    claimed = CLAIMED if delivering(spool_dir) else CLAIMED_BEFORE_A_STOP
-    with closing(conn), closing(Turn(spool_dir, poll=DELIVERY_POLL)) as turn:
-        for start in range(0, len(chosen), STEP):
-            try:
-                with turn.held(), all_or_nothing(conn):
-                    done = [
-                        (i, _act_one(conn, i, action, claimed))
-                        for i in chosen[start : start + STEP]
-                    ]
-            except (sqlite3.Error, SpoolError) as exc:
-                left = " ".join(chosen[start:])
-                click.echo(
-                    f"relay queue: spool {spool_dir / DB_NAME}: {exc}; not done: {left}", err=True
-                )
-                return 1
-            for queue_id, (acted, message) in done:
-                ok = ok and acted
-                click.echo(f"{queue_id}: {message}", err=not acted)
-            time.sleep(PAUSE)
-    return 0 if ok else 1
-
-
-def _act_one(
-    conn: sqlite3.Connection, queue_id: str, action: str, claimed: str
-) -> tuple[bool, str]:
-    """One id, inside the caller's transaction: whether it was acted on, and what became of
-    it for the operator (`claimed`: what to say of an inflight one)."""
-    row = conn.execute("SELECT state FROM messages WHERE id = ?", (queue_id,)).fetchone()
-    state = None if row is None else row["state"]
-    if state is None:
-        return False, "no such message"
-    if state == State.INFLIGHT:
-        return False, claimed
-    if action == "delete":
-        conn.execute("DELETE FROM messages WHERE id = ?", (queue_id,))
-        conn.execute("DELETE FROM bodies WHERE id = ?", (queue_id,))
-        conn.execute("DELETE FROM events WHERE queue_id = ?", (queue_id,))
-        return True, "deleted"
-    if state not in (State.FAILED, State.DEFERRED, State.QUEUED):
-        return False, f"is {state}; nothing to retry"
-    now = time.time()
-    conn.execute(
-        "UPDATE messages SET state = 'queued', due_at = ?1, updated_at = ?1 WHERE id = ?2",
-        (now, queue_id),
-    )
-    if state == State.FAILED:  # a fresh retry.max_age: see Mail.since
-        conn.execute("UPDATE messages SET retried_at = ? WHERE id = ?", (now, queue_id))
-    conn.execute(
-        "INSERT INTO events (queue_id, at, event, detail) VALUES (?, ?, 'retry', ?)",
-        (queue_id, now, f"relay queue retry (was {state})"),
-    )
-    return True, "queued for delivery"
-
-
-def retry(spool_dir: Path, ids: Sequence[str], *, all_failed: bool) -> int:
-    """Deferred or failed messages -> queued, due now; an event records it."""
-    if not ids and not all_failed:
-        click.echo("relay queue retry: give queue ids or --all-failed", err=True)
-        return 2
-    chosen = list(ids)
-    if all_failed:
-        conn = _open(spool_dir)
-        if conn is None:
-            return 1
-        with closing(conn):
-            chosen += [r[0] for r in conn.execute("SELECT id FROM messages WHERE state = 'failed'")]
-        if not chosen:
-            click.echo("no failed messages")
-            return 0
-    return _act(spool_dir, chosen, "retry")
-
-
-def delete(spool_dir: Path, ids: Sequence[str]) -> int:
-    """Remove messages and their history; they will not be delivered."""
-    return _act(spool_dir, ids, "delete")
 
 
 def stats(spool_dir: Path, *, as_json: bool) -> int:

@@ -1,0 +1,114 @@
+"""`relay queue retry/delete`: acting on spool rows from another process, as the service runs.
+
+Each step of STEP ids is one transaction under the spool's write turn (relay.spool.lock),
+as the service writes: relay serve's adds take their turn between steps. A row the
+delivery process holds (`inflight`) is left alone and named (CLAIMED).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from contextlib import closing
+from pathlib import Path
+
+import click
+
+from relay.errors import SpoolError
+from relay.ops.queueadmin import open_spool, queue_id_of
+from relay.spool import DB_NAME, State, all_or_nothing
+from relay.spool.lock import DELIVERY_POLL, Turn, delivering
+
+CLAIMED = "being delivered right now; try again in a moment"
+CLAIMED_BEFORE_A_STOP = (
+    "claimed by a delivery process that is not running; relay serve takes it back when it starts"
+)
+STEP = 100  # ids per transaction of retry and delete (a few milliseconds each) ...
+PAUSE = 0.002  # ... and seconds between them, in which relay serve's adds take the turn
+
+
+def _act(spool_dir: Path, ids: Iterable[str], action: str) -> int:
+    """`action` on each id, STEP ids per transaction, each under the spool's write turn
+    (relay.spool.lock): relay serve's adds take their turn between steps, so a retry of
+    50,000 dead letters holds up a 250 for one step, not for seconds."""
+    conn = open_spool(spool_dir)
+    if conn is None:
+        return 1
+    chosen = list(dict.fromkeys(queue_id_of(i) for i in ids))  # each once
+    ok = True
+    claimed = CLAIMED if delivering(spool_dir) else CLAIMED_BEFORE_A_STOP
+    with closing(conn), closing(Turn(spool_dir, poll=DELIVERY_POLL)) as turn:
+        for start in range(0, len(chosen), STEP):
+            try:
+                with turn.held(), all_or_nothing(conn):
+                    done = [
+                        (i, _act_one(conn, i, action, claimed))
+                        for i in chosen[start : start + STEP]
+                    ]
+            except (sqlite3.Error, SpoolError) as exc:
+                left = " ".join(chosen[start:])
+                click.echo(
+                    f"relay queue: spool {spool_dir / DB_NAME}: {exc}; not done: {left}", err=True
+                )
+                return 1
+            for queue_id, (acted, message) in done:
+                ok = ok and acted
+                click.echo(f"{queue_id}: {message}", err=not acted)
+            time.sleep(PAUSE)
+    return 0 if ok else 1
+
+
+def _act_one(
+    conn: sqlite3.Connection, queue_id: str, action: str, claimed: str
+) -> tuple[bool, str]:
+    """One id, inside the caller's transaction: whether it was acted on, and what became of
+    it for the operator (`claimed`: what to say of an inflight one)."""
+    row = conn.execute("SELECT state FROM messages WHERE id = ?", (queue_id,)).fetchone()
+    state = None if row is None else row["state"]
+    if state is None:
+        return False, "no such message"
+    if state == State.INFLIGHT:
+        return False, claimed
+    if action == "delete":
+        conn.execute("DELETE FROM messages WHERE id = ?", (queue_id,))
+        conn.execute("DELETE FROM bodies WHERE id = ?", (queue_id,))
+        conn.execute("DELETE FROM events WHERE queue_id = ?", (queue_id,))
+        return True, "deleted"
+    if state not in (State.FAILED, State.DEFERRED, State.QUEUED):
+        return False, f"is {state}; nothing to retry"
+    now = time.time()
+    conn.execute(
+        "UPDATE messages SET state = 'queued', due_at = ?1, updated_at = ?1 WHERE id = ?2",
+        (now, queue_id),
+    )
+    if state == State.FAILED:  # a fresh retry.max_age: see Mail.since
+        conn.execute("UPDATE messages SET retried_at = ? WHERE id = ?", (now, queue_id))
+    conn.execute(
+        "INSERT INTO events (queue_id, at, event, detail) VALUES (?, ?, 'retry', ?)",
+        (queue_id, now, f"relay queue retry (was {state})"),
+    )
+    return True, "queued for delivery"
+
+
+def retry(spool_dir: Path, ids: Sequence[str], *, all_failed: bool) -> int:
+    """Deferred or failed messages -> queued, due now; an event records it."""
+    if not ids and not all_failed:
+        click.echo("relay queue retry: give queue ids or --all-failed", err=True)
+        return 2
+    chosen = list(ids)
+    if all_failed:
+        conn = open_spool(spool_dir)
+        if conn is None:
+            return 1
+        with closing(conn):
+            chosen += [r[0] for r in conn.execute("SELECT id FROM messages WHERE state = 'failed'")]
+        if not chosen:
+            click.echo("no failed messages")
+            return 0
+    return _act(spool_dir, chosen, "retry")
+
+
+def delete(spool_dir: Path, ids: Sequence[str]) -> int:
+    """Remove messages and their history; they will not be delivered."""
+    return _act(spool_dir, ids, "delete")
