@@ -81,7 +81,7 @@ def apply(
     recipients = json.loads(row[2])
     already = _failed_already(conn, queue_id, recipients)  # before this event's marks
     if failed:
-        _bounce_if_all(conn, queue_id, failed, recipients, now)
+        _bounce_if_all(conn, queue_id, failed, recipients, already, now)
     if notice_for is not None:
         body = conn.execute("SELECT body FROM bodies WHERE id = ?", (queue_id,)).fetchone()
         mail = Mail(
@@ -105,10 +105,11 @@ def _bounce_if_all(
     queue_id: str,
     failed: Sequence[str],
     recipients: list[str],
+    already: frozenset[str],
     now: float,
 ) -> None:
     """Mark `failed` on the row, and move it `sent` -> `bounced` once the marks of all its
-    events cover every recipient.
+    events (`already`, those of earlier ones) cover every recipient.
 
     A mark is a `feedback` row of kind "failed" keyed by the address (without case: SES
     may report one as the receiving host spells it), so no column was added for it: a spool
@@ -118,10 +119,8 @@ def _bounce_if_all(
         "INSERT OR IGNORE INTO feedback (key, queue_id, at, kind) VALUES (?, ?, ?, 'failed')",
         [(_failed_key(queue_id, address), queue_id, now) for address in failed],
     )
-    wanted = {_failed_key(queue_id, recipient) for recipient in recipients}
-    marks = ", ".join("?" * len(wanted))
-    [(found,)] = conn.execute(f"SELECT count(*) FROM feedback WHERE key IN ({marks})", [*wanted])
-    if found < len(wanted):
+    marked = already | {address.lower() for address in failed}
+    if not {recipient.lower() for recipient in recipients} <= marked:
         return  # some were delivered, or have not been heard of yet: still `sent`
     moved = conn.execute(
         "UPDATE messages SET state = 'bounced', updated_at = ? WHERE id = ? AND state = 'sent'",
