@@ -72,8 +72,9 @@ def notice(
         action = ["Action: failed"]
     status = _status(mail, failures, hostname, action)
     # RFC 6533 when an address is not ASCII (SMTPUTF8): its global form, its bytes as 8bit
-    report = "delivery-status" if status.isascii() else "global-delivery-status"
+    report, encoding = "delivery-status", "7bit"
     if not status.isascii():
+        report, encoding = "global-delivery-status", "8bit"
         status = status.replace(b"Final-Recipient: rfc822; ", b"Final-Recipient: utf-8; ")
     head = _lines(
         f"From: Mail Delivery System <{from_address}>",
@@ -96,7 +97,7 @@ def notice(
             _human(mail, failures, hostname, why),
             "quoted-printable",
         ),
-        _part(boundary, f"message/{report}", status, "7bit" if status.isascii() else "8bit"),
+        _part(boundary, f"message/{report}", status, encoding),
         _part(
             boundary,
             "text/rfc822-headers",

@@ -80,25 +80,31 @@ def open_spool(spool_dir: Path) -> sqlite3.Connection | None:
     try:
         return open_existing(spool_dir)
     except SpoolError as exc:
-        hint = ""
-        if not (spool_dir / DB_NAME).exists() and not os.environ.get("STATE_DIRECTORY"):
-            hint = (  # relay.settings.load.default_spool: the unit's, not this shell's
-                "; if relay.yaml has no `spool:`, relay serve under systemd or in the"
-                " container spools in $STATE_DIRECTORY (/var/lib/relay): set `spool:`"
-            )
-        click.echo(f"relay queue: {exc}{hint}", err=True)
+        _cannot(spool_dir, exc)
         return None
 
 
+def _cannot(spool_dir: Path, exc: SpoolError) -> None:
+    """Why the spool cannot be used, on stderr."""
+    hint = ""
+    if not (spool_dir / DB_NAME).exists() and not os.environ.get("STATE_DIRECTORY"):
+        hint = (  # relay.settings.load.default_spool: the unit's, not this shell's
+            "; if relay.yaml has no `spool:`, relay serve under systemd or in the"
+            " container spools in $STATE_DIRECTORY (/var/lib/relay): set `spool:`"
+        )
+    click.echo(f"relay queue: {exc}{hint}", err=True)
+
+
 def _open_to_read(spool_dir: Path) -> sqlite3.Connection | None:
-    """`_open`, or, when SQLite cannot open the spool to write (a full disk: WAL's files
-    cannot be made; a file system remounted read-only), the spool read-only, which is when
-    an admin most needs to see the queue; stderr says so."""
+    """`open_spool`, or, when SQLite cannot open the spool to write (a full disk: WAL's
+    files cannot be made; a file system remounted read-only), the spool read-only, which is
+    when an admin most needs to see the queue; stderr says so."""
     try:
         return open_existing(spool_dir)
     except SpoolError as exc:
         if exc.__cause__ is None:  # absent, or another schema: nothing to read
-            return open_spool(spool_dir)
+            _cannot(spool_dir, exc)
+            return None
         try:
             conn = open_read_only(spool_dir)
         except SpoolError as again:

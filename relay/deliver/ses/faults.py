@@ -77,7 +77,6 @@ CONFIG_SET_CODES = frozenset(
 ERRORS = (BotoCoreError, ClientError, ResponseParserError, aiohttp.ClientError, OSError)
 _NETWORK = (BotoConnectionError, HTTPClientError, ResponseParserError, aiohttp.ClientError, OSError)
 _ADDRESS = re.compile(r"[^\s<>,:@]+@([A-Za-z0-9.-]+)")
-_ADDRESS_WHOLE = re.compile(r"[^\s<>,:@]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
 # AccessDenied naming one identity: "... on resource `arn:aws:ses:eu-west-1:1234:identity/x'"
 _IDENTITY_ARN = re.compile(r"arn:aws[a-z-]*:ses:[a-z0-9-]+:\d+:identity/([^\s'`\"]+)")
 ACCESS_DENIED_CODES = frozenset({"AccessDenied", "AccessDeniedException"})
@@ -137,7 +136,7 @@ def scoped(
     lowered = message.lower()
     source_domain = source.rpartition("@")[2].lower()
     if code == "MessageRejected" and UNVERIFIED in lowered:
-        addresses = [a.lower() for a in _ADDRESS_WHOLE.findall(message)]
+        addresses = [m.group(0).lower().rstrip(".") for m in _ADDRESS.finditer(message)]
         if addresses and set(addresses) <= {r.lower() for r in recipients}:
             return exc  # the sandbox: a recipient not verified, not a sending identity
         named = [d.lower().rstrip(".") for d in _ADDRESS.findall(message)]
