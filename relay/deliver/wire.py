@@ -57,7 +57,7 @@ async def send_data(smtp: aiosmtplib.SMTP, wire: bytes) -> aiosmtplib.SMTPRespon
     if protocol is None or protocol.transport is None:
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
     transport = cast(asyncio.WriteTransport, protocol.transport)  # uvloop's: not a subclass
-    body, dot = wire[: -len(END)], END
+    body = wire[: -len(END)]  # END goes once the rest is out
     try:
         for at in range(0, len(body), CHUNK):
             protocol.write(body[at : at + CHUNK])
@@ -71,7 +71,7 @@ async def send_data(smtp: aiosmtplib.SMTP, wire: bytes) -> aiosmtplib.SMTPRespon
             raise aiosmtplib.SMTPTimeoutError("the host stopped reading the mail") from exc
         raise aiosmtplib.SMTPServerDisconnected("Connection lost in DATA") from exc
     try:
-        protocol.write(dot)
+        protocol.write(END)
         reply = await protocol.read_response(timeout=max(smtp.timeout or 0.0, DATA_DONE))
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
         smtp.close()
