@@ -8,6 +8,7 @@ shared `Doc` and returns None, so one pass reports every problem at once.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 import yaml
 
 from relay.errors import ConfigError, Problem
+
+MAX_NODES = 100_000  # values in a file with its aliases written out (the shipped rules: ~100)
 
 _TYPE_NAMES = {
     "tag:yaml.org,2002:str": "a string",
@@ -160,8 +163,8 @@ class Node:
         if integer and not isinstance(value, int):
             self.problem(f"expected {wanted}, got {value!r}")
             return None
-        if value != value:  # NaN: every comparison below would let it through
-            self.problem(f"expected {wanted}, got {value!r}")
+        if not math.isfinite(value):  # NaN passes every comparison; inf parks a retry for good
+            self.problem(f"expected a finite number, got {value!r}")
             return None
         if minimum is not None and value < minimum:
             self.problem(f"must be at least {minimum:g}, got {value!r}")
@@ -210,15 +213,47 @@ def parse(text: str, name: str) -> tuple[Doc, Node | None]:
     if root is None:
         doc.problem(1, "", "the file is empty")
         return doc, None
+    try:
+        size = _expanded_size(root, {})
+    except RecursionError:
+        doc.problem(None, "", "YAML nested too deeply")
+        return doc, None
+    if size > MAX_NODES:  # aliases of aliases: 25 lines can stand for millions of values
+        doc.problem(
+            None, "", f"YAML with aliases expanded is over {MAX_NODES:,} values: write it out"
+        )
+        return doc, None
     return doc, Node(doc, "", root)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many nodes `node` stands for once every alias is written out (an alias is the
+    same node object as its anchor, so `sizes` counts each object once)."""
+    known = sizes.get(id(node))
+    if known is not None:
+        return known
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(item, sizes) for item in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    sizes[id(node)] = size
+    return size
 
 
 def load(path: Path) -> tuple[Doc, Node | None]:
     """Read and compose the file at `path`; an unreadable file is a problem, not a crash."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        data = path.read_bytes()
+    except OSError as exc:
         doc = Doc(str(path))
         doc.problem(None, "", f"cannot read the file: {exc}")
+        return doc, None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        doc = Doc(str(path))
+        line = data.count(b"\n", 0, exc.start) + 1
+        doc.problem(line, "", f"not UTF-8: byte 0x{data[exc.start]:02x} ({exc.reason})")
         return doc, None
     return parse(text, str(path))

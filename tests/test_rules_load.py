@@ -110,6 +110,23 @@ def test_unknown_route_lists_valid_ones() -> None:
     assert expected == found
 
 
+def test_a_route_yaml_reads_as_true_or_false_says_to_quote_it() -> None:
+    """`on` and `off` are booleans to YAML 1.1; the problem says so, as relay.yaml's `mode:`
+    does, not only "expected a string"."""
+    found = problems("""
+        default: on
+        rules:
+          - name: a
+            route: off
+            match: {subject: a}
+        """)
+    expected = [
+        (1, "default", "on is read as true or false: quote it, or one of: ses, upstream"),
+        (4, "rules[0].route", "off is read as true or false: quote it, or one of: ses, upstream"),
+    ]
+    assert expected == found
+
+
 def test_missing_name_route_match() -> None:
     """A rule without name, route or match is a problem on the rule's first line, one per key."""
     found = problems("""
@@ -358,3 +375,15 @@ def test_check_config_reports_the_rules_problems_even_when_relay_yaml_has_some(
     assert 1 == result.exit_code, result.output
     expected = [f"{config}:1: mode:", f"{bad_rules}:4: rules[0].match.subject:"]
     assert expected == [line[: len(p)] for line, p in zip(errors, expected, strict=True)], errors
+
+
+def test_check_config_on_a_file_nested_too_deeply_says_so_without_a_traceback(
+    tmp_path: Path,
+) -> None:
+    """3,000 nested lists: `relay check-config` reports it in one line and exits 1 (reading
+    the rules file's name from it raised RecursionError, a traceback)."""
+    config = tmp_path / "relay.yaml"
+    config.write_text("retry: " + "[" * 3000 + "]" * 3000 + "\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["check-config", "--config", str(config)])
+    assert 1 == result.exit_code, result.output
+    assert [f"{config}: YAML nested too deeply"] == result.stderr.splitlines()

@@ -480,8 +480,41 @@ INVALID = [
         ["FILE:3: upstream.username: a username needs 'password_env' or 'password_file'"],
         id="username-without-password-source",
     ),
+    pytest.param(
+        MINIMAL + 'hostname: "relay.example.org\\r\\nX-Injected: yes"\n',
+        [
+            "FILE:3: hostname: 'relay.example.org\\r\\nX-Injected: yes' is not a host name"
+            " or IP address"
+        ],
+        id="hostname-with-crlf-would-split-the-greeting",
+    ),
+    pytest.param(
+        MINIMAL + "ses: {configuration_set: moodle reminders}\n",
+        [
+            "FILE:3: ses.configuration_set: expected a configuration set name: 1-64 of ASCII"
+            " letters, digits, '_' and '-', got 'moodle reminders'"
+        ],
+        id="configuration-set-as-a-rule-checks-it",
+    ),
+    pytest.param(
+        MINIMAL + "retry: {schedule: [.inf], max_age: 1.0e+300}\n",
+        [
+            "FILE:3: retry.schedule[0]: expected a finite number, got inf",
+            "FILE:3: retry.max_age: must be at most 3.1536e+07, got 1e+300",
+        ],
+        id="an-endless-retry-would-park-mail-for-good",
+    ),
     # the file as a whole
     pytest.param("", ["FILE:1: the file is empty"], id="empty-file"),
+    pytest.param(
+        "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+        + "".join(f"{c}: &{c} [{', '.join([f'*{chr(ord(c) - 1)}'] * 10)}]\n" for c in "bcde"),
+        ["FILE: YAML with aliases expanded is over 100,000 values: write it out"],
+        id="alias-bomb",
+    ),
+    pytest.param(
+        "[" * 3000 + "]" * 3000 + "\n", ["FILE: YAML nested too deeply"], id="nested-too-deeply"
+    ),
     pytest.param("- upstream\n", ["FILE:1: expected a mapping, got a list"], id="top-level-list"),
     pytest.param(
         "upstream:\n  host: 'smtp\n",
@@ -514,6 +547,14 @@ def test_missing_file_is_a_problem_not_a_crash(tmp_path: Path) -> None:
     path = tmp_path / "absent.yaml"
     expected = ["FILE: cannot read the file: [Errno 2] No such file or directory: 'FILE'"]
     assert expected == problems(path)
+
+
+def test_a_file_not_in_utf8_names_the_line(tmp_path: Path) -> None:
+    """A Latin-1 byte (an accent typed in another editor) is reported at its line, not as a
+    byte offset."""
+    path = tmp_path / "relay.yaml"
+    path.write_bytes(b"upstream:\n  host: h\n# caf\xe9\n")
+    assert ["FILE:3: not UTF-8: byte 0xe9 (invalid continuation byte)"] == problems(path)
 
 
 OUT_OF_RANGE = [

@@ -9,6 +9,8 @@ the shipped rules.yaml (Moodle's re-engagement mail).
 """
 
 from relay.rules.ruleset import (
+    CONFIG_SET,
+    CONFIG_SET_FORM,
     DEFAULT_RULES,
     IDENTITY_ARN,
     IDENTITY_ARN_FORM,
@@ -23,6 +25,8 @@ from relay.rules.ruleset import (
 )
 
 __all__ = [
+    "CONFIG_SET",
+    "CONFIG_SET_FORM",
     "DEFAULT_RULES",
     "IDENTITY_ARN",
     "IDENTITY_ARN_FORM",

@@ -32,8 +32,10 @@ log = logging.getLogger("relay.rules")
 
 # SES MessageTag names and values, and configuration set names, allow only these.
 _SES_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")
-_SES_CONFIG_SET = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SES_CHARS = "ASCII letters, digits, '_' and '-'"
+# An SES configuration set name (`configuration_set`, global or per rule).
+CONFIG_SET = re.compile(r"[A-Za-z0-9_-]{1,64}")
+CONFIG_SET_FORM = f"a configuration set name: 1-64 of {_SES_CHARS}"
 # An SES identity ARN, as sending authorization needs it (`identity_arn`, global or per rule).
 IDENTITY_ARN = re.compile(r"arn:aws[a-z-]*:ses:[a-z0-9-]+:\d{12}:identity/[^\s/]+")
 IDENTITY_ARN_FORM = "an identity ARN like arn:aws:ses:eu-west-1:123456789012:identity/example.org"
@@ -157,9 +159,11 @@ def _ruleset(doc: yamlfile.Doc, root: yamlfile.Node | None) -> RuleSet | None:
 
 
 def _route(node: yamlfile.Node) -> Route | None:
-    if text(node) is None:
+    try:  # as_choice itself: it names `on`/`off` (read as true/false) and how to quote them
+        value = node.as_choice([r.value for r in Route])
+    except ValueError as exc:  # as in grammar.text(): an impossible date
+        node.problem(f"unreadable value: {exc}")
         return None
-    value = node.as_choice([r.value for r in Route])
     return None if value is None else Route(value)
 
 
@@ -211,7 +215,7 @@ def _ses(
     config_set = None
     if "configuration_set" in entries:
         config_set = text(entries["configuration_set"])
-        if config_set is not None and not _SES_CONFIG_SET.fullmatch(config_set):
+        if config_set is not None and not CONFIG_SET.fullmatch(config_set):
             entries["configuration_set"].problem(
                 f"configuration set {config_set!r} must be 1-64 of {_SES_CHARS}"
             )

@@ -73,8 +73,8 @@ def rules_of(path: Path) -> Path | None:
     rules' problems as well; None when that cannot be read."""
     try:
         top = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError):
+        return None  # relay.yaml's own reading reports why
     if not isinstance(top, dict):
         return None
     if "rules" not in top:
@@ -123,6 +123,10 @@ def _read(root: yamlfile.Node, path: Path) -> Settings | None:
         else default_of(Settings, "mode")
     )
     hostname = top["hostname"].as_str() if "hostname" in top else socket.gethostname()
+    if "hostname" in top and hostname is not None and not sections.is_host(hostname):
+        # It goes into every greeting and Received: line; a CR or LF would split both.
+        top["hostname"].problem(f"{hostname!r} is not a host name or IP address")
+        hostname = None
     limits = sections.limits(top["limits"]) if "limits" in top else Limits()
     auth = _auth(top["auth"], rel) if "auth" in top and not top["auth"].is_null() else None
     tls = _tls(top["tls"], rel) if "tls" in top and not top["tls"].is_null() else None

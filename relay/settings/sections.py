@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from relay import yamlfile
-from relay.rules import IDENTITY_ARN, IDENTITY_ARN_FORM
+from relay.rules import CONFIG_SET, CONFIG_SET_FORM, IDENTITY_ARN, IDENTITY_ARN_FORM
 from relay.settings.model import (
     BareNewline,
     Bounces,
@@ -29,6 +29,10 @@ from relay.settings.model import (
 
 Rel = Callable[["yamlfile.Node"], Path | None]  # a path relative to relay.yaml
 
+
+# The longest a retry delay, `max_age` or `delay_warning` may be: a mail due later than
+# this is parked, not queued (and seconds far enough ahead are no date to show).
+YEAR = 365 * 86400.0
 
 _INT_LIMITS = {  # key -> the smallest value that makes sense
     "max_message_size": 1024,
@@ -93,7 +97,8 @@ _UPSTREAM = {
 _HOST_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
-def _is_host(text: str) -> bool:
+def is_host(text: str) -> bool:
+    """A host name or an IP address: what `upstream.host` and `hostname` may be."""
     if _HOST_NAME.fullmatch(text):
         return True
     try:
@@ -108,7 +113,7 @@ def upstream(node: yamlfile.Node, rel: Rel) -> Upstream | None:
     if m is None or "host" not in m:
         return None
     host = m["host"].as_str()
-    if host is not None and not _is_host(host):
+    if host is not None and not is_host(host):
         m["host"].problem(
             f"{host!r} is not a host name or IP address (the port goes in 'port:', no"
             " scheme, no spaces)"
@@ -175,9 +180,8 @@ def ses(node: yamlfile.Node) -> Ses | None:
     endpoint, ok = _optional_like(
         m, "endpoint_url", _URL, "a URL like https://email.eu-west-1.amazonaws.com"
     )
-    config_set = None
-    if "configuration_set" in m and not m["configuration_set"].is_null():
-        config_set = m["configuration_set"].as_str()
+    config_set, fine = _optional_like(m, "configuration_set", CONFIG_SET, CONFIG_SET_FORM)
+    ok = ok and fine
     rate: float | None = None
     if "max_send_rate" in m and not m["max_send_rate"].is_text("auto"):
         rate = m["max_send_rate"].as_number(minimum=0.01)
@@ -277,14 +281,14 @@ def retry(node: yamlfile.Node) -> Retry | None:
     schedule: tuple[float, ...] | None = Retry().schedule
     if "schedule" in m:
         items = m["schedule"].sequence()
-        values = [i.as_number(minimum=1) for i in items] if items is not None else None
+        values = None if items is None else [i.as_number(minimum=1, maximum=YEAR) for i in items]
         if not values or any(v is None for v in values):
             if values == []:
                 m["schedule"].problem("needs at least one delay in seconds")
             schedule = None
         else:
             schedule = tuple(float(v) for v in values if v is not None)
-    max_age = m["max_age"].as_number(minimum=1) if "max_age" in m else Retry().max_age
+    max_age = m["max_age"].as_number(minimum=1, maximum=YEAR) if "max_age" in m else Retry().max_age
     if schedule is None or max_age is None:
         return None
     return Retry(schedule=schedule, max_age=float(max_age))
@@ -304,7 +308,7 @@ def bounces(node: yamlfile.Node) -> Bounces | None:
         ok = sender is not None and _ADDRESS.fullmatch(sender) is not None
     delay = Bounces().delay_warning
     if "delay_warning" in m and not m["delay_warning"].is_null():
-        delay = m["delay_warning"].as_number(minimum=1)
+        delay = m["delay_warning"].as_number(minimum=1, maximum=YEAR)
         ok = ok and delay is not None
     if dsn is None or not ok:
         return None
