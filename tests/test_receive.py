@@ -43,8 +43,12 @@ class Wire:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def open(cls, port: int) -> tuple[Wire, str]:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=2**20)
+    async def open(cls, port: int, source: str | None = None) -> tuple[Wire, str]:
+        """Connect from `source` (another loopback address: another client) if given."""
+        local = None if source is None else (source, 0)
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, limit=2**20, local_addr=local
+        )
         wire = cls(reader, writer)
         return wire, await wire.reply()
 
@@ -422,6 +426,59 @@ async def test_talkers_that_send_no_mail_make_room_for_moodle(
     assert "queued as" in reply
     assert 1 == len(evicted), last
     assert evicted[0].startswith("421 4.7.0"), evicted
+
+
+async def test_a_mail_being_sent_is_not_evicted_for_want_of_a_mail(
+    start_relay: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """max_sessions_per_ip 2, one session sending its DATA a line every 0.2 s, past
+    EVICT_BARREN (1 s here) since it connected. Another client on 127.0.0.1 opens two
+    sessions: the second is refused, and the mail being sent gets its 250 and is stored.
+    Before, the working session was the one evicted (421 mid-DATA; Moodle does not send a
+    mail again), since the newcomer's own fresh session did not qualify."""
+    monkeypatch.setattr(guard, "EVICT_BARREN", 1.0)
+    running = await start_relay(limits={"max_sessions_per_ip": 2})
+    moodle, _ = await Wire.open(running.port)
+    for line in ("EHLO moodle.test", "MAIL FROM:<noreply@moodle.test>", "RCPT TO:<s@example.org>"):
+        assert (await moodle.cmd(line)).startswith("250"), line
+    assert (await moodle.cmd("DATA")).startswith("354")
+    await moodle.send(b"Subject: slow\r\n\r\n")
+    others: list[Wire] = []
+    greetings = []
+    for n in range(10):  # 2 s of body
+        await moodle.send(b"line %d\r\n" % n)
+        await asyncio.sleep(0.2)
+        if n == 7:
+            for _ in range(2):
+                wire, greeting = await Wire.open(running.port)
+                others.append(wire)
+                greetings.append(greeting)
+    reply = await moodle.cmd(b".")
+    for wire in [moodle, *others]:
+        await wire.close()
+    assert reply.startswith("250 2.0.0"), reply
+    assert 1 == len(stored(running))
+    assert greetings[1].startswith("421 4.7.0 Too many connections from 127.0.0.1"), greetings
+
+
+async def test_a_client_at_its_own_cap_does_not_evict_another_clients_session(
+    start_relay: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """max_sessions 4, max_sessions_per_ip 2: two idle sessions from 127.0.0.1 (Moodle's
+    kept-alive ones) and two from 127.0.0.2. A third from 127.0.0.2 is over its own cap: one
+    of its own sessions makes room, not Moodle's. Before, the total cap was checked first,
+    a Moodle session was evicted, and the newcomer was then refused anyway."""
+    monkeypatch.setattr(guard, "EVICT_BARREN", 1.0)
+    running = await start_relay(limits={"max_sessions": 4, "max_sessions_per_ip": 2})
+    moodle = [(await Wire.open(running.port))[0] for _ in range(2)]
+    theirs = [(await Wire.open(running.port, source="127.0.0.2"))[0] for _ in range(2)]
+    await asyncio.sleep(1.2)  # every session is past EVICT_IDLE and EVICT_BARREN
+    newcomer, greeting = await Wire.open(running.port, source="127.0.0.2")
+    replies = [await wire.cmd("NOOP") for wire in moodle]
+    for wire in [*moodle, *theirs, newcomer]:
+        await wire.close()
+    assert greeting.startswith("220"), greeting
+    assert ["250 OK", "250 OK"] == replies
 
 
 async def test_auth_cancelled_with_a_star_is_logged_sampled(

@@ -15,7 +15,10 @@ client away for as long as it idles. So at a cap, a new connection first
 evicts the session of that scope (all sessions, or that client's) furthest past
 one of these: silent for EVICT_IDLE seconds (EVICT_BUSY_IDLE in a mail
 transaction), or no mail accepted for EVICT_BARREN seconds since it connected or
-since its last one. Only when none qualifies is the newcomer refused. One that
+since its last one. A session in a transaction is never barren before its transaction
+has lasted EVICT_BUSY_BARREN: a mail being sent, or a kept-alive Moodle session's next
+mail 30 s after its last, must not be cut off (Moodle does not send it again). Only when
+none qualifies is the newcomer refused. One that
 holds connections open and says nothing loses them to whoever comes next, and so
 does one that talks without ever sending a mail (EHLO every half second kept a
 session for the whole session_timeout; on a loopback listen, where every client
@@ -47,6 +50,7 @@ RESERVED_FILES = 100
 EVICT_IDLE = 1.0  # seconds of silence before an idle session may make room for a new one
 EVICT_BUSY_IDLE = 30.0  # the same, for a session in a transaction (MAIL given)
 EVICT_BARREN = 30.0  # seconds since it connected or last had a mail accepted: the same
+EVICT_BUSY_BARREN = 300.0  # the same, in a transaction, counted from its MAIL as well
 
 IPV6_PREFIX = 84  # bits of an IPv6 address that name one client (Postfix's default)
 
@@ -86,6 +90,10 @@ class Caps:
         self.total += 1
         self.by_ip[client] = held + 1
         return None
+
+    def full_for(self, client: str) -> bool:
+        """`client` holds max_per_ip sessions: no room for it whatever others close."""
+        return self.by_ip.get(client, 0) >= self.max_per_ip
 
     def release(self, client: str) -> None:
         """The session `admit` counted has ended."""

@@ -31,6 +31,7 @@ from aiosmtpd.smtp import SMTP, syntax
 from relay import logs, metrics
 from relay.receive.caps import (
     EVICT_BARREN,
+    EVICT_BUSY_BARREN,
     EVICT_BUSY_IDLE,
     EVICT_IDLE,
     TOO_MANY_SESSIONS,
@@ -77,6 +78,7 @@ class Guard(SMTP):
         self._address = "?"  # the peer's own address
         self._started = self._last_read = 0.0
         self.last_mail = 0.0  # when it connected, then when it last had a mail accepted
+        self.began = 0.0  # when its present (or last) transaction began: MAIL accepted
 
     def _admit(self, transport: Any, peer: Any) -> bool:
         """Count this new connection in `caps` (evicting a silent one if need be); when
@@ -85,7 +87,10 @@ class Guard(SMTP):
         address = address_of(peer)
         client = client_of(address)
         refusal = self.caps.admit(client)
-        if refusal is not None and self._evict(client, refusal == TOO_MANY_SESSIONS):
+        # At max_sessions, another client's session makes room only if this client is under
+        # its own cap; else one of its own does (or it would be refused all the same).
+        anyone = refusal == TOO_MANY_SESSIONS and not self.caps.full_for(client)
+        if refusal is not None and self._evict(client, anyone):
             refusal = self.caps.admit(client)
         if refusal is not None:
             reason = Refusal.MAX_SESSIONS
@@ -121,8 +126,13 @@ class Guard(SMTP):
         victim, most = None, 0.0
         for session in self.registry:
             if anyone or session._client == client:
-                quiet = now - session._last_read - (EVICT_BUSY_IDLE if session.busy else EVICT_IDLE)
-                over = max(quiet, now - session.last_mail - EVICT_BARREN)
+                if session.busy:  # see relay.receive.caps: a mail is being sent
+                    quiet = now - session._last_read - EVICT_BUSY_IDLE
+                    barren = now - max(session.last_mail, session.began) - EVICT_BUSY_BARREN
+                else:
+                    quiet = now - session._last_read - EVICT_IDLE
+                    barren = now - session.last_mail - EVICT_BARREN
+                over = max(quiet, barren)
                 if over >= most:
                     victim, most = session, over
         if victim is None:
@@ -192,6 +202,13 @@ class Guard(SMTP):
             return False
         self.close_for(Refusal.JUNK_COMMANDS, TOO_MANY_JUNK)
         return True
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        idle = not self.busy
+        await super().smtp_MAIL(arg)
+        if idle and self.busy:
+            self.began = self.loop.time()  # a transaction began: see _evict
 
     # Postfix's smtpd_junk_command_limit commands, plus HELP; `push` counts error replies.
     @syntax("NOOP [ignored]")
