@@ -298,7 +298,18 @@ def reclaim_inflight(conn: sqlite3.Connection) -> int:
             (now, qid),
         )
         add_event(conn, qid, "reclaimed", "was inflight when the service stopped", now)
+    queued_now(conn, now)
     return len(ids)
+
+
+def queued_now(conn: sqlite3.Connection, now: float) -> int:
+    """Queued rows due later than `now` made due now; returns how many. A queued row is due
+    when it is written, so a later due time means the wall clock went back since (a VM
+    resumed, a clock stepped at boot): without this, mail never tried waited out the step.
+    Deferred rows keep theirs, as Postfix's deferred queue files keep their times."""
+    return conn.execute(
+        "UPDATE messages SET due_at = ?1 WHERE state = 'queued' AND due_at > ?1", (now,)
+    ).rowcount
 
 
 def state_counts(conn: sqlite3.Connection) -> dict[str, int]:

@@ -50,6 +50,7 @@ from relay.spool.rows import (
     new_id,
     oldest_waiting,
     purge_sent,
+    queued_now,
     reclaim_inflight,
     split_off,
     state_counts,
@@ -62,8 +63,24 @@ log = logging.getLogger("relay.spool")
 # purge() in steps, each one transaction under the write lock. Here, purging 200,000 rows:
 # 24 ms per step of rows, 23 ms per step of pages at the median, 0.1 s at most, against
 # lock.TURN_TIMEOUT's 5 s (one step for all of them held it 10 s).
+CLOCK_STEP = 1.0  # seconds the wall clock may go back between two claims unremarked
 PURGE_ROWS = 500  # rows (and feedback keys) per step, under SQLite's 999 parameters
 PURGE_PAGES = 1000  # free pages given back to the disk per step
+
+
+def _disk_state(directory: Path) -> str:
+    """What the spool's file system says of itself when opening failed: SQLite says "disk
+    I/O error" for a full disk and "unable to open database file" for a read-only one."""
+    try:
+        fs = os.statvfs(directory)
+    except OSError:
+        return ""
+    if fs.f_flag & os.ST_RDONLY:
+        return "the file system is read-only"
+    free = fs.f_bavail * fs.f_frsize
+    if free < 1024 * 1024:
+        return f"the disk is full ({free} bytes free)"
+    return ""
 
 
 class Spool:
@@ -80,6 +97,7 @@ class Spool:
         self._closed = False
         # The delivery side: the calls of one turn of its event loop commit together.
         self._turn_batch = TurnBatch(writer) if writes_now else None
+        self._last_claim = -math.inf  # wall clock at the last claim: a step back shows there
 
     @classmethod
     async def open(cls, directory: Path, *, full_sync: bool = True) -> Spool:
@@ -100,7 +118,12 @@ class Spool:
         except SpoolError:
             raise  # says which file and why already (a schema newer than this code)
         except (OSError, sqlite3.Error) as exc:
-            raise SpoolError(f"cannot open spool in {directory}: {exc}") from exc
+            why = _disk_state(directory)
+            name = getattr(exc, "sqlite_errorname", None)
+            detail = f"{exc} ({name})" if name else str(exc)
+            raise SpoolError(
+                f"cannot open spool {directory / DB_NAME}: {detail}{f'; {why}' if why else ''}"
+            ) from exc
         writer = Writer(directory / DB_NAME, poll=POLL if full_sync else DELIVERY_POLL)
         writer.pragmas["wal_autocheckpoint"] = SAFETY_PAGES  # the Checkpointers' job
         checkpointer = Checkpointer(writer.path, every=SERVE_EVERY if full_sync else EVERY)
@@ -202,7 +225,16 @@ class Spool:
         """Due queued/deferred messages -> inflight (attempts + 1), oldest first."""
         if limit <= 0:
             return []
-        return await self._call(lambda conn: claim_due(conn, limit, time.time()))
+        now = time.time()
+        back = now < self._last_claim - CLOCK_STEP
+        self._last_claim = now
+
+        def op(conn: sqlite3.Connection) -> list[Mail]:
+            if back and (moved := queued_now(conn, now)):
+                log.warning("event=clock_stepped_back count=%d (queued mail made due now)", moved)
+            return claim_due(conn, limit, now)
+
+        return await self._call(op)
 
     async def sent(
         self,

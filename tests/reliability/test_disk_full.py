@@ -30,9 +30,10 @@ from typing import Any
 import pytest
 
 from relay.deliver import task
+from relay.errors import SpoolError
 from relay.receive.handler import SPOOL_UNAVAILABLE
 from relay.runtime import Context
-from relay.spool import Spool, open_existing
+from relay.spool import DB_NAME, Spool, open_existing
 from tests.support.aws import REGION
 from tests.support.capture import CaptureServer
 from tests.support.fakeses import FakeSes
@@ -262,12 +263,14 @@ def test_the_queue_can_be_read_on_a_full_or_read_only_disk(
     the read-only one opened read-only, and stderr says so). SQLite could not open the
     spool to write, and every queue command failed ("unable to open database file"; "disk
     I/O error" on a full disk when WAL's files must be made), just when the admin needed to
-    see what was queued."""
+    see what was queued. Opening it to write (what relay serve does) fails with the file's
+    name and why: the disk full, the file system read-only (SQLite says only "disk I/O
+    error" and "unable to open database file")."""
     # One spool for each step, each closed as a stopped relay serve leaves it (no WAL files)
     spools = {disk: tmpfs / disk for disk in ("full", "read-only")}
     ids = {disk: asyncio.run(two_mails(spool)) for disk, spool in spools.items()}
     fill(tmpfs)
-    seen, said = {}, {}
+    seen, said, opened = {}, {}, {}
     for disk, spool in spools.items():
         if disk == "read-only":
             subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
@@ -277,8 +280,15 @@ def test_the_queue_can_be_read_on_a_full_or_read_only_disk(
         listing = sorted(json.loads(line)["id"] for line in listed.stdout.splitlines())
         seen[disk] = (listed.returncode, listing == sorted(ids[disk]), shown.returncode)
         said[disk] = listed.stderr
+        with pytest.raises(SpoolError) as refused:
+            asyncio.run(Spool.open(spool))
+        opened[disk] = str(refused.value)
     assert {disk: (0, True, 0) for disk in spools} == seen, said
     assert "read-only, as it is" in said["read-only"]
+    why = {"full": "the disk is full", "read-only": "the file system is read-only"}
+    for disk, message in opened.items():
+        assert f"cannot open spool {spools[disk] / DB_NAME}: " in message, message
+        assert why[disk] in message, message
 
 
 async def two_mails(spool_dir: Path) -> list[str]:
