@@ -782,3 +782,21 @@ async def test_a_lone_session_commits_on_its_own_thread_unless_it_would_wait(
     finally:
         os.close(lock)
     assert [qid] == [m.id for m in await spool.claim(10)]
+
+
+async def test_a_spool_of_the_current_version_without_a_column_is_refused_naming_it(
+    tmp_path: Path,
+) -> None:
+    """A spool whose version number is current but which lacks a column (a development
+    build gave version 4 to another change) is refused at open, naming the file and the
+    column. Before, relay answered 250 to new mail and logged `claim_failed` every second
+    ("no such column: retried_at"), delivering nothing."""
+    directory = tmp_path / "spool"
+    await (await Spool.open(directory)).close()
+    conn = sqlite3.connect(directory / DB_NAME, isolation_level=None)
+    conn.execute("ALTER TABLE messages DROP COLUMN retried_at")
+    conn.close()
+    with pytest.raises(SpoolError) as refused:
+        await Spool.open(directory)
+    expected = f"spool {directory / DB_NAME} (schema version {SCHEMA_VERSION}) lacks messages."
+    assert str(refused.value).startswith(expected + "retried_at: a development build"), refused

@@ -112,8 +112,8 @@ def _bounce_if_all(
     events (`already`, those of earlier ones) cover every recipient.
 
     A mark is a `feedback` row of kind "failed" keyed by the address (without case: SES
-    may report one as the receiving host spells it), so no column was added for it: a spool
-    stays at schema 3, which a relay rolled back to an older version still opens.
+    may report one as the receiving host spells it), so no column was added for it (the
+    marks came before schema 4's `retried_at`, which they do not need).
     """
     conn.executemany(
         "INSERT OR IGNORE INTO feedback (key, queue_id, at, kind) VALUES (?, ?, ?, 'failed')",

@@ -15,6 +15,7 @@ SQLite's write lock, so a spool is at one version or the next, never between.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sqlite3
 from collections.abc import Iterator
@@ -146,6 +147,7 @@ def prepare(directory: Path) -> None:
             conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         if schema_version(conn, path) < SCHEMA_VERSION:
             upgrade(conn, path)
+        check_columns(conn, path)
         conn.execute(_MESSAGES_READY)
         if conn.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name IN (?, ?)", _FULL_INDEXES
@@ -155,6 +157,40 @@ def prepare(directory: Path) -> None:
     finally:
         conn.close()
     os.chmod(path, 0o600)
+
+
+def check_columns(conn: sqlite3.Connection, path: Path) -> None:
+    """SpoolError naming what is missing when a table lacks a column this relay uses: the
+    version number said current, but a development build that gave the same number to
+    another change wrote it. Relay answered 250 and never delivered ("no such column")."""
+    missing = [
+        f"{table}.{column}"
+        for table, columns in _expected_columns().items()
+        for column in sorted(columns - _columns(conn, table))
+    ]
+    if missing:
+        raise SpoolError(
+            f"spool {path} (schema version {schema_version(conn, path)}) lacks"
+            f" {', '.join(missing)}: a development build of relay wrote it; move it aside,"
+            " or send its mail with the relay that wrote it"
+        )
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+
+
+@functools.cache
+def _expected_columns() -> dict[str, frozenset[str]]:
+    """Every table's columns as a new spool has them."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        for statement in _UPGRADES[0]:
+            conn.execute(statement)
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return {table: frozenset(_columns(conn, table)) for table in tables}
+    finally:
+        conn.close()
 
 
 def schema_version(conn: sqlite3.Connection, path: Path) -> int:
