@@ -155,8 +155,10 @@ def reload(ctx: Context) -> bool:
     try:
         new_settings = settings_mod.load(ctx.settings.source)
         new_rules = rules.load(new_settings.rules)
-        # What `relay serve` refuses at start: the upstream password's variable or file.
+        # What `relay serve` refuses at start: the upstream password's variable or file, a
+        # users file it cannot read, TLS files it cannot load.
         secrets = settings_mod.check_secrets(new_settings)
+        secrets += settings_mod.check_listen_env(new_settings)
     except ConfigError as exc:
         problems = [str(p) for p in exc.problems]
     except Exception as exc:  # anything else a file can cause: a reload never stops relay

@@ -32,6 +32,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, suppress
+from functools import partial
 from pathlib import Path
 
 import uvloop
@@ -48,7 +49,7 @@ from relay.receive.handler import Handler
 from relay.receive.passwords import Users
 from relay.receive.session import Session, session_factory
 from relay.runtime import Context, Task, wait_any
-from relay.settings import Settings, check_listen_env, check_secrets
+from relay.settings import Settings, check_listen_env, check_secrets, tls_context
 from relay.spool import Spool
 
 log = logging.getLogger("relay.service")
@@ -128,15 +129,34 @@ def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, object])
 
 
 def _tls_context(settings: Settings) -> ssl.SSLContext | None:
-    if settings.tls is None:
+    tls = settings.tls
+    if tls is None:
         return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
-        context.load_cert_chain(settings.tls.cert, settings.tls.key)
+        return tls_context(tls)
     except (OSError, ssl.SSLError) as exc:
-        tls = settings.tls
         raise StartError(f"tls: cannot load {tls.cert} / {tls.key}: {exc}") from exc
-    return context
+
+
+def _renew_certificate(context: ssl.SSLContext, settings: Settings, _: rules.RuleSet) -> None:
+    """At a reload, the certificate and key read again into the context in use, for the
+    handshakes to come: a certificate renewed at the same path (certbot's) was served only
+    after a restart, and once the old one expired Moodle's STARTTLS failed. Changed paths
+    wait for a restart (`reload_needs_restart`)."""
+    tls = settings.tls
+    if tls is None:
+        return
+    try:
+        tls_context(tls)  # a throwaway first: a key that does not fit never reaches the live one
+        context.load_cert_chain(tls.cert, tls.key)
+    except (OSError, ssl.SSLError) as exc:
+        logs.event(
+            log,
+            "tls_reload_failed",
+            level=logging.ERROR,
+            keeping="the certificate in use",
+            error=f"{tls.cert} / {tls.key}: {exc}",
+        )
 
 
 async def serve(
@@ -179,6 +199,8 @@ async def serve(
         previous = loop.get_exception_handler()
         loop.set_exception_handler(_loop_exception)
         stack.callback(loop.set_exception_handler, previous)
+        if tls is not None:
+            ctx.on_reload.append(partial(_renew_certificate, tls))
         with suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, ctx.reload.set)
             stack.callback(loop.remove_signal_handler, signal.SIGHUP)

@@ -212,6 +212,32 @@ async def test_one_scrypt_at_a_time_even_when_the_client_hangs_up(
     assert 1 == most
 
 
+async def test_a_users_file_gone_or_emptied_keeps_the_users_last_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The users file moved away, then written empty (rewritten by delete and create, or by
+    root with umask 077): Moodle's login still works, a wrong password still fails, and it
+    is logged once. Before, every AUTH got 535 until the file came back; Moodle's mail was
+    lost. A readable file with users again is taken as it is."""
+    users_file = tmp_path / "users"
+    users_file.write_text(f"moodle:{passwords.hash_password('right', n=1024)}\n", "utf-8")
+    users = passwords.Users(users_file)
+    assert await users.verify(b"moodle", b"right")
+    moved = users_file.rename(tmp_path / "users.old")
+    with caplog.at_level(logging.WARNING, logger="relay.receive"):
+        assert await users.verify(b"moodle", b"right")
+        assert not await users.verify(b"moodle", b"wrong")
+        users_file.write_text("", encoding="utf-8")
+        assert await users.verify(b"moodle", b"right")
+    said = [r.getMessage() for r in caplog.records]
+    assert 1 == len(said), said
+    assert said[0].startswith(f"event=users_file_unusable count=1 path={users_file}"), said
+    moved.unlink()
+    users_file.write_text(f"cron:{passwords.hash_password('other', n=1024)}\n", "utf-8")
+    assert not await users.verify(b"moodle", b"right")
+    assert await users.verify(b"cron", b"other")
+
+
 def _stream(seed: int) -> bytes:
     """A DATA stream with stuffed dots, bare CR/LF and long lines, then the end line."""
     rng = random.Random(seed)

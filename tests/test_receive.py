@@ -14,7 +14,10 @@ import json
 import logging
 import random
 import re
+import shutil
+import socket
 import sqlite3
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +26,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from relay import runtime
+from relay import settings as settings_mod
 from relay.mail import header_block
 from relay.receive import guard
 from relay.receive.handler import address_problem, extract_message_id
 from relay.receive.passwords import hash_password, parse_users, verify_password
 from relay.spool import DB_NAME
 from tests.support.ports import free_port
-from tests.support.relays import Running, Start
-from tests.support.tls import TlsFiles
+from tests.support.relays import ConfigWriter, Running, Start
+from tests.support.tls import TlsFiles, make_certificate
 
 LIMIT = 8192  # max_message_size for these tests
 MAIL = b"Message-ID: <1@moodle.test>\r\nSubject: hello\r\n\r\nHello.\r\n"
@@ -583,6 +588,62 @@ async def test_auth_after_starttls(secured: Running, mechanism: str) -> None:
         await client.sendmail("noreply@moodle.test", ["student@example.org"], MAIL)
     [mail] = await secured.ctx.spool.claim(1)
     assert b" with ESMTPSA id " in mail.trace
+
+
+def served_certificate(port: int) -> bytes:
+    """The certificate relay shows after STARTTLS (DER), from a plain blocking client."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        stream = sock.makefile("rb")
+        for command in (None, b"EHLO client.example\r\n", b"STARTTLS\r\n"):
+            if command:
+                sock.sendall(command)
+            while (line := stream.readline())[3:4] == b"-":
+                pass
+        assert line.startswith(b"220"), line
+        client = ssl.create_default_context()
+        client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+        with client.wrap_socket(sock) as tls:
+            der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+async def test_a_certificate_renewed_at_its_path_is_served_after_a_reload(
+    start_relay: Start, tmp_path: Path
+) -> None:
+    """certbot writes the renewed certificate and key over the old files and reloads: the
+    next STARTTLS shows the new certificate. Before, relay kept the one it started with
+    until a restart, and reported the reload as done. A key that does not fit the
+    certificate fails the reload by name, and the certificate in use stays."""
+    live = make_certificate(tmp_path / "live")
+    running = await start_relay(tls={"cert": str(live.cert), "key": str(live.key)})
+    before = await asyncio.to_thread(served_certificate, running.port)
+    renewed = make_certificate(tmp_path / "renewed")
+    shutil.copyfile(renewed.cert, live.cert)
+    shutil.copyfile(renewed.key, live.key)
+    assert runtime.reload(running.ctx)
+    after = await asyncio.to_thread(served_certificate, running.port)
+    assert before != after
+    assert ssl.DER_cert_to_PEM_cert(after) == renewed.cert.read_text()
+    shutil.copyfile(make_certificate(tmp_path / "other").key, live.key)
+    assert not runtime.reload(running.ctx)
+    assert after == await asyncio.to_thread(served_certificate, running.port)
+
+
+def test_check_config_loads_the_tls_files(
+    write_config: ConfigWriter, tls_files: TlsFiles, tmp_path: Path
+) -> None:
+    """A key that does not fit the certificate, or a certificate file that is not PEM, is a
+    problem for `relay check-config` (and at reload), as `relay serve` refuses to start
+    with it. check-config said ok, and the next restart stopped relay."""
+    other = make_certificate(tmp_path / "other")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n", encoding="utf-8")
+    for cert, key in ((tls_files.cert, other.key), (garbage, tls_files.key)):
+        config = write_config(tls={"cert": str(cert), "key": str(key)})
+        loaded = settings_mod.load(config)
+        [problem] = settings_mod.check_listen_env(loaded)
+        assert problem.startswith(f"{config}: tls: cannot load {cert} / {key}: "), problem
 
 
 async def test_starttls_inside_tls_is_refused(secured: Running) -> None:

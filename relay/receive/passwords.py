@@ -21,7 +21,10 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from relay import logs
+
 log = logging.getLogger("relay.receive")
+_UNUSABLE = logs.Sampled(log, "users_file_unusable")  # each AUTH would log it
 
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 16384, 8, 1
 _KEY_LEN = 32
@@ -90,13 +93,28 @@ class Users:
         self._turn = asyncio.Semaphore(1)
 
     def _hashes(self) -> dict[str, str]:
-        st = os.stat(self.path)
-        stamp = (st.st_mtime_ns, st.st_size)
-        if self._loaded is None or self._loaded.stamp != stamp:
-            self._loaded = _Loaded(stamp, parse_users(self.path.read_text(encoding="utf-8")))
-            self._good.clear()
-            self._decoy = None
-        return self._loaded.hashes
+        """The users, re-read when the file changes. A file gone, unreadable or without a
+        user line (being rewritten, or written by root with umask 077) keeps the users last
+        read: relay refuses to start on such a file, and meanwhile answered Moodle's every
+        AUTH with 535, and Moodle does not send again."""
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_mtime_ns, st.st_size)
+            if self._loaded is not None and self._loaded.stamp == stamp:
+                return self._loaded.hashes
+            hashes = parse_users(self.path.read_text(encoding="utf-8"))
+            problem = None if hashes else "no user:$scrypt$... line"
+        except (OSError, UnicodeDecodeError) as exc:
+            if self._loaded is None:
+                raise
+            problem = getattr(exc, "strerror", None) or str(exc)
+        if problem is not None and self._loaded is not None:
+            _UNUSABLE(path=str(self.path), error=problem, keeping="the users last read")
+            return self._loaded.hashes
+        self._loaded = _Loaded(stamp, hashes)
+        self._good.clear()
+        self._decoy = None
+        return hashes
 
     def _decoy_hash(self, hashes: dict[str, str]) -> str:
         """A hash no password matches, costing what the users' hashes cost."""

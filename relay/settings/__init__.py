@@ -14,6 +14,7 @@ from relay.settings.load import (
     find_config,
     load,
     rules_of,
+    tls_context,
 )
 from relay.settings.model import (
     DEFAULT_LISTEN,
@@ -58,4 +59,5 @@ __all__ = [
     "find_config",
     "load",
     "rules_of",
+    "tls_context",
 ]

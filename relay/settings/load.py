@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import ssl
 from pathlib import Path
 
 import yaml
@@ -233,6 +234,14 @@ def _networks(
     return tuple(networks) if len(networks) == len(items) else None
 
 
+def tls_context(tls: Tls) -> ssl.SSLContext:
+    """The server context with `tls`'s certificate and key (OSError or ssl.SSLError when
+    they cannot be used)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls.cert, tls.key)
+    return context
+
+
 def check_listen_env(settings: Settings) -> list[str]:
     """Problems that only show at run time (files that must exist and be usable); empty
     when fine. A users file relay cannot read, or with no usable line, would answer every
@@ -245,6 +254,12 @@ def check_listen_env(settings: Settings) -> list[str]:
     ):
         if file is not None and not file.is_file():
             problems.append(f"{settings.source}: {label}: {file} does not exist")
+    tls = settings.tls
+    if tls is not None and tls.cert.is_file() and tls.key.is_file():
+        try:  # what relay serve does with them: a key that does not fit, a file not PEM
+            tls_context(tls)
+        except (OSError, ssl.SSLError) as exc:
+            problems.append(f"{settings.source}: tls: cannot load {tls.cert} / {tls.key}: {exc}")
     users = settings.auth.users_file if settings.auth else None
     if users is not None and users.is_file():
         try:

@@ -24,6 +24,12 @@ class TlsFiles:
 @pytest.fixture(scope="session")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
     """A self-signed certificate for CN=relay.test (and 127.0.0.1), made with `cryptography`."""
+    return make_certificate(tmp_path_factory.mktemp("tls"))
+
+
+def make_certificate(directory: Path) -> TlsFiles:
+    """A new self-signed certificate (and key) for relay.test in `directory`: cert.pem and
+    key.pem, each time another key and serial number."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -51,7 +57,7 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
         )
         .sign(key, hashes.SHA256())
     )
-    directory = tmp_path_factory.mktemp("tls")
+    directory.mkdir(parents=True, exist_ok=True)
     files = TlsFiles(cert=directory / "cert.pem", key=directory / "key.pem")
     files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     files.key.write_bytes(
