@@ -450,7 +450,7 @@ async def test_session_state_is_what_aiosmtpd_init_makes(
     # relay's own hostile-client limits (caps, junk, AUTH failures, timers from the last
     # read): not aiosmtpd's, so set as relay sets them; the idle timeout is aiosmtpd's 300 s.
     reference.caps, reference._client, reference._started, reference._last_read = None, None, 0, 0
-    reference.last_mail, reference._address = 0.0, "?"
+    reference.last_mail, reference.began, reference._address = 0.0, 0.0, "?"
     reference.session_timeout = running.settings.limits.session_timeout
     reference.junk_limit = running.settings.limits.max_junk_commands
     reference.junk, reference.auth_failures, reference.overshoot = 0, 0, 0
