@@ -5,6 +5,8 @@ Exit codes: 0 ok; 1 a check failed; 2 usage error (click's own).
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -24,6 +26,16 @@ def _settings(config: Path | None) -> settings_mod.Settings:
         raise click.ClickException(f"{path} cannot be used:\n{exc}") from exc
 
 
+def _open_standard_files() -> None:
+    """/dev/null for whichever of 0, 1 and 2 is closed (`relay serve >&- 2>&- &`): else a
+    socket or pipe gets one of those numbers, and libuv aborts on closing it (SIGABRT)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
+
+
 @click.group()
 @click.version_option(package_name="relay")
 def main() -> None:
@@ -39,6 +51,10 @@ def main() -> None:
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
 def serve(config: Path | None, log_format: str) -> None:
     """Run the service: accept mail, spool it, deliver it."""
+    # Until the loop handles it (service.serve), SIGHUP's default would end relay serve,
+    # and systemd does not restart a unit a SIGHUP ended: a reload in its first second did.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    _open_standard_files()
     from relay import service
 
     sys.exit(service.run(_settings(config), log_format=log_format))

@@ -98,6 +98,9 @@ class _Handoff(logging.handlers.QueueHandler):
 _Queued = logging.LogRecord | threading.Event | None
 
 
+STOP_WAIT = 2.0  # seconds the log writer gets at exit to write out what is queued
+
+
 class _Writer(threading.Thread):
     """Formats the queued records with `handler` and writes them to its stream, in bursts."""
 
@@ -109,9 +112,10 @@ class _Writer(threading.Thread):
         self.handler = handler
 
     def stop(self) -> None:
-        """Write out what is queued, then end."""
+        """Write out what is queued, then end; at most STOP_WAIT seconds: a stream nobody
+        reads (journald stalled, a pipe) held relay serve after SIGTERM until SIGKILL."""
         self.records.put(None)
-        self.join()
+        self.join(timeout=STOP_WAIT)
 
     def run(self) -> None:
         while True:
@@ -164,6 +168,8 @@ def _stop_writer() -> None:
     if _writer is None:
         return
     _writer.stop()
+    if _writer.is_alive():  # stuck on a stream nobody reads: writing there would block too
+        return
     root = logging.getLogger()
     for handler in list(root.handlers):
         if isinstance(handler, _Handoff):

@@ -28,6 +28,16 @@ def _run(fmt: str, count: int) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _unread(count: int) -> subprocess.Popen[str]:
+    """SCRIPT logging `count` lines, its stdout and stderr pipes left to the caller."""
+    return subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, "text", str(count)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def test_text_lines_are_all_written_by_exit() -> None:
     done = _run("text", 500)
     lines = done.stderr.splitlines()
@@ -49,12 +59,7 @@ def test_a_stalled_stderr_does_not_block_logging() -> None:
     # 2,000 lines of 1 KB are 30 times a pipe's buffer; nobody reads stderr until the
     # script says it has logged them all. A handler writing on the caller's thread
     # would block on the full pipe and never print "logged".
-    with subprocess.Popen(
-        [sys.executable, "-c", SCRIPT, "text", "2000"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as proc:
+    with _unread(2000) as proc:
         assert proc.stdout is not None and proc.stderr is not None
         ready, _, _ = select.select([proc.stdout], [], [], 20)
         if not ready:
@@ -96,3 +101,19 @@ def test_a_burst_of_lines_is_written_together() -> None:
     writes = int(done.stdout.split("writes ")[1])
     assert len(done.stderr.splitlines()) == 300
     assert 1 <= writes <= 30, writes
+
+
+def test_a_stderr_nobody_reads_does_not_hold_the_exit() -> None:
+    """2,000 lines to a stderr nobody ever reads (journald stalled): the process still ends
+    a few seconds after its last line. The writer was joined without a deadline at exit, and
+    relay serve, stopped with SIGTERM, ran until systemd's SIGKILL."""
+    with _unread(2000) as proc:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "logged"
+        try:
+            code = proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = None
+        proc.communicate()
+    assert 0 == code

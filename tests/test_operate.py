@@ -165,6 +165,63 @@ def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 
 
 @pytest.mark.system
+def test_a_sighup_while_relay_serve_starts_does_not_end_it(
+    write_config: ConfigWriter, relay_process: Process, capture: CaptureServer
+) -> None:
+    """A reload (SIGHUP) while `relay serve` starts, before its event loop handles the
+    signal (sent as soon as /proc shows it ignored, long before it listens): it starts and
+    takes mail. SIGHUP's default action ended it, and systemd does not restart a unit a
+    SIGHUP ended."""
+    config = write_config(
+        ses={"enabled": False}, upstream={"host": "127.0.0.1", "port": capture.port}
+    )
+    relay = relay_process(config)
+    sent: list[float] = []
+
+    def hup_once_ignored() -> None:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if relay.proc is not None:
+                with contextlib.suppress(OSError):
+                    status = Path(f"/proc/{relay.proc.pid}/status").read_text()
+                    ignored = int(re.search(r"SigIgn:\s*(\w+)", status)[1], 16)  # type: ignore[index]
+                    if ignored & (1 << (signal.SIGHUP - 1)):
+                        relay.proc.send_signal(signal.SIGHUP)
+                        sent.append(time.monotonic())
+                        return
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=hup_once_ignored)
+    watcher.start()
+    try:
+        relay.start()
+    finally:
+        watcher.join()
+    assert sent, "relay serve never ignored SIGHUP while it started"
+    assert send(relay.port, "noreply@moodle.test", ["ada@example.net"], mail("hello", 1))
+
+
+def test_relay_serve_with_its_standard_files_closed_runs(
+    write_config: ConfigWriter, relay_process: Process, capture: CaptureServer
+) -> None:
+    """`relay serve <&- >&- 2>&- &`: it listens and takes mail. With 0, 1 or 2 closed, a
+    socket or pipe got that number and libuv aborted on closing it (SIGABRT), just after
+    "listening"."""
+    config = write_config(
+        ses={"enabled": False}, upstream={"host": "127.0.0.1", "port": capture.port}
+    )
+    relay = relay_process(config)
+    relay.prefix = ["sh", "-c", 'exec "$@" <&- >&- 2>&-', "sh"]
+    relay.start()
+    qids = [
+        send(relay.port, "noreply@moodle.test", ["ada@example.net"], mail("hello", n))
+        for n in range(3)
+    ]
+    time.sleep(1.0)
+    assert relay.proc is not None and relay.proc.poll() is None
+    assert 3 == len(qids)
+
+
 def test_sighup_broken_rules_keep_old_then_fixed_rules_apply(
     write_config: ConfigWriter, relay_process: Process, capture: CaptureServer, tmp_path: Path
 ) -> None:

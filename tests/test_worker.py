@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay import rules
@@ -562,3 +563,23 @@ async def test_a_hung_delivery_process_is_killed_and_replaced(
         r.getMessage() for r in caplog.records if "event=delivery_process_hung" in r.getMessage()
     ]
     assert len(hung) == 1 and f"pid={first}" in hung[0]
+
+
+def test_a_delivery_process_gone_before_its_settings_are_written_is_an_exit_not_a_crash(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The child dies before the handover is written (killed at once, or failing at its first
+    import): on uvloop, relay serve's loop, writing to its closed stdin raised RuntimeError,
+    which went up through the supervisor and stopped relay serve (exit 1, Moodle refused).
+    Now the write is skipped and the death is logged and restarted as any other."""
+    monkeypatch.setattr(handover, "pack", lambda settings, rules: b"x" * 100_000)
+
+    async def scenario() -> int | None:
+        proc = await asyncio.create_subprocess_exec("true", stdin=asyncio.subprocess.PIPE)
+        await proc.wait()
+        await asyncio.sleep(0.1)  # the loop has seen the pipe close
+        ctx = type("Ctx", (), {"settings": None, "rules": None})()
+        await supervisor._hand_over(proc, ctx)  # type: ignore[arg-type]
+        return proc.returncode
+
+    assert 0 == uvloop.run(scenario())

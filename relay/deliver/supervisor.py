@@ -65,6 +65,7 @@ class Child:
     async def start(cls, ctx: Context) -> Child:
         wake_read, wake_write = os.pipe()  # not inheritable: only the child gets wake_read
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        proc: asyncio.subprocess.Process | None = None
         try:
             os.set_blocking(wake_write, False)
             ours.setblocking(False)
@@ -92,6 +93,8 @@ class Child:
         except BaseException:
             os.close(wake_write)
             ours.close()
+            if proc is not None and proc.returncode is None:
+                proc.kill()  # never a delivery process left behind, unwatched
             raise
         finally:
             os.close(wake_read)
@@ -165,8 +168,10 @@ async def _hand_over(proc: asyncio.subprocess.Process, ctx: Context) -> None:
     the ones it runs on, not the files as they are now (an invalid edit, or a new `spool:`
     not applied yet, would stop a restarted child from delivering what this one accepts)."""
     assert proc.stdin is not None
-    proc.stdin.write(handover.pack(ctx.settings, ctx.rules))
-    with contextlib.suppress(ConnectionError):  # it died at once: logged as any exit
+    # It died at once: logged as any exit. uvloop raises RuntimeError on writing to the
+    # closed pipe; it went up and stopped relay serve.
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        proc.stdin.write(handover.pack(ctx.settings, ctx.rules))
         await proc.stdin.drain()
     proc.stdin.close()
 
@@ -191,13 +196,13 @@ class Supervisor:
             started = time.monotonic()
             try:
                 died = await self._run_once()
-            except OSError as exc:  # fork/exec failed: out of memory, pids, fds
-                died = None
+            except Exception as exc:  # fork/exec failed (memory, pids, fds), or a bug here:
+                died = None  # relay serve never stops for its child, as Postfix's master(8)
                 logs.event(
                     log,
                     "delivery_process_start_failed",
                     level=logging.ERROR,
-                    error=str(exc),
+                    error=repr(exc),
                     restart_in=delay,
                 )
             if self.ctx.stop.is_set():
