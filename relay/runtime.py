@@ -43,6 +43,7 @@ class Context:
     listening: bool = False
     port: int = 0  # the SMTP listener's bound port (useful with listen port 0)
     metrics_port: int | None = None
+    metrics_bound: asyncio.Event = field(default_factory=asyncio.Event)  # metrics_port is set
     on_reload: list[Callable[[Settings, RuleSet], None]] = field(default_factory=list)
     on_reload_signal: list[Callable[[], None]] = field(default_factory=list)  # every SIGHUP
     log_format: str = "text"  # `relay serve --log-format`, for the delivery process

@@ -213,7 +213,8 @@ async def serve(
         )
         # Tasks start before the listener so that, unwinding in reverse, the listener
         # closes first, then the tasks drain, then the spool closes.
-        running = runtime.start(ctx, DEFAULT_TASKS if background is None else background)
+        tasks = DEFAULT_TASKS if background is None else background
+        running = runtime.start(ctx, tasks)
         stack.push_async_callback(runtime.stop_all, running)
         stack.callback(stop.set)  # runs first when unwinding: a failed start stops the tasks
         limits = settings.limits
@@ -238,6 +239,8 @@ async def serve(
         stack.push_async_callback(_close_listener, server, ctx.sessions, drain)
         host, port = server.sockets[0].getsockname()[:2]
         ctx.listening, ctx.port = True, port
+        if settings.metrics is not None and observe in tasks:
+            await _metrics_bound(ctx, running)
         log.info("listening on %s:%d", host, port)
         logs.flush()  # the start's lines are in the log before anyone is told it is ready
         _write_port_file(port)
@@ -272,6 +275,19 @@ async def _close_listener(server: asyncio.Server, sessions: set[Session], drain:
     await asyncio.wait_for(server.wait_closed(), 5)
 
 
+async def _metrics_bound(ctx: Context, running: list[asyncio.Task[None]]) -> None:
+    """Until `observe` has its listener: a metrics port already taken is a failed start
+    (StartError), not a crash after READY=1 told systemd all was well."""
+    bound = asyncio.ensure_future(ctx.metrics_bound.wait())
+    try:
+        await asyncio.wait([bound, *running], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        bound.cancel()
+    for task in running:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+
+
 def _write_port_file(port: int) -> None:
     path = os.environ.get(PORT_FILE_ENV)
     if path:
@@ -289,14 +305,18 @@ async def observe(ctx: Context) -> None:
             return ctx.listening and not ctx.stop.is_set() and await ctx.spool.writable()
 
         where = ctx.settings.metrics
-        server = await serve_http(
-            where.host,
-            where.port,
-            ready=ready,
-            text=lambda: metrics.exposition(ctx.delivery_metrics),
-            details=_rates_text(ctx) if ctx.settings.ses.events_queue_url else None,
-        )
+        try:
+            server = await serve_http(
+                where.host,
+                where.port,
+                ready=ready,
+                text=lambda: metrics.exposition(ctx.delivery_metrics),
+                details=_rates_text(ctx) if ctx.settings.ses.events_queue_url else None,
+            )
+        except OSError as exc:
+            raise StartError(f"cannot listen on metrics {where}: {exc}") from exc
         ctx.metrics_port = server.sockets[0].getsockname()[1]
+        ctx.metrics_bound.set()
         logs.event(log, "metrics_listening", address=f"{where.host}:{ctx.metrics_port}")
     try:
         while not ctx.stop.is_set():

@@ -108,9 +108,11 @@ def test_ready_after_listen_watchdog_and_stopping(write_config: ConfigWriter) ->
     assert 0 == code, log.read_text()
 
 
-def test_no_ready_when_the_port_is_taken(write_config: ConfigWriter) -> None:
-    """When the listen port is already in use, `relay serve` exits 1 promptly without READY=1,
-    so systemd reports a failed start (and restarts it) instead of waiting."""
+@pytest.mark.parametrize("key", ["listen", "metrics"])
+def test_no_ready_when_the_port_is_taken(write_config: ConfigWriter, key: str) -> None:
+    """When the listen or metrics port is already in use, `relay serve` exits 1 promptly
+    without READY=1, so systemd reports a failed start (and restarts it) instead of waiting.
+    A taken metrics port gave READY=1, then a traceback and exit 1: a crash loop."""
     with (
         tempfile.TemporaryDirectory(prefix="rn") as short,
         socket.socket() as taken,
@@ -120,7 +122,7 @@ def test_no_ready_when_the_port_is_taken(write_config: ConfigWriter) -> None:
         taken.listen()
         path = os.path.join(short, "notify")
         sock.bind(path)
-        config = write_config(listen=f"127.0.0.1:{taken.getsockname()[1]}")
+        config = write_config(**{key: f"127.0.0.1:{taken.getsockname()[1]}"})
         env = {**os.environ, "NOTIFY_SOCKET": path}
         done = subprocess.run(
             [*RELAY, "serve", "--config", str(config)],
@@ -137,7 +139,9 @@ def test_no_ready_when_the_port_is_taken(write_config: ConfigWriter) -> None:
                 got.append(sock.recv(4096).decode())
     assert 1 == done.returncode, done.stderr
     assert "READY=1" not in got, got
-    assert "cannot listen on" in done.stderr
+    said = done.stderr.splitlines()[-1]
+    expected = "listen on" if key == "listen" else "listen on metrics"
+    assert f"relay serve stopped: cannot {expected} 127.0.0.1:" in said, done.stderr
 
 
 # b. SIGHUP reload
@@ -201,6 +205,7 @@ def test_a_sighup_while_relay_serve_starts_does_not_end_it(
     assert send(relay.port, "noreply@moodle.test", ["ada@example.net"], mail("hello", 1))
 
 
+@pytest.mark.system
 def test_relay_serve_with_its_standard_files_closed_runs(
     write_config: ConfigWriter, relay_process: Process, capture: CaptureServer
 ) -> None:
@@ -222,6 +227,7 @@ def test_relay_serve_with_its_standard_files_closed_runs(
     assert 3 == len(qids)
 
 
+@pytest.mark.system
 def test_sighup_broken_rules_keep_old_then_fixed_rules_apply(
     write_config: ConfigWriter, relay_process: Process, capture: CaptureServer, tmp_path: Path
 ) -> None:
