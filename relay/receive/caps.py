@@ -50,7 +50,7 @@ RESERVED_FILES = 100
 EVICT_IDLE = 1.0  # seconds of silence before an idle session may make room for a new one
 EVICT_BUSY_IDLE = 30.0  # the same, for a session in a transaction (MAIL given)
 EVICT_BARREN = 30.0  # seconds since it connected or last had a mail accepted: the same
-EVICT_BUSY_BARREN = 300.0  # the same, in a transaction, counted from its MAIL as well
+EVICT_BUSY_BARREN = 300.0  # the same, in a transaction, counted from its MAIL
 
 IPV6_PREFIX = 84  # bits of an IPv6 address that name one client (Postfix's default)
 

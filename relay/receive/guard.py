@@ -128,7 +128,7 @@ class Guard(SMTP):
             if anyone or session._client == client:
                 if session.busy:  # see relay.receive.caps: a mail is being sent
                     quiet = now - session._last_read - EVICT_BUSY_IDLE
-                    barren = now - max(session.last_mail, session.began) - EVICT_BUSY_BARREN
+                    barren = now - session.began - EVICT_BUSY_BARREN  # after its last mail
                 else:
                     quiet = now - session._last_read - EVICT_IDLE
                     barren = now - session.last_mail - EVICT_BARREN
