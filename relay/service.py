@@ -240,7 +240,9 @@ async def serve(
         host, port = server.sockets[0].getsockname()[:2]
         ctx.listening, ctx.port = True, port
         if settings.metrics is not None and observe in tasks:
-            await _metrics_bound(ctx, running)
+            # Until `observe` has its listener: a metrics port already taken is a failed
+            # start (its StartError), not a crash after READY=1 told systemd all was well.
+            await runtime.wait_stop(ctx.metrics_bound, running)
         log.info("listening on %s:%d", host, port)
         logs.flush()  # the start's lines are in the log before anyone is told it is ready
         _write_port_file(port)
@@ -273,19 +275,6 @@ async def _close_listener(server: asyncio.Server, sessions: set[Session], drain:
         )
         session.abort()
     await asyncio.wait_for(server.wait_closed(), 5)
-
-
-async def _metrics_bound(ctx: Context, running: list[asyncio.Task[None]]) -> None:
-    """Until `observe` has its listener: a metrics port already taken is a failed start
-    (StartError), not a crash after READY=1 told systemd all was well."""
-    bound = asyncio.ensure_future(ctx.metrics_bound.wait())
-    try:
-        await asyncio.wait([bound, *running], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        bound.cancel()
-    for task in running:
-        if task.done() and not task.cancelled() and task.exception() is not None:
-            raise task.exception()  # type: ignore[misc]
 
 
 def _write_port_file(port: int) -> None:
