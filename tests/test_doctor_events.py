@@ -20,7 +20,21 @@ from tests.support.relays import ConfigWriter
 TOPIC = "arn:aws:sns:eu-west-1:123456789012:relay-ses-events"
 
 
-def event_set(client: object, name: str, types: list[str]) -> None:
+SNS = {"SNSDestination": {"TopicARN": TOPIC}}
+CLOUDWATCH = {  # metrics only: no queue hears of it
+    "CloudWatchDestination": {
+        "DimensionConfigurations": [
+            {
+                "DimensionName": "rule",
+                "DimensionValueSource": "messageTag",
+                "DefaultDimensionValue": "none",
+            }
+        ]
+    }
+}
+
+
+def event_set(client: object, name: str, types: list[str], kind: dict[str, object] = SNS) -> None:
     client.create_configuration_set(ConfigurationSet={"Name": name})  # type: ignore[attr-defined]
     client.create_configuration_set_event_destination(  # type: ignore[attr-defined]
         ConfigurationSetName=name,
@@ -28,7 +42,7 @@ def event_set(client: object, name: str, types: list[str]) -> None:
             "Name": f"{name}-events",  # moto wants them unique across sets
             "Enabled": True,
             "MatchingEventTypes": types,
-            "SNSDestination": {"TopicARN": TOPIC},
+            **kind,
         },
     )
 
@@ -73,18 +87,23 @@ def test_doctor_checks_the_events_queue_destinations_and_rates(
     tmp_path: Path,
 ) -> None:
     """A reachable queue is ok; a configuration set publishing Bounce, Complaint and Reject
-    is ok, one publishing only Bounce is a FAIL naming what is missing; 1 bounce in 40 SES
+    is ok, one publishing only Bounce is a FAIL naming what is missing, and so is one
+    publishing all three to CloudWatch only (before, it was ok); 1 bounce in 40 SES
     sends (2.5%) is a warning (half of SES's 5% review level), no complaints is ok. A queue
     that does not exist is a FAIL."""
     ses = boto3.client("ses", region_name=REGION, endpoint_url=moto_server)
     good, partial = f"good-{uuid.uuid4().hex[:6]}", f"partial-{uuid.uuid4().hex[:6]}"
+    metrics = f"metrics-{uuid.uuid4().hex[:6]}"
     event_set(ses, good, ["bounce", "complaint", "reject", "delivery"])
     event_set(ses, partial, ["bounce"])
+    event_set(ses, metrics, ["bounce", "complaint", "reject"], CLOUDWATCH)
     sqs = boto3.client("sqs", region_name=REGION, endpoint_url=moto_server)
     queue = sqs.create_queue(QueueName=f"events-{uuid.uuid4().hex[:6]}")["QueueUrl"]
     (tmp_path / "rules.yaml").write_text(
         "default: upstream\nrules:\n  - name: r\n    route: ses\n"
         f"    ses: {{configuration_set: {partial}}}\n    match: {{subject: x}}\n"
+        "  - name: m\n    route: ses\n"
+        f"    ses: {{configuration_set: {metrics}}}\n    match: {{subject: y}}\n"
     )
     asyncio.run(seed(tmp_path / "spool", sends=40, bounces=1))
     ses_config = {"region": REGION, "endpoint_url": moto_server, "configuration_set": good}
@@ -106,6 +125,8 @@ def test_doctor_checks_the_events_queue_destinations_and_rates(
         f"ok    events    {queue}: reachable, 0 messages waiting",
         f"ok    events    {good}: publishes Bounce, Complaint, Reject ({good}-events)",
         f"FAIL  events    {partial}: no event destination for Complaint, Reject ({partial}-events)",
+        f"FAIL  events    {metrics}: no event destination for Bounce, Complaint, Reject"
+        " (none enabled to SNS or EventBridge)",
         "warn  rates     bounce rate 2.50% (1 of 40 SES sends, 7 days): half of SES's 5.0% review",
         "ok    rates     complaint rate 0.00% (0 of 40 SES sends, 7 days)",
     ] == doctor(queue, "relay.yaml")

@@ -324,20 +324,13 @@ def test_an_ses_bounce_cannot_add_fields_to_the_dsn() -> None:
         "bounceSubType": "General",
         "feedbackId": "f1",
         "bouncedRecipients": [
-            {"emailAddress": f"a@x.org{injected}", "status": f"5.1.1{injected}"},
+            {"emailAddress": "a@x.org", "status": f"5.1.1{injected}"},
+            {"emailAddress": f"c@x.org{injected}", "status": "5.1.1"},  # not the mail's
             {"emailAddress": "b@x.org", "status": "5.1.2"},
         ],
     }
     event = {"eventType": "Bounce", "mail": {"messageId": "ses-1"}, "bounce": bounce}
-    settings = settings_mod.Settings(
-        source=Path("relay.yaml"),
-        listen=settings_mod.HostPort(host="127.0.0.1", port=2525),
-        spool=Path("spool"),
-        rules=Path("rules.yaml"),
-        upstream=settings_mod.Upstream(host="smtp.example.org"),
-        hostname="relay.test",
-    )
-    notice_for = dsn.for_ses_event(parse_event(json.dumps(event)), settings)
+    notice_for = dsn.for_ses_event(parse_event(json.dumps(event)), ses_settings())
     assert notice_for is not None
     mail = Mail(id="Q1", sender=VERP, recipients=("a@x.org", "b@x.org"), raw=RAW)
     notice = notice_for(mail, frozenset())
@@ -348,7 +341,79 @@ def test_an_ses_bounce_cannot_add_fields_to_the_dsn() -> None:
         ["Final-Recipient", "Action", "Status", "Diagnostic-Code"],
     ] == [list(b.keys()) for b in blocks[1:]]
     assert ["5.0.0", "5.1.2"] == [b["Status"] for b in blocks[1:]]
+    assert ["rfc822; a@x.org", "rfc822; b@x.org"] == [b["Final-Recipient"] for b in blocks[1:]]
     assert "failed" == blocks[1]["Action"]
+
+
+def ses_settings() -> settings_mod.Settings:
+    return settings_mod.Settings(
+        source=Path("relay.yaml"),
+        listen=settings_mod.HostPort(host="127.0.0.1", port=2525),
+        spool=Path("spool"),
+        rules=Path("rules.yaml"),
+        upstream=settings_mod.Upstream(host="smtp.example.org"),
+        hostname="relay.test",
+    )
+
+
+def test_the_headers_an_ses_event_brings_stay_header_lines() -> None:
+    """A mail sent through SES has no body left when its bounce comes: the DSN attaches the
+    headers SES sent in the event, which are any JSON text. A value with CR LF CR LF ended
+    the header part early (the To: after it was lost), a bare LF went into the DSN as it
+    was, a name with a space or a colon made a line no parser reads as a field. Now each
+    value is one line of at most 998 characters, and a field with no valid name is left
+    out."""
+    from relay.deliver import dsn
+    from relay.deliver.ses.events import parse as parse_event
+
+    headers = [
+        {"name": "Subject", "value": "line1\nX-Bare: lf"},
+        {"name": "From", "value": "a@b\r\n\r\nbody-ish"},
+        {"name": "Bad Name", "value": "x"},
+        {"name": "X-Long", "value": "v" * 5000},
+        {"name": "To", "value": "a@x.org"},
+    ]
+    bounce = {
+        "bounceType": "Permanent",
+        "bounceSubType": "General",
+        "feedbackId": "f1",
+        "bouncedRecipients": [{"emailAddress": "a@x.org", "status": "5.1.1"}],
+    }
+    event = {
+        "eventType": "Bounce",
+        "mail": {"messageId": "ses-1", "headers": headers},
+        "bounce": bounce,
+    }
+    notice_for = dsn.for_ses_event(parse_event(json.dumps(event)), ses_settings())
+    assert notice_for is not None
+    notice = notice_for(Mail(id="Q1", sender=VERP, recipients=("a@x.org",), raw=b""), frozenset())
+    assert notice is not None
+    attached = parse(notice.raw).get_payload()[2].get_payload()
+    lines = attached.replace("\r\n", "\n").strip("\n").split("\n")
+    assert [
+        "Subject: line1 X-Bare: lf",
+        "From: a@b body-ish",
+        "X-Long: " + "v" * (998 - len("X-Long: ")),
+        "To: a@x.org",
+    ] == lines
+    assert b"\n" not in notice.raw.replace(b"\r\n", b"")
+
+
+def test_a_dsn_carries_at_most_50_kb_of_the_mails_headers() -> None:
+    """A mail with 4.7 MB of header lines (60,000 X- fields) gave a DSN of 4.9 MB, which
+    the original host may refuse for its size; then the notice from `<>` is a dead letter
+    and the sender never hears. As Postfix's bounce_size_limit, the attached headers are
+    cut after a whole line within 50,000 bytes."""
+    fields = b"".join(b"X-H%d: %s\r\n" % (n, b"v" * 70) for n in range(60_000))
+    raw = b"Subject: big\r\n" + fields + b"\r\nbody\r\n"
+    mail = Mail(id="0123456789AB", sender=VERP, recipients=("a@x.org",), raw=raw)
+    failures = [report.Failure(recipient="a@x.org", reply="550 5.1.1 no")]
+    built = report.notice(mail, failures, hostname="relay.test", from_address="bounce@relay.test")
+    attached = parse(built.raw).get_payload()[2].get_payload().encode()
+    assert len(built.raw) < report.HEADERS_MAX + 5_000
+    assert attached.startswith(b"Subject: big\r\nX-H0: ")
+    assert report.HEADERS_MAX - 100 < len(attached) <= report.HEADERS_MAX
+    assert attached.endswith(b"v" * 70 + b"\r\n")
 
 
 STATUS = {

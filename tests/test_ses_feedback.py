@@ -250,6 +250,14 @@ async def start_with_queue(
     )
 
 
+async def sent_through_ses(relay: Running) -> tuple[str, str]:
+    """A mail from VERP to GONE sent through relay and on to SES: its queue id and its SES
+    MessageId."""
+    queue_id = await asend(relay.port, VERP, [GONE], RAW)
+    row = (await await_rows(relay.settings.spool, [queue_id], {"sent"}))[queue_id]
+    return queue_id, row["ses_message_id"]
+
+
 @pytest.mark.parametrize("wrap", WRAPS.values(), ids=WRAPS.keys())
 async def test_ses_events_are_recorded_and_a_permanent_bounce_reaches_the_sender(
     start_relay: Callable[..., Awaitable[Running]],
@@ -347,8 +355,7 @@ async def test_unknown_malformed_and_repeated_events_are_dropped_and_deleted(
     before = {
         r: dropped(r) for r in ("unknown_message_id", "malformed", "duplicate", "unused_type")
     }
-    queue_id = await asend(relay.port, VERP, [GONE], RAW)
-    ses_id = (await await_rows(spool, [queue_id], {"sent"}))[queue_id]["ses_message_id"]
+    queue_id, ses_id = await sent_through_ses(relay)
     twice = sns_wrapped(bounce(ses_id))
     client = sqs(moto_server)
     for body in (
@@ -382,8 +389,7 @@ async def test_hostile_event_text_is_recorded_or_refused_and_deleted(
     relay = await start_with_queue(start_relay, capture, moto_server, queue)
     spool = relay.settings.spool
     before = dropped("malformed")
-    queue_id = await asend(relay.port, VERP, [GONE], RAW)
-    ses_id = (await await_rows(spool, [queue_id], {"sent"}))[queue_id]["ses_message_id"]
+    queue_id, ses_id = await sent_through_ses(relay)
     client = sqs(moto_server)
     client.send_message(QueueUrl=queue, MessageBody="[" * 100_000 + "]" * 100_000)
     mangled = bounce(ses_id, diagnostic="smtp; 550 5.1.1 Empf\udce4nger unbekannt")
@@ -491,8 +497,7 @@ async def test_a_soft_bounce_is_final_but_not_in_the_bounce_rate(
     queue = new_queue(moto_server)
     relay = await start_with_queue(start_relay, capture, moto_server, queue)
     spool = relay.settings.spool
-    queue_id = await asend(relay.port, VERP, [GONE], RAW)
-    ses_id = (await await_rows(spool, [queue_id], {"sent"}))[queue_id]["ses_message_id"]
+    queue_id, ses_id = await sent_through_ses(relay)
     full = bounce(
         ses_id,
         kind="Transient",
@@ -718,8 +723,7 @@ async def test_readyz_shows_the_ses_rates(
         ses={"region": REGION, "endpoint_url": moto_server, "events": {"queue_url": queue}},
     )
     spool = relay.settings.spool
-    queue_id = await asend(relay.port, VERP, [GONE], RAW)
-    ses_id = (await await_rows(spool, [queue_id], {"sent"}))[queue_id]["ses_message_id"]
+    queue_id, ses_id = await sent_through_ses(relay)
     sqs(moto_server).send_message(QueueUrl=queue, MessageBody=sns_wrapped(bounce(ses_id)))
     await await_events(spool, queue_id, {"ses_bounce"})
     assert relay.ctx.metrics_port is not None
@@ -749,8 +753,7 @@ async def test_a_reject_event_is_recorded_and_reported_to_the_sender(
     queue = new_queue(moto_server)
     relay = await start_with_queue(start_relay, capture, moto_server, queue)
     spool = relay.settings.spool
-    queue_id = await asend(relay.port, VERP, [GONE], RAW)
-    ses_id = (await await_rows(spool, [queue_id], {"sent"}))[queue_id]["ses_message_id"]
+    queue_id, ses_id = await sent_through_ses(relay)
     sqs(moto_server).send_message(QueueUrl=queue, MessageBody=eventbridge(reject(ses_id)))
     row = await await_events(spool, queue_id, {"ses_reject", "dsn"})
     assert any("Bad content" in d for e, d in row["events"] if e == "ses_reject")
@@ -801,8 +804,7 @@ async def test_an_ses_delivery_delay_warns_the_sender_once_when_asked_for(
         start_relay, capture, moto_server, queue, bounces={"delay_warning": after}
     )
     spool = relay.settings.spool
-    queue_id = await asend(relay.port, VERP, [GONE], RAW)
-    ses_id = (await await_rows(spool, [queue_id], {"sent"}))[queue_id]["ses_message_id"]
+    queue_id, ses_id = await sent_through_ses(relay)
     await asyncio.sleep(1.1)  # past a delay_warning of 1 s
     for stamp in ("2026-12-04T10:05:00.000Z", "2026-12-04T10:35:00.000Z"):
         event = delivery_delay(ses_id, stamp)
@@ -854,8 +856,7 @@ async def test_a_recipient_that_bounced_gets_no_second_dsn_and_no_late_warning(
         start_relay, capture, moto_server, queue, bounces={"delay_warning": 1}
     )
     spool = relay.settings.spool
-    queue_id = await asend(relay.port, VERP, [GONE], RAW)
-    ses_id = (await await_rows(spool, [queue_id], {"sent"}))[queue_id]["ses_message_id"]
+    queue_id, ses_id = await sent_through_ses(relay)
     await asyncio.sleep(1.1)  # past a delay_warning of 1 s
     full = bounce(ses_id, kind="Transient", status="4.2.2", diagnostic="smtp; 452 4.2.2 full")
     for event in (full, bounce(ses_id), delivery_delay(ses_id, "2026-12-04T10:05:00.000Z")):
@@ -873,3 +874,105 @@ async def test_a_recipient_that_bounced_gets_no_second_dsn_and_no_late_warning(
     notices = dsns_of(spool, queue_id)
     await await_rows(spool, notices, {"sent"})
     assert [(VERP,)] == [m.rcpt_tos for m in capture.messages]
+
+
+async def test_a_delay_whose_expiry_is_no_date_is_recorded_and_warned_of(
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,
+    moto_server: str,
+) -> None:
+    """A DeliveryDelay whose expirationTime is in the year 9999 (or before 1970) could not
+    be written as Will-Retry-Until in the machine's zone: the warning raised, the event was
+    never recorded nor deleted, and came back from SQS at every visibility timeout, for
+    good. Now the warning goes without Will-Retry-Until and the queue empties."""
+    queue = new_queue(moto_server)
+    relay = await start_with_queue(
+        start_relay, capture, moto_server, queue, bounces={"delay_warning": 1}
+    )
+    spool = relay.settings.spool
+    queue_id, ses_id = await sent_through_ses(relay)
+    await asyncio.sleep(1.1)  # past a delay_warning of 1 s
+    event = delivery_delay(ses_id, STAMP)
+    event["deliveryDelay"]["expirationTime"] = "9999-12-31T23:59:59-14:00"
+    sqs(moto_server).send_message(QueueUrl=queue, MessageBody=sns_wrapped(event))
+    assert 0 == await await_empty(moto_server, queue)
+    [notice_id] = dsns_of(spool, queue_id)
+    await await_rows(spool, [notice_id], {"sent"})
+    report = message_from_bytes(capture.messages[0].content, policy=policy.default)
+    recipient = report.get_payload()[1].get_payload()[1]
+    assert ("delayed", None) == (recipient["Action"], recipient["Will-Retry-Until"])
+
+
+async def test_an_event_that_keeps_failing_is_logged_whole_and_deleted(
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,
+    moto_server: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An event relay fails to handle (here a bug is put into building its DSN) stays on
+    the queue, and SQS shows it again after each visibility timeout: it used to for good,
+    a log line every 30 s. At its GIVE_UP_AFTER'th receive (ApproximateReceiveCount; 3
+    here, on a queue with no visibility timeout) it is logged whole, at ERROR, counted as
+    dropped ("failed") and deleted."""
+
+    def bug(*args: Any) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("relay.deliver.feedback.GIVE_UP_AFTER", 3)
+    monkeypatch.setattr("relay.deliver.dsn.for_ses_event", bug)
+    queue = new_queue(moto_server, visibility=0)
+    relay = await start_with_queue(start_relay, capture, moto_server, queue)
+    spool = relay.settings.spool
+    before = dropped("failed")
+    queue_id, ses_id = await sent_through_ses(relay)
+    sqs(moto_server).send_message(QueueUrl=queue, MessageBody=sns_wrapped(bounce(ses_id)))
+    assert 0 == await await_empty(moto_server, queue)
+    given_up = [r for r in caplog.records if "ses_event_given_up" in r.getMessage()]
+    bugs = [r for r in caplog.records if "ses_feedback_bug" in r.getMessage()]
+    assert (1, "ERROR", 3) == (len(given_up), given_up[0].levelname, len(bugs))
+    assert "receives=3" in given_up[0].getMessage() and ses_id in given_up[0].getMessage()
+    assert 1 == dropped("failed") - before
+    assert "sent" == rows(spool)[queue_id]["state"]
+
+
+async def test_a_bounce_naming_an_address_the_mail_never_had_counts_for_nothing(
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,
+    moto_server: str,
+) -> None:
+    """Two bounces name an address the mail was never sent to (each with its own feedback
+    ID): before, each queued a DSN to the Moodle sender about that stranger, and the mail
+    could never become `bounced`. Now they are in the history only; the bounce of the
+    mail's own recipient then brings its one DSN and makes the mail `bounced`."""
+    queue = new_queue(moto_server)
+    relay = await start_with_queue(start_relay, capture, moto_server, queue)
+    spool = relay.settings.spool
+    queue_id, ses_id = await sent_through_ses(relay)
+    for _ in range(2):
+        stranger = sns_wrapped(bounce(ses_id, "stranger@elsewhere.example"))
+        sqs(moto_server).send_message(QueueUrl=queue, MessageBody=stranger)
+    assert 0 == await await_empty(moto_server, queue)
+    row = rows(spool)[queue_id]
+    assert ("sent", [], 2) == (
+        row["state"],
+        dsns_of(spool, queue_id),
+        sum("stranger@elsewhere.example" in d for e, d in row["events"] if e == "ses_bounce"),
+    )
+    sqs(moto_server).send_message(QueueUrl=queue, MessageBody=sns_wrapped(bounce(ses_id)))
+    await await_rows(spool, [queue_id], {"bounced"})
+    assert 1 == len(dsns_of(spool, queue_id))
+
+
+def test_an_event_of_10000_recipients_makes_a_history_line_of_bounded_size() -> None:
+    """A bounce naming 10,000 recipients with long diagnostics made a history line of
+    8 MB; it is cut at SUMMARY_MAX characters."""
+    from relay.deliver.ses.events import SUMMARY_MAX
+
+    event = bounce("ses-1", diagnostic="smtp; 550 5.1.1 " + "x" * 800)
+    one = event["bounce"]["bouncedRecipients"][0]
+    event["bounce"]["bouncedRecipients"] = [
+        {**one, "emailAddress": f"r{n}@x.org"} for n in range(10_000)
+    ]
+    summary = parse(sns_wrapped(event)).summary()
+    assert (SUMMARY_MAX, True) == (len(summary), summary.endswith("..."))

@@ -20,10 +20,11 @@ from dataclasses import replace
 from datetime import datetime
 
 from relay import metrics
-from relay.deliver.report import Failure, is_status, notice
+from relay.deliver.report import Failure, header_lines, is_status, notice
 from relay.deliver.ses.events import SesEvent
 from relay.mail import Mail
 from relay.settings import Settings
+from relay.settings.sections import YEAR
 from relay.spool import Notice
 from relay.spool.feedback import NoticeFor
 
@@ -77,13 +78,13 @@ def for_ses_event(event: SesEvent, settings: Settings) -> NoticeFor | None:
     def notice_for(mail: Mail, already: frozenset[str]) -> Notice | None:
         # Not again for a recipient an earlier event failed (SQS delivers twice, a Transient
         # bounce comes before the Permanent one), nor "still trying" after that DSN.
-        left = [f for f in failures if f.recipient.lower() not in already]
+        ours = {r.lower() for r in mail.recipients}  # not an address the mail never had
+        left = [f for f in failures if f.recipient.lower() in ours - already]
         if not left:
             return None
         if not mail.raw:  # the body went after sending: the headers SES sent with the event
             lines = event.headers or (("Message-ID", mail.message_id),)
-            raw = "".join(f"{name}: {value}\r\n" for name, value in lines) + "\r\n"
-            mail = replace(mail, raw=raw.encode("utf-8", "replace"))
+            mail = replace(mail, raw=header_lines(lines))
         if event.delayed:
             return _warning(mail, left, settings, retry_until=until)
         return for_outcome(mail, left, settings)
@@ -130,8 +131,13 @@ def _notice(
 
 
 def _epoch(stamp: str) -> float | None:
-    """An ISO 8601 time of SES's ("2026-12-04T22:00:01.000Z") in seconds, or None."""
+    """An ISO 8601 time of SES's ("2026-12-04T22:00:01.000Z") in seconds; None when there is
+    none, or it is before 1970 or more than a year ahead (it is "Will-Retry-Until" in the
+    DSN: a year 9999 one, in the machine's zone, is past what a date can be)."""
     try:
-        return datetime.fromisoformat(stamp).timestamp() if stamp else None
-    except ValueError:
+        when = datetime.fromisoformat(stamp).timestamp() if stamp else None
+    except (ValueError, OverflowError):
         return None
+    if when is None or not 0 <= when <= time.time() + YEAR:
+        return None
+    return when

@@ -14,7 +14,9 @@
 Events for MessageIds this spool does not know (other senders on the account,
 rows past retention) are counted and deleted; malformed messages are logged once
 and deleted; a commit that fails leaves the message on the queue, which shows it
-again after its visibility timeout (the event's key makes a second apply a no-op).
+again after its visibility timeout (the event's key makes a second apply a no-op);
+one whose handling fails (a bug) is logged whole and deleted at its GIVE_UP_AFTER'th
+receive.
 Runs in the delivery process (`ses_feedback` task); also keeps the bounce and
 complaint rates of relay's own SES sends current.
 """
@@ -51,6 +53,8 @@ WAIT = 20  # seconds of SQS long polling (its maximum)
 BATCH = 10  # messages per ReceiveMessage (its maximum)
 ERROR_PAUSE = 5.0  # seconds before polling again after a failed call, doubled for each
 MAX_ERROR_PAUSE = 300.0  # failure in a row up to this: a wrong queue URL logs every 5 min
+GIVE_UP_AFTER = 10  # receives of a message whose handling failed (a bug) before it is logged
+# whole and deleted: SQS shows it again after each visibility timeout, for good otherwise
 RATE_EVERY = 60.0  # seconds between bounce/complaint rate updates
 RATE_WINDOW = 7 * 86400.0  # the rates cover this long (at most `retention`)
 BOUNCE_REVIEW = 0.05  # SES reviews an account from this bounce rate (pauses near 10%)
@@ -64,6 +68,7 @@ class Received:
     body: str
     receipt: str
     sqs_id: str
+    receives: int = 1  # SQS's ApproximateReceiveCount
 
 
 class Queue(Protocol):
@@ -125,12 +130,20 @@ class SqsQueue:
     async def receive(self) -> list[Received]:
         try:
             answer = await self._client.receive_message(
-                QueueUrl=self.url, MaxNumberOfMessages=BATCH, WaitTimeSeconds=WAIT
+                QueueUrl=self.url,
+                MaxNumberOfMessages=BATCH,
+                WaitTimeSeconds=WAIT,
+                MessageSystemAttributeNames=["ApproximateReceiveCount"],
             )
         except _ERRORS as exc:
             raise TemporaryFailure(f"SQS ReceiveMessage on {self.url} failed: {exc}") from exc
         return [
-            Received(body=m["Body"], receipt=m["ReceiptHandle"], sqs_id=m["MessageId"])
+            Received(
+                body=m["Body"],
+                receipt=m["ReceiptHandle"],
+                sqs_id=m["MessageId"],
+                receives=_count(m.get("Attributes", {}).get("ApproximateReceiveCount")),
+            )
             for m in answer.get("Messages", ())
         ]
 
@@ -206,8 +219,32 @@ async def run(ctx: Context, queue: Queue, spool: FeedbackStore) -> None:
                 # else not committed: SQS shows it again after its visibility timeout
             except Exception:  # a bug in one event: it stays queued, the loop goes on
                 log.exception("event=ses_feedback_bug sqs_id=%s", message.sqs_id)
+                if message.receives >= GIVE_UP_AFTER:
+                    _give_up(message)
+                    done.append(message.receipt)
         if done:
             await _delete(queue, spool, done)
+
+
+def _give_up(message: Received) -> None:
+    """An event that failed GIVE_UP_AFTER times: its whole body into the log, where an
+    admin can read it (and send it to the queue again once relay is mended)."""
+    metrics.SES_EVENTS_DROPPED.labels("failed").inc()
+    logs.event(
+        log,
+        "ses_event_given_up",
+        level=logging.ERROR,
+        sqs_id=message.sqs_id,
+        receives=message.receives,
+        body=message.body,
+    )
+
+
+def _count(text: str | None) -> int:
+    try:
+        return int(text or 1)
+    except ValueError:
+        return 1
 
 
 async def _delete(queue: Queue, spool: FeedbackStore, receipts: list[str]) -> None:

@@ -25,9 +25,14 @@ from relay.spool import Notice, new_id
 _ENHANCED = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
 _BASIC = re.compile(r"^\s*([245])\d\d\b")
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]+")
+_FIELD_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext
 DIAGNOSTIC_MAX = 900  # characters of a Diagnostic-Code (a line of mail: at most 998)
 SUBJECT_FAILED = "Undelivered Mail Returned to Sender"  # Postfix's words, which people know
 SUBJECT_DELAYED = "Delayed Mail (still being retried)"
+HEADERS_MAX = 50_000  # bytes of the reported mail's headers a notice carries (Postfix's
+# bounce_size_limit): the rest is cut at a line, so a mail of megabytes of headers does
+# not come back as a notice the original host refuses for its size
+LINE_MAX = 998  # characters of a line of mail (RFC 5322 2.1.1)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -89,7 +94,7 @@ def notice(
         "This is a MIME-encapsulated message.",
         "",
     )
-    headers = mail.trace + header_block(mail.raw)
+    headers = _capped(mail.trace + header_block(mail.raw))
     parts = (
         _part(
             boundary,
@@ -201,6 +206,26 @@ def _part(boundary: str, content_type: str, body: bytes, encoding: str = "7bit")
         "",
     )
     return head + body.rstrip(b"\r\n") + b"\r\n\r\n"
+
+
+def header_lines(fields: Sequence[tuple[str, str]]) -> bytes:
+    """Header fields given as (name, value) pairs (SES's event JSON: any text) as a header
+    block: a field without a valid name is left out, a value made one line of at most
+    LINE_MAX characters, so none of them can end the block early or add a field."""
+    lines = [
+        f"{name}: {_clean(value)}"[:LINE_MAX]
+        for name, value in fields
+        if _FIELD_NAME.fullmatch(name)
+    ]
+    return _lines(*lines, "")
+
+
+def _capped(headers: bytes) -> bytes:
+    """`headers` cut after the last whole line within HEADERS_MAX bytes."""
+    if len(headers) <= HEADERS_MAX:
+        return headers
+    end = headers.rfind(b"\n", 0, HEADERS_MAX)
+    return headers[: end + 1] if end >= 0 else b""
 
 
 def _clean(text: str) -> str:

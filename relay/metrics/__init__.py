@@ -158,7 +158,7 @@ SES_EVENTS = Counter(
 SES_EVENTS_DROPPED = Counter(
     "relay_ses_events_dropped",
     "SES feedback messages dropped, by reason (unknown_message_id, malformed, duplicate,"
-    " unused_type)",
+    " unused_type, failed: given up after 10 receives that failed)",
     ["reason"],
     registry=REGISTRY,
 )

@@ -33,6 +33,7 @@ from relay.spool.feedback import reputation
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 NEEDED = ("bounce", "complaint", "reject")  # event types relay acts on
+ELSEWHERE = {"CloudWatchDestination", "KinesisFirehoseDestination"}  # kinds no queue hears
 _ERRORS = (BotoCoreError, ClientError, OSError)
 
 Line = tuple[str, str, str]
@@ -120,7 +121,9 @@ async def _queue(settings: Settings) -> list[Line]:
 
 
 async def _destinations(settings: Settings, names: Sequence[str]) -> list[Line]:
-    """Each configuration set relay sends with must publish Bounce, Complaint and Reject."""
+    """Each configuration set relay sends with must publish Bounce, Complaint and Reject to
+    a destination that can reach the queue: SNS (or EventBridge, which SES v1 describes
+    without a kind), not CloudWatch or Firehose."""
     if not names:
         why = "no configuration set (ses.configuration_set or a rule's): SES publishes no events"
         return [(WARN, "events", why)]
@@ -140,10 +143,17 @@ async def _destinations(settings: Settings, names: Sequence[str]) -> list[Line]:
             except _ERRORS as exc:
                 found.append((FAIL, "events", f"{name}: event destinations unknown: {exc}"))
                 continue
-            enabled = [d for d in answer.get("EventDestinations", ()) if d.get("Enabled")]
+            enabled = [
+                d
+                for d in answer.get("EventDestinations", ())
+                if d.get("Enabled") and not d.keys() & ELSEWHERE
+            ]
             types = {t.lower() for d in enabled for t in d.get("MatchingEventTypes", ())}
             missing = [t.capitalize() for t in NEEDED if t not in types]
-            where = ", ".join(d.get("Name", "?") for d in enabled) or "none enabled"
+            where = (
+                ", ".join(d.get("Name", "?") for d in enabled)
+                or "none enabled to SNS or EventBridge"
+            )
             if missing:
                 detail = f"{name}: no event destination for {', '.join(missing)} ({where})"
                 found.append((FAIL, "events", detail))

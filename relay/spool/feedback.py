@@ -62,7 +62,8 @@ def apply(
 ) -> Applied:
     """Record one SES event on its mail's row, once; `notice_for` may add a DSN.
     `failed`: the recipients it says will never get the mail (a bounce, a Reject);
-    once that covers all of the row's recipients, the row is `bounced`."""
+    once that covers all of the row's recipients, the row is `bounced`. An address the
+    row does not have counts for nothing (the event's `detail` keeps it in the history)."""
     row = conn.execute(
         "SELECT id, sender, recipients, received_at, message_id, reports_on, trace"
         " FROM messages WHERE ses_message_id = ? ORDER BY received_at LIMIT 1",
@@ -80,6 +81,8 @@ def apply(
     add_event(conn, queue_id, event, detail, now)
     recipients = json.loads(row[2])
     already = _failed_already(conn, queue_id, recipients)  # before this event's marks
+    ours = {recipient.lower() for recipient in recipients}
+    failed = [address for address in failed if address.lower() in ours]  # others: history
     if failed:
         _bounce_if_all(conn, queue_id, failed, recipients, already, now)
     if notice_for is not None:

@@ -21,6 +21,7 @@ from typing import Any
 from relay.errors import MalformedEvent
 
 TYPES = ("Bounce", "Complaint", "Delivery", "Reject", "DeliveryDelay", "Send")
+SUMMARY_MAX = 4000  # characters of an event's history line (a bounce may name 10,000 recipients)
 # SES's other event types: about opens, clicks, templates and subscription pages, not about
 # whether a mail arrived. Deleted unrecorded, as a configuration set may publish them too.
 UNUSED = ("Open", "Click", "Rendering Failure", "Subscription")
@@ -105,7 +106,8 @@ class SesEvent:
         for r in self.recipients:
             extra = " ".join(x for x in (r.status, r.diagnostic) if x)
             parts.append(f"{r.address}" + (f" ({extra})" if extra else ""))
-        return " ".join(parts)
+        line = " ".join(parts)
+        return line if len(line) <= SUMMARY_MAX else line[: SUMMARY_MAX - 3] + "..."
 
 
 def parse(body: str) -> SesEvent:
