@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from relay.deliver.upstream import UpstreamClient
 from relay.deliver.wire import data_bytes
-from relay.errors import TemporaryFailure
+from relay.errors import PermanentFailure, TemporaryFailure
 from relay.settings import Upstream
 from tests.support.capture import CaptureServer
 from tests.support.mails import make_mail
@@ -161,3 +161,114 @@ async def test_a_host_that_stops_reading_mid_mail_never_gets_the_dot() -> None:
     finally:
         server.close()
     assert (True, 0) == (outcome.startswith("deferred:"), host.copies), outcome
+
+
+class ScriptedHost:
+    """A host whose replies are given: `ehlo` (its last line, after "250-host.test"), one
+    for MAIL, one per RCPT (in order), one after the dot. What it was sent is kept."""
+
+    def __init__(self, *, ehlo: str, mail: str, rcpt: list[str], dot: str) -> None:
+        self.ehlo, self.mail, self.rcpt, self.dot = ehlo, mail, list(rcpt), dot
+        self.lines: list[bytes] = []
+        self.copies = 0
+
+    async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 host.test ESMTP\r\n")
+        rcpts = iter(self.rcpt)
+        try:
+            while line := await reader.readline():
+                self.lines.append(line)
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    reply = f"250-host.test\r\n{self.ehlo}"
+                elif verb == b"MAIL":
+                    reply = self.mail
+                elif verb == b"RCPT":
+                    reply = next(rcpts)
+                elif verb == b"DATA":
+                    writer.write(b"354 go ahead\r\n")
+                    await writer.drain()
+                    while await reader.readline() not in (b".\r\n", b""):
+                        pass
+                    self.copies += 1
+                    reply = self.dot
+                elif verb == b"QUIT":
+                    writer.write(b"221 2.0.0 Bye\r\n")
+                    break
+                else:
+                    reply = "250 2.0.0 Ok"
+                writer.write(f"{reply}\r\n".encode())
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+
+async def send_scripted(host: ScriptedHost, recipients: tuple[str, ...], raw: bytes) -> str:
+    """One try of the real UpstreamClient against `host`: what came of it."""
+    server = await asyncio.start_server(host.session, "127.0.0.1", 0)
+    upstream = Upstream(host="127.0.0.1", port=server.sockets[0].getsockname()[1], timeout=5)
+    client = UpstreamClient(upstream, hostname="relay.test")
+    try:
+        answer = await client.send(make_mail(raw=raw, recipients=recipients))
+        return f"sent to {','.join(answer.accepted)}: {answer.reply}"
+    except (TemporaryFailure, PermanentFailure) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        await client.close()
+        server.close()
+
+
+TWO = ("a@x.org", "b@x.org")
+SCRIPTS = {
+    # A 251 after the dot counted as a failure: the mail deferred, sent again at every try
+    # (9 copies in a test with max_age 6 s), then a false "Undelivered" DSN to the sender.
+    "251-after-the-dot": (
+        dict(ehlo="250 8BITMIME", mail="250 2.1.0 Ok", rcpt=["250 Ok"] * 2, dot="251 2.0.0 X"),
+        "sent to a@x.org,b@x.org: 251 2.0.0 X",
+    ),
+    # 252 (cannot verify, will try) to a RCPT was a temporary refusal of that recipient.
+    "252-to-a-rcpt": (
+        dict(ehlo="250 8BITMIME", mail="250 2.1.0 Ok", rcpt=["252 Ok", "250 Ok"], dot="250 Ok"),
+        "sent to a@x.org,b@x.org: 250 Ok",
+    ),
+    # A malformed reply at RCPT was reported as refused "at MAIL FROM".
+    "malformed-at-rcpt": (
+        dict(ehlo="250 8BITMIME", mail="250 2.1.0 Ok", rcpt=["hello there"], dot="250 Ok"),
+        "TemporaryFailure: upstream 127.0.0.1:{port} refused {id} at RCPT TO:",
+    ),
+}
+
+
+@pytest.mark.parametrize(("script", "expected"), SCRIPTS.values(), ids=SCRIPTS.keys())
+async def test_what_a_host_answers_is_read_as_rfc_5321_says(
+    script: dict[str, str], expected: str
+) -> None:
+    """Any 2xx is an acceptance, as RFC 5321 4.2.1 reads a reply by its first digit (and
+    Postfix's smtp client does): after the dot, to a RCPT. A refusal names the command the
+    host refused. One copy reached the host each time."""
+    host = ScriptedHost(**script)
+    outcome = await send_scripted(host, TWO, b"Subject: x\r\n\r\nbody\r\n")
+    head = expected.split("{port}")[0]
+    assert outcome.startswith(head), outcome
+    if "{id}" in expected:
+        assert " at RCPT TO: " in outcome, outcome
+    assert (1 if outcome.startswith("sent") else 0) == host.copies
+
+
+async def test_a_mail_over_the_hosts_size_is_refused_before_it_goes_out() -> None:
+    """The host offers SIZE 1000 (RFC 1870) and the mail is 5 KB: a dead letter with 552
+    5.3.4 before MAIL, not 5 KB uploaded for a 552 after the dot (10 MB each time, for
+    mail over the limit of an original host). Under its SIZE, MAIL says SIZE=."""
+    raw = b"Subject: x\r\n\r\n" + b"x" * 5000 + b"\r\n"
+    small = ScriptedHost(ehlo="250 SIZE 1000", mail="250 Ok", rcpt=["250 Ok"], dot="250 Ok")
+    outcome = await send_scripted(small, ("a@x.org",), raw)
+    size = len(make_mail(raw=raw).wire_bytes())  # with relay's Received: line
+    assert outcome.startswith("PermanentFailure: "), outcome
+    assert f"552 5.3.4 {size} bytes, over the 1000 the host takes" in outcome
+    assert not any(line.startswith(b"MAIL") for line in small.lines)
+    roomy = ScriptedHost(ehlo="250 SIZE 100000", mail="250 Ok", rcpt=["250 Ok"], dot="250 Ok")
+    assert "sent to a@x.org: 250 Ok" == await send_scripted(roomy, ("a@x.org",), raw)
+    [mail_from] = [line for line in roomy.lines if line.startswith(b"MAIL")]
+    assert mail_from.rstrip().endswith(b" SIZE=%d" % size), mail_from

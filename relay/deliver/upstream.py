@@ -186,10 +186,14 @@ class UpstreamClient:
             options, encoding = ["SMTPUTF8"], "utf-8"
         if not data.isascii() and smtp.supports_extension("8bitmime"):
             options.append("BODY=8BITMIME")
+        if smtp.supports_extension("size"):  # RFC 1870: refused before the upload, as Postfix
+            options.append(f"SIZE={len(data)}")
+            _fits(where, mail, len(data), smtp.esmtp_extensions.get("size", ""))
 
         accepted: list[str] = []
         temporary: list[tuple[str, str]] = []
         permanent: list[tuple[str, str]] = []
+        phase = "MAIL FROM"  # what the host refused, for the reply recorded
         try:
             try:
                 await smtp.mail(mail.sender, options=options, encoding=encoding)
@@ -200,15 +204,21 @@ class UpstreamClient:
             except aiosmtplib.SMTPResponseException as exc:
                 if reused and exc.code == 421:  # closing this idle session (RFC 5321 3.8)
                     raise _Stale() from exc
-                raise
+                if exc.code // 100 != 2:  # a 2xx other than 250 is an acceptance too
+                    raise
+            phase = "RCPT TO"
             for rcpt in mail.recipients:
                 try:
                     await smtp.rcpt(rcpt, encoding=encoding)
                     accepted.append(rcpt)
                 except aiosmtplib.SMTPRecipientRefused as exc:
+                    if exc.code // 100 == 2:  # 252 and the like: taken (RFC 5321 4.2.1)
+                        accepted.append(rcpt)
+                        continue
                     refusal = (rcpt, _reply(exc))
                     (temporary if exc.code < 500 else permanent).append(refusal)
             if accepted:
+                phase = "DATA"
                 try:
                     response = await send_data(smtp, data_bytes(data))
                     reply = f"{response.code} {_oneline(response.message)}"
@@ -222,7 +232,6 @@ class UpstreamClient:
                     (temporary if exc.code < 500 else permanent).extend(refused)
                     return _none_accepted(temporary, permanent)  # each with its own reply
         except aiosmtplib.SMTPResponseException as exc:
-            phase = "DATA" if isinstance(exc, aiosmtplib.SMTPDataError) else "MAIL FROM"
             message = f"{where} refused {mail.id} at {phase}: {_reply(exc)}"
             raise _by_code(exc.code, message, reply=_reply(exc)) from exc
         except ValueError as exc:  # an address with characters SMTP cannot carry
@@ -272,6 +281,15 @@ class UpstreamClient:
         except OSError as exc:
             message = f"{where} unreachable for {mail.id}: {exc!r}"
             raise TemporaryFailure(message, reply=repr(exc)) from exc
+
+
+def _fits(where: str, mail: Mail, size: int, offered: str) -> None:
+    """PermanentFailure when the host's SIZE (RFC 1870) is under `size` bytes; a SIZE of 0
+    or none at all sets no limit."""
+    limit = int(offered) if offered.strip().isdigit() else 0
+    if limit and size > limit:
+        reply = f"552 5.3.4 {size} bytes, over the {limit} the host takes (its SIZE)"
+        raise PermanentFailure(f"{where}: {mail.id}: {reply}", reply=reply)
 
 
 def _none_accepted(

@@ -19,7 +19,6 @@ from aiosmtplib.protocol import normalize_message_line_endings
 from relay.mail import bare_line_ends
 
 START_INPUT = 354
-COMPLETED = 250
 END = b".\r\n"  # the line that ends DATA (data_bytes puts it last)
 CHUNK = 64 * 1024  # bytes written at a time, each within `upstream.timeout`
 DATA_DONE = 600.0  # seconds for the reply after the dot (Postfix's smtp_data_done_timeout)
@@ -41,7 +40,7 @@ def data_bytes(message: bytes) -> bytes:
 
 async def send_data(smtp: aiosmtplib.SMTP, wire: bytes) -> aiosmtplib.SMTPResponse:
     """`smtp.data()` for a mail already in its wire form (`data_bytes`): the same replies
-    and errors (SMTPDataError on anything but 354, then 250), with Postfix's two timers.
+    and errors (SMTPDataError on anything but 354, then 2xx), with Postfix's two timers.
 
     The mail goes out CHUNK bytes at a time, each within `smtp.timeout` (a stalled write:
     Postfix's smtp_data_xfer_timeout); the final dot only after the rest, and its reply has
@@ -76,6 +75,6 @@ async def send_data(smtp: aiosmtplib.SMTP, wire: bytes) -> aiosmtplib.SMTPRespon
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
         smtp.close()
         raise
-    if reply.code != COMPLETED:
+    if reply.code // 100 != 2:  # any 2xx: the host took the mail (RFC 5321 4.2.1, Postfix)
         raise aiosmtplib.SMTPDataError(reply.code, reply.message)
     return reply
