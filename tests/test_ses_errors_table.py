@@ -485,6 +485,26 @@ SCOPED = [
         id="access-denied-to-one-identity-is-that-identity",
     ),
     pytest.param(
+        (
+            # A policy granting identity/* but not configuration-set/*: before, the account
+            # circuit opened, and every SES rule's mail went upstream (and it flapped).
+            "AccessDenied",
+            "User `arn:aws:iam::123456789012:user/relay' is not authorized to perform"
+            " `ses:SendRawEmail' on resource"
+            " `arn:aws:ses:eu-west-1:123456789012:configuration-set/moodle-reminders'",
+            VERP,
+            "moodle-reminders",
+        ),
+        (
+            ScopedFailure,
+            "configuration set moodle-reminders",
+            "allow relay's IAM user or role ses:SendRawEmail on configuration set"
+            " moodle-reminders in eu-west-1"
+            " (arn:aws:ses:eu-west-1:<account>:configuration-set/moodle-reminders)",
+        ),
+        id="access-denied-to-one-configuration-set-is-that-set",
+    ),
+    pytest.param(
         ("AccessDenied", "User is not authorized to perform `ses:SendRawEmail'", VERP, None),
         (AccountFailure, None, None),
         id="access-denied-naming-no-identity-stays-account-wide",

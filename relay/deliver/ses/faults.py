@@ -77,8 +77,11 @@ CONFIG_SET_CODES = frozenset(
 ERRORS = (BotoCoreError, ClientError, ResponseParserError, aiohttp.ClientError, OSError)
 _NETWORK = (BotoConnectionError, HTTPClientError, ResponseParserError, aiohttp.ClientError, OSError)
 _ADDRESS = re.compile(r"[^\s<>,:@]+@([A-Za-z0-9.-]+)")
-# AccessDenied naming one identity: "... on resource `arn:aws:ses:eu-west-1:1234:identity/x'"
-_IDENTITY_ARN = re.compile(r"arn:aws[a-z-]*:ses:[a-z0-9-]+:\d+:identity/([^\s'`\"]+)")
+# AccessDenied naming one identity: "... on resource `arn:aws:ses:eu-west-1:1234:identity/x'",
+# or one configuration set (a policy granting identity/* alone): "...:configuration-set/x'"
+_DENIED_ARN = re.compile(
+    r"arn:aws[a-z-]*:ses:[a-z0-9-]+:\d+:(identity|configuration-set)/([^\s'`\"]+)"
+)
 ACCESS_DENIED_CODES = frozenset({"AccessDenied", "AccessDeniedException"})
 
 
@@ -151,8 +154,15 @@ def scoped(
             f" in {region}, or set its behaviour on MX failure to USE_DEFAULT_VALUE"
         )
         return _scoped(exc, f"identity {source_domain}", advice)
-    if code in ACCESS_DENIED_CODES and (denied := _IDENTITY_ARN.search(message)):
-        identity = denied.group(1).rpartition("@")[2].lower()  # an address identity: its domain
+    if code in ACCESS_DENIED_CODES and (denied := _DENIED_ARN.search(message)):
+        kind, name = denied.groups()
+        if kind == "configuration-set":
+            advice = (
+                f"allow relay's IAM user or role ses:SendRawEmail on configuration set {name}"
+                f" in {region} (arn:aws:ses:{region}:<account>:configuration-set/{name})"
+            )
+            return _scoped(exc, f"configuration set {name}", advice)
+        identity = name.rpartition("@")[2].lower()  # an address identity: its domain
         advice = (
             f"allow relay's IAM user or role to send as identity {identity} in {region}"
             " (ses:SendRawEmail / ses:SendEmail on its ARN, or its sending authorization policy)"
