@@ -7,6 +7,8 @@
     └── DeliveryError                   a send did not succeed
         ├── TemporaryFailure            try again later (4xx, timeouts, throttling, 5xx from SES)
         │   ├── Throttled               SES "Maximum sending rate exceeded": slow the pace
+        │   ├── Unconfirmed             SES got the request but its answer never came: it
+        │   │                           may have sent the mail (never to SES again)
         │   └── HostUnreachable         the original host refused or timed out the connection
         └── PermanentFailure            this message will not go this way (5xx, MessageRejected)
             ├── AccountFailure          the SES account cannot send for now (opens the circuit)
@@ -71,6 +73,12 @@ class TemporaryFailure(DeliveryError):
 
 class Throttled(TemporaryFailure):
     """SES refused for the sending rate ("Maximum sending rate exceeded"): slow down, retry."""
+
+
+class Unconfirmed(TemporaryFailure):
+    """The request went out to SES and no answer came in time (a read timeout, the whole
+    call's deadline, a 200 without a MessageId): SES may have sent the mail, so another
+    SES call may send another copy."""
 
 
 class HostUnreachable(TemporaryFailure):

@@ -725,3 +725,25 @@ async def test_a_reload_while_delivery_warms_up_is_not_missed(
             [m.queue_id for m in capture.messages],
             [m.queue_id for m in new.messages],
         )
+
+
+async def test_an_ses_answer_that_never_comes_sends_the_mail_upstream_once(
+    start_relay: Start,
+    capture: CaptureServer,
+    fake_ses: FakeSes,
+) -> None:
+    """SES takes 1.5 s to answer, relay waits 1 s (`ses.timeout`): SES got the mail and may
+    have sent it, its answer is lost. Retried through SES, each try could send another copy
+    (9 of one mail before `fallback_after` in a review, then a 10th upstream). Now the
+    mail goes upstream at once, and SES is not called again: at most one copy more."""
+    fake_ses.latency = 1.5
+    relay = await start_relay(
+        deliver=True, **config(capture, fake_ses.url, timeout=1, fallback_after=300)
+    )
+    [student] = SES_MAILS[:1]
+    sent = await send_corpus(relay.port, student)
+    found = await await_rows(relay.settings.spool, sent, {"sent"}, within=15)
+    [row] = found.values()
+    await asyncio.sleep(2.0)  # SES's answer, late; no second call
+    assert ("upstream", 1, 1) == (row["route"], fake_ses.calls, len(capture.messages))
+    assert "SES may have sent it, its answer never came" in row["fallback_reason"]

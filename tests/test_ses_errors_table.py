@@ -40,6 +40,7 @@ from relay.errors import (
     ScopedFailure,
     TemporaryFailure,
     Throttled,
+    Unconfirmed,
 )
 from relay.mail import Mail
 from relay.settings import Ses, SesApi
@@ -130,10 +131,10 @@ def test_client_error_codes(
 TRANSPORT_ERRORS = [
     pytest.param(EndpointConnectionError(endpoint_url=ENDPOINT), TemporaryFailure, id="no-conn"),
     pytest.param(ConnectTimeoutError(endpoint_url=ENDPOINT), TemporaryFailure, id="conn-timeout"),
-    pytest.param(ReadTimeoutError(endpoint_url=ENDPOINT), TemporaryFailure, id="read-timeout"),
+    pytest.param(ReadTimeoutError(endpoint_url=ENDPOINT), Unconfirmed, id="read-timeout"),
     pytest.param(ConnectionClosedError(endpoint_url=ENDPOINT), TemporaryFailure, id="closed"),
     pytest.param(ResponseParserError("not XML"), TemporaryFailure, id="garbled-response"),
-    pytest.param(TimeoutError(), TemporaryFailure, id="deadline"),
+    pytest.param(TimeoutError(), Unconfirmed, id="deadline"),
     pytest.param(ConnectionRefusedError(111, "refused"), TemporaryFailure, id="refused"),
     pytest.param(aiohttp.ServerDisconnectedError(), TemporaryFailure, id="aiohttp-disconnect"),
     pytest.param(NoCredentialsError(), AccountFailure, id="no-credentials"),
@@ -154,8 +155,9 @@ TRANSPORT_ERRORS = [
 
 @pytest.mark.parametrize(("exc", "expected"), TRANSPORT_ERRORS)
 def test_transport_errors(exc: BaseException, expected: type[DeliveryError]) -> None:
-    """Timeouts and connection errors are temporary, missing credentials account-wide,
-    requests botocore refuses to build permanent; the reply starts with the error's name."""
+    """Timeouts and connection errors are temporary (unconfirmed once the request went:
+    a read timeout, the call's deadline), missing credentials account-wide, requests
+    botocore refuses to build permanent; the reply starts with the error's name."""
     error = failure(exc, "message Q1")
     assert (expected, type(exc).__name__) == (type(error), error.reply.split(":")[0])
 
@@ -367,12 +369,13 @@ async def test_v2_takes_40_mb_and_refuses_more_before_calling(
     )
 
 
-async def test_send_without_message_id_is_temporary() -> None:
-    """SES answering 200 without a MessageId is a temporary failure, not a lost message."""
+async def test_send_without_message_id_is_unconfirmed() -> None:
+    """SES answering 200 without a MessageId is not a lost message, nor one to send
+    through SES again (it may have sent it): Unconfirmed."""
     client, _ = ses_client({"ResponseMetadata": {"HTTPStatusCode": 200}})
     with pytest.raises(TemporaryFailure) as caught:
         await client.send(mail())
-    assert (TemporaryFailure, "SendRawEmail response without MessageId") == (
+    assert (Unconfirmed, "SendRawEmail response without MessageId") == (
         type(caught.value),
         caught.value.reply,
     )

@@ -24,7 +24,7 @@ from aiobotocore.session import AioSession, get_session
 
 from relay import settings as _settings
 from relay.deliver.ses.faults import ERRORS, failure, scoped
-from relay.errors import AccountFailure, DeliveryError, PermanentFailure, TemporaryFailure
+from relay.errors import AccountFailure, DeliveryError, PermanentFailure, Unconfirmed
 from relay.mail import Mail
 from relay.settings import SesApi
 
@@ -179,8 +179,8 @@ class SesClient:
                 raise
             raise narrowed from exc.__cause__
         message_id = response.get("MessageId")
-        if not message_id:  # SES answered 200 but said nothing usable: try again later
-            raise TemporaryFailure(
+        if not message_id:  # SES answered 200 but said nothing usable: it may have sent it
+            raise Unconfirmed(
                 f"SES accepted {mail.id} without a MessageId",
                 reply=f"{_ACTIONS[method]} response without MessageId",
             )

@@ -25,6 +25,7 @@ from botocore.exceptions import (
     HTTPClientError,
     NoCredentialsError,
     PartialCredentialsError,
+    ReadTimeoutError,
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.parsers import ResponseParserError
@@ -36,6 +37,7 @@ from relay.errors import (
     ScopedFailure,
     TemporaryFailure,
     Throttled,
+    Unconfirmed,
 )
 
 RATE_THROTTLE = "maximum sending rate exceeded"
@@ -92,6 +94,11 @@ def failure(exc: BaseException, what: str) -> DeliveryError:
     name = type(exc).__name__
     if isinstance(exc, NoCredentialsError | PartialCredentialsError | CredentialRetrievalError):
         return AccountFailure(f"SES credentials unusable for {what}: {exc}", reply=name)
+    if isinstance(exc, ReadTimeoutError) or type(exc) is TimeoutError:
+        # The request went (the connection was made; TimeoutError is the whole call's
+        # deadline): SES may have taken it and its answer been lost.
+        reply = f"{name}: {exc}" if str(exc) else name
+        return Unconfirmed(f"SES did not answer in time for {what}: {reply}", reply=reply)
     if isinstance(exc, _NETWORK):
         reply = f"{name}: {exc}" if str(exc) else name
         return TemporaryFailure(f"SES unreachable for {what}: {reply}", reply=reply)

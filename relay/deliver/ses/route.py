@@ -7,7 +7,8 @@ one verdict to record:
     Retry(delay, reply)     temporary SES failure, younger than `fallback_after`
     Fallback(reason, ...)   go upstream: blocked (shadow, disabled, no SES client, null
                             sender, daily budget, open circuit), refused, account-wide,
-                            or too old
+                            too old, or unconfirmed (SES's answer lost: it may have sent
+                            it, and another SES call could send another copy)
 
 Pacing, the circuit breakers (the account's, and one per identity or configuration set
 SES refused: `scopes`) and the SES metrics live here; the spool is not touched.
@@ -29,6 +30,7 @@ from relay.errors import (
     ScopedFailure,
     TemporaryFailure,
     Throttled,
+    Unconfirmed,
 )
 from relay.mail import Mail
 from relay.rules import RULE_TAG, Decision
@@ -191,6 +193,13 @@ class SesRoute:
             self._reached()
             detail = f"SES refused the message: {exc.reply}"
             return Fallback(reason="rejected", detail=detail), None
+        except Unconfirmed as exc:
+            # Another SES call could send another copy at each try (9 before fallback_after
+            # in a test); upstream once, at most one copy more, never none.
+            if self.circuit.state is CircuitState.PROBING:
+                self.circuit.failed(f"probe failed: {exc.reply}")
+            detail = f"SES may have sent it, its answer never came; not SES again: {exc.reply}"
+            return Fallback(reason="unconfirmed", detail=detail), None
         except TemporaryFailure as exc:
             return self._temporary(mail, exc, settings), None
         except BaseException:
