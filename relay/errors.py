@@ -11,6 +11,8 @@
         │   │                           may have sent the mail (never to SES again)
         │   └── HostUnreachable         the original host refused or timed out the connection
         └── PermanentFailure            this message will not go this way (5xx, MessageRejected)
+            ├── NotSent                 refused before any call to SES (too big, too many
+            │                           recipients): SES said nothing, about anything
             ├── AccountFailure          the SES account cannot send for now (opens the circuit)
             └── ScopedFailure           one SES identity or configuration set cannot send (opens
                                         a circuit for that scope only)
@@ -87,6 +89,12 @@ class HostUnreachable(TemporaryFailure):
 
 class PermanentFailure(DeliveryError):
     """This message will not be accepted this way; retrying the same way is pointless."""
+
+
+class NotSent(PermanentFailure):
+    """The message cannot go to SES as it is, known before any call (over the size limit,
+    no or too many recipients, a request botocore will not build): no answer from SES,
+    so nothing learnt about the account (a probe that ends so is no probe)."""
 
 
 class AccountFailure(PermanentFailure):

@@ -23,6 +23,7 @@ from relay.deliver.ses.route import SesRoute
 from relay.errors import (
     AccountFailure,
     HostUnreachable,
+    NotSent,
     PermanentFailure,
     SpoolError,
     TemporaryFailure,
@@ -353,8 +354,8 @@ SES_CASES = [
     ),
     ses_case(
         "over-size-upstream-at-once",
-        rejected("10485761 bytes, over the SES limit of 10485760"),
-        via_upstream("SES refused the message: 10485761 bytes, over the SES limit of 10485760"),
+        NotSent("x", reply="10485761 bytes, over the SES limit of 10485760"),
+        via_upstream("SES cannot take the message: 10485761 bytes, over the SES limit of 10485760"),
     ),
     ses_case(
         "invalid-address-upstream-at-once",

@@ -22,10 +22,12 @@ from relay.deliver.ses.client import (
 )
 from relay.errors import (
     AccountFailure,
+    NotSent,
     PermanentFailure,
     ScopedFailure,
     TemporaryFailure,
     Throttled,
+    Unconfirmed,
 )
 from relay.settings import Ses, SesApi
 from tests.support.aws import REGION, moto_raw_messages
@@ -198,8 +200,9 @@ async def test_one_shot_fault_then_success(ses: SesClient, fake_ses: FakeSes) ->
     assert (2, 1) == (fake_ses.calls, len(fake_ses.sent))
 
 
-async def test_timeout_is_temporary(fake_ses: FakeSes) -> None:
-    """An answer slower than settings.timeout is a TemporaryFailure, raised on time."""
+async def test_timeout_is_unconfirmed(fake_ses: FakeSes) -> None:
+    """An answer slower than settings.timeout is Unconfirmed (a TemporaryFailure: SES may
+    have sent it), raised on time."""
     fake_ses.latency = 2.0
     settings = Ses(region=REGION, endpoint_url=fake_ses.url, timeout=0.3)
     async with await SesClient.open(settings) as client:
@@ -207,7 +210,7 @@ async def test_timeout_is_temporary(fake_ses: FakeSes) -> None:
         with pytest.raises(TemporaryFailure) as caught:
             await client.send(make_mail(), configuration_set=None, tags=())
         elapsed = time.monotonic() - started
-    assert TemporaryFailure is type(caught.value)
+    assert Unconfirmed is type(caught.value)
     assert elapsed < 1.5
     fake_ses.latency = 0.0
 
@@ -260,13 +263,13 @@ async def test_refused_before_calling(
     changes: dict[str, object],
     reason: str,
 ) -> None:
-    """Mail SES cannot take is a PermanentFailure without a call, so it goes upstream at once
-    (v2 takes up to 40 MB)."""
+    """Mail SES cannot take is NotSent (a PermanentFailure) without a call, so it goes
+    upstream at once (v2 takes up to 40 MB)."""
     if ses.api is SesApi.V2 and reason == "over the SES limit":
         changes = V2_PREFLIGHT["size"]
     with pytest.raises(PermanentFailure) as caught:
         await ses.send(make_mail(**changes), configuration_set=None, tags=())
-    assert PermanentFailure is type(caught.value)
+    assert NotSent is type(caught.value)
     assert reason in caught.value.reply
     assert 0 == fake_ses.calls
 

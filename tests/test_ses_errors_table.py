@@ -36,6 +36,7 @@ from relay.deliver.ses.faults import scoped
 from relay.errors import (
     AccountFailure,
     DeliveryError,
+    NotSent,
     PermanentFailure,
     ScopedFailure,
     TemporaryFailure,
@@ -148,7 +149,7 @@ TRANSPORT_ERRORS = [
         AccountFailure,
         id="credential-lookup",
     ),
-    pytest.param(ParamValidationError(report="bad Source"), PermanentFailure, id="bad-params"),
+    pytest.param(ParamValidationError(report="bad Source"), NotSent, id="bad-params"),
     pytest.param(RuntimeError("surprise"), TemporaryFailure, id="anything-else"),
 ]
 
@@ -227,11 +228,11 @@ V2_REFUSALS = [
 
 @pytest.mark.parametrize(("fields", "reply"), REFUSALS)
 async def test_send_refuses_before_calling(fields: dict[str, Any], reply: str) -> None:
-    """Mail SES cannot take as it is is a PermanentFailure without any call to SES."""
+    """Mail SES cannot take as it is is NotSent (a PermanentFailure) without any call."""
     client, fake = ses_client({"MessageId": "never"})
     with pytest.raises(PermanentFailure) as caught:
         await client.send(mail(**fields))
-    assert (PermanentFailure, reply, []) == (
+    assert (NotSent, reply, []) == (
         type(caught.value),
         caught.value.reply,
         fake.calls,
@@ -361,7 +362,7 @@ async def test_v2_takes_40_mb_and_refuses_more_before_calling(
     sent = await client.send(mail(raw=b"x" * (MAX_MESSAGE_SIZE + 1)))
     with pytest.raises(PermanentFailure) as caught:
         await client.send(mail(**fields))
-    assert ("ses-1", PermanentFailure, reply, 1) == (
+    assert ("ses-1", NotSent, reply, 1) == (
         sent,
         type(caught.value),
         caught.value.reply,

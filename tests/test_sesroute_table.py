@@ -28,6 +28,7 @@ from relay.deliver.ses.route import (
 from relay.errors import (
     AccountFailure,
     DeliveryError,
+    NotSent,
     PermanentFailure,
     ScopedFailure,
     TemporaryFailure,
@@ -222,11 +223,14 @@ FAULTS = [
         id="permanent-message-rejected",
     ),
     pytest.param(
-        PermanentFailure("x", reply="10485761 bytes, over the SES limit of 10485760"),
-        rejected("10485761 bytes, over the SES limit of 10485760"),
+        NotSent("x", reply="10485761 bytes, over the SES limit of 10485760"),
+        Fallback(
+            reason="unsendable",
+            detail="SES cannot take the message: 10485761 bytes, over the SES limit of 10485760",
+        ),
         "closed",
         ["acquire 1"],
-        id="permanent-over-size-limit",
+        id="not-sent-over-size-limit",
     ),
     pytest.param(
         PermanentFailure("x", reply="InvalidParameterValue: Missing final '@domain'"),
@@ -475,6 +479,22 @@ CIRCUIT = [
         ["account open", "rejected closed", "sent closed"],
         3,
         id="probe-rejected-message-still-closes",
+    ),
+    pytest.param(
+        # A probe refused before any call (over the size limit) learnt nothing: it closed
+        # the circuit, and the next mail hit the paused account (and alerted again).
+        [PAUSED, NotSent("x", reply="10485761 bytes, over the SES limit"), PAUSED],
+        ["mail", "wait 300", "mail", "mail"],
+        ["account open", "unsendable open", "account open"],
+        3,
+        id="probe-not-sent-leaves-it-open-and-the-next-mail-probes",
+    ),
+    pytest.param(
+        [PAUSED, Unconfirmed("x", reply="ReadTimeoutError"), "ses-1"],
+        ["mail", "wait 300", "mail", "mail"],
+        ["account open", "unconfirmed open", "circuit_open open"],
+        2,
+        id="probe-unconfirmed-reopens",
     ),
     pytest.param(
         [PAUSED, PAUSED, "ses-1"],

@@ -24,7 +24,7 @@ from aiobotocore.session import AioSession, get_session
 
 from relay import settings as _settings
 from relay.deliver.ses.faults import ERRORS, failure, scoped
-from relay.errors import AccountFailure, DeliveryError, PermanentFailure, Unconfirmed
+from relay.errors import AccountFailure, DeliveryError, NotSent, Unconfirmed
 from relay.mail import Mail
 from relay.settings import SesApi
 
@@ -130,12 +130,12 @@ class SesClient:
         Source is `ses.source` if set, else the envelope sender. Tag names and values are
         reduced to what SES accepts (letters, digits, `_`, `-`). Mail that SES cannot take
         as it is (null sender, no or over MAX_DESTINATIONS recipients, over the API's size
-        limit) raises PermanentFailure before any call; the caller splits recipients.
+        limit) raises NotSent before any call; the caller splits recipients.
         """
         data = mail.wire_bytes()
         refusal = _refusal(mail, len(data), self.max_message_size)
         if refusal:
-            raise PermanentFailure(f"SES cannot send {mail.id}: {refusal}", reply=refusal)
+            raise NotSent(f"SES cannot send {mail.id}: {refusal}", reply=refusal)
         ses = self._settings
         source = ses.source or mail.sender
         config_set = configuration_set or ses.configuration_set

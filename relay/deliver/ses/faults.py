@@ -33,6 +33,7 @@ from botocore.parsers import ResponseParserError
 from relay.errors import (
     AccountFailure,
     DeliveryError,
+    NotSent,
     PermanentFailure,
     ScopedFailure,
     TemporaryFailure,
@@ -104,7 +105,7 @@ def failure(exc: BaseException, what: str) -> DeliveryError:
         return TemporaryFailure(f"SES unreachable for {what}: {reply}", reply=reply)
     if isinstance(exc, BotoCoreError):
         # Parameter validation and the like: this message as it is will not go.
-        return PermanentFailure(f"SES refused {what} before sending: {name}: {exc}", reply=name)
+        return NotSent(f"SES refused {what} before sending: {name}: {exc}", reply=name)
     return TemporaryFailure(f"SES failed for {what}: {name}: {exc}", reply=name)
 
 

@@ -26,6 +26,7 @@ from relay.deliver.ses import scopes as _scopes
 from relay.deliver.ses.circuit import Circuit, CircuitState
 from relay.errors import (
     AccountFailure,
+    NotSent,
     PermanentFailure,
     ScopedFailure,
     TemporaryFailure,
@@ -189,6 +190,11 @@ class SesRoute:
             self.scopes.failed(exc.scope, reply=exc.reply, advice=exc.advice)
             detail = f"SES cannot send for {exc.scope}: {exc.reply}"
             return Fallback(reason="identity", detail=detail), exc.scope
+        except NotSent as exc:  # SES was not asked: no word on the account (nor a probe)
+            if probe:
+                self.circuit.probe_aborted()
+            detail = f"SES cannot take the message: {exc.reply}"
+            return Fallback(reason="unsendable", detail=detail), None
         except PermanentFailure as exc:
             self._reached()
             detail = f"SES refused the message: {exc.reply}"
