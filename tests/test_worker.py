@@ -538,8 +538,10 @@ async def test_a_hung_delivery_process_is_killed_and_replaced(
     yet it delivers nothing: after LIVENESS_MISSES unanswered pings it is killed, logged as
     `event=delivery_process_hung`, and a new one delivers the mail accepted meanwhile."""
     caplog.set_level(logging.INFO)
-    monkeypatch.setattr(supervisor, "LIVENESS_EVERY", 0.3)
-    monkeypatch.setattr(supervisor, "SCRAPE_TIMEOUT", 0.2)
+    # Scaled down from 10 s and 2 s; a busy machine (the suite on 2 cores) answered a
+    # scrape in over 0.2 s, and a healthy new process was killed as hung too.
+    monkeypatch.setattr(supervisor, "LIVENESS_EVERY", 0.5)
+    monkeypatch.setattr(supervisor, "SCRAPE_TIMEOUT", 1.0)
     relay = await start_relay(
         tasks=[supervisor.delivery_process], upstream={"host": "127.0.0.1", "port": capture.port}
     )
