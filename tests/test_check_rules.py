@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from click.testing import CliRunner, Result
 
 from relay import rules
 from relay.cli import main
+from relay.ops import checkrules
 from tests.support.corpus import CORPUS
 from tests.support.processes import relay_cli
 
@@ -87,6 +89,22 @@ def test_directory_recursive_sorted(tmp_path: Path) -> None:
         (str(tmp_path / "b" / "deep" / "z.eml"), "ses"),
     ]
     assert expected == [(line["source"], line["route"]) for line in json_lines(result)]
+
+
+def test_a_pipe_named_eml_in_a_directory_is_reported_not_read(tmp_path: Path) -> None:
+    """A named pipe called x.eml in a directory: reading it waited for a writer for good
+    (`relay check-rules DIR` hung). It is reported unreadable, and the rest classified."""
+    os.mkfifo(tmp_path / "x.eml")
+    (tmp_path / "y.eml").write_bytes(CC.read_bytes())
+    done = relay_cli("check-rules", "--json", str(tmp_path), timeout=10)
+    assert 1 == done.returncode, done.stderr
+    assert [
+        {"source": str(tmp_path / "x.eml"), "error": checkrules.IRREGULAR},
+        {"source": str(tmp_path / "y.eml"), "route": "ses"},
+    ] == [
+        {k: v for k, v in json.loads(line).items() if k in ("source", "error", "route")}
+        for line in done.stdout.splitlines()
+    ]
 
 
 def test_stdin() -> None:

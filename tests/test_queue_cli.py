@@ -366,7 +366,8 @@ def test_an_inflight_row_says_whether_a_delivery_process_has_it(
 
 def test_a_damaged_spool_is_named_not_a_traceback(spooled: tuple[Path, dict[str, str]]) -> None:
     """The root page of every table and index overwritten (the schema left as it was): list,
-    show and stats each say which spool they could not read and why, and exit 1."""
+    show, stats and retry --all-failed (a traceback before) each say which spool they could
+    not read and why, and exit 1."""
     config, ids = spooled
     path = config.parent / "spool" / DB_NAME
     with closing(sqlite3.connect(path)) as conn:
@@ -377,7 +378,7 @@ def test_a_damaged_spool_is_named_not_a_traceback(spooled: tuple[Path, dict[str,
         for page in roots:
             db.seek((page - 1) * size)
             db.write(b"\xff" * size)
-    for args in (["list"], ["show", ids["queued"]], ["stats", "--json"]):
+    for args in (["list"], ["show", ids["queued"]], ["stats", "--json"], ["retry", "--all-failed"]):
         result = queue(config, *args)
         assert 1 == result.exit_code, (args, result.output)
         assert f"relay queue: spool {path}: database disk image is malformed\n" == result.stderr
@@ -398,3 +399,48 @@ def test_queue_help_needs_no_config_and_config_goes_after_the_command_too(
     listed = CliRunner().invoke(main, ["queue", "list", "--config", str(config), "--json"])
     assert (0, True) == (helped.exit_code, "queue list [OPTIONS]" in helped.stdout)
     assert ids["queued"] in listed.stdout, listed.output
+
+
+HOSTILE = (
+    b"Message-ID: <x\x1b[41mRED\x1b[0m\x1b]0;pwned-title\x07@moodle.test>\r\n"
+    b'From: "\x1b[2J\x1b[HEvil" <noreply@moodle.test>\r\n'
+    b"Subject: \x1b[1A\x1b[2Kstate:           sent \xe2\x80\xae\r\n"
+    b"\r\nbody\r\n"
+)
+
+
+async def test_what_a_client_wrote_reaches_the_terminal_as_text(
+    write_config: ConfigWriter,
+) -> None:
+    """A mail whose Message-ID, From and Subject carry terminal escapes (clear the screen,
+    retitle the window, move up a line and write a fake "state: sent" over the real one) and
+    a bidi override, deferred with a reply that carries more: `relay queue show` and `list`
+    printed them raw, and a terminal acted on them. Each is now shown as an escape
+    (\\x1b, \\u202e); `--json` was safe already."""
+    config = write_config()
+    spool = await Spool.open(config.parent / "spool")
+    queue_id = await spool.add(
+        sender="noreply@moodle.test",
+        recipients=["u1@example.org"],
+        raw=HOSTILE,
+        peer="127.0.0.1",
+        trace=TRACE,
+        message_id="<x\x1b[41mRED\x1b[0m\x1b]0;pwned-title\x07@moodle.test>",
+    )
+    await spool.claim(1)
+    await spool.defer(
+        queue_id, due_at=time.time() + 600, rule=None, route="upstream", reply="451 \x1b[2J\rok"
+    )
+    await spool.close()
+    runner = CliRunner()  # color=True: as on a terminal, where click strips no escapes
+    shown = {
+        args[0]: runner.invoke(main, ["queue", "--config", str(config), *args], color=True)
+        for args in (["show", queue_id], ["list"])
+    }
+    for command, result in shown.items():
+        assert 0 == result.exit_code, result.output
+        acted_on = {c for c in result.stdout if c in "\x1b\x07\r\u202e"}
+        assert set() == acted_on, (command, result.stdout)
+    assert "Subject: \\x1b[1A\\x1b[2Kstate:           sent \\u202e" in shown["show"].stdout
+    assert "\\x1b]0;pwned-title\\x07@moodle.test>" in shown["show"].stdout
+    assert "(451 \\x1b[2J\\rok)" in shown["list"].stdout

@@ -27,6 +27,7 @@ from relay.errors import ConfigError, Problem
 from relay.mail import Mail
 
 STDIN = Path("-")
+IRREGULAR = "not a regular file (a pipe, a device): not read"
 _HEADER_LINE = re.compile(rb"[!-9;-~]+[ \t]*:")
 _REGEX_PART = re.compile(r" matches '[^']*'")
 _HEADERS = BytesParser(policy=policy.compat32)
@@ -118,8 +119,8 @@ def _inputs(paths: Sequence[Path]) -> Iterator[_Input]:
             found = sorted(_eml_files(path))
             if not found:
                 yield _Input(_printable(path), error="no .eml files in this directory")
-            for file in found:
-                yield _read(file)
+            for file in found:  # a pipe or a device named *.eml would block or never end
+                yield _read(file) if file.is_file() else _Input(_printable(file), error=IRREGULAR)
         else:
             yield _read(path)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Callable
@@ -57,6 +58,20 @@ _COLUMNS = (
 _FIELDS = ", ".join(_COLUMNS)
 T = TypeVar("T")
 _SELECT = f"SELECT {_FIELDS} FROM messages"
+# What a terminal acts on rather than shows: C0 controls but TAB (ESC starts a sequence
+# that clears the screen, retitles the window, moves the cursor over the line above),
+# DEL, C1 controls, and Unicode's format characters (bidi overrides reorder what follows).
+_UNSHOWABLE = re.compile(
+    "[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u180e\u200b-\u200f\u202a-\u202e"
+    "\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000e0001\U000e0020-\U000e007f]"
+)
+
+
+def _safe(text: object) -> str:
+    """`text` as a terminal shows it: every character it would act on written as an
+    escape (\\x1b, \\u202e). Mail content (subjects, names, Message-IDs, replies) is any
+    client's; `--json` escapes it already."""
+    return _UNSHOWABLE.sub(lambda m: ascii(m.group())[1:-1], str(text))
 
 
 def _record(row: sqlite3.Row) -> dict[str, Any]:
@@ -138,31 +153,44 @@ def list_messages(spool_dir: Path, *, state: str | None, as_json: bool) -> int:
         return 2
     finished = f"state NOT IN ({', '.join('?' * len(FINISHED))})"
     where, args = ("state = ?", (state,)) if state else (finished, FINISHED)
-    rows = _read(
-        spool_dir,
-        lambda conn: [
-            _record(r) for r in conn.execute(f"{_SELECT} WHERE {where} ORDER BY id", args)
-        ],
-    )
-    if rows is None:
+
+    def echo_each(conn: sqlite3.Connection) -> int:
+        """Each row as it is read (a backlog of a million rows is no list in memory)."""
+        count = 0
+        for row in conn.execute(f"{_SELECT} WHERE {where} ORDER BY id", args):
+            _echo_listed(_record(row), as_json=as_json, first=count == 0)
+            count += 1
+        return count
+
+    count = _read(spool_dir, echo_each)
+    if count is None:
         return 1
-    if as_json:
-        for record in rows:
-            click.echo(json.dumps(record))
-        return 0
-    click.echo(
-        f"{'ID':<12}  {'STATE':<8}  {'SIZE':>8}  {'ARRIVED':<19}  {'TRIES':>5}  "
-        "SENDER -> RECIPIENTS"
-    )
-    for r in rows:
-        click.echo(
-            f"{r['id']:<12}  {r['state']:<8}  {r['size']:>8}  {_when(r['received_at'])}  "
-            f"{r['attempts']:>5}  {r['sender'] or '<>'} -> {', '.join(r['recipients'])}"
-        )
-        if r["state"] in (State.DEFERRED, State.FAILED) and r["reply"]:
-            click.echo(f"{'':14}({r['reply']})")
-    click.echo(f"-- {len(rows)} message{'s' if len(rows) != 1 else ''}")
+    if not as_json:
+        if not count:
+            _echo_listed(None, as_json=False, first=True)
+        click.echo(f"-- {count} message{'s' if count != 1 else ''}")
     return 0
+
+
+def _echo_listed(r: dict[str, Any] | None, *, as_json: bool, first: bool) -> None:
+    """One row of `relay queue list` (after the heading, for the first); None: the heading."""
+    if as_json:
+        click.echo(json.dumps(r))
+        return
+    if first:
+        click.echo(
+            f"{'ID':<12}  {'STATE':<8}  {'SIZE':>8}  {'ARRIVED':<19}  {'TRIES':>5}  "
+            "SENDER -> RECIPIENTS"
+        )
+    if r is None:
+        return
+    sender, recipients = _safe(r["sender"] or "<>"), _safe(", ".join(r["recipients"]))
+    click.echo(
+        f"{r['id']:<12}  {r['state']:<8}  {r['size']:>8}  {_when(r['received_at'])}  "
+        f"{r['attempts']:>5}  {sender} -> {recipients}"
+    )
+    if r["state"] in (State.DEFERRED, State.FAILED) and r["reply"]:
+        click.echo(f"{'':14}({_safe(r['reply'])})")
 
 
 def queue_id_of(text: str) -> str:
@@ -212,17 +240,22 @@ def show(spool_dir: Path, queue_id: str, *, as_json: bool) -> int:
             value = ", ".join(value)
         elif name == "sender":
             value = value or "<>"  # the null sender (a DSN)
-        click.echo(f"{name + ':':<17}{'-' if value is None else value}")
+        click.echo(f"{name + ':':<17}{'-' if value is None else _safe(value)}")
     click.echo(f"{'dsns:':<17}{', '.join(record['dsns']) or '-'}")
-    click.echo("trace:\n  " + record["trace"].rstrip().replace("\r\n", "\n  "))
+    click.echo("trace:\n  " + _lines(record["trace"]))
     if record["headers"] is None:
         click.echo("headers: (body dropped after delivery)")
     else:
-        click.echo("headers:\n  " + record["headers"].rstrip().replace("\r\n", "\n  "))
+        click.echo("headers:\n  " + _lines(record["headers"]))
     click.echo("history:")
     for e in record["events"]:
-        click.echo(f"  {_when(e['at'])}  {e['event']:<10} {e['detail']}")
+        click.echo(f"  {_when(e['at'])}  {e['event']:<10} {_safe(e['detail'])}")
     return 0
+
+
+def _lines(block: str) -> str:
+    """A header block, one line of it to a line (indented), each line `_safe`."""
+    return "\n  ".join(_safe(line) for line in block.rstrip().split("\r\n"))
 
 
 def _headers(body: bytes) -> str:

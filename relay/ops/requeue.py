@@ -101,8 +101,13 @@ def retry(spool_dir: Path, ids: Sequence[str], *, all_failed: bool) -> int:
         conn = open_spool(spool_dir)
         if conn is None:
             return 1
-        with closing(conn):
-            chosen += [r[0] for r in conn.execute("SELECT id FROM messages WHERE state = 'failed'")]
+        try:
+            with closing(conn):
+                failed = conn.execute("SELECT id FROM messages WHERE state = 'failed'")
+                chosen += [r[0] for r in failed]
+        except sqlite3.Error as exc:  # a damaged file, an I/O error: no traceback
+            click.echo(f"relay queue: spool {spool_dir / DB_NAME}: {exc}", err=True)
+            return 1
         if not chosen:
             click.echo("no failed messages")
             return 0
