@@ -23,6 +23,7 @@ from relay.deliver.outcome import Outcomes, UpstreamAnswer, Writes
 from relay.deliver.report import Failure
 from relay.deliver.ses.client import MAX_DESTINATIONS
 from relay.deliver.ses.route import Fallback, Retry, Sent, SesRoute
+from relay.deliver.slots import Slots, not_tried, spare
 from relay.errors import HostUnreachable, PermanentFailure, SpoolError, TemporaryFailure
 from relay.mail import Mail
 from relay.rules import Decision, Route, RuleSet
@@ -101,6 +102,7 @@ class Deliverer:
             spool=spool, settings=lambda: self.settings, wall_clock=wall_clock, sleep=sleep
         )
         self._tasks: set[asyncio.Task[None]] = set()
+        self.slots = Slots(clock)  # SES calls and connections to the original host in flight
         self._upstream_down_until = 0.0  # monotonic; no connection attempts before it
         self._down_reply = ""
         # A claimed mail as its row stands after a split moved some of its recipients to a
@@ -113,8 +115,9 @@ class Deliverer:
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and deliver until `stop` is set; `drain()` then lets in-flight sends finish."""
         while not stop.is_set():
-            free = self.settings.deliverers - len(self._tasks)
-            if free < max(1, self.settings.deliverers // CLAIM_SHARE):
+            claimed = self.settings.deliverers + spare(self.settings.deliverers)
+            free = claimed - len(self._tasks)
+            if free < max(1, claimed // CLAIM_SHARE):
                 # Done callbacks run in order: _tasks.discard has run when wait() returns.
                 await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
                 continue
@@ -198,26 +201,11 @@ class Deliverer:
             metrics.CLASSIFIED.labels(decision.rule or "(default)", decision.route.value).inc()
         # No line of its own: the outcome's line names the rule, the route and the reasons.
         fallback: Fallback | None = None
-        if decision.route is Route.SES and self._ses_may_try(mail):
-            mail = await self._batch(mail)
         if decision.route is Route.SES:
-            checked = await self._suppression(mail, decision)
-            if checked is None:
-                return  # all on the suppression list, failed (ses.suppressed: bounce)
-            mail, fallback = checked
-        if decision.route is Route.SES and fallback is None:
-            verdict = await self.ses_route.attempt(mail, decision, self.settings)
-            if isinstance(verdict, Sent):
-                self._accepted[mail.id] = _Took(Route.SES, mail.recipients, verdict.message_id)
-                reply, ses_id = "SES accepted", verdict.message_id
-                await self.outcomes.sent(mail, decision, Route.SES, reply, ses_message_id=ses_id)
-                return
-            if isinstance(verdict, Retry):
-                await self.outcomes.deferred(
-                    mail, decision, Route.SES, verdict.reply, delay=verdict.delay
-                )
-                return
-            fallback = verdict
+            through = await self._through_ses(mail, decision)
+            if through is None:
+                return  # recorded: sent, to be retried, or failed (suppressed)
+            mail, fallback = through
         if fallback is not None:
             metrics.FALLBACKS.labels(fallback.reason).inc()
             logs.event(
@@ -230,6 +218,49 @@ class Deliverer:
                 detail=fallback.detail,
             )
         await self._upstream(mail, decision, fallback)
+
+    async def _through_ses(
+        self, mail: Mail, decision: Decision
+    ) -> tuple[Mail, Fallback | None] | None:
+        """SES's part of a delivery, in an SES slot when SES may be called (its suppression
+        lookups too: they go to the same endpoint). The mail and why it goes upstream
+        instead; None when its outcome is recorded already."""
+        slotted = self._ses_may_try(mail)
+        if slotted:
+            limit = self.settings.deliverers
+            if self.slots.busy(Route.SES) or not await self.slots.take(Route.SES, limit):
+                reply = not_tried(limit, "SES calls")
+                return await self._ses_verdict(
+                    mail, decision, self.ses_route.later(mail, reply, self.settings)
+                )
+        try:
+            if slotted:
+                mail = await self._batch(mail)
+            checked = await self._suppression(mail, decision)
+            if checked is None or checked[1] is not None:
+                return checked  # all suppressed: failed (`bounce`), or upstream
+            mail = checked[0]  # without the suppressed recipients split off
+            verdict = await self.ses_route.attempt(mail, decision, self.settings)
+        finally:
+            if slotted:
+                self.slots.give(Route.SES)
+        return await self._ses_verdict(mail, decision, verdict)
+
+    async def _ses_verdict(
+        self, mail: Mail, decision: Decision, verdict: Sent | Retry | Fallback
+    ) -> tuple[Mail, Fallback] | None:
+        """Record a Sent or a Retry (None); a Fallback goes on upstream."""
+        if isinstance(verdict, Sent):
+            self._accepted[mail.id] = _Took(Route.SES, mail.recipients, verdict.message_id)
+            reply, ses_id = "SES accepted", verdict.message_id
+            await self.outcomes.sent(mail, decision, Route.SES, reply, ses_message_id=ses_id)
+            return None
+        if isinstance(verdict, Retry):
+            await self.outcomes.deferred(
+                mail, decision, Route.SES, verdict.reply, delay=verdict.delay
+            )
+            return None
+        return mail, verdict
 
     def _ses_may_try(self, mail: Mail) -> bool:
         """False when SES is out of the question for this mail whatever else happens."""
@@ -307,8 +338,13 @@ class Deliverer:
             reply = f"not tried, the original host was unreachable moments ago: {self._down_reply}"
             await self.outcomes.defer_or_fail(mail, decision, Route.UPSTREAM, reply, reason)
             return
+        limit = self.settings.deliverers
+        if self.slots.busy(Route.UPSTREAM) or not await self.slots.take(Route.UPSTREAM, limit):
+            reply = not_tried(limit, "connections to the original host")
+            await self.outcomes.defer_or_fail(mail, decision, Route.UPSTREAM, reply, reason)
+            return
         try:
-            answer = await self.upstream.send(mail)
+            answer = await self._send_upstream(mail)
         except PermanentFailure as exc:
             failures = [self.outcomes.refused(rcpt, exc.reply) for rcpt in mail.recipients]
             await self.outcomes.fail(
@@ -323,3 +359,10 @@ class Deliverer:
             return
         self._accepted[mail.id] = _Took(Route.UPSTREAM, answer.accepted, None)
         await self.outcomes.upstream_answer(mail, decision, answer, reason)
+
+    async def _send_upstream(self, mail: Mail) -> UpstreamAnswer:
+        """The send, in the slot `_upstream` took; the slot is free again once it ends."""
+        try:
+            return await self.upstream.send(mail)
+        finally:
+            self.slots.give(Route.UPSTREAM)
