@@ -38,11 +38,19 @@ from typing import Any, TextIO
 
 _FIELDS = "relay_fields"
 GATHER = 0.05  # seconds the writer thread rests after a write; lines logged meanwhile wait
+MAX_QUEUED = 10_000  # lines waiting for a stream that does not drain; more are counted, and
+# dropped (a stalled journald or pipe grew the process by 1.7 KB a line, without end)
 
 
 def _quote(value: object) -> str:
+    """`value` as one token of a line: as it is, or quoted as JSON; with a character that
+    is not printable, every non-ASCII one escaped too (\\u2028, \\x85: what splitlines()
+    and some log viewers take for a line end, so a client's AUTH name could start a
+    line of its own), and DEL."""
     text = str(value)
-    if text == "" or any(c in text for c in ' "=\\') or not text.isprintable():
+    if not text.isprintable():
+        return json.dumps(text).replace("\x7f", "\\u007f")
+    if text == "" or any(c in text for c in ' "=\\'):
         return json.dumps(text, ensure_ascii=False)
     return text
 
@@ -87,9 +95,50 @@ class JsonFormatter(logging.Formatter):
 
 class _Handoff(logging.handlers.QueueHandler):
     """Queues the record as it is; the writer thread formats it (QueueHandler's own
-    `prepare` would format here, on the event loop)."""
+    `prepare` would format here, on the event loop). Past MAX_QUEUED waiting, a record is
+    dropped and counted; the writer says how many once it writes again."""
+
+    def __init__(self, records: queue.SimpleQueue[_Queued], dropped: _Dropped) -> None:
+        super().__init__(records)
+        self.records = records
+        self.dropped = dropped
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        if self.records.qsize() >= MAX_QUEUED:
+            self.dropped.add()
+            return
+        super().enqueue(record)
+
+
+class _Dropped:
+    """Lines dropped while the queue was full (added on the logging side, taken by the
+    writer thread)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+
+    def add(self) -> None:
+        with self._lock:
+            self._count += 1
+
+    def take(self) -> int:
+        with self._lock:
+            count, self._count = self._count, 0
+        return count
+
+    def record(self) -> logging.LogRecord | None:
+        """A line saying how many were dropped since the last, if any were."""
+        count = self.take()
+        if not count:
+            return None
+        name = "log_lines_dropped"
+        text = f"event={name} count={count} max_queued={MAX_QUEUED}"
+        record = logging.LogRecord("relay.logs", logging.WARNING, "", 0, text, None, None)
+        setattr(record, _FIELDS, {"event": name, "count": count, "max_queued": MAX_QUEUED})
         return record
 
 
@@ -105,11 +154,15 @@ class _Writer(threading.Thread):
     """Formats the queued records with `handler` and writes them to its stream, in bursts."""
 
     def __init__(
-        self, records: queue.SimpleQueue[_Queued], handler: logging.StreamHandler[TextIO]
+        self,
+        records: queue.SimpleQueue[_Queued],
+        handler: logging.StreamHandler[TextIO],
+        dropped: _Dropped,
     ) -> None:
         super().__init__(name="relay-log", daemon=True)
         self.records = records
         self.handler = handler
+        self.dropped = dropped
 
     def stop(self) -> None:
         """Write out what is queued, then end; at most STOP_WAIT seconds: a stream nobody
@@ -125,7 +178,9 @@ class _Writer(threading.Thread):
                     burst.append(self.records.get_nowait())
                 except queue.Empty:
                     break
-            self._write([item for item in burst if isinstance(item, logging.LogRecord)])
+            said = self.dropped.record()
+            records = [item for item in burst if isinstance(item, logging.LogRecord)]
+            self._write(records if said is None else [said, *records])
             for item in burst:
                 if isinstance(item, threading.Event):
                     item.set()
@@ -185,7 +240,8 @@ def setup(log_format: str, *, level: int = logging.INFO) -> None:
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     records: queue.SimpleQueue[_Queued] = queue.SimpleQueue()
-    _writer = _Writer(records, stream)
+    dropped = _Dropped()
+    _writer = _Writer(records, stream, dropped)
     _writer.start()
     atexit.unregister(_stop_writer)
     atexit.register(_stop_writer)
@@ -194,7 +250,7 @@ def setup(log_format: str, *, level: int = logging.INFO) -> None:
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
-    root.addHandler(_Handoff(records))
+    root.addHandler(_Handoff(records, dropped))
     root.setLevel(level)
     # aiosmtpd logs every command line (AUTH blobs included) at INFO: keep it quiet.
     logging.getLogger("mail.log").setLevel(logging.WARNING)

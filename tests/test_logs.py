@@ -117,3 +117,43 @@ def test_a_stderr_nobody_reads_does_not_hold_the_exit() -> None:
             code = None
         proc.communicate()
     assert 0 == code
+
+
+def test_lines_past_the_limit_of_a_stream_nobody_reads_are_dropped_and_counted() -> None:
+    """30,000 lines of 1 KB to a stderr nobody reads until the script has logged them all
+    (journald stalled): every one was kept in memory (1.7 KB a line, without end, a
+    flooding client's worth). Now at most MAX_QUEUED wait; the rest are dropped, and once
+    the stream drains a line says how many: the lines written and the count add up."""
+    from relay.logs import MAX_QUEUED
+
+    with _unread(30_000) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.readline().strip() == "logged"
+        err = proc.stderr.read()
+        assert proc.wait(timeout=30) == 0
+    lines = err.splitlines()
+    said = [line for line in lines if "event=log_lines_dropped" in line]
+    dropped = sum(int(line.split("count=")[1].split()[0]) for line in said)
+    written = sum("event=accepted" in line for line in lines)
+    print(f"written {written}, dropped {dropped} in {len(said)} line(s)")
+    assert (30_000, True) == (written + dropped, dropped > 0)
+    assert written <= 2 * MAX_QUEUED + 1000  # the queue, and the burst the writer holds
+
+
+def test_a_value_that_could_end_a_line_is_escaped() -> None:
+    """A client's AUTH name with U+2028 or NEL (U+0085) went into the line as it was,
+    where str.splitlines() and some log viewers end a line: the rest read as a line of
+    its own ("... event=delivered id=FORGED"). Such a value is quoted with every
+    non-ASCII character escaped, and DEL too."""
+    from relay.logs import _quote
+
+    forged = "a\u2028X 2026-01-01T00:00:00.000Z INFO relay.deliver event=delivered"
+    quoted = [_quote(v) for v in (forged, "b\x85Y", "c\x7fZ", "Grüße", "Grüße\n")]
+    assert [1, 1, 1, 1, 1] == [len(q.splitlines()) for q in quoted]
+    assert [
+        '"a\\u2028X 2026-01-01T00:00:00.000Z INFO relay.deliver event=delivered"',
+        '"b\\u0085Y"',
+        '"c\\u007fZ"',
+        "Grüße",
+        '"Gr\\u00fc\\u00dfe\\n"',
+    ] == quoted

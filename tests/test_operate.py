@@ -25,6 +25,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay import runtime
+from relay.metrics.http import READY_FOR
 from relay.ops import samples
 from tests.support.aws import REGION
 from tests.support.capture import CaptureServer
@@ -478,10 +479,12 @@ async def test_metrics_move_with_traffic_health_readiness_and_dashboard(
     assert (200, "ready\n") == await get("/readyz")
     await running.ctx.spool.set_limits(read_only=True)
     try:
+        await asyncio.sleep(READY_FOR)  # past the answer /readyz keeps
         assert 503 == (await get("/readyz"))[0]
         assert 200 == (await get("/healthz"))[0]  # alive, just not ready
     finally:
         await running.ctx.spool.set_limits(read_only=False)
+    await asyncio.sleep(READY_FOR)
     assert (200, "ready\n") == await get("/readyz")
 
     queried = dashboard_metrics()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -25,14 +26,42 @@ REQUEST_TIME = 5.0  # seconds a client gets to send its whole request
 MAX_LINE = 8192  # bytes of the request line or one header line
 MAX_HEADERS = 100
 MAX_CONNECTIONS = 64  # at a time (relay.receive.caps reserves them); see above
+READY_FOR = 1.0  # seconds a /readyz answer is kept: the check commits to the spool, through
+# the writer SMTP's acceptances use (a probe flood made the 250 path 4x slower)
 
 
 class _BadRequest(Exception):
     """The request broke one of the limits above."""
 
 
-async def _read_request(reader: asyncio.StreamReader) -> str:
-    """The path of a GET request; the headers are read (bounded) and ignored."""
+class _Kept:
+    """A readiness check run at most once per READY_FOR seconds: the answer is kept that
+    long, and the probes that come while it runs share that run."""
+
+    def __init__(self, check: Check) -> None:
+        self._check = check
+        self._answer = False
+        self._at = -READY_FOR
+        self._running: asyncio.Future[bool] | None = None
+
+    async def __call__(self) -> bool:
+        if time.monotonic() - self._at < READY_FOR:
+            return self._answer
+        if self._running is None:
+            self._running = asyncio.ensure_future(self._run())
+        return await asyncio.shield(self._running)  # a probe that gives up leaves the run
+
+    async def _run(self) -> bool:
+        try:
+            self._answer = await self._check()
+            self._at = time.monotonic()
+            return self._answer
+        finally:
+            self._running = None
+
+
+async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str]:
+    """The method and the path of a request; the headers are read (bounded) and ignored."""
     try:
         request = await reader.readline()
         for _ in range(MAX_HEADERS):
@@ -43,7 +72,7 @@ async def _read_request(reader: asyncio.StreamReader) -> str:
     except (ValueError, asyncio.LimitOverrunError) as exc:  # a line over MAX_LINE
         raise _BadRequest("line too long") from exc
     parts = request.decode("latin-1").split()
-    return parts[1].split("?")[0] if len(parts) >= 2 else ""
+    return (parts[0], parts[1].split("?")[0]) if len(parts) >= 2 else ("", "")
 
 
 async def serve_http(
@@ -65,6 +94,7 @@ async def serve_http(
     """
     open_now = 0
     reading: dict[asyncio.StreamWriter, None] = {}  # still sending their request, oldest first
+    ready = _Kept(ready)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal open_now
@@ -81,18 +111,22 @@ async def serve_http(
         try:
             try:
                 async with asyncio.timeout(REQUEST_TIME):
-                    path = await _read_request(reader)
+                    method, path = await _read_request(reader)
                 reading.pop(writer, None)
-                status, ctype, body = await _route(path, ready, text, details)
+                if method in ("GET", "HEAD"):
+                    status, ctype, body = await _route(path, ready, text, details)
+                else:  # a POST or a DELETE was answered as a GET
+                    status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
             except _BadRequest as exc:
-                status, ctype, body = "400 Bad Request", "text/plain", f"{exc}\n".encode()
+                method, status, ctype = "", "400 Bad Request", "text/plain"
+                body = f"{exc}\n".encode()
             head = (
                 f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
             )
             if writer.transport.is_closing():  # dropped for a newer one, or reset: on uvloop
                 return  # write() would raise RuntimeError
-            writer.write(head.encode() + body)
+            writer.write(head.encode() + (b"" if method == "HEAD" else body))
             async with asyncio.timeout(REQUEST_TIME):
                 await writer.drain()
             flushed = True
