@@ -155,42 +155,46 @@ def list_messages(spool_dir: Path, *, state: str | None, as_json: bool) -> int:
     where, args = ("state = ?", (state,)) if state else (finished, FINISHED)
 
     def echo_each(conn: sqlite3.Connection) -> int:
-        """Each row as it is read (a backlog of a million rows is no list in memory)."""
-        count = 0
+        """The rows as they are read, ECHO_EVERY at a time (a backlog of a million rows is
+        no list in memory, nor a million writes)."""
+        count, lines = 0, [] if as_json else [_HEADING]
         for row in conn.execute(f"{_SELECT} WHERE {where} ORDER BY id", args):
-            _echo_listed(_record(row), as_json=as_json, first=count == 0)
+            lines.extend(_listed(_record(row), as_json=as_json))
             count += 1
+            if len(lines) >= ECHO_EVERY:
+                click.echo("\n".join(lines))
+                lines.clear()
+        if lines:
+            click.echo("\n".join(lines))
         return count
 
     count = _read(spool_dir, echo_each)
     if count is None:
         return 1
     if not as_json:
-        if not count:
-            _echo_listed(None, as_json=False, first=True)
         click.echo(f"-- {count} message{'s' if count != 1 else ''}")
     return 0
 
 
-def _echo_listed(r: dict[str, Any] | None, *, as_json: bool, first: bool) -> None:
-    """One row of `relay queue list` (after the heading, for the first); None: the heading."""
+_HEADING = (
+    f"{'ID':<12}  {'STATE':<8}  {'SIZE':>8}  {'ARRIVED':<19}  {'TRIES':>5}  SENDER -> RECIPIENTS"
+)
+ECHO_EVERY = 1000  # lines of `relay queue list` written at a time
+
+
+def _listed(r: dict[str, Any], *, as_json: bool) -> list[str]:
+    """One row's lines in `relay queue list`: its JSON, or its line of the table (and its
+    last reply, when deferred or failed)."""
     if as_json:
-        click.echo(json.dumps(r))
-        return
-    if first:
-        click.echo(
-            f"{'ID':<12}  {'STATE':<8}  {'SIZE':>8}  {'ARRIVED':<19}  {'TRIES':>5}  "
-            "SENDER -> RECIPIENTS"
-        )
-    if r is None:
-        return
+        return [json.dumps(r)]
     sender, recipients = _safe(r["sender"] or "<>"), _safe(", ".join(r["recipients"]))
-    click.echo(
+    lines = [
         f"{r['id']:<12}  {r['state']:<8}  {r['size']:>8}  {_when(r['received_at'])}  "
         f"{r['attempts']:>5}  {sender} -> {recipients}"
-    )
+    ]
     if r["state"] in (State.DEFERRED, State.FAILED) and r["reply"]:
-        click.echo(f"{'':14}({_safe(r['reply'])})")
+        lines.append(f"{'':14}({_safe(r['reply'])})")
+    return lines
 
 
 def queue_id_of(text: str) -> str:
