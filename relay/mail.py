@@ -46,6 +46,7 @@ class Mail:
     trace: bytes = b""  # the Received: line written at receive time, CRLF-terminated
     reports_on: str = ""  # a DSN relay wrote: the queue id of the mail it reports on
     retried_at: float | None = None  # the last `relay queue retry` of it as a dead letter
+    fallback_reason: str = ""  # why its last try went upstream instead of SES, if it did
 
     @property
     def since(self) -> float:

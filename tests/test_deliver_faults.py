@@ -748,3 +748,24 @@ async def test_an_ses_answer_that_never_comes_sends_the_mail_upstream_once(
     await asyncio.sleep(2.0)  # SES's answer, late; no second call
     assert ("upstream", 1, 1) == (row["route"], fake_ses.calls, len(capture.messages))
     assert "SES may have sent it, its answer never came" in row["fallback_reason"]
+
+
+async def test_an_unconfirmed_mail_the_original_host_defers_is_not_sent_to_ses_again(
+    start_relay: Start,
+    capture: CaptureServer,
+    fake_ses: FakeSes,
+) -> None:
+    """As above, and the original host defers the mail (451): its next try went to SES
+    again (its rule says SES), a second copy there. The row keeps why it went upstream,
+    and every later try of it goes upstream too."""
+    fake_ses.latency = 1.5
+    capture.data_reply = "451 4.3.0 greylisted, try later"
+    relay = await start_relay(
+        deliver=True, **config(capture, fake_ses.url, timeout=1, fallback_after=300)
+    )
+    sent = await send_corpus(relay.port, SES_MAILS[0])
+    [deferred] = (await await_rows(relay.settings.spool, sent, {"deferred"}, within=15)).values()
+    capture.data_reply, fake_ses.latency = None, 0.0
+    [row] = (await await_rows(relay.settings.spool, sent, {"sent"}, within=15)).values()
+    assert ("upstream", 1, 1) == (row["route"], fake_ses.calls, len(capture.messages))
+    assert deferred["fallback_reason"] == row["fallback_reason"]

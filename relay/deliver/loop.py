@@ -22,7 +22,7 @@ from relay import logs, metrics
 from relay.deliver.outcome import Outcomes, UpstreamAnswer, Writes
 from relay.deliver.report import Failure
 from relay.deliver.ses.client import MAX_DESTINATIONS
-from relay.deliver.ses.route import Fallback, Retry, Sent, SesRoute
+from relay.deliver.ses.route import UNCONFIRMED, Fallback, Retry, Sent, SesRoute
 from relay.deliver.slots import Slots, not_tried, spare
 from relay.errors import HostUnreachable, PermanentFailure, SpoolError, TemporaryFailure
 from relay.mail import Mail
@@ -225,6 +225,8 @@ class Deliverer:
         """SES's part of a delivery, in an SES slot when SES may be called (its suppression
         lookups too: they go to the same endpoint). The mail and why it goes upstream
         instead; None when its outcome is recorded already."""
+        if mail.fallback_reason.startswith(UNCONFIRMED):  # an earlier try's: SES may have it
+            return mail, Fallback(reason="unconfirmed", detail=mail.fallback_reason)
         slotted = self._ses_may_try(mail)
         if slotted:
             limit = self.settings.deliverers

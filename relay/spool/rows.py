@@ -100,7 +100,7 @@ def claim_due(conn: sqlite3.Connection, limit: int, now: float) -> list[Mail]:
         " WHERE state IN ('queued', 'deferred') AND due_at <= ?1"
         " ORDER BY due_at, id LIMIT ?2)"
         " RETURNING id, sender, recipients, received_at, attempts, peer, trace,"
-        " message_id, reports_on, retried_at",
+        " message_id, reports_on, retried_at, fallback_reason",
         (now, limit),
     ).fetchall()
     bodies = _bodies(conn, [r[0] for r in rows])
@@ -121,6 +121,7 @@ def claim_due(conn: sqlite3.Connection, limit: int, now: float) -> list[Mail]:
             message_id=r[7] or "",
             reports_on=r[8] or "",
             retried_at=r[9],
+            fallback_reason=r[10] or "",
         )
         for r in rows
     ]

@@ -37,6 +37,9 @@ from relay.mail import Mail
 from relay.rules import RULE_TAG, Decision
 from relay.settings import Mode, Settings
 
+# The fallback reason of a mail whose SES call got no answer: it stays on the row, so no
+# later try of that mail (after the original host deferred it) goes to SES again.
+UNCONFIRMED = "SES may have sent it, its answer never came; not SES again"
 SES_BACKOFF_MAX = 60.0  # seconds between SES retries of one message before fallback_after
 THROTTLE_RETRY = 1.0  # seconds: SES counts per second, so the next window is free again
 
@@ -204,7 +207,7 @@ class SesRoute:
             # in a test); upstream once, at most one copy more, never none.
             if self.circuit.state is CircuitState.PROBING:
                 self.circuit.failed(f"probe failed: {exc.reply}")
-            detail = f"SES may have sent it, its answer never came; not SES again: {exc.reply}"
+            detail = f"{UNCONFIRMED}: {exc.reply}"
             return Fallback(reason="unconfirmed", detail=detail), None
         except TemporaryFailure as exc:
             return self._temporary(mail, exc, settings), None
