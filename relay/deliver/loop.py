@@ -115,9 +115,12 @@ class Deliverer:
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and deliver until `stop` is set; `drain()` then lets in-flight sends finish."""
         while not stop.is_set():
-            claimed = self.settings.deliverers + spare(self.settings.deliverers)
+            extra = spare(self.settings.deliverers)
+            claimed = self.settings.deliverers + extra
             free = claimed - len(self._tasks)
-            if free < max(1, claimed // CLAIM_SHARE):
+            # Not more than the spare: with every send of one route hung, the spare is all
+            # that comes free (16 deliverers: 20 claimed, 5 wanted, 4 ever free: stuck).
+            if free < max(1, min(extra, claimed // CLAIM_SHARE)):
                 # Done callbacks run in order: _tasks.discard has run when wait() returns.
                 await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
                 continue
