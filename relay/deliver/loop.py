@@ -235,9 +235,8 @@ class Deliverer:
             limit = self.settings.deliverers
             if self.slots.busy(Route.SES) or not await self.slots.take(Route.SES, limit):
                 reply = not_tried(limit, "SES calls")
-                return await self._ses_verdict(
-                    mail, decision, self.ses_route.later(mail, reply, self.settings)
-                )
+                later = self.ses_route.later(mail, reply, self.settings, untried=True)
+                return await self._ses_verdict(mail, decision, later)
         try:
             if slotted:
                 mail = await self._batch(mail)
