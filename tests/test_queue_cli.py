@@ -4,10 +4,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import json
 import smtplib
 import sqlite3
+import subprocess
 import time
 from collections.abc import Callable
 from contextlib import closing
@@ -20,7 +22,7 @@ from relay.cli import main
 from relay.ops import requeue
 from relay.spool import DB_NAME, Spool, lock
 from relay.spool.schema import SCHEMA_VERSION
-from tests.support.processes import RelayProcess, relay_cli
+from tests.support.processes import RELAY, RelayProcess, relay_cli
 from tests.support.relays import ConfigWriter
 from tests.support.spools import make_spool
 
@@ -444,3 +446,33 @@ async def test_what_a_client_wrote_reaches_the_terminal_as_text(
     assert "Subject: \\x1b[1A\\x1b[2Kstate:           sent \\u202e" in shown["show"].stdout
     assert "\\x1b]0;pwned-title\\x07@moodle.test>" in shown["show"].stdout
     assert "(451 \\x1b[2J\\rok)" in shown["list"].stdout
+
+
+async def test_a_list_nobody_reads_on_holds_up_no_checkpoint(write_config: ConfigWriter) -> None:
+    """`relay queue list | less`, the pager left open: the list wrote its rows from inside
+    one SELECT, so its read snapshot stayed open while stdout was full, and no checkpoint
+    could copy the WAL back (it grew by every mail accepted meanwhile: 130 MB for 3,000
+    mails of 20 KB). It reads ECHO_EVERY rows, ends the read, then writes them: with the
+    list blocked on its pipe, a checkpoint still copies every page."""
+    config = write_config()
+    spool = await Spool.open(config.parent / "spool", full_sync=False)
+    try:
+        await asyncio.gather(*(add(spool, n) for n in range(3000)))
+        listing = await asyncio.create_subprocess_exec(
+            *RELAY,
+            *("queue", "--config", str(config), "list"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            await asyncio.sleep(2.0)  # the pipe is full: the list waits for a reader
+            assert listing.returncode is None
+            await asyncio.gather(*(add(spool, n) for n in range(3000, 3500)))
+            with closing(sqlite3.connect(config.parent / "spool" / DB_NAME)) as conn:
+                busy, wal_pages, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        finally:
+            listing.kill()
+            await listing.communicate()  # wait() alone waits for the pipe it filled
+    finally:
+        await spool.close()
+    assert (0, wal_pages) == (busy, copied)

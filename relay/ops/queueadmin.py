@@ -155,17 +155,19 @@ def list_messages(spool_dir: Path, *, state: str | None, as_json: bool) -> int:
     where, args = ("state = ?", (state,)) if state else (finished, FINISHED)
 
     def echo_each(conn: sqlite3.Connection) -> int:
-        """The rows as they are read, ECHO_EVERY at a time (a backlog of a million rows is
-        no list in memory, nor a million writes)."""
-        count, lines = 0, [] if as_json else [_HEADING]
-        for row in conn.execute(f"{_SELECT} WHERE {where} ORDER BY id", args):
-            lines.extend(_listed(_record(row), as_json=as_json))
-            count += 1
-            if len(lines) >= ECHO_EVERY:
-                click.echo("\n".join(lines))
-                lines.clear()
-        if lines:
+        """The rows ECHO_EVERY at a time, each batch read whole before it is written: a
+        backlog of a million rows is no list in memory, and a pager left open holds no
+        read snapshot (which kept the WAL from being checkpointed: it grew without end)."""
+        count, after = 0, ""
+        if not as_json:
+            click.echo(_HEADING)
+        while batch := conn.execute(
+            f"{_SELECT} WHERE ({where}) AND id > ? ORDER BY id LIMIT {ECHO_EVERY}",
+            (*args, after),
+        ).fetchall():
+            lines = [line for row in batch for line in _listed(_record(row), as_json=as_json)]
             click.echo("\n".join(lines))
+            count, after = count + len(batch), batch[-1]["id"]
         return count
 
     count = _read(spool_dir, echo_each)
@@ -179,7 +181,7 @@ def list_messages(spool_dir: Path, *, state: str | None, as_json: bool) -> int:
 _HEADING = (
     f"{'ID':<12}  {'STATE':<8}  {'SIZE':>8}  {'ARRIVED':<19}  {'TRIES':>5}  SENDER -> RECIPIENTS"
 )
-ECHO_EVERY = 1000  # lines of `relay queue list` written at a time
+ECHO_EVERY = 1000  # rows of `relay queue list` read, then written, at a time
 
 
 def _listed(r: dict[str, Any], *, as_json: bool) -> list[str]:
