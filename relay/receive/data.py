@@ -50,6 +50,17 @@ _NO_ROOM_LOG = logs.Sampled(logging.getLogger("relay.receive"), "data_no_room")
 
 
 SPILL_BATCH = 256 * 1024  # once spilling, a body writes out at least this much at a time
+COMMIT_COPIES = 2  # the WAL's copy of a spilled body and the database file's, as it is accepted
+
+
+class _Spilled:
+    """Bytes in the spill files of every body being received (all sessions, this
+    process): what their commits will write to the spool's disk again."""
+
+    now = 0
+
+
+SPILLED = _Spilled()
 
 
 class Body:
@@ -172,15 +183,23 @@ class Body:
         self._raw = bytearray(self._raw[cut:])  # a new, small buffer: the big one is freed
         self._judged -= cut
         self._spilled += cut
+        SPILLED.now += cut
         self._account()
 
     def _write(self, data: memoryview) -> io.BufferedRandom | str:
         """On a thread: `data` appended to the spill file (made on the first call); or why
-        not, with nothing kept: it would leave less than `min_free`, or the write failed."""
+        not, with nothing kept: it would leave less than `min_free`, or the write failed.
+
+        A spilled body costs more than its spill file: accepted, it is written again into
+        the WAL, then into the database file (COMMIT_COPIES), and so is every other body
+        being spilled meanwhile. Counting this spill file alone, large mails took the room
+        `min_free` keeps for Moodle's small ones: the disk filled at the next checkpoint,
+        and every mail after got 451."""
         directory = self.spill_dir or Path(tempfile.gettempdir())
         file = self._file
+        commits = COMMIT_COPIES * (SPILLED.now + len(data))
         try:
-            if self.min_free and free_bytes(directory) - len(data) < self.min_free:
+            if self.min_free and free_bytes(directory) - len(data) - commits < self.min_free:
                 return "under spill_min_free"
             if file is None:
                 file = _unnamed_file(directory)
@@ -208,6 +227,7 @@ class Body:
         if self._file is not None:
             self._file.close()  # unnamed (O_TMPFILE): nothing is left behind, crash or not
             self._file = None
+            SPILLED.now -= self._spilled
 
     def _judge(self, stop: int) -> None:
         """Judge the whole lines _raw[_judged:stop]."""

@@ -33,6 +33,7 @@ BUSY_TIMEOUT_MS = 5000
 # B-trees deeper: at 1,024 (40 KiB) a backlog was accepted 10-20% slower. Only for new
 # spools: one made before keeps its page size. bench/README.md, "Bytes per mail".
 PAGE_SIZE = 2048
+WAL_SIZE_LIMIT = 64 << 20  # bytes the WAL is cut back to after a full checkpoint
 
 # The body is written once, by add(), in a table of its own: a state change (claim,
 # sent, defer, fail) rewrites the whole messages row, and with a 20 KB body inline
@@ -248,6 +249,9 @@ def connect(path: Path) -> sqlite3.Connection:
     # written anyway; a body's bytes then stay in free pages of this 0600 file until they
     # are reused or vacuumed, as a Postfix queue file's stay on disk after its unlink.
     conn.execute("PRAGMA secure_delete = FAST")
+    # The WAL is cut back to this once a checkpoint has copied it all: it kept the size of
+    # its biggest burst (spilled bodies of megabytes), space the spool's disk then lacked.
+    conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
     return conn
 
 

@@ -31,6 +31,7 @@ import pytest
 
 from relay.deliver import task
 from relay.errors import SpoolError
+from relay.receive.data import free_bytes
 from relay.receive.handler import SPOOL_UNAVAILABLE
 from relay.runtime import Context
 from relay.spool import DB_NAME, Spool, open_existing
@@ -308,3 +309,49 @@ async def two_mails(spool_dir: Path) -> list[str]:
         ]
     finally:
         await spool.close()
+
+
+async def large_then_small(port: int, large: int, small: int) -> tuple[list[str], list[str]]:
+    """`large` mails of 400 KB at once, then `small` Moodle-sized ones: their replies."""
+    big = b"Subject: hoard\r\n\r\n" + (b"z" * 998 + b"\r\n") * 400
+    little = b"Subject: moodle\r\n\r\n" + b"A reminder.\r\n" * 300
+
+    async def one(body: bytes) -> str:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            await reader.readline()
+            for line in (b"EHLO t", b"MAIL FROM:<noreply@moodle.test>", b"RCPT TO:<a@x.org>"):
+                writer.write(line + b"\r\n")
+                while (await reader.readline())[3:4] == b"-":
+                    pass
+            writer.write(b"DATA\r\n")
+            await reader.readline()
+            writer.write(body + b".\r\n")
+            return (await reader.readline()).decode()[:9]
+        finally:
+            writer.close()
+
+    bigs = await asyncio.gather(*(one(big) for _ in range(large)))
+    await asyncio.sleep(1.0)  # the checkpoint copies what they put in the WAL
+    return list(bigs), [await one(little) for _ in range(small)]
+
+
+async def test_large_mails_leave_the_reserve_to_moodles_small_ones(
+    tmpfs: Path,
+    start_relay: Callable[..., Awaitable[Running]],
+) -> None:
+    """Ten 400 KB mails at once on the 6 MB spool disk, over the memory budget (so they
+    spill), `spill_min_free` 2 MB; nothing delivers. The reserve counted the spill file
+    alone, but an accepted body is written again into the WAL and then the database: the
+    disk filled at the checkpoint and every Moodle mail after got 451. Each spill now
+    counts those copies too: some large mails get 452 4.3.1, and the twenty small mails
+    after them are all accepted."""
+    running = await start_relay(
+        spool=str(tmpfs / "spool"),
+        limits={"max_data_in_memory": 100_000, "spill_min_free": 2_000_000},
+        upstream={"host": "127.0.0.1", "port": 9},
+    )
+    bigs, smalls = await large_then_small(running.port, 10, 20)
+    print(f"large: {Counter(bigs)}, small: {Counter(smalls)}, free: {free_bytes(tmpfs)}")
+    assert {"250 2.0.0"} == set(smalls)
+    assert "452 4.3.1" in bigs
