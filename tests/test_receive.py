@@ -502,6 +502,28 @@ async def test_auth_cancelled_with_a_star_is_logged_sampled(
     assert len(aborted) <= 1, aborted[:3]
 
 
+async def test_greeting_over_and_over_is_junk(relay: Running) -> None:
+    """EHLO after EHLO gets 250 and stores nothing: one connection doing only that kept
+    relay at a full core (Moodle's mail 20-200 ms slower) until `session_timeout`, an hour,
+    as did EHLO, MAIL and 50 RCPT over and over (EHLO resets the transaction). Past the
+    two a client needs (once, and again after STARTTLS) each counts as a junk command:
+    421 at the junk limit. A client that greets twice and sends its mail is served."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    writer.write(b"EHLO storm.example\r\n" * 150 + b"HELO storm.example\r\n")
+    answer = await reader.read()
+    writer.close()
+    answered = sum(line.startswith(b"250 ") for line in answer.split(b"\r\n"))
+    assert (2 + relay.settings.limits.max_junk_commands, True) == (
+        answered,
+        answer.rstrip().endswith(b"Error: too many errors or junk commands"),
+    )
+    async with aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.port) as client:
+        await client.ehlo()
+        await client.ehlo()
+        for _ in range(3):
+            await client.sendmail("noreply@moodle.test", ["a@example.org"], MAIL)
+
+
 async def test_fifty_received_lines_are_a_loop(relay: Running) -> None:
     """Postfix's hopcount_limit: a mail with 50 Received lines gets 554 5.4.6 and is not
     spooled; one with 49 is accepted."""

@@ -454,6 +454,7 @@ async def test_session_state_is_what_aiosmtpd_init_makes(
     reference.session_timeout = running.settings.limits.session_timeout
     reference.junk_limit = running.settings.limits.max_junk_commands
     reference.junk, reference.auth_failures, reference.overshoot = 0, 0, 0
+    reference.greetings = 0
     reference.linger = min(LINGER, running.settings.limits.idle_timeout)
     reference.budget, reference.spill_dir = None, running.settings.spool
     reference.spill_min_free = running.settings.limits.spill_min_free

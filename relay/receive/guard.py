@@ -53,6 +53,7 @@ TOO_MANY_JUNK = "421 4.7.0 {host} Error: too many errors or junk commands"
 # counts as junk: Postfix's smtpd_recipient_overshoot_limit.
 OVERSHOOT = 1000
 LINGER = 10.0  # seconds a closed session's replies get to reach a client (at most idle_timeout)
+FREE_GREETINGS = 2  # EHLO/HELO on a connection before each more counts as a junk command
 
 # One log line per reason per 10 s (with a count): a client can cause these at will.
 _REFUSED = {reason: logs.Sampled(log, "session_refused", reason=reason) for reason in Refusal}
@@ -72,6 +73,7 @@ class Guard(SMTP):
         self.session_timeout = limits.session_timeout
         self.junk_limit = limits.max_junk_commands
         self.junk = 0  # junk commands and error replies since the last mail accepted
+        self.greetings = 0  # EHLO and HELO commands on this connection
         self.overshoot = 0  # RCPTs answered 452 for being past max_recipients
         self.auth_failures = 0
         self._client: str | None = None  # counted in `caps` as this client (caps.client_of)
@@ -230,6 +232,23 @@ class Guard(SMTP):
     async def smtp_HELP(self, arg: str) -> None:
         if not self._junk_over():
             await super().smtp_HELP(arg)
+
+    # A client greets once, and again after STARTTLS: any more is junk. Each EHLO is a
+    # 250 that stores nothing; not counted, one connection sending nothing else (or EHLO,
+    # MAIL, 50 RCPT over and over) kept relay at a full core for session_timeout.
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if not self._greeting_over():
+            await super().smtp_EHLO(hostname)
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        if not self._greeting_over():
+            await super().smtp_HELO(hostname)
+
+    def _greeting_over(self) -> bool:
+        self.greetings += 1
+        return self.greetings > FREE_GREETINGS and self._junk_over()
 
 
 def writable(transport: object) -> asyncio.WriteTransport | None:
