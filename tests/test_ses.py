@@ -3,9 +3,11 @@ over real HTTP."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -213,6 +215,38 @@ async def test_timeout_is_unconfirmed(fake_ses: FakeSes) -> None:
     assert Unconfirmed is type(caught.value)
     assert elapsed < 1.5
     fake_ses.latency = 0.0
+
+
+async def test_a_credential_lookup_that_hangs_is_no_unconfirmed_send(
+    fake_ses: FakeSes, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Credentials from a web identity (EKS, ECS): botocore asks STS for them inside the
+    first send. An STS that never answers ran the whole call's deadline out before any
+    request went to SES, and that counted as "SES may have sent it": every SES mail went
+    upstream at once and never to SES again. With no request sent (botocore's before-send
+    never came) it is a plain temporary failure, retried on SES."""
+    sts = await asyncio.start_server(lambda r, w: asyncio.sleep(30), "127.0.0.1", 0)
+    token = tmp_path / "token"
+    token.write_text("token")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_WEB_IDENTITY_TOKEN_FILE", str(token))
+    monkeypatch.setenv("AWS_ROLE_ARN", "arn:aws:iam::123456789012:role/relay")
+    monkeypatch.setenv(
+        "AWS_ENDPOINT_URL_STS", f"http://127.0.0.1:{sts.sockets[0].getsockname()[1]}"
+    )
+    settings = Ses(region=REGION, endpoint_url=fake_ses.url, timeout=1.0)
+    try:
+        async with await SesClient.open(settings) as client:
+            with pytest.raises(TemporaryFailure) as caught:
+                await client.send(make_mail(), configuration_set=None, tags=())
+    finally:
+        sts.close()
+    assert (TemporaryFailure, "TimeoutError", 0) == (
+        type(caught.value),
+        caught.value.reply,
+        fake_ses.calls,
+    )
 
 
 async def test_connection_refused_is_temporary() -> None:

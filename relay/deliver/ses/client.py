@@ -16,6 +16,7 @@ import asyncio
 import re
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -84,6 +85,7 @@ class SesClient:
             "ses", region_name=settings.region, endpoint_url=settings.endpoint_url, config=config
         )
         client = await stack.enter_async_context(creator)
+        client.meta.events.register("before-send", _request_sent)
         v2 = None
         if settings.api is SesApi.V2:
             v2 = await stack.enter_async_context(
@@ -94,6 +96,7 @@ class SesClient:
                     config=config,
                 )
             )
+            v2.meta.events.register("before-send", _request_sent)
         return cls(client, stack, settings, v2=v2)
 
     def use(self, settings: _settings.Ses) -> None:
@@ -242,12 +245,24 @@ class SesClient:
 
     async def _call(self, method: str, what: str, **params: Any) -> dict[str, Any]:
         client = self._v2 if method == "send_email" else self._client
+        token = _SENT.set(False)
         try:
             async with asyncio.timeout(self._deadline):
                 response: dict[str, Any] = await getattr(client, method)(**params)
         except ERRORS as exc:
-            raise failure(exc, what) from exc
+            raise failure(exc, what, sent=_SENT.get()) from exc
+        finally:
+            _SENT.reset(token)
         return response
+
+
+# Whether the call in this task has sent its request yet (botocore's before-send event):
+# the whole call's deadline before it means SES got nothing, after it perhaps the mail.
+_SENT: ContextVar[bool] = ContextVar("ses_request_sent", default=False)
+
+
+def _request_sent(**kwargs: Any) -> None:
+    _SENT.set(True)  # None: botocore sends the request itself
 
 
 def _refusal(mail: Mail, size: int, limit: int) -> str:

@@ -88,14 +88,16 @@ _DENIED_ARN = re.compile(
 ACCESS_DENIED_CODES = frozenset({"AccessDenied", "AccessDeniedException"})
 
 
-def failure(exc: BaseException, what: str) -> DeliveryError:
-    """Map an aiobotocore/botocore/network error to relay's delivery error tree."""
+def failure(exc: BaseException, what: str, *, sent: bool = True) -> DeliveryError:
+    """Map an aiobotocore/botocore/network error to relay's delivery error tree. `sent`:
+    whether the request went out (botocore's before-send came), for the call's deadline:
+    it also runs over a credential lookup (STS, IMDS) that hangs before any request."""
     if isinstance(exc, ClientError):
         return _client_failure(exc, what)
     name = type(exc).__name__
     if isinstance(exc, NoCredentialsError | PartialCredentialsError | CredentialRetrievalError):
         return AccountFailure(f"SES credentials unusable for {what}: {exc}", reply=name)
-    if isinstance(exc, ReadTimeoutError) or type(exc) is TimeoutError:
+    if isinstance(exc, ReadTimeoutError) or (type(exc) is TimeoutError and sent):
         # The request went (the connection was made; TimeoutError is the whole call's
         # deadline): SES may have taken it and its answer been lost.
         reply = f"{name}: {exc}" if str(exc) else name
