@@ -225,7 +225,14 @@ async def test_a_credential_lookup_that_hangs_is_no_unconfirmed_send(
     request went to SES, and that counted as "SES may have sent it": every SES mail went
     upstream at once and never to SES again. With no request sent (botocore's before-send
     never came) it is a plain temporary failure, retried on SES."""
-    sts = await asyncio.start_server(lambda r, w: asyncio.sleep(30), "127.0.0.1", 0)
+    answered = asyncio.Event()  # never, until the test ends
+
+    async def never(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await answered.wait()
+        writer.close()
+        await writer.wait_closed()
+
+    sts = await asyncio.start_server(never, "127.0.0.1", 0)
     token = tmp_path / "token"
     token.write_text("token")
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
@@ -241,7 +248,10 @@ async def test_a_credential_lookup_that_hangs_is_no_unconfirmed_send(
             with pytest.raises(TemporaryFailure) as caught:
                 await client.send(make_mail(), configuration_set=None, tags=())
     finally:
+        answered.set()
         sts.close()
+        await sts.wait_closed()
+        await asyncio.sleep(0.1)
     assert (TemporaryFailure, "TimeoutError", 0) == (
         type(caught.value),
         caught.value.reply,
