@@ -340,22 +340,6 @@ async def test_temporary_retries_until_fallback_after(
     assert verdict == await rig.attempt(mail, fallback_after=fallback_after)
 
 
-def test_a_mail_not_tried_for_want_of_a_slot_is_retried_whatever_its_age() -> None:
-    """A mail deferred because every SES slot was taken (relay.deliver.slots) was not sent
-    to SES at all: past `fallback_after` it went upstream as "SES failing", with a healthy
-    SES merely pacing slowly (a sandbox account's 1/s). It is retried on SES; a mail SES
-    did fail goes upstream as before."""
-    rig = Rig()
-    mail = make_mail(age=400.0, attempts=3)
-    settings = make_settings(fallback_after=300.0)
-    untried = rig.route.later(mail, "not tried", settings, untried=True)
-    failed = rig.route.later(mail, "InternalFailure", settings)
-    assert (Retry(delay=8.0, reply="not tried"), "temporary") == (
-        untried,
-        failed.reason if isinstance(failed, Fallback) else failed,
-    )
-
-
 BLOCKED = [
     # (settings, mail sender, SES client present, budget left, circuit opened before, verdict)
     pytest.param(

@@ -178,7 +178,8 @@ class Deliverer:
                         ses_message_id=took.ses_message_id,
                     )
                     return
-                await self.outcomes.defer_or_fail(left, None, Route.UPSTREAM, reply, None)
+                kept = left.fallback_reason or None  # an unconfirmed mail stays off SES
+                await self.outcomes.defer_or_fail(left, None, Route.UPSTREAM, reply, kept)
             except Exception:  # the same bug again: the row must not stay inflight for good
                 log.exception("event=deliver_bug id=%s", mail.id)
                 await self.outcomes.record(
@@ -188,7 +189,7 @@ class Deliverer:
                     rule=None,
                     route=Route.UPSTREAM.value,
                     reply=reply,
-                    fallback_reason=None,
+                    fallback_reason=left.fallback_reason or None,
                     recipients=left.recipients,
                     notice=None,
                 )
@@ -232,10 +233,10 @@ class Deliverer:
             return mail, Fallback(reason="unconfirmed", detail=mail.fallback_reason)
         slotted = self._ses_may_try(mail)
         if slotted:
-            limit = self.settings.deliverers
-            if self.slots.busy(Route.SES) or not await self.slots.take(Route.SES, limit):
-                reply = not_tried(limit, "SES calls")
-                later = self.ses_route.later(mail, reply, self.settings, untried=True)
+            limit, timeout = self.settings.deliverers, self.settings.ses.timeout
+            if self.slots.busy(Route.SES) or not await self.slots.take(Route.SES, limit, timeout):
+                reply = not_tried(limit, "SES calls", timeout)
+                later = self.ses_route.later(mail, reply, self.settings)
                 return await self._ses_verdict(mail, decision, later)
         try:
             if slotted:
@@ -342,9 +343,11 @@ class Deliverer:
             reply = f"not tried, the original host was unreachable moments ago: {self._down_reply}"
             await self.outcomes.defer_or_fail(mail, decision, Route.UPSTREAM, reply, reason)
             return
-        limit = self.settings.deliverers
-        if self.slots.busy(Route.UPSTREAM) or not await self.slots.take(Route.UPSTREAM, limit):
-            reply = not_tried(limit, "connections to the original host")
+        limit, timeout = self.settings.deliverers, self.settings.upstream.timeout
+        if self.slots.busy(Route.UPSTREAM) or not await self.slots.take(
+            Route.UPSTREAM, limit, timeout
+        ):
+            reply = not_tried(limit, "connections to the original host", timeout)
             await self.outcomes.defer_or_fail(mail, decision, Route.UPSTREAM, reply, reason)
             return
         try:

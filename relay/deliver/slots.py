@@ -2,10 +2,15 @@
 cannot hold the other's mail.
 
     loop: claims up to deliverers + SPARE mails -> each takes a slot of its route:
-        Slots.take(route, limit, within) -> True, send, Slots.give(route)
-                                         -> False after `within` s: the route is busy;
-                                            the mail is deferred untried (a while for
-                                            the mails after it too: Slots.busy)
+        Slots.take(route, limit, timeout) -> True, send, Slots.give(route)
+                                          -> False after the route's own timeout and
+                                            SLOT_MARGIN (no send of it ended in a whole
+                                            timeout): the route is busy; the mail is
+                                            deferred untried as for a dead host (and the
+                                            route's mails after it, for BUSY_FOR)
+
+A slow route (a host taking 12 s a mail, SES paced at 1/s) frees a slot well within its
+timeout, so its mail waits in memory, as in Postfix's active queue, and is not deferred.
 
 Postfix holds mail per destination in its active queue and limits each destination's
 concurrency (default_destination_concurrency_limit), so a destination that tarpits
@@ -26,7 +31,8 @@ from relay.rules import Route
 
 SPARE_SHARE = 4  # a quarter more mails are claimed than `deliverers`: room for the route
 # whose slots are free while the other's are all taken
-SLOT_WAIT = 10.0  # seconds a mail waits for a slot of its route before it is deferred
+SLOT_MARGIN = 5.0  # seconds over its route's timeout a mail waits for a slot before it is
+# deferred: by then no send of that route has ended for a whole timeout
 BUSY_FOR = 5.0  # seconds after such a wait during which the route's mail is deferred at once
 
 
@@ -35,9 +41,10 @@ def spare(deliverers: int) -> int:
     return max(1, deliverers // SPARE_SHARE)
 
 
-def not_tried(limit: int, what: str) -> str:
+def not_tried(limit: int, what: str, timeout: float) -> str:
     """The reply recorded for a mail deferred because every slot of its route was taken."""
-    return f"not tried, all {limit} {what} have been in flight for {SLOT_WAIT:g}s or more"
+    waited = timeout + SLOT_MARGIN
+    return f"not tried, all {limit} {what} have been in flight for {waited:g}s or more"
 
 
 class Slots:
@@ -56,10 +63,10 @@ class Slots:
         """True for BUSY_FOR seconds after a wait for a slot of `route` ran out."""
         return self._clock() < self._busy_until.get(route, 0.0)
 
-    async def take(self, route: Route, limit: int) -> bool:
+    async def take(self, route: Route, limit: int, route_timeout: float) -> bool:
         """A slot of `route` (give it back with `give`), or False when none came free
-        within SLOT_WAIT seconds (the route is then `busy` for BUSY_FOR)."""
-        deadline = asyncio.get_running_loop().time() + SLOT_WAIT
+        within `route_timeout` and SLOT_MARGIN (the route is then `busy` for BUSY_FOR)."""
+        deadline = asyncio.get_running_loop().time() + route_timeout + SLOT_MARGIN
         while self._in_flight[route] >= limit:
             left = deadline - asyncio.get_running_loop().time()
             self._freed.clear()
@@ -79,4 +86,4 @@ class Slots:
         self._freed.set()
 
 
-__all__ = ["BUSY_FOR", "SLOT_WAIT", "Slots", "not_tried", "spare"]
+__all__ = ["BUSY_FOR", "SLOT_MARGIN", "Slots", "not_tried", "spare"]

@@ -236,18 +236,11 @@ class SesRoute:
         return self.later(mail, exc.reply, settings, throttled=throttled)
 
     def later(
-        self,
-        mail: Mail,
-        reply: str,
-        settings: Settings,
-        *,
-        throttled: bool = False,
-        untried: bool = False,
+        self, mail: Mail, reply: str, settings: Settings, *, throttled: bool = False
     ) -> Verdict:
-        """SES again later, or upstream once the mail is older than `fallback_after`
-        (not when `untried`: SES was not asked, and a slow pace is no failure)."""
+        """SES again later, or upstream once the mail is older than `fallback_after`."""
         age = self._wall_clock() - mail.since
-        if age >= settings.ses.fallback_after and not untried:
+        if age >= settings.ses.fallback_after:
             return Fallback(
                 reason="temporary",
                 detail=f"SES failing for {age:.0f}s (fallback_after): {reply}",
