@@ -23,7 +23,6 @@ from relay.deliver.outcome import Outcomes, UpstreamAnswer, Writes
 from relay.deliver.report import Failure
 from relay.deliver.ses.client import MAX_DESTINATIONS
 from relay.deliver.ses.route import UNCONFIRMED, Fallback, Retry, Sent, SesRoute
-from relay.deliver.slots import Slots, not_tried, spare
 from relay.errors import HostUnreachable, PermanentFailure, SpoolError, TemporaryFailure
 from relay.mail import Mail
 from relay.rules import Decision, Route, RuleSet
@@ -102,7 +101,6 @@ class Deliverer:
             spool=spool, settings=lambda: self.settings, wall_clock=wall_clock, sleep=sleep
         )
         self._tasks: set[asyncio.Task[None]] = set()
-        self.slots = Slots(clock)  # SES calls and connections to the original host in flight
         self._upstream_down_until = 0.0  # monotonic; no connection attempts before it
         self._down_reply = ""
         # A claimed mail as its row stands after a split moved some of its recipients to a
@@ -115,12 +113,8 @@ class Deliverer:
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and deliver until `stop` is set; `drain()` then lets in-flight sends finish."""
         while not stop.is_set():
-            extra = spare(self.settings.deliverers)
-            claimed = self.settings.deliverers + extra
-            free = claimed - len(self._tasks)
-            # Not more than the spare: with every send of one route hung, the spare is all
-            # that comes free (16 deliverers: 20 claimed, 5 wanted, 4 ever free: stuck).
-            if free < max(1, min(extra, claimed // CLAIM_SHARE)):
+            free = self.settings.deliverers - len(self._tasks)
+            if free < max(1, self.settings.deliverers // CLAIM_SHARE):
                 # Done callbacks run in order: _tasks.discard has run when wait() returns.
                 await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
                 continue
@@ -226,29 +220,17 @@ class Deliverer:
     async def _through_ses(
         self, mail: Mail, decision: Decision
     ) -> tuple[Mail, Fallback | None] | None:
-        """SES's part of a delivery, in an SES slot when SES may be called (its suppression
-        lookups too: they go to the same endpoint). The mail and why it goes upstream
-        instead; None when its outcome is recorded already."""
+        """SES's part of a delivery: the mail and why it goes upstream instead; None when
+        its outcome is recorded already."""
         if mail.fallback_reason.startswith(UNCONFIRMED):  # an earlier try's: SES may have it
             return mail, Fallback(reason="unconfirmed", detail=mail.fallback_reason)
-        slotted = self._ses_may_try(mail)
-        if slotted:
-            limit, timeout = self.settings.deliverers, self.settings.ses.timeout
-            if self.slots.busy(Route.SES) or not await self.slots.take(Route.SES, limit, timeout):
-                reply = not_tried(limit, "SES calls", timeout)
-                later = self.ses_route.later(mail, reply, self.settings)
-                return await self._ses_verdict(mail, decision, later)
-        try:
-            if slotted:
-                mail = await self._batch(mail)
-            checked = await self._suppression(mail, decision)
-            if checked is None or checked[1] is not None:
-                return checked  # all suppressed: failed (`bounce`), or upstream
-            mail = checked[0]  # without the suppressed recipients split off
-            verdict = await self.ses_route.attempt(mail, decision, self.settings)
-        finally:
-            if slotted:
-                self.slots.give(Route.SES)
+        if self._ses_may_try(mail):
+            mail = await self._batch(mail)
+        checked = await self._suppression(mail, decision)
+        if checked is None or checked[1] is not None:
+            return checked  # all suppressed: failed (`bounce`), or upstream
+        mail = checked[0]  # without the suppressed recipients split off
+        verdict = await self.ses_route.attempt(mail, decision, self.settings)
         return await self._ses_verdict(mail, decision, verdict)
 
     async def _ses_verdict(
@@ -343,15 +325,8 @@ class Deliverer:
             reply = f"not tried, the original host was unreachable moments ago: {self._down_reply}"
             await self.outcomes.defer_or_fail(mail, decision, Route.UPSTREAM, reply, reason)
             return
-        limit, timeout = self.settings.deliverers, self.settings.upstream.timeout
-        if self.slots.busy(Route.UPSTREAM) or not await self.slots.take(
-            Route.UPSTREAM, limit, timeout
-        ):
-            reply = not_tried(limit, "connections to the original host", timeout)
-            await self.outcomes.defer_or_fail(mail, decision, Route.UPSTREAM, reply, reason)
-            return
         try:
-            answer = await self._send_upstream(mail)
+            answer = await self.upstream.send(mail)
         except PermanentFailure as exc:
             failures = [self.outcomes.refused(rcpt, exc.reply) for rcpt in mail.recipients]
             await self.outcomes.fail(
@@ -366,10 +341,3 @@ class Deliverer:
             return
         self._accepted[mail.id] = _Took(Route.UPSTREAM, answer.accepted, None)
         await self.outcomes.upstream_answer(mail, decision, answer, reason)
-
-    async def _send_upstream(self, mail: Mail) -> UpstreamAnswer:
-        """The send, in the slot `_upstream` took; the slot is free again once it ends."""
-        try:
-            return await self.upstream.send(mail)
-        finally:
-            self.slots.give(Route.UPSTREAM)

@@ -188,8 +188,7 @@ class Settings:
     retry: Retry = Retry()
     bounces: Bounces = Bounces()
     metrics: HostPort | None = None
-    # Sends in flight at once per route: connections to the original host, calls to SES
-    # (relay.deliver.slots); a quarter more mails are claimed. Postfix's
+    # Deliveries in flight at once: connections to the original host, calls to SES. Postfix's
     # default_destination_concurrency_limit is 20.
     deliverers: int = 16
     retention: float = 7 * 86400.0  # seconds delivered rows keep their metadata
