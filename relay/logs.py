@@ -125,14 +125,10 @@ class _Dropped:
         with self._lock:
             self._count += 1
 
-    def take(self) -> int:
-        with self._lock:
-            count, self._count = self._count, 0
-        return count
-
     def record(self) -> logging.LogRecord | None:
         """A line saying how many were dropped since the last, if any were."""
-        count = self.take()
+        with self._lock:
+            count, self._count = self._count, 0
         if not count:
             return None
         name = "log_lines_dropped"

@@ -258,6 +258,20 @@ async def sent_through_ses(relay: Running) -> tuple[str, str]:
     return queue_id, row["ses_message_id"]
 
 
+async def sent_past_delay_warning(
+    start_relay: Callable[..., Awaitable[Running]], capture: CaptureServer, moto_server: str
+) -> tuple[Running, str, str, str]:
+    """relay with `bounces.delay_warning: 1` and a queue of its own, and a mail sent through
+    SES a second before: (relay, queue URL, queue id, SES MessageId)."""
+    queue = new_queue(moto_server)
+    relay = await start_with_queue(
+        start_relay, capture, moto_server, queue, bounces={"delay_warning": 1}
+    )
+    queue_id, ses_id = await sent_through_ses(relay)
+    await asyncio.sleep(1.1)  # past a delay_warning of 1 s
+    return relay, queue, queue_id, ses_id
+
+
 @pytest.mark.parametrize("wrap", WRAPS.values(), ids=WRAPS.keys())
 async def test_ses_events_are_recorded_and_a_permanent_bounce_reaches_the_sender(
     start_relay: Callable[..., Awaitable[Running]],
@@ -851,13 +865,10 @@ async def test_a_recipient_that_bounced_gets_no_second_dsn_and_no_late_warning(
     feedback IDs), then a DeliveryDelay that SQS delivers late: the sender gets one DSN.
     Each bounce sent a DSN of its own (Moodle counted two bounces for one mail), and the late
     delay a "still being retried" after "Undelivered" (`bounces.delay_warning` on)."""
-    queue = new_queue(moto_server)
-    relay = await start_with_queue(
-        start_relay, capture, moto_server, queue, bounces={"delay_warning": 1}
+    relay, queue, queue_id, ses_id = await sent_past_delay_warning(
+        start_relay, capture, moto_server
     )
     spool = relay.settings.spool
-    queue_id, ses_id = await sent_through_ses(relay)
-    await asyncio.sleep(1.1)  # past a delay_warning of 1 s
     full = bounce(ses_id, kind="Transient", status="4.2.2", diagnostic="smtp; 452 4.2.2 full")
     for event in (full, bounce(ses_id), delivery_delay(ses_id, "2026-12-04T10:05:00.000Z")):
         sqs(moto_server).send_message(QueueUrl=queue, MessageBody=sns_wrapped(event))
@@ -885,13 +896,10 @@ async def test_a_delay_whose_expiry_is_no_date_is_recorded_and_warned_of(
     be written as Will-Retry-Until in the machine's zone: the warning raised, the event was
     never recorded nor deleted, and came back from SQS at every visibility timeout, for
     good. Now the warning goes without Will-Retry-Until and the queue empties."""
-    queue = new_queue(moto_server)
-    relay = await start_with_queue(
-        start_relay, capture, moto_server, queue, bounces={"delay_warning": 1}
+    relay, queue, queue_id, ses_id = await sent_past_delay_warning(
+        start_relay, capture, moto_server
     )
     spool = relay.settings.spool
-    queue_id, ses_id = await sent_through_ses(relay)
-    await asyncio.sleep(1.1)  # past a delay_warning of 1 s
     event = delivery_delay(ses_id, STAMP)
     event["deliveryDelay"]["expirationTime"] = "9999-12-31T23:59:59-14:00"
     sqs(moto_server).send_message(QueueUrl=queue, MessageBody=sns_wrapped(event))

@@ -231,12 +231,6 @@ class Deliverer:
             return checked  # all suppressed: failed (`bounce`), or upstream
         mail = checked[0]  # without the suppressed recipients split off
         verdict = await self.ses_route.attempt(mail, decision, self.settings)
-        return await self._ses_verdict(mail, decision, verdict)
-
-    async def _ses_verdict(
-        self, mail: Mail, decision: Decision, verdict: Sent | Retry | Fallback
-    ) -> tuple[Mail, Fallback] | None:
-        """Record a Sent or a Retry (None); a Fallback goes on upstream."""
         if isinstance(verdict, Sent):
             self._accepted[mail.id] = _Took(Route.SES, mail.recipients, verdict.message_id)
             reply, ses_id = "SES accepted", verdict.message_id

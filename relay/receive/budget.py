@@ -32,6 +32,7 @@ class Budget:
         self.trim = trim
         self._reached = False
         self.loaded = 0  # bytes of spilled bodies read back whole, until spooled (see load)
+        self.spilled = 0  # bytes in the spill files of bodies being received (data.Body)
         self._unloaded = asyncio.Event()
         metrics.DATA_IN_MEMORY.set_function(lambda: self.used)
 

@@ -53,16 +53,6 @@ SPILL_BATCH = 256 * 1024  # once spilling, a body writes out at least this much 
 COMMIT_COPIES = 2  # the WAL's copy of a spilled body and the database file's, as it is accepted
 
 
-class _Spilled:
-    """Bytes in the spill files of every body being received (all sessions, this
-    process): what their commits will write to the spool's disk again."""
-
-    now = 0
-
-
-SPILLED = _Spilled()
-
-
 class Body:
     """One DATA body fed in chunks, judged as aiosmtpd 1.4.6 judges it line by line.
 
@@ -164,6 +154,7 @@ class Body:
     async def spill(self) -> None:
         """Move the judged lines but the last CRLF (an end line starts with it) to the file,
         or refuse the body (NO_ROOM) when the disk has no room for them (see above)."""
+        assert self.budget is not None  # spill_due: only a body with a budget spills
         cut = self._judged - 2
         with memoryview(self._raw) as view:  # the reader waits meanwhile: _raw stays put
             file = await asyncio.to_thread(self._write, view[:cut])
@@ -183,7 +174,7 @@ class Body:
         self._raw = bytearray(self._raw[cut:])  # a new, small buffer: the big one is freed
         self._judged -= cut
         self._spilled += cut
-        SPILLED.now += cut
+        self.budget.spilled += cut
         self._account()
 
     def _write(self, data: memoryview) -> io.BufferedRandom | str:
@@ -197,7 +188,8 @@ class Body:
         and every mail after got 451."""
         directory = self.spill_dir or Path(tempfile.gettempdir())
         file = self._file
-        commits = COMMIT_COPIES * (SPILLED.now + len(data))
+        assert self.budget is not None  # as in spill()
+        commits = COMMIT_COPIES * (self.budget.spilled + len(data))
         try:
             if self.min_free and free_bytes(directory) - len(data) - commits < self.min_free:
                 return "under spill_min_free"
@@ -227,7 +219,8 @@ class Body:
         if self._file is not None:
             self._file.close()  # unnamed (O_TMPFILE): nothing is left behind, crash or not
             self._file = None
-            SPILLED.now -= self._spilled
+            if self.budget is not None:
+                self.budget.spilled -= self._spilled
 
     def _judge(self, stop: int) -> None:
         """Judge the whole lines _raw[_judged:stop]."""

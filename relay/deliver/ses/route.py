@@ -233,20 +233,14 @@ class SesRoute:
             metrics.SES_THROTTLES.inc()
             self.pace.throttled()
             metrics.PACE.set(self.pace.rate)
-        return self.later(mail, exc.reply, settings, throttled=throttled)
-
-    def later(
-        self, mail: Mail, reply: str, settings: Settings, *, throttled: bool = False
-    ) -> Verdict:
-        """SES again later, or upstream once the mail is older than `fallback_after`."""
         age = self._wall_clock() - mail.since
         if age >= settings.ses.fallback_after:
             return Fallback(
                 reason="temporary",
-                detail=f"SES failing for {age:.0f}s (fallback_after): {reply}",
+                detail=f"SES failing for {age:.0f}s (fallback_after): {exc.reply}",
             )
         delay = THROTTLE_RETRY if throttled else min(2.0 ** min(mail.attempts, 16), SES_BACKOFF_MAX)
-        return Retry(delay=delay, reply=reply)
+        return Retry(delay=delay, reply=exc.reply)
 
     def _reached(self) -> None:
         """SES answered about the message itself: the account works (closes a probe)."""
