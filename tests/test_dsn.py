@@ -333,7 +333,7 @@ def test_an_ses_bounce_cannot_add_fields_to_the_dsn() -> None:
     notice_for = dsn.for_ses_event(parse_event(json.dumps(event)), ses_settings())
     assert notice_for is not None
     mail = Mail(id="Q1", sender=VERP, recipients=("a@x.org", "b@x.org"), raw=RAW)
-    notice = notice_for(mail, frozenset())
+    notice = notice_for(mail, frozenset(), frozenset())
     assert notice is not None
     _, blocks, _ = report_parts(parse(notice.raw))
     assert [
@@ -386,7 +386,8 @@ def test_the_headers_an_ses_event_brings_stay_header_lines() -> None:
     }
     notice_for = dsn.for_ses_event(parse_event(json.dumps(event)), ses_settings())
     assert notice_for is not None
-    notice = notice_for(Mail(id="Q1", sender=VERP, recipients=("a@x.org",), raw=b""), frozenset())
+    mail = Mail(id="Q1", sender=VERP, recipients=("a@x.org",), raw=b"")
+    notice = notice_for(mail, frozenset(), frozenset())
     assert notice is not None
     attached = parse(notice.raw).get_payload()[2].get_payload()
     lines = attached.replace("\r\n", "\n").strip("\n").split("\n")
@@ -546,3 +547,159 @@ async def test_a_delay_warning_is_sent_once_when_asked_for(
     events = [e for e, _ in rows(relay.settings.spool)[queue_id]["events"]]
     counts = (events.count("dsn_delayed"), events.count("dsn"), events.count("deferred"))
     assert (1, 0, 4) == counts  # four 451s, one warning
+
+
+def dsn_blocks(captured: Captured) -> list[tuple[str, str, str]]:
+    """(Final-Recipient, Status, Diagnostic-Code) of each recipient a DSN reports on."""
+    _, blocks, _ = report_parts(parse(captured.content))
+    return [(b["Final-Recipient"], b["Status"], b["Diagnostic-Code"]) for b in blocks[1:]]
+
+
+async def test_recipients_refused_with_different_replies_each_get_their_own_status(
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,
+) -> None:
+    """The host refuses both recipients for good, one as unknown and one as over quota: the
+    DSN reports each with its own Status and reply (RFC 3464 2.3.4, 2.3.6), as Postfix does.
+    Both got the first one's: the sender read "no such user" for a full mailbox."""
+    capture.refuse_rcpt("a@x.example", "550 5.1.1 <a@x.example>: no such user")
+    capture.refuse_rcpt("b@y.example", "552 5.2.2 <b@y.example>: mailbox over quota")
+    relay = await start_relay(
+        deliver=True,
+        upstream={"host": "127.0.0.1", "port": capture.port, "timeout": 5},
+        ses={"enabled": False},
+    )
+    queue_id = await asend(relay.port, VERP, ["a@x.example", "b@y.example"], RAW)
+    await await_rows(relay.settings.spool, [queue_id], {"failed"})
+    [dsn_id] = [q for q, r in rows(relay.settings.spool).items() if r["reports_on"] == queue_id]
+    await await_rows(relay.settings.spool, [dsn_id], {"sent"})
+    [notice] = capture.messages
+    assert [
+        ("rfc822; a@x.example", "5.1.1", "smtp; 550 5.1.1 <a@x.example>: no such user"),
+        ("rfc822; b@y.example", "5.2.2", "smtp; 552 5.2.2 <b@y.example>: mailbox over quota"),
+    ] == dsn_blocks(notice)
+
+
+async def test_mail_that_expires_reports_each_recipients_last_reply(
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,
+) -> None:
+    """`retry.max_age` runs out while the host defers one recipient as full and greylists
+    the other: each is reported with its own last status and the host's reply as the host
+    said it (`smtp;`, Remote-MTA), and "gave up" is in the text for people. Both were
+    reported with the first one's 4.2.2, under `X-Relay;`."""
+    capture.refuse_rcpt("a@x.example", "451 4.2.2 <a@x.example>: mailbox full")
+    capture.refuse_rcpt("b@y.example", "450 4.7.1 <b@y.example>: greylisted, try later")
+    relay = await start_relay(
+        deliver=True,
+        upstream={"host": "127.0.0.1", "port": capture.port, "timeout": 5},
+        ses={"enabled": False},
+        retry={"schedule": [1], "max_age": 1},
+    )
+    queue_id = await asend(relay.port, VERP, ["a@x.example", "b@y.example"], RAW)
+    await await_rows(relay.settings.spool, [queue_id], {"failed"}, within=10)
+    [dsn_id] = [q for q, r in rows(relay.settings.spool).items() if r["reports_on"] == queue_id]
+    await await_rows(relay.settings.spool, [dsn_id], {"sent"})
+    [notice] = [m for m in capture.messages if m.mail_from == "<>"]
+    assert [
+        ("rfc822; a@x.example", "4.2.2", "smtp; 451 4.2.2 <a@x.example>: mailbox full"),
+        ("rfc822; b@y.example", "4.7.1", "smtp; 450 4.7.1 <b@y.example>: greylisted, try later"),
+    ] == dsn_blocks(notice)
+    human, blocks, _ = report_parts(parse(notice.content))
+    assert "<a@x.example>: gave up after" in human
+    assert ["dns; 127.0.0.1"] * 2 == [b["Remote-MTA"] for b in blocks[1:]]
+
+
+@pytest.mark.system
+async def test_a_delay_warning_for_a_host_that_does_not_answer_says_4_4_1(
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,
+) -> None:
+    """The original host refuses connections: the "still being retried" DSN says 4.4.1 (no
+    answer from host: Postfix's status for a refused connect), not 4.4.7 (delivery time
+    expired), which contradicted its own `Action: delayed`."""
+    port = capture.port
+    capture.stop()
+    relay = await start_relay(
+        deliver=True,
+        upstream={"host": "127.0.0.1", "port": port, "timeout": 5},
+        ses={"enabled": False},
+        retry={"schedule": [1], "max_age": 600},
+        bounces={"delay_warning": 1},
+    )
+    queue_id = await asend(relay.port, VERP, ["a@x.example"], RAW)
+    deadline = time.monotonic() + 15
+    while not [r for r in rows(relay.settings.spool).values() if r["reports_on"] == queue_id]:
+        assert time.monotonic() < deadline, rows(relay.settings.spool)[queue_id]
+        await asyncio.sleep(0.2)
+    capture.start()
+    [dsn_id] = [q for q, r in rows(relay.settings.spool).items() if r["reports_on"] == queue_id]
+    await await_rows(relay.settings.spool, [dsn_id], {"sent"}, within=20)
+    [warning] = [m for m in capture.messages if m.mail_from == "<>"]
+    [(recipient, status, diagnostic)] = dsn_blocks(warning)
+    assert ("rfc822; a@x.example", "4.4.1") == (recipient, status)
+    assert diagnostic.startswith("X-Relay; ")
+
+
+def ses_bounce_notice(recipient: dict[str, str], event_type: str = "Bounce") -> EmailMessage:
+    """The DSN `dsn.for_ses_event` writes for one SES Bounce (or Reject) of a@x.org."""
+    from relay.deliver import dsn
+    from relay.deliver.ses.events import parse as parse_event
+
+    inner = {
+        "bounceType": "Permanent",
+        "bounceSubType": "General",
+        "feedbackId": "f1",
+        "bouncedRecipients": [{"emailAddress": "a@x.org", **recipient}],
+    }
+    event: dict[str, object] = {
+        "eventType": event_type,
+        "mail": {"messageId": "ses-1", "destination": ["a@x.org"]},
+        "bounce": inner,
+        "reject": {"reason": "Bad content"},
+    }
+    notice_for = dsn.for_ses_event(parse_event(json.dumps(event)), ses_settings())
+    assert notice_for is not None
+    mail = Mail(id="Q1", sender=VERP, recipients=("a@x.org",), raw=RAW)
+    notice = notice_for(mail, frozenset(), frozenset())
+    assert notice is not None
+    return parse(notice.raw)
+
+
+def test_an_ses_bounce_without_a_status_takes_the_one_in_its_diagnostic() -> None:
+    """SES left `status` out but its diagnostic says 5.2.2: the DSN says 5.2.2, not 5.0.0."""
+    message = ses_bounce_notice({"diagnosticCode": "smtp; 552 5.2.2 mailbox full"})
+    _, blocks, _ = report_parts(message)
+    assert ("5.2.2", "smtp; 552 5.2.2 mailbox full") == (
+        blocks[1]["Status"],
+        blocks[1]["Diagnostic-Code"],
+    )
+
+
+def test_an_ses_reject_is_reported_in_relays_words_not_as_a_host_reply() -> None:
+    """A Reject is SES's verdict, not a reply a host gave: `X-Relay;` (RFC 3464 2.3.6: `smtp;`
+    is for what a remote MTA said), Status 5.7.1."""
+    _, blocks, _ = report_parts(ses_bounce_notice({}, event_type="Reject"))
+    assert ("5.7.1", "X-Relay; SES rejected the message (Bad content)") == (
+        blocks[1]["Status"],
+        blocks[1]["Diagnostic-Code"],
+    )
+
+
+def test_8_bit_headers_come_back_as_global_headers_under_a_short_boundary() -> None:
+    """The reported mail's headers in UTF-8 go in a message/global-headers part (RFC 6533
+    6.3: text/rfc822-headers is ASCII), and the boundary stays within RFC 2046's 70
+    characters with an EC2 host name (it was 73)."""
+    raw = RAW.replace(b"We miss you", "Wir vermissen dich – Übung".encode())
+    mail = Mail(id="0123456789AB", sender=VERP, recipients=("a@x.org",), raw=raw)
+    failure = report.Failure(recipient="a@x.org", reply="550 5.1.1 no such user")
+    hostname = "ip-172-31-45-123.eu-west-1.compute.internal"
+    built = report.notice(mail, [failure], hostname=hostname, from_address="b@relay.test")
+    message = parse(built.raw)
+    headers = message.get_payload()[2]
+    assert "message/global-headers" == headers.get_content_type()
+    assert len(message.get_boundary() or "") <= 70
+    assert [p.get_content_type() for p in message.iter_parts()][:2] == [
+        "text/plain",
+        "message/delivery-status",
+    ]

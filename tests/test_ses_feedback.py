@@ -984,3 +984,27 @@ def test_an_event_of_10000_recipients_makes_a_history_line_of_bounded_size() -> 
     ]
     summary = parse(sns_wrapped(event)).summary()
     assert (SUMMARY_MAX, True) == (len(summary), summary.endswith("..."))
+
+
+async def test_no_delay_warning_for_a_recipient_ses_said_it_delivered_to(
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,
+    moto_server: str,
+) -> None:
+    """SQS hands a DeliveryDelay over after the Delivery for the same recipient (standard
+    queues keep no order): both are recorded, and the sender gets no "still being retried"
+    for a mail that arrived (RFC 3464 2.3.3: delayed means not delivered yet)."""
+    relay, queue, queue_id, ses_id = await sent_past_delay_warning(
+        start_relay, capture, moto_server
+    )
+    late = delivery_delay(ses_id, "2026-12-04T10:05:00.000Z")
+    for event in (delivery(ses_id, GONE), late):
+        sqs(moto_server).send_message(QueueUrl=queue, MessageBody=sns_wrapped(event))
+        assert 0 == await await_empty(moto_server, queue)  # in this order
+    events = [e for e, _ in rows(relay.settings.spool)[queue_id]["events"]]
+    assert (1, 1, 0) == (
+        events.count("ses_delivery"),
+        events.count("ses_deliverydelay"),
+        events.count("dsn_delayed"),
+    ), events
+    assert [] == dsns_of(relay.settings.spool, queue_id)

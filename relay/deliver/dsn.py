@@ -20,8 +20,8 @@ from dataclasses import replace
 from datetime import datetime
 
 from relay import metrics
-from relay.deliver.report import Failure, header_lines, is_status, notice
-from relay.deliver.ses.events import SesEvent
+from relay.deliver.report import Failure, header_lines, is_status, notice, status_in
+from relay.deliver.ses.events import Recipient, SesEvent
 from relay.mail import Mail
 from relay.settings import Settings
 from relay.settings.sections import YEAR
@@ -52,9 +52,11 @@ def for_ses_event(event: SesEvent, settings: Settings) -> NoticeFor | None:
     recipients, with SES's status and diagnostic, or a Reject's (all of them, 5.7.1); or,
     with `bounces.delay_warning`, the "still trying" one about a DeliveryDelay's. None for
     the other events."""
-    if event.type == "Reject":
-        reply = f"554 5.7.1 SES rejected the message ({event.detail or 'no reason given'})"
-        failures = [Failure(recipient=r.address, reply=reply) for r in event.recipients]
+    if event.type == "Reject":  # relay's words (X-Relay;), not a reply some host gave
+        reply = f"SES rejected the message ({event.detail or 'no reason given'})"
+        failures = [
+            Failure(recipient=r.address, reply=reply, status="5.7.1") for r in event.recipients
+        ]
     elif event.type == "Bounce" or event.delayed:
         soft = event.delayed or event.bounce_type == "Transient"
         fallback = "4.0.0" if soft else "5.0.0"  # when SES gives no status
@@ -64,22 +66,20 @@ def for_ses_event(event: SesEvent, settings: Settings) -> NoticeFor | None:
             else f"SES bounce {event.bounce_type}/{event.bounce_subtype}"
         )
         failures = [
-            Failure(
-                recipient=r.address,
-                reply=r.diagnostic or said,
-                status=r.status if is_status(r.status) and r.status[0] in "45" else fallback,
-            )
+            Failure(recipient=r.address, reply=r.diagnostic or said, status=_status(r, fallback))
             for r in event.recipients
         ]
     else:
         return None
     until = _epoch(event.expires)
 
-    def notice_for(mail: Mail, already: frozenset[str]) -> Notice | None:
+    def notice_for(mail: Mail, already: frozenset[str], got: frozenset[str]) -> Notice | None:
         # Not again for a recipient an earlier event failed (SQS delivers twice, a Transient
-        # bounce comes before the Permanent one), nor "still trying" after that DSN.
+        # bounce comes before the Permanent one), nor "still trying" after that DSN or for a
+        # recipient SES said it delivered to (SQS hands events over in any order).
         ours = {r.lower() for r in mail.recipients}  # not an address the mail never had
-        left = [f for f in failures if f.recipient.lower() in ours - already]
+        done = already | got if event.delayed else already
+        left = [f for f in failures if f.recipient.lower() in ours - done]
         if not left:
             return None
         if not mail.raw:  # the body went after sending: the headers SES sent with the event
@@ -92,10 +92,16 @@ def for_ses_event(event: SesEvent, settings: Settings) -> NoticeFor | None:
     return notice_for
 
 
-def delay_warning(mail: Mail, reply: str, settings: Settings) -> Notice | None:
-    """The "still trying" DSN once `mail` has waited `bounces.delay_warning` (the spool
-    queues one per mail at most); None when off, not yet due, or not wanted."""
-    delayed = [Failure(recipient=r, reply=reply) for r in mail.recipients]
+def _status(recipient: Recipient, fallback: str) -> str:
+    """SES's status for a recipient, else the one in its diagnostic, else `fallback`."""
+    given = recipient.status if is_status(recipient.status) else status_in(recipient.diagnostic)
+    return given if given.startswith(("4", "5")) else fallback
+
+
+def delay_warning(mail: Mail, delayed: Sequence[Failure], settings: Settings) -> Notice | None:
+    """The "still trying" DSN about `delayed` (each recipient with its last reply) once
+    `mail` has waited `bounces.delay_warning` (the spool queues one per mail at most); None
+    when off, not yet due, or not wanted."""
     return _warning(mail, delayed, settings, retry_until=mail.since + settings.retry.max_age)
 
 

@@ -300,6 +300,7 @@ async def handle(
             detail=event.summary(),
             kind=event.rate_kind,
             failed=event.failed,
+            delivered=event.delivered,
             notice_for=dsn.for_ses_event(event, settings),
         )
     except SpoolError as exc:

@@ -20,7 +20,7 @@ from typing import NamedTuple, Protocol
 
 from relay import logs, metrics
 from relay.deliver.outcome import Outcomes, UpstreamAnswer, Writes
-from relay.deliver.report import Failure
+from relay.deliver.report import UNREACHABLE, Failure
 from relay.deliver.ses.client import MAX_DESTINATIONS
 from relay.deliver.ses.route import UNCONFIRMED, Fallback, Retry, Sent, SesRoute
 from relay.errors import HostUnreachable, PermanentFailure, SpoolError, TemporaryFailure
@@ -317,7 +317,9 @@ class Deliverer:
             await self.outcomes.record(self.spool.event, mail.id, "fallback", fallback.detail)
         if self._clock() < self._upstream_down_until:  # like Postfix's dead-host cache
             reply = f"not tried, the original host was unreachable moments ago: {self._down_reply}"
-            await self.outcomes.defer_or_fail(mail, decision, Route.UPSTREAM, reply, reason)
+            await self.outcomes.defer_or_fail(
+                mail, decision, Route.UPSTREAM, reply, reason, status=UNREACHABLE
+            )
             return
         try:
             answer = await self.upstream.send(mail)
@@ -328,10 +330,13 @@ class Deliverer:
             )
             return
         except TemporaryFailure as exc:
+            status = ""
             if isinstance(exc, HostUnreachable):
                 self._upstream_down_until = self._clock() + UPSTREAM_DOWN_FOR
-                self._down_reply = exc.reply
-            await self.outcomes.defer_or_fail(mail, decision, Route.UPSTREAM, exc.reply, reason)
+                self._down_reply, status = exc.reply, UNREACHABLE
+            await self.outcomes.defer_or_fail(
+                mail, decision, Route.UPSTREAM, exc.reply, reason, status=status
+            )
             return
         self._accepted[mail.id] = _Took(Route.UPSTREAM, answer.accepted, None)
         await self.outcomes.upstream_answer(mail, decision, answer, reason)

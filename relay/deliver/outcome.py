@@ -13,7 +13,7 @@ stays `inflight` and is delivered again after restart (at least once).
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -196,16 +196,25 @@ class Outcomes:
         reason: str | None,
         *,
         refused: Sequence[Failure] = (),
+        replies: Mapping[str, str] | None = None,
+        status: str = "",
     ) -> None:
         """Defer on the retry schedule, or fail past `retry.max_age`; `refused`: recipients
-        already refused for good (a partial send), in the DSN either way."""
+        already refused for good (a partial send), in the DSN either way. `replies`: what
+        the host said to each recipient, when it answered each; `status`: the RFC 3463 code
+        when `reply` is relay's words (4.4.1: the host did not answer)."""
         settings = self._settings()
         age = self._wall_clock() - mail.since
         retry = settings.retry
+        if replies:  # each recipient its own reply in a DSN, as Postfix reports them
+            pending = [dsn.refused(settings, r, replies.get(r, reply)) for r in mail.recipients]
+        else:
+            pending = [Failure(recipient=r, reply=reply, status=status) for r in mail.recipients]
         if age >= retry.max_age:
-            reply = f"gave up after {age:.0f}s (retry.max_age): {reply}"
-            expired = [Failure(recipient=r, reply=reply) for r in mail.recipients]
+            note = f"gave up after {age:.0f}s (retry.max_age)"
+            expired = [replace(f, note=note) for f in pending]
             failures = [*refused, *expired]
+            reply = f"{note}: {reply}"
             await self.fail(mail, decision, route, reply, failures, reason=reason, why="max_age")
             return
         delay = retry.step(mail.attempts, age)
@@ -218,7 +227,7 @@ class Outcomes:
             reply=reply,
             fallback_reason=reason,
             recipients=mail.recipients,
-            notice=self._notice(mail, refused) or self._warning(mail, reply),
+            notice=self._notice(mail, refused) or self._warning(mail, pending),
         )
         log_outcome("deferred", mail, decision, route, retry_in=delay, reply=reply)
 
@@ -241,6 +250,7 @@ class Outcomes:
                 replies,
                 reason,
                 refused=refused,
+                replies=dict(answer.temporary),
             )
             return
         if not answer.accepted:
@@ -268,11 +278,11 @@ class Outcomes:
             log.exception("event=dsn_bug id=%s", mail.id)
             return None
 
-    def _warning(self, mail: Mail, reply: str) -> Notice | None:
+    def _warning(self, mail: Mail, delayed: Sequence[Failure]) -> Notice | None:
         """The "still trying" DSN, if one is due; as `_notice`, left out if it cannot be built
         (a `retry.max_age` past the year 9999 cannot be dated), so the deferral is recorded."""
         try:
-            return dsn.delay_warning(mail, reply, self._settings())
+            return dsn.delay_warning(mail, delayed, self._settings())
         except Exception:
             log.exception("event=dsn_bug id=%s", mail.id)
             return None

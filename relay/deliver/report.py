@@ -33,6 +33,8 @@ HEADERS_MAX = 50_000  # bytes of the reported mail's headers a notice carries (P
 # bounce_size_limit): the rest is cut at a line, so a mail of megabytes of headers does
 # not come back as a notice the original host refuses for its size
 LINE_MAX = 998  # characters of a line of mail (RFC 5322 2.1.1)
+UNREACHABLE = "4.4.1"  # RFC 3463: no answer from the host (Postfix's status for a refused connect)
+BOUNDARY_MAX = 70  # characters of a MIME boundary (RFC 2046 5.1.1)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -43,6 +45,7 @@ class Failure:
     reply: str  # e.g. "550 5.1.1 <a@example.org>: no such user"
     status: str = ""  # RFC 3463 code; "" = taken from `reply` (5.0.0 / 4.4.7 if none there)
     remote: str = ""  # who refused: "dns; smtp.example.org" (Remote-MTA), if known
+    note: str = ""  # relay's words before the reply in the text for people ("gave up after ...")
 
 
 def notice(
@@ -59,7 +62,8 @@ def notice(
     `delayed`: a delay warning instead (Action: delayed; Will-Retry-Until, when known)."""
     queue_id = new_id()
     now = time.time()
-    boundary = f"{queue_id}.{secrets.token_hex(8)}/{hostname}"
+    # RFC 2046 5.1.1: at most 70 characters (an EC2 host name alone is 45)
+    boundary = f"{queue_id}.{secrets.token_hex(8)}/{hostname}"[:BOUNDARY_MAX]
     message_id = f"<{queue_id}.dsn@{hostname}>"
     rcpts = ", ".join(f.recipient for f in failures)
     until = formatdate(retry_until, localtime=True) if retry_until else ""
@@ -95,6 +99,8 @@ def notice(
         "",
     )
     headers = _capped(mail.trace + header_block(mail.raw))
+    # RFC 6533 6.3: headers in UTF-8 (or any 8-bit bytes) are message/global-headers
+    headers_type = "text/rfc822-headers" if headers.isascii() else "message/global-headers"
     parts = (
         _part(
             boundary,
@@ -105,7 +111,7 @@ def notice(
         _part(boundary, f"message/{report}", status, encoding),
         _part(
             boundary,
-            "text/rfc822-headers",
+            headers_type,
             headers.rstrip(b"\r\n") + b"\r\n",
             "7bit" if headers.isascii() else "8bit",
         ),
@@ -132,13 +138,19 @@ def is_status(text: str) -> bool:
     return _ENHANCED.fullmatch(text) is not None
 
 
+def status_in(text: str) -> str:
+    """The first RFC 3463 status code in `text` (a reply, SES's diagnostic), or ""."""
+    found = _ENHANCED.search(text)
+    return found.group(1) if found else ""
+
+
 def status_of(failure: Failure) -> str:
     """The RFC 3463 status for `failure`: given, else in its reply, else from the reply code."""
     if is_status(failure.status):
         return failure.status
-    found = _ENHANCED.search(failure.reply)
+    found = status_in(failure.reply)
     if found:
-        return found.group(1)
+        return found
     basic = _BASIC.match(failure.reply)
     return "5.0.0" if basic and basic.group(1) == "5" else "4.4.7"
 
@@ -152,7 +164,10 @@ def _human(mail: Mail, failures: Sequence[Failure], hostname: str, why: list[str
         f"Message-ID: {mail.message_id or '(none)'}",
         f"Queue id: {mail.id}",
         "",
-        *(f"<{f.recipient}>: {_clean(f.reply)}" for f in failures),
+        *(
+            f"<{f.recipient}>: {_clean(f'{f.note}: {f.reply}' if f.note else f.reply)}"
+            for f in failures
+        ),
         "",
     ]
     return quopri.encodestring("\r\n".join(lines).encode("utf-8", "replace"))

@@ -311,7 +311,10 @@ def _raise_if_uniform(
     temporary: list[tuple[str, str]],
     permanent: list[tuple[str, str]],
 ) -> None:
-    """Every recipient refused alike is a whole-transaction failure."""
+    """Every recipient refused with the same reply is a whole-transaction failure; different
+    replies are reported per recipient (`_none_accepted`): each its own Status in a DSN."""
+    if len({reply for _, reply in (*temporary, *permanent)}) > 1:
+        return
     replies = "; ".join(f"{r}: {reply}" for r, reply in (*temporary, *permanent))
     if not permanent:
         message = f"{where} refused every recipient of {mail.id} for now: {replies}"

@@ -20,9 +20,14 @@ from enum import StrEnum
 from relay.mail import Mail
 from relay.spool.rows import Notice, add_event, add_notice
 
-# The DSN about an event, given its mail and the recipients (lowercase) that earlier events
-# said failed: a DSN went for those already.
-NoticeFor = Callable[[Mail, frozenset[str]], Notice | None]
+# The DSN about an event, given its mail, the recipients (lowercase) that earlier events
+# said failed (a DSN went for those already) and those they said were delivered (no
+# "still trying" for those: SQS does not keep the events in order).
+NoticeFor = Callable[[Mail, frozenset[str], frozenset[str]], Notice | None]
+
+
+FAILED = "failed"  # a mark: an event said this recipient will never get the mail
+DELIVERED = "delivered"  # a mark: an event said this recipient got it
 
 
 class Applied(StrEnum):
@@ -57,13 +62,15 @@ def apply(
     detail: str,
     kind: str,
     failed: Sequence[str] = (),
+    delivered: Sequence[str] = (),
     notice_for: NoticeFor | None,
     now: float,
 ) -> Applied:
     """Record one SES event on its mail's row, once; `notice_for` may add a DSN.
     `failed`: the recipients it says will never get the mail (a bounce, a Reject);
-    once that covers all of the row's recipients, the row is `bounced`. An address the
-    row does not have counts for nothing (the event's `detail` keeps it in the history)."""
+    once that covers all of the row's recipients, the row is `bounced`. `delivered`: those
+    it says got the mail (a Delivery). An address the row does not have counts for nothing
+    (the event's `detail` keeps it in the history)."""
     row = conn.execute(
         "SELECT id, sender, recipients, received_at, message_id, reports_on, trace"
         " FROM messages WHERE ses_message_id = ? ORDER BY received_at LIMIT 1",
@@ -80,11 +87,13 @@ def apply(
         return Applied.DUPLICATE
     add_event(conn, queue_id, event, detail, now)
     recipients = json.loads(row[2])
-    already = _failed_already(conn, queue_id, recipients)  # before this event's marks
+    already = _marked(conn, FAILED, queue_id, recipients)  # before this event's marks
+    got = _marked(conn, DELIVERED, queue_id, recipients)
     ours = {recipient.lower() for recipient in recipients}
     failed = [address for address in failed if address.lower() in ours]  # others: history
     if failed:
         _bounce_if_all(conn, queue_id, failed, recipients, already, now)
+    _mark(conn, DELIVERED, queue_id, [a for a in delivered if a.lower() in ours], now)
     if notice_for is not None:
         body = conn.execute("SELECT body FROM bodies WHERE id = ?", (queue_id,)).fetchone()
         mail = Mail(
@@ -97,7 +106,7 @@ def apply(
             reports_on=row[5] or "",
             trace=bytes(row[6]),
         )
-        notice = notice_for(mail, already)
+        notice = notice_for(mail, already, got)
         if notice is not None:
             add_notice(conn, queue_id, notice, now)
     return Applied.APPLIED
@@ -118,10 +127,7 @@ def _bounce_if_all(
     may report one as the receiving host spells it), so no column was added for it (the
     marks came before schema 4's `retried_at`, which they do not need).
     """
-    conn.executemany(
-        "INSERT OR IGNORE INTO feedback (key, queue_id, at, kind) VALUES (?, ?, ?, 'failed')",
-        [(_failed_key(queue_id, address), queue_id, now) for address in failed],
-    )
+    _mark(conn, FAILED, queue_id, failed, now)
     marked = already | {address.lower() for address in failed}
     if not {recipient.lower() for recipient in recipients} <= marked:
         return  # some were delivered, or have not been heard of yet: still `sent`
@@ -133,21 +139,31 @@ def _bounce_if_all(
         add_event(conn, queue_id, "bounced", f"every recipient: {', '.join(recipients)}", now)
 
 
-def _failed_already(
-    conn: sqlite3.Connection, queue_id: str, recipients: list[str]
+def _mark(
+    conn: sqlite3.Connection, kind: str, queue_id: str, addresses: Sequence[str], now: float
+) -> None:
+    """Mark `addresses` of the row as `kind` (FAILED or DELIVERED), once each."""
+    conn.executemany(
+        "INSERT OR IGNORE INTO feedback (key, queue_id, at, kind) VALUES (?, ?, ?, ?)",
+        [(_mark_key(kind, queue_id, address), queue_id, now, kind) for address in addresses],
+    )
+
+
+def _marked(
+    conn: sqlite3.Connection, kind: str, queue_id: str, recipients: list[str]
 ) -> frozenset[str]:
-    """The recipients (lowercase) earlier events of the row said failed."""
+    """The recipients (lowercase) earlier events of the row marked `kind`."""
     if not recipients:
         return frozenset()
-    prefix = _failed_key(queue_id, "")
-    wanted = [_failed_key(queue_id, r) for r in recipients]
+    prefix = _mark_key(kind, queue_id, "")
+    wanted = [_mark_key(kind, queue_id, r) for r in recipients]
     marks = ", ".join("?" * len(wanted))
     found = conn.execute(f"SELECT key FROM feedback WHERE key IN ({marks})", wanted)
     return frozenset(key[len(prefix) :] for (key,) in found)
 
 
-def _failed_key(queue_id: str, address: str) -> str:
-    return f"failed/{queue_id}/{address.lower()}"
+def _mark_key(kind: str, queue_id: str, address: str) -> str:
+    return f"{kind}/{queue_id}/{address.lower()}"
 
 
 def reputation(conn: sqlite3.Connection, since: float) -> Reputation:

@@ -84,7 +84,8 @@ _SES_ID = """CREATE INDEX IF NOT EXISTS messages_by_ses_id ON messages (ses_mess
 _FULL_INDEXES = ("messages_reports_on", "messages_ses_id")
 # `feedback` also marks each recipient SES failed for good (kind "failed", key
 # "failed/<queue id>/<address>"): relay.spool.feedback moves a mail to `bounced` once all
-# of its recipients are marked. Rows, not a column, so no new schema version for it.
+# of its recipients are marked; and each it delivered to (kind "delivered", likewise), so
+# no delay warning follows. Rows, not a column, so no new schema version for them.
 _FEEDBACK = """CREATE TABLE IF NOT EXISTS feedback (
     key TEXT PRIMARY KEY NOT NULL,      -- the SES event's identity (type, MessageId, id)
     queue_id TEXT NOT NULL,

@@ -391,11 +391,13 @@ class Spool:
         detail: str,
         kind: str,
         failed: Sequence[str] = (),
+        delivered: Sequence[str] = (),
         notice_for: NoticeFor | None = None,
     ) -> Applied:
         """Apply one SES event to the mail SES knows as `ses_message_id`, at most once per
         `key`; `notice_for(mail)` may queue a DSN in the same transaction; `failed`: the
-        recipients it failed for good (all of them, over its events: the row is `bounced`)."""
+        recipients it failed for good (all of them, over its events: the row is `bounced`);
+        `delivered`: those it says got the mail."""
 
         def op(conn: sqlite3.Connection) -> Applied:
             return apply(
@@ -406,6 +408,7 @@ class Spool:
                 detail=detail,
                 kind=kind,
                 failed=failed,
+                delivered=delivered,
                 notice_for=notice_for,
                 now=time.time(),
             )

@@ -79,6 +79,11 @@ class SesEvent:
         return tuple(r.address for r in self.recipients) if self.failed_for_good else ()
 
     @property
+    def delivered(self) -> tuple[str, ...]:
+        """The addresses SES delivered the mail to (a Delivery); none otherwise."""
+        return tuple(r.address for r in self.recipients) if self.type == "Delivery" else ()
+
+    @property
     def suppressible(self) -> tuple[str, ...]:
         """The addresses SES may have put on the account suppression list just now: those
         of a hard bounce or a complaint."""
