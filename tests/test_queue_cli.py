@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import json
+import signal
 import smtplib
 import sqlite3
 import subprocess
@@ -476,3 +477,68 @@ async def test_a_list_nobody_reads_on_holds_up_no_checkpoint(write_config: Confi
     finally:
         await spool.close()
     assert (0, wal_pages) == (busy, copied)
+
+
+def failed_rows(spool_dir: Path, count: int) -> None:
+    """`count` dead letters written straight into a new spool, in one transaction."""
+    from relay.spool.rows import insert_mail, new_id
+    from relay.spool.schema import connect, prepare
+
+    prepare(spool_dir)
+    with closing(connect(spool_dir / DB_NAME)) as conn:
+        conn.execute("BEGIN")
+        for n in range(count):
+            queue_id = new_id()
+            insert_mail(
+                conn,
+                queue_id=queue_id,
+                sender="noreply@moodle.test",
+                recipients=json.dumps([f"user{n}@example.org"]),
+                raw=body(n),
+                peer="127.0.0.1",
+                trace=b"Received: from moodle\r\n",
+                message_id=f"<{n}@moodle.test>",
+                detail="test",
+                now=time.time() - 60,
+            )
+            conn.execute("UPDATE messages SET state = 'failed' WHERE id = ?", (queue_id,))
+        conn.execute("COMMIT")
+
+
+@pytest.mark.system
+def test_ctrl_z_on_a_retry_never_leaves_it_holding_the_write_turn(
+    write_config: ConfigWriter,
+) -> None:
+    """An admin presses Ctrl-Z (SIGTSTP) on `relay queue retry --all-failed`: the command
+    stops between steps, never inside one. Stopped inside a step, it held the spool's write
+    turn, and relay serve answered 451 to every mail (which Moodle never sends again) until
+    it was resumed: 85% of stops landed there. Five stops, each checked by taking the turn."""
+    config = write_config()
+    spool_dir = config.parent / "spool"
+    failed_rows(spool_dir, 100 * requeue.STEP)
+    command = subprocess.Popen(
+        [*RELAY, "queue", "--config", str(config), "retry", "--all-failed"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    state = Path(f"/proc/{command.pid}/stat")
+    held = []
+    try:
+        for _ in range(5):
+            time.sleep(0.05)
+            command.send_signal(signal.SIGTSTP)
+            deadline = time.monotonic() + 5
+            while state.read_text().rsplit(")", 1)[1].split()[0] != "T":
+                assert time.monotonic() < deadline, "the command did not stop"
+                time.sleep(0.001)
+            with open(spool_dir / lock.WRITE_LOCK, "a+b") as turn:
+                try:
+                    fcntl.flock(turn, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(turn, fcntl.LOCK_UN)
+                except BlockingIOError:
+                    held.append(True)
+            command.send_signal(signal.SIGCONT)
+    finally:
+        command.send_signal(signal.SIGCONT)
+        _, err = command.communicate(timeout=60)
+    assert ([], 0) == (held, command.returncode), err

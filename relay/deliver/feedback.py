@@ -86,6 +86,7 @@ class FeedbackStore(Protocol):
         detail: str,
         kind: str,
         failed: Sequence[str] = (),
+        delivered: Sequence[str] = (),
         notice_for: NoticeFor | None = None,
     ) -> Applied: ...
     async def reputation(self, since: float) -> Reputation: ...

@@ -7,10 +7,11 @@ delivery process holds (`inflight`) is left alone and named (CLAIMED).
 
 from __future__ import annotations
 
+import signal
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
-from contextlib import closing
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import click
@@ -26,6 +27,8 @@ CLAIMED_BEFORE_A_STOP = (
 )
 STEP = 100  # ids per transaction of retry and delete (a few milliseconds each) ...
 PAUSE = 0.002  # ... and seconds between them, in which relay serve's adds take the turn
+# Ctrl-Z and a background read or write stop a process: not while it holds the turn
+STOPS = {signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
 
 
 def _act(spool_dir: Path, ids: Iterable[str], action: str) -> int:
@@ -41,7 +44,7 @@ def _act(spool_dir: Path, ids: Iterable[str], action: str) -> int:
     with closing(conn), closing(Turn(spool_dir, poll=DELIVERY_POLL)) as turn:
         for start in range(0, len(chosen), STEP):
             try:
-                with turn.held(), all_or_nothing(conn):
+                with _unstoppable(), turn.held(), all_or_nothing(conn):
                     done = [
                         (i, _act_one(conn, i, action, claimed))
                         for i in chosen[start : start + STEP]
@@ -57,6 +60,18 @@ def _act(spool_dir: Path, ids: Iterable[str], action: str) -> int:
                 click.echo(f"{queue_id}: {message}", err=not acted)
             time.sleep(PAUSE)
     return 0 if ok else 1
+
+
+@contextmanager
+def _unstoppable() -> Iterator[None]:
+    """Ctrl-Z waits until the step has committed and let go of the write turn: a command
+    stopped while holding it made relay serve answer 451 to every mail, which Moodle never
+    sends again, for as long as it stayed stopped (a suspended postsuper stops no smtpd)."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def _act_one(

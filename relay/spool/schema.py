@@ -274,6 +274,21 @@ def open_read_only(directory: Path) -> sqlite3.Connection:
     raise SpoolError(f"cannot open spool {path} read-only either: {last}")
 
 
+def disk_state(directory: Path) -> str:
+    """What the spool's file system says of itself when opening failed: SQLite says "disk
+    I/O error" for a full disk and "unable to open database file" for a read-only one."""
+    try:
+        fs = os.statvfs(directory)
+    except OSError:
+        return ""
+    if fs.f_flag & os.ST_RDONLY:
+        return "the file system is read-only"
+    free = fs.f_bavail * fs.f_frsize
+    if free < 1024 * 1024:
+        return f"the disk is full ({free} bytes free)"
+    return ""
+
+
 def open_existing(directory: Path) -> sqlite3.Connection:
     """For `relay queue`: the spool of a (possibly running) service.
 
@@ -285,7 +300,8 @@ def open_existing(directory: Path) -> sqlite3.Connection:
     try:
         conn = connect(path)
     except sqlite3.Error as exc:
-        raise SpoolError(f"cannot open spool {path}: {exc}") from exc
+        why = disk_state(directory)
+        raise SpoolError(f"cannot open spool {path}: {exc}{f'; {why}' if why else ''}") from exc
     try:
         conn.row_factory = sqlite3.Row
         version = schema_version(conn, path)

@@ -55,7 +55,7 @@ from relay.spool.rows import (
     split_off,
     state_counts,
 )
-from relay.spool.schema import DB_NAME, prepare
+from relay.spool.schema import DB_NAME, disk_state, prepare
 from relay.spool.writer import Op, T, TurnBatch, Writer
 
 log = logging.getLogger("relay.spool")
@@ -66,21 +66,6 @@ log = logging.getLogger("relay.spool")
 CLOCK_STEP = 1.0  # seconds the wall clock may go back between two claims unremarked
 PURGE_ROWS = 500  # rows (and feedback keys) per step, under SQLite's 999 parameters
 PURGE_PAGES = 1000  # free pages given back to the disk per step
-
-
-def _disk_state(directory: Path) -> str:
-    """What the spool's file system says of itself when opening failed: SQLite says "disk
-    I/O error" for a full disk and "unable to open database file" for a read-only one."""
-    try:
-        fs = os.statvfs(directory)
-    except OSError:
-        return ""
-    if fs.f_flag & os.ST_RDONLY:
-        return "the file system is read-only"
-    free = fs.f_bavail * fs.f_frsize
-    if free < 1024 * 1024:
-        return f"the disk is full ({free} bytes free)"
-    return ""
 
 
 class Spool:
@@ -118,7 +103,7 @@ class Spool:
         except SpoolError:
             raise  # says which file and why already (a schema newer than this code)
         except (OSError, sqlite3.Error) as exc:
-            why = _disk_state(directory)
+            why = disk_state(directory)
             name = getattr(exc, "sqlite_errorname", None)
             detail = f"{exc} ({name})" if name else str(exc)
             raise SpoolError(
