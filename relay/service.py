@@ -291,7 +291,13 @@ async def observe(ctx: Context) -> None:
     if ctx.settings.metrics is not None:
 
         async def ready() -> bool:
-            return ctx.listening and not ctx.stop.is_set() and await ctx.spool.writable()
+            spool = ctx.spool
+            return (
+                ctx.listening
+                and not ctx.stop.is_set()
+                and not spool.damaged
+                and (await spool.writable())
+            )
 
         where = ctx.settings.metrics
         try:

@@ -621,3 +621,54 @@ async def test_reload_names_the_ses_settings_that_need_a_restart(
     with caplog.at_level(logging.WARNING, logger="relay"):
         assert runtime.reload(relay.ctx)
     assert not [r for r in caplog.records if "reload_needs_restart" in r.getMessage()]
+
+
+def damage_the_state_index(spool: Path) -> None:
+    """Overwrite the root page of the spool's (state, due_at) index with noise: what a disk
+    fault leaves. Counting mail by state reads it; opening the spool does not."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(spool / "spool.sqlite3")) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        [root] = conn.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = 'messages_due'"
+        ).fetchone()
+    with open(spool / "spool.sqlite3", "r+b") as file:
+        file.seek((root - 1) * page_size)
+        file.write(bytes(range(256)) * (page_size // 256))
+
+
+@pytest.mark.system
+def test_a_damaged_spool_is_said_at_error_on_readyz_and_in_a_metric(
+    write_config: ConfigWriter, relay_process: Process, capture: CaptureServer, tmp_path: Path
+) -> None:
+    """The spool file is damaged under a running service (a disk fault): SQLite says
+    "malformed" at the next count by state. It was a WARNING every few seconds
+    (`gauges_failed`, `claim_failed`) while /readyz said 200 and Moodle's mail kept being
+    accepted into a file nothing could be delivered from. Now: `event=spool_damaged` at
+    ERROR once per process, /readyz 503, and the damage metrics at 1 (alert
+    RelaySpoolDamaged)."""
+    config = write_config(
+        ses={"enabled": False},
+        metrics="127.0.0.1:0",
+        upstream={"host": "127.0.0.1", "port": capture.port},
+    )
+    relay = relay_process(config).start()
+    port = metrics_port(relay)
+    for n in range(20):
+        send(relay.port, "noreply@moodle.test", ["ada@example.net"], mail("hello", n))
+    assert (200, 0.0) == (
+        http_get(port, "/readyz")[0],
+        scrape(port)[("relay_spool_damaged", frozenset())],
+    )
+    damage_the_state_index(tmp_path / "spool")
+    # The delivery process reads the index at its next claim, the main process at its next
+    # count of the queue (every 5 s): each says so in a family of its own.
+    wait_until(lambda: 503 == http_get(port, "/readyz")[0], "/readyz 503", timeout=20)
+    assert (1.0, 1.0) == (
+        scrape(port)[("relay_spool_damaged", frozenset())],
+        scrape(port)[("relay_delivery_spool_damaged", frozenset())],
+    )
+    damaged = [line for line in relay.log().splitlines() if "event=spool_damaged" in line]
+    assert 2 == len(damaged) and all(" ERROR " in line for line in damaged), damaged

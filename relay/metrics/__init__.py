@@ -114,6 +114,18 @@ OLDEST_AGE = Gauge(
     "Age of the oldest queued or deferred message",
     registry=REGISTRY,
 )
+# 1 once SQLite has found the spool file damaged: one family per process, since each reads
+# different pages (the spool's writer sets both; each process shows only its own family).
+SPOOL_DAMAGED = Gauge(
+    "relay_spool_damaged",
+    "1 once the main process has found the spool file damaged (SQLITE_CORRUPT)",
+    registry=REGISTRY,
+)
+DELIVERY_SPOOL_DAMAGED = Gauge(
+    "relay_delivery_spool_damaged",
+    "1 once the delivery process has found the spool file damaged (SQLITE_CORRUPT)",
+    registry=REGISTRY,
+)
 SESSIONS_REFUSED = Counter(
     "relay_sessions_refused",
     "SMTP sessions refused or closed by a limit (421), by reason",
@@ -214,6 +226,7 @@ DELIVERY_FAMILIES = frozenset(
         SES_EVENTS_DROPPED,
         BOUNCE_RATE,
         COMPLAINT_RATE,
+        DELIVERY_SPOOL_DAMAGED,
     )
     for family in metric.describe()
 )

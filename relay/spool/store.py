@@ -162,6 +162,11 @@ class Spool:
                 return cast(T, results[0])  # op's own result (None for some ops)
         return await asyncio.wrap_future(self._writer.submit(op))
 
+    @property
+    def damaged(self) -> bool:
+        """SQLite has found the file damaged (see Writer._failed)."""
+        return self._writer.damaged
+
     async def add(
         self,
         *,

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from relay import metrics
 from relay.errors import SpoolError
 from relay.spool.lock import POLL, SpoolBusy, Turn
 from relay.spool.schema import connect
@@ -36,6 +37,7 @@ TRY_NOW_WAIT = 0.002  # seconds try_now() waits for the write turn on the event 
 MAX_BATCH = 512  # calls per group commit
 # Errors after which the connection itself is suspect: reopen it for the next batch.
 _REOPEN_CODES = {10, 11, 14, 26}  # SQLITE_IOERR, CORRUPT, CANTOPEN, NOTADB
+_DAMAGED_CODES = {11, 26}  # SQLITE_CORRUPT, NOTADB: the file is damaged, for good
 
 T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], T]
@@ -60,6 +62,7 @@ class Writer(threading.Thread):
         self._conn: sqlite3.Connection | None = None
         self._turn = Turn(path.parent, poll=poll)
         self._using = threading.RLock()  # the connection: this thread, or a caller of try_now()
+        self.damaged = False  # SQLite found the file damaged: it does not heal (see _failed)
 
     def submit(self, op: Op[T], *, transaction: bool = True) -> concurrent.futures.Future[T]:
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
@@ -120,6 +123,7 @@ class Writer(threading.Thread):
             with self._using, self._turn.held():
                 job.future.set_result(job.op(self._connection()))
         except Exception as exc:
+            self._failed(exc)
             job.future.set_exception(SpoolError(f"spool {self.path}: {exc}"))
 
     def _run(self, batch: list[Job[Any]]) -> None:
@@ -157,11 +161,29 @@ class Writer(threading.Thread):
                 self._rollback(conn)
                 raise
         except sqlite3.Error as exc:
+            self._failed(exc)
             if getattr(exc, "sqlite_errorcode", 0) & 0xFF in _REOPEN_CODES:
                 self._close()
             raise SpoolError(f"spool {self.path}: {exc}") from exc
         self.commits += 1
         return results
+
+    def _failed(self, exc: Exception) -> None:
+        """A damaged file (a disk fault, a hand edit: never a crash, which WAL survives)
+        said so once at ERROR and in `damaged` (/readyz, relay_spool_damaged): mail may
+        still be accepted into it that cannot be delivered, and nothing else shows it."""
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+        if code not in _DAMAGED_CODES or self.damaged:
+            return
+        self.damaged = True
+        metrics.SPOOL_DAMAGED.set(1)
+        metrics.DELIVERY_SPOOL_DAMAGED.set(1)
+        log.error(
+            "event=spool_damaged path=%s error=%r (stop relay, keep the file, and recover it:"
+            " README.md, 'A damaged spool')",
+            self.path,
+            str(exc),
+        )
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
