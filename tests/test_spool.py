@@ -800,3 +800,35 @@ async def test_a_spool_of_the_current_version_without_a_column_is_refused_naming
         await Spool.open(directory)
     expected = f"spool {directory / DB_NAME} (schema version {SCHEMA_VERSION}) lacks messages."
     assert str(refused.value).startswith(expected + "retried_at: a development build"), refused
+
+
+async def test_an_upgrade_is_said_first_and_keeps_systemd_waiting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A spool of an older schema is upgraded in one transaction, which takes seconds on a
+    large spool while nothing listens: the log says so first (it said nothing), and systemd
+    is asked for more start time (EXTEND_TIMEOUT_USEC), before and every EXTEND_EVERY
+    seconds during the upgrade (here every step of the progress handler)."""
+    import socket
+
+    make_spool(tmp_path / "spool", 1, {f"0000000000Q{n}": ("queued", b"x") for n in range(9)})
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    monkeypatch.setattr(schema, "EXTEND_EVERY", 0.0)
+    caplog.set_level("INFO", logger="relay.spool")
+    spool = await Spool.open(tmp_path / "spool")
+    await spool.close()
+    said = []
+    while True:
+        try:
+            said.append(notify.recv(100).decode())
+        except BlockingIOError:
+            break
+    notify.close()
+    assert said and all(s == "EXTEND_TIMEOUT_USEC=60000000" for s in said), said
+    assert any(
+        "event=spool_upgrade" in r.getMessage() and "from=1 to=" in r.getMessage()
+        for r in caplog.records
+    )

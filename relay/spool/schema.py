@@ -16,12 +16,23 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from relay import sdnotify
 from relay.errors import SpoolError
+
+log = logging.getLogger("relay.spool")
+
+# systemd's start timeout (90 s by default) is pushed back by this much at a time while an
+# upgrade runs (EXTEND_TIMEOUT_USEC), every EXTEND_EVERY seconds: 100,000 mails of 10 KB
+# took 20 s, and a unit killed mid-upgrade would start, roll back and be killed for good.
+EXTEND_FOR = 60.0
+EXTEND_EVERY = 10.0
 
 DB_NAME = "spool.sqlite3"
 SCHEMA_VERSION = 4  # 2: bodies in their own table; 3: DSN links, SES feedback; 4: retried_at
@@ -220,12 +231,47 @@ def all_or_nothing(conn: sqlite3.Connection) -> Iterator[None]:
 
 
 def upgrade(conn: sqlite3.Connection, path: Path) -> None:
-    """Bring the schema to SCHEMA_VERSION in one transaction: all of it or nothing."""
-    with all_or_nothing(conn):
-        # Read again under the write lock: the other relay process may have just done it.
-        for statement in _UPGRADES.get(schema_version(conn, path), ()):
-            conn.execute(statement)
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    """Bring the schema to SCHEMA_VERSION in one transaction: all of it or nothing. Said
+    in the log first (a large spool takes seconds, while nothing listens), with systemd's
+    start timeout pushed back as it runs."""
+    size = path.stat().st_size if path.exists() else 0
+    last = time.monotonic()
+
+    def extend() -> int:
+        nonlocal last
+        if time.monotonic() - last >= EXTEND_EVERY:
+            last = time.monotonic()
+            sdnotify.notify(f"EXTEND_TIMEOUT_USEC={int(EXTEND_FOR * 1e6)}")
+        return 0  # go on
+
+    try:
+        with all_or_nothing(conn):
+            # Read again under the write lock: the other relay process may have just done it.
+            version = schema_version(conn, path)
+            if version and version < SCHEMA_VERSION:
+                log.warning(
+                    "event=spool_upgrade path=%s from=%d to=%d bytes=%d (one transaction;"
+                    " a large spool takes a while and needs about twice its size free)",
+                    path,
+                    version,
+                    SCHEMA_VERSION,
+                    size,
+                )
+                sdnotify.notify(f"EXTEND_TIMEOUT_USEC={int(EXTEND_FOR * 1e6)}")
+                conn.set_progress_handler(extend, 100_000)
+            for statement in _UPGRADES.get(version, ()):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    except sqlite3.Error as exc:
+        if getattr(exc, "sqlite_errorcode", 0) & 0xFF != 13:  # SQLITE_FULL
+            raise
+        why = disk_state(path.parent) or "no room for the upgrade"
+        raise SpoolError(
+            f"cannot upgrade spool {path} ({size} bytes; nothing changed): {exc}; {why}."
+            " The upgrade writes the spool again in one transaction: free about twice its size"
+        ) from exc
+    finally:
+        conn.set_progress_handler(None, 0)
 
 
 def replace_full_indexes(conn: sqlite3.Connection) -> None:
