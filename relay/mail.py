@@ -8,12 +8,14 @@ only when a rule or a log line needs a header or the body.
 from __future__ import annotations
 
 import email.policy
+import re
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.parser import BytesParser
 from functools import cached_property
 
 _PARSER = BytesParser(policy=email.policy.default)
+_FOLD = re.compile(rb"\r?\n(?=[ \t])")
 
 
 def bare_line_ends(raw: bytes) -> bool:
@@ -29,6 +31,18 @@ def header_block(raw: bytes) -> bytes:
     lf = raw.find(b"\n\n", 0, len(raw) if crlf < 0 else crlf)
     ends = [i for i in (crlf, lf) if i >= 0]
     return raw[: min(ends) + 2] if ends else raw
+
+
+def first_header(raw: bytes, name: str, limit: int) -> str:
+    """The first `name:` field of `raw`'s header block, unfolded and cut to `limit`
+    characters, without the email parser: its address parser took 29 s on a From of 500 KB
+    of addresses, and parsing a mail of 100,000 MIME parts as long, on the delivery loop."""
+    field = rb"^%s[ \t]*:([^\n]*(?:\n[ \t][^\n]*)*)" % re.escape(name.encode())
+    found = re.search(field, header_block(raw), re.IGNORECASE | re.MULTILINE)
+    if found is None:
+        return ""
+    value = _FOLD.sub(b"", found.group(1)[: limit * 4])
+    return value.decode("utf-8", "replace").strip()[:limit]
 
 
 @dataclass(frozen=True, kw_only=True)

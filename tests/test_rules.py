@@ -396,3 +396,30 @@ def test_the_time_limit_does_not_raise_where_python_would_drop_it() -> None:
         gc.callbacks.remove(callback)
     Finalized()
     assert (True, True, False) == (seen[0], seen[-1], timebox._in_finalizer(sys._getframe()))
+
+
+def test_a_huge_header_block_still_routes_a_re_engagement_mail() -> None:
+    """A re-engagement CC mail (its marker near the top) padded with 700,000 short header
+    lines (7.7 MB): the rules read the first HEAD_LIMIT bytes of the header block, so the
+    shipped rules still hold. The parse of it all ran past the rules' time limit, the view
+    caught TooSlow as any error, saw no headers, and the mail went upstream unlogged."""
+    shipped = rules.load(rules.DEFAULT_RULES)
+    head = message(
+        "To: tutor@example.org <tutor@example.org>", f"X-Moodle-Originating-Script: {ORIGIN}"
+    )
+    raw = head.replace("MIME-Version", "X-Pad: y\n" * 700_000 + "MIME-Version", 1)
+    assert ("reengagement-cc", Route.SES) == (lambda d: (d.rule, d.route))(
+        shipped.classify(mail(raw))
+    )
+
+
+def test_a_time_limit_inside_the_views_parsing_is_not_swallowed(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The alarm comes while the view parses the header block, which reads leniently
+    (`except Exception`): TooSlow is no Exception, so the rule is cut off and logged
+    (`rule_too_slow`) as the README says, not left to run on a mail cut short."""
+    monkeypatch.setattr(rules.ruleset, "RULE_TIME", 0.0005)
+    padded = message("To: anna@example.org", *(f"X-Pad-{n}: {'y' * 20}" for n in range(9000)))
+    decision = one_rule("{header: {X-Pad-8999: y}}").classify(mail(padded))
+    assert (None, True) == (decision.rule, "event=rule_too_slow" in caplog.text)

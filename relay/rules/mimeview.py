@@ -13,6 +13,7 @@ import binascii
 import codecs
 import email.policy
 import html
+import logging
 import quopri
 import re
 from email.message import EmailMessage, Message
@@ -20,7 +21,10 @@ from email.parser import BytesParser
 from functools import cached_property
 from html.parser import HTMLParser
 
+from relay import logs
 from relay.mail import Mail, header_block
+
+log = logging.getLogger("relay.rules")
 
 _ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([QqBb])\?([^?\s]*)\?=")
 _BETWEEN_WORDS = re.compile(r"(\?=)[ \t\r\n]+(?==\?)")
@@ -34,6 +38,9 @@ HEADER_LIMIT = 102_400
 # ran for minutes: the delivery process stopped answering, was killed and restarted, and
 # took the same mail again. Moodle's markers are near the top of a mail of a few KB.
 BODY_LIMIT = 102_400
+# ... and the fields in the first this many bytes of the header block, so cut: Moodle's
+# are a few KB. 700,000 short header lines (7.7 MB) took the parse past a rule's time limit.
+HEAD_LIMIT = 262_144
 _HTML_BREAKS = frozenset(
     {"br", "p", "div", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6", "table", "blockquote"}
 )
@@ -117,6 +124,29 @@ def html_to_text(markup: str) -> str:
 _HEAD_PARSER = BytesParser(policy=email.policy.compat32)
 
 
+def _bounded(mail: Mail, block: bytes) -> bytes:
+    """The header block as rules read it: each field cut to HEADER_LIMIT bytes, and no
+    more fields once HEAD_LIMIT bytes of them are read (said in the log)."""
+    if len(block) <= HEAD_LIMIT:
+        return block
+    kept: list[bytes] = []
+    total = field = pos = 0
+    while pos < len(block) and total < HEAD_LIMIT:
+        end = block.find(b"\n", pos)
+        end = len(block) if end < 0 else end + 1
+        line, pos = block[pos:end], end
+        if line[:1] not in (b" ", b"\t"):
+            field = 0  # a field's first line; the others are folded (RFC 5322 2.2.3)
+        keep = line[: max(HEADER_LIMIT - field, 0)]
+        field += len(line)
+        if keep:
+            kept.append(keep if keep.endswith(b"\n") else keep + b"\r\n")
+            total += len(kept[-1])
+    if pos < len(block):
+        logs.event(log, "headers_cut", id=mail.id, bytes=len(block), limit=HEAD_LIMIT)
+    return b"".join(kept)
+
+
 class MailView:
     """What rules look at: decoded headers, envelope and body texts of one Mail."""
 
@@ -133,7 +163,8 @@ class MailView:
     @cached_property
     def _head(self) -> Message | None:
         try:
-            return _HEAD_PARSER.parsebytes(header_block(self.mail.raw), headersonly=True)
+            block = _bounded(self.mail, header_block(self.mail.raw))
+            return _HEAD_PARSER.parsebytes(block, headersonly=True)
         except Exception:  # no header block, no match
             return None
 

@@ -22,8 +22,11 @@ from types import FrameType
 AGAIN = 0.01  # seconds: the alarm once more, when it came at a moment it cannot raise
 
 
-class TooSlow(Exception):
-    """A rule's test ran past its time limit."""
+class TooSlow(BaseException):
+    """A rule's test ran past its time limit. Not an Exception: code that reads a mail
+    leniently (`except Exception`, the view's and the email package's own) must not swallow
+    it, or the rule goes on past its limit, or sees a mail cut short (no headers: the
+    re-engagement rules did not hold and the mail went upstream, without a word)."""
 
 
 class Timebox:

@@ -38,13 +38,13 @@ from tests.support.addresses import Connect
 from tests.support.aws import REGION
 from tests.support.capture import CaptureServer
 from tests.support.fakeses import FakeSes
-from tests.support.mails import MailFactory
+from tests.support.mails import ORIGIN, MailFactory
 from tests.support.operate import http_get
 from tests.support.operate import metrics_port as logged_metrics_port
 from tests.support.ports import free_port
 from tests.support.processes import RelayProcess
 from tests.support.relays import ConfigWriter
-from tests.support.smtp import try_send
+from tests.support.smtp import send, try_send
 from tests.support.spools import rows
 from tests.support.tls import TlsFiles
 from tests.support.waits import wait_until
@@ -999,3 +999,51 @@ def test_the_metrics_listener_bounds_bad_requests(
     assert "HTTP/1.1 400 Bad Request" == answer
     assert 4.5 <= closed_after < 7
     assert "Traceback" not in relay.log()
+
+
+def reminder(n: int, from_: bytes, rest: bytes = b"") -> bytes:
+    """A re-engagement reminder (the shipped rules send it to SES) with this From."""
+    return (
+        b'To: "Student" <s%d@students.example.org>\r\nFrom: %s\r\nSubject: We miss you\r\n'
+        % (n, from_)
+        + b"Message-ID: <hostile.%d@moodle.example.org>\r\n" % n
+        + f"X-Moodle-Originating-Script: {ORIGIN}\r\n".encode()
+        + (rest or b"MIME-Version: 1.0\r\nContent-Type: text/plain\r\n\r\nDear student,\r\n")
+    )
+
+
+def test_a_mail_the_email_parser_chokes_on_does_not_stall_delivery(
+    write_config: ConfigWriter,
+    relay_process: Callable[[Path], RelayProcess],
+    fake_ses: FakeSes,
+    capture: CaptureServer,
+) -> None:
+    """Two SES-bound reminders that take the email package's parser half a minute each: a
+    From of 1.1 MB of folded addresses (its address parser is quadratic), and 150,000 tiny
+    MIME parts; then five ordinary ones. All seven reach SES within seconds. The SES route
+    read From through the full parse on the delivery loop: the process missed three pings,
+    was killed as hung, took the same mail again at each restart (inflight for good), the
+    mails behind it waited, and those SES had taken meanwhile were sent again."""
+    config = write_config(
+        upstream={"host": "127.0.0.1", "port": capture.port, "timeout": 5},
+        ses={"region": REGION, "endpoint_url": fake_ses.url, "max_send_rate": 500, "timeout": 5},
+        retry={"schedule": [1], "max_age": 600},
+    )
+    relay = relay_process(config).start()
+    folded = b"\r\n ".join([b"a@b, " * 190] * 1200) + b"\r\n <noreply@moodle.example.org>"
+    parts = (
+        b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+        + b"--b\r\nContent-Type: text/plain\r\n\r\nx\r\n" * 150_000
+        + b"--b--\r\n"
+    )
+    plain = b"<noreply@moodle.example.org>"
+    raws = [reminder(0, folded), reminder(1, plain, parts)]
+    raws += [reminder(n, plain) for n in range(2, 7)]
+    sender = "noreply@moodle.example.org"
+    ids = [
+        send(relay.port, sender, [f"s{n}@students.example.org"], raw) for n, raw in enumerate(raws)
+    ]
+    wait_until(lambda: len(fake_ses.sent) >= len(ids), "seven SES sends", timeout=20)
+    spool = rows(config.parent / "spool")
+    assert {("sent", "ses")} == {(spool[q]["state"], spool[q]["route"]) for q in ids}
+    assert "delivery_process_hung" not in relay.log()

@@ -17,7 +17,7 @@ from email.utils import parseaddr
 
 from relay import logs, metrics
 from relay.deliver.ses.circuit import Circuit, CircuitState
-from relay.mail import Mail
+from relay.mail import Mail, first_header
 
 IDENTITY = "identity"
 CONFIGURATION_SET = "configuration set"
@@ -27,6 +27,7 @@ CONFIGURATION_SET = "configuration set"
 # circuits are forgotten (their series too); with none closed, no new one opens (the mail
 # goes upstream all the same, only the next of that scope tries SES again).
 MAX_SCOPES = 100
+FROM_LIMIT = 10_000  # characters of a From header read for its domain (Moodle's: under 200)
 
 log = logging.getLogger("relay.ses")
 _FULL = logs.Sampled(log, "scope_circuits_full", limit=MAX_SCOPES)
@@ -35,9 +36,11 @@ _FULL = logs.Sampled(log, "scope_circuits_full", limit=MAX_SCOPES)
 def keys(mail: Mail, *, source: str, configuration_set: str | None) -> tuple[str, ...]:
     """The scopes `mail` sends under: Source and From domains, configuration set."""
     found = [f"{IDENTITY} {source.rpartition('@')[2].lower()}"]
-    try:
-        sender = parseaddr(str(mail.message.get("From", "")))[1]
-    except Exception:  # a From header the parser cannot read: SES will say so
+    try:  # not the whole message parsed: see first_header
+        sender = parseaddr(first_header(mail.raw, "From", FROM_LIMIT))[1]
+    except (
+        Exception
+    ):  # a From the parser cannot read (RecursionError on "((((..."): SES will say so
         sender = ""
     if "@" in sender:
         found.append(f"{IDENTITY} {sender.rpartition('@')[2].lower()}")
