@@ -110,6 +110,9 @@ class FakePacer:
     def spend(self, recipients: int) -> None:
         self.log.append(f"spend {recipients}")
 
+    def stop(self) -> None:
+        self.log.append("stop")
+
 
 def make_settings(*, mode: Mode = Mode.LIVE, **ses: Any) -> Settings:
     """Settings with defaults except the SES keys given."""

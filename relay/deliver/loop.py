@@ -136,8 +136,11 @@ class Deliverer:
         """Wait for in-flight deliveries up to `deadline` seconds, then QUIT the upstream
         connections kept open between mails; return how many deliveries were left.
 
-        Messages still in flight stay `inflight` on disk and are reclaimed at the next start.
+        Messages still in flight stay `inflight` on disk and are reclaimed at the next start:
+        those still waiting for their turn at SES's pace are cancelled at once (`Pace.stop`).
         """
+        if self.ses_route.pace is not None:
+            self.ses_route.pace.stop()
         pending = set(self._tasks)
         if pending:
             _, pending = await asyncio.wait(pending, timeout=deadline)

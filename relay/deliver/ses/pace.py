@@ -150,6 +150,8 @@ class Pace:
         self._regrow_to = math.inf  # slow start again after a cut on a short sample, up to this
         self._max_24h = math.inf
         self._sent_24h = 0.0
+        self._stopped = False
+        self._waiting: set[asyncio.Task[object]] = set()  # in acquire(): cancelled by stop()
 
     @property
     def rate(self) -> float:
@@ -196,20 +198,46 @@ class Pace:
         return start - now
 
     async def acquire(self, recipients: int) -> None:
-        """Wait until `recipients` may be sent without exceeding the rate."""
+        """Wait until `recipients` may be sent without exceeding the rate; cancelled once
+        the service stops (see stop)."""
         while True:
+            if self._stopped:
+                raise asyncio.CancelledError
             epoch = self._epoch
             growing = self._slow_start and self._rate < self._ceiling
             delay = self.reserve(recipients, within=AHEAD if growing else math.inf)
             if delay is None:  # the rate will have grown by then: ask again later
-                await self._sleep(AHEAD)
+                await self._wait(AHEAD)
                 continue
             if delay <= 0:
                 return
-            await self._sleep(delay)
+            await self._wait(delay)
             if self._epoch == epoch:
                 return
             # A cut while we waited cancelled this booking: it was spaced at the old rate.
+
+    def stop(self) -> None:
+        """The service stops: sends waiting for their turn are cancelled now, and so is any
+        later acquire(). Their mail was never offered to SES; it stays in flight and is
+        taken back at the next start. They were sent during the stop's drain instead, for
+        up to its 30 s: a stop cut shorter (Docker's 10 s) caught calls under way, and
+        their mail was sent again after the restart."""
+        self._stopped = True
+        for task in list(self._waiting):
+            task.cancel()
+
+    async def _wait(self, seconds: float) -> None:
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no event loop: the simulator's own scheduler
+            task = None
+        if task is not None:
+            self._waiting.add(task)
+        try:
+            await self._sleep(seconds)
+        finally:
+            if task is not None:
+                self._waiting.discard(task)
 
     def throttled(self) -> None:
         """SES said "Maximum sending rate exceeded": cut the rate, once per window."""
