@@ -418,17 +418,24 @@ def test_a_dsn_carries_at_most_50_kb_of_the_mails_headers() -> None:
 
 
 STATUS = {
-    "enhanced-code": ("550 5.1.1 no such user", "5.1.1"),
-    "basic-5xx": ("554 go away", "5.0.0"),
-    "temporary": ("gave up after 9s (retry.max_age): 451 4.3.0 try later", "4.3.0"),
-    "no-code": ("connection refused", "4.4.7"),
+    "enhanced-code": ("550 5.1.1 no such user", False, "5.1.1"),
+    "ses-diagnostic": ("smtp; 552 5.2.2 mailbox full", False, "5.2.2"),
+    "multiline": ("550-5.7.1 policy", False, "5.7.1"),
+    "basic-5xx": ("554 go away", False, "5.0.0"),
+    "digits-in-text": ("554 Client host [192.5.4.21] blocked", False, "5.0.0"),
+    "temporary": ("451 4.3.0 try later", False, "4.3.0"),
+    "no-code": ("connection refused", False, "4.4.7"),
+    "no-code-delayed": ("Unexpected EOF received", True, "4.0.0"),
 }
 
 
-@pytest.mark.parametrize(("reply", "status"), STATUS.values(), ids=STATUS.keys())
-def test_status_comes_from_the_reply(reply: str, status: str) -> None:
-    """The Status field: the reply's enhanced code, else 5.0.0 for a 5xx, else 4.4.7."""
-    assert status == report.status_of(report.Failure(recipient="a@x.org", reply=reply))
+@pytest.mark.parametrize(("reply", "delayed", "status"), STATUS.values(), ids=STATUS.keys())
+def test_status_comes_from_the_reply(reply: str, delayed: bool, status: str) -> None:
+    """The Status field: the enhanced code right after the reply code (not digits further
+    on: an IP address read 5.4.21), else 5.0.0 for a 5xx, else 4.4.7 (delivery time
+    expired) for a failure and 4.0.0 for a delay (4.4.7 contradicted `Action: delayed`)."""
+    failure = report.Failure(recipient="a@x.org", reply=reply)
+    assert status == report.status_of(failure, delayed=delayed)
 
 
 def test_bounces_settings_are_validated_with_file_line_and_key(
@@ -702,4 +709,31 @@ def test_8_bit_headers_come_back_as_global_headers_under_a_short_boundary() -> N
     assert [p.get_content_type() for p in message.iter_parts()][:2] == [
         "text/plain",
         "message/delivery-status",
+    ]
+
+
+async def test_one_temporary_reply_to_every_recipient_is_reported_as_the_hosts(
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,
+) -> None:
+    """The host greylists both recipients with the same words until `retry.max_age`: the
+    reply is the host's, so each recipient's block names it (Remote-MTA) with its status,
+    as when the replies differ. With the same words it had no Remote-MTA."""
+    greylisted = "450 4.7.1 Greylisted, please try again later"
+    capture.refuse_rcpt("a@x.example", greylisted)
+    capture.refuse_rcpt("b@y.example", greylisted)
+    relay = await start_relay(
+        deliver=True,
+        upstream={"host": "127.0.0.1", "port": capture.port, "timeout": 5},
+        ses={"enabled": False},
+        retry={"schedule": [1], "max_age": 1},
+    )
+    queue_id = await asend(relay.port, VERP, ["a@x.example", "b@y.example"], RAW)
+    await await_rows(relay.settings.spool, [queue_id], {"failed"}, within=10)
+    [dsn_id] = [q for q, r in rows(relay.settings.spool).items() if r["reports_on"] == queue_id]
+    await await_rows(relay.settings.spool, [dsn_id], {"sent"})
+    [notice] = [m for m in capture.messages if m.mail_from == "<>"]
+    _, blocks, _ = report_parts(parse(notice.content))
+    assert [("4.7.1", "dns; 127.0.0.1", f"smtp; {greylisted}")] * 2 == [
+        (b["Status"], b["Remote-MTA"], b["Diagnostic-Code"]) for b in blocks[1:]
     ]

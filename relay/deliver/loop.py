@@ -20,7 +20,7 @@ from typing import NamedTuple, Protocol
 
 from relay import logs, metrics
 from relay.deliver.outcome import Outcomes, UpstreamAnswer, Writes
-from relay.deliver.report import UNREACHABLE, Failure
+from relay.deliver.report import UNREACHABLE, Failure, replied, status_in
 from relay.deliver.ses.client import MAX_DESTINATIONS
 from relay.deliver.ses.route import UNCONFIRMED, Fallback, Retry, Sent, SesRoute
 from relay.errors import HostUnreachable, PermanentFailure, SpoolError, TemporaryFailure
@@ -320,8 +320,9 @@ class Deliverer:
             await self.outcomes.record(self.spool.event, mail.id, "fallback", fallback.detail)
         if self._clock() < self._upstream_down_until:  # like Postfix's dead-host cache
             reply = f"not tried, the original host was unreachable moments ago: {self._down_reply}"
+            status = status_in(self._down_reply) or UNREACHABLE  # its banner's, if it gave one
             await self.outcomes.defer_or_fail(
-                mail, decision, Route.UPSTREAM, reply, reason, status=UNREACHABLE
+                mail, decision, Route.UPSTREAM, reply, reason, status=status
             )
             return
         try:
@@ -333,12 +334,21 @@ class Deliverer:
             )
             return
         except TemporaryFailure as exc:
-            status = ""
             if isinstance(exc, HostUnreachable):
                 self._upstream_down_until = self._clock() + UPSTREAM_DOWN_FOR
-                self._down_reply, status = exc.reply, UNREACHABLE
+                self._down_reply = exc.reply
+            # The host's reply (a 421 banner, a 451 to every recipient) is reported as its
+            # (Remote-MTA, its status); relay's words with no reply at all as 4.4.1.
+            said = dict.fromkeys(mail.recipients, exc.reply) if replied(exc.reply) else None
+            unreachable = isinstance(exc, HostUnreachable) and not said
             await self.outcomes.defer_or_fail(
-                mail, decision, Route.UPSTREAM, exc.reply, reason, status=status
+                mail,
+                decision,
+                Route.UPSTREAM,
+                exc.reply,
+                reason,
+                replies=said,
+                status=UNREACHABLE if unreachable else "",
             )
             return
         self._accepted[mail.id] = _Took(Route.UPSTREAM, answer.accepted, None)

@@ -23,6 +23,9 @@ from relay.mail import Mail, header_block
 from relay.spool import Notice, new_id
 
 _ENHANCED = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
+# The enhanced code of a reply comes right after its basic code (RFC 3463 3.1), not
+# anywhere: "554 Client host [192.5.4.21] blocked" has none (it read 5.4.21).
+_REPLY_STATUS = re.compile(r"^\s*(?:smtp;\s*)?(?:[245]\d\d[ -]\s*)?([245]\.\d{1,3}\.\d{1,3})\b")
 _BASIC = re.compile(r"^\s*([245])\d\d\b")
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]+")
 _FIELD_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext
@@ -139,20 +142,28 @@ def is_status(text: str) -> bool:
 
 
 def status_in(text: str) -> str:
-    """The first RFC 3463 status code in `text` (a reply, SES's diagnostic), or ""."""
-    found = _ENHANCED.search(text)
+    """The RFC 3463 status code of `text` (a reply, SES's diagnostic), or ""."""
+    found = _REPLY_STATUS.match(text)
     return found.group(1) if found else ""
 
 
-def status_of(failure: Failure) -> str:
-    """The RFC 3463 status for `failure`: given, else in its reply, else from the reply code."""
+def replied(text: str) -> bool:
+    """Whether `text` is a reply a host gave (it starts with a reply code)."""
+    return _BASIC.match(text) is not None
+
+
+def status_of(failure: Failure, *, delayed: bool = False) -> str:
+    """The RFC 3463 status for `failure`: given, else in its reply, else from the reply
+    code; else 4.4.7 (delivery time expired) for a failure, 4.0.0 for a delay."""
     if is_status(failure.status):
         return failure.status
     found = status_in(failure.reply)
     if found:
         return found
     basic = _BASIC.match(failure.reply)
-    return "5.0.0" if basic and basic.group(1) == "5" else "4.4.7"
+    if basic and basic.group(1) == "5":
+        return "5.0.0"
+    return "4.0.0" if delayed else "4.4.7"
 
 
 def _human(mail: Mail, failures: Sequence[Failure], hostname: str, why: list[str]) -> bytes:
@@ -188,7 +199,7 @@ def _status(mail: Mail, failures: Sequence[Failure], hostname: str, action: list
         block = [
             f"Final-Recipient: rfc822; {_clean(failure.recipient)}",
             action[0],
-            f"Status: {status_of(failure)}",
+            f"Status: {status_of(failure, delayed=action[0] == 'Action: delayed')}",
             *action[1:],
         ]
         if failure.remote:

@@ -6,8 +6,12 @@ DATA `mail.wire_bytes()` (in its wire form by `relay.deliver.wire`). Per-recipie
 replies come back in an `UpstreamResult`; whole-transaction failures raise:
 
     TemporaryFailure   connection refused/reset/timeout, TLS or AUTH failure, 4xx at
-                       MAIL or DATA, 4xx to every RCPT
-    PermanentFailure   5xx at MAIL or DATA, 5xx to every RCPT, an address SMTP cannot carry
+                       MAIL or DATA, the same 4xx to every RCPT
+    PermanentFailure   5xx at MAIL or DATA, the same 5xx to every RCPT, an address SMTP
+                       cannot carry
+
+Every RCPT refused with replies that differ (most name the address) is a result, each
+recipient with its own reply, as the DSN must report them.
 
 AUTH failures are temporary on purpose: a wrong password is the relay's
 problem, not the message's, so the mail waits for the fix instead of failing.
@@ -44,8 +48,9 @@ REUSE_FOR = 300.0  # seconds a connection is used at most (Postfix: 300 s)
 class UpstreamResult:
     """What the host said: recipients taken, refused for now (4xx), refused for good (5xx).
 
-    `accepted` is empty when RCPT replies were a 4xx/5xx mix (uniform refusals raise;
-    DATA was not sent), or when DATA was refused after some RCPT refusals: those
+    `accepted` is empty when every RCPT was refused with replies that differ (the same
+    reply to all raises; DATA was not sent), or when DATA was refused after some RCPT
+    refusals: those
     accepted at RCPT then carry DATA's reply, the others their own.
     """
 

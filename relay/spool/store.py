@@ -385,7 +385,7 @@ class Spool:
         notice_for: NoticeFor | None = None,
     ) -> Applied:
         """Apply one SES event to the mail SES knows as `ses_message_id`, at most once per
-        `key`; `notice_for(mail)` may queue a DSN in the same transaction; `failed`: the
+        `key`; `notice_for` may queue a DSN in the same transaction; `failed`: the
         recipients it failed for good (all of them, over its events: the row is `bounced`);
         `delivered`: those it says got the mail."""
 
