@@ -587,6 +587,29 @@ async def test_recipients_refused_with_different_replies_each_get_their_own_stat
     ] == dsn_blocks(notice)
 
 
+async def expired(
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,
+    replies: dict[str, str],
+) -> Captured:
+    """The DSN the sender gets for a mail whose recipients the host keeps refusing with
+    `replies` (4xx) until `retry.max_age` (1 s) runs out."""
+    for rcpt, reply in replies.items():
+        capture.refuse_rcpt(rcpt, reply)
+    relay = await start_relay(
+        deliver=True,
+        upstream={"host": "127.0.0.1", "port": capture.port, "timeout": 5},
+        ses={"enabled": False},
+        retry={"schedule": [1], "max_age": 1},
+    )
+    queue_id = await asend(relay.port, VERP, list(replies), RAW)
+    await await_rows(relay.settings.spool, [queue_id], {"failed"}, within=10)
+    [dsn_id] = [q for q, r in rows(relay.settings.spool).items() if r["reports_on"] == queue_id]
+    await await_rows(relay.settings.spool, [dsn_id], {"sent"})
+    [notice] = [m for m in capture.messages if m.mail_from == "<>"]
+    return notice
+
+
 async def test_mail_that_expires_reports_each_recipients_last_reply(
     start_relay: Callable[..., Awaitable[Running]],
     capture: CaptureServer,
@@ -595,19 +618,14 @@ async def test_mail_that_expires_reports_each_recipients_last_reply(
     the other: each is reported with its own last status and the host's reply as the host
     said it (`smtp;`, Remote-MTA), and "gave up" is in the text for people. Both were
     reported with the first one's 4.2.2, under `X-Relay;`."""
-    capture.refuse_rcpt("a@x.example", "451 4.2.2 <a@x.example>: mailbox full")
-    capture.refuse_rcpt("b@y.example", "450 4.7.1 <b@y.example>: greylisted, try later")
-    relay = await start_relay(
-        deliver=True,
-        upstream={"host": "127.0.0.1", "port": capture.port, "timeout": 5},
-        ses={"enabled": False},
-        retry={"schedule": [1], "max_age": 1},
+    notice = await expired(
+        start_relay,
+        capture,
+        {
+            "a@x.example": "451 4.2.2 <a@x.example>: mailbox full",
+            "b@y.example": "450 4.7.1 <b@y.example>: greylisted, try later",
+        },
     )
-    queue_id = await asend(relay.port, VERP, ["a@x.example", "b@y.example"], RAW)
-    await await_rows(relay.settings.spool, [queue_id], {"failed"}, within=10)
-    [dsn_id] = [q for q, r in rows(relay.settings.spool).items() if r["reports_on"] == queue_id]
-    await await_rows(relay.settings.spool, [dsn_id], {"sent"})
-    [notice] = [m for m in capture.messages if m.mail_from == "<>"]
     assert [
         ("rfc822; a@x.example", "4.2.2", "smtp; 451 4.2.2 <a@x.example>: mailbox full"),
         ("rfc822; b@y.example", "4.7.1", "smtp; 450 4.7.1 <b@y.example>: greylisted, try later"),
@@ -720,19 +738,9 @@ async def test_one_temporary_reply_to_every_recipient_is_reported_as_the_hosts(
     reply is the host's, so each recipient's block names it (Remote-MTA) with its status,
     as when the replies differ. With the same words it had no Remote-MTA."""
     greylisted = "450 4.7.1 Greylisted, please try again later"
-    capture.refuse_rcpt("a@x.example", greylisted)
-    capture.refuse_rcpt("b@y.example", greylisted)
-    relay = await start_relay(
-        deliver=True,
-        upstream={"host": "127.0.0.1", "port": capture.port, "timeout": 5},
-        ses={"enabled": False},
-        retry={"schedule": [1], "max_age": 1},
+    notice = await expired(
+        start_relay, capture, {"a@x.example": greylisted, "b@y.example": greylisted}
     )
-    queue_id = await asend(relay.port, VERP, ["a@x.example", "b@y.example"], RAW)
-    await await_rows(relay.settings.spool, [queue_id], {"failed"}, within=10)
-    [dsn_id] = [q for q, r in rows(relay.settings.spool).items() if r["reports_on"] == queue_id]
-    await await_rows(relay.settings.spool, [dsn_id], {"sent"})
-    [notice] = [m for m in capture.messages if m.mail_from == "<>"]
     _, blocks, _ = report_parts(parse(notice.content))
     assert [("4.7.1", "dns; 127.0.0.1", f"smtp; {greylisted}")] * 2 == [
         (b["Status"], b["Remote-MTA"], b["Diagnostic-Code"]) for b in blocks[1:]
