@@ -54,10 +54,14 @@ def serve(config: Path | None, log_format: str) -> None:
     # Until the loop handles it (service.serve), SIGHUP's default would end relay serve,
     # and systemd does not restart a unit a SIGHUP ended: a reload in its first second did.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # A SIGTERM before then is kept for it: as PID 1 in a container (no --init) relay would
+    # ignore it, and `docker stop` right after a start waited out its timeout for SIGKILL.
+    early: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _: early.append(signum))
     _open_standard_files()
     from relay import service
 
-    sys.exit(service.run(_settings(config), log_format=log_format))
+    sys.exit(service.run(_settings(config), log_format=log_format, early=early))
 
 
 @main.command("check-rules")

@@ -64,11 +64,14 @@ class StartError(RelayError):
     """The service cannot start (unsafe listen address, missing file, port in use)."""
 
 
-def run(settings: Settings, *, log_format: str = "text") -> int:
-    """Entry point of `relay serve`: 0 after a clean stop, 1 when it could not start."""
+def run(settings: Settings, *, log_format: str = "text", early: Sequence[int] = ()) -> int:
+    """Entry point of `relay serve`: 0 after a clean stop, 1 when it could not start.
+    `early`: the signals to stop that came before the event loop could handle them."""
     logs.setup(log_format)
     try:
-        uvloop.run(serve(settings, log_format=log_format, ready=lambda _: runtime.settle()))
+        uvloop.run(
+            serve(settings, log_format=log_format, ready=lambda _: runtime.settle(), early=early)
+        )
     except (StartError, SpoolError) as exc:
         log.error("relay serve stopped: %s", exc)
         return 1
@@ -167,8 +170,10 @@ async def serve(
     ready: Callable[[Context], None] | None = None,
     drain: float = SESSION_DRAIN,
     log_format: str = "text",
+    early: Sequence[int] = (),
 ) -> None:
-    """Run until `stop` is set (by SIGTERM/SIGINT when not given); every wait has a deadline.
+    """Run until `stop` is set (by SIGTERM/SIGINT when not given, or already in `early`);
+    every wait has a deadline.
 
     `background` defaults to `DEFAULT_TASKS`. `ready(ctx)` is called once the
     listener accepts connections; `drain` is how long sessions in a transaction get
@@ -191,6 +196,9 @@ async def serve(
                 stack.callback(loop.remove_signal_handler, signum)
             except (NotImplementedError, RuntimeError):  # not the main thread
                 pass
+        if early:  # a SIGTERM while relay serve was starting (see relay.cli.serve)
+            log.info("event=stop_requested_at_start signal=%s", early[0])
+            stop.set()
         spool = await Spool.open(settings.spool)
         stack.push_async_callback(spool.close)
         ctx = Context(

@@ -672,3 +672,36 @@ def test_a_damaged_spool_is_said_at_error_on_readyz_and_in_a_metric(
     )
     damaged = [line for line in relay.log().splitlines() if "event=spool_damaged" in line]
     assert 2 == len(damaged) and all(" ERROR " in line for line in damaged), damaged
+
+
+@pytest.mark.system
+def test_a_sigterm_while_relay_serve_starts_stops_it_cleanly(
+    write_config: ConfigWriter, relay_process: Process, capture: CaptureServer
+) -> None:
+    """SIGTERM as soon as relay serve catches it, long before its event loop runs (a
+    `docker stop` right after a start): it is kept, and relay serve stops cleanly (exit 0)
+    once started. It had no handler then: as PID 1 in a container the signal was ignored
+    and the stop waited for SIGKILL; elsewhere it died of it."""
+    config = write_config(
+        ses={"enabled": False}, upstream={"host": "127.0.0.1", "port": capture.port}
+    )
+    relay = relay_process(config)
+    with relay.log_path.open("wb") as log:
+        relay.proc = subprocess.Popen(
+            [*RELAY, "serve", "--config", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            start_new_session=True,
+        )
+    status = Path(f"/proc/{relay.proc.pid}/status")
+
+    def caught() -> bool:
+        with contextlib.suppress(OSError):
+            bits = int(re.search(r"SigCgt:\s*(\w+)", status.read_text())[1], 16)  # type: ignore[index]
+            return bool(bits & (1 << (signal.SIGTERM - 1)))
+        return False
+
+    wait_until(caught, "SIGTERM caught", step=0.001)
+    relay.proc.send_signal(signal.SIGTERM)
+    assert 0 == relay.proc.wait(20), relay.log()
+    assert "event=stop_requested_at_start" in relay.log()
