@@ -12,7 +12,7 @@ import pytest
 
 from relay import rules
 from relay.rules import Decision, Route, timebox
-from relay.rules.mimeview import BODY_LIMIT
+from relay.rules.mimeview import BODY_LIMIT, HEADER_LIMIT, MailView
 from tests.support.corpus import ruleset
 from tests.support.mails import NOREPLY, ORIGIN, mail, message
 
@@ -398,19 +398,34 @@ def test_the_time_limit_does_not_raise_where_python_would_drop_it() -> None:
     assert (True, True, False) == (seen[0], seen[-1], timebox._in_finalizer(sys._getframe()))
 
 
-def test_a_huge_header_block_still_routes_a_re_engagement_mail() -> None:
-    """A re-engagement CC mail (its marker near the top) padded with 700,000 short header
-    lines (7.7 MB): the rules read the first HEAD_LIMIT bytes of the header block, so the
-    shipped rules still hold. The parse of it all ran past the rules' time limit, the view
-    caught TooSlow as any error, saw no headers, and the mail went upstream unlogged."""
+PADDING = {
+    "short-fields": "X-Pad: y\n" * 700_000,
+    "folded-lines": "X-Junk: a\n" + " b\n" * 2_500_000,
+}
+
+
+@pytest.mark.parametrize("padding", PADDING.values(), ids=PADDING.keys())
+def test_a_huge_header_block_still_routes_a_re_engagement_mail(padding: str) -> None:
+    """A re-engagement CC mail (its marker near the top) padded to 7-10 MB of header block,
+    with 700,000 short fields or one field of 2,500,000 folded lines: rules read each field
+    up to HEADER_LIMIT and the fields in the first HEAD_LIMIT bytes, so the shipped rules
+    still hold. The parse of it all ran past the rules' time limit, the view caught
+    TooSlow as any error, saw no headers, and the mail went upstream unlogged; a first
+    cut walked the folded lines in Python, past the limit again, once per rule."""
     shipped = rules.load(rules.DEFAULT_RULES)
-    head = message(
-        "To: tutor@example.org <tutor@example.org>", f"X-Moodle-Originating-Script: {ORIGIN}"
-    )
-    raw = head.replace("MIME-Version", "X-Pad: y\n" * 700_000 + "MIME-Version", 1)
-    assert ("reengagement-cc", Route.SES) == (lambda d: (d.rule, d.route))(
-        shipped.classify(mail(raw))
-    )
+    head = message("To: t@example.org <t@example.org>", f"X-Moodle-Originating-Script: {ORIGIN}")
+    raw = head.replace("MIME-Version", padding + "MIME-Version", 1)
+    decision = shipped.classify(mail(raw))
+    assert ("reengagement-cc", Route.SES) == (decision.rule, decision.route)
+
+
+def test_a_field_cut_at_its_limit_hides_none_after_it() -> None:
+    """A Subject one byte over HEADER_LIMIT in a header block over HEAD_LIMIT: it is cut at
+    a line's end, and the field after it is still read (a cut after its CR left a lone CR,
+    which the parser took for the end of the header block)."""
+    subject = "Subject: " + "z" * (HEADER_LIMIT - 10)
+    raw = message(subject, "X-Mark: here", "X-Big: " + "q" * 300_000)
+    assert ("here",) == MailView(mail(raw)).header("x-mark")
 
 
 def test_a_time_limit_inside_the_views_parsing_is_not_swallowed(

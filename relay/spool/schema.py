@@ -235,6 +235,7 @@ def upgrade(conn: sqlite3.Connection, path: Path) -> None:
     in the log first (a large spool takes seconds, while nothing listens), with systemd's
     start timeout pushed back as it runs."""
     size = path.stat().st_size if path.exists() else 0
+    free = _free_bytes(path.parent)  # before: a failed try leaves its WAL filling the disk
     last = time.monotonic()
 
     def extend() -> int:
@@ -265,10 +266,10 @@ def upgrade(conn: sqlite3.Connection, path: Path) -> None:
     except sqlite3.Error as exc:
         if getattr(exc, "sqlite_errorcode", 0) & 0xFF != 13:  # SQLITE_FULL
             raise
-        why = disk_state(path.parent) or "no room for the upgrade"
         raise SpoolError(
-            f"cannot upgrade spool {path} ({size} bytes; nothing changed): {exc}; {why}."
-            " The upgrade writes the spool again in one transaction: free about twice its size"
+            f"cannot upgrade spool {path} ({size} bytes; nothing changed): {exc};"
+            f" {free} bytes were free. The upgrade writes the spool again in one transaction:"
+            " free about twice its size"
         ) from exc
     finally:
         conn.set_progress_handler(None, 0)
@@ -318,6 +319,14 @@ def open_read_only(directory: Path) -> sqlite3.Connection:
         except sqlite3.Error as exc:
             last = exc
     raise SpoolError(f"cannot open spool {path} read-only either: {last}")
+
+
+def _free_bytes(directory: Path) -> int:
+    try:
+        fs = os.statvfs(directory)
+    except OSError:
+        return 0
+    return fs.f_bavail * fs.f_frsize
 
 
 def disk_state(directory: Path) -> str:
