@@ -426,6 +426,8 @@ STATUS = {
     "temporary": ("451 4.3.0 try later", False, "4.3.0"),
     "no-code": ("connection refused", False, "4.4.7"),
     "no-code-delayed": ("Unexpected EOF received", True, "4.0.0"),
+    "5xx-delayed": ("554 5.7.1 go away", True, "4.7.1"),
+    "upper-case-smtp": ("SMTP; 550 5.1.1 gone", False, "5.1.1"),
 }
 
 
@@ -433,7 +435,8 @@ STATUS = {
 def test_status_comes_from_the_reply(reply: str, delayed: bool, status: str) -> None:
     """The Status field: the enhanced code right after the reply code (not digits further
     on: an IP address read 5.4.21), else 5.0.0 for a 5xx, else 4.4.7 (delivery time
-    expired) for a failure and 4.0.0 for a delay (4.4.7 contradicted `Action: delayed`)."""
+    expired) for a failure and 4.0.0 for a delay (4.4.7 contradicted `Action: delayed`),
+    and a delay is never 5.x.x (a 554 banner relay retries past: Postfix's soft_bounce)."""
     failure = report.Failure(recipient="a@x.org", reply=reply)
     assert status == report.status_of(failure, delayed=delayed)
 

@@ -20,7 +20,7 @@ from typing import NamedTuple, Protocol
 
 from relay import logs, metrics
 from relay.deliver.outcome import Outcomes, UpstreamAnswer, Writes
-from relay.deliver.report import UNREACHABLE, Failure, replied, status_in
+from relay.deliver.report import UNREACHABLE, Failure, replied, status_of_reply
 from relay.deliver.ses.client import MAX_DESTINATIONS
 from relay.deliver.ses.route import UNCONFIRMED, Fallback, Retry, Sent, SesRoute
 from relay.errors import HostUnreachable, PermanentFailure, SpoolError, TemporaryFailure
@@ -103,6 +103,7 @@ class Deliverer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._upstream_down_until = 0.0  # monotonic; no connection attempts before it
         self._down_reply = ""
+        self._down_status = UNREACHABLE
         # A claimed mail as its row stands after a split moved some of its recipients to a
         # row of their own: what `_guarded` defers if the rest of its delivery fails.
         self._narrowed: dict[str, Mail] = {}
@@ -116,7 +117,13 @@ class Deliverer:
             free = self.settings.deliverers - len(self._tasks)
             if free < max(1, self.settings.deliverers // CLAIM_SHARE):
                 # Done callbacks run in order: _tasks.discard has run when wait() returns.
-                await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
+                # The stop too: drain() must cancel the sends waiting for SES's pace at once.
+                stopping = asyncio.ensure_future(stop.wait())
+                try:
+                    waiting = {*self._tasks, stopping}
+                    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    stopping.cancel()
                 continue
             self.wakeup.clear()  # before claiming, so a commit during the claim is not missed
             try:
@@ -320,9 +327,8 @@ class Deliverer:
             await self.outcomes.record(self.spool.event, mail.id, "fallback", fallback.detail)
         if self._clock() < self._upstream_down_until:  # like Postfix's dead-host cache
             reply = f"not tried, the original host was unreachable moments ago: {self._down_reply}"
-            status = status_in(self._down_reply) or UNREACHABLE  # its banner's, if it gave one
             await self.outcomes.defer_or_fail(
-                mail, decision, Route.UPSTREAM, reply, reason, status=status
+                mail, decision, Route.UPSTREAM, reply, reason, status=self._down_status
             )
             return
         try:
@@ -334,13 +340,14 @@ class Deliverer:
             )
             return
         except TemporaryFailure as exc:
-            if isinstance(exc, HostUnreachable):
-                self._upstream_down_until = self._clock() + UPSTREAM_DOWN_FOR
-                self._down_reply = exc.reply
             # The host's reply (a 421 banner, a 451 to every recipient) is reported as its
             # (Remote-MTA, its status); relay's words with no reply at all as 4.4.1.
             said = dict.fromkeys(mail.recipients, exc.reply) if replied(exc.reply) else None
             unreachable = isinstance(exc, HostUnreachable) and not said
+            if isinstance(exc, HostUnreachable):
+                self._upstream_down_until = self._clock() + UPSTREAM_DOWN_FOR
+                self._down_reply = exc.reply  # the mails not tried meanwhile: the same status
+                self._down_status = UNREACHABLE if unreachable else status_of_reply(exc.reply)
             await self.outcomes.defer_or_fail(
                 mail,
                 decision,

@@ -25,7 +25,9 @@ from relay.spool import Notice, new_id
 _ENHANCED = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
 # The enhanced code of a reply comes right after its basic code (RFC 3463 3.1), not
 # anywhere: "554 Client host [192.5.4.21] blocked" has none (it read 5.4.21).
-_REPLY_STATUS = re.compile(r"^\s*(?:smtp;\s*)?(?:[245]\d\d[ -]\s*)?([245]\.\d{1,3}\.\d{1,3})\b")
+_REPLY_STATUS = re.compile(
+    r"^\s*(?:smtp;\s*)?(?:[245]\d\d[ -]\s*)?([245]\.\d{1,3}\.\d{1,3})\b", re.IGNORECASE
+)
 _BASIC = re.compile(r"^\s*([245])\d\d\b")
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]+")
 _FIELD_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext
@@ -154,16 +156,21 @@ def replied(text: str) -> bool:
 
 def status_of(failure: Failure, *, delayed: bool = False) -> str:
     """The RFC 3463 status for `failure`: given, else in its reply, else from the reply
-    code; else 4.4.7 (delivery time expired) for a failure, 4.0.0 for a delay."""
-    if is_status(failure.status):
-        return failure.status
-    found = status_in(failure.reply)
+    code; else 4.4.7 (delivery time expired) for a failure, 4.0.0 for a delay. A delay is
+    never 5.x.x (a 554 banner relay still retries past), as Postfix's soft_bounce says."""
+    status = failure.status if is_status(failure.status) else status_of_reply(failure.reply)
+    if not status:
+        status = "4.0.0" if delayed else "4.4.7"
+    return f"4{status[1:]}" if delayed and status.startswith("5") else status
+
+
+def status_of_reply(reply: str) -> str:
+    """The status a host's reply gives: its enhanced code, else 5.0.0 for a 5xx, else ""."""
+    found = status_in(reply)
     if found:
         return found
-    basic = _BASIC.match(failure.reply)
-    if basic and basic.group(1) == "5":
-        return "5.0.0"
-    return "4.0.0" if delayed else "4.4.7"
+    basic = _BASIC.match(reply)
+    return "5.0.0" if basic and basic.group(1) == "5" else ""
 
 
 def _human(mail: Mail, failures: Sequence[Failure], hostname: str, why: list[str]) -> bytes:
