@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from relay import logs, metrics
 from relay.deliver.outcome import Outcomes, UpstreamAnswer, Writes
@@ -113,17 +113,21 @@ class Deliverer:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and deliver until `stop` is set; `drain()` then lets in-flight sends finish."""
+        # Waited for beside the sends: drain() must cancel those waiting for SES's pace at
+        # once, not after the next send ends.
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await self._claim_until(stop, stopping)
+        finally:
+            stopping.cancel()
+
+    async def _claim_until(self, stop: asyncio.Event, stopping: asyncio.Task[bool]) -> None:
         while not stop.is_set():
             free = self.settings.deliverers - len(self._tasks)
             if free < max(1, self.settings.deliverers // CLAIM_SHARE):
                 # Done callbacks run in order: _tasks.discard has run when wait() returns.
-                # The stop too: drain() must cancel the sends waiting for SES's pace at once.
-                stopping = asyncio.ensure_future(stop.wait())
-                try:
-                    waiting = {*self._tasks, stopping}
-                    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    stopping.cancel()
+                waiting: set[asyncio.Future[Any]] = {*self._tasks, stopping}
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 continue
             self.wakeup.clear()  # before claiming, so a commit during the claim is not missed
             try:
