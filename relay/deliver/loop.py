@@ -347,19 +347,13 @@ class Deliverer:
             # The host's reply (a 421 banner, a 451 to every recipient) is reported as its
             # (Remote-MTA, its status); relay's words with no reply at all as 4.4.1.
             said = dict.fromkeys(mail.recipients, exc.reply) if replied(exc.reply) else None
-            unreachable = isinstance(exc, HostUnreachable) and not said
+            status = UNREACHABLE if isinstance(exc, HostUnreachable) and not said else ""
             if isinstance(exc, HostUnreachable):
                 self._upstream_down_until = self._clock() + UPSTREAM_DOWN_FOR
-                self._down_reply = exc.reply  # the mails not tried meanwhile: the same status
-                self._down_status = UNREACHABLE if unreachable else status_of_reply(exc.reply)
+                self._down_reply = exc.reply  # the mails not tried meanwhile get its status
+                self._down_status = status or status_of_reply(exc.reply)
             await self.outcomes.defer_or_fail(
-                mail,
-                decision,
-                Route.UPSTREAM,
-                exc.reply,
-                reason,
-                replies=said,
-                status=UNREACHABLE if unreachable else "",
+                mail, decision, Route.UPSTREAM, exc.reply, reason, replies=said, status=status
             )
             return
         self._accepted[mail.id] = _Took(Route.UPSTREAM, answer.accepted, None)

@@ -217,11 +217,9 @@ class Pace:
             # A cut while we waited cancelled this booking: it was spaced at the old rate.
 
     def stop(self) -> None:
-        """The service stops: sends waiting for their turn are cancelled now, and so is any
-        later acquire(). Their mail was never offered to SES; it stays in flight and is
-        taken back at the next start. They were sent during the stop's drain instead, for
-        up to its 30 s: a stop cut shorter (Docker's 10 s) caught calls under way, and
-        their mail was sent again after the restart."""
+        """The service stops: sends waiting for their turn, and any later acquire(), are
+        cancelled. Their mail was never offered to SES: in flight, it is taken back at the
+        next start (sent during the drain, a stop cut short caught the calls under way)."""
         self._stopped = True
         for task in list(self._waiting):
             task.cancel()
