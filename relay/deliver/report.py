@@ -84,7 +84,7 @@ def notice(
             "it will not be retried. The reasons follow.",
         ]
         action = ["Action: failed"]
-    status = _status(mail, failures, hostname, action)
+    status = _status(mail, failures, hostname, action, delayed=delayed)
     # RFC 6533 when an address is not ASCII (SMTPUTF8): its global form, its bytes as 8bit
     report, encoding = "delivery-status", "7bit"
     if not status.isascii():
@@ -191,7 +191,9 @@ def _human(mail: Mail, failures: Sequence[Failure], hostname: str, why: list[str
     return quopri.encodestring("\r\n".join(lines).encode("utf-8", "replace"))
 
 
-def _status(mail: Mail, failures: Sequence[Failure], hostname: str, action: list[str]) -> bytes:
+def _status(
+    mail: Mail, failures: Sequence[Failure], hostname: str, action: list[str], *, delayed: bool
+) -> bytes:
     """The message/delivery-status part: relay's block, then one per recipient with
     `action` (Action, and Will-Retry-Until for a delay)."""
     blocks = [
@@ -206,7 +208,7 @@ def _status(mail: Mail, failures: Sequence[Failure], hostname: str, action: list
         block = [
             f"Final-Recipient: rfc822; {_clean(failure.recipient)}",
             action[0],
-            f"Status: {status_of(failure, delayed=action[0] == 'Action: delayed')}",
+            f"Status: {status_of(failure, delayed=delayed)}",
             *action[1:],
         ]
         if failure.remote:
