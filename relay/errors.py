@@ -62,11 +62,13 @@ class MalformedEvent(RelayError, ValueError):
 
 
 class DeliveryError(RelayError):
-    """A send did not succeed. `reply` is what the far side said, for the record."""
+    """A send did not succeed. `reply` is what the far side said, for the record; `status`
+    the RFC 3463 code when relay, not the far side, says why (else read from `reply`)."""
 
-    def __init__(self, message: str, *, reply: str = "") -> None:
+    def __init__(self, message: str, *, reply: str = "", status: str = "") -> None:
         super().__init__(message)
         self.reply = reply or message
+        self.status = status
 
 
 class TemporaryFailure(DeliveryError):

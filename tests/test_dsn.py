@@ -748,3 +748,27 @@ async def test_one_temporary_reply_to_every_recipient_is_reported_as_the_hosts(
     assert [("4.7.1", "dns; 127.0.0.1", f"smtp; {greylisted}")] * 2 == [
         (b["Status"], b["Remote-MTA"], b["Diagnostic-Code"]) for b in blocks[1:]
     ]
+
+
+async def test_a_mail_over_the_hosts_size_is_reported_in_relays_words(
+    start_relay: Callable[..., Awaitable[Running]],
+) -> None:
+    """The original host offers SIZE 4000 and the mail is 12 KB: relay refuses it before MAIL
+    (RFC 1870), so the DSN says 5.3.4 in relay's words (X-Relay;), as Postfix says it in its
+    own (X-Postfix;). It read `smtp; 552 5.3.4 ...`: a reply the host never gave."""
+    with CaptureServer(size=4000) as host:
+        relay = await start_relay(
+            deliver=True,
+            upstream={"host": "127.0.0.1", "port": host.port, "timeout": 5},
+            ses={"enabled": False},
+        )
+        raw = RAW.replace(b"Come back.\r\n", b"Come back.\r\n" * 1200)
+        queue_id = await asend(relay.port, VERP, ["a@x.example"], raw)
+        await await_rows(relay.settings.spool, [queue_id], {"failed"})
+        [dsn_id] = [q for q, r in rows(relay.settings.spool).items() if r["reports_on"] == queue_id]
+        await await_rows(relay.settings.spool, [dsn_id], {"sent"})
+    [notice] = host.messages
+    [(recipient, status, diagnostic)] = dsn_blocks(notice)
+    assert ("rfc822; a@x.example", "5.3.4") == (recipient, status)
+    assert diagnostic.startswith("X-Relay; message size "), diagnostic
+    assert diagnostic.endswith(f" exceeds size limit 4000 of upstream 127.0.0.1:{host.port}")

@@ -266,9 +266,27 @@ async def test_a_mail_over_the_hosts_size_is_refused_before_it_goes_out() -> Non
     outcome = await send_scripted(small, ("a@x.org",), raw)
     size = len(make_mail(raw=raw).wire_bytes())  # with relay's Received: line
     assert outcome.startswith("PermanentFailure: "), outcome
-    assert f"552 5.3.4 {size} bytes, over the 1000 the host takes" in outcome
+    assert f"message size {size} exceeds size limit 1000 of upstream 127.0.0.1:" in outcome
     assert not any(line.startswith(b"MAIL") for line in small.lines)
     roomy = ScriptedHost(ehlo="250 SIZE 100000", mail="250 Ok", rcpt=["250 Ok"], dot="250 Ok")
     assert "sent to a@x.org: 250 Ok" == await send_scripted(roomy, ("a@x.org",), raw)
     [mail_from] = [line for line in roomy.lines if line.startswith(b"MAIL")]
     assert mail_from.rstrip().endswith(b" SIZE=%d" % size), mail_from
+
+
+async def test_utf8_addresses_to_a_host_without_smtputf8_fail_as_5_6_7() -> None:
+    """RFC 6531's status (Postfix's too) and relay's words: not 4.4.7, "delivery time
+    expired", which a permanent failure with no status in its words got."""
+    host = ScriptedHost(ehlo="250 8BITMIME", mail="250 Ok", rcpt=["250 Ok"], dot="250 Ok")
+    server = await asyncio.start_server(host.session, "127.0.0.1", 0)
+    upstream = Upstream(host="127.0.0.1", port=server.sockets[0].getsockname()[1], timeout=5)
+    client = UpstreamClient(upstream, hostname="relay.test")
+    try:
+        with pytest.raises(PermanentFailure) as refused:
+            await client.send(make_mail(recipients=("jörg@x.org",)))
+    finally:
+        await client.close()
+        server.close()
+    assert "5.6.7" == refused.value.status
+    assert refused.value.reply.startswith("SMTPUTF8 is required, but was not offered by ")
+    assert not any(line.startswith(b"MAIL") for line in host.lines)

@@ -34,9 +34,10 @@ def wanted(mail: Mail) -> bool:
     return bool(mail.sender) and not mail.reports_on
 
 
-def refused(settings: Settings, recipient: str, reply: str) -> Failure:
-    """A recipient the original host refused for good."""
-    return Failure(recipient=recipient, reply=reply, remote=f"dns; {settings.upstream.host}")
+def refused(settings: Settings, recipient: str, reply: str, *, status: str = "") -> Failure:
+    """A recipient the original host refused for good (or relay for it: `status` given)."""
+    remote = f"dns; {settings.upstream.host}"
+    return Failure(recipient=recipient, reply=reply, status=status, remote=remote)
 
 
 def for_outcome(mail: Mail, failures: Sequence[Failure], settings: Settings) -> Notice | None:

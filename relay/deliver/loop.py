@@ -338,7 +338,10 @@ class Deliverer:
         try:
             answer = await self.upstream.send(mail)
         except PermanentFailure as exc:
-            failures = [self.outcomes.refused(rcpt, exc.reply) for rcpt in mail.recipients]
+            failures = [
+                self.outcomes.refused(rcpt, exc.reply, status=exc.status)
+                for rcpt in mail.recipients
+            ]
             await self.outcomes.fail(
                 mail, decision, Route.UPSTREAM, exc.reply, failures, reason=reason
             )

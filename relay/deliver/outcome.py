@@ -264,9 +264,9 @@ class Outcomes:
             mail, decision, Route.UPSTREAM, answer.reply, reason=reason, refused=refused
         )
 
-    def refused(self, recipient: str, reply: str) -> Failure:
+    def refused(self, recipient: str, reply: str, *, status: str = "") -> Failure:
         """One recipient refused for good, as the DSN reports it."""
-        return dsn.refused(self._settings(), recipient, reply)
+        return dsn.refused(self._settings(), recipient, reply, status=status)
 
     def _notice(self, mail: Mail, failures: Sequence[Failure]) -> Notice | None:
         """The DSN for `failures`, if one is due. One that cannot be built (a bug) is logged

@@ -184,9 +184,12 @@ class UpstreamClient:
         options, encoding = [], "ascii"
         if not all(a.isascii() for a in (mail.sender, *mail.recipients)):
             if not smtp.supports_extension("smtputf8"):
-                reason = "SMTPUTF8 not offered"
+                # Postfix's words and status (RFC 6531: 5.6.7), in relay's name: no host said it.
+                reason = f"SMTPUTF8 is required, but was not offered by {where}"
                 raise PermanentFailure(
-                    f"{where}: {mail.id} has UTF-8 addresses, {reason}", reply=reason
+                    f"{where}: {mail.id} has UTF-8 addresses: {reason}",
+                    reply=reason,
+                    status="5.6.7",
                 )
             options, encoding = ["SMTPUTF8"], "utf-8"
         if not data.isascii() and smtp.supports_extension("8bitmime"):
@@ -290,11 +293,12 @@ class UpstreamClient:
 
 def _fits(where: str, mail: Mail, size: int, offered: str) -> None:
     """PermanentFailure when the host's SIZE (RFC 1870) is under `size` bytes; a SIZE of 0
-    or none at all sets no limit."""
+    or none at all sets no limit. In relay's words with 5.3.4, as Postfix's: the host never
+    replied it (a DSN showing `smtp; 552 ...` would put words in its mouth)."""
     limit = int(offered) if offered.strip().isdigit() else 0
     if limit and size > limit:
-        reply = f"552 5.3.4 {size} bytes, over the {limit} the host takes (its SIZE)"
-        raise PermanentFailure(f"{where}: {mail.id}: {reply}", reply=reply)
+        reply = f"message size {size} exceeds size limit {limit} of {where}"
+        raise PermanentFailure(f"{where}: {mail.id}: {reply}", reply=reply, status="5.3.4")
 
 
 def _none_accepted(

@@ -96,6 +96,7 @@ class CaptureServer:
     tls: str = "none"  # "starttls" (required before MAIL) or "tls" (implicit TLS)
     tls_context: ssl.SSLContext | None = None  # the server's certificate, unless tls="none"
     login: tuple[bytes, bytes] | None = None  # AUTH required, this (user, password) accepted
+    size: int | None = None  # bytes: the SIZE offered and enforced (None: aiosmtpd's 32 MiB)
     data_attempts: int = 0  # DATA commands seen, refused ones included
     logins: list[tuple[bytes, bytes]] = field(default_factory=list, init=False)  # AUTH tries
     sessions: list[SMTP] = field(default_factory=list, init=False)  # one per connection
@@ -243,6 +244,7 @@ class CaptureServer:
             authenticator=self._authenticate if self.login else None,
             auth_required=self.login is not None,
             auth_require_tls=self.tls != "none",
+            **({} if self.size is None else {"data_size_limit": self.size}),
         )
         # Keep the open sessions and the ones not connected yet (connection_made comes
         # later, so a burst of connects must not drop each other from the list).
