@@ -9,6 +9,7 @@ shared `Doc` and returns None, so one pass reports every problem at once.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import yaml
 
 from relay.errors import ConfigError, Problem
 
+_LEADING_ZERO = re.compile(r"[-+]?0[0-9_]+")
 MAX_NODES = 100_000  # values in a file with its aliases written out (the shipped rules: ~100)
 
 _TYPE_NAMES = {
@@ -157,6 +159,14 @@ class Node:
         if not ok:
             return None
         wanted = "an integer" if integer else "a number"
+        text = str(self.node.value)
+        plain = isinstance(self.node, yaml.ScalarNode) and self.node.style is None
+        if plain and _LEADING_ZERO.fullmatch(text):
+            # YAML 1.1 reads 0025 as octal 21 (a port or a delay gone wrong), 0587 as text.
+            read = f"the octal number {value}" if isinstance(value, int) else "text"
+            digits = text.lstrip("+-").replace("_", "").lstrip("0") or "0"
+            self.problem(f"{text} has a leading zero: YAML reads it as {read}; write {digits}")
+            return None
         if isinstance(value, bool) or not isinstance(value, int | float):
             self.problem(f"expected {wanted}, got {self.kind()}")
             return None
@@ -198,10 +208,16 @@ def parse(text: str, name: str) -> tuple[Doc, Node | None]:
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
-        # An unclosed quote is reported at the end of the file; its context says where it began.
-        mark = exc.context_mark or exc.problem_mark
+        # The line of what is wrong, and of the block it breaks. An unclosed quote is found
+        # at the end of the file: there only the line where it began helps.
+        mark, began = exc.problem_mark, exc.context_mark
+        if began is not None and "end of stream" in (exc.problem or ""):
+            mark = began
         line = mark.line + 1 if mark is not None else None
-        what = f"{exc.problem} ({exc.context})" if exc.context else exc.problem
+        context = exc.context or ""
+        if context and began is not None and began.line + 1 != line:
+            context += f" that began at line {began.line + 1}"
+        what = f"{exc.problem} ({context})" if context else exc.problem
         doc.problem(line, "", f"YAML syntax error: {what or exc}")
         return doc, None
     except RecursionError:

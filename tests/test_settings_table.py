@@ -524,6 +524,23 @@ INVALID = [
         ],
         id="unclosed-quote-names-where-it-began",
     ),
+    pytest.param(  # it named line 1, where the mapping the bad line breaks began
+        "upstream:\n  host: h\nses:\n  enabled: false\n  region: eu-west-1\n fallback_after: 300\n",
+        [
+            "FILE:6: YAML syntax error: expected <block end>, but found '<block mapping start>'"
+            " (while parsing a block mapping that began at line 1)"
+        ],
+        id="bad-indent-names-its-own-line",
+    ),
+    pytest.param(  # YAML 1.1's octal: mail went to port 21
+        "upstream:\n  host: h\n  port: 0025\nretry:\n  schedule: [60, 0587]\n",
+        [
+            "FILE:3: upstream.port: 0025 has a leading zero: YAML reads it as the octal"
+            " number 21; write 25",
+            "FILE:5: retry.schedule[1]: 0587 has a leading zero: YAML reads it as text; write 587",
+        ],
+        id="leading-zero-is-not-read-as-octal",
+    ),
     pytest.param(
         "mode: dry\nupstream:\n  host: h\n  security: ssl\nretry: {schedule: []}\n",
         [
