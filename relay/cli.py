@@ -129,7 +129,17 @@ _queue_config = click.option("--config", "config", type=PathArg, help="relay.yam
 
 
 def _spool(ctx: click.Context, config: Path | None) -> Path:
-    return _settings(config or ctx.obj).spool
+    """The spool relay.yaml names; after a bad edit elsewhere in it, `spool:` read alone
+    (the admin needs `relay queue` most when relay serve runs on what it read before)."""
+    path = settings_mod.find_config(config or ctx.obj)
+    try:
+        return settings_mod.load(path).spool
+    except ConfigError as exc:
+        spool = settings_mod.spool_of(path)
+        if spool is None:
+            raise click.ClickException(f"{path} cannot be used:\n{exc}") from exc
+        click.echo(f"warning: {path} has problems; its spool, read alone: {spool}\n{exc}", err=True)
+        return spool
 
 
 @queue.command("list")

@@ -7,10 +7,14 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import json
+import os
+import shutil
 import signal
 import smtplib
 import sqlite3
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import closing
@@ -240,6 +244,70 @@ def test_stats_json(spooled: tuple[Path, dict[str, str]]) -> None:
     assert counts == stats["counts"]
     assert (6, sum(len(body(n)) for n in (1, 2, 3, 4))) == (stats["total"], stats["bytes"])
     assert 0 <= stats["oldest_queued_age"] < 60
+
+
+def test_queue_works_after_a_bad_edit_elsewhere_in_relay_yaml(
+    spooled: tuple[Path, dict[str, str]],
+) -> None:
+    """A typo elsewhere in relay.yaml (which a reload refuses: relay serve runs on) left the
+    admin without `relay queue`, when it is needed most: `spool:` is read alone, with a
+    warning that names the problem. A relay.yaml that cannot be read at all still stops it."""
+    config, _ = spooled
+    config.write_text(config.read_text() + "retires: 3\n")
+    result = CliRunner().invoke(main, ["queue", "--config", str(config), "stats", "--json"])
+    assert 0 == result.exit_code, result.output
+    assert 6 == json.loads(result.stdout)["total"]
+    assert f"warning: {config} has problems; its spool, read alone: " in result.stderr
+    assert "retires: unknown key" in result.stderr
+    config.write_text("spool: [\n")
+    broken = queue(config, "stats")
+    assert 1 == broken.exit_code
+    assert f"{config} cannot be used:\n{config}:2: YAML syntax error" in broken.output
+
+
+AS_ANOTHER_USER = """
+import os, sys
+from relay.cli import main
+from relay.ops import queueadmin, requeue  # as root: nobody may not read the installation
+if os.getuid() == 0:  # root reads anything: be nobody, after relay is imported
+    os.setgid(65534)
+    os.setuid(65534)
+sys.argv = ["relay", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.parametrize("command", ["stats", "list", "retry", "delete"])
+def test_a_spool_another_user_owns_is_said_so_without_a_traceback(
+    spooled: tuple[Path, dict[str, str]], command: str
+) -> None:
+    """The unit's StateDirectoryMode=0700: an admin who is neither the service's user nor
+    root ran `relay queue ...` and got a PermissionError traceback. Now one line that says
+    whose spool it is, exit 1."""
+    config, states = spooled
+    # As nobody, from a directory anyone can read (pytest's are the user's alone).
+    open_to_all = Path(tempfile.mkdtemp())
+    shutil.copytree(config.parent, open_to_all, dirs_exist_ok=True)
+    open_to_all.chmod(0o755)
+    config, directory = open_to_all / config.name, open_to_all / "spool"
+    directory.chmod(0o700 if os.getuid() == 0 else 0o000)
+    try:
+        args = [command, states["failed"]] if command in ("retry", "delete") else [command]
+        ran = subprocess.run(
+            [sys.executable, "-c", AS_ANOTHER_USER, "queue", "--config", str(config), *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        directory.chmod(0o755)
+        shutil.rmtree(open_to_all)
+    assert 1 == ran.returncode, ran.stderr
+    assert "Traceback" not in ran.stderr
+    assert f"cannot read {directory / DB_NAME}: Permission denied: run this as the user" in (
+        ran.stderr
+    )
 
 
 @pytest.mark.parametrize(

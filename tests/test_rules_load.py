@@ -387,3 +387,17 @@ def test_check_config_on_a_file_nested_too_deeply_says_so_without_a_traceback(
     result = CliRunner().invoke(main, ["check-config", "--config", str(config)])
     assert 1 == result.exit_code, result.output
     assert [f"{config}: YAML nested too deeply"] == result.stderr.splitlines()
+
+
+def test_check_config_on_an_impossible_date_says_so_without_a_traceback(tmp_path: Path) -> None:
+    """A value YAML reads as a date that cannot be (`2024-13-01`): `relay check-config`
+    names it once and exits 1; reading the rules file's name from relay.yaml raised
+    ValueError, a traceback (check-rules too, with relay.yaml in the current directory)."""
+    config = tmp_path / "relay.yaml"
+    config.write_text(
+        "upstream: {host: 127.0.0.1}\nses:\n  configuration_set: 2024-13-01\n", encoding="utf-8"
+    )
+    result = CliRunner().invoke(main, ["check-config", "--config", str(config)])
+    assert 1 == result.exit_code, result.output
+    expected = f"{config}:3: ses.configuration_set: unreadable value: month must be in 1..12"
+    assert [expected] == result.stderr.splitlines()

@@ -38,13 +38,13 @@ import dns.exception
 
 from relay import rules
 from relay import settings as settings_mod
-from relay.errors import ConfigError, DeliveryError
+from relay.errors import ConfigError, DeliveryError, SpoolError
 from relay.mail import Mail
 from relay.ops import dnscheck, feedbackcheck, sescheck, upstreamcheck
 from relay.receive.data import free_bytes
 from relay.rules import Route, RuleSet
 from relay.settings import Settings
-from relay.spool import DB_NAME, state_counts
+from relay.spool import existing, state_counts
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 SENDER_WINDOW = 7 * 86400.0  # spool rows this recent name the senders to check
@@ -170,8 +170,12 @@ def _spool(report: Report, directory: Path, reserve: int) -> tuple[str, ...]:
             " DATA past max_data_in_memory is refused (452 4.3.1); free disk space, as the"
             " spool stops taking mail when the disk is full",
         )
-    db = directory / DB_NAME
-    if not db.is_file():
+    try:
+        db = existing(directory)
+    except SpoolError as exc:
+        report.line(FAIL, "spool", str(exc))
+        return ()
+    if db is None:
         report.line(OK, "spool", f"{directory}: writable; no database yet (made at first start)")
         return ()
     sql = (
@@ -193,8 +197,11 @@ def _spool(report: Report, directory: Path, reserve: int) -> tuple[str, ...]:
 def _spool_samples(directory: Path, ruleset: RuleSet) -> list[tuple[str, bytes]]:
     """The last SPOOL_SAMPLES mails in the spool that still have their bytes (not sent yet,
     deferred or dead letters) and that the rules route to SES, as (name, bytes)."""
-    db = directory / DB_NAME
-    if not db.is_file():
+    try:
+        db = existing(directory)
+    except SpoolError:
+        return []  # _spool has said why
+    if db is None:
         return []
     sql = (
         "SELECT m.id, m.sender, m.recipients, b.body FROM messages m JOIN bodies b"

@@ -30,6 +30,7 @@ from relay.spool import (
     DB_NAME,
     FINISHED,
     State,
+    existing,
     open_existing,
     open_read_only,
     state_counts,
@@ -102,7 +103,11 @@ def open_spool(spool_dir: Path) -> sqlite3.Connection | None:
 def _cannot(spool_dir: Path, exc: SpoolError) -> None:
     """Why the spool cannot be used, on stderr."""
     hint = ""
-    if not (spool_dir / DB_NAME).exists() and not os.environ.get("STATE_DIRECTORY"):
+    try:
+        absent = existing(spool_dir) is None
+    except SpoolError:
+        absent = False  # there, but not ours to read: exc says so
+    if absent and not os.environ.get("STATE_DIRECTORY"):
         hint = (  # relay.settings.load.default_spool: the unit's, not this shell's
             "; if relay.yaml has no `spool:`, relay serve under systemd or in the"
             " container spools in $STATE_DIRECTORY (/var/lib/relay): set `spool:`"

@@ -14,6 +14,7 @@ from relay.settings.load import (
     find_config,
     load,
     rules_of,
+    spool_of,
     tls_context,
 )
 from relay.settings.model import (
@@ -59,5 +60,6 @@ __all__ = [
     "find_config",
     "load",
     "rules_of",
+    "spool_of",
     "tls_context",
 ]

@@ -72,16 +72,27 @@ def rules_of(path: Path) -> Path | None:
     """The rules file relay.yaml at `path` names (the shipped rules without `rules:`), read
     even when the rest of the file has problems, so `relay check-config` reports the
     rules' problems as well; None when that cannot be read."""
-    try:
-        top = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError):
-        return None  # relay.yaml's own reading reports why
-    if not isinstance(top, dict):
+    return _path_alone(path, "rules", DEFAULT_RULES)
+
+
+def spool_of(path: Path) -> Path | None:
+    """The spool relay.yaml at `path` names, read even when the rest of the file has
+    problems: `relay queue` still works after a bad edit that a reload refused (relay serve
+    runs on, on what it read before); None when that cannot be read."""
+    return _path_alone(path, "spool", default_spool(path.parent))
+
+
+def _path_alone(path: Path, key: str, default: Path) -> Path | None:
+    """Top-level `key` of relay.yaml as a path beside it (`default` without the key), read
+    alone; None when the file, or that one key, cannot be read (`load` says why)."""
+    _, root = yamlfile.load(path)
+    if root is None or not isinstance(root.node, yaml.MappingNode):
         return None
-    if "rules" not in top:
-        return DEFAULT_RULES
-    name = top["rules"]
-    return path.parent / name if isinstance(name, str) else None
+    found = [v for k, v in root.node.value if isinstance(k, yaml.ScalarNode) and k.value == key]
+    if not found:
+        return default
+    value = root.child(key, found[0]).scalar() if len(found) == 1 else None
+    return path.parent / value if isinstance(value, str) and value.strip() else None
 
 
 _TOP = {

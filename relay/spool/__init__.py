@@ -10,7 +10,14 @@ versions, `lock` the write turn two processes share, `rows` states, ids and even
 
 from relay.spool.lock import SpoolBusy
 from relay.spool.rows import FINISHED, Notice, State, new_id, state_counts
-from relay.spool.schema import DB_NAME, all_or_nothing, connect, open_existing, open_read_only
+from relay.spool.schema import (
+    DB_NAME,
+    all_or_nothing,
+    connect,
+    existing,
+    open_existing,
+    open_read_only,
+)
 from relay.spool.store import Spool
 
 __all__ = [
@@ -22,6 +29,7 @@ __all__ = [
     "State",
     "all_or_nothing",
     "connect",
+    "existing",
     "new_id",
     "open_existing",
     "open_read_only",

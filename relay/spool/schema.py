@@ -19,6 +19,7 @@ import functools
 import logging
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -344,13 +345,28 @@ def disk_state(directory: Path) -> str:
     return ""
 
 
+def existing(directory: Path) -> Path | None:
+    """The spool's database file in `directory`, None when there is none; SpoolError when
+    the directory cannot be read (the unit's StateDirectoryMode=0700: another user)."""
+    path = directory / DB_NAME
+    try:
+        return path if stat.S_ISREG(path.stat().st_mode) else None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise SpoolError(
+            f"cannot read {path}: {exc.strerror}: run this as the user relay serve runs as,"
+            " or as root"
+        ) from None  # nothing another way of opening it could read
+
+
 def open_existing(directory: Path) -> sqlite3.Connection:
     """For `relay queue`: the spool of a (possibly running) service.
 
     SpoolError if it is absent or its schema is not this relay's version.
     """
     path = directory / DB_NAME
-    if not path.is_file():
+    if existing(directory) is None:
         raise SpoolError(f"no spool at {path} (has the service ever started?)")
     try:
         conn = connect(path)
