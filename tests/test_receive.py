@@ -274,6 +274,26 @@ async def test_a_repeated_recipient_is_stored_once(relay: Running) -> None:
     assert ["a@example.org", "b@example.org", "A@example.org"] == json.loads(recipients)
 
 
+async def test_a_repeated_recipient_counts_against_the_limit(relay: Running) -> None:
+    """The same RCPT 1,000 times: 50 accepted, then 452, as for different ones (Postfix
+    counts every RCPT it accepts). Each repeat was 250 for ever: a client kept relay at a
+    full core for `session_timeout`, and Moodle's mail waited behind it."""
+    wire, _ = await Wire.open(relay.port)
+    await wire.cmd("EHLO client.example")
+    await wire.cmd("MAIL FROM:<noreply@moodle.test>")
+    await wire.send(b"RCPT TO:<u@example.org>\r\n" * 1000)
+    replies = [await wire.reply() for _ in range(1000)]
+    assert (["250 2.1.5 Ok"] * 50, ["452 4.5.3 Too many recipients"] * 950) == (
+        replies[:50],
+        replies[50:],
+    )
+    await wire.cmd("DATA")
+    assert (await wire.cmd(MAIL + b".")).startswith("250 2.0.0")
+    await wire.close()
+    [(_, _, recipients)] = stored(relay)
+    assert ["u@example.org"] == json.loads(recipients)
+
+
 SMUGGLE = b"MAIL FROM:<evil@x.example>\r\nRCPT TO:<victim@y.example>\r\nDATA\r\nsmuggled\r\n"
 
 

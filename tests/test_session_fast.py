@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 
 from relay.receive.data import Body
 from relay.receive.guard import LINGER
-from relay.receive.handler import AIOSMTPD_REPLIES, Handler
+from relay.receive.handler import AIOSMTPD_REPLIES, Handler, Transaction
 from relay.receive.session import PLAIN_ADDRESS, Session, session_factory
 from relay.spool import DB_NAME
 from tests.support.relays import Running, Start
@@ -130,6 +130,13 @@ async def talk(port: int, pieces: list[bytes], opening: list[bytes] = OPENING) -
     return Talk([_QUEUED.sub("queued as ID", r) for r in replies], queued)
 
 
+class Reference(SMTP):
+    """Plain aiosmtpd, with the envelope relay's handler counts RCPTs in."""
+
+    def _create_envelope(self) -> Transaction:
+        return Transaction()
+
+
 @pytest.fixture
 async def make_pair(start_relay: Start) -> AsyncIterator[Callable[[int], Awaitable[Pair]]]:
     """`await make_pair(limit)`: the relay and the reference with max_message_size=limit."""
@@ -141,7 +148,7 @@ async def make_pair(start_relay: Start) -> AsyncIterator[Callable[[int], Awaitab
         handler = Handler(spool=recorder, settings=running.settings)  # type: ignore[arg-type]
 
         def reference() -> SMTP:
-            return SMTP(
+            return Reference(
                 handler,
                 hostname=running.settings.hostname,
                 ident="relay",

@@ -128,6 +128,14 @@ def _message_id_in(headers: bytes) -> str:
     return " ".join(match.group(1).decode("ascii", "replace").split())[:998]
 
 
+class Transaction(Envelope):
+    """aiosmtpd's envelope, and how many RCPTs it accepted, repeats too (handle_RCPT)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rcpt_accepted = 0
+
+
 class Handler(Auth):
     """aiosmtpd hooks: one instance per listener, shared by all sessions."""
 
@@ -188,20 +196,24 @@ class Handler(Auth):
         self,
         server: SMTP,
         session: SmtpSession,
-        envelope: Envelope,
+        envelope: Transaction,
         address: str,
         options: list[str],
     ) -> str:
-        if len(envelope.rcpt_tos) >= self.max_recipients:
+        # Every RCPT accepted counts, a repeat too, as in Postfix's smtpd_recipient_limit: a
+        # repeat answered 250 without end was a flood no limit stopped (a core for an hour).
+        if envelope.rcpt_accepted >= self.max_recipients:
             metrics.REJECTED.labels("too_many_recipients").inc()
             return TOO_MANY_RECIPIENTS
         if address in envelope.rcpt_tos:
+            envelope.rcpt_accepted += 1
             return RECIPIENT_OK  # one copy each, as Postfix's cleanup keeps (its duplicate filter)
         problem = address_problem(address)
         if problem is not None:
             metrics.REJECTED.labels("bad_recipient").inc()
             return BAD_RECIPIENT.format(reason=problem)
         envelope.rcpt_tos.append(address)
+        envelope.rcpt_accepted += 1
         envelope.rcpt_options.extend(options)
         return RECIPIENT_OK
 

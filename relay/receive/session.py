@@ -47,6 +47,7 @@ from relay.receive.handler import (
     TLS_ACTIVE,
     TOO_MANY_RECIPIENTS,
     Handler,
+    Transaction,
 )
 from relay.receive.handshake import Handshake
 from relay.receive.introspect import discover
@@ -202,6 +203,9 @@ class Session(Handshake):
         if self.session is None:  # implicit TLS, gone mid-handshake (uvloop tells us too)
             return
         super().connection_lost(error)
+
+    def _create_envelope(self) -> Transaction:
+        return Transaction()  # counts the RCPTs it accepted (Handler.handle_RCPT)
 
     def data_received(self, data: bytes) -> None:
         if self._in_data:  # Linux leaves quick-ack mode on its own; re-arm per read
