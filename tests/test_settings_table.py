@@ -7,6 +7,7 @@ FILE standing for the path written.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,11 @@ VALID = [
     ),
     pytest.param(
         "upstream: {host: h, security: starttls}\n", {"upstream.port": 587}, id="starttls-587"
+    ),
+    pytest.param(
+        "upstream: {host: h}\nallow_networks: [10.0.0.0/8, 127.0.0.1/32]\n",
+        {"allow_networks": tuple(map(ipaddress.ip_network, ("10.0.0.0/8", "127.0.0.1/32")))},
+        id="networks-with-a-loopback-one",
     ),
     pytest.param("upstream: {host: h, security: tls}\n", {"upstream.port": 465}, id="tls-465"),
     pytest.param(
@@ -362,6 +368,15 @@ INVALID = [
         MINIMAL + "allow_networks: ['10.0.0.0/33']\n",
         ["FILE:3: allow_networks[0]: '10.0.0.0/33' is not a network in CIDR form, e.g. 10.0.0.0/8"],
         id="bad-network",
+    ),
+    pytest.param(  # the README's commented line, uncommented: every Moodle mail got 554
+        MINIMAL + "allow_networks: [10.0.0.0/8]\n",
+        [
+            "FILE:3: allow_networks: 127.0.0.1:2525 is a loopback address, and none of these"
+            " networks holds one: every client would be refused; add 127.0.0.0/8 (and"
+            " ::1/128), or leave the key out"
+        ],
+        id="networks-a-loopback-listen-never-sees",
     ),
     # never an open relay
     pytest.param(

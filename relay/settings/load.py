@@ -168,6 +168,16 @@ def _read(root: yamlfile.Node, path: Path) -> Settings | None:
         )
     if auth is not None and tls is None and listen is not None and not listen.is_loopback:
         top["auth"].problem("auth on a non-loopback listen needs 'tls' (passwords in clear)")
+    if (
+        listen is not None
+        and listen.is_loopback
+        and networks
+        and not any(net.overlaps(_LOOPBACK[net.version]) for net in networks)
+    ):  # only local clients reach a loopback listen, so every one would get 554
+        top["allow_networks"].problem(
+            f"{listen} is a loopback address, and none of these networks holds one: every"
+            " client would be refused; add 127.0.0.0/8 (and ::1/128), or leave the key out"
+        )
 
     values = (listen, spool, rules, mode, hostname, limits, networks, upstream, ses, retry)
     if any(v is None for v in values) or None in (deliverers, retention, bounces):
@@ -225,6 +235,9 @@ def _tls(node: yamlfile.Node, rel: Rel) -> Tls | None:
     if cert is None or key is None or implicit is None:
         return None
     return Tls(cert=cert, key=key, implicit=implicit)
+
+
+_LOOPBACK = {4: ipaddress.ip_network("127.0.0.0/8"), 6: ipaddress.ip_network("::1/128")}
 
 
 def _networks(
