@@ -53,6 +53,8 @@ WAIT = 20  # seconds of SQS long polling (its maximum)
 BATCH = 10  # messages per ReceiveMessage (its maximum)
 ERROR_PAUSE = 5.0  # seconds before polling again after a failed call, doubled for each
 MAX_ERROR_PAUSE = 300.0  # failure in a row up to this: a wrong queue URL logs every 5 min
+UNKNOWN_AFTER = 5  # receives of an event for a MessageId the spool does not know before it is
+# deleted (about 2 minutes at SQS's default visibility timeout of 30 s: see handle)
 GIVE_UP_AFTER = 10  # receives of a message whose handling failed (a bug) before it is logged
 # whole and deleted: SQS shows it again after each visibility timeout, for good otherwise
 RATE_EVERY = 60.0  # seconds between bounce/complaint rate updates
@@ -306,6 +308,11 @@ async def handle(
         )
     except SpoolError as exc:
         logs.event(log, "ses_event_not_recorded", level=logging.WARNING, error=str(exc))
+        return False
+    if applied is Applied.UNKNOWN and message.receives < UNKNOWN_AFTER:
+        # Not a mail of this spool yet: the send's outcome may still be on its way (a slow
+        # answer, a spool that cannot commit), or another relay reads this queue too.
+        # Deleted, it was lost for good; SQS shows it again after its visibility timeout.
         return False
     if applied is Applied.APPLIED:
         metrics.SES_EVENTS.labels(event.type).inc()

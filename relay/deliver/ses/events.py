@@ -15,7 +15,7 @@ notifications), `mail.messageId`, and per type `bounce` / `complaint` / `deliver
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from relay.errors import MalformedEvent
@@ -147,7 +147,7 @@ def _event(doc: dict[str, Any]) -> SesEvent:
     headers = tuple((_text(h["name"]), _text(h["value"])) for h in mail.get("headers") or ())
     common: dict[str, Any] = {"message_id": message_id, "timestamp": timestamp, "headers": headers}
     if kind == "Bounce":
-        recipients = _with_status(inner["bouncedRecipients"])
+        recipients = _as_sent(_with_status(inner["bouncedRecipients"]), mail.get("destination"))
         return SesEvent(
             type=kind,
             key=f"Bounce/{message_id}/{_text(inner.get('feedbackId') or timestamp)}",
@@ -186,6 +186,23 @@ def _event(doc: dict[str, Any]) -> SesEvent:
         detail=_text(inner.get(detail) or "") if detail else "",
         **common,
     )
+
+
+def _as_sent(recipients: tuple[Recipient, ...], destination: Any) -> tuple[Recipient, ...]:
+    """SES names a bounced recipient by the remote DSN's Final-Recipient when there is one
+    (an address that forwards or is an alias): with one destination, which every Moodle mail
+    has, that is the address relay sent to. Matched to none, the bounce reached nobody: no
+    DSN, and the mail stayed `sent`. SES's address goes into the diagnostic."""
+    sent = [_text(a) for a in destination] if isinstance(destination, list) else []
+    if len(sent) != 1 or not recipients:
+        return recipients
+    ours = [r for r in recipients if r.address.lower() == sent[0].lower()]
+    if ours:
+        return tuple(ours)
+    first = recipients[0]
+    final = ", ".join(r.address for r in recipients)
+    diagnostic = f"{first.diagnostic} (as {final})".strip()
+    return (replace(first, address=sent[0], diagnostic=diagnostic),)
 
 
 def _with_status(items: Any) -> tuple[Recipient, ...]:
