@@ -28,13 +28,14 @@ import pytest
 
 from relay import metrics
 from relay import settings as settings_mod
-from relay.deliver.feedback import SqsQueue, sqs_location
+from relay.deliver.feedback import UNKNOWN_AFTER, SqsQueue, sqs_location
 from relay.deliver.ses.events import parse
 from relay.errors import ConfigError, MalformedEvent
 from relay.spool import DB_NAME, Spool
 from relay.spool.feedback import reputation
 from tests.support.aws import REGION, new_queue, sqs
 from tests.support.capture import CaptureServer
+from tests.support.fakeses import FakeSes
 from tests.support.processes import RelayProcess, relay_cli
 from tests.support.relays import ConfigWriter, Running
 from tests.support.smtp import asend, send
@@ -362,8 +363,10 @@ async def test_unknown_malformed_and_repeated_events_are_dropped_and_deleted(
 ) -> None:
     """An event for a MessageId relay never sent, a body that is no SES event and an event
     type relay has no use for (Open) are counted and deleted; the same bounce delivered
-    twice is applied once: one history line, one DSN."""
-    queue = new_queue(moto_server)
+    twice is applied once: one history line, one DSN. The unknown one only after
+    UNKNOWN_AFTER receives (a visibility timeout of 1 s here: 30 s by default), since the
+    send it is about may not be committed yet, or may be another relay's."""
+    queue = new_queue(moto_server, visibility=1)
     relay = await start_with_queue(start_relay, capture, moto_server, queue)
     spool = relay.settings.spool
     before = {
@@ -380,7 +383,9 @@ async def test_unknown_malformed_and_repeated_events_are_dropped_and_deleted(
         twice,
     ):
         client.send_message(QueueUrl=queue, MessageBody=body)
-    assert 0 == await await_empty(moto_server, queue)
+    await asyncio.sleep(1.5)
+    assert 1 == queue_left(moto_server, queue)  # the unknown one, back after its timeout
+    assert 0 == await await_empty(moto_server, queue, within=UNKNOWN_AFTER + 10)
     client.send_message(QueueUrl=queue, MessageBody=twice)
     assert 0 == await await_empty(moto_server, queue)
     after = {r: dropped(r) - before[r] for r in before}
@@ -1008,3 +1013,63 @@ async def test_no_delay_warning_for_a_recipient_ses_said_it_delivered_to(
         events.count("dsn_delayed"),
     ), events
     assert [] == dsns_of(relay.settings.spool, queue_id)
+
+
+async def test_a_bounce_under_the_final_recipient_reaches_the_sender(
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,
+    moto_server: str,
+) -> None:
+    """SES names a bounced recipient by the remote DSN's Final-Recipient when there is one:
+    mail to an address that forwards bounces under another name. Matched to none of the
+    mail's recipients, it was a history line only: no DSN, the mail `sent` for good, Moodle
+    mailing the dead address on. With one destination, it is that one's bounce."""
+    queue = new_queue(moto_server)
+    relay = await start_with_queue(start_relay, capture, moto_server, queue)
+    queue_id, ses_id = await sent_through_ses(relay)
+    final = "ann.smith@mail.example.com"
+    event = bounce(ses_id, recipient=final, diagnostic=f"smtp; 550 5.1.1 <{final}>: no such user")
+    event["mail"]["destination"] = [GONE]  # SES says what relay sent to
+    sqs(moto_server).send_message(QueueUrl=queue, MessageBody=sns_wrapped(event))
+    await await_rows(relay.settings.spool, [queue_id], {"bounced"})
+    [notice_id] = dsns_of(relay.settings.spool, queue_id)
+    await await_rows(relay.settings.spool, [notice_id], {"sent"})
+    [notice] = capture.messages
+    block = message_from_bytes(notice.content, policy=policy.default).get_payload()[1]
+    status = block.get_payload()[1]
+    assert (f"rfc822; {GONE}", "5.1.1") == (status["Final-Recipient"], status["Status"])
+    assert f"smtp; 550 5.1.1 <{final}>: no such user (as {final})" == status["Diagnostic-Code"]
+
+
+async def test_an_event_that_comes_before_its_send_is_recorded_is_applied(
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,
+    fake_ses: FakeSes,
+    moto_server: str,
+) -> None:
+    """SES has the mail, and publishes a bounce for it, before relay has its answer (slow,
+    here 3 s; in production also an outcome that waits for a spool that cannot commit).
+    The bounce found no row and was deleted as unknown: the mail stayed `sent`, no DSN
+    ever. It stays on the queue now, and is applied once the send is recorded."""
+    queue = new_queue(moto_server, visibility=1)
+    relay = await start_relay(
+        deliver=True,
+        upstream={"host": "127.0.0.1", "port": capture.port, "timeout": 5},
+        ses={
+            "region": REGION,
+            "endpoint_url": fake_ses.url,
+            "max_send_rate": 50,
+            "suppressed": "send",
+            "events": {"queue_url": queue},
+        },
+    )
+    fake_ses.latency = 3.0
+    queue_id = await asend(relay.port, VERP, [GONE], RAW)
+    for _ in range(100):
+        if fake_ses.sent:
+            break
+        await asyncio.sleep(0.05)
+    event = bounce(fake_ses.sent[0].message_id)
+    sqs(moto_server).send_message(QueueUrl=queue, MessageBody=sns_wrapped(event))
+    await await_rows(relay.settings.spool, [queue_id], {"bounced"}, within=20)
+    assert 1 == len(dsns_of(relay.settings.spool, queue_id))
