@@ -89,6 +89,12 @@ class HostUnreachable(TemporaryFailure):
     """The original host could not be reached at all (refused, timed out, busy greeting)."""
 
 
+class HostUnusable(TemporaryFailure):
+    """The original host answered, but no session could be set up (EHLO, STARTTLS, the
+    certificate, AUTH): the same for every mail, so the next ones wait (Postfix's
+    smtp_sess_fail throttles the destination)."""
+
+
 class PermanentFailure(DeliveryError):
     """This message will not be accepted this way; retrying the same way is pointless."""
 

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from tests.support.capture import CaptureServer
 from tests.support.relays import Start
 from tests.support.smtp import asend
 from tests.support.spools import await_rows
+from tests.support.tls import TlsFiles, server_context
 
 RAW = b"Subject: backlog\r\nMessage-ID: <{n}@moodle.test>\r\n\r\nbody\r\n"
 
@@ -54,3 +58,43 @@ async def test_busy_host_is_not_hammered(start_relay: Start) -> None:
     assert 1 <= connections <= 4
     assert 20 - connections <= len(untried)
     assert all("421" in r["reply"] for r in found.values())
+
+
+async def test_a_refused_login_is_not_tried_again_for_every_mail(
+    start_relay: Start, monkeypatch: pytest.MonkeyPatch, tls_files: TlsFiles
+) -> None:
+    """A wrong (or rotated) upstream password: each mail opened its own connection and
+    failed AUTH, two logins each (aiosmtplib tries every mechanism offered), 200 for 100
+    mails in seconds: what locks the site's mail account (fail2ban, Microsoft 365's smart
+    lockout). A session that cannot be set up now pauses the host as a dead one does,
+    as Postfix's smtp_sess_fail does."""
+    monkeypatch.setenv("UPSTREAM_PASSWORD", "wrong")
+    context = server_context(tls_files)
+    with CaptureServer(login=(b"moodle", b"s3cret"), tls="starttls", tls_context=context) as host:
+        relay = await start_relay(
+            deliver=True,
+            deliverers=2,
+            ses={"enabled": False},
+            upstream={
+                "host": "127.0.0.1",
+                "port": host.port,
+                "timeout": 5,
+                "security": "starttls",
+                "verify_tls": False,
+                "username": "moodle",
+                "password_env": "UPSTREAM_PASSWORD",
+            },
+        )
+        ids = [
+            await asend(
+                relay.port,
+                "noreply@moodle.test",
+                ["a@example.org"],
+                RAW.replace(b"{n}", str(n).encode()),
+            )
+            for n in range(20)
+        ]
+        found = await await_rows(relay.settings.spool, ids, {"deferred"})
+    print(f"refused login: 20 mails, {len(host.logins)} logins")
+    assert 1 <= len(host.logins) <= 2 * 2  # the two slots' first tries, each mechanism
+    assert all("535" in r["reply"] for r in found.values())

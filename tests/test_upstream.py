@@ -14,7 +14,7 @@ from aiosmtpd.smtp import SMTP
 
 from relay.deliver import upstream
 from relay.deliver.upstream import UpstreamClient, UpstreamResult
-from relay.errors import HostUnreachable, PermanentFailure, TemporaryFailure
+from relay.errors import HostUnreachable, HostUnusable, PermanentFailure, TemporaryFailure
 from relay.settings import Security, Upstream
 from tests.support.capture import CaptureServer
 from tests.support.mails import make_mail
@@ -135,7 +135,7 @@ async def test_auth_problems_are_temporary(
     )
     with pytest.raises(TemporaryFailure) as caught:
         await client.send(make_mail())
-    assert TemporaryFailure is type(caught.value)
+    assert HostUnusable is type(caught.value)  # the next mails wait (the dead-host cache)
     assert [] == capture.messages
 
 

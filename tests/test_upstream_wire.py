@@ -179,8 +179,8 @@ class ScriptedHost:
             while line := await reader.readline():
                 self.lines.append(line)
                 verb = line[:4].upper()
-                if verb == b"EHLO":
-                    reply = f"250-host.test\r\n{self.ehlo}"
+                if verb == b"EHLO":  # a refusal as it is; else host name, then `ehlo`
+                    reply = self.ehlo if self.ehlo[:1] in "45" else f"250-host.test\r\n{self.ehlo}"
                 elif verb == b"MAIL":
                     reply = self.mail
                 elif verb == b"RCPT":
@@ -290,3 +290,37 @@ async def test_utf8_addresses_to_a_host_without_smtputf8_fail_as_5_6_7() -> None
     assert "5.6.7" == refused.value.status
     assert refused.value.reply.startswith("SMTPUTF8 is required, but was not offered by ")
     assert not any(line.startswith(b"MAIL") for line in host.lines)
+
+
+async def test_a_host_that_refuses_ehlo_gets_helo() -> None:
+    """A host without ESMTP (behind a Cisco PIX/ASA's SMTP fixup EHLO reads as garbage and
+    gets 500/502): HELO, as RFC 5321 3.2 says and Postfix and PHPMailer do. Every mail was
+    deferred on the 502, then bounced after `retry.max_age`."""
+    host = ScriptedHost(
+        ehlo="502 5.5.1 EHLO not implemented", mail="250 Ok", rcpt=["250 Ok"], dot="250 Ok"
+    )
+    assert "sent to a@x.org: 250 Ok" == await send_scripted(
+        host, ("a@x.org",), b"Subject: x\r\n\r\nx\r\n"
+    )
+    verbs = [line.split()[0] for line in host.lines if line.strip()]
+    assert [b"EHLO", b"HELO", b"MAIL", b"RCPT", b"DATA"] == verbs[:5]
+
+
+async def test_a_hosts_reply_is_kept_to_1000_characters() -> None:
+    """A 4xx of 30 KiB to each of 50 recipients went onto the row, its history and the log at
+    every try: 1.7 MB of spool a try, the disk Moodle's mail is accepted on. Postfix keeps
+    2,048 bytes of a reply."""
+    huge = "450-4.2.0 " + "x" * 990 + "\r\n"
+    reply = huge * 30 + "450 4.2.0 try later"
+    host = ScriptedHost(ehlo="250 8BITMIME", mail="250 Ok", rcpt=[reply], dot="250 Ok")
+    server = await asyncio.start_server(host.session, "127.0.0.1", 0)
+    upstream = Upstream(host="127.0.0.1", port=server.sockets[0].getsockname()[1], timeout=5)
+    client = UpstreamClient(upstream, hostname="relay.test")
+    try:
+        with pytest.raises(TemporaryFailure) as refused:
+            await client.send(make_mail(recipients=("a@x.org",)))
+    finally:
+        await client.close()
+        server.close()
+    assert 1000 == len(refused.value.reply.removeprefix("450 "))  # the text, after the code
+    assert refused.value.reply.startswith("450 4.2.0 xxx") and refused.value.reply.endswith("...")

@@ -23,7 +23,13 @@ from relay.deliver.outcome import Outcomes, UpstreamAnswer, Writes
 from relay.deliver.report import UNREACHABLE, Failure, replied, status_of_reply
 from relay.deliver.ses.client import MAX_DESTINATIONS
 from relay.deliver.ses.route import UNCONFIRMED, Fallback, Retry, Sent, SesRoute
-from relay.errors import HostUnreachable, PermanentFailure, SpoolError, TemporaryFailure
+from relay.errors import (
+    HostUnreachable,
+    HostUnusable,
+    PermanentFailure,
+    SpoolError,
+    TemporaryFailure,
+)
 from relay.mail import Mail
 from relay.rules import Decision, Route, RuleSet
 from relay.runtime import wait_any
@@ -351,7 +357,9 @@ class Deliverer:
             # (Remote-MTA, its status); relay's words with no reply at all as 4.4.1.
             said = dict.fromkeys(mail.recipients, exc.reply) if replied(exc.reply) else None
             status = UNREACHABLE if isinstance(exc, HostUnreachable) and not said else ""
-            if isinstance(exc, HostUnreachable):
+            if isinstance(exc, (HostUnreachable, HostUnusable)):
+                if isinstance(exc, HostUnusable):  # relay's settings or the host's: not the mail's
+                    logs.event(log, "upstream_unusable", level=logging.WARNING, error=str(exc))
                 self._upstream_down_until = self._clock() + UPSTREAM_DOWN_FOR
                 self._down_reply = exc.reply  # the mails not tried meanwhile get its status
                 self._down_status = status or status_of_reply(exc.reply)

@@ -36,12 +36,19 @@ import aiosmtplib
 
 from relay import settings as _settings
 from relay.deliver.wire import data_bytes, send_data
-from relay.errors import DeliveryError, HostUnreachable, PermanentFailure, TemporaryFailure
+from relay.errors import (
+    DeliveryError,
+    HostUnreachable,
+    HostUnusable,
+    PermanentFailure,
+    TemporaryFailure,
+)
 from relay.mail import Mail
 
 REUSE_IDLE = 2.0  # seconds an idle connection waits for the next mail (Postfix: 2 s)
 REUSE_LIMIT = 100  # mails per connection, then QUIT
 REUSE_FOR = 300.0  # seconds a connection is used at most (Postfix: 300 s)
+REPLY_MAX = 1000  # characters of a host's reply kept (the rest is "...")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -277,18 +284,21 @@ class UpstreamClient:
                 password = s.password()
                 if password is None:
                     reason = f"no password for {s.username} (password_env/password_file unset)"
-                    raise TemporaryFailure(
-                        f"{where} unusable for {mail.id}: {reason}", reply=reason
-                    )
+                    raise HostUnusable(f"{where} unusable for {mail.id}: {reason}", reply=reason)
                 await smtp.login(s.username, password)
             if smtp.is_ehlo_or_helo_needed:  # before the first MAIL reads the extensions
-                await smtp.ehlo()  # (aiosmtplib says EHLO only inside login() or mail())
+                try:  # (aiosmtplib says EHLO only inside login() or mail())
+                    await smtp.ehlo()
+                except aiosmtplib.SMTPHeloError:
+                    if not smtp.is_connected:
+                        raise
+                    await smtp.helo()  # a host without ESMTP (RFC 5321 3.2), as Postfix
         except aiosmtplib.SMTPException as exc:
             message = f"{where} unusable for {mail.id}: {_reply(exc)}"
-            raise TemporaryFailure(message, reply=_reply(exc)) from exc
+            raise HostUnusable(message, reply=_reply(exc)) from exc
         except OSError as exc:
             message = f"{where} unreachable for {mail.id}: {exc!r}"
-            raise TemporaryFailure(message, reply=repr(exc)) from exc
+            raise HostUnusable(message, reply=repr(exc)) from exc
 
 
 def _fits(where: str, mail: Mail, size: int, offered: str) -> None:
@@ -350,7 +360,10 @@ def _oneline(text: str) -> str:
     with surrogateescape, and a lone surrogate (a Latin-1 byte in a localized 550) made
     recording the outcome fail, so the mail was sent again at every retry."""
     text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    return " / ".join(line.strip() for line in text.splitlines() if line.strip())
+    text = " / ".join(line.strip() for line in text.splitlines() if line.strip())
+    # Kept on the row, in its history and the log at every try: a host's 32 KiB reply to
+    # each of 50 recipients was 1.6 MB a try (Postfix keeps 2,048 bytes of a reply).
+    return text if len(text) <= REPLY_MAX else text[: REPLY_MAX - 3] + "..."
 
 
 __all__ = ["UpstreamClient", "UpstreamResult"]
