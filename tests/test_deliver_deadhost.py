@@ -20,6 +20,12 @@ from tests.support.tls import TlsFiles, server_context
 RAW = b"Subject: backlog\r\nMessage-ID: <{n}@moodle.test>\r\n\r\nbody\r\n"
 
 
+async def twenty_mails(port: int) -> list[str]:
+    """Twenty mails into relay at `port`, one after the other: their queue ids."""
+    raws = [RAW.replace(b"{n}", str(n).encode()) for n in range(20)]
+    return [await asend(port, "noreply@moodle.test", ["a@example.org"], raw) for raw in raws]
+
+
 async def test_busy_host_is_not_hammered(start_relay: Start) -> None:
     """A host greeting 421 gets at most `deliverers` connections for 20 mails sent at once;
     every mail is deferred with a reply saying why."""
@@ -41,15 +47,7 @@ async def test_busy_host_is_not_hammered(start_relay: Start) -> None:
             ses={"enabled": False},
             upstream={"host": "127.0.0.1", "port": port, "timeout": 5},
         )
-        ids = [
-            await asend(
-                relay.port,
-                "noreply@moodle.test",
-                ["a@example.org"],
-                RAW.replace(b"{n}", str(n).encode()),
-            )
-            for n in range(20)
-        ]
+        ids = await twenty_mails(relay.port)
         found = await await_rows(relay.settings.spool, ids, {"deferred"})
     finally:
         host.close()
@@ -85,15 +83,7 @@ async def test_a_refused_login_is_not_tried_again_for_every_mail(
                 "password_env": "UPSTREAM_PASSWORD",
             },
         )
-        ids = [
-            await asend(
-                relay.port,
-                "noreply@moodle.test",
-                ["a@example.org"],
-                RAW.replace(b"{n}", str(n).encode()),
-            )
-            for n in range(20)
-        ]
+        ids = await twenty_mails(relay.port)
         found = await await_rows(relay.settings.spool, ids, {"deferred"})
     print(f"refused login: 20 mails, {len(host.logins)} logins")
     assert 1 <= len(host.logins) <= 2 * 2  # the two slots' first tries, each mechanism
