@@ -396,6 +396,32 @@ async def test_doctor_says_which_security_the_port_wants(
     )
 
 
+async def test_doctor_warns_when_relay_accepts_mail_the_host_refuses_as_too_big(
+    write_config: ConfigWriter,
+) -> None:
+    """The host takes 10,240,000 bytes (Postfix's message_size_limit) and relay accepts
+    10 MiB: mail in between got relay's 250, then failed for good at the host, where Moodle
+    would have logged the 552. The warn says what to set; set so, no warn."""
+    found = {}
+    with CaptureServer(size=10_240_000) as host:
+        for name, limits in (("default", {}), ("under", {"max_message_size": 10_238_976})):
+            upstream = {"host": "127.0.0.1", "port": host.port}
+            config = write_config(upstream=upstream, limits=limits, ses={"enabled": False})
+            found[name] = await upstreamcheck.lines(settings.load(config))
+    where = f"127.0.0.1:{host.port}"
+    assert found["default"] == [
+        ("ok", "upstream", f"{where}: EHLO ok (no mail sent)"),
+        (
+            "warn",
+            "upstream",
+            f"{where}: takes mail up to 10240000 bytes (its SIZE), and relay accepts up to"
+            " 10485760 (limits.max_message_size): set it to 10238976 or less, or mail in"
+            " between is accepted, then refused there",
+        ),
+    ]
+    assert found["under"] == [("ok", "upstream", f"{where}: EHLO ok (no mail sent)")]
+
+
 @pytest.mark.parametrize(
     ("host", "local"),
     [

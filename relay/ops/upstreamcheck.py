@@ -22,6 +22,9 @@ from relay.settings import Security, Settings, Upstream
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 SMTP_TIMEOUT = 10.0  # seconds per SMTP step, at most
+# Bytes relay adds before a mail goes on (its Received: line, bare line ends made CRLF), and
+# a margin: a mail within them of max_message_size must still fit the host's SIZE.
+TRACE_ROOM = 1024
 
 Line = tuple[str, str, str]
 
@@ -63,6 +66,7 @@ async def lines(settings: Settings) -> list[Line]:
                 raise aiosmtplib.SMTPException("password_env/password_file gives no password")
             await smtp.login(s.username, password)
             done.append(f"AUTH as {s.username}")
+        too_small = _size_problem(settings, smtp.esmtp_extensions.get("size", ""))
         await smtp.quit()
     except (aiosmtplib.SMTPException, OSError) as exc:
         if isinstance(exc.__cause__ or exc, ConnectionRefusedError):
@@ -74,11 +78,28 @@ async def lines(settings: Settings) -> list[Line]:
         found = [(FAIL, "upstream", f"{s.host}:{s.port}: {step}{why}{_tls_hint(s, step, exc)}")]
     else:
         found = [(OK, "upstream", f"{s.host}:{s.port}: {', '.join(done)} ok (no mail sent)")]
+        if too_small:
+            found.append((WARN, "upstream", f"{s.host}:{s.port}: {too_small}"))
     finally:
         smtp.close()
     if in_clear is not None:
         found.append((WARN, "upstream", f"{s.host}:{s.port}: {in_clear}"))
     return found
+
+
+def _size_problem(settings: Settings, offered: str) -> str:
+    """Why mail relay accepts may be too big for the host's SIZE (RFC 1870), or "". Such
+    mail gets relay's 250 and then fails for good there: Moodle, which would have logged the
+    host's 552, counts it sent (only the sender's DSN says otherwise)."""
+    limit = int(offered) if offered.strip().isdigit() else 0
+    accepted = settings.limits.max_message_size
+    if not limit or accepted + TRACE_ROOM <= limit:
+        return ""
+    return (
+        f"takes mail up to {limit} bytes (its SIZE), and relay accepts up to {accepted}"
+        f" (limits.max_message_size): set it to {limit - TRACE_ROOM} or less, or mail in"
+        " between is accepted, then refused there"
+    )
 
 
 def _tls_hint(s: Upstream, step: str, exc: Exception) -> str:
