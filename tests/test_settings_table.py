@@ -147,8 +147,8 @@ VALID = [
         id="shadow-and-ses-off",
     ),
     pytest.param(
-        MINIMAL
-        + "ses:\n  api: v2\n  identity_arn: arn:aws:ses:eu-west-1:123456789012:identity/x.org\n"
+        MINIMAL + "ses:\n  api: v2\n  region: eu-west-1\n"
+        "  identity_arn: arn:aws:ses:eu-west-1:123456789012:identity/x.org\n"
         "  source: bounces@x.org\n  feedback_address: fb@x.org\n",
         {
             "ses.api": SesApi.V2,
@@ -157,6 +157,11 @@ VALID = [
             "ses.feedback_address": "fb@x.org",
         },
         id="ses-v2-cross-account",
+    ),
+    pytest.param(  # an identity in the Global endpoints' Regions, as SES's guide writes it
+        MINIMAL + "ses: {identity_arn: 'arn:aws:ses:*:123456789012:identity/x.org'}\n",
+        {"ses.identity_arn": "arn:aws:ses:*:123456789012:identity/x.org"},
+        id="identity-arn-of-any-region",
     ),
     pytest.param(
         MINIMAL + "ses: {identity_arn: null, source: null}\n",
@@ -302,6 +307,16 @@ INVALID = [
             " arn:aws:ses:eu-west-1:123456789012:identity/example.org, got 'example.org'"
         ],
         id="identity-arn-not-an-arn",
+    ),
+    pytest.param(  # every send failed, and the mail went upstream
+        MINIMAL + "ses:\n  region: eu-west-1\n"
+        "  identity_arn: arn:aws:ses:us-east-1:123456789012:identity/x.org\n",
+        [
+            "FILE:5: ses.identity_arn: its Region is us-east-1, and ses.region is eu-west-1:"
+            " SES sends for an identity only through the Region it was verified in (or `*` in"
+            " the ARN, for an identity in the Global endpoints' Regions)"
+        ],
+        id="identity-arn-of-another-region",
     ),
     pytest.param(
         MINIMAL + "ses: {region: eu west 1}\n",

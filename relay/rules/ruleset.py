@@ -37,7 +37,8 @@ _SES_CHARS = "ASCII letters, digits, '_' and '-'"
 CONFIG_SET = re.compile(r"[A-Za-z0-9_-]{1,64}")
 CONFIG_SET_FORM = f"a configuration set name: 1-64 of {_SES_CHARS}"
 # An SES identity ARN, as sending authorization needs it (`identity_arn`, global or per rule).
-IDENTITY_ARN = re.compile(r"arn:aws[a-z-]*:ses:[a-z0-9-]+:\d{12}:identity/[^\s/]+")
+# The Region `*` for an identity duplicated in a secondary Region (SES's Global endpoints).
+IDENTITY_ARN = re.compile(r"arn:aws[a-z-]*:ses:(?:[a-z0-9-]+|\*):\d{12}:identity/[^\s/]+")
 IDENTITY_ARN_FORM = "an identity ARN like arn:aws:ses:eu-west-1:123456789012:identity/example.org"
 
 

@@ -220,6 +220,16 @@ def ses(node: yamlfile.Node) -> Ses | None:
         ok = ok and api is not None
     identity_arn, fine = _optional_like(m, "identity_arn", IDENTITY_ARN, IDENTITY_ARN_FORM)
     ok = ok and fine
+    arn_region = identity_arn.split(":")[3] if identity_arn else "*"
+    if region is not None and arn_region not in ("*", region):
+        # SES sends for an identity only from the Region it was verified in (its Developer
+        # Guide, sending authorization): every send failed, and the mail went upstream.
+        m["identity_arn"].problem(
+            f"its Region is {arn_region}, and ses.region is {region}: SES sends for an"
+            " identity only through the Region it was verified in (or `*` in the ARN, for"
+            " an identity in the Global endpoints' Regions)"
+        )
+        ok = False
     source, fine = _optional_like(
         m,
         "source",
