@@ -20,6 +20,7 @@ from relay.errors import ConfigError, Problem
 
 _LEADING_ZERO = re.compile(r"[-+]?0[0-9_]+")
 MAX_NODES = 100_000  # values in a file with its aliases written out (the shipped rules: ~100)
+MAX_BYTES = 1 << 20  # the shipped rules: 5 KB. PyYAML reads about 1 MB a second
 
 _TYPE_NAMES = {
     "tag:yaml.org,2002:str": "a string",
@@ -260,10 +261,15 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
 def load(path: Path) -> tuple[Doc, Node | None]:
     """Read and compose the file at `path`; an unreadable file is a problem, not a crash."""
     try:
-        data = path.read_bytes()
+        with path.open("rb") as file:
+            data = file.read(MAX_BYTES + 1)
     except OSError as exc:
         doc = Doc(str(path))
         doc.problem(None, "", f"cannot read the file: {exc}")
+        return doc, None
+    if len(data) > MAX_BYTES:
+        doc = Doc(str(path))
+        doc.problem(None, "", f"over {MAX_BYTES:,} bytes: not a relay.yaml or rules file")
         return doc, None
     try:
         text = data.decode("utf-8")

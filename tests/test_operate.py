@@ -229,6 +229,32 @@ def test_relay_serve_with_its_standard_files_closed_runs(
 
 
 @pytest.mark.system
+def test_a_reload_of_a_large_file_does_not_hold_up_moodles_mail(
+    write_config: ConfigWriter, relay_process: Process, capture: CaptureServer
+) -> None:
+    """A SIGHUP with relay.yaml grown to 0.9 MB (70,000 networks; the cap is 1 MiB) takes
+    PyYAML and relay seconds to read. They were read on the event loop: every SMTP reply
+    waited meanwhile (9.7 s for a file of 20 MB). Read in a thread, mail is answered as
+    usual throughout, and the reload then applies."""
+    config = write_config(
+        ses={"enabled": False}, upstream={"host": "127.0.0.1", "port": capture.port}
+    )
+    relay = relay_process(config).start()
+    assert relay.proc is not None
+    networks = ", ".join(["127.0.0.0/8"] * 70_000)
+    write_atomically(config, config.read_text() + f"allow_networks: [{networks}]\n")
+    relay.proc.send_signal(signal.SIGHUP)
+    slowest, sent, deadline = 0.0, 0, time.monotonic() + 60
+    while relay.log().count("event=reloaded") < 2 and time.monotonic() < deadline:
+        started = time.monotonic()
+        send(relay.port, "noreply@moodle.test", ["ada@example.net"], mail("during", sent))
+        slowest, sent = max(slowest, time.monotonic() - started), sent + 1
+    print(f"{sent} mails during the reload, the slowest {slowest * 1000:.0f} ms")
+    assert 2 == relay.log().count("event=reloaded"), relay.log()[-2000:]
+    assert slowest < 1.0
+
+
+@pytest.mark.system
 def test_sighup_broken_rules_keep_old_then_fixed_rules_apply(
     write_config: ConfigWriter, relay_process: Process, capture: CaptureServer, tmp_path: Path
 ) -> None:

@@ -536,6 +536,11 @@ INVALID = [
     ),
     # the file as a whole
     pytest.param("", ["FILE:1: the file is empty"], id="empty-file"),
+    pytest.param(  # read at every reload: PyYAML takes about a second a MB
+        MINIMAL + "#" * (1 << 20) + "\n",
+        ["FILE: over 1,048,576 bytes: not a relay.yaml or rules file"],
+        id="over-a-mib",
+    ),
     pytest.param(
         "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
         + "".join(f"{c}: &{c} [{', '.join([f'*{chr(ord(c) - 1)}'] * 10)}]\n" for c in "bcde"),
