@@ -90,7 +90,7 @@ def check_safe(settings: Settings) -> None:
         raise StartError("; ".join(problems))
 
 
-def check_open_files(settings: Settings) -> None:
+def check_open_files(settings: Settings) -> int:
     """Raise the soft open-file limit to the hard one, log both, and refuse a
     `limits.max_sessions` that cannot fit under it (accept() would fail for everyone)."""
     soft, hard = open_file_limit()
@@ -101,6 +101,7 @@ def check_open_files(settings: Settings) -> None:
     problem = sessions_problem(max_sessions, soft)
     if problem is not None:
         raise StartError(f"{settings.source}: {problem}")
+    return soft
 
 
 def _give_back_big_buffers() -> Callable[[], object] | None:
@@ -180,7 +181,7 @@ async def serve(
     to finish at stop; `log_format` is passed on to the delivery process.
     """
     check_safe(settings)
-    check_open_files(settings)
+    soft = check_open_files(settings)
     trim = _give_back_big_buffers()
     tls = _tls_context(settings)
     try:
@@ -234,7 +235,11 @@ async def serve(
             settings,
             ctx.sessions,
             caps=caps,
-            budget=Budget(limits.max_data_in_memory, trim=trim),
+            budget=Budget(
+                limits.max_data_in_memory,
+                trim=trim,
+                max_files=max(0, soft - limits.max_sessions - RESERVED_FILES),
+            ),
             tls_context=None if implicit else tls,
             implicit_tls=tls if implicit else None,  # started per session, once admitted
         )

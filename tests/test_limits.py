@@ -335,6 +335,34 @@ async def test_a_spill_that_would_eat_the_reserve_refuses_its_body(tmp_path: Pat
     assert outcomes == {"no reserve": (None, True, b""), "reserve": (NO_ROOM, False, b"")}
 
 
+async def test_spill_files_stay_within_the_descriptors_left(tmp_path: Path) -> None:
+    """Each body that spills holds a descriptor beyond its session's, which the open-file
+    check did not count: hoarders that each sent some DATA took every descriptor, accept()
+    failed, and Moodle's connections were closed without a greeting. A body that would open
+    one more than `max_files` is refused (452 4.3.1) instead; one closed gives its place."""
+    budget = Budget(0, max_files=2)
+    line = b"y" * 98 + b"\r\n"
+
+    async def started() -> Body:
+        body = Body(size_limit=1_000_000, line_limit=1001, budget=budget, spill_dir=tmp_path)
+        for _ in range(2):  # unfinished: no end line
+            if body.spill_due:
+                await body.spill()
+            assert body.feed(line * 40) is None
+        return body
+
+    bodies = [await started() for _ in range(3)]
+    assert [(None, True), (None, True), (NO_ROOM, False)] == [
+        (b.verdict, b.spilled) for b in bodies
+    ]
+    bodies[0].close()
+    bodies.append(await started())
+    assert (None, True) == (bodies[-1].verdict, bodies[-1].spilled)
+    for body in bodies:
+        body.close()
+    assert (0, 0) == (budget.files, budget.used)
+
+
 async def test_a_hoarder_meets_the_disk_reserve_and_moodle_is_still_spooled(
     start_relay: Any,
 ) -> None:

@@ -26,8 +26,14 @@ class Budget:
     relay needs.
     """
 
-    def __init__(self, limit: int, *, trim: Callable[[], object] | None = None) -> None:
+    def __init__(
+        self, limit: int, *, trim: Callable[[], object] | None = None, max_files: int | None = None
+    ) -> None:
         self.limit = limit
+        # Spill files open at once: each is a descriptor beyond its session's, which the
+        # open-file check (caps.sessions_problem) does not count; past it, NO_ROOM.
+        self.max_files = max_files
+        self.files = 0
         self.used = 0
         self.trim = trim
         self._reached = False

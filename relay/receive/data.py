@@ -156,8 +156,15 @@ class Body:
         or refuse the body (NO_ROOM) when the disk has no room for them (see above)."""
         assert self.budget is not None  # spill_due: only a body with a budget spills
         cut = self._judged - 2
-        with memoryview(self._raw) as view:  # the reader waits meanwhile: _raw stays put
-            file = await asyncio.to_thread(self._write, view[:cut])
+        budget, new = self.budget, self._file is None
+        file: io.BufferedRandom | str = "no descriptor left for one more spill file"
+        if not new or budget.max_files is None or budget.files < budget.max_files:
+            if new:
+                budget.files += 1  # counted before the thread opens it
+            with memoryview(self._raw) as view:  # the reader waits meanwhile: _raw stays put
+                file = await asyncio.to_thread(self._write, view[:cut])
+            if new and isinstance(file, str):
+                budget.files -= 1
         if isinstance(file, str):
             self.verdict = NO_ROOM
             # As any refused body, only what finds the end line; a new buffer, as below:
@@ -221,6 +228,7 @@ class Body:
             self._file = None
             if self.budget is not None:
                 self.budget.spilled -= self._spilled
+                self.budget.files -= 1
 
     def _judge(self, stop: int) -> None:
         """Judge the whole lines _raw[_judged:stop]."""
