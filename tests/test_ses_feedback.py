@@ -483,12 +483,14 @@ async def test_a_queue_that_fails_is_polled_less_and_less_often(
     assert 5 <= len(waits) <= 10, waits  # every 0.05 s it would be about 30
     pauses = [float(w.split("retry_in=")[1].split()[0]) for w in waits]
     assert [0.05, 0.1, 0.2, 0.4, 0.4] == pauses[:5]
+    assert 0 == metrics.REGISTRY.get_sample_value("relay_ses_feedback_up")  # the alert's
     assert queue == sqs(moto_server).create_queue(QueueName=name)["QueueUrl"]
     queue_id = await asend(relay.port, VERP, [GONE], RAW)
     spool = relay.settings.spool
     ses_id = (await await_rows(spool, [queue_id], {"sent"}))[queue_id]["ses_message_id"]
     sqs(moto_server).send_message(QueueUrl=queue, MessageBody=sns_wrapped(delivery(ses_id, GONE)))
     await await_events(spool, queue_id, {"ses_delivery"}, within=5)
+    assert 1 == metrics.REGISTRY.get_sample_value("relay_ses_feedback_up")
 
 
 SOFT = {

@@ -207,6 +207,7 @@ async def run(ctx: Context, queue: Queue, spool: FeedbackStore) -> None:
         try:
             batch = await _receive(queue, ctx.stop)
         except TemporaryFailure as exc:
+            metrics.SES_FEEDBACK_UP.set(0)
             logs.event(
                 log, "ses_feedback_failed", level=logging.WARNING, error=str(exc), retry_in=pause
             )
@@ -214,6 +215,7 @@ async def run(ctx: Context, queue: Queue, spool: FeedbackStore) -> None:
             pause = min(pause * 2, MAX_ERROR_PAUSE)
             continue
         pause = ERROR_PAUSE
+        metrics.SES_FEEDBACK_UP.set(1)
         done = []
         for message in batch:
             try:

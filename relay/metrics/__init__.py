@@ -184,6 +184,13 @@ COMPLAINT_RATE = Gauge(
     "Complaints / relay's SES sends over the rolling window (SES reviews at 0.001)",
     registry=REGISTRY,
 )
+# Unreadable, the queue hides every bounce: no DSN reaches Moodle, and the rates above
+# stay at 0 while SES's climb (the shipped alert RelaySesFeedbackDown).
+SES_FEEDBACK_UP = Gauge(
+    "relay_ses_feedback_up",
+    "1 when the last ReceiveMessage on ses.events.queue_url succeeded, 0 when it failed",
+    registry=REGISTRY,
+)
 # limits.max_sessions, beside relay_sessions_open, for the shipped alert
 # (contrib/prometheus/relay-alerts.yaml: RelaySessionsNearMax).
 MAX_SESSIONS = Gauge(
@@ -226,6 +233,7 @@ DELIVERY_FAMILIES = frozenset(
         SES_EVENTS_DROPPED,
         BOUNCE_RATE,
         COMPLAINT_RATE,
+        SES_FEEDBACK_UP,
         DELIVERY_SPOOL_DAMAGED,
     )
     for family in metric.describe()
