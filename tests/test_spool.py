@@ -832,3 +832,29 @@ async def test_an_upgrade_is_said_first_and_keeps_systemd_waiting(
         "event=spool_upgrade" in r.getMessage() and "from=1 to=" in r.getMessage()
         for r in caplog.records
     )
+
+
+async def test_the_ses_rates_are_read_outside_the_write_turn(tmp_path: Path) -> None:
+    """The bounce and complaint rates scan every row (0.3 s for 300,000), once a minute in
+    each process. Read in the write turn, Moodle's adds waited behind them; read on a
+    connection of their own, they need no turn: here they come while another process holds
+    it (as the delivery process does while it commits)."""
+    spool = await Spool.open(tmp_path)
+    try:
+        await spool.add(
+            sender="a@b.example",
+            recipients=["c@d.example"],
+            raw=b"x\r\n",
+            peer="",
+            trace=TRACE,
+            message_id="<1@b.example>",
+        )
+        holder = os.open(tmp_path / WRITE_LOCK, os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(holder, fcntl.LOCK_EX)
+            seen = await asyncio.wait_for(spool.reputation(0.0), 2.0)
+        finally:
+            os.close(holder)
+        assert (0, 0, 0) == (seen.sends, seen.bounces, seen.complaints)
+    finally:
+        await spool.close()

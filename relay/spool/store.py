@@ -25,6 +25,7 @@ the writer thread with group commit (`writer`), rows and their events (`rows`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -55,7 +56,7 @@ from relay.spool.rows import (
     split_off,
     state_counts,
 )
-from relay.spool.schema import DB_NAME, disk_state, prepare
+from relay.spool.schema import BUSY_TIMEOUT_MS, DB_NAME, disk_state, prepare
 from relay.spool.writer import Op, T, TurnBatch, Writer
 
 log = logging.getLogger("relay.spool")
@@ -408,8 +409,19 @@ class Spool:
         return applied
 
     async def reputation(self, since: float) -> Reputation:
-        """Relay's SES sends since `since` and the bounces and complaints about them."""
-        return await self._call(lambda conn: reputation(conn, since))
+        """Relay's SES sends since `since` and the bounces and complaints about them. Read
+        on a connection of its own, outside the write turn: it scans every row (0.3 s for
+        300,000), and each minute in each process Moodle's 250s waited behind it."""
+
+        def read() -> Reputation:
+            uri, wait = f"file:{self.path}?mode=ro", BUSY_TIMEOUT_MS / 1000
+            with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=wait)) as conn:
+                return reputation(conn, since)
+
+        try:
+            return await asyncio.to_thread(read)
+        except sqlite3.Error as exc:
+            raise SpoolError(f"cannot read spool {self.path}: {exc}") from exc
 
     async def purge(self, older_than: float) -> int:
         """Delete sent rows whose outcome is older than `older_than` seconds; return count.
