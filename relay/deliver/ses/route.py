@@ -120,6 +120,9 @@ class SesRoute:
         if self.ses is None and self.unusable and settings.ses.enabled:
             detail = f"no SES client, {self.unusable}; restart relay once that is mended"
             return Fallback(reason="unusable", detail=detail)
+        if self.ses is None and settings.ses.enabled:  # turned on by a reload: no client yet
+            detail = "ses.enabled was turned on by a reload: restart relay to use SES"
+            return Fallback(reason="needs_restart", detail=detail)
         if self.ses is None or not settings.ses.enabled:
             return Fallback(reason="disabled", detail="ses.enabled is false")
         if not mail.sender:
