@@ -324,3 +324,41 @@ async def test_a_hosts_reply_is_kept_to_1000_characters() -> None:
         server.close()
     assert 1000 == len(refused.value.reply.removeprefix("450 "))  # the text, after the code
     assert refused.value.reply.startswith("450 4.2.0 xxx") and refused.value.reply.endswith("...")
+
+
+async def test_a_host_that_does_not_answer_a_command_is_named_with_the_command() -> None:
+    """The host never answers RCPT TO: the reply recorded (the DSN's, the log's) says which
+    command timed out, in Postfix's words and with its 4.4.2; it read
+    "SMTPReadTimeoutError('Timed out waiting for server response')"."""
+
+    async def silent_at_rcpt(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 host.test ESMTP\r\n")
+        while line := await reader.readline():
+            if line.upper().startswith(b"RCPT"):
+                await asyncio.sleep(5)
+                break
+            writer.write(
+                b"250-host.test\r\n250 8BITMIME\r\n"
+                if line[:4].upper() == b"EHLO"
+                else b"250 Ok\r\n"
+            )
+        writer.close()
+
+    server = await asyncio.start_server(silent_at_rcpt, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = UpstreamClient(
+        Upstream(host="127.0.0.1", port=port, timeout=0.5), hostname="relay.test"
+    )
+    try:
+        with pytest.raises(TemporaryFailure) as failed:
+            await client.send(make_mail(recipients=("a@x.org",)))
+    finally:
+        await client.close()
+        server.close()
+    assert (
+        f"conversation with upstream 127.0.0.1:{port} timed out while sending RCPT TO",
+        "4.4.2",
+    ) == (
+        failed.value.reply,
+        failed.value.status,
+    )

@@ -356,7 +356,9 @@ class Deliverer:
             # The host's reply (a 421 banner, a 451 to every recipient) is reported as its
             # (Remote-MTA, its status); relay's words with no reply at all as 4.4.1.
             said = dict.fromkeys(mail.recipients, exc.reply) if replied(exc.reply) else None
-            status = UNREACHABLE if isinstance(exc, HostUnreachable) and not said else ""
+            status = exc.status or (
+                UNREACHABLE if isinstance(exc, HostUnreachable) and not said else ""
+            )
             if isinstance(exc, (HostUnreachable, HostUnusable)):
                 if isinstance(exc, HostUnusable):  # relay's settings or the host's: not the mail's
                     logs.event(log, "upstream_unusable", level=logging.WARNING, error=str(exc))

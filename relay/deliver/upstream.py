@@ -252,6 +252,9 @@ class UpstreamClient:
         except ValueError as exc:  # an address with characters SMTP cannot carry
             message = f"{where}: {mail.id} has an address SMTP cannot carry: {exc}"
             raise PermanentFailure(message, reply=str(exc)) from exc
+        except aiosmtplib.SMTPTimeoutError as exc:  # Postfix's words and status
+            reply = f"conversation with {where} timed out while sending {phase}"
+            raise TemporaryFailure(f"{reply} ({mail.id})", reply=reply, status="4.4.2") from exc
         except (aiosmtplib.SMTPException, OSError) as exc:
             message = f"{where} lost {mail.id} mid-transaction: {exc!r}"
             raise TemporaryFailure(message, reply=repr(exc)) from exc
