@@ -209,10 +209,11 @@ def parse(text: str, name: str) -> tuple[Doc, Node | None]:
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
-        # The line of what is wrong, and of the block it breaks. An unclosed quote is found
-        # at the end of the file: there only the line where it began helps.
+        # The parser's errors: the line of what is wrong, and of the block it breaks. The
+        # scanner's (an unclosed quote, a key without its colon) are found at a later token,
+        # lines on: there the line where the scalar or key began is the one to fix.
         mark, began = exc.problem_mark, exc.context_mark
-        if began is not None and "end of stream" in (exc.problem or ""):
+        if began is not None and isinstance(exc, yaml.scanner.ScannerError):
             mark = began
         line = mark.line + 1 if mark is not None else None
         context = exc.context or ""

@@ -770,5 +770,5 @@ async def test_a_mail_over_the_hosts_size_is_reported_in_relays_words(
     [notice] = host.messages
     [(recipient, status, diagnostic)] = dsn_blocks(notice)
     assert ("rfc822; a@x.example", "5.3.4") == (recipient, status)
-    assert diagnostic.startswith("X-Relay; message size "), diagnostic
+    assert diagnostic.startswith("X-Relay; 5.3.4 message size "), diagnostic
     assert diagnostic.endswith(f" exceeds size limit 4000 of upstream 127.0.0.1:{host.port}")

@@ -277,9 +277,10 @@ main()
 """
 
 
+@pytest.mark.parametrize("private", ["directory", "file"])
 @pytest.mark.parametrize("command", ["stats", "list", "retry", "delete"])
 def test_a_spool_another_user_owns_is_said_so_without_a_traceback(
-    spooled: tuple[Path, dict[str, str]], command: str
+    spooled: tuple[Path, dict[str, str]], command: str, private: str
 ) -> None:
     """The unit's StateDirectoryMode=0700: an admin who is neither the service's user nor
     root ran `relay queue ...` and got a PermissionError traceback. Now one line that says
@@ -290,7 +291,9 @@ def test_a_spool_another_user_owns_is_said_so_without_a_traceback(
     shutil.copytree(config.parent, open_to_all, dirs_exist_ok=True)
     open_to_all.chmod(0o755)
     config, directory = open_to_all / config.name, open_to_all / "spool"
-    directory.chmod(0o700 if os.getuid() == 0 else 0o000)
+    directory.chmod(0o755)  # copied with pytest's 0700
+    mine = directory if private == "directory" else directory / DB_NAME
+    mine.chmod(0o700 if os.getuid() == 0 else 0o000)
     try:
         args = [command, states["failed"]] if command in ("retry", "delete") else [command]
         ran = subprocess.run(

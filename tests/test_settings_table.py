@@ -130,6 +130,11 @@ VALID = [
         {"allow_networks": tuple(map(ipaddress.ip_network, ("10.0.0.0/8", "127.0.0.1/32")))},
         id="networks-with-a-loopback-one",
     ),
+    pytest.param(
+        "upstream: {host: h}\nlisten: localhost:2525\nallow_networks: ['::1/128']\n",
+        {"allow_networks": (ipaddress.ip_network("::1/128"),)},
+        id="networks-with-localhosts-ipv6-loopback",
+    ),
     pytest.param("upstream: {host: h, security: tls}\n", {"upstream.port": 465}, id="tls-465"),
     pytest.param(
         "upstream: {host: h, security: tls, port: 2465}\n",
@@ -388,10 +393,19 @@ INVALID = [
         MINIMAL + "allow_networks: [10.0.0.0/8]\n",
         [
             "FILE:3: allow_networks: 127.0.0.1:2525 is a loopback address, and none of these"
-            " networks holds one: every client would be refused; add 127.0.0.0/8 (and"
-            " ::1/128), or leave the key out"
+            " networks holds its clients' address: every one would be refused; add"
+            " 127.0.0.0/8, or leave the key out"
         ],
         id="networks-a-loopback-listen-never-sees",
+    ),
+    pytest.param(  # the other family's loopback: as good as none
+        MINIMAL + "listen: '[::1]:2525'\nallow_networks: [127.0.0.0/8]\n",
+        [
+            "FILE:4: allow_networks: [::1]:2525 is a loopback address, and none of these"
+            " networks holds its clients' address: every one would be refused; add ::1/128,"
+            " or leave the key out"
+        ],
+        id="networks-of-the-other-loopback-family",
     ),
     # never an open relay
     pytest.param(
@@ -566,6 +580,11 @@ INVALID = [
             " (while parsing a block mapping that began at line 1)"
         ],
         id="bad-indent-names-its-own-line",
+    ),
+    pytest.param(  # found at the next token, past the comments: the key's line is the one
+        "upstream:\n  host: h\nmode shadow\n# one\n# two\nretry: {}\n",
+        ["FILE:3: YAML syntax error: could not find expected ':' (while scanning a simple key)"],
+        id="key-without-its-colon-names-its-line",
     ),
     pytest.param(  # YAML 1.1's octal: mail went to port 21
         "upstream:\n  host: h\n  port: 0025\nretry:\n  schedule: [60, 0587]\n",

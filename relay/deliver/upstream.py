@@ -192,7 +192,8 @@ class UpstreamClient:
         if not all(a.isascii() for a in (mail.sender, *mail.recipients)):
             if not smtp.supports_extension("smtputf8"):
                 # Postfix's words and status (RFC 6531: 5.6.7), in relay's name: no host said it.
-                reason = f"SMTPUTF8 is required, but was not offered by {where}"
+                # The status leads, as in the reply's place on the row, the log and the DSN.
+                reason = f"5.6.7 SMTPUTF8 is required, but was not offered by {where}"
                 raise PermanentFailure(
                     f"{where}: {mail.id} has UTF-8 addresses: {reason}",
                     reply=reason,
@@ -253,7 +254,7 @@ class UpstreamClient:
             message = f"{where}: {mail.id} has an address SMTP cannot carry: {exc}"
             raise PermanentFailure(message, reply=str(exc)) from exc
         except aiosmtplib.SMTPTimeoutError as exc:  # Postfix's words and status
-            reply = f"conversation with {where} timed out while sending {phase}"
+            reply = f"4.4.2 conversation with {where} timed out while sending {phase}"
             raise TemporaryFailure(f"{reply} ({mail.id})", reply=reply, status="4.4.2") from exc
         except (aiosmtplib.SMTPException, OSError) as exc:
             message = f"{where} lost {mail.id} mid-transaction: {exc!r}"
@@ -310,7 +311,7 @@ def _fits(where: str, mail: Mail, size: int, offered: str) -> None:
     replied it (a DSN showing `smtp; 552 ...` would put words in its mouth)."""
     limit = int(offered) if offered.strip().isdigit() else 0
     if limit and size > limit:
-        reply = f"message size {size} exceeds size limit {limit} of {where}"
+        reply = f"5.3.4 message size {size} exceeds size limit {limit} of {where}"
         raise PermanentFailure(f"{where}: {mail.id}: {reply}", reply=reply, status="5.3.4")
 
 

@@ -172,11 +172,13 @@ def _read(root: yamlfile.Node, path: Path) -> Settings | None:
         listen is not None
         and listen.is_loopback
         and networks
-        and not any(net.overlaps(_LOOPBACK[net.version]) for net in networks)
+        and not _holds_loopback(networks, listen.host)
     ):  # only local clients reach a loopback listen, so every one would get 554
+        versions = _LOOPBACK if listen.host == "localhost" else [ip_version(listen.host)]
+        wanted = " or ".join(str(_LOOPBACK[v]) for v in versions)
         top["allow_networks"].problem(
-            f"{listen} is a loopback address, and none of these networks holds one: every"
-            " client would be refused; add 127.0.0.0/8 (and ::1/128), or leave the key out"
+            f"{listen} is a loopback address, and none of these networks holds its clients'"
+            f" address: every one would be refused; add {wanted}, or leave the key out"
         )
 
     values = (listen, spool, rules, mode, hostname, limits, networks, upstream, ses, retry)
@@ -238,6 +240,20 @@ def _tls(node: yamlfile.Node, rel: Rel) -> Tls | None:
 
 
 _LOOPBACK = {4: ipaddress.ip_network("127.0.0.0/8"), 6: ipaddress.ip_network("::1/128")}
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def ip_version(host: str) -> int:
+    """4 or 6 for an address (IPv4-mapped IPv6 counts as 4: its clients come as IPv4)."""
+    ip = ipaddress.ip_address(host)
+    return 4 if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped else ip.version
+
+
+def _holds_loopback(networks: tuple[Network, ...], host: str) -> bool:
+    """Whether `networks` holds the address clients of a loopback `host` come from: its
+    family's loopback (either family's for "localhost")."""
+    versions = _LOOPBACK if host == "localhost" else [ip_version(host)]
+    return any(net.overlaps(_LOOPBACK[v]) for net in networks for v in versions if v == net.version)
 
 
 def _networks(

@@ -350,14 +350,20 @@ def existing(directory: Path) -> Path | None:
     the directory cannot be read (the unit's StateDirectoryMode=0700: another user)."""
     path = directory / DB_NAME
     try:
-        return path if stat.S_ISREG(path.stat().st_mode) else None
+        regular = stat.S_ISREG(path.stat().st_mode)
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
-        raise SpoolError(
-            f"cannot read {path}: {exc.strerror}: run this as the user relay serve runs as,"
-            " or as root"
-        ) from None  # nothing another way of opening it could read
+        why = exc.strerror
+    else:
+        if not regular:
+            return None
+        if os.access(path, os.R_OK):
+            return path
+        why = "Permission denied"  # the file relay made is its user's alone (0600)
+    raise SpoolError(
+        f"cannot read {path}: {why}: run this as the user relay serve runs as, or as root"
+    )
 
 
 def open_existing(directory: Path) -> sqlite3.Connection:
