@@ -422,6 +422,60 @@ async def test_doctor_warns_when_relay_accepts_mail_the_host_refuses_as_too_big(
     assert found["under"] == [("ok", "upstream", f"{where}: EHLO ok (no mail sent)")]
 
 
+async def test_doctor_reads_the_size_a_host_offers_inside_tls(
+    tls_files: TlsFiles, write_config: ConfigWriter
+) -> None:
+    """aiosmtplib's starttls() forgets the extensions and says no EHLO again (only login()
+    does): the SIZE read after STARTTLS was none, and no warn came for a host relay's
+    delivery, which says EHLO again, then sent mail it refused."""
+    context = server_context(tls_files)
+    with CaptureServer(size=10_240_000, tls="starttls", tls_context=context) as host:
+        upstream = {"host": "127.0.0.1", "port": host.port, "security": "starttls"}
+        config = write_config(upstream={**upstream, "verify_tls": False}, ses={"enabled": False})
+        found = await upstreamcheck.lines(settings.load(config))
+    assert [("ok", "upstream"), ("warn", "upstream")] == [line[:2] for line in found]
+    assert "takes mail up to 10240000 bytes (its SIZE)" in found[1][2]
+
+
+async def test_doctor_says_a_host_answers_helo_only(write_config: ConfigWriter) -> None:
+    """A host that refuses EHLO (no ESMTP): relay's delivery says HELO and sends; the
+    doctor said FAIL and exited 1. Now ok, and a warn about what HELO leaves out."""
+
+    async def helo_only(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 host.test SMTP\r\n")
+        try:
+            while line := await reader.readline():
+                verb = line[:4].upper()
+                writer.write(
+                    b"502 5.5.2 command not recognized\r\n"
+                    if verb == b"EHLO"
+                    else b"221 Bye\r\n"
+                    if verb == b"QUIT"
+                    else b"250 host.test\r\n"
+                )
+                if verb == b"QUIT":
+                    break
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(helo_only, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        config = write_config(upstream={"host": "127.0.0.1", "port": port}, ses={"enabled": False})
+        found = await upstreamcheck.lines(settings.load(config))
+    finally:
+        server.close()
+    assert found == [
+        ("ok", "upstream", f"127.0.0.1:{port}: HELO ok (no mail sent)"),
+        (
+            "warn",
+            "upstream",
+            f"127.0.0.1:{port}: answers HELO only (no ESMTP): relay sends with HELO, without"
+            " SIZE, 8BITMIME or SMTPUTF8 (mail with UTF-8 addresses fails)",
+        ),
+    ]
+
+
 @pytest.mark.parametrize(
     ("host", "local"),
     [

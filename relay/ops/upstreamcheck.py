@@ -46,10 +46,18 @@ async def lines(settings: Settings) -> list[Line]:
     )
     step, done = "", ["TLS" if s.security is Security.TLS else "EHLO"]
     in_clear = _in_clear(settings, offered=False)  # unreachable: what the config says
+    helo_only = False
     try:
         await smtp.connect()
         step = "EHLO failed: "
-        await smtp.ehlo()
+        try:
+            await smtp.ehlo()
+        except aiosmtplib.SMTPHeloError:
+            if not smtp.is_connected:
+                raise
+            await smtp.helo()  # a host without ESMTP: relay's delivery says HELO too
+            helo_only = True
+            done[0] = done[0].replace("EHLO", "HELO")
         in_clear = _in_clear(
             settings,
             offered=smtp.supports_extension("starttls"),
@@ -58,6 +66,7 @@ async def lines(settings: Settings) -> list[Line]:
         if s.security is Security.STARTTLS:
             step = "STARTTLS failed: "
             await smtp.starttls()
+            await smtp.ehlo()  # the extensions again, inside TLS (SIZE among them)
             done.append("STARTTLS")
         if s.username:
             step = "AUTH failed: "
@@ -80,6 +89,15 @@ async def lines(settings: Settings) -> list[Line]:
         found = [(OK, "upstream", f"{s.host}:{s.port}: {', '.join(done)} ok (no mail sent)")]
         if too_small:
             found.append((WARN, "upstream", f"{s.host}:{s.port}: {too_small}"))
+        if helo_only:
+            found.append(
+                (
+                    WARN,
+                    "upstream",
+                    f"{s.host}:{s.port}: answers HELO only (no ESMTP): relay sends with HELO,"
+                    " without SIZE, 8BITMIME or SMTPUTF8 (mail with UTF-8 addresses fails)",
+                )
+            )
     finally:
         smtp.close()
     if in_clear is not None:
