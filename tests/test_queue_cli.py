@@ -259,10 +259,15 @@ def test_queue_works_after_a_bad_edit_elsewhere_in_relay_yaml(
     assert 6 == json.loads(result.stdout)["total"]
     assert f"warning: {config} has problems; its spool, read alone: " in result.stderr
     assert "retires: unknown key" in result.stderr
-    config.write_text("spool: [\n")
+    # No YAML any more (a key indented by one space: the commonest bad edit): line by line.
+    config.write_text(config.read_text().replace("retires: 3", " retires: 3"))
+    indented = CliRunner().invoke(main, ["queue", "--config", str(config), "stats", "--json"])
+    assert (0, 6) == (indented.exit_code, json.loads(indented.stdout)["total"]), indented.output
+    assert "YAML syntax error" in indented.stderr
+    config.write_text("spool: a\nspool: b\n  x: [\n")  # which one? none is guessed
     broken = queue(config, "stats")
     assert 1 == broken.exit_code
-    assert f"{config} cannot be used:\n{config}:2: YAML syntax error" in broken.output
+    assert f"{config} cannot be used:\n{config}:" in broken.output
 
 
 AS_ANOTHER_USER = """

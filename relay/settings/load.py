@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 import ssl
 from pathlib import Path
@@ -72,20 +73,32 @@ def rules_of(path: Path) -> Path | None:
     """The rules file relay.yaml at `path` names (the shipped rules without `rules:`), read
     even when the rest of the file has problems, so `relay check-config` reports the
     rules' problems as well; None when that cannot be read."""
-    return _path_alone(path, "rules", DEFAULT_RULES)
+    _, root = yamlfile.load(path)
+    return _path_alone(root, path, "rules", DEFAULT_RULES)
 
 
 def spool_of(path: Path) -> Path | None:
     """The spool relay.yaml at `path` names, read even when the rest of the file has
     problems: `relay queue` still works after a bad edit that a reload refused (relay serve
-    runs on, on what it read before); None when that cannot be read."""
-    return _path_alone(path, "spool", default_spool(path.parent))
+    runs on, on what it read before); None when that cannot be read. A file that is no
+    YAML any more (a bad indent, a tab: the commonest bad edits) is read line by line."""
+    doc, root = yamlfile.load(path)
+    if root is not None or not doc.problems[0].message.startswith("YAML syntax error"):
+        return _path_alone(root, path, "spool", default_spool(path.parent))
+    lines = [m.group(1) for m in _SPOOL_LINE.finditer(path.read_text("utf-8", "replace"))]
+    if not lines:
+        return default_spool(path.parent)
+    value = lines[0].strip("'\"") if len(lines) == 1 else ""
+    return path.parent / value if value else None
 
 
-def _path_alone(path: Path, key: str, default: Path) -> Path | None:
+# `spool: VALUE` at the start of a line, maybe a comment after: as relay.yaml is written.
+_SPOOL_LINE = re.compile(r"^spool:[ \t]*([^#\r\n]*?)[ \t]*(?:#.*)?$", re.MULTILINE)
+
+
+def _path_alone(root: yamlfile.Node | None, path: Path, key: str, default: Path) -> Path | None:
     """Top-level `key` of relay.yaml as a path beside it (`default` without the key), read
     alone; None when the file, or that one key, cannot be read (`load` says why)."""
-    _, root = yamlfile.load(path)
     if root is None or not isinstance(root.node, yaml.MappingNode):
         return None
     found = [v for k, v in root.node.value if isinstance(k, yaml.ScalarNode) and k.value == key]
