@@ -1075,3 +1075,28 @@ async def test_an_event_that_comes_before_its_send_is_recorded_is_applied(
     sqs(moto_server).send_message(QueueUrl=queue, MessageBody=sns_wrapped(event))
     await await_rows(relay.settings.spool, [queue_id], {"bounced"}, within=20)
     assert 1 == len(dsns_of(relay.settings.spool, queue_id))
+
+
+async def test_an_unknown_event_is_not_held_into_the_queues_dead_letter_queue(
+    start_relay: Callable[..., Awaitable[Running]],
+    capture: CaptureServer,
+    moto_server: str,
+) -> None:
+    """A queue with a dead-letter queue after 2 receives: an event for a MessageId relay
+    does not know (another relay's, one queue per relay) was held for UNKNOWN_AFTER
+    receives and moved there by SQS, with no line and no count. It is held one receive
+    fewer than the redrive allows now (here: deleted at the first), logged and counted."""
+    client = sqs(moto_server)
+    dead = client.create_queue(QueueName=f"dead-{uuid.uuid4().hex[:8]}")["QueueUrl"]
+    arn = client.get_queue_attributes(QueueUrl=dead, AttributeNames=["QueueArn"])
+    redrive = {"deadLetterTargetArn": arn["Attributes"]["QueueArn"], "maxReceiveCount": "2"}
+    queue = client.create_queue(
+        QueueName=f"ses-events-{uuid.uuid4().hex[:8]}",
+        Attributes={"VisibilityTimeout": "1", "RedrivePolicy": json.dumps(redrive)},
+    )["QueueUrl"]
+    await start_with_queue(start_relay, capture, moto_server, queue)
+    before = dropped("unknown_message_id")
+    client.send_message(QueueUrl=queue, MessageBody=sns_wrapped(bounce("0100018c-not-ours")))
+    assert 0 == await await_empty(moto_server, queue)
+    await asyncio.sleep(1.5)  # SQS would have moved it by now
+    assert (1, 0) == (dropped("unknown_message_id") - before, queue_left(moto_server, dead))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import time
@@ -71,6 +72,9 @@ class Received:
     receipt: str
     sqs_id: str
     receives: int = 1  # SQS's ApproximateReceiveCount
+    # Receives after which an event for a MessageId relay does not know is deleted: fewer
+    # than the queue's dead-letter redrive allows, or it would land there, unlogged.
+    unknown_after: int = UNKNOWN_AFTER
 
 
 class Queue(Protocol):
@@ -112,6 +116,7 @@ class SqsQueue:
         self._client = client
         self._stack = stack
         self.url = url
+        self._unknown_after: int | None = None  # read from the queue at the first receive
 
     @classmethod
     async def open(
@@ -131,6 +136,8 @@ class SqsQueue:
         await self._stack.aclose()
 
     async def receive(self) -> list[Received]:
+        if self._unknown_after is None:
+            self._unknown_after = await self._receives_before_dead_letter()
         try:
             answer = await self._client.receive_message(
                 QueueUrl=self.url,
@@ -146,9 +153,24 @@ class SqsQueue:
                 receipt=m["ReceiptHandle"],
                 sqs_id=m["MessageId"],
                 receives=_count(m.get("Attributes", {}).get("ApproximateReceiveCount")),
+                unknown_after=self._unknown_after,
             )
             for m in answer.get("Messages", ())
         ]
+
+    async def _receives_before_dead_letter(self) -> int:
+        """UNKNOWN_AFTER, or fewer than the queue's RedrivePolicy maxReceiveCount (at least
+        1: deleted at the first receive). Not readable (IAM without
+        sqs:GetQueueAttributes): UNKNOWN_AFTER."""
+        try:
+            answer = await self._client.get_queue_attributes(
+                QueueUrl=self.url, AttributeNames=["RedrivePolicy"]
+            )
+            policy = json.loads(answer.get("Attributes", {}).get("RedrivePolicy") or "{}")
+            limit = int(policy.get("maxReceiveCount") or 0)
+        except (*_ERRORS, ValueError, TypeError, AttributeError):
+            return UNKNOWN_AFTER
+        return max(1, min(UNKNOWN_AFTER, limit - 1)) if limit else UNKNOWN_AFTER
 
     async def delete(self, receipt: str) -> None:
         try:
@@ -311,7 +333,7 @@ async def handle(
     except SpoolError as exc:
         logs.event(log, "ses_event_not_recorded", level=logging.WARNING, error=str(exc))
         return False
-    if applied is Applied.UNKNOWN and message.receives < UNKNOWN_AFTER:
+    if applied is Applied.UNKNOWN and message.receives < message.unknown_after:
         # Not a mail of this spool yet: the send's outcome may still be on its way (a slow
         # answer, a spool that cannot commit), or another relay reads this queue too.
         # Deleted, it was lost for good; SQS shows it again after its visibility timeout.
