@@ -92,16 +92,24 @@ def check_safe(settings: Settings) -> None:
 
 def check_open_files(settings: Settings) -> int:
     """Raise the soft open-file limit to the hard one, log both, and refuse a
-    `limits.max_sessions` that cannot fit under it (accept() would fail for everyone)."""
+    `limits.max_sessions` that cannot fit under it (accept() would fail for everyone).
+    Returns how many DATA spill files may be open at once: what the rest leaves."""
     soft, hard = open_file_limit()
     max_sessions = settings.limits.max_sessions
+    spill_files = soft - max_sessions - RESERVED_FILES
     logs.event(
-        log, "open_files", soft=soft, hard=hard, max_sessions=max_sessions, reserved=RESERVED_FILES
+        log,
+        "open_files",
+        soft=soft,
+        hard=hard,
+        max_sessions=max_sessions,
+        reserved=RESERVED_FILES,
+        spill_files=spill_files,
     )
     problem = sessions_problem(max_sessions, soft)
     if problem is not None:
         raise StartError(f"{settings.source}: {problem}")
-    return soft
+    return spill_files
 
 
 def _give_back_big_buffers() -> Callable[[], object] | None:
@@ -181,7 +189,7 @@ async def serve(
     to finish at stop; `log_format` is passed on to the delivery process.
     """
     check_safe(settings)
-    soft = check_open_files(settings)
+    spill_files = check_open_files(settings)
     trim = _give_back_big_buffers()
     tls = _tls_context(settings)
     try:
@@ -238,7 +246,7 @@ async def serve(
             budget=Budget(
                 limits.max_data_in_memory,
                 trim=trim,
-                max_files=max(0, soft - limits.max_sessions - RESERVED_FILES),
+                max_files=spill_files,
             ),
             tls_context=None if implicit else tls,
             implicit_tls=tls if implicit else None,  # started per session, once admitted

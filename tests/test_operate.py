@@ -255,6 +255,21 @@ def test_a_reload_of_a_large_file_does_not_hold_up_moodles_mail(
 
 
 @pytest.mark.system
+def test_no_events_queue_no_feedback_gauge(
+    write_config: ConfigWriter, relay_process: Process, capture: CaptureServer
+) -> None:
+    """Without `ses.events`, relay_ses_feedback_up has no sample: it read 0 from the start,
+    and the alert RelaySesFeedbackDown (== 0 for 15 min) fired on every such relay."""
+    config = write_config(
+        metrics="127.0.0.1:0", upstream={"host": "127.0.0.1", "port": capture.port}
+    )
+    relay = relay_process(config).start()
+    port = metrics_port(relay)
+    wait_until(lambda: scrape(port).get(("relay_delivery_process_up", frozenset())) == 1, "up")
+    assert [] == [key for key in scrape(port) if key[0] == "relay_ses_feedback_up"]
+
+
+@pytest.mark.system
 def test_sighup_broken_rules_keep_old_then_fixed_rules_apply(
     write_config: ConfigWriter, relay_process: Process, capture: CaptureServer, tmp_path: Path
 ) -> None:

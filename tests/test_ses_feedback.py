@@ -30,7 +30,7 @@ from relay import metrics
 from relay import settings as settings_mod
 from relay.deliver.feedback import UNKNOWN_AFTER, SqsQueue, sqs_location
 from relay.deliver.ses.events import parse
-from relay.errors import ConfigError, MalformedEvent
+from relay.errors import ConfigError, MalformedEvent, TemporaryFailure
 from relay.spool import DB_NAME, Spool
 from relay.spool.feedback import reputation
 from tests.support.aws import REGION, new_queue, sqs
@@ -483,14 +483,15 @@ async def test_a_queue_that_fails_is_polled_less_and_less_often(
     assert 5 <= len(waits) <= 10, waits  # every 0.05 s it would be about 30
     pauses = [float(w.split("retry_in=")[1].split()[0]) for w in waits]
     assert [0.05, 0.1, 0.2, 0.4, 0.4] == pauses[:5]
-    assert 0 == metrics.REGISTRY.get_sample_value("relay_ses_feedback_up")  # the alert's
+    up = {"queue": queue}
+    assert 0 == metrics.REGISTRY.get_sample_value("relay_ses_feedback_up", up)  # the alert's
     assert queue == sqs(moto_server).create_queue(QueueName=name)["QueueUrl"]
     queue_id = await asend(relay.port, VERP, [GONE], RAW)
     spool = relay.settings.spool
     ses_id = (await await_rows(spool, [queue_id], {"sent"}))[queue_id]["ses_message_id"]
     sqs(moto_server).send_message(QueueUrl=queue, MessageBody=sns_wrapped(delivery(ses_id, GONE)))
     await await_events(spool, queue_id, {"ses_delivery"}, within=5)
-    assert 1 == metrics.REGISTRY.get_sample_value("relay_ses_feedback_up")
+    assert 1 == metrics.REGISTRY.get_sample_value("relay_ses_feedback_up", up)
 
 
 SOFT = {
@@ -1100,3 +1101,26 @@ async def test_an_unknown_event_is_not_held_into_the_queues_dead_letter_queue(
     assert 0 == await await_empty(moto_server, queue)
     await asyncio.sleep(1.5)  # SQS would have moved it by now
     assert (1, 0) == (dropped("unknown_message_id") - before, queue_left(moto_server, dead))
+
+
+async def test_the_dead_letter_limit_is_asked_again_until_the_queue_answers(
+    moto_server: str,
+) -> None:
+    """The first GetQueueAttributes fails (here the queue is not there yet; at boot, the
+    endpoint not up): the hold of five receives was kept for good, past a redrive of 3.
+    It is asked again at the next receive."""
+    name = f"ses-events-{uuid.uuid4().hex[:8]}"
+    queue_url = f"{moto_server}/{ACCOUNT}/{name}"
+    queue = await SqsQueue.open(queue_url, REGION)
+    try:
+        with pytest.raises(TemporaryFailure):
+            await queue.receive()
+        client = sqs(moto_server)
+        dead = client.create_queue(QueueName=f"dead-{name}")["QueueUrl"]
+        arn = client.get_queue_attributes(QueueUrl=dead, AttributeNames=["QueueArn"])
+        redrive = {"deadLetterTargetArn": arn["Attributes"]["QueueArn"], "maxReceiveCount": "3"}
+        client.create_queue(QueueName=name, Attributes={"RedrivePolicy": json.dumps(redrive)})
+        client.send_message(QueueUrl=queue_url, MessageBody="{}")
+        assert [2] == [m.unknown_after for m in await queue.receive()]
+    finally:
+        await queue.close()

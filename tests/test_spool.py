@@ -834,6 +834,19 @@ async def test_an_upgrade_is_said_first_and_keeps_systemd_waiting(
     )
 
 
+@pytest.mark.parametrize("name", ["spool#2", "moodle?prod", "site%41"])
+async def test_the_ses_rates_are_read_from_any_spool_directory(tmp_path: Path, name: str) -> None:
+    """A `#`, `?` or `%` in the spool's path read as the URI's own in the read-only
+    connection: the rates failed every minute, and `moodle?prod` made a stray empty
+    database `moodle` beside it."""
+    spool = await Spool.open(tmp_path / name)
+    try:
+        assert 0 == (await spool.reputation(0.0)).sends
+    finally:
+        await spool.close()
+    assert [name] == os.listdir(tmp_path)
+
+
 async def test_the_ses_rates_are_read_outside_the_write_turn(tmp_path: Path) -> None:
     """The bounce and complaint rates scan every row (0.3 s for 300,000), once a minute in
     each process. Read in the write turn, Moodle's adds waited behind them; read on a

@@ -78,6 +78,8 @@ class Received:
 
 
 class Queue(Protocol):
+    url: str
+
     async def receive(self) -> list[Received]: ...
     async def delete(self, receipt: str) -> None: ...
 
@@ -153,22 +155,27 @@ class SqsQueue:
                 receipt=m["ReceiptHandle"],
                 sqs_id=m["MessageId"],
                 receives=_count(m.get("Attributes", {}).get("ApproximateReceiveCount")),
-                unknown_after=self._unknown_after,
+                unknown_after=self._unknown_after or UNKNOWN_AFTER,
             )
             for m in answer.get("Messages", ())
         ]
 
-    async def _receives_before_dead_letter(self) -> int:
+    async def _receives_before_dead_letter(self) -> int | None:
         """UNKNOWN_AFTER, or fewer than the queue's RedrivePolicy maxReceiveCount (at least
-        1: deleted at the first receive). Not readable (IAM without
-        sqs:GetQueueAttributes): UNKNOWN_AFTER."""
+        1: deleted at the first receive). Refused (IAM without sqs:GetQueueAttributes), or
+        a policy it cannot read: UNKNOWN_AFTER. Not answered: None, asked again next time."""
         try:
             answer = await self._client.get_queue_attributes(
                 QueueUrl=self.url, AttributeNames=["RedrivePolicy"]
             )
+        except ClientError as exc:  # refused for good, or a queue not there yet
+            return UNKNOWN_AFTER if "AccessDenied" in str(exc) else None
+        except _ERRORS:
+            return None
+        try:
             policy = json.loads(answer.get("Attributes", {}).get("RedrivePolicy") or "{}")
             limit = int(policy.get("maxReceiveCount") or 0)
-        except (*_ERRORS, ValueError, TypeError, AttributeError):
+        except (ValueError, TypeError, AttributeError):
             return UNKNOWN_AFTER
         return max(1, min(UNKNOWN_AFTER, limit - 1)) if limit else UNKNOWN_AFTER
 
@@ -229,7 +236,7 @@ async def run(ctx: Context, queue: Queue, spool: FeedbackStore) -> None:
         try:
             batch = await _receive(queue, ctx.stop)
         except TemporaryFailure as exc:
-            metrics.SES_FEEDBACK_UP.set(0)
+            metrics.SES_FEEDBACK_UP.labels(queue.url).set(0)
             logs.event(
                 log, "ses_feedback_failed", level=logging.WARNING, error=str(exc), retry_in=pause
             )
@@ -237,7 +244,7 @@ async def run(ctx: Context, queue: Queue, spool: FeedbackStore) -> None:
             pause = min(pause * 2, MAX_ERROR_PAUSE)
             continue
         pause = ERROR_PAUSE
-        metrics.SES_FEEDBACK_UP.set(1)
+        metrics.SES_FEEDBACK_UP.labels(queue.url).set(1)
         done = []
         for message in batch:
             try:

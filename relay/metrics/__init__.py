@@ -186,9 +186,12 @@ COMPLAINT_RATE = Gauge(
 )
 # Unreadable, the queue hides every bounce: no DSN reaches Moodle, and the rates above
 # stay at 0 while SES's climb (the shipped alert RelaySesFeedbackDown).
+# By queue: no sample at all without `ses.events` (a 0 there fired the alert on every
+# relay that reads no events).
 SES_FEEDBACK_UP = Gauge(
     "relay_ses_feedback_up",
-    "1 when the last ReceiveMessage on ses.events.queue_url succeeded, 0 when it failed",
+    "1 when the last ReceiveMessage on the events queue succeeded, 0 when it failed",
+    ["queue"],
     registry=REGISTRY,
 )
 # limits.max_sessions, beside relay_sessions_open, for the shipped alert

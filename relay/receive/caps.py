@@ -46,6 +46,10 @@ log = logging.getLogger("relay.receive")
 # (database, WAL, shared memory), the delivery process's pipes, epoll, logging,
 # metrics connections (at most relay.metrics.http.MAX_CONNECTIONS), DATA spill files being read.
 RESERVED_FILES = 100
+# DATA spill files open at once, at least (each a descriptor beyond its session's): the
+# open-file limit must leave them too. Past what it leaves, a body that would spill gets
+# 452 (relay.receive.data.Body.spill): hoarders took every descriptor, and accept() failed.
+MIN_SPILL_FILES = 32
 
 EVICT_IDLE = 1.0  # seconds of silence before an idle session may make room for a new one
 EVICT_BUSY_IDLE = 30.0  # the same, for a session in a transaction (MAIL given)
@@ -139,13 +143,14 @@ def open_file_limit() -> tuple[int, int]:
 
 def sessions_problem(max_sessions: int, soft: int) -> str | None:
     """Why `max_sessions` cannot fit under an open-file limit of `soft`; None when it fits."""
-    needed = max_sessions + RESERVED_FILES
+    reserved = RESERVED_FILES + MIN_SPILL_FILES
+    needed = max_sessions + reserved
     if soft == resource.RLIM_INFINITY or soft >= needed:
         return None
     return (
-        f"limits.max_sessions {max_sessions} needs {needed} open files ({RESERVED_FILES} "
+        f"limits.max_sessions {max_sessions} needs {needed} open files ({reserved} "
         f"reserved) but the open-file limit is {soft}: lower limits.max_sessions to at most "
-        f"{max(soft - RESERVED_FILES, 0)} or raise the limit (LimitNOFILE= in relay.service, "
+        f"{max(soft - reserved, 0)} or raise the limit (LimitNOFILE= in relay.service, "
         "ulimit -n, docker run --ulimit nofile=...)"
     )
 

@@ -162,7 +162,18 @@ class Body:
             if new:
                 budget.files += 1  # counted before the thread opens it
             with memoryview(self._raw) as view:  # the reader waits meanwhile: _raw stays put
-                file = await asyncio.to_thread(self._write, view[:cut])
+                writing = asyncio.ensure_future(asyncio.to_thread(self._write, view[:cut]))
+                try:
+                    file = await asyncio.shield(writing)
+                except asyncio.CancelledError:
+                    # The client went. The thread goes on writing from `view`: wait for it,
+                    # then close a file it opened (its descriptor was counted, and leaked).
+                    left = await writing
+                    if new:
+                        budget.files -= 1
+                        if not isinstance(left, str):
+                            left.close()
+                    raise
             if new and isinstance(file, str):
                 budget.files -= 1
         if isinstance(file, str):

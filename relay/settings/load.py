@@ -93,7 +93,9 @@ def spool_of(path: Path) -> Path | None:
 
 
 # `spool: VALUE` at the start of a line, maybe a comment after: as relay.yaml is written.
-_SPOOL_LINE = re.compile(r"^spool:[ \t]*([^#\r\n]*?)[ \t]*(?:#.*)?$", re.MULTILINE)
+_SPOOL_LINE = re.compile(
+    r"""^spool:[ \t]*("[^"\n]*"|'[^'\n]*'|[^#\r\n]*?)[ \t]*(?:#.*)?$""", re.MULTILINE
+)
 
 
 def _path_alone(root: yamlfile.Node | None, path: Path, key: str, default: Path) -> Path | None:

@@ -17,6 +17,7 @@ from relay.spool.schema import (
     existing,
     open_existing,
     open_read_only,
+    uri,
 )
 from relay.spool.store import Spool
 
@@ -34,4 +35,5 @@ __all__ = [
     "open_existing",
     "open_read_only",
     "state_counts",
+    "uri",
 ]

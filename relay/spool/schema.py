@@ -304,6 +304,12 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def uri(path: Path, query: str = "mode=ro") -> str:
+    """An SQLite URI for the file at `path`: percent-encoded, since a `#`, `?` or `%` in
+    a directory name read as the URI's own (`?` lost `mode=ro`: a stray file was made)."""
+    return f"{path.absolute().as_uri()}?{query}"
+
+
 def open_read_only(directory: Path) -> sqlite3.Connection:
     """The spool read-only, for `relay queue`'s reading commands when `open_existing`
     cannot open it: the disk is full (WAL's files cannot be made) or the file system was
@@ -313,7 +319,7 @@ def open_read_only(directory: Path) -> sqlite3.Connection:
     last: sqlite3.Error | None = None
     for mode in ("mode=ro", "immutable=1"):
         try:
-            conn = sqlite3.connect(f"file:{path}?{mode}", uri=True, check_same_thread=False)
+            conn = sqlite3.connect(uri(path, mode), uri=True, check_same_thread=False)
             conn.row_factory = sqlite3.Row
             schema_version(conn, path)
             return conn

@@ -56,7 +56,7 @@ from relay.spool.rows import (
     split_off,
     state_counts,
 )
-from relay.spool.schema import BUSY_TIMEOUT_MS, DB_NAME, disk_state, prepare
+from relay.spool.schema import BUSY_TIMEOUT_MS, DB_NAME, disk_state, prepare, uri
 from relay.spool.writer import Op, T, TurnBatch, Writer
 
 log = logging.getLogger("relay.spool")
@@ -414,8 +414,10 @@ class Spool:
         300,000), and each minute in each process Moodle's 250s waited behind it."""
 
         def read() -> Reputation:
-            uri, wait = f"file:{self.path}?mode=ro", BUSY_TIMEOUT_MS / 1000
-            with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=wait)) as conn:
+            wait = BUSY_TIMEOUT_MS / 1000
+            with contextlib.closing(
+                sqlite3.connect(uri(self.path), uri=True, timeout=wait)
+            ) as conn:
                 return reputation(conn, since)
 
         try:

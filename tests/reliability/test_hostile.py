@@ -251,8 +251,8 @@ def test_max_sessions_that_cannot_fit_the_open_file_limit_is_refused_at_start(
     code = relay.proc.wait(15)
     print(f"max_sessions 1000 under 1024 files: exit {code}; {relay.log().strip()[-200:]}")
     assert 1 == code
-    assert "limits.max_sessions 1000 needs 1100 open files" in relay.log()
-    assert "at most 924" in relay.log()
+    assert "limits.max_sessions 1000 needs 1132 open files (132 reserved)" in relay.log()
+    assert "at most 892" in relay.log()
 
 
 class Wire:
