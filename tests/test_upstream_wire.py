@@ -4,15 +4,18 @@
 from __future__ import annotations
 
 import asyncio
+import re
+from collections.abc import Awaitable, Callable
 
 import pytest
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.deliver.upstream import UpstreamClient
+from relay.deliver.upstream import UpstreamClient, UpstreamResult
 from relay.deliver.wire import data_bytes
 from relay.errors import PermanentFailure, TemporaryFailure
+from relay.mail import Mail
 from relay.settings import Upstream
 from tests.support.capture import CaptureServer
 from tests.support.mails import make_mail
@@ -205,19 +208,32 @@ class ScriptedHost:
             writer.close()
 
 
-async def send_scripted(host: ScriptedHost, recipients: tuple[str, ...], raw: bytes) -> str:
-    """One try of the real UpstreamClient against `host`: what came of it."""
-    server = await asyncio.start_server(host.session, "127.0.0.1", 0)
-    upstream = Upstream(host="127.0.0.1", port=server.sockets[0].getsockname()[1], timeout=5)
+Session = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def one_try(
+    session: Session, mail: Mail, *, wait: float = 5.0
+) -> UpstreamResult | TemporaryFailure | PermanentFailure:
+    """One try of the real UpstreamClient (`upstream.timeout`: `wait`) against a host serving
+    `session`: its answer, or the failure it raised."""
+    server = await asyncio.start_server(session, "127.0.0.1", 0)
+    upstream = Upstream(host="127.0.0.1", port=server.sockets[0].getsockname()[1], timeout=wait)
     client = UpstreamClient(upstream, hostname="relay.test")
     try:
-        answer = await client.send(make_mail(raw=raw, recipients=recipients))
-        return f"sent to {','.join(answer.accepted)}: {answer.reply}"
+        return await client.send(mail)
     except (TemporaryFailure, PermanentFailure) as exc:
-        return f"{type(exc).__name__}: {exc}"
+        return exc
     finally:
         await client.close()
         server.close()
+
+
+async def send_scripted(host: ScriptedHost, recipients: tuple[str, ...], raw: bytes) -> str:
+    """One try of the real UpstreamClient against `host`: what came of it."""
+    answer = await one_try(host.session, make_mail(raw=raw, recipients=recipients))
+    if isinstance(answer, UpstreamResult):
+        return f"sent to {','.join(answer.accepted)}: {answer.reply}"
+    return f"{type(answer).__name__}: {answer}"
 
 
 TWO = ("a@x.org", "b@x.org")
@@ -278,17 +294,10 @@ async def test_utf8_addresses_to_a_host_without_smtputf8_fail_as_5_6_7() -> None
     """RFC 6531's status (Postfix's too) and relay's words: not 4.4.7, "delivery time
     expired", which a permanent failure with no status in its words got."""
     host = ScriptedHost(ehlo="250 8BITMIME", mail="250 Ok", rcpt=["250 Ok"], dot="250 Ok")
-    server = await asyncio.start_server(host.session, "127.0.0.1", 0)
-    upstream = Upstream(host="127.0.0.1", port=server.sockets[0].getsockname()[1], timeout=5)
-    client = UpstreamClient(upstream, hostname="relay.test")
-    try:
-        with pytest.raises(PermanentFailure) as refused:
-            await client.send(make_mail(recipients=("jörg@x.org",)))
-    finally:
-        await client.close()
-        server.close()
-    assert "5.6.7" == refused.value.status
-    assert refused.value.reply.startswith("5.6.7 SMTPUTF8 is required, but was not offered by ")
+    refused = await one_try(host.session, make_mail(recipients=("jörg@x.org",)))
+    assert isinstance(refused, PermanentFailure)
+    assert "5.6.7" == refused.status
+    assert refused.reply.startswith("5.6.7 SMTPUTF8 is required, but was not offered by ")
     assert not any(line.startswith(b"MAIL") for line in host.lines)
 
 
@@ -313,17 +322,10 @@ async def test_a_hosts_reply_is_kept_to_1000_characters() -> None:
     huge = "450-4.2.0 " + "x" * 990 + "\r\n"
     reply = huge * 30 + "450 4.2.0 try later"
     host = ScriptedHost(ehlo="250 8BITMIME", mail="250 Ok", rcpt=[reply], dot="250 Ok")
-    server = await asyncio.start_server(host.session, "127.0.0.1", 0)
-    upstream = Upstream(host="127.0.0.1", port=server.sockets[0].getsockname()[1], timeout=5)
-    client = UpstreamClient(upstream, hostname="relay.test")
-    try:
-        with pytest.raises(TemporaryFailure) as refused:
-            await client.send(make_mail(recipients=("a@x.org",)))
-    finally:
-        await client.close()
-        server.close()
-    assert 1000 == len(refused.value.reply.removeprefix("450 "))  # the text, after the code
-    assert refused.value.reply.startswith("450 4.2.0 xxx") and refused.value.reply.endswith("...")
+    refused = await one_try(host.session, make_mail(recipients=("a@x.org",)))
+    assert isinstance(refused, TemporaryFailure)
+    assert 1000 == len(refused.reply.removeprefix("450 "))  # the text, after the code
+    assert refused.reply.startswith("450 4.2.0 xxx") and refused.reply.endswith("...")
 
 
 async def test_a_host_that_does_not_answer_a_command_is_named_with_the_command() -> None:
@@ -343,21 +345,10 @@ async def test_a_host_that_does_not_answer_a_command_is_named_with_the_command()
         finally:
             writer.close()
 
-    server = await asyncio.start_server(silent_at_rcpt, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    client = UpstreamClient(
-        Upstream(host="127.0.0.1", port=port, timeout=0.5), hostname="relay.test"
-    )
-    try:
-        with pytest.raises(TemporaryFailure) as failed:
-            await client.send(make_mail(recipients=("a@x.org",)))
-    finally:
-        await client.close()
-        server.close()
-    assert (
-        f"4.4.2 conversation with upstream 127.0.0.1:{port} timed out while sending RCPT TO",
-        "4.4.2",
-    ) == (
-        failed.value.reply,
-        failed.value.status,
+    failed = await one_try(silent_at_rcpt, make_mail(recipients=("a@x.org",)), wait=0.5)
+    assert isinstance(failed, TemporaryFailure)
+    assert "4.4.2" == failed.status
+    assert re.fullmatch(
+        r"4\.4\.2 conversation with upstream 127\.0\.0\.1:\d+ timed out while sending RCPT TO",
+        failed.reply,
     )
