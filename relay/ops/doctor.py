@@ -44,7 +44,7 @@ from relay.ops import dnscheck, feedbackcheck, sescheck, upstreamcheck
 from relay.receive.data import free_bytes
 from relay.rules import Route, RuleSet
 from relay.settings import Settings
-from relay.spool import existing, state_counts, uri
+from relay.spool import existing, reader, state_counts
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 SENDER_WINDOW = 7 * 86400.0  # spool rows this recent name the senders to check
@@ -183,7 +183,7 @@ def _spool(report: Report, directory: Path, reserve: int) -> tuple[str, ...]:
         " AND sender != '' GROUP BY sender ORDER BY sender"
     )
     try:
-        with contextlib.closing(sqlite3.connect(uri(db), uri=True, timeout=5)) as c:
+        with contextlib.closing(reader(db)) as c:
             counts = state_counts(c)
             rows = c.execute(sql, (time.time() - SENDER_WINDOW,)).fetchall()
     except sqlite3.Error as exc:
@@ -208,7 +208,7 @@ def _spool_samples(directory: Path, ruleset: RuleSet) -> list[tuple[str, bytes]]
         " ON b.id = m.id WHERE m.sender != '' ORDER BY m.received_at DESC LIMIT ?"
     )
     try:
-        with contextlib.closing(sqlite3.connect(uri(db), uri=True, timeout=5)) as c:
+        with contextlib.closing(reader(db)) as c:
             rows = c.execute(sql, (SPOOL_SAMPLES * 10,)).fetchall()
     except sqlite3.Error:
         return []  # _spool has said why

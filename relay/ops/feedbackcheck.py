@@ -28,7 +28,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from relay.deliver.feedback import RATE_WINDOW, judge, sqs_location
 from relay.settings import Settings
-from relay.spool import DB_NAME, uri
+from relay.spool import DB_NAME, reader
 from relay.spool.feedback import reputation
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -168,7 +168,7 @@ def _rates(directory: Path, window: float) -> list[Line]:
     if not db.is_file():
         return []
     try:
-        with contextlib.closing(sqlite3.connect(uri(db), uri=True, timeout=5)) as c:
+        with contextlib.closing(reader(db)) as c:
             seen = reputation(c, time.time() - window)
     except sqlite3.Error as exc:  # an older spool without the feedback table, for one
         return [(WARN, "rates", f"{db}: cannot read SES feedback: {exc}")]

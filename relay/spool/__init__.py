@@ -17,7 +17,7 @@ from relay.spool.schema import (
     existing,
     open_existing,
     open_read_only,
-    uri,
+    reader,
 )
 from relay.spool.store import Spool
 
@@ -34,6 +34,6 @@ __all__ = [
     "new_id",
     "open_existing",
     "open_read_only",
+    "reader",
     "state_counts",
-    "uri",
 ]

@@ -304,10 +304,12 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def uri(path: Path, query: str = "mode=ro") -> str:
-    """An SQLite URI for the file at `path`: percent-encoded, since a `#`, `?` or `%` in
-    a directory name read as the URI's own (`?` lost `mode=ro`: a stray file was made)."""
-    return f"{path.absolute().as_uri()}?{query}"
+def reader(path: Path, *, mode: str = "mode=ro", timeout: float = 5.0) -> sqlite3.Connection:
+    """A read-only connection to the database file at `path`, by a percent-encoded URI: a
+    `#`, `?` or `%` in a directory name read as the URI's own (`?` lost `mode=ro`, and a
+    stray file was made)."""
+    uri = f"{path.absolute().as_uri()}?{mode}"
+    return sqlite3.connect(uri, uri=True, timeout=timeout, check_same_thread=False)
 
 
 def open_read_only(directory: Path) -> sqlite3.Connection:
@@ -319,7 +321,7 @@ def open_read_only(directory: Path) -> sqlite3.Connection:
     last: sqlite3.Error | None = None
     for mode in ("mode=ro", "immutable=1"):
         try:
-            conn = sqlite3.connect(uri(path, mode), uri=True, check_same_thread=False)
+            conn = reader(path, mode=mode)
             conn.row_factory = sqlite3.Row
             schema_version(conn, path)
             return conn

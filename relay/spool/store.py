@@ -56,7 +56,7 @@ from relay.spool.rows import (
     split_off,
     state_counts,
 )
-from relay.spool.schema import BUSY_TIMEOUT_MS, DB_NAME, disk_state, prepare, uri
+from relay.spool.schema import BUSY_TIMEOUT_MS, DB_NAME, disk_state, prepare, reader
 from relay.spool.writer import Op, T, TurnBatch, Writer
 
 log = logging.getLogger("relay.spool")
@@ -414,10 +414,7 @@ class Spool:
         300,000), and each minute in each process Moodle's 250s waited behind it."""
 
         def read() -> Reputation:
-            wait = BUSY_TIMEOUT_MS / 1000
-            with contextlib.closing(
-                sqlite3.connect(uri(self.path), uri=True, timeout=wait)
-            ) as conn:
+            with contextlib.closing(reader(self.path, timeout=BUSY_TIMEOUT_MS / 1000)) as conn:
                 return reputation(conn, since)
 
         try:
