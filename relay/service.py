@@ -269,11 +269,11 @@ async def serve(
         _write_port_file(port)
         if ready is not None:
             ready(ctx)
-        sdnotify.notify("READY=1")
+        await sdnotify.tell("READY=1")
         await runtime.wait_stop(stop, running)
         handler.stopping = True
         ctx.listening = False
-        sdnotify.notify("STOPPING=1")
+        await sdnotify.tell("STOPPING=1")
         logs.event(log, "stopping", sessions=len(ctx.sessions))
 
 

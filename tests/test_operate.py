@@ -109,6 +109,38 @@ def test_ready_after_listen_watchdog_and_stopping(write_config: ConfigWriter) ->
     assert 0 == code, log.read_text()
 
 
+@pytest.mark.system
+def test_a_busy_systemd_does_not_stop_smtp(
+    write_config: ConfigWriter, relay_process: Process, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """systemd's notify queue full (PID 1 busy: it holds 10 datagrams, shared by every
+    service): the WATCHDOG=1 pings are dropped, SMTP goes on. They were sent with a blocking
+    send from the event loop, which then waited in the kernel: every client timed out
+    until systemd read its socket again."""
+    with tempfile.TemporaryDirectory(prefix="rn") as short:
+        path = os.path.join(short, "notify")
+        busy = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        busy.bind(path)  # never read while the mails go
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        monkeypatch.setenv("WATCHDOG_USEC", "100000")
+        monkeypatch.delenv("WATCHDOG_PID", raising=False)
+        relay = relay_process(write_config()).start()
+        time.sleep(1.5)  # a ping every 0.05 s: the queue is full by now
+        started = time.monotonic()
+        for n in range(3):
+            send(relay.port, "noreply@moodle.test", ["ada@example.net"], mail("busy", n))
+        took = time.monotonic() - started
+        busy.setblocking(False)
+        said = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                said.append(busy.recv(100).decode())
+        assert 0 == relay.stop()
+        busy.close()
+    assert took < 3.0, f"three mails took {took:.1f} s while systemd was busy"
+    assert "READY=1" in said, said  # from a thread, which waited for room
+
+
 @pytest.mark.parametrize("key", ["listen", "metrics"])
 def test_no_ready_when_the_port_is_taken(write_config: ConfigWriter, key: str) -> None:
     """When the listen or metrics port is already in use, `relay serve` exits 1 promptly

@@ -243,7 +243,9 @@ def upgrade(conn: sqlite3.Connection, path: Path) -> None:
         nonlocal last
         if time.monotonic() - last >= EXTEND_EVERY:
             last = time.monotonic()
-            sdnotify.notify(f"EXTEND_TIMEOUT_USEC={int(EXTEND_FOR * 1e6)}")
+            sdnotify.notify(
+                f"EXTEND_TIMEOUT_USEC={int(EXTEND_FOR * 1e6)}", wait=sdnotify.STATE_WAIT
+            )
         return 0  # go on
 
     try:
@@ -259,7 +261,9 @@ def upgrade(conn: sqlite3.Connection, path: Path) -> None:
                     SCHEMA_VERSION,
                     size,
                 )
-                sdnotify.notify(f"EXTEND_TIMEOUT_USEC={int(EXTEND_FOR * 1e6)}")
+                sdnotify.notify(
+                    f"EXTEND_TIMEOUT_USEC={int(EXTEND_FOR * 1e6)}", wait=sdnotify.STATE_WAIT
+                )
                 conn.set_progress_handler(extend, 100_000)
             for statement in _UPGRADES.get(version, ()):
                 conn.execute(statement)
