@@ -7,6 +7,8 @@ host) and compares the lines of the checks it is about, exactly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from typing import Any
 import pytest
 
 from relay import spool as spool_mod
+from relay.spool import DB_NAME
 from tests.support.aws import REGION
 from tests.support.capture import CaptureServer
 from tests.support.fakedns import FakeDns
@@ -216,12 +219,15 @@ def test_doctor_takes_samples_from_the_spool(write_config: ConfigWriter, tmp_pat
                     trace=b"",
                     message_id="<m@x>",
                 )
-                for raw in (reminder, forum)
+                for raw in (reminder, forum, reminder)
             ]
         finally:
             await spool.close()
 
     queued = asyncio.run(seed())
+    # The newest, edited by hand into no JSON list, is passed over (doctor stopped on it).
+    with contextlib.closing(sqlite3.connect(tmp_path / "spool" / DB_NAME)) as conn, conn:
+        conn.execute("UPDATE messages SET recipients = 'x' WHERE id = ?", (queued[2],))
     with FakeSes(verified={LMS}) as fake, FakeDns() as dns, CaptureServer() as host:
         config = write_config(
             upstream={"host": "127.0.0.1", "port": host.port},

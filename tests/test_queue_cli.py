@@ -134,6 +134,22 @@ def test_list_human_table(spooled: tuple[Path, dict[str, str]]) -> None:
     assert "(550 5.1.1 no such user)" in lines[lines.index(row) + 1]
 
 
+def test_list_and_show_a_row_edited_by_hand(spooled: tuple[Path, dict[str, str]]) -> None:
+    """Recipients edited by hand without their JSON brackets: list and show print the column
+    as it is stored. Both stopped with a traceback, so the admin could not find the row."""
+    config, ids = spooled
+    with closing(sqlite3.connect(config.parent / "spool" / DB_NAME)) as conn, conn:
+        conn.execute(
+            "UPDATE messages SET recipients = 'ada@example.net' WHERE id = ?", (ids["queued"],)
+        )
+    listed = queue(config, "list")
+    shown = queue(config, "show", ids["queued"])
+    assert (0, 0) == (listed.exit_code, shown.exit_code), listed.output + shown.output
+    row = next(line for line in listed.stdout.splitlines() if line.startswith(ids["queued"]))
+    assert "noreply@moodle.test -> ada@example.net" in row
+    assert "ada@example.net" in shown.stdout
+
+
 def test_list_unknown_state_is_a_usage_error(spooled: tuple[Path, dict[str, str]]) -> None:
     """--state with a name that is not a state: exit 2 and the valid names."""
     config, _ = spooled

@@ -112,6 +112,35 @@ async def test_a_row_without_its_body_fails_alone(spool: Spool, tmp_path: Path) 
     assert (State.FAILED, "no body in the spool: nothing to send") == (row["state"], row["reply"])
 
 
+@pytest.mark.parametrize(
+    ("edit", "why"),
+    [
+        ("UPDATE messages SET recipients = 'ada@example.net' WHERE id = ?", "Expecting value"),
+        ("UPDATE messages SET recipients = '\"ada@example.net\"' WHERE id = ?", "JSON list"),
+        ("UPDATE messages SET recipients = '[1]' WHERE id = ?", "JSON list"),
+        ("UPDATE messages SET trace = 'Received: x' WHERE id = ?", "trace is str"),
+        ("UPDATE bodies SET body = 'Subject: x' WHERE id = ?", "body is str"),
+    ],
+)
+async def test_a_row_relay_cannot_read_fails_alone(
+    spool: Spool, tmp_path: Path, edit: str, why: str
+) -> None:
+    """A row edited by hand into something relay never writes (the recipients without their
+    JSON brackets, text where relay stores bytes) fails alone, saying why, when claimed.
+    It raised out of the claim: the delivery process died, was restarted, claimed the same
+    row first and died again, and no mail went out at all."""
+    broken, fine = await add(spool, 1), await add(spool, 2)
+    conn = sqlite3.connect(tmp_path / "spool" / DB_NAME)
+    with conn:
+        conn.execute(edit, (broken,))
+    conn.close()
+    claimed = await spool.claim(10)
+    row = rows(tmp_path / "spool")[broken]
+    assert [fine] == [m.id for m in claimed]
+    assert State.FAILED == row["state"]
+    assert row["reply"].startswith("unreadable row in the spool (") and why in row["reply"]
+
+
 async def test_directory_and_database_are_private(tmp_path: Path) -> None:
     """The spool directory is created 0700 and the database file is 0600."""
     opened = await Spool.open(tmp_path / "new" / "spool")

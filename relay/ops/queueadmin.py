@@ -77,8 +77,18 @@ def _safe(text: object) -> str:
 
 def _record(row: sqlite3.Row) -> dict[str, Any]:
     record = {name: row[name] for name in _COLUMNS}
-    record["recipients"] = json.loads(record["recipients"])
+    record["recipients"] = _recipients(record["recipients"])
     return record
+
+
+def _recipients(column: object) -> list[Any]:
+    """The recipients column as a list; as it is stored when that is no JSON list (a
+    hand edit, which the delivery process fails alone): listing it must not fail."""
+    try:
+        listed = json.loads(column)  # type: ignore[arg-type]
+    except (ValueError, TypeError):
+        return [column]
+    return listed if isinstance(listed, list) else [column]
 
 
 def _when(stamp: float | None) -> str:

@@ -12,6 +12,7 @@ import random
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -104,36 +105,61 @@ def claim_due(conn: sqlite3.Connection, limit: int, now: float) -> list[Mail]:
         (now, limit),
     ).fetchall()
     bodies = _bodies(conn, [r[0] for r in rows])
-    lost = [r[0] for r in rows if r[0] not in bodies]
-    if lost:
-        _fail_without_body(conn, lost, now)
-        rows = [r for r in rows if r[0] in bodies]
-    mails = [
-        Mail(
-            id=r[0],
-            sender=r[1],
-            recipients=tuple(json.loads(r[2])),
-            raw=bodies[r[0]],
-            received_at=r[3],
-            attempts=r[4],
-            peer=r[5],
-            trace=bytes(r[6]),
-            message_id=r[7] or "",
-            reports_on=r[8] or "",
-            retried_at=r[9],
-            fallback_reason=r[10] or "",
-        )
-        for r in rows
-    ]
+    mails, unreadable = [], {}
+    for r in rows:
+        if r[0] not in bodies:
+            unreadable[r[0]] = "no body in the spool: nothing to send"
+            continue
+        try:
+            mails.append(_mail(r, bodies[r[0]]))
+        except (ValueError, TypeError) as exc:  # json's errors are ValueErrors
+            unreadable[r[0]] = f"unreadable row in the spool ({exc})"
+    if unreadable:
+        _fail_unreadable(conn, unreadable, now)
     return sorted(mails, key=lambda m: m.id)
 
 
-def _fail_without_body(conn: sqlite3.Connection, ids: list[str], now: float) -> None:
-    """Rows whose body is gone (relay never leaves one so: a hand-edited or damaged
-    spool) fail, saying so: one such row must not stop every delivery."""
-    log.error("event=spool_body_missing ids=%s (failed: the spool was altered)", ",".join(ids))
-    reply = "no body in the spool: nothing to send"
-    for queue_id in ids:
+def _mail(r: Sequence[Any], body: object) -> Mail:
+    """A claimed row as a Mail; ValueError or TypeError when a column is not what relay
+    writes (a hand edit: recipients not a JSON list of addresses, a trace stored as text)."""
+    recipients = json.loads(r[2])
+    if not isinstance(recipients, list) or not all(isinstance(a, str) for a in recipients):
+        raise ValueError(f"recipients {r[2][:200]!r} is not a JSON list of addresses")
+    if not isinstance(r[1], str):
+        raise TypeError(f"sender {r[1]!r} is not text")
+    return Mail(
+        id=r[0],
+        sender=r[1],
+        recipients=tuple(recipients),
+        raw=_blob(body, "body"),
+        received_at=r[3],
+        attempts=r[4],
+        peer=r[5],
+        trace=_blob(r[6], "trace"),
+        message_id=r[7] or "",
+        reports_on=r[8] or "",
+        retried_at=r[9],
+        fallback_reason=r[10] or "",
+    )
+
+
+def _blob(value: object, column: str) -> bytes:
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise TypeError(f"{column} is {type(value).__name__}, not a blob")
+    return bytes(value)
+
+
+def _fail_unreadable(conn: sqlite3.Connection, problems: dict[str, str], now: float) -> None:
+    """Rows relay cannot read (relay never writes one so: a hand-edited or damaged spool)
+    fail, each saying why, with no DSN: one such row must not stop every delivery, which
+    it did at every claim (the delivery process died, was restarted and claimed it first
+    again). `relay queue show ID` says why; mended, `relay queue retry ID` sends it."""
+    for queue_id, reply in problems.items():
+        log.error(
+            "event=spool_row_unreadable id=%s reply=%r (failed: the spool was altered)",
+            queue_id,
+            reply,
+        )
         finish(
             conn,
             queue_id,
@@ -146,11 +172,11 @@ def _fail_without_body(conn: sqlite3.Connection, ids: list[str], now: float) -> 
         )
 
 
-def _bodies(conn: sqlite3.Connection, ids: list[str]) -> dict[str, bytes]:
-    """The bodies of `ids`, by id."""
+def _bodies(conn: sqlite3.Connection, ids: list[str]) -> dict[str, object]:
+    """The bodies of `ids`, by id, as stored (`_blob` checks them)."""
     marks = ", ".join("?" * len(ids))
     sql = f"SELECT id, body FROM bodies WHERE id IN ({marks})"
-    return {queue_id: bytes(body) for queue_id, body in conn.execute(sql, ids)}
+    return dict(conn.execute(sql, ids).fetchall())
 
 
 def finish(
