@@ -14,6 +14,7 @@ from aiosmtpd.smtp import SMTP
 
 from relay.deliver import upstream
 from relay.deliver.upstream import UpstreamClient, UpstreamResult
+from relay.deliver.wire import send_data
 from relay.errors import HostUnreachable, HostUnusable, PermanentFailure, TemporaryFailure
 from relay.settings import Security, Upstream
 from tests.support.capture import CaptureServer
@@ -242,6 +243,27 @@ async def test_whole_transaction_failures(
     assert mail.id in str(caught.value)
 
 
+async def test_a_421_to_one_rcpt_defers_the_mail_in_the_hosts_words(
+    start_capture: StartCapture,
+) -> None:
+    """A 421 to the second of three RCPTs (the host closes the session, RFC 5321 3.8): every
+    recipient waits, with the host's reply. The next RCPT raised "Server not connected",
+    which stood in the row, the log and the DSN instead."""
+    capture, port = await start_capture()
+    reply = "421 4.7.0 rate limit for this recipient domain, closing"
+    capture.refuse_rcpt("bob@example.net", reply)
+    mail = make_mail(recipients=("ada@example.net", "bob@example.net", "cy@example.net"))
+    client = _client(port)
+    try:
+        with pytest.raises(TemporaryFailure) as caught:
+            await client.send(mail)
+    finally:
+        await client.close()
+    assert reply == caught.value.reply
+    assert "at RCPT TO" in str(caught.value)
+    assert [] == capture.messages
+
+
 async def test_connection_refused_is_temporary() -> None:
     """Nothing listening is HostUnreachable, a TemporaryFailure (the loop stops trying a while)."""
     with socket.socket() as sock:
@@ -310,6 +332,74 @@ async def test_connection_is_reused_between_mails(start_capture: StartCapture) -
     assert len(capture.sessions) == 1
     assert [m.rcpt_tos for m in capture.messages] == [m.recipients for m in mails]
     assert [m.content for m in capture.messages] == [m.wire_bytes() for m in mails]
+
+
+async def test_a_host_limiting_connections_gets_every_mail_over_those_it_takes(
+    start_capture: StartCapture,
+) -> None:
+    """A host that takes 3 connections from one client and greets the next with 421 (Postfix's
+    smtpd_client_connection_count_limit): sixteen sends at once all go out over 3 connections,
+    none fails. Each 421 was an unreachable host: that mail deferred to the next step of
+    the schedule, and the deliver loop paused the host for every other mail as well."""
+    capture, port = await start_capture()
+    capture.max_connections = 3
+    client = _client(port)
+    mails = [make_mail(id=f"Q{i}", recipients=(f"r{i}@example.net",)) for i in range(16)]
+    try:
+        results = await asyncio.gather(*(client.send(mail) for mail in mails))
+        more = await client.send(make_mail(id="Q16"))  # the cap holds: no new greeting
+    finally:
+        await client.close()
+    assert [m.recipients for m in mails] == [r.accepted for r in results]
+    assert ("ada@example.net",) == more.accepted
+    assert 17 == len(capture.messages)
+    assert 3 == capture.most_connections
+    assert 1 <= capture.busy_greetings <= 13, capture.busy_greetings  # at most once each
+
+
+async def test_a_busy_greeting_with_no_connection_open_is_an_unreachable_host(
+    start_capture: StartCapture,
+) -> None:
+    """A 421 greeting while relay has no connection to the host is the host down (the
+    deliver loop's dead-host pause), not its connection limit."""
+    capture, port = await start_capture()
+    capture.max_connections = 0
+    client = _client(port)
+    try:
+        with pytest.raises(HostUnreachable) as caught:
+            await client.send(make_mail())
+    finally:
+        await client.close()
+    assert caught.value.reply.startswith("421 4.7.0"), caught.value.reply
+
+
+async def test_waiting_for_a_connection_under_the_cap_ends_at_the_timeout(
+    start_capture: StartCapture,
+) -> None:
+    """Every connection the host takes stays busy: a mail waiting for one is deferred after
+    `upstream.timeout` (4.4.5 in relay's words), not held without end."""
+    capture, port = await start_capture()
+    capture.max_connections = 1
+    client = _client(port, timeout=0.5)
+    hold = asyncio.Event()
+
+    async def slow(smtp: Any, data: bytes) -> Any:
+        await hold.wait()
+        return await send_data(smtp, data)
+
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(upstream, "send_data", slow)
+            first = asyncio.ensure_future(client.send(make_mail(id="Q1")))
+            await asyncio.sleep(0.2)  # Q1 holds the one connection
+            with pytest.raises(TemporaryFailure) as caught:
+                await client.send(make_mail(id="Q2"))
+            hold.set()
+            assert ("ada@example.net",) == (await first).accepted
+    finally:
+        await client.close()
+    assert caught.value.reply.startswith("4.4.5 upstream 127.0.0.1:"), caught.value.reply
+    assert not isinstance(caught.value, HostUnreachable)
 
 
 async def test_reuse_keeps_tls_and_auth(start_capture: StartCapture) -> None:

@@ -22,18 +22,28 @@ TLS, EHLO and AUTH per message), and is closed with QUIT after REUSE_LIMIT
 mails, REUSE_FOR seconds, or any error. If the host closed an idle connection,
 the next MAIL FROM fails before anything of that mail was sent, and the mail
 goes out on a fresh connection instead.
+
+A host that limits the connections it takes from one client (Postfix's
+smtpd_client_connection_count_limit, Exim's smtp_accept_max_per_host, a 421
+greeting past it) is up, not down: a busy greeting while other connections to
+it are open sets a cap at their number for BUSY_FOR seconds, and the mail waits
+for one of them instead of being deferred (Postfix's qmgr lowers the
+destination's concurrency, and calls the host dead only when every connection
+fails). A busy greeting with no connection open is an unreachable host.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 import time
 from dataclasses import dataclass
 
 import aiosmtplib
 
+from relay import logs
 from relay import settings as _settings
 from relay.deliver.wire import data_bytes, send_data
 from relay.errors import (
@@ -49,6 +59,9 @@ REUSE_IDLE = 2.0  # seconds an idle connection waits for the next mail (Postfix:
 REUSE_LIMIT = 100  # mails per connection, then QUIT
 REUSE_FOR = 300.0  # seconds a connection is used at most (Postfix: 300 s)
 REPLY_MAX = 1000  # characters of a host's reply kept (the rest is "...")
+BUSY_FOR = 60.0  # seconds a connection cap learnt from a busy greeting holds
+
+log = logging.getLogger("relay.deliver")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -73,10 +86,15 @@ class _Connection:
     opened: float  # time.monotonic()
     used: int = 0  # mails sent on it
     idle_since: float = 0.0
+    closed: bool = False
 
 
 class _Stale(Exception):
     """A reused connection was closed by the host while idle; nothing of the mail was sent."""
+
+
+class _Busy(Exception):
+    """A new connection got a 4xx greeting while others to the host are open: its limit."""
 
 
 class UpstreamClient:
@@ -87,6 +105,12 @@ class UpstreamClient:
         self._hostname = hostname  # our EHLO name
         self._idle: list[_Connection] = []  # open, between mails; the newest last
         self._closing: set[asyncio.Task[None]] = set()
+        self._open = 0  # connections open now, in use or idle
+        self._cap = 0  # the host's limit on them, learnt from a busy greeting (0: none) ...
+        self._cap_until = 0.0  # ... until then (monotonic)
+        self._room: list[asyncio.Future[None]] = []  # sends waiting for a connection
+        self._connecting = 0  # connections being set up
+        self._connect_ended = asyncio.Event()
         self._tls: ssl.SSLContext | None = None
         if settings.security is not _settings.Security.NONE:
             self._tls = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
@@ -100,12 +124,24 @@ class UpstreamClient:
 
     async def send(self, mail: Mail) -> UpstreamResult:
         """Deliver `mail`; see the module docstring for what raises and what returns."""
-        conn = self._take()
-        if conn is not None:
+        deadline = time.monotonic() + self._settings.timeout  # for a connection under the cap
+        while True:
+            conn = self._take()
+            if conn is not None:
+                try:
+                    return await self._send_on(conn, mail, reused=True)
+                except _Stale:
+                    continue  # the host let it go while idle: another, or a fresh one
+            if self._full():
+                await self._wait_for_room(mail, deadline)
+                continue
             try:
-                return await self._send_on(conn, mail, reused=True)
-            except _Stale:
-                pass  # the host let it go while idle: a fresh connection below
+                conn = await self._connect(mail, deadline)
+            except _Busy:
+                continue  # the cap is set: wait for a connection that is open
+            return await self._send_on(conn, mail, reused=False)
+
+    async def _connect(self, mail: Mail, deadline: float) -> _Connection:
         s = self._settings
         smtp = aiosmtplib.SMTP(
             hostname=s.host,
@@ -116,13 +152,78 @@ class UpstreamClient:
             start_tls=False,
             tls_context=self._tls,
         )
-        conn = _Connection(smtp, opened=time.monotonic())
+        self._connecting += 1
         try:
-            await self._open(smtp, mail)
+            await self._open_session(smtp, mail)
+        except HostUnreachable as exc:
+            smtp.close()
+            if _busy(exc) and await self._others_got_in(deadline):
+                self._cap, self._cap_until = self._open, time.monotonic() + BUSY_FOR
+                logs.event(
+                    log,
+                    "upstream_busy",
+                    level=logging.WARNING,
+                    host=self.target,
+                    connections=self._cap,
+                    seconds=BUSY_FOR,
+                    reply=exc.reply,
+                )
+                raise _Busy() from exc
+            raise
         except BaseException:
             smtp.close()
             raise
-        return await self._send_on(conn, mail, reused=False)
+        finally:
+            self._connecting -= 1
+            self._connect_ended.set()
+        self._open += 1
+        self._cap = max(self._cap, self._open) if self._cap else 0  # the host took this one
+        return _Connection(smtp, opened=time.monotonic())
+
+    async def _others_got_in(self, deadline: float) -> bool:
+        """After a busy greeting: whether relay has another connection to the host, once
+        the connects under way beside this one have ended (a burst of them at the start)."""
+        while not self._open and self._connecting > 1 and time.monotonic() < deadline:
+            self._connect_ended.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
+                    await self._connect_ended.wait()
+        return self._open > 0
+
+    def _full(self) -> bool:
+        """At the host's connection cap (a busy greeting within BUSY_FOR seconds)."""
+        return bool(self._cap) and time.monotonic() < self._cap_until and self._open >= self._cap
+
+    async def _wait_for_room(self, mail: Mail, deadline: float) -> None:
+        """Until a connection is freed or closed; a TemporaryFailure past `deadline`."""
+        room = asyncio.get_running_loop().create_future()
+        self._room.append(room)
+        try:
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
+                await room
+        except TimeoutError:
+            reply = (
+                f"4.4.5 upstream {self.target} takes {self._cap} connections at a time"
+                f" from relay and none was free for {self._settings.timeout:g} s"
+            )
+            raise TemporaryFailure(f"{reply} ({mail.id})", reply=reply, status="4.4.5") from None
+        finally:
+            if room in self._room:
+                self._room.remove(room)
+
+    def _wake(self) -> None:
+        """A connection was freed or closed: the longest waiting send looks again."""
+        while self._room:
+            room = self._room.pop(0)
+            if not room.done():
+                room.set_result(None)
+                return
+
+    def _closed(self, conn: _Connection) -> None:
+        if not conn.closed:
+            conn.closed = True
+            self._open -= 1
+            self._wake()
 
     async def close(self) -> None:
         """QUIT every idle connection (at stop)."""
@@ -138,6 +239,7 @@ class UpstreamClient:
             result = await self._transaction(conn.smtp, mail, reused=reused)
         except BaseException:
             conn.smtp.close()
+            self._closed(conn)
             raise
         conn.used += 1
         if result.accepted:  # DATA completed: the session is ready for the next MAIL
@@ -163,6 +265,7 @@ class UpstreamClient:
         conn.idle_since = now
         self._idle.append(conn)
         asyncio.get_running_loop().call_later(REUSE_IDLE, self._expire)
+        self._wake()
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -172,6 +275,7 @@ class UpstreamClient:
 
     def _retire(self, conn: _Connection) -> None:
         """QUIT in the background; the outcome of every mail on it is already known."""
+        self._closed(conn)
 
         async def quit_() -> None:
             with contextlib.suppress(aiosmtplib.SMTPException, OSError):
@@ -228,6 +332,8 @@ class UpstreamClient:
                     await smtp.rcpt(rcpt, encoding=encoding)
                     accepted.append(rcpt)
                 except aiosmtplib.SMTPRecipientRefused as exc:
+                    if exc.code == 421:  # closing the session (RFC 5321 3.8): all wait, in
+                        raise  # its words (the next RCPT said only "not connected")
                     if exc.code // 100 == 2:  # 252 and the like: taken (RFC 5321 4.2.1)
                         accepted.append(rcpt)
                         continue
@@ -270,7 +376,7 @@ class UpstreamClient:
             reply=reply,
         )
 
-    async def _open(self, smtp: aiosmtplib.SMTP, mail: Mail) -> None:
+    async def _open_session(self, smtp: aiosmtplib.SMTP, mail: Mail) -> None:
         """Connect, STARTTLS and AUTH as configured; any failure here is temporary."""
         s = self._settings
         where = f"upstream {self.target}"
@@ -351,6 +457,12 @@ def _by_code(code: int, message: str, *, reply: str) -> DeliveryError:
     if 500 <= code < 600:
         return PermanentFailure(message, reply=reply)
     return TemporaryFailure(message, reply=reply)
+
+
+def _busy(exc: HostUnreachable) -> bool:
+    """A 4xx greeting: the host is there and says not now (a connection limit, a load)."""
+    greeting = exc.__cause__
+    return isinstance(greeting, aiosmtplib.SMTPConnectResponseError) and greeting.code // 100 == 4
 
 
 def _reply(exc: aiosmtplib.SMTPException) -> str:

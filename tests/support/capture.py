@@ -83,6 +83,15 @@ class _Refusal:
     times: int | None  # None: every time
 
 
+class _Busy(asyncio.Protocol):
+    """Postfix's smtpd past smtpd_client_connection_count_limit: a 421 greeting, then close."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(b"421 4.7.0 relay.test Error: too many connections from 127.0.0.1\r\n")
+        transport.close()
+
+
 @dataclass
 class CaptureServer:
     """An SMTP server that keeps what it gets; `port` stays the same across stop/start."""
@@ -98,6 +107,9 @@ class CaptureServer:
     login: tuple[bytes, bytes] | None = None  # AUTH required, this (user, password) accepted
     size: int | None = None  # bytes: the SIZE offered and enforced (None: aiosmtpd's 32 MiB)
     data_attempts: int = 0  # DATA commands seen, refused ones included
+    max_connections: int | None = None  # past this many open, a 421 greeting (then close)
+    busy_greetings: int = 0  # those 421 greetings
+    most_connections: int = 0  # the most sessions open at once
     logins: list[tuple[bytes, bytes]] = field(default_factory=list, init=False)  # AUTH tries
     sessions: list[SMTP] = field(default_factory=list, init=False)  # one per connection
     _messages: list[Captured] = field(default_factory=list, init=False, repr=False)
@@ -235,7 +247,13 @@ class CaptureServer:
     def _call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
 
-    def _protocol(self) -> SMTP:
+    def _protocol(self) -> SMTP | _Busy:
+        # Open or about to be (connection_made comes later): what a per-client limit counts.
+        self._protocols = [p for p in self._protocols if p.session is None or p.transport]
+        if self.max_connections is not None and len(self._protocols) >= self.max_connections:
+            with self._lock:
+                self.busy_greetings += 1
+            return _Busy()
         smtp = SMTP(
             self,
             hostname=HOSTNAME,
@@ -248,10 +266,10 @@ class CaptureServer:
         )
         # Keep the open sessions and the ones not connected yet (connection_made comes
         # later, so a burst of connects must not drop each other from the list).
-        self._protocols = [p for p in self._protocols if p.session is None or p.transport]
         self._protocols.append(smtp)
         with self._lock:
             self.sessions.append(smtp)
+            self.most_connections = max(self.most_connections, len(self._protocols))
         return smtp
 
     async def _start(self) -> None:
