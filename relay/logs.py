@@ -285,7 +285,9 @@ class Sampled:
 class SampledByText(logging.Filter):
     """A logger's records sampled as `Sampled` samples an event, one kind (the unformatted
     text) at a time: for a library's lines a client can cause at will (aiosmtpd warns of
-    every AUTH a client cancels with "*"). A line after some were left out says how many."""
+    every AUTH a client cancels with "*"). A line after some were left out says how many.
+    A line with a character that is not printable (the client's words in it) is escaped
+    as `_quote` escapes a field."""
 
     def __init__(self, interval: float = 10.0) -> None:
         super().__init__()
@@ -303,6 +305,9 @@ class SampledByText(logging.Filter):
             return False
         self._next[kind] = now + self.interval
         count = self._count.pop(kind)
+        text = record.getMessage()  # with the client's words ("%r unrecognised: %s")
+        if not text.isprintable():  # a CR, NUL or ESC of theirs must not start a line of its own
+            record.msg, record.args = json.dumps(text)[1:-1].replace("\x7f", "\\u007f"), None
         if count > 1 and isinstance(record.msg, str):
             record.msg = f"{record.msg} (count={count}: {count - 1} left out since the last)"
         return True

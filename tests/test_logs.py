@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import select
+import socket
 import subprocess
 import sys
+
+from tests.support.processes import Process
+from tests.support.relays import ConfigWriter
 
 SCRIPT = """
 import logging, sys
@@ -157,3 +161,25 @@ def test_a_value_that_could_end_a_line_is_escaped() -> None:
         "Grüße",
         '"Gr\\u00fc\\u00dfe\\n"',
     ] == quoted
+
+
+def test_a_command_aiosmtpd_does_not_know_cannot_forge_a_line(
+    write_config: ConfigWriter, relay_process: Process
+) -> None:
+    """aiosmtpd warns of a command it does not know with the client's words in the line
+    ("%r unrecognised: %s"): a CR, a NUL or an ESC in them went to the log as they were, so
+    a terminal printed a forged line over the real one and journald split a record of the
+    client's choosing off at the NUL. Escaped now, as relay's own fields are."""
+    relay = relay_process(write_config()).start()
+    forged = b"X\x00\r2026-12-07T14:00:00.000Z\tINFO\trelay.deliver\tevent=sent\x1b[2K\r\n"
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=5) as client:
+        client.recv(512)
+        client.sendall(forged)
+        assert client.recv(512).startswith(b"500 ")
+        client.sendall(b"QUIT\r\n")
+        client.recv(512)
+    assert 0 == relay.stop()
+    raw = relay.log_path.read_bytes()
+    line = next(line for line in raw.split(b"\n") if b"unrecognised" in line)
+    assert not any(c in line for c in b"\x00\r\x1b"), line
+    assert b"X\\u0000\\r2026-12-07T14:00:00.000Z" in line, line
