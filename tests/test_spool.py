@@ -310,6 +310,39 @@ async def test_mail_queued_before_the_clock_went_back_is_due_at_once(
         await restarted.close()
 
 
+async def test_mail_deferred_before_the_clock_went_back_waits_its_step_not_the_jump(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mail deferred 60 s while the wall clock was a day ahead (set right at the next boot,
+    relay stopped meanwhile): the next delivery process finds it due 60 s after the
+    deferral, not a day later, and dated no later than now. It waited the whole day, its
+    age read 0 and the oldest-mail alert could not fire."""
+    real = time.time
+    ahead = [86400.0]
+    monkeypatch.setattr(time, "time", lambda: real() + ahead[0])
+    spool = await Spool.open(tmp_path / "spool", full_sync=False)
+    try:
+        soon, later = await add(spool, 1), await add(spool, 2)
+        await spool.claim(10)
+        for qid, wait in ((soon, 0.0), (later, 60.0)):
+            await spool.defer(
+                qid, due_at=time.time() + wait, rule=None, route="upstream", reply="451 later"
+            )
+    finally:
+        await spool.close()
+    ahead[0] = 0.0
+    restarted = await Spool.open(tmp_path / "spool", full_sync=False)
+    try:
+        await restarted.reclaim()
+        claimed = [m.id for m in await restarted.claim(10)]
+        waiting = rows(tmp_path / "spool")[later]
+    finally:
+        await restarted.close()
+    assert [soon] == claimed
+    assert 55 < waiting["due_at"] - real() <= 60, waiting["due_at"] - real()
+    assert waiting["received_at"] <= real()
+
+
 @pytest.mark.parametrize(
     ("full_sync", "expected"), [(True, 2), (False, 1)], ids=["receive-FULL", "delivery-NORMAL"]
 )

@@ -325,18 +325,27 @@ def reclaim_inflight(conn: sqlite3.Connection) -> int:
             (now, qid),
         )
         add_event(conn, qid, "reclaimed", "was inflight when the service stopped", now)
-    queued_now(conn, now)
+    if moved := queued_now(conn, now):  # the clock went back while relay was stopped
+        log.warning("event=clock_stepped_back count=%d (waiting mail made due as meant)", moved)
     return len(ids)
 
 
 def queued_now(conn: sqlite3.Connection, now: float) -> int:
-    """Queued rows due later than `now` made due now; returns how many. A queued row is due
-    when it is written, so a later due time means the wall clock went back since (a VM
-    resumed, a clock stepped at boot): without this, mail never tried waited out the step.
-    Deferred rows keep theirs, as Postfix's deferred queue files keep their times."""
-    return conn.execute(
+    """Rows written at a time later than `now` (the wall clock went back since: a VM
+    resumed, a clock stepped at boot) made due as they were meant to be; returns how many.
+    A queued row is due when it is written: due now. A deferred row waits what its step
+    said from now, not the step plus the clock's jump (a day ahead, set right at boot,
+    made a 60 s retry a day's), and a mail dated in the future is dated now (its age read
+    0 until the clock caught up, so the oldest-mail alert could not fire)."""
+    queued = conn.execute(
         "UPDATE messages SET due_at = ?1 WHERE state = 'queued' AND due_at > ?1", (now,)
     ).rowcount
+    deferred = conn.execute(
+        "UPDATE messages SET due_at = max(?1, due_at - (updated_at - ?1)), updated_at = ?1,"
+        " received_at = min(received_at, ?1) WHERE state = 'deferred' AND updated_at > ?1",
+        (now,),
+    ).rowcount
+    return queued + deferred
 
 
 def state_counts(conn: sqlite3.Connection) -> dict[str, int]:

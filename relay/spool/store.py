@@ -222,7 +222,9 @@ class Spool:
 
         def op(conn: sqlite3.Connection) -> list[Mail]:
             if back and (moved := queued_now(conn, now)):
-                log.warning("event=clock_stepped_back count=%d (queued mail made due now)", moved)
+                log.warning(
+                    "event=clock_stepped_back count=%d (waiting mail made due as meant)", moved
+                )
             return claim_due(conn, limit, now)
 
         return await self._call(op)
