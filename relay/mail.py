@@ -7,14 +7,9 @@ only when a rule or a log line needs a header or the body.
 
 from __future__ import annotations
 
-import email.policy
 import re
 from dataclasses import dataclass
-from email.message import EmailMessage
-from email.parser import BytesParser
-from functools import cached_property
 
-_PARSER = BytesParser(policy=email.policy.default)
 _FOLD = re.compile(rb"\r?\n(?=[ \t])")
 
 
@@ -71,10 +66,3 @@ class Mail:
     def wire_bytes(self) -> bytes:
         """What goes out: our one Received: line on top of the bytes as received."""
         return self.trace + self.raw
-
-    @cached_property
-    def message(self) -> EmailMessage:
-        """The parsed message; parsing never raises (defects are recorded on it)."""
-        parsed = _PARSER.parsebytes(self.raw)
-        assert isinstance(parsed, EmailMessage)
-        return parsed

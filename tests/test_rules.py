@@ -438,3 +438,79 @@ def test_a_time_limit_inside_the_views_parsing_is_not_swallowed(
     padded = message("To: anna@example.org", *(f"X-Pad-{n}: {'y' * 20}" for n in range(9000)))
     decision = one_rule("{header: {X-Pad-8999: y}}").classify(mail(padded))
     assert (None, True) == (decision.rule, "event=rule_too_slow" in caplog.text)
+
+
+def _empty_parts(size: int) -> bytes:
+    part = b"--b\r\nContent-Type: text/plain\r\n\r\nx\r\n"
+    head = (
+        b'Subject: hi\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n'
+    )
+    return head + part * (size // len(part)) + b"--b--\r\n"
+
+
+def _nested(depth: int) -> bytes:
+    heads = [
+        b'Subject: hi\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b0"\r\n\r\n'
+    ]
+    heads += [
+        b'--b%d\r\nContent-Type: multipart/mixed; boundary="b%d"\r\n\r\n' % (i - 1, i)
+        for i in range(1, depth)
+    ]
+    return b"".join(heads) + b"--b%d\r\nContent-Type: text/plain\r\n\r\nx\r\n" % (depth - 1)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [_empty_parts(10 * 1024 * 1024 - 4096), _nested(5000), _empty_parts(200_000)],
+    ids=["10-MiB-of-empty-parts", "5000-deep", "200-KB-of-empty-parts"],
+)
+def test_a_mime_bomb_costs_the_rules_no_more_than_a_mail(
+    raw: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Any client's 10 MiB of empty MIME parts, or 5,000 levels of nesting, against body and
+    multipart rules: classified in well under a second, its body not read (none of those
+    rules holds). Each took 2 s (the whole mail parsed, each rule stopped at its limit and
+    the parse begun again for the next); a claim of 16 stopped the delivery loop for 32 s,
+    and the process was killed as hung and restarted, to claim the same 16 again."""
+    ruleset_ = ruleset("""
+        default: upstream
+        rules:
+          - {name: marker, route: ses, match: {body: 'reengagement'}}
+          - {name: cc, route: ses, match: {body: 'cc-marker'}}
+          - {name: single, route: ses, match: {multipart: false}}
+        """)
+    started = time.monotonic()
+    decision = ruleset_.classify(mail(raw))
+    took = time.monotonic() - started
+    assert (None, True) == (decision.rule, took < 0.2), took
+    assert "event=body_not_read" in caplog.text
+
+
+def test_a_mails_rules_together_stop_at_mail_time(caplog: pytest.LogCaptureFixture) -> None:
+    """Eight rules that each run to their own limit on one mail: classify returns after
+    MAIL_TIME, not eight times RULE_TIME, and the rules left do not hold."""
+    listed = "\n".join(
+        f"  - {{name: greedy{n}, route: ses, match: {{subject: '(a+)+$'}}}}" for n in range(8)
+    )
+    ruleset_ = ruleset(f"default: upstream\nrules:\n{listed}\n")
+    started = time.monotonic()
+    decision = ruleset_.classify(mail(message(f"Subject: {'a' * 40}b")))
+    took = time.monotonic() - started
+    assert 8 * rules.RULE_TIME > rules.ruleset.MAIL_TIME + 0.5
+    assert (None, True) == (decision.rule, took < rules.ruleset.MAIL_TIME + 0.3), took
+    assert 8 == caplog.text.count("event=rule_too_slow")
+
+
+def test_a_marker_in_a_mail_with_a_large_attachment_is_read() -> None:
+    """Moodle's marker in the text part of a mail with 3 MiB attached: read (the text comes
+    before the attachment, inside the first MiB the rules parse)."""
+    attachment = base64.encodebytes(b"\0" * (3 * 1024 * 1024)).replace(b"\n", b"\r\n")
+    raw = (
+        b'Subject: hi\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: text/plain\r\n\r\nYour reengagement reminder\r\n"
+        b"--b\r\nContent-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        + attachment
+        + b"--b--\r\n"
+    )
+    assert hit("{body: 'reengagement reminder'}", raw)
+    assert hit("{multipart: true}", raw)

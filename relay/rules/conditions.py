@@ -118,7 +118,8 @@ class Multipart:
     expected: bool
 
     def test(self, view: MailView) -> Reasons | None:
-        return (self.describe(),) if (view.part_count > 1) == self.expected else None
+        count = view.part_count
+        return (self.describe(),) if count is not None and (count > 1) == self.expected else None
 
     def describe(self) -> str:
         return "multipart" if self.expected else "not multipart"
