@@ -34,7 +34,7 @@ from relay.errors import (
 from relay.settings import Ses, SesApi
 from tests.support.aws import REGION, moto_raw_messages
 from tests.support.fakeses import DROP, HTTP_500, V2_ERRORS, FakeSes, Fault
-from tests.support.mails import make_mail
+from tests.support.mails import RAW, make_mail
 
 pytestmark = pytest.mark.usefixtures("aws_env")
 
@@ -294,12 +294,16 @@ PREFLIGHT = [
         "51 recipients",
     ),
     ({"raw": b"Subject: big\r\n\r\n" + b"x" * MAX_MESSAGE_SIZE}, "over the SES limit"),
+    ({"raw": b"x-ses-configuration-set : nope\r\n" + RAW}, "x-ses-configuration-set:"),
+    ({"raw": RAW.replace(b"MIME", b"X-SES-FROM-ARN: arn:aws:ses:x\r\nMIME")}, "X-SES-FROM-ARN:"),
 ]
 V2_PREFLIGHT = {"size": {"raw": b"Subject: big\r\n\r\n" + b"x" * MAX_MESSAGE_SIZE_V2}}
 
 
 @pytest.mark.parametrize(
-    ("changes", "reason"), PREFLIGHT, ids=["null-sender", "no-recipients", "51-rcpts", "size"]
+    ("changes", "reason"),
+    PREFLIGHT,
+    ids=["null-sender", "no-recipients", "51-rcpts", "size", "x-ses-set", "x-ses-arn"],
 )
 async def test_refused_before_calling(
     ses: SesClient,
@@ -315,6 +319,18 @@ async def test_refused_before_calling(
         await ses.send(make_mail(**changes), configuration_set=None, tags=())
     assert NotSent is type(caught.value)
     assert reason in caught.value.reply
+    assert 0 == fake_ses.calls
+
+
+async def test_v1_counts_the_size_after_base64(fake_ses: FakeSes) -> None:
+    """SES v1's 10 MB are counted after base64 (SES's quotas page): 8 MiB goes upstream at
+    once, not after an upload of 11 MB that SES refuses."""
+    settings = Ses(region=REGION, endpoint_url=fake_ses.url, api=SesApi.V1)
+    async with await SesClient.open(settings) as client:
+        with pytest.raises(NotSent) as caught:
+            await client.send(make_mail(raw=RAW + b"x" * (8 * 1024 * 1024)))
+    size, said = caught.value.reply.split(" ", 1)
+    assert (True, "bytes, over the SES limit of 10485760") == (int(size) > 11_000_000, said)
     assert 0 == fake_ses.calls
 
 

@@ -26,14 +26,21 @@ from aiobotocore.session import AioSession, get_session
 from relay import settings as _settings
 from relay.deliver.ses.faults import ERRORS, failure, scoped
 from relay.errors import AccountFailure, DeliveryError, NotSent, Unconfirmed
-from relay.mail import Mail
+from relay.mail import Mail, header_block
 from relay.settings import SesApi
 
 MAX_DESTINATIONS = 50  # SES: at most 50 recipients per message, both APIs
 # SES refuses bigger messages; it counts the MIME message, attachments already encoded.
-MAX_MESSAGE_SIZE = 10 * 1024 * 1024  # v1 SendRawEmail
+MAX_MESSAGE_SIZE = 10 * 1024 * 1024  # v1 SendRawEmail, counted after base64 (SES's quotas)
 MAX_MESSAGE_SIZE_V2 = 40 * 1024 * 1024  # v2 SendEmail with Content.Raw
 CONNECT_TIMEOUT = 5.0  # seconds; capped by settings.timeout
+
+# Header fields SES reads out of a raw mail and obeys (X-SES-CONFIGURATION-SET, -MESSAGE-TAGS,
+# -SOURCE-ARN, -FROM-ARN, -RETURN-PATH-ARN): any client's mail naming a configuration set
+# that does not exist, or another account's identity, made SES refuse it in words relay
+# takes for the whole account or the site's identity, and all SES mail went upstream for
+# the cooldown. Moodle never writes them; such a mail goes upstream alone.
+_SES_FIELD = re.compile(rb"^(x-ses-[a-z0-9-]*)[ \t]*:", re.IGNORECASE | re.MULTILINE)
 
 _ACTIONS = {"send_raw_email": "SendRawEmail", "send_email": "SendEmail"}
 _TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -133,10 +140,12 @@ class SesClient:
         Source is `ses.source` if set, else the envelope sender. Tag names and values are
         reduced to what SES accepts (letters, digits, `_`, `-`). Mail that SES cannot take
         as it is (null sender, no or over MAX_DESTINATIONS recipients, over the API's size
-        limit) raises NotSent before any call; the caller splits recipients.
+        limit, base64 included for v1), and mail carrying an X-SES-* field (see _SES_FIELD),
+        raises NotSent before any call; the caller splits recipients.
         """
         data = mail.wire_bytes()
-        refusal = _refusal(mail, len(data), self.max_message_size)
+        size = len(data) if self._v2 is not None else 4 * -(-len(data) // 3)  # base64 for v1
+        refusal = _refusal(mail, size, self.max_message_size)
         if refusal:
             raise NotSent(f"SES cannot send {mail.id}: {refusal}", reply=refusal)
         ses = self._settings
@@ -274,6 +283,10 @@ def _refusal(mail: Mail, size: int, limit: int) -> str:
         return f"{len(mail.recipients)} recipients, SES takes at most {MAX_DESTINATIONS} per call"
     if size > limit:
         return f"{size} bytes, over the SES limit of {limit}"
+    field = _SES_FIELD.search(header_block(mail.raw))
+    if field:  # SES would obey it: a configuration set or an identity of the client's choosing
+        name = field.group(1).decode("ascii")
+        return f"the mail carries {name}:, which relay leaves to no client (SES would obey it)"
     return ""
 
 
