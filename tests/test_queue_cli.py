@@ -91,6 +91,13 @@ def queue(config: Path, *args: str) -> Result:
     return CliRunner().invoke(main, ["queue", "--config", str(config), *args])
 
 
+def delivering(config: Path, *args: str) -> Result:
+    """`queue(config, *args)` while a delivery process holds the spool (its lock)."""
+    with open(config.parent / "spool" / lock.DELIVERY_LOCK, "a+b") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # as relay.deliver.process holds it
+        return queue(config, *args)
+
+
 def test_list_json_shows_every_message_but_finished(
     spooled: tuple[Path, dict[str, str]],
 ) -> None:
@@ -220,9 +227,10 @@ def test_show_unknown_id(spooled: tuple[Path, dict[str, str]]) -> None:
 def test_retry(
     spooled: tuple[Path, dict[str, str]], state: str, exit_code: int, after: str
 ) -> None:
-    """retry: failed/deferred -> queued (due now, event recorded); others left alone, exit 1."""
+    """retry: failed/deferred -> queued (due now, event recorded); others left alone, exit 1
+    (inflight: while a delivery process has it)."""
     config, ids = spooled
-    result = queue(config, "retry", ids[state])
+    result = delivering(config, "retry", ids[state])
     assert exit_code == result.exit_code, result.output
     record = json.loads(queue(config, "show", ids[state], "--json").stdout)
     assert after == record["state"]
@@ -241,9 +249,10 @@ def test_retry_all_failed(spooled: tuple[Path, dict[str, str]]) -> None:
 
 
 def test_delete(spooled: tuple[Path, dict[str, str]]) -> None:
-    """delete removes the message, its body and its history; an inflight one is refused."""
+    """delete removes the message, its body and its history; an inflight one is refused while
+    a delivery process has it."""
     config, ids = spooled
-    result = queue(config, "delete", ids["queued"], ids["inflight"])
+    result = delivering(config, "delete", ids["queued"], ids["inflight"])
     assert 1 == result.exit_code
     assert f"{ids['queued']}: deleted\n" == result.stdout
     assert 1 == queue(config, "show", ids["queued"]).exit_code
@@ -444,19 +453,35 @@ async def test_retry_all_failed_goes_in_steps(write_config: ConfigWriter) -> Non
     assert {"queued": count} == {k: v for k, v in stats["counts"].items() if v}
 
 
-@pytest.mark.parametrize("running", [True, False], ids=["delivering", "stopped"])
-def test_an_inflight_row_says_whether_a_delivery_process_has_it(
-    spooled: tuple[Path, dict[str, str]], running: bool
+def test_an_inflight_row_is_left_to_the_delivery_process_that_has_it(
+    spooled: tuple[Path, dict[str, str]],
 ) -> None:
-    """An inflight row is left alone either way; the operator is told whether a delivery
-    process is sending it now or relay serve takes it back when it starts."""
+    """A delivery process holds the lock: its inflight row is left alone, and said so."""
     config, ids = spooled
-    with open(config.parent / "spool" / lock.DELIVERY_LOCK, "a+b") as holder:
-        if running:
-            fcntl.flock(holder, fcntl.LOCK_EX)  # as relay.deliver.process holds it
-        result = queue(config, "retry", ids["inflight"])
-    said = requeue.CLAIMED if running else requeue.CLAIMED_BEFORE_A_STOP
-    assert (1, f"{ids['inflight']}: {said}\n") == (result.exit_code, result.stderr)
+    result = delivering(config, "delete", ids["inflight"])
+    assert (1, f"{ids['inflight']}: {requeue.CLAIMED}\n") == (result.exit_code, result.stderr)
+    assert (
+        "inflight" == json.loads(queue(config, "show", ids["inflight"], "--json").stdout)["state"]
+    )
+
+
+@pytest.mark.parametrize("action", ["retry", "delete"])
+def test_an_inflight_row_left_by_a_crash_can_be_acted_on_while_relay_is_stopped(
+    spooled: tuple[Path, dict[str, str]], action: str
+) -> None:
+    """relay stopped (or killed) with a mail inflight, the one the admin thinks crashes it:
+    `relay queue delete` deletes it and `retry` queues it, as for a queued one. Both said
+    "claimed by a delivery process that is not running", and the next start sent it
+    again. A delivery process starting meanwhile waits for the lock the command holds."""
+    config, ids = spooled
+    (config.parent / "spool" / lock.DELIVERY_LOCK).touch()  # a delivery process ran here
+    result = queue(config, action, ids["inflight"])
+    assert 0 == result.exit_code, result.output
+    shown = queue(config, "show", ids["inflight"], "--json")
+    if action == "delete":
+        assert (f"{ids['inflight']}: deleted\n", 1) == (result.stdout, shown.exit_code)
+    else:
+        assert "queued" == json.loads(shown.stdout)["state"]
 
 
 def test_a_damaged_spool_is_named_not_a_traceback(spooled: tuple[Path, dict[str, str]]) -> None:

@@ -2,11 +2,16 @@
 
 Each step of STEP ids is one transaction under the spool's write turn (relay.spool.lock),
 as the service writes: relay serve's adds take their turn between steps. A row the
-delivery process holds (`inflight`) is left alone and named (CLAIMED).
+delivery process holds (`inflight`) is left alone and named (CLAIMED). With no delivery
+process running, the command holds the delivery lock (shared) while it acts, so none can
+start, and an `inflight` row (left by a crash) is acted on as a queued one: "stop relay,
+delete the mail that crashes it, start again" works (relay serve sent it again).
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import signal
 import sqlite3
 import time
@@ -19,12 +24,9 @@ import click
 from relay.errors import SpoolError
 from relay.ops.queueadmin import open_spool, queue_id_of
 from relay.spool import DB_NAME, State, all_or_nothing
-from relay.spool.lock import DELIVERY_POLL, Turn, delivering
+from relay.spool.lock import DELIVERY_LOCK, DELIVERY_POLL, Turn, delivering
 
 CLAIMED = "being delivered right now; try again in a moment"
-CLAIMED_BEFORE_A_STOP = (
-    "claimed by a delivery process that is not running; relay serve takes it back when it starts"
-)
 STEP = 100  # ids per transaction of retry and delete (a few milliseconds each) ...
 PAUSE = 0.002  # ... and seconds between them, in which relay serve's adds take the turn
 # Ctrl-Z and a background read or write stop a process: not while it holds the turn
@@ -40,13 +42,16 @@ def _act(spool_dir: Path, ids: Iterable[str], action: str) -> int:
         return 1
     chosen = list(dict.fromkeys(queue_id_of(i) for i in ids))  # each once
     ok = True
-    claimed = CLAIMED if delivering(spool_dir) else CLAIMED_BEFORE_A_STOP
-    with closing(conn), closing(Turn(spool_dir, poll=DELIVERY_POLL)) as turn:
+    with (
+        closing(conn),
+        closing(Turn(spool_dir, poll=DELIVERY_POLL)) as turn,
+        _delivery_stopped(spool_dir) as stopped,
+    ):
         for start in range(0, len(chosen), STEP):
             try:
                 with _unstoppable(), turn.held(), all_or_nothing(conn):
                     done = [
-                        (i, _act_one(conn, i, action, claimed))
+                        (i, _act_one(conn, i, action, stopped))
                         for i in chosen[start : start + STEP]
                     ]
             except (sqlite3.Error, SpoolError) as exc:
@@ -63,6 +68,27 @@ def _act(spool_dir: Path, ids: Iterable[str], action: str) -> int:
 
 
 @contextmanager
+def _delivery_stopped(spool_dir: Path) -> Iterator[bool]:
+    """Whether no delivery process runs on `spool_dir`; while True, none can start (the
+    delivery lock is held shared: a starting one waits for it). Never creates the lock
+    file: made by an admin's root, the service's user could not open it."""
+    try:
+        fd = os.open(spool_dir / DELIVERY_LOCK, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:  # no delivery process ever ran here
+        yield not delivering(spool_dir)
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+@contextmanager
 def _unstoppable() -> Iterator[None]:
     """Ctrl-Z waits until the step has committed and let go of the write turn: a command
     stopped while holding it made relay serve answer 451 to every mail, which Moodle never
@@ -75,22 +101,22 @@ def _unstoppable() -> Iterator[None]:
 
 
 def _act_one(
-    conn: sqlite3.Connection, queue_id: str, action: str, claimed: str
+    conn: sqlite3.Connection, queue_id: str, action: str, stopped: bool
 ) -> tuple[bool, str]:
     """One id, inside the caller's transaction: whether it was acted on, and what became of
-    it for the operator (`claimed`: what to say of an inflight one)."""
+    it for the operator (`stopped`: no delivery process holds an inflight one)."""
     row = conn.execute("SELECT state FROM messages WHERE id = ?", (queue_id,)).fetchone()
     state = None if row is None else row["state"]
     if state is None:
         return False, "no such message"
-    if state == State.INFLIGHT:
-        return False, claimed
+    if state == State.INFLIGHT and not stopped:
+        return False, CLAIMED
     if action == "delete":
         conn.execute("DELETE FROM messages WHERE id = ?", (queue_id,))
         conn.execute("DELETE FROM bodies WHERE id = ?", (queue_id,))
         conn.execute("DELETE FROM events WHERE queue_id = ?", (queue_id,))
         return True, "deleted"
-    if state not in (State.FAILED, State.DEFERRED, State.QUEUED):
+    if state not in (State.FAILED, State.DEFERRED, State.QUEUED, State.INFLIGHT):
         return False, f"is {state}; nothing to retry"
     now = time.time()
     conn.execute(
