@@ -113,6 +113,8 @@ def check_config(config: Path | None) -> None:
         click.echo(problem, err=True)
     if problems:
         sys.exit(1)
+    for warning in settings_mod.exposed_secrets(loaded):
+        click.echo(f"warning: {warning}", err=True)
     click.echo(f"{path}: ok")
 
 

@@ -49,7 +49,13 @@ from relay.receive.handler import Handler
 from relay.receive.passwords import Users
 from relay.receive.session import Session, session_factory
 from relay.runtime import Context, Task, wait_any
-from relay.settings import Settings, check_listen_env, check_secrets, tls_context
+from relay.settings import (
+    Settings,
+    check_listen_env,
+    check_secrets,
+    exposed_secrets,
+    tls_context,
+)
 from relay.spool import Spool
 
 log = logging.getLogger("relay.service")
@@ -88,6 +94,8 @@ def check_safe(settings: Settings) -> None:
     problems = check_listen_env(settings) + check_secrets(settings)
     if problems:
         raise StartError("; ".join(problems))
+    for warning in exposed_secrets(settings):
+        logs.event(log, "secret_file_exposed", level=logging.WARNING, problem=warning)
 
 
 def check_open_files(settings: Settings) -> int:

@@ -247,6 +247,26 @@ def test_credentials_relay_could_never_use_stop_it_at_start(
     assert (case != "password-env-unset") == (expected in checked.stderr), checked.stderr
 
 
+@pytest.mark.parametrize("mode", [0o644, 0o640], ids=["world-readable", "group-only"])
+def test_a_users_file_every_user_can_read_is_warned_of(
+    write_config: ConfigWriter, relay_process: Process, tmp_path: Path, mode: int
+) -> None:
+    """A users file of mode 0644 (what `>` under umask 022 makes): every local user could
+    take the scrypt hashes and guess at them offline, and nothing said so. `check-config`
+    and `relay serve` warn, naming the file and its mode; relay runs on (Postfix's
+    `postfix check` warns too). 0640 (root:relay, the README's) is not warned of."""
+    users = tmp_path / "users"
+    users.write_text(f"moodle:{hash_password('pw', n=1024)}\n")
+    users.chmod(mode)
+    config = write_config(auth={"users_file": str(users)})
+    checked = relay_cli("check-config", "--config", str(config))
+    relay = relay_process(config).start()
+    assert 0 == relay.stop()
+    warned = f"auth.users_file: {users} can be read by every user on this machine (mode 0644)"
+    assert (0, mode == 0o644) == (checked.returncode, warned in checked.stderr), checked.stderr
+    assert (mode == 0o644) == ("event=secret_file_exposed" in relay.log()), relay.log()
+
+
 def test_service_refuses_open_relay_even_if_settings_let_it_through(
     write_config: ConfigWriter,
 ) -> None:

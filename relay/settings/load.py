@@ -339,6 +339,28 @@ def check_listen_env(settings: Settings) -> list[str]:
     return problems
 
 
+def exposed_secrets(settings: Settings) -> list[str]:
+    """Warnings for secret files every local user can read (password hashes to guess at
+    offline, a TLS key, the original host's password); relay runs on regardless, as
+    Postfix's `postfix check` warns. Empty when none is, or none is set."""
+    warnings = []
+    for label, file in (
+        ("auth.users_file", settings.auth.users_file if settings.auth else None),
+        ("tls.key", settings.tls.key if settings.tls else None),
+        ("upstream.password_file", settings.upstream.password_file),
+    ):
+        try:
+            mode = file.stat().st_mode if file is not None else 0
+        except OSError:
+            continue  # check_listen_env and check_secrets say so
+        if file is not None and mode & 0o004:
+            warnings.append(
+                f"{settings.source}: {label}: {file} can be read by every user on this machine"
+                f" (mode {mode & 0o777:04o}): chmod 640 and chgrp it to relay's group"
+            )
+    return warnings
+
+
 def check_secrets(settings: Settings) -> list[str]:
     """At `relay serve`'s start only (an admin's shell may lack the unit's environment): the
     upstream password's env var set, or its file readable. Missing, every mail to the
