@@ -215,20 +215,23 @@ async def test_mail_that_expires_gets_a_dsn_with_the_last_temporary_status(
 
 
 NO_DSN = {
-    "null-sender": ("", {}),
-    "bounces-dsn-false": (VERP, {"bounces": {"dsn": False}}),
+    "null-sender": ("", {}, "none: null sender <>"),
+    "bounces-dsn-false": (VERP, {"bounces": {"dsn": False}}, "none: bounces.dsn is off"),
 }
 
 
-@pytest.mark.parametrize(("sender", "overrides"), NO_DSN.values(), ids=NO_DSN.keys())
+@pytest.mark.parametrize(("sender", "overrides", "said"), NO_DSN.values(), ids=NO_DSN.keys())
 async def test_no_dsn_for_the_null_sender_or_when_turned_off(
     start_relay: Callable[..., Awaitable[Running]],
     capture: CaptureServer,
+    caplog: pytest.LogCaptureFixture,
     sender: str,
     overrides: dict[str, object],
+    said: str,
 ) -> None:
     """A refused mail from `<>` (a bounce itself), or with `bounces.dsn: false`: a dead
-    letter and nothing else."""
+    letter and nothing else, its failed line saying that no DSN went (it read as any
+    failure whose sender was told)."""
     capture.refuse_rcpt("gone@students.example.org", REFUSED)
     relay = await start_relay(
         deliver=True,
@@ -239,6 +242,8 @@ async def test_no_dsn_for_the_null_sender_or_when_turned_off(
     queue_id = await send_any(relay.port, sender, ["gone@students.example.org"], RAW)
     await await_rows(relay.settings.spool, [queue_id], {"failed"})
     assert [queue_id] == list(rows(relay.settings.spool))
+    [line] = [r.getMessage() for r in caplog.records if "event=failed" in r.getMessage()]
+    assert f'dsn="{said}"' in line, line
 
 
 def test_notice_alone_reads_as_rfc_3464() -> None:

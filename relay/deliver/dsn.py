@@ -34,6 +34,16 @@ def wanted(mail: Mail) -> bool:
     return bool(mail.sender) and not mail.reports_on
 
 
+def none_because(mail: Mail, settings: Settings) -> str:
+    """Why a mail that failed gets no DSN, for its log line: "" when it gets one. Postfix
+    leaves such double bounces unsaid too by default; the log line is where they show."""
+    if not mail.sender:
+        return "none: null sender <>"
+    if mail.reports_on:
+        return f"none: it is relay's DSN about {mail.reports_on}"
+    return "" if settings.bounces.dsn else "none: bounces.dsn is off"
+
+
 def refused(settings: Settings, recipient: str, reply: str, *, status: str = "") -> Failure:
     """A recipient the original host refused for good (or relay for it: `status` given)."""
     remote = f"dns; {settings.upstream.host}"

@@ -185,6 +185,8 @@ class Outcomes:
             notice=self._notice(mail, failures),
         )
         fields = {"reason": why} if why else {}
+        if unsaid := dsn.none_because(mail, self._settings()):
+            fields["dsn"] = unsaid  # the sender hears nothing: this line is all there is
         log_outcome("failed", mail, decision, route, **fields, reply=reply)
 
     async def defer_or_fail(
