@@ -593,6 +593,34 @@ def test_demo_runs_and_shows_where_each_mail_went() -> None:
     assert "original host (NOT seen" not in done.stdout
 
 
+def test_ctrl_c_in_the_middle_of_the_demo_stops_it_at_once(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) once relay is up:
+    the demo says "interrupted" and exits 130 within seconds, leaving no process. It waited
+    out its 30 s deadlines, then printed every mail as "not delivered" and exited 1."""
+    with subprocess.Popen(
+        [*RELAY, "demo"],
+        env={**os.environ, "TMPDIR": str(tmp_path), "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            first = proc.stdout.readline()  # once relay listens, the samples go
+            assert first.startswith("relay listening on"), first
+            os.killpg(proc.pid, signal.SIGINT)
+            started = time.monotonic()
+            _, stderr = proc.communicate(timeout=20)
+            took = time.monotonic() - started
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert (130, True) == (proc.returncode, took < 5), (took, stderr)
+    assert [] == list(tmp_path.iterdir())  # its directory and spool gone with it
+    assert "relay demo: interrupted" in stderr, stderr
+
+
 async def test_reload_moves_delivery_to_a_new_upstream_host(
     start_relay: Callable[..., Any], write_config: ConfigWriter
 ) -> None:

@@ -127,20 +127,17 @@ async def _demo(home: Path, ses_url: str, *, keep_running: bool) -> int:
             f"relay listening on 127.0.0.1:{ctx.port}; SES emulator at {ses_url}; "
             f"original host (capture) at 127.0.0.1:{sink_port}\n"
         )
-        ids = []
-        for sample in samples.samples():
-            _, reply = await aiosmtplib.send(
-                sample.raw,
-                sender=sample.sender,
-                recipients=[sample.recipient],
-                hostname="127.0.0.1",
-                port=ctx.port,
-                local_hostname="moodle.example.org",
-            )
-            ids.append(reply.rsplit(" ", 1)[-1])
-        rows = await _wait_delivered(settings.spool, ids)
-        _print_table(rows, capture)
-        events_ok = await _play_ses(settings.spool, rows, queue_url, capture)
+        # Ctrl-C stops relay (its own signal handler): the steps that wait on it stop too,
+        # at once, instead of polling until DEADLINE and printing a table of mail "not sent".
+        steps = asyncio.create_task(_steps(ctx, settings.spool, queue_url, capture))
+        await asyncio.wait({steps, task}, return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set() or task.done():  # a sample refused with 421 as relay stops, too
+            steps.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiosmtplib.SMTPException, OSError):
+                await steps
+            click.echo("\nrelay demo: interrupted", err=True)
+            return 130
+        ok = steps.result()
         if keep_running:
             click.echo(
                 f"\nrelay keeps running. Point an SMTP client at 127.0.0.1:{ctx.port}, e.g."
@@ -150,12 +147,30 @@ async def _demo(home: Path, ses_url: str, *, keep_running: bool) -> int:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             return 0
-        done = all(r["state"] == "sent" for r in rows)
-        return 0 if done and events_ok else 1
+        return 0 if ok else 1
     finally:
         stop.set()
         await asyncio.wait_for(task, 40)
         sink.close()
+
+
+async def _steps(ctx: Context, spool: Path, queue_url: str, capture: Capture) -> bool:
+    """Send the samples, wait for their delivery, play SES's events; whether all went well."""
+    ids = []
+    for sample in samples.samples():
+        _, reply = await aiosmtplib.send(
+            sample.raw,
+            sender=sample.sender,
+            recipients=[sample.recipient],
+            hostname="127.0.0.1",
+            port=ctx.port,
+            local_hostname="moodle.example.org",
+        )
+        ids.append(reply.rsplit(" ", 1)[-1])
+    rows = await _wait_delivered(spool, ids)
+    _print_table(rows, capture)
+    events_ok = await _play_ses(spool, rows, queue_url, capture)
+    return all(r["state"] == "sent" for r in rows) and events_ok
 
 
 async def _play_ses(
