@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -360,17 +361,27 @@ async def test_a_host_limiting_connections_gets_every_mail_over_those_it_takes(
 async def test_a_busy_greeting_with_no_connection_open_is_an_unreachable_host(
     start_capture: StartCapture,
 ) -> None:
-    """A 421 greeting while relay has no connection to the host is the host down (the
-    deliver loop's dead-host pause), not its connection limit."""
+    """A 421 greeting to each of three connects at once, while relay has no connection to
+    the host: the host is down (the deliver loop's dead-host pause), not at its connection
+    limit, and said so at once. Each connect waited for the others' answer until the
+    timeout, holding every delivery slot for it."""
     capture, port = await start_capture()
     capture.max_connections = 0
     client = _client(port)
+    started = time.monotonic()
     try:
-        with pytest.raises(HostUnreachable) as caught:
-            await client.send(make_mail())
+        results = await asyncio.gather(
+            *(client.send(make_mail(id=f"Q{n}")) for n in range(3)), return_exceptions=True
+        )
     finally:
         await client.close()
-    assert caught.value.reply.startswith("421 4.7.0"), caught.value.reply
+    took = time.monotonic() - started
+    assert [HostUnreachable] * 3 == [type(r) for r in results], results
+    assert all(
+        str(r).endswith("421 4.7.0 relay.test Error: too many connections from 127.0.0.1")
+        for r in results
+    )
+    assert took < 1.0, took
 
 
 async def test_waiting_for_a_connection_under_the_cap_ends_at_the_timeout(

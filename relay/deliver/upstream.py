@@ -153,10 +153,14 @@ class UpstreamClient:
             tls_context=self._tls,
         )
         self._connecting += 1
+        connecting = True
         try:
             await self._open_session(smtp, mail)
         except HostUnreachable as exc:
             smtp.close()
+            self._connecting -= 1  # this one has its answer: the others need not wait for it
+            self._connect_ended.set()
+            connecting = False
             if _busy(exc) and await self._others_got_in(deadline):
                 self._cap, self._cap_until = self._open, time.monotonic() + BUSY_FOR
                 logs.event(
@@ -174,8 +178,9 @@ class UpstreamClient:
             smtp.close()
             raise
         finally:
-            self._connecting -= 1
-            self._connect_ended.set()
+            if connecting:
+                self._connecting -= 1
+                self._connect_ended.set()
         self._open += 1
         self._cap = max(self._cap, self._open) if self._cap else 0  # the host took this one
         return _Connection(smtp, opened=time.monotonic())
@@ -183,7 +188,7 @@ class UpstreamClient:
     async def _others_got_in(self, deadline: float) -> bool:
         """After a busy greeting: whether relay has another connection to the host, once
         the connects under way beside this one have ended (a burst of them at the start)."""
-        while not self._open and self._connecting > 1 and time.monotonic() < deadline:
+        while not self._open and self._connecting and time.monotonic() < deadline:
             self._connect_ended.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):

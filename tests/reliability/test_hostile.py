@@ -1044,6 +1044,11 @@ def test_a_mail_the_email_parser_chokes_on_does_not_stall_delivery(
         send(relay.port, sender, [f"s{n}@students.example.org"], raw) for n, raw in enumerate(raws)
     ]
     wait_until(lambda: len(fake_ses.sent) >= len(ids), "seven SES sends", timeout=20)
+    wait_until(  # the last outcome is committed just after SES took the mail
+        lambda: all(rows(config.parent / "spool")[q]["state"] != "inflight" for q in ids),
+        "seven outcomes",
+        timeout=10,
+    )
     spool = rows(config.parent / "spool")
     assert {("sent", "ses")} == {(spool[q]["state"], spool[q]["route"]) for q in ids}
     assert "delivery_process_hung" not in relay.log()
