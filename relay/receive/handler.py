@@ -27,10 +27,13 @@ Choices worth knowing:
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import functools
 import logging
+import math
 import re
+import sqlite3
 import time
 
 from aiosmtpd.smtp import SMTP, Envelope, TLSSetupException
@@ -42,19 +45,23 @@ from relay.errors import SpoolError
 from relay.mail import bare_line_ends, header_block
 from relay.receive.auth import Auth
 from relay.receive.caps import peer_ip_of
+from relay.receive.data import free_bytes
 from relay.receive.guesses import Guesses
 from relay.receive.passwords import Users
 from relay.settings import BareNewline, Settings
-from relay.spool import Spool
+from relay.spool import Spool, reader
 
 log = logging.getLogger("relay.receive")
 # A client's to cause at will: sampled, without the two tracebacks an ERROR line carried.
 _STARTTLS_FAILED = logs.Sampled(log, "tls_handshake_failed", via="starttls")
+_SPOOL_NO_ROOM = logs.Sampled(log, "spool_no_room")
 
 QUEUED = "250 2.0.0 Ok: queued as {queue_id}"
 SENDER_OK = "250 2.1.0 Ok"
 RECIPIENT_OK = "250 2.1.5 Ok"
 SPOOL_UNAVAILABLE = "451 4.3.0 Cannot queue the message now, try again later"
+NO_ROOM = "452 4.3.1 Insufficient system storage"  # Postfix's words under queue_minfree
+REUSABLE_FOR = 0.1  # seconds the database's free pages, once counted, are taken as they were
 INTERNAL_ERROR = "451 4.3.0 Internal error, try again later"
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
@@ -128,6 +135,15 @@ def _message_id_in(headers: bytes) -> str:
     return " ".join(match.group(1).decode("ascii", "replace").split())[:998]
 
 
+def _size_of(options: list[str]) -> int:
+    """MAIL FROM's SIZE= (RFC 1870) in bytes, 0 when not given or not a number."""
+    for option in options:
+        name, _, value = option.partition("=")
+        if name.upper() == "SIZE" and value.isdigit():
+            return int(value)
+    return 0
+
+
 class Transaction(Envelope):
     """aiosmtpd's envelope, and how many RCPTs it accepted, repeats too (handle_RCPT)."""
 
@@ -148,6 +164,9 @@ class Handler(Auth):
         implicit_tls: bool = False,
     ) -> None:
         self.spool = spool
+        self.spool_dir = settings.spool
+        self.spool_min_free = settings.limits.spool_min_free
+        self._reusable_at, self._reusable_bytes = -math.inf, 0  # see _reusable
         self.hostname = settings.hostname
         self.max_recipients = settings.limits.max_recipients
         self.max_auth_failures = settings.limits.max_auth_failures
@@ -188,6 +207,8 @@ class Handler(Auth):
             if problem is not None:
                 metrics.REJECTED.labels("bad_sender").inc()
                 return BAD_SENDER.format(reason=problem)
+        if self._no_room(_size_of(options)):
+            return NO_ROOM
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return SENDER_OK
@@ -238,6 +259,8 @@ class Handler(Auth):
             metrics.REJECTED.labels("too_many_hops").inc()
             logs.event(log, "too_many_hops", level=logging.WARNING, peer=peer, hops=hops)
             return TOO_MANY_HOPS
+        if self._no_room(2 * len(raw)):  # the WAL's copy, then the database file's
+            return NO_ROOM
         queue_id = self.spool.new_id()
         message_id = _message_id_in(headers)
         try:
@@ -284,6 +307,45 @@ class Handler(Auth):
             return INTERNAL_ERROR
         log.error("event=session_error error=%r", error, exc_info=error)
         return INTERNAL_ERROR
+
+    def _no_room(self, need: int) -> bool:
+        """Whether `need` more bytes would take the spool's disk under spool_min_free, which
+        is kept for the delivery side: a spool that filled its own disk could not record a
+        claim, an outcome or a checkpoint, so nothing drained and nothing was accepted
+        again until an admin freed space (Postfix's smtpd keeps queue_minfree so). Counted
+        and sampled in the log; a disk relay cannot stat is left to the commit."""
+        if not self.spool_min_free:
+            return False
+        try:
+            free = free_bytes(self.spool_dir)
+        except OSError:
+            return False
+        if free - need >= self.spool_min_free:
+            return False
+        free += self._reusable()
+        if free - need >= self.spool_min_free:
+            return False
+        metrics.REJECTED.labels("no_room").inc()
+        _SPOOL_NO_ROOM(
+            level=logging.ERROR, spool=self.spool_dir, free=free, min_free=self.spool_min_free
+        )
+        return True
+
+    def _reusable(self) -> int:
+        """Bytes of the database's free pages, what the mail delivered meanwhile left (the
+        file keeps its size until a purge gives them back): room the next mails take
+        before the disk's. Asked only near the floor, at most once per REUSABLE_FOR."""
+        now = time.monotonic()
+        if now - self._reusable_at >= REUSABLE_FOR:
+            self._reusable_at = now
+            try:
+                with contextlib.closing(reader(self.spool.path, timeout=0.1)) as conn:
+                    pages = conn.execute("PRAGMA freelist_count").fetchone()[0]
+                    size = conn.execute("PRAGMA page_size").fetchone()[0]
+                self._reusable_bytes = int(pages) * int(size)
+            except sqlite3.Error:
+                self._reusable_bytes = 0
+        return self._reusable_bytes
 
     def _trace(self, session: SmtpSession, peer: str, queue_id: str) -> bytes:
         proto = "ESMTP" if session.extended_smtp else "SMTP"

@@ -79,6 +79,7 @@ class Limits:
     max_sessions_per_ip: int = 50  # Postfix's smtpd_client_connection_count_limit
     max_data_in_memory: int = 256 * 1024 * 1024  # unfinished DATA, all sessions; then spill
     spill_min_free: int = 512 * 1024 * 1024  # bytes a spill leaves free on the spool's disk
+    spool_min_free: int = 64 * 1024 * 1024  # ... and any mail: room to deliver (queue_minfree)
     max_auth_failures: int = 5  # per connection; then 421 and close
     max_junk_commands: int = 100  # NOOP, RSET, VRFY, HELP, errors: Postfix's junk limit
     idle_timeout: float = 300.0  # seconds without a byte from the client (RFC 5321 4.5.3.2.7)

@@ -41,6 +41,7 @@ _INT_LIMITS = {  # key -> the smallest value that makes sense
     "max_sessions_per_ip": 1,
     "max_data_in_memory": 0,
     "spill_min_free": 0,
+    "spool_min_free": 0,
     "max_auth_failures": 1,
     "max_junk_commands": 1,
 }

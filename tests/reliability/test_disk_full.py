@@ -32,7 +32,7 @@ import pytest
 from relay.deliver import task
 from relay.errors import SpoolError
 from relay.receive.data import free_bytes
-from relay.receive.handler import SPOOL_UNAVAILABLE
+from relay.receive.handler import NO_ROOM, SPOOL_UNAVAILABLE
 from relay.runtime import Context
 from relay.spool import DB_NAME, Spool, open_existing
 from tests.support.aws import REGION
@@ -42,6 +42,7 @@ from tests.support.load import Senders, Tally, summary
 from tests.support.mails import MailFactory
 from tests.support.processes import RelayProcess, relay_cli
 from tests.support.relays import ConfigWriter, Running
+from tests.support.smtp import try_send
 from tests.support.spools import DONE, await_rows, wait_rows
 from tests.support.waits import await_until, wait_until
 
@@ -81,9 +82,11 @@ def fill(directory: Path) -> Path:
 
 
 def config_for(capture: CaptureServer, fake_ses: FakeSes, spool: Path) -> dict[str, Any]:
-    """relay.yaml settings: spool on the tmpfs, SES = the fake, upstream = capture."""
+    """relay.yaml settings: spool on the tmpfs, SES = the fake, upstream = capture; no
+    spool_min_free (a disk another program fills past it: the commit fails, 451)."""
     return {
         "spool": str(spool),
+        "limits": {"spool_min_free": 0},
         "upstream": {"host": "127.0.0.1", "port": capture.port, "timeout": 5},
         "ses": {"region": REGION, "endpoint_url": fake_ses.url, "max_send_rate": 500, "timeout": 5},
         "retry": {"schedule": [1], "max_age": 600},
@@ -348,10 +351,55 @@ async def test_large_mails_leave_the_reserve_to_moodles_small_ones(
     after them are all accepted."""
     running = await start_relay(
         spool=str(tmpfs / "spool"),
-        limits={"max_data_in_memory": 100_000, "spill_min_free": 2_000_000},
+        limits={"max_data_in_memory": 100_000, "spill_min_free": 2_000_000, "spool_min_free": 0},
         upstream={"host": "127.0.0.1", "port": 9},
     )
     bigs, smalls = await large_then_small(running.port, 10, 20)
     print(f"large: {Counter(bigs)}, small: {Counter(smalls)}, free: {free_bytes(tmpfs)}")
     assert {"250 2.0.0"} == set(smalls)
     assert "452 4.3.1" in bigs
+
+
+def test_mail_that_fills_the_spools_own_disk_leaves_room_to_deliver_it(
+    tmpfs: Path,
+    write_config: ConfigWriter,
+    relay_process: Callable[[Path], RelayProcess],
+    capture: CaptureServer,
+) -> None:
+    """The original host down and Moodle sending on until the spool's own mail fills its
+    disk: past `spool_min_free` each client gets 452 4.3.1 (never a 451: no commit fails),
+    and once the host is back everything drains and mail is taken again, with no restart.
+    Without the floor the disk filled to the last block: claims, outcomes and checkpoints
+    could not commit, nothing drained, `relay queue delete` could not free space, and
+    every mail got 451 until an admin freed space elsewhere on that file system."""
+    spool = tmpfs / "spool"
+    capture.stop()  # the host is down (its port stays ours)
+    config = write_config(
+        spool=str(spool),
+        ses={"enabled": False},
+        upstream={"host": "127.0.0.1", "port": capture.port, "timeout": 5},
+        retry={"schedule": [1], "max_age": 600},
+        limits={"spool_min_free": 3_000_000},
+    )
+    relay = relay_process(config).start()
+    senders = Senders(relay.port, MailFactory("selffull", pad=PAD), threads=CLIENTS, pause=0.01)
+    senders.start()
+    try:
+        wait_until(
+            lambda: all(any(r.text == NO_ROOM for r in rs) for rs in senders.seen()),
+            "452 4.3.1 for every client",
+            timeout=60,
+        )
+    finally:
+        senders.stop()
+    refused = Counter(r.text for rs in senders.seen() for r in rs if r.code != 250)
+    capture.start()  # the host is back
+    final = wait_rows(spool, senders.queue_ids(), DONE, timeout=60)
+    again = try_send(relay.port, MailFactory("selffull-after")())
+    assert relay.proc is not None and relay.proc.poll() is None, relay.log()
+    assert 0 == relay.stop()
+    print(f"accepted {len(senders.acked)}, refused {dict(refused)}, free {free_bytes(tmpfs)}")
+    assert {NO_ROOM} == set(refused)
+    assert {q: "sent" for q in final} == {q: row["state"] for q, row in final.items()}
+    assert 250 == again.code, again
+    assert "ok" == spool_contents(spool)[0]
