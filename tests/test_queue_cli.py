@@ -453,12 +453,19 @@ async def test_retry_all_failed_goes_in_steps(write_config: ConfigWriter) -> Non
     assert {"queued": count} == {k: v for k, v in stats["counts"].items() if v}
 
 
+@pytest.mark.parametrize("lock_file", ["held", "gone"])
 def test_an_inflight_row_is_left_to_the_delivery_process_that_has_it(
-    spooled: tuple[Path, dict[str, str]],
+    spooled: tuple[Path, dict[str, str]], lock_file: str
 ) -> None:
-    """A delivery process holds the lock: its inflight row is left alone, and said so."""
+    """A delivery process holds the lock: its inflight row is left alone, and said so. So
+    when the lock file is gone (unlinked under a running process): there is no lock to
+    hold that would keep one from starting."""
     config, ids = spooled
-    result = delivering(config, "delete", ids["inflight"])
+    if lock_file == "held":
+        result = delivering(config, "delete", ids["inflight"])
+    else:
+        (config.parent / "spool" / lock.DELIVERY_LOCK).unlink(missing_ok=True)
+        result = queue(config, "delete", ids["inflight"])
     assert (1, f"{ids['inflight']}: {requeue.CLAIMED}\n") == (result.exit_code, result.stderr)
     assert (
         "inflight" == json.loads(queue(config, "show", ids["inflight"], "--json").stdout)["state"]

@@ -514,3 +514,25 @@ def test_a_marker_in_a_mail_with_a_large_attachment_is_read() -> None:
     )
     assert hit("{body: 'reengagement reminder'}", raw)
     assert hit("{multipart: true}", raw)
+
+
+def test_a_forum_digest_of_hundreds_of_posts_is_read() -> None:
+    """Moodle's forum digest puts two lines of dashes in each post, and a signature starts
+    "-- ": 300 posts are 600 lines starting "--", not 600 MIME parts. Counted as boundaries,
+    the digest's body went unread and a body or multipart rule no longer held."""
+    post = (
+        "Topic {n}\r\nby Dr. Jane Doe\r\n"
+        + "-" * 69
+        + "\r\nRead the notes.\r\n"
+        + "-" * 69
+        + "\r\nSee this post in context\r\n-- \r\nBIO101\r\n"
+    )
+    body = "".join(post.format(n=n) for n in range(300))
+    raw = (
+        "Subject: digest\r\nMIME-Version: 1.0\r\n"
+        'Content-Type: multipart/alternative; boundary="b1_x"\r\n\r\n'
+        f"--b1_x\r\nContent-Type: text/plain\r\n\r\n{body}"
+        "--b1_x\r\nContent-Type: text/html\r\n\r\n<p>digest</p>\r\n--b1_x--\r\n"
+    )
+    assert hit("{body: 'See this post in context'}", raw)
+    assert hit("{multipart: true}", raw)

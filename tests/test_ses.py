@@ -322,6 +322,16 @@ async def test_refused_before_calling(
     assert 0 == fake_ses.calls
 
 
+async def test_a_mail_with_an_x_ses_field_ses_does_not_obey_goes_to_ses(
+    ses: SesClient, fake_ses: FakeSes
+) -> None:
+    """X-SES-Outgoing (which SES stamps on what it sends) is no instruction to SES: such a
+    mail, forwarded, goes through SES as any other."""
+    raw = RAW.replace(b"MIME", b"X-SES-Outgoing: 2026.12.07-54.240.1.1\r\nMIME")
+    await ses.send(make_mail(raw=raw), configuration_set=None, tags=())
+    assert 1 == fake_ses.calls
+
+
 async def test_v1_counts_the_size_after_base64(fake_ses: FakeSes) -> None:
     """SES v1's 10 MB are counted after base64 (SES's quotas page): 8 MiB goes upstream at
     once, not after an upload of 11 MB that SES refuses."""

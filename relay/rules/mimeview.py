@@ -14,6 +14,7 @@ import binascii
 import codecs
 import email.policy
 import html
+import itertools
 import logging
 import quopri
 import re
@@ -51,6 +52,9 @@ HEAD_LIMIT = 262_144
 PARSE_LIMIT = 1_048_576
 MAX_PARTS = 500  # SES refuses a mail of more MIME parts
 MAX_NESTING = 100  # Postfix's mime_nesting_limit
+# A line that may be a MIME boundary: "--" and more than dashes and blanks (Moodle's forum
+# digests put two lines of dashes in each post, and a signature starts "-- ").
+_BOUNDARY_LINE = re.compile(rb"^--(?![-\t ]*\r?$)", re.MULTILINE)
 _HTML_BREAKS = frozenset(
     {"br", "p", "div", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6", "table", "blockquote"}
 )
@@ -169,7 +173,8 @@ class MailView:
         body and multipart rules do not hold) past MAX_PARTS or MAX_NESTING there. Counted
         at C speed before the parse, whose cost grows with the parts and their depth."""
         raw = self.mail.raw[:PARSE_LIMIT]
-        parts, heads = raw.count(b"\n--"), raw.lower().count(b"multipart/")
+        parts = sum(1 for _ in itertools.islice(_BOUNDARY_LINE.finditer(raw), MAX_PARTS + 1))
+        heads = raw.lower().count(b"multipart/")
         if parts > MAX_PARTS or heads > MAX_NESTING:
             logs.event(
                 log,

@@ -338,7 +338,9 @@ def queued_now(conn: sqlite3.Connection, now: float) -> int:
     made a 60 s retry a day's), and a mail dated in the future is dated now (its age read
     0 until the clock caught up, so the oldest-mail alert could not fire)."""
     queued = conn.execute(
-        "UPDATE messages SET due_at = ?1 WHERE state = 'queued' AND due_at > ?1", (now,)
+        "UPDATE messages SET due_at = ?1, received_at = min(received_at, ?1)"
+        " WHERE state = 'queued' AND due_at > ?1",
+        (now,),
     ).rowcount
     deferred = conn.execute(
         "UPDATE messages SET due_at = max(?1, due_at - (updated_at - ?1)), updated_at = ?1,"

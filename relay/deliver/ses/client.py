@@ -40,7 +40,10 @@ CONNECT_TIMEOUT = 5.0  # seconds; capped by settings.timeout
 # that does not exist, or another account's identity, made SES refuse it in words relay
 # takes for the whole account or the site's identity, and all SES mail went upstream for
 # the cooldown. Moodle never writes them; such a mail goes upstream alone.
-_SES_FIELD = re.compile(rb"^(x-ses-[a-z0-9-]*)[ \t]*:", re.IGNORECASE | re.MULTILINE)
+_SES_FIELD = re.compile(
+    rb"^(x-ses-(?:configuration-set|message-tags|source-arn|from-arn|return-path-arn))[ \t]*:",
+    re.IGNORECASE | re.MULTILINE,
+)
 
 _ACTIONS = {"send_raw_email": "SendRawEmail", "send_email": "SendEmail"}
 _TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
