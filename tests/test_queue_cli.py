@@ -142,12 +142,16 @@ def test_list_human_table(spooled: tuple[Path, dict[str, str]]) -> None:
 
 
 def test_list_and_show_a_row_edited_by_hand(spooled: tuple[Path, dict[str, str]]) -> None:
-    """Recipients edited by hand without their JSON brackets: list and show print the column
-    as it is stored. Both stopped with a traceback, so the admin could not find the row."""
+    """Recipients edited by hand without their JSON brackets, and text that is no UTF-8:
+    list and show print the column as it is stored. They stopped with a traceback, or
+    with SQLite's decoding error for every row, so the admin could not find the row."""
     config, ids = spooled
     with closing(sqlite3.connect(config.parent / "spool" / DB_NAME)) as conn, conn:
         conn.execute(
             "UPDATE messages SET recipients = 'ada@example.net' WHERE id = ?", (ids["queued"],)
+        )
+        conn.execute(  # and a peer that is no UTF-8: shown with U+FFFD
+            "UPDATE messages SET peer = CAST(X'FF' AS TEXT) WHERE id = ?", (ids["failed"],)
         )
     listed = queue(config, "list")
     shown = queue(config, "show", ids["queued"])

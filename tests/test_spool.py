@@ -6,6 +6,7 @@ schema upgrades."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import sqlite3
@@ -120,13 +121,16 @@ async def test_a_row_without_its_body_fails_alone(spool: Spool, tmp_path: Path) 
         ("UPDATE messages SET recipients = '[1]' WHERE id = ?", "JSON list"),
         ("UPDATE messages SET trace = 'Received: x' WHERE id = ?", "trace is str"),
         ("UPDATE bodies SET body = 'Subject: x' WHERE id = ?", "body is str"),
+        ("UPDATE messages SET peer = CAST(X'FF41' AS TEXT) WHERE id = ?", "peer is not UTF-8"),
+        ("UPDATE messages SET sender = CAST(X'C3' AS TEXT) WHERE id = ?", "sender is not UTF-8"),
     ],
 )
 async def test_a_row_relay_cannot_read_fails_alone(
     spool: Spool, tmp_path: Path, edit: str, why: str
 ) -> None:
     """A row edited by hand into something relay never writes (the recipients without their
-    JSON brackets, text where relay stores bytes) fails alone, saying why, when claimed.
+    JSON brackets, text where relay stores bytes, text that is no UTF-8: that one raised
+    out of the claim's fetch before any row could be looked at) fails alone, saying why.
     It raised out of the claim: the delivery process died, was restarted, claimed the same
     row first and died again, and no mail went out at all."""
     broken, fine = await add(spool, 1), await add(spool, 2)
@@ -135,10 +139,12 @@ async def test_a_row_relay_cannot_read_fails_alone(
         conn.execute(edit, (broken,))
     conn.close()
     claimed = await spool.claim(10)
-    row = rows(tmp_path / "spool")[broken]
+    with contextlib.closing(sqlite3.connect(tmp_path / "spool" / DB_NAME)) as conn:
+        sql = "SELECT state, reply FROM messages WHERE id = ?"
+        state, reply = conn.execute(sql, (broken,)).fetchone()
     assert [fine] == [m.id for m in claimed]
-    assert State.FAILED == row["state"]
-    assert row["reply"].startswith("unreadable row in the spool (") and why in row["reply"]
+    assert State.FAILED == state
+    assert reply.startswith("unreadable row in the spool (") and why in reply, reply
 
 
 async def test_directory_and_database_are_private(tmp_path: Path) -> None:

@@ -149,6 +149,9 @@ def _read(spool_dir: Path, query: Callable[[sqlite3.Connection], T]) -> T | None
     conn = _open_to_read(spool_dir)
     if conn is None:
         return None
+    # A hand edit that is no UTF-8 (which the delivery process fails alone) is shown with
+    # U+FFFD for what cannot be read: reading it stopped the listing for every row.
+    conn.text_factory = lambda data: data.decode("utf-8", "replace")
     try:
         with closing(conn):
             return query(conn)

@@ -100,8 +100,11 @@ def claim_due(conn: sqlite3.Connection, limit: int, now: float) -> list[Mail]:
         " INDEXED BY messages_ready"  # the planner would sort the whole queue instead
         " WHERE state IN ('queued', 'deferred') AND due_at <= ?1"
         " ORDER BY due_at, id LIMIT ?2)"
-        " RETURNING id, sender, recipients, received_at, attempts, peer, trace,"
-        " message_id, reports_on, retried_at, fallback_reason",
+        # Text as bytes, decoded per row in _mail: a hand edit that is no UTF-8 raised
+        # out of fetchall() for the whole claim, every claim.
+        " RETURNING id, CAST(sender AS BLOB), CAST(recipients AS BLOB), received_at,"
+        " attempts, CAST(peer AS BLOB), trace, CAST(message_id AS BLOB),"
+        " CAST(reports_on AS BLOB), retried_at, CAST(fallback_reason AS BLOB)",
         (now, limit),
     ).fetchall()
     bodies = _bodies(conn, [r[0] for r in rows])
@@ -122,25 +125,34 @@ def claim_due(conn: sqlite3.Connection, limit: int, now: float) -> list[Mail]:
 def _mail(r: Sequence[Any], body: object) -> Mail:
     """A claimed row as a Mail; ValueError or TypeError when a column is not what relay
     writes (a hand edit: recipients not a JSON list of addresses, a trace stored as text)."""
-    recipients = json.loads(r[2])
+    listed = _text(r[2], "recipients")
+    recipients = json.loads(listed)
     if not isinstance(recipients, list) or not all(isinstance(a, str) for a in recipients):
-        raise ValueError(f"recipients {r[2][:200]!r} is not a JSON list of addresses")
-    if not isinstance(r[1], str):
-        raise TypeError(f"sender {r[1]!r} is not text")
+        raise ValueError(f"recipients {listed[:200]!r} is not a JSON list of addresses")
     return Mail(
         id=r[0],
-        sender=r[1],
+        sender=_text(r[1], "sender"),
         recipients=tuple(recipients),
         raw=_blob(body, "body"),
         received_at=r[3],
         attempts=r[4],
-        peer=r[5],
+        peer=_text(r[5], "peer"),
         trace=_blob(r[6], "trace"),
-        message_id=r[7] or "",
-        reports_on=r[8] or "",
+        message_id=_text(r[7], "message_id"),
+        reports_on=_text(r[8], "reports_on"),
         retried_at=r[9],
-        fallback_reason=r[10] or "",
+        fallback_reason=_text(r[10], "fallback_reason"),
     )
+
+
+def _text(value: object, column: str) -> str:
+    """A text column read as bytes (NULL: ""); ValueError when it is no UTF-8."""
+    if value is None:
+        return ""
+    try:
+        return _blob(value, column).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{column} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
 
 
 def _blob(value: object, column: str) -> bytes:
