@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 
 from relay import settings as settings_mod
+from relay.deliver.ses import suppression
 from relay.errors import ConfigError
+from relay.settings import Ses
 from tests.support.aws import REGION, new_queue, sqs
 from tests.support.capture import CaptureServer
 from tests.support.fakeses import FakeSes
@@ -218,3 +220,22 @@ async def wait_events(spool: Any, queue_id: str, event: str, within: float = 20.
     while not any(e == event for e, _ in rows(spool)[queue_id]["events"]):
         assert time.monotonic() < deadline, f"no {event} on {queue_id}"
         await asyncio.sleep(0.05)
+
+
+async def test_the_cache_of_answers_stays_bounded(
+    fake_ses: FakeSes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A site writing to ever new addresses (or a client with AUTH doing so at will): the
+    answers, expired ones too, were kept for good, about 200 bytes an address for the
+    months the delivery process runs. Past CACHE_MAX the expired ones go, then the oldest;
+    the newest answers are still reused."""
+    monkeypatch.setattr(suppression, "CACHE_MAX", 50)
+    listed = await suppression.SuppressionList.open(Ses(region=REGION, endpoint_url=fake_ses.url))
+    try:
+        for n in range(200):
+            await listed.reasons([f"s{n}@students.example.org"])
+        size, asked = len(listed._cache), fake_ses.suppression_lookups
+        await listed.reasons(["s199@students.example.org"])  # kept: no new lookup
+    finally:
+        await listed.close()
+    assert (True, 200, 200) == (size <= 50, asked, fake_ses.suppression_lookups)

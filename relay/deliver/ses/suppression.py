@@ -33,6 +33,7 @@ from relay.settings import Ses
 log = logging.getLogger("relay.ses")
 
 CACHE_TTL = 3600.0  # seconds an answer (suppressed or not) is reused
+CACHE_MAX = 50_000  # answers kept at most (about 10 MB): expired ones go first, then the oldest
 FAILED_TTL = 60.0  # seconds a failed lookup counts as "not suppressed" before asking again
 WARN_EVERY = 60.0  # seconds between log lines about failing lookups
 
@@ -107,12 +108,25 @@ class SuppressionList:
             reason = None
         except (BotoCoreError, aiohttp.ClientError, OSError, KeyError) as exc:
             return self._failed(address, exc, now)
-        self._cache[address.lower()] = (now + CACHE_TTL, reason)
+        self._keep(address, now + CACHE_TTL, reason)
         return reason
+
+    def _keep(self, address: str, expires: float, reason: str | None) -> None:
+        """Cache an answer. An answer expired is dropped only when asked again, so a site
+        writing to ever new addresses grew the cache by ~200 bytes each, for months: past
+        CACHE_MAX the expired ones go, then the oldest, down to nine tenths of it."""
+        cache = self._cache
+        if len(cache) >= CACHE_MAX:
+            now = time.monotonic()
+            for key in [key for key, (until, _) in cache.items() if until <= now]:
+                del cache[key]
+            while len(cache) >= CACHE_MAX * 9 // 10:
+                del cache[next(iter(cache))]
+        cache[address.lower()] = (expires, reason)
 
     def _failed(self, address: str, exc: Exception, now: float) -> str | None:
         """Not suppressed, as far as relay can tell, for FAILED_TTL; logged now and then."""
-        self._cache[address.lower()] = (now + FAILED_TTL, None)
+        self._keep(address, now + FAILED_TTL, None)
         if now - self._warned >= WARN_EVERY:
             self._warned = now
             logs.event(
