@@ -147,6 +147,26 @@ async def test_a_row_relay_cannot_read_fails_alone(
     assert reply.startswith("unreadable row in the spool (") and why in reply, reply
 
 
+async def test_a_long_outage_adds_two_history_lines_per_reply_not_one_per_try(
+    spool: Spool, tmp_path: Path
+) -> None:
+    """Ten tries refused with the same reply keep the first and the last (with the count);
+    another reply starts its own two. Each try added a line: 124 for each mail over a
+    week's outage, the spool six times the size of its mail."""
+    qid = await add(spool, 1)
+    replies = ["Connection refused"] * 10 + ["451 4.3.0 try later"] * 3
+    for reply in replies:
+        await spool.claim(10)
+        await spool.defer(qid, due_at=time.time(), rule=None, route="upstream", reply=reply)
+    with contextlib.closing(sqlite3.connect(tmp_path / "spool" / DB_NAME)) as conn:
+        sql = "SELECT event, detail FROM events WHERE queue_id = ? ORDER BY at, rowid"
+        found = conn.execute(sql, (qid,)).fetchall()
+    assert ["received", "deferred", "deferred", "deferred", "deferred"] == [e for e, _ in found]
+    assert found[2][1].endswith("reply=Connection refused (tries with this reply: 10)")
+    assert found[4][1].endswith("reply=451 4.3.0 try later (tries with this reply: 3)")
+    assert found[1][1].endswith("reply=Connection refused")
+
+
 async def test_directory_and_database_are_private(tmp_path: Path) -> None:
     """The spool directory is created 0700 and the database file is 0600."""
     opened = await Spool.open(tmp_path / "new" / "spool")

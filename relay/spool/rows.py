@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import random
+import re
 import sqlite3
 import threading
 import time
@@ -211,12 +212,48 @@ def finish(
     )
     if not cursor.rowcount:
         return False
-    add_event(conn, queue_id, state.value, detail, now)
+    if state is not State.DEFERRED or not _deferred_again(conn, queue_id, detail, now):
+        add_event(conn, queue_id, state.value, detail, now)
     if drop_body:
         conn.execute("DELETE FROM bodies WHERE id = ?", (queue_id,))
     if notice is not None:
         add_notice(conn, queue_id, notice, now)
     return True
+
+
+_AGAIN = re.compile(r" \(tries with this reply: (\d+)\)$")
+
+
+def _deferred_again(conn: sqlite3.Connection, queue_id: str, detail: str, now: float) -> bool:
+    """A deferral with the reply of the row's last two events, both deferrals too, updates
+    the last (its time, its detail, a count) instead of adding one: a week's outage added
+    one history line per try, 124 for each mail over retry.max_age (23 KB a 4 KB mail, the
+    spool six times its mail), which Postfix's defer log keeps as one line per recipient.
+    The history keeps the first try with that reply, and the last with how many."""
+    last = conn.execute(
+        "SELECT rowid, event, detail FROM events WHERE queue_id = ? ORDER BY at DESC, rowid DESC"
+        " LIMIT 2",
+        (queue_id,),
+    ).fetchall()
+    if len(last) < 2 or any(event != State.DEFERRED for _, event, _ in last):
+        return False
+    (rowid, _, newest), (_, _, before) = last
+    count = _AGAIN.search(newest)
+    if not _same_try(before, detail) or not _same_try(_AGAIN.sub("", newest), detail):
+        return False
+    tries = int(count.group(1)) + 1 if count else 3
+    conn.execute(
+        "UPDATE events SET at = ?, detail = ? WHERE rowid = ?",
+        (now, f"{detail} (tries with this reply: {tries})", rowid),
+    )
+    return True
+
+
+def _same_try(one: str, other: str) -> bool:
+    """Two deferral details alike but for their "due in": the same route and reply."""
+    route, _, rest = one.partition(" due in ")
+    route_, _, rest_ = other.partition(" due in ")
+    return route == route_ and rest.partition(" reply=")[2] == rest_.partition(" reply=")[2]
 
 
 def purge_sent(conn: sqlite3.Connection, cutoff: float, limit: int) -> tuple[int, int]:
