@@ -61,6 +61,21 @@ def test_bad_regex_and_unknown_key_both_reported() -> None:
     assert expected == problems(BAD_REGEX_AND_UNKNOWN_KEY)
 
 
+def test_a_posix_class_python_does_not_have_is_a_problem_at_its_line() -> None:
+    """`[[:digit:]]` is no POSIX class in Python but a set of ':', 'd', ... then a ']': it
+    does not mean what it says, and Python warns of a nested set at each load (under
+    pytest's warnings-as-errors, the loader raised instead of reporting a problem)."""
+    text = "rules:\n  - name: x\n    route: ses\n    match:\n      sender: '[[:digit:]]'\n"
+    assert [
+        (
+            5,
+            "rules[0].match.sender",
+            "regular expression '[[:digit:]]': Possible nested set at position 1:"
+            " write '\\[' for a literal '['",
+        )
+    ] == problems(text)
+
+
 def test_cli_check_rules_reports_both_lines(tmp_path: Path) -> None:
     """`relay check-rules --rules bad.yaml` exits 1 and prints both problems as file:line: key."""
     bad = tmp_path / "bad.yaml"

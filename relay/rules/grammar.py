@@ -7,6 +7,7 @@ returns None for that part; `ruleset` raises them all together.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable
 
 from relay import yamlfile
@@ -36,7 +37,16 @@ def _regex(node: yamlfile.Node) -> re.Pattern[str] | None:
     if pattern is None:
         return None
     try:
-        return re.compile(pattern)
+        with warnings.catch_warnings():
+            # "Possible nested set" (`[[:digit:]]`, a POSIX class Python does not have, read
+            # as a set of ':', 'd', ... and then ']'): a pattern that does not mean what it
+            # says, whose meaning a later Python changes. Printed as a warning at each
+            # load, or an error where warnings are errors; a problem at its line here.
+            warnings.simplefilter("error", FutureWarning)
+            return re.compile(pattern)
+    except FutureWarning as exc:
+        node.problem(f"regular expression '{pattern}': {exc}: write '\\[' for a literal '['")
+        return None
     except (re.error, OverflowError, RecursionError) as exc:
         node.problem(f"invalid regular expression '{pattern}': {exc}")
         return None
