@@ -810,11 +810,12 @@ def test_data_hoarders_cost_disk_not_memory_and_lose_nothing(
     finally:
         for wire in hoarders:
             wire.close()
-    # Memory goes back once the bodies are spooled and freed (Budget's malloc_trim): 89-133
-    # MiB here 3 s after, but 161 once in CI, where the suite keeps both cores busy.
+    # Memory goes back once the bodies are spooled and freed (Budget's malloc_trim): 89-153
+    # MiB here 3 s after, but 161 and 171 in CI, where the suite keeps both cores busy:
+    # under baseline + 150 still tells it from the 260-360 held while they hoard.
     left = time.monotonic()
     time.sleep(3.0)
-    while (after := rss_mib(pid)[0]) >= baseline + 100 and time.monotonic() - left < 15:
+    while (after := rss_mib(pid)[0]) >= baseline + 150 and time.monotonic() - left < 15:
         time.sleep(0.5)
     left = time.monotonic() - left
     captured = [m for m in capture.wait_for(1, timeout=30) if m.message_id == mail.message_id]
@@ -840,7 +841,7 @@ def test_data_hoarders_cost_disk_not_memory_and_lose_nothing(
     assert captured and captured[0].content.endswith(mail.raw)
     assert finished.startswith("250 2.0.0")
     assert HOARD // len(piece) * len(piece) == sizes[finished_id]
-    assert after < baseline + 100
+    assert after < baseline + 150
 
 
 LOOKALIKES = {
