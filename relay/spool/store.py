@@ -165,7 +165,7 @@ class Spool:
 
     @property
     def damaged(self) -> bool:
-        """SQLite has found the file damaged (see Writer.failed)."""
+        """SQLite has found the file damaged (see Writer._failed)."""
         return self._writer.damaged
 
     async def add(
@@ -428,7 +428,6 @@ class Spool:
         try:
             return await asyncio.to_thread(read)
         except sqlite3.Error as exc:
-            self._writer.failed(exc)  # a damaged file is said so (`damaged`), as a write's
             raise SpoolError(f"cannot read spool {self.path}: {exc}") from exc
 
     async def purge(self, older_than: float) -> int:
