@@ -32,7 +32,7 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -415,15 +415,9 @@ class Spool:
         on a connection of its own, outside the write turn: it scans every row (0.3 s for
         300,000), and each minute in each process Moodle's 250s waited behind it."""
 
-        return await self._read(lambda conn: reputation(conn, since))
-
-    async def _read(self, query: Callable[[sqlite3.Connection], T]) -> T:
-        """`query` on a read-only connection of its own, in a thread: outside the write
-        turn, which a 250 waits for (a scan of every row held it 80-150 ms at a million)."""
-
-        def read() -> T:
+        def read() -> Reputation:
             with contextlib.closing(reader(self.path, timeout=BUSY_TIMEOUT_MS / 1000)) as conn:
-                return query(conn)
+                return reputation(conn, since)
 
         try:
             return await asyncio.to_thread(read)
@@ -458,14 +452,13 @@ class Spool:
             free = left
 
     async def counts(self) -> dict[str, int]:
-        """Messages by state (every state present, zero when none): for metrics, read
-        outside the write turn (see `_read`)."""
-        return await self._read(state_counts)
+        """Messages by state (every state present, zero when none): for metrics."""
+        return await self._call(lambda conn: state_counts(conn))
 
     async def oldest_age(self) -> float:
         """Seconds since the oldest queued, deferred or in-flight message arrived (0: none)."""
 
-        oldest = await self._read(oldest_waiting)
+        oldest = await self._call(oldest_waiting)
         return 0.0 if oldest is None else max(0.0, time.time() - oldest)
 
     async def writable(self) -> bool:
