@@ -10,8 +10,6 @@ delete the mail that crashes it, start again" works (relay serve sent it again).
 
 from __future__ import annotations
 
-import fcntl
-import os
 import signal
 import sqlite3
 import time
@@ -24,7 +22,7 @@ import click
 from relay.errors import SpoolError
 from relay.ops.queueadmin import open_spool, queue_id_of
 from relay.spool import DB_NAME, State, all_or_nothing
-from relay.spool.lock import DELIVERY_LOCK, DELIVERY_POLL, Turn
+from relay.spool.lock import DELIVERY_POLL, Turn, delivery_free
 
 CLAIMED = "being delivered right now; try again in a moment"
 STEP = 100  # ids per transaction of retry and delete (a few milliseconds each) ...
@@ -45,13 +43,13 @@ def _act(spool_dir: Path, ids: Iterable[str], action: str) -> int:
     with (
         closing(conn),
         closing(Turn(spool_dir, poll=DELIVERY_POLL)) as turn,
-        _delivery_stopped(spool_dir) as stopped,
+        delivery_free(spool_dir) as free,
     ):
         for start in range(0, len(chosen), STEP):
             try:
                 with _unstoppable(), turn.held(), all_or_nothing(conn):
                     done = [
-                        (i, _act_one(conn, i, action, stopped))
+                        (i, _act_one(conn, i, action, free is True))
                         for i in chosen[start : start + STEP]
                     ]
             except (sqlite3.Error, SpoolError) as exc:
@@ -65,27 +63,6 @@ def _act(spool_dir: Path, ids: Iterable[str], action: str) -> int:
                 click.echo(f"{queue_id}: {message}", err=not acted)
             time.sleep(PAUSE)
     return 0 if ok else 1
-
-
-@contextmanager
-def _delivery_stopped(spool_dir: Path) -> Iterator[bool]:
-    """Whether no delivery process runs on `spool_dir`; while True, none can start (the
-    delivery lock is held shared: a starting one waits for it). Never creates the lock
-    file: made by an admin's root, the service's user could not open it."""
-    try:
-        fd = os.open(spool_dir / DELIVERY_LOCK, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:  # gone (unlinked under a running process?): nothing to hold, so no
-        yield False
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)
 
 
 @contextmanager

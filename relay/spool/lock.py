@@ -94,14 +94,27 @@ class Turn:
 
 def delivering(directory: Path) -> bool:
     """Whether a delivery process holds `directory`'s DELIVERY_LOCK (is running on it)."""
+    with delivery_free(directory) as free:
+        return free is False
+
+
+@contextlib.contextmanager
+def delivery_free(directory: Path) -> Iterator[bool | None]:
+    """True, with DELIVERY_LOCK held shared for the block (a delivery process starting
+    meanwhile waits for it), when no delivery process runs on `directory`; False when one
+    does; None when the lock file is not there (none ever ran, or it was unlinked). Never
+    creates the file: made by an admin's root, the service's user could not open it."""
     try:
         fd = os.open(directory / DELIVERY_LOCK, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:  # never started here
-        return False
+    except OSError:
+        yield None
+        return
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
     finally:
         os.close(fd)  # and with it the shared lock, if we took it
