@@ -58,8 +58,12 @@ class Context:
 Task = Callable[[Context], Coroutine[Any, Any, None]]
 
 
+YOUNG_COLLECT = 20_000  # new tracked objects between young collections (Python's: 700)
+
+
 def settle() -> None:
-    """Once a process has started: one collection, then `gc.freeze()`.
+    """Once a process has started: one collection, then `gc.freeze()`, and young
+    collections every YOUNG_COLLECT new objects instead of every 700.
 
     What the start built (modules, settings, rules, clients: a few hundred thousand
     objects) then stays out of the cycle collector's full collections, which otherwise
@@ -67,14 +71,22 @@ def settle() -> None:
     "A full collection in the middle of a transaction"). Reference counting still frees
     a frozen object; only a cycle among frozen objects would stay, and the start leaves
     none (the collection comes first).
+
+    Twenty sessions at once keep thousands of young objects alive (streams, futures,
+    bodies), and a young collection every 700 allocations walked them over and over: 3%
+    of relay serve's CPU samples at 20 KB x 20 connections, where its one thread is the
+    accept row's limit (bench/README.md, "The accept row, profiled with perf"). Objects that
+    die by reference count never wait for a collection; only cycles do, a few MB at most.
     """
     started = time.perf_counter()
     gc.collect()
     gc.freeze()
+    gc.set_threshold(YOUNG_COLLECT, *gc.get_threshold()[1:])
     logs.event(
         log,
         "settled",
         frozen_objects=gc.get_freeze_count(),
+        young_collect=gc.get_threshold()[0],
         took_ms=round((time.perf_counter() - started) * 1000, 1),
     )
 

@@ -24,6 +24,7 @@ import pytest
 from relay import service
 from relay import settings as settings_mod
 from relay.receive.passwords import hash_password
+from relay.runtime import YOUNG_COLLECT
 from relay.settings import HostPort
 from relay.spool import DB_NAME
 from tests.support.phpmailer import CLIENT, phpmailer_wire
@@ -325,7 +326,8 @@ def test_both_processes_hide_what_they_built_at_start_from_the_collector(
 ) -> None:
     """Once started, relay serve and its delivery process each freeze (gc.freeze) the
     objects of their start, so that a full collection does not walk them with the event
-    loop stopped: one `settled` line each, naming the tens of thousands of objects frozen."""
+    loop stopped: one `settled` line each, naming the tens of thousands of objects frozen,
+    and each collects its young objects every YOUNG_COLLECT allocations, not Python's 700."""
     relay = relay_process(write_config()).start()
     deadline = time.monotonic() + 15
     while relay.log().count("event=settled") < 2 and time.monotonic() < deadline:
@@ -334,3 +336,5 @@ def test_both_processes_hide_what_they_built_at_start_from_the_collector(
     frozen = [int(n) for n in re.findall(r"event=settled frozen_objects=(\d+)", relay.log())]
     assert 2 == len(frozen), relay.log()
     assert all(n > 10_000 for n in frozen), frozen
+    young = re.findall(r"event=settled .*young_collect=(\d+)", relay.log())
+    assert [str(YOUNG_COLLECT)] * 2 == young, relay.log()
