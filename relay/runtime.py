@@ -61,9 +61,10 @@ Task = Callable[[Context], Coroutine[Any, Any, None]]
 YOUNG_COLLECT = 20_000  # new tracked objects between young collections (Python's: 700)
 
 
-def settle() -> None:
-    """Once a process has started: one collection, then `gc.freeze()`, and young
-    collections every YOUNG_COLLECT new objects instead of every 700.
+def settle(*, young_collect: int | None = None) -> None:
+    """Once a process has started: one collection, then `gc.freeze()`; with
+    `young_collect` (relay serve: YOUNG_COLLECT), young collections every that many new
+    objects instead of every 700.
 
     What the start built (modules, settings, rules, clients: a few hundred thousand
     objects) then stays out of the cycle collector's full collections, which otherwise
@@ -77,11 +78,14 @@ def settle() -> None:
     of relay serve's CPU samples at 20 KB x 20 connections, where its one thread is the
     accept row's limit (bench/README.md, "The accept row, profiled with perf"). Objects that
     die by reference count never wait for a collection; only cycles do, a few MB at most.
+    The delivery process keeps Python's 700: nothing measured it gaining, and its pace
+    against SES is timed to the millisecond.
     """
     started = time.perf_counter()
     gc.collect()
     gc.freeze()
-    gc.set_threshold(YOUNG_COLLECT, *gc.get_threshold()[1:])
+    if young_collect is not None:
+        gc.set_threshold(young_collect, *gc.get_threshold()[1:])
     logs.event(
         log,
         "settled",
@@ -176,7 +180,7 @@ def read_files(source: Path) -> tuple[Settings, RuleSet] | list[str]:
     else every problem. No change to anything: a thread may run it."""
     try:
         new_settings = settings_mod.load(source)
-        new_rules = rules.load(new_settings.rules)
+        new_rules = rules.load(new_settings.rules, ses_region=new_settings.ses.region)
         # What `relay serve` refuses at start: the upstream password's variable or file, a
         # users file it cannot read, TLS files it cannot load.
         secrets = settings_mod.check_secrets(new_settings)

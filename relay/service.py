@@ -75,9 +75,8 @@ def run(settings: Settings, *, log_format: str = "text", early: Sequence[int] = 
     `early`: the signals to stop that came before the event loop could handle them."""
     logs.setup(log_format)
     try:
-        uvloop.run(
-            serve(settings, log_format=log_format, ready=lambda _: runtime.settle(), early=early)
-        )
+        settle = partial(runtime.settle, young_collect=runtime.YOUNG_COLLECT)
+        uvloop.run(serve(settings, log_format=log_format, ready=lambda _: settle(), early=early))
     except (StartError, SpoolError) as exc:
         log.error("relay serve stopped: %s", exc)
         return 1
