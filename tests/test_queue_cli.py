@@ -607,16 +607,18 @@ async def test_a_list_nobody_reads_on_holds_up_no_checkpoint(write_config: Confi
     assert (0, wal_pages) == (busy, copied)
 
 
-def failed_rows(spool_dir: Path, count: int) -> None:
-    """`count` dead letters written straight into a new spool, in one transaction."""
+def failed_rows(spool_dir: Path, count: int, *, age: float = 60) -> list[str]:
+    """`count` dead letters written straight into a spool (made if new), in one
+    transaction, failed `age` seconds ago; their ids."""
     from relay.spool.rows import insert_mail, new_id
     from relay.spool.schema import connect, prepare
 
     prepare(spool_dir)
+    ids = []
     with closing(connect(spool_dir / DB_NAME)) as conn:
         conn.execute("BEGIN")
         for n in range(count):
-            queue_id = new_id()
+            ids.append(queue_id := new_id())
             insert_mail(
                 conn,
                 queue_id=queue_id,
@@ -627,10 +629,49 @@ def failed_rows(spool_dir: Path, count: int) -> None:
                 trace=b"Received: from moodle\r\n",
                 message_id=f"<{n}@moodle.test>",
                 detail="test",
-                now=time.time() - 60,
+                now=time.time() - age,
             )
             conn.execute("UPDATE messages SET state = 'failed' WHERE id = ?", (queue_id,))
         conn.execute("COMMIT")
+    return ids
+
+
+def test_dead_letters_go_after_failed_retention_and_the_log_says_so(
+    write_config: ConfigWriter, relay_process: Callable[[Path], RelayProcess]
+) -> None:
+    """relay serve's delivery process drops dead letters that failed more than
+    `failed_retention` ago (at start, then hourly), says how many in one line, and keeps
+    the younger ones for `relay queue retry`; `failed_retention: null` keeps them all."""
+    day = 86400
+    config = write_config(failed_retention=30 * day)
+    spool_dir = config.parent / "spool"
+    old = failed_rows(spool_dir, 3, age=31 * day)
+    young = failed_rows(spool_dir, 2, age=29 * day)
+    relay = relay_process(config).start()
+    deadline = time.monotonic() + 15
+    while "event=purged_dead_letters" not in relay.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert 0 == relay.stop()
+    assert "event=purged_dead_letters count=3 failed_retention=2592000" in relay.log()
+    listed = relay_cli("queue", "--config", str(config), "list", "--state", "failed", "--json")
+    assert set(young) == {json.loads(line)["id"] for line in listed.stdout.splitlines()}
+    assert not set(old) & set(listed.stdout)
+
+    # null: none goes, however old; a sent row past `retention` shows the purge ran.
+    config = write_config(failed_retention=None)
+    [sent] = failed_rows(spool_dir, 1, age=60)
+    with closing(sqlite3.connect(spool_dir / DB_NAME)) as conn, conn:
+        conn.execute("UPDATE messages SET state = 'sent' WHERE id = ?", (sent,))
+        conn.execute("UPDATE messages SET updated_at = updated_at - 40 * 86400")
+    relay = relay_process(config).start()
+    deadline = time.monotonic() + 15
+    while "event=purged count=1" not in relay.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert 0 == relay.stop()
+    assert "event=purged count=1" in relay.log()
+    assert "purged_dead_letters" not in relay.log()
+    listed = relay_cli("queue", "--config", str(config), "list", "--state", "failed", "--json")
+    assert set(young) == {json.loads(line)["id"] for line in listed.stdout.splitlines()}
 
 
 @pytest.mark.system

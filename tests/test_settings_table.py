@@ -21,8 +21,8 @@ from relay.settings import DEFAULT_METRICS, HostPort, Mode, Security, SesApi, Se
 
 MINIMAL = "upstream:\n  host: smtp.example.org\n"
 TOP_KEYS = (
-    "allow_networks, auth, bounces, deliverers, hostname, limits, listen, metrics, mode, retention,"
-    " retry, rules, ses, spool, tls, upstream"
+    "allow_networks, auth, bounces, deliverers, failed_retention, hostname, limits, listen,"
+    " metrics, mode, retention, retry, rules, ses, spool, tls, upstream"
 )
 NON_LOOPBACK = (
     "0.0.0.0:25 is not a loopback address: it needs both 'auth' and 'tls' (relay is never"
@@ -197,6 +197,15 @@ VALID = [
         MINIMAL + "retry: {schedule: [5], max_age: 60}\nretention: 0\n",
         {"retry.schedule": (5.0,), "retry.max_age": 60.0, "retention": 0.0},
         id="short-retry",
+    ),
+    pytest.param(MINIMAL, {"failed_retention": 30 * 86400.0}, id="dead-letters-a-month"),
+    pytest.param(
+        MINIMAL + "failed_retention: null\n", {"failed_retention": None}, id="dead-letters-for-good"
+    ),
+    pytest.param(
+        MINIMAL + "failed_retention: 86400\n",
+        {"failed_retention": 86400.0},
+        id="dead-letters-a-day",
     ),
 ]
 
@@ -480,6 +489,11 @@ INVALID = [
         MINIMAL + "retention: -1\n",
         ["FILE:3: retention: must be at least 0, got -1"],
         id="negative-retention",
+    ),
+    pytest.param(  # a dead letter is the only copy of its mail: a day at least to see it
+        MINIMAL + "failed_retention: 3600\n",
+        ["FILE:3: failed_retention: must be at least 86400, got 3600"],
+        id="dead-letters-an-hour",
     ),
     pytest.param(
         MINIMAL + "deliverers: 0\n",

@@ -21,6 +21,7 @@ from relay.errors import SpoolError
 from relay.spool import DB_NAME, Spool, State, checkpoint, new_id, schema, store
 from relay.spool import lock as spoollock
 from relay.spool.lock import WRITE_LOCK
+from relay.spool.rows import Notice
 from relay.spool.schema import PAGE_SIZE, SCHEMA_VERSION
 from tests.support.spools import TRACE, make_spool
 
@@ -592,6 +593,54 @@ async def test_purge_drops_old_sent_rows_only(spool: Spool, tmp_path: Path) -> N
     assert 2 == await spool.purge(0)
     assert {failed, queued} == set(rows(tmp_path / "spool")) == set(bodies(tmp_path / "spool"))
     assert [] == events(tmp_path / "spool", sent) == events(tmp_path / "spool", bounced)
+
+
+async def test_dead_letters_past_their_retention_are_dropped_and_nothing_else(
+    spool: Spool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """purge_failed(age) deletes failed rows (body, history) that failed more than `age`
+    seconds ago, in steps; younger dead letters, queued, sent and deferred rows stay, and so
+    does the DSN queued when one failed (a row of its own)."""
+    monkeypatch.setattr(store, "PURGE_ROWS", 2)
+    old = [await add(spool, n) for n in range(5)]
+    young, sent, deferred, queued = [await add(spool, n) for n in range(5, 9)]
+    await spool.claim(8)
+    dsn = Notice(
+        id=new_id(),
+        recipient="noreply@moodle.test",
+        raw=b"Subject: Undelivered Mail Returned to Sender\r\n\r\nsorry\r\n",
+        trace=TRACE,
+        message_id="<dsn@relay.test>",
+        summary="failed: user0@example.org",
+    )
+    for queue_id in [*old, young]:
+        await spool.fail(
+            queue_id,
+            rule=None,
+            route="upstream",
+            reply="550 5.1.1 no such user",
+            notice=dsn if queue_id == old[0] else None,
+        )
+    await spool.sent(sent, rule=None, route="upstream", reply="250 ok")
+    await spool.defer(
+        deferred, due_at=time.time() + 60, rule=None, route="upstream", reply="451 later"
+    )
+    conn = sqlite3.connect(tmp_path / "spool" / DB_NAME)
+    with conn:
+        conn.executemany(
+            "UPDATE messages SET updated_at = updated_at - 40 * 86400 WHERE id = ?",
+            [(queue_id,) for queue_id in [*old, sent, deferred, queued]],
+        )
+    conn.close()
+    assert "" == rows(tmp_path / "spool")[dsn.id]["sender"]
+    commits = spool.commits
+    assert 5 == await spool.purge_failed(30 * 86400)
+    assert spool.commits - commits >= 3
+    left = set(rows(tmp_path / "spool"))
+    assert {young, sent, deferred, queued, dsn.id} == left
+    assert set(bodies(tmp_path / "spool")) == left - {sent}
+    assert all(events(tmp_path / "spool", queue_id) == [] for queue_id in old)
+    assert 0 == await spool.purge_failed(30 * 86400)
 
 
 async def test_purge_goes_in_steps_until_nothing_is_left(

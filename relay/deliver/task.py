@@ -33,9 +33,20 @@ UNKNOWN_QUOTA_RATE = 1.0  # recipients/s until GetSendQuota answers (the SES san
 
 
 async def purge_sent(ctx: Context) -> None:
-    """Drop delivered rows past `retention`, hourly."""
+    """Drop dead letters past `failed_retention`, then delivered rows past `retention`
+    (giving the pages of both back), hourly."""
     while not ctx.stop.is_set():
+        keep = ctx.settings.failed_retention  # read each time: a reload may change it
         try:
+            if keep is not None and (dropped := await ctx.spool.purge_failed(keep)):
+                # Each was logged as failed, with its DSN, when it failed; an admin who
+                # looks for one later learns here where it went.
+                logs.event(
+                    log,
+                    "purged_dead_letters",
+                    count=dropped,
+                    failed_retention=round(keep),
+                )
             purged = await ctx.spool.purge(ctx.settings.retention)
             if purged:
                 logs.event(log, "purged", count=purged)

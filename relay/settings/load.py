@@ -37,6 +37,7 @@ from relay.settings.model import (
 from relay.settings.sections import Rel
 
 DEFAULT_PATHS = (Path("relay.yaml"), Path("/etc/relay/relay.yaml"))
+FAILED_RETENTION_MIN = 86400  # seconds: failed_retention, unless null
 
 
 def find_config(explicit: Path | None) -> Path:
@@ -127,6 +128,7 @@ _TOP = {
     "metrics",
     "deliverers",
     "retention",
+    "failed_retention",
 }
 
 
@@ -175,6 +177,14 @@ def _read(root: yamlfile.Node, path: Path) -> Settings | None:
         if "retention" in top
         else default_of(Settings, "retention")
     )
+    failed_ok = True  # failed_retention: None is a value here (null), not a problem
+    failed_retention: float | None = default_of(Settings, "failed_retention")
+    if "failed_retention" in top and top["failed_retention"].is_null():
+        failed_retention = None  # the dead letters stay for good
+    elif "failed_retention" in top:
+        # A dead letter is the only copy of a mail no one received: a day at least to see it.
+        failed_retention = top["failed_retention"].as_number(minimum=FAILED_RETENTION_MIN)
+        failed_ok = failed_retention is not None
 
     if listen is not None and not listen.is_loopback and (auth is None or tls is None):
         top["listen"].problem(
@@ -197,7 +207,7 @@ def _read(root: yamlfile.Node, path: Path) -> Settings | None:
         )
 
     values = (listen, spool, rules, mode, hostname, limits, networks, upstream, ses, retry)
-    if any(v is None for v in values) or None in (deliverers, retention, bounces):
+    if any(v is None for v in values) or None in (deliverers, retention, bounces) or not failed_ok:
         return None
     assert listen and spool and rules and mode and hostname and limits and upstream and ses
     assert retry is not None and networks is not None and bounces is not None
@@ -220,6 +230,7 @@ def _read(root: yamlfile.Node, path: Path) -> Settings | None:
         metrics=metrics,
         deliverers=deliverers,
         retention=float(retention),
+        failed_retention=None if failed_retention is None else float(failed_retention),
     )
 
 

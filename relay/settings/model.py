@@ -193,6 +193,9 @@ class Settings:
     # default_destination_concurrency_limit is 20.
     deliverers: int = 16
     retention: float = 7 * 86400.0  # seconds delivered rows keep their metadata
+    # Seconds a dead letter (failed, its DSN queued) keeps its body and history for
+    # `relay queue retry`; None: for good. Postfix deletes a mail once its bounce is queued.
+    failed_retention: float | None = 30 * 86400.0
 
 
 def default_of(cls: type[Any], name: str) -> Any:

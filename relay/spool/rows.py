@@ -276,6 +276,21 @@ def purge_sent(conn: sqlite3.Connection, cutoff: float, limit: int) -> tuple[int
     return len(ids), dropped
 
 
+def purge_failed(conn: sqlite3.Connection, cutoff: float, limit: int) -> int:
+    """Delete up to `limit` failed rows (dead letters: body, history) that failed before
+    `cutoff`; return how many. Their DSNs are rows of their own, and stay."""
+    found = conn.execute(
+        "SELECT id FROM messages WHERE state = 'failed' AND updated_at < ? LIMIT ?",
+        (cutoff, limit),
+    )
+    ids = [queue_id for (queue_id,) in found]
+    marks = ", ".join("?" * len(ids))
+    conn.execute(f"DELETE FROM events WHERE queue_id IN ({marks})", ids)
+    conn.execute(f"DELETE FROM bodies WHERE id IN ({marks})", ids)
+    conn.execute(f"DELETE FROM messages WHERE id IN ({marks})", ids)
+    return len(ids)
+
+
 def oldest_waiting(conn: sqlite3.Connection) -> float | None:
     """When the oldest queued, deferred or in-flight row arrived (None: there is none)."""
     row = conn.execute(

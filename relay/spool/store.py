@@ -5,7 +5,8 @@ receive -> `Spool.add()` (committed and fsynced before the 250) -> deliver loop
 
     queued --claim--> inflight --sent--> sent (body deleted, metadata kept until purge)
       ^                  |  \\--defer--> deferred (due_at) --claim--> inflight ...
-      |                  |   \\-fail---> failed (dead letter, body kept; `relay queue retry`)
+      |                  |   \\-fail---> failed (dead letter, body kept; `relay queue retry`;
+      |                  |                purge_failed() after `failed_retention`)
       +-- reclaim() when delivery starts (a crash left it inflight) --+
     sent --feedback(): SES bounced every recipient for good--> bounced (kept until purge)
 
@@ -50,6 +51,7 @@ from relay.spool.rows import (
     insert_mail,
     new_id,
     oldest_waiting,
+    purge_failed,
     purge_sent,
     queued_now,
     reclaim_inflight,
@@ -295,10 +297,10 @@ class Spool:
         recipients: Sequence[str] | None = None,
         notice: Notice | None = None,
     ) -> None:
-        """Dead letter: keep the body, visible to `relay queue`, retryable; `recipients`:
-        those it failed for, when others were delivered (a retry must not send to them
-        again); `notice`: its DSN to the sender, queued in the same transaction (never
-        one without the other)."""
+        """Dead letter: keep the body (until `purge_failed`), visible to `relay queue`,
+        retryable; `recipients`: those it failed for, when others were delivered (a retry
+        must not send to them again); `notice`: its DSN to the sender, queued in the same
+        transaction (never one without the other)."""
         fields: dict[str, Any] = {"rule": rule, "route": route, "reply": reply}
         if recipients is not None:
             fields["recipients"] = json.dumps(list(recipients))
@@ -450,6 +452,18 @@ class Spool:
             if not 0 < left < free:
                 return count
             free = left
+
+    async def purge_failed(self, older_than: float) -> int:
+        """Delete dead letters (failed rows) that failed more than `older_than` seconds
+        ago, in steps of PURGE_ROWS; return the count. Their pages go back to the disk at
+        the next `purge`."""
+        cutoff = time.time() - older_than
+        count = 0
+        while True:
+            rows = await self._call(lambda conn: purge_failed(conn, cutoff, PURGE_ROWS))
+            count += rows
+            if rows < PURGE_ROWS:
+                return count
 
     async def counts(self) -> dict[str, int]:
         """Messages by state (every state present, zero when none): for metrics."""
