@@ -96,6 +96,7 @@ def check_config(config: Path | None) -> None:
 
     path = settings_mod.find_config(config)
     problems: list[str] = []
+    region = None
     try:
         loaded = settings_mod.load(path)
     except ConfigError as exc:
@@ -103,10 +104,10 @@ def check_config(config: Path | None) -> None:
         rules_file = settings_mod.rules_of(path)  # its problems are wanted too
     else:
         problems.extend(settings_mod.check_listen_env(loaded))
-        rules_file = loaded.rules
+        rules_file, region = loaded.rules, loaded.ses.region
     if rules_file is not None:
         try:
-            rules.load(rules_file)
+            rules.load(rules_file, ses_region=region)
         except ConfigError as exc:
             problems.extend(str(p) for p in exc.problems)
     for problem in problems:

@@ -200,7 +200,7 @@ async def serve(
     trim = _give_back_big_buffers()
     tls = _tls_context(settings)
     try:
-        ruleset = rules.load(settings.rules)
+        ruleset = rules.load(settings.rules, ses_region=settings.ses.region)
     except ConfigError as exc:
         raise StartError(f"rules cannot be used:\n{exc}") from exc
     loop = asyncio.get_running_loop()

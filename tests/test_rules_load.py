@@ -392,6 +392,37 @@ def test_check_config_reports_the_rules_problems_even_when_relay_yaml_has_some(
     assert expected == [line[: len(p)] for line, p in zip(errors, expected, strict=True)], errors
 
 
+def test_a_rules_identity_in_another_region_than_ses_region_is_a_problem_at_its_line(
+    tmp_path: Path,
+) -> None:
+    """A rule's `ses.identity_arn` of us-east-1 with relay.yaml's `ses.region: eu-west-1`:
+    SES refuses every send for it through eu-west-1, and each such mail went upstream after
+    an SES call, while check-config said ok. Now `relay check-config` names the rule's line,
+    and relay serve refuses the rules at start and at a reload (the same `rules.load`); the
+    Region `*` and the same Region pass."""
+    rules_file = tmp_path / "rules.yaml"
+    arn = "arn:aws:ses:{}:123456789012:identity/lms.example.edu"
+    rule = "rules:\n  - name: a\n    route: ses\n    ses: {{identity_arn: '{}'}}\n"
+    config = tmp_path / "relay.yaml"
+    config.write_text(
+        "rules: rules.yaml\nupstream: {host: 127.0.0.1}\nses: {region: eu-west-1}\n",
+        encoding="utf-8",
+    )
+    rules_file.write_text(rule.format(arn.format("us-east-1")) + "    match: {subject: a}\n")
+    result = CliRunner().invoke(main, ["check-config", "--config", str(config)])
+    assert 1 == result.exit_code, result.output
+    assert [
+        f"{rules_file}:4: rules[0].ses.identity_arn: its Region is us-east-1, and ses.region"
+        " is eu-west-1: SES sends for an identity only through the Region it was verified in"
+        " (or `*` in the ARN, for an identity in the Global endpoints' Regions)"
+    ] == result.stderr.splitlines()
+    for region in ("eu-west-1", "*"):
+        rules_file.write_text(rule.format(arn.format(region)) + "    match: {subject: a}\n")
+        result = CliRunner().invoke(main, ["check-config", "--config", str(config)])
+        assert 0 == result.exit_code, result.output
+    assert rules.parse(rule.format(arn.format("us-east-1")) + "    match: {subject: a}\n", "r")
+
+
 def test_check_config_on_a_file_nested_too_deeply_says_so_without_a_traceback(
     tmp_path: Path,
 ) -> None:

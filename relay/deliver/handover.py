@@ -51,4 +51,4 @@ def unpack(stream: BinaryIO) -> tuple[Settings, RuleSet, bool]:
         settings, rules = pickle.loads(objects)
         return settings, rules, False
     settings = settings_mod.load(Path(source))
-    return settings, rules_mod.load(settings.rules), True
+    return settings, rules_mod.load(settings.rules, ses_region=settings.ses.region), True

@@ -104,7 +104,7 @@ async def _run(
     report = Report()
     try:
         settings = settings_mod.load(config_path)
-        ruleset = rules.load(settings.rules)
+        ruleset = rules.load(settings.rules, ses_region=settings.ses.region)
     except ConfigError as exc:
         for problem in exc.problems:
             report.line(FAIL, "config", str(problem))

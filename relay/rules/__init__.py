@@ -22,6 +22,7 @@ from relay.rules.ruleset import (
     RuleSet,
     load,
     parse,
+    region_problem,
 )
 
 __all__ = [
@@ -38,4 +39,5 @@ __all__ = [
     "RuleSet",
     "load",
     "parse",
+    "region_problem",
 ]

@@ -45,6 +45,21 @@ IDENTITY_ARN = re.compile(r"arn:aws[a-z-]*:ses:(?:[a-z0-9-]+|\*):\d{12}:identity
 IDENTITY_ARN_FORM = "an identity ARN like arn:aws:ses:eu-west-1:123456789012:identity/example.org"
 
 
+def region_problem(arn: str, region: str) -> str | None:
+    """Why SES would refuse every send for identity `arn` through `region`, or None.
+
+    SES sends for an identity only from the Region it was verified in (its Developer
+    Guide, sending authorization): every send failed, and the mail went upstream."""
+    arn_region = arn.split(":")[3]
+    if arn_region in ("*", region):
+        return None
+    return (
+        f"its Region is {arn_region}, and ses.region is {region}: SES sends for an"
+        " identity only through the Region it was verified in (or `*` in the ARN, for"
+        " an identity in the Global endpoints' Regions)"
+    )
+
+
 class Route(StrEnum):
     SES = "ses"
     UPSTREAM = "upstream"
@@ -122,20 +137,25 @@ class RuleSet:
         )
 
 
-def load(path: Path) -> RuleSet:
-    """Read and check the rules file at `path`; ConfigError lists every problem."""
-    return _build(str(path), lambda: yamlfile.load(path))
+def load(path: Path, *, ses_region: str | None = None) -> RuleSet:
+    """Read and check the rules file at `path`; ConfigError lists every problem.
+    `ses_region`: relay.yaml's, which every rule's `ses.identity_arn` must suit."""
+    return _build(str(path), lambda: yamlfile.load(path), ses_region)
 
 
-def parse(text: str, name: str) -> RuleSet:
+def parse(text: str, name: str, *, ses_region: str | None = None) -> RuleSet:
     """Check rules given as YAML `text`; `name` stands for the file in problems."""
-    return _build(name, lambda: yamlfile.parse(text, name))
+    return _build(name, lambda: yamlfile.parse(text, name), ses_region)
 
 
-def _build(name: str, read: Callable[[], tuple[yamlfile.Doc, yamlfile.Node | None]]) -> RuleSet:
+def _build(
+    name: str,
+    read: Callable[[], tuple[yamlfile.Doc, yamlfile.Node | None]],
+    ses_region: str | None,
+) -> RuleSet:
     try:
         doc, root = read()
-        ruleset = _ruleset(doc, root)
+        ruleset = _ruleset(doc, root, ses_region)
     except RecursionError:  # PyYAML and the condition parser both recurse per nesting level
         doc = yamlfile.Doc(name)
         doc.problem(None, "", "the rules are nested too deeply")
@@ -146,7 +166,9 @@ def _build(name: str, read: Callable[[], tuple[yamlfile.Doc, yamlfile.Node | Non
     return ruleset
 
 
-def _ruleset(doc: yamlfile.Doc, root: yamlfile.Node | None) -> RuleSet | None:
+def _ruleset(
+    doc: yamlfile.Doc, root: yamlfile.Node | None, ses_region: str | None
+) -> RuleSet | None:
     if root is None:
         return None
     top = root.mapping(allowed=("default", "rules"), required=("rules",))
@@ -159,7 +181,7 @@ def _ruleset(doc: yamlfile.Doc, root: yamlfile.Node | None) -> RuleSet | None:
     seen: dict[str, int] = {}
     items = top["rules"].sequence() if "rules" in top else None
     for item in items or ():
-        rule = _rule(item, seen)
+        rule = _rule(item, seen, ses_region)
         if rule is not None:
             rules.append(rule)
     if doc.problems or default is None:
@@ -176,7 +198,7 @@ def _route(node: yamlfile.Node) -> Route | None:
     return None if value is None else Route(value)
 
 
-def _rule(node: yamlfile.Node, seen: dict[str, int]) -> Rule | None:
+def _rule(node: yamlfile.Node, seen: dict[str, int], ses_region: str | None) -> Rule | None:
     entries = node.mapping(
         allowed=("name", "route", "match", "ses", "description"),
         required=("name", "route", "match"),
@@ -198,7 +220,9 @@ def _rule(node: yamlfile.Node, seen: dict[str, int]) -> Rule | None:
     match = condition(entries["match"]) if "match" in entries else None
     if "description" in entries:
         text(entries["description"], allow_empty=True)
-    config_set, tags, arn = _ses(entries["ses"]) if "ses" in entries else (None, (), None)
+    config_set, tags, arn = (
+        _ses(entries["ses"], ses_region) if "ses" in entries else (None, (), None)
+    )
     if name is None or route is None or match is None or tags is None:
         return None
     return Rule(
@@ -212,7 +236,7 @@ def _rule(node: yamlfile.Node, seen: dict[str, int]) -> Rule | None:
 
 
 def _ses(
-    node: yamlfile.Node,
+    node: yamlfile.Node, ses_region: str | None
 ) -> tuple[str | None, tuple[tuple[str, str], ...] | None, str | None]:
     entries = node.mapping(allowed=("configuration_set", "tags", "identity_arn"))
     if entries is None:
@@ -220,6 +244,9 @@ def _ses(
     arn = text(entries["identity_arn"]) if "identity_arn" in entries else None
     if arn is not None and not IDENTITY_ARN.fullmatch(arn):
         entries["identity_arn"].problem(f"expected {IDENTITY_ARN_FORM}, got {arn!r}")
+        arn = None
+    elif arn is not None and ses_region and (problem := region_problem(arn, ses_region)):
+        entries["identity_arn"].problem(problem)
         arn = None
     config_set = None
     if "configuration_set" in entries:

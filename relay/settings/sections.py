@@ -13,7 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from relay import yamlfile
-from relay.rules import CONFIG_SET, CONFIG_SET_FORM, IDENTITY_ARN, IDENTITY_ARN_FORM
+from relay.rules import (
+    CONFIG_SET,
+    CONFIG_SET_FORM,
+    IDENTITY_ARN,
+    IDENTITY_ARN_FORM,
+    region_problem,
+)
 from relay.settings.model import (
     BareNewline,
     Bounces,
@@ -221,15 +227,8 @@ def ses(node: yamlfile.Node) -> Ses | None:
         ok = ok and api is not None
     identity_arn, fine = _optional_like(m, "identity_arn", IDENTITY_ARN, IDENTITY_ARN_FORM)
     ok = ok and fine
-    arn_region = identity_arn.split(":")[3] if identity_arn else "*"
-    if region is not None and arn_region not in ("*", region):
-        # SES sends for an identity only from the Region it was verified in (its Developer
-        # Guide, sending authorization): every send failed, and the mail went upstream.
-        m["identity_arn"].problem(
-            f"its Region is {arn_region}, and ses.region is {region}: SES sends for an"
-            " identity only through the Region it was verified in (or `*` in the ARN, for"
-            " an identity in the Global endpoints' Regions)"
-        )
+    if identity_arn and region and (problem := region_problem(identity_arn, region)):
+        m["identity_arn"].problem(problem)
         ok = False
     source, fine = _optional_like(
         m,
