@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from aiosmtpd.smtp import SMTP
 
-from relay.deliver import upstream
+from relay.deliver import pool, upstream
 from relay.deliver.upstream import UpstreamClient, UpstreamResult
 from relay.deliver.wire import send_data
 from relay.errors import HostUnreachable, HostUnusable, PermanentFailure, TemporaryFailure
@@ -470,7 +470,7 @@ async def test_host_dropping_an_idle_connection_costs_nothing(
 async def test_idle_connections_are_closed_after_a_while(
     start_capture: StartCapture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(upstream, "REUSE_IDLE", 0.1)
+    monkeypatch.setattr(pool, "REUSE_IDLE", 0.1)
     capture, port = await start_capture()
     client = _client(port)
     try:
@@ -486,7 +486,7 @@ async def test_idle_connections_are_closed_after_a_while(
 async def test_a_connection_carries_at_most_reuse_limit_mails(
     start_capture: StartCapture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(upstream, "REUSE_LIMIT", 2)
+    monkeypatch.setattr(pool, "REUSE_LIMIT", 2)
     capture, port = await start_capture()
     client = _client(port)
     try:

@@ -9,7 +9,8 @@
 mail on its spool row, `dsn` says when its sender is told and `report` writes the
 notice, `feedback` brings SES's events back onto the rows (and a mail SES bounced for
 every recipient to `bounced`), `ses/` the SES leg (client, route, pace, circuit),
-`upstream` the SMTP client for the original host, `task` wires them up. In `relay
+`upstream` the SMTP client for the original host (`pool` its connections kept
+between mails and the host's cap on them), `task` wires them up. In `relay
 serve` all of it runs in the delivery process (`process`, `python -m
 relay.deliver.process`), which `supervisor` starts, watches and restarts, handing it
 the settings and rules it runs on (`handover`).

@@ -16,26 +16,14 @@ recipient with its own reply, as the DSN must report them.
 AUTH failures are temporary on purpose: a wrong password is the relay's
 problem, not the message's, so the mail waits for the fix instead of failing.
 
-Connections are reused, as Postfix's smtp client does: after a completed DATA
-the connection waits up to REUSE_IDLE seconds for the next mail (no new TCP,
-TLS, EHLO and AUTH per message), and is closed with QUIT after REUSE_LIMIT
-mails, REUSE_FOR seconds, or any error. If the host closed an idle connection,
-the next MAIL FROM fails before anything of that mail was sent, and the mail
-goes out on a fresh connection instead.
-
-A host that limits the connections it takes from one client (Postfix's
-smtpd_client_connection_count_limit, Exim's smtp_accept_max_per_host, a 421
-greeting past it) is up, not down: a busy greeting while other connections to
-it are open sets a cap at their number for BUSY_FOR seconds, and the mail waits
-for one of them instead of being deferred (Postfix's qmgr lowers the
-destination's concurrency, and calls the host dead only when every connection
-fails). A busy greeting with no connection open is an unreachable host.
+Connections to the host are kept between mails and capped as the host asks
+(`relay.deliver.pool`). If the host closed an idle connection, the next MAIL FROM
+fails before anything of that mail was sent, and the mail goes out on a fresh
+connection instead.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import ssl
 import time
@@ -45,6 +33,7 @@ import aiosmtplib
 
 from relay import logs
 from relay import settings as _settings
+from relay.deliver.pool import BUSY_FOR, Connection, Pool
 from relay.deliver.wire import data_bytes, send_data
 from relay.errors import (
     DeliveryError,
@@ -55,11 +44,7 @@ from relay.errors import (
 )
 from relay.mail import Mail
 
-REUSE_IDLE = 2.0  # seconds an idle connection waits for the next mail (Postfix: 2 s)
-REUSE_LIMIT = 100  # mails per connection, then QUIT
-REUSE_FOR = 300.0  # seconds a connection is used at most (Postfix: 300 s)
 REPLY_MAX = 1000  # characters of a host's reply kept (the rest is "...")
-BUSY_FOR = 60.0  # seconds a connection cap learnt from a busy greeting holds
 
 log = logging.getLogger("relay.deliver")
 
@@ -80,15 +65,6 @@ class UpstreamResult:
     reply: str = ""  # the DATA reply, or the refusals when none was accepted
 
 
-@dataclass(slots=True)
-class _Connection:
-    smtp: aiosmtplib.SMTP
-    opened: float  # time.monotonic()
-    used: int = 0  # mails sent on it
-    idle_since: float = 0.0
-    closed: bool = False
-
-
 class _Stale(Exception):
     """A reused connection was closed by the host while idle; nothing of the mail was sent."""
 
@@ -103,14 +79,7 @@ class UpstreamClient:
     def __init__(self, settings: _settings.Upstream, *, hostname: str) -> None:
         self._settings = settings
         self._hostname = hostname  # our EHLO name
-        self._idle: list[_Connection] = []  # open, between mails; the newest last
-        self._closing: set[asyncio.Task[None]] = set()
-        self._open = 0  # connections open now, in use or idle
-        self._cap = 0  # the host's limit on them, learnt from a busy greeting (0: none) ...
-        self._cap_until = 0.0  # ... until then (monotonic)
-        self._room: list[asyncio.Future[None]] = []  # sends waiting for a connection
-        self._connecting = 0  # connections being set up
-        self._connect_ended = asyncio.Event()
+        self._pool = Pool()
         self._tls: ssl.SSLContext | None = None
         if settings.security is not _settings.Security.NONE:
             self._tls = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
@@ -126,14 +95,19 @@ class UpstreamClient:
         """Deliver `mail`; see the module docstring for what raises and what returns."""
         deadline = time.monotonic() + self._settings.timeout  # for a connection under the cap
         while True:
-            conn = self._take()
+            conn = self._pool.take()
             if conn is not None:
                 try:
                     return await self._send_on(conn, mail, reused=True)
                 except _Stale:
                     continue  # the host let it go while idle: another, or a fresh one
-            if self._full():
-                await self._wait_for_room(mail, deadline)
+            if self._pool.full():
+                if not await self._pool.wait_for_room(deadline):
+                    reply = (
+                        f"4.4.5 upstream {self.target} takes {self._pool.cap} connections at"
+                        f" a time from relay and none was free for {self._settings.timeout:g} s"
+                    )
+                    raise TemporaryFailure(f"{reply} ({mail.id})", reply=reply, status="4.4.5")
                 continue
             try:
                 conn = await self._connect(mail, deadline)
@@ -141,7 +115,7 @@ class UpstreamClient:
                 continue  # the cap is set: wait for a connection that is open
             return await self._send_on(conn, mail, reused=False)
 
-    async def _connect(self, mail: Mail, deadline: float) -> _Connection:
+    async def _connect(self, mail: Mail, deadline: float) -> Connection:
         s = self._settings
         smtp = aiosmtplib.SMTP(
             hostname=s.host,
@@ -152,23 +126,18 @@ class UpstreamClient:
             start_tls=False,
             tls_context=self._tls,
         )
-        self._connecting += 1
-        connecting = True
         try:
-            await self._open_session(smtp, mail)
+            with self._pool.connecting():
+                await self._open_session(smtp, mail)
         except HostUnreachable as exc:
             smtp.close()
-            self._connecting -= 1  # this one has its answer: the others need not wait for it
-            self._connect_ended.set()
-            connecting = False
-            if _busy(exc) and await self._others_got_in(deadline):
-                self._cap, self._cap_until = self._open, time.monotonic() + BUSY_FOR
+            if _busy(exc) and await self._pool.others_got_in(deadline):
                 logs.event(
                     log,
                     "upstream_busy",
                     level=logging.WARNING,
                     host=self.target,
-                    connections=self._cap,
+                    connections=self._pool.cap_at_open(),
                     seconds=BUSY_FOR,
                     reply=exc.reply,
                 )
@@ -177,120 +146,26 @@ class UpstreamClient:
         except BaseException:
             smtp.close()
             raise
-        finally:
-            if connecting:
-                self._connecting -= 1
-                self._connect_ended.set()
-        self._open += 1
-        self._cap = max(self._cap, self._open) if self._cap else 0  # the host took this one
-        return _Connection(smtp, opened=time.monotonic())
-
-    async def _others_got_in(self, deadline: float) -> bool:
-        """After a busy greeting: whether relay has another connection to the host, once
-        the connects under way beside this one have ended (a burst of them at the start)."""
-        while not self._open and self._connecting and time.monotonic() < deadline:
-            self._connect_ended.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
-                    await self._connect_ended.wait()
-        return self._open > 0
-
-    def _full(self) -> bool:
-        """At the host's connection cap (a busy greeting within BUSY_FOR seconds)."""
-        return bool(self._cap) and time.monotonic() < self._cap_until and self._open >= self._cap
-
-    async def _wait_for_room(self, mail: Mail, deadline: float) -> None:
-        """Until a connection is freed or closed; a TemporaryFailure past `deadline`."""
-        room = asyncio.get_running_loop().create_future()
-        self._room.append(room)
-        try:
-            async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
-                await room
-        except TimeoutError:
-            reply = (
-                f"4.4.5 upstream {self.target} takes {self._cap} connections at a time"
-                f" from relay and none was free for {self._settings.timeout:g} s"
-            )
-            raise TemporaryFailure(f"{reply} ({mail.id})", reply=reply, status="4.4.5") from None
-        finally:
-            if room in self._room:
-                self._room.remove(room)
-
-    def _wake(self) -> None:
-        """A connection was freed or closed: the longest waiting send looks again."""
-        while self._room:
-            room = self._room.pop(0)
-            if not room.done():
-                room.set_result(None)
-                return
-
-    def _closed(self, conn: _Connection) -> None:
-        if not conn.closed:
-            conn.closed = True
-            self._open -= 1
-            self._wake()
+        return self._pool.added(smtp)
 
     async def close(self) -> None:
         """QUIT every idle connection (at stop)."""
-        idle, self._idle = self._idle, []
-        for conn in idle:
-            self._retire(conn)
-        if self._closing:
-            await asyncio.wait(self._closing, timeout=self._settings.timeout)
+        await self._pool.close(self._settings.timeout)
 
-    async def _send_on(self, conn: _Connection, mail: Mail, *, reused: bool) -> UpstreamResult:
+    async def _send_on(self, conn: Connection, mail: Mail, *, reused: bool) -> UpstreamResult:
         """One transaction on `conn`; afterwards it is kept for the next mail or closed."""
         try:
             result = await self._transaction(conn.smtp, mail, reused=reused)
         except BaseException:
             conn.smtp.close()
-            self._closed(conn)
+            self._pool.closed(conn)
             raise
         conn.used += 1
         if result.accepted:  # DATA completed: the session is ready for the next MAIL
-            self._release(conn)
+            self._pool.release(conn)
         else:
-            self._retire(conn)
+            self._pool.retire(conn)
         return result
-
-    def _take(self) -> _Connection | None:
-        now = time.monotonic()
-        while self._idle:
-            conn = self._idle.pop()
-            if conn.smtp.is_connected and now - conn.idle_since < REUSE_IDLE:
-                return conn
-            self._retire(conn)
-        return None
-
-    def _release(self, conn: _Connection) -> None:
-        now = time.monotonic()
-        if conn.used >= REUSE_LIMIT or now - conn.opened >= REUSE_FOR:
-            self._retire(conn)
-            return
-        conn.idle_since = now
-        self._idle.append(conn)
-        asyncio.get_running_loop().call_later(REUSE_IDLE, self._expire)
-        self._wake()
-
-    def _expire(self) -> None:
-        now = time.monotonic()
-        for conn in [c for c in self._idle if now - c.idle_since >= REUSE_IDLE]:
-            self._idle.remove(conn)
-            self._retire(conn)
-
-    def _retire(self, conn: _Connection) -> None:
-        """QUIT in the background; the outcome of every mail on it is already known."""
-        self._closed(conn)
-
-        async def quit_() -> None:
-            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
-                if conn.smtp.is_connected:
-                    await conn.smtp.quit()
-            conn.smtp.close()
-
-        task = asyncio.get_running_loop().create_task(quit_())
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
 
     async def _transaction(
         self, smtp: aiosmtplib.SMTP, mail: Mail, *, reused: bool
