@@ -109,7 +109,7 @@ class RuleSet:
                 contextlib.suppress(TooSlow),
                 box.limit(MAIL_TIME) if box else contextlib.nullcontext(),
             ):
-                view.headers
+                _ = view.headers
             for rule in self.rules:
                 left = min(RULE_TIME, deadline - time.monotonic())
                 try:
