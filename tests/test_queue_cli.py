@@ -30,6 +30,7 @@ from relay.spool.schema import SCHEMA_VERSION
 from tests.support.processes import RELAY, RelayProcess, relay_cli
 from tests.support.relays import ConfigWriter
 from tests.support.spools import make_spool
+from tests.support.waits import wait_until
 
 TRACE = b"Received: from moodle.test (127.0.0.1)\r\n\tby relay.test (relay) with ESMTP id X;\r\n"
 
@@ -648,9 +649,7 @@ def test_dead_letters_go_after_failed_retention_and_the_log_says_so(
     old = failed_rows(spool_dir, 3, age=31 * day)
     young = failed_rows(spool_dir, 2, age=29 * day)
     relay = relay_process(config).start()
-    deadline = time.monotonic() + 15
-    while "event=purged_dead_letters" not in relay.log() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: "event=purged_dead_letters" in relay.log(), "the dead letters' purge")
     assert 0 == relay.stop()
     assert "event=purged_dead_letters count=3 failed_retention=2592000" in relay.log()
     listed = relay_cli("queue", "--config", str(config), "list", "--state", "failed", "--json")
@@ -664,11 +663,8 @@ def test_dead_letters_go_after_failed_retention_and_the_log_says_so(
         conn.execute("UPDATE messages SET state = 'sent' WHERE id = ?", (sent,))
         conn.execute("UPDATE messages SET updated_at = updated_at - 40 * 86400")
     relay = relay_process(config).start()
-    deadline = time.monotonic() + 15
-    while "event=purged count=1" not in relay.log() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: "event=purged count=1" in relay.log(), "the sent row's purge")
     assert 0 == relay.stop()
-    assert "event=purged count=1" in relay.log()
     assert "purged_dead_letters" not in relay.log()
     listed = relay_cli("queue", "--config", str(config), "list", "--state", "failed", "--json")
     assert set(young) == {json.loads(line)["id"] for line in listed.stdout.splitlines()}
