@@ -265,10 +265,7 @@ def purge_sent(conn: sqlite3.Connection, cutoff: float, limit: int) -> tuple[int
         f"SELECT id FROM messages WHERE {done} LIMIT ?", (*FINISHED, cutoff, limit)
     )
     ids = [queue_id for (queue_id,) in found]
-    marks = ", ".join("?" * len(ids))
-    conn.execute(f"DELETE FROM events WHERE queue_id IN ({marks})", ids)
-    conn.execute(f"DELETE FROM bodies WHERE id IN ({marks})", ids)  # none: sent() did
-    conn.execute(f"DELETE FROM messages WHERE id IN ({marks})", ids)
+    _drop(conn, ids)  # no bodies: sent() dropped them
     keys = "SELECT rowid FROM feedback WHERE at < ? LIMIT ?"
     dropped: int = conn.execute(
         f"DELETE FROM feedback WHERE rowid IN ({keys})", (cutoff, limit)
@@ -284,11 +281,16 @@ def purge_failed(conn: sqlite3.Connection, cutoff: float, limit: int) -> int:
         (cutoff, limit),
     )
     ids = [queue_id for (queue_id,) in found]
+    _drop(conn, ids)
+    return len(ids)
+
+
+def _drop(conn: sqlite3.Connection, ids: list[str]) -> None:
+    """Rows `ids` gone for good: their history, body and row."""
     marks = ", ".join("?" * len(ids))
     conn.execute(f"DELETE FROM events WHERE queue_id IN ({marks})", ids)
     conn.execute(f"DELETE FROM bodies WHERE id IN ({marks})", ids)
     conn.execute(f"DELETE FROM messages WHERE id IN ({marks})", ids)
-    return len(ids)
 
 
 def oldest_waiting(conn: sqlite3.Connection) -> float | None:
