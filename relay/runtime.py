@@ -76,8 +76,9 @@ def settle(*, young_collect: int | None = None) -> None:
     Twenty sessions at once keep thousands of young objects alive (streams, futures,
     bodies), and a young collection every 700 allocations walked them over and over: 3%
     of relay serve's CPU samples at 20 KB x 20 connections, where its one thread is the
-    accept row's limit (bench/README.md, "The accept row, profiled with perf"). Objects that
-    die by reference count never wait for a collection; only cycles do, a few MB at most.
+    accept row's limit (bench/README.md, "The accept row, three rounds in turn, and profiled
+    with perf"). Objects that die by reference count never wait for a collection; only
+    cycles do, a few MB at most.
     The delivery process keeps Python's 700: nothing measured it gaining, and its pace
     against SES is timed to the millisecond.
     """
