@@ -13,7 +13,8 @@ greeting past it) is up, not down: a busy greeting while other connections to
 it are open sets a cap at their number for BUSY_FOR seconds (`cap_at_open`), and
 the mail waits for one of them (`wait_for_room`) instead of being deferred
 (Postfix's qmgr lowers the destination's concurrency, and calls the host dead
-only when every connection fails).
+only when every connection fails). A busy greeting with no connection open is an
+unreachable host (`others_got_in` is False).
 """
 
 from __future__ import annotations
