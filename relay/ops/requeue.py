@@ -42,7 +42,7 @@ def _act(spool_dir: Path, ids: Iterable[str], action: str) -> int:
     ok = True
     with (
         closing(conn),
-        closing(Turn(spool_dir, poll=DELIVERY_POLL)) as turn,
+        closing(Turn(spool_dir, poll=DELIVERY_POLL, claims_next=True)) as turn,
         delivery_free(spool_dir) as free,
     ):
         for start in range(0, len(chosen), STEP):

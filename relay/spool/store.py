@@ -112,7 +112,11 @@ class Spool:
             raise SpoolError(
                 f"cannot open spool {directory / DB_NAME}: {detail}{f'; {why}' if why else ''}"
             ) from exc
-        writer = Writer(directory / DB_NAME, poll=POLL if full_sync else DELIVERY_POLL)
+        writer = Writer(
+            directory / DB_NAME,
+            poll=POLL if full_sync else DELIVERY_POLL,
+            claims_next=not full_sync,  # the delivery side: see relay.spool.lock, Next
+        )
         writer.pragmas["wal_autocheckpoint"] = SAFETY_PAGES  # the Checkpointers' job
         checkpointer = Checkpointer(writer.path, every=SERVE_EVERY if full_sync else EVERY)
         checkpointer.start()

@@ -53,14 +53,14 @@ class Job(Generic[T]):
 class Writer(threading.Thread):
     """The one thread that touches the service's SQLite connection."""
 
-    def __init__(self, path: Path, *, poll: float = POLL) -> None:
+    def __init__(self, path: Path, *, poll: float = POLL, claims_next: bool = False) -> None:
         super().__init__(name="relay-spool", daemon=True)
         self.path = path
         self.jobs: queue.SimpleQueue[Job[Any] | None] = queue.SimpleQueue()
         self.commits = 0
         self.pragmas: dict[str, int] = {}  # re-applied on reopen (max_page_count, query_only)
         self._conn: sqlite3.Connection | None = None
-        self._turn = Turn(path.parent, poll=poll)
+        self._turn = Turn(path.parent, poll=poll, claims_next=claims_next)
         self._using = threading.RLock()  # the connection: this thread, or a caller of try_now()
         self.damaged = False  # SQLite found the file damaged: it does not heal (see _failed)
 
