@@ -62,7 +62,7 @@ class Writer(threading.Thread):
         self._conn: sqlite3.Connection | None = None
         self._turn = Turn(path.parent, poll=poll, claims_next=claims_next)
         self._using = threading.RLock()  # the connection: this thread, or a caller of try_now()
-        self.damaged = False  # SQLite found the file damaged: it does not heal (see _failed)
+        self.damaged = False  # SQLite found the file damaged: it does not heal (see failed)
 
     def submit(self, op: Op[T], *, transaction: bool = True) -> concurrent.futures.Future[T]:
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
@@ -123,7 +123,7 @@ class Writer(threading.Thread):
             with self._using, self._turn.held():
                 job.future.set_result(job.op(self._connection()))
         except Exception as exc:
-            self._failed(exc)
+            self.failed(exc)
             job.future.set_exception(SpoolError(f"spool {self.path}: {exc}"))
 
     def _run(self, batch: list[Job[Any]]) -> None:
@@ -161,14 +161,14 @@ class Writer(threading.Thread):
                 self._rollback(conn)
                 raise
         except sqlite3.Error as exc:
-            self._failed(exc)
+            self.failed(exc)
             if getattr(exc, "sqlite_errorcode", 0) & 0xFF in _REOPEN_CODES:
                 self._close()
             raise SpoolError(f"spool {self.path}: {exc}") from exc
         self.commits += 1
         return results
 
-    def _failed(self, exc: Exception) -> None:
+    def failed(self, exc: Exception) -> None:
         """A damaged file (a disk fault, a hand edit: never a crash, which WAL survives)
         said so once at ERROR and in `damaged` (/readyz, relay_spool_damaged): mail may
         still be accepted into it that cannot be delivered, and nothing else shows it."""
