@@ -105,16 +105,17 @@ def check_config(config: Path | None) -> None:
     else:
         problems.extend(settings_mod.check_listen_env(loaded))
         rules_file, region = loaded.rules, loaded.ses.region
+    warnings: tuple[str, ...] = ()
     if rules_file is not None:
         try:
-            rules.load(rules_file, ses_region=region)
+            warnings = rules.load(rules_file, ses_region=region).warnings
         except ConfigError as exc:
             problems.extend(str(p) for p in exc.problems)
     for problem in problems:
         click.echo(problem, err=True)
     if problems:
         sys.exit(1)
-    for warning in settings_mod.exposed_secrets(loaded):
+    for warning in (*settings_mod.exposed_secrets(loaded), *warnings):
         click.echo(f"warning: {warning}", err=True)
     click.echo(f"{path}: ok")
 

@@ -207,6 +207,7 @@ def apply(ctx: Context, read: tuple[Settings, RuleSet] | list[str]) -> bool:
         )
         return False
     new_settings, new_rules = read
+    rules.warn(new_rules)
     old = ctx.settings
     changed = [name for name in _AT_START if getattr(new_settings, name) != getattr(old, name)]
     changed += [

@@ -203,6 +203,7 @@ async def serve(
         ruleset = rules.load(settings.rules, ses_region=settings.ses.region)
     except ConfigError as exc:
         raise StartError(f"rules cannot be used:\n{exc}") from exc
+    rules.warn(ruleset)
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     async with AsyncExitStack() as stack:

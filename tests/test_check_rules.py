@@ -75,6 +75,30 @@ def test_table_and_summary() -> None:
     assert (0, expected_summary) == (result.exit_code, summary)
 
 
+def test_the_shipped_rules_upside_down_say_which_rule_never_decides(tmp_path: Path) -> None:
+    """The student rule moved above the CC rule: the CC copy goes by the student rule (its
+    tags, its configuration set), and check-rules says why before its table: a warning at
+    the CC rule's line naming the rule that takes its mail. Exit 0: the rules load."""
+    shipped = rules.DEFAULT_RULES.read_text(encoding="utf-8")
+    head, cc_and_student = shipped.split("  - name: reengagement-cc", 1)
+    cc, student = cc_and_student.split("  - name: reengagement-student", 1)
+    path = tmp_path / "rules.yaml"
+    path.write_text(
+        f"{head}  - name: reengagement-student{student}\n  - name: reengagement-cc{cc}",
+        encoding="utf-8",
+    )
+    result = check_rules("--rules", str(path), "--json", str(CC))
+    student_line = 1 + path.read_text().splitlines().index("  - name: reengagement-student")
+    cc_line = 1 + path.read_text().splitlines().index("  - name: reengagement-cc")
+    assert [
+        f"warning: {path}:{cc_line}: rule 'reengagement-cc' never decides: rule"
+        f" 'reengagement-student' (line {student_line}) above it asks nothing"
+        " 'reengagement-cc' does not ask, so it takes every mail 'reengagement-cc' matches;"
+        " put 'reengagement-cc' first, or remove it"
+    ] == result.stderr.splitlines()
+    assert (0, "reengagement-student") == (result.exit_code, json_lines(result)[0]["rule"])
+
+
 def test_directory_recursive_sorted(tmp_path: Path) -> None:
     """A directory is searched recursively for *.eml, in sorted order; other files are skipped."""
     (tmp_path / "b" / "deep").mkdir(parents=True)

@@ -275,6 +275,32 @@ def test_doctor_config_problems_stop_it(write_config: ConfigWriter, tmp_path: Pa
     assert any(":5:" in line for line in lines), lines
 
 
+def test_doctor_warns_of_a_rule_that_never_decides(
+    write_config: ConfigWriter, tmp_path: Path
+) -> None:
+    """A rule an earlier one always takes the mail from: one warn line at its line naming
+    that rule; the rules still load, and doctor goes on (exit 0)."""
+    (tmp_path / "rules.yaml").write_text(
+        "rules:\n"
+        "  - {name: any-reminder, route: ses, match: {subject: Reminder}}\n"
+        "  - {name: cc-reminder, route: ses, match: {subject: Reminder, recipient: tutor}}\n"
+    )
+    with CaptureServer() as capture:
+        config = write_config(
+            rules="rules.yaml",
+            upstream={"host": "127.0.0.1", "port": capture.port},
+            ses={"enabled": False},
+        )
+        code, lines, _ = run_doctor(config)
+    warned = [line for line in lines if line.startswith("warn  rules")]
+    assert [
+        f"warn  rules     {tmp_path / 'rules.yaml'}:3: rule 'cc-reminder' never decides: rule"
+        " 'any-reminder' (line 2) above it asks nothing 'cc-reminder' does not ask, so it"
+        " takes every mail 'cc-reminder' matches; put 'cc-reminder' first, or remove it"
+    ] == warned, lines
+    assert 0 == code
+
+
 def test_doctor_warns_when_the_spool_disk_is_under_the_spill_reserve(
     write_config: ConfigWriter, tmp_path: Path
 ) -> None:

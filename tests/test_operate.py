@@ -806,3 +806,42 @@ def test_a_sigterm_while_relay_serve_starts_stops_it_cleanly(
     relay.proc.send_signal(signal.SIGTERM)
     assert 0 == relay.proc.wait(20), relay.log()
     assert "event=stop_requested_at_start" in relay.log()
+
+
+async def test_relay_serve_logs_the_rules_warnings_at_start_and_at_a_reload(
+    start_relay: Callable[..., Any],
+    write_config: ConfigWriter,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+) -> None:
+    """A rule an earlier one always takes the mail from (the shipped rules upside down:
+    the student rule first) loads, and relay serve says so at its start and at each reload
+    that brings it, one `rules_warning` line at the rule's line; rules without one say
+    nothing."""
+    upside_down = tmp_path / "upside-down.yaml"
+    upside_down.write_text(
+        "rules:\n"
+        "  - {name: student, route: ses, match: {header: {X-Moodle-Originating-Script: r}}}\n"
+        "  - name: cc\n"
+        "    route: ses\n"
+        "    match: {header: {X-Moodle-Originating-Script: r, To: '@'}}\n",
+        encoding="utf-8",
+    )
+    said = f"warning=\"{upside_down}:3: rule 'cc' never decides: rule 'student' (line 2)"
+
+    def warnings() -> list[str]:
+        found = [r.getMessage() for r in caplog.records if "rules_warning" in r.getMessage()]
+        caplog.clear()
+        return found
+
+    with caplog.at_level(logging.WARNING, logger="relay"):
+        relay = await start_relay(rules=str(upside_down))
+        at_start = warnings()
+        write_config("relay0.yaml", rules=str(upside_down))
+        assert runtime.reload(relay.ctx)
+        at_reload = warnings()
+        write_config("relay0.yaml")  # the shipped rules
+        assert runtime.reload(relay.ctx)
+        shipped = warnings()
+    assert [1, 1, 0] == [len(at_start), len(at_reload), len(shipped)], (at_start, at_reload)
+    assert said in at_start[0] and said in at_reload[0], (at_start, at_reload)

@@ -447,3 +447,61 @@ def test_check_config_on_an_impossible_date_says_so_without_a_traceback(tmp_path
     assert 1 == result.exit_code, result.output
     expected = f"{config}:3: ses.configuration_set: unreadable value: month must be in 1..12"
     assert [expected] == result.stderr.splitlines()
+
+
+SHIPPED_UPSIDE_DOWN = """\
+rules:
+  - name: student
+    route: ses
+    match:
+      header: {X-Moodle-Originating-Script: 'mod/reengagement/lib\\.php'}
+  - name: cc
+    route: ses
+    ses: {tags: {category: cc}}
+    match:
+      header:
+        X-Moodle-Originating-Script: 'mod/reengagement/lib\\.php'
+        To: '^\\s*"?([^"<>\\s@]+@[^"<>\\s]+)"?\\s*<\\1>\\s*$'
+  - name: forum-digest
+    route: upstream
+    match: {any: [{subject: digest}, {sender: forum}]}
+  - name: forum
+    route: upstream
+    match: {subject: digest}
+  - name: lists
+    route: upstream
+    match: {all: [{absent: [List-Id]}, {subject: x}], sender: y}
+  - name: lists-y
+    route: ses
+    match: {sender: y, subject: x, absent: [List-Id], recipient: z}
+"""
+
+
+def test_a_rule_an_earlier_rule_always_takes_the_mail_from_is_a_warning_at_its_line(
+    tmp_path: Path,
+) -> None:
+    """The shipped rules upside down (the student rule first: every CC copy went by it,
+    with its tags and configuration set, and nothing said so) load, with a warning at the
+    CC rule's line naming the rule that takes its mail; `relay check-config` prints it and
+    exits 0. So does a rule whose conditions include all of an earlier one's (`all:` and
+    a mapping's keys flattened); an `any:` above a rule is not read into (no warning)."""
+    path = tmp_path / "rules.yaml"
+    path.write_text(SHIPPED_UPSIDE_DOWN, encoding="utf-8")
+    loaded = rules.load(path)
+    assert ["student", "cc", "forum-digest", "forum", "lists", "lists-y"] == [
+        r.name for r in loaded.rules
+    ]
+    expected = [
+        f"{path}:6: rule 'cc' never decides: rule 'student' (line 2) above it asks nothing"
+        " 'cc' does not ask, so it takes every mail 'cc' matches; put 'cc' first, or remove it",
+        f"{path}:22: rule 'lists-y' never decides: rule 'lists' (line 19) above it asks"
+        " nothing 'lists-y' does not ask, so it takes every mail 'lists-y' matches; put"
+        " 'lists-y' first, or remove it",
+    ]
+    assert expected == list(loaded.warnings)
+    assert () == rules.load(rules.DEFAULT_RULES).warnings
+    config = tmp_path / "relay.yaml"
+    config.write_text("rules: rules.yaml\nupstream: {host: 127.0.0.1}\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["check-config", "--config", str(config)])
+    assert 0 == result.exit_code, result.output
+    assert [f"warning: {line}" for line in expected] == result.stderr.splitlines()

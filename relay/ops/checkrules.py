@@ -50,6 +50,8 @@ def run(
         for problem in exc.problems:
             click.echo(str(problem), err=True)
         return 1
+    for warning in ruleset.warnings:
+        click.echo(f"warning: {warning}", err=True)
     counts = {"ses": 0, "upstream": 0, "unreadable": 0}
     rows: list[tuple[str, str, str, str]] = []
     for item in _inputs(paths):

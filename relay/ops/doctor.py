@@ -117,6 +117,8 @@ async def _run(
         names = f"{config_path.name} and {settings.rules.name}"
         count = len(ruleset.rules)
         report.line(OK, "config", f"{names} load ({count} rule{'s' * (count != 1)})")
+    for warning in ruleset.warnings:
+        report.line(WARN, "rules", warning)
     seen = await asyncio.to_thread(_spool, report, settings.spool, settings.limits.spill_min_free)
     for line in await upstreamcheck.lines(settings):
         report.line(*line)

@@ -23,6 +23,7 @@ from relay.rules.ruleset import (
     load,
     parse,
     region_problem,
+    warn,
 )
 
 __all__ = [
@@ -40,4 +41,5 @@ __all__ = [
     "load",
     "parse",
     "region_problem",
+    "warn",
 ]

@@ -89,11 +89,14 @@ class Rule:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RuleSet:
-    """The loaded rules of one file (`source`), in order."""
+    """The loaded rules of one file (`source`), in order; `warnings`: what loads but
+    cannot be meant (a rule that never decides), said by check-config, check-rules,
+    doctor and relay serve's log, each as file:line: text."""
 
     source: str
     default: Route
     rules: tuple[Rule, ...]
+    warnings: tuple[str, ...] = ()
 
     def classify(self, mail: Mail) -> Decision:
         """The first matching rule's decision, else the default route. Never raises. A rule
@@ -145,6 +148,12 @@ class RuleSet:
         )
 
 
+def warn(ruleset: RuleSet) -> None:
+    """Log the rules' warnings (relay serve's start and reload), one line each."""
+    for warning in ruleset.warnings:
+        logs.event(log, "rules_warning", level=logging.WARNING, warning=warning)
+
+
 def load(path: Path, *, ses_region: str | None = None) -> RuleSet:
     """Read and check the rules file at `path`; ConfigError lists every problem.
     `ses_region`: relay.yaml's, which every rule's `ses.identity_arn` must suit."""
@@ -185,16 +194,49 @@ def _ruleset(
     default: Route | None = Route.UPSTREAM
     if "default" in top:
         default = _route(top["default"])
-    rules: list[Rule] = []
+    placed: list[tuple[Rule, int]] = []
     seen: dict[str, int] = {}
     items = top["rules"].sequence() if "rules" in top else None
     for item in items or ():
         rule = _rule(item, seen, ses_region)
         if rule is not None:
-            rules.append(rule)
+            placed.append((rule, item.line))
     if doc.problems or default is None:
         return None
-    return RuleSet(source=doc.name, default=default, rules=tuple(rules))
+    return RuleSet(
+        source=doc.name,
+        default=default,
+        rules=tuple(rule for rule, _ in placed),
+        warnings=tuple(_shadowed(doc.name, placed)),
+    )
+
+
+def _shadowed(source: str, placed: list[tuple[Rule, int]]) -> list[str]:
+    """A warning for each rule an earlier one always takes the mail from: every condition
+    of the earlier rule is one of its own (reengagement-student above reengagement-cc,
+    say: every CC copy went out under the student rule's tags and configuration set)."""
+    found = []
+    needs = [_conjuncts(rule.match) for rule, _ in placed]
+    for later, (rule, line) in enumerate(placed):
+        for earlier in range(later):
+            if needs[earlier] <= needs[later]:
+                first, first_line = placed[earlier]
+                found.append(
+                    f"{source}:{line}: rule {rule.name!r} never decides: rule {first.name!r}"
+                    f" (line {first_line}) above it asks nothing {rule.name!r} does not ask,"
+                    f" so it takes every mail {rule.name!r} matches; put {rule.name!r}"
+                    " first, or remove it"
+                )
+                break
+    return found
+
+
+def _conjuncts(condition: c.Condition) -> frozenset[c.Condition]:
+    """The conditions `condition` needs all of: `all:` and the keys of one mapping,
+    flattened (`any:` and `not:` stay whole)."""
+    if isinstance(condition, c.AllOf):
+        return frozenset().union(*(_conjuncts(one) for one in condition.conditions))
+    return frozenset((condition,))
 
 
 def _route(node: yamlfile.Node) -> Route | None:
