@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from relay.spool import Spool
 from relay.spool.lock import DELIVERY_POLL, NEXT_LOCK, NEXT_MAX, SpoolBusy, Turn
+from tests.support.spools import TRACE
 
 
 @contextmanager
@@ -78,6 +80,31 @@ def test_the_delivery_process_gets_its_turn_while_relay_serve_receives_flat_out(
         served = len(adds)
     assert max(waits) < 0.1, [f"{w * 1000:.1f} ms" for w in waits]
     assert served > 30  # the adds took their turns between, not after
+
+
+async def test_the_delivery_sides_spool_claims_the_next_turn(tmp_path: Path) -> None:
+    """The delivery process's spool (`full_sync=False`) is the writer that claims: its
+    claims and outcomes come between back-to-back adds, not after them."""
+    delivery = await Spool.open(tmp_path, full_sync=False)
+    try:
+        queue_id = await delivery.add(
+            sender="a@b.example",
+            recipients=["c@d.example"],
+            raw=b"x\r\n",
+            peer="",
+            trace=TRACE,
+            message_id="<1@b.example>",
+        )
+        with receiving_flat_out(tmp_path):
+            took = []
+            for _ in range(10):
+                asked = time.monotonic()
+                await delivery.claim(16)
+                await delivery.defer(queue_id, due_at=0.0, rule=None, route="upstream", reply="x")
+                took.append(time.monotonic() - asked)
+    finally:
+        await delivery.close()
+    assert max(took) < 0.2, [f"{t * 1000:.1f} ms" for t in took]
 
 
 def test_a_claim_never_taken_holds_up_one_add_then_is_skipped_until_let_go(

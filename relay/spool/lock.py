@@ -13,9 +13,10 @@ process stopped while it holds the lock would hold up every add for good.
 `relay queue retry` and `delete` take it too, in steps (relay.ops.queueadmin).
 
 Next: looking now and then is not a queue. While relay serve receives flat out, its
-adds hold the lock 75-90% of the time (4-8 ms a transaction, retaken at once), and a
-look every 500 µs finds it taken: the delivery process waited up to 200 ms a turn
-and delivered 180 mails/s while 900 came in. So a writer that waited
+adds hold the lock most of the time and take it again at once, and a look every
+500 µs finds it taken: the delivery process waited a long time for each turn and
+delivered a fraction of what came in (bench/README.md, "The delivery process's
+write turn"). So a writer that waited
 NEXT_AFTER takes `next.lock` (`Turn(claims_next=True)`: the delivery process, the
 queue commands), and relay serve lets it write first: before its turn it waits for
 `next.lock` to be free, at most NEXT_MAX; a holder stopped or stuck is skipped

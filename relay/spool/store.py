@@ -418,7 +418,7 @@ class Spool:
 
     async def reputation(self, since: float) -> Reputation:
         """Relay's SES sends since `since` and the bounces and complaints about them (it
-        scans every row: 0.3 s for 300,000; each minute in each process)."""
+        scans every row; each minute in each process)."""
         return await self._read(lambda conn: reputation(conn, since))
 
     async def _read(self, query: Op[T]) -> T:
@@ -477,12 +477,12 @@ class Spool:
 
     async def counts(self) -> dict[str, int]:
         """Messages by state (every state present, zero when none): for metrics, every
-        5 s; 0.1 s at a million rows, outside the write turn (`_read`)."""
+        5 s, outside the write turn (`_read`)."""
         return await self._read(state_counts)
 
     async def oldest_age(self) -> float:
         """Seconds since the oldest queued, deferred or in-flight message arrived (0: none).
-        For metrics, every 5 s; 0.4 s at a million rows waiting, outside the write turn."""
+        For metrics, every 5 s, outside the write turn (`_read`): it scans every waiting row."""
         oldest = await self._read(oldest_waiting)
         return 0.0 if oldest is None else max(0.0, time.time() - oldest)
 
