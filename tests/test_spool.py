@@ -23,7 +23,7 @@ from relay.spool import lock as spoollock
 from relay.spool.lock import WRITE_LOCK
 from relay.spool.rows import Notice
 from relay.spool.schema import PAGE_SIZE, SCHEMA_VERSION
-from tests.support.spools import TRACE, make_spool
+from tests.support.spools import TRACE, add_one, make_spool
 
 
 def mail_bytes(n: int, size: int = 200) -> bytes:
@@ -995,14 +995,7 @@ async def test_the_ses_rates_and_the_queue_gauges_are_read_outside_the_write_tur
     come while another process holds it (as the delivery process does while it commits)."""
     spool = await Spool.open(tmp_path)
     try:
-        await spool.add(
-            sender="a@b.example",
-            recipients=["c@d.example"],
-            raw=b"x\r\n",
-            peer="",
-            trace=TRACE,
-            message_id="<1@b.example>",
-        )
+        await add_one(spool)
         holder = os.open(tmp_path / WRITE_LOCK, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(holder, fcntl.LOCK_EX)

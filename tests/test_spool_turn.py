@@ -18,7 +18,7 @@ import pytest
 
 from relay.spool import Spool
 from relay.spool.lock import DELIVERY_POLL, NEXT_LOCK, NEXT_MAX, SpoolBusy, Turn
-from tests.support.spools import TRACE
+from tests.support.spools import add_one
 
 
 @contextmanager
@@ -87,14 +87,7 @@ async def test_the_delivery_sides_spool_claims_the_next_turn(tmp_path: Path) -> 
     claims and outcomes come between back-to-back adds, not after them."""
     delivery = await Spool.open(tmp_path, full_sync=False)
     try:
-        queue_id = await delivery.add(
-            sender="a@b.example",
-            recipients=["c@d.example"],
-            raw=b"x\r\n",
-            peer="",
-            trace=TRACE,
-            message_id="<1@b.example>",
-        )
+        queue_id = await add_one(delivery)
         with receiving_flat_out(tmp_path):
             took = []
             for _ in range(10):

@@ -18,10 +18,22 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-from relay.spool import DB_NAME, open_existing
+from relay.spool import DB_NAME, Spool, open_existing
 
 DONE = frozenset({"sent", "failed"})
 TRACE = b"Received: from test (127.0.0.1)\r\n\tby relay.test (relay) with ESMTP id X;\r\n\tnow\r\n"
+
+
+async def add_one(spool: Spool, message_id: str = "<1@b.example>") -> str:
+    """One small mail (a@b.example to c@d.example) added to `spool`; its queue id."""
+    return await spool.add(
+        sender="a@b.example",
+        recipients=["c@d.example"],
+        raw=b"x\r\n",
+        peer="",
+        trace=TRACE,
+        message_id=message_id,
+    )
 
 
 def rows(spool: Path) -> dict[str, dict[str, Any]]:
