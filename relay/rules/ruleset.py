@@ -23,6 +23,7 @@ from relay.mail import Mail
 from relay.rules import conditions as c
 from relay.rules.grammar import condition, text
 from relay.rules.mimeview import MailView
+from relay.rules.shadows import shadowed
 from relay.rules.timebox import TooSlow, timebox
 
 DEFAULT_RULES = Path(__file__).parent / "rules.yaml"  # the same file as rules.yaml at the top
@@ -207,36 +208,10 @@ def _ruleset(
         source=doc.name,
         default=default,
         rules=tuple(rule for rule, _ in placed),
-        warnings=tuple(_shadowed(doc.name, placed)),
+        warnings=tuple(
+            shadowed(doc.name, [(rule.name, rule.match, line) for rule, line in placed])
+        ),
     )
-
-
-def _shadowed(source: str, placed: list[tuple[Rule, int]]) -> list[str]:
-    """A warning for each rule an earlier one always takes the mail from: every condition
-    of the earlier rule is one of its own (reengagement-student above reengagement-cc,
-    say: every CC copy went out under the student rule's tags and configuration set)."""
-    found = []
-    needs = [_conjuncts(rule.match) for rule, _ in placed]
-    for later, (rule, line) in enumerate(placed):
-        for earlier in range(later):
-            if needs[earlier] <= needs[later]:
-                first, first_line = placed[earlier]
-                found.append(
-                    f"{source}:{line}: rule {rule.name!r} never decides: rule {first.name!r}"
-                    f" (line {first_line}) above it asks nothing {rule.name!r} does not ask,"
-                    f" so it takes every mail {rule.name!r} matches; put {rule.name!r}"
-                    " first, or remove it"
-                )
-                break
-    return found
-
-
-def _conjuncts(condition: c.Condition) -> frozenset[c.Condition]:
-    """The conditions `condition` needs all of: `all:` and the keys of one mapping,
-    flattened (`any:` and `not:` stay whole)."""
-    if isinstance(condition, c.AllOf):
-        return frozenset().union(*(_conjuncts(one) for one in condition.conditions))
-    return frozenset((condition,))
 
 
 def _route(node: yamlfile.Node) -> Route | None:
