@@ -13,5 +13,6 @@ pytest_plugins = [
     "tests.support.fakeses",
     "tests.support.processes",
     "tests.support.relays",
+    "tests.support.spools",
     "tests.support.tls",
 ]

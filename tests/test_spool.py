@@ -12,7 +12,6 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -76,14 +75,6 @@ def events(directory: Path, queue_id: str) -> list[str]:
         return [r[0] for r in conn.execute(sql, (queue_id,))]
     finally:
         conn.close()
-
-
-@pytest.fixture
-async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
-    """An open spool in tmp_path/spool, closed at teardown."""
-    opened = await Spool.open(tmp_path / "spool")
-    yield opened
-    await opened.close()
 
 
 async def test_add_then_claim_returns_the_message_as_stored(spool: Spool, tmp_path: Path) -> None:

@@ -4,7 +4,8 @@ for them to settle, and a spool file of an older schema to upgrade.
 - `rows(spool)`: every row by queue id, with its events;
 - `wait_rows(spool, ids)` / `await_rows(...)`: those rows once all are sent or failed
   (or in the given states), blocking or from a test whose event loop runs the relay;
-- `make_spool(directory, version, rows)`: a spool file as relay of schema 1 left it.
+- `make_spool(directory, version, rows)`: a spool file as relay of schema 1 left it;
+- the `spool` fixture: an open spool in tmp_path/spool, closed at teardown.
 """
 
 from __future__ import annotations
@@ -13,15 +14,25 @@ import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import AsyncIterator, Collection, Iterable
 from contextlib import closing
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from relay.spool import DB_NAME, Spool, open_existing
 
 DONE = frozenset({"sent", "failed"})
 TRACE = b"Received: from test (127.0.0.1)\r\n\tby relay.test (relay) with ESMTP id X;\r\n\tnow\r\n"
+
+
+@pytest.fixture
+async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
+    """An open spool in tmp_path/spool, closed at teardown."""
+    opened = await Spool.open(tmp_path / "spool")
+    yield opened
+    await opened.close()
 
 
 async def add_one(spool: Spool, message_id: str = "<1@b.example>") -> str:
