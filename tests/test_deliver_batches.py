@@ -62,9 +62,9 @@ class CountingSpool:
     def __getattr__(self, name: str) -> object:
         return getattr(self.spool, name)
 
-    async def claim(self, limit: int) -> list[Mail]:
+    async def claim(self, limit: int, *, parked: int = 0) -> list[Mail]:
         self.limits.append(limit)
-        return await self.spool.claim(limit)
+        return await self.spool.claim(limit, parked=parked)
 
 
 async def test_a_busy_queue_is_claimed_and_recorded_in_batches(tmp_path: Path) -> None:

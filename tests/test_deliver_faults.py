@@ -771,23 +771,35 @@ async def test_an_unconfirmed_mail_the_original_host_defers_is_not_sent_to_ses_a
     assert deferred["fallback_reason"] == row["fallback_reason"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known: one queue in due order, and SES mail holds its delivery slot while it waits"
-    " for the pace; a route-aware claim is the next step (README, Delivery, known limits)",
-)
 async def test_mail_for_the_original_host_does_not_wait_behind_a_paced_ses_backlog(
     start_relay: Start, capture: CaptureServer, fake_ses: FakeSes
 ) -> None:
     """A re-engagement burst paced at 4 recipients/s, then a forum post for the original
-    host. Claims go in due order and each SES mail keeps its delivery slot while it waits
-    for its turn at the pace, so the forum post waits for the reminders ahead of it: here
-    7 s, until 25 of the 40 were sent; behind 5,000 reminders at SES's usual 14/s, six
-    minutes, and a password reset with it. Postfix's queue manager gives each transport
-    its own share of the active queue; relay should not hold the original host's mail
-    behind SES's rate."""
+    host. SES mail holds at most SES's lane (12 of the 16 slots); the reminders claimed
+    past it go back to the queue, set aside, and the forum post behind them is claimed and
+    sent at once. Before the lane it waited 7 s, until 25 of the 40 were sent (behind 5,000
+    reminders at SES's usual 14/s, six minutes, and a password reset with it)."""
     relay = await start_relay(deliver=True, **config(capture, fake_ses.url, max_send_rate=4))
     for _ in range(40):
         await send_corpus(relay.port, SES_MAILS[0])
     forum = await send_corpus(relay.port, CONTROL)
     await await_rows(relay.settings.spool, forum, {"sent"}, within=3)
+    assert fake_ses.calls < 25
+
+
+async def test_ses_mail_set_aside_for_its_lane_is_sent_once_each(
+    start_relay: Start, capture: CaptureServer, fake_ses: FakeSes
+) -> None:
+    """4 slots (SES's lane 3), 20 reminders paced at 10/s, then a forum post: each reminder
+    past the lane is set aside and claimed again; SES gets each once, each row's attempts
+    stay 1 (the claim that set it aside is undone), and the forum post went out before the
+    tenth reminder (with one queue in due order it went after the last)."""
+    settings = config(capture, fake_ses.url, max_send_rate=10)
+    relay = await start_relay(deliver=True, deliverers=4, **settings)
+    ses_ids = [q for _ in range(20) for q in await send_corpus(relay.port, SES_MAILS[0])]
+    forum = list(await send_corpus(relay.port, CONTROL))
+    found = await await_rows(relay.settings.spool, [*ses_ids, *forum], {"sent"}, within=20)
+    assert (20, [1] * 20) == (fake_ses.calls, [found[q]["attempts"] for q in ses_ids])
+    sent_at = sorted(found[q]["updated_at"] for q in ses_ids)
+    assert found[forum[0]]["updated_at"] < sent_at[9]
+    assert [None] * 21 == [row["lane"] for row in found.values()]

@@ -64,10 +64,15 @@ class MemoryStore:
         self.stop = asyncio.Event()  # set when the last batch is claimed
         self.wakeup = asyncio.Event()  # set while more batches are due, as a commit would
 
-    async def claim(self, limit: int) -> list[Mail]:
+    async def claim(self, limit: int, *, parked: int = 0) -> list[Mail]:
         batch = self.batches.pop(0) if self.batches else []
         (self.wakeup if self.batches else self.stop).set()  # run() never idles a full second
         return batch[:limit]
+
+    async def park(self, queue_ids: Sequence[str], lane: str) -> int:
+        for queue_id in queue_ids:
+            self._write(f"parked {queue_id} lane={lane}")
+        return len(queue_ids)
 
     def _write(self, line: str, notice: Notice | None = None) -> None:
         if self.failures:
@@ -869,3 +874,42 @@ async def test_a_mail_is_counted_classified_once_whatever_its_tries() -> None:
         await rig.deliver(attempts=attempt)
     after = REGISTRY.get_sample_value("relay_classified_messages_total", labels)
     assert 1.0 == after - before
+
+
+def two_slots(rig: Rig) -> Rig:
+    """`deliverers: 2`: SES's lane is one of them."""
+    rig.deliverer.settings = replace(rig.deliverer.settings, deliverers=2)
+    return rig
+
+
+async def test_ses_mail_claimed_past_its_lane_is_set_aside_and_the_rest_goes_on() -> None:
+    """Two slots, two SES mails in one claim: the first takes SES's lane, the second goes
+    back to the queue set aside (park), not into the slot kept for the original host."""
+    rig = two_slots(Rig())
+    rig.store.batches = [[make_mail(rig.clock, id="Q1"), make_mail(rig.clock, id="Q2")]]
+    await rig.deliverer.run(rig.store.stop)
+    await rig.deliverer.drain(1.0)
+    assert ["parked Q2 lane=ses", "sent Q1 moodle via ses: SES accepted ses_id=ses-1"] == sorted(
+        rig.store.log
+    )
+
+
+async def test_mail_for_the_original_host_is_never_set_aside() -> None:
+    rig = two_slots(Rig(route=Route.UPSTREAM))
+    rig.store.batches = [[make_mail(rig.clock, id="Q1"), make_mail(rig.clock, id="Q2")]]
+    await rig.deliverer.run(rig.store.stop)
+    await rig.deliverer.drain(1.0)
+    assert [SENT, SENT.replace("Q1", "Q2")] == sorted(rig.store.log)
+
+
+async def test_ses_mail_the_spool_cannot_set_aside_is_delivered_not_left_in_flight() -> None:
+    """The spool fails to set the second mail aside (disk full): it is delivered in its
+    slot, as before the lane, rather than left `inflight` until the next start."""
+    rig = two_slots(Rig(failures=1))  # the first write is the park
+    rig.store.batches = [[make_mail(rig.clock, id="Q1"), make_mail(rig.clock, id="Q2")]]
+    await rig.deliverer.run(rig.store.stop)
+    await rig.deliverer.drain(1.0)
+    assert [
+        "sent Q1 moodle via ses: SES accepted ses_id=ses-1",
+        "sent Q2 moodle via ses: SES accepted ses_id=ses-1",
+    ] == sorted(rig.store.log)

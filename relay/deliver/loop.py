@@ -1,9 +1,10 @@
 """The delivery loop: claim due messages, classify, send, fall back.
 
     spool.claim() -> rules.classify() -> route ses? -> ses.SesRoute.attempt():
-                                            |   Sent / Retry (SES again later) / Fallback
-                                            v
-                                          upstream -> sent / deferred / failed (dead letter)
+                          |                 |   Sent / Retry (SES again later) / Fallback
+                          |                 v
+                          |               upstream -> sent / deferred / failed (dead letter)
+                          +-> SES's lane full (relay.deliver.lane): spool.park(), set aside
 
 Every outcome is recorded on the message's spool row by `outcome.Outcomes`. Nothing
 here raises into the loop: a bug in one delivery leaves that message deferred, never lost.
@@ -19,6 +20,7 @@ from dataclasses import replace
 from typing import Any, NamedTuple, Protocol
 
 from relay import logs, metrics
+from relay.deliver.lane import Lane
 from relay.deliver.outcome import Outcomes, UpstreamAnswer, Writes
 from relay.deliver.report import UNREACHABLE, Failure, replied, status_of_reply
 from relay.deliver.ses.client import MAX_DESTINATIONS
@@ -35,6 +37,7 @@ from relay.rules import Decision, Route, RuleSet
 from relay.runtime import wait_any
 from relay.settings import Mode, Settings, Suppressed
 from relay.spool import new_id
+from relay.spool.rows import SES_LANE
 
 log = logging.getLogger("relay.deliver")
 
@@ -57,7 +60,8 @@ class UpstreamSender(Protocol):
 class Store(Writes, Protocol):
     """The spool, as the loop uses it: claims, and the outcome writes."""
 
-    async def claim(self, limit: int) -> list[Mail]: ...
+    async def claim(self, limit: int, *, parked: int = 0) -> list[Mail]: ...
+    async def park(self, queue_ids: Sequence[str], lane: str) -> int: ...
     async def split(
         self, queue_id: str, *, child: str, recipients: Sequence[str], reason: str
     ) -> None: ...
@@ -116,6 +120,7 @@ class Deliverer:
         # Recipients SES or the original host took in the delivery in flight, per row, from
         # the answer until the outcome is on disk: what `_guarded` must not send again.
         self._accepted: dict[str, _Took] = {}
+        self._lane = Lane(lambda: self.settings.deliverers)  # SES's share of the slots
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and deliver until `stop` is set; `drain()` then lets in-flight sends finish."""
@@ -135,19 +140,66 @@ class Deliverer:
                 waiting: set[asyncio.Future[Any]] = {*self._tasks, stopping}
                 await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 continue
+            room = self._lane.room()
             self.wakeup.clear()  # before claiming, so a commit during the claim is not missed
+            self._lane.freed.clear()
             try:
-                batch = await self.spool.claim(free)
+                batch = await self.spool.claim(free, parked=room)
             except SpoolError as exc:  # disk full, I/O error: keep the loop, try again later
                 logs.event(log, "claim_failed", level=logging.WARNING, error=str(exc))
                 await wait_any(stop, seconds=IDLE_POLL)
                 continue
-            for mail in batch:
+            self._lane.claimed(room, len(batch))
+            await self._start(batch)
+            if len(batch) < free:
+                await wait_any(self.wakeup, stop, self._lane.freed, seconds=IDLE_POLL)
+
+    async def _start(self, batch: Sequence[Mail]) -> None:
+        """A delivery task for each claimed mail, but SES mail past the lane's size goes
+        back to the queue, set aside (`park`)."""
+        parking: list[Mail] = []
+        for mail in batch:
+            decision = self._decide(mail)
+            paced = decision is not None and self._paced(mail, decision)
+            if paced and self._lane.full():
+                parking.append(mail)
+                continue
+            task = asyncio.create_task(self._guarded(mail, decision), name=f"deliver-{mail.id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            if paced:
+                self._lane.join(task)
+        if parking and not await self._park(parking):
+            for mail in parking:  # not set aside: delivered now, each holding its slot
                 task = asyncio.create_task(self._guarded(mail), name=f"deliver-{mail.id}")
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-            if len(batch) < free:
-                await wait_any(self.wakeup, stop, seconds=IDLE_POLL)
+
+    async def _park(self, mails: Sequence[Mail]) -> bool:
+        """Set `mails` aside for SES's lane; False when the spool could not."""
+        try:
+            await self.spool.park([m.id for m in mails], SES_LANE)
+        except SpoolError as exc:
+            logs.event(log, "park_failed", level=logging.WARNING, error=str(exc))
+            return False
+        self._lane.parked()
+        return True
+
+    def _decide(self, mail: Mail) -> Decision | None:
+        """The mail's route; None when the rules fail on it (deliver() classifies it again,
+        in the guard that defers it)."""
+        if mail.reports_on:
+            return DSN_DECISION
+        try:
+            return self.rules.classify(mail)
+        except Exception:
+            return None
+
+    def _paced(self, mail: Mail, decision: Decision) -> bool:
+        """True when this delivery will wait for SES's pace: it goes in SES's lane."""
+        if decision.route is not Route.SES or mail.fallback_reason.startswith(UNCONFIRMED):
+            return False
+        return self._ses_may_try(mail)
 
     async def drain(self, deadline: float) -> int:
         """Wait for in-flight deliveries up to `deadline` seconds, then QUIT the upstream
@@ -166,9 +218,9 @@ class Deliverer:
         await self.upstream.close()
         return len(pending)
 
-    async def _guarded(self, mail: Mail) -> None:
+    async def _guarded(self, mail: Mail, decision: Decision | None = None) -> None:
         try:
-            await self.deliver(mail)
+            await self.deliver(mail, decision)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # never lose a message to a bug: defer it, keep the loop
@@ -211,9 +263,11 @@ class Deliverer:
             self._narrowed.pop(mail.id, None)
             self._accepted.pop(mail.id, None)
 
-    async def deliver(self, mail: Mail) -> None:
-        """One attempt for one claimed message; records the outcome on its row."""
-        decision = self.rules.classify(mail) if not mail.reports_on else DSN_DECISION
+    async def deliver(self, mail: Mail, decision: Decision | None = None) -> None:
+        """One attempt for one claimed message; records the outcome on its row. `decision`:
+        its classification, when the claim loop made it."""
+        if decision is None:
+            decision = self.rules.classify(mail) if not mail.reports_on else DSN_DECISION
         if mail.attempts <= 1:  # once a mail, not at every retry: the ratio of fallbacks to
             # it (RelaySesFallbackHigh) stayed near 0.1 while every mail fell back
             metrics.CLASSIFIED.labels(decision.rule or "(default)", decision.route.value).inc()

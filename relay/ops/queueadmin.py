@@ -55,6 +55,7 @@ _COLUMNS = (
     "fallback_reason",
     "updated_at",
     "reports_on",  # a DSN: the mail it reports on
+    "lane",  # 'ses': set aside, waiting for room in SES's lane (relay.deliver.lane)
 )
 _FIELDS = ", ".join(_COLUMNS)
 T = TypeVar("T")

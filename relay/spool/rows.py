@@ -32,6 +32,9 @@ class State(StrEnum):
     FAILED = "failed"
 
 
+# A waiting row's `lane` (rows.park): classified for SES while SES's lane was full.
+SES_LANE = "ses"
+
 # Done with: kept for `retention` (purge_sent), left out of `relay queue list` by default.
 FINISHED = (State.SENT, State.BOUNCED)
 
@@ -92,22 +95,19 @@ def insert_mail(
     add_event(conn, queue_id, "received", detail, now)
 
 
-def claim_due(conn: sqlite3.Connection, limit: int, now: float) -> list[Mail]:
+# The due rows of one index (the planner would sort the whole queue instead), oldest first.
+_DUE = {
+    "messages_ready": "lane IS NULL",
+    "messages_parked": "lane IS NOT NULL",
+}
+
+
+def claim_due(conn: sqlite3.Connection, limit: int, now: float, *, parked: int = 0) -> list[Mail]:
     """Up to `limit` due queued or deferred rows -> inflight (attempts + 1), as Mails in
-    queue id order."""
-    rows = conn.execute(
-        "UPDATE messages SET state = 'inflight', claimed_at = ?1, updated_at = ?1,"
-        " attempts = attempts + 1 WHERE id IN (SELECT id FROM messages"
-        " INDEXED BY messages_ready"  # the planner would sort the whole queue instead
-        " WHERE state IN ('queued', 'deferred') AND due_at <= ?1"
-        " ORDER BY due_at, id LIMIT ?2)"
-        # Text as bytes, decoded per row in _mail: a hand edit that is no UTF-8 raised
-        # out of fetchall() for the whole claim, every claim.
-        " RETURNING id, CAST(sender AS BLOB), CAST(recipients AS BLOB), received_at,"
-        " attempts, CAST(peer AS BLOB), trace, CAST(message_id AS BLOB),"
-        " CAST(reports_on AS BLOB), retried_at, CAST(fallback_reason AS BLOB)",
-        (now, limit),
-    ).fetchall()
+    queue id order: first up to `parked` of those set aside for SES's lane (`park`), then
+    those not set aside."""
+    rows = _claim(conn, "messages_parked", min(parked, limit), now) if parked > 0 else []
+    rows += _claim(conn, "messages_ready", limit - len(rows), now)
     bodies = _bodies(conn, [r[0] for r in rows])
     mails, unreadable = [], {}
     for r in rows:
@@ -121,6 +121,37 @@ def claim_due(conn: sqlite3.Connection, limit: int, now: float) -> list[Mail]:
     if unreadable:
         _fail_unreadable(conn, unreadable, now)
     return sorted(mails, key=lambda m: m.id)
+
+
+def _claim(conn: sqlite3.Connection, index: str, limit: int, now: float) -> list[Any]:
+    if limit <= 0:
+        return []
+    rows: list[Any] = conn.execute(
+        "UPDATE messages SET state = 'inflight', claimed_at = ?1, updated_at = ?1,"
+        f" attempts = attempts + 1, lane = NULL WHERE id IN (SELECT id FROM messages"
+        f" INDEXED BY {index} WHERE state IN ('queued', 'deferred') AND {_DUE[index]}"
+        " AND due_at <= ?1 ORDER BY due_at, id LIMIT ?2)"
+        # Text as bytes, decoded per row in _mail: a hand edit that is no UTF-8 raised
+        # out of fetchall() for the whole claim, every claim.
+        " RETURNING id, CAST(sender AS BLOB), CAST(recipients AS BLOB), received_at,"
+        " attempts, CAST(peer AS BLOB), trace, CAST(message_id AS BLOB),"
+        " CAST(reports_on AS BLOB), retried_at, CAST(fallback_reason AS BLOB)",
+        (now, limit),
+    ).fetchall()
+    return rows
+
+
+def park(conn: sqlite3.Connection, ids: Sequence[str], lane: str, now: float) -> int:
+    """Claimed rows back to `queued`, set aside for `lane` and their claim undone
+    (attempts - 1, due_at kept): claims pass them by until the lane has room
+    (`claim_due(parked=...)`). Returns how many were parked."""
+    marks = ", ".join("?" * len(ids))
+    done = conn.execute(
+        "UPDATE messages SET state = 'queued', lane = ?, attempts = max(attempts - 1, 0),"
+        f" updated_at = ? WHERE state = 'inflight' AND id IN ({marks})",
+        (lane, now, *ids),
+    )
+    return done.rowcount
 
 
 def _mail(r: Sequence[Any], body: object) -> Mail:

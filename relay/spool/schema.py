@@ -1,8 +1,8 @@
 """The spool's file: its tables, their version, the upgrades from older ones, and
 how a connection to it is opened.
 
-    relay serve / the delivery process -> Spool.open -> prepare(): new file -> version 3;
-      version 1 (bodies in messages.body) or 2 -> 3 in one transaction; newer -> SpoolError
+    relay serve / the delivery process -> Spool.open -> prepare(): new file -> version 5;
+      older versions -> 5 in one transaction; newer -> SpoolError
     relay queue -> open_existing() -> schema_version(): refuses other versions
 
 `relay queue` works on the same file from another process while the service
@@ -36,7 +36,8 @@ EXTEND_FOR = 60.0
 EXTEND_EVERY = 10.0
 
 DB_NAME = "spool.sqlite3"
-SCHEMA_VERSION = 4  # 2: bodies in their own table; 3: DSN links, SES feedback; 4: retried_at
+# 2: bodies in their own table; 3: DSN links, SES feedback; 4: retried_at; 5: lane
+SCHEMA_VERSION = 5
 BUSY_TIMEOUT_MS = 5000
 # Every commit puts each page it changed, whole, in the WAL, and relay serve's fsync
 # before the 250 writes them out, the delivery process's claims and outcomes with them.
@@ -74,14 +75,22 @@ _MESSAGES = """CREATE TABLE IF NOT EXISTS {table} (
     updated_at REAL NOT NULL,
     trace BLOB NOT NULL,                -- our Received: line, CRLF-terminated
     reports_on TEXT,                    -- a DSN's row: the queue id of the mail it reports on
-    retried_at REAL                     -- the last `relay queue retry` of it as a dead letter
+    retried_at REAL,                    -- the last `relay queue retry` of it as a dead letter
+    lane TEXT                           -- 'ses': set aside while SES's lane was full (below)
 )"""
 _MESSAGES_DUE = "CREATE INDEX IF NOT EXISTS messages_due ON messages (state, due_at)"
 # What claim() scans: only waiting rows, already in due order, so claiming stays
 # cheap with 100,000 deferred messages (no sort of the whole queue per claim).
 # Also made at every open: spools of version 1 were created without it.
+# Version 5: a mail the delivery process classified for SES while SES's lane was full
+# (every slot it may hold waiting for the pace) goes back to `queued` with `lane = 'ses'`
+# (rows.park), so the claims that follow pass it by and the original host's mail behind it
+# goes out; it is claimed from `messages_parked` once the lane has room. A new mail has no
+# lane: add() writes no entry in messages_parked.
 _MESSAGES_READY = """CREATE INDEX IF NOT EXISTS messages_ready ON messages (due_at, id)
-    WHERE state IN ('queued', 'deferred')"""
+    WHERE state IN ('queued', 'deferred') AND lane IS NULL"""
+_MESSAGES_PARKED = """CREATE INDEX IF NOT EXISTS messages_parked ON messages (due_at, id)
+    WHERE state IN ('queued', 'deferred') AND lane IS NOT NULL"""
 # Version 3: a DSN row names the mail it reports on (`relay queue show` both ways); SES
 # events find their mail by the MessageId recorded at send; `feedback` remembers which
 # SES events were applied, so one that comes again (SQS delivers at least once) is not.
@@ -108,10 +117,17 @@ _V3 = (_REPORTS_ON, _SES_ID, _FEEDBACK)
 # Version 4: a dead letter that `relay queue retry` queues again gets a fresh retry.max_age
 # (and ses.fallback_after) from then on, not one measured from its arrival, long past.
 _V4 = "ALTER TABLE messages ADD COLUMN retried_at REAL"
+_V5 = (
+    "ALTER TABLE messages ADD COLUMN lane TEXT",
+    "DROP INDEX IF EXISTS messages_ready",  # made again below, without the parked rows
+    _MESSAGES_READY,
+    _MESSAGES_PARKED,
+)
 _SCHEMA = (
     _MESSAGES.format(table="messages"),
     _MESSAGES_DUE,
     _MESSAGES_READY,
+    _MESSAGES_PARKED,
     _BODIES,
     """CREATE TABLE IF NOT EXISTS events (
     queue_id TEXT NOT NULL,
@@ -140,10 +156,12 @@ _UPGRADES = {
         "ALTER TABLE messages_v2 RENAME TO messages",
         _MESSAGES_DUE,
         _MESSAGES_READY,
+        _MESSAGES_PARKED,
         *_V3,
     ),
-    2: ("ALTER TABLE messages ADD COLUMN reports_on TEXT", *_V3, _V4),
-    3: (_V4,),
+    2: ("ALTER TABLE messages ADD COLUMN reports_on TEXT", *_V3, _V4, *_V5),
+    3: (_V4, *_V5),
+    4: _V5,
 }
 
 

@@ -8,6 +8,8 @@ receive -> `Spool.add()` (committed and fsynced before the 250) -> deliver loop
       |                  |   \\-fail---> failed (dead letter, body kept; `relay queue retry`;
       |                  |                purge_failed() after `failed_retention`)
       +-- reclaim() when delivery starts (a crash left it inflight) --+
+      +-- park(): classified for SES while SES's lane was full; claims pass it by until
+          the lane has room (claim(parked=N), oldest first)
     sent --feedback(): SES bounced every recipient for good--> bounced (kept until purge)
 
 Two processes share the file in `relay serve`: the receiving one adds with
@@ -51,6 +53,7 @@ from relay.spool.rows import (
     insert_mail,
     new_id,
     oldest_waiting,
+    park,
     purge_failed,
     purge_sent,
     queued_now,
@@ -218,8 +221,9 @@ class Spool:
         self.wakeup.set()
         return result
 
-    async def claim(self, limit: int) -> list[Mail]:
-        """Due queued/deferred messages -> inflight (attempts + 1), oldest first."""
+    async def claim(self, limit: int, *, parked: int = 0) -> list[Mail]:
+        """Due queued/deferred messages -> inflight (attempts + 1), oldest first; up to
+        `parked` of them from those set aside for SES's lane (`park`) before the rest."""
         if limit <= 0:
             return []
         now = time.time()
@@ -231,9 +235,17 @@ class Spool:
                 log.warning(
                     "event=clock_stepped_back count=%d (waiting mail made due as meant)", moved
                 )
-            return claim_due(conn, limit, now)
+            return claim_due(conn, limit, now, parked=parked)
 
         return await self._call(op)
+
+    async def park(self, queue_ids: Sequence[str], lane: str) -> int:
+        """Claimed messages back to queued, their claim undone, set aside for `lane` until
+        a claim with `parked` takes them (relay.spool.rows.park)."""
+        if not queue_ids:
+            return 0
+        now = time.time()
+        return await self._call(lambda conn: park(conn, queue_ids, lane, now))
 
     async def sent(
         self,
