@@ -75,24 +75,32 @@ class Writer(threading.Thread):
             first = carry.pop() if carry else self.jobs.get()
             if first is None:
                 break
-            if not first.transaction:
-                self._alone(first)
-                continue
-            batch = [first]
-            while len(batch) < MAX_BATCH and not carry:
-                try:
-                    job = self.jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None or not job.transaction:
-                    carry.append(job)
-                else:
-                    batch.append(job)
-            # A caller that gave up (client gone) before we started is skipped.
-            self._run([job for job in batch if job.future.set_running_or_notify_cancel()])
+            self._take(first, carry)
+            # Held while the thread waits for the next job, an add's op kept the mail's
+            # bytes: after a burst of large mails, the last batch's stayed in memory past
+            # the heap trim that follows them (relay.receive.budget), until the next mail.
+            del first
         with self._using:
             self._close()
             self._turn.close()
+
+    def _take(self, first: Job[Any], carry: list[Job[Any] | None]) -> None:
+        """Run `first` alone, or with the jobs queued behind it as one batch."""
+        if not first.transaction:
+            self._alone(first)
+            return
+        batch = [first]
+        while len(batch) < MAX_BATCH and not carry:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is None or not job.transaction:
+                carry.append(job)
+            else:
+                batch.append(job)
+        # A caller that gave up (client gone) before we started is skipped.
+        self._run([job for job in batch if job.future.set_running_or_notify_cancel()])
 
     def try_now(self, ops: list[Op[Any]]) -> tuple[bool, list[Any]]:
         """Run `ops` as one transaction on the calling thread if nothing has to be waited
