@@ -164,16 +164,18 @@ class Deliverer:
             if paced and self._lane.full():
                 parking.append(mail)
                 continue
-            task = asyncio.create_task(self._guarded(mail, decision), name=f"deliver-{mail.id}")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task = self._launch(mail, decision)
             if paced:
                 self._lane.join(task)
         if parking and not await self._park(parking):
             for mail in parking:  # not set aside: delivered now, each holding its slot
-                task = asyncio.create_task(self._guarded(mail), name=f"deliver-{mail.id}")
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._launch(mail, None)
+
+    def _launch(self, mail: Mail, decision: Decision | None) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._guarded(mail, decision), name=f"deliver-{mail.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _park(self, mails: Sequence[Mail]) -> bool:
         """Set `mails` aside for SES's lane; False when the spool could not."""
