@@ -22,7 +22,7 @@ import sqlite3
 import ssl
 import types
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -407,7 +407,7 @@ def shape(value: Any, session: SMTP, handler: Handler) -> Any:
     if isinstance(value, types.MethodType):
         owner = {id(session): "session", id(handler): "handler"}.get(id(value.__self__))
         return ("method", value.__func__, owner or value.__self__)
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):  # relay binds its methods when asked (introspect.Methods)
         return {k: shape(v, session, handler) for k, v in value.items()}
     if isinstance(value, tuple):
         return (type(value), *(shape(v, session, handler) for v in value))

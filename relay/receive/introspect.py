@@ -1,14 +1,19 @@
 """What aiosmtpd 1.4.6's SMTP.__init__ finds by introspecting a session and its handler
 (AUTH mechanisms, hooks, the EHLO hook's signature, commands), found once per pair of
 classes instead of on every connection. `relay.receive.session.Session.__init__` re-creates
-aiosmtpd's __init__ with it; tests/test_session_fast.py compares the two.
+aiosmtpd's __init__ with it; tests/test_session_fast.py compares the two. The tables of
+methods it builds from that (`Methods`, `AuthMethods`) bind each method when asked.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 from warnings import warn
+
+from aiosmtpd.smtp import _AuthMechAttr
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -58,3 +63,47 @@ def discover(session: object, handler: object) -> Found:
         commands=tuple((m.replace("smtp_", ""), m) for m in dir(session) if m.startswith("smtp_")),
     )
     return _FOUND[key]
+
+
+class Methods(Mapping[str, Any]):
+    """aiosmtpd's name -> bound method dicts (`_smtp_methods`, `_handle_hooks`), each
+    method bound when it is asked for: building them for every command and hook of every
+    connection was 4% of the event loop's samples at 20 sessions (bench/README.md, "The
+    spool's free bytes, once per 0.1 s"), and a mail asks for six."""
+
+    __slots__ = ("_names", "_owner")
+
+    def __init__(self, owner: object, names: Iterable[tuple[str, str]]) -> None:
+        self._owner = owner
+        self._names = dict(names)
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self._owner, self._names[key])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+class AuthMethods(Mapping[str, _AuthMechAttr]):
+    """aiosmtpd's `_auth_methods`, bound as `Methods` binds: aiosmtpd's own mechanisms to
+    the session, the handler's to the handler."""
+
+    __slots__ = ("_handler", "_names", "_session")
+
+    def __init__(
+        self, session: object, handler: object, names: dict[str, tuple[str, bool]]
+    ) -> None:
+        self._session, self._handler, self._names = session, handler, names
+
+    def __getitem__(self, key: str) -> _AuthMechAttr:
+        name, builtin = self._names[key]
+        return _AuthMechAttr(getattr(self._session if builtin else self._handler, name), builtin)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)

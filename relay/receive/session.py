@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, AnyStr
 
 import aiosmtpd
-from aiosmtpd.smtp import MISSING, _AuthMechAttr, login_always_fail, syntax
+from aiosmtpd.smtp import MISSING, login_always_fail, syntax
 
 from relay import logs, metrics
 from relay.receive.budget import Budget
@@ -50,7 +50,7 @@ from relay.receive.handler import (
     Transaction,
 )
 from relay.receive.handshake import Handshake
-from relay.receive.introspect import discover
+from relay.receive.introspect import AuthMethods, Methods, discover
 from relay.settings import Limits, Settings
 
 # The aiosmtpd versions whose SMTP.__init__ and DATA handling this module re-creates, as
@@ -150,14 +150,12 @@ class Session(Handshake):
         self.require_starttls = tls_context and False  # aiosmtpd: "... and require_starttls"
         self._auth_require_tls = tls_context is not None  # AUTH after STARTTLS when offered
         found = discover(self, handler)
-        self._auth_methods = {
-            mechanism: _AuthMechAttr(getattr(self if builtin else handler, name), builtin)
-            for mechanism, (name, builtin) in found.auth.items()
-        }
+        # aiosmtpd declares these dicts and only reads them once its __init__ is done
+        self._auth_methods = AuthMethods(self, handler, found.auth)  # type: ignore[assignment]
         _SMTP_LOG.info(found.auth_line)
-        self._handle_hooks = {hook: getattr(handler, name) for hook, name in found.hooks}
+        self._handle_hooks = Methods(handler, found.hooks)  # type: ignore[assignment]
         self._ehlo_hook_ver = found.ehlo
-        self._smtp_methods = {command: getattr(self, name) for command, name in found.commands}
+        self._smtp_methods = Methods(self, found.commands)  # type: ignore[assignment]
         self.registry = registry
         self.caps = caps
         self.budget = budget
