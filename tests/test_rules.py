@@ -253,6 +253,19 @@ def test_default_route_defaults_to_upstream() -> None:
     assert rs.classify(mail(PLAIN)).route == Route.UPSTREAM
 
 
+def test_no_rules_reads_no_head_and_sets_no_alarm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no rules the default route is the decision: the head is not parsed and no
+    SIGALRM is set (the delivery process classifies every mail it claims)."""
+    rs = ruleset("rules: []")
+
+    def refused(*_: object) -> None:
+        raise AssertionError("classified a mail with no rules to test")
+
+    monkeypatch.setattr(MailView, "headers", property(refused))
+    monkeypatch.setattr(signal, "setitimer", refused)
+    assert Decision(rule=None, route=Route.UPSTREAM, reasons=()) == rs.classify(mail(PLAIN))
+
+
 def test_decision_carries_ses_settings_and_reasons() -> None:
     """A matching rule's configuration set, tags, identity ARN and the conditions that held
     are reported."""

@@ -103,6 +103,8 @@ class RuleSet:
         """The first matching rule's decision, else the default route. Never raises. A rule
         whose test runs past RULE_TIME, or past MAIL_TIME for all of them, does not hold
         (relay.rules.timebox says why)."""
+        if not self.rules:  # nothing to read the head for, nor an alarm to set
+            return Decision(rule=None, route=self.default, reasons=())
         view = MailView(mail)
         deadline = time.monotonic() + MAIL_TIME
         with timebox() as box:
