@@ -8,7 +8,7 @@ methods it builds from that (`Methods`, `AuthMethods`) bind each method when ask
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 from warnings import warn
@@ -22,9 +22,9 @@ class Found:
 
     auth: dict[str, tuple[str, bool]]  # mechanism -> (method name, aiosmtpd's own method)
     auth_line: str  # the "Available AUTH mechanisms" log line
-    hooks: tuple[tuple[str, str], ...]  # ("DATA", "handle_DATA"), ...
+    hooks: dict[str, str]  # "DATA" -> "handle_DATA", ...
     ehlo: str | None  # which handle_EHLO signature: None, "old" or "new"
-    commands: tuple[tuple[str, str], ...]  # ("DATA", "smtp_DATA"), ...
+    commands: dict[str, str]  # "DATA" -> "smtp_DATA", ...
 
 
 _FOUND: dict[tuple[type, type], Found] = {}
@@ -42,7 +42,7 @@ def discover(session: object, handler: object) -> Found:
             if name.startswith("auth_"):
                 default = name.replace("auth_", "").replace("__", "-")
                 auth[getattr(method, "__auth_mechanism_name__", default)] = (name, obj is session)
-    hooks = tuple((m.replace("handle_", ""), m) for m in dir(handler) if m.startswith("handle_"))
+    hooks = {m.replace("handle_", ""): m for m in dir(handler) if m.startswith("handle_")}
     ehlo = None
     if hasattr(handler, "handle_EHLO"):
         ehlo = {4: "old", 5: "new"}.get(len(inspect.signature(handler.handle_EHLO).parameters))
@@ -60,7 +60,7 @@ def discover(session: object, handler: object) -> Found:
         auth_line="Available AUTH mechanisms: " + " ".join(mechanisms),
         hooks=hooks,
         ehlo=ehlo,
-        commands=tuple((m.replace("smtp_", ""), m) for m in dir(session) if m.startswith("smtp_")),
+        commands={m.replace("smtp_", ""): m for m in dir(session) if m.startswith("smtp_")},
     )
     return _FOUND[key]
 
@@ -73,9 +73,8 @@ class Methods(Mapping[str, Any]):
 
     __slots__ = ("_names", "_owner")
 
-    def __init__(self, owner: object, names: Iterable[tuple[str, str]]) -> None:
-        self._owner = owner
-        self._names = dict(names)
+    def __init__(self, owner: object, names: Mapping[str, str]) -> None:
+        self._owner, self._names = owner, names  # names: Found's, shared by every session
 
     def __getitem__(self, key: str) -> Any:
         return getattr(self._owner, self._names[key])
