@@ -190,12 +190,13 @@ class Deliverer:
     def _decide(self, mail: Mail) -> Decision | None:
         """The mail's route; None when the rules fail on it (deliver() classifies it again,
         in the guard that defers it)."""
-        if mail.reports_on:
-            return DSN_DECISION
         try:
-            return self.rules.classify(mail)
+            return self._classify(mail)
         except Exception:
             return None
+
+    def _classify(self, mail: Mail) -> Decision:
+        return DSN_DECISION if mail.reports_on else self.rules.classify(mail)
 
     def _paced(self, mail: Mail, decision: Decision) -> bool:
         """True when this delivery will wait for SES's pace: it goes in SES's lane."""
@@ -269,7 +270,7 @@ class Deliverer:
         """One attempt for one claimed message; records the outcome on its row. `decision`:
         its classification, when the claim loop made it."""
         if decision is None:
-            decision = self.rules.classify(mail) if not mail.reports_on else DSN_DECISION
+            decision = self._classify(mail)
         if mail.attempts <= 1:  # once a mail, not at every retry: the ratio of fallbacks to
             # it (RelaySesFallbackHigh) stayed near 0.1 while every mail fell back
             metrics.CLASSIFIED.labels(decision.rule or "(default)", decision.route.value).inc()
